@@ -1,0 +1,1 @@
+"""Strata: LLM inference, above all MoE, on machines with less memory than the model."""

@@ -1,0 +1,248 @@
+"""ModelConfig: the architecture facts Strata needs, parsed and validated from an HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from strata.errors import ConfigError
+
+MOE_ARCHITECTURES = {
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+}
+DENSE_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+}
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES | MOE_ARCHITECTURES
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one checkpoint, with HF field names. Built with `from_dict` / `from_pretrained`."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # rope_type in {"linear", "llama3", "yarn", "dynamic"} plus its factors
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int | None = None  # qwen2/qwen3: layers >= this use sliding window
+    torch_dtype: str = "float32"
+    # MoE (num_experts == 0 means dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # token ids
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+    source: str = "config.json"
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Same rule as transformers' Qwen2/3-MoE: sparse unless in mlp_only_layers or off the step."""
+        if not self.is_moe:
+            return False
+        if layer_idx in self.mlp_only_layers:
+            return False
+        return (layer_idx + 1) % max(self.decoder_sparse_step, 1) == 0
+
+    def uses_sliding_window(self, layer_idx: int) -> bool:
+        if not self.sliding_window:
+            return False
+        if self.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+            if not self.raw.get("use_sliding_window", False):
+                return False
+            return layer_idx >= (self.max_window_layers or 0)
+        return True
+
+    @property
+    def expert_param_count(self) -> int:
+        """Parameters of one routed expert (gate, up, down)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts."""
+        h, L = self.hidden_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        dense_mlp = 3 * h * self.intermediate_size
+        total = active = 0
+        expert_total = 0
+        for i in range(L):
+            layer = attn + 2 * h
+            if self.is_moe_layer(i):
+                router = self.num_experts * h
+                shared = 3 * h * self.shared_expert_intermediate_size
+                if self.shared_expert_intermediate_size:
+                    shared += h
+                experts = self.num_experts * self.expert_param_count
+                expert_total += experts
+                total += layer + router + shared + experts
+                active += layer + router + shared + self.num_experts_per_tok * self.expert_param_count
+            else:
+                total += layer + dense_mlp
+                active += layer + dense_mlp
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        total += embed + head + h
+        active += embed + head + h
+        return {"total": total, "active": active, "experts": expert_total, "non_expert": total - expert_total}
+
+    # ---- parsing -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
+        if not os.path.exists(cfg_path):
+            raise ConfigError(f"{cfg_path}: file not found (expected an HF config.json)")
+        try:
+            with open(cfg_path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(d, source=cfg_path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        if "text_config" in d and "hidden_size" not in d:
+            d = {**d, **d["text_config"]}
+        archs = d.get("architectures") or []
+        if not archs or not isinstance(archs, list):
+            raise ConfigError(f"{source}: field 'architectures' must be a non-empty list, got {archs!r}")
+        arch = archs[0]
+
+        def need(name: str, kind=int, positive=True):
+            if name not in d or d[name] is None:
+                raise ConfigError(f"{source}: missing field '{name}' (expected {kind.__name__})")
+            v = d[name]
+            if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"{source}: field '{name}' must be an integer, got {v!r}")
+            if kind is float and not isinstance(v, (int, float)):
+                raise ConfigError(f"{source}: field '{name}' must be a number, got {v!r}")
+            if positive and v <= 0:
+                raise ConfigError(f"{source}: field '{name}' must be > 0, got {v!r}")
+            return v
+
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = d.get("num_key_value_heads") or heads
+        if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+            raise ConfigError(
+                f"{source}: field 'num_key_value_heads' must divide num_attention_heads={heads}, got {kv_heads!r}"
+            )
+        head_dim = d.get("head_dim") or hidden // heads
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+            raise ConfigError(f"{source}: field 'head_dim' must be a positive even integer, got {head_dim!r}")
+
+        rope = d.get("rope_parameters") or {}
+        rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            rtype = scaling.get("rope_type", scaling.get("type", "default"))
+            if rtype not in ("default", "linear", "llama3", "yarn", "dynamic"):
+                raise ConfigError(
+                    f"{source}: field 'rope_scaling.rope_type' must be one of default, linear, llama3, yarn, "
+                    f"dynamic; got {rtype!r}"
+                )
+            scaling["rope_type"] = rtype
+            if rtype == "default":
+                scaling = None
+
+        eos = d.get("eos_token_id")
+        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        model_type = d.get("model_type", "")
+        num_experts = d.get("num_local_experts") or d.get("num_experts") or 0
+        moe_inter = d.get("moe_intermediate_size") or (d.get("intermediate_size") if num_experts else 0) or 0
+        inter = d.get("intermediate_size") or 0
+        if arch in MOE_ARCHITECTURES:
+            if not num_experts:
+                raise ConfigError(f"{source}: MoE architecture {arch} needs 'num_experts' or 'num_local_experts' > 0")
+            need("num_experts_per_tok")
+            if d["num_experts_per_tok"] > num_experts:
+                raise ConfigError(
+                    f"{source}: field 'num_experts_per_tok' must be <= number of experts ({num_experts}), "
+                    f"got {d['num_experts_per_tok']}"
+                )
+        norm_topk = d.get("norm_topk_prob", False)
+        if model_type == "mixtral":
+            norm_topk = True  # Mixtral always renormalises the top-k probabilities
+        sw = d.get("sliding_window")
+        cfg = cls(
+            architecture=arch,
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=inter if inter else 0,
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", model_type == "qwen2" or model_type == "qwen2_moe")),
+            sliding_window=int(sw) if isinstance(sw, int) and sw > 0 else None,
+            max_window_layers=d.get("max_window_layers"),
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            num_experts=int(num_experts),
+            num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(moe_inter),
+            shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+            norm_topk_prob=bool(norm_topk),
+            decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
+            mlp_only_layers=list(d.get("mlp_only_layers") or []),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos_list,
+            pad_token_id=d.get("pad_token_id"),
+            raw=d,
+            source=source,
+        )
+        if not cfg.is_moe and cfg.intermediate_size <= 0:
+            raise ConfigError(f"{source}: field 'intermediate_size' must be > 0 for {arch}, got {inter!r}")
+        if cfg.torch_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"{source}: field 'torch_dtype' must be float32, float16 or bfloat16, got {cfg.torch_dtype!r}"
+            )
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("raw")
+        return out
