@@ -1,0 +1,45 @@
+"""`strata convert FORMAT ...`: turn checkpoints from other formats into HF folders Strata and transformers load.
+
+Each source format is one `_add_<format>` function below, listed in CONVERTERS; adding a format is a new
+function plus one list entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_llama2c(formats) -> None:
+    p = formats.add_parser(
+        "llama2c",
+        help="llama2.c checkpoint (legacy or version 1 fp32) + tokenizer -> HF Llama folder",
+        description="Convert a llama2.c checkpoint and its tokenizer (llama2.c tok*.bin or SentencePiece .model) "
+        "into an HF-format Llama folder (config.json, model.safetensors, tokenizer.json, ...).",
+    )
+    p.add_argument("checkpoint", help="llama2.c model file, e.g. stories260K.bin")
+    p.add_argument("tokenizer", help="tokenizer: llama2.c tok*.bin or SentencePiece *.model")
+    p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
+    p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
+    p.set_defaults(func=_run_llama2c)
+
+
+def _run_llama2c(args: argparse.Namespace) -> int:
+    from strata.config import ModelConfig
+    from strata.weights.llama2c import convert_llama2c
+
+    out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, overwrite=args.force)
+    c = ModelConfig.from_pretrained(out)
+    print(f"wrote {out}: LlamaForCausalLM hidden={c.hidden_size} layers={c.num_hidden_layers} "
+          f"heads={c.num_attention_heads}/{c.num_key_value_heads} vocab={c.vocab_size} "
+          f"max_positions={c.max_position_embeddings} tied={c.tie_word_embeddings}")
+    return 0
+
+
+CONVERTERS = [_add_llama2c]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint from another format into an HF folder")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for add in CONVERTERS:
+        add(formats)
