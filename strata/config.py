@@ -40,7 +40,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # rope_type in {"linear", "llama3", "yarn", "dynamic"} plus its factors
+    rope_scaling: dict | None = None  # rope_type in {"linear", "llama3", "yarn"} plus its factors
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -174,10 +174,10 @@ class ModelConfig:
         if scaling is not None:
             scaling = dict(scaling)
             rtype = scaling.get("rope_type", scaling.get("type", "default"))
-            if rtype not in ("default", "linear", "llama3", "yarn", "dynamic"):
+            if rtype not in ("default", "linear", "llama3", "yarn"):
                 raise ConfigError(
-                    f"{source}: field 'rope_scaling.rope_type' must be one of default, linear, llama3, yarn, "
-                    f"dynamic; got {rtype!r}"
+                    f"{source}: field 'rope_scaling.rope_type' must be one of default, linear, llama3, yarn; "
+                    f"got {rtype!r}"
                 )
             scaling["rope_type"] = rtype
             if rtype == "default":
@@ -187,7 +187,12 @@ class ModelConfig:
         eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         model_type = d.get("model_type", "")
         num_experts = d.get("num_local_experts") or d.get("num_experts") or 0
-        moe_inter = d.get("moe_intermediate_size") or (d.get("intermediate_size") if num_experts else 0) or 0
+        # Mixtral and OLMoE size their experts with intermediate_size; the Qwen MoEs use moe_intermediate_size.
+        if model_type in ("mixtral", "olmoe"):
+            moe_inter = d.get("intermediate_size") if num_experts else 0
+        else:
+            moe_inter = d.get("moe_intermediate_size") or (d.get("intermediate_size") if num_experts else 0)
+        moe_inter = moe_inter or 0
         inter = d.get("intermediate_size") or 0
         if arch in MOE_ARCHITECTURES:
             if not num_experts:
@@ -246,3 +251,23 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out.pop("raw")
         return out
+
+
+@dataclass
+class EngineConfig:
+    """Runtime knobs of the engine (one place; the CLI and the server build their flags from these)."""
+
+    model: str | None = None  # HF folder; None = the bundled model
+    dtype: str = "auto"  # auto = the checkpoint's torch_dtype; or float32 / bfloat16 / float16
+    max_model_len: int | None = None  # None = the config's max_position_embeddings (capped at 4096)
+    max_num_seqs: int = 16  # sequences decoded together
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill beyond it)
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory: int = 512 * 2**20  # bytes for the KV cache
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch threads; None = torch's default
+    memory_budget: int | None = None  # bytes for everything (tiered experts engage when the model exceeds it)
+    expert_cache_policy: str = "lru"
+    prefetch: str = "none"
+    record_routing: str | None = None  # JSONL file of routing decisions
+    replay_routing: str | None = None  # JSONL file forcing the routing

@@ -18,3 +18,12 @@ class WeightsError(StrataError):
 
 class UnsupportedError(StrataError):
     """A valid input that Strata does not support (unknown architecture, format...)."""
+
+
+class InvalidRequestError(StrataError):
+    """A request parameter is out of range or inconsistent (names the parameter)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code

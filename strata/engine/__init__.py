@@ -1,0 +1,1 @@
+"""The engine: requests, sampling, scheduler, KV blocks, model runner, and the step loop."""

@@ -1,0 +1,44 @@
+"""Incremental detokenization: text deltas as tokens arrive, never splitting a multi-byte UTF-8 character,
+with stop strings cut out of the text and held back while they may still be forming."""
+
+from __future__ import annotations
+
+from strata.tokenizer import Tokenizer
+
+_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output so spacing rules see the left context
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.skip = skip_special_tokens
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # output text so far (stop string removed)
+        self.num_emitted = 0  # characters of self.text already handed out
+        self.stop_hit: str | None = None
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return  # an incomplete UTF-8 sequence: wait for the next byte token
+        new = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        start = max(len(self.text) - self.holdback, 0)
+        self.text += new
+        hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
+        if hits:
+            idx, self.stop_hit = min(hits)
+            self.text = self.text[:idx]
+
+    def take_delta(self, final: bool) -> str:
+        """Text not yet handed out; keeps back a possible stop-string prefix unless final."""
+        end = len(self.text) if (final or self.stop_hit) else max(len(self.text) - self.holdback, self.num_emitted)
+        delta = self.text[self.num_emitted : end]
+        self.num_emitted = end
+        return delta

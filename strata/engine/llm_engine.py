@@ -1,0 +1,187 @@
+"""LLMEngine: ties Scheduler, BlockManager, ModelRunner and Sampler together; `step()` runs one batch.
+
+The server and the Python API talk to it only through add_request / step / abort_request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from strata.config import EngineConfig
+from strata.engine.block_manager import BlockManager
+from strata.engine.detokenizer import IncrementalDetokenizer
+from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
+from strata.engine.sampler import Sampler
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.scheduler import Scheduler
+from strata.engine.sequence import Sequence
+from strata.errors import InvalidRequestError
+from strata.tokenizer import Tokenizer
+from strata.weights.loader import load_model
+
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    delta: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: str | int | None = None
+    logprobs: list[dict] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, progress: bool = True):
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = config.model or BUNDLED_MODEL
+        self.model_path = path
+        self.model = load_model(path, dtype=config.dtype, progress=progress)
+        self.model_config = self.model.config
+        self.tokenizer = Tokenizer(path)
+        mcfg = self.model_config
+        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
+        dtype = self.model.model.embed_tokens.weight.dtype
+        per_block = kv_bytes_per_token(self.model, dtype) * config.block_size
+        wanted = config.max_num_seqs * ((self.max_model_len + config.block_size - 1) // config.block_size)
+        num_blocks = max(min(wanted, config.kv_cache_memory // per_block), 1)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        eos = self.tokenizer.eos_token_ids or list(mcfg.eos_token_id)
+        self.eos_token_ids = eos
+        self.sampler = Sampler(eos)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty and the tokenizer has no BOS token", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not (0 <= t < vocab) for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
+                "tokens and at least 1 must be generated",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + 1 > capacity:
+            raise InvalidRequestError(
+                f"prompt of {len(ids)} tokens does not fit the KV cache ({capacity} tokens)", param="prompt"
+            )
+        seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
+        self._requests[request_id] = seqs
+        for seq in seqs:
+            self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
+                                                             params.skip_special_tokens)
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+            self._detok.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        t0 = time.perf_counter()
+        logits, sampled_idx = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit_full_blocks(seq)
+        sampled_seqs = [batch.seqs[i] for i in sampled_idx]
+        tokens = self.sampler(logits, sampled_seqs) if sampled_seqs else []
+        now = time.monotonic()
+        touched: dict[str, None] = {}
+        for seq, tok in zip(sampled_seqs, tokens):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.stats["prompt_tokens"] += seq.num_prompt_tokens
+            seq.token_ids.append(tok)
+            self.stats["generation_tokens"] += 1
+            self._check_finished(seq, tok)
+            touched[seq.request_id] = None
+        self.stats["num_steps"] += 1
+        self.stats["step_time_s"] += time.perf_counter() - t0
+        return [self._output(rid) for rid in touched if rid in self._requests]
+
+    def _check_finished(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        detok = self._detok[seq.seq_id]
+        reason = None
+        if not p.ignore_eos and tok in self.eos_token_ids and seq.num_completion_tokens > p.min_tokens:
+            reason, seq.stop_reason = "stop", None
+        elif tok in p.stop_token_ids and seq.num_completion_tokens > p.min_tokens:
+            reason, seq.stop_reason = "stop", tok
+        else:
+            detok.add(tok)
+            if detok.stop_hit is not None and seq.num_completion_tokens >= p.min_tokens:
+                reason, seq.stop_reason = "stop", detok.stop_hit
+            elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs = self._requests[request_id]
+        outs = []
+        for seq in seqs:
+            detok = self._detok[seq.seq_id]
+            delta = detok.take_delta(final=seq.is_finished)
+            outs.append(CompletionOutput(seq.index, detok.text[: detok.num_emitted], delta,
+                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason,
+                                         seq.logprobs if seq.params.logprobs is not None else None))
+        finished = all(s.is_finished for s in seqs)
+        first = seqs[0]
+        out = RequestOutput(request_id, first.token_ids[: first.num_prompt_tokens], outs, finished,
+                            num_cached_tokens=first.num_cached_tokens,
+                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+        if finished:
+            for seq in seqs:
+                self._detok.pop(seq.seq_id, None)
+            del self._requests[request_id]
+        return out

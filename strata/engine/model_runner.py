@@ -1,0 +1,68 @@
+"""ModelRunner: owns the model and the paged KV cache, turns a ScheduledBatch into tensors, runs the forward
+and returns the logits of the sequences that finished their pending tokens this step."""
+
+from __future__ import annotations
+
+import torch
+
+from strata.engine.scheduler import ScheduledBatch
+from strata.layers.attention import AttentionMetadata
+from strata.models.base import CausalLM
+
+
+def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
+    cfg = model.config
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        cfg = model.config
+        self.dtype = model.model.embed_tokens.weight.dtype
+        num_slots = num_blocks * block_size
+        shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        self._slot_offsets = torch.arange(block_size)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions [start, end) of a sequence."""
+        first, last = start // self.block_size, (end - 1) // self.block_size + 1
+        blocks = torch.tensor(block_table[first:last], dtype=torch.long)
+        slots = (blocks[:, None] * self.block_size + self._slot_offsets[None, :]).reshape(-1)  # [nb*bs]
+        off = start - first * self.block_size
+        return slots[off : off + end - start]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [N, V], indices into batch.seqs of the N sequences that reached their last token)."""
+        ids, positions, slot_parts, ctx_slots = [], [], [], []
+        starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
+        row = 0
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            s, e = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[s:e])
+            positions.append(torch.arange(s, e))
+            slot_parts.append(self._slots(seq.block_table, s, e))
+            ctx_slots.append(self._slots(seq.block_table, 0, e))
+            starts.append(row)
+            qlens.append(n)
+            clens.append(e)
+            row += n
+            if e == seq.num_tokens:
+                sample_rows.append(row - 1)
+                sampled.append(i)
+        meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
+        logits = self.model(
+            torch.tensor(ids, dtype=torch.long),
+            torch.cat(positions),
+            meta,
+            self.kv_caches,
+            torch.tensor(sample_rows, dtype=torch.long),
+        )
+        return logits, sampled

@@ -1,0 +1,58 @@
+"""SamplingParams: how one request is decoded (vLLM names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from strata.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    max_tokens: int | None = 16  # None = up to the model's context
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs to return per token (0 = only the sampled one)
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+        def check(ok: bool, param: str, what: str):
+            if not ok:
+                raise InvalidRequestError(f"{param} must be {what}, got {getattr(self, param)!r}", param=param)
+
+        check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1")
+        check(self.temperature >= 0, "temperature", ">= 0")
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "-1, 0 or a positive integer")
+        check(0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        check(self.repetition_penalty > 0, "repetition_penalty", "> 0")
+        check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
+        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+              "max_tokens", "an integer >= 1")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "<= max_tokens")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+              "logprobs", "an integer in [0, 20]")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,73 @@
+"""Multi-head attention with GQA over a paged KV cache.
+
+Every forward sees a flat batch of T new tokens from several sequences. `AttentionMetadata` says where each
+sequence's queries lie in the flat batch, how long its context is (cached + new tokens) and which cache slots
+hold that context. Layers write the new K/V into the cache slots, then attend per sequence with SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_starts: list[int]  # per sequence: first row of its queries in the flat batch
+    query_lens: list[int]  # per sequence: number of new tokens this step
+    context_lens: list[int]  # per sequence: tokens visible after this step (cached + new)
+    slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each new token; None = no cache
+    context_slots: list[torch.Tensor] | None = None  # per sequence [context_len] slots in position order
+
+    @classmethod
+    def no_cache(cls, seq_lens: list[int]) -> "AttentionMetadata":
+        """Plain causal forward over whole sequences (no KV cache), e.g. for perplexity."""
+        starts = [sum(seq_lens[:i]) for i in range(len(seq_lens))]
+        return cls(starts, list(seq_lens), list(seq_lens))
+
+
+def _mask(query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:
+    if window is None or context_len <= window:
+        if query_len == 1 or query_len == context_len:
+            return None  # decode sees everything; a fresh prefill is plain causal
+    q_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]  # [Q, 1]
+    k_pos = torch.arange(context_len, device=device)[None, :]  # [1, K]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed  # [Q, K]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None,  # each [num_slots, Hkv, D]
+    meta: AttentionMetadata,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    if kv_cache is not None and meta.slot_mapping is not None:
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    else:
+        k_cache = v_cache = None
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for i, (qs, ql, cl) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+        qi = q[qs : qs + ql].transpose(0, 1)[None]  # [1, Hq, Q, D]
+        if k_cache is not None:
+            slots = meta.context_slots[i]
+            ki = k_cache.index_select(0, slots).transpose(0, 1)[None]  # [1, Hkv, K, D]
+            vi = v_cache.index_select(0, slots).transpose(0, 1)[None]
+        else:
+            ki = k[qs : qs + ql].transpose(0, 1)[None]
+            vi = v[qs : qs + ql].transpose(0, 1)[None]
+        mask = _mask(ql, cl, sliding_window, q.device)
+        o = F.scaled_dot_product_attention(
+            qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=mask, is_causal=mask is None and ql > 1, enable_gqa=gqa
+        )
+        outs.append(o[0].transpose(0, 1))  # [Q, Hq, D]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -1,0 +1,112 @@
+"""Sparse MoE block: router, top-k selection, expert dispatch, optional shared expert.
+
+Experts are addressable one at a time: `experts` is an nn.ModuleList whose entries carry the checkpoint names
+(`experts.E.gate_proj`, or `experts.E.w1` for Mixtral). The block asks for expert weights through an
+*expert provider* so it never knows whether they live in RAM or come from disk:
+
+    class ExpertProvider(Protocol):
+        def acquire(self, layer_idx: int, expert_ids: list[int]) -> Mapping[int, Callable[[Tensor], Tensor]]:
+            '''Return a callable (an expert MLP: [N, H] -> [N, H]) per requested expert id, loading as needed.
+            The returned experts stay valid until release() for the same layer.'''
+        def release(self, layer_idx: int, expert_ids: list[int]) -> None: ...
+
+`expert_provider is None` means the resident `experts` ModuleList is used directly.
+
+Routing hooks (tiers: recording, prefetch, replay):
+- `router_hooks`: callables hook(block, x [T, H], topk_weights [T, k], topk_ids [T, k]) called after routing,
+  before the experts run (a prefetcher can start reading the next layer's experts here).
+- `routing_override`: callable(block, router_logits [T, E]) -> (topk_weights [T, k] float32, topk_ids [T, k])
+  or None; replaces the router's choice (routing replay). Results stay exact only without it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.config import ModelConfig
+from strata.layers.mlp import MLP
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, expert_factory: Callable[[], nn.Module]):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        # Mixtral keeps the routing weights in float32 when scaling expert outputs; Qwen/OLMoE cast first.
+        self.cast_weights = cfg.model_type != "mixtral"
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList([expert_factory() for _ in range(cfg.num_experts)])
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+        self.expert_provider = None
+        self.router_hooks: list[Callable] = []
+        self.routing_override: Callable | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int64)."""
+        logits = self.gate(x)  # [T, E]
+        if self.routing_override is not None:
+            return self.routing_override(self, logits)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)  # [T, k], [T, k]
+        for hook in self.router_hooks:
+            hook(self, x, weights, ids)
+        if self.cast_weights:
+            weights = weights.to(x.dtype)
+        out = self._dispatch(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        if T == 1:  # decode: no sorting, k small matmuls
+            expert_ids = ids[0].tolist()
+            experts = self._acquire(expert_ids)
+            out = torch.zeros_like(x)
+            for j, e in enumerate(expert_ids):
+                out += (experts[e](x) * weights[0, j]).to(x.dtype)
+            self._release(expert_ids)
+            return out
+        flat_ids = ids.reshape(-1)  # [T*k]
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_idx = order // self.top_k  # [T*k] token of each sorted assignment
+        flat_w = weights.reshape(-1)[order]  # [T*k]
+        active = [e for e, c in enumerate(counts) if c]
+        experts = self._acquire(active)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            idx = token_idx[start : start + c]
+            y = experts[e](x.index_select(0, idx)) * flat_w[start : start + c, None]  # [c, H]
+            out.index_add_(0, idx, y.to(x.dtype))
+            start += c
+        self._release(active)
+        return out
+
+    def _acquire(self, expert_ids: list[int]):
+        if self.expert_provider is None:
+            return self.experts
+        return self.expert_provider.acquire(self.layer_idx, expert_ids)
+
+    def _release(self, expert_ids: list[int]) -> None:
+        if self.expert_provider is not None:
+            self.expert_provider.release(self.layer_idx, expert_ids)

@@ -1,0 +1,145 @@
+"""Builds, caches and calls the AVX-512 kernels in quant_cpu.c (ctypes, no torch headers).
+
+The library is compiled once per machine with the system C compiler (about a second) into
+$STRATA_CACHE_DIR or ~/.cache/strata, named by a hash of the source and flags, written to a temporary file
+and renamed. `native_lib()` returns None when the CPU lacks AVX-512 BF16, no compiler is found, the build
+fails, or STRATA_NATIVE=0; callers then use the torch paths in quant_linear.py, which are always correct.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch  # noqa: F401  (loaded first so the library binds to torch's OpenMP runtime)
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_cpu.c")
+ABI = 3  # must match strata_qk_abi() in quant_cpu.c
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
+          "-fopenmp", "-shared", "-fPIC"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
+COMPILE_TIMEOUT_S = 60
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "gemv_int8": [_P, _I, _I, _P, _I, _P, _P, _P],
+    "gemv_fp8": [_P, _I, _I, _P, _I, _P, _P, _P],
+    "gemv_nested": [_P, _I, _I, _P, _I, _I, _P, _P, _P],
+    "gemv_int4": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P],
+    "dequant_int8": [_P, _I, _I, _I, _P],
+    "dequant_fp8": [_P, _I, _I, _I, _P],
+    "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
+    "dequant_int4": [_P, _I, _I, _P, _P, _I, _I, _P],
+}
+
+
+def cpu_supported() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    return False
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STRATA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "strata")
+    return Path(root)
+
+
+def _build(cc: str) -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"quant_cpu-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                       timeout=COMPILE_TIMEOUT_S)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@lru_cache(maxsize=1)
+def native_lib() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (reason logged once) when it cannot be used here."""
+    if os.environ.get("STRATA_NATIVE", "1") == "0":
+        return None
+    if not cpu_supported():
+        log.info("quantized kernels: CPU lacks AVX-512 BF16, using torch paths")
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        log.warning("quantized kernels: no C compiler found, using slower torch paths")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("quantized kernels: build failed (%s %s), using slower torch paths", e, detail[-500:])
+        return None
+    if lib.strata_qk_abi() != ABI:
+        log.warning("quantized kernels: ABI mismatch, using slower torch paths")
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def gemv(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out_features: int,
+         group_size: int | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x bf16 [M, K'] contiguous (K' = padded in_features for grouped kinds) -> bf16 [M, out_features].
+
+    `w` holds the on-disk tensors, contiguous, with fp32 per-channel scales; `bias` is fp32 or None.
+    """
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.bfloat16)
+    q, s = w["qweight"], w["scales"]
+    if kind == "int8":
+        lib.gemv_int8(_ptr(x), m, k, _ptr(q), out_features, _ptr(s), _ptr(bias), _ptr(y))
+    elif kind == "fp8":
+        lib.gemv_fp8(_ptr(x), m, k, _ptr(q), out_features, _ptr(s), _ptr(bias), _ptr(y))
+    elif kind == "int8-nested":
+        lib.gemv_nested(_ptr(x), m, k, _ptr(q), out_features, group_size, _ptr(s), _ptr(bias), _ptr(y))
+    else:
+        lib.gemv_int4(_ptr(x), m, k, _ptr(q), out_features, group_size, _ptr(s), _ptr(w.get("zeros")),
+                      _ptr(bias), _ptr(y))
+    return y
+
+
+def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
+                    group_size: int | None, out: torch.Tensor) -> torch.Tensor:
+    """Rows [n0, n1) of the weight -> `out` bf16 [n1 - n0, K'] (int8/fp8: unscaled, fp8 divided by 256)."""
+    q, s = w["qweight"], w["scales"]
+    k = out.shape[1]
+    if kind == "int8":
+        lib.dequant_int8(_ptr(q), k, n0, n1, _ptr(out))
+    elif kind == "fp8":
+        lib.dequant_fp8(_ptr(q), k, n0, n1, _ptr(out))
+    elif kind == "int8-nested":
+        lib.dequant_nested(_ptr(q), k, group_size, _ptr(s), n0, n1, _ptr(out))
+    else:
+        lib.dequant_int4(_ptr(q), k, group_size, _ptr(s), _ptr(w.get("zeros")), n0, n1, _ptr(out))
+    return out

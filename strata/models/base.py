@@ -1,0 +1,137 @@
+"""The decoder shared by every supported family (Llama-style pre-norm transformer with HF attribute names).
+
+Families differ only in small switches (q/k norms, biases, MoE block and expert names); each family file under
+models/ sets those switches on a subclass of `CausalLM`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from strata.config import ModelConfig
+from strata.layers.attention import AttentionMetadata, paged_attention
+from strata.layers.mlp import MLP
+from strata.layers.moe import SparseMoeBlock
+from strata.layers.norm import RMSNorm
+from strata.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qk_norm: str | None, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":  # Qwen3: per-head norm over head_dim
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        elif qk_norm == "full":  # OLMoE: norm over the whole projection
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
+        self.clip_qkv = cfg.raw.get("clip_qkv")
+        self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window)  # [T, Hq, D]
+        return self.o_proj(o.reshape(T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, family: type["CausalLM"]):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx, family.qk_norm, family.qkv_bias(cfg), family.o_bias(cfg))
+        setattr(self, family.mlp_name, family.make_mlp(cfg, layer_idx))
+        self.mlp_name = family.mlp_name
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, family: type["CausalLM"]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, family) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Base of every family. Subclasses override the class-level switches below."""
+
+    qk_norm: str | None = None  # None, "head" (Qwen3) or "full" (OLMoE)
+    mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
+
+    @staticmethod
+    def qkv_bias(cfg: ModelConfig) -> bool:
+        return cfg.attention_bias
+
+    @staticmethod
+    def o_bias(cfg: ModelConfig) -> bool:
+        return cfg.attention_bias
+
+    @classmethod
+    def make_expert(cls, cfg: ModelConfig) -> nn.Module:
+        return MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+
+    @classmethod
+    def make_mlp(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        if cfg.is_moe_layer(layer_idx):
+            return SparseMoeBlock(cfg, layer_idx, lambda: cls.make_expert(cfg))
+        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=bool(cfg.raw.get("mlp_bias", False)))
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, type(self))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = None  # built by post_load(), after the weights leave the meta device
+
+    def post_load(self) -> None:
+        """Tie embeddings and build the rotary tables (call after loading weights)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(self.config)
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)  # [N, H]
+        x = self.model.norm(x)
+        return self.lm_head(x).float()  # [N, V]

@@ -1,0 +1,7 @@
+"""Llama (LlamaForCausalLM): the plain family; every switch at its default."""
+
+from strata.models.base import CausalLM
+
+
+class LlamaForCausalLM(CausalLM):
+    pass

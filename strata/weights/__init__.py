@@ -1,0 +1,1 @@
+"""Reading and writing weights: safetensors loading, converters, quantization formats."""

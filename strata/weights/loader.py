@@ -1,0 +1,125 @@
+"""Builds a model on the meta device and fills it from memory-mapped safetensors (no double memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from strata.config import ModelConfig
+from strata.errors import WeightsError
+from strata.models.base import CausalLM
+from strata.models.registry import model_class
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Tensors some checkpoints carry that hold no learned state.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or cfg.torch_dtype
+    if name == "auto":
+        name = cfg.torch_dtype
+    if name not in DTYPES:
+        raise WeightsError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {name!r}")
+    return DTYPES[name]
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files: single file, an index's shards, or every *.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WeightsError(f"{index}: expected a JSON object with a 'weight_map' field") from None
+        files = [os.path.join(path, n) for n in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise WeightsError(f"{path}: no model.safetensors (or sharded *.safetensors) found")
+    for fn in files:
+        if not os.path.exists(fn):
+            raise WeightsError(f"{fn}: file not found (listed in model.safetensors.index.json)")
+    return files
+
+
+def iter_checkpoint(files: list[str]):
+    """Yields (file, name, lazy getter) for each tensor; errors name the file."""
+    for fn in files:
+        try:
+            handle = safe_open(fn, framework="pt")
+            keys = list(handle.keys())
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+            raise WeightsError(f"{fn}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+        for k in keys:
+            yield fn, k, (lambda h=handle, k=k: h.get_tensor(k))
+
+
+def load_model(
+    path: str,
+    dtype: str | torch.dtype | None = None,
+    skip: Callable[[str], bool] | None = None,
+    progress: bool = True,
+) -> CausalLM:
+    """Load an HF folder. `skip(name)` leaves a tensor on the meta device (e.g. experts served from disk)."""
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: model folder not found")
+    cfg = ModelConfig.from_pretrained(path)
+    cls = model_class(cfg)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    with torch.device("meta"):
+        model = cls(cfg)
+    qcfg = cfg.raw.get("quantization_config")
+    if qcfg and qcfg.get("quant_method") == "strata":
+        from strata.layers.quant_linear import swap_linears
+
+        swap_linears(model, qcfg["modules"])
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    files = safetensors_files(path)
+    state: dict[str, torch.Tensor] = {}
+    entries = list(iter_checkpoint(files))
+    bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
+    for fn, name, get in bar:
+        if name not in expected:
+            if not name.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                print(f"warning: {fn}: unexpected tensor '{name}' ignored", file=sys.stderr)
+            continue
+        if skip is not None and skip(name):
+            continue
+        try:
+            t = get()
+        except Exception as e:
+            raise WeightsError(f"{fn}: tensor '{name}' cannot be read ({str(e).splitlines()[0]})") from None
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise WeightsError(
+                f"{fn}: tensor '{name}' has shape {list(t.shape)}, expected {list(want.shape)} from config.json"
+            )
+        if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype:
+            t = t.to(torch_dtype)
+        state[name] = t
+    missing = [k for k in expected if k not in state and not (skip is not None and skip(k))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(
+            f"{path}: tensor '{missing[0]}' missing from the checkpoint{more}, "
+            f"expected shape {list(expected[missing[0]].shape)}"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    for m in model.modules():
+        if hasattr(m, "post_load") and m is not model:
+            m.post_load()
+    model.post_load()
+    model.eval().requires_grad_(False)
+    return model
