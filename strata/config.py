@@ -122,7 +122,7 @@ class ModelConfig:
 
     # ---- parsing -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
         if not os.path.exists(cfg_path):
             raise ConfigError(f"{cfg_path}: file not found (expected an HF config.json)")
@@ -134,7 +134,7 @@ class ModelConfig:
         return cls.from_dict(d, source=cfg_path)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         d = dict(d)

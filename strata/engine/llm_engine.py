@@ -158,9 +158,7 @@ class LLMEngine:
             detok.add(tok)
             if detok.stop_hit is not None and seq.num_completion_tokens >= p.min_tokens:
                 reason, seq.stop_reason = "stop", detok.stop_hit
-            elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens:
-                reason = "length"
-            elif seq.num_tokens >= self.max_model_len:
+            elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason:
             seq.finish_reason = reason

@@ -22,7 +22,7 @@ class AttentionMetadata:
     context_slots: list[torch.Tensor] | None = None  # per sequence [context_len] slots in position order
 
     @classmethod
-    def no_cache(cls, seq_lens: list[int]) -> "AttentionMetadata":
+    def no_cache(cls, seq_lens: list[int]) -> AttentionMetadata:
         """Plain causal forward over whole sequences (no KV cache), e.g. for perplexity."""
         starts = [sum(seq_lens[:i]) for i in range(len(seq_lens))]
         return cls(starts, list(seq_lens), list(seq_lens))

@@ -21,7 +21,7 @@ Routing hooks (tiers: recording, prefetch, replay):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -58,7 +58,7 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, family: type["CausalLM"]):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, family: type[CausalLM]):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx, family.qk_norm, family.qkv_bias(cfg), family.o_bias(cfg))
         setattr(self, family.mlp_name, family.make_mlp(cfg, layer_idx))
@@ -72,7 +72,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, family: type["CausalLM"]):
+    def __init__(self, cfg: ModelConfig, family: type[CausalLM]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i, family) for i in range(cfg.num_hidden_layers)])

@@ -1,0 +1,73 @@
+"""CLI flags generated from EngineConfig's fields (one place for the knobs and their help)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from strata.config import EngineConfig
+from strata.errors import ConfigError
+
+HELP = {
+    "model": "HF model folder (default: the bundled Shakespeare MoE)",
+    "dtype": "compute dtype: auto (checkpoint's), float32, bfloat16, float16",
+    "max_model_len": "maximum tokens per sequence (default: config's max_position_embeddings, at most 4096)",
+    "max_num_seqs": "sequences decoded together",
+    "max_num_batched_tokens": "token budget of one engine step (longer prompts are prefilled in chunks)",
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_memory": "bytes for the KV cache, e.g. 512MiB",
+    "enable_prefix_caching": "share KV blocks between prompts with a common prefix",
+    "num_threads": "torch CPU threads (default: torch's choice)",
+    "memory_budget": "total memory budget, e.g. 3GiB; MoE experts beyond it are served from disk",
+    "expert_cache_policy": "expert cache eviction policy (lru, lfu, lfru, score)",
+    "prefetch": "expert prefetcher (none, lookahead, affinity)",
+    "record_routing": "write routing decisions as JSONL to this file",
+    "replay_routing": "force routing from this JSONL trace",
+}
+_SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
+
+
+def parse_size(text: str, field: str = "size") -> int:
+    """'3GiB', '512MB', '1.5G', '1024' -> bytes."""
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+             "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+    s = str(text).strip().lower()
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"--{field.replace('_', '-')}: expected a size like 3GiB or 512MB, got {text!r}") from None
+    if value <= 0:
+        raise ConfigError(f"--{field.replace('_', '-')}: must be > 0, got {text!r}")
+    return int(value)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
+        elif f.name in _SIZE_FIELDS:
+            parser.add_argument(flag, default=None, help=HELP[f.name])
+        elif isinstance(default, int) and not isinstance(default, bool) or f.name in ("max_model_len", "num_threads"):
+            parser.add_argument(flag, type=int, default=default, help=HELP[f.name])
+        else:
+            parser.add_argument(flag, default=default, help=HELP[f.name])
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    kw = {}
+    for f in dataclasses.fields(EngineConfig):
+        if not hasattr(args, f.name):
+            continue
+        v = getattr(args, f.name)
+        if f.name in _SIZE_FIELDS and v is not None:
+            v = parse_size(v, f.name)
+        if v is None and f.name in _SIZE_FIELDS:
+            v = f.default
+        kw[f.name] = v
+    return EngineConfig(**kw)

@@ -1,0 +1,30 @@
+"""Run statistics for `generate --stats-json` and the Python API (tiers add expert/disk counters)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def run_stats(llm, elapsed_s: float) -> dict:
+    s = dict(llm.last_stats)
+    s.setdefault("generated_tokens", 0)
+    s["elapsed_s"] = elapsed_s
+    s["tokens_per_s"] = s["generated_tokens"] / elapsed_s if elapsed_s > 0 else 0.0
+    tier = getattr(llm.engine, "tier_stats", None)
+    extra = tier() if callable(tier) else {}
+    s.update({
+        "expert_hit_rate": extra.get("expert_hit_rate"),
+        "prefetch_coverage": extra.get("prefetch_coverage"),
+        "prefetch_waste_bytes": extra.get("prefetch_waste_bytes", 0),
+        "disk_bytes_read": extra.get("disk_bytes_read", 0),
+        "io_stall_s": extra.get("io_stall_s", 0.0),
+        "peak_rss_bytes": peak_rss_bytes(),
+    })
+    s.update({k: v for k, v in extra.items() if k not in s})
+    return s
