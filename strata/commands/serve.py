@@ -1,0 +1,114 @@
+"""`strata serve --model PATH`: the OpenAI-compatible HTTP server (FastAPI + uvicorn, one process).
+
+Engine flags are generated from EngineConfig's fields, server flags from ServerConfig's, so help text lives
+in one place. The model loads in the engine thread after the socket is open; /health says 503 until then.
+SIGTERM: uvicorn stops accepting connections and waits up to --drain-timeout for running requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+from strata.config import EngineConfig
+
+ENGINE_HELP = {
+    "dtype": "weights/activations dtype: auto, float32, bfloat16, float16",
+    "max_model_len": "context length (default: the model's, capped at 4096)",
+    "max_num_seqs": "sequences decoded together",
+    "max_num_batched_tokens": "token budget of one engine step (longer prompts are prefilled in chunks)",
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_memory": "bytes for the KV cache",
+    "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
+    "num_threads": "torch CPU threads",
+    "memory_budget": "bytes for weights; tiered experts engage when the model exceeds it",
+}
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model folder's name
+    api_key: str | None = None  # Bearer key required on /v1/* (also read from STRATA_API_KEY)
+    max_queued_requests: int | None = 256  # waiting requests beyond this get 429
+    request_timeout: float | None = None  # seconds; a request running longer is aborted (504 / error event)
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
+    log_level: str = "info"
+
+
+SERVER_HELP = {
+    "host": "address to bind (default loopback only)",
+    "port": "TCP port",
+    "served_model_name": "model id clients send (default: the model folder's name)",
+    "api_key": "require 'Authorization: Bearer KEY' on /v1/* (default: $STRATA_API_KEY if set)",
+    "max_queued_requests": "bounded waiting queue: requests beyond it get 429 with Retry-After",
+    "request_timeout": "abort a request after this many seconds",
+    "max_body_bytes": "reject larger request bodies with 413",
+    "drain_timeout": "on SIGTERM, seconds to let running requests finish",
+    "log_level": "uvicorn log level",
+}
+
+
+def _flag_type(field: dataclasses.Field):
+    t = str(field.type)
+    if "bool" in t:
+        return None
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, skip=()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name not in helps:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if _flag_type(f) is None:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+        else:
+            p.add_argument(flag, type=_flag_type(f), default=f.default, help=f"{helps[f.name]} (default {f.default})")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="Serve a model over the OpenAI Chat Completions and Completions APIs.")
+    p.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    _add_dataclass_flags(p, ServerConfig, SERVER_HELP)
+    _add_dataclass_flags(p, EngineConfig, ENGINE_HELP, skip=("model",))
+    p.set_defaults(func=run)
+
+
+def build_app(args: argparse.Namespace):
+    """The app for parsed `serve` arguments (also used by tests that run it in-process)."""
+    from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
+    from strata.server.app import create_app
+    from strata.server.async_engine import AsyncEngine
+    from strata.server.metrics import EngineMetrics
+
+    engine_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                 if f.name in ENGINE_HELP and hasattr(args, f.name)}
+    model = args.model or BUNDLED_MODEL
+    name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None
+    metrics = EngineMetrics(name)
+    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=model, **engine_kw), progress=False), metrics,
+                         max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout)
+    return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                      drain_timeout=args.drain_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout, timeout_keep_alive=5)
+    return 0

@@ -1,0 +1,189 @@
+"""The FastAPI app: routes, the API-key and body-size guard, and error handlers that turn every failure
+(validation, unknown route, engine state) into the OpenAI error object with the right status."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+import strata
+from strata.server.async_engine import AsyncEngine
+from strata.server.errors import APIError, to_api_error
+from strata.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    ModelList,
+    TokenizeRequest,
+)
+from strata.server.serving import Serving
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+class GuardMiddleware:
+    """Pure ASGI (BaseHTTPMiddleware would break disconnect detection): bearer key on the /v1 routes,
+    and a body size limit checked on Content-Length and on the bytes actually received."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.limit = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIXES):
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                err = APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>').",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await err.response()(scope, receive, send)
+        too_big = APIError(413, f"Request body larger than {self.limit} bytes.", code="request_too_large")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await too_big.response()(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_big.response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errs = exc.errors()
+    e = errs[0] if errs else {"type": "", "loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"Invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    if e.get("type") == "extra_forbidden" and loc:
+        return APIError(400, f"Unrecognized request argument supplied: {loc[-1]}", ".".join(loc),
+                        "unsupported_parameter")
+    param = ".".join(loc) or None
+    first = param or "body"
+    return APIError(400, f"{first}: {e.get('msg', 'invalid value')}", param, "invalid_value")
+
+
+def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0) -> FastAPI:
+    serving = Serving(engine, served_model_name)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start(asyncio.get_running_loop())
+        yield
+        # uvicorn has stopped accepting connections and waited for in-flight requests (its graceful
+        # shutdown); give the engine a last chance to finish anything still tracked, then stop it.
+        deadline = time.monotonic() + drain_timeout
+        while engine.num_unfinished and engine.dead_reason is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="Strata", version=strata.__version__ if hasattr(strata, "__version__") else "0",
+                  lifespan=lifespan, responses={400: {"model": ErrorResponse}})
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        msg = f"{request.method} {request.url.path}: not found" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, msg).response()
+
+    @app.exception_handler(Exception)
+    async def _any(request, exc: Exception):
+        return to_api_error(exc).response()
+
+    @app.get("/health")
+    async def health():
+        if engine.dead_reason is not None:
+            return JSONResponse({"error": {"code": 503, "message": f"Engine stopped: {engine.dead_reason}",
+                                           "type": "unavailable_error"}}, status_code=503)
+        if not engine.is_ready:
+            return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+                                status_code=503, headers={"Retry-After": "5"})
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": getattr(strata, "__version__", "0.1.0"), "model": served_model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        max_len = engine.engine.max_model_len if engine.engine is not None else None
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
+                                            "owned_by": "strata", "root": served_model_name,
+                                            "max_model_len": max_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        return await serving.create(req, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await serving.create(req, request)
+
+    def _need_engine():
+        if not engine.is_ready:
+            raise to_api_error(serving.engine_state_error())
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        serving.check_model(req.model)
+        _need_engine()
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            ids = serving.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        else:
+            ids = serving.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        serving.check_model(req.model)
+        _need_engine()
+        vocab = engine.engine.model_config.vocab_size
+        if any(t >= vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+    app.state.serving = serving
+    app.state.engine = engine
+    return app

@@ -1,0 +1,332 @@
+"""AsyncEngine: runs LLMEngine.step() in one background thread and hands each request an async output stream.
+
+The event loop never touches the engine: adds and aborts go through a command queue that the engine thread
+drains before every step (so an abort frees the request's blocks within one step), and outputs come back
+through one asyncio.Queue per request fed with loop.call_soon_threadsafe. A failure while sampling one
+sequence fails that request only; a failing step fails the requests it ran; repeated failures kill the
+loop, after which /health says 503 and every pending request gets an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from strata.engine.llm_engine import LLMEngine, RequestOutput
+from strata.engine.sampling_params import SamplingParams
+from strata.server.metrics import EngineMetrics
+
+log = logging.getLogger("strata.server")
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped; nothing more will be generated."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The model is still loading."""
+
+
+class OverloadedError(RuntimeError):
+    def __init__(self, num_waiting: int, limit: int):
+        super().__init__(f"Server is busy: {num_waiting} requests waiting (limit {limit}). Retry later.")
+
+
+class RequestTimeoutError(RuntimeError):
+    pass
+
+
+class RequestFailedError(RuntimeError):
+    pass
+
+
+class _IsolatingSampler:
+    """Wraps the engine's sampler: when a batch fails, re-samples row by row and records which requests
+    raised, so the AsyncEngine can fail those alone."""
+
+    def __init__(self, inner, placeholder_token: int):
+        self.inner = inner
+        self.placeholder = placeholder_token
+        self.failed: dict[str, Exception] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, logits, seqs):
+        marks = [len(s.logprobs) for s in seqs]
+        try:
+            return self.inner(logits, seqs)
+        except Exception:  # noqa: BLE001 - find the culprit row below
+            tokens = []
+            for i, seq in enumerate(seqs):
+                del seq.logprobs[marks[i]:]  # rows sampled before the failure appended once already
+                try:
+                    tokens.extend(self.inner(logits[i : i + 1], [seq]))
+                except Exception as e:  # noqa: BLE001
+                    self.failed[seq.request_id] = e
+                    tokens.append(self.placeholder)
+            return tokens
+
+
+class RequestStream:
+    """Async iterator of RequestOutput for one request; closing it early aborts the request."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str, deadline: float | None):
+        self.owner = owner
+        self.request_id = request_id
+        self.deadline = deadline
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") from None
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.owner.abort(self.request_id)
+
+
+@dataclass
+class _Tracked:
+    stream: RequestStream
+    t_add: float
+    t_scheduled: float | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+    num_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class AsyncEngine:
+    def __init__(self, engine_factory: Callable[[], LLMEngine], metrics: EngineMetrics | None = None,
+                 max_queued_requests: int | None = None, request_timeout: float | None = None):
+        self._factory = engine_factory
+        self.engine: LLMEngine | None = None
+        self.metrics = metrics or EngineMetrics()
+        self.max_queued_requests = max_queued_requests
+        self.request_timeout = request_timeout
+        self.dead_reason: str | None = None
+        self._cmds: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting_ids: set[str] = set()  # added, not yet scheduled (the bounded queue)
+        self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.dead_reason is None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._tracked)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._cmds.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the event-loop side -------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    priority: int = 0, timeout: float | None = None) -> RequestStream:
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
+        if self.engine is None:
+            raise EngineNotReadyError("the model is still loading")
+        with self._lock:
+            if self.max_queued_requests is not None and len(self._waiting_ids) >= self.max_queued_requests:
+                raise OverloadedError(len(self._waiting_ids), self.max_queued_requests)
+            self._ids += 1
+            rid = f"{request_id or 'req'}-{self._ids}"
+            self._waiting_ids.add(rid)
+        timeout = timeout if timeout is not None else self.request_timeout
+        stream = RequestStream(self, rid, None if timeout is None else time.monotonic() + timeout)
+        self._cmds.put(("add", rid, prompt_ids, params, priority, stream, time.monotonic()))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.put(("abort", request_id))
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _deliver(self, stream: RequestStream, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (shutdown)
+            pass
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+            eos = self.engine.eos_token_ids
+            self.engine.sampler = _IsolatingSampler(self.engine.sampler, eos[0] if eos else 0)
+        except Exception as e:
+            log.exception("model failed to load")
+            self._die(f"model failed to load: {e}")
+            return
+        failures = 0
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.engine.has_unfinished_requests())
+            if self._stop.is_set():
+                break
+            if not self.engine.has_unfinished_requests():
+                continue
+            t0 = time.monotonic()
+            try:
+                outputs = self.engine.step()
+                failures = 0
+            except Exception as e:
+                failures += 1
+                log.exception("engine step failed (%d in a row)", failures)
+                victims = {s.request_id for s in self.engine.scheduler.running} or set(self._tracked)
+                for rid in victims:
+                    self._fail(rid, RequestFailedError(f"generation failed: {type(e).__name__}: {e}"))
+                if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    self._die(f"{failures} consecutive step failures, last: {type(e).__name__}: {e}")
+                    return
+                continue
+            self._after_step(outputs, t0)
+        self._die("server shutting down")
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, ids, params, priority, stream, t_add = cmd
+            if stream.finished:  # aborted before it reached the engine
+                self._discard_waiting(rid)
+                return
+            try:
+                self.engine.add_request(ids, params, request_id=rid, priority=priority)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self._discard_waiting(rid)
+                self._deliver(stream, e)
+                return
+            self._tracked[rid] = _Tracked(stream, t_add)
+        elif kind == "abort":
+            rid = cmd[1]
+            self._discard_waiting(rid)
+            if rid in self._tracked:
+                self.engine.abort_request(rid)
+                del self._tracked[rid]
+                self.metrics.finished("abort")
+            self._publish_gauges()
+
+    def _discard_waiting(self, rid: str) -> None:
+        with self._lock:
+            self._waiting_ids.discard(rid)
+
+    def _fail(self, rid: str, err: Exception) -> None:
+        self._discard_waiting(rid)
+        self.engine.abort_request(rid)
+        tr = self._tracked.pop(rid, None)
+        if tr is not None:
+            self.metrics.finished("error")
+            self._deliver(tr.stream, err)
+
+    def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:
+        now = time.monotonic()
+        sampler = self.engine.sampler
+        failed, sampler.failed = dict(sampler.failed), {}
+        for rid, err in failed.items():
+            self._fail(rid, RequestFailedError(f"generation failed: {type(err).__name__}: {err}"))
+        for seq in self.engine.scheduler.running:
+            tr = self._tracked.get(seq.request_id)
+            if tr is not None and tr.t_scheduled is None:
+                tr.t_scheduled = t0
+                self._discard_waiting(seq.request_id)
+                self.metrics.queue_time.observe(t0 - tr.t_add)
+        for out in outputs:
+            tr = self._tracked.get(out.request_id)
+            if tr is None:
+                continue
+            if tr.t_scheduled is None:
+                tr.t_scheduled = t0
+                self._discard_waiting(out.request_id)
+                self.metrics.queue_time.observe(t0 - tr.t_add)
+            num = sum(len(o.token_ids) for o in out.outputs)
+            new = num - tr.num_tokens
+            if new > 0:
+                if tr.t_first is None:
+                    tr.t_first = now
+                    self.metrics.ttft.observe(now - tr.t_add)
+                    self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+                else:
+                    self.metrics.itl.observe(now - tr.t_last)
+                tr.t_last = now
+                tr.num_tokens = num
+                self.metrics.generation_tokens.inc(new)
+            self._deliver(tr.stream, out)
+            if out.finished:
+                del self._tracked[out.request_id]
+                self.metrics.e2e.observe(now - tr.t_add)
+                for o in out.outputs:
+                    self.metrics.finished(o.finish_reason or "abort")
+        self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        eng = self.engine
+        with self._lock:
+            waiting = len(self._waiting_ids)
+        self.metrics.publish(eng, num_running=len({s.request_id for s in eng.scheduler.running}),
+                             num_waiting=waiting)
+
+    def _die(self, reason: str) -> None:
+        self.dead_reason = reason
+        err = EngineDeadError(f"the engine loop has stopped: {reason}")
+        for tr in self._tracked.values():
+            self._deliver(tr.stream, err)
+        self._tracked.clear()
+        # requests still in the command queue never reached the engine
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                self._deliver(cmd[5], err)
+        with self._lock:
+            self._waiting_ids.clear()
