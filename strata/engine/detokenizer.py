@@ -9,7 +9,7 @@ _CONTEXT_TOKENS = 6  # prompt tokens decoded with the output so spacing rules se
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool):
+    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -22,6 +22,8 @@ class IncrementalDetokenizer:
         self.stop_hit: str | None = None
 
     def add(self, token: int) -> None:
+        if self.tokenizer is None:  # token-ids-only engine: no text
+            return
         self.ids.append(token)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)

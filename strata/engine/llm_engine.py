@@ -57,7 +57,8 @@ class LLMEngine:
         self.model_path = path
         self.model = load_model(path, dtype=config.dtype, progress=progress)
         self.model_config = self.model.config
-        self.tokenizer = Tokenizer(path)
+        # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
+        self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
         dtype = self.model.model.embed_tokens.weight.dtype
@@ -67,7 +68,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        eos = self.tokenizer.eos_token_ids or list(mcfg.eos_token_id)
+        eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
         self.sampler = Sampler(eos)
         self._requests: dict[str, list[Sequence]] = {}
@@ -85,6 +86,9 @@ class LLMEngine:
     ) -> str:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise InvalidRequestError(f"{self.model_path}: no tokenizer.json, so prompts must be token ids",
+                                      param="prompt")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty and the tokenizer has no BOS token", param="prompt")

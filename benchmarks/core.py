@@ -1,0 +1,138 @@
+"""Issue-2 benchmark: decode (batch 1) and prefill tokens/s, Strata vs transformers on the same weights,
+with the memory-bandwidth roofline measured in the same run.
+
+    .venv/bin/python benchmarks/core.py --models bundled,dense-1b,olmoe-1b-7b
+
+Each engine runs in its own subprocess (so neither sees the other's memory); results go to
+docs/benchmarks/core.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _prompt(vocab: int, n: int) -> list[int]:
+    import torch
+
+    return torch.randint(3, min(vocab, 30000), (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def run_strata(path: str, prompt_len: int, decode: int, threads: int) -> dict:
+    import torch
+
+    from strata import LLM, SamplingParams
+
+    llm = LLM(path, progress=False, dtype="bfloat16", num_threads=threads, max_num_seqs=1)
+    eng = llm.engine
+    ids = _prompt(eng.model_config.vocab_size, prompt_len)
+    params = SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True)
+    llm.generate([ids[:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    eng.add_request(ids, params)
+    t0 = time.perf_counter()
+    eng.step()  # prefill (+ first token)
+    t1 = time.perf_counter()
+    n = 1
+    while eng.has_unfinished_requests():
+        eng.step()
+        n += 1
+    t2 = time.perf_counter()
+    del torch
+    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (n - 1) / (t2 - t1)}
+
+
+def run_transformers(path: str, prompt_len: int, decode: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([_prompt(model.config.vocab_size, prompt_len)])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t0 = time.perf_counter()
+        model(ids)
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=decode, min_new_tokens=decode, **kw)
+        t2 = time.perf_counter()
+    prefill = t1 - t0
+    return {"prefill_tok_s": prompt_len / prefill, "decode_tok_s": (decode - 1) / max(t2 - t1 - prefill, 1e-9)}
+
+
+def _child(engine: str, path: str, prompt_len: int, decode: int, threads: int) -> dict:
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.core import run_{engine} as f; "
+            f"print('RESULT', json.dumps(f({path!r}, {prompt_len}, {decode}, {threads})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+
+
+def main() -> None:
+    from benchmarks.synthetic import memory_bandwidth_gbs, synthetic_model, weight_bytes_per_token
+    from strata.config import ModelConfig
+    from strata.engine.llm_engine import BUNDLED_MODEL
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="bundled,dense-1b,olmoe-1b-7b")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "core.json"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bw = memory_bandwidth_gbs()
+    rows = []
+    for name in args.models.split(","):
+        path = BUNDLED_MODEL if name == "bundled" else str(synthetic_model(name))
+        cfg = ModelConfig.from_pretrained(path)
+        bytes_tok = weight_bytes_per_token(cfg)
+        row = {"model": name, "params": cfg.param_counts()["total"], "active_params": cfg.param_counts()["active"],
+               "weight_bytes_per_token": bytes_tok, "roofline_decode_tok_s": bw * 1e9 / bytes_tok}
+        for engine in ("strata", "transformers"):
+            row[engine] = _child(engine, path, args.prompt_len, args.decode, args.threads)
+            print(name, engine, row[engine], file=sys.stderr)
+        s, t = row["strata"], row["transformers"]
+        if "error" not in s and "error" not in t:
+            row["decode_ratio"] = s["decode_tok_s"] / t["decode_tok_s"]
+            row["prefill_ratio"] = s["prefill_tok_s"] / t["prefill_tok_s"]
+            row["strata_roofline_fraction"] = s["decode_tok_s"] / row["roofline_decode_tok_s"]
+            row["transformers_roofline_fraction"] = t["decode_tok_s"] / row["roofline_decode_tok_s"]
+        rows.append(row)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+               "memory_read_gb_s": bw, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+               "load_avg": os.getloadavg()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out + ".tmp"
+    Path(tmp).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    os.replace(tmp, args.out)
+    print(f"\nmemory read bandwidth {bw:.1f} GB/s, {args.threads} threads, load avg {machine['load_avg'][0]:.1f}\n")
+    print("| model | engine | prefill tok/s | decode tok/s | decode vs transformers | roofline tok/s | fraction |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for e in ("strata", "transformers"):
+            m = r[e]
+            if "error" in m:
+                print(f"| {r['model']} | {e} | error: {m['error']} | | | | |")
+                continue
+            ratio = f"{r.get('decode_ratio', float('nan')):.2f}x" if e == "strata" else "1.00x"
+            print(f"| {r['model']} | {e} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.2f} | {ratio} | "
+                  f"{r['roofline_decode_tok_s']:.1f} | {m['decode_tok_s'] / r['roofline_decode_tok_s']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
