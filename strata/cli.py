@@ -12,7 +12,12 @@ from strata.errors import StrataError
 COMMAND_MODULES = [
     "strata.commands.generate",
     "strata.commands.info",
+    "strata.commands.eval",
     "strata.commands.convert",
+    "strata.commands.analyze",
+    "strata.commands.serve",
+    "strata.commands.bench_serve",
+    "strata.commands.sim_cache",
 ]
 
 

@@ -71,6 +71,7 @@ class Tokenizer:
         self._post_adds_bos = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
         self.add_bos_token = bool(cfg.get("add_bos_token", False)) and not self._post_adds_bos
         self.chat_template = self._load_template(path, cfg)
+        self.is_byte_level = "ByteLevel" in str(self.tok.decoder)
         self.special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def _id(self, token: str | None, fallback: int | None) -> int | None:
