@@ -80,6 +80,7 @@ def sliding_window(model: CausalLM, tok: Tokenizer, text: str, context: int, str
     prev_end = 1  # position 0 (BOS or first token) is never predicted
     starts = list(range(0, max(len(ids) - 1, 1), stride))
     for begin in tqdm(starts, desc="ppl", disable=not progress, file=sys.stderr, leave=False):
+        begin = min(begin, prev_end - 1)  # the window must hold the token before the first one it scores
         end = min(begin + context, len(ids))
         if end <= prev_end:
             continue
