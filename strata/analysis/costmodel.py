@@ -1,0 +1,90 @@
+"""Time of one forward step on a System: operators placed on processors (device, host CPU, flash), each on a
+roofline max(FLOPs / (eta_f * peak), bytes / (eta_bw * bandwidth)), plus link and flash transfers and a fixed
+per-layer overhead. Where weights live is a Placement (placement.py); this file only prices it.
+
+A StepCost keeps the per-operator arrays so calibration can re-price it under new efficiency factors cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from strata.analysis.efficiency import Efficiencies
+from strata.analysis.hardware import Device
+
+
+@dataclass
+class Segment:
+    """Operators that run on one processor."""
+
+    proc: str  # "device", "host" or "flash" (in-flash compute)
+    dev: Device
+    engine: str
+    names: list[str] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+    bytes: list[float] = field(default_factory=list)
+    peaks: list[float] = field(default_factory=list)
+    layers: int = 0  # layers that pay a per-step overhead on this processor
+    bw_scale: float = 1.0  # tensor parallel: devices share the bytes
+    flops_scale: float = 1.0
+
+    def add(self, name: str, flops: float, nbytes: float, peak: float) -> None:
+        self.names.append(name)
+        self.flops.append(flops)
+        self.bytes.append(nbytes)
+        self.peaks.append(peak)
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        # cached: calibration re-prices the same segment thousands of times
+        if getattr(self, "_cache", None) is None or len(self._cache[0]) != len(self.flops):
+            bw = self.dev.flash_bw(1 << 30) if self.proc == "flash" else self.dev.bw
+            f = np.asarray(self.flops) / (np.asarray(self.peaks) * self.flops_scale)
+            b = np.asarray(self.bytes) / (bw * self.bw_scale)
+            self._cache = (f, b)
+        return self._cache
+
+    def op_times(self, effs: Efficiencies) -> tuple[np.ndarray, np.ndarray]:
+        e = effs.get(self.dev.cls, self.engine)
+        f, b = self._arrays()
+        return f / e.eta_flops, b / e.eta_bw
+
+    def time(self, effs: Efficiencies) -> float:
+        if not self.flops:
+            return 0.0
+        f, b = self.op_times(effs)
+        e = effs.get(self.dev.cls, self.engine)
+        return float(np.maximum(f, b).sum()) + self.layers * e.overhead_us * 1e-6
+
+
+@dataclass
+class StepCost:
+    segments: list[Segment]
+    link_s: float = 0.0  # host -> device weight transfers (PCIe), already in seconds
+    flash_s: float = 0.0  # storage reads, seconds
+    comm_s: float = 0.0  # tensor-parallel all-reduces
+    overlap: float = 0.0  # fraction of transfers hidden behind compute (prefetch)
+    tokens: int = 1
+
+    def time(self, effs: Efficiencies) -> float:
+        compute = sum(s.time(effs) for s in self.segments) + self.comm_s
+        xfer = self.link_s + self.flash_s
+        return max(compute, self.overlap * xfer) + (1.0 - self.overlap) * xfer
+
+    def breakdown(self, effs: Efficiencies) -> dict[str, float]:
+        out = {s.proc: s.time(effs) for s in self.segments}
+        out.update(link=self.link_s, flash=self.flash_s, comm=self.comm_s)
+        return out
+
+    def energy_j(self, effs: Efficiencies) -> float:
+        """Busy processors at board power, the rest of the step at idle power."""
+        total = self.time(effs)
+        energy, seen = 0.0, set()
+        for s in self.segments:
+            busy = s.time(effs)
+            energy += s.dev.power_w * busy
+            if s.dev.key not in seen:
+                energy += s.dev.idle_w * max(total - busy, 0.0)
+                seen.add(s.dev.key)
+        return energy

@@ -1,0 +1,140 @@
+"""Hardware catalog (hardware.json) and systems built from it: a device, optional GPU count, optional host CPU.
+
+A system is written `DEVICE[+HOST]` with an optional `Nx` count on the device, e.g. `h100-sxm`, `2xh100-sxm`,
+`rtx4090+xeon-6454s`, or a path to a probe profile JSON (see probe.py). Free-text hardware descriptions from
+published tables ('1x RTX 4090D 24GB + 2x Intel Xeon Gold 6454S') are matched by alias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strata.errors import ConfigError
+
+CATALOG_PATH = Path(__file__).with_name("hardware.json")
+# Which peak a compute precision falls back to when a device lists no figure for it.
+FALLBACK = {"amx_int8": "int8", "npu_int8": "int8", "fp4": "fp8", "fp8": "int8", "int8": "fp16", "fp16": "fp32", "fp32": "fp16"}
+
+
+@dataclass
+class Device:
+    key: str
+    name: str
+    cls: str
+    peak_tflops: dict[str, float]
+    memory_gb: float
+    bandwidth_gbs: float
+    link_gbs: float = 25.0
+    nvlink_gbs: float = 0.0
+    power_w: float = 0.0
+    idle_w: float = 0.0
+    flash: dict | None = None
+    tiers: list[dict] = field(default_factory=list)
+    in_flash_compute: bool = False
+    approximate: bool = False
+    source: str = ""
+
+    def peak(self, kind: str) -> float:
+        """Peak FLOP/s for a compute precision (falls back along FLOPs-per-cycle-equivalent precisions)."""
+        seen = set()
+        k = kind
+        while k not in self.peak_tflops and k not in seen:
+            seen.add(k)
+            k = FALLBACK.get(k, "fp16")
+        return self.peak_tflops.get(k, 1e-3) * 1e12
+
+    @property
+    def bw(self) -> float:
+        return self.bandwidth_gbs * 1e9
+
+    def flash_bw(self, read_bytes: float) -> float:
+        """Storage read bandwidth at a read size: size / (latency + size / sequential bandwidth)."""
+        if not self.flash:
+            return 0.0
+        seq = self.flash["bw_gbs"] * 1e9
+        lat = self.flash.get("latency_us", 100) * 1e-6
+        return read_bytes / (lat + read_bytes / seq) if read_bytes > 0 else seq
+
+
+@dataclass
+class System:
+    device: Device
+    count: int = 1
+    host: Device | None = None
+    parallel: str = "tp"  # "tp" (tensor parallel) or "pp" (layer split: one device active at a time)
+
+    @property
+    def label(self) -> str:
+        n = f"{self.count}x " if self.count > 1 else ""
+        return n + self.device.name + (f" + {self.host.name}" if self.host else "")
+
+
+def load_catalog() -> dict[str, Device]:
+    with open(CATALOG_PATH) as f:
+        raw = json.load(f)
+    return {k: device_from_dict(k, v) for k, v in raw.items() if not k.startswith("_")}
+
+
+def device_from_dict(key: str, v: dict) -> Device:
+    try:
+        return Device(key=key, name=v["name"], cls=v["class"], peak_tflops=dict(v["peak_tflops"]),
+                      memory_gb=float(v["memory_gb"]), bandwidth_gbs=float(v["bandwidth_gbs"]),
+                      link_gbs=float(v.get("link_gbs", 25.0)), nvlink_gbs=float(v.get("nvlink_gbs", 0.0)),
+                      power_w=float(v.get("power_w", 0.0)), idle_w=float(v.get("idle_w", 0.0)),
+                      flash=v.get("flash"), tiers=list(v.get("tiers", [])),
+                      in_flash_compute=bool(v.get("in_flash_compute", False)),
+                      approximate=bool(v.get("approximate", False)), source=v.get("source", ""))
+    except KeyError as e:
+        raise ConfigError(f"hardware entry {key!r}: missing field {e.args[0]!r}") from None
+
+
+def aliases() -> dict[str, list[str]]:
+    with open(CATALOG_PATH) as f:
+        raw = json.load(f)
+    return {k: [k, v["name"], *v.get("aliases", [])] for k, v in raw.items() if not k.startswith("_")}
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def match_device(text: str) -> str | None:
+    """Catalog key whose longest alias occurs in `text` (case and punctuation ignored)."""
+    t = _norm(text)
+    best, best_len = None, 0
+    for key, names in aliases().items():
+        for n in names:
+            a = _norm(n)
+            if a and a in t and len(a) > best_len:
+                best, best_len = key, len(a)
+    return best
+
+
+def parse_system(text: str) -> System:
+    """A system from `[Nx]DEVICE[+HOST]` (catalog keys or free text) or a probe profile JSON path."""
+    cat = load_catalog()
+    if text.endswith(".json") and os.path.exists(text):
+        with open(text) as f:
+            prof = json.load(f)
+        return System(device_from_dict(prof.get("key", "probe"), prof))
+    parts = [p.strip() for p in re.split(r"\s\+\s|\+", text) if p.strip()]
+    devs: list[tuple[int, Device]] = []
+    for p in parts:
+        m = re.match(r"^\s*(\d+)\s*x\s*(.*)$", p, re.IGNORECASE)
+        count, body = (int(m.group(1)), m.group(2)) if m else (1, p)
+        key = body if body in cat else match_device(body)
+        if key is None:
+            raise ConfigError(f"--hardware {text!r}: no catalog entry matches {body!r}; see `strata analyze --list-hardware`")
+        devs.append((count, cat[key]))
+    count, dev = devs[0]
+    host = devs[1][1] if len(devs) > 1 else None
+    if host is not None and devs[1][0] > 1:  # several host sockets: capacity and bandwidth add up
+        n = devs[1][0]
+        host = Device(**{**host.__dict__, "memory_gb": host.memory_gb * n, "bandwidth_gbs": host.bandwidth_gbs * n,
+                         "peak_tflops": {k: v * n for k, v in host.peak_tflops.items()},
+                         "power_w": host.power_w * n, "idle_w": host.idle_w * n})
+    return System(dev, count=count, host=host)

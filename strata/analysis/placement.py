@@ -1,0 +1,152 @@
+"""Where each layer's weights live and where each operator runs, for one Scenario on one System.
+
+Placements (from the Scenario or chosen automatically by capacity):
+* all on the device;
+* llama.cpp-style `gpu_layers` (the rest of the layers run on the host CPU) and `cpu_moe_layers` (routed
+  experts of the first N layers on the host CPU, Fiddler / KTransformers / --n-cpu-moe);
+* routed experts in a lower tier (host RAM or flash) behind an expert cache holding `cache_frac` of each
+  layer's experts with hit rate `hit_rate`; a miss is either transferred and run on the device, or run by
+  the host CPU where the weights are (Fiddler's rule: pick the cheaper, `cold="auto"`);
+* in-flash compute designs run what does not fit in memory inside the flash at its internal bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from strata.analysis.costmodel import Segment, StepCost
+from strata.analysis.hardware import System
+from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
+from strata.analysis.precision import Precisions
+from strata.analysis.shapes import ModelShape
+
+MEMORY_RESERVE = 0.9  # usable fraction of device memory (runtime, fragmentation)
+SYNC_US = 10.0  # host<->device round trip per offloaded layer
+
+
+@dataclass
+class Scenario:
+    batch: int = 1
+    prompt: int = 512
+    gen: int = 128
+    prec: Precisions = field(default_factory=Precisions)
+    engine: str = "generic"
+    offload: str = "auto"  # "none", "auto", "experts", "layers"
+    expert_tier: str = "host"  # where offloaded experts live: "host" or "flash"
+    cold: str = "auto"  # cold experts: "transfer" to the device, "cpu" compute in place, "auto" cheaper
+    gpu_layers: int | None = None
+    cpu_moe_layers: int = 0
+    cache_frac: float | None = None  # fraction of each layer's routed experts resident on the device
+    hit_rate: float | None = None  # expert-cache hit rate; default = cache_frac (uniform routing)
+    prefetch: float = 0.0  # fraction of transfers overlapped with compute
+
+
+@dataclass
+class Plan:
+    gpu_layers: int
+    cpu_moe_layers: int
+    cache_frac: float
+    hit_rate: float
+    expert_tier: str
+    in_flash: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_placement(s: ModelShape, sys: System, sc: Scenario, kv_bytes: float) -> Plan:
+    wb = weight_bytes(s, sc.prec)
+    cap = sys.device.memory_gb * 1e9 * sys.count * MEMORY_RESERVE
+    lower = sys.host is not None or bool(sys.device.flash)
+    gpu_layers = s.layers if sc.gpu_layers is None else min(sc.gpu_layers, s.layers)
+    cache_frac = 1.0 if sc.cache_frac is None else sc.cache_frac
+    tier = sc.expert_tier if sys.host is not None or sc.expert_tier == "flash" else "flash"
+    p = Plan(gpu_layers, sc.cpu_moe_layers, cache_frac, 1.0, tier)
+    fits = wb["total"] + kv_bytes <= cap
+    if sc.offload == "none" or (sc.offload == "auto" and (fits or not lower)) or sc.gpu_layers is not None:
+        if not fits and sc.gpu_layers is None:
+            p.notes.append(f"weights {wb['total'] / 1e9:.1f} GB + KV do not fit {cap / 1e9:.1f} GB usable memory")
+    elif sys.device.in_flash_compute:
+        p.in_flash = True
+    elif s.is_moe and sc.offload in ("auto", "experts") and sc.cpu_moe_layers == 0:
+        room = max(cap - wb["non_expert"] - kv_bytes, 0.0)
+        p.cache_frac = min(cache_frac, room / wb["experts"]) if sc.cache_frac is None else cache_frac
+        p.cache_frac = min(p.cache_frac, room / wb["experts"])
+        p.notes.append(f"routed experts in {tier}; {p.cache_frac:.0%} of them cached on the device")
+    elif sys.host is not None:
+        per_layer = wb["total"] / s.layers
+        p.gpu_layers = int(max(cap - kv_bytes - 2 * s.vocab * s.hidden * sc.prec.weight_bytes(False), 0) // per_layer)
+        p.gpu_layers = min(p.gpu_layers, s.layers)
+        p.notes.append(f"{p.gpu_layers}/{s.layers} layers on the device, the rest on the host CPU")
+    else:
+        p.cache_frac = max(min((cap - kv_bytes) / wb["total"], 1.0), 0.0)
+        p.notes.append(f"weights streamed from flash; {p.cache_frac:.0%} resident in memory")
+        p.expert_tier = "flash-all"
+    p.hit_rate = sc.hit_rate if sc.hit_rate is not None else p.cache_frac
+    return p
+
+
+def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, new: int, past: int) -> StepCost:
+    """Price one forward step (batch sequences x new tokens, past tokens cached) under a placement."""
+    dev, host = sys.device, sys.host or sys.device
+    tp = sys.count if sys.parallel == "tp" else 1
+    seg_dev = Segment("device", dev, sc.engine, bw_scale=tp, flops_scale=tp)
+    seg_host = Segment("host", host, sc.engine)
+    seg_flash = Segment("flash", dev, sc.engine)
+    cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch)
+    n = batch * new
+    layers_touched_dev, layers_touched_host = set(), set()
+    for op in build_ops(s, sc.prec, batch, new, past):
+        on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0
+        if plan.expert_tier == "flash-all" and op.weight_bytes:
+            miss = 1.0 - plan.hit_rate
+            cost.flash_s += op.weight_bytes * miss / max(dev.flash_bw(op.weight_bytes), 1.0)
+        if plan.in_flash and op.weight_bytes > 1e6:
+            seg_flash.add(op.name, op.flops, op.bytes, dev.peak(op.compute))
+            continue
+        if on_host_layer:
+            seg_host.add(op.name, op.flops, op.bytes, host.peak(op.compute))
+            layers_touched_host.add(op.layer)
+            continue
+        if op.routed and (op.layer < plan.cpu_moe_layers):
+            seg_host.add(op.name, op.flops, op.bytes, host.peak(op.compute))
+            layers_touched_host.add(op.layer)
+            continue
+        if op.routed and plan.hit_rate < 1.0 and plan.expert_tier != "flash-all":
+            _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost)
+            layers_touched_host.add(op.layer)
+            continue
+        seg_dev.add(op.name, op.flops, op.bytes, dev.peak(op.compute))
+        if op.layer >= 0:
+            layers_touched_dev.add(op.layer)
+    seg_dev.layers = len(layers_touched_dev)
+    seg_host.layers = len(layers_touched_host) if sys.host is not None else 0
+    if sys.host is not None and layers_touched_host:
+        cost.link_s += len(layers_touched_host) * 2 * SYNC_US * 1e-6
+    if tp > 1:  # two all-reduces of the hidden state per layer
+        link = (dev.nvlink_gbs or dev.link_gbs) * 1e9
+        msg = n * s.hidden * 2.0
+        cost.comm_s = s.layers * 2 * (2 * (tp - 1) / tp * msg / link + 8e-6)
+    return cost
+
+
+def _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost) -> None:
+    """Cached experts run on the device; misses are transferred (or read from flash) or run on the host."""
+    dev, host = sys.device, sys.host or sys.device
+    h = plan.hit_rate
+    seg_dev.add(op.name + ".hit", op.flops * h, op.bytes * h, dev.peak(op.compute))
+    touched = distinct_experts(s.num_experts, s.top_k, n)
+    per_expert = op.weight_bytes / max(touched, 1e-9)
+    miss_bytes = op.weight_bytes * (1 - h)
+    if plan.expert_tier == "flash":
+        read_s = miss_bytes / max((host if sys.host else dev).flash_bw(per_expert), 1.0)
+        cost.flash_s += read_s
+        link_s = miss_bytes / (dev.link_gbs * 1e9) if sys.host is not None else 0.0
+    else:
+        link_s = miss_bytes / (dev.link_gbs * 1e9)
+    # Fiddler: run the cold expert on the CPU that holds it when that beats moving it to the device.
+    cpu_s = max(op.flops * (1 - h) / (host.peak(op.compute) * 0.3), miss_bytes / (host.bw * 0.6))
+    use_cpu = sys.host is not None and (sc.cold == "cpu" or (sc.cold == "auto" and cpu_s < link_s))
+    if use_cpu:
+        seg_host.add(op.name + ".miss", op.flops * (1 - h), op.bytes * (1 - h), host.peak(op.compute))
+    else:
+        seg_dev.add(op.name + ".miss", op.flops * (1 - h), op.act_bytes * (1 - h), dev.peak(op.compute))
+        cost.link_s += link_s

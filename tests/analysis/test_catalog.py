@@ -1,0 +1,67 @@
+"""Hardware catalog loads; every entry has a source; lookups and monotonicity of the cost model."""
+
+from dataclasses import replace
+
+import pytest
+
+from strata.analysis.efficiency import Efficiencies
+from strata.analysis.hardware import load_catalog, match_device, parse_system
+from strata.analysis.placement import Scenario
+from strata.analysis.precision import Precisions
+from strata.analysis.predict import predict
+from strata.analysis.shapes import load_shape
+from strata.errors import ConfigError
+
+
+def test_every_entry_has_a_source_and_figures():
+    cat = load_catalog()
+    assert len(cat) >= 30
+    for key, d in cat.items():
+        assert d.source, key
+        if d.cls != "storage":
+            assert d.bandwidth_gbs > 0 and d.peak_tflops, key
+    classes = {d.cls for d in cat.values()}
+    assert {"gpu", "apple", "cpu-x86", "cpu-server", "cpu-arm", "design"} <= classes
+    for k in ("h100-sxm", "h200", "l40s", "rtx3090", "rtx4090", "rtx5090", "rtx-a5000", "rtx-a6000",
+              "jetson-agx-orin", "raspberry-pi-5", "rk3588", "snapdragon-8-gen-3", "cambricon-llm",
+              "sambanova-sn40l", "pim-gpt", "sail-cpu"):
+        assert k in cat
+
+
+def test_match_free_text():
+    assert match_device("NVIDIA GeForce RTX 4090 24GB") == "rtx4090"
+    assert match_device("NVIDIA H100 PCIe 80GB") == "h100-pcie"
+    assert match_device("Apple M2 Ultra (76-core GPU)") == "apple-m2-ultra"
+    sys = parse_system("rtx4090+2x xeon-6454s")
+    assert sys.host.bandwidth_gbs == pytest.approx(2 * 307.2)
+    with pytest.raises(ConfigError):
+        parse_system("nonexistent-gpu-9000")
+
+
+@pytest.mark.parametrize("model,hw,fmt", [("llama-2-7b", "rtx4090", "q4_0"), ("mixtral-8x7b", "rtx4090+xeon-6454s", "bf16"),
+                                          ("qwen3-30b-a3b", "strata-dev", "int8")])
+def test_more_bandwidth_is_never_slower(model, hw, fmt):
+    s, effs = load_shape(model), Efficiencies()
+    sys = parse_system(hw)
+    sc = Scenario(prompt=256, gen=64, prec=Precisions(fmt))
+    base = predict(s, sys, sc, effs)
+    faster = replace(sys, device=replace(sys.device, bandwidth_gbs=sys.device.bandwidth_gbs * 2))
+    if sys.host is not None:
+        faster = replace(faster, host=replace(sys.host, bandwidth_gbs=sys.host.bandwidth_gbs * 2))
+    better = predict(s, faster, sc, effs)
+    assert better.tpot_s <= base.tpot_s and better.ttft_s <= base.ttft_s
+    more_flops = replace(sys, device=replace(sys.device, peak_tflops={k: v * 2 for k, v in sys.device.peak_tflops.items()}))
+    assert predict(s, more_flops, sc, effs).ttft_s <= base.ttft_s
+
+
+def test_batching_raises_throughput_and_offload_costs_time():
+    s, effs = load_shape("llama-3-8b"), Efficiencies()
+    sys = parse_system("h100-sxm")
+    one = predict(s, sys, Scenario(batch=1, prec=Precisions("bf16")), effs)
+    many = predict(s, sys, Scenario(batch=32, prec=Precisions("bf16")), effs)
+    assert many.batch / many.tpot_s > 10 * one.batch / one.tpot_s
+    mx = load_shape("mixtral-8x7b")
+    hybrid = parse_system("rtx4090+xeon-6454s")
+    hot = predict(mx, hybrid, Scenario(prec=Precisions("q4_k_m"), offload="experts", hit_rate=0.9, cache_frac=0.9), effs)
+    cold = predict(mx, hybrid, Scenario(prec=Precisions("q4_k_m"), offload="experts", hit_rate=0.2, cache_frac=0.2), effs)
+    assert cold.tpot_s > hot.tpot_s

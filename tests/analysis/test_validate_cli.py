@@ -1,0 +1,112 @@
+"""`strata analyze --validate` on a tiny CSV with a known answer, and the analyze / probe / plan commands."""
+
+import csv
+import json
+
+import pytest
+
+from strata.analysis.efficiency import Efficiencies
+from strata.analysis.hardware import load_catalog
+from strata.analysis.operators import weight_bytes
+from strata.analysis.precision import Precisions
+from strata.analysis.shapes import load_shape
+from strata.analysis.trace import hit_rate
+from strata.analysis.validate import load_cases, score
+from strata.cli import main
+
+COLUMNS = ["source", "system", "model", "params_total_b", "params_active_b", "dtype_or_quant", "hardware",
+           "hardware_mem_bw_gbs", "batch", "prompt_tokens", "gen_tokens", "metric", "value", "offload", "notes"]
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+
+
+def ideal_calibration(path):
+    # full bandwidth, no overhead: batch-1 decode time is then bytes / bandwidth
+    doc = {"factors": {"gpu": {"eta_bw": 1.0, "eta_flops": 1.0, "overhead_us": 0.0}}}
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_validate_known_answer(tmp_path, capsys):
+    s = load_shape("llama-2-7b")
+    bw = load_catalog()["rtx4090"].bandwidth_gbs * 1e9
+    expected = bw / weight_bytes(s, Precisions("q4_0"))["total"]  # weights dominate batch-1 decode
+    rows = [
+        {"source": "t", "system": "llama.cpp", "model": "meta-llama/Llama-2-7b-hf", "dtype_or_quant": "Q4_0",
+         "hardware": "NVIDIA GeForce RTX 4090 24GB", "batch": "1", "prompt_tokens": "0", "gen_tokens": "16",
+         "metric": "decode_tok_s", "value": f"{expected:.3f}"},
+        {"source": "t", "system": "llama.cpp", "model": "meta-llama/Llama-2-7b-hf", "dtype_or_quant": "Q4_0",
+         "hardware": "NVIDIA GeForce RTX 4090 24GB", "batch": "1", "prompt_tokens": "0", "gen_tokens": "16",
+         "metric": "decode_tok_s", "value": f"{expected / 2:.3f}"},
+        {"source": "t", "system": "x", "model": "unknown/Model-1B", "dtype_or_quant": "F16",
+         "hardware": "NVIDIA GeForce RTX 4090 24GB", "batch": "1", "metric": "decode_tok_s", "value": "10"},
+    ]
+    csv_path = tmp_path / "m.csv"
+    write_csv(csv_path, rows)
+    cal = ideal_calibration(tmp_path / "cal.json")
+    res = score(load_cases(str(csv_path)), Efficiencies.load(cal))
+    assert res["n_predicted"] == 2 and res["n_unpredictable"] == 1
+    first, second = res["rows"]
+    assert first["ape"] < 0.02  # activations, norms and the small KV cache are the only extra bytes
+    assert second["ratio"] == pytest.approx(2 * first["ratio"], rel=1e-6)
+    assert res["gmean_ratio"] == pytest.approx((first["ratio"] * second["ratio"]) ** 0.5, rel=1e-9)
+    assert "no preset" in res["unpredictable"][0]["reason"]
+    assert main(["analyze", "--validate", str(csv_path), "--json", "--calibration", cal]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"median_ape", "p90_ape", "gmean_ratio", "rows"} <= set(out)
+    assert out["median_ape"] == pytest.approx(res["median_ape"])
+
+
+def test_analyze_outputs(tmp_path, capsys):
+    png = tmp_path / "roof.png"
+    assert main(["analyze", "--model", "deepseek-v2-lite", "--hardware", "rtx4090", "--weights", "int4",
+                 "--plot", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tpot_ms"] > 0 and out["memory_gb"]["kv_cache"] > 0 and png.stat().st_size > 1000
+    assert {r["op"] for r in out["decode_ops"]} >= {"kv_a_proj", "kv_b_proj", "experts", "shared_expert"}
+    cfg = tmp_path / "m"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                                 "intermediate_size": 128, "num_hidden_layers": 2,
+                                                 "num_attention_heads": 4, "vocab_size": 100}))
+    assert main(["analyze", "--model", str(cfg), "--sweep-batch", "1,8", "--sweep-context", "16,64"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 6
+    assert main(["analyze", "--model", "no-such-model"]) == 2
+
+
+def test_routing_trace_hit_rates(tmp_path):
+    trace = [(0, [0, 1], [0.5, 0.5]), (0, [0, 2], [0.9, 0.1]), (0, [0, 1], [0.6, 0.4])]
+    # LRU with 2 slots: miss 0, miss 1, hit 0, miss 2 (evicts 1), hit 0, miss 1 -> 2 hits of 6
+    assert hit_rate(trace, 2, "lru") == pytest.approx(2 / 6)
+    assert hit_rate(trace, 3, "lru") == pytest.approx(3 / 6)
+    assert hit_rate(trace, 0, "lfu") == 0.0
+
+
+def test_probe_quick_and_plan(tmp_path, capsys):
+    prof = tmp_path / "hw.json"
+    assert main(["probe", "--quick", "--out", str(prof), "--dir", str(tmp_path)]) == 0
+    d = json.loads(prof.read_text())
+    assert d["bandwidth_gbs"] > 0 and d["peak_tflops"]["fp16"] > 0 and d["class"] == "cpu-measured"
+    capsys.readouterr()
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("")
+    assert main(["plan", "--model", "olmoe", "--memory-budget", "4G", "--profile", str(prof), "--runs", str(runs),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    best = out["best"]
+    assert best["fits"] and best["predicted_tok_s"] > 0
+    assert {c["precision"] for c in out["candidates"]} <= {"bf16", "int8", "int4"}
+    # a measured run for the best config replaces its prediction and scales the others
+    cfg = {k: best[k] for k in ("precision", "cache_experts", "policy", "prefetch", "threads")}
+    runs.write_text(json.dumps({"model": "olmoe", "config": cfg, "tokens_per_s": best["predicted_tok_s"] / 2}) + "\n")
+    assert main(["plan", "--model", "olmoe", "--memory-budget", "4G", "--profile", str(prof), "--runs", str(runs),
+                 "--json"]) == 0
+    out2 = json.loads(capsys.readouterr().out)
+    assert all(c["corrected_tok_s"] == pytest.approx(c["predicted_tok_s"] / 2, rel=1e-6)
+               for c in out2["candidates"])
