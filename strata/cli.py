@@ -15,7 +15,6 @@ COMMAND_MODULES = [
     "strata.commands.eval",
     "strata.commands.convert",
     "strata.commands.analyze",
-    "strata.commands.analyze",
     "strata.commands.serve",
     "strata.commands.bench_serve",
     "strata.commands.sim_cache",
