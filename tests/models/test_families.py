@@ -56,3 +56,22 @@ def test_greedy_generation_matches_transformers(hf_family, family):
     llm = LLM(path, progress=False)
     out = llm.generate([prompt.tolist()], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sharded_half_precision_checkpoint(tmp_path, dtype):
+    from tests.models.conftest import build_hf
+
+    hf = build_hf("mixtral", tmp_path / "full", dtype=dtype)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours = load_model(str(tmp_path / "sharded"), progress=False)  # dtype auto = the checkpoint's
+    assert ours.lm_head.weight.dtype == dtype
+    ids = _ids(hf.config.vocab_size, 12)
+    with torch.no_grad():
+        ref = hf.float()(ids[None]).logits[0]
+    got = load_model(str(tmp_path / "sharded"), dtype="float32", progress=False)(
+        ids, torch.arange(12), AttentionMetadata.no_cache([12]))
+    torch.testing.assert_close(got, ref, atol=5e-4, rtol=1e-3)  # same half-precision weights, fp32 compute
+    half = ours(ids, torch.arange(12), AttentionMetadata.no_cache([12]))
+    assert (half.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
