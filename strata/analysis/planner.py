@@ -108,7 +108,7 @@ def plan(shape: ModelShape, sys: System, budget: float, profile: dict, prompt: i
         cache_experts = int(frac * shape.num_experts * per_layer)
         policies = POLICIES if shape.is_moe and frac < 1.0 else ("lru",)
         for policy in policies:
-            if trace and shape.is_moe:
+            if trace and shape.is_moe:  # an empty trace falls back to uniform routing
                 h = hit_rate(trace, int(frac * shape.num_experts), policy)
             else:
                 h = uniform_hit_rate(frac)

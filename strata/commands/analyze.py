@@ -229,5 +229,5 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"{c.precision:<10}{c.cache_frac:>7.0%}{c.policy:>8}{c.prefetch!s:>9}{c.threads:>8}"
               f"{c.hit_rate:>6.0%}{c.corrected_tok_s:>8.1f}  {'yes' if c.fits else 'no'} {c.why}")
     print()
-    print(explain(cands, model, budget, trace is not None))
+    print(explain(cands, model, budget, bool(trace)))
     return 0
