@@ -63,6 +63,9 @@ class GuardMiddleware:
             more = msg.get("more_body", False)
             if len(body) > self.limit:
                 return await too_big.response()(scope, receive, send)
+        # Every POST route takes JSON; `curl -d` sends form-urlencoded, so read the body as JSON regardless.
+        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")])
         replayed = False
 
         async def replay():

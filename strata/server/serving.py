@@ -103,8 +103,10 @@ class Serving:
                                 "/v1/completions)", "messages") from None
 
     def _check_ids(self, ids: list[int], param: str) -> None:
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids.append(self.tokenizer.bos_token_id)  # an empty prompt starts from BOS, as OpenAI's does
         if not ids:
-            raise APIError(400, "the prompt is empty", param)
+            raise APIError(400, "the prompt is empty and the tokenizer has no BOS token", param)
         vocab = self.engine.engine.model_config.vocab_size
         if max(ids) >= vocab:
             raise APIError(400, f"token ids must be in [0, {vocab}), got {max(ids)}", param)

@@ -1,0 +1,111 @@
+"""AsyncEngine in-process: a failure inside one request fails only that request, a dying engine loop turns
+/health to 503 and fails pending requests, and a per-request timeout aborts and frees blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+import strata.engine.sampler as sampler_mod
+from strata.config import EngineConfig
+from strata.engine.llm_engine import LLMEngine
+from strata.engine.sampling_params import SamplingParams
+from strata.server.app import create_app
+from strata.server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, RequestTimeoutError
+
+
+@pytest.fixture(scope="module")
+def llm_engine(server_model):
+    return LLMEngine(EngineConfig(model=str(server_model), max_num_seqs=4), progress=False)
+
+
+async def _started(engine: LLMEngine, **kw) -> AsyncEngine:
+    ae = AsyncEngine(lambda: engine, **kw)
+    ae.start(asyncio.get_running_loop())
+    while not ae.is_ready and ae.dead_reason is None:
+        await asyncio.sleep(0.01)
+    return ae
+
+
+async def _drain(stream) -> list:
+    return [out async for out in stream]
+
+
+async def _all_blocks_free(engine: LLMEngine) -> None:
+    bm = engine.block_manager
+    for _ in range(2000):
+        if bm.num_free_blocks == bm.num_blocks and not engine.has_unfinished_requests():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{bm.num_blocks - bm.num_free_blocks} blocks still used")
+
+
+def test_failure_in_one_request_fails_only_it(llm_engine, monkeypatch):
+    real = sampler_mod.sample_token
+
+    def poisoned(logits, seq):
+        if seq.params.seed == 666:
+            raise ValueError("poisoned sampling")
+        return real(logits, seq)
+
+    monkeypatch.setattr(sampler_mod, "sample_token", poisoned)
+
+    async def main():
+        ae = await _started(llm_engine)
+        ids = llm_engine.tokenizer.encode("the quick brown fox")
+        good = ae.add_request(ids, SamplingParams(temperature=0.7, seed=1, max_tokens=6, ignore_eos=True))
+        bad = ae.add_request(ids, SamplingParams(temperature=0.7, seed=666, max_tokens=6, ignore_eos=True))
+        outs, err = await asyncio.gather(_drain(good), _drain(bad), return_exceptions=True)
+        assert isinstance(err, RequestFailedError) and "poisoned" in str(err)
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
+        again = await _drain(ae.add_request(ids, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))
+        assert len(again[-1].outputs[0].token_ids) == 3 and ae.dead_reason is None
+        await _all_blocks_free(llm_engine)
+        ae.shutdown()
+
+    asyncio.run(main())
+
+
+def test_engine_death_gives_503_and_fails_pending(llm_engine, monkeypatch):
+    async def main():
+        ae = await _started(llm_engine)
+        app = create_app(ae, "tiny")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/health")).status_code == 200
+
+            def broken():
+                raise RuntimeError("device lost")
+
+            monkeypatch.setattr(llm_engine, "step", broken)
+            ids = llm_engine.tokenizer.encode("the")
+            with pytest.raises((RequestFailedError, EngineDeadError)):
+                await _drain(ae.add_request(ids, SamplingParams(max_tokens=3)))
+            while ae.dead_reason is None:
+                with pytest.raises((RequestFailedError, EngineDeadError)):
+                    await _drain(ae.add_request(ids, SamplingParams(max_tokens=3)))
+            r = await c.get("/health")
+            assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
+            r = await c.post("/v1/completions", json={"prompt": "the", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        monkeypatch.undo()
+        llm_engine.scheduler.waiting.clear()
+        for seq in list(llm_engine.scheduler.running):
+            llm_engine.scheduler.finish(seq)
+
+    asyncio.run(main())
+
+
+def test_request_timeout_aborts_and_frees(llm_engine):
+    async def main():
+        ae = await _started(llm_engine)
+        ids = llm_engine.tokenizer.encode("the quick brown fox")
+        stream = ae.add_request(ids, SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True), timeout=0.3)
+        with pytest.raises(RequestTimeoutError):
+            await _drain(stream)
+        await _all_blocks_free(llm_engine)
+        ae.shutdown()
+
+    asyncio.run(main())
