@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "strata.commands.serve",
     "strata.commands.bench_serve",
     "strata.commands.sim_cache",
+    "strata.commands.quantize",
 ]
 
 

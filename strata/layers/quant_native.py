@@ -18,7 +18,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import torch  # noqa: F401  (loaded first so the library binds to torch's OpenMP runtime)
+import torch  # loaded first so the library binds to torch's OpenMP runtime
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ _SIGNATURES = {
     "gemv_fp8": [_P, _I, _I, _P, _I, _P, _P, _P],
     "gemv_nested": [_P, _I, _I, _P, _I, _I, _P, _P, _P],
     "gemv_int4": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P],
-    "dequant_int8": [_P, _I, _I, _I, _P],
-    "dequant_fp8": [_P, _I, _I, _I, _P],
+    "dequant_int8": [_P, _I, _P, _I, _I, _P],
+    "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
     "dequant_int4": [_P, _I, _I, _P, _P, _I, _I, _P],
 }
@@ -131,13 +131,13 @@ def gemv(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor
 
 def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
                     group_size: int | None, out: torch.Tensor) -> torch.Tensor:
-    """Rows [n0, n1) of the weight -> `out` bf16 [n1 - n0, K'] (int8/fp8: unscaled, fp8 divided by 256)."""
+    """Rows [n0, n1) of the weight -> `out` bf16 [n1 - n0, K'], scales applied."""
     q, s = w["qweight"], w["scales"]
     k = out.shape[1]
     if kind == "int8":
-        lib.dequant_int8(_ptr(q), k, n0, n1, _ptr(out))
+        lib.dequant_int8(_ptr(q), k, _ptr(s), n0, n1, _ptr(out))
     elif kind == "fp8":
-        lib.dequant_fp8(_ptr(q), k, n0, n1, _ptr(out))
+        lib.dequant_fp8(_ptr(q), k, _ptr(s), n0, n1, _ptr(out))
     elif kind == "int8-nested":
         lib.dequant_nested(_ptr(q), k, group_size, _ptr(s), n0, n1, _ptr(out))
     else:

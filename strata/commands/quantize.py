@@ -1,0 +1,75 @@
+"""`strata quantize`: write a quantized copy of an HF folder (formats and layout: docs/quantization.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from strata.errors import UnsupportedError, WeightsError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize the linear layers of an HF folder (int8, int4-gG[-asym], int8-nested-gG, fp8)",
+        description="Quantize every linear projection weight (q/k/v/o_proj, gate/up/down_proj, w1/w2/w3) of an "
+        "HF model folder; embeddings, lm_head, norms and routers are copied. Output is written to a temporary "
+        "folder next to OUT_DIR and renamed when complete.",
+    )
+    p.add_argument("in_dir", help="HF model folder (config.json + model.safetensors or shards with an index)")
+    p.add_argument("out_dir", help="output folder (must not exist unless --force)")
+    p.add_argument("--format", default="int8", help="int8, int4-g32|g64|g128[-asym], int8-nested-g64, fp8 "
+                   "(default int8); with --mixed, the comma-separated candidate formats")
+    p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
+    p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
+    p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "
+                   "model.layers.3.mlp.experts.5, or a module name); default: uniform routing frequency")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from strata.weights.quant_format import QuantFormat
+    from strata.weights.quant_plan import MixedPlanConfig, parse_size
+    from strata.weights.quantize_checkpoint import mixed_formats, quantize_checkpoint
+
+    progress = not args.no_progress
+    if not args.mixed:
+        if args.budget or args.importance:
+            raise UnsupportedError("--budget and --importance need --mixed")
+        fmt = QuantFormat.parse(args.format)
+        out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress)
+        print(f"wrote {out}: linear layers in {fmt}")
+        return 0
+    if not args.budget:
+        raise UnsupportedError("--mixed needs --budget, e.g. --budget 2GiB")
+    formats = tuple(str(QuantFormat.parse(f)) for f in args.format.split(","))
+    if len(formats) == 1:  # one format given: let the plan choose between it and int4-g64
+        formats = tuple(dict.fromkeys((*formats, "int8", "int4-g64")))
+    cfg = MixedPlanConfig(budget_bytes=parse_size(args.budget), formats=formats,
+                          expert_frequency=_default_frequency(Path(args.in_dir)))
+    if args.importance:
+        try:
+            cfg.importance = {str(k): float(v) for k, v in json.loads(Path(args.importance).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise WeightsError(f"{args.importance}: expected a JSON object {{unit: number}} ({e})") from None
+    modules = mixed_formats(Path(args.in_dir), cfg, progress=progress)
+    out = quantize_checkpoint(args.in_dir, args.out_dir, modules=modules, force=args.force, progress=progress,
+                              label="mixed")
+    counts = {f: list(modules.values()).count(f) for f in sorted(set(modules.values()))}
+    print(f"wrote {out}: " + ", ".join(f"{n} linears in {f}" for f, n in counts.items()))
+    return 0
+
+
+def _default_frequency(src) -> float:
+    """top_k / num_experts from config.json: the share of tokens an expert sees under uniform routing."""
+    try:
+        c = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return 1.0
+    experts = c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts")
+    top_k = c.get("num_experts_per_tok")
+    return top_k / experts if experts and top_k else 1.0

@@ -1,0 +1,221 @@
+"""QuantLinear: a linear layer whose weight is stored in one of the formats of strata/weights/quant_format.py.
+
+Buffers carry the on-disk names (`qweight`, `scales`, [`zeros`], [`bias`]) so a checkpoint loads by HF name
+with `load_state_dict(..., assign=True)`; `post_load()` then prepares the kernel layout once. Kernels, in
+order of preference (STRATA_QUANT_BACKEND=native|torch|reference forces one):
+
+    native     quant_cpu.c through quant_native.py: a GEMV for up to `gemv_max_rows` rows, otherwise
+               dequantize the weight to bf16 (in row tiles) and run torch's bf16 matmul (oneDNN; AMX where
+               the CPU has it).
+    torch      torch._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu (repacked at load time);
+               fp8 and nested int8 dequantize with torch ops.
+    reference  dequantize_weight + F.linear in float32. Slow, always correct.
+
+Activations run in bf16 (fp32 activations make torch's quantized kernels 10-60x slower): the input is cast
+to bf16 and the output back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.errors import UnsupportedError, WeightsError
+from strata.layers import quant_native
+from strata.weights.quant_format import (
+    QuantFormat,
+    check_tensors,
+    dequantize_weight,
+    quantize_weight,
+    unpack_nibbles,
+)
+
+BACKENDS = ("native", "torch", "reference")
+GEMV_MAX_ROWS = 4  # above this many rows, dequantize + bf16 matmul beats the GEMV kernel (quant_kernels.py)
+TILE_BYTES = 8 << 20  # bf16 bytes dequantized per tile of the batched path: fits the L3 slice we get
+_scratch = threading.local()  # one reusable bf16 tile buffer per thread (no page faults per call)
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.bfloat16)
+    return buf[:numel]
+
+
+def default_backend() -> str:
+    forced = os.environ.get("STRATA_QUANT_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise UnsupportedError(f"STRATA_QUANT_BACKEND: expected one of {BACKENDS}, found {forced!r}")
+        return forced
+    return "native" if quant_native.native_lib() is not None else "torch"
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ bias) with W quantized. Build empty (possibly on meta), load buffers, call post_load."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str, bias: bool = False,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt = QuantFormat.parse(fmt)
+        self.module_name = ""  # set by swap_linears, used in error messages
+        for suffix, (shape, dt) in self.fmt.tensor_specs(out_features, in_features).items():
+            self.register_buffer(suffix, torch.empty(shape, dtype=dt, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.backend: str | None = None
+        self.gemv_max_rows = GEMV_MAX_ROWS
+        self._k: dict[str, torch.Tensor] = {}  # kernel-layout tensors made by post_load
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, fmt: QuantFormat | str, backend: str | None = None) -> QuantLinear:
+        has_bias = linear.bias is not None
+        q = cls(linear.in_features, linear.out_features, fmt, bias=has_bias,
+                dtype=linear.bias.dtype if has_bias else torch.bfloat16)
+        for name, t in quantize_weight(linear.weight.detach(), q.fmt).items():
+            setattr(q, name, t)
+        if has_bias:
+            q.bias = linear.bias.detach().clone()
+        q.post_load(backend)
+        return q
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
+                f"bias={self.bias is not None}, backend={self.backend}")
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {s: getattr(self, s) for s in self.fmt.tensor_specs(1, 1)}
+
+    def post_load(self, backend: str | None = None) -> None:
+        """Check the loaded buffers and build the kernel layout for `backend` (default: best available)."""
+        name = self.module_name or "QuantLinear"
+        if any(t.is_meta for t in self._tensors().values()):
+            raise WeightsError(f"{name}: post_load called before the weights were loaded")
+        self._restore_dtypes(name)
+        tensors = self._tensors()
+        check_tensors(tensors, self.fmt, self.out_features, self.in_features, name)
+        self.backend = backend or default_backend()
+        if self.backend == "native" and quant_native.native_lib() is None:
+            self.backend = "torch"
+        kind, k = self.fmt.kind, {}
+        if self.backend == "native":
+            k = {s: t.contiguous() for s, t in tensors.items()}
+            if kind == "fp8":
+                k["qweight"] = k["qweight"].view(torch.uint8)
+            k["bias"] = None if self.bias is None else self.bias.float().contiguous()
+        elif self.backend == "torch":
+            k = self._torch_layout(tensors)
+        self._k = k
+
+    def _restore_dtypes(self, name: str) -> None:
+        """Undo a loader's cast of float tensors (scales, fp8 codes) to the model dtype when it was lossless."""
+        for suffix, (_, dtype) in self.fmt.tensor_specs(self.out_features, self.in_features).items():
+            t = getattr(self, suffix)
+            if t.dtype == dtype or not (t.is_floating_point() and dtype.is_floating_point):
+                continue
+            back = t.to(dtype)
+            if not torch.equal(back.to(t.dtype), t):
+                raise WeightsError(f"{name}.{suffix}: stored as {dtype} but loaded as {t.dtype}, which lost "
+                                   "precision; load quantized tensors without casting them")
+            setattr(self, suffix, back)
+
+    def _torch_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kind, n = self.fmt.kind, self.out_features
+        if kind == "int8":  # the int8pack kernel needs K % 16 == 0 (it crashes otherwise): pad columns
+            kp = -(-self.in_features // 16) * 16
+            return {"w": F.pad(tensors["qweight"], (0, kp - self.in_features)).contiguous(), "k": kp,
+                    "s": tensors["scales"].to(torch.bfloat16)}
+        if kind == "int4" and self.fmt.group_size <= 256:  # int4pack needs N % 16 == 0: pad rows
+            n16 = -(-n // 16) * 16
+            q = F.pad(unpack_nibbles(tensors["qweight"]).to(torch.int32), (0, 0, 0, n16 - n))
+            s = F.pad(tensors["scales"].float(), (0, 0, 0, n16 - n))
+            z = F.pad(tensors["zeros"].float(), (0, 0, 0, n16 - n)) if self.fmt.asym else torch.full_like(s, 8.0)
+            sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous()  # [Kp/G, N16, 2]
+            return {"w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), "sz": sz.to(torch.bfloat16),
+                    "k": self.fmt.padded_in(self.in_features)}
+        return {}  # fp8, nested, int4 with big groups: dequantize per call
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The float weight [out, in] (for tests, tiers, and the batched path of the torch backend)."""
+        return dequantize_weight(self._tensors(), self.fmt, self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend is None:
+            raise WeightsError(f"{self.module_name or 'QuantLinear'}: call post_load() after loading weights")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "reference":
+            y = F.linear(x2.float(), self.dequantize(torch.float32))
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype).reshape(*lead, self.out_features)
+        xb = x2.to(torch.bfloat16)
+        y = self._native(xb) if self.backend == "native" else self._torch(xb)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:
+        return (F.pad(xb, (0, k - self.in_features)) if k != self.in_features else xb).contiguous()
+
+    def _native(self, xb: torch.Tensor) -> torch.Tensor:
+        lib, fmt, k = quant_native.native_lib(), self.fmt, self._k
+        kp = fmt.padded_in(self.in_features)
+        xb = self._pad_x(xb, kp)
+        if xb.shape[0] <= self.gemv_max_rows:
+            return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
+        # batched: dequantize row tiles into a reused bf16 buffer and matmul each (oneDNN bf16 / AMX)
+        n = self.out_features
+        rows = max(16, min(n, TILE_BYTES // (2 * kp)))
+        buf = _tile_buffer(rows * kp)
+        y = torch.empty(xb.shape[0], n, dtype=torch.bfloat16)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            tile = quant_native.dequantize_rows(lib, fmt.kind, k, n0, n1, fmt.group_size,
+                                                buf[: (n1 - n0) * kp].view(n1 - n0, kp))
+            y[:, n0:n1] = F.linear(xb, tile)
+        return y if self.bias is None else y + self.bias.to(torch.bfloat16)
+
+    def _torch(self, xb: torch.Tensor) -> torch.Tensor:
+        k, fmt = self._k, self.fmt
+        if fmt.kind == "int8":
+            y = torch._weight_int8pack_mm(self._pad_x(xb, k["k"]), k["w"], k["s"])
+        elif "w" in k:  # int4pack
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad_x(xb, k["k"]), k["w"], fmt.group_size,
+                                                           k["sz"])[:, : self.out_features]
+        else:
+            y = F.linear(xb, self.dequantize(torch.bfloat16))
+        return y if self.bias is None else y + self.bias.to(torch.bfloat16)
+
+
+def swap_linears(model: nn.Module, modules: dict[str, str | QuantFormat]) -> None:
+    """Replace each named nn.Linear (may live on meta) by an empty QuantLinear of the given format.
+
+    Bias presence, dtype and device are kept. Load the quantized buffers afterwards, then call
+    `post_load()` on every QuantLinear (see `post_load_all`).
+    """
+    for name, fmt in modules.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise WeightsError(f"quantization_config.modules names {name!r}, which the model does not have") from None
+        if isinstance(old, QuantLinear):
+            continue
+        if not isinstance(old, nn.Linear):
+            raise WeightsError(f"quantization_config.modules: {name!r} is a {type(old).__name__}, expected nn.Linear")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        has_bias = old.bias is not None
+        new = QuantLinear(old.in_features, old.out_features, fmt, bias=has_bias,
+                          dtype=old.bias.dtype if has_bias else torch.bfloat16, device=old.weight.device)
+        new.module_name = name
+        setattr(parent, attr, new)
+
+
+def post_load_all(model: nn.Module, backend: str | None = None) -> None:
+    """Call post_load on every QuantLinear of `model` (after load_state_dict)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.post_load(backend)

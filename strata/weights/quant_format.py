@@ -1,0 +1,238 @@
+"""Quantized weight formats: names, on-disk tensors, and the reference quantize/dequantize.
+
+A linear layer whose float weight is `X.weight [out, in]` is stored as `X.qweight`, `X.scales` and, for
+asymmetric int4, `X.zeros` (layout table in docs/quantization.md). This file is the one place that knows the
+layout; kernels (strata/layers/quant_native.py) read the same tensors. Formats, by name:
+
+    int8              int8 [out, in], scales fp32 [out]          w = q * s
+    int4-gG[-asym]    uint8 [out, Kp/2] two nibbles per byte,    w = (q - 8) * s      (symmetric)
+                      scales fp16 [out, Kp/G], zeros uint8        w = (q - z) * s      (-asym)
+    int8-nested-gG    uint8 [out, Kp], scales fp16 [out, Kp/G]   w = (b - 136) * s; b >> 4 is an int4-gG code
+    fp8               float8_e4m3fn [out, in], scales fp32 [out] w = q * s
+
+Kp is in_features rounded up to a multiple of G: the last group is zero-padded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from strata.errors import UnsupportedError, WeightsError
+
+KINDS = ("int8", "int4", "int8-nested", "fp8")
+MIN_GROUP, MAX_GROUP = 32, 1024
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+NESTED_OFFSET = 136  # b = 16 * (q4 + 8) + (r + 8) = 16 * q4 + r + 136
+_NAME = re.compile(r"^(int8-nested|int8|int4|fp8)(?:-g(\d+))?(-asym)?$")
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One weight format. Build it with `QuantFormat.parse("int4-g64")`; str() gives the canonical name."""
+
+    kind: str  # one of KINDS
+    group_size: int | None = None  # None: one scale per output channel
+    asym: bool = False  # int4 only: per-group zero points
+
+    @classmethod
+    def parse(cls, name: str | QuantFormat) -> QuantFormat:
+        if isinstance(name, QuantFormat):
+            return name
+        text = str(name).strip().lower()
+        if text == "fp8-e4m3":
+            text = "fp8"
+        m = _NAME.match(text)
+        if not m:
+            raise UnsupportedError(
+                f"quantization format {name!r}: expected one of int8, int4-g32|g64|g128[-asym], "
+                "int8-nested-g32|g64|g128, fp8"
+            )
+        kind, group, asym = m.group(1), m.group(2), bool(m.group(3))
+        grouped = kind in ("int4", "int8-nested")
+        if grouped and group is None:
+            raise UnsupportedError(f"quantization format {name!r}: {kind} needs a group size, e.g. {kind}-g64")
+        if not grouped and group is not None:
+            raise UnsupportedError(f"quantization format {name!r}: {kind} is per channel and takes no group size")
+        if asym and kind != "int4":
+            raise UnsupportedError(f"quantization format {name!r}: only int4 has an -asym variant")
+        g = int(group) if group is not None else None
+        if g is not None and (g & (g - 1) or not MIN_GROUP <= g <= MAX_GROUP):
+            raise UnsupportedError(
+                f"quantization format {name!r}: group size must be a power of two in "
+                f"[{MIN_GROUP}, {MAX_GROUP}], got {g}"
+            )
+        return cls(kind, g, asym)
+
+    def __str__(self) -> str:
+        name = self.kind if self.group_size is None else f"{self.kind}-g{self.group_size}"
+        return name + ("-asym" if self.asym else "")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.kind == "int4" else 8
+
+    def padded_in(self, in_features: int) -> int:
+        """in_features rounded up to whole groups (the on-disk column count, in elements)."""
+        g = self.group_size
+        return in_features if g is None else -(-in_features // g) * g
+
+    def tensor_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Suffix -> (shape, dtype) of every stored tensor of one linear layer."""
+        if self.group_size is None:
+            qdtype = torch.int8 if self.kind == "int8" else torch.float8_e4m3fn
+            return {"qweight": ((out_features, in_features), qdtype), "scales": ((out_features,), torch.float32)}
+        kp = self.padded_in(in_features)
+        ng = kp // self.group_size
+        cols = kp // 2 if self.kind == "int4" else kp
+        specs = {"qweight": ((out_features, cols), torch.uint8), "scales": ((out_features, ng), torch.float16)}
+        if self.asym:
+            specs["zeros"] = ((out_features, ng), torch.uint8)
+        return specs
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes on disk and in RAM of one linear layer's quantized tensors."""
+        return sum(
+            torch.Size(shape).numel() * dtype.itemsize
+            for shape, dtype in self.tensor_specs(out_features, in_features).values()
+        )
+
+
+def _fp16_scales(s: torch.Tensor, what: str) -> torch.Tensor:
+    if s.abs().max() > torch.finfo(torch.float16).max:
+        raise UnsupportedError(f"{what}: a group scale exceeds the float16 range (weights above ~4e5)")
+    return s.to(torch.float16)
+
+
+def _grouped(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:  # [out, in] -> [out, ng, G] fp32
+    kp = fmt.padded_in(w.shape[1])
+    w = torch.nn.functional.pad(w.float(), (0, kp - w.shape[1]))
+    return w.view(w.shape[0], kp // fmt.group_size, fmt.group_size)
+
+
+def _safe(s: torch.Tensor) -> torch.Tensor:  # divisor that is 1 where a whole row/group is zero
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[out, K] values 0..15 (K even) -> uint8 [out, K/2], element 2j in the low nibble of byte j."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, K/2] -> uint8 [out, K] values 0..15; inverse of pack_nibbles."""
+    return torch.stack((p & 15, p >> 4), dim=-1).view(p.shape[0], -1)
+
+
+def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str) -> dict[str, torch.Tensor]:
+    """Float weight [out, in] -> the on-disk tensors of `fmt`, keyed by suffix (qweight, scales[, zeros])."""
+    fmt = QuantFormat.parse(fmt)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise WeightsError(f"quantize_weight: expected a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
+    if not torch.isfinite(w).all():
+        raise WeightsError(f"quantize_weight: weight {tuple(w.shape)} contains inf or nan")
+    if fmt.kind in ("int8", "fp8"):
+        w = w.float()
+        qmax = 127.0 if fmt.kind == "int8" else FP8_MAX
+        s = w.abs().amax(dim=1) / qmax  # [out]
+        q = (w / _safe(s)[:, None]).clamp(-qmax, qmax)
+        q = q.round().to(torch.int8) if fmt.kind == "int8" else q.to(torch.float8_e4m3fn)
+        return {"qweight": q.contiguous(), "scales": s.contiguous()}
+    wg = _grouped(w, fmt)  # [out, ng, G]
+    if fmt.kind == "int8-nested":
+        s = _fp16_scales(wg.abs().amax(dim=2) / (7 * 16), "int8-nested")  # int8 step; int4 step is 16x
+        sf = _safe(s.float())[..., None]
+        q4 = (wg / (16 * sf)).round().clamp(-8, 7)
+        r = (wg / sf - 16 * q4).round().clamp(-8, 7)
+        b = (16 * q4 + r + NESTED_OFFSET).to(torch.uint8).view(w.shape[0], -1)
+        return {"qweight": b.contiguous(), "scales": s.contiguous()}
+    if fmt.asym:
+        lo = wg.amin(dim=2).clamp(max=0)
+        hi = wg.amax(dim=2).clamp(min=0)
+        s = _fp16_scales((hi - lo) / 15, "int4-asym")
+        sf = _safe(s.float())
+        z = (-lo / sf).round().clamp(0, 15)
+        q = ((wg / sf[..., None]).round() + z[..., None]).clamp(0, 15)
+        return {"qweight": pack_nibbles(q.view(w.shape[0], -1)), "scales": s, "zeros": z.to(torch.uint8)}
+    # symmetric: of the scales amax/7 and (signed max)/-8, keep the one with the smaller squared error
+    amax_idx = wg.abs().argmax(dim=2, keepdim=True)
+    signed_max = wg.gather(2, amax_idx).squeeze(2)
+    best_q, best_s, best_err = None, None, None
+    for cand in (wg.abs().amax(dim=2) / 7, signed_max / -8):
+        s = _fp16_scales(cand, "int4")
+        sf = _safe(s.float())[..., None]
+        q = (wg / sf).round().clamp(-8, 7)
+        err = ((q * s.float()[..., None] - wg) ** 2).sum(dim=2)
+        if best_q is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[..., None], q, best_q)
+            best_s = torch.where(better, s, best_s)
+            best_err = torch.minimum(err, best_err)
+    return {"qweight": pack_nibbles((best_q + 8).view(w.shape[0], -1)), "scales": best_s.contiguous()}
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], fmt: QuantFormat, out_features: int, in_features: int,
+                  name: str = "weight") -> None:
+    """Raise WeightsError unless `tensors` has exactly the shapes and dtypes `fmt` stores."""
+    for suffix, (shape, dtype) in fmt.tensor_specs(out_features, in_features).items():
+        t = tensors.get(suffix)
+        if t is None:
+            raise WeightsError(f"{name}.{suffix}: missing (format {fmt} for a [{out_features}, {in_features}] linear)")
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise WeightsError(
+                f"{name}.{suffix}: expected {list(shape)} {dtype} for format {fmt} of a "
+                f"[{out_features}, {in_features}] linear, found {list(t.shape)} {t.dtype}"
+            )
+
+
+def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: QuantFormat | str, out_features: int,
+                      in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference dequantization: the stored tensors -> float weight [out, in] (slow, exact in `dtype`)."""
+    fmt = QuantFormat.parse(fmt)
+    check_tensors(tensors, fmt, out_features, in_features)
+    q, s = tensors["qweight"], tensors["scales"].to(dtype)
+    if fmt.group_size is None:
+        return q.to(dtype) * s[:, None]
+    if fmt.kind == "int4":
+        codes = unpack_nibbles(q).to(dtype)  # [out, Kp]
+        zeros = tensors["zeros"].to(dtype) if fmt.asym else torch.full_like(s, 8.0)
+    else:
+        codes = q.to(dtype)
+        zeros = torch.full_like(s, float(NESTED_OFFSET))
+    g = fmt.group_size
+    w = (codes.view(out_features, -1, g) - zeros[..., None]) * s[..., None]  # [out, ng, G]
+    return w.view(out_features, -1)[:, :in_features]
+
+
+def nested_int4_view(tensors: dict[str, torch.Tensor], fmt: QuantFormat | str) -> tuple[dict, QuantFormat]:
+    """The int4 copy inside an int8-nested-gG weight: (tensors, int4-gG format), no requantization.
+
+    The high nibble of each byte is the symmetric int4 code and the int4 scale is 16x the int8 step, so
+    a tier can keep this half-size copy and still load the int8 original from the same file later.
+    """
+    fmt = QuantFormat.parse(fmt)
+    if fmt.kind != "int8-nested":
+        raise UnsupportedError(f"nested_int4_view: format {fmt} is not int8-nested-gG")
+    q = tensors["qweight"] >> 4  # [out, Kp] int4 codes 0..15
+    scales = (tensors["scales"].float() * 16).to(torch.float16)  # x16 is exact in fp16
+    return {"qweight": pack_nibbles(q), "scales": scales}, QuantFormat("int4", fmt.group_size)
+
+
+def read_quantization_config(config: dict) -> dict[str, QuantFormat]:
+    """config.json dict -> {module name: format} for quant_method "strata" (empty if unquantized)."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return {}
+    if qc.get("quant_method") != "strata":
+        raise UnsupportedError(
+            f"config.json quantization_config.quant_method: expected 'strata', found {qc.get('quant_method')!r}"
+        )
+    modules = qc.get("modules")
+    if not isinstance(modules, dict):
+        raise WeightsError("config.json quantization_config.modules: expected a {module name: format} mapping")
+    return {name: QuantFormat.parse(f) for name, f in modules.items()}

@@ -1,0 +1,120 @@
+"""Per-module bit widths under a byte budget (`strata quantize --mixed --budget 2GiB`; EdgeMoE, D2MoE).
+
+Units are whole experts (every linear under `...experts.<e>.` shares one format, so a tier can move an
+expert as one piece) and each non-expert linear on its own. Each unit has, per candidate format, a size in
+bytes and an error; its importance says how much that error costs the model:
+
+    importance(unit) = routing frequency (share of tokens that use it; 1 for non-expert linears)
+                       x output sensitivity (how much its error moves the layer's output)
+
+The default importance is a proxy: uniform frequency top_k / num_experts and sensitivity 1, so the plan
+follows weight-quantization error alone. Measured values (frequency from routing traces, sensitivity from
+calibration text through the engine) come in through `importance`, keyed by unit name, e.g.
+{"model.layers.3.mlp.experts.5": 0.031}; see docs/quantization.md.
+
+The solver is the classic greedy for multiple-choice knapsack: start every unit at its smallest format and
+repeatedly take the upgrade with the best error reduction per extra byte until the budget is spent.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from strata.errors import UnsupportedError
+from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+
+_EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+SAMPLE_ROWS = 64  # rows per linear used to measure quantization error (a proxy; cheap on big models)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648, '1.5GB' -> 1500000000, '4096' -> 4096."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UnsupportedError(f"--budget: expected a size like 2GiB, 1.5GB or 500MiB, got {text!r}")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def unit_of(module: str) -> str:
+    """The planning unit of a module: its expert prefix, or the module itself."""
+    m = _EXPERT.match(module)
+    return m.group(1) if m else module
+
+
+@dataclass
+class MixedPlanConfig:
+    budget_bytes: int
+    formats: tuple[str, ...] = ("int8", "int4-g64", "int4-g128")  # candidates; any order
+    fixed_bytes: int = 0  # everything that is not a planned linear (embeddings, norms, lm_head, routers)
+    expert_frequency: float = 1.0  # default routing frequency of an expert (top_k / num_experts)
+    importance: dict[str, float] = field(default_factory=dict)  # measured, per unit; overrides the default
+
+
+def weight_error(w: torch.Tensor, fmt: QuantFormat) -> float:
+    """Squared quantization error of a row sample of w, scaled to the whole matrix (the sensitivity proxy)."""
+    rows = w[: min(SAMPLE_ROWS, w.shape[0])].float()
+    deq = dequantize_weight(quantize_weight(rows, fmt), fmt, rows.shape[0], rows.shape[1])
+    return float(((deq - rows) ** 2).sum()) * w.shape[0] / rows.shape[0]
+
+
+def _by_size(cfg: MixedPlanConfig) -> list[QuantFormat]:  # largest format first
+    return sorted({QuantFormat.parse(f) for f in cfg.formats}, key=lambda f: -f.nbytes(256, 4096))
+
+
+def check_budget(shapes: dict[str, tuple[int, int]], cfg: MixedPlanConfig) -> int:
+    """Bytes with every planned linear at the smallest format; raises if that exceeds the budget."""
+    smallest = _by_size(cfg)[-1]
+    need = cfg.fixed_bytes + sum(smallest.nbytes(*s) for s in shapes.values())
+    if need > cfg.budget_bytes:
+        raise UnsupportedError(
+            f"--budget {cfg.budget_bytes} bytes is too small: the model needs at least {need} bytes "
+            f"with every planned linear at {smallest}"
+        )
+    return need
+
+
+def plan_mixed(shapes: dict[str, tuple[int, int]], cfg: MixedPlanConfig,
+               errors: dict[tuple[str, str], float]) -> dict[str, str]:
+    """{module: (out, in)} and {(module, format): error} -> {module: format} within cfg.budget_bytes."""
+    fmts = _by_size(cfg)
+    units: dict[str, list[str]] = {}
+    for name in shapes:
+        units.setdefault(unit_of(name), []).append(name)
+    size = {(u, f): sum(f.nbytes(*shapes[m]) for m in ms) for u, ms in units.items() for f in fmts}
+    weight = {u: cfg.importance.get(u, cfg.expert_frequency if u.split(".")[-2:-1] == ["experts"] else 1.0)
+              for u in units}
+    cost = {(u, f): weight[u] * sum(errors[(m, str(f))] for m in ms) for u, ms in units.items() for f in fmts}
+    level = {u: len(fmts) - 1 for u in units}  # index into fmts; last = smallest
+    used = check_budget(shapes, cfg)
+
+    def best_upgrade(u: str) -> tuple[float, int, int] | None:  # (ratio, target level, extra bytes)
+        lv, best = level[u], None
+        for up in range(lv):  # any larger format, so non-convex error curves still work
+            extra = size[(u, fmts[up])] - size[(u, fmts[lv])]
+            gain = cost[(u, fmts[lv])] - cost[(u, fmts[up])]
+            if 0 < extra <= cfg.budget_bytes - used and gain > 0 and (best is None or gain / extra > best[0]):
+                best = (gain / extra, up, extra)
+        return best
+
+    heap = []
+    for u in units:
+        if (b := best_upgrade(u)) is not None:
+            heapq.heappush(heap, (-b[0], u, level[u], b[1], b[2]))
+    while heap:
+        _, u, frm, up, extra = heapq.heappop(heap)
+        if level[u] != frm:
+            continue  # stale entry
+        if used + extra <= cfg.budget_bytes:
+            level[u], used = up, used + extra
+        if (b := best_upgrade(u)) is not None:  # next step, or a smaller one that still fits
+            heapq.heappush(heap, (-b[0], u, level[u], b[1], b[2]))
+    return {m: str(fmts[level[u]]) for u, ms in units.items() for m in ms}

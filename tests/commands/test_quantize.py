@@ -1,0 +1,126 @@
+"""`strata quantize`: quantized folders load and stay close to the float model; sharded MoE; mixed; bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from strata.cli import main
+from strata.layers.attention import AttentionMetadata
+from strata.layers.quant_linear import QuantLinear
+from strata.weights.loader import load_model
+
+T = 24
+
+
+def _logits(path) -> torch.Tensor:
+    model = load_model(str(path), progress=False)
+    ids = torch.randint(3, 256, (T,), generator=torch.Generator().manual_seed(0))  # both vocabs are larger
+    with torch.no_grad():
+        return model(ids, torch.arange(T), AttentionMetadata.no_cache([T])).float()
+
+
+def _names(path) -> dict[str, list[int]]:
+    out = {}
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: list(h.get_slice(k).get_shape()) for k in h.keys()})  # noqa: SIM118
+    return out
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("fmt,max_err", [("int8", 0.03), ("fp8", 0.1), ("int8-nested-g64", 0.03),
+                                         ("int4-g64", 0.3), ("int4-g32-asym", 0.3)])
+def test_stories260k_round_trip(stories260k_hf, tmp_path, fmt, max_err):
+    dst = tmp_path / "q"
+    assert main(["quantize", "--format", fmt, "--no-progress", str(stories260k_hf), str(dst)]) == 0
+    cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "strata" and cfg["format"] == fmt
+    assert len(cfg["modules"]) == 5 * 7 and set(cfg["modules"].values()) == {fmt}
+    names = _names(dst)
+    assert "model.layers.0.mlp.down_proj.qweight" in names and "model.layers.0.mlp.down_proj.weight" not in names
+    assert "model.embed_tokens.weight" in names and "model.norm.weight" in names
+    assert {p.name for p in stories260k_hf.iterdir()} == {p.name for p in dst.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp folder renamed away
+    model = load_model(str(dst), progress=False)
+    assert isinstance(model.model.layers[4].mlp.down_proj, QuantLinear)  # FFN width 172: padded groups
+    assert _rel(_logits(dst), _logits(stories260k_hf)) < max_err
+
+
+@pytest.fixture(scope="module")
+def sharded_moe(tmp_path_factory):
+    from tests.models.conftest import build_hf, save_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("qwen2moe")
+    model = build_hf("qwen2_moe", path)
+    model.save_pretrained(path, max_shard_size="60KB")  # several shards plus an index
+    save_tiny_tokenizer(path)
+    for stale in ("model.safetensors",):
+        if (path / stale).exists() and (path / "model.safetensors.index.json").exists():
+            os.remove(path / stale)
+    return path
+
+
+def test_sharded_moe_keeps_routers_and_loads(sharded_moe, tmp_path):
+    assert len(list(sharded_moe.glob("*.safetensors"))) > 1
+    dst = tmp_path / "q"
+    assert main(["quantize", "--format", "int8", "--no-progress", str(sharded_moe), str(dst)]) == 0
+    names = _names(dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(names)
+    assert "model.layers.0.mlp.experts.3.gate_proj.qweight" in names
+    assert "model.layers.0.mlp.shared_expert.down_proj.qweight" in names
+    assert "model.layers.0.mlp.gate.weight" in names  # router stays float
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in names
+    assert "model.layers.0.self_attn.q_proj.bias" in names  # qwen2 biases copied
+    assert "lm_head.weight" in names
+    assert _rel(_logits(dst), _logits(sharded_moe)) < 0.03
+
+
+def test_mixed_budget_gives_experts_their_own_width(sharded_moe, tmp_path):
+    src_bytes = sum(f.stat().st_size for f in sharded_moe.glob("*.safetensors"))
+    budget = int(src_bytes * 0.40)  # between all-int4 and all-int8 of this fp32 model
+    imp = tmp_path / "imp.json"
+    imp.write_text(json.dumps({"model.layers.0.mlp.experts.1": 100.0}))
+    dst = tmp_path / "q"
+    assert main(["quantize", "--mixed", "--budget", str(budget), "--importance", str(imp), "--no-progress",
+                 str(sharded_moe), str(dst)]) == 0
+    mods = json.loads((dst / "config.json").read_text())["quantization_config"]["modules"]
+    assert set(mods.values()) == {"int8", "int4-g64"}
+    assert mods["model.layers.0.mlp.experts.1.up_proj"] == "int8"  # the important expert got the bits
+    experts = {m.rsplit(".", 1)[0] for m in mods if ".experts." in m}
+    for e in experts:  # one width per expert
+        assert len({mods[f"{e}.{p}"] for p in ("gate_proj", "up_proj", "down_proj")}) == 1
+    assert sum(f.stat().st_size for f in dst.glob("*.safetensors")) <= budget + 64 * 1024  # headers
+    assert _rel(_logits(dst), _logits(sharded_moe)) < 0.3
+
+
+def _fails(capsys, argv, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_bad_input(stories260k_hf, tmp_path, capsys):
+    src, dst = str(stories260k_hf), str(tmp_path / "q")
+    _fails(capsys, ["quantize", "--format", "int5", src, dst], "expected one of")
+    _fails(capsys, ["quantize", "--format", "int4-g48", src, dst], "power of two")
+    _fails(capsys, ["quantize", "--format", "int8", str(tmp_path / "nope"), dst], "config.json missing")
+    _fails(capsys, ["quantize", "--budget", "1GiB", src, dst], "need --mixed")
+    _fails(capsys, ["quantize", "--mixed", "--budget", "1KiB", "--no-progress", src, dst], "too small")
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    for f in stories260k_hf.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    _fails(capsys, ["quantize", "--format", "int8", "--no-progress", str(bad), dst], "not a valid safetensors")
+    assert not (tmp_path / "q").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "q").mkdir()
+    _fails(capsys, ["quantize", "--format", "int8", "--no-progress", src, dst], "already exists")
+    assert main(["quantize", "--format", "int8", "--no-progress", "--force", src, dst]) == 0
+    _fails(capsys, ["quantize", "--format", "int8", "--no-progress", dst, str(tmp_path / "q2")], "already quantized")

@@ -1,0 +1,132 @@
+"""QuantLinear against a float64 reference: every format, every backend, odd shapes, GEMV and batched paths."""
+
+import pytest
+import torch
+from torch import nn
+
+from strata.errors import WeightsError
+from strata.layers import quant_native
+from strata.layers.quant_linear import QuantLinear, post_load_all, swap_linears
+from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+
+FORMATS = ["int8", "fp8", "int4-g32", "int4-g64", "int4-g128-asym", "int8-nested-g64", "int4-g256"]
+SHAPES = [(37, 172), (5, 33), (48, 256), (3, 1)]  # (out, in): odd sizes, padding, a single column
+BACKENDS = ["native", "torch", "reference"]
+HAS_NATIVE = quant_native.native_lib() is not None
+
+
+def _backend(name):
+    if name == "native" and not HAS_NATIVE:
+        pytest.skip("native kernels unavailable on this CPU/compiler")
+    return name
+
+
+def _check(q: QuantLinear, x: torch.Tensor, bias: torch.Tensor | None):
+    w = dequantize_weight(q._tensors(), q.fmt, q.out_features, q.in_features, dtype=torch.float64)
+    ref = x.double() @ w.T + (0 if bias is None else bias.double())
+    y = q(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    # bf16 activations, bf16 output: ~2^-8 relative to the output scale
+    tol = 1e-2 * ref.abs().max().clamp(min=1e-3)
+    assert (y.double() - ref).abs().max() <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference(backend, fmt, shape):
+    out, inp = shape
+    torch.manual_seed(out * 1000 + inp)
+    lin = nn.Linear(inp, out, bias=out % 2 == 1)
+    q = QuantLinear.from_float(lin, fmt, backend=_backend(backend))
+    for rows in (1, 3, 70):  # GEMV, small batch, batched (dequantize + bf16 matmul)
+        for dtype in (torch.bfloat16, torch.float32):
+            _check(q, torch.randn(2, rows, inp, dtype=dtype), lin.bias)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int4-g32-asym", "fp8", "int8-nested-g32"])
+def test_native_paths_agree_on_a_threaded_shape(fmt):
+    """A shape big enough for the kernels to split rows across threads; GEMV and batched agree."""
+    _backend("native")
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(1000, 520, bias=False), fmt, backend="native")
+    x = torch.randn(6, 1000, dtype=torch.bfloat16)
+    _check(q, x, None)
+    q.gemv_max_rows = 0
+    batched = q(x)
+    q.gemv_max_rows = 64
+    gemv = q(x)
+    torch.testing.assert_close(batched.float(), gemv.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_meta_build_then_load_by_name():
+    torch.manual_seed(0)
+    fmt = QuantFormat.parse("int4-g64-asym")
+    w, b = torch.randn(24, 100), torch.randn(24)
+    state = {**quantize_weight(w, fmt), "bias": b.to(torch.bfloat16)}
+    with torch.device("meta"):
+        q = QuantLinear(100, 24, fmt, bias=True)
+    assert set(q.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+    q.load_state_dict(state, assign=True)
+    q.post_load()
+    _check(q, torch.randn(4, 100, dtype=torch.bfloat16), b.to(torch.bfloat16))
+
+
+def test_post_load_restores_losslessly_cast_scales_and_rejects_lossy():
+    t = quantize_weight(torch.randn(8, 64), "int4-g64")
+    q = QuantLinear(64, 8, "int4-g64")
+    q.load_state_dict({**t, "scales": t["scales"].float()}, assign=True)  # a loader cast fp16 -> fp32
+    q.post_load()
+    assert q.scales.dtype == torch.float16
+    q.load_state_dict({**t, "scales": t["scales"].float() * (1 + 1e-6)}, assign=True)
+    with pytest.raises(WeightsError, match="lost precision"):
+        q.post_load()
+
+
+def test_errors_name_the_module():
+    q = QuantLinear(64, 8, "int8")
+    q.module_name = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(WeightsError, match="q_proj: call post_load"):
+        q(torch.randn(1, 64))
+    q.qweight, q.scales = torch.zeros(8, 63, dtype=torch.int8), torch.ones(8)  # e.g. a truncated export
+    with pytest.raises(WeightsError, match=r"q_proj\.qweight: expected \[8, 64\]"):
+        q.post_load()
+    with torch.device("meta"):
+        m = QuantLinear(64, 8, "int8")
+    with pytest.raises(WeightsError, match="before the weights were loaded"):
+        m.post_load()
+
+
+class _Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+        self.down_proj = nn.Linear(32, 16, bias=False)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16, bias=True)
+        self.norm = nn.LayerNorm(16)
+        self.experts = nn.ModuleList([_Expert() for _ in range(3)])
+
+
+def test_swap_linears_on_meta_keeps_bias_and_names():
+    with torch.device("meta"):
+        model = _Tiny()
+    mods = {"q_proj": "int8", "experts.1.gate_proj": "int4-g32", "experts.2.down_proj": "fp8"}
+    swap_linears(model, mods)
+    assert isinstance(model.experts[1].gate_proj, QuantLinear) and model.experts[1].gate_proj.fmt.kind == "int4"
+    assert isinstance(model.experts[0].gate_proj, nn.Linear)  # not listed: stays float
+    assert model.q_proj.bias is not None and model.q_proj.bias.is_meta
+    assert model.experts[1].gate_proj.module_name == "experts.1.gate_proj"
+    keys = set(model.state_dict())
+    assert {"q_proj.qweight", "q_proj.scales", "q_proj.bias", "experts.1.gate_proj.qweight"} <= keys
+    assert "experts.1.gate_proj.weight" not in keys
+    with pytest.raises(WeightsError, match="does not have"):
+        swap_linears(model, {"experts.7.up_proj": "int8"})
+    with pytest.raises(WeightsError, match="is a LayerNorm"):
+        swap_linears(model, {"norm": "int8"})
+    with pytest.raises(WeightsError, match="before the weights"):
+        post_load_all(model)
