@@ -4,19 +4,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strata.layers.fusion import fuse
 
-class MLP(nn.Module):
+
+class _GatedMLP(nn.Module):
+    """Shared forward of the SwiGLU variants; subclasses name the projections."""
+
+    gate_up_weight: torch.Tensor | None = None  # [2I, H] fused gate+up, set by fuse_projections()
+
+    def _projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def fuse_projections(self) -> bool:
+        gate, up, _ = self._projections()
+        fused = fuse([gate, up])
+        if fused is not None:
+            self.gate_up_weight = fused[0]
+        return fused is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self._projections()
+        if self.gate_up_weight is not None and gate.bias is None:
+            g, u = F.linear(x, self.gate_up_weight).split(gate.out_features, dim=-1)  # [N, I] each
+            return down(F.silu(g) * u)
+        return down(F.silu(gate(x)) * up(x))
+
+
+class MLP(_GatedMLP):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def _projections(self):
+        return self.gate_proj, self.up_proj, self.down_proj
 
 
-class MixtralExpert(nn.Module):
+class MixtralExpert(_GatedMLP):
     """Mixtral's expert with its checkpoint names: w1 = gate, w3 = up, w2 = down."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
@@ -25,5 +50,5 @@ class MixtralExpert(nn.Module):
         self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def _projections(self):
+        return self.w1, self.w3, self.w2

@@ -7,10 +7,12 @@ models/ sets those switches on a subclass of `CausalLM`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
+from strata.layers.fusion import fuse
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.norm import RMSNorm
@@ -37,12 +39,24 @@ class Attention(nn.Module):
         elif qk_norm == "full":  # OLMoE: norm over the whole projection
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None  # [Hq*D + 2*Hkv*D, H] after fuse_projections()
+        self.qkv_bias: torch.Tensor | None = None
         self.clip_qkv = cfg.raw.get("clip_qkv")
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
 
+    def fuse_projections(self) -> bool:
+        fused = fuse([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_weight, self.qkv_bias = fused
+        return fused is not None
+
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from strata.config import ModelConfig
 from strata.errors import WeightsError
+from strata.layers.fusion import fuse_model
 from strata.models.base import CausalLM
 from strata.models.registry import model_class
 
@@ -69,6 +70,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     skip: Callable[[str], bool] | None = None,
     progress: bool = True,
+    fuse: bool = True,
 ) -> CausalLM:
     """Load an HF folder. `skip(name)` leaves a tensor on the meta device (e.g. experts served from disk)."""
     if not os.path.isdir(path):
@@ -122,4 +124,6 @@ def load_model(
             m.post_load()
     model.post_load()
     model.eval().requires_grad_(False)
+    if fuse:
+        fuse_model(model)
     return model
