@@ -73,6 +73,7 @@ class LLMEngine:
         self.sampler = Sampler(eos)
         self._requests: dict[str, list[Sequence]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
         self._ids = itertools.count()
         self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
 
@@ -109,13 +110,21 @@ class LLMEngine:
             )
         seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
         self._requests[request_id] = seqs
+        # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
+        # the prefix cache (shared, ref-counted) instead of computing them again.
+        bm = self.block_manager
+        share = params.n > 1 and bm.enable_prefix_caching and len(ids) > bm.block_size
         for seq in seqs:
             self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                              params.skip_special_tokens)
-            self.scheduler.add(seq)
+            if seq.index == 0 or not share:
+                self.scheduler.add(seq)
+        if share:
+            self._forks[request_id] = seqs[1:]
         return request_id
 
     def abort_request(self, request_id: str) -> None:
+        self._forks.pop(request_id, None)
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.abort(seq)
@@ -142,6 +151,8 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats["prompt_tokens"] += seq.num_prompt_tokens
+                for sibling in self._forks.pop(seq.request_id, ()):
+                    self.scheduler.add(sibling)
             seq.token_ids.append(tok)
             self.stats["generation_tokens"] += 1
             self._check_finished(seq, tok)

@@ -109,3 +109,18 @@ def test_request_timeout_aborts_and_frees(llm_engine):
         ae.shutdown()
 
     asyncio.run(main())
+
+
+def test_n_siblings_share_the_prompt_blocks(llm_engine):
+    bm = llm_engine.block_manager
+    ids = llm_engine.tokenizer.encode("the quick brown fox jumps over the lazy dog. " * 4)
+    full_blocks = (len(ids) - 1) // bm.block_size
+    hits0 = bm.num_prefix_hits
+    llm_engine.add_request(ids + [7], SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True))
+    outs = []
+    while llm_engine.has_unfinished_requests():
+        outs.extend(o for o in llm_engine.step() if o.finished)
+    texts = [o.token_ids for o in outs[0].outputs]
+    assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
+    assert bm.num_prefix_hits - hits0 >= 2 * full_blocks * bm.block_size  # both siblings reused the prompt
+    assert bm.num_free_blocks == bm.num_blocks
