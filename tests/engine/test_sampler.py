@@ -1,0 +1,53 @@
+"""Sampler rules on hand-made logits: each filter keeps exactly the tokens it should."""
+
+import torch
+
+from strata.engine.sampler import Sampler, process_logits, sample_token
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.sequence import Sequence
+
+LOGITS = torch.log(torch.tensor([0.05, 0.40, 0.30, 0.15, 0.10]))
+
+
+def _seq(**kw) -> Sequence:
+    return Sequence("r", [0, 3], SamplingParams(seed=0, **kw))
+
+
+def _support(**kw) -> set[int]:
+    seq = _seq(**kw)
+    return {sample_token(process_logits(LOGITS, seq, [4]), seq) for _ in range(300)}
+
+
+def test_filters_keep_the_right_tokens():
+    assert _support(temperature=1.0) == {0, 1, 2, 3, 4}
+    assert _support(temperature=1.0, top_k=2) == {1, 2}
+    assert _support(temperature=1.0, top_p=0.65) == {1, 2}  # 0.40 + 0.30 reaches 0.65
+    assert _support(temperature=1.0, top_p=0.3) == {1}
+    assert _support(temperature=1.0, min_p=0.5) == {1, 2}  # p >= 0.5 * 0.40
+    assert _support(temperature=0.0) == {1}
+
+
+def test_penalties_and_bias():
+    seq = _seq(temperature=0.0, repetition_penalty=10.0)  # prompt has tokens 0 and 3
+    out = process_logits(LOGITS, seq, [4])
+    assert out[3] < LOGITS[3] and out[0] < LOGITS[0] and out[1] == LOGITS[1]
+    seq = _seq(temperature=0.0, logit_bias={4: 100.0})
+    assert sample_token(process_logits(LOGITS, seq, [4]), seq) == 4
+    seq = _seq(temperature=0.0, frequency_penalty=2.0)
+    seq.token_ids += [1, 1]
+    assert sample_token(process_logits(LOGITS, seq, [4]), seq) == 2
+
+
+def test_min_tokens_bans_eos():
+    seq = _seq(temperature=0.0, min_tokens=2, logit_bias={4: 100.0})
+    assert sample_token(process_logits(LOGITS, seq, [4]), seq) != 4
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    logits = torch.randn(3, 50)
+    a = [_seq(temperature=1.0) for _ in range(3)]
+    b = [_seq(temperature=1.0) for _ in range(3)]
+    sampler = Sampler([])
+    first = [sampler(logits, a) for _ in range(5)]
+    second = [sampler(logits[1:2], [b[1]]) for _ in range(5)]
+    assert [f[1] for f in first] == [s[0] for s in second]
