@@ -124,3 +124,32 @@ def test_n_siblings_share_the_prompt_blocks(llm_engine):
     assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
     assert bm.num_prefix_hits - hits0 >= 2 * full_blocks * bm.block_size  # both siblings reused the prompt
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_health_503_while_loading(llm_engine):
+    import threading
+
+    release = threading.Event()
+
+    def slow_factory():
+        release.wait(30)
+        return llm_engine
+
+    async def main():
+        ae = AsyncEngine(slow_factory)
+        ae.start(asyncio.get_running_loop())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(ae, "tiny")),
+                                     base_url="http://t") as c:
+            r = await c.get("/health")
+            assert r.status_code == 503 and r.json()["error"]["message"] == "Loading model"
+            r = await c.post("/v1/completions", json={"prompt": "the", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+            release.set()
+            while not ae.is_ready:
+                await asyncio.sleep(0.01)
+            assert (await c.get("/health")).status_code == 200
+            r = await c.post("/v1/completions", json={"prompt": "the", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        ae.shutdown()
+
+    asyncio.run(main())
