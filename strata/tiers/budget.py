@@ -1,0 +1,124 @@
+"""Memory budget planning: everything the process holds is planned against --memory-budget.
+
+fixed = runtime (the interpreter, torch, tokenizer: measured RSS before loading weights)
+      + resident weights (everything but routed experts) + KV cache + activations + I/O buffers;
+the expert cache gets what is left, as whole slots of `slot_bytes` (the largest expert, 4 KiB padded).
+When even `min_slots` slots do not fit, `plan_memory` refuses with the smallest budget that would work.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from strata.errors import StrataError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+class BudgetError(StrataError):
+    """The memory budget cannot hold what must stay resident, or a size does not parse."""
+
+
+def parse_size(text: str | int) -> int:
+    """'3GiB', '3G' (binary), '512MB' (decimal), '1.5 GiB', '1048576' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m[2].lower() not in _UNITS:
+        raise BudgetError(f"memory size {text!r} does not parse: expected a number with an optional unit "
+                          "(B, KiB, MiB, GiB, TiB, KB, MB, GB, TB; K/M/G/T mean KiB/MiB/GiB/TiB)")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def format_size(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    runtime_bytes: int
+    resident_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    io_buffer_bytes: int
+    slot_bytes: int
+    num_slots: int
+    max_slots: int  # slots that would hold every expert
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.runtime_bytes + self.resident_bytes + self.kv_bytes + self.activation_bytes + self.io_buffer_bytes
+
+    @property
+    def expert_cache_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def all_experts_fit(self) -> bool:
+        return self.num_slots >= self.max_slots
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fixed_bytes": self.fixed_bytes, "expert_cache_bytes": self.expert_cache_bytes}
+
+    def describe(self) -> str:
+        parts = [f"budget {format_size(self.budget_bytes)}", f"runtime {format_size(self.runtime_bytes)}",
+                 f"resident weights {format_size(self.resident_bytes)}", f"KV cache {format_size(self.kv_bytes)}",
+                 f"activations {format_size(self.activation_bytes)}",
+                 f"expert cache {self.num_slots}/{self.max_slots} slots x {format_size(self.slot_bytes)}"]
+        return ", ".join(parts)
+
+
+def plan_memory(budget: int | str, *, resident_bytes: int, slot_bytes: int, max_slots: int, min_slots: int = 1,
+                kv_bytes: int = 0, activation_bytes: int = 0, io_buffer_bytes: int = 0,
+                runtime_bytes: int | None = None) -> MemoryPlan:
+    budget_bytes = parse_size(budget)
+    runtime = current_rss() if runtime_bytes is None else runtime_bytes
+    plan = MemoryPlan(budget_bytes, runtime, resident_bytes, kv_bytes, activation_bytes, io_buffer_bytes,
+                      slot_bytes, 0, max_slots)
+    spare = budget_bytes - plan.fixed_bytes
+    plan.num_slots = max(0, min(max_slots, spare // slot_bytes if slot_bytes else max_slots))
+    need_slots = min(min_slots, max_slots)
+    if plan.num_slots < need_slots:
+        minimum = plan.fixed_bytes + need_slots * slot_bytes
+        raise BudgetError(
+            f"--memory-budget {format_size(budget_bytes)} is too small: runtime {format_size(runtime)} + resident "
+            f"weights {format_size(resident_bytes)} + KV cache {format_size(kv_bytes)} + activations "
+            f"{format_size(activation_bytes + io_buffer_bytes)} + {need_slots} expert slots x "
+            f"{format_size(slot_bytes)} need {format_size(minimum)}; the minimum that would work is "
+            f"--memory-budget {_round_up_mib(minimum)}")
+    return plan
+
+
+def _round_up_mib(n: int) -> str:
+    mib = -(-n // (1 << 20))
+    return f"{mib / 1024:.2f}GiB" if mib >= 1024 else f"{mib}MiB"
+
+
+def min_slots_for(layout: str, num_layers: int, top_k: int) -> int:
+    """Slots the cache cannot run below: a global pool holds one layer's experts plus a prefetched
+    layer's; a per-layer pool needs one slot per layer."""
+    return 2 * top_k if layout == "global" else num_layers
+
+
+def estimate_kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_tokens: int,
+                      dtype_bytes: int = 2, batch: int = 1) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * max_tokens * batch * dtype_bytes
+
+
+def estimate_activation_bytes(hidden_size: int, intermediate_size: int, vocab_size: int, num_tokens: int,
+                              dtype_bytes: int = 4) -> int:
+    """Peak live activations of one forward over num_tokens: a few hidden-sized buffers, one MLP
+    intermediate (gate and up) and the logits."""
+    return num_tokens * (8 * hidden_size + 3 * intermediate_size + vocab_size) * dtype_bytes

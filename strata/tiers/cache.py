@@ -1,0 +1,232 @@
+"""ExpertCache: a preallocated pool of expert slots filled from the ExpertStore, with background reads.
+
+Storage is one page-aligned uint8 buffer of num_slots x slot_bytes, allocated once (no allocation per
+token); the slot table, eviction policy and counters are pools.ExpertPools. All table decisions are
+made under one lock by the calling thread; I/O threads only fill slots. A slot that is being read,
+or whose tensors a caller is using, is "busy" and never evicted, so a prefetch can waste bandwidth
+but never change what a running expert reads. A demand access to an expert whose prefetch is still
+in flight waits for that read instead of reading again.
+
+The tier is device-agnostic in its bookkeeping; the buffer is host memory today (a GPU tier would
+add a device pool fed from this one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+
+import torch
+
+from strata.errors import StrataError
+from strata.tiers.pools import ExpertPools, TierStats
+from strata.tiers.store import ExpertStore, alloc_aligned
+
+Key = tuple[int, int]
+DEMAND, PREFETCH = 0, 1
+
+
+class IOQueue:
+    """Worker threads serving reads in priority order (demand before prefetch), FIFO within a priority."""
+
+    def __init__(self, workers: int = 1):
+        self._q: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._threads = [threading.Thread(target=self._run, daemon=True, name=f"strata-io-{i}")
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, priority: int, fn, *args) -> Future:
+        fut: Future = Future()
+        self._q.put((priority, next(self._seq), fn, args, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn, args, fut = self._q.get()
+            if fn is None:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except Exception as e:  # noqa: BLE001 - delivered to whoever waits on the read
+                fut.set_exception(e)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._q.put((99, next(self._seq), None, (), None))
+        for t in self._threads:
+            t.join()
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, num_slots: int, policy: str = "nextuse", layout: str = "global",
+                 io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (), **policy_kw):
+        self.store = store
+        self.slot_bytes = store.slot_bytes
+        self.num_slots = num_slots
+        self._mm, self.storage = alloc_aligned(num_slots * self.slot_bytes, populate)  # [slots * slot_bytes]
+        self._buf = memoryview(self._mm)
+        self.pools = ExpertPools(store.num_layers, num_slots, policy, layout, nbytes=store.nbytes, **policy_kw)
+        self._lock = threading.RLock()  # reentrant: a read may finish before its callback is added
+        self._loading: dict[Key, Future] = {}
+        self._requested: set[Key] = set()
+        self._views: dict[int, tuple[Key, dict[str, torch.Tensor]]] = {}
+        self._io = IOQueue(io_workers)
+        with self._lock:
+            pinned = self.pools.pin(pins)
+        for key, slot in pinned:  # pinned experts are read once, now
+            self.store.read_into(key, self._slot_buf(slot))
+
+    @property
+    def stats(self) -> TierStats:
+        return self.pools.stats
+
+    def _slot_buf(self, slot: int) -> memoryview:
+        return self._buf[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
+
+    # ---- reads --------------------------------------------------------------------------------------
+    def _start_read(self, key: Key, slot: int, priority: int) -> None:
+        """Caller holds the lock. The key stays busy until its read finishes."""
+        self.pools.mark_busy(key, +1)
+        self._views.pop(slot, None)
+        fut = self._io.submit(priority, self.store.read_into, key, self._slot_buf(slot))
+        self._loading[key] = fut
+        fut.add_done_callback(lambda f, key=key: self._read_done(key, f))
+
+    def _read_done(self, key: Key, fut: Future) -> None:
+        with self._lock:
+            self.pools.mark_busy(key, -1)
+            if self._loading.get(key) is fut:
+                del self._loading[key]
+            if fut.exception() is not None:
+                self.pools.discard(key)  # a failed read must not look resident
+
+    def _wait(self, fut: Future) -> None:
+        if fut.done():
+            fut.result()
+            return
+        t0 = time.perf_counter()
+        try:
+            fut.result()
+        finally:
+            self.stats.io_stall_s += time.perf_counter() - t0
+
+    # ---- the interface the expert provider uses ---------------------------------------------------
+    def route(self, layer: int, experts: Iterable[int], weights: Iterable[float]) -> None:
+        """Router output for one token at `layer` (feeds score-based policies)."""
+        with self._lock:
+            self.pools.route(layer, list(experts), list(weights))
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> int:
+        """Starts background reads of predicted experts. Returns how many reads were started."""
+        started = 0
+        with self._lock:
+            self.pools.begin_prefetch_round()
+            for e in experts:
+                key = (layer, int(e))
+                if key in self._loading:
+                    continue
+                taken = self.pools.prefetch(key)
+                if taken is not None:
+                    self._start_read(key, taken[0], PREFETCH)
+                    started += 1
+        return started
+
+    def _admit(self, key: Key) -> int | None:
+        """Demand access under the lock: returns the slot (read started if it was a miss) or None.
+        The key is left busy (held) for the caller."""
+        hit, slot, _ = self.pools.access(key)
+        if slot is None:
+            return None
+        if not hit:
+            self._start_read(key, slot, DEMAND)
+        self.pools.mark_busy(key, +1)
+        return slot
+
+    def request(self, layer: int, experts: Iterable[int]) -> None:
+        """The demand accesses of one step: reads of missing experts start now (demand priority), so
+        later experts load while earlier ones compute. Requested experts stay protected from eviction
+        until hold() or release()."""
+        with self._lock:
+            for e in dict.fromkeys(int(e) for e in experts):
+                key = (layer, e)
+                if key not in self._requested and self._admit(key) is not None:
+                    self._requested.add(key)
+
+    def release(self, layer: int, experts: Iterable[int]) -> None:
+        """Drops the protection of requested experts that were never held."""
+        with self._lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self._requested:
+                    self._requested.discard(key)
+                    self.pools.mark_busy(key, -1)
+
+    @contextmanager
+    def hold(self, layer: int, expert: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The expert's tensors (views of its slot), resident and unevictable inside the block."""
+        key = (layer, int(expert))
+        with self._lock:
+            if key in self._requested:  # its access was counted by request(); the hold takes over
+                self._requested.discard(key)
+                slot = self.pools.slot(key)
+            else:
+                slot = self._admit(key)
+        if slot is None:
+            slot = self._admit_waiting(key)
+        try:
+            fut = self._loading.get(key)
+            if fut is not None:
+                self._wait(fut)
+            yield self._views_of(key, slot)
+        finally:
+            with self._lock:
+                self.pools.mark_busy(key, -1)
+
+    def _admit_waiting(self, key: Key) -> int:
+        """Every slot of the key's pool is busy: wait for in-flight reads, then drop the protection of
+        requested-but-unheld experts, before giving up."""
+        while True:
+            with self._lock:
+                slot = self._admit(key)
+                pending = next(iter(self._loading.values()), None)
+                if slot is None and pending is None and self._requested:
+                    for k in list(self._requested):
+                        self._requested.discard(k)
+                        self.pools.mark_busy(k, -1)
+                    continue
+            if slot is not None:
+                return slot
+            if pending is None:
+                raise StrataError(f"expert cache pool for layer {key[0]} has no free slot for expert {key[1]}: "
+                                  f"all of its slots are pinned or in use (cache has {self.num_slots} slots)")
+            try:
+                self._wait(pending)
+            except StrataError:
+                pass  # that read's own waiter reports it
+
+    def _views_of(self, key: Key, slot: int) -> dict[str, torch.Tensor]:
+        cached = self._views.get(slot)
+        if cached is None or cached[0] != key:
+            base = self.storage[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # [slot_bytes]
+            cached = (key, self.store.views(key, base))
+            self._views[slot] = cached
+        return cached[1]
+
+    def close(self) -> None:
+        self._io.close()
+        self._views.clear()
+        self._buf.release()
+        self.storage = None
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view; the mapping goes when that view does
+            pass

@@ -1,0 +1,190 @@
+"""Conversion of an HF safetensors checkpoint into the expert-major store (format: see store.py).
+
+Expert tensors are found by name: `...layers.L.(block_sparse_moe|mlp).experts.E.<rest>` (Mixtral w1/w3/w2,
+Qwen-MoE/OLMoE gate/up/down_proj, and any quantized companions such as .qweight/.scales), or stacked
+`...layers.L.(...).experts.<name>` tensors with a leading expert dimension. Bytes are copied verbatim
+(storage dtype or quantization kept); the source checkpoint is only read. The store is built under a
+temporary name, fsynced, marked COMPLETE and renamed into place, so an interrupted conversion never
+leaves a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from strata.tiers.store import ALIGN, FORMAT, TENSOR_ALIGN, VERSION, StoreError, align
+
+log = logging.getLogger("strata.tiers")
+
+_PER_EXPERT = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(.+)$")
+_STACKED = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.([A-Za-z_][^.]*(?:\.[^.]+)*)$")
+
+
+@dataclass
+class _SrcTensor:
+    file: Path
+    start: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: str
+    shape: list[int]
+
+
+def read_safetensors_header(path: Path) -> dict[str, _SrcTensor]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise StoreError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            meta = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StoreError(f"{path}: invalid safetensors header") from None
+    out = {}
+    for name, d in meta.items():
+        if name == "__metadata__":
+            continue
+        b, e = d["data_offsets"]
+        out[name] = _SrcTensor(path, 8 + n + b, e - b, d["dtype"], list(d["shape"]))
+    return out
+
+
+def _expert_tensors(src: Path) -> dict[tuple[int, int], list[tuple[str, _SrcTensor]]]:
+    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    if not files:
+        raise StoreError(f"{src}: no *.safetensors files (expected an HF checkpoint folder)")
+    experts: dict[tuple[int, int], list[tuple[str, _SrcTensor]]] = {}
+    for f in files:
+        for name, t in read_safetensors_header(f).items():
+            m = _PER_EXPERT.match(name)
+            if m:
+                experts.setdefault((int(m[1]), int(m[2])), []).append((m[3], t))
+                continue
+            m = _STACKED.match(name)
+            if m and t.shape:
+                per = t.nbytes // t.shape[0]
+                for e in range(t.shape[0]):
+                    experts.setdefault((int(m[1]), e), []).append(
+                        (m[2], _SrcTensor(t.file, t.start + e * per, per, t.dtype, t.shape[1:])))
+    if not experts:
+        raise StoreError(f"{src}: no expert tensors found (expected names like "
+                         "'model.layers.0.mlp.experts.0.gate_proj.weight')")
+    return experts
+
+
+def split_checkpoint_bytes(src: str | os.PathLike) -> tuple[int, int]:
+    """(bytes of everything but routed experts, bytes of routed experts) in checkpoint `src`."""
+    src = Path(src)
+    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    non_expert = expert = 0
+    for f in files:
+        for name, t in read_safetensors_header(f).items():
+            if _PER_EXPERT.match(name) or _STACKED.match(name):
+                expert += t.nbytes
+            else:
+                non_expert += t.nbytes
+    return non_expert, expert
+
+
+def _source_facts(src: Path) -> dict:
+    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    return {f.name: {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files}
+
+
+def _write_expert(dst: BinaryIO, key: tuple[int, int], tensors_in: list[tuple[str, _SrcTensor]], offset: int,
+                  handles: dict[Path, BinaryIO], stack: contextlib.ExitStack) -> dict:
+    """Appends one expert (tensors sorted by name, 64-byte aligned, padded to 4 KiB); returns its entry."""
+    tensors, crc, pos = [], 0, 0
+    for name, t in sorted(tensors_in, key=lambda x: x[0]):
+        pad = align(pos, TENSOR_ALIGN) - pos
+        if pad:
+            crc = zlib.crc32(bytes(pad), crc)
+            dst.write(bytes(pad))
+            pos += pad
+        if t.file not in handles:
+            handles[t.file] = stack.enter_context(open(t.file, "rb"))  # noqa: SIM115 - closed by the stack
+        fh = handles[t.file]
+        fh.seek(t.start)
+        data = fh.read(t.nbytes)
+        if len(data) != t.nbytes:
+            raise StoreError(f"{t.file}: truncated; tensor {name} of expert {key} needs "
+                             f"{t.nbytes} bytes at {t.start}, got {len(data)}")
+        crc = zlib.crc32(data, crc)
+        dst.write(data)
+        tensors.append({"name": name, "dtype": t.dtype, "shape": t.shape, "offset": pos, "nbytes": t.nbytes})
+        pos += t.nbytes
+    padded = align(max(pos, 1))
+    dst.write(bytes(padded - pos))
+    return {"layer": key[0], "expert": key[1], "offset": offset, "length": pos, "padded": padded,
+            "crc32": crc, "tensors": tensors}
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
+    """Writes the expert-major store for checkpoint `src` at `out` (a directory). Returns `out`."""
+    src, out = Path(src), Path(out)
+    if (out / "COMPLETE").exists() and not overwrite:
+        raise StoreError(f"{out}: an expert store already exists (pass overwrite=True to rebuild)")
+    experts = _expert_tensors(src)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    entries, cursor = [], 0
+    keys = sorted(experts)
+    it = keys
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(keys, desc="expert store", unit="expert", leave=False)
+    try:
+        with contextlib.ExitStack() as stack, open(tmp / "experts.bin", "wb") as dst:
+            handles: dict[Path, BinaryIO] = {}
+            for key in it:
+                entry = _write_expert(dst, key, experts[key], cursor, handles, stack)
+                entries.append(entry)
+                cursor += entry["padded"]
+            dst.flush()
+            os.fsync(dst.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives an interruption
+        raise
+    index = {"format": FORMAT, "version": VERSION, "alignment": ALIGN, "data_file": "experts.bin",
+             "data_bytes": cursor, "source": {"path": str(src.resolve()), "files": _source_facts(src)},
+             "num_layers": 1 + max(k[0] for k in keys), "num_experts": 1 + max(k[1] for k in keys),
+             "slot_bytes": max(e["padded"] for e in entries), "experts": entries}
+    (tmp / "index.json").write_text(json.dumps(index))
+    (tmp / "COMPLETE").write_text(f"{zlib.crc32((tmp / 'index.json').read_bytes())}\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def default_store_dir(src: str | os.PathLike) -> Path:
+    """Stores live outside the checkpoint (which may be read-only): $STRATA_CACHE_DIR or ~/.cache/strata."""
+    src = Path(src).resolve()
+    root = Path(os.environ.get("STRATA_CACHE_DIR") or Path.home() / ".cache" / "strata")
+    tag = zlib.crc32(str(src).encode()) & 0xFFFFFFFF
+    return root / "experts" / f"{src.name}-{tag:08x}"
+
+
+def ensure_store(src: str | os.PathLike, out: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Converts on first use; reconverts when the checkpoint's files changed since the store was built."""
+    out = Path(out) if out is not None else default_store_dir(src)
+    if (out / "COMPLETE").exists():
+        try:
+            facts = json.loads((out / "index.json").read_text())["source"]["files"]
+        except (OSError, ValueError, KeyError):
+            facts = None
+        if facts == _source_facts(Path(src)):
+            return out
+        log.warning("expert store %s is stale (checkpoint %s changed); rebuilding", out, src)
+    return convert(src, out, overwrite=True, progress=progress)

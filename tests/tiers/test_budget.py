@@ -1,0 +1,43 @@
+"""Memory budget: size parsing, planning, and the refusal message with the minimum that would work."""
+
+from __future__ import annotations
+
+import pytest
+
+from strata.tiers.budget import BudgetError, min_slots_for, parse_size, plan_memory
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize("text,value", [("3GiB", 3 * GiB), ("3G", 3 * GiB), ("512MB", 512 * 10**6),
+                                        ("1.5 GiB", int(1.5 * GiB)), ("4096", 4096), ("2mib", 2 * MiB)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+def test_parse_size_error():
+    with pytest.raises(BudgetError, match=r"memory size '3 apples' does not parse"):
+        parse_size("3 apples")
+
+
+def test_plan_gives_the_rest_to_expert_slots():
+    plan = plan_memory("3GiB", runtime_bytes=300 * MiB, resident_bytes=1 * GiB, kv_bytes=256 * MiB,
+                       activation_bytes=64 * MiB, slot_bytes=100 * MiB, max_slots=1000, min_slots=4)
+    assert plan.num_slots == (3 * GiB - 1644 * MiB) // (100 * MiB) == 14
+    assert plan.fixed_bytes + plan.expert_cache_bytes <= 3 * GiB
+    assert not plan.all_experts_fit
+    small = plan_memory("100GiB", runtime_bytes=0, resident_bytes=0, slot_bytes=MiB, max_slots=10)
+    assert small.num_slots == 10 and small.all_experts_fit
+
+
+def test_refusal_names_the_minimum_and_the_minimum_works():
+    kw = {"runtime_bytes": 300 * MiB, "resident_bytes": GiB, "kv_bytes": 256 * MiB, "activation_bytes": 64 * MiB,
+          "slot_bytes": 336 * MiB, "max_slots": 256, "min_slots": min_slots_for("global", 32, 2)}
+    with pytest.raises(BudgetError) as e:
+        plan_memory("2GiB", **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "--memory-budget 2.00 GiB is too small" in msg and "4 expert slots x 336.00 MiB" in msg
+    minimum = msg.rsplit("--memory-budget ", 1)[1]
+    assert minimum == "2.92GiB"  # 300 + 1024 + 256 + 64 + 4 * 336 MiB = 2988 MiB
+    assert plan_memory(minimum, **kw).num_slots == 4
