@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
     p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "
                    "model.layers.3.mlp.experts.5, or a module name); default: uniform routing frequency")
+    p.add_argument("--calibration", help="with --mixed: safetensors of <module>.input_sq_mean [in] and "
+                   "<expert>.routing_frequency [] measured on calibration text (docs/quantization.md)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -33,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from strata.weights.quant_format import QuantFormat
-    from strata.weights.quant_plan import MixedPlanConfig, parse_size
+    from strata.weights.quant_plan import MixedPlanConfig, load_calibration, parse_size
     from strata.weights.quantize_checkpoint import mixed_formats, quantize_checkpoint
 
     progress = not args.no_progress
     if not args.mixed:
-        if args.budget or args.importance:
-            raise UnsupportedError("--budget and --importance need --mixed")
+        if args.budget or args.importance or args.calibration:
+            raise UnsupportedError("--budget, --importance and --calibration need --mixed")
         fmt = QuantFormat.parse(args.format)
         out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress)
         print(f"wrote {out}: linear layers in {fmt}")
@@ -51,9 +53,11 @@ def run(args: argparse.Namespace) -> int:
         formats = tuple(dict.fromkeys((*formats, "int8", "int4-g64")))
     cfg = MixedPlanConfig(budget_bytes=parse_size(args.budget), formats=formats,
                           expert_frequency=_default_frequency(Path(args.in_dir)))
+    if args.calibration:
+        cfg.input_sq, cfg.importance = load_calibration(args.calibration)
     if args.importance:
         try:
-            cfg.importance = {str(k): float(v) for k, v in json.loads(Path(args.importance).read_text()).items()}
+            cfg.importance.update({str(k): float(v) for k, v in json.loads(Path(args.importance).read_text()).items()})
         except (OSError, ValueError, AttributeError) as e:
             raise WeightsError(f"{args.importance}: expected a JSON object {{unit: number}} ({e})") from None
     modules = mixed_formats(Path(args.in_dir), cfg, progress=progress)

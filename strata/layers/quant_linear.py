@@ -36,7 +36,7 @@ from strata.weights.quant_format import (
 
 BACKENDS = ("native", "torch", "reference")
 GEMV_MAX_ROWS = 4  # above this many rows, dequantize + bf16 matmul beats the GEMV kernel (quant_kernels.py)
-TILE_BYTES = 8 << 20  # bf16 bytes dequantized per tile of the batched path: fits the L3 slice we get
+TILE_BYTES = 4 << 20  # bf16 bytes dequantized per tile of the batched path: stays in cache for the matmul
 _scratch = threading.local()  # one reusable bf16 tile buffer per thread (no page faults per call)
 
 

@@ -1,16 +1,17 @@
 """Per-module bit widths under a byte budget (`strata quantize --mixed --budget 2GiB`; EdgeMoE, D2MoE).
 
 Units are whole experts (every linear under `...experts.<e>.` shares one format, so a tier can move an
-expert as one piece) and each non-expert linear on its own. Each unit has, per candidate format, a size in
-bytes and an error; its importance says how much that error costs the model:
+expert as one piece) and each non-expert linear on its own. For each unit and candidate format we know the
+bytes and an expected output error, and minimise the total
 
-    importance(unit) = routing frequency (share of tokens that use it; 1 for non-expert linears)
-                       x output sensitivity (how much its error moves the layer's output)
+    sum over units of  routing frequency (share of tokens that use the unit; 1 for non-expert linears)
+                     x output error (E ||(W - Q(W)) x||^2 over the unit's calibration inputs x)
 
-The default importance is a proxy: uniform frequency top_k / num_experts and sensitivity 1, so the plan
-follows weight-quantization error alone. Measured values (frequency from routing traces, sensitivity from
-calibration text through the engine) come in through `importance`, keyed by unit name, e.g.
-{"model.layers.3.mlp.experts.5": 0.031}; see docs/quantization.md.
+The output error uses the diagonal of the input second moment: sum_ij (W - Q(W))_ij^2 * E[x_j^2]. Without
+calibration statistics E[x_j^2] = 1 (plain weight error) and the frequency is uniform (top_k / num_experts).
+The engine measures both on calibration text and hands them over in a calibration file (load_calibration):
+`<module>.input_sq_mean` [in_features] and `<unit>.routing_frequency` [] tensors; see docs/quantization.md.
+An explicit {unit: weight} mapping (`importance`) overrides the frequency of the units it names.
 
 The solver is the classic greedy for multiple-choice knapsack: start every unit at its smallest format and
 repeatedly take the upgrade with the best error reduction per extra byte until the budget is spent.
@@ -21,10 +22,11 @@ from __future__ import annotations
 import heapq
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from strata.errors import UnsupportedError
+from strata.errors import UnsupportedError, WeightsError
 from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
 
 _EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
@@ -56,14 +58,40 @@ class MixedPlanConfig:
     formats: tuple[str, ...] = ("int8", "int4-g64", "int4-g128")  # candidates; any order
     fixed_bytes: int = 0  # everything that is not a planned linear (embeddings, norms, lm_head, routers)
     expert_frequency: float = 1.0  # default routing frequency of an expert (top_k / num_experts)
-    importance: dict[str, float] = field(default_factory=dict)  # measured, per unit; overrides the default
+    importance: dict[str, float] = field(default_factory=dict)  # per unit: routing frequency or a weight
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # per module: E[x_j^2], calibration
 
 
-def weight_error(w: torch.Tensor, fmt: QuantFormat) -> float:
-    """Squared quantization error of a row sample of w, scaled to the whole matrix (the sensitivity proxy)."""
+def weight_error(w: torch.Tensor, fmt: QuantFormat, input_sq: torch.Tensor | None = None) -> float:
+    """Expected squared output error of quantizing w (measured on a row sample, scaled to all rows).
+
+    input_sq [in_features]: mean of x_j^2 over calibration inputs; None means 1 (plain weight error).
+    """
     rows = w[: min(SAMPLE_ROWS, w.shape[0])].float()
     deq = dequantize_weight(quantize_weight(rows, fmt), fmt, rows.shape[0], rows.shape[1])
-    return float(((deq - rows) ** 2).sum()) * w.shape[0] / rows.shape[0]
+    err = (deq - rows) ** 2  # [rows, in]
+    if input_sq is not None:
+        err = err * input_sq.float()[None, :]
+    return float(err.sum()) * w.shape[0] / rows.shape[0]
+
+
+def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Calibration file -> ({module: input_sq_mean [in]}, {unit: routing_frequency})."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise WeightsError(f"{path}: not a valid calibration safetensors file ({str(e).splitlines()[0]})") from None
+    input_sq, freq = {}, {}
+    for name, t in tensors.items():
+        if name.endswith(".input_sq_mean"):
+            input_sq[name[: -len(".input_sq_mean")]] = t
+        elif name.endswith(".routing_frequency"):
+            freq[name[: -len(".routing_frequency")]] = float(t)
+        else:
+            raise WeightsError(f"{path}: tensor '{name}' is neither <module>.input_sq_mean nor <unit>.routing_frequency")
+    return input_sq, freq
 
 
 def _by_size(cfg: MixedPlanConfig) -> list[QuantFormat]:  # largest format first

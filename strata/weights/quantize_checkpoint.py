@@ -101,7 +101,8 @@ def mixed_formats(src: Path, cfg: MixedPlanConfig, progress: bool = True) -> dic
                 if module in shapes:
                     w = _get(h, src / shard, name)
                     for f in cfg.formats:
-                        errors[(module, str(QuantFormat.parse(f)))] = weight_error(w, QuantFormat.parse(f))
+                        f = QuantFormat.parse(f)
+                        errors[(module, str(f))] = weight_error(w, f, cfg.input_sq.get(module))
                     bar.update(1)
     bar.close()
     return plan_mixed(shapes, cfg, errors)

@@ -174,3 +174,24 @@ def test_mixed_plan_prefers_important_experts_and_fits_budget():
     assert unit_of("m.layers.0.mlp.experts.2.w1") == "m.layers.0.mlp.experts.2"
     with pytest.raises(UnsupportedError, match="too small"):
         plan_mixed(shapes, MixedPlanConfig(budget_bytes=base - 1, formats=("int8", "int4-g64")), errors)
+
+
+def test_output_error_weights_columns_by_input_energy(tmp_path):
+    from safetensors.torch import save_file
+
+    from strata.weights.quant_plan import load_calibration, weight_error
+
+    w = _w(8, 64)
+    fmt = QuantFormat.parse("int4-g32")
+    plain = weight_error(w, fmt)
+    assert weight_error(w, fmt, torch.ones(64)) == pytest.approx(plain)
+    assert weight_error(w, fmt, torch.zeros(64)) == 0.0
+    assert weight_error(w, fmt, torch.full((64,), 4.0)) == pytest.approx(4 * plain)
+    path = tmp_path / "calib.safetensors"
+    save_file({"m.experts.1.w1.input_sq_mean": torch.ones(64), "m.experts.1.routing_frequency": torch.tensor(0.25)},
+              str(path))
+    input_sq, freq = load_calibration(path)
+    assert set(input_sq) == {"m.experts.1.w1"} and freq == {"m.experts.1": 0.25}
+    save_file({"m.experts.1.w1.other": torch.ones(2)}, str(path))
+    with pytest.raises(WeightsError, match="neither"):
+        load_calibration(path)
