@@ -196,11 +196,20 @@ class AsyncEngine:
             log.exception("model failed to load")
             self._die(f"model failed to load: {e}")
             return
+        try:
+            self._loop_forever()
+        except Exception as e:  # a bug outside step(): say so on /health instead of hanging
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {type(e).__name__}: {e}")
+            return
+        self._die("server shutting down")
+
+    def _loop_forever(self) -> None:
         failures = 0
         while not self._stop.is_set():
             self._drain_commands(block=not self.engine.has_unfinished_requests())
             if self._stop.is_set():
-                break
+                return
             if not self.engine.has_unfinished_requests():
                 continue
             t0 = time.monotonic()
@@ -214,11 +223,10 @@ class AsyncEngine:
                 for rid in victims:
                     self._fail(rid, RequestFailedError(f"generation failed: {type(e).__name__}: {e}"))
                 if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                    self._die(f"{failures} consecutive step failures, last: {type(e).__name__}: {e}")
-                    return
+                    raise RuntimeError(f"{failures} consecutive step failures, last: {type(e).__name__}: {e}") \
+                        from e
                 continue
             self._after_step(outputs, t0)
-        self._die("server shutting down")
 
     def _drain_commands(self, block: bool) -> None:
         try:
