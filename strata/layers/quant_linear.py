@@ -17,6 +17,7 @@ to bf16 and the output back to the input dtype.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -37,7 +38,15 @@ from strata.weights.quant_format import (
 BACKENDS = ("native", "torch", "reference")
 GEMV_MAX_ROWS = 4  # above this many rows, dequantize + bf16 matmul beats the GEMV kernel (quant_kernels.py)
 TILE_BYTES = 4 << 20  # bf16 bytes dequantized per tile of the batched path: stays in cache for the matmul
-_scratch = threading.local()  # one reusable bf16 tile buffer per thread (no page faults per call)
+# float dtypes that hold every value of the key exactly: a cast into them can be undone
+_WIDER = {
+    torch.float8_e4m3fn: {torch.float16, torch.bfloat16, torch.float32, torch.float64},
+    torch.float16: {torch.float32, torch.float64},
+    torch.float32: {torch.float64},
+}
+_scratch = threading.local()
+_warned_narrowing: list[str] = []
+log = logging.getLogger(__name__)  # one reusable bf16 tile buffer per thread (no page faults per call)
 
 
 def _tile_buffer(numel: int) -> torch.Tensor:
@@ -113,16 +122,16 @@ class QuantLinear(nn.Module):
         self._k = k
 
     def _restore_dtypes(self, name: str) -> None:
-        """Undo a loader's cast of float tensors (scales, fp8 codes) to the model dtype when it was lossless."""
+        """Undo a loader's cast of float tensors (scales, fp8 codes) to the model dtype (warn if it rounded)."""
         for suffix, (_, dtype) in self.fmt.tensor_specs(self.out_features, self.in_features).items():
             t = getattr(self, suffix)
             if t.dtype == dtype or not (t.is_floating_point() and dtype.is_floating_point):
                 continue
-            back = t.to(dtype)
-            if not torch.equal(back.to(t.dtype), t):
-                raise WeightsError(f"{name}.{suffix}: stored as {dtype} but loaded as {t.dtype}, which lost "
-                                   "precision; load quantized tensors without casting them")
-            setattr(self, suffix, back)
+            if t.dtype not in _WIDER[dtype] and not _warned_narrowing:
+                _warned_narrowing.append(name)  # once per process: every layer of a model has the same cause
+                log.warning("%s.%s: stored as %s but loaded as %s, which rounded it; load quantized tensors "
+                            "(qweight, scales, zeros) without casting to the model dtype", name, suffix, dtype, t.dtype)
+            setattr(self, suffix, t.to(dtype))
 
     def _torch_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kind, n = self.fmt.kind, self.out_features

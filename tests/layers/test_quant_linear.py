@@ -1,11 +1,13 @@
 """QuantLinear against a float64 reference: every format, every backend, odd shapes, GEMV and batched paths."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
 from strata.errors import WeightsError
-from strata.layers import quant_native
+from strata.layers import quant_linear, quant_native
 from strata.layers.quant_linear import QuantLinear, post_load_all, swap_linears
 from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
 
@@ -73,15 +75,22 @@ def test_meta_build_then_load_by_name():
     _check(q, torch.randn(4, 100, dtype=torch.bfloat16), b.to(torch.bfloat16))
 
 
-def test_post_load_restores_losslessly_cast_scales_and_rejects_lossy():
+def test_post_load_undoes_widening_casts_and_warns_on_narrowing(caplog):
     t = quantize_weight(torch.randn(8, 64), "int4-g64")
     q = QuantLinear(64, 8, "int4-g64")
     q.load_state_dict({**t, "scales": t["scales"].float()}, assign=True)  # a loader cast fp16 -> fp32
     q.post_load()
-    assert q.scales.dtype == torch.float16
-    q.load_state_dict({**t, "scales": t["scales"].float() * (1 + 1e-6)}, assign=True)
-    with pytest.raises(WeightsError, match="lost precision"):
+    assert q.scales.dtype == torch.float16 and torch.equal(q.scales, t["scales"])
+    q.load_state_dict({**t, "scales": t["scales"].to(torch.bfloat16)}, assign=True)  # fp16 -> bf16 rounds
+    with caplog.at_level(logging.WARNING):
         q.post_load()
+    assert q.scales.dtype == torch.float16
+    assert "without casting" in caplog.text or quant_linear._warned_narrowing  # warned once per process
+    t8 = quantize_weight(torch.randn(8, 64), "fp8")
+    q8 = QuantLinear(64, 8, "fp8")
+    q8.load_state_dict({**t8, "qweight": t8["qweight"].to(torch.bfloat16)}, assign=True)  # e4m3 fits bf16
+    q8.post_load()
+    assert torch.equal(q8.qweight.view(torch.uint8), t8["qweight"].view(torch.uint8))
 
 
 def test_errors_name_the_module():
