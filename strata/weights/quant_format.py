@@ -127,6 +127,9 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 15, p >> 4), dim=-1).view(p.shape[0], -1)
 
 
+CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MiB fp32: in L2)
+
+
 def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str) -> dict[str, torch.Tensor]:
     """Float weight [out, in] -> the on-disk tensors of `fmt`, keyed by suffix (qweight, scales[, zeros])."""
     fmt = QuantFormat.parse(fmt)
@@ -134,6 +137,12 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str) -> dict[str, torch.
         raise WeightsError(f"quantize_weight: expected a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
     if not torch.isfinite(w).all():
         raise WeightsError(f"quantize_weight: weight {tuple(w.shape)} contains inf or nan")
+    rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
+    parts = [_quantize_rows(w[i : i + rows], fmt) for i in range(0, w.shape[0], rows)]
+    return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+
+
+def _quantize_rows(w: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
     if fmt.kind in ("int8", "fp8"):
         w = w.float()
         qmax = 127.0 if fmt.kind == "int8" else FP8_MAX
