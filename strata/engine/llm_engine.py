@@ -21,8 +21,8 @@ from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.errors import InvalidRequestError
+from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
-from strata.weights.loader import load_model
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
 
@@ -55,7 +55,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         path = config.model or BUNDLED_MODEL
         self.model_path = path
-        self.model = load_model(path, dtype=config.dtype, progress=progress)
+        self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
+        self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
         # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
         self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None

@@ -58,6 +58,7 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sampled.append(i)
         meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
+        self.model.current_batch = batch  # lets routing record/replay hooks label rows (strata/tiers/runtime.py)
         logits = self.model(
             torch.tensor(ids, dtype=torch.long),
             torch.cat(positions),

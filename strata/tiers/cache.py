@@ -120,10 +120,15 @@ class ExpertCache:
             self.stats.io_stall_s += time.perf_counter() - t0
 
     # ---- the interface the expert provider uses ---------------------------------------------------
-    def route(self, layer: int, experts: Iterable[int], weights: Iterable[float]) -> None:
-        """Router output for one token at `layer` (feeds score-based policies)."""
+    def route(self, layer: int, experts: list[list[int]], weights: list[list[float]]) -> None:
+        """Router output at `layer`, one row per token (feeds score-based policies)."""
         with self._lock:
-            self.pools.route(layer, list(experts), list(weights))
+            for ex, ws in zip(experts, weights):
+                self.pools.route(layer, ex, ws)
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        """Resident or being read."""
+        return self.pools.slot((layer, expert)) is not None
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Starts background reads of predicted experts. Returns how many reads were started."""

@@ -162,17 +162,18 @@ def make_predictor(name: str, num_layers: int, num_experts: int) -> Predictor:
     return table[name](num_layers, num_experts)
 
 
-def lookahead_experts(router_weight: torch.Tensor, hidden: torch.Tensor, k: int) -> list[int]:
+def lookahead_experts(router_weight: torch.Tensor, hidden: torch.Tensor, top_k: int,
+                      limit: int | None = None) -> list[int]:
     """Speculative gating (mixtral-offloading): layer l+1's router applied to layer l's hidden state.
 
-    router_weight [E, H], hidden [T, H]. Returns up to k experts ranked by summed top-k probability
-    over the T tokens (for one decode token: exactly its predicted top-k).
+    router_weight [E, H], hidden [T, H]. Returns the union of the tokens' predicted top-k experts,
+    ranked by summed probability, at most `limit` (default top_k; for one decode token: its top-k).
     """
     logits = hidden.to(router_weight.dtype) @ router_weight.t()  # [T, E]
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)  # [T, k]
+    top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # [T, k]
     score = torch.zeros(probs.shape[-1]).index_add_(0, top_i.reshape(-1), top_p.reshape(-1))  # [E]
-    order = torch.argsort(score, descending=True, stable=True)[:k]
+    order = torch.argsort(score, descending=True, stable=True)[: limit or top_k]
     return [int(e) for e in order if score[e] > 0]
 
 

@@ -81,18 +81,58 @@ def _expert_tensors(src: Path) -> dict[tuple[int, int], list[tuple[str, _SrcTens
     return experts
 
 
-def split_checkpoint_bytes(src: str | os.PathLike) -> tuple[int, int]:
-    """(bytes of everything but routed experts, bytes of routed experts) in checkpoint `src`."""
+_FLOAT_CODES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for a routed expert's tensor (what the store holds and the loader must skip)."""
+    return bool(_PER_EXPERT.match(name) or _STACKED.match(name))
+
+
+@dataclass
+class CheckpointFacts:
+    """Sizes read from the safetensors headers alone (no tensor data), for planning before converting."""
+
+    non_expert_bytes: int
+    non_expert_float_bytes: int  # of those, float tensors: the loader converts them to the compute dtype
+    non_expert_float_elems: int
+    expert_bytes: int
+    num_experts: int  # (layer, expert) pairs
+    slot_bytes: int  # the largest expert as laid out in the store
+
+    def resident_bytes(self, dtype_bytes: int | None = None) -> int:
+        """Bytes of everything but routed experts once loaded with floats of `dtype_bytes` (None: as stored)."""
+        if dtype_bytes is None:
+            return self.non_expert_bytes
+        return self.non_expert_bytes - self.non_expert_float_bytes + self.non_expert_float_elems * dtype_bytes
+
+
+def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
     src = Path(src)
     files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
-    non_expert = expert = 0
+    non_expert = float_elems = float_bytes = 0
     for f in files:
         for name, t in read_safetensors_header(f).items():
-            if _PER_EXPERT.match(name) or _STACKED.match(name):
-                expert += t.nbytes
-            else:
-                non_expert += t.nbytes
-    return non_expert, expert
+            if is_expert_tensor(name):
+                continue
+            non_expert += t.nbytes
+            if t.dtype in _FLOAT_CODES:
+                float_elems += t.nbytes // _FLOAT_CODES[t.dtype]
+                float_bytes += t.nbytes
+    experts = _expert_tensors(src)
+    padded = [_layout(tensors)[2] for tensors in experts.values()]
+    return CheckpointFacts(non_expert, float_bytes, float_elems,
+                           sum(t.nbytes for ts in experts.values() for _, t in ts), len(experts), max(padded))
+
+
+def _layout(tensors: list[tuple[str, _SrcTensor]]) -> tuple[list[tuple[str, _SrcTensor, int]], int, int]:
+    """An expert's tensors in store order with their offsets (64-byte aligned), its length and padded size."""
+    out, pos = [], 0
+    for name, t in sorted(tensors, key=lambda x: x[0]):
+        pos = align(pos, TENSOR_ALIGN)
+        out.append((name, t, pos))
+        pos += t.nbytes
+    return out, pos, align(max(pos, 1))
 
 
 def _source_facts(src: Path) -> dict:
@@ -102,14 +142,13 @@ def _source_facts(src: Path) -> dict:
 
 def _write_expert(dst: BinaryIO, key: tuple[int, int], tensors_in: list[tuple[str, _SrcTensor]], offset: int,
                   handles: dict[Path, BinaryIO], stack: contextlib.ExitStack) -> dict:
-    """Appends one expert (tensors sorted by name, 64-byte aligned, padded to 4 KiB); returns its entry."""
+    """Appends one expert laid out by _layout (padding bytes are zeros); returns its index entry."""
+    placed, length, padded = _layout(tensors_in)
     tensors, crc, pos = [], 0, 0
-    for name, t in sorted(tensors_in, key=lambda x: x[0]):
-        pad = align(pos, TENSOR_ALIGN) - pos
-        if pad:
-            crc = zlib.crc32(bytes(pad), crc)
-            dst.write(bytes(pad))
-            pos += pad
+    for name, t, at in placed:
+        if at > pos:
+            crc = zlib.crc32(bytes(at - pos), crc)
+            dst.write(bytes(at - pos))
         if t.file not in handles:
             handles[t.file] = stack.enter_context(open(t.file, "rb"))  # noqa: SIM115 - closed by the stack
         fh = handles[t.file]
@@ -120,11 +159,10 @@ def _write_expert(dst: BinaryIO, key: tuple[int, int], tensors_in: list[tuple[st
                              f"{t.nbytes} bytes at {t.start}, got {len(data)}")
         crc = zlib.crc32(data, crc)
         dst.write(data)
-        tensors.append({"name": name, "dtype": t.dtype, "shape": t.shape, "offset": pos, "nbytes": t.nbytes})
-        pos += t.nbytes
-    padded = align(max(pos, 1))
-    dst.write(bytes(padded - pos))
-    return {"layer": key[0], "expert": key[1], "offset": offset, "length": pos, "padded": padded,
+        tensors.append({"name": name, "dtype": t.dtype, "shape": t.shape, "offset": at, "nbytes": t.nbytes})
+        pos = at + t.nbytes
+    dst.write(bytes(padded - length))
+    return {"layer": key[0], "expert": key[1], "offset": offset, "length": length, "padded": padded,
             "crc32": crc, "tensors": tensors}
 
 

@@ -226,10 +226,15 @@ class RoutingReplay:
     Requests are matched by order of first appearance and tokens by their order inside the request, so a
     benchmark on random weights sees the trace's expert locality. Past a request's end it wraps around;
     a (token, layer) the trace lacks falls back to the nearest earlier token that has that layer.
+    For a model of another shape, layer l replays trace layer l mod L_trace, and each trace expert e
+    becomes the block of experts e*g .. e*g+p-1 (g = E_model // E_trace, p = ceil(k_model / k_trace)),
+    sharing e's weight: the same reuse pattern at the model's granularity.
     """
 
-    def __init__(self, trace: RoutingTrace):
+    def __init__(self, trace: RoutingTrace, num_experts: int | None = None, top_k: int | None = None):
         self.trace = trace
+        self.num_experts = num_experts or trace.num_experts
+        self.top_k = top_k or trace.top_k
         self._by_req: list[list[dict[int, tuple[list[int], list[float]]]]] = []
         index: dict[str, dict[int, dict[int, tuple[list[int], list[float]]]]] = {}
         for r in trace.records:
@@ -240,8 +245,25 @@ class RoutingReplay:
     def lookup(self, request_index: int, token_index: int, layer: int) -> tuple[list[int], list[float]]:
         tokens = self._by_req[request_index % len(self._by_req)]
         t = token_index % len(tokens)
+        trace_layer = layer % self.trace.num_layers
         for back in range(len(tokens)):
-            hit = tokens[(t - back) % len(tokens)].get(layer)
+            hit = tokens[(t - back) % len(tokens)].get(trace_layer)
             if hit is not None:
-                return hit
-        raise TraceError(f"{self.trace.source}: no routing for layer {layer} in request {request_index}")
+                return self._map(*hit)
+        raise TraceError(f"{self.trace.source}: no routing for layer {trace_layer} in request {request_index}")
+
+    def _map(self, experts: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
+        E, k = self.num_experts, self.top_k
+        if E == self.trace.num_experts and k == len(experts):
+            return experts, weights
+        group = max(E // self.trace.num_experts, 1)
+        per = -(-k // max(len(experts), 1))
+        out: dict[int, float] = {}
+        for e, w in zip(experts, weights):
+            for j in range(per):
+                out[(e * group + j) % E] = out.get((e * group + j) % E, 0.0) + w / per
+        ids = list(out)[:k]
+        ids += [e for e in range(E) if e not in out][: k - len(ids)]  # too few distinct: pad, weight 0
+        ws = [out.get(e, 0.0) for e in ids]
+        total = sum(ws) or 1.0
+        return ids, [w / total for w in ws]

@@ -30,7 +30,7 @@ def run(cache, ref, steps, prefetch=True, seed=0):
     for t in range(steps):
         for layer in range(3):
             ids = rnd.sample(range(4), 2)
-            cache.route(layer, ids, [0.6, 0.4])
+            cache.route(layer, [ids], [[0.6, 0.4]])
             cache.request(layer, ids)
             for e in ids:
                 with cache.hold(layer, e) as w:

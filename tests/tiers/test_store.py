@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from strata.tiers import store_convert
 from strata.tiers.store import ExpertStore, StoreError, alloc_aligned
-from strata.tiers.store_convert import convert, ensure_store, split_checkpoint_bytes
+from strata.tiers.store_convert import checkpoint_facts, convert, ensure_store
 
 
 def make_checkpoint(path, names: str = "mixtral", layers: int = 2, experts: int = 3, dtype=torch.bfloat16):
@@ -164,5 +164,7 @@ def test_ensure_store_reuses_then_rebuilds_when_stale(tmp_path, monkeypatch):
     assert (out / "index.json").stat().st_mtime_ns == stamp
     make_checkpoint(tmp_path / "ckpt", layers=3)
     ExpertStore(ensure_store(tmp_path / "ckpt", progress=False)).entry((2, 0))
-    non_expert, expert = split_checkpoint_bytes(tmp_path / "ckpt")
-    assert expert == 3 * 3 * 3 * 8 * 12 * 2 and non_expert == (16 * 8 + 3 * 8 * 8) * 2
+    facts = checkpoint_facts(tmp_path / "ckpt")
+    assert facts.expert_bytes == 3 * 3 * 3 * 8 * 12 * 2 and facts.non_expert_bytes == (16 * 8 + 3 * 8 * 8) * 2
+    assert facts.resident_bytes(4) == 2 * facts.non_expert_bytes and facts.num_experts == 9
+    assert facts.slot_bytes == ExpertStore(out).slot_bytes

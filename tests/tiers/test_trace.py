@@ -87,3 +87,14 @@ def test_real_mixtral_traces():
     raw = read_trace(files[1])
     assert max(len(s.tokens) for s in raw.steps) == 135  # the prefill
     assert raw.num_tokens == 135 + 83
+
+
+def test_replay_maps_onto_a_finer_model(tmp_path):
+    p = tmp_path / "t.jsonl"
+    with RoutingRecorder(p) as rec:
+        rec.record("x", 0, 0, [3, 1], [0.75, 0.25])
+        rec.record("x", 0, 1, [0, 2], [0.5, 0.5])
+    r = RoutingReplay(read_trace(p), num_experts=16, top_k=8)  # trace: 4 experts, top-2, 2 layers
+    ids, ws = r.lookup(0, 0, 2)  # model layer 2 replays trace layer 0
+    assert ids == [12, 13, 14, 15, 4, 5, 6, 7]
+    assert ws == [0.1875] * 4 + [0.0625] * 4

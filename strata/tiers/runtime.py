@@ -1,0 +1,183 @@
+"""Engine side of the tiers: load a model under --memory-budget, route recording/replay, statistics.
+
+`load_model_tiered(path, config)` is what LLMEngine calls instead of load_model. Without a budget (or
+when every expert fits in it) the model loads as usual. Otherwise, in this order: plan the budget
+from the checkpoint headers (refusing before any conversion when even the minimum does not fit),
+build or reuse the expert-major store, load everything but the experts (which stay on the meta
+device), allocate the slot pool once, and point every SparseMoeBlock at a TieredExpertProvider.
+--record-routing and --replay-routing hook the blocks with or without a budget.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+
+import torch
+
+from strata.config import EngineConfig, ModelConfig
+from strata.errors import WeightsError
+from strata.tiers.budget import (
+    MemoryPlan,
+    current_rss,
+    estimate_activation_bytes,
+    estimate_kv_bytes,
+    format_size,
+    min_slots_for,
+    plan_memory,
+)
+from strata.tiers.trace import RoutingRecorder, RoutingReplay, read_trace
+
+log = logging.getLogger("strata.tiers")
+# RSS the first forward adds beyond its tensors (kernel set-up, allocator pools, tokenizer buffers):
+# measured at about 12 MiB on a small Mixtral (tests/tiers/test_rss.py), rounded up.
+FIRST_FORWARD_GROWTH = 16 << 20
+
+
+class TierRuntime:
+    """What the tiers attached to one engine: the cache (or None), the plan, recording and replay."""
+
+    def __init__(self, model, config: EngineConfig, plan: MemoryPlan | None = None, cache=None, store=None):
+        self.model, self.config, self.plan, self.cache, self.store = model, config, plan, cache, store
+        self.blocks = model.moe_blocks()
+        self.recorder = RoutingRecorder(config.record_routing) if config.record_routing else None
+        self.replay = None
+        if config.replay_routing:
+            b = self.blocks[0]
+            self.replay = RoutingReplay(read_trace(config.replay_routing), b.num_experts, b.top_k)
+        self._request_index: dict[str, int] = {}
+        self._rows: list[tuple[str, int, int]] = []  # (request label, request index, position) per row
+        if self.recorder:
+            atexit.register(self.close)
+        for block in self.blocks:
+            if self.replay:
+                block.routing_override = self._override
+            if self.recorder:
+                block.router_hooks.append(self._record)
+
+    # ---- rows of the current forward ------------------------------------------------------------
+    def _rows_for(self, block) -> list[tuple[str, int, int]]:
+        if block is self.blocks[0]:  # the first MoE block runs first: the batch is new
+            rows = []
+            batch = getattr(self.model, "current_batch", None)
+            if batch is not None:
+                for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                    label = seq.request_id if seq.index == 0 else f"{seq.request_id}#{seq.index}"
+                    idx = self._request_index.setdefault(label, len(self._request_index))
+                    rows.extend((label, idx, p) for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n))
+            self._rows = rows
+        return self._rows
+
+    def _override(self, block, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows_for(block)
+        if len(rows) != logits.shape[0]:  # a forward outside the engine: label rows by position
+            rows = [("", 0, p) for p in range(logits.shape[0])]
+        picks = [self.replay.lookup(idx, pos, block.layer_idx) for _, idx, pos in rows]
+        ids = torch.tensor([p[0] for p in picks], dtype=torch.long)  # [T, k]
+        weights = torch.tensor([p[1] for p in picks], dtype=torch.float32)  # [T, k]
+        return weights, ids
+
+    def _record(self, block, x, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        rows = self._rows_for(block)
+        if len(rows) != ids.shape[0]:
+            rows = [("", 0, p) for p in range(ids.shape[0])]
+        for (label, _, pos), ex, ws in zip(rows, ids.tolist(), weights.tolist()):
+            self.recorder.record(label, pos, block.layer_idx, ex, ws)
+
+    # ---- statistics --------------------------------------------------------------------------------
+    def stats(self, generated_tokens: int | None = None) -> dict:
+        if self.cache is None:
+            return {"tiered": False}
+        st = self.cache.stats
+        per_tok = generated_tokens or None
+        return {
+            "tiered": True,
+            "expert_hit_rate": st.hit_rate,
+            "prefetch_coverage": st.prefetch_coverage,
+            "prefetch_waste_bytes": st.prefetch_waste_bytes,
+            "disk_bytes_read": st.disk_bytes_read,
+            "io_stall_s": st.io_stall_s,
+            "disk_bytes_per_token": st.disk_bytes_read / per_tok if per_tok else None,
+            "io_stall_s_per_token": st.io_stall_s / per_tok if per_tok else None,
+            "expert_accesses": st.accesses,
+            "expert_misses": st.misses,
+            "prefetch_issued": st.prefetch_issued,
+            "expert_cache_slots": self.cache.num_slots,
+            "expert_slot_bytes": self.cache.slot_bytes,
+            "expert_cache_policy": self.config.expert_cache_policy,
+            "prefetch": self.config.prefetch,
+            "direct_io": self.store.direct_io,
+            "memory_plan": self.plan.to_dict() if self.plan else None,
+        }
+
+    def close(self) -> None:
+        if self.recorder:
+            self.recorder.close()
+        if self.cache is not None:
+            self.cache.close()  # stops the I/O threads; the counters stay readable
+
+
+def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts) -> MemoryPlan:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    max_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
+    # the KV cache as LLMEngine sizes it: whole blocks, at most kv_cache_memory, at most what is wanted
+    per_block = estimate_kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                  config.block_size, elem)
+    wanted = config.max_num_seqs * -(-max_len // config.block_size)
+    kv = max(min(wanted, config.kv_cache_memory // per_block), 1) * per_block
+    inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * cfg.num_experts_per_tok)
+    act = estimate_activation_bytes(cfg.hidden_size, inter, 0, config.max_num_batched_tokens, 4)
+    act += config.max_num_seqs * cfg.vocab_size * 4  # logits of the sampled rows
+    act += FIRST_FORWARD_GROWTH
+    from strata.models.registry import model_class
+
+    with torch.device("meta"):  # the first meta build imports torch's symbolic stack (~80 MB): runtime, not weights
+        model_class(cfg)(cfg)
+    return plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
+                       kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
+                       min_slots=min_slots_for("global", cfg.num_hidden_layers, cfg.num_experts_per_tok))
+
+
+def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
+    """Returns (model, TierRuntime or None)."""
+    from strata.weights.loader import load_model, resolve_dtype
+
+    if not (config.memory_budget or config.record_routing or config.replay_routing):
+        return load_model(path, dtype=config.dtype, progress=progress), None
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: model folder not found")
+    cfg = ModelConfig.from_pretrained(path)
+    if not (config.memory_budget and cfg.is_moe):
+        model = load_model(path, dtype=config.dtype, progress=progress)
+        hooked = config.record_routing or config.replay_routing
+        return model, (TierRuntime(model, config) if hooked and cfg.is_moe else None)
+
+    from strata.tiers.cache import ExpertCache
+    from strata.tiers.provider import PrefetchHook, TieredExpertProvider
+    from strata.tiers.store import ExpertStore
+    from strata.tiers.store_convert import checkpoint_facts, ensure_store, is_expert_tensor
+
+    dtype = resolve_dtype(config.dtype, cfg)
+    facts = checkpoint_facts(path)
+    plan = _plan(path, config, cfg, dtype, facts)
+    if plan.all_experts_fit:
+        log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
+        model = load_model(path, dtype=config.dtype, progress=progress)
+        hooked = config.record_routing or config.replay_routing
+        return model, (TierRuntime(model, config, plan) if hooked else None)
+    store = ExpertStore(ensure_store(path, progress=progress))
+    model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress)
+    cache = ExpertCache(store, plan.num_slots, config.expert_cache_policy, "global", io_workers=1, populate=True)
+    blocks = model.moe_blocks()
+    provider = TieredExpertProvider(cache, blocks, dtype)
+    hook = PrefetchHook(cache, blocks, config.prefetch)
+    for block in blocks:
+        block.expert_provider = provider
+        block.router_hooks.append(hook)
+    if progress:
+        print(f"tiered experts: {plan.describe()}; {'O_DIRECT' if store.direct_io else 'buffered'} reads",
+              file=sys.stderr)
+    log.info("tiered experts: %s (expert cache %s)", plan.describe(), format_size(plan.expert_cache_bytes))
+    return model, TierRuntime(model, config, plan, cache, store)
