@@ -5,11 +5,11 @@
 
 Every call runs on the next of several copies of the layer, together more than --rotate-mib of weights,
 so the numbers are DRAM-bound like a real decode step, not cache-resident. The machine's read bandwidth
-is measured in the same run (torch fp32 sum over 512 MiB, best of 5), and each row reports weight bytes
+is measured in the same run (torch fp32 sum over 256 MiB, best of 10, before every case), and each row reports weight bytes
 per second and the fraction of that roofline; batched rows report speed relative to the bf16 matmul at
 the same number of rows. Peers: bf16 F.linear, torch._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu.
 Results: docs/benchmarks/quant_kernels.json and .md. Median and best timings are both kept; the derived
-columns use the best run (and the best of 5 bandwidth runs), because other processes may share the cores.
+columns use the best run (and the best bandwidth sample), because other processes may share the cores.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ CASES = [  # bf16 F.linear runs alongside every case
 ]
 
 
-def measure_bandwidth(mib: int = 512) -> float:
+def measure_bandwidth(mib: int = 256, reps: int = 10) -> float:
+    """Read bandwidth: torch fp32 sum over 8x the L3 size, best of `reps` (others may share the cores)."""
     a = torch.ones(mib * 2**20 // 4)
-    best = min(_time(lambda: a.sum()) for _ in range(5))
+    best = min(_time(lambda: a.sum()) for _ in range(reps))
     return a.numel() * 4 / best / 1e9
 
 
@@ -156,7 +157,8 @@ def markdown(p: dict) -> str:
     lines = [
         "# Quantized linear kernels (benchmarks/quant_kernels.py)", "",
         (f"CPU: {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Layer K={p['k']} -> N={p['n']}, "
-         f"rotating over {p['rotate_mib']} MiB of weights (Gaussian, 0.1% of them 8x larger). Read bandwidth (torch fp32 sum, best during the run): "
+         f"rotating over {p['rotate_mib']} MiB of weights (Gaussian, 0.1% of them 8x larger). "
+         f"Read bandwidth (torch fp32 sum, best during the run): "
          f"**{m['read_bandwidth_gbps']} GB/s**. Load average at the end: "
          f"{', '.join(f'{x:.1f}' for x in m['load_avg'])} (other jobs shared the cores: expect noise)."), "",
         ("Weight GB/s and % of roofline use each case's best run against the best bandwidth measured during "
@@ -170,7 +172,30 @@ def markdown(p: dict) -> str:
         err = f"{r['weight_rel_rms_error']:.4f}" if "weight_rel_rms_error" in r else "-"
         lines.append(f"| {r['case']} | {r['rows']} | {r['median_ms']:.2f} | {r['best_ms']:.2f} | "
                      f"{r['weight_gbps']:.1f} | {100 * r['roofline_frac']:.0f}% | {vs} | {err} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + summary(p["results"])) + "\n"
+
+
+def summary(results: list[dict]) -> list[str]:
+    """The questions the issue asks, answered from this run's numbers."""
+    by = {(r["case"], r["rows"]): r for r in results}
+    rows = sorted({r["rows"] for r in results})
+    out = ["", "## Summary", ""]
+    decode = [r for r in results if r["rows"] == 1 and r["case"] != "bf16 F.linear"]
+    if decode:
+        out.append("- Decode (1 row), % of the bandwidth roofline: " + ", ".join(
+            f"{r['case']} {100 * r['roofline_frac']:.0f}%" for r in decode) + ".")
+    big = [m for m in rows if m >= 64]
+    for m in big:
+        ours = [r for r in results if r["rows"] == m and r["backend"] == "native"]
+        if ours:
+            out.append(f"- {m} rows, speed relative to the bf16 matmul: " + ", ".join(
+                f"{r['case']} {r['vs_bf16']:.2f}x" for r in ours) + ".")
+    if ("fp8", 1) in by and ("int8", 1) in by:
+        f8, i8 = by[("fp8", 1)], by[("int8", 1)]
+        out.append(f"- FP8 vs INT8 (both 8 bits, per channel): decode {f8['best_ms']:.2f} vs {i8['best_ms']:.2f} ms; "
+                   f"relative weight error {f8['weight_rel_rms_error']:.4f} vs {i8['weight_rel_rms_error']:.4f} "
+                   f"(ratio fp8/int8 {f8['weight_rel_rms_error'] / i8['weight_rel_rms_error']:.2f}).")
+    return out
 
 
 def _cpu_name() -> str:

@@ -37,7 +37,11 @@ from strata.weights.quant_format import (
 
 BACKENDS = ("native", "torch", "reference")
 GEMV_MAX_ROWS = 4  # above this many rows, dequantize + bf16 matmul beats the GEMV kernel (quant_kernels.py)
-TILE_BYTES = 4 << 20  # bf16 bytes dequantized per tile of the batched path: stays in cache for the matmul
+# bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
+# matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
+# thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
+TILE_BYTES_1_THREAD = 4 << 20
+TILE_BYTES = 64 << 20
 # float dtypes that hold every value of the key exactly: a cast into them can be undone
 _WIDER = {
     torch.float8_e4m3fn: {torch.float16, torch.bfloat16, torch.float32, torch.float64},
@@ -177,7 +181,8 @@ class QuantLinear(nn.Module):
             return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
         # batched: dequantize row tiles into a reused bf16 buffer and matmul each (oneDNN bf16 / AMX)
         n = self.out_features
-        rows = max(16, min(n, TILE_BYTES // (2 * kp)))
+        tile_bytes = TILE_BYTES_1_THREAD if torch.get_num_threads() == 1 else TILE_BYTES
+        rows = max(16, min(n, tile_bytes // (2 * kp)))
         buf = _tile_buffer(rows * kp)
         y = torch.empty(xb.shape[0], n, dtype=torch.bfloat16)
         for n0 in range(0, n, rows):

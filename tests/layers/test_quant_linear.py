@@ -48,15 +48,19 @@ def test_matches_float64_reference(backend, fmt, shape):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int4-g32-asym", "fp8", "int8-nested-g32"])
-def test_native_paths_agree_on_a_threaded_shape(fmt):
-    """A shape big enough for the kernels to split rows across threads; GEMV and batched agree."""
+def test_native_paths_agree_on_a_threaded_shape(fmt, monkeypatch):
+    """A shape big enough for the kernels to split rows across threads; GEMV and batched (tiled) agree."""
     _backend("native")
     torch.manual_seed(0)
     q = QuantLinear.from_float(nn.Linear(1000, 520, bias=False), fmt, backend="native")
     x = torch.randn(6, 1000, dtype=torch.bfloat16)
     _check(q, x, None)
     q.gemv_max_rows = 0
+    tile = 2 * q.fmt.padded_in(1000) * 48  # 48 rows per tile: 11 tiles, the last one partial
+    monkeypatch.setattr(quant_linear, "TILE_BYTES", tile)
+    monkeypatch.setattr(quant_linear, "TILE_BYTES_1_THREAD", tile)
     batched = q(x)
+    _check(q, x, None)
     q.gemv_max_rows = 64
     gemv = q(x)
     torch.testing.assert_close(batched.float(), gemv.float(), atol=3e-2, rtol=2e-2)
