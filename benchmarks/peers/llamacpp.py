@@ -36,10 +36,10 @@ class PeerError(RuntimeError):
     """A peer step (conversion, quantization, run) failed; the message carries the tail of its stderr."""
 
 
-def _child(fn: str, timeout: float | None = None, **kwargs) -> dict:
+def _child(fn: str, timeout: float | None = None, env: dict[str, str] | None = None, **kwargs) -> dict:
     """Runs `_child_<fn>(**kwargs)` of this module in a fresh interpreter and returns its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", fn, json.dumps(kwargs)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -88,16 +88,19 @@ def gguf_for(hf_folder: str | Path, qtype: str = "bf16") -> Path:
 
 
 def bench_llamacpp(gguf_path: str | Path, prompt_ids: list[int], n_decode: int, n_threads: int = 2,
-                   n_ctx: int | None = None, use_mmap: bool = True, warmup: bool = True) -> dict:
+                   n_ctx: int | None = None, use_mmap: bool = True, warmup: bool = True,
+                   env: dict[str, str] | None = None) -> dict:
     """Prefill `prompt_ids`, then `n_decode` greedy single-token steps, timed separately (subprocess).
 
     Returns {"prefill_tok_s", "decode_tok_s", "load_s", "tokens", "llama_perf"}: prefill_tok_s is
     len(prompt)/time of the prompt's eval; decode_tok_s is n_decode/time of the n_decode single-token evals
     that follow (logits read + argmax included, prompt excluded); tokens are the n_decode + 1 greedy ids.
-    llama_perf is llama.cpp's own counters for the same run (cross-check).
+    llama_perf is llama.cpp's own counters for the same run (cross-check). `env` is added to the child's
+    environment, e.g. {"OMP_WAIT_POLICY": "passive"} (see docs/benchmarks/peers.md: on a CPU shared with
+    other processes, 2 spinning OpenMP threads lose 5-10x).
     """
     n_ctx = n_ctx or len(prompt_ids) + n_decode + 16
-    return _child("bench", gguf_path=str(gguf_path), prompt_ids=list(map(int, prompt_ids)), n_decode=n_decode,
+    return _child("bench", env=env, gguf_path=str(gguf_path), prompt_ids=list(map(int, prompt_ids)), n_decode=n_decode,
                   n_threads=n_threads, n_ctx=n_ctx, use_mmap=use_mmap, warmup=warmup)
 
 
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--decode", type=int, default=32)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-mmap", action="store_true")
+    b.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=passive for the peer")
     args = ap.parse_args(argv)
     if args.cmd == "gguf":
         print(gguf_for(args.hf_folder, args.type))
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         import random
 
         prompt = [random.Random(0).randrange(3, min(gguf_vocab_size(args.gguf), 30000)) for _ in range(args.prompt_len)]
-        r = bench_llamacpp(args.gguf, prompt, args.decode, args.threads, use_mmap=not args.no_mmap)
+        r = bench_llamacpp(args.gguf, prompt, args.decode, args.threads, use_mmap=not args.no_mmap,
+                           env={"OMP_WAIT_POLICY": "passive"} if args.omp_passive else None)
         print(json.dumps({k: v for k, v in r.items() if k != "tokens"}, indent=2))
     return 0
 

@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--omp", default="default,passive",
+                    help="OpenMP wait policies to run: default (llama.cpp as shipped) and/or passive")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "peers.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,13 +50,16 @@ def main() -> int:
         ids = _prompt(cfg.vocab_size, args.prompt_len)
         for qtype in args.types.split(","):
             path = gguf_for(folder, qtype)
-            r = bench_llamacpp(path, ids, args.decode, args.threads)
             size = path.stat().st_size
-            row = {"model": name, "type": qtype, "file_bytes": size, "prefill_tok_s": r["prefill_tok_s"],
-                   "decode_tok_s": r["decode_tok_s"], "file_gb_s_at_decode": size * r["decode_tok_s"] / 1e9,
-                   "load_s": r["load_s"], "llama_perf": r["llama_perf"], "load_avg": os.getloadavg()}
-            print(name, qtype, {k: row[k] for k in ("prefill_tok_s", "decode_tok_s")}, file=sys.stderr)
-            rows.append(row)
+            for omp in args.omp.split(","):
+                env = {"OMP_WAIT_POLICY": "passive"} if omp == "passive" else None
+                r = bench_llamacpp(path, ids, args.decode, args.threads, env=env)
+                row = {"model": name, "type": qtype, "omp_wait_policy": omp, "file_bytes": size,
+                       "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
+                       "file_gb_s_at_decode": size * r["decode_tok_s"] / 1e9, "load_s": r["load_s"],
+                       "llama_perf": r["llama_perf"], "load_avg": os.getloadavg()}
+                print(name, qtype, omp, {k: row[k] for k in ("prefill_tok_s", "decode_tok_s")}, file=sys.stderr)
+                rows.append(row)
     machine = {"threads": args.threads, "memory_read_gb_s": bw, "llama_cpp_python": llama_cpp.__version__,
                "system_info": llama_cpp.llama_print_system_info().decode().strip(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_before": load_before,
@@ -65,10 +70,11 @@ def main() -> int:
     os.replace(tmp, args.out)
     print(f"\nmemory read {bw:.1f} GB/s, {args.threads} threads, load avg {load_before[0]:.1f} -> "
           f"{machine['load_avg_after'][0]:.1f}\n")
-    print("| model | type | file GB | prefill tok/s | decode tok/s | file GB/s at decode | load avg (1 min) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | type | OMP wait | file GB | prefill tok/s | decode tok/s | file GB/s at decode | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['type']} | {r['file_bytes'] / 1e9:.2f} | {r['prefill_tok_s']:.1f} | "
+        print(f"| {r['model']} | {r['type']} | {r['omp_wait_policy']} | {r['file_bytes'] / 1e9:.2f} | "
+              f"{r['prefill_tok_s']:.1f} | "
               f"{r['decode_tok_s']:.2f} | {r['file_gb_s_at_decode']:.1f} | {r['load_avg'][0]:.1f} |")
     return 0
 
