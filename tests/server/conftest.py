@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+BUNDLED = REPO / "strata" / "assets" / "models" / "shakespeare-moe"
 API_KEY = "sk-test-strata"
 
 
@@ -50,6 +51,14 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
+    @property
+    def max_model_len(self) -> int:
+        return httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["max_model_len"]
+
+    def long_request(self, prompt: str = "the quick brown fox") -> dict:
+        """A greedy request that runs to the end of the context (the longest generation the model allows)."""
+        return {"prompt": prompt, "max_tokens": self.max_model_len - 64, "temperature": 0, "ignore_eos": True}
+
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=10).text
         out = {}
@@ -83,13 +92,19 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server_model(tmp_path_factory) -> Path:
-    """STRATA_SERVER_TEST_MODEL if set, else a tiny random MoE with a chat template."""
-    if os.environ.get("STRATA_SERVER_TEST_MODEL"):
-        return Path(os.environ["STRATA_SERVER_TEST_MODEL"])
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random MoE with a 4096-token context (long generations) and a chat template using kwargs."""
     from tests.server.tiny_model import build_tiny_server_model
 
     return build_tiny_server_model(tmp_path_factory.mktemp("server") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def server_model(tiny_model) -> Path:
+    """The model of the main test server: STRATA_SERVER_TEST_MODEL, else the bundled model, else the tiny one."""
+    if os.environ.get("STRATA_SERVER_TEST_MODEL"):
+        return Path(os.environ["STRATA_SERVER_TEST_MODEL"])
+    return BUNDLED if (BUNDLED / "model.safetensors").exists() else tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +115,9 @@ def server(server_model):
 
 
 @pytest.fixture(scope="module")
-def guarded_server(server_model):
+def guarded_server(tiny_model):
     """API key, one running sequence, a waiting queue of one, a request timeout."""
-    srv = Server(server_model, "--max-num-seqs", "1", "--max-queued-requests", "1", "--api-key", API_KEY,
+    srv = Server(tiny_model, "--max-num-seqs", "1", "--max-queued-requests", "1", "--api-key", API_KEY,
                  "--served-model-name", "tiny", "--request-timeout", "600", "--max-body-bytes", "4096")
     yield srv
     srv.stop()

@@ -17,8 +17,8 @@ from strata.server.async_engine import AsyncEngine, EngineDeadError, RequestFail
 
 
 @pytest.fixture(scope="module")
-def llm_engine(server_model):
-    return LLMEngine(EngineConfig(model=str(server_model), max_num_seqs=4), progress=False)
+def llm_engine(tiny_model):
+    return LLMEngine(EngineConfig(model=str(tiny_model), max_num_seqs=4), progress=False)
 
 
 async def _started(engine: LLMEngine, **kw) -> AsyncEngine:

@@ -9,8 +9,6 @@ import socket
 
 import httpx
 
-LONG = {"prompt": "the quick brown fox", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
-
 
 def test_16_concurrent_greedy_equal_sequential(server):
     prompts = [f"{w} the lazy dog number {i}" for i, w in enumerate(["quick", "brown", "fox", "jumps"] * 4)]
@@ -32,7 +30,7 @@ def _aborted(m: dict) -> float:
 
 def test_streaming_disconnect_frees_blocks(server):
     before = _aborted(server.metrics())
-    with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+    with httpx.stream("POST", server.url + "/v1/completions", json={**server.long_request(), "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert server.metrics()["strata:kv_cache_blocks_used"] > 0
@@ -43,7 +41,7 @@ def test_streaming_disconnect_frees_blocks(server):
 
 def test_non_streaming_disconnect_frees_blocks(server):
     before = _aborted(server.metrics())
-    payload = json.dumps(LONG).encode()
+    payload = json.dumps(server.long_request()).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)

@@ -81,15 +81,6 @@ def test_chat_logprobs_seed_stop(client):
     assert r.choices[0].finish_reason == "stop" and stop not in r.choices[0].message.content
 
 
-def test_chat_template_kwargs_reach_the_template(server):
-    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"greeting": "howdy"}}
-    with_kw = httpx.post(server.url + "/tokenize", json=body).json()["tokens"]
-    without = httpx.post(server.url + "/tokenize", json={"messages": body["messages"]}).json()["tokens"]
-    assert len(with_kw) > len(without)
-    text = httpx.post(server.url + "/detokenize", json={"tokens": with_kw}).json()["prompt"]
-    assert "howdy assistant:" in text
-
-
 def test_raw_sse_bytes(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}

@@ -37,6 +37,16 @@ def test_small_body_limit_is_413(guarded_server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def test_chat_template_kwargs_reach_the_template(guarded_server):
+    server = guarded_server
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"greeting": "howdy"}}
+    with_kw = httpx.post(server.url + "/tokenize", json=body, headers=AUTH).json()["tokens"]
+    without = httpx.post(server.url + "/tokenize", json={"messages": body["messages"]}, headers=AUTH).json()["tokens"]
+    assert len(with_kw) > len(without)
+    text = httpx.post(server.url + "/detokenize", json={"tokens": with_kw}, headers=AUTH).json()["prompt"]
+    assert "howdy assistant:" in text
+
+
 def test_full_queue_gets_429(guarded_server):
     srv = guarded_server
     c1 = httpx.Client(base_url=srv.url, headers=AUTH, timeout=60)
