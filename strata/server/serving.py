@@ -1,4 +1,5 @@
-"""Chat and text completions: request -> token ids + SamplingParams -> engine streams -> OpenAI JSON or SSE.
+"""Chat and text completions: request -> token ids + SamplingParams -> engine streams (the responses are
+built in responses.py).
 
 One flow serves both endpoints: a request becomes one engine request per prompt (chat has one; completions
 may batch several), choice index = prompt_index * n + sequence index.
@@ -7,72 +8,15 @@ may batch several), choice index = prompt_index * n + sequence index.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
 
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import InvalidRequestError, StrataError
 from strata.server.async_engine import AsyncEngine, RequestStream
 from strata.server.errors import APIError, to_api_error
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-class SSEResponse(StreamingResponse):
-    """A StreamingResponse that always runs `on_close` (abort the engine requests), even when the client
-    disconnects while the body generator is suspended."""
-
-    def __init__(self, content, on_close, **kw):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kw)
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-            await self.body_iterator.aclose()
-
-
-async def _merge(streams: list[RequestStream]):
-    """Yields (prompt_index, RequestOutput) from several request streams as they arrive."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    q: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump(i, s):
-        try:
-            async for out in s:
-                q.put_nowait((i, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            q.put_nowait((i, e))
-        q.put_nowait((i, end))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(streams)
-        while live:
-            i, item = await q.get()
-            if item is end:
-                live -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
+from strata.server.responses import RequestContext, SSEResponse
 
 
 class Serving:
@@ -205,7 +149,7 @@ class Serving:
             for s in streams:
                 s.abort()
             raise
-        ctx = _Ctx(self, req, is_chat, prompts, texts, streams)
+        ctx = RequestContext(self, req, is_chat, prompts, texts, streams)
         if req.stream:
             return SSEResponse(ctx.sse(), on_close=ctx.abort_all)
         return await ctx.collect(raw)
@@ -216,124 +160,3 @@ class Serving:
         if self.engine.dead_reason is not None:
             return EngineDeadError(f"the engine loop has stopped: {self.engine.dead_reason}")
         return EngineNotReadyError("loading")
-
-
-class _Ctx:
-    """One client request in flight."""
-
-    def __init__(self, serving: Serving, req, is_chat: bool, prompts, texts, streams):
-        self.s, self.req, self.is_chat = serving, req, is_chat
-        self.prompts, self.texts, self.streams = prompts, texts, streams
-        self.id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.object = "chat.completion" if is_chat else "text_completion"
-        self.finals: dict[int, object] = {}
-
-    def abort_all(self) -> None:
-        for s in self.streams:
-            s.abort()
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(len(o.token_ids) for out in self.finals.values() for o in out.outputs)
-        cached = sum(out.num_cached_tokens for out in self.finals.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
-
-    def _logprobs(self, entries, offset: int = 0):
-        if entries is None or self.req.logprobs is None or self.req.logprobs is False:
-            return None
-        return self.s.chat_logprobs(entries) if self.is_chat else self.s.completion_logprobs(entries, offset)
-
-    # ---- non-streaming ----------------------------------------------------------------------------
-    async def collect(self, raw: Request) -> JSONResponse:
-        async def consume():
-            async for i, out in _merge(self.streams):
-                self.finals[i] = out
-
-        async def disconnected():
-            while (await raw.receive())["type"] != "http.disconnect":
-                pass
-
-        work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():  # the client went away: free its blocks now
-                work.cancel()
-                self.abort_all()
-                return JSONResponse({}, status_code=499)
-            work.result()
-        finally:
-            watch.cancel()
-            self.abort_all()
-        n = self.req.n
-        choices = []
-        for pi in range(len(self.prompts)):
-            echo = self.texts[pi] or ""
-            for o in self.finals[pi].outputs:
-                c = {"index": pi * n + o.index, "logprobs": self._logprobs(o.logprobs, len(echo)),
-                     "finish_reason": _reason(o.finish_reason)}
-                if self.is_chat:
-                    c["message"] = {"role": "assistant", "content": o.text}
-                else:
-                    c["text"] = echo + o.text
-                choices.append(c)
-        choices.sort(key=lambda c: c["index"])
-        return JSONResponse({"id": self.id, "object": self.object, "created": self.created,
-                             "model": self.s.model_name, "choices": choices, "usage": self.usage()})
-
-    # ---- streaming ---------------------------------------------------------------------------------
-    def _chunk(self, choices: list[dict], usage=False) -> str:
-        body = {"id": self.id, "object": self.object + (".chunk" if self.is_chat else ""), "created": self.created,
-                "model": self.s.model_name, "choices": choices}
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
-            body["usage"] = self.usage() if usage else None
-        return f"data: {_dumps(body)}\n\n"
-
-    def _choice(self, index: int, text: str | None, role=False, logprobs=None, finish=None) -> dict:
-        if self.is_chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-
-    async def sse(self):
-        n = self.req.n
-        num_choices = len(self.prompts) * n
-        sent_lp = [0] * num_choices
-        offsets = [len(self.texts[i // n] or "") for i in range(num_choices)]
-        done: set[int] = set()
-        try:
-            for idx in range(num_choices):
-                if self.is_chat:
-                    yield self._chunk([self._choice(idx, None, role=True)])
-                elif self.texts[idx // n]:
-                    yield self._chunk([self._choice(idx, self.texts[idx // n])])
-            async for pi, out in _merge(self.streams):
-                self.finals[pi] = out
-                for o in out.outputs:
-                    idx = pi * n + o.index
-                    if idx in done:
-                        continue
-                    lp = None
-                    if o.logprobs is not None and self.req.logprobs not in (None, False):
-                        new = o.logprobs[sent_lp[idx]:]
-                        sent_lp[idx] = len(o.logprobs)
-                        lp = self._logprobs(new, offsets[idx]) if new else None
-                    if lp is not None and not self.is_chat:
-                        offsets[idx] += sum(len(t) for t in lp["tokens"])
-                    finish = _reason(o.finish_reason) if o.finish_reason else None
-                    if o.delta or finish or lp:
-                        yield self._chunk([self._choice(idx, o.delta, logprobs=lp, finish=finish)])
-                    if finish:
-                        done.add(idx)
-            if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                yield self._chunk([], usage=True)
-        except Exception as e:  # noqa: BLE001 - the status is already 200: the error travels in the stream
-            yield to_api_error(e).sse()
-        finally:
-            self.abort_all()
-        yield "data: [DONE]\n\n"
-
-
-def _reason(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
