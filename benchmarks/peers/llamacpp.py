@@ -111,11 +111,8 @@ def greedy_llamacpp(gguf_path: str | Path, prompt_ids: list[int], n_tokens: int,
 
 
 def gguf_vocab_size(gguf_path: str | Path) -> int:
-    """Number of tokens in a GGUF's vocabulary (metadata only)."""
-    sys.path.insert(0, str(vendor_dir() / "gguf-py"))
-    import gguf
-
-    return len(gguf.GGUFReader(str(gguf_path)).fields["tokenizer.ggml.tokens"].data)
+    """Number of tokens in a GGUF's vocabulary (vocab-only load; gguf-py's reader takes minutes on BPE merges)."""
+    return _child("vocab_size", gguf_path=str(gguf_path))["n_vocab"]
 
 
 def server_command(gguf_path: str | Path, port: int = 8001, n_threads: int = 2, n_ctx: int = 2048,
@@ -161,6 +158,12 @@ def _child_quantize(src: str, dst: str, qtype: str, n_threads: int) -> dict:
     if rc != 0:
         raise PeerError(f"llama_model_quantize({src} -> {qtype}) returned {rc}")
     return {"ok": True}
+
+
+def _child_vocab_size(gguf_path: str) -> dict:
+    import llama_cpp
+
+    return {"n_vocab": llama_cpp.Llama(model_path=gguf_path, vocab_only=True, verbose=False).n_vocab()}
 
 
 def _load(gguf_path: str, n_ctx: int, n_threads: int, use_mmap: bool = True):

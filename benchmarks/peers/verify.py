@@ -22,25 +22,27 @@ if str(ROOT) not in sys.path:
 from benchmarks.peers.llamacpp import gguf_for, greedy_llamacpp
 
 
-def strata_greedy(path: str | Path, prompt_ids: list[int], n_tokens: int) -> dict:
+def strata_greedy(path: str | Path, prompt_ids: list[int], n_tokens: int, dtype: str | None = None) -> dict:
     """{"tokens": greedy ids, "top": [(id, logprob)] x 20 after the prompt} from Strata."""
     from strata import LLM, SamplingParams
 
-    llm = LLM(str(path), progress=False, max_num_seqs=1)
+    llm = LLM(str(path), progress=False, max_num_seqs=1, **({"dtype": dtype} if dtype else {}))
     out = llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True,
                                                      logprobs=20))[0].outputs[0]
     return {"tokens": out.token_ids, "top": out.logprobs[0]["top"]}
 
 
-def compare(hf_folder: str | Path, qtype: str, prompt_ids: list[int], n_tokens: int = 8) -> dict:
-    ref = strata_greedy(hf_folder, prompt_ids, n_tokens)
+def compare(hf_folder: str | Path, qtype: str, prompt_ids: list[int], n_tokens: int = 8,
+            dtype: str | None = None) -> dict:
+    """Strata (compute dtype `dtype`, default: the checkpoint's) vs llama.cpp on the `qtype` GGUF."""
+    ref = strata_greedy(hf_folder, prompt_ids, n_tokens, dtype)
     peer = greedy_llamacpp(gguf_for(hf_folder, qtype), prompt_ids, n_tokens)
     logits = peer.pop("logits")
     m = max(logits)
     lse = m + math.log(sum(math.exp(x - m) for x in logits))
     diffs = [abs((logits[i] - lse) - lp) for i, lp in ref["top"]]
     same = [a == b for a, b in zip(ref["tokens"], peer["tokens"])]
-    return {"model": Path(hf_folder).name, "type": qtype, "prompt_ids": prompt_ids,
+    return {"model": Path(hf_folder).name, "type": qtype, "strata_dtype": dtype, "prompt_ids": prompt_ids,
             "strata_tokens": ref["tokens"], "llamacpp_tokens": peer["tokens"], "tokens_match": all(same),
             "first_mismatch": None if all(same) else same.index(False),
             "top20_logprob_max_abs_diff": max(diffs),
@@ -53,6 +55,7 @@ def main() -> int:
     ap.add_argument("--model", default="dense-1b")
     ap.add_argument("--type", default="bf16")
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--dtype", help="Strata compute dtype (llama.cpp computes activations in float32)")
     ap.add_argument("--ids", default="1,15,27", help="comma-separated prompt token ids")
     ap.add_argument("--text", help="prompt text, tokenized by Strata's tokenizer (overrides --ids)")
     args = ap.parse_args()
@@ -67,7 +70,7 @@ def main() -> int:
         ids = Tokenizer(str(folder)).encode(args.text)
     else:
         ids = [int(x) for x in args.ids.split(",")]
-    print(json.dumps(compare(folder, args.type, ids, args.tokens)))
+    print(json.dumps(compare(folder, args.type, ids, args.tokens, args.dtype)))
     return 0
 
 
