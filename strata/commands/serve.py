@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from strata.config import EngineConfig
+from strata.errors import StrataError
 
 ENGINE_HELP = {
     "dtype": "weights/activations dtype: auto, float32, bfloat16, float16",
@@ -85,8 +86,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def build_app(args: argparse.Namespace):
-    """The app for parsed `serve` arguments (also used by tests that run it in-process)."""
+def build_app(args: argparse.Namespace, on_load_failure=None):
+    """The app for parsed `serve` arguments."""
     from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
     from strata.server.app import create_app
     from strata.server.async_engine import AsyncEngine
@@ -99,7 +100,8 @@ def build_app(args: argparse.Namespace):
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None
     metrics = EngineMetrics(name)
     engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=model, **engine_kw), progress=False), metrics,
-                         max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout)
+                         max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+                         on_load_failure=on_load_failure)
     return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                       drain_timeout=args.drain_timeout)
 
@@ -108,7 +110,22 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout, timeout_keep_alive=5)
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(message: str) -> None:  # a server that can never answer should not keep the port
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(args, on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout, timeout_keep_alive=5))
+    server.run()
+    if failed:
+        raise ModelLoadError(failed[0])
     return 0
+
+
+class ModelLoadError(StrataError):
+    """The model could not be loaded by the server's engine thread."""

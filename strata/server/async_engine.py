@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from strata.engine.llm_engine import LLMEngine, RequestOutput
 from strata.engine.sampling_params import SamplingParams
+from strata.errors import StrataError
 from strata.server.metrics import EngineMetrics
 
 log = logging.getLogger("strata.server")
@@ -123,8 +124,10 @@ class _Tracked:
 
 class AsyncEngine:
     def __init__(self, engine_factory: Callable[[], LLMEngine], metrics: EngineMetrics | None = None,
-                 max_queued_requests: int | None = None, request_timeout: float | None = None):
+                 max_queued_requests: int | None = None, request_timeout: float | None = None,
+                 on_load_failure: Callable[[str], None] | None = None):
         self._factory = engine_factory
+        self._on_load_failure = on_load_failure
         self.engine: LLMEngine | None = None
         self.metrics = metrics or EngineMetrics()
         self.max_queued_requests = max_queued_requests
@@ -193,8 +196,13 @@ class AsyncEngine:
             eos = self.engine.eos_token_ids
             self.engine.sampler = _IsolatingSampler(self.engine.sampler, eos[0] if eos else 0)
         except Exception as e:
-            log.exception("model failed to load")
+            if isinstance(e, StrataError):  # a message the user can act on: no traceback
+                log.error("model failed to load: %s", e)
+            else:
+                log.exception("model failed to load")
             self._die(f"model failed to load: {e}")
+            if self._on_load_failure is not None:
+                self._on_load_failure(str(e))
             return
         try:
             self._loop_forever()

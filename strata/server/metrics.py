@@ -42,7 +42,7 @@ class EngineMetrics:
         self.queue_time = h("request_queue_time_seconds", "Time from arrival to first scheduling")
         self._success = Counter("strata:request_success", "Finished sequences by finish reason",
                                 ["model_name", "finished_reason"], registry=r)
-        # Tiered experts (published when the engine's stats carry them)
+        # Tiered experts (published when the engine runs with a memory budget below the model)
         self.expert_hit_rate = g("expert_cache_hit_rate", "Expert lookups served from RAM / all lookups")
         self.expert_disk_bytes = c("expert_disk_read_bytes", "Bytes of expert weights read from disk")
         self._last = {"queries": 0, "hits": 0, "preempt": 0, "disk": 0}
@@ -63,11 +63,11 @@ class EngineMetrics:
         self._counter_delta(self.num_preemptions, "preempt", engine.scheduler.num_preemptions)
         if bm.num_prefix_queries:
             self.prefix_hit_rate.set(bm.num_prefix_hits / bm.num_prefix_queries)
-        stats = getattr(engine, "stats", {}) or {}
-        if stats.get("expert_lookups"):
-            self.expert_hit_rate.set(stats.get("expert_hits", 0) / stats["expert_lookups"])
-        if "disk_bytes_read" in stats:
-            self._counter_delta(self.expert_disk_bytes, "disk", stats["disk_bytes_read"])
+        tier_stats = getattr(engine, "tier_stats", None)
+        tiers = tier_stats() if tier_stats else None
+        if tiers and tiers.get("tiered"):
+            self.expert_hit_rate.set(tiers["expert_hit_rate"])
+            self._counter_delta(self.expert_disk_bytes, "disk", tiers["disk_bytes_read"])
 
     def _counter_delta(self, counter, key: str, total: int) -> None:
         if total > self._last[key]:

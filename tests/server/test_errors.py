@@ -80,3 +80,16 @@ def test_tokenize_detokenize_errors(server):
     _err(httpx.post(server.url + "/detokenize", json={"tokens": [10**9]}), 400, "tokens")
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "hello"}).json()["tokens"]
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "hello"
+
+
+def test_unloadable_model_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server.conftest import REPO, free_port
+
+    r = subprocess.run([sys.executable, "-m", "strata.cli", "serve", "--model", str(tmp_path / "missing"),
+                        "--port", str(free_port()), "--log-level", "critical"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
