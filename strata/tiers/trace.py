@@ -226,9 +226,12 @@ class RoutingReplay:
     Requests are matched by order of first appearance and tokens by their order inside the request, so a
     benchmark on random weights sees the trace's expert locality. Past a request's end it wraps around;
     a (token, layer) the trace lacks falls back to the nearest earlier token that has that layer.
-    For a model of another shape, layer l replays trace layer l mod L_trace, and each trace expert e
-    becomes the block of experts e*g .. e*g+p-1 (g = E_model // E_trace, p = ceil(k_model / k_trace)),
-    sharing e's weight: the same reuse pattern at the model's granularity.
+    For a model with b = E_model / E_trace times more experts whose top-k is b times a number q <= k_trace
+    of trace picks (OLMoE's 64 top-8 from Mixtral's 8 top-2: b = 8, q = 1), model layer l combines trace
+    layers b*l .. b*l+b-1 (mod L_trace): block j of E_trace experts replays the top-q choices of trace
+    layer b*l+j, so every model expert is used with the locality of one trace expert. Otherwise layer l
+    replays trace layer l mod L_trace and trace expert e becomes experts e*g .. e*g+p-1 (g = E_model //
+    E_trace, p = ceil(k_model / k_trace)), sharing e's weight.
     """
 
     def __init__(self, trace: RoutingTrace, num_experts: int | None = None, top_k: int | None = None):
@@ -243,13 +246,32 @@ class RoutingReplay:
             self._by_req.append([toks[t] for t in sorted(toks)])
 
     def lookup(self, request_index: int, token_index: int, layer: int) -> tuple[list[int], list[float]]:
+        b, q = self._blocks()
+        if b > 1:
+            ids, ws = [], []
+            for j in range(b):
+                ex, w = self._raw(request_index, token_index, b * layer + j)
+                ids += [j * self.trace.num_experts + e for e in ex[:q]]
+                ws += w[:q]
+            total = sum(ws) or 1.0
+            return ids, [w / total for w in ws]
+        return self._map(*self._raw(request_index, token_index, layer))
+
+    def _blocks(self) -> tuple[int, int]:
+        b = self.num_experts // self.trace.num_experts
+        if b > 1 and self.num_experts % self.trace.num_experts == 0 and self.top_k % b == 0 \
+                and self.top_k // b <= self.trace.top_k:
+            return b, self.top_k // b
+        return 1, 0
+
+    def _raw(self, request_index: int, token_index: int, layer: int) -> tuple[list[int], list[float]]:
         tokens = self._by_req[request_index % len(self._by_req)]
         t = token_index % len(tokens)
         trace_layer = layer % self.trace.num_layers
         for back in range(len(tokens)):
             hit = tokens[(t - back) % len(tokens)].get(trace_layer)
             if hit is not None:
-                return self._map(*hit)
+                return hit
         raise TraceError(f"{self.trace.source}: no routing for layer {trace_layer} in request {request_index}")
 
     def _map(self, experts: list[int], weights: list[float]) -> tuple[list[int], list[float]]:

@@ -95,6 +95,13 @@ def test_replay_maps_onto_a_finer_model(tmp_path):
         rec.record("x", 0, 0, [3, 1], [0.75, 0.25])
         rec.record("x", 0, 1, [0, 2], [0.5, 0.5])
     r = RoutingReplay(read_trace(p), num_experts=16, top_k=8)  # trace: 4 experts, top-2, 2 layers
-    ids, ws = r.lookup(0, 0, 2)  # model layer 2 replays trace layer 0
-    assert ids == [12, 13, 14, 15, 4, 5, 6, 7]
-    assert ws == [0.1875] * 4 + [0.0625] * 4
+    ids, ws = r.lookup(0, 0, 2)  # four blocks of 4 experts from trace layers 8..11 = 0, 1, 0, 1 (mod 2)
+    assert ids == [3, 1, 4, 6, 11, 9, 12, 14]
+    assert ws == [0.1875, 0.0625, 0.125, 0.125] * 2
+    r = RoutingReplay(read_trace(p), num_experts=16, top_k=6)  # 6 is not 4 blocks x q: groups of experts
+    ids, ws = r.lookup(0, 0, 2)  # model layer 2 replays trace layer 0: expert 3 -> 12..14, 1 -> 4..6
+    assert ids == [12, 13, 14, 4, 5, 6]
+    assert ws == pytest.approx([0.25] * 3 + [0.25 / 3] * 3)
+    r = RoutingReplay(read_trace(p), num_experts=8, top_k=2)  # two blocks of 4, top-1 of trace layers 0 and 1
+    assert r.lookup(0, 0, 0) == ([3, 4], [0.6, 0.4])
+    assert r.lookup(0, 0, 1) == ([3, 4], [0.6, 0.4])  # layer 1 combines trace layers 2, 3 = 0, 1 (mod 2)
