@@ -265,9 +265,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory: int = 512 * 2**20  # bytes for the KV cache
     enable_prefix_caching: bool = True
-    num_threads: int | None = None  # torch threads; None = torch's default
+    num_threads: int | None = None  # torch threads; None = torch's default (1 for models under 20M params)
     memory_budget: int | None = None  # bytes for everything (tiered experts engage when the model exceeds it)
-    expert_cache_policy: str = "lru"
+    expert_cache_policy: str = "nextuse"
     prefetch: str = "none"
     record_routing: str | None = None  # JSONL file of routing decisions
     replay_routing: str | None = None  # JSONL file forcing the routing

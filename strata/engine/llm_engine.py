@@ -24,6 +24,7 @@ from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
 
+SMALL_MODEL_PARAMS = 20_000_000
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
 
 
@@ -56,6 +57,8 @@ class LLMEngine:
         path = config.model or BUNDLED_MODEL
         self.model_path = path
         self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
+        if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
+            torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
         # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
