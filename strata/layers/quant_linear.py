@@ -4,7 +4,7 @@ Buffers carry the on-disk names (`qweight`, `scales`, [`zeros`], [`bias`]) so a 
 with `load_state_dict(..., assign=True)`; `post_load()` then prepares the kernel layout once. Kernels, in
 order of preference (STRATA_QUANT_BACKEND=native|torch|reference forces one):
 
-    native     quant_cpu.c through quant_native.py: a GEMV for up to `gemv_max_rows` rows, otherwise
+    native     quant_cpu*.c through quant_native.py: a GEMV for up to `gemv_max_rows` rows, otherwise
                dequantize the weight to bf16 (in row tiles) and run torch's bf16 matmul (oneDNN; AMX where
                the CPU has it).
     torch      torch._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu (repacked at load time);

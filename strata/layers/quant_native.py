@@ -1,4 +1,4 @@
-"""Builds, caches and calls the AVX-512 kernels in quant_cpu.c (ctypes, no torch headers).
+"""Builds, caches and calls the AVX-512 kernels in quant_cpu*.c (ctypes, no torch headers).
 
 The library is compiled once per machine with the system C compiler (about a second) into
 $STRATA_CACHE_DIR or ~/.cache/strata, named by a hash of the source and flags, written to a temporary file
@@ -22,8 +22,10 @@ import torch  # loaded first so the library binds to torch's OpenMP runtime
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("quant_cpu.c")
-ABI = 3  # must match strata_qk_abi() in quant_cpu.c
+HERE = Path(__file__).parent
+SOURCES = [HERE / n for n in ("quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_dequant.c")]
+HEADER = HERE / "quant_cpu.h"
+ABI = 3  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
@@ -60,7 +62,8 @@ def cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in (HEADER, *SOURCES))
+    digest = hashlib.sha256(text + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"quant_cpu-{digest}.so"
     if target.exists():
         return target
@@ -68,7 +71,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
                        timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, target)
     finally:

@@ -1,0 +1,119 @@
+/* Shared definitions of Strata's AVX-512 quantized-weight kernels (see docs/quantization.md).
+ *
+ * quant_cpu_gemv8.c, quant_cpu_gemv4.c and quant_cpu_dequant.c include this header; quant_native.py compiles
+ * them into one library once per machine and loads it through ctypes.
+ * Threads come from OpenMP; because torch is imported first, this library binds to torch's libgomp and
+ * obeys torch.set_num_threads.
+ *
+ * Two kinds of entry points, all taking bf16 activations and writing bf16:
+ *   gemv_*     y[M, N] = x[M, K] @ dequant(W)^T (+ bias) for small M, reading each weight byte once per
+ *              group of 4 activation rows. Memory-bound by design.
+ *   dequant_*  rows [n0, n1) of W into a bf16 buffer, scales applied, for the batched path (the buffer
+ *              then goes to a bf16 matmul).
+ *
+ * Weight layouts are the on-disk ones: int8 [N, K] signed; fp8 e4m3 [N, K]; nested int8 [N, Kp] unsigned
+ * with value (b - 136) * scale[n, k / G]; int4 [N, Kp / 2] with element 2j in the low nibble of byte j and
+ * value (q - zero) * scale[n, k / G] (zero = 8 when symmetric). Group scales are fp16, row scales fp32.
+ */
+#ifndef STRATA_QUANT_CPU_H
+#define STRATA_QUANT_CPU_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MB 4 /* activation rows handled per pass over the weights */
+#define PAR_MIN_WORK (1 << 18) /* below this many weight bytes, threading costs more than it saves */
+/* PREFETCH: the GEMVs walk R weight rows side by side, a few KiB each, so the hardware prefetcher has to
+ * find R new streams at every block. Each load therefore prefetches the same cache line of the next block's
+ * row (R rows further): measured 1.5x faster DRAM-bound on one Zen 5 core than no or short-distance prefetch.
+ * Prefetches past the end of the matrix are harmless (they never fault). */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; weights and activations are finite */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline void store_out(uint16_t *y, int64_t ldy, int m, int64_t n, float v, const float *bias) {
+    y[m * ldy + n] = f32_to_bf16(bias ? v + bias[n] : v);
+}
+
+/* ---------------------------------------------------------------- shared helpers */
+
+static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* fp16 group scales of one row -> fp32 sc[0..ng), plus sc[ng] = 0 (see row_dot4) */
+static inline void row_scales(const uint16_t *s16, int64_t ng, float *sc) {
+    for (int64_t g = 0; g < ng; g += 16) {
+        __mmask16 mk = tail16(ng - g);
+        _mm512_mask_storeu_ps(sc + g, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s16 + g)));
+    }
+    sc[ng] = 0.0f;
+}
+
+/* sum_g sc[g] * (base + z[g]) * xs[g], with z[g] = zdef when z is NULL */
+static inline float group_corr(const float *sc, const uint8_t *z, float base, float zdef, const float *xs,
+                               int64_t ng) {
+    __m512 c = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g += 16) {
+        __mmask16 mk = tail16(ng - g);
+        __m512 zz = z ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, z + g)))
+                      : _mm512_set1_ps(zdef);
+        zz = _mm512_add_ps(zz, _mm512_set1_ps(base));
+        c = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + g), zz), _mm512_maskz_loadu_ps(mk, xs + g), c);
+    }
+    return _mm512_reduce_add_ps(c);
+}
+
+/* per-group sums of x (fp32), the right-hand side of every offset correction */
+static inline void group_sums(const float *xf, int64_t K, int64_t G, float *xs) {
+    for (int64_t g = 0; g * G < K; g++) {
+        float s = 0;
+        for (int64_t k = g * G; k < (g + 1) * G && k < K; k++) s += xf[k];
+        xs[g] = s;
+    }
+}
+
+/* ---------------------------------------------------------------- 8-bit codes through fp16 (dequant, nested GEMV) */
+
+enum { K_I8 = 0, K_F8 = 1, K_U8 = 2 };
+#define OFF_I8 1152.0f /* int8 v is read as the fp16 number 1024 + (v + 128) */
+#define OFF_U8 1024.0f /* nested byte b is read as 1024 + b */
+
+/* 16 weight bytes -> 16 floats through fp16 bit patterns and vcvtph2ps (cheaper here than vpmovsxbd +
+ * vcvtdq2ps). int8 gives v + 1152, nested b + 1024 (callers subtract the offset); fp8 e4m3 shifted into
+ * fp16 is exact, subnormals included, and equals 1/256 of the true value. Used by the dequantizers and the
+ * nested GEMV; the int8 and fp8 GEMVs below use bf16 dot products instead. */
+static inline __attribute__((always_inline)) __m512 load16(int kind, const uint8_t *p, __mmask16 m) {
+    __m128i b = m == 0xFFFF ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8(m, p);
+    __m256i h;
+    if (kind == K_F8) {
+        h = _mm256_cvtepi8_epi16(b);
+        h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80));
+    } else {
+        h = _mm256_cvtepu8_epi16(b); /* imm 0xBE: (A ^ B) | C */
+        h = kind == K_I8 ? _mm256_ternarylogic_epi32(h, _mm256_set1_epi16(0x80), _mm256_set1_epi16(0x6400), 0xBE)
+                         : _mm256_or_si256(h, _mm256_set1_epi16(0x6400));
+    }
+    return _mm512_cvtph_ps(h);
+}
+
+/* out[r][m] = sum_k x[m, k] * load16(w_r)[k] (times the group scale sc[r * lds + k / G] when sc is given)
+ * for R consecutive weight rows: each x load serves R rows, which keeps several x rows (M > 1) from
+ * streaming out of L1 once per weight row. U chains per (row, x row) hide the FMA latency when R * mb is 1. */
+
+#define RB 4 /* weight rows per block in the GEMVs: each x load serves RB rows */
+
+#endif
