@@ -97,6 +97,10 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
+        if self.model_type in ("qwen3", "qwen3_moe"):  # per-head q/k RMSNorm weights
+            attn += 2 * self.head_dim
+        elif self.model_type == "olmoe":  # q/k RMSNorm over the whole projections
+            attn += q + kv
         dense_mlp = 3 * h * self.intermediate_size
         total = active = 0
         expert_total = 0

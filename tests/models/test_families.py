@@ -75,3 +75,12 @@ def test_sharded_half_precision_checkpoint(tmp_path, dtype):
     torch.testing.assert_close(got, ref, atol=5e-4, rtol=1e-3)  # same half-precision weights, fp32 compute
     half = ours(ids, torch.arange(12), AttentionMetadata.no_cache([12]))
     assert (half.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_param_counts_match_transformers(hf_family, family):
+    from strata.config import ModelConfig
+
+    hf, path = hf_family(family)
+    total = ModelConfig.from_pretrained(path).param_counts()["total"]
+    assert total == sum(p.numel() for p in hf.parameters())

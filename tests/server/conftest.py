@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "strata.cli", "serve", "--model", str(model), "--port", str(self.port),
                "--log-level", "warning", "--num-threads", "1", *flags]
-        self.log = open(model.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115 - lives with the process
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives with the process; never in the package
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
