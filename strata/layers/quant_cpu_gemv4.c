@@ -1,14 +1,14 @@
 /* GEMV of the int4 formats (symmetric and asymmetric, any power-of-two group of 32 or more). */
 #include "quant_cpu.h"
 
-/* ---------------------------------------------------------------- int4 GEMV */
-
 /* One 64-element block: 32 bytes, element 2j in the low nibble of byte j. A nibble q in a 16-bit lane
  * becomes the bf16 number 128 + q by OR-ing in 0x4300 (exact), so the products run on vdpbf16ps against x
  * pre-split into even and odd elements; the caller subtracts (128 + z) * s * sum(x) per group. The 16 fp32
  * lanes of the result cover elements 0..31 (lanes 0-7) and 32..63 (lanes 8-15): one scale each half. */
 static inline __attribute__((always_inline)) __m512 block_scales(const float *sc, int64_t b, int gsh) {
-    /* elements 0..31 of block b are in group (64b) >> gsh, 32..63 in (64b + 32) >> gsh */
+    /* elements 0..31 of block b are in group (64b) >> gsh, 32..63 in (64b + 32) >> gsh: one group unless G = 32 */
+    if (gsh >= 6)
+        return _mm512_set1_ps(sc[(b * 64) >> gsh]);
     return _mm512_mask_mov_ps(_mm512_set1_ps(sc[(b * 64) >> gsh]), 0xFF00, _mm512_set1_ps(sc[(b * 64 + 32) >> gsh]));
 }
 
