@@ -116,4 +116,14 @@ static inline __attribute__((always_inline)) __m512 load16(int kind, const uint8
 
 #define RB 4 /* weight rows per block in the GEMVs: each x load serves RB rows */
 
+/* Calls CALL(1) .. CALL(4) for a runtime mb, so every kernel is compiled with a constant number of x rows
+ * and keeps its accumulators in registers. */
+#define SWITCH_MB(mb, CALL)                                                                                     \
+    switch (mb) {                                                                                               \
+    case 1: CALL(1); break;                                                                                     \
+    case 2: CALL(2); break;                                                                                     \
+    case 3: CALL(3); break;                                                                                     \
+    default: CALL(4); break;                                                                                    \
+    }
+
 #endif

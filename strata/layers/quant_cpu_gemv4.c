@@ -95,21 +95,15 @@ void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64
                 if (rows < R) {
                     for (int i = 0; i < rows; i++) {
                         float r1[1][MB];
-                        switch (mb) {
-                        case 1: rows_dot4(1, 1, wr + i * nbytes, nbytes, gsh, sc + i * lds, lds, xp, kx, r1); break;
-                        case 2: rows_dot4(2, 1, wr + i * nbytes, nbytes, gsh, sc + i * lds, lds, xp, kx, r1); break;
-                        case 3: rows_dot4(3, 1, wr + i * nbytes, nbytes, gsh, sc + i * lds, lds, xp, kx, r1); break;
-                        default: rows_dot4(4, 1, wr + i * nbytes, nbytes, gsh, sc + i * lds, lds, xp, kx, r1); break;
-                        }
+#define ONE_ROW(MBC) rows_dot4(MBC, 1, wr + i * nbytes, nbytes, gsh, sc + i * lds, lds, xp, kx, r1)
+                        SWITCH_MB(mb, ONE_ROW);
+#undef ONE_ROW
                         for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
                     }
                 } else {
-                    switch (mb) {
-                    case 1: rows_dot4(1, RB4, wr, nbytes, gsh, sc, lds, xp, kx, r); break;
-                    case 2: rows_dot4(2, 2, wr, nbytes, gsh, sc, lds, xp, kx, r); break;
-                    case 3: rows_dot4(3, 2, wr, nbytes, gsh, sc, lds, xp, kx, r); break;
-                    default: rows_dot4(4, 2, wr, nbytes, gsh, sc, lds, xp, kx, r); break;
-                    }
+#define BLOCK(MBC) rows_dot4(MBC, MBC == 1 ? RB4 : 2, wr, nbytes, gsh, sc, lds, xp, kx, r)
+                    SWITCH_MB(mb, BLOCK);
+#undef BLOCK
                 }
                 for (int i = 0; i < rows; i++) {
                     int64_t n = n0 + i;

@@ -70,21 +70,17 @@ void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int6
                 if (rows < RB) { /* the last rows, one at a time */
                     for (int i = 0; i < rows; i++) {
                         float r1[1][MB];
-                        switch (mb) {
-                        case 1: rows_dot8(kind, 1, 1, 4, wr + i * K, K, xf, ldx, gsh, sc + i * lds, lds, r1); break;
-                        case 2: rows_dot8(kind, 2, 1, 2, wr + i * K, K, xf, ldx, gsh, sc + i * lds, lds, r1); break;
-                        case 3: rows_dot8(kind, 3, 1, 2, wr + i * K, K, xf, ldx, gsh, sc + i * lds, lds, r1); break;
-                        default: rows_dot8(kind, 4, 1, 1, wr + i * K, K, xf, ldx, gsh, sc + i * lds, lds, r1); break;
-                        }
+                        /* one row: several chains per x row hide the FMA latency */
+#define ONE_ROW(MBC) rows_dot8(kind, MBC, 1, MBC == 1 ? 4 : MBC == 4 ? 1 : 2, wr + i * K, K, xf, ldx, gsh, \
+                               sc + i * lds, lds, r1)
+                        SWITCH_MB(mb, ONE_ROW);
+#undef ONE_ROW
                         for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
                     }
                 } else {
-                    switch (mb) { /* constant shapes keep the accumulators in registers */
-                    case 1: rows_dot8(kind, 1, RB, 1, wr, K, xf, ldx, gsh, sc, lds, r); break;
-                    case 2: rows_dot8(kind, 2, RB, 1, wr, K, xf, ldx, gsh, sc, lds, r); break;
-                    case 3: rows_dot8(kind, 3, RB, 1, wr, K, xf, ldx, gsh, sc, lds, r); break;
-                    default: rows_dot8(kind, 4, RB, 1, wr, K, xf, ldx, gsh, sc, lds, r); break;
-                    }
+#define BLOCK(MBC) rows_dot8(kind, MBC, RB, 1, wr, K, xf, ldx, gsh, sc, lds, r)
+                    SWITCH_MB(mb, BLOCK);
+#undef BLOCK
                 }
                 for (int i = 0; i < rows; i++) {
                     int64_t n = n0 + i;
@@ -138,58 +134,6 @@ static inline __attribute__((always_inline)) void rows_dot_i8(int mb, int R, con
             out[r][m] = _mm512_reduce_add_ps(split == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][1]) : acc[r][m][0]);
 }
 
-void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w8, int64_t N, const float *scale,
-               const float *bias, uint16_t *y) {
-    const uint8_t *w = (const uint8_t *)w8;
-    int64_t ldx = (K + 31) / 32 * 32 + 32; /* zero padded to whole chunks; +32 keeps rows off 4 KiB aliasing */
-    uint16_t *xh = calloc((size_t)(2 * MB * ldx), sizeof(uint16_t)); /* per x row: x, then 16 x */
-    float xs[MB];
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        int mb = M - m0 < MB ? (int)(M - m0) : MB;
-        for (int m = 0; m < mb; m++) {
-            float sum = 0;
-            for (int64_t k = 0; k < K; k++) {
-                uint16_t v = x[(m0 + m) * K + k];
-                xh[2 * m * ldx + k] = v;
-                xh[(2 * m + 1) * ldx + k] = f32_to_bf16(bf16_to_f32(v) * 16.0f); /* exact */
-                sum += bf16_to_f32(v);
-            }
-            xs[m] = sum;
-        }
-        int64_t nblocks = (N + RB - 1) / RB;
-#pragma omp parallel for schedule(static) if (N * K * mb > PAR_MIN_WORK)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            int64_t n0 = blk * RB;
-            int rows = N - n0 < RB ? (int)(N - n0) : RB;
-            float r[RB][MB];
-            const uint8_t *wr = w + n0 * K;
-            if (rows < RB) {
-                for (int i = 0; i < rows; i++) {
-                    float r1[1][MB];
-                    switch (mb) {
-                    case 1: rows_dot_i8(1, 1, wr + i * K, K, xh, ldx, r1); break;
-                    case 2: rows_dot_i8(2, 1, wr + i * K, K, xh, ldx, r1); break;
-                    case 3: rows_dot_i8(3, 1, wr + i * K, K, xh, ldx, r1); break;
-                    default: rows_dot_i8(4, 1, wr + i * K, K, xh, ldx, r1); break;
-                    }
-                    for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
-                }
-            } else {
-                switch (mb) {
-                case 1: rows_dot_i8(1, RB, wr, K, xh, ldx, r); break;
-                case 2: rows_dot_i8(2, RB, wr, K, xh, ldx, r); break;
-                case 3: rows_dot_i8(3, RB, wr, K, xh, ldx, r); break;
-                default: rows_dot_i8(4, RB, wr, K, xh, ldx, r); break;
-                }
-            }
-            for (int i = 0; i < rows; i++)
-                for (int m = 0; m < mb; m++)
-                    store_out(y + m0 * N, N, m, n0 + i, (r[i][m] - 2304.0f * xs[m]) * scale[n0 + i], bias);
-        }
-    }
-    free(xh);
-}
-
 /* fp8 e4m3 GEMV on vdpbf16ps: every e4m3 value is exact in bf16, so a 128-entry table (four registers,
  * two vpermt2w lookups of 64 entries selected by bit 6) turns 32 codes into bf16, and the sign is ORed in. */
 static inline __attribute__((always_inline)) void rows_dot_f8(int mb, int R, const uint8_t *w, int64_t K,
@@ -222,21 +166,48 @@ static inline __attribute__((always_inline)) void rows_dot_f8(int mb, int R, con
         for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
-              const float *bias, uint16_t *y) {
-    uint16_t table[128];
-    for (int mag = 0; mag < 128; mag++) { /* e4m3: exponent bias 7, subnormals m * 2^-9 */
-        int e = mag >> 3, mt = mag & 7;
-        float v = e ? ldexpf(1.0f + mt / 8.0f, e - 7) : ldexpf((float)mt, -9);
-        table[mag] = f32_to_bf16(v); /* exact: 3 mantissa bits */
-    }
+/* One row block of either kind; `tab` is the fp8 table (unused for int8). */
+static inline __attribute__((always_inline)) void rows_dot_bf16(int is_fp8, int mb, int R, const uint8_t *w,
+                                                                int64_t K, const uint16_t *xh, int64_t ldx,
+                                                                const __m512i *tab, float out[][MB]) {
+    if (is_fp8)
+        rows_dot_f8(mb, R, w, K, xh, ldx, tab, out);
+    else
+        rows_dot_i8(mb, R, w, K, xh, ldx, out);
+}
+
+/* Driver of the int8 and fp8 GEMVs (specialised per kind). x rows are copied into zero-padded bf16 rows:
+ * for int8 each x row is followed by 16 x, and its sum feeds the 2304 * sum(x) correction. */
+static inline __attribute__((always_inline)) void gemv_bf16dot(int is_fp8, const uint16_t *x, int64_t M, int64_t K,
+                                                               const uint8_t *w, int64_t N, const float *scale,
+                                                               const float *bias, uint16_t *y) {
     __m512i tab[4];
-    for (int i = 0; i < 4; i++) tab[i] = _mm512_loadu_si512(table + 32 * i);
+    if (is_fp8) {
+        uint16_t table[128];
+        for (int mag = 0; mag < 128; mag++) { /* e4m3: exponent bias 7, subnormals m * 2^-9 */
+            int e = mag >> 3, mt = mag & 7;
+            table[mag] = f32_to_bf16(e ? ldexpf(1.0f + mt / 8.0f, e - 7) : ldexpf((float)mt, -9)); /* exact */
+        }
+        for (int i = 0; i < 4; i++) tab[i] = _mm512_loadu_si512(table + 32 * i);
+    }
+    const int per_row = is_fp8 ? 1 : 2;                      /* x, or x and 16 x */
     int64_t ldx = (K + 31) / 32 * 32 + 32; /* zero padded to whole chunks; +32 keeps rows off 4 KiB aliasing */
-    uint16_t *xh = calloc((size_t)(MB * ldx), sizeof(uint16_t));
+    uint16_t *xh = calloc((size_t)(per_row * MB * ldx), sizeof(uint16_t));
+    float xs[MB];
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         int mb = M - m0 < MB ? (int)(M - m0) : MB;
-        for (int m = 0; m < mb; m++) memcpy(xh + m * ldx, x + (m0 + m) * K, sizeof(uint16_t) * (size_t)K);
+        for (int m = 0; m < mb; m++) {
+            float sum = 0;
+            for (int64_t k = 0; k < K; k++) {
+                uint16_t v = x[(m0 + m) * K + k];
+                xh[per_row * m * ldx + k] = v;
+                if (!is_fp8) {
+                    xh[(2 * m + 1) * ldx + k] = f32_to_bf16(bf16_to_f32(v) * 16.0f); /* exact */
+                    sum += bf16_to_f32(v);
+                }
+            }
+            xs[m] = is_fp8 ? 0.0f : 2304.0f * sum;
+        }
         int64_t nblocks = (N + RB - 1) / RB;
 #pragma omp parallel for schedule(static) if (N * K * mb > PAR_MIN_WORK)
         for (int64_t blk = 0; blk < nblocks; blk++) {
@@ -244,30 +215,33 @@ void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t
             int rows = N - n0 < RB ? (int)(N - n0) : RB;
             float r[RB][MB];
             const uint8_t *wr = w + n0 * K;
-            if (rows < RB) {
+            if (rows < RB) { /* the last rows, one at a time */
                 for (int i = 0; i < rows; i++) {
                     float r1[1][MB];
-                    switch (mb) {
-                    case 1: rows_dot_f8(1, 1, wr + i * K, K, xh, ldx, tab, r1); break;
-                    case 2: rows_dot_f8(2, 1, wr + i * K, K, xh, ldx, tab, r1); break;
-                    case 3: rows_dot_f8(3, 1, wr + i * K, K, xh, ldx, tab, r1); break;
-                    default: rows_dot_f8(4, 1, wr + i * K, K, xh, ldx, tab, r1); break;
-                    }
+#define ONE_ROW(MBC) rows_dot_bf16(is_fp8, MBC, 1, wr + i * K, K, xh, ldx, tab, r1)
+                    SWITCH_MB(mb, ONE_ROW);
+#undef ONE_ROW
                     for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
                 }
             } else {
-                switch (mb) {
-                case 1: rows_dot_f8(1, RB, wr, K, xh, ldx, tab, r); break;
-                case 2: rows_dot_f8(2, RB, wr, K, xh, ldx, tab, r); break;
-                case 3: rows_dot_f8(3, RB, wr, K, xh, ldx, tab, r); break;
-                default: rows_dot_f8(4, RB, wr, K, xh, ldx, tab, r); break;
-                }
+#define BLOCK(MBC) rows_dot_bf16(is_fp8, MBC, RB, wr, K, xh, ldx, tab, r)
+                SWITCH_MB(mb, BLOCK);
+#undef BLOCK
             }
             for (int i = 0; i < rows; i++)
-                for (int m = 0; m < mb; m++) store_out(y + m0 * N, N, m, n0 + i, r[i][m] * scale[n0 + i], bias);
+                for (int m = 0; m < mb; m++)
+                    store_out(y + m0 * N, N, m, n0 + i, (r[i][m] - xs[m]) * scale[n0 + i], bias);
         }
     }
     free(xh);
 }
 
+void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
+               const float *bias, uint16_t *y) {
+    gemv_bf16dot(0, x, M, K, (const uint8_t *)w, N, scale, bias, y);
+}
 
+void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
+              const float *bias, uint16_t *y) {
+    gemv_bf16dot(1, x, M, K, w, N, scale, bias, y);
+}
