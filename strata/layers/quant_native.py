@@ -74,6 +74,9 @@ def _build(cc: str) -> Path:
         subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
                        timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, target)
+        for stale in target.parent.glob("quant_cpu-*.so"):  # builds of older sources
+            if stale != target:
+                stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
