@@ -20,6 +20,11 @@ from strata.models.registry import model_class
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tensors some checkpoints carry that hold no learned state.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
+
+
+def quantized(name: str) -> bool:
+    return name.endswith(_QUANT_SUFFIXES)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig) -> torch.dtype:
@@ -108,7 +113,8 @@ def load_model(
             raise WeightsError(
                 f"{fn}: tensor '{name}' has shape {list(t.shape)}, expected {list(want.shape)} from config.json"
             )
-        if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype:
+        # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
+        if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
             t = t.to(torch_dtype)
         state[name] = t
     missing = [k for k in expected if k not in state and not (skip is not None and skip(k))]
