@@ -33,7 +33,9 @@ def run_strata(path: str, prompt_len: int, decode: int, threads: int) -> dict:
 
     from strata import LLM, SamplingParams
 
-    llm = LLM(path, progress=False, dtype="bfloat16", num_threads=threads, max_num_seqs=1)
+    # no prefix caching: the warm-up uses the same prompt and must not make the measured prefill a cache hit
+    llm = LLM(path, progress=False, dtype="bfloat16", num_threads=threads, max_num_seqs=1,
+              enable_prefix_caching=False)
     eng = llm.engine
     ids = _prompt(eng.model_config.vocab_size, prompt_len)
     params = SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True)
