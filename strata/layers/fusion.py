@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from strata.layers.linear import Linear
+
 
 def _fusable(linears: list[nn.Module]) -> bool:
-    if not all(type(m) is nn.Linear for m in linears):
+    if not all(type(m) in (nn.Linear, Linear) for m in linears):
         return False
     w0 = linears[0].weight
     if w0.is_meta or any(m.weight.is_meta or m.weight.dtype != w0.dtype for m in linears):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.layers.fusion import fuse
+from strata.layers.linear import Linear, linear
 
 
 class _GatedMLP(nn.Module):
@@ -25,7 +26,7 @@ class _GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self._projections()
         if self.gate_up_weight is not None and gate.bias is None:
-            g, u = F.linear(x, self.gate_up_weight).split(gate.out_features, dim=-1)  # [N, I] each
+            g, u = linear(x, self.gate_up_weight).split(gate.out_features, dim=-1)  # [N, I] each
             return down(F.silu(g) * u)
         return down(F.silu(gate(x)) * up(x))
 
@@ -33,9 +34,9 @@ class _GatedMLP(nn.Module):
 class MLP(_GatedMLP):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def _projections(self):
         return self.gate_proj, self.up_proj, self.down_proj
@@ -46,9 +47,9 @@ class MixtralExpert(_GatedMLP):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w1 = Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = Linear(intermediate_size, hidden_size, bias=False)
+        self.w3 = Linear(hidden_size, intermediate_size, bias=False)
 
     def _projections(self):
         return self.w1, self.w3, self.w2

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.config import ModelConfig
+from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 
 
@@ -40,11 +41,11 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         # Mixtral keeps the routing weights in float32 when scaling expert outputs; Qwen/OLMoE cast first.
         self.cast_weights = cfg.model_type != "mixtral"
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList([expert_factory() for _ in range(cfg.num_experts)])
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
         self.expert_provider = None

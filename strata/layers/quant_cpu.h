@@ -1,7 +1,7 @@
 /* Shared definitions of Strata's AVX-512 quantized-weight kernels (see docs/quantization.md).
  *
- * quant_cpu_gemv8.c, quant_cpu_gemv4.c and quant_cpu_dequant.c include this header; quant_native.py compiles
- * them into one library once per machine and loads it through ctypes.
+ * quant_cpu_gemv8.c, quant_cpu_gemv4.c, quant_cpu_gemv16.c (plain bf16 weights) and quant_cpu_dequant.c include
+ * this header; quant_native.py compiles them into one library once per machine and loads it through ctypes.
  * Threads come from OpenMP; because torch is imported first, this library binds to torch's libgomp and
  * obeys torch.set_num_threads.
  *

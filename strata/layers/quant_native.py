@@ -23,9 +23,9 @@ import torch  # loaded first so the library binds to torch's OpenMP runtime
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_dequant.c")]
+SOURCES = [HERE / n for n in ("quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 3  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 4  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
@@ -37,6 +37,7 @@ _SIGNATURES = {
     "gemv_fp8": [_P, _I, _I, _P, _I, _P, _P, _P],
     "gemv_nested": [_P, _I, _I, _P, _I, _I, _P, _P, _P],
     "gemv_int4": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P],
+    "gemv_bf16": [_P, _I, _I, _P, _I, _P, _P, _I],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],

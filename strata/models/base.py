@@ -7,12 +7,12 @@ models/ sets those switches on a subclass of `CausalLM`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
 from strata.layers.fusion import fuse
+from strata.layers.linear import Linear, linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.norm import RMSNorm
@@ -28,10 +28,10 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=o_bias)
+        self.q_proj = Linear(cfg.hidden_size, q_dim, bias=qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=qkv_bias)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm == "head":  # Qwen3: per-head norm over head_dim
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -53,7 +53,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
             q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
@@ -121,7 +121,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, type(self))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = None  # built by post_load(), after the weights leave the meta device
 
     def post_load(self) -> None:

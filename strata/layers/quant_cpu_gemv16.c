@@ -1,0 +1,90 @@
+/* GEMV of plain bf16 weights on vdpbf16ps: the batch-1 decode path of unquantized bf16 models.
+ *
+ * torch's bf16 F.linear at one row streams the weights at about half the machine's read bandwidth; this loop
+ * does nothing but load 64-byte lines of W, one vdpbf16ps per line and x row, and prefetch (see PREFETCH in
+ * quant_cpu.h), so it runs at the speed of the weight stream. Products of two bf16 are exact in fp32; the
+ * sums round like any fp32 accumulation, in a different order than oneDNN's.
+ */
+#include "quant_cpu.h"
+
+/* out[r][m] = sum_k x[m, k] * w[r, k] for R consecutive weight rows; x rows are zero-padded to whole chunks of
+ * 32, so only the weight load of the last chunk is masked. U chains per (row, x row) hide the vdpbf16ps
+ * latency when R * mb is small. */
+static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int U, const uint16_t *w, int64_t K,
+                                                             const uint16_t *xh, int64_t ldx, float out[][MB]) {
+    __m512 acc[RB][MB][2];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < mb; m++)
+            for (int u = 0; u < U; u++) acc[r][m][u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * U <= K; k += 32 * U) {
+        for (int u = 0; u < U; u++) {
+            __m512i wv[RB];
+            for (int r = 0; r < R; r++) {
+                const uint16_t *p = w + r * K + k + 32 * u;
+                _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0); /* same line, next block's row */
+                wv[r] = _mm512_loadu_si512(p);
+            }
+            for (int m = 0; m < mb; m++) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(xh + m * ldx + k + 32 * u);
+                for (int r = 0; r < R; r++) acc[r][m][u] = _mm512_dpbf16_ps(acc[r][m][u], (__m512bh)wv[r], xv);
+            }
+        }
+    }
+    for (; k < K; k += 32) {
+        __mmask32 lm = K - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1ull << (K - k)) - 1);
+        for (int r = 0; r < R; r++) {
+            __m512i wv = _mm512_maskz_loadu_epi16(lm, w + r * K + k);
+            for (int m = 0; m < mb; m++)
+                acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xh + m * ldx + k));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < mb; m++) {
+            __m512 t = acc[r][m][0];
+            for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[r][m][u]);
+            out[r][m] = _mm512_reduce_add_ps(t);
+        }
+}
+
+/* y[M, N] = x[M, K] @ w[N, K]^T (+ bias fp32 [N] or NULL); x and w bf16, row-major and contiguous.
+ * y is bf16, or fp32 when out_f32 is nonzero. Any M (groups of MB rows), K and N. */
+void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int64_t out_f32) {
+    int64_t ldx = (K + 31) / 32 * 32 + 32; /* zero padded to whole chunks; +32 keeps rows off 4 KiB aliasing */
+    uint16_t *xh = calloc((size_t)(MB * ldx), sizeof(uint16_t));
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        int mb = M - m0 < MB ? (int)(M - m0) : MB;
+        for (int m = 0; m < mb; m++) memcpy(xh + m * ldx, x + (m0 + m) * K, sizeof(uint16_t) * (size_t)K);
+        int64_t nblocks = (N + RB - 1) / RB;
+#pragma omp parallel for schedule(static) if (N * K * 2 > PAR_MIN_WORK)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            int64_t n0 = blk * RB;
+            int rows = N - n0 < RB ? (int)(N - n0) : RB;
+            float r[RB][MB];
+            const uint16_t *wr = w + n0 * K;
+            if (rows < RB) { /* the last rows, one at a time */
+                for (int i = 0; i < rows; i++) {
+                    float r1[1][MB];
+#define ONE_ROW(MBC) rows_dot16(MBC, 1, 2, wr + i * K, K, xh, ldx, r1)
+                    SWITCH_MB(mb, ONE_ROW);
+#undef ONE_ROW
+                    for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
+                }
+            } else {
+#define BLOCK(MBC) rows_dot16(MBC, RB, MBC == 1 ? 2 : 1, wr, K, xh, ldx, r)
+                SWITCH_MB(mb, BLOCK);
+#undef BLOCK
+            }
+            for (int i = 0; i < rows; i++)
+                for (int m = 0; m < mb; m++) {
+                    int64_t n = n0 + i;
+                    if (out_f32)
+                        ((float *)y)[(m0 + m) * N + n] = bias ? r[i][m] + bias[n] : r[i][m];
+                    else
+                        store_out((uint16_t *)y + m0 * N, N, m, n, r[i][m], bias);
+                }
+        }
+    }
+    free(xh);
+}

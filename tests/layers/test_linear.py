@@ -1,0 +1,135 @@
+"""The bf16 decode GEMV (quant_cpu_gemv16.c) against a float64 reference, and the dispatch in layers/linear.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.layers import linear as linear_mod
+from strata.layers.fusion import fuse
+from strata.layers.linear import Linear, bf16_lib, linear
+from strata.layers.quant_linear import QuantLinear, swap_linears
+
+needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native bf16 GEMV unavailable on this machine")
+
+
+def _ref(x, w, b=None):
+    y = x.double() @ w.double().T  # [M, N]
+    return y if b is None else y + b.double()
+
+
+def _check(y, ref):
+    # one bf16 rounding of the output (rel. 2^-8) plus fp32 accumulation in some order
+    tol = ref.abs() * 2**-8 + 1e-5 * (1 + ref.abs().max())
+    assert ((y.double() - ref).abs() <= tol).all()
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", [(172, 37), (2049, 37), (172, 5632), (2049, 5632), (64, 4), (31, 1)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_kernel_matches_float64(k, n, m):
+    g = torch.Generator().manual_seed(k * 31 + n + m)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    _check(linear(x, w), _ref(x, w))
+
+
+@needs_native
+def test_kernel_bias_fp32_output_and_leading_dims():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 300, generator=g).bfloat16()  # [B, T, K]: leading dims flattened to 2 rows
+    w = torch.randn(70, 300, generator=g).bfloat16()
+    b = torch.randn(70, generator=g).bfloat16()
+    y = linear(x, w, b)
+    assert y.shape == (2, 1, 70) and y.dtype == torch.bfloat16
+    _check(y.reshape(2, 70), _ref(x.reshape(2, 300), w, b))
+    out = torch.empty(2, 70)
+    x2 = x.reshape(2, 300)
+    bf = b.float()
+    bf16_lib().gemv_bf16(x2.data_ptr(), 2, 300, w.data_ptr(), 70, bf.data_ptr(), out.data_ptr(), 1)
+    ref = _ref(x2, w, b)
+    assert ((out.double() - ref).abs() <= 1e-5 * (1 + ref.abs())).all()
+
+
+def test_falls_back_to_f_linear(monkeypatch):
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(linear_mod.F, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    w = torch.randn(8, 16)
+    linear(torch.randn(1, 16), w)  # fp32
+    linear(torch.randn(8, 16).bfloat16(), w.bfloat16())  # 8 rows
+    linear(torch.randn(1, 16).bfloat16(), w.bfloat16().t().contiguous().t()[:, :16])  # non-contiguous weight
+    assert calls == [(1, 16), (8, 16), (1, 16)]
+    calls.clear()
+    linear(torch.randn(3, 16).bfloat16(), w.bfloat16())
+    assert calls == ([] if bf16_lib() is not None else [(3, 16)])
+
+
+def test_env_switch_disables_native(monkeypatch):
+    monkeypatch.setenv("STRATA_NATIVE_BF16", "0")
+    bf16_lib.cache_clear()
+    try:
+        assert bf16_lib() is None
+        x, w = torch.randn(1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+        assert torch.equal(linear(x, w), F.linear(x, w))
+    finally:
+        monkeypatch.delenv("STRATA_NATIVE_BF16")
+        bf16_lib.cache_clear()
+
+
+def test_linear_module_is_an_nn_linear():
+    lin = Linear(16, 8, bias=True)
+    assert isinstance(lin, nn.Linear) and set(lin.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 16)
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    a, b = Linear(16, 8, bias=False), Linear(16, 4, bias=False)
+    w, _ = fuse([a, b])
+    assert w.shape == (12, 16) and a.weight.data_ptr() == w.data_ptr()
+
+
+def test_swap_linears_finds_linear():
+    model = nn.Module()
+    model.proj = Linear(64, 32, bias=False)
+    swap_linears(model, {"proj": "int8"})
+    assert isinstance(model.proj, QuantLinear)
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])  # tied lm_head; qkv bias, MoE router, shared expert
+def test_bf16_decode_matches_f_linear_path(tmp_path, monkeypatch, family):
+    pytest.importorskip("transformers")
+    from strata.layers.attention import AttentionMetadata
+    from strata.weights.loader import load_model
+    from tests.models.conftest import build_hf
+
+    build_hf(family, tmp_path, dtype=torch.bfloat16)
+    model = load_model(str(tmp_path), progress=False)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    cfg = model.config
+    ids = torch.randint(3, cfg.vocab_size, (6,), generator=torch.Generator().manual_seed(0))
+
+    def decode():  # token by token through the KV cache, so every projection sees one row
+        shape = (8, cfg.num_key_value_heads, cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+                  for _ in range(cfg.num_hidden_layers)]
+        slots, out = torch.arange(8), []
+        for t in range(len(ids)):
+            meta = AttentionMetadata([0], [1], [t + 1], slots[t : t + 1], [slots[: t + 1]])
+            out.append(model(ids[t : t + 1], torch.tensor([t]), meta, caches))
+        return torch.cat(out)  # [T, V]
+
+    lib = bf16_lib()
+    calls = []
+
+    class Counting:
+        def gemv_bf16(self, *a):
+            calls.append(a[1])
+            lib.gemv_bf16(*a)
+
+    monkeypatch.setattr(linear_mod, "bf16_lib", lambda: Counting())
+    native = decode()
+    assert calls and set(calls) == {1}
+    monkeypatch.setattr(linear_mod, "bf16_lib", lambda: None)
+    ref = decode()
+    torch.testing.assert_close(native, ref, atol=0.1, rtol=0.05)  # bf16 roundings in a different order
+    assert (native.argmax(-1) == ref.argmax(-1)).all()
