@@ -273,5 +273,6 @@ class EngineConfig:
     memory_budget: int | None = None  # bytes for everything (tiered experts engage when the model exceeds it)
     expert_cache_policy: str = "nextuse"
     prefetch: str = "none"
+    miss_fallback: str = "none"  # on an expert cache miss: none (wait, exact), renormalize, lowbit
     record_routing: str | None = None  # JSONL file of routing decisions
     replay_routing: str | None = None  # JSONL file forcing the routing

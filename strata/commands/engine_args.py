@@ -21,6 +21,8 @@ HELP = {
     "memory_budget": "total memory budget, e.g. 3GiB; MoE experts beyond it are served from disk",
     "expert_cache_policy": "expert cache eviction policy (nextuse, lru, lfu, lfru, score)",
     "prefetch": "expert prefetcher (none, lookahead, affinity)",
+    "miss_fallback": "on an expert cache miss: none (wait for the read; exact), renormalize (skip the expert, "
+                     "rescale the others' weights), lowbit (run a resident int4 copy); see docs/tiers.md",
     "record_routing": "write routing decisions as JSONL to this file",
     "replay_routing": "force routing from this JSONL trace",
 }

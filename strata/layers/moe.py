@@ -10,7 +10,9 @@ Experts are addressable one at a time: `experts` is an nn.ModuleList whose entri
             The returned experts stay valid until release() for the same layer.'''
         def release(self, layer_idx: int, expert_ids: list[int]) -> None: ...
 
-`expert_provider is None` means the resident `experts` ModuleList is used directly.
+`expert_provider is None` means the resident `experts` ModuleList is used directly. A provider may leave an
+expert out of the mapping (a miss fallback, strata/tiers/provider.py): the block drops it and rescales each
+token's remaining weights to the token's top-k sum; a token left with none asks again for its first choice.
 
 Routing hooks (tiers: recording, prefetch, replay):
 - `router_hooks`: callables hook(block, x [T, H], topk_weights [T, k], topk_ids [T, k]) called after routing,
@@ -79,22 +81,26 @@ class SparseMoeBlock(nn.Module):
         if T == 1:  # decode: no sorting, k small matmuls
             expert_ids = ids[0].tolist()
             experts = self._acquire(expert_ids)
+            experts, weights, dropped = self._drop_missing(experts, expert_ids, ids, weights)
             out = torch.zeros_like(x)
             for j, e in enumerate(expert_ids):
-                out += (experts[e](x) * weights[0, j]).to(x.dtype)
+                if e not in dropped:
+                    out += (experts[e](x) * weights[0, j]).to(x.dtype)
             self._release(expert_ids)
             return out
         flat_ids = ids.reshape(-1)  # [T*k]
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         token_idx = order // self.top_k  # [T*k] token of each sorted assignment
-        flat_w = weights.reshape(-1)[order]  # [T*k]
         active = [e for e, c in enumerate(counts) if c]
         experts = self._acquire(active)
+        experts, weights, dropped = self._drop_missing(experts, active, ids, weights)
+        flat_w = weights.reshape(-1)[order]  # [T*k]
         out = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts):
-            if not c:
+            if not c or e in dropped:
+                start += c
                 continue
             idx = token_idx[start : start + c]
             y = experts[e](x.index_select(0, idx)) * flat_w[start : start + c, None]  # [c, H]
@@ -102,6 +108,23 @@ class SparseMoeBlock(nn.Module):
             start += c
         self._release(active)
         return out
+
+    def _drop_missing(self, experts, expert_ids: list[int], ids: torch.Tensor, weights: torch.Tensor):
+        """-> (experts, weights [T, k] rescaled over the experts served, ids left out)."""
+        if self.expert_provider is None:
+            return experts, weights, ()
+        dropped = {e for e in expert_ids if e not in experts}
+        if not dropped:
+            return experts, weights, dropped
+        gone = torch.isin(ids, torch.tensor(sorted(dropped)))  # [T, k]
+        starved = gone.all(dim=-1)  # [T] tokens with no expert left
+        if starved.any():
+            experts = {**experts, **self.expert_provider.acquire(self.layer_idx, ids[starved, 0].unique().tolist())}
+            dropped = {e for e in dropped if e not in experts}
+            gone = torch.isin(ids, torch.tensor(sorted(dropped), dtype=ids.dtype))  # [T, k]
+        kept = weights.masked_fill(gone, 0)  # [T, k]
+        total, left = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)  # [T, 1]
+        return experts, kept * torch.where(left > 0, total / left, torch.zeros_like(left)), dropped
 
     def _acquire(self, expert_ids: list[int]):
         if self.expert_provider is None:

@@ -56,10 +56,12 @@ class MemoryPlan:
     slot_bytes: int
     num_slots: int
     max_slots: int  # slots that would hold every expert
+    lowbit_bytes: int = 0  # resident low-bit copies of every expert (--miss-fallback lowbit)
 
     @property
     def fixed_bytes(self) -> int:
-        return self.runtime_bytes + self.resident_bytes + self.kv_bytes + self.activation_bytes + self.io_buffer_bytes
+        return (self.runtime_bytes + self.resident_bytes + self.kv_bytes + self.activation_bytes
+                + self.io_buffer_bytes + self.lowbit_bytes)
 
     @property
     def expert_cache_bytes(self) -> int:
@@ -76,17 +78,18 @@ class MemoryPlan:
         parts = [f"budget {format_size(self.budget_bytes)}", f"runtime {format_size(self.runtime_bytes)}",
                  f"resident weights {format_size(self.resident_bytes)}", f"KV cache {format_size(self.kv_bytes)}",
                  f"activations {format_size(self.activation_bytes)}",
+                 *([f"low-bit experts {format_size(self.lowbit_bytes)}"] if self.lowbit_bytes else []),
                  f"expert cache {self.num_slots}/{self.max_slots} slots x {format_size(self.slot_bytes)}"]
         return ", ".join(parts)
 
 
 def plan_memory(budget: int | str, *, resident_bytes: int, slot_bytes: int, max_slots: int, min_slots: int = 1,
                 kv_bytes: int = 0, activation_bytes: int = 0, io_buffer_bytes: int = 0,
-                runtime_bytes: int | None = None) -> MemoryPlan:
+                runtime_bytes: int | None = None, lowbit_bytes: int = 0) -> MemoryPlan:
     budget_bytes = parse_size(budget)
     runtime = current_rss() if runtime_bytes is None else runtime_bytes
     plan = MemoryPlan(budget_bytes, runtime, resident_bytes, kv_bytes, activation_bytes, io_buffer_bytes,
-                      slot_bytes, 0, max_slots)
+                      slot_bytes, 0, max_slots, lowbit_bytes)
     spare = budget_bytes - plan.fixed_bytes
     plan.num_slots = max(0, min(max_slots, spare // slot_bytes if slot_bytes else max_slots))
     need_slots = min(min_slots, max_slots)
@@ -95,7 +98,8 @@ def plan_memory(budget: int | str, *, resident_bytes: int, slot_bytes: int, max_
         raise BudgetError(
             f"--memory-budget {format_size(budget_bytes)} is too small: runtime {format_size(runtime)} + resident "
             f"weights {format_size(resident_bytes)} + KV cache {format_size(kv_bytes)} + activations "
-            f"{format_size(activation_bytes + io_buffer_bytes)} + {need_slots} expert slots x "
+            f"{format_size(activation_bytes + io_buffer_bytes)} + "
+            f"{f'low-bit experts {format_size(lowbit_bytes)} + ' if lowbit_bytes else ''}{need_slots} expert slots x "
             f"{format_size(slot_bytes)} need {format_size(minimum)}; the minimum that would work is "
             f"--memory-budget {_round_up_mib(minimum)}")
     return plan

@@ -156,15 +156,26 @@ class ExpertCache:
         self.pools.mark_busy(key, +1)
         return slot
 
-    def request(self, layer: int, experts: Iterable[int]) -> None:
+    def request(self, layer: int, experts: Iterable[int], skip_misses: bool = False) -> list[int]:
         """The demand accesses of one step: reads of missing experts start now (demand priority), so
         later experts load while earlier ones compute. Requested experts stay protected from eviction
-        until hold() or release()."""
+        until hold() or release().
+
+        skip_misses (the miss fallbacks of provider.py): an expert neither resident nor being read is
+        not held; its read starts behind the demand reads, so a later token finds it, and it is returned
+        in the list of skipped experts (the caller computes without it or from another copy)."""
+        skipped = []
         with self._lock:
             for e in dict.fromkeys(int(e) for e in experts):
                 key = (layer, e)
-                if key not in self._requested and self._admit(key) is not None:
+                if skip_misses and key not in self._requested and self.pools.slot(key) is None:
+                    _, slot, _ = self.pools.access(key)  # counts the access and the miss
+                    if slot is not None:  # None: every slot is busy; a later token asks again
+                        self._start_read(key, slot, PREFETCH)
+                    skipped.append(e)
+                elif key not in self._requested and self._admit(key) is not None:
                     self._requested.add(key)
+        return skipped
 
     def release(self, layer: int, experts: Iterable[int]) -> None:
         """Drops the protection of requested experts that were never held."""

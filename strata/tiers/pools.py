@@ -34,6 +34,8 @@ class TierStats:
     prefetch_bytes: int = 0
     prefetch_waste_bytes: int = 0
     io_stall_s: float = 0.0  # caller-measured time spent waiting for reads
+    fallback_renormalized: int = 0  # expert calls skipped on a miss (the block renormalized the others)
+    fallback_lowbit: int = 0  # expert calls served from the resident low-bit copy on a miss
 
     @property
     def hit_rate(self) -> float:

@@ -6,6 +6,13 @@ experts still works (an expert is then read again). The callable runs the block'
 (whose parameters stay on the meta device) on the slot's tensors with torch.func.functional_call, so
 offloaded and resident generation execute the same kernels on the same values: identical tokens.
 
+Miss fallbacks (`fallback`, EngineConfig.miss_fallback; the default "none" is exact): on a demand miss
+whose read is not already in flight, the read starts in the background (a later token hits) and
+- "renormalize": the expert is left out of the returned mapping; the block drops it and rescales the
+  token's remaining weights to their top-k sum. A token left with no expert asks again, and that
+  request waits for the read: it is computed exactly and not counted as a fallback.
+- "lowbit": the expert's resident int4 copy (lowbit.py) runs instead.
+
 `PrefetchHook` is a router hook: after each block routes, it feeds the router output to the cache's
 policy and starts background reads for the next MoE block's predicted experts (lookahead gating, or a
 trace predictor from predictors.py). Predictions only choose what to read early, never what to run.
@@ -40,9 +47,20 @@ class TieredExpert:
             return functional_call(self.module, weights, (x,))  # [N, H]
 
 
+FALLBACKS = ("none", "renormalize", "lowbit")
+
+
 class TieredExpertProvider:
-    def __init__(self, cache: ExpertCache, blocks: list[SparseMoeBlock], dtype: torch.dtype):
-        self.cache = cache
+    def __init__(self, cache: ExpertCache, blocks: list[SparseMoeBlock], dtype: torch.dtype,
+                 fallback: str = "none", lowbit: dict[int, list[nn.Module]] | None = None):
+        from strata.errors import ConfigError
+
+        if fallback not in FALLBACKS:
+            raise ConfigError(f"--miss-fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        if fallback == "lowbit" and lowbit is None:
+            raise ConfigError("--miss-fallback lowbit needs the low-bit expert copies (tiers/lowbit.py)")
+        self.cache, self.fallback, self.lowbit = cache, fallback, lowbit
+        self._skipped: set[tuple[int, int]] = set()  # experts the previous acquire left out
         self._experts: dict[int, list[TieredExpert]] = {}
         for block in blocks:
             module = block.experts[0]  # every expert of a block shares one architecture
@@ -52,11 +70,25 @@ class TieredExpertProvider:
                                               for e in range(block.num_experts)]
 
     def acquire(self, layer_idx: int, expert_ids: list[int]) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
-        self.cache.request(layer_idx, expert_ids)
         experts = self._experts[layer_idx]
-        return {e: experts[e] for e in expert_ids}
+        if self.fallback == "none":
+            self.cache.request(layer_idx, expert_ids)
+            return {e: experts[e] for e in expert_ids}
+        stats = self.cache.stats
+        # the block asks again for experts left out when a token had none left: those are computed exactly
+        stats.fallback_renormalized -= sum((layer_idx, e) in self._skipped for e in set(expert_ids))
+        skipped = self.cache.request(layer_idx, expert_ids, skip_misses=True)
+        self._skipped = {(layer_idx, e) for e in skipped}
+        out = {e: experts[e] for e in expert_ids if e not in skipped}
+        if self.fallback == "lowbit":
+            out.update({e: self.lowbit[layer_idx][e] for e in skipped})
+            stats.fallback_lowbit += len(skipped)
+        else:
+            stats.fallback_renormalized += len(skipped)
+        return out
 
     def release(self, layer_idx: int, expert_ids: list[int]) -> None:
+        self._skipped.clear()
         self.cache.release(layer_idx, expert_ids)
 
 

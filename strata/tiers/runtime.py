@@ -18,7 +18,7 @@ import sys
 import torch
 
 from strata.config import EngineConfig, ModelConfig
-from strata.errors import WeightsError
+from strata.errors import ConfigError, WeightsError
 from strata.tiers.budget import (
     MemoryPlan,
     current_rss,
@@ -108,6 +108,9 @@ class TierRuntime:
             "expert_slot_bytes": self.cache.slot_bytes,
             "expert_cache_policy": self.config.expert_cache_policy,
             "prefetch": self.config.prefetch,
+            "miss_fallback": self.config.miss_fallback,
+            "fallback_renormalized": st.fallback_renormalized,
+            "fallback_lowbit": st.fallback_lowbit,
             "direct_io": self.store.direct_io,
             "memory_plan": self.plan.to_dict() if self.plan else None,
         }
@@ -119,7 +122,8 @@ class TierRuntime:
             self.cache.close()  # stops the I/O threads; the counters stay readable
 
 
-def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts) -> MemoryPlan:
+def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
+          lowbit: bool = False) -> MemoryPlan:
     elem = torch.empty(0, dtype=dtype).element_size()
     max_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
     # the KV cache as LLMEngine sizes it: whole blocks, at most kv_cache_memory, at most what is wanted
@@ -137,7 +141,7 @@ def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype,
         model_class(cfg)(cfg)
     return plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
                        kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
-                       min_slots=min_slots_for("global", cfg.num_hidden_layers, cfg.num_experts_per_tok))
+                       lowbit_bytes=facts.lowbit_bytes if lowbit else 0, min_slots=min_slots_for("global", cfg.num_hidden_layers, cfg.num_experts_per_tok))
 
 
 def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
@@ -155,13 +159,17 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
         return model, (TierRuntime(model, config) if hooked and cfg.is_moe else None)
 
     from strata.tiers.cache import ExpertCache
-    from strata.tiers.provider import PrefetchHook, TieredExpertProvider
+    from strata.tiers.provider import FALLBACKS, PrefetchHook, TieredExpertProvider
     from strata.tiers.store import ExpertStore
     from strata.tiers.store_convert import checkpoint_facts, ensure_store, is_expert_tensor
 
+    if config.miss_fallback not in FALLBACKS:
+        raise ConfigError(f"--miss-fallback must be one of {', '.join(FALLBACKS)}, got {config.miss_fallback!r}")
     dtype = resolve_dtype(config.dtype, cfg)
     facts = checkpoint_facts(path)
     plan = _plan(path, config, cfg, dtype, facts)
+    if not plan.all_experts_fit and config.miss_fallback == "lowbit":  # the low-bit copies take their share
+        plan = _plan(path, config, cfg, dtype, facts, lowbit=True)
     if plan.all_experts_fit:
         log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
         model = load_model(path, dtype=config.dtype, progress=progress)
@@ -171,7 +179,12 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress)
     cache = ExpertCache(store, plan.num_slots, config.expert_cache_policy, "global", io_workers=1, populate=True)
     blocks = model.moe_blocks()
-    provider = TieredExpertProvider(cache, blocks, dtype)
+    lowbit = None
+    if config.miss_fallback == "lowbit":
+        from strata.tiers.lowbit import build_lowbit_experts
+
+        lowbit = build_lowbit_experts(store, blocks, dtype, progress=progress)
+    provider = TieredExpertProvider(cache, blocks, dtype, config.miss_fallback, lowbit)
     hook = PrefetchHook(cache, blocks, config.prefetch)
     for block in blocks:
         block.expert_provider = provider

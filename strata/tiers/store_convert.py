@@ -99,6 +99,7 @@ class CheckpointFacts:
     expert_bytes: int
     num_experts: int  # (layer, expert) pairs
     slot_bytes: int  # the largest expert as laid out in the store
+    lowbit_bytes: int = 0  # every expert's resident low-bit copy (--miss-fallback lowbit, tiers/lowbit.py)
 
     def resident_bytes(self, dtype_bytes: int | None = None) -> int:
         """Bytes of everything but routed experts once loaded with floats of `dtype_bytes` (None: as stored)."""
@@ -120,9 +121,13 @@ def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
                 float_elems += t.nbytes // _FLOAT_CODES[t.dtype]
                 float_bytes += t.nbytes
     experts = _expert_tensors(src)
+    from strata.tiers.lowbit import lowbit_nbytes
+
     padded = [_layout(tensors)[2] for tensors in experts.values()]
+    lowbit = sum(lowbit_nbytes(n, t.dtype, tuple(t.shape), t.nbytes) for ts in experts.values() for n, t in ts)
     return CheckpointFacts(non_expert, float_bytes, float_elems,
-                           sum(t.nbytes for ts in experts.values() for _, t in ts), len(experts), max(padded))
+                           sum(t.nbytes for ts in experts.values() for _, t in ts), len(experts), max(padded),
+                           lowbit)
 
 
 def _layout(tensors: list[tuple[str, _SrcTensor]]) -> tuple[list[tuple[str, _SrcTensor, int]], int, int]:
