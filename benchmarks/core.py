@@ -2,6 +2,10 @@
 with the memory-bandwidth roofline measured in the same run.
 
     .venv/bin/python benchmarks/core.py --models bundled,dense-1b,olmoe-1b-7b
+    .venv/bin/python benchmarks/core.py --models bundled,dense-1b --engines strata,strata-no-bf16-gemv,transformers
+
+`strata-no-bf16-gemv` is Strata with STRATA_NATIVE_BF16=0 (bf16 projections through torch's F.linear instead of
+the native GEMV of strata/layers/linear.py), to measure what that kernel buys in the same run.
 
 Each engine runs in its own subprocess (so neither sees the other's memory); results go to
 docs/benchmarks/core.json and a markdown table on stdout.
@@ -61,7 +65,7 @@ def run_transformers(path: str, prompt_len: int, decode: int, threads: int) -> d
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     ids = torch.tensor([_prompt(model.config.vocab_size, prompt_len)])
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up, same prompt length
         t0 = time.perf_counter()
@@ -73,10 +77,17 @@ def run_transformers(path: str, prompt_len: int, decode: int, threads: int) -> d
     return {"prefill_tok_s": prompt_len / prefill, "decode_tok_s": (decode - 1) / max(t2 - t1 - prefill, 1e-9)}
 
 
+# engine label -> (runner in this file, extra environment of its subprocess)
+ENGINES = {"strata": ("strata", {}), "strata-no-bf16-gemv": ("strata", {"STRATA_NATIVE_BF16": "0"}),
+           "transformers": ("transformers", {})}
+
+
 def _child(engine: str, path: str, prompt_len: int, decode: int, threads: int) -> dict:
-    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.core import run_{engine} as f; "
+    runner, env = ENGINES[engine]
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.core import run_{runner} as f; "
             f"print('RESULT', json.dumps(f({path!r}, {prompt_len}, {decode}, {threads})))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                       env={**os.environ, **env})
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -93,12 +104,14 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="strata,transformers", help=f"comma-separated, from {', '.join(ENGINES)}")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "core.json"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     bw = memory_bandwidth_gbs()
+    engines = args.engines.split(",")
     rows = []
     for name in args.models.split(","):
         path = BUNDLED_MODEL if name == "bundled" else str(synthetic_model(name))
@@ -106,15 +119,15 @@ def main() -> None:
         bytes_tok = weight_bytes_per_token(cfg)
         row = {"model": name, "params": cfg.param_counts()["total"], "active_params": cfg.param_counts()["active"],
                "weight_bytes_per_token": bytes_tok, "roofline_decode_tok_s": bw * 1e9 / bytes_tok}
-        for engine in ("strata", "transformers"):
+        for engine in engines:
             row[engine] = _child(engine, path, args.prompt_len, args.decode, args.threads)
             print(name, engine, row[engine], file=sys.stderr)
-        s, t = row["strata"], row["transformers"]
+            if "error" not in row[engine]:
+                row[f"{engine}_roofline_fraction"] = row[engine]["decode_tok_s"] / row["roofline_decode_tok_s"]
+        s, t = row.get("strata", {"error": "not run"}), row.get("transformers", {"error": "not run"})
         if "error" not in s and "error" not in t:
             row["decode_ratio"] = s["decode_tok_s"] / t["decode_tok_s"]
             row["prefill_ratio"] = s["prefill_tok_s"] / t["prefill_tok_s"]
-            row["strata_roofline_fraction"] = s["decode_tok_s"] / row["roofline_decode_tok_s"]
-            row["transformers_roofline_fraction"] = t["decode_tok_s"] / row["roofline_decode_tok_s"]
         rows.append(row)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                "memory_read_gb_s": bw, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -127,12 +140,13 @@ def main() -> None:
     print("| model | engine | prefill tok/s | decode tok/s | decode vs transformers | roofline tok/s | fraction |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        for e in ("strata", "transformers"):
+        for e in engines:
             m = r[e]
             if "error" in m:
                 print(f"| {r['model']} | {e} | error: {m['error']} | | | | |")
                 continue
-            ratio = f"{r.get('decode_ratio', float('nan')):.2f}x" if e == "strata" else "1.00x"
+            t = r.get("transformers", {})
+            ratio = f"{m['decode_tok_s'] / t['decode_tok_s']:.2f}x" if "decode_tok_s" in t else "-"
             print(f"| {r['model']} | {e} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.2f} | {ratio} | "
                   f"{r['roofline_decode_tok_s']:.1f} | {m['decode_tok_s'] / r['roofline_decode_tok_s']:.0%} |")
 

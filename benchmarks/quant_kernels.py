@@ -7,7 +7,7 @@ Every call runs on the next of several copies of the layer, together more than -
 so the numbers are DRAM-bound like a real decode step, not cache-resident. The machine's read bandwidth
 is measured in the same run (torch fp32 sum over 256 MiB, best of 10, before every case), and each row reports weight bytes
 per second and the fraction of that roofline; batched rows report speed relative to the bf16 matmul at
-the same number of rows. Peers: bf16 F.linear, torch._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu.
+the same number of rows. Peers: bf16 F.linear (and Strata's bf16 GEMV, case `bf16 native`), torch._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu.
 Results: docs/benchmarks/quant_kernels.json and .md. Median and best timings are both kept; the derived
 columns use the best run (and the best bandwidth sample), because other processes may share the cores.
 """
@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +30,13 @@ sys.path.insert(0, str(ROOT))
 import torch
 from torch import nn
 
+from strata.layers.linear import linear
 from strata.layers.quant_linear import QuantLinear
 
 OUT = ROOT / "docs" / "benchmarks" / "quant_kernels"
 # (label, format or None for bf16, backend)
 CASES = [  # bf16 F.linear runs alongside every case
+    ("bf16 native", None, "native"),  # strata.layers.linear: AVX-512 bf16 GEMV up to 4 rows, else F.linear
     ("int8", "int8", "native"),
     ("int4-g32", "int4-g32", "native"),
     ("int4-g64", "int4-g64", "native"),
@@ -64,7 +67,9 @@ def make_copies(w: torch.Tensor, fmt: str | None, backend: str | None, rotate_by
         base = w.to(torch.bfloat16)
         nbytes = base.numel() * 2
         copies = [base] + [base.clone() for _ in range(max(1, -(-rotate_bytes // nbytes)) - 1)]
-        return [lambda x, c=c: torch.nn.functional.linear(x, c) for c in copies], nbytes
+        fns = [partial(linear if backend == "native" else torch.nn.functional.linear, weight=c) for c in copies]
+        fns[0].rel_error = 0.0
+        return fns, nbytes
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = w
     first = QuantLinear.from_float(lin, fmt, backend=backend)
