@@ -26,6 +26,12 @@ def register(sub) -> None:
                    "model.layers.3.mlp.experts.5, or a module name); default: uniform routing frequency")
     p.add_argument("--calibration", help="with --mixed: safetensors of <module>.input_sq_mean [in] and "
                    "<expert>.routing_frequency [] measured on calibration text (docs/quantization.md)")
+    p.add_argument("--calibrate-data", metavar="FILE", help="with --mixed: measure the calibration statistics by "
+                   "running the unquantized IN_DIR over this UTF-8 text (use training text, not held-out text)")
+    p.add_argument("--calibrate-tokens", type=int, default=32768, help="with --calibrate-data: tokens to run "
+                   "(default 32768)")
+    p.add_argument("--save-calibration", metavar="PATH", help="with --calibrate-data: also write the statistics "
+                   "to this safetensors file (reusable with --calibration)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -40,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     if not args.mixed:
-        if args.budget or args.importance or args.calibration:
-            raise UnsupportedError("--budget, --importance and --calibration need --mixed")
+        if args.budget or args.importance or args.calibration or args.calibrate_data:
+            raise UnsupportedError("--budget, --importance, --calibration and --calibrate-data need --mixed")
         fmt = QuantFormat.parse(args.format)
         out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress)
         print(f"wrote {out}: linear layers in {fmt}")
@@ -53,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
         formats = tuple(dict.fromkeys((*formats, "int8", "int4-g64")))
     cfg = MixedPlanConfig(budget_bytes=parse_size(args.budget), formats=formats,
                           expert_frequency=_default_frequency(Path(args.in_dir)))
+    if args.calibration and args.calibrate_data:
+        raise UnsupportedError("give either --calibration (a stats file) or --calibrate-data (a text), not both")
     if args.calibration:
         cfg.input_sq, cfg.importance = load_calibration(args.calibration)
+    if args.calibrate_data:
+        cfg.input_sq, cfg.importance = _calibrate(args, progress)
     if args.importance:
         try:
             cfg.importance.update({str(k): float(v) for k, v in json.loads(Path(args.importance).read_text()).items()})
@@ -77,3 +87,16 @@ def _default_frequency(src) -> float:
     experts = c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts")
     top_k = c.get("num_experts_per_tok")
     return top_k / experts if experts and top_k else 1.0
+
+
+def _calibrate(args: argparse.Namespace, progress: bool):
+    """Statistics of the unquantized model on --calibrate-data, split as load_calibration splits a file."""
+    from strata.commands.eval import read_text
+    from strata.engine.calibration import calibrate, save_calibration
+    from strata.weights.quant_plan import split_calibration
+
+    stats = calibrate(args.in_dir, read_text(args.calibrate_data), max_tokens=args.calibrate_tokens,
+                      progress=progress)
+    if args.save_calibration:
+        save_calibration(stats, args.save_calibration)
+    return split_calibration(stats, args.calibrate_data)

@@ -83,6 +83,12 @@ def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise WeightsError(f"{path}: not a valid calibration safetensors file ({str(e).splitlines()[0]})") from None
+    return split_calibration(tensors, path)
+
+
+def split_calibration(tensors: dict[str, torch.Tensor], source: str | Path = "calibration"
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """{name: tensor} as in a calibration file -> ({module: input_sq_mean [in]}, {unit: routing_frequency})."""
     input_sq, freq = {}, {}
     for name, t in tensors.items():
         if name.endswith(".input_sq_mean"):
@@ -90,17 +96,20 @@ def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         elif name.endswith(".routing_frequency"):
             freq[name[: -len(".routing_frequency")]] = float(t)
         else:
-            raise WeightsError(f"{path}: tensor '{name}' is neither <module>.input_sq_mean nor <unit>.routing_frequency")
+            raise WeightsError(f"{source}: tensor '{name}' is neither <module>.input_sq_mean nor <unit>.routing_frequency")
     return input_sq, freq
 
 
-def _by_size(cfg: MixedPlanConfig) -> list[QuantFormat]:  # largest format first
-    return sorted({QuantFormat.parse(f) for f in cfg.formats}, key=lambda f: -f.nbytes(256, 4096))
+def _by_size(cfg: MixedPlanConfig, shapes: dict[str, tuple[int, int]]) -> list[QuantFormat]:
+    """Candidates, largest first, by their bytes on these shapes (padding can make int4-g128 bigger than
+    int4-g64 on narrow layers, e.g. stories260K's 64-wide projections)."""
+    fmts = {QuantFormat.parse(f) for f in cfg.formats}
+    return sorted(fmts, key=lambda f: (-sum(f.nbytes(*s) for s in shapes.values()), -f.nbytes(256, 4096)))
 
 
 def check_budget(shapes: dict[str, tuple[int, int]], cfg: MixedPlanConfig) -> int:
     """Bytes with every planned linear at the smallest format; raises if that exceeds the budget."""
-    smallest = _by_size(cfg)[-1]
+    smallest = _by_size(cfg, shapes)[-1]
     need = cfg.fixed_bytes + sum(smallest.nbytes(*s) for s in shapes.values())
     if need > cfg.budget_bytes:
         raise UnsupportedError(
@@ -113,7 +122,7 @@ def check_budget(shapes: dict[str, tuple[int, int]], cfg: MixedPlanConfig) -> in
 def plan_mixed(shapes: dict[str, tuple[int, int]], cfg: MixedPlanConfig,
                errors: dict[tuple[str, str], float]) -> dict[str, str]:
     """{module: (out, in)} and {(module, format): error} -> {module: format} within cfg.budget_bytes."""
-    fmts = _by_size(cfg)
+    fmts = _by_size(cfg, shapes)
     units: dict[str, list[str]] = {}
     for name in shapes:
         units.setdefault(unit_of(name), []).append(name)
