@@ -240,11 +240,11 @@ def main() -> int:
     for label, r in results.items():
         md += _fmt_table(label, r)
     md += verdict(results)
-    md += ["KL and top-1 agreement measure the quantization error directly; a perplexity change under about 0.5% "
+    md += [("KL and top-1 agreement measure the quantization error directly; a perplexity change under about 0.5% "
            "can go either way (a format's errors may happen to help on this text), so rank formats by KL. The "
            "mixed planner minimises a proxy, sum (W - Q(W))^2 E[x^2] weighted by routing frequency, measured on 64 "
            "rows per linear; it does not see how errors interact across layers, so its plan is not guaranteed to "
-           "beat a uniform format of the same bytes.", ""]
+           "beat a uniform format of the same bytes."), ""]
     _write(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
     return 0
