@@ -25,6 +25,18 @@ DENSE_ARCHITECTURES = {
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES | MOE_ARCHITECTURES
 
 
+def read_config_json(path: str | os.PathLike) -> tuple[str, dict]:
+    """(file, parsed JSON) of a model folder's config.json or a config.json path; one-line errors."""
+    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
+    if not os.path.exists(cfg_path):
+        raise ConfigError(f"{cfg_path}: file not found (expected an HF config.json)")
+    try:
+        with open(cfg_path) as f:
+            return cfg_path, json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
 @dataclass
 class ModelConfig:
     """Architecture of one checkpoint, with HF field names. Built with `from_dict` / `from_pretrained`."""
@@ -127,14 +139,7 @@ class ModelConfig:
     # ---- parsing -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
-        cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
-        if not os.path.exists(cfg_path):
-            raise ConfigError(f"{cfg_path}: file not found (expected an HF config.json)")
-        try:
-            with open(cfg_path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        cfg_path, d = read_config_json(path)
         return cls.from_dict(d, source=cfg_path)
 
     @classmethod

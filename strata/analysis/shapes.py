@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strata.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from strata.config import SUPPORTED_ARCHITECTURES, ModelConfig, read_config_json
 from strata.errors import ConfigError
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
@@ -195,14 +195,7 @@ def find_preset(name: str) -> str | None:
 def load_shape(model: str) -> ModelShape:
     """`model` is a folder with config.json, a config.json path, or a preset name/alias."""
     if os.path.isdir(model) or model.endswith(".json") and os.path.exists(model):
-        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: file not found (expected an HF config.json)")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        _, d = read_config_json(model)
         return shape_from_dict(d, name=os.path.basename(os.path.normpath(model)))
     pname = find_preset(model)
     if pname is None:
