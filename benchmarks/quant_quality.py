@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 import torch
 from safetensors.torch import load_file, save_file
 
-from strata.commands.eval import read_text
 from strata.engine.calibration import calibrate
 from strata.engine.compare import compare_models
+from strata.engine.textfile import read_text
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model
 from strata.weights.quant_format import QuantFormat, nested_int4_view

@@ -30,9 +30,9 @@ DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def held_out_ids(tok, fraction: float = 0.1) -> list[int]:
-    text = DATA.read_text(encoding="utf-8")
-    cut = text.rfind("\n", 0, int(len(text) * (1 - fraction))) + 1
-    return tok.encode(text[cut:])
+    from strata.engine.textfile import read_text
+
+    return tok.encode(read_text(DATA, tail_fraction=fraction))
 
 
 def score(llm, ids: list[int], window: int) -> tuple[float, int, float]:

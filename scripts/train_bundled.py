@@ -27,6 +27,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from strata.engine.textfile import split_at_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 EOT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -70,11 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=250, help="steps between quick held-out loss checks")
     p.add_argument("--sample-tokens", type=int, default=120)
     return p.parse_args(argv)
-
-
-def split_text(text: str, frac: float = 0.9) -> tuple[str, str]:
-    cut = text.rfind("\n", 0, int(len(text) * frac)) + 1  # held-out part starts on a fresh line
-    return text[:cut], text[cut:]
 
 
 def train_tokenizer(train_text: str, vocab_size: int) -> Tokenizer:
@@ -325,7 +322,7 @@ def main(argv=None) -> int:
     from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
     text = args.data.read_text()
-    train_text, val_text = split_text(text)
+    train_text, val_text = split_at_line(text, 0.9)  # held-out part starts on a fresh line
     split = {"chars": len(text), "train_chars": len(train_text), "val_chars": len(val_text)}
     tok = train_tokenizer(train_text, args.vocab_size)
     train_ids = torch.tensor(tok.encode(train_text).ids)

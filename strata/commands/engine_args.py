@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from strata import units
 from strata.config import EngineConfig
 from strata.errors import ConfigError
 
@@ -30,19 +31,14 @@ _SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
 
 
 def parse_size(text: str, field: str = "size") -> int:
-    """'3GiB', '512MB', '1.5G', '1024' -> bytes."""
-    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-             "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-    s = str(text).strip().lower()
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):].strip()
+    flag = "--" + field.replace("_", "-")
     try:
-        value = float(num) * units[unit]
-    except (ValueError, KeyError):
-        raise ConfigError(f"--{field.replace('_', '-')}: expected a size like 3GiB or 512MB, got {text!r}") from None
+        value = units.parse_size(text)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
     if value <= 0:
-        raise ConfigError(f"--{field.replace('_', '-')}: must be > 0, got {text!r}")
-    return int(value)
+        raise ConfigError(f"{flag}: must be > 0, got {text!r}")
+    return value
 
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
+from strata.engine.textfile import read_text
 from strata.errors import StrataError
 
 
@@ -37,18 +37,6 @@ def _add_window_args(p) -> None:
     p.add_argument("--tail-fraction", type=float, default=None,
                    help="score only the last fraction of the file (e.g. 0.1 for a held-out split)")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
-
-
-def read_text(path: str, tail_fraction: float | None = None) -> str:
-    """The text of a UTF-8 file, or its last tail_fraction cut at a line boundary (the held-out split)."""
-    if not os.path.isfile(path):
-        raise StrataError(f"{path}: file not found (expected a UTF-8 text file)")
-    with open(path, encoding="utf-8", errors="strict") as f:
-        text = f.read()
-    if tail_fraction:
-        cut = text.rfind("\n", 0, int(len(text) * (1 - tail_fraction))) + 1
-        text = text[cut:]
-    return text
 
 
 def run_ppl(args) -> int:

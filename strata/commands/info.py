@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from strata.config import ModelConfig
+from strata.units import format_size
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4-g64": 0.5 + 2 / 64}
 
@@ -55,10 +56,6 @@ def _fmt(n: float) -> str:
     return f"{n:.1f}P"
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
 def run(args) -> int:
     from strata.engine.llm_engine import BUNDLED_MODEL
 
@@ -74,7 +71,7 @@ def run(args) -> int:
         e = info["experts"]
         print(f"experts        {e['per_layer']} per layer x {e['moe_layers']} MoE layers, top-{e['per_token']}, "
               f"{_fmt(e['expert_params'])} params each; non-expert {_fmt(e['non_expert_params'])}")
-    print("memory         " + ", ".join(f"{k} {_gib(v)}" for k, v in info["memory_bytes"].items()))
+    print("memory         " + ", ".join(f"{k} {format_size(v)}" for k, v in info["memory_bytes"].items()))
     if info["experts"]:
-        print("resident part  " + ", ".join(f"{k} {_gib(v)}" for k, v in info["resident_memory_bytes"].items()))
+        print("resident part  " + ", ".join(f"{k} {format_size(v)}" for k, v in info["resident_memory_bytes"].items()))
     return 0

@@ -91,8 +91,8 @@ def _default_frequency(src) -> float:
 
 def _calibrate(args: argparse.Namespace, progress: bool):
     """Statistics of the unquantized model on --calibrate-data, split as load_calibration splits a file."""
-    from strata.commands.eval import read_text
     from strata.engine.calibration import calibrate, save_calibration
+    from strata.engine.textfile import read_text
     from strata.weights.quant_plan import split_calibration
 
     stats = calibrate(args.in_dir, read_text(args.calibrate_data), max_tokens=args.calibrate_tokens,

@@ -8,13 +8,11 @@ When even `min_slots` slots do not fit, `plan_memory` refuses with the smallest 
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
+from strata import units
 from strata.errors import StrataError
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+from strata.units import format_size
 
 
 class BudgetError(StrataError):
@@ -22,21 +20,10 @@ class BudgetError(StrataError):
 
 
 def parse_size(text: str | int) -> int:
-    """'3GiB', '3G' (binary), '512MB' (decimal), '1.5 GiB', '1048576' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m[2].lower() not in _UNITS:
-        raise BudgetError(f"memory size {text!r} does not parse: expected a number with an optional unit "
-                          "(B, KiB, MiB, GiB, TiB, KB, MB, GB, TB; K/M/G/T mean KiB/MiB/GiB/TiB)")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
-
-
-def format_size(n: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise BudgetError(f"memory size {text!r} does not parse: {e}") from None
 
 
 def current_rss() -> int:

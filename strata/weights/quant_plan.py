@@ -26,24 +26,19 @@ from pathlib import Path
 
 import torch
 
+from strata import units
 from strata.errors import UnsupportedError, WeightsError
 from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
 
 _EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 SAMPLE_ROWS = 64  # rows per linear used to measure quantization error (a proxy; cheap on big models)
 
 
 def parse_size(text: str | int) -> int:
-    """'2GiB' -> 2147483648, '1.5GB' -> 1500000000, '4096' -> 4096."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UnsupportedError(f"--budget: expected a size like 2GiB, 1.5GB or 500MiB, got {text!r}")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
-    power = "KMGT".index(unit) + 1 if unit else 0
-    return int(num * (1024 if binary else 1000) ** power)
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise UnsupportedError(f"--budget: {e}") from None
 
 
 def unit_of(module: str) -> str:

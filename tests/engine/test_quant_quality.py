@@ -10,6 +10,7 @@ from strata.cli import main
 from strata.engine.calibration import collect_calibration
 from strata.engine.compare import compare_models
 from strata.engine.llm_engine import BUNDLED_MODEL
+from strata.engine.textfile import read_text
 from strata.layers.attention import AttentionMetadata
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model
@@ -29,9 +30,7 @@ MARGIN = {"int8": 0.25, "int4-g64": 0.5}
 def _held_out(chars: int = 2000) -> str:
     if not SHAKESPEARE.exists():
         return FALLBACK
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1
-    return text[cut : cut + chars]
+    return read_text(SHAKESPEARE, tail_fraction=0.1)[:chars]
 
 
 @pytest.fixture(scope="module")

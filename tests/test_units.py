@@ -1,0 +1,26 @@
+"""Every flag that takes a size reads it the same way (one parser in strata/units.py)."""
+
+import pytest
+
+from strata.commands.engine_args import parse_size as engine_flag
+from strata.errors import ConfigError
+from strata.tiers.budget import parse_size as budget_flag
+from strata.units import format_size, parse_size
+from strata.weights.quant_plan import parse_size as quant_budget_flag
+
+
+@pytest.mark.parametrize("text", ["3G", "3GiB", "512MB", "1.5 GiB", "4096", "2mib"])
+def test_all_size_flags_agree(text):
+    assert engine_flag(text) == budget_flag(text) == quant_budget_flag(text) == parse_size(text)
+
+
+def test_units():
+    assert parse_size("3G") == 3 << 30 and parse_size("3GB") == 3 * 10**9 and parse_size("1k") == 1024
+    assert format_size(3 << 30) == "3.00 GiB" and format_size(10) == "10 B"
+
+
+def test_engine_flag_errors_name_the_flag():
+    with pytest.raises(ConfigError, match=r"--memory-budget: expected a number"):
+        engine_flag("lots", "memory_budget")
+    with pytest.raises(ConfigError, match=r"--memory-budget: must be > 0"):
+        engine_flag("0", "memory_budget")
