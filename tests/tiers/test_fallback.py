@@ -18,21 +18,8 @@ from strata.tiers.lowbit import LOWBIT_FORMAT, lowbit_expert
 from strata.tiers.store_convert import checkpoint_facts
 from strata.weights.quant_format import dequantize_weight, nested_int4_view, quantize_weight
 
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(runtime, "current_rss", lambda: 0)  # budgets below are exact slot counts
 
 
 def budget_for(num_slots: int, lowbit: bool = False) -> int:

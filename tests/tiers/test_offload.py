@@ -23,16 +23,8 @@ from strata.weights.loader import resolve_dtype
 from tests.models.conftest import build_hf
 
 PROMPTS = [[1, 5, 9, 33, 70], [1, 200, 3]]
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated")
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: two spinning OpenMP threads are hundreds of times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +41,6 @@ def models(tmp_path_factory):
         return cache[key]
 
     return get
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(runtime, "current_rss", lambda: 0)  # budgets below are exact slot counts
 
 
 def budget_for(path: str, num_slots: int, dtype: torch.dtype | None = torch.float32) -> int:
