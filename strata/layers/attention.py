@@ -77,7 +77,8 @@ def paged_attention(
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One query per head: two small batched matmuls beat SDPA's CPU flash kernel (~4x at 160 keys) here.
+    """One query per head as two small batched matmuls (SDPA's CPU flash kernel has a high fixed cost per call;
+    measured in docs/benchmarks.md, "Decode attention").
 
     q [Hq, D], k/v [Hkv, K, D] -> [1, Hq, D]; softmax in float32 as SDPA does.
     """
