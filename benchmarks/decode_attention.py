@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from strata.layers.attention import _decode_attention  # noqa: E402
+from strata.layers.attention import _decode_attention
 
 
 def main() -> None:
