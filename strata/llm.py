@@ -22,10 +22,12 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), progress=progress)
         self.tokenizer = self.engine.tokenizer
         self.last_stats: dict = {}
+        self.generation_defaults = self._generation_defaults(self.engine.model_path)
 
-    def default_sampling_params(self, **overrides) -> SamplingParams:
-        """SamplingParams from generation_config.json (temperature, top_p, top_k), then the overrides."""
-        path = os.path.join(self.engine.model_path, "generation_config.json")
+    @staticmethod
+    def _generation_defaults(model_path: str) -> dict:
+        """Sampling defaults from generation_config.json (read once): temperature, top_p, top_k, penalty."""
+        path = os.path.join(model_path, "generation_config.json")
         gen = {}
         if os.path.exists(path):
             with open(path) as f:
@@ -39,6 +41,11 @@ class LLM:
                     kw[k] = gen[k]
         if gen.get("repetition_penalty") is not None:
             kw["repetition_penalty"] = gen["repetition_penalty"]
+        return kw
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams from the model's generation_config.json defaults, then the overrides."""
+        kw = dict(self.generation_defaults)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**kw)
 

@@ -8,6 +8,8 @@ import dataclasses
 from strata import units
 from strata.config import EngineConfig
 from strata.errors import ConfigError
+from strata.tiers.policies import ONLINE_POLICIES
+from strata.tiers.predictors import PREFETCHERS
 
 HELP = {
     "model": "HF model folder (default: the bundled Shakespeare MoE)",
@@ -20,8 +22,8 @@ HELP = {
     "enable_prefix_caching": "share KV blocks between prompts with a common prefix",
     "num_threads": "torch CPU threads (default: torch's choice; 1 for models under 20M parameters)",
     "memory_budget": "total memory budget, e.g. 3GiB; MoE experts beyond it are served from disk",
-    "expert_cache_policy": "expert cache eviction policy (nextuse, lru, lfu, lfru, score)",
-    "prefetch": "expert prefetcher (none, lookahead, affinity)",
+    "expert_cache_policy": f"expert cache eviction policy ({', '.join(ONLINE_POLICIES)})",
+    "prefetch": f"expert prefetcher ({', '.join((*PREFETCHERS, 'lookahead'))})",
     "miss_fallback": "on an expert cache miss: none (wait for the read; exact), renormalize (skip the expert, "
                      "rescale the others' weights), lowbit (run a resident int4 copy); see docs/tiers.md",
     "record_routing": "write routing decisions as JSONL to this file",
