@@ -1,19 +1,22 @@
 """Issue-3 benchmark: decode with experts on disk under a memory budget, routing replayed from the real
 Mixtral traces, beside no cache, fully resident Strata, transformers+accelerate disk offload and llama.cpp.
 
-    .venv/bin/python benchmarks/offload.py --model olmoe-1b-7b --layers 2 --decode 48
+    .venv/bin/python benchmarks/offload.py --layers 8 --decode 32       # 6.4 GiB model, 2.9-4.5 GiB limits
 
 Every engine runs in its own subprocess with the model's files evicted from the page cache first
-(posix_fadvise DONTNEED on those files only: other processes' caches stay). Strata reads experts with
-O_DIRECT, so its expert reads are cold by construction. The disk ceiling is measured in the same run
-(O_DIRECT reads of the expert store), and "disk-bound limit" is that bandwidth divided by the bytes
-Strata actually read per decoded token. The peers route with their own (random-weight) routers: their
-numbers are speed under the same budget, not the same expert sequence. Results: docs/benchmarks/tiers.json.
+(posix_fadvise DONTNEED on those files only: other processes' caches stay). With --cgroup (the default where a
+cgroup-v1 memory controller is writable, see benchmarks/memlimit.py) each budgeted child runs in a memory
+cgroup of budget x --cgroup-slack, page cache included, so the mmap peers cannot keep a model larger than the
+limit in RAM. Strata reads experts with O_DIRECT. The disk ceiling is measured in the same run (O_DIRECT
+reads of the expert store); each engine's I/O bound is that bandwidth over the bytes it made the kernel read
+per decoded token (/proc/self/io). The peers route with their own (random-weight) routers: their numbers are
+speed under the same memory, not the same expert sequence. Results: docs/benchmarks/tiers.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TRACE = ROOT / ".." / "shared" / "data" / "mixtral-8x7b-routing" / "gsm8k_2_routing.jsonl"
+CGROUP = {"on": False, "slack": 1.1}  # set by main(); children never read it
+
+from benchmarks.memlimit import MemCgroup, unavailable_reason
+from benchmarks.offload_peers import proc_read_bytes
 
 
 def evict(paths: list[Path]) -> None:
@@ -49,27 +56,40 @@ def _vmhwm() -> int:
 
 
 # ---- children ----------------------------------------------------------------------------------------
-def run_strata(path: str, fraction: float | None, policy: str, prefetch: str, prompt_len: int, decode: int,
-               threads: int, trace: str | None) -> dict:
+def strata_budgets(path: str, fractions: list[float], threads: int) -> list[int]:
+    """Budget for each fraction of the experts: runtime + resident + KV (64 MiB) + activations + the slots
+    (at least 2 x top-k), plus half a slot of slack since RSS drifts. Run as a child: RSS is part of the plan."""
     import torch
 
-    from strata import LLM, SamplingParams
     from strata.config import EngineConfig, ModelConfig
     from strata.tiers import runtime
     from strata.tiers.store_convert import checkpoint_facts
 
+    cfg = ModelConfig.from_pretrained(path)
+    facts = checkpoint_facts(path)
+    ecfg = EngineConfig(memory_budget=1 << 50, **_strata_kw(threads, None))
+    for _ in range(2):  # the first plan's imports raise the RSS the second one measures
+        fixed = runtime._plan(path, ecfg, cfg, torch.bfloat16, facts).fixed_bytes
+    return [fixed + max(round(f * facts.num_experts), 2 * cfg.num_experts_per_tok) * facts.slot_bytes
+            + facts.slot_bytes // 2 for f in fractions]
+
+
+def _strata_kw(threads: int, trace: str | None) -> dict:
+    return {"dtype": "bfloat16", "max_num_seqs": 1, "num_threads": threads, "max_num_batched_tokens": 256,
+            "kv_cache_memory": 64 << 20, "replay_routing": trace}
+
+
+def run_strata(path: str, budget: int | None, policy: str, prefetch: str, prompt_len: int, decode: int,
+               threads: int, trace: str | None) -> dict:
+    import torch
+
+    from strata import LLM, SamplingParams
+    from strata.config import ModelConfig
+
     torch.set_num_threads(threads)
     cfg = ModelConfig.from_pretrained(path)
-    kw = {"dtype": "bfloat16", "max_num_seqs": 1, "num_threads": threads, "max_num_batched_tokens": 256,
-          "kv_cache_memory": 64 << 20, "replay_routing": trace}
-    budget = None
-    if fraction is not None:
-        facts = checkpoint_facts(path)
-        ecfg = EngineConfig(memory_budget=1 << 50, **kw)
-        for _ in range(2):  # the first plan's imports raise the RSS the second one measures
-            fixed = runtime._plan(path, ecfg, cfg, torch.bfloat16, facts).fixed_bytes
-        slots = max(round(fraction * facts.num_experts), 2 * cfg.num_experts_per_tok)
-        budget = fixed + slots * facts.slot_bytes + facts.slot_bytes // 2  # half a slot of slack: RSS drifts
+    kw = _strata_kw(threads, trace)
+    if budget is not None:
         kw.update(memory_budget=budget, expert_cache_policy=policy, prefetch=prefetch)
     llm = LLM(path, progress=False, **kw)
     eng = llm.engine
@@ -80,13 +100,13 @@ def run_strata(path: str, fraction: float | None, policy: str, prefetch: str, pr
     t1 = time.perf_counter()
     tiered = bool(eng.tier_stats and eng.tier_stats().get("tiered"))
     before = eng.tier_stats() if tiered else {}
-    n = 1
+    r1, n = proc_read_bytes(), 1
     while eng.has_unfinished_requests():
         eng.step()
         n += 1
     t2 = time.perf_counter()
     out = {"prefill_s": t1 - t0, "decode_tok_s": (n - 1) / (t2 - t1), "budget_bytes": budget,
-           "peak_rss_bytes": _vmhwm()}
+           "peak_rss_bytes": _vmhwm(), "proc_read_bytes_per_token": (proc_read_bytes() - r1) / max(n - 1, 1)}
     if tiered:
         after = eng.tier_stats()
         steps = n - 1
@@ -102,36 +122,27 @@ def run_strata(path: str, fraction: float | None, policy: str, prefetch: str, pr
     return out
 
 
-def run_transformers(path: str, budget: int, prompt_len: int, decode: int, threads: int, offload: str) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto",
-                                                 max_memory={"cpu": budget}, offload_folder=offload).eval()
-    ids = torch.tensor([_prompt(model.config.vocab_size, prompt_len)])
-    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        model.generate(ids, max_new_tokens=decode, min_new_tokens=decode, **kw)
-        t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_tok_s": (decode - 1) / max(t2 - t1 - (t1 - t0), 1e-9),
-            "budget_bytes": budget, "peak_rss_bytes": _vmhwm()}
-
-
-def _child(fn: str, *args) -> dict:
-    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.offload import {fn} as f; "
+def _child(fn: str, *args, limit: int | None = None, name: str = "", timeout: float = 1800) -> dict:
+    """Runs `fn(*args)` (from benchmarks.offload or benchmarks.offload_peers) in a fresh interpreter, inside a
+    memory cgroup of `limit` bytes when --cgroup is on; adds the cgroup's max usage to the result."""
+    mod = "benchmarks.offload_peers" if fn in ("run_transformers", "run_llamacpp") else "benchmarks.offload"
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from {mod} import {fn} as f; "
             f"print('RESULT', json.dumps(f(*{list(args)!r})))")
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=1800)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out after 1800 s"}
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    with contextlib.ExitStack() as stack:
+        cg = stack.enter_context(MemCgroup(name or fn, limit)) if limit and CGROUP["on"] else None
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                               timeout=timeout, preexec_fn=cg.enter if cg else None)
+            res = next((json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if res is None:
+                res = {"error": (r.stderr.strip().splitlines() or [f"failed, rc {r.returncode}"])[-1]}
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timed out after {timeout:.0f} s"}
+        if cg:
+            res.update(cg.report())
+            if res.get("cgroup_oom_kills"):
+                res["error"] = f"killed by the memory cgroup's OOM killer (limit {limit / 2**30:.2f} GiB)"
+    return res
 
 
 def disk_read_gbs(store_dir: Path, reads: int = 64) -> float:
@@ -162,16 +173,31 @@ def main() -> None:
                     help="policy+prefetcher pairs run at every budget")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--decode", type=int, default=48)
+    ap.add_argument("--peer-decode", type=int, default=16, help="decode tokens for the peers")
+    ap.add_argument("--peer-time-cap", type=float, default=300, help="seconds of decode for transformers")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared 2-core machine (no spin-wait)")
     ap.add_argument("--peers", default="transformers,llamacpp")
+    ap.add_argument("--cgroup", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each budgeted engine in a memory cgroup of budget x --cgroup-slack (default: on "
+                         "where possible)")
+    ap.add_argument("--cgroup-slack", type=float, default=1.1)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "tiers.json"))
     args = ap.parse_args()
+    reason = unavailable_reason()
+    if args.cgroup and reason:
+        raise SystemExit(f"--cgroup: {reason}")
+    CGROUP.update(on=args.cgroup is not False and reason is None, slack=args.cgroup_slack)
+    print("memory cgroups: " + (f"on, limit = budget x {args.cgroup_slack:.2f}" if CGROUP["on"] else
+                                f"off ({reason or '--no-cgroup'}): the peers are not held to the budget"),
+          file=sys.stderr)
     path = synthetic_model(args.model, args.layers)
     trace = str(TRACE.resolve()) if TRACE.exists() else None
     store = ensure_store(path)
     facts = checkpoint_facts(path)
+    vocab = ModelConfig.from_pretrained(path).vocab_size
+    load_before = os.getloadavg()
     evict([store])
-    bw = disk_read_gbs(store)
+    bw0 = disk_read_gbs(store)
     rows = []
 
     def record(name: str, res: dict) -> None:
@@ -179,69 +205,108 @@ def main() -> None:
         rows.append(res)
         print(name, json.dumps(res), file=sys.stderr)
 
-    budgets = [float(b) for b in args.budgets.split(",")]
-    for frac in budgets:
+    def limit(budget: int) -> int:
+        return int(budget * args.cgroup_slack)
+
+    fracs = [float(b) for b in args.budgets.split(",")]
+    budgets = dict(zip([*fracs, 0.0], _child("strata_budgets", str(path), [*fracs, 0.0], args.threads), strict=True))
+    for frac in fracs:
         for variant in args.variants.split(","):
             policy, prefetch = variant.split("+")
             evict([path, store])
             record(f"strata {frac:.0%} {variant}", _child(
-                "run_strata", str(path), frac, policy, prefetch, args.prompt_len, args.decode, args.threads, trace))
+                "run_strata", str(path), budgets[frac], policy, prefetch, args.prompt_len, args.decode, args.threads,
+                trace, limit=limit(budgets[frac]), name=f"strata-{frac}-{variant}"))
     evict([path, store])
-    record("strata no cache (min slots)", _child("run_strata", str(path), 0.0, "lru", "none", args.prompt_len,
-                                                 args.decode, args.threads, trace))
+    record("strata no cache (min slots)", _child(
+        "run_strata", str(path), budgets[0.0], "lru", "none", args.prompt_len, args.decode, args.threads, trace,
+        limit=limit(budgets[0.0]), name="strata-nocache"))
     evict([path])
-    record("strata resident", _child("run_strata", str(path), None, "lru", "none", args.prompt_len, args.decode,
-                                     args.threads, trace))
-    half = next((r for r in rows if r.get("budget_bytes") and " 50% " in r["engine"]), rows[0])
-    if "transformers" in args.peers and half.get("budget_bytes"):
-        offload = default_store_dir(path).with_name(default_store_dir(path).name + "-accelerate")
-        evict([path])
-        record("transformers+accelerate (50% budget)", _child("run_transformers", str(path), half["budget_bytes"],
-                                                             args.prompt_len, args.decode, args.threads,
-                                                             str(offload)))
+    record("strata resident (no limit)", _child("run_strata", str(path), None, "lru", "none", args.prompt_len,
+                                                args.decode, args.threads, trace))
+    prompt = _prompt(vocab, args.prompt_len)
     if "llamacpp" in args.peers:
-        from benchmarks.peers.llamacpp import bench_llamacpp, gguf_for
+        from benchmarks.peers.llamacpp import gguf_for
 
         gguf = gguf_for(path, "bf16")
-        evict([gguf])
-        r = bench_llamacpp(gguf, _prompt(ModelConfig.from_pretrained(path).vocab_size, args.prompt_len), args.decode - 1,
-                           args.threads, warmup=False)
-        record("llama.cpp bf16 mmap", {"decode_tok_s": r.get("decode_tok_s"), "load_s": r.get("load_s")})
+        for frac in fracs:
+            evict([gguf])
+            record(f"llama.cpp bf16 mmap, {frac:.0%} budget", _child(
+                "run_llamacpp", str(gguf), prompt, args.peer_decode, args.threads, budgets[frac],
+                limit=limit(budgets[frac]), name=f"llamacpp-{frac}"))
+    if "transformers" in args.peers:
+        frac = max(fracs)
+        offload = default_store_dir(path).with_name(default_store_dir(path).name + "-accelerate")
+        killed = []
+        for share in (1.0, 0.5, 0.25):  # max_memory places weights only; its runtime comes on top
+            evict([path, offload])
+            res = _child("run_transformers", str(path), int(budgets[frac] * share), prompt, args.peer_decode,
+                         args.threads, str(offload), args.peer_time_cap, limit=limit(budgets[frac]),
+                         name="accelerate", timeout=1800)
+            if not res.get("cgroup_oom_kills"):
+                break
+            killed.append(f"max_memory {share:.0%} of the budget: {res['error']}")
+        record(f"transformers+accelerate, {frac:.0%} budget", dict(res, oom_killed_attempts=killed))
+    evict([store])
+    bw1 = disk_read_gbs(store)
+    bw = (bw0 + bw1) / 2
     for r in rows:
-        if r.get("disk_bytes_per_token"):
-            r["disk_bound_tok_s"] = bw * 1e9 / r["disk_bytes_per_token"]
-            r["fraction_of_disk_bound"] = r["decode_tok_s"] / r["disk_bound_tok_s"]
+        per_tok = r.get("proc_read_bytes_per_token") or r.get("disk_bytes_per_token")
+        if per_tok and r.get("decode_tok_s"):
+            r["io_bound_tok_s"] = bw * 1e9 / per_tok
+            r["fraction_of_io_bound"] = r["decode_tok_s"] / r["io_bound_tok_s"]
     import torch
 
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-               "disk_o_direct_gb_s": bw, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-               "load_avg": os.getloadavg()}
+               "disk_o_direct_gb_s": bw, "disk_o_direct_gb_s_start_end": [bw0, bw1], "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_start": load_before, "load_avg": os.getloadavg(),
+               "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+               "cgroup": CGROUP["on"], "cgroup_slack": args.cgroup_slack}
     info = {"model": f"{args.model}-{args.layers}l", "expert_bytes": facts.slot_bytes, "experts": facts.num_experts,
             "expert_total_bytes": facts.expert_bytes, "resident_bytes": facts.non_expert_bytes,
-            "trace": TRACE.name if trace else None, "decode_tokens": args.decode}
+            "model_file_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
+            "budgets": {str(k): v for k, v in budgets.items()},
+            "trace": TRACE.name if trace else None, "decode_tokens": args.decode, "peer_decode_tokens": args.peer_decode}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out + ".tmp"
     Path(tmp).write_text(json.dumps({"machine": machine, "setup": info, "rows": rows}, indent=2))
     os.replace(tmp, args.out)
-    print(f"\n{info['model']}: {facts.num_experts} experts x {facts.slot_bytes / 2**20:.1f} MiB, disk (O_DIRECT) "
-          f"{bw:.2f} GB/s, {args.threads} threads, load avg {machine['load_avg'][0]:.1f}\n")
-    print("| engine | decode tok/s | hit rate | MB read/token | disk-bound tok/s | of bound | stall s/token | "
-          "peak RSS / budget |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table(machine, info, rows)
+
+
+def print_table(machine: dict, info: dict, rows: list[dict]) -> None:
+    gib = 2**30
+    print(f"\n{info['model']}: {info['experts']} experts x {info['expert_bytes'] / 2**20:.1f} MiB, model files "
+          f"{info['model_file_bytes'] / gib:.2f} GiB, disk (O_DIRECT) {machine['disk_o_direct_gb_s']:.2f} GB/s, "
+          f"{machine['threads']} threads, load avg {machine['load_avg_start'][0]:.1f} -> {machine['load_avg'][0]:.1f}, "
+          f"cgroup {'on' if machine['cgroup'] else 'off'}\n")
+    print("| engine | decode tok/s | hit rate | MB read/token | I/O-bound tok/s | of bound | stall s/token | "
+          "peak RSS | cgroup max / limit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "error" in r:
-            print(f"| {r['engine']} | error: {r['error']} | | | | | | |")
+        if "error" in r and not r.get("decode_tok_s"):
+            print(f"| {r['engine']} | error: {r['error']} | | | | | | | |")
             continue
 
-        def f(key, fmt, r=r):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
+        def f(key, fmt, scale=1.0, r=r):
+            return format(r[key] / scale, fmt) if r.get(key) is not None else "-"
 
-        rss = (f"{r['peak_rss_bytes'] / 2**30:.2f} / {r['budget_bytes'] / 2**30:.2f} GiB"
-               if r.get("budget_bytes") and r.get("peak_rss_bytes") else "-")
-        mb = f"{r['disk_bytes_per_token'] / 1e6:.0f}" if r.get("disk_bytes_per_token") else "-"
-        print(f"| {r['engine']} | {f('decode_tok_s', '.2f')} | {f('expert_hit_rate', '.2f')} | {mb} | "
-              f"{f('disk_bound_tok_s', '.2f')} | {f('fraction_of_disk_bound', '.0%')} | "
-              f"{f('io_stall_s_per_token', '.3f')} | {rss} |")
+        cg = (f"{r['cgroup_max_usage_bytes'] / gib:.2f} / {r['cgroup_limit_bytes'] / gib:.2f} GiB"
+              if r.get("cgroup_max_usage_bytes") else
+              (f"(budget {r['budget_bytes'] / gib:.2f} GiB)" if r.get("budget_bytes") else "-"))
+        print(f"| {r['engine']} | {f('decode_tok_s', '.2f')} | {f('expert_hit_rate', '.2f')} | "
+              f"{f('proc_read_bytes_per_token', '.0f', 1e6)} | {f('io_bound_tok_s', '.2f')} | "
+              f"{f('fraction_of_io_bound', '.0%')} | {f('io_stall_s_per_token', '.3f')} | "
+              f"{f('peak_rss_bytes', '.2f', gib)} GiB | {cg} |")
+    base = {r["engine"]: r.get("decode_tok_s") for r in rows}
+    nocache = base.get("strata no cache (min slots)")
+    for r in rows:
+        if r["engine"].startswith("strata ") and "%" in r["engine"] and r.get("decode_tok_s") and nocache:
+            frac = r["engine"].split()[1]
+            peers = {k: v for k, v in base.items() if not k.startswith("strata") and v and
+                     (frac in k or "transformers" in k)}
+            ratios = ", ".join(f"{r['decode_tok_s'] / v:.1f}x {k.split(',')[0]}" for k, v in peers.items())
+            print(f"{r['engine']}: {r['decode_tok_s'] / nocache:.2f}x no cache, {ratios}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def bench_llamacpp(gguf_path: str | Path, prompt_ids: list[int], n_decode: int, 
                    env: dict[str, str] | None = None) -> dict:
     """Prefill `prompt_ids`, then `n_decode` greedy single-token steps, timed separately (subprocess).
 
-    Returns {"prefill_tok_s", "decode_tok_s", "load_s", "tokens", "llama_perf"}: prefill_tok_s is
+    Returns {"prefill_tok_s", "decode_tok_s", "load_s", "tokens", "decode_read_bytes", "llama_perf"}:
+    decode_read_bytes is what the decode steps read from storage (page faults of the mmap); prefill_tok_s is
     len(prompt)/time of the prompt's eval; decode_tok_s is n_decode/time of the n_decode single-token evals
     that follow (logits read + argmax included, prompt excluded); tokens are the n_decode + 1 greedy ids.
     llama_perf is llama.cpp's own counters for the same run (cross-check). `env` is added to the child's
@@ -179,6 +180,15 @@ def _last_logits(llm):
     return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))  # [V] float32
 
 
+def _read_bytes() -> int:
+    """Bytes this process caused to be read from storage (/proc/self/io; mmap page faults count; 0 elsewhere)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("read_bytes:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def _child_bench(gguf_path: str, prompt_ids: list[int], n_decode: int, n_threads: int, n_ctx: int,
                  use_mmap: bool, warmup: bool) -> dict:
     import llama_cpp
@@ -195,13 +205,14 @@ def _child_bench(gguf_path: str, prompt_ids: list[int], n_decode: int, n_threads
     llm.eval(prompt_ids)
     t1 = time.perf_counter()
     tokens = [int(_last_logits(llm).argmax())]
+    r1 = _read_bytes()
     for _ in range(n_decode):
         llm.eval([tokens[-1]])
         tokens.append(int(_last_logits(llm).argmax()))
     t2 = time.perf_counter()
     perf = llama_cpp.llama_perf_context(llm.ctx)
     return {"prefill_tok_s": len(prompt_ids) / (t1 - t0), "decode_tok_s": n_decode / (t2 - t1),
-            "load_s": load_s, "tokens": tokens,
+            "load_s": load_s, "tokens": tokens, "decode_read_bytes": _read_bytes() - r1,
             "llama_perf": {"prompt_ms": perf.t_p_eval_ms, "n_prompt": perf.n_p_eval, "eval_ms": perf.t_eval_ms,
                            "n_eval": perf.n_eval}}
 
