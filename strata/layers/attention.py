@@ -2,15 +2,19 @@
 
 Every forward sees a flat batch of T new tokens from several sequences. `AttentionMetadata` says where each
 sequence's queries lie in the flat batch, how long its context is (cached + new tokens) and which cache slots
-hold that context. Layers write the new K/V into the cache slots, then attend per sequence with SDPA.
+hold that context. Layers write the new K/V into the cache slots, then attend per sequence with SDPA; when
+every sequence decodes one token (bf16 cache, native library available), one call of the native kernel
+(cpu_decode_attention.c) attends for all of them straight from the cache slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from strata.layers.quant_native import native_lib
 
 
 @dataclass
@@ -20,6 +24,14 @@ class AttentionMetadata:
     context_lens: list[int]  # per sequence: tokens visible after this step (cached + new)
     slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each new token; None = no cache
     context_slots: list[torch.Tensor] | None = None  # per sequence [context_len] slots in position order
+    _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # see flat_context()
+
+    def flat_context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all context slots concatenated [sum(context_lens)], offsets [S + 1]); built once, shared by layers."""
+        if self._flat is None:
+            offsets = torch.tensor([0, *self.context_lens], dtype=torch.int64).cumsum(0)
+            self._flat = (torch.cat(self.context_slots).to(torch.int64).contiguous(), offsets)
+        return self._flat
 
     @classmethod
     def no_cache(cls, seq_lens: list[int]) -> AttentionMetadata:
@@ -29,9 +41,8 @@ class AttentionMetadata:
 
 
 def _mask(query_len: int, context_len: int, window: int | None, device) -> torch.Tensor | None:
-    if window is None or context_len <= window:
-        if query_len == 1 or query_len == context_len:
-            return None  # decode sees everything; a fresh prefill is plain causal
+    if (window is None or context_len <= window) and (query_len == 1 or query_len == context_len):
+        return None  # decode sees everything; a fresh prefill is plain causal
     q_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]  # [Q, 1]
     k_pos = torch.arange(context_len, device=device)[None, :]  # [1, K]
     allowed = k_pos <= q_pos
@@ -54,6 +65,8 @@ def paged_attention(
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     else:
         k_cache = v_cache = None
+    if k_cache is not None and _native_decode_ok(q, k_cache, v_cache, meta, sliding_window):
+        return _native_decode(q, k_cache, v_cache, meta)
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for i, (qs, ql, cl) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
@@ -74,6 +87,33 @@ def paged_attention(
         )
         outs.append(o[0].transpose(0, 1))  # [Q, Hq, D]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _native_decode_ok(q, k_cache, v_cache, meta: AttentionMetadata, window: int | None) -> bool:
+    return (
+        q.dtype == torch.bfloat16
+        and k_cache.dtype == torch.bfloat16
+        and v_cache.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and q.shape[-1] <= 256
+        and all(n == 1 for n in meta.query_lens)
+        and (window is None or max(meta.context_lens) <= window)
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and native_lib() is not None
+    )
+
+
+def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    """One query per sequence: q [S, Hq, D] -> [S, Hq, D], attending from the cache slots."""
+    slots, offsets = meta.flat_context()
+    s, hq, d = q.shape
+    qc = q.contiguous()
+    out = torch.empty_like(qc)
+    native_lib().decode_attention_bf16(qc.data_ptr(), s, hq, k_cache.shape[1], d, k_cache.data_ptr(),
+                                       v_cache.data_ptr(), slots.data_ptr(), offsets.data_ptr(), d**-0.5,
+                                       out.data_ptr())
+    return out
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.layers.fusion import fuse
+from strata.layers.fusion import fuse, fuse_quantized
 from strata.layers.linear import Linear, linear
 
 
@@ -12,6 +12,7 @@ class _GatedMLP(nn.Module):
     """Shared forward of the SwiGLU variants; subclasses name the projections."""
 
     gate_up_weight: torch.Tensor | None = None  # [2I, H] fused gate+up, set by fuse_projections()
+    gate_up_quant = None  # QuantLinear over gate+up rows, set by fuse_projections() (not a submodule)
 
     def _projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         raise NotImplementedError
@@ -21,12 +22,18 @@ class _GatedMLP(nn.Module):
         fused = fuse([gate, up])
         if fused is not None:
             self.gate_up_weight = fused[0]
-        return fused is not None
+            return True
+        # object.__setattr__: its buffers are views of gate's and up's, which keep the state-dict names
+        object.__setattr__(self, "gate_up_quant", fuse_quantized([gate, up]))
+        return self.gate_up_quant is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self._projections()
         if self.gate_up_weight is not None and gate.bias is None:
             g, u = linear(x, self.gate_up_weight).split(gate.out_features, dim=-1)  # [N, I] each
+            return down(F.silu(g) * u)
+        if self.gate_up_quant is not None:
+            g, u = self.gate_up_quant(x).split(gate.out_features, dim=-1)  # [N, I] each
             return down(F.silu(g) * u)
         return down(F.silu(gate(x)) * up(x))
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
-from strata.layers.fusion import fuse
+from strata.layers.fusion import fuse, fuse_quantized
 from strata.layers.linear import Linear, linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
@@ -41,6 +41,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
         self.qkv_weight: torch.Tensor | None = None  # [Hq*D + 2*Hkv*D, H] after fuse_projections()
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv_quant = None  # QuantLinear over q/k/v rows, set by fuse_projections() (not a submodule)
         self.clip_qkv = cfg.raw.get("clip_qkv")
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
 
@@ -48,12 +49,18 @@ class Attention(nn.Module):
         fused = fuse([self.q_proj, self.k_proj, self.v_proj])
         if fused is not None:
             self.qkv_weight, self.qkv_bias = fused
-        return fused is not None
+            return True
+        # object.__setattr__: its buffers are views of q/k/v_proj's, which keep the state-dict names
+        object.__setattr__(self, "qkv_quant", fuse_quantized([self.q_proj, self.k_proj, self.v_proj]))
+        return self.qkv_quant is not None
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv_weight is not None:
             qkv = linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        elif self.qkv_quant is not None:
+            qkv = self.qkv_quant(x)  # [T, Hq*D + 2*Hkv*D]
             q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]

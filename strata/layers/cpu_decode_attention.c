@@ -1,0 +1,166 @@
+/* Decode attention straight from the paged KV cache: one query token per sequence, bf16 in and out.
+ *
+ * The torch path gathers each sequence's K/V rows (index_select), then runs two tiny batched matmuls and a
+ * softmax: about a dozen ops of a few microseconds each, per layer and token, which at batch 1 costs more than
+ * the arithmetic. Here one call reads the cache rows through the slot table and does everything in registers.
+ *
+ * Per (sequence, KV head) and for each query head of its group: scores of 16 keys at a time (vdpbf16ps over
+ * the bf16 q and K rows, then one transpose-and-add tree that turns 16 partial-sum vectors into 16 scores),
+ * a vectorised exp, then the probability-weighted sum of V rows in fp32, rounded to bf16 once at the end.
+ * Products of two bf16 are exact in fp32; the torch path rounds the scores to bf16 before the softmax, so this
+ * kernel is the more accurate of the two.
+ */
+#include "quant_cpu.h"
+
+#define PAR_MIN_ATTN (1 << 20) /* below this many q.k multiply-adds one thread is faster than a fork/join */
+
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* e^x for x <= 0 (scores minus their maximum): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, Taylor degree 6
+ * (relative error about 1e-7, at fp32 rounding) */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* v[i] holds 16 partial sums of key i; returns the vector whose lane i is the full sum of v[i]. Four levels of
+ * pairwise (permute, permute, add): each halves the partials per key and doubles the keys per vector. */
+static inline __m512 sum16(__m512 v[16]) {
+    static const int lo[4][16] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+        {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+        {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+    };
+    static const int step[4] = {8, 4, 2, 1};
+    int n = 16;
+    for (int l = 0; l < 4; l++) {
+        __m512i il = _mm512_loadu_si512(lo[l]);
+        __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(step[l]));
+        for (int i = 0; i < n / 2; i++)
+            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], il, v[2 * i + 1]),
+                                 _mm512_permutex2var_ps(v[2 * i], ih, v[2 * i + 1]));
+        n /= 2;
+    }
+    return v[0];
+}
+
+/* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
+ * number of 16-lane vectors covering D) is a compile-time constant at every call, so the accumulators stay in
+ * registers. */
+static inline __attribute__((always_inline)) void attend_head(const int NV, const uint16_t *qh, int64_t D,
+                                                              const uint16_t *kc, const uint16_t *vc, int64_t row,
+                                                              const int64_t *sl, int64_t n, float scale, float *p,
+                                                              uint16_t *out) {
+    const int NQ = (NV + 1) / 2;
+    __m512i q[8];
+    __mmask32 qm[8];
+    __mmask16 vm[16];
+    for (int j = 0; j < NQ; j++) {
+        int64_t left = D - 32 * j;
+        qm[j] = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
+        q[j] = _mm512_maskz_loadu_epi16(qm[j], qh + 32 * j);
+    }
+    for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        __m512 acc[16];
+        int64_t nb = n - t0 < 16 ? n - t0 : 16;
+        for (int i = 0; i < 16; i++) {
+            acc[i] = _mm512_setzero_ps();
+            if (i >= nb) continue;
+            const uint16_t *kr = kc + sl[t0 + i] * row;
+            for (int j = 0; j < NQ; j++) /* q is zero beyond D, so K's lanes there do not count */
+                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q[j], (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j));
+        }
+        __mmask16 m = tail16(nb);
+        __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(p + t0, m, s);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, s);
+    }
+    const float mx = _mm512_reduce_max_ps(vmax);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        __mmask16 m = tail16(n - t0);
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t0), _mm512_set1_ps(mx)));
+        _mm512_mask_storeu_ps(p + t0, m, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+    }
+    /* two accumulator sets (even and odd keys) halve the FMA dependency chains */
+    __m512 oa[16], ob[16];
+    for (int j = 0; j < NV; j++) oa[j] = ob[j] = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+        const uint16_t *va = vc + sl[t] * row, *vb = vc + sl[t + 1] * row;
+        __m512 pa = _mm512_set1_ps(p[t]), pb = _mm512_set1_ps(p[t + 1]);
+        for (int j = 0; j < NV; j++) {
+            oa[j] = _mm512_fmadd_ps(pa, load_bf16x16(va + 16 * j, vm[j]), oa[j]);
+            ob[j] = _mm512_fmadd_ps(pb, load_bf16x16(vb + 16 * j, vm[j]), ob[j]);
+        }
+    }
+    if (t < n) {
+        const uint16_t *va = vc + sl[t] * row;
+        __m512 pa = _mm512_set1_ps(p[t]);
+        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, load_bf16x16(va + 16 * j, vm[j]), oa[j]);
+    }
+    const float denom = _mm512_reduce_add_ps(vsum);
+    const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / denom : 0.0f);
+    for (int j = 0; j < NV; j++) {
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_add_ps(oa[j], ob[j]), inv));
+        _mm256_mask_storeu_epi16(out + 16 * j, vm[j], b);
+    }
+}
+
+static void attend_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
+                            const int64_t *sl, int64_t n, float scale, float *p, uint16_t *out) {
+    if (D <= 64)
+        attend_head(4, qh, D, kc, vc, row, sl, n, scale, p, out);
+    else if (D <= 128)
+        attend_head(8, qh, D, kc, vc, row, sl, n, scale, p, out);
+    else
+        attend_head(16, qh, D, kc, vc, row, sl, n, scale, p, out);
+}
+
+/* out[s, h, :] = softmax_k(q[s, h] . K[slot_k, h / G] * scale) @ V[slot_k, h / G] for every sequence s and
+ * query head h, where slot_k runs over slots[starts[s] .. starts[s + 1]).
+ *   q    bf16 [S, Hq, D] contiguous        kc, vc  bf16 [num_slots, Hkv, D] contiguous
+ *   slots int64 [starts[S]]                starts  int64 [S + 1]              out bf16 [S, Hq, D]
+ * D <= 256. Work is split over (sequence, KV head) pairs. */
+void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
+                           const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
+                           uint16_t *out) {
+    const int64_t G = Hq / Hkv, row = Hkv * D;
+    int64_t max_ctx = 0, work = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t n = starts[s + 1] - starts[s];
+        max_ctx = n > max_ctx ? n : max_ctx;
+        work += n;
+    }
+#pragma omp parallel if (work * Hq * D > PAR_MIN_ATTN)
+    {
+        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
+#pragma omp for schedule(static)
+        for (int64_t sk = 0; sk < S * Hkv; sk++) {
+            const int64_t s = sk / Hkv, kvh = sk % Hkv;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kvh * G + g;
+                attend_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
+                            starts[s + 1] - starts[s], scale, p, out + (s * Hq + h) * D);
+            }
+        }
+        free(p);
+    }
+}
