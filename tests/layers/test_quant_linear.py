@@ -144,3 +144,37 @@ def test_swap_linears_on_meta_keeps_bias_and_names():
         swap_linears(model, {"norm": "int8"})
     with pytest.raises(WeightsError, match="before the weights"):
         post_load_all(model)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32-asym", "int4-g64", "fp8", "int8-nested-g32"])
+def test_fused_projections_equal_the_separate_ones(fmt):
+    """fuse_quantized: one QuantLinear over q/k/v rows gives the separate outputs side by side, and the separate
+    layers keep their state-dict tensors as views of it (no memory doubled)."""
+    from strata.layers.fusion import fuse_quantized
+
+    _backend("native")
+    torch.manual_seed(1)
+    lins = [nn.Linear(160, n, bias=True) for n in (64, 16, 16)]
+    qs = [QuantLinear.from_float(lin, fmt, backend="native") for lin in lins]
+    x = torch.randn(3, 160, dtype=torch.bfloat16)
+    separate = torch.cat([q(x) for q in qs], dim=-1)  # [3, 96]
+    before = [{k: v.clone() for k, v in q.state_dict().items()} for q in qs]
+    fused = fuse_quantized(qs)
+    assert fused is not None and fused.out_features == 96
+    for q, sd in zip(qs, before):
+        assert q.state_dict().keys() == sd.keys()
+        assert all(torch.equal(q.state_dict()[k], v) for k, v in sd.items())
+    base = fused.qweight.untyped_storage().data_ptr()
+    assert all(q.qweight.untyped_storage().data_ptr() == base for q in qs)
+    torch.testing.assert_close(fused(x), separate, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(qs[1](x), separate[:, 64:80], atol=2e-2, rtol=1e-2)  # views still work alone
+
+
+def test_fusion_refuses_mixed_formats_and_non_native():
+    from strata.layers.fusion import fuse_quantized
+
+    lin = nn.Linear(64, 32, bias=False)
+    mixed = [QuantLinear.from_float(lin, "int8", backend="reference"), QuantLinear.from_float(lin, "int8")]
+    assert fuse_quantized(mixed) is None
+    if HAS_NATIVE:
+        assert fuse_quantized([QuantLinear.from_float(lin, "int8"), QuantLinear.from_float(lin, "int4-g32")]) is None
