@@ -20,14 +20,18 @@ def register(sub) -> None:
     p.add_argument("out_dir", help="output folder (must not exist unless --force)")
     p.add_argument("--format", default="int8", help="int8, int4-g32|g64|g128[-asym], int8-nested-g64, fp8 "
                    "(default int8); with --mixed, the comma-separated candidate formats")
+    p.add_argument("--method", default="clip", help="how scales are chosen: rtn (absmax), clip (search of "
+                   "clipping ratios, weighted by calibration input energy when given; default) or gptq (column-wise "
+                   "error compensation with the calibration Hessian; needs --calibrate-data or --calibration)")
     p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
     p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
     p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "
                    "model.layers.3.mlp.experts.5, or a module name); default: uniform routing frequency")
-    p.add_argument("--calibration", help="with --mixed: safetensors of <module>.input_sq_mean [in] and "
-                   "<expert>.routing_frequency [] measured on calibration text (docs/quantization.md)")
-    p.add_argument("--calibrate-data", metavar="FILE", help="with --mixed: measure the calibration statistics by "
-                   "running the unquantized IN_DIR over this UTF-8 text (use training text, not held-out text)")
+    p.add_argument("--calibration", help="safetensors of <module>.input_sq_mean [in], <module>.input_second_moment "
+                   "[in, in] (gptq) and <expert>.routing_frequency [] measured on calibration text "
+                   "(docs/quantization.md)")
+    p.add_argument("--calibrate-data", metavar="FILE", help="measure the calibration statistics by running the "
+                   "unquantized IN_DIR over this UTF-8 text (use training text, never the evaluation text)")
     p.add_argument("--calibrate-tokens", type=int, default=32768, help="with --calibrate-data: tokens to run "
                    "(default 32768)")
     p.add_argument("--save-calibration", metavar="PATH", help="with --calibrate-data: also write the statistics "
@@ -40,17 +44,28 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from strata.weights.quant_format import QuantFormat
-    from strata.weights.quant_plan import MixedPlanConfig, load_calibration, parse_size
+    from strata.weights.quant_format import QuantFormat, check_method
+    from strata.weights.quant_plan import Calibration, MixedPlanConfig, parse_size, read_calibration
     from strata.weights.quantize_checkpoint import mixed_formats, quantize_checkpoint
 
     progress = not args.no_progress
+    method = check_method(args.method.strip().lower(), "--method")
+    if args.calibration and args.calibrate_data:
+        raise UnsupportedError("give either --calibration (a stats file) or --calibrate-data (a text), not both")
+    if method == "gptq" and not (args.calibration or args.calibrate_data):
+        raise UnsupportedError("--method gptq needs calibration: --calibrate-data FILE or --calibration FILE")
+    if not args.mixed and (args.budget or args.importance):
+        raise UnsupportedError("--budget and --importance need --mixed")
+    calib = Calibration()
+    if args.calibration:
+        calib = read_calibration(args.calibration)
+    if args.calibrate_data:
+        calib = _calibrate(args, progress, second_moments=method == "gptq")
     if not args.mixed:
-        if args.budget or args.importance or args.calibration or args.calibrate_data:
-            raise UnsupportedError("--budget, --importance, --calibration and --calibrate-data need --mixed")
         fmt = QuantFormat.parse(args.format)
-        out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress)
-        print(f"wrote {out}: linear layers in {fmt}")
+        out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress,
+                                  method=method, calibration=calib)
+        print(f"wrote {out}: linear layers in {fmt} ({method})")
         return 0
     if not args.budget:
         raise UnsupportedError("--mixed needs --budget, e.g. --budget 2GiB")
@@ -58,13 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if len(formats) == 1:  # one format given: let the plan choose between it and int4-g64
         formats = tuple(dict.fromkeys((*formats, "int8", "int4-g64")))
     cfg = MixedPlanConfig(budget_bytes=parse_size(args.budget), formats=formats,
-                          expert_frequency=_default_frequency(Path(args.in_dir)))
-    if args.calibration and args.calibrate_data:
-        raise UnsupportedError("give either --calibration (a stats file) or --calibrate-data (a text), not both")
-    if args.calibration:
-        cfg.input_sq, cfg.importance = load_calibration(args.calibration)
-    if args.calibrate_data:
-        cfg.input_sq, cfg.importance = _calibrate(args, progress)
+                          expert_frequency=_default_frequency(Path(args.in_dir)), input_sq=calib.input_sq,
+                          second_moment=calib.second_moment, method=method,
+                          importance=dict(calib.routing_frequency))
     if args.importance:
         try:
             cfg.importance.update({str(k): float(v) for k, v in json.loads(Path(args.importance).read_text()).items()})
@@ -72,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
             raise WeightsError(f"{args.importance}: expected a JSON object {{unit: number}} ({e})") from None
     modules = mixed_formats(Path(args.in_dir), cfg, progress=progress)
     out = quantize_checkpoint(args.in_dir, args.out_dir, modules=modules, force=args.force, progress=progress,
-                              label="mixed")
+                              label="mixed", method=method, calibration=calib)
     counts = {f: list(modules.values()).count(f) for f in sorted(set(modules.values()))}
-    print(f"wrote {out}: " + ", ".join(f"{n} linears in {f}" for f, n in counts.items()))
+    print(f"wrote {out}: " + ", ".join(f"{n} linears in {f}" for f, n in counts.items()) + f" ({method})")
     return 0
 
 
@@ -89,14 +100,14 @@ def _default_frequency(src) -> float:
     return top_k / experts if experts and top_k else 1.0
 
 
-def _calibrate(args: argparse.Namespace, progress: bool):
-    """Statistics of the unquantized model on --calibrate-data, split as load_calibration splits a file."""
+def _calibrate(args: argparse.Namespace, progress: bool, second_moments: bool):
+    """Statistics of the unquantized model on --calibrate-data, read as read_calibration reads a file."""
     from strata.engine.calibration import calibrate, save_calibration
     from strata.engine.textfile import read_text
-    from strata.weights.quant_plan import split_calibration
+    from strata.weights.quant_plan import calibration_of
 
     stats = calibrate(args.in_dir, read_text(args.calibrate_data), max_tokens=args.calibrate_tokens,
-                      progress=progress)
+                      progress=progress, second_moments=second_moments)
     if args.save_calibration:
         save_calibration(stats, args.save_calibration)
-    return split_calibration(stats, args.calibrate_data)
+    return calibration_of(stats, args.calibrate_data)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from strata.errors import UnsupportedError, WeightsError
+from strata.weights.quant_search import choose_scales, round_codes
 
 KINDS = ("int8", "int4", "int8-nested", "fp8")
 MIN_GROUP, MAX_GROUP = 32, 1024
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 NESTED_OFFSET = 136  # b = 16 * (q4 + 8) + (r + 8) = 16 * q4 + r + 136
 _NAME = re.compile(r"^(int8-nested|int8|int4|fp8)(?:-g(\d+))?(-asym)?$")
 
@@ -100,13 +100,9 @@ class QuantFormat:
         )
 
 
-def _fp16_scales(s: torch.Tensor, what: str) -> torch.Tensor:
-    if s.abs().max() > torch.finfo(torch.float16).max:
-        raise UnsupportedError(f"{what}: a group scale exceeds the float16 range (weights above ~4e5)")
-    return s.to(torch.float16)
-
-
 def _grouped(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:  # [out, in] -> [out, ng, G] fp32
+    if fmt.group_size is None:
+        return w.float()[:, None, :]  # [out, 1, in]
     kp = fmt.padded_in(w.shape[1])
     w = torch.nn.functional.pad(w.float(), (0, kp - w.shape[1]))
     return w.view(w.shape[0], kp // fmt.group_size, fmt.group_size)
@@ -128,61 +124,72 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MiB fp32: in L2)
+METHODS = ("rtn", "clip", "gptq")  # how scales are chosen: quant_search.py (rtn, clip) and gptq.py
+DEFAULT_METHOD = "clip"  # data-free and cheap; better than rtn on every format we measured
 
 
-def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str) -> dict[str, torch.Tensor]:
-    """Float weight [out, in] -> the on-disk tensors of `fmt`, keyed by suffix (qweight, scales[, zeros])."""
+def check_method(method: str, what: str = "method") -> str:
+    if method not in METHODS:
+        raise UnsupportedError(f"{what} {method!r}: expected one of {', '.join(METHODS)}")
+    return method
+
+
+def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAULT_METHOD,
+                    input_sq: torch.Tensor | None = None, hessian: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Float weight [out, in] -> the on-disk tensors of `fmt`, keyed by suffix (qweight, scales[, zeros]).
+
+    method: rtn (absmax), clip (error-minimising clipping, weighted by input_sq [in] = E[x_j^2] when given)
+    or gptq (needs hessian [in, in] = E[x x^T] from calibration; gptq.py).
+    """
     fmt = QuantFormat.parse(fmt)
+    check_method(method)
     if w.dim() != 2 or not w.is_floating_point():
         raise WeightsError(f"quantize_weight: expected a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
     if not torch.isfinite(w).all():
         raise WeightsError(f"quantize_weight: weight {tuple(w.shape)} contains inf or nan")
+    for what, t, shape in (("input_sq", input_sq, (w.shape[1],)), ("hessian", hessian, (w.shape[1],) * 2)):
+        if t is not None and tuple(t.shape) != shape:
+            raise WeightsError(f"quantize_weight: {what} must be {list(shape)} for a weight {list(w.shape)}, "
+                               f"got {list(t.shape)}")
+    if method == "gptq":
+        if hessian is None:
+            raise WeightsError("quantize_weight: method gptq needs the calibration hessian E[x x^T] [in, in]")
+        from strata.weights.gptq import gptq_codes
+
+        codes, s, z = gptq_codes(_grouped(w, fmt), fmt, hessian)
+        return pack_codes(codes, fmt, s, z)
+    col = None if input_sq is None else _grouped(input_sq[None].float(), fmt)[0]  # [ng, G]
     rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
-    parts = [_quantize_rows(w[i : i + rows], fmt) for i in range(0, w.shape[0], rows)]
+    parts = [_quantize_rows(w[i : i + rows], fmt, method, col) for i in range(0, w.shape[0], rows)]
     return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
 
 
-def _quantize_rows(w: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
-    if fmt.kind in ("int8", "fp8"):
-        w = w.float()
-        qmax = 127.0 if fmt.kind == "int8" else FP8_MAX
-        s = w.abs().amax(dim=1) / qmax  # [out]
-        q = (w / _safe(s)[:, None]).clamp(-qmax, qmax)
-        q = q.round().to(torch.int8) if fmt.kind == "int8" else q.to(torch.float8_e4m3fn)
-        return {"qweight": q.contiguous(), "scales": s.contiguous()}
+def _quantize_rows(w: torch.Tensor, fmt: QuantFormat, method: str, col: torch.Tensor | None):
     wg = _grouped(w, fmt)  # [out, ng, G]
-    if fmt.kind == "int8-nested":
-        s = _fp16_scales(wg.abs().amax(dim=2) / (7 * 16), "int8-nested")  # int8 step; int4 step is 16x
-        sf = _safe(s.float())[..., None]
-        q4 = (wg / (16 * sf)).round().clamp(-8, 7)
-        r = (wg / sf - 16 * q4).round().clamp(-8, 7)
-        b = (16 * q4 + r + NESTED_OFFSET).to(torch.uint8).view(w.shape[0], -1)
-        return {"qweight": b.contiguous(), "scales": s.contiguous()}
-    if fmt.asym:
-        lo = wg.amin(dim=2).clamp(max=0)
-        hi = wg.amax(dim=2).clamp(min=0)
-        s = _fp16_scales((hi - lo) / 15, "int4-asym")
-        sf = _safe(s.float())
-        z = (-lo / sf).round().clamp(0, 15)
-        q = ((wg / sf[..., None]).round() + z[..., None]).clamp(0, 15)
-        return {"qweight": pack_nibbles(q.view(w.shape[0], -1)), "scales": s, "zeros": z.to(torch.uint8)}
-    # symmetric: of the scales amax/7 and (signed max)/-8, keep the one with the smaller squared error
-    amax_idx = wg.abs().argmax(dim=2, keepdim=True)
-    signed_max = wg.gather(2, amax_idx).squeeze(2)
-    best_q, best_s, best_err = None, None, None
-    for cand in (wg.abs().amax(dim=2) / 7, signed_max / -8):
-        s = _fp16_scales(cand, "int4")
-        sf = _safe(s.float())[..., None]
-        q = (wg / sf).round().clamp(-8, 7)
-        err = ((q * s.float()[..., None] - wg) ** 2).sum(dim=2)
-        if best_q is None:
-            best_q, best_s, best_err = q, s, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[..., None], q, best_q)
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.minimum(err, best_err)
-    return {"qweight": pack_nibbles((best_q + 8).view(w.shape[0], -1)), "scales": best_s.contiguous()}
+    s, z = choose_scales(wg, fmt, method, col)
+    sf = _safe(s.float()).view(wg.shape[0], -1, 1)
+    zf = None if z is None else z.float()[..., None]
+    return pack_codes(round_codes(wg, fmt, sf, zf), fmt, s, z)
+
+
+def pack_codes(codes: torch.Tensor, fmt: QuantFormat, s: torch.Tensor, z: torch.Tensor | None
+               ) -> dict[str, torch.Tensor]:
+    """Float codes [out, ng, G] (from quant_search.round_codes) and stored scales/zeros -> on-disk tensors."""
+    out = codes.shape[0]
+    codes = codes.reshape(out, -1)
+    if fmt.kind == "int8":
+        q = codes.to(torch.int8)
+    elif fmt.kind == "fp8":
+        q = codes.to(torch.float8_e4m3fn)  # exact: the codes are fp8 values already
+    elif fmt.kind == "int8-nested":
+        q = (codes + NESTED_OFFSET).to(torch.uint8)
+    else:
+        q = pack_nibbles(codes if fmt.asym else codes + 8)
+    t = {"qweight": q.contiguous(), "scales": s.contiguous()}
+    if z is not None:
+        t["zeros"] = z.contiguous()
+    return t
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], fmt: QuantFormat, out_features: int, in_features: int,

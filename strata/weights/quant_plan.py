@@ -28,7 +28,7 @@ import torch
 
 from strata import units
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+from strata.weights.quant_format import DEFAULT_METHOD, QuantFormat, dequantize_weight, quantize_weight
 
 _EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
 SAMPLE_ROWS = 64  # rows per linear used to measure quantization error (a proxy; cheap on big models)
@@ -55,44 +55,80 @@ class MixedPlanConfig:
     expert_frequency: float = 1.0  # default routing frequency of an expert (top_k / num_experts)
     importance: dict[str, float] = field(default_factory=dict)  # per unit: routing frequency or a weight
     input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # per module: E[x_j^2], calibration
+    second_moment: dict[str, torch.Tensor] = field(default_factory=dict)  # per module: E[x x^T], for gptq
+    method: str = DEFAULT_METHOD  # how each candidate is quantized when its error is measured
 
 
-def weight_error(w: torch.Tensor, fmt: QuantFormat, input_sq: torch.Tensor | None = None) -> float:
+@dataclass
+class Calibration:
+    """Calibration statistics by module (and routing frequency by expert unit); see load_calibration."""
+
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x_j^2] [in]
+    second_moment: dict[str, torch.Tensor] = field(default_factory=dict)  # E[x x^T] [in, in]
+    routing_frequency: dict[str, float] = field(default_factory=dict)
+
+
+def weight_error(w: torch.Tensor, fmt: QuantFormat, input_sq: torch.Tensor | None = None,
+                 method: str = DEFAULT_METHOD, hessian: torch.Tensor | None = None) -> float:
     """Expected squared output error of quantizing w (measured on a row sample, scaled to all rows).
 
     input_sq [in_features]: mean of x_j^2 over calibration inputs; None means 1 (plain weight error).
+    hessian [in, in]: E[x x^T]; when given the error is the full sum_rows d H d^T (what gptq minimises).
     """
     rows = w[: min(SAMPLE_ROWS, w.shape[0])].float()
-    deq = dequantize_weight(quantize_weight(rows, fmt), fmt, rows.shape[0], rows.shape[1])
-    err = (deq - rows) ** 2  # [rows, in]
-    if input_sq is not None:
-        err = err * input_sq.float()[None, :]
+    m = "clip" if method == "gptq" and hessian is None else method
+    q = quantize_weight(rows, fmt, m, input_sq, hessian if m == "gptq" else None)
+    d = dequantize_weight(q, fmt, rows.shape[0], rows.shape[1]) - rows  # [rows, in]
+    if hessian is not None:
+        err = (d @ hessian.float()) * d
+    elif input_sq is not None:
+        err = d * d * input_sq.float()[None, :]
+    else:
+        err = d * d
     return float(err.sum()) * w.shape[0] / rows.shape[0]
 
 
 def load_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Calibration file -> ({module: input_sq_mean [in]}, {unit: routing_frequency})."""
+    return split_calibration(_load(path), path)
+
+
+def read_calibration(path: str | Path) -> Calibration:
+    """Calibration file -> Calibration, second moments included."""
+    return calibration_of(_load(path), path)
+
+
+def _load(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise WeightsError(f"{path}: not a valid calibration safetensors file ({str(e).splitlines()[0]})") from None
-    return split_calibration(tensors, path)
+    return tensors
 
 
 def split_calibration(tensors: dict[str, torch.Tensor], source: str | Path = "calibration"
                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """{name: tensor} as in a calibration file -> ({module: input_sq_mean [in]}, {unit: routing_frequency})."""
-    input_sq, freq = {}, {}
+    c = calibration_of(tensors, source)
+    return c.input_sq, c.routing_frequency
+
+
+def calibration_of(tensors: dict[str, torch.Tensor], source: str | Path = "calibration") -> Calibration:
+    """{name: tensor} as in a calibration file -> Calibration."""
+    c = Calibration()
     for name, t in tensors.items():
         if name.endswith(".input_sq_mean"):
-            input_sq[name[: -len(".input_sq_mean")]] = t
+            c.input_sq[name[: -len(".input_sq_mean")]] = t
+        elif name.endswith(".input_second_moment"):
+            c.second_moment[name[: -len(".input_second_moment")]] = t
         elif name.endswith(".routing_frequency"):
-            freq[name[: -len(".routing_frequency")]] = float(t)
+            c.routing_frequency[name[: -len(".routing_frequency")]] = float(t)
         else:
-            raise WeightsError(f"{source}: tensor '{name}' is neither <module>.input_sq_mean nor <unit>.routing_frequency")
-    return input_sq, freq
+            raise WeightsError(f"{source}: tensor '{name}' is neither <module>.input_sq_mean, "
+                               "<module>.input_second_moment nor <unit>.routing_frequency")
+    return c
 
 
 def _by_size(cfg: MixedPlanConfig, shapes: dict[str, tuple[int, int]]) -> list[QuantFormat]:

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights.quant_format import QuantFormat, quantize_weight
-from strata.weights.quant_plan import MixedPlanConfig, check_budget, plan_mixed, weight_error
+from strata.weights.quant_format import DEFAULT_METHOD, QuantFormat, check_method, quantize_weight
+from strata.weights.quant_plan import Calibration, MixedPlanConfig, check_budget, plan_mixed, weight_error
 
 QUANT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 INDEX = "model.safetensors.index.json"
@@ -102,7 +102,8 @@ def mixed_formats(src: Path, cfg: MixedPlanConfig, progress: bool = True) -> dic
                     w = _get(h, src / shard, name)
                     for f in cfg.formats:
                         f = QuantFormat.parse(f)
-                        errors[(module, str(f))] = weight_error(w, f, cfg.input_sq.get(module))
+                        errors[(module, str(f))] = weight_error(w, f, cfg.input_sq.get(module), cfg.method,
+                                                                cfg.second_moment.get(module))
                     bar.update(1)
     bar.close()
     return plan_mixed(shapes, cfg, errors)
@@ -110,9 +111,18 @@ def mixed_formats(src: Path, cfg: MixedPlanConfig, progress: bool = True) -> dic
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat | None = None,
                         modules: dict[str, str] | None = None, force: bool = False, progress: bool = True,
-                        label: str | None = None) -> Path:
-    """Write the quantized copy of HF folder `src` to `dst`. Give `fmt` (all linears) or `modules`."""
+                        label: str | None = None, method: str = DEFAULT_METHOD,
+                        calibration: Calibration | None = None) -> Path:
+    """Write the quantized copy of HF folder `src` to `dst`. Give `fmt` (all linears) or `modules`.
+
+    method: how scales are chosen (quant_format.METHODS). calibration: per-module input statistics; `clip`
+    weights its error by E[x_j^2], `gptq` needs E[x x^T] (modules without it, e.g. an expert that no
+    calibration token reached, fall back to clip).
+    """
     src, dst = Path(src), Path(dst)
+    check_method(method, "--method")
+    if method == "gptq" and (calibration is None or not calibration.second_moment):
+        raise UnsupportedError("--method gptq needs calibration with second moments (--calibrate-data FILE)")
     if not (src / "config.json").is_file():
         raise WeightsError(f"{src}: not an HF model folder (config.json missing)")
     config = json.loads((src / "config.json").read_text())
@@ -133,7 +143,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
         with tqdm(total=total, desc="quantizing", unit="B", unit_scale=True, disable=not progress,
                   file=sys.stderr) as bar:
             for shard in shards:
-                out = _quantize_shard(src / shard, modules, bar.update)
+                out = _quantize_shard(src / shard, modules, bar.update, method, calibration or Calibration())
                 save_file(out, str(tmp / shard), metadata={"format": "pt"})
                 weight_map.update({k: shard for k in out})
         missing = [m for m in modules if f"{m}.qweight" not in weight_map]
@@ -161,7 +171,8 @@ def _label(modules: dict[str, str]) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-def _quantize_shard(path: Path, modules: dict[str, str], advance: Callable[[int], object]) -> dict:
+def _quantize_shard(path: Path, modules: dict[str, str], advance: Callable[[int], object], method: str,
+                    calib: Calibration) -> dict:
     out = {}
     with _open(path) as h:
         for name in list(h.keys()):
@@ -170,7 +181,11 @@ def _quantize_shard(path: Path, modules: dict[str, str], advance: Callable[[int]
             if module in modules:
                 if t.dim() != 2:
                     raise WeightsError(f"{path}: tensor '{name}' is {list(t.shape)}, expected a 2-D linear weight")
-                for suffix, q in quantize_weight(t, modules[module]).items():
+                hessian = calib.second_moment.get(module)
+                m = method if method != "gptq" or hessian is not None else "clip"
+                q_tensors = quantize_weight(t, modules[module], m, calib.input_sq.get(module),
+                                            hessian if m == "gptq" else None)
+                for suffix, q in q_tensors.items():
                     out[f"{module}.{suffix}"] = q.contiguous()
             else:
                 out[name] = t.contiguous()

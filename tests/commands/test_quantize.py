@@ -112,6 +112,8 @@ def test_bad_input(stories260k_hf, tmp_path, capsys):
     _fails(capsys, ["quantize", "--format", "int4-g48", src, dst], "power of two")
     _fails(capsys, ["quantize", "--format", "int8", str(tmp_path / "nope"), dst], "config.json missing")
     _fails(capsys, ["quantize", "--budget", "1GiB", src, dst], "need --mixed")
+    _fails(capsys, ["quantize", "--method", "awq", src, dst], "--method 'awq': expected one of rtn, clip, gptq")
+    _fails(capsys, ["quantize", "--method", "gptq", src, dst], "--method gptq needs calibration")
     _fails(capsys, ["quantize", "--mixed", "--budget", "1KiB", "--no-progress", src, dst], "too small")
     bad = tmp_path / "truncated"
     bad.mkdir()
@@ -124,3 +126,16 @@ def test_bad_input(stories260k_hf, tmp_path, capsys):
     _fails(capsys, ["quantize", "--format", "int8", "--no-progress", src, dst], "already exists")
     assert main(["quantize", "--format", "int8", "--no-progress", "--force", src, dst]) == 0
     _fails(capsys, ["quantize", "--format", "int8", "--no-progress", dst, str(tmp_path / "q2")], "already quantized")
+
+
+def test_gptq_with_calibration_text(stories260k_hf, tmp_path):
+    text = tmp_path / "calib.txt"  # calibration text that is not the evaluation text
+    text.write_text("Once upon a time there was a little dog. He liked to play in the park with his ball.\n" * 8)
+    dst, stats = tmp_path / "q", tmp_path / "stats.safetensors"
+    assert main(["quantize", "--format", "int4-g64", "--method", "gptq", "--calibrate-data", str(text),
+                 "--calibrate-tokens", "256", "--save-calibration", str(stats), "--no-progress",
+                 str(stories260k_hf), str(dst)]) == 0
+    with safe_open(str(stats), framework="pt") as h:
+        assert list(h.get_slice("model.layers.0.mlp.down_proj.input_second_moment").get_shape()) == [172, 172]
+    cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert set(cfg["modules"].values()) == {"int4-g64"}
