@@ -171,6 +171,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.25,0.5")
     ap.add_argument("--variants", default="nextuse+none,nextuse+hybrid,lru+none",
                     help="policy+prefetcher pairs run at every budget")
+    ap.add_argument("--own-routing", default="nextuse+none",
+                    help="policy+prefetcher also run at every budget with the model's own router, as the peers "
+                         "route ('' to skip)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--decode", type=int, default=48)
     ap.add_argument("--peer-decode", type=int, default=16, help="decode tokens for the peers")
@@ -217,6 +220,12 @@ def main() -> None:
             record(f"strata {frac:.0%} {variant}", _child(
                 "run_strata", str(path), budgets[frac], policy, prefetch, args.prompt_len, args.decode, args.threads,
                 trace, limit=limit(budgets[frac]), name=f"strata-{frac}-{variant}"))
+    for frac in fracs if args.own_routing else []:  # the peers' routing: same weights, prompt and router
+        policy, prefetch = args.own_routing.split("+")
+        evict([path, store])
+        record(f"strata {frac:.0%} {args.own_routing}, own routing", _child(
+            "run_strata", str(path), budgets[frac], policy, prefetch, args.prompt_len, args.decode, args.threads,
+            None, limit=limit(budgets[frac]), name=f"strata-{frac}-own"))
     evict([path, store])
     record("strata no cache (min slots)", _child(
         "run_strata", str(path), budgets[0.0], "lru", "none", args.prompt_len, args.decode, args.threads, trace,
@@ -252,7 +261,7 @@ def main() -> None:
     bw = (bw0 + bw1) / 2
     for r in rows:
         per_tok = r.get("proc_read_bytes_per_token") or r.get("disk_bytes_per_token")
-        if per_tok and r.get("decode_tok_s"):
+        if per_tok and r.get("decode_tok_s") and r.get("budget_bytes"):
             r["io_bound_tok_s"] = bw * 1e9 / per_tok
             r["fraction_of_io_bound"] = r["decode_tok_s"] / r["io_bound_tok_s"]
     import torch
@@ -302,11 +311,12 @@ def print_table(machine: dict, info: dict, rows: list[dict]) -> None:
     nocache = base.get("strata no cache (min slots)")
     for r in rows:
         if r["engine"].startswith("strata ") and "%" in r["engine"] and r.get("decode_tok_s") and nocache:
-            frac = r["engine"].split()[1]
+            frac = r["engine"].split()[1] + " "
             peers = {k: v for k, v in base.items() if not k.startswith("strata") and v and
                      (frac in k or "transformers" in k)}
             ratios = ", ".join(f"{r['decode_tok_s'] / v:.1f}x {k.split(',')[0]}" for k, v in peers.items())
-            print(f"{r['engine']}: {r['decode_tok_s'] / nocache:.2f}x no cache, {ratios}")
+            own = "own routing" in r["engine"]  # no cache ran on the replayed routing only
+            print(f"{r['engine']}: " + ("" if own else f"{r['decode_tok_s'] / nocache:.2f}x no cache, ") + ratios)
 
 
 if __name__ == "__main__":
