@@ -1,5 +1,4 @@
-"""Builds, caches and calls the AVX-512 kernels in quant_cpu*.c and cpu_decode_attention.c (ctypes, no torch
-headers).
+"""Builds, caches and calls the AVX-512 kernels in quant_cpu*.c and cpu_*.c (ctypes, no torch headers).
 
 The library is compiled once per machine with the system C compiler (about a second) into
 $STRATA_CACHE_DIR or ~/.cache/strata, named by a hash of the source and flags, written to a temporary file
@@ -25,9 +24,10 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
-    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "cpu_decode_attention.c")]
+    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "cpu_decode_attention.c",
+    "cpu_norm.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 5  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 6  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
@@ -45,6 +45,7 @@ _SIGNATURES = {
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
     "dequant_int4": [_P, _I, _I, _P, _P, _I, _I, _P],
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
+    "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
 }
 
 

@@ -87,9 +87,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, meta, kv_cache):
+        """x: the previous layer's MLP output, residual: the stream before it (None at layer 0). Returns the same
+        pair for the next layer; each norm does the residual add before it (one fused op per norm)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, meta, kv_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return getattr(self, self.mlp_name)(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -150,9 +157,10 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+            x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         if logits_indices is not None:
-            x = x.index_select(0, logits_indices)  # [N, H]
-        x = self.model.norm(x)
+            x, residual = x.index_select(0, logits_indices), residual.index_select(0, logits_indices)  # [N, H]
+        x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]  # None: no layers
         return self.lm_head(x).float()  # [N, V]

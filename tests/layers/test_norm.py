@@ -1,0 +1,45 @@
+"""RMSNorm: the native fused add + norm (cpu_norm.c) against transformers' numerics in float64, and dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from strata.layers.linear import bf16_lib
+from strata.layers.norm import RMSNorm
+
+needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
+
+
+def _reference(x, residual, weight, eps):
+    """HF's order: bf16 add, fp32 norm, cast to bf16, scale by the bf16 weight in bf16."""
+    s = x if residual is None else (x.float() + residual.float()).bfloat16()
+    h = (s.double() * torch.rsqrt(s.double().pow(2).mean(-1, keepdim=True) + eps)).bfloat16()
+    return (h.double() * weight.double()).bfloat16(), s
+
+
+@needs_native
+@pytest.mark.parametrize("rows,hidden", [(1, 2048), (3, 64), (130, 200), (2, 37)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_native_matches_reference(rows, hidden, with_residual):
+    g = torch.Generator().manual_seed(rows * hidden)
+    norm = RMSNorm(hidden, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden, generator=g)).bfloat16()
+    x = (3 * torch.randn(rows, hidden, generator=g)).bfloat16()
+    res = torch.randn(rows, hidden, generator=g).bfloat16() if with_residual else None
+    with torch.no_grad():
+        out = norm(x, res) if with_residual else norm(x)
+    ref, ref_sum = _reference(x, res, norm.weight, 1e-5)
+    if with_residual:
+        out, new_res = out
+        assert torch.equal(new_res, ref_sum)  # the new residual is exactly the bf16 sum
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    # both sides round twice to bf16; the fp32 sum of squares may round the normalised value the other way
+    assert ((out.double() - ref.double()).abs() <= ref.double().abs() * 2**-7 + 1e-6).all()
+
+
+def test_float32_keeps_torch_path_and_residual_contract():
+    norm = RMSNorm(16, eps=1e-6)
+    x, r = torch.randn(2, 16), torch.randn(2, 16)
+    out, s = norm(x, r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(out, F.rms_norm(x + r, (16,), eps=1e-6) * norm.weight)
