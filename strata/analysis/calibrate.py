@@ -17,23 +17,43 @@ from dataclasses import replace
 
 import numpy as np
 
-from strata.analysis.efficiency import BOUNDS, CALIBRATION_PATH, DEFAULT, PRIORS, Eff, Efficiencies
+from strata.analysis.efficiency import BOUNDS, CALIBRATION_PATH, DEFAULT, NEUTRAL, PRIORS, Eff, Efficiencies
 from strata.analysis.validate import Case, load_cases, score
 
-MIN_ENGINE_ROWS = 2  # an engine gets its own factors only with at least this many rows on a class
+MIN_ENGINE_ROWS = 2  # an engine gets its own ratio (shared by all classes) with at least this many rows
+MIN_CELL_ROWS = 2  # a (class, engine) cell gets its own factors only with at least this many rows
 PULL = 0.5  # weight of |log(param / parent)| per parameter
+PARAMS = ("eta_bw", "eta_flops", "overhead_us", "eta_q")
 GRIDS = {
     "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 48),
     "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 48),
-    "overhead_us": np.concatenate([[0.0], np.geomspace(1.0, BOUNDS["overhead_us"][1], 40)]),
+    "overhead_us": np.concatenate([[0.0], np.geomspace(0.1, BOUNDS["overhead_us"][1], 40)]),
+    "eta_q": np.geomspace(BOUNDS["eta_q"][0], 1.0, 24),
+}
+RATIO_GRIDS = {  # engine ratios multiply the class factor
+    "eta_bw": np.geomspace(0.2, 2.0, 40),
+    "eta_flops": np.geomspace(0.05, 4.0, 48),
+    "overhead_us": np.concatenate([[0.0], np.geomspace(0.05, 20.0, 40)]),
+    "eta_q": np.geomspace(0.4, 2.0, 24),
 }
 
 
 def _parent(key: str, table: dict[str, Eff]) -> Eff:
-    cls = key.split("|")[0]
-    if "|" in key and cls in table:
-        return table[cls]
-    return PRIORS.get(cls, DEFAULT)
+    """Class -> physical prior; '*|engine' ratio -> neutral; cell -> class x engine ratio."""
+    if key.startswith("*|"):
+        return NEUTRAL
+    if "|" in key:
+        cls, engine = key.split("|", 1)
+        base = table.get(cls) or PRIORS.get(cls, DEFAULT)
+        ratio = table.get(f"*|{engine}")
+        return base.times(ratio) if ratio else base
+    return PRIORS.get(key, DEFAULT)
+
+
+def _pull(e: Eff, par: Eff) -> float:
+    return PULL * (abs(math.log(e.eta_bw / par.eta_bw)) + abs(math.log(e.eta_flops / par.eta_flops))
+                   + abs(math.log((e.overhead_us + 0.5) / (par.overhead_us + 0.5)))
+                   + abs(math.log(e.eta_q / par.eta_q)))
 
 
 def _loss(cases: list[Case], effs: Efficiencies, keys: list[str]) -> float:
@@ -42,13 +62,13 @@ def _loss(cases: list[Case], effs: Efficiencies, keys: list[str]) -> float:
         p = c.predict(effs)
         total += abs(math.log(max(p, 1e-12) / c.measured))
     for k in keys:
-        e, par = effs.table[k], _parent(k, effs.table)
-        total += PULL * (abs(math.log(e.eta_bw / par.eta_bw)) + abs(math.log(e.eta_flops / par.eta_flops))
-                         + abs(math.log((e.overhead_us + 5) / (par.overhead_us + 5))))
+        total += _pull(effs.table[k], _parent(k, effs.table))
     return total
 
 
 def _touching(cases: list[Case], key: str) -> list[Case]:
+    if key.startswith("*|"):
+        return [c for c in cases if any(g.split("|", 1)[1] == key[2:] for g in c.groups)]
     if "|" in key:
         return [c for c in cases if key in c.groups]
     return [c for c in cases if any(g.split("|")[0] == key for g in c.groups)]
@@ -58,14 +78,18 @@ def fit(cases: list[Case], start: Efficiencies | None = None, only: set[str] | N
         sweeps: int = 3) -> Efficiencies:
     usable = [c for c in cases if not c.reason]
     counts = Counter(g for c in usable for g in c.groups)
+    by_engine = Counter(g.split("|", 1)[1] for c in usable for g in c.groups)
     classes = sorted({g.split("|")[0] for g in counts})
-    engines = sorted(g for g, n in counts.items() if n >= MIN_ENGINE_ROWS)
+    ratios = sorted(f"*|{e}" for e, n in by_engine.items() if n >= MIN_ENGINE_ROWS)
+    cells = sorted(g for g, n in counts.items() if n >= MIN_CELL_ROWS)
     effs = Efficiencies(dict(start.table) if start else {})
     for k in classes:
         effs.table.setdefault(k, PRIORS.get(k, DEFAULT))
-    for k in engines:
-        effs.table.setdefault(k, effs.table[k.split("|")[0]])
-    keys = [k for k in classes + engines if only is None or k in only]
+    for k in ratios:
+        effs.table.setdefault(k, NEUTRAL)
+    for k in cells:
+        effs.table.setdefault(k, _parent(k, effs.table))
+    keys = [k for k in classes + ratios + cells if only is None or k in only]
     for _ in range(sweeps):
         for k in keys:
             rows = _touching(usable, k)
@@ -75,18 +99,19 @@ def fit(cases: list[Case], start: Efficiencies | None = None, only: set[str] | N
 
 
 def _fit_group(rows: list[Case], effs: Efficiencies, k: str) -> None:
-    """Joint grid over (eta_bw, overhead_us), which trade off in decode, then eta_flops alone."""
+    """Joint grid over (eta_bw, overhead_us), which trade off in decode, then each parameter alone."""
+    grids = RATIO_GRIDS if k.startswith("*|") else GRIDS
     best, arg = None, None
-    for bw in GRIDS["eta_bw"][::2]:
-        for ov in GRIDS["overhead_us"][::2]:
+    for bw in grids["eta_bw"][::2]:
+        for ov in grids["overhead_us"][::2]:
             effs.table[k] = replace(effs.table[k], eta_bw=float(bw), overhead_us=float(ov))
             loss = _loss(rows, effs, [k])
             if best is None or loss < best:
                 best, arg = loss, (float(bw), float(ov))
     effs.table[k] = replace(effs.table[k], eta_bw=arg[0], overhead_us=arg[1])
-    for param in ("eta_flops", "eta_bw", "overhead_us"):
+    for param in ("eta_flops", "eta_q", "eta_bw", "overhead_us"):
         best, best_v = None, None
-        for v in GRIDS[param]:
+        for v in grids[param]:
             effs.table[k] = replace(effs.table[k], **{param: float(v)})
             loss = _loss(rows, effs, [k])
             if best is None or loss < best:
@@ -105,7 +130,7 @@ def held_out_predictions(cases: list[Case], full: Efficiencies, by_source: bool 
         ids = {c.index for c in fold}
         train = [c for c in usable if c.index not in ids]
         touched = set().union(*(c.groups for c in fold))
-        touched |= {g.split("|")[0] for g in touched}
+        touched |= {g.split("|")[0] for g in touched} | {"*|" + g.split("|", 1)[1] for g in touched}
         # refit from scratch those groups the fold touches; a group with no rows left falls back to its parent
         start = Efficiencies({k: v for k, v in full.table.items() if k not in touched})
         effs = fit(train, start=start, only=touched, sweeps=2)

@@ -1,6 +1,7 @@
 """Time of one forward step on a System: operators placed on processors (device, host CPU, flash), each on a
 roofline max(FLOPs / (eta_f * peak), bytes / (eta_bw * bandwidth)), plus link and flash transfers and a fixed
-per-layer overhead. Where weights live is a Placement (placement.py); this file only prices it.
+overhead per kernel call. Weight bytes of dequantizing formats (GGUF blocks, int4 groups, weight-only int8) stream
+at eta_bw * eta_q; on a probed machine, Strata's weights stream at the GEMV rate the probe measured per format. Where weights live is a Placement (placement.py); this file only prices it.
 
 A StepCost keeps the per-operator arrays so calibration can re-price it under new efficiency factors cheaply.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from strata.analysis.efficiency import Efficiencies
 from strata.analysis.hardware import Device
+from strata.analysis.precision import needs_dequant
 
 
 @dataclass
@@ -24,38 +26,53 @@ class Segment:
     engine: str
     names: list[str] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
-    bytes: list[float] = field(default_factory=list)
+    bytes: list[float] = field(default_factory=list)  # all bytes, weights included
+    wbytes: list[float] = field(default_factory=list)  # weight bytes that go through a GEMV kernel of `fmts`
+    fmts: list[str] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
-    layers: int = 0  # layers that pay a per-step overhead on this processor
+    launches: float = 0.0  # kernel calls per step on this processor (each pays overhead_us)
     bw_scale: float = 1.0  # tensor parallel: devices share the bytes
     flops_scale: float = 1.0
 
-    def add(self, name: str, flops: float, nbytes: float, peak: float) -> None:
+    def add(self, name: str, flops: float, nbytes: float, peak: float, wbytes: float = 0.0, fmt: str = "",
+            launches: float = 0.0) -> None:
         self.names.append(name)
         self.flops.append(flops)
         self.bytes.append(nbytes)
+        self.wbytes.append(min(wbytes, nbytes) if fmt else 0.0)
+        self.fmts.append(fmt)
         self.peaks.append(peak)
+        self.launches += launches
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         # cached: calibration re-prices the same segment thousands of times
         if getattr(self, "_cache", None) is None or len(self._cache[0]) != len(self.flops):
-            bw = self.dev.flash_bw(1 << 30) if self.proc == "flash" else self.dev.bw
+            bw = (self.dev.flash_bw(1 << 30) if self.proc == "flash" else self.dev.bw) * self.bw_scale
             f = np.asarray(self.flops) / (np.asarray(self.peaks) * self.flops_scale)
-            b = np.asarray(self.bytes) / (bw * self.bw_scale)
-            self._cache = (f, b)
+            w = np.asarray(self.wbytes)
+            other = (np.asarray(self.bytes) - w) / bw
+            measured = np.array([self.dev.kernel_eff.get(m, 0.0) if self.engine == "strata" else 0.0
+                                 for m in self.fmts])
+            deq = np.array([bool(m) and needs_dequant(m) for m in self.fmts], dtype=bool)
+            # weight bytes: at a measured kernel rate (probe: Strata's own GEMVs) when there is one, else plain
+            # (eta_bw) or dequantizing (eta_bw * eta_q); the last two are split so factors can be re-priced
+            w_meas = np.where(measured > 0, w / (np.maximum(measured, 1e-9) * bw), 0.0)
+            w_plain = np.where((measured == 0) & ~deq, w / bw, 0.0)
+            w_deq = np.where((measured == 0) & deq, w / bw, 0.0)
+            self._cache = (f, other + w_plain, w_deq, w_meas)
         return self._cache
 
     def op_times(self, effs: Efficiencies) -> tuple[np.ndarray, np.ndarray]:
         e = effs.get(self.dev.cls, self.engine)
-        f, b = self._arrays()
-        return f / e.eta_flops, b / e.eta_bw
+        f, plain, deq, meas = self._arrays()
+        return f / e.eta_flops, plain / e.eta_bw + deq / (e.eta_bw * e.eta_q) + meas
 
     def time(self, effs: Efficiencies) -> float:
         if not self.flops:
             return 0.0
         f, b = self.op_times(effs)
         e = effs.get(self.dev.cls, self.engine)
-        return float(np.maximum(f, b).sum()) + self.layers * e.overhead_us * 1e-6
+        return float(np.maximum(f, b).sum()) + self.launches * e.overhead_us * 1e-6
 
 
 @dataclass

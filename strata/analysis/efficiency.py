@@ -1,8 +1,10 @@
-"""Efficiency factors: the fraction of peak bandwidth / FLOPs an engine reaches on a hardware class, plus a
-fixed per-layer step overhead (kernel launches, synchronisation, framework loop).
+"""Efficiency factors: the fraction of peak bandwidth / FLOPs an engine reaches on a hardware class, the share
+of that bandwidth a dequantizing GEMV keeps (eta_q), and a fixed overhead per kernel call (launch, dispatch,
+framework loop; a dense transformer layer makes 10 calls: 2 norms, q/k/v/o, attention, 3 FFN matrices).
 
 Priors are physical guesses stated once here; `calibration.json` (written by calibrate.py) holds the fitted
-values per hardware class and per (class, engine). Lookup falls back engine -> class -> prior.
+values per hardware class, per engine (a ratio applied on every class, key '*|engine') and per (class, engine)
+cell with enough rows. Lookup: cell -> class x engine ratio -> class -> prior.
 """
 
 from __future__ import annotations
@@ -13,29 +15,42 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
-BOUNDS = {"eta_bw": (0.05, 1.0), "eta_flops": (0.02, 1.0), "overhead_us": (0.0, 1000.0)}
+BOUNDS = {"eta_bw": (0.05, 1.0), "eta_flops": (0.02, 1.0), "overhead_us": (0.0, 200.0), "eta_q": (0.2, 1.0)}
 
 
 @dataclass
 class Eff:
     eta_bw: float  # achieved / peak memory bandwidth for streaming weights and KV
     eta_flops: float  # achieved / peak FLOP/s for matmuls with many tokens
-    overhead_us: float  # fixed time per layer per forward step
+    overhead_us: float  # fixed time per kernel call per forward step
+    eta_q: float = 0.8  # share of eta_bw a dequantizing (block / group / weight-only) GEMV reaches
 
     def clamp(self) -> Eff:
         return Eff(*(min(max(getattr(self, k), lo), hi) for k, (lo, hi) in BOUNDS.items()))
 
+    def times(self, ratio: Eff) -> Eff:
+        """This class factor scaled by an engine ratio."""
+        return Eff(self.eta_bw * ratio.eta_bw, self.eta_flops * ratio.eta_flops, self.overhead_us * ratio.overhead_us,
+                   self.eta_q * ratio.eta_q).clamp()
 
+
+NEUTRAL = Eff(1.0, 1.0, 1.0, 1.0)  # engine ratio prior: an engine is as good as its class until rows say otherwise
 PRIORS = {
-    "gpu": Eff(0.75, 0.5, 20.0),
-    "apple": Eff(0.7, 0.5, 30.0),
-    "cpu-x86": Eff(0.6, 0.3, 30.0),
-    "cpu-server": Eff(0.5, 0.3, 50.0),
-    "cpu-arm": Eff(0.5, 0.3, 50.0),
-    "cpu-measured": Eff(0.9, 0.8, 20.0),  # probe ceilings are already achieved figures
-    "design": Eff(0.9, 0.7, 0.0),  # simulated designs report ideal pipelines
+    "gpu": Eff(0.75, 0.5, 3.0),
+    "apple": Eff(0.7, 0.5, 3.0),
+    "cpu-x86": Eff(0.6, 0.3, 3.0),
+    "cpu-server": Eff(0.5, 0.3, 5.0),
+    "cpu-arm": Eff(0.5, 0.3, 5.0),
+    "cpu-measured": Eff(0.9, 0.8, 3.0),  # probe ceilings are already achieved figures
+    "design": Eff(0.9, 0.7, 0.0, 1.0),  # simulated designs report ideal pipelines
+    # Strata's eager CPU loop (Python dispatch, norms, rope, KV append): fitted by benchmarks/analysis_own_runs.py
+    # on one run only (dense-1b bf16 decode, docs/benchmarks/quant.json); weights stream at the probed GEMV rates
+    "cpu-measured|strata": Eff(0.9, 0.8, 64.0),
 }
-DEFAULT = Eff(0.6, 0.4, 30.0)
+DEFAULT = Eff(0.6, 0.4, 3.0)
+# Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
+# llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
+LOOPED_EXPERT_ENGINES = {"strata", "transformers"}
 
 ENGINE_PATTERNS = [
     ("ktransformers", r"ktransformers"),
@@ -96,10 +111,14 @@ class Efficiencies:
         return cls({k: Eff(**v) for k, v in raw.get("factors", {}).items()})
 
     def get(self, hw_class: str, engine: str) -> Eff:
-        for key in (f"{hw_class}|{engine}", hw_class):
-            if key in self.table:
-                return self.table[key]
-        return PRIORS.get(hw_class, DEFAULT)
+        cell = f"{hw_class}|{engine}"
+        if cell in self.table:
+            return self.table[cell]
+        if cell in PRIORS:
+            return PRIORS[cell]
+        base = self.table.get(hw_class) or PRIORS.get(hw_class, DEFAULT)
+        ratio = self.table.get(f"*|{engine}")
+        return base.times(ratio) if ratio else base
 
     def to_json(self) -> dict:
         return {k: asdict(v) for k, v in sorted(self.table.items())}

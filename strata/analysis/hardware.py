@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from strata.analysis.precision import STRATA_FORMATS
 from strata.errors import ConfigError
 
 CATALOG_PATH = Path(__file__).with_name("hardware.json")
@@ -37,6 +38,7 @@ class Device:
     in_flash_compute: bool = False
     approximate: bool = False
     source: str = ""
+    kernel_eff: dict[str, float] = field(default_factory=dict)  # Strata's GEMV rate per format / bandwidth_gbs
 
     def peak(self, kind: str) -> float:
         """Peak FLOP/s for a compute precision (falls back along FLOPs-per-cycle-equivalent precisions)."""
@@ -87,9 +89,21 @@ def device_from_dict(key: str, v: dict) -> Device:
                       power_w=float(v.get("power_w", 0.0)), idle_w=float(v.get("idle_w", 0.0)),
                       flash=v.get("flash"), tiers=list(v.get("tiers", [])),
                       in_flash_compute=bool(v.get("in_flash_compute", False)),
-                      approximate=bool(v.get("approximate", False)), source=v.get("source", ""))
+                      approximate=bool(v.get("approximate", False)), source=v.get("source", ""),
+                      kernel_eff=dict(v.get("kernel_eff") or _probed_kernel_eff(v)))
     except KeyError as e:
         raise ConfigError(f"hardware entry {key!r}: missing field {e.args[0]!r}") from None
+
+
+def _probed_kernel_eff(v: dict) -> dict[str, float]:
+    """Share of the probed bandwidth each of Strata's decode GEMVs reaches (probe key gemv_strata_<fmt>_gbs)."""
+    bw = float(v.get("bandwidth_gbs", 0.0))
+    out = {}
+    for key, gbs in (v.get("kernels") or {}).items():
+        m = re.match(r"^gemv_strata_(.+)_gbs$", key)
+        if m and m.group(1) in STRATA_FORMATS and bw > 0:
+            out[STRATA_FORMATS[m.group(1)]] = min(float(gbs) / bw, 1.0)
+    return out
 
 
 def aliases() -> dict[str, list[str]]:

@@ -50,6 +50,8 @@ class Op:
     kv_bytes: float = 0.0
     compute: str = "fp16"  # which peak applies
     routed: bool = False
+    fmt: str = ""  # storage format of weight_bytes (kernel efficiency depends on it)
+    launches: float = 1.0  # kernel calls: 1 per weight matrix, per touched expert when experts run in a loop
 
     @property
     def bytes(self) -> float:
@@ -143,7 +145,7 @@ def build_ops(s: ModelShape, p: Precisions, batch: int, new: int, past: int) -> 
     """Operators of one forward step: `batch` sequences, `new` tokens each, `past` tokens already cached."""
     n = batch * new
     ab = _b(p.activations)
-    ops: list[Op] = [Op("embedding", -1, 0.0, n * s.hidden * p.weight_bytes(False), n * s.hidden * ab)]
+    ops: list[Op] = [Op("embedding", -1, 0.0, n * s.hidden * p.weight_bytes(False, head=True), n * s.hidden * ab)]
     for i in range(s.layers):
         for w in layer_weights(s, i):
             if w.d_out == 1:  # norm: a few FLOPs per element, read + write the hidden state
@@ -157,13 +159,15 @@ def build_ops(s: ModelShape, p: Precisions, batch: int, new: int, past: int) -> 
                 touched = distinct_experts(w.count, int(w.active), n)
                 tok = n * w.active
                 ops.append(Op(w.name, i, 2.0 * tok * w.params, touched * w.params * wb, tok * io * ab,
-                              compute=p.compute(True), routed=True))
+                              compute=p.compute(True), routed=True, fmt=p.fmt(True), launches=w.matrices * touched))
             else:
-                ops.append(Op(w.name, i, 2.0 * n * w.params, w.params * wb, n * io * ab, compute=p.compute()))
+                ops.append(Op(w.name, i, 2.0 * n * w.params, w.params * wb, n * io * ab, compute=p.compute(),
+                              fmt=p.fmt(), launches=w.matrices))
     head_tokens = batch  # prefill needs logits of the last position only
     ops.append(Op("final_norm", -1, 4.0 * head_tokens * s.hidden, s.hidden * 2.0, 2.0 * head_tokens * s.hidden * ab))
-    ops.append(Op("lm_head", -1, 2.0 * head_tokens * s.hidden * s.vocab, s.hidden * s.vocab * p.weight_bytes(False),
-                  head_tokens * (s.hidden * ab + s.vocab * 4), compute=p.compute()))
+    ops.append(Op("lm_head", -1, 2.0 * head_tokens * s.hidden * s.vocab,
+                  s.hidden * s.vocab * p.weight_bytes(False, head=True), head_tokens * (s.hidden * ab + s.vocab * 4),
+                  compute=p.compute(), fmt=p.fmt(head=True)))
     return ops
 
 
@@ -188,7 +192,7 @@ def weight_bytes(s: ModelShape, p: Precisions) -> dict[str, float]:
                 experts += w.params * w.count * p.weight_bytes(True)
             else:
                 other += w.params * (2.0 if w.d_out == 1 else p.weight_bytes(False))
-    emb = s.vocab * s.hidden * p.weight_bytes(False)
+    emb = s.vocab * s.hidden * p.weight_bytes(False, head=True)
     other += emb if s.tie_embeddings else 2 * emb
     return {"experts": experts, "non_expert": other, "total": experts + other}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.analysis.costmodel import Segment, StepCost
+from strata.analysis.efficiency import LOOPED_EXPERT_ENGINES
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions
@@ -93,32 +94,32 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     seg_flash = Segment("flash", dev, sc.engine)
     cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch)
     n = batch * new
-    layers_touched_dev, layers_touched_host = set(), set()
+    layers_touched_host = set()
+    looped = sc.engine in LOOPED_EXPERT_ENGINES
+
+    def put(seg: Segment, op, frac: float = 1.0, suffix: str = "", nbytes: float | None = None) -> None:
+        calls = op.launches if looped or not op.routed else min(op.launches, 3.0)
+        wb = op.weight_bytes * frac if nbytes is None else 0.0
+        seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
+                seg.dev.peak(op.compute), wb, op.fmt, calls * (frac if op.routed and looped else 1.0))
+
     for op in build_ops(s, sc.prec, batch, new, past):
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0
         if plan.expert_tier == "flash-all" and op.weight_bytes:
             miss = 1.0 - plan.hit_rate
             cost.flash_s += op.weight_bytes * miss / max(dev.flash_bw(op.weight_bytes), 1.0)
         if plan.in_flash and op.weight_bytes > 1e6:
-            seg_flash.add(op.name, op.flops, op.bytes, dev.peak(op.compute))
+            put(seg_flash, op)
             continue
-        if on_host_layer:
-            seg_host.add(op.name, op.flops, op.bytes, host.peak(op.compute))
-            layers_touched_host.add(op.layer)
-            continue
-        if op.routed and (op.layer < plan.cpu_moe_layers):
-            seg_host.add(op.name, op.flops, op.bytes, host.peak(op.compute))
+        if on_host_layer or (op.routed and op.layer < plan.cpu_moe_layers):
+            put(seg_host if sys.host is not None else seg_dev, op)
             layers_touched_host.add(op.layer)
             continue
         if op.routed and plan.hit_rate < 1.0 and plan.expert_tier != "flash-all":
-            _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost)
+            _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost, put)
             layers_touched_host.add(op.layer)
             continue
-        seg_dev.add(op.name, op.flops, op.bytes, dev.peak(op.compute))
-        if op.layer >= 0:
-            layers_touched_dev.add(op.layer)
-    seg_dev.layers = len(layers_touched_dev)
-    seg_host.layers = len(layers_touched_host) if sys.host is not None else 0
+        put(seg_dev, op)
     if sys.host is not None and layers_touched_host:
         cost.link_s += len(layers_touched_host) * 2 * SYNC_US * 1e-6
     if tp > 1:  # two all-reduces of the hidden state per layer
@@ -128,11 +129,11 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     return cost
 
 
-def _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost) -> None:
+def _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost, put) -> None:
     """Cached experts run on the device; misses are transferred (or read from flash) or run on the host."""
     dev, host = sys.device, sys.host or sys.device
     h = plan.hit_rate
-    seg_dev.add(op.name + ".hit", op.flops * h, op.bytes * h, dev.peak(op.compute))
+    put(seg_dev, op, h, ".hit")
     touched = distinct_experts(s.num_experts, s.top_k, n)
     per_expert = op.weight_bytes / max(touched, 1e-9)
     miss_bytes = op.weight_bytes * (1 - h)
@@ -146,7 +147,7 @@ def _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost) -> Non
     cpu_s = max(op.flops * (1 - h) / (host.peak(op.compute) * 0.3), miss_bytes / (host.bw * 0.6))
     use_cpu = sys.host is not None and (sc.cold == "cpu" or (sc.cold == "auto" and cpu_s < link_s))
     if use_cpu:
-        seg_host.add(op.name + ".miss", op.flops * (1 - h), op.bytes * (1 - h), host.peak(op.compute))
+        put(seg_host, op, 1 - h, ".miss")
     else:
-        seg_dev.add(op.name + ".miss", op.flops * (1 - h), op.act_bytes * (1 - h), dev.peak(op.compute))
+        put(seg_dev, op, 1 - h, ".miss", nbytes=op.act_bytes * (1 - h))
         cost.link_s += link_s

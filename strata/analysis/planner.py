@@ -26,6 +26,8 @@ from strata.analysis.shapes import ModelShape
 from strata.analysis.trace import POLICIES, hit_rate, uniform_hit_rate
 
 RUNS_PATH = Path.home() / ".cache" / "strata" / "runs.jsonl"
+# plan's precision names -> Strata's stored formats (weight-only, dequantized in the GEMV; lm_head stays bf16)
+PLAN_FORMATS = {"bf16": "bf16", "int8": "int8wo", "int4": "int4-g64"}
 PREFETCH_OVERLAP = 0.5  # share of miss transfers a next-layer predictor hides (assumed, not yet measured)
 
 
@@ -94,8 +96,8 @@ def plan(shape: ModelShape, sys: System, budget: float, profile: dict, prompt: i
     threads_max = int(profile.get("threads", os.cpu_count() or 1))
     thread_opts = sorted({1, threads_max})
     out: list[Candidate] = []
-    for prec in ("bf16", "int8", "int4"):
-        p = Precisions(prec, activations="bf16", kv="bf16")
+    for prec, fmt in PLAN_FORMATS.items():
+        p = Precisions(fmt, activations="bf16", kv="bf16", head="bf16")
         wb = weight_bytes(shape, p)
         kv = kv_cache_bytes(shape, p, 1, prompt + gen)
         room = budget - wb["non_expert"] - kv

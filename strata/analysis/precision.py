@@ -23,6 +23,9 @@ FORMATS: dict[str, tuple[float, str]] = {
     "int8wo": (8.0, "fp16"),  # weight-only int8, math in fp16
     "int8amx": (8.0, "amx_int8"),  # W8A8 on Intel AMX tiles (KTransformers' online int8)
     "int4": (4.25, "fp16"),  # weight-only, group 128 with scale + zero
+    "int4-g64": (4.25, "fp16"),  # Strata int4, group 64 with a bf16 scale
+    "int4-g128": (4.125, "fp16"),  # Strata int4, group 128 with a bf16 scale
+    "fp8wo": (8.0, "fp16"),  # weight-only fp8 (e4m3 codes + per-channel scale), math in bf16 (Strata on CPUs)
     "gptq4": (4.25, "fp16"),
     "q4f16": (4.5, "fp16"),  # MLC q4f16_1, group 32 fp16 scale
     "nvfp4": (4.5, "fp4"),  # 16 elements share an fp8 scale
@@ -33,6 +36,11 @@ FORMATS: dict[str, tuple[float, str]] = {
     "q4_0": (4.5, "int8"),
     "iq4_xs": (4.25, "int8"),
 }
+# Formats whose weights are expanded (dequantized) inside the GEMV: block / group / weight-only formats. Their
+# decode kernels reach a smaller share of the memory bandwidth than an fp16 GEMV (efficiency factor eta_q).
+NATIVE = {"fp32", "bf16", "fp16", "fp8", "int8", "int8amx", "nvfp4"}
+# Strata's format names (strata quantize) -> the names here
+STRATA_FORMATS = {"bf16": "bf16", "int8": "int8wo", "int4-g64": "int4-g64", "int4-g128": "int4-g128", "fp8": "fp8wo"}
 ALIASES = {"f16": "fp16", "float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "f32": "fp32",
            "q4km": "q4_k_m", "q5km": "q5_k_m", "q6k": "q6_k", "q80": "q8_0", "q40": "q4_0", "iq4xs": "iq4_xs",
            "iq4xsr4": "iq4_xs", "int4wo": "int4"}
@@ -40,6 +48,10 @@ ALIASES = {"f16": "fp16", "float16": "fp16", "bfloat16": "bf16", "float32": "fp3
 
 def bytes_per_elem(fmt: str) -> float:
     return FORMATS[canon(fmt)][0] / 8
+
+
+def needs_dequant(fmt: str) -> bool:
+    return canon(fmt) not in NATIVE
 
 
 def compute_kind(fmt: str) -> str:
@@ -75,13 +87,19 @@ class Precisions:
     experts: str | None = None  # routed experts, when stored differently (mixed per expert)
     activations: str = "bf16"
     kv: str = "bf16"
+    head: str | None = None  # embedding and lm_head, when stored differently (Strata keeps them bf16)
 
     def __post_init__(self):
-        for f in (self.weights, self.experts or self.weights, self.activations, self.kv):
+        for f in (self.weights, self.experts or self.weights, self.activations, self.kv, self.head or self.weights):
             canon(f)
 
-    def weight_bytes(self, routed: bool) -> float:
-        return bytes_per_elem(self.experts if routed and self.experts else self.weights)
+    def fmt(self, routed: bool = False, head: bool = False) -> str:
+        if head and self.head:
+            return canon(self.head)
+        return canon(self.experts if routed and self.experts else self.weights)
+
+    def weight_bytes(self, routed: bool, head: bool = False) -> float:
+        return bytes_per_elem(self.fmt(routed, head))
 
     def compute(self, routed: bool = False) -> str:
         return compute_kind(self.experts if routed and self.experts else self.weights)

@@ -2,7 +2,8 @@
 
 Memory bandwidth: torch sums rotating over more than 256 MiB (so caches cannot serve it), 1 thread and all.
 Disk: O_DIRECT reads of a temporary file by read size (buffered fallback, noted). GEMV (M=1, weights
-rotated) and GEMM (M=256) per precision with torch. Quick mode uses tiny sizes for tests.
+rotated) and GEMM (M=256) per precision with torch, and Strata's own decode GEMV per weight format
+(`gemv_strata_<fmt>_gbs`: the cost model streams Strata's weights at these rates on a probed machine). Quick mode uses tiny sizes for tests.
 """
 
 from __future__ import annotations
@@ -116,6 +117,38 @@ def gemv_gemm(k: int, n: int, copies: int, m_big: int) -> dict:
             res["gemv_int8_gbs"] = copies * n * k / _best(gemv8, 3) / 1e9
         except RuntimeError:
             pass
+    res.update(strata_gemv(k, n, copies))
+    return res
+
+
+def strata_gemv(k: int, n: int, copies: int) -> dict:
+    """GB/s of Strata's own decode GEMV per weight format (the cost model prices Strata's weights at these)."""
+    from strata.layers.linear import linear
+    from strata.layers.quant_linear import QuantLinear
+
+    res: dict = {}
+    x1 = torch.randn(1, k, dtype=torch.bfloat16)
+    ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(copies)]
+    def run16():
+        for w in ws:
+            linear(x1, w)
+    run16()
+    res["gemv_strata_bf16_gbs"] = copies * n * k * 2 / _best(run16, 3) / 1e9
+    lin = torch.nn.Linear(k, n, bias=False)
+    for fmt in ("int8", "int4-g64", "fp8"):
+        first = QuantLinear.from_float(lin, fmt)
+        layers = [first]
+        for _ in range(copies - 1):
+            q = QuantLinear(k, n, fmt)
+            for name, t in first._tensors().items():
+                setattr(q, name, t.clone())
+            q.post_load()
+            layers.append(q)
+        def runq(layers=layers):
+            for q in layers:
+                q(x1)
+        runq()
+        res[f"gemv_strata_{fmt}_gbs"] = copies * first.fmt.nbytes(n, k) / _best(runq, 3) / 1e9
     return res
 
 

@@ -27,8 +27,8 @@ def write_csv(path, rows):
 
 
 def ideal_calibration(path):
-    # full bandwidth, no overhead: batch-1 decode time is then bytes / bandwidth
-    doc = {"factors": {"gpu": {"eta_bw": 1.0, "eta_flops": 1.0, "overhead_us": 0.0}}}
+    # full bandwidth, no dequantization loss, no overhead: batch-1 decode time is then bytes / bandwidth
+    doc = {"factors": {"gpu": {"eta_bw": 1.0, "eta_flops": 1.0, "overhead_us": 0.0, "eta_q": 1.0}}}
     path.write_text(json.dumps(doc))
     return str(path)
 
