@@ -9,6 +9,7 @@ import torch
 
 from strata.config import ModelConfig
 from strata.errors import ConfigError
+from strata.layers.linear import bf16_lib
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -88,8 +89,32 @@ class RotaryEmbedding:
         return cos[:, None, :], sin[:, None, :]  # [T, 1, D] broadcast over heads
 
 
+def _native_ok(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    t, h, d = x.shape
+    return (
+        x.dtype == torch.bfloat16
+        and cos.dtype == torch.bfloat16
+        and sin.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and d % 2 == 0
+        and x.stride(2) == 1
+        and (h == 1 or x.stride(1) == d)
+        and cos.shape == (t, 1, d)
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and bf16_lib() is not None
+    )
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] -> rotated x, HF's rotate_half convention."""
+    """x [T, H, D] -> rotated x, HF's rotate_half convention. bf16 heads (also strided views out of a fused
+    q/k/v projection) go through one native call (cpu_rotary.c), with torch's rounding."""
+    if x.dim() == 3 and _native_ok(x, cos, sin):
+        t, h, d = x.shape
+        out = torch.empty(t, h, d, dtype=x.dtype)
+        bf16_lib().rope_bf16(x.data_ptr(), t, h, d, x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr())
+        return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

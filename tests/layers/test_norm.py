@@ -43,3 +43,21 @@ def test_float32_keeps_torch_path_and_residual_contract():
     out, s = norm(x, r)
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(out, F.rms_norm(x + r, (16,), eps=1e-6) * norm.weight)
+
+
+@needs_native
+@pytest.mark.parametrize("t,h,d", [(1, 32, 64), (5, 4, 128), (3, 2, 40)])
+def test_native_rotary_equals_torch_bf16_on_strided_views(t, h, d):
+    """The native rope (cpu_rotary.c) rounds like torch's bf16 ops: results are bit-identical, also on a
+    strided view out of a fused projection."""
+    from strata.layers import rotary
+
+    g = torch.Generator().manual_seed(d)
+    fused = torch.randn(t, (h + 3) * d, generator=g).bfloat16()  # [T, (H + 3) * D]: heads + other projections
+    x = fused[:, d : d + h * d].view(t, h, d)  # [T, H, D], row stride (H + 3) * D
+    ang = torch.randn(t, 1, d, generator=g)
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    assert rotary._native_ok(x, cos, sin)
+    half = d // 2
+    expected = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin  # torch, bf16
+    assert torch.equal(rotary.apply_rotary(x, cos, sin), expected)
