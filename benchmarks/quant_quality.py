@@ -11,9 +11,11 @@ Models and texts:
   256 = its trained context); calibration runs on the training 90%, never on the held-out part.
 
 Every row is scored against the unquantized model on the same windows (strata.engine.compare): KL(ref || q)
-per token, top-1 agreement, and the quantized model's own perplexity. Compute is float32. `mixed@F` is
-`strata quantize --mixed` (candidates int8, int4-g32/g64/g128) at exactly the bytes of uniform F, with
-calibration (`mixed-uncal@F`: without). On these narrow models padding decides which int4 is smallest:
+per token, top-1 agreement, and the quantized model's own perplexity. Compute is float32. Each format is
+quantized with each scale method (`--methods`): rtn (absmax: the format as first shipped), clip (the default:
+data-free clipping search; activation-weighted in mixed@ rows, which have calibration) and gptq (calibrated).
+`mixed@F` is `strata quantize --mixed` (candidates int8, int4-g32/g64/g128) at exactly the bytes of uniform F,
+with calibration (`mixed-uncal@F`: without; not for gptq, which needs calibration). On these narrow models padding decides which int4 is smallest:
 int4-g64 on stories260K (widths 64 and 172), int4-g32 on the MoE (width 160 pads to 192 for G=64). A mixed plan
 at the bytes of the smallest candidate has nothing to trade and equals it; the verdict says so.
 Results: docs/benchmarks/quant_quality.json and .md.
@@ -42,7 +44,7 @@ from strata.engine.textfile import read_text
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model
 from strata.weights.quant_format import QuantFormat, nested_int4_view
-from strata.weights.quant_plan import MixedPlanConfig, split_calibration
+from strata.weights.quant_plan import Calibration, MixedPlanConfig, calibration_of
 from strata.weights.quantize_checkpoint import mixed_formats, quantize_checkpoint, scan
 
 DATA = ROOT / ".." / "shared" / "data"
@@ -51,6 +53,7 @@ FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym", "fp8", 
            "int8-nested-g64/int4", "mixed@int4-g64", "mixed-uncal@int4-g64", "mixed@int4-g32",
            "mixed-uncal@int4-g32"]
 MIXED_CANDIDATES = ("int8", "int4-g32", "int4-g64", "int4-g128")
+METHODS = ["rtn", "clip", "gptq"]
 AIMS = {"int8": 0.5, "int4-g64": 5.0}  # allowed perplexity increase, percent
 
 
@@ -98,24 +101,31 @@ def linear_bytes(model_dir: Path, modules: dict[str, str] | None = None, fmt: st
     return other + sum(QuantFormat.parse(modules[m] if modules else fmt).nbytes(*s) for m, s in shapes.items())
 
 
-def build(name: str, ref: Path, work: Path, calib_stats: dict | None) -> tuple[Path, dict]:
-    """Quantized folder for one row, and facts about it (bytes, chosen formats)."""
-    dst = work / name.replace("/", "-")
+def build(name: str, method: str, ref: Path, work: Path, calib: Calibration) -> tuple[Path, dict]:
+    """Quantized folder for one row, and facts about it (bytes, chosen formats).
+
+    Uniform formats get the calibration only for gptq (rtn and clip rows stay data-free); mixed@ rows get it
+    for the plan and for the quantization (activation-weighted clip, or gptq)."""
+    dst = work / f"{name.replace('/', '-')}-{method}"
+    kw = {"method": method, "calibration": calib if method == "gptq" else None, "progress": False}
     if name == "int8-nested-g64/int4":
-        nested = work / "int8-nested-g64"
+        nested = work / f"int8-nested-g64-{method}"
         if not nested.exists():
-            quantize_checkpoint(ref, nested, fmt="int8-nested-g64", progress=False)
+            quantize_checkpoint(ref, nested, fmt="int8-nested-g64", **kw)
         path = nested_view_checkpoint(nested, dst)
         return path, {"weight_bytes": linear_bytes(ref, fmt="int4-g64")}
     if not name.startswith("mixed"):
-        quantize_checkpoint(ref, dst, fmt=name, progress=False)
+        quantize_checkpoint(ref, dst, fmt=name, **kw)
         return dst, {"weight_bytes": linear_bytes(ref, fmt=name)}
     budget = linear_bytes(ref, fmt=name.split("@")[1])
-    cfg = MixedPlanConfig(budget_bytes=budget, formats=MIXED_CANDIDATES, expert_frequency=_top_k_share(ref))
+    cfg = MixedPlanConfig(budget_bytes=budget, formats=MIXED_CANDIDATES, expert_frequency=_top_k_share(ref),
+                          method=method)
     if not name.startswith("mixed-uncal"):
-        cfg.input_sq, cfg.importance = split_calibration(calib_stats)
+        cfg.input_sq, cfg.second_moment = calib.input_sq, calib.second_moment
+        cfg.importance = dict(calib.routing_frequency)
+        kw["calibration"] = calib
     modules = mixed_formats(ref, cfg, progress=False)
-    quantize_checkpoint(ref, dst, modules=modules, progress=False, label="mixed")
+    quantize_checkpoint(ref, dst, modules=modules, label="mixed", **kw)
     counts = {f: list(modules.values()).count(f) for f in sorted(set(modules.values()))}
     return dst, {"weight_bytes": linear_bytes(ref, modules=modules), "budget": budget, "linears_per_format": counts}
 
@@ -127,28 +137,31 @@ def _top_k_share(model_dir: Path) -> float:
 
 
 def run_model(label: str, ref: Path, text: str, calib_text: str, eval_kw: dict, formats: list[str],
-              work: Path) -> dict:
+              methods: list[str], work: Path) -> dict:
     t0 = time.perf_counter()
-    stats = None
-    if any(f.startswith("mixed@") for f in formats):
-        if calib_text is None:
-            raise SystemExit(f"{label}: no calibration text")
-        stats = calibrate(ref, calib_text, max_tokens=32768, progress=False)
+    stats = calibrate(ref, calib_text, max_tokens=32768, progress=False, second_moments=True)
+    calib = calibration_of(stats)
     rows, models = {}, {}
-    for f in formats:
-        path, facts = build(f, ref, work / label, stats)
-        rows[f] = facts
-        models[f] = load_model(str(path), dtype="float32", progress=False)
+    for m in methods:
+        for f in formats:
+            if m == "gptq" and f.startswith("mixed-uncal"):
+                continue
+            t = time.perf_counter()
+            path, facts = build(f, m, ref, work / label, calib)
+            rows[(m, f)] = {**facts, "quantize_seconds": round(time.perf_counter() - t, 2)}
+            models[(m, f)] = load_model(str(path), dtype="float32", progress=False)
     reference = load_model(str(ref), dtype="float32", progress=False)
     res = compare_models(reference, models, Tokenizer(str(ref)), text, progress=sys.stderr.isatty(), **eval_kw)
     ref_bytes = sum(p.stat().st_size for p in ref.glob("*.safetensors"))
-    out = {"reference": None, "formats": {}, "eval": eval_kw, "seconds": 0.0, "reference_file_bytes": ref_bytes}
-    for f in formats:
-        d = res[f].to_dict()
+    out = {"reference": None, "methods": {m: {} for m in methods}, "eval": eval_kw, "seconds": 0.0,
+           "reference_file_bytes": ref_bytes, "calibration_tokens": min(32768, len(Tokenizer(str(ref)).encode(
+               calib_text)))}
+    for (m, f), r in res.items():
+        d = r.to_dict()
         out["reference"] = {"ppl": d["ref_ppl"], "bits_per_byte": d["ref_bits_per_byte"], "tokens": d["tokens"],
                             "bytes": d["bytes"]}
         d["ppl_change_pct"] = 100 * (d["ppl"] / d["ref_ppl"] - 1)
-        out["formats"][f] = {**rows[f], **d}
+        out["methods"][m][f] = {**rows[(m, f)], **d}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -157,42 +170,48 @@ def _fmt_table(label: str, r: dict) -> list[str]:
     ref = r["reference"]
     lines = [f"### {label}", "", (f"Unquantized (float32 compute): ppl **{ref['ppl']:.4f}**, "
              f"**{ref['bits_per_byte']:.4f}** bits/byte over {ref['tokens']} tokens ({ref['bytes']} bytes); "
-             f"checkpoint {r['reference_file_bytes']:,} bytes. Eval: {r['eval']}."), "",
-             "| format | weight bytes | ppl | bits/byte | ppl change | KL (nats/token) | top-1 agreement |",
-             "|---|---|---|---|---|---|---|"]
-    for f, d in r["formats"].items():
-        lines.append(f"| {f} | {d['weight_bytes']:,} | {d['ppl']:.4f} | {d['bits_per_byte']:.4f} | "
-                     f"{d['ppl_change_pct']:+.2f}% | {d['kl']:.5f} | {d['top1_agreement']:.2%} |")
-    mixed = [(f, d) for f, d in r["formats"].items() if "linears_per_format" in d]
-    for f, d in mixed:
-        lines.append("")
-        lines.append(f"`{f}`: budget {d['budget']:,} bytes (= uniform {f.split('@')[1]}), used {d['weight_bytes']:,}; "
-                     "linears per "
-                     "format: " + ", ".join(f"{k} {v}" for k, v in d["linears_per_format"].items()) + ".")
+             f"checkpoint {r['reference_file_bytes']:,} bytes. Eval: {r['eval']}. Calibration: "
+             f"{r['calibration_tokens']} tokens of {r['calibration']}."), "",
+             "| format | method | weight bytes | ppl | bits/byte | ppl change | KL (nats/token) | top-1 agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+    formats = list(dict.fromkeys(f for rows in r["methods"].values() for f in rows))
+    for f in formats:
+        for m, rows in r["methods"].items():
+            if f in rows:
+                d = rows[f]
+                lines.append(f"| {f} | {m} | {d['weight_bytes']:,} | {d['ppl']:.4f} | {d['bits_per_byte']:.4f} | "
+                             f"{d['ppl_change_pct']:+.2f}% | {d['kl']:.5f} | {d['top1_agreement']:.2%} |")
+    lines.append("")
+    for m, rows in r["methods"].items():
+        for f, d in rows.items():
+            if "linears_per_format" in d:
+                lines.append(f"- `{f}` ({m}): budget {d['budget']:,} bytes (= uniform {f.split('@')[1]}), used "
+                             f"{d['weight_bytes']:,}; linears per format: "
+                             + ", ".join(f"{k} {v}" for k, v in d["linears_per_format"].items()) + ".")
     return lines + [""]
 
 
 def verdict(results: dict) -> list[str]:
     lines = ["## Verdict against the issue-4 aims", ""]
     for label, r in results.items():
-        fm = r["formats"]
-        for f, limit in AIMS.items():
-            if f in fm:
-                ch = fm[f]["ppl_change_pct"]
-                ok = "met" if abs(ch) <= limit else "NOT met"
-                lines.append(f"- {label}: {f} perplexity change {ch:+.2f}% (aim within {limit}%): **{ok}**.")
-        for f, m in fm.items():
-            base = f.split("@")[1] if "@" in f else None
-            if base not in fm:
-                continue
-            u = fm[base]
-            if set(m["linears_per_format"]) == {base}:
-                lines.append(f"- {label}: {f}: {base} is the smallest candidate on this model, so the plan at its "
-                             f"bytes is uniform {base} (nothing to trade).")
-                continue
-            ok = "met" if m["ppl"] < u["ppl"] and m["kl"] < u["kl"] else "NOT met"
-            lines.append(f"- {label}: {f} vs uniform {base} at the same bytes: ppl {m['ppl']:.4f} vs "
-                         f"{u['ppl']:.4f}, KL {m['kl']:.5f} vs {u['kl']:.5f} (aim: better on both): **{ok}**.")
+        for m, fm in r["methods"].items():
+            for f, limit in AIMS.items():
+                if f in fm:
+                    ch = fm[f]["ppl_change_pct"]
+                    ok = "met" if abs(ch) <= limit else "NOT met"
+                    lines.append(f"- {label}, {m}: {f} perplexity change {ch:+.2f}% (aim within {limit}%): **{ok}**.")
+            for f, mx in fm.items():
+                base = f.split("@")[1] if "@" in f else None
+                if base not in fm:
+                    continue
+                u = fm[base]
+                if set(mx["linears_per_format"]) == {base}:
+                    lines.append(f"- {label}, {m}: {f}: {base} is the smallest candidate on this model, so the plan "
+                                 f"at its bytes is uniform {base} (nothing to trade).")
+                    continue
+                ok = "met" if mx["ppl"] < u["ppl"] and mx["kl"] < u["kl"] else "NOT met"
+                lines.append(f"- {label}, {m}: {f} vs uniform {base} at the same bytes: ppl {mx['ppl']:.4f} vs "
+                             f"{u['ppl']:.4f}, KL {mx['kl']:.5f} vs {u['kl']:.5f} (aim: better on both): **{ok}**.")
     return lines + [""]
 
 
@@ -200,11 +219,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="stories260k,moe", help="comma-separated: stories260k, moe")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated rows (see FORMATS)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated scale methods: rtn, clip, gptq")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=str(OUT), help="output path without extension")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    formats = args.formats.split(",")
+    formats, methods = args.formats.split(","), args.methods.split(",")
     results = {}
     with tempfile.TemporaryDirectory(prefix="strata-quant-quality-") as tmp:
         work = Path(tmp)
@@ -216,6 +236,7 @@ def main() -> int:
                                       work / "stories260k-hf")
                 text = read_text(str(DATA / "tinystories-valid100" / "validation_100.txt"))
                 calib = sample_text(ref, num_docs=64, length=255)
+                source = "stories sampled from the unquantized model itself (temperature 1, 64 x 255 tokens)"
                 kw = {"split": "<|endoftext|>", "max_positions": 128}
             elif label == "moe":
                 ref = ROOT / "strata" / "assets" / "models" / "shakespeare-moe"
@@ -223,11 +244,13 @@ def main() -> int:
                 text = read_text(path, tail_fraction=0.1)
                 full = read_text(path)
                 calib = full[: len(full) - len(text)]  # the training 90%
+                source = "the training 90% of tinyshakespeare (the held-out 10% is the evaluation text)"
                 kw = {"context": 256, "stride": 256}
             else:
                 raise SystemExit(f"--models: unknown model {label!r} (stories260k, moe)")
             print(f"{label}: {len(formats)} formats", file=sys.stderr)
-            results[label] = run_model(label, ref, text, calib, kw, formats, work)
+            results[label] = run_model(label, ref, text, calib, kw, formats, methods, work)
+            results[label]["calibration"] = source
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                "torch": torch.__version__, "quant_backend": os.environ.get("STRATA_QUANT_BACKEND", "auto")}
     out = Path(args.out)
