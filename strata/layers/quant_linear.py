@@ -84,6 +84,7 @@ class QuantLinear(nn.Module):
         self.backend: str | None = None
         self.gemv_max_rows = GEMV_MAX_ROWS
         self._k: dict[str, torch.Tensor] = {}  # kernel-layout tensors made by post_load
+        self._gemv = None  # native GEMV with bound weight pointers (quant_native.gemv_call), set by post_load
 
     @classmethod
     def from_float(cls, linear: nn.Linear, fmt: QuantFormat | str, backend: str | None = None) -> QuantLinear:
@@ -121,6 +122,10 @@ class QuantLinear(nn.Module):
             if kind == "fp8":
                 k["qweight"] = k["qweight"].view(torch.uint8)
             k["bias"] = None if self.bias is None else self.bias.float().contiguous()
+        self._gemv = None
+        if self.backend == "native" and self.fmt.padded_in(self.in_features) == self.in_features:
+            self._gemv = quant_native.gemv_call(quant_native.native_lib(), kind, k, self.in_features,
+                                                self.out_features, self.fmt.group_size, k["bias"])
         elif self.backend == "torch":
             k = self._torch_layout(tensors)
         self._k = k
@@ -158,6 +163,12 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self._tensors(), self.fmt, self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gemv = self._gemv
+        if (gemv is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= self.gemv_max_rows
+                and x.is_contiguous()):  # the decode fast path: one native call, nothing else
+            y = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)  # [M, N]
+            gemv(x.data_ptr(), x.shape[0], y.data_ptr())
+            return y
         if self.backend is None:
             raise WeightsError(f"{self.module_name or 'QuantLinear'}: call post_load() after loading weights")
         lead = x.shape[:-1]

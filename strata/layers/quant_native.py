@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -139,6 +140,22 @@ def gemv(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor
         lib.gemv_int4(_ptr(x), m, k, _ptr(q), out_features, group_size, _ptr(s), _ptr(w.get("zeros")),
                       _ptr(bias), _ptr(y))
     return y
+
+
+def gemv_call(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], in_features: int, out_features: int,
+              group_size: int | None, bias: torch.Tensor | None) -> Callable[[int, int, int], None]:
+    """`gemv` with the weight pointers bound once: f(x_ptr, rows, y_ptr) for a contiguous bf16 x [rows, K]
+    (K = in_features, no padding needed) into y bf16 [rows, out_features]. The tensors of `w` and `bias` must
+    outlive f (QuantLinear keeps them in `_k`); saves the per-call argument work at decode."""
+    q, s, z, b, n, k = _ptr(w["qweight"]), _ptr(w["scales"]), _ptr(w.get("zeros")), _ptr(bias), out_features, in_features
+    if kind in ("int8", "fp8"):
+        fn = lib.gemv_int8 if kind == "int8" else lib.gemv_fp8
+        return lambda x, m, y: fn(x, m, k, q, n, s, b, y)
+    if kind == "int8-nested":
+        fn = lib.gemv_nested
+        return lambda x, m, y: fn(x, m, k, q, n, group_size, s, b, y)
+    fn = lib.gemv_int4
+    return lambda x, m, y: fn(x, m, k, q, n, group_size, s, z, b, y)
 
 
 def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
