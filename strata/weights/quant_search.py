@@ -4,8 +4,9 @@ The on-disk layout is fixed by quant_format.py; this file only decides *which* s
 gets. Two methods (quantize_weight's `method`; GPTQ in gptq.py builds on both):
 
 - `rtn`: absmax scales, round to nearest (int4 symmetric also tries the 16-level scale (signed max)/-8).
-- `clip`: a grid over shrink factors of the absmax scale (clipping the few largest weights buys a finer
-  step for all others), then one least-squares refit of the scale to the chosen codes. Every candidate
+- `clip` (int4 and int8-nested; int8 and fp8 keep absmax): a grid over shrink factors of the absmax scale
+  (clipping the few largest weights buys a finer step for all others), then least-squares refits of the
+  scale to the chosen codes. int8-nested scores the int8 error plus the error of its int4 view. Every candidate
   is scored by the weighted squared error sum_j c_j (w_j - Q(w)_j)^2 of its row or group, where c_j is
   E[x_j^2] of input channel j from calibration (activation-aware, as AWQ weighs channels) or 1.
 
@@ -22,7 +23,6 @@ from strata.errors import UnsupportedError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors of the absmax scale: 1.0 .. 0.55
-INT8_CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(8))  # int8's step is fine: only mild clipping pays
 REFITS = 2  # least-squares refits of the best int4 scale (each can move codes, so a second one still helps)
 
 
@@ -76,7 +76,9 @@ def _asym_params(lo, hi, alpha, fmt):  # shrunk range [alpha lo, alpha hi] -> st
 
 def _candidates(wg: torch.Tensor, fmt, method: str):
     """Yield (scales, zeros) candidates in stored dtypes; the first is the plain absmax choice."""
-    grid = (1.0,) if method == "rtn" else INT8_CLIP_GRID if fmt.kind in ("int8", "fp8") else CLIP_GRID
+    # int8 and fp8 keep absmax: a clipping grid (1.0 .. 0.86) was never chosen for int8 and moved fp8's KL
+    # and perplexity in opposite directions on both test models (docs/benchmarks/quant_quality.md)
+    grid = CLIP_GRID if method != "rtn" and fmt.kind in ("int4", "int8-nested") else (1.0,)
     if fmt.kind == "int4" and fmt.asym:
         lo, hi = wg.amin(dim=2).clamp(max=0), wg.amax(dim=2).clamp(min=0)
         for a in grid:
