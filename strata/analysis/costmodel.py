@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from strata.analysis.efficiency import Efficiencies
+from strata.analysis.efficiency import NUMA_AWARE_ENGINES, Efficiencies
 from strata.analysis.hardware import Device
 from strata.analysis.precision import needs_dequant
 
@@ -48,6 +48,8 @@ class Segment:
         # cached: calibration re-prices the same segment thousands of times
         if getattr(self, "_cache", None) is None or len(self._cache[0]) != len(self.flops):
             bw = (self.dev.flash_bw(1 << 30) if self.proc == "flash" else self.dev.bw) * self.bw_scale
+            if self.dev.sockets > 1 and self.engine not in NUMA_AWARE_ENGINES:
+                bw /= self.dev.sockets  # pages on one node: one socket's memory controllers serve every read
             f = np.asarray(self.flops) / (np.asarray(self.peaks) * self.flops_scale)
             w = np.asarray(self.wbytes)
             other = (np.asarray(self.bytes) - w) / bw

@@ -51,6 +51,13 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
 # llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
 LOOPED_EXPERT_ENGINES = {"strata", "transformers"}
+# Engines that place weights per NUMA node (KTransformers' dual-socket mode keeps a copy of the experts per socket).
+# The others leave a model's pages on the node that first touched them, so on an n-socket host every read is
+# served by one socket's memory controllers: bandwidth of one socket, FLOPs of all of them.
+NUMA_AWARE_ENGINES = {"ktransformers"}
+# llama.cpp runs a matmul whose weights sit in host memory on the GPU when it has at least this many tokens,
+# copying the weights over the link each time (ggml-cuda offload_op); fewer tokens run on the host CPU.
+GPU_OFFLOAD_MIN_TOKENS = 32
 
 ENGINE_PATTERNS = [
     ("ktransformers", r"ktransformers"),

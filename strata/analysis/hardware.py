@@ -39,6 +39,7 @@ class Device:
     approximate: bool = False
     source: str = ""
     kernel_eff: dict[str, float] = field(default_factory=dict)  # Strata's GEMV rate per format / bandwidth_gbs
+    sockets: int = 1  # CPU sockets whose bandwidth and FLOPs are summed here (each with its own memory)
 
     def peak(self, kind: str) -> float:
         """Peak FLOP/s for a compute precision (falls back along FLOPs-per-cycle-equivalent precisions)."""
@@ -150,5 +151,5 @@ def parse_system(text: str) -> System:
         n = devs[1][0]
         host = Device(**{**host.__dict__, "memory_gb": host.memory_gb * n, "bandwidth_gbs": host.bandwidth_gbs * n,
                          "peak_tflops": {k: v * n for k, v in host.peak_tflops.items()},
-                         "power_w": host.power_w * n, "idle_w": host.idle_w * n})
+                         "power_w": host.power_w * n, "idle_w": host.idle_w * n, "sockets": n})
     return System(dev, count=count, host=host)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.analysis.costmodel import Segment, StepCost
-from strata.analysis.efficiency import LOOPED_EXPERT_ENGINES
+from strata.analysis.efficiency import GPU_OFFLOAD_MIN_TOKENS, LOOPED_EXPERT_ENGINES
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions
@@ -96,6 +96,9 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     n = batch * new
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_ENGINES
+    # llama.cpp with a GPU: big-batch matmuls on host-resident weights run on the GPU, weights copied per step
+    host_to_gpu = (sc.engine.startswith("llama.cpp") and sys.host is not None and dev.cls == "gpu"
+                   and n >= GPU_OFFLOAD_MIN_TOKENS)
 
     def put(seg: Segment, op, frac: float = 1.0, suffix: str = "", nbytes: float | None = None) -> None:
         calls = op.launches if looped or not op.routed else min(op.launches, 3.0)
@@ -112,6 +115,10 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             put(seg_flash, op)
             continue
         if on_host_layer or (op.routed and op.layer < plan.cpu_moe_layers):
+            if host_to_gpu and op.weight_bytes:
+                put(seg_dev, op, suffix=".copied", nbytes=op.act_bytes)
+                cost.link_s += op.weight_bytes / (dev.link_gbs * 1e9)
+                continue
             put(seg_host if sys.host is not None else seg_dev, op)
             layers_touched_host.add(op.layer)
             continue

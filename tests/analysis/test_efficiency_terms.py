@@ -89,3 +89,27 @@ def test_engine_ratio_applies_on_every_class():
     got = e.get("gpu", "old")
     assert (got.eta_bw, got.eta_flops, got.overhead_us) == pytest.approx((0.4, 0.25, 4.0))
     assert e.get("gpu", "other") == e.table["gpu"]
+
+
+def _host_decode(engine, sockets, new=1):
+    s = moe()
+    sys = System(load_catalog()["rtx4090"], host=replace(load_catalog()["xeon-6454s"], sockets=sockets))
+    sc = Scenario(batch=1, prompt=16, gen=2, prec=Precisions("q4_k_m"), engine=engine, cpu_moe_layers=s.layers)
+    return step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 16)
+
+
+def test_numa_unaware_engine_reads_at_one_sockets_bandwidth():
+    e = Efficiencies({k: Eff(1.0, 1.0, 0.0, 1.0) for k in ("gpu", "cpu-server")})
+    host = {eng: {n: _host_decode(eng, n).segments[1] for n in (1, 2)} for eng in ("llama.cpp", "ktransformers")}
+    # the same summed bandwidth figure: NUMA-aware KTransformers reads at all of it, llama.cpp at half
+    assert host["ktransformers"][2].time(e) == pytest.approx(host["ktransformers"][1].time(e))
+    assert host["llama.cpp"][2].time(e) == pytest.approx(2 * host["llama.cpp"][1].time(e), rel=0.05)
+
+
+def test_llamacpp_copies_host_weights_to_the_gpu_for_big_batches():
+    small, big = _host_decode("llama.cpp", 1, new=8), _host_decode("llama.cpp", 1, new=64)
+    kt = _host_decode("ktransformers", 1, new=64)
+    routed = sum(op for op, n in zip(big.segments[0].bytes, big.segments[0].names) if n.endswith(".copied"))
+    assert small.segments[1].flops and not any(n.endswith(".copied") for n in small.segments[0].names)
+    assert routed > 0 and not big.segments[1].flops and kt.segments[1].flops  # KTransformers computes on the CPU
+    assert big.link_s > kt.link_s
