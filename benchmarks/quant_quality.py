@@ -267,7 +267,8 @@ def main() -> int:
            "can go either way (a format's errors may happen to help on this text), so rank formats by KL. The "
            "mixed planner minimises a proxy, sum (W - Q(W))^2 E[x^2] weighted by routing frequency, measured on 64 "
            "rows per linear; it does not see how errors interact across layers, so its plan is not guaranteed to "
-           "beat a uniform format of the same bytes."), ""]
+           "beat a uniform format of the same bytes; why it loses on stories260k is measured in docs/quantization.md "
+           "(Quality)."), ""]
     _write(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
     return 0
