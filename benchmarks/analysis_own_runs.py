@@ -5,7 +5,10 @@ kernel measurements (quant_kernels.json: share of the read bandwidth each quanti
 bf16_gemv.json: the same for Strata's bf16 GEMV). Each run is predicted on the machine it ran on: the
 bandwidth recorded in the run, Strata's GEMVs at their measured share of it, GEMM peak from the kernel run.
 The only fitted number is Strata's per-kernel-call overhead, fitted on ONE run (dense-1b bf16 decode in
-quant.json); every other run is held out. Writes docs/benchmarks/analysis_own_runs.{json,md}. No timing here.
+quant.json) and written to strata/analysis/strata_fit.json, the one place the cost model reads it from; every
+other run is held out. Offloaded runs (docs/benchmarks/tiers*.json, experts on disk behind a cache) are predicted
+as the resident decode step plus the bytes the run read per token at the disk bandwidth measured in the same run
+(no prefetch overlap). Writes docs/benchmarks/analysis_own_runs.{json,md}. No timing here; rerun after new runs.
 
     .venv/bin/python benchmarks/analysis_own_runs.py
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,18 +25,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strata.analysis.efficiency import PRIORS, Efficiencies
+from strata.analysis.efficiency import PRIORS, STRATA_FIT_PATH, Efficiencies
 from strata.analysis.hardware import System, load_catalog
 from strata.analysis.placement import Scenario
 from strata.analysis.precision import STRATA_FORMATS, Precisions
 from strata.analysis.predict import predict
-from strata.analysis.shapes import load_shape
+from strata.analysis.shapes import find_preset, load_presets, load_shape, shape_from_dict
 
 BENCH = ROOT / "docs" / "benchmarks"
 SHAPES = {"dense-1b": "tinyllama-1.1b", "olmoe-1b-7b": "olmoe-1b-7b"}
 PEER_FORMATS = {"q8_0": "q8_0", "q4_0": "q4_0", "bf16": "bf16"}
 PROMPT, GEN = 128, 32  # benchmarks/core.py and quant.py defaults
 TRAIN = ("quant.json", "dense-1b", "strata", "bf16")  # the one run the overhead is fitted on
+TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json")  # benchmarks/offload.py runs, those present
+OFFLOAD_PROMPT, OFFLOAD_GEN = 16, 32  # benchmarks/offload.py defaults
 
 
 def kernel_eff() -> dict[str, float]:
@@ -93,28 +99,81 @@ def fit_overhead(train: dict, keff: dict[str, float], tflops: float) -> float:
     return max(1.0 / train["decode"] - p.tpot_s, 0.0) / calls * 1e6
 
 
+def offload_runs(mem_bw: float) -> list[dict]:
+    """Rows of the offload benchmarks with what they read per token (Strata: O_DIRECT expert reads; peers: all
+    process reads from /proc/self/io) and the machine of that run (threads, disk bandwidth measured in it)."""
+    out = []
+    for name in TIERS:
+        path = BENCH / name
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        m = re.search(r"-(\d+)l$", d["setup"]["model"])
+        threads = int(d["machine"].get("threads", 2))
+        for r in d["rows"]:
+            eng = r["engine"]
+            nbytes = r.get("proc_read_bytes_per_token", r.get("disk_bytes_per_token"))
+            resident = eng.startswith("strata resident")
+            if nbytes is None and not resident:
+                continue  # a peer run without recorded reads (older files): nothing to predict it from
+            engine = "strata" if eng.startswith("strata") else "llama.cpp" if "llama.cpp" in eng else "transformers"
+            out.append({"file": name, "config": eng, "engine": engine, "layers": int(m.group(1)) if m else 16,
+                        "threads": threads, "disk_gbs": d["machine"]["disk_o_direct_gb_s"],
+                        "mem_gbs": mem_bw * threads / 2, "bytes_per_token": 0.0 if resident else float(nbytes),
+                        "hit_rate": r.get("expert_hit_rate"), "decode": r["decode_tok_s"],
+                        "load": d["machine"].get("load_avg", [float("nan")])[0]})
+    return out
+
+
+def olmoe(layers: int):
+    cfg = dict(load_presets()[find_preset("olmoe-1b-7b")]["config"], num_hidden_layers=layers)
+    return shape_from_dict(cfg, name=f"olmoe-1b-7b-{layers}l")
+
+
+def predict_offload(r: dict, keff: dict[str, float], tflops: float, effs: Efficiencies) -> dict:
+    """Resident decode step on this run's machine, plus its reads per token at its measured disk bandwidth."""
+    sc = scenario({"engine": r["engine"], "format": "bf16"})
+    sc.prompt, sc.gen = OFFLOAD_PROMPT, OFFLOAD_GEN
+    share = r["threads"] / 2  # machine.md: one thread reads and multiplies at about half the two-thread rate
+    p = predict(olmoe(r["layers"]), system(r["mem_gbs"], keff, tflops * share), sc, effs)
+    io_s = r["bytes_per_token"] / (r["disk_gbs"] * 1e9)
+    pred = 1.0 / (p.tpot_s + io_s)
+    return {**r, "pred_compute_tok_s": 1.0 / p.tpot_s, "io_s_per_token": io_s, "pred_decode": pred,
+            "decode_err": pred / r["decode"] - 1}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     keff, tflops = kernel_eff(), gemm_tflops()
     all_runs = runs()
     train = next(r for r in all_runs if (r["file"], r["model"], r["engine"], r["format"]) == TRAIN)
     ov = fit_overhead(train, keff, tflops)
+    write_atomic(STRATA_FIT_PATH, json.dumps({
+        "_comment": "written by benchmarks/analysis_own_runs.py: Strata's overhead per kernel call, fitted on one run",
+        "overhead_us_per_call": round(ov, 2), "train": "/".join(TRAIN), "train_decode_tok_s": train["decode"]},
+        indent=1) + "\n")
+    print(f"fitted Strata overhead per kernel call: {ov:.1f} us (on {'/'.join(TRAIN)}; written to "
+          f"{STRATA_FIT_PATH.relative_to(ROOT)})")
     effs = Efficiencies.load()
-    effs.table["cpu-measured|strata"] = replace(PRIORS["cpu-measured|strata"], overhead_us=ov)
+    effs.table["cpu-measured|strata"] = replace(PRIORS["cpu-measured"], overhead_us=ov)
     rows = []
     for r in all_runs:
         p = predict(load_shape(SHAPES[r["model"]]), system(r["bw"], keff, tflops), scenario(r), effs)
         held = r is not train
         rows.append({**r, "held_out": held, "pred_decode": p.decode_tok_s, "pred_prefill": p.prefill_tok_s,
                      "decode_err": p.decode_tok_s / r["decode"] - 1, "prefill_err": p.prefill_tok_s / r["prefill"] - 1})
+    mem_bw = max(r["bw"] for r in all_runs if r["file"] == "quant.json")
+    offload = [predict_offload(r, keff, tflops, effs) for r in offload_runs(mem_bw)]
     doc = {"overhead_us_per_call": ov, "kernel_eff": keff, "gemm_tflops": tflops, "train": "/".join(TRAIN),
-           "rows": rows}
-    tmp = BENCH / "analysis_own_runs.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, BENCH / "analysis_own_runs.json")
+           "rows": rows, "offload_rows": offload}
+    write_atomic(BENCH / "analysis_own_runs.json", json.dumps(doc, indent=1))
     md = markdown(doc)
-    tmp = BENCH / "analysis_own_runs.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, BENCH / "analysis_own_runs.md")
+    write_atomic(BENCH / "analysis_own_runs.md", md)
     print(md)
     return 0
 
@@ -136,7 +195,32 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {tag} | {r['model']} | {r['engine']} | {r['format']} | {r['bw']:.1f} | {r['decode']:.2f} | "
                      f"{r['pred_decode']:.2f} | {r['decode_err']:+.0%} | {r['prefill']:.0f} | {r['pred_prefill']:.0f} | "
                      f"{r['prefill_err']:+.0%} |")
+    lines += offload_markdown(doc)
     return "\n".join(lines) + "\n"
+
+
+def offload_markdown(doc: dict) -> list[str]:
+    rows = doc.get("offload_rows") or []
+    if not rows:
+        return []
+    errs = sorted(abs(r["decode_err"]) for r in rows if r["engine"] == "strata")
+    lines = [
+        "", "## Offloaded decode (benchmarks/offload.py: experts on disk behind a cache)", "",
+        ("Predicted = 1 / (resident decode step + bytes read per token / disk bandwidth measured in the same run). "
+         "The step is the model's (OLMoE shapes cut to the run's layers, bf16, the fitted overhead above; memory "
+         "bandwidth and GEMM rate of quant.json scaled by threads / 2 for 1-thread runs). Bytes per token: Strata's "
+         "O_DIRECT expert reads, or all reads of the process (/proc/self/io) where the run recorded them. No prefetch "
+         "overlap is modelled; nothing is fitted on these rows."),
+        f"Strata rows: median |error| {errs[len(errs) // 2]:.0%}, worst {errs[-1]:.0%} ({len(errs)} rows).", "",
+        ("| run (load avg) | threads | engine, config | hit rate | MB read/token | disk GB/s | decode meas. "
+         "| compute-only pred. | decode pred. | error |"),
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hit = "" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+        lines.append(f"| {r['file']} ({r['load']:.1f}) | {r['threads']} | {r['config']} | {hit} | {r['bytes_per_token'] / 1e6:.0f} | "
+                     f"{r['disk_gbs']:.2f} | {r['decode']:.2f} | {r['pred_compute_tok_s']:.1f} | "
+                     f"{r['pred_decode']:.2f} | {r['decode_err']:+.0%} |")
+    return lines
 
 
 if __name__ == "__main__":

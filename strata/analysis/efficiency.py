@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
+# Strata's own per-call overhead, fitted on Strata's recorded runs by benchmarks/analysis_own_runs.py (the one place
+# that number lives; rerun the script after new runs of docs/benchmarks/quant.json to refit it)
+STRATA_FIT_PATH = Path(__file__).with_name("strata_fit.json")
 BOUNDS = {"eta_bw": (0.05, 1.0), "eta_flops": (0.02, 1.0), "overhead_us": (0.0, 200.0), "eta_q": (0.2, 1.0)}
 
 
@@ -43,11 +46,21 @@ PRIORS = {
     "cpu-arm": Eff(0.5, 0.3, 5.0),
     "cpu-measured": Eff(0.9, 0.8, 3.0),  # probe ceilings are already achieved figures
     "design": Eff(0.9, 0.7, 0.0, 1.0),  # simulated designs report ideal pipelines
-    # Strata's eager CPU loop (Python dispatch, norms, rope, KV append): fitted by benchmarks/analysis_own_runs.py
-    # on one run only (dense-1b bf16 decode, docs/benchmarks/quant.json); weights stream at the probed GEMV rates
-    "cpu-measured|strata": Eff(0.9, 0.8, 64.0),
 }
 DEFAULT = Eff(0.6, 0.4, 3.0)
+
+
+def _strata_cell() -> Eff:
+    """Strata's eager CPU loop (Python dispatch, norms, rope, KV append): overhead per call from strata_fit.json;
+    its weights stream at the probed GEMV rates, so eta_bw / eta_flops stay at the cpu-measured prior."""
+    base = PRIORS["cpu-measured"]
+    if not STRATA_FIT_PATH.exists():
+        return base
+    with open(STRATA_FIT_PATH) as f:
+        return Eff(base.eta_bw, base.eta_flops, float(json.load(f)["overhead_us_per_call"]), base.eta_q)
+
+
+PRIORS["cpu-measured|strata"] = _strata_cell()
 # Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
 # llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
 LOOPED_EXPERT_ENGINES = {"strata", "transformers"}

@@ -113,3 +113,12 @@ def test_llamacpp_copies_host_weights_to_the_gpu_for_big_batches():
     assert small.segments[1].flops and not any(n.endswith(".copied") for n in small.segments[0].names)
     assert routed > 0 and not big.segments[1].flops and kt.segments[1].flops  # KTransformers computes on the CPU
     assert big.link_s > kt.link_s
+
+
+def test_strata_overhead_lives_in_strata_fit_json():
+    import json
+
+    from strata.analysis.efficiency import STRATA_FIT_PATH
+
+    fitted = json.loads(STRATA_FIT_PATH.read_text())["overhead_us_per_call"]
+    assert Efficiencies.load().get("cpu-measured", "strata").overhead_us == pytest.approx(fitted)
