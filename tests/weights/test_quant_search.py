@@ -72,3 +72,12 @@ def test_bad_method_and_statistics():
         quantize_weight(_w(4, 64), "int4-g64", method="gptq")
     with pytest.raises(WeightsError, match=r"input_sq must be \[64\]"):
         quantize_weight(_w(4, 64), "int4-g64", input_sq=torch.ones(63))
+
+
+def test_planner_error_with_hessian_matches_diagonal_weighting():
+    from strata.weights.quant_plan import weight_error
+
+    w, fmt = _w(16, 64), QuantFormat.parse("int4-g32")
+    c = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5
+    assert weight_error(w, fmt, None, "rtn", torch.diag(c)) == pytest.approx(weight_error(w, fmt, c, "rtn"), rel=1e-5)
+    assert weight_error(w, fmt, None, "clip", torch.eye(64)) == pytest.approx(weight_error(w, fmt), rel=1e-5)
