@@ -64,7 +64,7 @@ def iter_checkpoint(files: list[str]):
         try:
             handle = safe_open(fn, framework="pt")
             keys = list(handle.keys())
-        except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for corrupt headers
             raise WeightsError(f"{fn}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
         for k in keys:
             yield fn, k, (lambda h=handle, k=k: h.get_tensor(k))
@@ -106,7 +106,7 @@ def load_model(
             continue
         try:
             t = get()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - same as iter_checkpoint
             raise WeightsError(f"{fn}: tensor '{name}' cannot be read ({str(e).splitlines()[0]})") from None
         want = expected[name]
         if tuple(t.shape) != tuple(want.shape):
@@ -116,6 +116,8 @@ def load_model(
         # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
         if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
             t = t.to(torch_dtype)
+        else:  # out of the file mapping into process memory: a resident model never faults pages in from disk
+            t = t.clone()
         state[name] = t
     missing = [k for k in expected if k not in state and not (skip is not None and skip(k))]
     if missing:
