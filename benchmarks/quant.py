@@ -23,16 +23,24 @@ PEER_FORMATS = {"bf16": "bf16", "int8": "q8_0", "int4-g64": "q4_0"}
 # bytes per weight, scales included (int4-g64: fp16 scale per 64; q4_0: fp16 per 32; q8_0: fp16 per 32)
 STRATA_BPW = {"bf16": 2.0, "int8": 1.0, "int4-g64": 0.5 + 2 / 64, "fp8": 1.0}
 PEER_BPW = {"bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# lm_head: Strata's quantized models keep it in int8 (`strata quantize --lm-head int8`); llama.cpp's quantize
+# writes output.weight as q8_0 for Q8_0 and q6_K (6.5625 bits) for Q4_0 (read from the GGUFs)
+STRATA_HEAD_BPW = {"bf16": 2.0, "int8": 1.0, "int4-g64": 1.0, "fp8": 1.0}
+PEER_HEAD_BPW = {"bf16": 2.0, "q8_0": 34 / 32, "q4_0": 210 / 256}
 
 
 def quantized_folder(src: Path, fmt: str) -> Path:
+    """The model in `fmt` with lm_head in int8, made once (round-to-nearest scales: speed does not depend on
+    how the scales were chosen, and it is the fastest to write)."""
     if fmt == "bf16":
         return src
-    from strata.weights.quantize_checkpoint import quantize_checkpoint
+    from strata.weights.quantize_checkpoint import quantize_checkpoint, scan
 
-    dst = src.parent / f"{src.name}-{fmt}"
+    dst = src.parent / f"{src.name}-{fmt}-head8"
     if not (dst / "config.json").exists():
-        quantize_checkpoint(src, dst, fmt, progress=False)
+        modules = {m: fmt for m in scan(src)[0]}
+        modules["lm_head"] = "int8"
+        quantize_checkpoint(src, dst, modules=modules, progress=False, method="rtn")
     return dst
 
 
@@ -55,14 +63,16 @@ def main() -> None:
     bw = memory_bandwidth_gbs()
     rows = []
     for name in args.models.split(","):
-        src = synthetic_model(name)
+        base, _, layers = name.rpartition("-")  # "olmoe-1b-7b-2l": the preset cut to 2 layers
+        src = synthetic_model(base, int(layers[:-1])) if layers[:-1].isdigit() and layers.endswith("l") else \
+            synthetic_model(name)
         cfg = ModelConfig.from_pretrained(src)
-        linear_params = weight_bytes_per_token(cfg, 1.0) - cfg.vocab_size * cfg.hidden_size  # lm_head stays bf16
-        head_bytes = cfg.vocab_size * cfg.hidden_size * 2
+        head_params = cfg.vocab_size * cfg.hidden_size
+        linear_params = weight_bytes_per_token(cfg, 1.0) - head_params
         for fmt in STRATA_FORMATS:
             path = quantized_folder(Path(src), fmt)
             r = _child("strata", str(path), args.prompt_len, args.decode, args.threads)
-            bytes_tok = linear_params * STRATA_BPW[fmt] + head_bytes
+            bytes_tok = linear_params * STRATA_BPW[fmt] + head_params * STRATA_HEAD_BPW[fmt]
             rows.append({"model": name, "engine": "strata", "format": fmt, **r, "bytes_per_token": bytes_tok,
                          "roofline_tok_s": bw * 1e9 / bytes_tok})
             print(rows[-1], file=sys.stderr)
@@ -75,9 +85,9 @@ def main() -> None:
             try:
                 r = bench_llamacpp(gguf_for(src, qtype), ids, args.decode, n_threads=args.threads)
                 r = {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
-            except Exception as e:  # the peer is optional: report why it has no number
+            except Exception as e:  # noqa: BLE001 - the peer is optional: report why it has no number
                 r = {"error": str(e).splitlines()[-1][:200]}
-            bytes_tok = linear_params * PEER_BPW[qtype] + head_bytes
+            bytes_tok = linear_params * PEER_BPW[qtype] + head_params * PEER_HEAD_BPW[qtype]
             rows.append({"model": name, "engine": "llama.cpp", "format": qtype, "pairs_with": fmt, **r,
                          "bytes_per_token": bytes_tok, "roofline_tok_s": bw * 1e9 / bytes_tok})
             print(rows[-1], file=sys.stderr)
