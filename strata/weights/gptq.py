@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from strata.weights.quant_search import choose_scales, code_values, round_codes
+from strata.weights.quant_search import choose_scales, code_values, round_codes, safe_divisor
 
 DAMP = 0.01  # added to the diagonal, as a share of its mean: H from few tokens is singular
 BLOCK = 128  # columns per lazy update
@@ -78,7 +78,7 @@ def gptq_codes(wg: torch.Tensor, fmt, hessian: torch.Tensor, act_order: bool = A
                 if zeros is not None:
                     zeros[:, gi] = z[:, 0]
             sf = (scales[:, gi] if grouped else scales).float()
-            sf = torch.where(sf == 0, torch.ones_like(sf), sf)[:, None]  # [out, 1]
+            sf = safe_divisor(sf)[:, None]  # [out, 1]
             zf = None if zeros is None else zeros[:, gi].float()[:, None]
             q = round_codes(wb[:, i : i + 1], fmt, sf, zf)  # [out, 1]
             codes[:, col] = q[:, 0]

@@ -51,12 +51,12 @@ def _store(s: torch.Tensor, fmt) -> torch.Tensor:
     return s.to(torch.float16)
 
 
-def _safe(s: torch.Tensor) -> torch.Tensor:  # divisor that is 1 where a whole row/group is zero
+def safe_divisor(s: torch.Tensor) -> torch.Tensor:  # divisor that is 1 where a whole row/group is zero
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _error(wg, fmt, s, z, c) -> torch.Tensor:  # [out, ng] weighted squared error of stored scales s
-    sf = _safe(s.float())[..., None]
+    sf = safe_divisor(s.float())[..., None]
     zf = None if z is None else z.float()[..., None]
     codes = round_codes(wg, fmt, sf, zf)
     d = code_values(codes, sf, zf) - wg
@@ -70,7 +70,7 @@ def _error(wg, fmt, s, z, c) -> torch.Tensor:  # [out, ng] weighted squared erro
 
 def _asym_params(lo, hi, alpha, fmt):  # shrunk range [alpha lo, alpha hi] -> stored (s, z)
     s = _store(alpha * (hi - lo) / 15, fmt)
-    z = (-alpha * lo / _safe(s.float())).round().clamp(0, 15)
+    z = (-alpha * lo / safe_divisor(s.float())).round().clamp(0, 15)
     return s, z.to(torch.uint8)
 
 
@@ -97,7 +97,7 @@ def _candidates(wg: torch.Tensor, fmt, method: str):
 
 def _refit(wg, fmt, s, z, c):
     """Least-squares scale for the codes that s (and z) give: argmin_t sum c (w - t (q - z))^2."""
-    sf = _safe(s.float())[..., None]
+    sf = safe_divisor(s.float())[..., None]
     zf = None if z is None else z.float()[..., None]
     q = round_codes(wg, fmt, sf, zf)
     q = q - zf if zf is not None else q
