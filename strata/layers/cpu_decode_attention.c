@@ -14,28 +14,6 @@
 
 #define PAR_MIN_ATTN (1 << 20) /* below this many q.k multiply-adds one thread is faster than a fork/join */
 
-static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* e^x for x <= 0 (scores minus their maximum): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, Taylor degree 6
- * (relative error about 1e-7, at fp32 rounding) */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* v[i] holds 16 partial sums of key i; returns the vector whose lane i is the full sum of v[i]. Four levels of
  * pairwise (permute, permute, add): each halves the partials per key and doubles the keys per vector. */
 static inline __m512 sum16(__m512 v[16]) {
@@ -107,14 +85,14 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
         const uint16_t *va = vc + sl[t] * row, *vb = vc + sl[t + 1] * row;
         __m512 pa = _mm512_set1_ps(p[t]), pb = _mm512_set1_ps(p[t + 1]);
         for (int j = 0; j < NV; j++) {
-            oa[j] = _mm512_fmadd_ps(pa, load_bf16x16(va + 16 * j, vm[j]), oa[j]);
-            ob[j] = _mm512_fmadd_ps(pb, load_bf16x16(vb + 16 * j, vm[j]), ob[j]);
+            oa[j] = _mm512_fmadd_ps(pa, bf16x16_load(va + 16 * j, vm[j]), oa[j]);
+            ob[j] = _mm512_fmadd_ps(pb, bf16x16_load(vb + 16 * j, vm[j]), ob[j]);
         }
     }
     if (t < n) {
         const uint16_t *va = vc + sl[t] * row;
         __m512 pa = _mm512_set1_ps(p[t]);
-        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, load_bf16x16(va + 16 * j, vm[j]), oa[j]);
+        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, bf16x16_load(va + 16 * j, vm[j]), oa[j]);
     }
     const float denom = _mm512_reduce_add_ps(vsum);
     const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / denom : 0.0f);

@@ -6,15 +6,6 @@
  */
 #include "quant_cpu.h"
 
-static inline __m512 bf16x16_to_f32(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-static inline __m512 round_bf16(__m512 v) { /* to the nearest bf16, kept in fp32 */
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* out[t] = w * norm(s[t]) with s = x + res (res_out[t] = s) when res is given, else s = x.
  * x, res, res_out, out bf16 [T, H]; w bf16 [H]. res_out may alias res. */
 void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, int64_t T, int64_t H, float eps,
@@ -25,9 +16,9 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, in
         __m512 ss = _mm512_setzero_ps();
         for (int64_t k = 0; k < H; k += 16) {
             __mmask16 m = tail16(H - k);
-            __m512 s = bf16x16_to_f32(xr + k, m);
+            __m512 s = bf16x16_load(xr + k, m);
             if (res) {
-                s = round_bf16(_mm512_add_ps(s, bf16x16_to_f32(res + t * H + k, m)));
+                s = bf16_round_ps(_mm512_add_ps(s, bf16x16_load(res + t * H + k, m)));
                 _mm256_mask_storeu_epi16(res_out + t * H + k, m, (__m256i)_mm512_cvtneps_pbh(s));
             }
             ss = _mm512_fmadd_ps(s, s, ss);
@@ -36,8 +27,8 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, in
         const uint16_t *sr = res ? res_out + t * H : xr;
         for (int64_t k = 0; k < H; k += 16) {
             __mmask16 m = tail16(H - k);
-            __m512 h = round_bf16(_mm512_mul_ps(bf16x16_to_f32(sr + k, m), r));
-            __m512 y = _mm512_mul_ps(h, bf16x16_to_f32(w + k, m));
+            __m512 h = bf16_round_ps(_mm512_mul_ps(bf16x16_load(sr + k, m), r));
+            __m512 y = _mm512_mul_ps(h, bf16x16_load(w + k, m));
             _mm256_mask_storeu_epi16(out + t * H + k, m, (__m256i)_mm512_cvtneps_pbh(y));
         }
     }

@@ -6,14 +6,6 @@
  */
 #include "quant_cpu.h"
 
-static inline __m512 ld(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-static inline __m512 rnd(__m512 v) { /* round to the nearest bf16, kept in fp32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
 /* out[t, h] = rope(x[t, h]) with cos, sin bf16 [T, D] */
 void rope_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const uint16_t *cos,
                const uint16_t *sin, uint16_t *out) {
@@ -25,10 +17,10 @@ void rope_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t D, int64_t strid
             uint16_t *o = out + (t * H + h) * D;
             for (int64_t j = 0; j < half; j += 16) {
                 __mmask16 m = tail16(half - j);
-                __m512 a = ld(xr + j, m), b = ld(xr + half + j, m);
-                __m512 lo = _mm512_sub_ps(rnd(_mm512_mul_ps(a, ld(c + j, m))), rnd(_mm512_mul_ps(b, ld(s + j, m))));
-                __m512 hi = _mm512_add_ps(rnd(_mm512_mul_ps(b, ld(c + half + j, m))),
-                                          rnd(_mm512_mul_ps(a, ld(s + half + j, m))));
+                __m512 a = bf16x16_load(xr + j, m), b = bf16x16_load(xr + half + j, m);
+                __m512 lo = _mm512_sub_ps(bf16_round_ps(_mm512_mul_ps(a, bf16x16_load(c + j, m))), bf16_round_ps(_mm512_mul_ps(b, bf16x16_load(s + j, m))));
+                __m512 hi = _mm512_add_ps(bf16_round_ps(_mm512_mul_ps(b, bf16x16_load(c + half + j, m))),
+                                          bf16_round_ps(_mm512_mul_ps(a, bf16x16_load(s + half + j, m))));
                 _mm256_mask_storeu_epi16(o + j, m, (__m256i)_mm512_cvtneps_pbh(lo));
                 _mm256_mask_storeu_epi16(o + half + j, m, (__m256i)_mm512_cvtneps_pbh(hi));
             }

@@ -32,6 +32,7 @@ from torch import nn
 from strata.config import ModelConfig
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
+from strata.layers.moe_native import NativeExperts
 
 
 class SparseMoeBlock(nn.Module):
@@ -78,6 +79,10 @@ class SparseMoeBlock(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
+        if T == 1 and self.expert_provider is None and x.dtype == torch.bfloat16:
+            native = self._native_experts()
+            if native is not None:  # one native call for the k experts (moe_native.py)
+                return native(x, weights, ids)
         if T == 1:  # decode: no sorting, k small matmuls
             expert_ids = ids[0].tolist()
             experts = self._acquire(expert_ids)
@@ -108,6 +113,13 @@ class SparseMoeBlock(nn.Module):
             start += c
         self._release(active)
         return out
+
+    def _native_experts(self):
+        native = self.__dict__.get("_native")
+        if native is None:  # built once, on the first decode step (after loading and fusion)
+            native = NativeExperts.build(self.experts) or False
+            self.__dict__["_native"] = native  # not a submodule: no state-dict entries
+        return native or None
 
     def _drop_missing(self, experts, expert_ids: list[int], ids: torch.Tensor, weights: torch.Tensor):
         """-> (experts, weights [T, k] rescaled over the experts served, ids left out)."""

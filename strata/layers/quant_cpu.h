@@ -54,6 +54,33 @@ static inline void store_out(uint16_t *y, int64_t ldy, int m, int64_t n, float v
 
 static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
 
+/* 16 bf16 values (lanes outside m read as 0) -> fp32 */
+static inline __m512 bf16x16_load(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* round each lane to the nearest bf16 (ties to even), kept in fp32: emulates one bf16 torch op */
+static inline __m512 bf16_round_ps(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* e^x: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, Taylor degree 6 (relative error about 1e-7, at fp32
+ * rounding); inputs are clamped to [-87, 88] */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* fp16 group scales of one row -> fp32 sc[0..ng), plus sc[ng] = 0 (see row_dot4) */
 static inline void row_scales(const uint16_t *s16, int64_t ng, float *sc) {
     for (int64_t g = 0; g < ng; g += 16) {

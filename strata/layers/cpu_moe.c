@@ -1,0 +1,69 @@
+/* One decode token through the top-k experts of a MoE layer in one call: for each chosen expert, the fused
+ * gate/up GEMV, SiLU(gate) * up, the down GEMV, and the routing-weighted sum, with the weights in any of the
+ * formats the GEMVs read (plain bf16 or quantized).
+ *
+ * The Python loop this replaces runs about a dozen torch ops and three module calls per expert; at batch 1 on
+ * a 64-expert, top-8 model that fixed cost is a visible share of the token. Numerics follow the torch path:
+ * SiLU in fp32 rounded to bf16, the product rounded to bf16, each expert's output times its (fp32) weight
+ * rounded to bf16, then added to the running sum in bf16.
+ */
+#include "quant_cpu.h"
+
+void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int64_t out_f32);
+void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
+               const float *bias, uint16_t *y);
+void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
+              const float *bias, uint16_t *y);
+void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G,
+                 const uint16_t *scale, const float *bias, uint16_t *y);
+void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
+               const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y);
+
+enum { MOE_BF16 = 0, MOE_INT8 = 1, MOE_FP8 = 2, MOE_NESTED = 3, MOE_INT4 = 4 };
+
+/* y [N] = x [K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
+static void gemv1(int kind, const uint16_t *x, int64_t K, const void *w, const void *s, const void *z, int64_t N,
+                  int64_t G, uint16_t *y) {
+    switch (kind) {
+    case MOE_BF16: gemv_bf16(x, 1, K, w, N, NULL, y, 0); break;
+    case MOE_INT8: gemv_int8(x, 1, K, w, N, s, NULL, y); break;
+    case MOE_FP8: gemv_fp8(x, 1, K, w, N, s, NULL, y); break;
+    case MOE_NESTED: gemv_nested(x, 1, K, w, N, G, s, NULL, y); break;
+    default: gemv_int4(x, 1, K, w, N, G, s, z, NULL, y); break;
+    }
+}
+
+/* out [H] (bf16) = sum_j bf16(weight_j) * expert_{ids[j]}(x) over j < k.
+ * Per expert e: wgu[e], sgu[e], zgu[e] describe the fused [2I, H] gate/up weight (gate rows first); wd, sd, zd
+ * the [H, I] down weight. s* / z* entries may be NULL where the kind has no scales / zero points. */
+void moe_decode(int64_t kind, const uint16_t *x, int64_t H, int64_t I, int64_t G, int64_t k, const int64_t *ids,
+                const float *weights, const void *const *wgu, const void *const *sgu, const void *const *zgu,
+                const void *const *wd, const void *const *sd, const void *const *zd, uint16_t *out) {
+    uint16_t *gu = malloc(sizeof(uint16_t) * (size_t)(2 * I + I + H));
+    uint16_t *act = gu + 2 * I, *y = act + I;
+    float *acc = malloc(sizeof(float) * (size_t)H);
+    for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        const int64_t e = ids[j];
+        gemv1((int)kind, x, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
+        for (int64_t i = 0; i < I; i += 16) {
+            __mmask16 m = tail16(I - i);
+            __m512 g = bf16x16_load(gu + i, m), u = bf16x16_load(gu + I + i, m);
+            __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+            __m512 s = bf16_round_ps(_mm512_div_ps(g, den)); /* silu(g) in fp32, rounded like torch's bf16 op */
+            _mm256_mask_storeu_epi16(act + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
+        }
+        gemv1((int)kind, act, I, wd[e], sd[e], zd[e], H, G, y);
+        const __m512 w = _mm512_set1_ps(weights[j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
+        for (int64_t h = 0; h < H; h += 16) {
+            __mmask16 m = tail16(H - h);
+            __m512 a = _mm512_maskz_loadu_ps(m, acc + h);
+            a = bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(_mm512_mul_ps(bf16x16_load(y + h, m), w))));
+            _mm512_mask_storeu_ps(acc + h, m, a);
+        }
+    }
+    for (int64_t h = 0; h < H; h++) out[h] = f32_to_bf16(acc[h]);
+    free(acc);
+    free(gu);
+}
