@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--method", default="clip", help="how scales are chosen: rtn (absmax), clip (search of "
                    "clipping ratios, weighted by calibration input energy when given; default) or gptq (column-wise "
                    "error compensation with the calibration Hessian; needs --calibrate-data or --calibration)")
+    p.add_argument("--lm-head", metavar="FORMAT", help="also quantize lm_head (the output projection, read every "
+                   "decode step) to FORMAT, e.g. int8; default: keep it unquantized. Not for tied embeddings")
     p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
     p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
     p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "
@@ -64,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.mixed:
         fmt = QuantFormat.parse(args.format)
         out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress,
-                                  method=method, calibration=calib)
-        print(f"wrote {out}: linear layers in {fmt} ({method})")
+                                  method=method, calibration=calib, lm_head=args.lm_head)
+        head = f", lm_head in {QuantFormat.parse(args.lm_head)}" if args.lm_head else ""
+        print(f"wrote {out}: linear layers in {fmt} ({method}){head}")
         return 0
     if not args.budget:
         raise UnsupportedError("--mixed needs --budget, e.g. --budget 2GiB")
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             raise WeightsError(f"{args.importance}: expected a JSON object {{unit: number}} ({e})") from None
     modules = mixed_formats(Path(args.in_dir), cfg, progress=progress)
     out = quantize_checkpoint(args.in_dir, args.out_dir, modules=modules, force=args.force, progress=progress,
-                              label="mixed", method=method, calibration=calib)
+                              label="mixed", method=method, calibration=calib, lm_head=args.lm_head)
     counts = {f: list(modules.values()).count(f) for f in sorted(set(modules.values()))}
     print(f"wrote {out}: " + ", ".join(f"{n} linears in {f}" for f, n in counts.items()) + f" ({method})")
     return 0

@@ -112,8 +112,11 @@ def mixed_formats(src: Path, cfg: MixedPlanConfig, progress: bool = True) -> dic
 def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat | None = None,
                         modules: dict[str, str] | None = None, force: bool = False, progress: bool = True,
                         label: str | None = None, method: str = DEFAULT_METHOD,
-                        calibration: Calibration | None = None) -> Path:
+                        calibration: Calibration | None = None, lm_head: str | QuantFormat | None = None) -> Path:
     """Write the quantized copy of HF folder `src` to `dst`. Give `fmt` (all linears) or `modules`.
+
+    lm_head: also quantize the output projection to this format (it is read every decode step: int8 halves
+    its bytes). Refused when the checkpoint ties it to the embeddings.
 
     method: how scales are chosen (quant_format.METHODS). calibration: per-module input statistics; `clip`
     weights its error by E[x_j^2], `gptq` needs E[x x^T] (modules without it, e.g. an expert that no
@@ -133,6 +136,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
     if modules is None:
         fmt = QuantFormat.parse(fmt if fmt is not None else "int8")
         modules = {m: str(fmt) for m in scan(src)[0]}
+    if lm_head is not None:
+        if config.get("tie_word_embeddings", False):
+            raise UnsupportedError(f"{src}/config.json: lm_head is tied to the embeddings (tie_word_embeddings), "
+                                   "so it cannot be quantized separately; drop --lm-head")
+        modules = {**modules, "lm_head": str(QuantFormat.parse(lm_head))}
     modules = {m: str(QuantFormat.parse(f)) for m, f in modules.items()}
     shards = _shards(src)
     total = sum((src / s).stat().st_size for s in shards)

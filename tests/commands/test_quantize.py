@@ -139,3 +139,22 @@ def test_gptq_with_calibration_text(stories260k_hf, tmp_path):
         assert list(h.get_slice("model.layers.0.mlp.down_proj.input_second_moment").get_shape()) == [172, 172]
     cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert set(cfg["modules"].values()) == {"int4-g64"}
+
+
+def test_lm_head_quantized_on_request(sharded_moe, tmp_path, capsys):
+    dst = tmp_path / "q"
+    assert main(["quantize", "--format", "int4-g32", "--lm-head", "int8", "--no-progress", str(sharded_moe),
+                 str(dst)]) == 0
+    assert "lm_head in int8" in capsys.readouterr().out
+    names = _names(dst)
+    assert "lm_head.qweight" in names and "lm_head.weight" not in names
+    mods = json.loads((dst / "config.json").read_text())["quantization_config"]["modules"]
+    assert mods["lm_head"] == "int8"
+    model = load_model(str(dst), progress=False)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert _rel(_logits(dst), _logits(sharded_moe)) < 0.3
+
+
+def test_lm_head_refused_when_tied(stories260k_hf, tmp_path, capsys):
+    _fails(capsys, ["quantize", "--lm-head", "int8", "--no-progress", str(stories260k_hf), str(tmp_path / "q")],
+           "tied to the embeddings")
