@@ -1,7 +1,11 @@
 """Issue-4 benchmark: decode (batch 1) and prefill tokens/s of Strata bf16 / int8 / int4-g64 / fp8 against
 llama.cpp bf16 / Q8_0 / Q4_0 on GGUFs of the same weights, each with its memory-bandwidth roofline fraction.
 
-    .venv/bin/python benchmarks/quant.py --models dense-1b
+    .venv/bin/python benchmarks/quant.py --models dense-1b,olmoe-1b-7b-2l --rounds 3
+
+Each Strata run is followed directly by its llama.cpp pair, and the whole sequence repeats `--rounds` times:
+on this shared VM the machine's speed drifts by up to 1.5x within minutes, so the ratio is taken per round
+(pairs a minute apart) and the median reported, with every round kept in the JSON.
 
 Needs llama-cpp-python (benchmarks/peers/install_llamacpp.sh) for the peer columns.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,14 +59,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="repeat every run; medians are reported")
+    ap.add_argument("--formats", default=",".join(STRATA_FORMATS), help="Strata formats (each with its llama.cpp pair)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "quant.json"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    bw = memory_bandwidth_gbs()
-    rows = []
+    runs = []  # (model, engine, format, pairs_with, callable, bytes per token)
     for name in args.models.split(","):
         base, _, layers = name.rpartition("-")  # "olmoe-1b-7b-2l": the preset cut to 2 layers
         src = synthetic_model(base, int(layers[:-1])) if layers[:-1].isdigit() and layers.endswith("l") else \
@@ -69,45 +75,75 @@ def main() -> None:
         cfg = ModelConfig.from_pretrained(src)
         head_params = cfg.vocab_size * cfg.hidden_size
         linear_params = weight_bytes_per_token(cfg, 1.0) - head_params
-        for fmt in STRATA_FORMATS:
-            path = quantized_folder(Path(src), fmt)
-            r = _child("strata", str(path), args.prompt_len, args.decode, args.threads)
-            bytes_tok = linear_params * STRATA_BPW[fmt] + head_params * STRATA_HEAD_BPW[fmt]
-            rows.append({"model": name, "engine": "strata", "format": fmt, **r, "bytes_per_token": bytes_tok,
-                         "roofline_tok_s": bw * 1e9 / bytes_tok})
-            print(rows[-1], file=sys.stderr)
-        if args.no_peer:
-            continue
-        from benchmarks.peers.llamacpp import bench_llamacpp, gguf_for
-
         ids = _prompt(cfg.vocab_size, args.prompt_len)
-        for fmt, qtype in PEER_FORMATS.items():
-            try:
-                r = bench_llamacpp(gguf_for(src, qtype), ids, args.decode, n_threads=args.threads)
-                r = {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
-            except Exception as e:  # noqa: BLE001 - the peer is optional: report why it has no number
-                r = {"error": str(e).splitlines()[-1][:200]}
-            bytes_tok = linear_params * PEER_BPW[qtype] + head_params * PEER_HEAD_BPW[qtype]
-            rows.append({"model": name, "engine": "llama.cpp", "format": qtype, "pairs_with": fmt, **r,
-                         "bytes_per_token": bytes_tok, "roofline_tok_s": bw * 1e9 / bytes_tok})
-            print(rows[-1], file=sys.stderr)
-    machine = {"memory_read_gb_s": bw, "threads": args.threads, "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()}
+        for fmt in args.formats.split(","):  # each Strata run directly followed by its peer: both see the same machine
+            path = str(quantized_folder(Path(src), fmt))
+            runs.append((name, "strata", fmt, None, lambda p=path: _child("strata", p, args.prompt_len, args.decode,
+                                                                          args.threads),
+                         linear_params * STRATA_BPW[fmt] + head_params * STRATA_HEAD_BPW[fmt]))
+            qtype = PEER_FORMATS.get(fmt)
+            if qtype and not args.no_peer:
+                runs.append((name, "llama.cpp", qtype, fmt, lambda s=src, q=qtype, i=ids: _peer(s, q, i, args),
+                             linear_params * PEER_BPW[qtype] + head_params * PEER_HEAD_BPW[qtype]))
+    results = {i: [] for i in range(len(runs))}
+    bws = []
+    for rnd in range(args.rounds):
+        bws.append(memory_bandwidth_gbs())
+        for i, run in enumerate(runs):
+            results[i].append(run[4]())
+            print(rnd, run[:3], results[i][-1], file=sys.stderr)
+    bw = statistics.median(bws)
+    rows = []
+    for i, (name, engine, fmt, pairs_with, _, bytes_tok) in enumerate(runs):
+        ok = [r for r in results[i] if "error" not in r]
+        row = {"model": name, "engine": engine, "format": fmt, "bytes_per_token": bytes_tok, "rounds": results[i],
+               "roofline_tok_s": bw * 1e9 / bytes_tok}
+        if pairs_with:
+            row["pairs_with"] = pairs_with
+        if ok:
+            row.update({k: statistics.median(r[k] for r in ok) for k in ("prefill_tok_s", "decode_tok_s")})
+        else:
+            row["error"] = results[i][0]["error"]
+        rows.append(row)
+    by_key = {(r["model"], r["engine"], r["format"]): r for r in rows}
+    for r in rows:  # ratio per round (a Strata run and the peer run right after it), then the median
+        p = by_key.get((r["model"], "llama.cpp", PEER_FORMATS.get(r["format"], ""))) if r["engine"] == "strata" else None
+        if p and "error" not in r and "error" not in p:
+            pairs = [(a["decode_tok_s"] / b["decode_tok_s"], a["prefill_tok_s"] / b["prefill_tok_s"])
+                     for a, b in zip(r["rounds"], p["rounds"]) if "error" not in a and "error" not in b]
+            r["decode_vs_llamacpp"] = statistics.median(d for d, _ in pairs)
+            r["prefill_vs_llamacpp"] = statistics.median(f for _, f in pairs)
+            r["decode_vs_llamacpp_rounds"] = [d for d, _ in pairs]
+    machine = {"memory_read_gb_s": bw, "memory_read_gb_s_rounds": bws, "threads": args.threads,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg(),
+               "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": args.prompt_len}
     tmp = args.out + ".tmp"
     Path(tmp).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     os.replace(tmp, args.out)
-    print(f"\nmemory read bandwidth {bw:.1f} GB/s, {args.threads} threads, load avg {machine['load_avg'][0]:.1f}\n")
-    print("| model | engine | format | prefill tok/s | decode tok/s | roofline tok/s | fraction | vs llama.cpp decode |")
-    print("|---|---|---|---|---|---|---|---|")
-    peer = {(r["model"], r.get("pairs_with")): r for r in rows if r["engine"] == "llama.cpp" and "error" not in r}
+    print(f"\nmemory read bandwidth {bw:.1f} GB/s (median of {', '.join(f'{b:.0f}' for b in bws)}), {args.threads} "
+          f"threads, load avg {machine['load_avg'][0]:.1f}, medians of {args.rounds} rounds\n")
+    print("| model | engine | format | prefill tok/s | decode tok/s | roofline tok/s | fraction | decode vs llama.cpp "
+          "(per round) | prefill vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['engine']} | {r['format']} | error: {r['error']} | | | | |")
+            print(f"| {r['model']} | {r['engine']} | {r['format']} | error: {r['error']} | | | | | |")
             continue
-        p = peer.get((r["model"], r["format"])) if r["engine"] == "strata" else None
-        ratio = f"{r['decode_tok_s'] / p['decode_tok_s']:.2f}x" if p else ""
+        ratio = (f"**{r['decode_vs_llamacpp']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['decode_vs_llamacpp_rounds'])})"
+                 if "decode_vs_llamacpp" in r else "")
+        pre = f"{r['prefill_vs_llamacpp']:.2f}x" if "prefill_vs_llamacpp" in r else ""
         print(f"| {r['model']} | {r['engine']} | {r['format']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
-              f"{r['roofline_tok_s']:.1f} | {r['decode_tok_s'] / r['roofline_tok_s']:.0%} | {ratio} |")
+              f"{r['roofline_tok_s']:.1f} | {r['decode_tok_s'] / r['roofline_tok_s']:.0%} | {ratio} | {pre} |")
+
+
+def _peer(src, qtype: str, ids: list[int], args) -> dict:
+    from benchmarks.peers.llamacpp import bench_llamacpp, gguf_for
+
+    try:
+        r = bench_llamacpp(gguf_for(src, qtype), ids, args.decode, n_threads=args.threads)
+        return {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
+    except Exception as e:  # noqa: BLE001 - the peer is optional: report why it has no number
+        return {"error": str(e).splitlines()[-1][:200]}
 
 
 if __name__ == "__main__":
