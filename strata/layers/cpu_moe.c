@@ -9,28 +9,26 @@
  */
 #include "quant_cpu.h"
 
-void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
-               int64_t out_f32);
-void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
-               const float *bias, uint16_t *y);
-void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
-              const float *bias, uint16_t *y);
-void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G,
-                 const uint16_t *scale, const float *bias, uint16_t *y);
-void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
-               const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y);
-
-enum { MOE_BF16 = 0, MOE_INT8 = 1, MOE_FP8 = 2, MOE_NESTED = 3, MOE_INT4 = 4 };
-
 /* y [N] = x [K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
-static void gemv1(int kind, const uint16_t *x, int64_t K, const void *w, const void *s, const void *z, int64_t N,
+void strata_gemv1(int kind, const uint16_t *x, int64_t K, const void *w, const void *s, const void *z, int64_t N,
                   int64_t G, uint16_t *y) {
     switch (kind) {
-    case MOE_BF16: gemv_bf16(x, 1, K, w, N, NULL, y, 0); break;
-    case MOE_INT8: gemv_int8(x, 1, K, w, N, s, NULL, y); break;
-    case MOE_FP8: gemv_fp8(x, 1, K, w, N, s, NULL, y); break;
-    case MOE_NESTED: gemv_nested(x, 1, K, w, N, G, s, NULL, y); break;
+    case WK_BF16: gemv_bf16(x, 1, K, w, N, NULL, y, 0); break;
+    case WK_INT8: gemv_int8(x, 1, K, w, N, s, NULL, y); break;
+    case WK_FP8: gemv_fp8(x, 1, K, w, N, s, NULL, y); break;
+    case WK_NESTED: gemv_nested(x, 1, K, w, N, G, s, NULL, y); break;
     default: gemv_int4(x, 1, K, w, N, G, s, z, NULL, y); break;
+    }
+}
+
+/* act [I] = bf16(bf16(silu(gate)) * up) for gu = [gate (I) | up (I)], as torch's bf16 F.silu(g) * u */
+void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
+    for (int64_t i = 0; i < I; i += 16) {
+        __mmask16 m = tail16(I - i);
+        __m512 g = bf16x16_load(gu + i, m), u = bf16x16_load(gu + I + i, m);
+        __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        __m512 s = bf16_round_ps(_mm512_div_ps(g, den)); /* silu(g) in fp32, rounded like torch's bf16 op */
+        _mm256_mask_storeu_epi16(act + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
     }
 }
 
@@ -46,15 +44,9 @@ void moe_decode(int64_t kind, const uint16_t *x, int64_t H, int64_t I, int64_t G
     for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
     for (int64_t j = 0; j < k; j++) {
         const int64_t e = ids[j];
-        gemv1((int)kind, x, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
-        for (int64_t i = 0; i < I; i += 16) {
-            __mmask16 m = tail16(I - i);
-            __m512 g = bf16x16_load(gu + i, m), u = bf16x16_load(gu + I + i, m);
-            __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-            __m512 s = bf16_round_ps(_mm512_div_ps(g, den)); /* silu(g) in fp32, rounded like torch's bf16 op */
-            _mm256_mask_storeu_epi16(act + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
-        }
-        gemv1((int)kind, act, I, wd[e], sd[e], zd[e], H, G, y);
+        strata_gemv1((int)kind, x, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
+        silu_mul_bf16(gu, I, act);
+        strata_gemv1((int)kind, act, I, wd[e], sd[e], zd[e], H, G, y);
         const __m512 w = _mm512_set1_ps(weights[j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
         for (int64_t h = 0; h < H; h += 16) {
             __mmask16 m = tail16(H - h);

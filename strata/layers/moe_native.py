@@ -16,7 +16,7 @@ from torch import nn
 from strata.layers.linear import Linear, bf16_lib
 from strata.layers.quant_linear import QuantLinear
 
-_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4}
+_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4}  # WK_* in quant_cpu.h
 
 
 def _quant_ptrs(q: QuantLinear) -> tuple[int, int | None, int | None]:

@@ -153,4 +153,29 @@ static inline __attribute__((always_inline)) __m512 load16(int kind, const uint8
     default: CALL(4); break;                                                                                    \
     }
 
+/* ---------------------------------------------------------------- entry points used across files */
+
+void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int64_t out_f32);
+void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
+               const float *bias, uint16_t *y);
+void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
+              const float *bias, uint16_t *y);
+void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G,
+                 const uint16_t *scale, const float *bias, uint16_t *y);
+void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
+               const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y);
+/* one bf16 row through a weight of kind WK_* (cpu_moe.c) */
+enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4 };
+void strata_gemv1(int kind, const uint16_t *x, int64_t K, const void *w, const void *s, const void *z, int64_t N,
+                  int64_t G, uint16_t *y);
+void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act);
+void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, int64_t T, int64_t H, float eps,
+                   uint16_t *out, uint16_t *res_out);
+void rope_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const uint16_t *cos,
+               const uint16_t *sin, uint16_t *out);
+void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
+                           const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
+                           uint16_t *out);
+
 #endif

@@ -17,6 +17,7 @@ from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.norm import RMSNorm
 from strata.layers.rotary import RotaryEmbedding, apply_rotary
+from strata.models import native_decode
 
 
 class Attention(nn.Module):
@@ -144,6 +145,14 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(self.config)
 
+    def _native_decoder(self, kv_caches):
+        """The NativeDecoder for these caches, built on first use (None where the model does not qualify)."""
+        cached = self.__dict__.get("_native_decoder_cache")
+        if cached is None or (cached and cached.kv_key != kv_caches[0][0].data_ptr()):
+            cached = native_decode.NativeDecoder.build(self, kv_caches) or False
+            self.__dict__["_native_decoder_cache"] = cached  # not a submodule
+        return cached or None
+
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
 
@@ -157,9 +166,13 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)
-        residual = None
-        for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        native = self._native_decoder(kv_caches) if native_decode.usable(x, meta, kv_caches) else None
+        if native is not None:  # one sequence, one token: all layers in one native call
+            x, residual = native(x, cos, sin, meta)
+        else:
+            residual = None
+            for i, layer in enumerate(self.model.layers):
+                x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         if logits_indices is not None:
             x, residual = x.index_select(0, logits_indices), residual.index_select(0, logits_indices)  # [N, H]
         x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]  # None: no layers

@@ -1,0 +1,113 @@
+"""Decode of a single sequence through a whole Llama-style decoder in one native call (cpu_decoder.c).
+
+Used by CausalLM.forward when one sequence decodes one token and every layer has the plain structure: no q/k
+norms, biases, clipping or sliding window, a dense gated MLP, fused q/k/v and gate/up projections (bf16, or
+quantized with the native kernels), bf16 norms and caches. Each step runs the same kernel as the per-op path,
+so outputs match it; what goes away is the Python work between kernels. Anything else keeps the per-op path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from strata.layers.attention import AttentionMetadata
+from strata.layers.linear import Linear, bf16_lib
+from strata.layers.mlp import MLP
+from strata.layers.moe_native import _KINDS
+from strata.layers.norm import RMSNorm
+from strata.layers.quant_linear import QuantLinear
+
+_P = ctypes.c_void_p
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("group", ctypes.c_int64), ("w", _P), ("s", _P), ("z", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", _P), ("ln2", _P), ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj),
+                ("k_cache", _P), ("v_cache", _P)]
+
+
+def _proj(fused_w: torch.Tensor | None, fused_q: QuantLinear | None, single: nn.Module | None = None) -> _Proj | None:
+    """A projection given as a fused bf16 weight, a (fused) QuantLinear, or a single Linear/QuantLinear."""
+    if single is not None:
+        if type(single) is QuantLinear:
+            fused_q = single
+        elif type(single) in (nn.Linear, Linear) and single.bias is None:
+            fused_w = single.weight
+        else:
+            return None
+    if fused_q is not None:
+        if fused_q._gemv is None or fused_q.bias is not None:
+            return None
+        k = fused_q._k
+        z = k.get("zeros")
+        return _Proj(_KINDS[fused_q.fmt.kind], fused_q.fmt.group_size or 0, k["qweight"].data_ptr(),
+                     k["scales"].data_ptr(), None if z is None else z.data_ptr())
+    if fused_w is None or fused_w.dtype != torch.bfloat16 or not fused_w.is_contiguous():
+        return None
+    return _Proj(_KINDS["bf16"], 0, fused_w.data_ptr(), None, None)
+
+
+def _norm_ok(n: nn.Module) -> bool:
+    return type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
+
+
+class NativeDecoder:
+    def __init__(self, model: nn.Module, layers, kv_key: int):
+        self.model, self.kv_key = model, kv_key  # model keeps every tensor behind the pointers alive
+        self.layers = (_Layer * len(layers))(*layers)
+        cfg = model.config
+        self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+        self.eps = model.model.layers[0].input_layernorm.variance_epsilon
+        self.scale = cfg.head_dim**-0.5
+
+    @classmethod
+    def build(cls, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
+        if bf16_lib() is None:
+            return None
+        cfg, layers = model.config, []
+        eps = {dl.input_layernorm.variance_epsilon for dl in model.model.layers}
+        eps |= {dl.post_attention_layernorm.variance_epsilon for dl in model.model.layers}
+        if len(eps) != 1 or cfg.head_dim > 256:
+            return None
+        for dl, (kc, vc) in zip(model.model.layers, kv_caches):
+            attn, mlp = dl.self_attn, getattr(dl, dl.mlp_name)
+            if (attn.qk_norm is not None or attn.clip_qkv is not None or attn.sliding_window is not None
+                    or type(mlp) is not MLP or not (_norm_ok(dl.input_layernorm) and _norm_ok(dl.post_attention_layernorm))):
+                return None
+            if attn.qkv_bias is not None or attn.o_proj.bias is not None or mlp.gate_proj.bias is not None:
+                return None
+            if not (kc.dtype == vc.dtype == torch.bfloat16 and kc.is_contiguous() and vc.is_contiguous()):
+                return None
+            if mlp.gate_proj.out_features != cfg.intermediate_size:
+                return None
+            projs = [_proj(attn.qkv_weight, attn.qkv_quant), _proj(None, None, attn.o_proj),
+                     _proj(mlp.gate_up_weight, mlp.gate_up_quant), _proj(None, None, mlp.down_proj)]
+            if any(p is None for p in projs):
+                return None
+            layers.append(_Layer(dl.input_layernorm.weight.data_ptr(), dl.post_attention_layernorm.weight.data_ptr(),
+                                 *projs, kc.data_ptr(), vc.data_ptr()))
+        return cls(model, layers, kv_caches[0][0].data_ptr())
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
+        """x [1, H] embedded token (bf16) -> (last layer's MLP output [1, H], residual [1, H])."""
+        slots, _ = meta.flat_context()  # [n_ctx], the new token's slot last
+        x = x.contiguous().clone()
+        residual = torch.empty_like(x)
+        h, hq, hkv, d, inter = self.dims
+        bf16_lib().decode_layers(self.layers, len(self.layers), h, hq, hkv, d, inter, self.eps, self.scale,
+                                 cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), slots.data_ptr(),
+                                 slots.numel(), x.data_ptr(), residual.data_ptr())
+        return x, residual
+
+
+def usable(x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
+    """Does this forward qualify for the one-call decode (before asking whether the model does)?"""
+    return (kv_caches is not None and x.shape[0] == 1 and x.dtype == torch.bfloat16 and len(meta.query_lens) == 1
+            and meta.query_lens[0] == 1 and meta.slot_mapping is not None and meta.context_slots is not None)

@@ -1,0 +1,61 @@
+"""The one-call native decode (models/native_decode.py, cpu_decoder.c) against the per-op path it replaces."""
+
+import pytest
+import torch
+
+from strata import LLM, SamplingParams
+from strata.cli import main
+from strata.layers.linear import bf16_lib
+from strata.models import native_decode
+
+needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
+PROMPTS = [[5, 17, 99, 3, 42, 8], [7, 7, 120, 64]]
+
+
+def _greedy(path, monkeypatch, native: bool):
+    calls = []
+    if native:
+        real = native_decode.NativeDecoder.__call__
+        monkeypatch.setattr(native_decode.NativeDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    else:
+        monkeypatch.setattr(native_decode.NativeDecoder, "build", classmethod(lambda cls, *a: None))
+    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=1, progress=False, num_threads=1)
+    out = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    monkeypatch.undo()
+    return [o.outputs[0].token_ids for o in out], len(calls)
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    from tests.models.conftest import build_hf
+
+    path = tmp_path_factory.mktemp("llama_bf16")
+    build_hf("llama", path, dtype=torch.bfloat16)
+    return path
+
+
+@needs_native
+def test_bf16_llama_same_tokens_as_per_op_path(llama_bf16, monkeypatch):
+    native, calls = _greedy(llama_bf16, monkeypatch, native=True)
+    assert calls == 2 * 23  # every decode step after the first token took the native path
+    reference, _ = _greedy(llama_bf16, monkeypatch, native=False)
+    assert native == reference
+
+
+@needs_native
+def test_quantized_llama_same_tokens_as_per_op_path(llama_bf16, tmp_path, monkeypatch):
+    dst = tmp_path / "q"
+    assert main(["quantize", "--format", "int4-g32", "--method", "rtn", "--no-progress", str(llama_bf16), str(dst)]) == 0
+    native, calls = _greedy(dst, monkeypatch, native=True)
+    assert calls > 0
+    reference, _ = _greedy(dst, monkeypatch, native=False)
+    assert native == reference
+
+
+@needs_native
+def test_models_outside_the_plain_structure_keep_the_per_op_path(tmp_path, monkeypatch):
+    from tests.models.conftest import build_hf
+
+    build_hf("mistral", tmp_path, dtype=torch.bfloat16)  # sliding window: not the plain structure
+    _, calls = _greedy(tmp_path, monkeypatch, native=True)
+    assert calls == 0
