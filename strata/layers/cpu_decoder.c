@@ -1,8 +1,10 @@
 /* One decode token of one sequence through every layer of a Llama-style decoder in one call.
  *
- * Per layer: residual add + RMSNorm, fused q/k/v GEMV, rotary on q and k (k written straight into its cache
- * slot, v copied there), attention over the sequence's cache slots, o GEMV, residual add + RMSNorm, fused
- * gate/up GEMV, SiLU x up, down GEMV. Every step is the same kernel the per-op Python path calls (so the
+ * Per layer: residual add + RMSNorm, fused q/k/v GEMV, optional q/k RMSNorm (per head as Qwen3, or over the
+ * whole projection as OLMoE) and clipping, rotary on q and k (k written straight into its cache slot, v
+ * copied there), attention over the sequence's cache slots, o GEMV, residual add + RMSNorm, then either the
+ * dense MLP (fused gate/up GEMV, SiLU x up, down GEMV) or a MoE block (router GEMV, softmax, top-k, the
+ * experts through moe_decode). Every step is the same kernel the per-op Python path calls (so the
  * results match it), minus about 30 Python-level operations per layer, which at 4-bit weights are a tenth of
  * a token on a 1B model. Weights may be plain bf16 or any quantized kind, per projection.
  */
@@ -13,11 +15,66 @@ typedef struct { /* one projection: kind WK_*, group size, and its tensors (s, z
     const void *w, *s, *z;
 } proj_t;
 
+typedef struct { /* a MoE block without shared experts: router and the expert tables of moe_decode */
+    const uint16_t *router; /* bf16 [E, H] */
+    int64_t num_experts, top_k, norm_topk, cast_weights, kind, group, inter;
+    const void *const *wgu, *const *sgu, *const *zgu, *const *wd, *const *sd, *const *zd;
+} moe_t;
+
 typedef struct {
     const uint16_t *ln1, *ln2; /* bf16 [H] norm weights */
-    proj_t qkv, o, gate_up, down;
+    proj_t qkv, o, gate_up, down; /* gate_up, down unused when moe is set */
     uint16_t *k_cache, *v_cache; /* bf16 [num_slots, Hkv, D] */
+    int64_t qk_norm; /* 0 none, 1 per head (Qwen3), 2 over the whole projection (OLMoE) */
+    const uint16_t *q_norm, *k_norm;
+    double clip; /* clamp q, k, v to [-clip, clip] when > 0 (OLMoE clip_qkv) */
+    const moe_t *moe; /* NULL: dense MLP */
 } layer_t;
+
+void moe_decode(int64_t kind, const uint16_t *x, int64_t H, int64_t I, int64_t G, int64_t k, const int64_t *ids,
+                const float *weights, const void *const *wgu, const void *const *sgu, const void *const *zgu,
+                const void *const *wd, const void *const *sd, const void *const *zd, uint16_t *out);
+
+/* the torch path of SparseMoeBlock for one token: softmax in fp32, top-k (ties to the lower id), optional
+ * renormalisation, optional cast of the weights to bf16, then the experts */
+static void moe_block(const moe_t *M, const uint16_t *h, int64_t H, uint16_t *out) {
+    const int64_t E = M->num_experts, k = M->top_k;
+    uint16_t *logits = malloc(sizeof(uint16_t) * (size_t)E);
+    float *p = malloc(sizeof(float) * (size_t)(E + k));
+    float *w = p + E;
+    int64_t ids[64];
+    gemv_bf16(h, 1, H, M->router, E, NULL, logits, 0);
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, bf16_to_f32(logits[e]));
+    for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(bf16_to_f32(logits[e]) - mx));
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    float wsum = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ids[j] = best;
+        wsum += (w[j] = p[best]);
+    }
+    for (int64_t j = 0; j < k; j++) {
+        if (M->norm_topk) w[j] /= wsum;
+        if (M->cast_weights) w[j] = bf16_to_f32(f32_to_bf16(w[j]));
+    }
+    moe_decode(M->kind, h, H, M->inter, M->group, k, ids, w, M->wgu, M->sgu, M->zgu, M->wd, M->sd, M->zd, out);
+    free(p);
+    free(logits);
+}
+
+static void clamp_bf16(uint16_t *v, int64_t n, float c) {
+    for (int64_t i = 0; i < n; i++) {
+        float f = bf16_to_f32(v[i]);
+        if (f > c) v[i] = f32_to_bf16(c);
+        else if (f < -c) v[i] = f32_to_bf16(-c);
+    }
+}
 
 /* x [H]: the embedded token in, the last layer's MLP output out; residual [H] out (the stream before it), so
  * the caller finishes with norm(x + residual). cos/sin bf16 [D] of the position; slots int64 [n_ctx] the
@@ -38,12 +95,25 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t H, int64_t H
             rms_norm_bf16(x, residual, L->ln1, 1, H, eps, h, residual);
         }
         strata_gemv1((int)L->qkv.kind, h, H, L->qkv.w, L->qkv.s, L->qkv.z, qd + 2 * kvd, L->qkv.group, qkv);
+        if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
+            rms_norm_bf16(qkv, NULL, L->q_norm, 1, qd, eps, qkv, NULL);
+            rms_norm_bf16(qkv + qd, NULL, L->k_norm, 1, kvd, eps, qkv + qd, NULL);
+        }
+        if (L->clip > 0) clamp_bf16(qkv, qd + 2 * kvd, (float)L->clip);
+        if (L->qk_norm == 1) {
+            rms_norm_bf16(qkv, NULL, L->q_norm, Hq, D, eps, qkv, NULL);
+            rms_norm_bf16(qkv + qd, NULL, L->k_norm, Hkv, D, eps, qkv + qd, NULL);
+        }
         rope_bf16(qkv, 1, Hq, D, 0, cos, sin, q);
         rope_bf16(qkv + qd, 1, Hkv, D, 0, cos, sin, L->k_cache + slot * kvd);
         memcpy(L->v_cache + slot * kvd, qkv + qd + kvd, sizeof(uint16_t) * (size_t)kvd);
         decode_attention_bf16(q, 1, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
         strata_gemv1((int)L->o.kind, att, qd, L->o.w, L->o.s, L->o.z, H, L->o.group, x);
         rms_norm_bf16(x, residual, L->ln2, 1, H, eps, h, residual);
+        if (L->moe) {
+            moe_block(L->moe, h, H, x);
+            continue;
+        }
         strata_gemv1((int)L->gate_up.kind, h, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I, L->gate_up.group, gu);
         silu_mul_bf16(gu, I, act);
         strata_gemv1((int)L->down.kind, act, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);

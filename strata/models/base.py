@@ -151,7 +151,7 @@ class CausalLM(nn.Module):
         if cached is None or (cached and cached.kv_key != kv_caches[0][0].data_ptr()):
             cached = native_decode.NativeDecoder.build(self, kv_caches) or False
             self.__dict__["_native_decoder_cache"] = cached  # not a submodule
-        return cached or None
+        return cached if cached and cached.active() else None
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]

@@ -1,9 +1,11 @@
-"""Decode of a single sequence through a whole Llama-style decoder in one native call (cpu_decoder.c).
+"""Decode of a single sequence through a whole decoder in one native call (cpu_decoder.c).
 
-Used by CausalLM.forward when one sequence decodes one token and every layer has the plain structure: no q/k
-norms, biases, clipping or sliding window, a dense gated MLP, fused q/k/v and gate/up projections (bf16, or
-quantized with the native kernels), bf16 norms and caches. Each step runs the same kernel as the per-op path,
-so outputs match it; what goes away is the Python work between kernels. Anything else keeps the per-op path.
+Used by CausalLM.forward when one sequence decodes one token and every layer qualifies: no biases or sliding
+window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
+fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
+(moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
+native kernels); bf16 norms and caches. Each step runs the same kernel as the per-op path, so outputs match
+it; what goes away is the Python work between kernels. Anything else keeps the per-op path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from strata.layers.attention import AttentionMetadata
 from strata.layers.linear import Linear, bf16_lib
 from strata.layers.mlp import MLP
+from strata.layers.moe import SparseMoeBlock
 from strata.layers.moe_native import _KINDS
 from strata.layers.norm import RMSNorm
 from strata.layers.quant_linear import QuantLinear
@@ -27,9 +30,27 @@ class _Proj(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("group", ctypes.c_int64), ("w", _P), ("s", _P), ("z", _P)]
 
 
+class _Moe(ctypes.Structure):
+    _fields_ = [("router", _P), *((n, ctypes.c_int64) for n in ("num_experts", "top_k", "norm_topk",
+                "cast_weights", "kind", "group", "inter")), *((n, _P) for n in ("wgu", "sgu", "zgu", "wd", "sd", "zd"))]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [("ln1", _P), ("ln2", _P), ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj),
-                ("k_cache", _P), ("v_cache", _P)]
+                ("k_cache", _P), ("v_cache", _P), ("qk_norm", ctypes.c_int64), ("q_norm", _P), ("k_norm", _P),
+                ("clip", ctypes.c_double), ("moe", ctypes.POINTER(_Moe))]
+
+
+def _moe(block: SparseMoeBlock) -> _Moe | None:
+    if block.shared_expert is not None or block.top_k > 64 or block.gate.bias is not None:
+        return None
+    router = block.gate.weight
+    native = block._native_experts()
+    if native is None or router.dtype != torch.bfloat16 or not router.is_contiguous():
+        return None
+    return _Moe(router.data_ptr(), block.num_experts, block.top_k, int(bool(block.norm_topk_prob)),
+                int(block.cast_weights), native.kind, native.group, native.inter,
+                *(ctypes.cast(t, _P) for t in native.tables))
 
 
 def _proj(fused_w: torch.Tensor | None, fused_q: QuantLinear | None, single: nn.Module | None = None) -> _Proj | None:
@@ -64,6 +85,7 @@ class NativeDecoder:
         cfg = model.config
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                      cfg.intermediate_size)
+        self.moes: list = []
         self.eps = model.model.layers[0].input_layernorm.variance_epsilon
         self.scale = cfg.head_dim**-0.5
 
@@ -76,24 +98,46 @@ class NativeDecoder:
         eps |= {dl.post_attention_layernorm.variance_epsilon for dl in model.model.layers}
         if len(eps) != 1 or cfg.head_dim > 256:
             return None
+        self_moes = []
         for dl, (kc, vc) in zip(model.model.layers, kv_caches):
             attn, mlp = dl.self_attn, getattr(dl, dl.mlp_name)
-            if (attn.qk_norm is not None or attn.clip_qkv is not None or attn.sliding_window is not None
-                    or type(mlp) is not MLP or not (_norm_ok(dl.input_layernorm) and _norm_ok(dl.post_attention_layernorm))):
+            if attn.sliding_window is not None or not (_norm_ok(dl.input_layernorm) and _norm_ok(dl.post_attention_layernorm)):
                 return None
-            if attn.qkv_bias is not None or attn.o_proj.bias is not None or mlp.gate_proj.bias is not None:
+            if attn.qkv_bias is not None or attn.o_proj.bias is not None:
                 return None
             if not (kc.dtype == vc.dtype == torch.bfloat16 and kc.is_contiguous() and vc.is_contiguous()):
                 return None
-            if mlp.gate_proj.out_features != cfg.intermediate_size:
+            qk = {None: 0, "head": 1, "full": 2}[attn.qk_norm]
+            if qk and not (_norm_ok(attn.q_norm) and _norm_ok(attn.k_norm) and attn.q_norm.variance_epsilon in eps):
                 return None
-            projs = [_proj(attn.qkv_weight, attn.qkv_quant), _proj(None, None, attn.o_proj),
-                     _proj(mlp.gate_up_weight, mlp.gate_up_quant), _proj(None, None, mlp.down_proj)]
+            projs = [_proj(attn.qkv_weight, attn.qkv_quant), _proj(None, None, attn.o_proj)]
+            moe = None
+            if type(mlp) is SparseMoeBlock:
+                moe = _moe(mlp)
+                if moe is None:
+                    return None
+                self_moes.append((mlp, moe))
+                projs += [_Proj(), _Proj()]
+            elif type(mlp) is MLP and mlp.gate_proj.bias is None and mlp.gate_proj.out_features == cfg.intermediate_size:
+                projs += [_proj(mlp.gate_up_weight, mlp.gate_up_quant), _proj(None, None, mlp.down_proj)]
+            else:
+                return None
             if any(p is None for p in projs):
                 return None
             layers.append(_Layer(dl.input_layernorm.weight.data_ptr(), dl.post_attention_layernorm.weight.data_ptr(),
-                                 *projs, kc.data_ptr(), vc.data_ptr()))
+                                 *projs, kc.data_ptr(), vc.data_ptr(), qk,
+                                 attn.q_norm.weight.data_ptr() if qk else None,
+                                 attn.k_norm.weight.data_ptr() if qk else None,
+                                 float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))
+        decoder = cls(model, layers, kv_caches[0][0].data_ptr())
+        decoder.moes = self_moes  # keeps the _Moe structs alive; blocks checked for hooks on every call
+        return decoder
         return cls(model, layers, kv_caches[0][0].data_ptr())
+
+    def active(self) -> bool:
+        """False while a tier provider, routing hook or routing override is attached to a MoE block."""
+        return not any(b.expert_provider is not None or b.router_hooks or b.routing_override is not None
+                       for b, _ in self.moes)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
         """x [1, H] embedded token (bf16) -> (last layer's MLP output [1, H], residual [1, H])."""

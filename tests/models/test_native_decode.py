@@ -1,4 +1,4 @@
-"""The one-call native decode (models/native_decode.py, cpu_decoder.c) against the per-op path it replaces."""
+"""The one-call native decode (models/native_decode.py, cpu_decoder.c) against the per-op path it replaces:\ngreedy tokens must be identical."""
 
 import pytest
 import torch
@@ -53,9 +53,26 @@ def test_quantized_llama_same_tokens_as_per_op_path(llama_bf16, tmp_path, monkey
 
 
 @needs_native
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral", "qwen3"])
+def test_moe_and_qk_norm_families_same_tokens(family, tmp_path, monkeypatch):
+    """Qwen3-MoE (per-head q/k norm, dense and MoE layers), OLMoE (whole-projection q/k norm, clip_qkv),
+    Mixtral (fp32 routing weights), Qwen3 (dense, per-head norm): routing and norms in C give the same tokens."""
+    from tests.models.conftest import build_hf
+
+    build_hf(family, tmp_path, dtype=torch.bfloat16)
+    native, calls = _greedy(tmp_path, monkeypatch, native=True)
+    assert calls == 2 * 23
+    reference, _ = _greedy(tmp_path, monkeypatch, native=False)
+    assert native == reference
+
+
+@needs_native
 def test_models_outside_the_plain_structure_keep_the_per_op_path(tmp_path, monkeypatch):
     from tests.models.conftest import build_hf
 
-    build_hf("mistral", tmp_path, dtype=torch.bfloat16)  # sliding window: not the plain structure
-    _, calls = _greedy(tmp_path, monkeypatch, native=True)
+    build_hf("mistral", tmp_path / "mistral", dtype=torch.bfloat16)  # sliding window
+    _, calls = _greedy(tmp_path / "mistral", monkeypatch, native=True)
+    assert calls == 0
+    build_hf("qwen2_moe", tmp_path / "qwen2_moe", dtype=torch.bfloat16)  # q/k/v biases, shared experts
+    _, calls = _greedy(tmp_path / "qwen2_moe", monkeypatch, native=True)
     assert calls == 0
