@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -105,39 +106,57 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="strata,transformers", help=f"comma-separated, from {', '.join(ENGINES)}")
+    ap.add_argument("--rounds", type=int, default=3, help="repeat every run; medians are reported")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "core.json"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    bw = memory_bandwidth_gbs()
     engines = args.engines.split(",")
-    rows = []
+    models = []
     for name in args.models.split(","):
         path = BUNDLED_MODEL if name == "bundled" else str(synthetic_model(name))
         cfg = ModelConfig.from_pretrained(path)
+        models.append((name, path, cfg))
+    runs: dict[tuple[str, str], list[dict]] = {(m[0], e): [] for m in models for e in engines}
+    bws = []
+    for rnd in range(args.rounds):  # engines of one model back to back, so each ratio compares neighbours
+        bws.append(memory_bandwidth_gbs())
+        for name, path, _ in models:
+            for engine in engines:
+                runs[name, engine].append(_child(engine, path, args.prompt_len, args.decode, args.threads))
+                print(rnd, name, engine, runs[name, engine][-1], file=sys.stderr)
+    bw = statistics.median(bws)
+    rows = []
+    for name, _, cfg in models:
         bytes_tok = weight_bytes_per_token(cfg)
         row = {"model": name, "params": cfg.param_counts()["total"], "active_params": cfg.param_counts()["active"],
                "weight_bytes_per_token": bytes_tok, "roofline_decode_tok_s": bw * 1e9 / bytes_tok}
         for engine in engines:
-            row[engine] = _child(engine, path, args.prompt_len, args.decode, args.threads)
-            print(name, engine, row[engine], file=sys.stderr)
-            if "error" not in row[engine]:
+            ok = [r for r in runs[name, engine] if "error" not in r]
+            row[engine] = ({k: statistics.median(r[k] for r in ok) for k in ("prefill_tok_s", "decode_tok_s")}
+                           if ok else runs[name, engine][0])
+            row[engine]["rounds"] = runs[name, engine]
+            if ok:
                 row[f"{engine}_roofline_fraction"] = row[engine]["decode_tok_s"] / row["roofline_decode_tok_s"]
-        s, t = row.get("strata", {"error": "not run"}), row.get("transformers", {"error": "not run"})
-        if "error" not in s and "error" not in t:
-            row["decode_ratio"] = s["decode_tok_s"] / t["decode_tok_s"]
-            row["prefill_ratio"] = s["prefill_tok_s"] / t["prefill_tok_s"]
+        if "strata" in engines and "transformers" in engines:
+            pairs = [(a["decode_tok_s"] / b["decode_tok_s"], a["prefill_tok_s"] / b["prefill_tok_s"])
+                     for a, b in zip(runs[name, "strata"], runs[name, "transformers"]) if "error" not in a and "error" not in b]
+            if pairs:
+                row["decode_ratio"] = statistics.median(d for d, _ in pairs)
+                row["prefill_ratio"] = statistics.median(f for _, f in pairs)
+                row["decode_ratio_rounds"] = [d for d, _ in pairs]
         rows.append(row)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-               "memory_read_gb_s": bw, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-               "load_avg": os.getloadavg()}
+               "memory_read_gb_s": bw, "memory_read_gb_s_rounds": bws, "rounds": args.rounds,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out + ".tmp"
     Path(tmp).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     os.replace(tmp, args.out)
-    print(f"\nmemory read bandwidth {bw:.1f} GB/s, {args.threads} threads, load avg {machine['load_avg'][0]:.1f}\n")
-    print("| model | engine | prefill tok/s | decode tok/s | decode vs transformers | roofline tok/s | fraction |")
+    print(f"\nmemory read bandwidth {bw:.1f} GB/s (median of {', '.join(f'{b:.0f}' for b in bws)}), {args.threads} "
+          f"threads, load avg {machine['load_avg'][0]:.1f}, medians of {args.rounds} rounds\n")
+    print("| model | engine | prefill tok/s | decode tok/s | decode vs transformers (per round) | roofline tok/s | fraction |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         for e in engines:
@@ -145,8 +164,9 @@ def main() -> None:
             if "error" in m:
                 print(f"| {r['model']} | {e} | error: {m['error']} | | | | |")
                 continue
-            t = r.get("transformers", {})
-            ratio = f"{m['decode_tok_s'] / t['decode_tok_s']:.2f}x" if "decode_tok_s" in t else "-"
+            ratio = ""
+            if e == "strata" and "decode_ratio" in r:
+                ratio = f"**{r['decode_ratio']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['decode_ratio_rounds'])})"
             print(f"| {r['model']} | {e} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.2f} | {ratio} | "
                   f"{r['roofline_decode_tok_s']:.1f} | {m['decode_tok_s'] / r['roofline_decode_tok_s']:.0%} |")
 
