@@ -21,8 +21,14 @@ def register(sub) -> None:
     p.add_argument("--format", default="int8", help="int8, int4-g32|g64|g128[-asym], int8-nested-g64, fp8 "
                    "(default int8); with --mixed, the comma-separated candidate formats")
     p.add_argument("--method", default="clip", help="how scales are chosen: rtn (absmax), clip (search of "
-                   "clipping ratios, weighted by calibration input energy when given; default) or gptq (column-wise "
-                   "error compensation with the calibration Hessian; needs --calibrate-data or --calibration)")
+                   "clipping ratios, weighted by calibration input energy when given; default), gptq (column-wise "
+                   "error compensation with the calibration Hessian; needs --calibrate-data or --calibration) or "
+                   "tune (gptq, then int4 scales and codes tuned end to end against the unquantized model's "
+                   "next-token distributions on the calibration text; needs --calibrate-data)")
+    p.add_argument("--tune-steps", type=int, default=600, help="with --method tune: Adam steps of 8 windows of "
+                   "128 tokens (default 600)")
+    p.add_argument("--tune-rounding", default="learned", choices=("learned", "fixed"), help="with --method tune: "
+                   "learned (codes move too; default) or fixed (GPTQ's codes, only the scales are tuned)")
     p.add_argument("--lm-head", metavar="FORMAT", help="also quantize lm_head (the output projection, read every "
                    "decode step) to FORMAT, e.g. int8; default: keep it unquantized. Not for tied embeddings")
     p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
@@ -56,17 +62,27 @@ def run(args: argparse.Namespace) -> int:
         raise UnsupportedError("give either --calibration (a stats file) or --calibrate-data (a text), not both")
     if method == "gptq" and not (args.calibration or args.calibrate_data):
         raise UnsupportedError("--method gptq needs calibration: --calibrate-data FILE or --calibration FILE")
+    if method == "tune" and not args.calibrate_data:
+        raise UnsupportedError("--method tune needs calibration text: --calibrate-data FILE")
     if not args.mixed and (args.budget or args.importance):
         raise UnsupportedError("--budget and --importance need --mixed")
-    calib = Calibration()
+    calib, tune = Calibration(), {}
     if args.calibration:
         calib = read_calibration(args.calibration)
     if args.calibrate_data:
-        calib = _calibrate(args, progress, second_moments=method == "gptq")
+        calib = _calibrate(args, progress, second_moments=method in ("gptq", "tune"))
+    if method == "tune":
+        from strata.engine.textfile import read_text
+        from strata.tokenizer import Tokenizer
+        from strata.weights.quant_tune import TuneConfig
+
+        ids = Tokenizer(args.in_dir).encode(read_text(args.calibrate_data))[: args.calibrate_tokens]
+        tune = {"tune_ids": ids, "tune_config": TuneConfig(steps=args.tune_steps, rounding=args.tune_rounding,
+                                                           progress=progress)}
     if not args.mixed:
         fmt = QuantFormat.parse(args.format)
         out = quantize_checkpoint(args.in_dir, args.out_dir, fmt=fmt, force=args.force, progress=progress,
-                                  method=method, calibration=calib, lm_head=args.lm_head)
+                                  method=method, calibration=calib, lm_head=args.lm_head, **tune)
         head = f", lm_head in {QuantFormat.parse(args.lm_head)}" if args.lm_head else ""
         print(f"wrote {out}: linear layers in {fmt} ({method}){head}")
         return 0
@@ -86,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             raise WeightsError(f"{args.importance}: expected a JSON object {{unit: number}} ({e})") from None
     modules = mixed_formats(Path(args.in_dir), cfg, progress=progress)
     out = quantize_checkpoint(args.in_dir, args.out_dir, modules=modules, force=args.force, progress=progress,
-                              label="mixed", method=method, calibration=calib, lm_head=args.lm_head)
+                              label="mixed", method=method, calibration=calib, lm_head=args.lm_head, **tune)
     counts = {f: list(modules.values()).count(f) for f in sorted(set(modules.values()))}
     print(f"wrote {out}: " + ", ".join(f"{n} linears in {f}" for f, n in counts.items()) + f" ({method})")
     return 0

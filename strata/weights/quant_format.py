@@ -120,7 +120,9 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MiB fp32: in L2)
-METHODS = ("rtn", "clip", "gptq")  # how scales are chosen: quant_search.py (rtn, clip) and gptq.py
+# how scales are chosen: quant_search.py (rtn, clip), gptq.py, and tune (per weight the same as gptq; then
+# quantize_checkpoint tunes int4 scales and codes of the whole model end to end, quant_tune.py)
+METHODS = ("rtn", "clip", "gptq", "tune")
 DEFAULT_METHOD = "clip"  # data-free and cheap; lowers int4 KL on both test models (docs/quantization.md)
 
 
@@ -136,7 +138,8 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
     """Float weight [out, in] -> the on-disk tensors of `fmt`, keyed by suffix (qweight, scales[, zeros]).
 
     method: rtn (absmax), clip (error-minimising clipping, weighted by input_sq [in] = E[x_j^2] when given)
-    or gptq (needs hessian [in, in] = E[x x^T] from calibration; gptq.py).
+    or gptq (needs hessian [in, in] = E[x x^T] from calibration; gptq.py). tune: gptq here (the end-to-end
+    tuning is model-level: quant_tune.py).
     """
     fmt = QuantFormat.parse(fmt)
     check_method(method)
@@ -148,9 +151,9 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
         if t is not None and tuple(t.shape) != shape:
             raise WeightsError(f"quantize_weight: {what} must be {list(shape)} for a weight {list(w.shape)}, "
                                f"got {list(t.shape)}")
-    if method == "gptq":
+    if method in ("gptq", "tune"):
         if hessian is None:
-            raise WeightsError("quantize_weight: method gptq needs the calibration hessian E[x x^T] [in, in]")
+            raise WeightsError(f"quantize_weight: method {method} needs the calibration hessian E[x x^T] [in, in]")
         from strata.weights.gptq import gptq_codes
 
         codes, s, z = gptq_codes(_grouped(w, fmt), fmt, hessian)

@@ -76,8 +76,8 @@ def weight_error(w: torch.Tensor, fmt: QuantFormat, input_sq: torch.Tensor | Non
     hessian [in, in]: E[x x^T]; when given the error is the full sum_rows d H d^T (what gptq minimises).
     """
     rows = w[: min(SAMPLE_ROWS, w.shape[0])].float()
-    m = "clip" if method == "gptq" and hessian is None else method
-    q = quantize_weight(rows, fmt, m, input_sq, hessian if m == "gptq" else None)
+    m = "clip" if method in ("gptq", "tune") and hessian is None else method
+    q = quantize_weight(rows, fmt, m, input_sq, hessian if m in ("gptq", "tune") else None)
     d = dequantize_weight(q, fmt, rows.shape[0], rows.shape[1]) - rows  # [rows, in]
     if hessian is not None:
         err = (d @ hessian.float()) * d

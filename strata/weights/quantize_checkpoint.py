@@ -25,6 +25,7 @@ from tqdm import tqdm
 from strata.errors import UnsupportedError, WeightsError
 from strata.weights.quant_format import DEFAULT_METHOD, QuantFormat, check_method, quantize_weight
 from strata.weights.quant_plan import Calibration, MixedPlanConfig, check_budget, plan_mixed, weight_error
+from strata.weights.quant_tune import TuneConfig, tune_shards
 
 QUANT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 INDEX = "model.safetensors.index.json"
@@ -112,7 +113,8 @@ def mixed_formats(src: Path, cfg: MixedPlanConfig, progress: bool = True) -> dic
 def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat | None = None,
                         modules: dict[str, str] | None = None, force: bool = False, progress: bool = True,
                         label: str | None = None, method: str = DEFAULT_METHOD,
-                        calibration: Calibration | None = None, lm_head: str | QuantFormat | None = None) -> Path:
+                        calibration: Calibration | None = None, lm_head: str | QuantFormat | None = None,
+                        tune_ids: list[int] | None = None, tune_config: TuneConfig | None = None) -> Path:
     """Write the quantized copy of HF folder `src` to `dst`. Give `fmt` (all linears) or `modules`.
 
     lm_head: also quantize the output projection to this format (it is read every decode step: int8 halves
@@ -120,12 +122,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
 
     method: how scales are chosen (quant_format.METHODS). calibration: per-module input statistics; `clip`
     weights its error by E[x_j^2], `gptq` needs E[x x^T] (modules without it, e.g. an expert that no
-    calibration token reached, fall back to clip).
+    calibration token reached, fall back to clip). `tune` is gptq, then the int4 scales and codes of the whole
+    model tuned end to end on the calibration token ids `tune_ids` (quant_tune.py; settings in tune_config).
     """
     src, dst = Path(src), Path(dst)
     check_method(method, "--method")
-    if method == "gptq" and (calibration is None or not calibration.second_moment):
-        raise UnsupportedError("--method gptq needs calibration with second moments (--calibrate-data FILE)")
+    if method in ("gptq", "tune") and (calibration is None or not calibration.second_moment):
+        raise UnsupportedError(f"--method {method} needs calibration with second moments (--calibrate-data FILE)")
+    if method == "tune" and not tune_ids:
+        raise UnsupportedError("--method tune needs calibration text (--calibrate-data FILE), not only statistics")
     if not (src / "config.json").is_file():
         raise WeightsError(f"{src}: not an HF model folder (config.json missing)")
     config = json.loads((src / "config.json").read_text())
@@ -154,6 +159,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
                 out = _quantize_shard(src / shard, modules, bar.update, method, calibration or Calibration())
                 save_file(out, str(tmp / shard), metadata={"format": "pt"})
                 weight_map.update({k: shard for k in out})
+        if method == "tune":
+            tune_shards(src, tmp, shards, modules, tune_ids, tune_config or TuneConfig(progress=progress))
         missing = [m for m in modules if f"{m}.qweight" not in weight_map]
         if missing:
             raise WeightsError(f"{src}: module '{missing[0]}' to quantize has no '{missing[0]}.weight' tensor")
@@ -190,9 +197,9 @@ def _quantize_shard(path: Path, modules: dict[str, str], advance: Callable[[int]
                 if t.dim() != 2:
                     raise WeightsError(f"{path}: tensor '{name}' is {list(t.shape)}, expected a 2-D linear weight")
                 hessian = calib.second_moment.get(module)
-                m = method if method != "gptq" or hessian is not None else "clip"
+                m = method if method not in ("gptq", "tune") or hessian is not None else "clip"
                 q_tensors = quantize_weight(t, modules[module], m, calib.input_sq.get(module),
-                                            hessian if m == "gptq" else None)
+                                            hessian if m in ("gptq", "tune") else None)
                 for suffix, q in q_tensors.items():
                     out[f"{module}.{suffix}"] = q.contiguous()
             else:

@@ -114,6 +114,9 @@ def test_bad_input(stories260k_hf, tmp_path, capsys):
     _fails(capsys, ["quantize", "--budget", "1GiB", src, dst], "need --mixed")
     _fails(capsys, ["quantize", "--method", "awq", src, dst], "--method 'awq': expected one of rtn, clip, gptq")
     _fails(capsys, ["quantize", "--method", "gptq", src, dst], "--method gptq needs calibration")
+    _fails(capsys, ["quantize", "--method", "tune", src, dst], "--method tune needs calibration text")
+    _fails(capsys, ["quantize", "--method", "tune", "--calibration", str(tmp_path / "s.safetensors"), src, dst],
+           "--method tune needs calibration text")
     _fails(capsys, ["quantize", "--mixed", "--budget", "1KiB", "--no-progress", src, dst], "too small")
     bad = tmp_path / "truncated"
     bad.mkdir()
@@ -139,6 +142,20 @@ def test_gptq_with_calibration_text(stories260k_hf, tmp_path):
         assert list(h.get_slice("model.layers.0.mlp.down_proj.input_second_moment").get_shape()) == [172, 172]
     cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert set(cfg["modules"].values()) == {"int4-g64"}
+
+
+def test_tune_writes_the_same_layout_and_runs(stories260k_hf, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Once upon a time there was a little dog. He liked to play in the park with his ball.\n" * 8)
+    dst = tmp_path / "q"
+    assert main(["quantize", "--format", "int4-g64", "--method", "tune", "--tune-steps", "4", "--calibrate-data",
+                 str(text), "--calibrate-tokens", "256", "--no-progress", str(stories260k_hf), str(dst)]) == 0
+    names = _names(dst)
+    assert names["model.layers.0.mlp.down_proj.qweight"] == [64, 96]  # 172 inputs padded to 192, two per byte
+    assert names["model.layers.0.mlp.down_proj.scales"] == [64, 3]
+    model = load_model(str(dst), progress=False)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert _rel(_logits(dst), _logits(stories260k_hf)) < 0.3
 
 
 def test_lm_head_quantized_on_request(sharded_moe, tmp_path, capsys):
