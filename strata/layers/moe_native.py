@@ -58,7 +58,7 @@ class NativeExperts:
 
     @classmethod
     def build(cls, experts: nn.ModuleList) -> NativeExperts | None:
-        if bf16_lib() is None or len(experts) == 0:
+        if bf16_lib() is None or len(experts) == 0 or any(p.device.type != "cpu" for p in experts.parameters()):
             return None
         entries = [_expert_entry(e) for e in experts]
         if any(e is None for e in entries) or len({e[:4] for e in entries}) != 1:

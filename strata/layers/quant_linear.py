@@ -165,7 +165,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gemv = self._gemv
         if (gemv is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= self.gemv_max_rows
-                and x.is_contiguous()):  # the decode fast path: one native call, nothing else
+                and x.is_contiguous() and x.device.type == "cpu"):  # decode fast path: one native call
             y = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)  # [M, N]
             gemv(x.data_ptr(), x.shape[0], y.data_ptr())
             return y

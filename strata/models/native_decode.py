@@ -91,7 +91,10 @@ class NativeDecoder:
 
     @classmethod
     def build(cls, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
-        if bf16_lib() is None:
+        if bf16_lib() is None or any(kc.device.type != "cpu" for kc, _ in kv_caches):
+            return None
+        if any(p.device.type != "cpu" for p in model.parameters()) or any(
+                b.device.type != "cpu" for b in model.buffers()):
             return None
         cfg, layers = model.config, []
         eps = {dl.input_layernorm.variance_epsilon for dl in model.model.layers}
