@@ -101,7 +101,7 @@ class NativeDecoder:
         eps |= {dl.post_attention_layernorm.variance_epsilon for dl in model.model.layers}
         if len(eps) != 1 or cfg.head_dim > 256:
             return None
-        self_moes = []
+        moes = []
         for dl, (kc, vc) in zip(model.model.layers, kv_caches):
             attn, mlp = dl.self_attn, getattr(dl, dl.mlp_name)
             if attn.sliding_window is not None or not (_norm_ok(dl.input_layernorm) and _norm_ok(dl.post_attention_layernorm)):
@@ -119,7 +119,7 @@ class NativeDecoder:
                 moe = _moe(mlp)
                 if moe is None:
                     return None
-                self_moes.append((mlp, moe))
+                moes.append((mlp, moe))
                 projs += [_Proj(), _Proj()]
             elif type(mlp) is MLP and mlp.gate_proj.bias is None and mlp.gate_proj.out_features == cfg.intermediate_size:
                 projs += [_proj(mlp.gate_up_weight, mlp.gate_up_quant), _proj(None, None, mlp.down_proj)]
@@ -133,9 +133,8 @@ class NativeDecoder:
                                  attn.k_norm.weight.data_ptr() if qk else None,
                                  float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))
         decoder = cls(model, layers, kv_caches[0][0].data_ptr())
-        decoder.moes = self_moes  # keeps the _Moe structs alive; blocks checked for hooks on every call
+        decoder.moes = moes  # keeps the _Moe structs alive; blocks checked for hooks on every call
         return decoder
-        return cls(model, layers, kv_caches[0][0].data_ptr())
 
     def active(self) -> bool:
         """False while a tier provider, routing hook or routing override is attached to a MoE block."""
