@@ -11,6 +11,11 @@ fixed cost per call (Python, ctypes, an OpenMP fork/join) is a visible share of 
 
 from __future__ import annotations
 
+import bisect
+import ctypes
+import mmap
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -28,6 +33,56 @@ def _fusable(linears: list[nn.Module]) -> bool:
     return all(has_bias) or not any(has_bias)
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the range now; contents are kept (re-read from the file if touched)
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_file_ranges: list[tuple[int, int]] = []  # file-backed mappings of this process, set by fuse_model
+
+
+def _read_file_mappings() -> list[tuple[int, int]]:
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):  # inode, path: a file
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return sorted(ranges)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the whole pages under `t`, a weight just copied into a fused tensor, when `t`
+    lies in a file mapping (a view of a safetensors file).
+
+    Once copied, those pages still count in RSS for as long as the mapping lives (other tensors of the shard
+    keep it): a resident MoE held its fused gate/up weights twice (measured: 11 GiB RSS for a 6.6 GiB model,
+    docs/benchmarks/tiers.md). MADV_PAGEOUT keeps the contents (re-read from the file if touched); anonymous
+    memory is left alone (it would only be swapped out before being freed); unsupported systems do nothing.
+    """
+    libc = _libc()
+    if libc is None or not _file_ranges or t.device.type != "cpu" or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    i = bisect.bisect_right(_file_ranges, (start, float("inf"))) - 1
+    if i < 0 or not (_file_ranges[i][0] <= start and end <= _file_ranges[i][1]):
+        return
+    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
+
+
 def fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Returns (weight [sum(out), in], bias [sum(out)] or None) with each linear's params now views of it."""
     if not _fusable(linears):
@@ -39,6 +94,7 @@ def fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] |
     for m in linears:
         end = start + m.out_features
         weight[start:end].copy_(m.weight)
+        release_pages(m.weight)
         m.weight = nn.Parameter(weight[start:end], requires_grad=False)
         if bias is not None:
             bias[start:end].copy_(m.bias)
@@ -66,6 +122,8 @@ def fuse_quantized(linears: list[nn.Module]) -> QuantLinear | None:
     fused.module_name = "+".join(m.module_name for m in linears)
     for n in [*names, *(["bias"] if first.bias is not None else [])]:
         whole = torch.cat([getattr(m, n) for m in linears])  # [sum(out), ...]
+        for m in linears:
+            release_pages(getattr(m, n))
         setattr(fused, n, whole)
         start = 0
         for m in linears:
@@ -78,9 +136,14 @@ def fuse_quantized(linears: list[nn.Module]) -> QuantLinear | None:
 
 def fuse_model(model: nn.Module) -> int:
     """Fuse every attention's q/k/v and every MLP's gate/up (experts included). Returns the number fused."""
+    global _file_ranges
+    _file_ranges = _read_file_mappings()
     n = 0
-    for m in model.modules():
-        fuse_fn = getattr(m, "fuse_projections", None)
-        if callable(fuse_fn) and fuse_fn():
-            n += 1
+    try:
+        for m in model.modules():
+            fuse_fn = getattr(m, "fuse_projections", None)
+            if callable(fuse_fn) and fuse_fn():
+                n += 1
+    finally:
+        _file_ranges = []
     return n
