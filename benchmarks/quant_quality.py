@@ -13,7 +13,9 @@ Models and texts:
 Every row is scored against the unquantized model on the same windows (strata.engine.compare): KL(ref || q)
 per token, top-1 agreement, and the quantized model's own perplexity. Compute is float32. Each format is
 quantized with each scale method (`--methods`): rtn (absmax: the format as first shipped), clip (the default:
-data-free clipping search; activation-weighted in mixed@ rows, which have calibration) and gptq (calibrated).
+data-free clipping search; activation-weighted in mixed@ rows, which have calibration), gptq (calibrated) and
+tune (gptq, then int4 scales and codes tuned end to end on the calibration text; strata/weights/quant_tune.py).
+`--merge` keeps the other methods' rows of an earlier run's JSON and replaces only the methods run now.
 `mixed@F` is `strata quantize --mixed` (candidates int8, int4-g32/g64/g128) at exactly the bytes of uniform F,
 with calibration (`mixed-uncal@F`: without; not for gptq, which needs calibration). On these narrow models padding decides which int4 is smallest:
 int4-g64 on stories260K (widths 64 and 172), int4-g32 on the MoE (width 160 pads to 192 for G=64). A mixed plan
@@ -53,7 +55,8 @@ FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym", "fp8", 
            "int8-nested-g64/int4", "mixed@int4-g64", "mixed-uncal@int4-g64", "mixed@int4-g32",
            "mixed-uncal@int4-g32"]
 MIXED_CANDIDATES = ("int8", "int4-g32", "int4-g64", "int4-g128")
-METHODS = ["rtn", "clip", "gptq"]
+METHODS = ["rtn", "clip", "gptq", "tune"]
+CALIBRATED = ("gptq", "tune")  # methods that need calibration (no mixed-uncal rows)
 AIMS = {"int8": 0.5, "int4-g64": 5.0}  # allowed perplexity increase, percent
 
 
@@ -101,13 +104,16 @@ def linear_bytes(model_dir: Path, modules: dict[str, str] | None = None, fmt: st
     return other + sum(QuantFormat.parse(modules[m] if modules else fmt).nbytes(*s) for m, s in shapes.items())
 
 
-def build(name: str, method: str, ref: Path, work: Path, calib: Calibration) -> tuple[Path, dict]:
+def build(name: str, method: str, ref: Path, work: Path, calib: Calibration, tune_ids: list[int]
+          ) -> tuple[Path, dict]:
     """Quantized folder for one row, and facts about it (bytes, chosen formats).
 
-    Uniform formats get the calibration only for gptq (rtn and clip rows stay data-free); mixed@ rows get it
-    for the plan and for the quantization (activation-weighted clip, or gptq)."""
+    Uniform formats get the calibration only for gptq and tune (rtn and clip rows stay data-free); mixed@ rows
+    get it for the plan and for the quantization (activation-weighted clip, gptq or tune)."""
     dst = work / f"{name.replace('/', '-')}-{method}"
-    kw = {"method": method, "calibration": calib if method == "gptq" else None, "progress": False}
+    kw = {"method": method, "calibration": calib if method in CALIBRATED else None, "progress": False}
+    if method == "tune":
+        kw["tune_ids"] = tune_ids
     if name == "int8-nested-g64/int4":
         nested = work / f"int8-nested-g64-{method}"
         if not nested.exists():
@@ -141,13 +147,14 @@ def run_model(label: str, ref: Path, text: str, calib_text: str, eval_kw: dict, 
     t0 = time.perf_counter()
     stats = calibrate(ref, calib_text, max_tokens=32768, progress=False, second_moments=True)
     calib = calibration_of(stats)
+    tune_ids = Tokenizer(str(ref)).encode(calib_text)[:32768]
     rows, models = {}, {}
     for m in methods:
         for f in formats:
-            if m == "gptq" and f.startswith("mixed-uncal"):
+            if m in CALIBRATED and f.startswith("mixed-uncal"):
                 continue
             t = time.perf_counter()
-            path, facts = build(f, m, ref, work / label, calib)
+            path, facts = build(f, m, ref, work / label, calib, tune_ids)
             rows[(m, f)] = {**facts, "quantize_seconds": round(time.perf_counter() - t, 2)}
             models[(m, f)] = load_model(str(path), dtype="float32", progress=False)
     reference = load_model(str(ref), dtype="float32", progress=False)
@@ -219,7 +226,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="stories260k,moe", help="comma-separated: stories260k, moe")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated rows (see FORMATS)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated scale methods: rtn, clip, gptq")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated scale methods: rtn, clip, gptq, "
+                    "tune")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of other methods (and formats) from the "
+                    "existing --out JSON; the rows run now replace theirs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=str(OUT), help="output path without extension")
     args = ap.parse_args()
@@ -255,6 +265,8 @@ def main() -> int:
                "torch": torch.__version__, "quant_backend": os.environ.get("STRATA_QUANT_BACKEND", "auto")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.with_suffix(".json").exists():
+        results = _merge(json.loads(out.with_suffix(".json").read_text())["results"], results)
     _write(out.with_suffix(".json"), json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     md = ["# Quantization quality (issue 4)", "", ("Produced by `benchmarks/quant_quality.py` "
           f"({args.threads} torch thread(s), torch {torch.__version__}); every number below is measured in that "
@@ -272,6 +284,19 @@ def main() -> int:
     _write(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
     return 0
+
+
+def _merge(old: dict, new: dict) -> dict:
+    """Earlier results with the rows run now put in (same reference and calibration; methods in METHODS order)."""
+    for label, r in new.items():
+        if label not in old:
+            old[label] = r
+            continue
+        rows = old[label]["methods"]
+        for m, fm in r["methods"].items():
+            rows.setdefault(m, {}).update(fm)
+        old[label]["methods"] = {m: rows[m] for m in sorted(rows, key=lambda m: (METHODS + [m]).index(m))}
+    return old
 
 
 def _write(path: Path, text: str) -> None:

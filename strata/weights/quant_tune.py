@@ -41,7 +41,7 @@ class TuneConfig:
     batch: int = 8  # windows per step
     context: int = 128  # tokens per window (non-overlapping windows over the calibration ids)
     lr_scale: float = 1e-3  # Adam step on log-scales
-    lr_code: float = 5e-3  # Adam step on latent codes, in code units ("learned" rounding)
+    lr_code: float = 1e-2  # Adam step on latent codes, in code units ("learned" rounding)
     rounding: str = "learned"  # learned | fixed (ROUNDINGS)
     eval_every: int = 100  # steps between full calibration-KL evaluations (best state kept)
     seed: int = 0
@@ -157,6 +157,9 @@ def tune_quantized(model: CausalLM, tensors: dict[str, dict[str, torch.Tensor]],
     if cfg.rounding == "learned":
         params.append({"params": [f.codes for f in fakes.values()], "lr": cfg.lr_code})
     opt = torch.optim.Adam(params)
+    # cosine decay to 0: at a constant rate the codes keep flipping and the calibration KL rose again after
+    # 600 steps on stories260K
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
     swap = _Swap(model, fakes)
     try:
@@ -174,6 +177,7 @@ def tune_quantized(model: CausalLM, tensors: dict[str, dict[str, torch.Tensor]],
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             for f in fakes.values():
                 f.clamp_()
             if step % cfg.eval_every == 0 or step == cfg.steps:
