@@ -51,7 +51,7 @@ class Tokenizer:
             raise ConfigError(f"{tok_file}: file not found (Strata reads tokenizers' tokenizer.json)")
         try:
             self.tok = HFTokenizer.from_file(tok_file)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception types
             raise ConfigError(f"{tok_file}: cannot be parsed by tokenizers ({str(e).splitlines()[0]})") from None
         cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
         gen = _read_json(os.path.join(path, "generation_config.json"))

@@ -1,4 +1,4 @@
-/* One decode token of one sequence through every layer of a Llama-style decoder in one call.
+/* One decode token of each of a few sequences through every layer of a decoder in one call.
  *
  * Per layer: residual add + RMSNorm, fused q/k/v GEMV, optional q/k RMSNorm (per head as Qwen3, or over the
  * whole projection as OLMoE) and clipping, rotary on q and k (k written straight into its cache slot, v
@@ -76,47 +76,53 @@ static void clamp_bf16(uint16_t *v, int64_t n, float c) {
     }
 }
 
-/* x [H]: the embedded token in, the last layer's MLP output out; residual [H] out (the stream before it), so
- * the caller finishes with norm(x + residual). cos/sin bf16 [D] of the position; slots int64 [n_ctx] the
- * sequence's cache slots in position order, the new token's last. */
-void decode_layers(const layer_t *layers, int64_t n_layers, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
-                   int64_t I, float eps, float scale, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
-                   int64_t n_ctx, uint16_t *x, uint16_t *residual) {
-    const int64_t qd = Hq * D, kvd = Hkv * D, slot = slots[n_ctx - 1];
-    const int64_t starts[2] = {0, n_ctx};
-    uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)(H + (qd + 2 * kvd) + qd + qd + 2 * I + I));
-    uint16_t *h = buf, *qkv = h + H, *q = qkv + qd + 2 * kvd, *att = q + qd, *gu = att + qd, *act = gu + 2 * I;
+/* S sequences decoding one token each (S = 1 with MoE layers: their experts run token by token).
+ * x [S, H]: the embedded tokens in, the last layer's MLP output out; residual [S, H] out (the stream before
+ * it), so the caller finishes with norm(x + residual). cos/sin bf16 [S, D] of the positions; slots int64: the
+ * sequences' cache slots in position order, sequence s at [starts[s], starts[s + 1]), its new token last. */
+void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H, int64_t Hq, int64_t Hkv,
+                   int64_t D, int64_t I, float eps, float scale, const uint16_t *cos, const uint16_t *sin,
+                   const int64_t *slots, const int64_t *starts, uint16_t *x, uint16_t *residual) {
+    const int64_t qd = Hq * D, kvd = Hkv * D, row = qd + 2 * kvd;
+    uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)(S * (H + row + qd + qd + 2 * I + I)));
+    uint16_t *h = buf, *qkv = h + S * H, *q = qkv + S * row, *att = q + S * qd, *gu = att + S * qd;
+    uint16_t *act = gu + S * 2 * I;
     for (int64_t l = 0; l < n_layers; l++) {
         const layer_t *L = layers + l;
         if (l == 0) { /* no residual yet: norm(x), and x becomes the residual */
-            rms_norm_bf16(x, NULL, L->ln1, 1, H, eps, h, NULL);
-            memcpy(residual, x, sizeof(uint16_t) * (size_t)H);
+            rms_norm_bf16(x, NULL, L->ln1, S, H, eps, h, NULL);
+            memcpy(residual, x, sizeof(uint16_t) * (size_t)(S * H));
         } else {
-            rms_norm_bf16(x, residual, L->ln1, 1, H, eps, h, residual);
+            rms_norm_bf16(x, residual, L->ln1, S, H, eps, h, residual);
         }
-        strata_gemv1((int)L->qkv.kind, h, H, L->qkv.w, L->qkv.s, L->qkv.z, qd + 2 * kvd, L->qkv.group, qkv);
-        if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
-            rms_norm_bf16(qkv, NULL, L->q_norm, 1, qd, eps, qkv, NULL);
-            rms_norm_bf16(qkv + qd, NULL, L->k_norm, 1, kvd, eps, qkv + qd, NULL);
+        strata_gemv((int)L->qkv.kind, h, S, H, L->qkv.w, L->qkv.s, L->qkv.z, row, L->qkv.group, qkv);
+        for (int64_t s = 0; s < S; s++) {
+            uint16_t *r = qkv + s * row;
+            if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
+                rms_norm_bf16(r, NULL, L->q_norm, 1, qd, eps, r, NULL);
+                rms_norm_bf16(r + qd, NULL, L->k_norm, 1, kvd, eps, r + qd, NULL);
+            }
+            if (L->clip > 0) clamp_bf16(r, row, (float)L->clip);
+            if (L->qk_norm == 1) {
+                rms_norm_bf16(r, NULL, L->q_norm, Hq, D, eps, r, NULL);
+                rms_norm_bf16(r + qd, NULL, L->k_norm, Hkv, D, eps, r + qd, NULL);
+            }
+            const int64_t slot = slots[starts[s + 1] - 1];
+            rope_bf16(r, 1, Hq, D, 0, cos + s * D, sin + s * D, q + s * qd);
+            rope_bf16(r + qd, 1, Hkv, D, 0, cos + s * D, sin + s * D, L->k_cache + slot * kvd);
+            memcpy(L->v_cache + slot * kvd, r + qd + kvd, sizeof(uint16_t) * (size_t)kvd);
         }
-        if (L->clip > 0) clamp_bf16(qkv, qd + 2 * kvd, (float)L->clip);
-        if (L->qk_norm == 1) {
-            rms_norm_bf16(qkv, NULL, L->q_norm, Hq, D, eps, qkv, NULL);
-            rms_norm_bf16(qkv + qd, NULL, L->k_norm, Hkv, D, eps, qkv + qd, NULL);
-        }
-        rope_bf16(qkv, 1, Hq, D, 0, cos, sin, q);
-        rope_bf16(qkv + qd, 1, Hkv, D, 0, cos, sin, L->k_cache + slot * kvd);
-        memcpy(L->v_cache + slot * kvd, qkv + qd + kvd, sizeof(uint16_t) * (size_t)kvd);
-        decode_attention_bf16(q, 1, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
-        strata_gemv1((int)L->o.kind, att, qd, L->o.w, L->o.s, L->o.z, H, L->o.group, x);
-        rms_norm_bf16(x, residual, L->ln2, 1, H, eps, h, residual);
+        decode_attention_bf16(q, S, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
+        strata_gemv((int)L->o.kind, att, S, qd, L->o.w, L->o.s, L->o.z, H, L->o.group, x);
+        rms_norm_bf16(x, residual, L->ln2, S, H, eps, h, residual);
         if (L->moe) {
-            moe_block(L->moe, h, H, x);
+            for (int64_t s = 0; s < S; s++) moe_block(L->moe, h + s * H, H, x + s * H);
             continue;
         }
-        strata_gemv1((int)L->gate_up.kind, h, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I, L->gate_up.group, gu);
-        silu_mul_bf16(gu, I, act);
-        strata_gemv1((int)L->down.kind, act, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);
+        strata_gemv((int)L->gate_up.kind, h, S, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I, L->gate_up.group,
+                    gu);
+        for (int64_t s = 0; s < S; s++) silu_mul_bf16(gu + s * 2 * I, I, act + s * I);
+        strata_gemv((int)L->down.kind, act, S, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);
     }
     free(buf);
 }

@@ -9,15 +9,15 @@
  */
 #include "quant_cpu.h"
 
-/* y [N] = x [K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
-void strata_gemv1(int kind, const uint16_t *x, int64_t K, const void *w, const void *s, const void *z, int64_t N,
-                  int64_t G, uint16_t *y) {
+/* y [M, N] = x [M, K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
+void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+                 int64_t N, int64_t G, uint16_t *y) {
     switch (kind) {
-    case WK_BF16: gemv_bf16(x, 1, K, w, N, NULL, y, 0); break;
-    case WK_INT8: gemv_int8(x, 1, K, w, N, s, NULL, y); break;
-    case WK_FP8: gemv_fp8(x, 1, K, w, N, s, NULL, y); break;
-    case WK_NESTED: gemv_nested(x, 1, K, w, N, G, s, NULL, y); break;
-    default: gemv_int4(x, 1, K, w, N, G, s, z, NULL, y); break;
+    case WK_BF16: gemv_bf16(x, M, K, w, N, NULL, y, 0); break;
+    case WK_INT8: gemv_int8(x, M, K, w, N, s, NULL, y); break;
+    case WK_FP8: gemv_fp8(x, M, K, w, N, s, NULL, y); break;
+    case WK_NESTED: gemv_nested(x, M, K, w, N, G, s, NULL, y); break;
+    default: gemv_int4(x, M, K, w, N, G, s, z, NULL, y); break;
     }
 }
 
@@ -44,9 +44,9 @@ void moe_decode(int64_t kind, const uint16_t *x, int64_t H, int64_t I, int64_t G
     for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
     for (int64_t j = 0; j < k; j++) {
         const int64_t e = ids[j];
-        strata_gemv1((int)kind, x, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
+        strata_gemv((int)kind, x, 1, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
         silu_mul_bf16(gu, I, act);
-        strata_gemv1((int)kind, act, I, wd[e], sd[e], zd[e], H, G, y);
+        strata_gemv((int)kind, act, 1, I, wd[e], sd[e], zd[e], H, G, y);
         const __m512 w = _mm512_set1_ps(weights[j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
         for (int64_t h = 0; h < H; h += 16) {
             __mmask16 m = tail16(H - h);

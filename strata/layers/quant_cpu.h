@@ -165,10 +165,10 @@ void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int6
                  const uint16_t *scale, const float *bias, uint16_t *y);
 void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
                const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y);
-/* one bf16 row through a weight of kind WK_* (cpu_moe.c) */
+/* M bf16 rows through a weight of kind WK_* (cpu_moe.c) */
 enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4 };
-void strata_gemv1(int kind, const uint16_t *x, int64_t K, const void *w, const void *s, const void *z, int64_t N,
-                  int64_t G, uint16_t *y);
+void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+                 int64_t N, int64_t G, uint16_t *y);
 void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act);
 void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, int64_t T, int64_t H, float eps,
                    uint16_t *out, uint16_t *res_out);

@@ -167,7 +167,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)
         native = self._native_decoder(kv_caches) if native_decode.usable(x, meta, kv_caches) else None
-        if native is not None:  # one sequence, one token: all layers in one native call
+        if native is not None and native.accepts(x.shape[0]):  # decode step: all layers in one native call
             x, residual = native(x, cos, sin, meta)
         else:
             residual = None

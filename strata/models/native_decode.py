@@ -1,6 +1,7 @@
-"""Decode of a single sequence through a whole decoder in one native call (cpu_decoder.c).
+"""Decode of up to 4 sequences (one token each) through a whole decoder in one native call (cpu_decoder.c).
 
-Used by CausalLM.forward when one sequence decodes one token and every layer qualifies: no biases or sliding
+Used by CausalLM.forward when every sequence of the step decodes one token (one sequence only for models with
+MoE layers) and every layer qualifies: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
@@ -24,6 +25,7 @@ from strata.layers.norm import RMSNorm
 from strata.layers.quant_linear import QuantLinear
 
 _P = ctypes.c_void_p
+MAX_SEQS = 4  # the GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
 
 
 class _Proj(ctypes.Structure):
@@ -141,19 +143,27 @@ class NativeDecoder:
         return not any(b.expert_provider is not None or b.router_hooks or b.routing_override is not None
                        for b, _ in self.moes)
 
+    def accepts(self, num_seqs: int) -> bool:
+        """Several sequences only without MoE layers (those run their experts token by token here, while the
+        per-op path reads each expert once for all tokens); at most MAX_SEQS (the GEMVs' row limit)."""
+        return num_seqs == 1 or (num_seqs <= MAX_SEQS and not self.moes)
+
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
-        """x [1, H] embedded token (bf16) -> (last layer's MLP output [1, H], residual [1, H])."""
-        slots, _ = meta.flat_context()  # [n_ctx], the new token's slot last
+        """x [S, H] embedded tokens (bf16), one per sequence -> (last layer's MLP output [S, H], residual [S, H])."""
+        slots, offsets = meta.flat_context()  # all context slots, each sequence's new token last
         x = x.contiguous().clone()
         residual = torch.empty_like(x)
+        cos, sin = cos.contiguous(), sin.contiguous()  # held: the pointers below must outlive the call
         h, hq, hkv, d, inter = self.dims
-        bf16_lib().decode_layers(self.layers, len(self.layers), h, hq, hkv, d, inter, self.eps, self.scale,
-                                 cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), slots.data_ptr(),
-                                 slots.numel(), x.data_ptr(), residual.data_ptr())
+        bf16_lib().decode_layers(self.layers, len(self.layers), x.shape[0], h, hq, hkv, d, inter, self.eps,
+                                 self.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
+                                 x.data_ptr(), residual.data_ptr())
         return x, residual
 
 
 def usable(x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
-    """Does this forward qualify for the one-call decode (before asking whether the model does)?"""
-    return (kv_caches is not None and x.shape[0] == 1 and x.dtype == torch.bfloat16 and len(meta.query_lens) == 1
-            and meta.query_lens[0] == 1 and meta.slot_mapping is not None and meta.context_slots is not None)
+    """Does this forward qualify for the one-call decode (before asking whether the model does)? Every
+    sequence decodes exactly one token."""
+    return (kv_caches is not None and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_SEQS
+            and len(meta.query_lens) == x.shape[0] and all(n == 1 for n in meta.query_lens)
+            and meta.slot_mapping is not None and meta.context_slots is not None)

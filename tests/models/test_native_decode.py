@@ -12,15 +12,15 @@ needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels una
 PROMPTS = [[5, 17, 99, 3, 42, 8], [7, 7, 120, 64]]
 
 
-def _greedy(path, monkeypatch, native: bool):
+def _greedy(path, monkeypatch, native: bool, max_num_seqs: int = 1, prompts=PROMPTS):
     calls = []
     if native:
         real = native_decode.NativeDecoder.__call__
         monkeypatch.setattr(native_decode.NativeDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     else:
         monkeypatch.setattr(native_decode.NativeDecoder, "build", classmethod(lambda cls, *a: None))
-    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=1, progress=False, num_threads=1)
-    out = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=max_num_seqs, progress=False, num_threads=1)
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     monkeypatch.undo()
     return [o.outputs[0].token_ids for o in out], len(calls)
 
@@ -49,6 +49,22 @@ def test_quantized_llama_same_tokens_as_per_op_path(llama_bf16, tmp_path, monkey
     native, calls = _greedy(dst, monkeypatch, native=True)
     assert calls > 0
     reference, _ = _greedy(dst, monkeypatch, native=False)
+    assert native == reference
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", [None, "int4-g32"])
+def test_several_sequences_in_one_call(llama_bf16, tmp_path, monkeypatch, fmt):
+    """Three sequences decoding together (continuous batching) take the native path as one call per step, with
+    the same tokens as the per-op path at the same batch."""
+    path = llama_bf16
+    if fmt:
+        path = tmp_path / "q"
+        assert main(["quantize", "--format", fmt, "--method", "rtn", "--no-progress", str(llama_bf16), str(path)]) == 0
+    prompts = [*PROMPTS, [9, 10, 11]]
+    native, calls = _greedy(path, monkeypatch, native=True, max_num_seqs=4, prompts=prompts)
+    assert 0 < calls < 3 * 23  # batched steps: fewer calls than tokens
+    reference, _ = _greedy(path, monkeypatch, native=False, max_num_seqs=4, prompts=prompts)
     assert native == reference
 
 
