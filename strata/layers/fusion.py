@@ -19,8 +19,10 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from strata.layers.linear import Linear
+from strata.layers.linear import Linear, linear
 from strata.layers.quant_linear import QuantLinear
+
+WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4}  # WK_* in quant_cpu.h
 
 
 def _fusable(linears: list[nn.Module]) -> bool:
@@ -132,6 +134,52 @@ def fuse_quantized(linears: list[nn.Module]) -> QuantLinear | None:
     for m in [*linears, fused]:
         m.post_load("native")
     return fused
+
+
+class FusedProjection:
+    """Projections that read the same input (q/k/v; gate/up) as one: a float weight [sum(out), in] (+ bias) or a
+    QuantLinear over the same rows. Not an nn.Module: the separate layers keep the state-dict names, and their
+    tensors are views of this one's."""
+
+    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 quant: QuantLinear | None = None):
+        self.weight, self.bias, self.quant = weight, bias, quant
+
+    @property
+    def in_features(self) -> int:
+        return self.quant.in_features if self.quant is not None else self.weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out)]
+        return self.quant(x) if self.quant is not None else linear(x, self.weight, self.bias)
+
+
+def fuse_projection(linears: list[nn.Module]) -> FusedProjection | None:
+    """`fuse` for float weights, else `fuse_quantized`; None when neither applies."""
+    fused = fuse(linears)
+    if fused is not None:
+        return FusedProjection(*fused)
+    quant = fuse_quantized(linears)
+    return None if quant is None else FusedProjection(quant=quant)
+
+
+def native_weight(proj) -> tuple[int, int, int, int | None, int | None] | None:
+    """(kind code WK_* of quant_cpu.h, group size, weight, scales, zero-point pointers) for a projection the
+    native one-row kernels read as it is: a FusedProjection, a QuantLinear with its bound GEMV, or an unbiased
+    bf16 Linear; None for anything else (biases, padding, other dtypes)."""
+    if isinstance(proj, FusedProjection):
+        proj = proj.quant if proj.quant is not None else proj.weight if proj.bias is None else None
+    if type(proj) is QuantLinear:
+        if proj._gemv is None or proj.bias is not None:
+            return None
+        k = proj._k
+        z = k.get("zeros")
+        return (WEIGHT_KINDS[proj.fmt.kind], proj.fmt.group_size or 0, k["qweight"].data_ptr(),
+                k["scales"].data_ptr(), None if z is None else z.data_ptr())
+    if type(proj) in (nn.Linear, Linear):
+        proj = proj.weight if proj.bias is None else None
+    if isinstance(proj, torch.Tensor) and proj.dtype == torch.bfloat16 and proj.is_contiguous():
+        return WEIGHT_KINDS["bf16"], 0, proj.data_ptr(), None, None
+    return None
 
 
 def fuse_model(model: nn.Module) -> int:

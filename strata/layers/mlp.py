@@ -4,36 +4,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.layers.fusion import fuse, fuse_quantized
-from strata.layers.linear import Linear, linear
+from strata.layers.fusion import FusedProjection, fuse_projection
+from strata.layers.linear import Linear
 
 
 class _GatedMLP(nn.Module):
     """Shared forward of the SwiGLU variants; subclasses name the projections."""
 
-    gate_up_weight: torch.Tensor | None = None  # [2I, H] fused gate+up, set by fuse_projections()
-    gate_up_quant = None  # QuantLinear over gate+up rows, set by fuse_projections() (not a submodule)
+    gate_up_fused: FusedProjection | None = None  # [H] -> [2I], set by fuse_projections()
 
     def _projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         raise NotImplementedError
 
     def fuse_projections(self) -> bool:
         gate, up, _ = self._projections()
-        fused = fuse([gate, up])
-        if fused is not None:
-            self.gate_up_weight = fused[0]
-            return True
-        # object.__setattr__: its buffers are views of gate's and up's, which keep the state-dict names
-        object.__setattr__(self, "gate_up_quant", fuse_quantized([gate, up]))
-        return self.gate_up_quant is not None
+        self.gate_up_fused = fuse_projection([gate, up])
+        return self.gate_up_fused is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self._projections()
-        if self.gate_up_weight is not None and gate.bias is None:
-            g, u = linear(x, self.gate_up_weight).split(gate.out_features, dim=-1)  # [N, I] each
-            return down(F.silu(g) * u)
-        if self.gate_up_quant is not None:
-            g, u = self.gate_up_quant(x).split(gate.out_features, dim=-1)  # [N, I] each
+        if self.gate_up_fused is not None:
+            g, u = self.gate_up_fused(x).split(gate.out_features, dim=-1)  # [N, I] each
             return down(F.silu(g) * u)
         return down(F.silu(gate(x)) * up(x))
 

@@ -1,8 +1,8 @@
 """Pointer tables that let one native call (moe_decode in cpu_moe.c) run a decode token through a MoE block's
 top-k resident experts, instead of a Python loop of module calls and small torch ops per expert.
 
-Applies when every expert is a gated MLP whose gate/up projections are fused (`gate_up_weight` for bf16,
-`gate_up_quant` for quantized) and whose down projection has the same format, without biases or padding.
+Applies when every expert is a gated MLP whose gate/up projections are fused (`gate_up_fused`) and whose down
+projection has the same format, as `fusion.native_weight` describes them (no biases or padding).
 Anything else (experts served by a tier provider, fp32 weights, mixed formats) keeps the Python path.
 """
 
@@ -13,38 +13,20 @@ import ctypes
 import torch
 from torch import nn
 
-from strata.layers.linear import Linear, bf16_lib
-from strata.layers.quant_linear import QuantLinear
-
-_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4}  # WK_* in quant_cpu.h
-
-
-def _quant_ptrs(q: QuantLinear) -> tuple[int, int | None, int | None]:
-    k = q._k
-    z = k.get("zeros")
-    return k["qweight"].data_ptr(), k["scales"].data_ptr(), None if z is None else z.data_ptr()
+from strata.layers.fusion import native_weight
+from strata.layers.linear import bf16_lib
 
 
 def _expert_entry(e: nn.Module):
-    """(kind, group, in_features, intermediate, gate/up ptrs, down ptrs) of one expert, or None."""
-    projections = getattr(e, "_projections", None)
-    if projections is None:
+    """(kind, group, in_features, intermediate, gate/up pointers, down pointers) of one expert, or None."""
+    projections, fused = getattr(e, "_projections", None), getattr(e, "gate_up_fused", None)
+    if projections is None or fused is None:
         return None
-    gate, _, down = projections()
-    fused_q, fused_w = getattr(e, "gate_up_quant", None), getattr(e, "gate_up_weight", None)
-    if fused_q is not None and type(down) is QuantLinear:
-        if fused_q._gemv is None or down._gemv is None or fused_q.bias is not None or down.bias is not None:
-            return None
-        if fused_q.fmt != down.fmt:
-            return None
-        return (_KINDS[fused_q.fmt.kind], fused_q.fmt.group_size or 0, fused_q.in_features, down.in_features,
-                _quant_ptrs(fused_q), _quant_ptrs(down))
-    if fused_w is not None and type(down) in (nn.Linear, Linear) and gate.bias is None and down.bias is None:
-        w = down.weight
-        if fused_w.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous():
-            return None
-        return _KINDS["bf16"], 0, fused_w.shape[1], w.shape[1], (fused_w.data_ptr(), None, None), (w.data_ptr(), None, None)
-    return None
+    down = projections()[2]
+    gu, d = native_weight(fused), native_weight(down)
+    if gu is None or d is None or gu[:2] != d[:2]:  # same kind and group size for both
+        return None
+    return (*gu[:2], fused.in_features, down.in_features, gu[2:], d[2:])
 
 
 class NativeExperts:

@@ -11,8 +11,8 @@ from torch import nn
 
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
-from strata.layers.fusion import fuse, fuse_quantized
-from strata.layers.linear import Linear, linear
+from strata.layers.fusion import FusedProjection, fuse_projection
+from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.norm import RMSNorm
@@ -40,28 +40,18 @@ class Attention(nn.Module):
         elif qk_norm == "full":  # OLMoE: norm over the whole projection
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
-        self.qkv_weight: torch.Tensor | None = None  # [Hq*D + 2*Hkv*D, H] after fuse_projections()
-        self.qkv_bias: torch.Tensor | None = None
-        self.qkv_quant = None  # QuantLinear over q/k/v rows, set by fuse_projections() (not a submodule)
+        self.qkv_fused: FusedProjection | None = None  # [H] -> [Hq*D + 2*Hkv*D], set by fuse_projections()
         self.clip_qkv = cfg.raw.get("clip_qkv")
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
 
     def fuse_projections(self) -> bool:
-        fused = fuse([self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:
-            self.qkv_weight, self.qkv_bias = fused
-            return True
-        # object.__setattr__: its buffers are views of q/k/v_proj's, which keep the state-dict names
-        object.__setattr__(self, "qkv_quant", fuse_quantized([self.q_proj, self.k_proj, self.v_proj]))
-        return self.qkv_quant is not None
+        self.qkv_fused = fuse_projection([self.q_proj, self.k_proj, self.v_proj])
+        return self.qkv_fused is not None
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         T = x.shape[0]
-        if self.qkv_weight is not None:
-            qkv = linear(x, self.qkv_weight, self.qkv_bias)
-            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
-        elif self.qkv_quant is not None:
-            qkv = self.qkv_quant(x)  # [T, Hq*D + 2*Hkv*D]
+        if self.qkv_fused is not None:
+            qkv = self.qkv_fused(x)  # [T, Hq*D + 2*Hkv*D]
             q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]

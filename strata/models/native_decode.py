@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from strata.layers.attention import AttentionMetadata
-from strata.layers.linear import Linear, bf16_lib
+from strata.layers.fusion import native_weight
+from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
-from strata.layers.moe_native import _KINDS
 from strata.layers.norm import RMSNorm
-from strata.layers.quant_linear import QuantLinear
 
 _P = ctypes.c_void_p
 MAX_SEQS = 4  # the GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
@@ -55,25 +54,9 @@ def _moe(block: SparseMoeBlock) -> _Moe | None:
                 *(ctypes.cast(t, _P) for t in native.tables))
 
 
-def _proj(fused_w: torch.Tensor | None, fused_q: QuantLinear | None, single: nn.Module | None = None) -> _Proj | None:
-    """A projection given as a fused bf16 weight, a (fused) QuantLinear, or a single Linear/QuantLinear."""
-    if single is not None:
-        if type(single) is QuantLinear:
-            fused_q = single
-        elif type(single) in (nn.Linear, Linear) and single.bias is None:
-            fused_w = single.weight
-        else:
-            return None
-    if fused_q is not None:
-        if fused_q._gemv is None or fused_q.bias is not None:
-            return None
-        k = fused_q._k
-        z = k.get("zeros")
-        return _Proj(_KINDS[fused_q.fmt.kind], fused_q.fmt.group_size or 0, k["qweight"].data_ptr(),
-                     k["scales"].data_ptr(), None if z is None else z.data_ptr())
-    if fused_w is None or fused_w.dtype != torch.bfloat16 or not fused_w.is_contiguous():
-        return None
-    return _Proj(_KINDS["bf16"], 0, fused_w.data_ptr(), None, None)
+def _proj(module) -> _Proj | None:
+    w = native_weight(module)
+    return None if w is None else _Proj(*w)
 
 
 def _norm_ok(n: nn.Module) -> bool:
@@ -81,13 +64,13 @@ def _norm_ok(n: nn.Module) -> bool:
 
 
 class NativeDecoder:
-    def __init__(self, model: nn.Module, layers, kv_key: int):
+    def __init__(self, model: nn.Module, layers, kv_key: int, moes: list):
         self.model, self.kv_key = model, kv_key  # model keeps every tensor behind the pointers alive
+        self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                      cfg.intermediate_size)
-        self.moes: list = []
         self.eps = model.model.layers[0].input_layernorm.variance_epsilon
         self.scale = cfg.head_dim**-0.5
 
@@ -108,14 +91,12 @@ class NativeDecoder:
             attn, mlp = dl.self_attn, getattr(dl, dl.mlp_name)
             if attn.sliding_window is not None or not (_norm_ok(dl.input_layernorm) and _norm_ok(dl.post_attention_layernorm)):
                 return None
-            if attn.qkv_bias is not None or attn.o_proj.bias is not None:
-                return None
             if not (kc.dtype == vc.dtype == torch.bfloat16 and kc.is_contiguous() and vc.is_contiguous()):
                 return None
             qk = {None: 0, "head": 1, "full": 2}[attn.qk_norm]
             if qk and not (_norm_ok(attn.q_norm) and _norm_ok(attn.k_norm) and attn.q_norm.variance_epsilon in eps):
                 return None
-            projs = [_proj(attn.qkv_weight, attn.qkv_quant), _proj(None, None, attn.o_proj)]
+            projs = [_proj(attn.qkv_fused), _proj(attn.o_proj)]  # None for biases, unfused or other dtypes
             moe = None
             if type(mlp) is SparseMoeBlock:
                 moe = _moe(mlp)
@@ -123,8 +104,8 @@ class NativeDecoder:
                     return None
                 moes.append((mlp, moe))
                 projs += [_Proj(), _Proj()]
-            elif type(mlp) is MLP and mlp.gate_proj.bias is None and mlp.gate_proj.out_features == cfg.intermediate_size:
-                projs += [_proj(mlp.gate_up_weight, mlp.gate_up_quant), _proj(None, None, mlp.down_proj)]
+            elif type(mlp) is MLP and mlp.gate_proj.out_features == cfg.intermediate_size:
+                projs += [_proj(mlp.gate_up_fused), _proj(mlp.down_proj)]
             else:
                 return None
             if any(p is None for p in projs):
@@ -134,9 +115,7 @@ class NativeDecoder:
                                  attn.q_norm.weight.data_ptr() if qk else None,
                                  attn.k_norm.weight.data_ptr() if qk else None,
                                  float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))
-        decoder = cls(model, layers, kv_caches[0][0].data_ptr())
-        decoder.moes = moes  # keeps the _Moe structs alive; blocks checked for hooks on every call
-        return decoder
+        return cls(model, layers, kv_caches[0][0].data_ptr(), moes)
 
     def active(self) -> bool:
         """False while a tier provider, routing hook or routing override is attached to a MoE block."""
