@@ -16,7 +16,6 @@ as the resident decode step plus the bytes the run read per token at the disk ba
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from dataclasses import replace
@@ -31,6 +30,7 @@ from strata.analysis.placement import Scenario
 from strata.analysis.precision import STRATA_FORMATS, Precisions
 from strata.analysis.predict import predict
 from strata.analysis.shapes import find_preset, load_presets, load_shape, shape_from_dict
+from strata.fileio import write_text_atomic
 
 BENCH = ROOT / "docs" / "benchmarks"
 SHAPES = {"dense-1b": "tinyllama-1.1b", "olmoe-1b-7b": "olmoe-1b-7b"}
@@ -142,18 +142,12 @@ def predict_offload(r: dict, keff: dict[str, float], tflops: float, effs: Effici
             "decode_err": pred / r["decode"] - 1}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     keff, tflops = kernel_eff(), gemm_tflops()
     all_runs = runs()
     train = next(r for r in all_runs if (r["file"], r["model"], r["engine"], r["format"]) == TRAIN)
     ov = fit_overhead(train, keff, tflops)
-    write_atomic(STRATA_FIT_PATH, json.dumps({
+    write_text_atomic(STRATA_FIT_PATH, json.dumps({
         "_comment": "written by benchmarks/analysis_own_runs.py: Strata's overhead per kernel call, fitted on one run",
         "overhead_us_per_call": round(ov, 2), "train": "/".join(TRAIN), "train_decode_tok_s": train["decode"]},
         indent=1) + "\n")
@@ -171,9 +165,9 @@ def main() -> int:
     offload = [predict_offload(r, keff, tflops, effs) for r in offload_runs(mem_bw)]
     doc = {"overhead_us_per_call": ov, "kernel_eff": keff, "gemm_tflops": tflops, "train": "/".join(TRAIN),
            "rows": rows, "offload_rows": offload}
-    write_atomic(BENCH / "analysis_own_runs.json", json.dumps(doc, indent=1))
+    write_text_atomic(BENCH / "analysis_own_runs.json", json.dumps(doc, indent=1))
     md = markdown(doc)
-    write_atomic(BENCH / "analysis_own_runs.md", md)
+    write_text_atomic(BENCH / "analysis_own_runs.md", md)
     print(md)
     return 0
 

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from strata.fileio import write_json_atomic
+
 
 def _prompt(vocab: int, n: int) -> list[int]:
     import torch
@@ -150,10 +152,7 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                "memory_read_gb_s": bw, "memory_read_gb_s_rounds": bws, "rounds": args.rounds,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out + ".tmp"
-    Path(tmp).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, {"machine": machine, "rows": rows})
     print(f"\nmemory read bandwidth {bw:.1f} GB/s (median of {', '.join(f'{b:.0f}' for b in bws)}), {args.threads} "
           f"threads, load avg {machine['load_avg'][0]:.1f}, medians of {args.rounds} rounds\n")
     print("| model | engine | prefill tok/s | decode tok/s | decode vs transformers (per round) | roofline tok/s | fraction |")

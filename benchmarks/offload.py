@@ -32,6 +32,7 @@ CGROUP = {"on": False, "slack": 1.1}  # set by main(); children never read it
 
 from benchmarks.memlimit import MemCgroup, unavailable_reason
 from benchmarks.offload_peers import proc_read_bytes
+from strata.fileio import write_json_atomic
 
 
 def evict(paths: list[Path]) -> None:
@@ -276,10 +277,7 @@ def main() -> None:
             "model_file_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
             "budgets": {str(k): v for k, v in budgets.items()},
             "trace": TRACE.name if trace else None, "decode_tokens": args.decode, "peer_decode_tokens": args.peer_decode}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out + ".tmp"
-    Path(tmp).write_text(json.dumps({"machine": machine, "setup": info, "rows": rows}, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, {"machine": machine, "setup": info, "rows": rows})
     print_table(machine, info, rows)
 
 

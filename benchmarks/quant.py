@@ -13,7 +13,6 @@ Needs llama-cpp-python (benchmarks/peers/install_llamacpp.sh) for the peer colum
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from strata.fileio import write_json_atomic
 
 STRATA_FORMATS = ["bf16", "int8", "int4-g64", "fp8"]
 PEER_FORMATS = {"bf16": "bf16", "int8": "q8_0", "int4-g64": "q4_0"}
@@ -117,9 +118,7 @@ def main() -> None:
     machine = {"memory_read_gb_s": bw, "memory_read_gb_s_rounds": bws, "threads": args.threads,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg(),
                "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": args.prompt_len}
-    tmp = args.out + ".tmp"
-    Path(tmp).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, {"machine": machine, "rows": rows})
     print(f"\nmemory read bandwidth {bw:.1f} GB/s (median of {', '.join(f'{b:.0f}' for b in bws)}), {args.threads} "
           f"threads, load avg {machine['load_avg'][0]:.1f}, medians of {args.rounds} rounds\n")
     print("| model | engine | format | prefill tok/s | decode tok/s | roofline tok/s | fraction | decode vs llama.cpp "

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 from torch import nn
 
+from strata.fileio import write_text_atomic
 from strata.layers.linear import linear
 from strata.layers.quant_linear import QuantLinear
 
@@ -157,9 +158,9 @@ def main(argv=None) -> int:
     payload = {"machine": machine, "k": args.k, "n": args.n, "rotate_mib": args.rotate_mib, "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
     table = markdown(payload)
-    _write(out.with_suffix(".md"), table)
+    write_text_atomic(out.with_suffix(".md"), table)
     print(table)
     return 0
 
@@ -226,12 +227,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

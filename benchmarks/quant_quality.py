@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from strata.engine.calibration import calibrate
 from strata.engine.compare import compare_models
 from strata.engine.textfile import read_text
+from strata.fileio import write_text_atomic
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model
 from strata.weights.quant_format import QuantFormat, nested_int4_view
@@ -267,7 +268,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and out.with_suffix(".json").exists():
         results = _merge(json.loads(out.with_suffix(".json").read_text())["results"], results)
-    _write(out.with_suffix(".json"), json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     md = ["# Quantization quality (issue 4)", "", ("Produced by `benchmarks/quant_quality.py` "
           f"({args.threads} torch thread(s), torch {torch.__version__}); every number below is measured in that "
           "run. KL is KL(unquantized || quantized) of the next-token distributions, averaged over the scored "
@@ -281,7 +282,7 @@ def main() -> int:
            "rows per linear; it does not see how errors interact across layers, so its plan is not guaranteed to "
            "beat a uniform format of the same bytes; why it loses on stories260k is measured in docs/quantization.md "
            "(Quality)."), ""]
-    _write(out.with_suffix(".md"), "\n".join(md))
+    write_text_atomic(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
     return 0
 
@@ -297,12 +298,6 @@ def _merge(old: dict, new: dict) -> dict:
             rows.setdefault(m, {}).update(fm)
         old[label]["methods"] = {m: rows[m] for m in sorted(rows, key=lambda m: (METHODS + [m]).index(m))}
     return old
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from strata.fileio import write_json_atomic
+
 DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -126,10 +129,7 @@ def main() -> None:
     setup = {"model": "shakespeare-moe", "experts": n_exp, "expert_slot_bytes": facts.slot_bytes,
              "lowbit_bytes": facts.lowbit_bytes, "window": args.window, "held_out_tokens": len(ids) - 1,
              "dtype": "float32", "policy": "nextuse", "prefetch": "none"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out + ".tmp"
-    Path(tmp).write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, {"machine": machine, "setup": setup, "rows": rows})
     print("\n| budget | fallback | slots | ppl | fallback rate | hit rate | KB read/token | tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

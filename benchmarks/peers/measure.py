@@ -9,7 +9,6 @@ Writes docs/benchmarks/peers.json and prints a markdown table. Uses the same pro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.core import _prompt
 from benchmarks.peers.llamacpp import bench_llamacpp, gguf_for
 from benchmarks.synthetic import memory_bandwidth_gbs, synthetic_model
+from strata.fileio import write_json_atomic
 
 
 def main() -> int:
@@ -64,10 +64,7 @@ def main() -> int:
                "system_info": llama_cpp.llama_print_system_info().decode().strip(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_before": load_before,
                "load_avg_after": os.getloadavg(), "prompt_len": args.prompt_len, "decode": args.decode}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out + ".tmp"
-    Path(tmp).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, {"machine": machine, "rows": rows})
     print(f"\nmemory read {bw:.1f} GB/s, {args.threads} threads, load avg {load_before[0]:.1f} -> "
           f"{machine['load_avg_after'][0]:.1f}\n")
     print("| model | type | OMP wait | file GB | prefill tok/s | decode tok/s | file GB/s at decode | load avg |")

@@ -19,6 +19,7 @@ import numpy as np
 
 from strata.analysis.efficiency import BOUNDS, CALIBRATION_PATH, DEFAULT, NEUTRAL, PRIORS, Eff, Efficiencies
 from strata.analysis.validate import Case, load_cases, score
+from strata.fileio import write_json_atomic
 
 MIN_ENGINE_ROWS = 2  # an engine gets its own ratio (shared by all classes) with at least this many rows
 MIN_CELL_ROWS = 2  # a (class, engine) cell gets its own factors only with at least this many rows
@@ -153,10 +154,7 @@ def main(argv: list[str]) -> int:
     doc = {"_comment": "written by `python -m strata.analysis.calibrate`; factors per hardware class and "
                        "class|engine; see docs/analysis.md", "csv": os.path.basename(path),
            "factors": effs.to_json(), "validation": summary}
-    tmp = str(CALIBRATION_PATH) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, CALIBRATION_PATH)
+    write_json_atomic(CALIBRATION_PATH, doc, indent=1)
     print(json.dumps(summary, indent=1))
     return 0
 

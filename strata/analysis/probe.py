@@ -8,7 +8,6 @@ rotated) and GEMM (M=256) per precision with torch, and Strata's own decode GEMV
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 import psutil
 import torch
 import torch.nn.functional as F
+
+from strata.fileio import write_json_atomic
 
 DEFAULT_PATH = Path.home() / ".cache" / "strata" / "hardware.json"
 
@@ -184,9 +185,5 @@ def run_probe(quick: bool = False, directory: str | None = None) -> dict:
 
 
 def write_profile(prof: dict, path: str | os.PathLike) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(prof, indent=1))
-    os.replace(tmp, path)
+    path = write_json_atomic(path, prof, indent=1)
     return str(path)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 from strata.commands.engine_args import add_engine_args, engine_config_from_args
+from strata.fileio import write_json_atomic
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,10 +53,7 @@ def _params(llm, args):
 
 
 def _write_stats(path: str, stats: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, stats)
 
 
 def run_generate(args) -> int:
