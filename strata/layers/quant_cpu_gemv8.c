@@ -95,6 +95,16 @@ void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int6
     free(xf);
 }
 
+/* 32 weight bytes of one row at column k (masked by lm at the row's end) widened to 16-bit lanes, with the
+ * same line of the next block's row (`ahead` bytes further) prefetched once per 64 bytes: see PREFETCH */
+static inline __attribute__((always_inline)) __m512i load_codes32(const uint8_t *p, int64_t k, int64_t ahead,
+                                                                  __mmask32 lm) {
+    if ((k & 63) == 0)
+        _mm_prefetch((const char *)(p + ahead), _MM_HINT_T0);
+    return _mm512_cvtepu8_epi16(lm == 0xFFFFFFFFu ? _mm256_loadu_si256((const __m256i *)p)
+                                                   : _mm256_maskz_loadu_epi8(lm, p));
+}
+
 /* int8 GEMV on vdpbf16ps. A signed byte v read as unsigned is u = v + 128 = 16 hi + lo (two nibbles), and
  * each nibble ORed into 0x4300 is the exact bf16 number 128 + nibble. With x16 = 16 x (exact in bf16):
  *   sum(x16 * (128 + hi)) + sum(x * (128 + lo)) = sum(x * v) + 2304 * sum(x),
@@ -112,11 +122,7 @@ static inline __attribute__((always_inline)) void rows_dot_i8(int mb, int R, con
         __mmask32 lm = K - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1ull << (K - k)) - 1);
         __m512i lo[4], hi[4];
         for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + r * K + k;
-            if ((k & 63) == 0) /* the same line of the next block's row: see PREFETCH */
-                _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0);
-            __m512i q = _mm512_cvtepu8_epi16(lm == 0xFFFFFFFFu ? _mm256_loadu_si256((const __m256i *)p)
-                                                                 : _mm256_maskz_loadu_epi8(lm, p));
+            __m512i q = load_codes32(w + r * K + k, k, R * K, lm);
             lo[r] = _mm512_ternarylogic_epi32(q, lomask, magic, 0xEA);                       /* (q & 15) | C */
             hi[r] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), eight, magic, 0xBE);  /* (q>>4 ^ 8) | C */
         }
@@ -147,11 +153,7 @@ static inline __attribute__((always_inline)) void rows_dot_f8(int mb, int R, con
         __mmask32 lm = K - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1ull << (K - k)) - 1);
         __m512i v[4];
         for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + r * K + k;
-            if ((k & 63) == 0) /* the same line of the next block's row: see PREFETCH */
-                _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0);
-            __m512i q = _mm512_cvtepu8_epi16(lm == 0xFFFFFFFFu ? _mm256_loadu_si256((const __m256i *)p)
-                                                                 : _mm256_maskz_loadu_epi8(lm, p));
+            __m512i q = load_codes32(w + r * K + k, k, R * K, lm);
             __m512i lo = _mm512_permutex2var_epi16(tab[0], q, tab[1]); /* magnitudes 0..63 (index bits 0-5) */
             __m512i hi = _mm512_permutex2var_epi16(tab[2], q, tab[3]); /* magnitudes 64..127 */
             __m512i t = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(q, bit6), lo, hi);
