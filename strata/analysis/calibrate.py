@@ -134,7 +134,7 @@ def held_out_predictions(cases: list[Case], full: Efficiencies, by_source: bool 
         touched |= {g.split("|")[0] for g in touched} | {"*|" + g.split("|", 1)[1] for g in touched}
         # refit from scratch those groups the fold touches; a group with no rows left falls back to its parent
         start = Efficiencies({k: v for k, v in full.table.items() if k not in touched})
-        effs = fit(train, start=start, only=touched, sweeps=2)
+        effs = fit(train, start=start, only=touched, sweeps=3)
         for c in fold:
             out[c.index] = c.predict(effs)
     return out

@@ -71,6 +71,9 @@ NUMA_AWARE_ENGINES = {"ktransformers"}
 # llama.cpp runs a matmul whose weights sit in host memory on the GPU when it has at least this many tokens,
 # copying the weights over the link each time (ggml-cuda offload_op); fewer tokens run on the host CPU.
 GPU_OFFLOAD_MIN_TOKENS = 32
+# Largest batch an engine's offline max-throughput benchmark runs, whatever the KV cache would hold: trtllm-bench
+# caps the batch it tunes for at 4096 sequences (tensorrt_llm/bench/build/tuning.py, finetune_setting).
+MAX_BENCH_BATCH = {"trt-llm": 4096}
 
 ENGINE_PATTERNS = [
     ("ktransformers", r"ktransformers"),
@@ -95,6 +98,10 @@ def engine_family(text: str) -> str:
 
 MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 LLAMACPP_GRAPHS = (2024, 5)  # llama.cpp gained CUDA graphs (far fewer launches per token) around May 2024
+# Before llama.cpp PR #8075 (merged 2024-06-23) a CUDA matmul of quantized weights with more than a few tokens
+# dequantized the weights to fp16 and ran cuBLAS in fp16 (fp16 accumulate) on GPUs with tensor cores; after it,
+# int8 tensor-core MMQ kernels read the quantized blocks directly. Builds dated before this run the old path.
+LLAMACPP_MMQ = (2024, 7)
 
 
 def source_date(text: str) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ from strata.errors import ConfigError
 
 CATALOG_PATH = Path(__file__).with_name("hardware.json")
 # Which peak a compute precision falls back to when a device lists no figure for it.
-FALLBACK = {"amx_int8": "int8", "npu_int8": "int8", "fp4": "fp8", "fp8": "int8", "int8": "fp16", "fp16": "fp32", "fp32": "fp16"}
+FALLBACK = {"fp16_acc16": "fp16", "amx_int8": "int8", "npu_int8": "int8", "fp4": "fp8", "fp8": "int8", "int8": "fp16", "fp16": "fp32", "fp32": "fp16"}
 
 
 @dataclass
@@ -49,6 +49,11 @@ class Device:
             seen.add(k)
             k = FALLBACK.get(k, "fp16")
         return self.peak_tflops.get(k, 1e-3) * 1e12
+
+    @property
+    def tensor_cores(self) -> bool:
+        """Matrix units for fp16 (tensor cores): an fp16 matmul peak well above the fp32 one (Pascal's is not)."""
+        return self.peak("fp16") > 1.5 * self.peak("fp32")
 
     @property
     def bw(self) -> float:

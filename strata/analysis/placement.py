@@ -18,11 +18,15 @@ from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import GPU_OFFLOAD_MIN_TOKENS, LOOPED_EXPERT_ENGINES
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
-from strata.analysis.precision import Precisions
+from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
 from strata.analysis.shapes import ModelShape
 
 MEMORY_RESERVE = 0.9  # usable fraction of device memory (runtime, fragmentation)
 SYNC_US = 10.0  # host<->device round trip per offloaded layer
+# A copy from pageable host memory (llama.cpp's mmap'd weights) is staged: the driver has one CPU core copy each
+# chunk into a pinned buffer, then DMAs it, so the link sees 1 / (1 / link + 1 / core copy rate). One server
+# core copies memory at about this rate (a core's load/store bandwidth, well under the socket's).
+STAGING_COPY_GBS = 12.0
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Scenario:
     cache_frac: float | None = None  # fraction of each layer's routed experts resident on the device
     hit_rate: float | None = None  # expert-cache hit rate; default = cache_frac (uniform routing)
     prefetch: float = 0.0  # fraction of transfers overlapped with compute
+    dequant_gemm: bool = False  # big-batch quantized matmuls: dequantize to fp16, then an fp16 GEMM (old llama.cpp CUDA)
 
 
 @dataclass
@@ -102,6 +107,15 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
 
     def put(seg: Segment, op, frac: float = 1.0, suffix: str = "", nbytes: float | None = None) -> None:
         calls = op.launches if looped or not op.routed else min(op.launches, 3.0)
+        if (sc.dequant_gemm and seg.proc == "device" and dev.tensor_cores and n >= GPU_OFFLOAD_MIN_TOKENS
+                and nbytes is None and op.fmt and needs_dequant(op.fmt)):
+            # one kernel expands the blocks into an fp16 copy (read quantized, write fp16), cuBLAS reads that copy
+            fp16 = op.weight_bytes * frac * 2.0 / bytes_per_elem(op.fmt)
+            seg.add(op.name + suffix + ".dequant", 0.0, op.weight_bytes * frac + fp16, seg.dev.peak("fp16"),
+                    op.weight_bytes * frac, op.fmt, calls)
+            seg.add(op.name + suffix, op.flops * frac, fp16 + (op.act_bytes + op.kv_bytes) * frac,
+                    seg.dev.peak("fp16_acc16"), 0.0, "", calls)
+            return
         wb = op.weight_bytes * frac if nbytes is None else 0.0
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
                 seg.dev.peak(op.compute), wb, op.fmt, calls * (frac if op.routed and looped else 1.0))
@@ -117,7 +131,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         if on_host_layer or (op.routed and op.layer < plan.cpu_moe_layers):
             if host_to_gpu and op.weight_bytes:
                 put(seg_dev, op, suffix=".copied", nbytes=op.act_bytes)
-                cost.link_s += op.weight_bytes / (dev.link_gbs * 1e9)
+                cost.link_s += op.weight_bytes * (1.0 / dev.link_gbs + 1.0 / STAGING_COPY_GBS) * 1e-9
                 continue
             put(seg_host if sys.host is not None else seg_dev, op)
             layers_touched_host.add(op.layer)

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from strata.analysis.efficiency import Efficiencies, versioned_engine
+from strata.analysis.efficiency import LLAMACPP_MMQ, MAX_BENCH_BATCH, Efficiencies, source_date, versioned_engine
 from strata.analysis.hardware import System, match_device, parse_system
 from strata.analysis.operators import kv_cache_bytes
 from strata.analysis.placement import Scenario, plan_placement, step_cost
@@ -34,6 +34,7 @@ class Case:
     measured: float
     groups: set[str] = field(default_factory=set)
     reason: str | None = None
+    batch: int = 1  # sequences per step the prediction assumes (rows that say "max" get the KV-limited batch)
     _fn: object = None
 
     def predict(self, effs: Efficiencies) -> float:
@@ -98,6 +99,8 @@ def _fill(case: Case, row: dict) -> None:
     engine = versioned_engine(row["system"], row["source"] + " " + row.get("notes", ""))
     kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
     sc = Scenario(prec=Precisions(fmt, activations="fp16", kv=kv), engine=engine)
+    date = source_date(row["source"] + " " + row.get("notes", ""))
+    sc.dequant_gemm = engine.startswith("llama.cpp") and date is not None and date < LLAMACPP_MMQ
     m = re.search(r"-ngl (\d+)", text)
     if m:
         sc.gpu_layers = int(m.group(1))
@@ -117,10 +120,11 @@ def _fill(case: Case, row: dict) -> None:
         sc.batch = int(b)
     else:
         m = re.search(r"(\d+)", b)
-        cap = int(m.group(1)) if m else 8192
+        cap = min(int(m.group(1)) if m else 8192, MAX_BENCH_BATCH.get(engine, 8192))
         sc.batch = cap if "concurrency" in b else 0
     if sc.batch == 0:
         sc.batch = max_batch(shape, sys, sc, sc.prompt + sc.gen, cap or 8192)
+    case.batch = sc.batch
     plan = plan_placement(shape, sys, sc, kv_cache_bytes(shape, sc.prec, sc.batch, sc.prompt + sc.gen))
     case.groups = {f"{sys.device.cls}|{engine}"} | ({f"{sys.host.cls}|{engine}"} if sys.host else set())
     metric, bsz = case.metric, sc.batch
@@ -169,7 +173,7 @@ def score(cases: list[Case], effs: Efficiencies, held_out: dict[int, float] | No
             continue
         pred = held_out[c.index] if held_out and c.index in held_out else c.predict(effs)
         ape = abs(pred - c.measured) / c.measured
-        r.update(predicted=pred, ape=ape, ratio=pred / c.measured)
+        r.update(predicted=pred, ape=ape, ratio=pred / c.measured, batch=c.batch)
         apes.append(ape)
         logs.append(math.log(pred / c.measured))
         out_rows.append(r)

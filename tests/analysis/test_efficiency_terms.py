@@ -7,7 +7,7 @@ import pytest
 
 from strata.analysis.efficiency import Eff, Efficiencies
 from strata.analysis.hardware import System, load_catalog
-from strata.analysis.operators import weight_bytes
+from strata.analysis.operators import build_ops, weight_bytes
 from strata.analysis.placement import Scenario, plan_placement, step_cost
 from strata.analysis.precision import Precisions
 from strata.analysis.shapes import shape_from_dict
@@ -113,6 +113,41 @@ def test_llamacpp_copies_host_weights_to_the_gpu_for_big_batches():
     assert small.segments[1].flops and not any(n.endswith(".copied") for n in small.segments[0].names)
     assert routed > 0 and not big.segments[1].flops and kt.segments[1].flops  # KTransformers computes on the CPU
     assert big.link_s > kt.link_s
+
+
+def test_pageable_copies_are_staged_through_one_core():
+    from strata.analysis.placement import STAGING_COPY_GBS
+
+    big = _host_decode("llama.cpp", 1, new=64)
+    copied = sum(op.weight_bytes for op in build_ops(moe(), Precisions("q4_k_m"), 1, 64, 16) if op.routed)
+    link = load_catalog()["rtx4090"].link_gbs
+    # staged copy: one core copies into the pinned buffer, then the link moves it, one after the other
+    assert big.link_s == pytest.approx(copied * (1 / link + 1 / STAGING_COPY_GBS) * 1e-9)
+
+
+def _prefill(dev_key, dequant_gemm, new=64):
+    s, sys = llama(2), System(load_catalog()[dev_key])
+    sc = Scenario(batch=1, prompt=new, gen=1, prec=Precisions("q4_0"), engine="llama.cpp", offload="none",
+                  dequant_gemm=dequant_gemm)
+    return step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 0).segments[0]
+
+
+def test_old_llamacpp_cuda_prefill_dequantizes_to_fp16_then_runs_fp16_gemm():
+    new, old = _prefill("rtx4090", False), _prefill("rtx4090", True)
+    i = old.names.index("q_proj.dequant")
+    q = new.wbytes[new.names.index("q_proj")]  # Q4_0 bytes of q_proj (4.5 bits per weight)
+    params = 256 * 256  # one layer's 256 x 256 projection
+    assert q == pytest.approx(params * 4.5 / 8)
+    # the expand kernel reads the blocks and writes fp16; the GEMM reads that fp16 copy at the fp16-accumulate peak
+    assert old.bytes[i] == pytest.approx(q + 2 * params) and old.flops[i] == 0
+    j = old.names.index("q_proj")
+    assert old.peaks[j] == pytest.approx(330e12) and new.peaks[new.names.index("q_proj")] == pytest.approx(660e12)
+    assert old.bytes[j] >= 2 * params
+    e = effs()
+    assert old.time(e) > new.time(e)
+    # a handful of tokens (GEMV path) and GPUs without fp16 tensor cores (Pascal) keep the quantized kernels
+    assert "q_proj.dequant" not in _prefill("rtx4090", True, new=8).names
+    assert "q_proj.dequant" not in _prefill("tesla-p40", True).names
 
 
 def test_strata_overhead_lives_in_strata_fit_json():

@@ -63,6 +63,18 @@ def test_validate_known_answer(tmp_path, capsys):
     assert out["median_ape"] == pytest.approx(res["median_ape"])
 
 
+def test_max_throughput_rows_use_the_kv_limited_batch_capped_by_the_benchmark(tmp_path):
+    row = {"source": "t", "model": "meta-llama/Llama-2-7b-hf", "dtype_or_quant": "FP8", "hardware": "NVIDIA H200",
+           "batch": "max (offline, CUDA graphs up to 8192)", "prompt_tokens": "4", "gen_tokens": "4",
+           "metric": "throughput_tok_s", "value": "1000"}
+    write_csv(tmp_path / "m.csv", [{**row, "system": "TensorRT-LLM"}, {**row, "system": "vLLM"},
+                                   {**row, "system": "vLLM", "prompt_tokens": "4000", "gen_tokens": "4000"}])
+    trt, vllm, long = load_cases(str(tmp_path / "m.csv"))
+    assert trt.batch == 4096  # trtllm-bench tunes for at most 4096 sequences
+    assert vllm.batch == 8192  # the row's own cap; the KV cache would hold more 8-token sequences
+    assert 1 < long.batch < 4096  # long sequences: the KV cache is the limit
+
+
 def test_analyze_outputs(tmp_path, capsys):
     png = tmp_path / "roof.png"
     assert main(["analyze", "--model", "deepseek-v2-lite", "--hardware", "rtx4090", "--weights", "int4",
