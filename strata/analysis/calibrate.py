@@ -17,32 +17,34 @@ from dataclasses import replace
 
 import numpy as np
 
-from strata.analysis.efficiency import BOUNDS, CALIBRATION_PATH, DEFAULT, NEUTRAL, PRIORS, Eff, Efficiencies
+from strata.analysis.efficiency import BOUNDS, CALIBRATION_PATH, DEFAULT, NEUTRAL, PRIORS, RATIO_PRIORS, Eff, Efficiencies
 from strata.analysis.validate import Case, load_cases, score
 from strata.fileio import write_json_atomic
 
 MIN_ENGINE_ROWS = 2  # an engine gets its own ratio (shared by all classes) with at least this many rows
 MIN_CELL_ROWS = 2  # a (class, engine) cell gets its own factors only with at least this many rows
 PULL = 0.5  # weight of |log(param / parent)| per parameter
-PARAMS = ("eta_bw", "eta_flops", "overhead_us", "eta_q")
+PARAMS = ("eta_bw", "eta_flops", "overhead_us", "eta_q", "seq_us")
 GRIDS = {
     "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 48),
     "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 48),
     "overhead_us": np.concatenate([[0.0], np.geomspace(0.1, BOUNDS["overhead_us"][1], 40)]),
     "eta_q": np.geomspace(BOUNDS["eta_q"][0], 1.0, 24),
+    "seq_us": np.concatenate([[0.0], np.geomspace(0.5, BOUNDS["seq_us"][1], 36)]),
 }
 RATIO_GRIDS = {  # engine ratios multiply the class factor
     "eta_bw": np.geomspace(0.2, 2.0, 40),
     "eta_flops": np.geomspace(0.05, 4.0, 48),
     "overhead_us": np.concatenate([[0.0], np.geomspace(0.05, 20.0, 40)]),
     "eta_q": np.geomspace(0.4, 2.0, 24),
+    "seq_us": np.concatenate([[0.0], np.geomspace(0.05, 20.0, 36)]),
 }
 
 
 def _parent(key: str, table: dict[str, Eff]) -> Eff:
-    """Class -> physical prior; '*|engine' ratio -> neutral; cell -> class x engine ratio."""
+    """Class -> physical prior; '*|engine' ratio -> its measured prior or neutral; cell -> class x engine ratio."""
     if key.startswith("*|"):
-        return NEUTRAL
+        return RATIO_PRIORS.get(key, NEUTRAL)
     if "|" in key:
         cls, engine = key.split("|", 1)
         base = table.get(cls) or PRIORS.get(cls, DEFAULT)
@@ -54,7 +56,8 @@ def _parent(key: str, table: dict[str, Eff]) -> Eff:
 def _pull(e: Eff, par: Eff) -> float:
     return PULL * (abs(math.log(e.eta_bw / par.eta_bw)) + abs(math.log(e.eta_flops / par.eta_flops))
                    + abs(math.log((e.overhead_us + 0.5) / (par.overhead_us + 0.5)))
-                   + abs(math.log(e.eta_q / par.eta_q)))
+                   + abs(math.log(e.eta_q / par.eta_q))
+                   + abs(math.log((e.seq_us + 0.5) / (par.seq_us + 0.5))))
 
 
 def _loss(cases: list[Case], effs: Efficiencies, keys: list[str]) -> float:
@@ -87,7 +90,7 @@ def fit(cases: list[Case], start: Efficiencies | None = None, only: set[str] | N
     for k in classes:
         effs.table.setdefault(k, PRIORS.get(k, DEFAULT))
     for k in ratios:
-        effs.table.setdefault(k, NEUTRAL)
+        effs.table.setdefault(k, RATIO_PRIORS.get(k, NEUTRAL))
     for k in cells:
         effs.table.setdefault(k, _parent(k, effs.table))
     keys = [k for k in classes + ratios + cells if only is None or k in only]
@@ -110,7 +113,16 @@ def _fit_group(rows: list[Case], effs: Efficiencies, k: str) -> None:
             if best is None or loss < best:
                 best, arg = loss, (float(bw), float(ov))
     effs.table[k] = replace(effs.table[k], eta_bw=arg[0], overhead_us=arg[1])
-    for param in ("eta_flops", "eta_q", "eta_bw", "overhead_us"):
+    if any(c.batch > 1 for c in rows):  # host time per sequence trades off with compute in big-batch steps
+        best, arg = None, None
+        for fl in grids["eta_flops"][::2]:
+            for sq in grids["seq_us"][::2]:
+                effs.table[k] = replace(effs.table[k], eta_flops=float(fl), seq_us=float(sq))
+                loss = _loss(rows, effs, [k])
+                if best is None or loss < best:
+                    best, arg = loss, (float(fl), float(sq))
+        effs.table[k] = replace(effs.table[k], eta_flops=arg[0], seq_us=arg[1])
+    for param in ("eta_flops", "eta_q", "eta_bw", "overhead_us", "seq_us"):
         best, best_v = None, None
         for v in grids[param]:
             effs.table[k] = replace(effs.table[k], **{param: float(v)})

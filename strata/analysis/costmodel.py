@@ -85,11 +85,14 @@ class StepCost:
     comm_s: float = 0.0  # tensor-parallel all-reduces
     overlap: float = 0.0  # fraction of transfers hidden behind compute (prefetch)
     tokens: int = 1
+    seqs: int = 1  # sequences in the step: the engine's host loop spends seq_us on each, overlapped with the device
 
     def time(self, effs: Efficiencies) -> float:
         compute = sum(s.time(effs) for s in self.segments) + self.comm_s
         xfer = self.link_s + self.flash_s
-        return max(compute, self.overlap * xfer) + (1.0 - self.overlap) * xfer
+        device = max(compute, self.overlap * xfer) + (1.0 - self.overlap) * xfer
+        lead = self.segments[0]
+        return max(device, self.seqs * effs.get(lead.dev.cls, lead.engine).seq_us * 1e-6)
 
     def breakdown(self, effs: Efficiencies) -> dict[str, float]:
         out = {s.proc: s.time(effs) for s in self.segments}

@@ -18,7 +18,8 @@ CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 # Strata's own per-call overhead, fitted on Strata's recorded runs by benchmarks/analysis_own_runs.py (the one place
 # that number lives; rerun the script after new runs of docs/benchmarks/quant.json to refit it)
 STRATA_FIT_PATH = Path(__file__).with_name("strata_fit.json")
-BOUNDS = {"eta_bw": (0.05, 1.0), "eta_flops": (0.02, 1.0), "overhead_us": (0.0, 200.0), "eta_q": (0.2, 1.0)}
+BOUNDS = {"eta_bw": (0.05, 1.0), "eta_flops": (0.02, 1.0), "overhead_us": (0.0, 200.0), "eta_q": (0.2, 1.0),
+          "seq_us": (0.0, 200.0)}
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Eff:
     eta_flops: float  # achieved / peak FLOP/s for matmuls with many tokens
     overhead_us: float  # fixed time per kernel call per forward step
     eta_q: float = 0.8  # share of eta_bw a dequantizing (block / group / weight-only) GEMV reaches
+    seq_us: float = 10.0  # host time per sequence per step (scheduler, sampler, request state), overlapped with the GPU
 
     def clamp(self) -> Eff:
         return Eff(*(min(max(getattr(self, k), lo), hi) for k, (lo, hi) in BOUNDS.items()))
@@ -34,20 +36,28 @@ class Eff:
     def times(self, ratio: Eff) -> Eff:
         """This class factor scaled by an engine ratio."""
         return Eff(self.eta_bw * ratio.eta_bw, self.eta_flops * ratio.eta_flops, self.overhead_us * ratio.overhead_us,
-                   self.eta_q * ratio.eta_q).clamp()
+                   self.eta_q * ratio.eta_q, self.seq_us * ratio.seq_us).clamp()
 
 
-NEUTRAL = Eff(1.0, 1.0, 1.0, 1.0)  # engine ratio prior: an engine is as good as its class until rows say otherwise
+NEUTRAL = Eff(1.0, 1.0, 1.0, 1.0, 1.0)  # engine ratio prior: an engine is as good as its class until rows say otherwise
 PRIORS = {
-    "gpu": Eff(0.75, 0.5, 3.0),
+    # seq_us on GPUs, from trtllm-bench 128/128 runs that are not in the validation CSV (TensorRT-LLM
+    # perf-overview.md): Qwen3-30B-A3B NVFP4 makes 39.8k output tok/s on a B200 but 24.1k on a GB200, the same GPU
+    # behind a slower host CPU, so the host loop bounds it; on the B200's x86 host that is at most
+    # 1 / 39.8k s = 25 us per sequence per step.
+    "gpu": Eff(0.75, 0.5, 3.0, 0.8, 25.0),
     "apple": Eff(0.7, 0.5, 3.0),
     "cpu-x86": Eff(0.6, 0.3, 3.0),
     "cpu-server": Eff(0.5, 0.3, 5.0),
     "cpu-arm": Eff(0.5, 0.3, 5.0),
     "cpu-measured": Eff(0.9, 0.8, 3.0),  # probe ceilings are already achieved figures
-    "design": Eff(0.9, 0.7, 0.0, 1.0),  # simulated designs report ideal pipelines
+    "design": Eff(0.9, 0.7, 0.0, 1.0, 0.0),  # simulated designs report ideal pipelines
 }
 DEFAULT = Eff(0.6, 0.4, 3.0)
+# Engine ratios with a measured prior instead of NEUTRAL. llama.cpp before CUDA graphs launched every kernel from
+# the host: the graphs PR measured Llama-2-7B Q4_K_M decode on an H100 PCIe at 143.35 -> 163.83 tok/s (llama.cpp
+# issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
+RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
 
 
 def _strata_cell() -> Eff:
@@ -57,7 +67,7 @@ def _strata_cell() -> Eff:
     if not STRATA_FIT_PATH.exists():
         return base
     with open(STRATA_FIT_PATH) as f:
-        return Eff(base.eta_bw, base.eta_flops, float(json.load(f)["overhead_us_per_call"]), base.eta_q)
+        return Eff(base.eta_bw, base.eta_flops, float(json.load(f)["overhead_us_per_call"]), base.eta_q, base.seq_us)
 
 
 PRIORS["cpu-measured|strata"] = _strata_cell()
@@ -104,13 +114,25 @@ LLAMACPP_GRAPHS = (2024, 5)  # llama.cpp gained CUDA graphs (far fewer launches 
 LLAMACPP_MMQ = (2024, 7)
 
 
+# llama.cpp issue / PR numbers grow with time; two numbers with known dates bound the date of a thread that
+# states none: #6763 (the CUDA graphs proposal, 2024-04-19) and #8075 (MMQ by default, 2024-06-23). A thread is
+# dated by its opening, so this holds for issues and PRs, not for discussions that collect results for years.
+LLAMACPP_THREAD_DATES = ((6763, (2024, 4)), (8075, (2024, 6)))
+
+
 def source_date(text: str) -> tuple[int, int] | None:
-    """Earliest (year, month) written in a source/notes string, if any."""
+    """Earliest (year, month) written in a source/notes string, else bounded by a llama.cpp issue / PR number."""
     t = text.lower()
     found = [(int(y), int(m)) for y, m in re.findall(r"\b(20\d\d)-(\d\d)\b", t)]
     found += [(int(y), MONTHS.index(m[:3]) + 1) for m, y in re.findall(r"\b([a-z]{3})[a-z]* (20\d\d)\b", t)
               if m[:3] in MONTHS]
-    return min(found) if found else None
+    if found:
+        return min(found)
+    m = re.search(r"(?<![\w/])llama\.cpp (?:pr|issue|pull request) #(\d+)", t)
+    if m:
+        n = int(m.group(1))
+        return next((date for bound, date in LLAMACPP_THREAD_DATES if n <= bound), (2024, 7))
+    return None
 
 
 def versioned_engine(system: str, source: str) -> str:

@@ -97,7 +97,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     seg_dev = Segment("device", dev, sc.engine, bw_scale=tp, flops_scale=tp)
     seg_host = Segment("host", host, sc.engine)
     seg_flash = Segment("flash", dev, sc.engine)
-    cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch)
+    cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch, seqs=batch)
     n = batch * new
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_ENGINES

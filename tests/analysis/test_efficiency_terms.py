@@ -33,7 +33,8 @@ def decode(shape, dev, prec, engine="generic"):
 
 
 def effs(**kw):
-    return Efficiencies({"gpu": Eff(**{"eta_bw": 1.0, "eta_flops": 1.0, "overhead_us": 0.0, "eta_q": 1.0, **kw})})
+    return Efficiencies({"gpu": Eff(**{"eta_bw": 1.0, "eta_flops": 1.0, "overhead_us": 0.0, "eta_q": 1.0, "seq_us": 0.0,
+                                       **kw})})
 
 
 def test_overhead_is_per_kernel_call_and_scales_with_layers():
@@ -157,3 +158,39 @@ def test_strata_overhead_lives_in_strata_fit_json():
 
     fitted = json.loads(STRATA_FIT_PATH.read_text())["overhead_us_per_call"]
     assert Efficiencies.load().get("cpu-measured", "strata").overhead_us == pytest.approx(fitted)
+
+
+def test_engine_builds_are_dated_from_the_text_or_a_llamacpp_thread_number():
+    from strata.analysis.efficiency import source_date, versioned_engine
+
+    assert source_date("llama.cpp issue #34 (comment by slaren, 2023-08-12)") == (2023, 8)  # a stated date wins
+    assert source_date("llama.cpp issue #4716 'Weird performance'") <= (2024, 4)  # opened before #6763
+    assert (2024, 5) <= source_date("llama.cpp PR #7000") < (2024, 7)  # between the graphs and MMQ threads
+    assert source_date("llama.cpp PR #9000") >= (2024, 7)
+    # other repositories and long-running discussions say nothing about the build
+    assert source_date("ikawrakow/ik_llama.cpp PR #128") is None
+    assert source_date("llama.cpp GitHub discussion #4167") is None
+    assert versioned_engine("llama.cpp (CPU)", "llama.cpp issue #4716") == "llama.cpp-2023"
+    assert versioned_engine("llama.cpp (CUDA)", "llama.cpp GitHub discussion #15013") == "llama.cpp"
+
+
+def test_host_time_per_sequence_bounds_big_batches_only():
+    from strata.analysis.shapes import load_shape
+
+    sys = System(load_catalog()["h100-sxm"])
+    sc = Scenario(batch=1, prompt=16, gen=2, prec=Precisions("fp8"), offload="none")
+    e0, e1 = effs(seq_us=0.0), effs(seq_us=30.0)
+    big, tiny = load_shape("llama-3-8b"), llama(2)
+    one = step_cost(big, sys, sc, plan_placement(big, sys, sc, 0.0), 1, 1, 16)
+    assert one.time(e1) == pytest.approx(one.time(e0))  # 30 us hides behind one sequence's 8 GB step
+    many = step_cost(tiny, sys, sc, plan_placement(tiny, sys, sc, 0.0), 4096, 1, 16)
+    assert many.time(e0) < 4096 * 30e-6
+    assert many.time(e1) == pytest.approx(4096 * 30e-6)  # a tiny model's big batch waits for the host loop
+
+
+def test_pre_graphs_llamacpp_ratio_starts_from_its_measured_launch_overhead():
+    from strata.analysis.calibrate import _parent
+    from strata.analysis.efficiency import NEUTRAL, RATIO_PRIORS
+
+    assert _parent("*|llama.cpp-2023", {}).overhead_us == RATIO_PRIORS["*|llama.cpp-2023"].overhead_us > 1.0
+    assert _parent("*|vllm", {}) == NEUTRAL
