@@ -37,7 +37,7 @@ SHAPES = {"dense-1b": "tinyllama-1.1b", "olmoe-1b-7b": "olmoe-1b-7b"}
 PEER_FORMATS = {"q8_0": "q8_0", "q4_0": "q4_0", "bf16": "bf16"}
 PROMPT, GEN = 128, 32  # benchmarks/core.py and quant.py defaults
 TRAIN = ("quant.json", "dense-1b", "strata", "bf16")  # the one run the overhead is fitted on
-TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json")  # benchmarks/offload.py runs, those present
+TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json", "tiers_cgroup_probed.json")  # benchmarks/offload.py runs, those present
 OFFLOAD_PROMPT, OFFLOAD_GEN = 16, 32  # benchmarks/offload.py defaults
 
 
@@ -118,7 +118,8 @@ def offload_runs(mem_bw: float) -> list[dict]:
                 continue  # a peer run without recorded reads (older files): nothing to predict it from
             engine = "strata" if eng.startswith("strata") else "llama.cpp" if "llama.cpp" in eng else "transformers"
             out.append({"file": name, "config": eng, "engine": engine, "layers": int(m.group(1)) if m else 16,
-                        "threads": threads, "disk_gbs": d["machine"]["disk_o_direct_gb_s"],
+                        "threads": threads,  # the disk probes around the row where the run took them
+                        "disk_gbs": r.get("disk_o_direct_gb_s_row", d["machine"]["disk_o_direct_gb_s"]),
                         "mem_gbs": mem_bw * threads / 2, "bytes_per_token": 0.0 if resident else float(nbytes),
                         "hit_rate": r.get("expert_hit_rate"), "decode": r["decode_tok_s"],
                         "load": d["machine"].get("load_avg", [float("nan")])[0]})

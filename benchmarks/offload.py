@@ -8,8 +8,9 @@ Every engine runs in its own subprocess with the model's files evicted from the 
 cgroup-v1 memory controller is writable, see benchmarks/memlimit.py) each budgeted child runs in a memory
 cgroup of budget x --cgroup-slack, page cache included, so the mmap peers cannot keep a model larger than the
 limit in RAM. Strata reads experts with O_DIRECT. The disk ceiling is measured in the same run (O_DIRECT
-reads of the expert store); each engine's I/O bound is that bandwidth over the bytes it made the kernel read
-per decoded token (/proc/self/io). The peers route with their own (random-weight) routers: their numbers are
+reads of the expert store) at the start and after every row, since a shared disk drifts; each engine's I/O
+bound is the mean of the probes around its row over the bytes it made the kernel read per decoded token
+(/proc/self/io). The peers route with their own (random-weight) routers: their numbers are
 speed under the same memory, not the same expert sequence. Results: docs/benchmarks/tiers.json.
 """
 
@@ -203,9 +204,15 @@ def main() -> None:
     evict([store])
     bw0 = disk_read_gbs(store)
     rows = []
+    last_bw = [bw0]
 
     def record(name: str, res: dict) -> None:
-        res["engine"] = name
+        # the shared disk drifts within a run: probe it again after each row, so every row carries the mean of
+        # the probes just before and just after it
+        evict([store])
+        after = disk_read_gbs(store)
+        res.update(engine=name, disk_o_direct_gb_s_row=(last_bw[0] + after) / 2)
+        last_bw[0] = after
         rows.append(res)
         print(name, json.dumps(res), file=sys.stderr)
 
@@ -257,13 +264,12 @@ def main() -> None:
                 break
             killed.append(f"max_memory {share:.0%} of the budget: {res['error']}")
         record(f"transformers+accelerate, {frac:.0%} budget", dict(res, oom_killed_attempts=killed))
-    evict([store])
-    bw1 = disk_read_gbs(store)
+    bw1 = last_bw[0]
     bw = (bw0 + bw1) / 2
     for r in rows:
         per_tok = r.get("proc_read_bytes_per_token") or r.get("disk_bytes_per_token")
         if per_tok and r.get("decode_tok_s") and r.get("budget_bytes"):
-            r["io_bound_tok_s"] = bw * 1e9 / per_tok
+            r["io_bound_tok_s"] = r["disk_o_direct_gb_s_row"] * 1e9 / per_tok
             r["fraction_of_io_bound"] = r["decode_tok_s"] / r["io_bound_tok_s"]
     import torch
 
