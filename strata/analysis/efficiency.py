@@ -112,6 +112,9 @@ LLAMACPP_GRAPHS = (2024, 5)  # llama.cpp gained CUDA graphs (far fewer launches 
 # dequantized the weights to fp16 and ran cuBLAS in fp16 (fp16 accumulate) on GPUs with tensor cores; after it,
 # int8 tensor-core MMQ kernels read the quantized blocks directly. Builds dated before this run the old path.
 LLAMACPP_MMQ = (2024, 7)
+# Strata's QuantLinear runs a GEMV kernel up to this many rows and dequantize + bf16 GEMM above (mirrors
+# strata/layers/quant_linear.GEMV_MAX_ROWS; a test keeps them equal)
+STRATA_GEMV_MAX_ROWS = 4
 
 
 # llama.cpp issue / PR numbers grow with time; two numbers with known dates bound the date of a thread that

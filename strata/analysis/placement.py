@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.analysis.costmodel import Segment, StepCost
-from strata.analysis.efficiency import GPU_OFFLOAD_MIN_TOKENS, LOOPED_EXPERT_ENGINES
+from strata.analysis.efficiency import GPU_OFFLOAD_MIN_TOKENS, LLAMACPP_MMQ, LOOPED_EXPERT_ENGINES, STRATA_GEMV_MAX_ROWS
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
@@ -44,7 +44,7 @@ class Scenario:
     cache_frac: float | None = None  # fraction of each layer's routed experts resident on the device
     hit_rate: float | None = None  # expert-cache hit rate; default = cache_frac (uniform routing)
     prefetch: float = 0.0  # fraction of transfers overlapped with compute
-    dequant_gemm: bool = False  # big-batch quantized matmuls: dequantize to fp16, then an fp16 GEMM (old llama.cpp CUDA)
+    build_date: tuple[int, int] | None = None  # (year, month) of the engine build, where known (dates its kernels)
 
 
 @dataclass
@@ -90,6 +90,17 @@ def plan_placement(s: ModelShape, sys: System, sc: Scenario, kv_bytes: float) ->
     return p
 
 
+def dequant_gemm_rule(sc: Scenario, dev) -> tuple[int, bool]:
+    """(tokens from which an engine runs a quantized matmul as dequantize-to-16-bit + 16-bit GEMM, whether that
+    16-bit copy goes through memory); (0, False) where its quantized kernels read the blocks directly."""
+    if sc.engine == "strata":  # QuantLinear: row tiles expanded into a reused, cache-resident bf16 buffer
+        return STRATA_GEMV_MAX_ROWS + 1, False
+    if (sc.engine.startswith("llama.cpp") and dev.cls == "gpu" and dev.tensor_cores and sc.build_date is not None
+            and sc.build_date < LLAMACPP_MMQ):  # cuBLAS fp16 on a full fp16 copy of the weights
+        return GPU_OFFLOAD_MIN_TOKENS, True
+    return 0, False
+
+
 def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, new: int, past: int) -> StepCost:
     """Price one forward step (batch sequences x new tokens, past tokens cached) under a placement."""
     dev, host = sys.device, sys.host or sys.device
@@ -105,15 +116,18 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     host_to_gpu = (sc.engine.startswith("llama.cpp") and sys.host is not None and dev.cls == "gpu"
                    and n >= GPU_OFFLOAD_MIN_TOKENS)
 
+    deq_from, deq_copy = dequant_gemm_rule(sc, dev)
+
     def put(seg: Segment, op, frac: float = 1.0, suffix: str = "", nbytes: float | None = None) -> None:
         calls = op.launches if looped or not op.routed else min(op.launches, 3.0)
-        if (sc.dequant_gemm and seg.proc == "device" and dev.tensor_cores and n >= GPU_OFFLOAD_MIN_TOKENS
-                and nbytes is None and op.fmt and needs_dequant(op.fmt)):
-            # one kernel expands the blocks into an fp16 copy (read quantized, write fp16), cuBLAS reads that copy
-            fp16 = op.weight_bytes * frac * 2.0 / bytes_per_elem(op.fmt)
-            seg.add(op.name + suffix + ".dequant", 0.0, op.weight_bytes * frac + fp16, seg.dev.peak("fp16"),
-                    op.weight_bytes * frac, op.fmt, calls)
-            seg.add(op.name + suffix, op.flops * frac, fp16 + (op.act_bytes + op.kv_bytes) * frac,
+        if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
+                and needs_dequant(op.fmt)):
+            # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
+            # cache (Strata's tiles) costs no memory traffic beyond the quantized read
+            q = op.weight_bytes * frac
+            copy = q * 2.0 / bytes_per_elem(op.fmt) if deq_copy else 0.0
+            seg.add(op.name + suffix + ".dequant", 0.0, q + copy, seg.dev.peak("fp16"), q, op.fmt, calls)
+            seg.add(op.name + suffix, op.flops * frac, copy + (op.act_bytes + op.kv_bytes) * frac,
                     seg.dev.peak("fp16_acc16"), 0.0, "", calls)
             return
         wb = op.weight_bytes * frac if nbytes is None else 0.0

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from strata.analysis.efficiency import LLAMACPP_MMQ, MAX_BENCH_BATCH, Efficiencies, source_date, versioned_engine
+from strata.analysis.efficiency import MAX_BENCH_BATCH, Efficiencies, source_date, versioned_engine
 from strata.analysis.hardware import System, match_device, parse_system
 from strata.analysis.operators import kv_cache_bytes
 from strata.analysis.placement import Scenario, plan_placement, step_cost
@@ -99,8 +99,7 @@ def _fill(case: Case, row: dict) -> None:
     engine = versioned_engine(row["system"], row["source"] + " " + row.get("notes", ""))
     kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
     sc = Scenario(prec=Precisions(fmt, activations="fp16", kv=kv), engine=engine)
-    date = source_date(row["source"] + " " + row.get("notes", ""))
-    sc.dequant_gemm = engine.startswith("llama.cpp") and date is not None and date < LLAMACPP_MMQ
+    sc.build_date = source_date(row["source"] + " " + row.get("notes", ""))
     m = re.search(r"-ngl (\d+)", text)
     if m:
         sc.gpu_layers = int(m.group(1))

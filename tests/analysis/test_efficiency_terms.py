@@ -126,10 +126,10 @@ def test_pageable_copies_are_staged_through_one_core():
     assert big.link_s == pytest.approx(copied * (1 / link + 1 / STAGING_COPY_GBS) * 1e-9)
 
 
-def _prefill(dev_key, dequant_gemm, new=64):
+def _prefill(dev_key, old_build, new=64, engine="llama.cpp", fmt="q4_0"):
     s, sys = llama(2), System(load_catalog()[dev_key])
-    sc = Scenario(batch=1, prompt=new, gen=1, prec=Precisions("q4_0"), engine="llama.cpp", offload="none",
-                  dequant_gemm=dequant_gemm)
+    sc = Scenario(batch=1, prompt=new, gen=1, prec=Precisions(fmt), engine=engine, offload="none",
+                  build_date=(2023, 12) if old_build else None)
     return step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 0).segments[0]
 
 
@@ -149,6 +149,19 @@ def test_old_llamacpp_cuda_prefill_dequantizes_to_fp16_then_runs_fp16_gemm():
     # a handful of tokens (GEMV path) and GPUs without fp16 tensor cores (Pascal) keep the quantized kernels
     assert "q_proj.dequant" not in _prefill("rtx4090", True, new=8).names
     assert "q_proj.dequant" not in _prefill("tesla-p40", True).names
+
+
+def test_strata_prefill_expands_quantized_tiles_in_cache_then_runs_a_bf16_gemm():
+    from strata.analysis.efficiency import STRATA_GEMV_MAX_ROWS
+    from strata.layers.quant_linear import GEMV_MAX_ROWS
+
+    assert STRATA_GEMV_MAX_ROWS == GEMV_MAX_ROWS
+    seg = _prefill("rtx4090", False, engine="strata", fmt="int8wo")
+    i, j = seg.names.index("q_proj.dequant"), seg.names.index("q_proj")
+    assert seg.bytes[i] == pytest.approx(256 * 256) and seg.wbytes[i] == seg.bytes[i]  # only the int8 read
+    assert seg.wbytes[j] == 0 and seg.bytes[j] == pytest.approx(64 * (256 + 256) * 2)  # activations only: the bf16 tile stays in cache
+    gemv = _prefill("rtx4090", False, engine="strata", fmt="int8wo", new=STRATA_GEMV_MAX_ROWS)
+    assert "q_proj.dequant" not in gemv.names  # up to GEMV_MAX_ROWS rows the GEMV kernel reads the codes
 
 
 def test_strata_overhead_lives_in_strata_fit_json():
