@@ -138,7 +138,7 @@ class CausalLM(nn.Module):
     def _native_decoder(self, kv_caches):
         """The NativeDecoder for these caches, built on first use (None where the model does not qualify)."""
         cached = self.__dict__.get("_native_decoder_cache")
-        if cached is None or (cached and cached.kv_key != kv_caches[0][0].data_ptr()):
+        if cached is None or (cached and not cached.serves(kv_caches)):
             cached = native_decode.NativeDecoder.build(self, kv_caches) or False
             self.__dict__["_native_decoder_cache"] = cached  # not a submodule
         return cached if cached and cached.active() else None

@@ -12,6 +12,7 @@ it; what goes away is the Python work between kernels. Anything else keeps the p
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import nn
@@ -64,8 +65,11 @@ def _norm_ok(n: nn.Module) -> bool:
 
 
 class NativeDecoder:
-    def __init__(self, model: nn.Module, layers, kv_key: int, moes: list):
-        self.model, self.kv_key = model, kv_key  # model keeps every tensor behind the pointers alive
+    def __init__(self, model: nn.Module, layers, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], moes: list):
+        self.model = model  # model keeps every weight behind the pointers alive
+        # the caches are the caller's: weak references say whether these very tensors are still the ones in use
+        # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
+        self.kv_refs = [weakref.ref(t) for pair in kv_caches for t in pair]
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
@@ -115,7 +119,12 @@ class NativeDecoder:
                                  attn.q_norm.weight.data_ptr() if qk else None,
                                  attn.k_norm.weight.data_ptr() if qk else None,
                                  float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))
-        return cls(model, layers, kv_caches[0][0].data_ptr(), moes)
+        return cls(model, layers, kv_caches, moes)
+
+    def serves(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Whether its cache pointers are exactly these (live) cache tensors."""
+        flat = [t for pair in kv_caches for t in pair]
+        return len(flat) == len(self.kv_refs) and all(r() is t for r, t in zip(self.kv_refs, flat))
 
     def active(self) -> bool:
         """False while a tier provider, routing hook or routing override is attached to a MoE block."""

@@ -92,3 +92,26 @@ def test_models_outside_the_plain_structure_keep_the_per_op_path(tmp_path, monke
     build_hf("qwen2_moe", tmp_path / "qwen2_moe", dtype=torch.bfloat16)  # q/k/v biases, shared experts
     _, calls = _greedy(tmp_path / "qwen2_moe", monkeypatch, native=True)
     assert calls == 0
+
+
+@needs_native
+def test_decoder_is_rebuilt_for_new_caches_even_at_a_reused_address(llama_bf16):
+    from strata.weights.loader import load_model
+
+    model = load_model(str(llama_bf16), progress=False)
+    cfg = model.config
+
+    def caches():
+        shape = (8, cfg.num_key_value_heads, cfg.head_dim)
+        return [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+                for _ in range(cfg.num_hidden_layers)]
+
+    first = caches()
+    dec = native_decode.NativeDecoder.build(model, first)
+    assert dec is not None and dec.serves(first)
+    # same layer-0 key cache (what an address check compared) but new tensors behind the other pointers:
+    # the old decoder would write into the freed ones
+    second = [first[0]] + caches()[1:]
+    assert not dec.serves(second)
+    del first
+    assert not dec.serves(caches())  # freed caches never match, wherever new ones land
