@@ -16,6 +16,7 @@ as the resident decode step plus the bytes the run read per token at the disk ba
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import replace
@@ -53,11 +54,21 @@ def kernel_eff() -> dict[str, float]:
     return out
 
 
-def gemm_tflops() -> float:
-    """bf16 GEMM rate at 256 rows (prefill-sized) from the kernel benchmark."""
+def gemm_tflops(rows: int = PROMPT) -> float:
+    """bf16 GEMM rate at the runs' prompt length (rows of one prefill matmul), from the kernel benchmark: log-log
+    interpolation between the measured row counts around it (64 and 256 for a 128-token prompt)."""
     d = json.loads((BENCH / "quant_kernels.json").read_text())
-    best = min(r["best_ms"] for r in d["results"] if r["case"] == "bf16 F.linear" and r["rows"] == 256)
-    return 2 * 256 * d["k"] * d["n"] / (best * 1e-3) / 1e12
+    rate = {}
+    for r in d["results"]:
+        if r["case"] == "bf16 F.linear":
+            t = 2 * r["rows"] * d["k"] * d["n"] / (r["best_ms"] * 1e-3) / 1e12
+            rate[r["rows"]] = max(rate.get(r["rows"], 0.0), t)
+    lo = max((m for m in rate if m <= rows), default=min(rate))
+    hi = min((m for m in rate if m >= rows), default=max(rate))
+    if lo == hi:
+        return rate[lo]
+    w = math.log(rows / lo) / math.log(hi / lo)
+    return math.exp((1 - w) * math.log(rate[lo]) + w * math.log(rate[hi]))
 
 
 def runs() -> list[dict]:
@@ -178,7 +189,7 @@ def markdown(doc: dict) -> str:
     lines = [
         "# Performance model vs Strata's own runs (benchmarks/analysis_own_runs.py)", "",
         (f"Machine per run: the read bandwidth recorded in the run; Strata's decode GEMVs at their measured share of "
-        f"it ({keff}; quant_kernels.json, bf16_gemv.json); bf16 GEMM {doc['gemm_tflops']:.2f} TFLOP/s (256 rows, "
+        f"it ({keff}; quant_kernels.json, bf16_gemv.json); bf16 GEMM {doc['gemm_tflops']:.2f} TFLOP/s (at the {PROMPT}-token prompt, interpolated between the measured row counts; "
         f"quant_kernels.json). Fitted: Strata's overhead per kernel call, **{doc['overhead_us_per_call']:.0f} us**, "
         f"on one run ({doc['train']} decode); every other run is held out. llama.cpp rows use the published "
         "calibration (class cpu-measured x llama.cpp ratio), not Strata's kernels."), "",

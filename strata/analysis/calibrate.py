@@ -17,7 +17,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from strata.analysis.efficiency import BOUNDS, CALIBRATION_PATH, DEFAULT, NEUTRAL, PRIORS, RATIO_PRIORS, Eff, Efficiencies
+from strata.analysis.efficiency import (
+    BOUNDS,
+    CALIBRATION_PATH,
+    DEFAULT,
+    NEUTRAL,
+    PRIORS,
+    RATIO_PRIORS,
+    Eff,
+    Efficiencies,
+)
 from strata.analysis.validate import Case, load_cases, score
 from strata.fileio import write_json_atomic
 

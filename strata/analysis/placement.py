@@ -15,7 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.analysis.costmodel import Segment, StepCost
-from strata.analysis.efficiency import GPU_OFFLOAD_MIN_TOKENS, LLAMACPP_MMQ, LOOPED_EXPERT_ENGINES, STRATA_GEMV_MAX_ROWS
+from strata.analysis.efficiency import (
+    GPU_OFFLOAD_MIN_TOKENS,
+    LLAMACPP_MMQ,
+    LOOPED_EXPERT_ENGINES,
+    STRATA_GEMV_MAX_ROWS,
+)
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
