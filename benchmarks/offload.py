@@ -204,15 +204,16 @@ def main() -> None:
     evict([store])
     bw0 = disk_read_gbs(store)
     rows = []
-    last_bw = [bw0]
+    bw1 = bw0  # the latest disk probe
 
     def record(name: str, res: dict) -> None:
         # the shared disk drifts within a run: probe it again after each row, so every row carries the mean of
         # the probes just before and just after it
+        nonlocal bw1
         evict([store])
         after = disk_read_gbs(store)
-        res.update(engine=name, disk_o_direct_gb_s_row=(last_bw[0] + after) / 2)
-        last_bw[0] = after
+        res.update(engine=name, disk_o_direct_gb_s_row=(bw1 + after) / 2)
+        bw1 = after
         rows.append(res)
         print(name, json.dumps(res), file=sys.stderr)
 
@@ -264,7 +265,6 @@ def main() -> None:
                 break
             killed.append(f"max_memory {share:.0%} of the budget: {res['error']}")
         record(f"transformers+accelerate, {frac:.0%} budget", dict(res, oom_killed_attempts=killed))
-    bw1 = last_bw[0]
     bw = (bw0 + bw1) / 2
     for r in rows:
         per_tok = r.get("proc_read_bytes_per_token") or r.get("disk_bytes_per_token")

@@ -8,6 +8,7 @@ Run: `python -m strata.analysis.calibrate [CSV]` (writes calibration.json next t
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from strata.fileio import write_json_atomic
 MIN_ENGINE_ROWS = 2  # an engine gets its own ratio (shared by all classes) with at least this many rows
 MIN_CELL_ROWS = 2  # a (class, engine) cell gets its own factors only with at least this many rows
 PULL = 0.5  # weight of |log(param / parent)| per parameter
-PARAMS = ("eta_bw", "eta_flops", "overhead_us", "eta_q", "seq_us")
+PARAMS = ("eta_flops", "eta_q", "eta_bw", "overhead_us", "seq_us")  # fitted one at a time, in this order
 GRIDS = {
     "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 48),
     "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 48),
@@ -111,34 +112,26 @@ def fit(cases: list[Case], start: Efficiencies | None = None, only: set[str] | N
     return effs
 
 
-def _fit_group(rows: list[Case], effs: Efficiencies, k: str) -> None:
-    """Joint grid over (eta_bw, overhead_us), which trade off in decode, then each parameter alone."""
-    grids = RATIO_GRIDS if k.startswith("*|") else GRIDS
+def _search(rows: list[Case], effs: Efficiencies, k: str, axes: dict[str, np.ndarray]) -> None:
+    """Sets k's parameters named in `axes` to the grid point (all combinations) of lowest loss."""
     best, arg = None, None
-    for bw in grids["eta_bw"][::2]:
-        for ov in grids["overhead_us"][::2]:
-            effs.table[k] = replace(effs.table[k], eta_bw=float(bw), overhead_us=float(ov))
-            loss = _loss(rows, effs, [k])
-            if best is None or loss < best:
-                best, arg = loss, (float(bw), float(ov))
-    effs.table[k] = replace(effs.table[k], eta_bw=arg[0], overhead_us=arg[1])
-    if any(c.batch > 1 for c in rows):  # host time per sequence trades off with compute in big-batch steps
-        best, arg = None, None
-        for fl in grids["eta_flops"][::2]:
-            for sq in grids["seq_us"][::2]:
-                effs.table[k] = replace(effs.table[k], eta_flops=float(fl), seq_us=float(sq))
-                loss = _loss(rows, effs, [k])
-                if best is None or loss < best:
-                    best, arg = loss, (float(fl), float(sq))
-        effs.table[k] = replace(effs.table[k], eta_flops=arg[0], seq_us=arg[1])
-    for param in ("eta_flops", "eta_q", "eta_bw", "overhead_us", "seq_us"):
-        best, best_v = None, None
-        for v in grids[param]:
-            effs.table[k] = replace(effs.table[k], **{param: float(v)})
-            loss = _loss(rows, effs, [k])
-            if best is None or loss < best:
-                best, best_v = loss, float(v)
-        effs.table[k] = replace(effs.table[k], **{param: best_v})
+    for point in itertools.product(*(map(float, v) for v in axes.values())):
+        effs.table[k] = replace(effs.table[k], **dict(zip(axes, point)))
+        loss = _loss(rows, effs, [k])
+        if best is None or loss < best:
+            best, arg = loss, point
+    effs.table[k] = replace(effs.table[k], **dict(zip(axes, arg)))
+
+
+def _fit_group(rows: list[Case], effs: Efficiencies, k: str) -> None:
+    """Joint grids over the pairs that trade off: (eta_bw, overhead_us) in decode, (eta_flops, seq_us) in
+    big-batch steps; then each parameter alone."""
+    grids = RATIO_GRIDS if k.startswith("*|") else GRIDS
+    _search(rows, effs, k, {"eta_bw": grids["eta_bw"][::2], "overhead_us": grids["overhead_us"][::2]})
+    if any(c.batch > 1 for c in rows):
+        _search(rows, effs, k, {"eta_flops": grids["eta_flops"][::2], "seq_us": grids["seq_us"][::2]})
+    for param in PARAMS:
+        _search(rows, effs, k, {param: grids[param]})
 
 
 def held_out_predictions(cases: list[Case], full: Efficiencies, by_source: bool = False) -> dict[int, float]:

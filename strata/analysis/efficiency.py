@@ -138,10 +138,9 @@ def source_date(text: str) -> tuple[int, int] | None:
     return None
 
 
-def versioned_engine(system: str, source: str) -> str:
-    """Engine family, with llama.cpp builds dated before CUDA graphs kept apart ('llama.cpp-2023')."""
+def versioned_engine(system: str, date: tuple[int, int] | None) -> str:
+    """Engine family, with llama.cpp builds dated (source_date) before CUDA graphs kept apart ('llama.cpp-2023')."""
     fam = engine_family(system)
-    date = source_date(source)
     if fam == "llama.cpp" and date is not None and date < LLAMACPP_GRAPHS:
         return "llama.cpp-2023"
     return fam

@@ -96,10 +96,10 @@ def _fill(case: Case, row: dict) -> None:
         raise StrataError(f"quantization {row['dtype_or_quant']!r} not stated")
     shape = load_shape(row["model"])
     sys = _system(row)
-    engine = versioned_engine(row["system"], row["source"] + " " + row.get("notes", ""))
+    date = source_date(row["source"] + " " + row.get("notes", ""))
+    engine = versioned_engine(row["system"], date)
     kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
-    sc = Scenario(prec=Precisions(fmt, activations="fp16", kv=kv), engine=engine)
-    sc.build_date = source_date(row["source"] + " " + row.get("notes", ""))
+    sc = Scenario(prec=Precisions(fmt, activations="fp16", kv=kv), engine=engine, build_date=date)
     m = re.search(r"-ngl (\d+)", text)
     if m:
         sc.gpu_layers = int(m.group(1))

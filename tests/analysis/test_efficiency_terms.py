@@ -183,8 +183,8 @@ def test_engine_builds_are_dated_from_the_text_or_a_llamacpp_thread_number():
     # other repositories and long-running discussions say nothing about the build
     assert source_date("ikawrakow/ik_llama.cpp PR #128") is None
     assert source_date("llama.cpp GitHub discussion #4167") is None
-    assert versioned_engine("llama.cpp (CPU)", "llama.cpp issue #4716") == "llama.cpp-2023"
-    assert versioned_engine("llama.cpp (CUDA)", "llama.cpp GitHub discussion #15013") == "llama.cpp"
+    assert versioned_engine("llama.cpp (CPU)", source_date("llama.cpp issue #4716")) == "llama.cpp-2023"
+    assert versioned_engine("llama.cpp (CUDA)", source_date("llama.cpp GitHub discussion #15013")) == "llama.cpp"
 
 
 def test_host_time_per_sequence_bounds_big_batches_only():
