@@ -97,9 +97,18 @@ class ExpertCache:
         """Caller holds the lock. The key stays busy until its read finishes."""
         self.pools.mark_busy(key, +1)
         self._views.pop(slot, None)
-        fut = self._io.submit(priority, self.store.read_into, key, self._slot_buf(slot))
+        fut = self._io.submit(priority, self._timed_read, key, self._slot_buf(slot))
         self._loading[key] = fut
         fut.add_done_callback(lambda f, key=key: self._read_done(key, f))
+
+    def _timed_read(self, key: Key, buf: memoryview) -> int:
+        """On an I/O worker: one read, its duration added to the stats."""
+        t0 = time.perf_counter()
+        n = self.store.read_into(key, buf)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.stats.disk_read_s += dt
+        return n
 
     def _read_done(self, key: Key, fut: Future) -> None:
         with self._lock:

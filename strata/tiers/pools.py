@@ -34,6 +34,7 @@ class TierStats:
     prefetch_bytes: int = 0
     prefetch_waste_bytes: int = 0
     io_stall_s: float = 0.0  # caller-measured time spent waiting for reads
+    disk_read_s: float = 0.0  # time the I/O workers spent inside reads (summed over workers)
     fallback_renormalized: int = 0  # expert calls skipped on a miss (the block renormalized the others)
     fallback_lowbit: int = 0  # expert calls served from the resident low-bit copy on a miss
 
@@ -46,6 +47,11 @@ class TierStats:
         return self.demand_bytes + self.prefetch_bytes
 
     @property
+    def disk_read_gb_s(self) -> float | None:
+        """Rate the reads achieved while they ran (one worker: the disk as the engine saw it)."""
+        return self.disk_bytes_read / self.disk_read_s / 1e9 if self.disk_read_s > 0 else None
+
+    @property
     def prefetch_coverage(self) -> float:
         """Fraction of would-be misses that prefetch turned into hits."""
         would_miss = self.misses + self.prefetch_hits
@@ -53,7 +59,7 @@ class TierStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(hit_rate=self.hit_rate, disk_bytes_read=self.disk_bytes_read,
+        d.update(hit_rate=self.hit_rate, disk_bytes_read=self.disk_bytes_read, disk_read_gb_s=self.disk_read_gb_s,
                  prefetch_coverage=self.prefetch_coverage)
         return d
 

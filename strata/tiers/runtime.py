@@ -99,6 +99,8 @@ class TierRuntime:
             "prefetch_waste_bytes": st.prefetch_waste_bytes,
             "disk_bytes_read": st.disk_bytes_read,
             "io_stall_s": st.io_stall_s,
+            "disk_read_s": st.disk_read_s,
+            "disk_read_gb_s": st.disk_read_gb_s,
             "disk_bytes_per_token": st.disk_bytes_read / per_tok if per_tok else None,
             "io_stall_s_per_token": st.io_stall_s / per_tok if per_tok else None,
             "expert_accesses": st.accesses,

@@ -51,6 +51,8 @@ def test_exact_tensors_with_prefetch(store_and_ref, layout, slots, workers):
     assert st.accesses >= 30 * 3 * 2 and st.hits + st.misses == st.accesses
     assert st.disk_bytes_read == (st.misses + st.prefetch_issued) * cache.slot_bytes
     cache.close()
+    # the I/O workers timed every read they ran: a positive read time and a finite rate over it
+    assert st.disk_read_s > 0 and 0 < st.disk_read_gb_s < float("inf")
 
 
 def test_counters_match_the_simulated_pools(store_and_ref):
@@ -70,6 +72,7 @@ def test_pins_are_loaded_and_kept(store_and_ref):
     path, ref = store_and_ref
     cache = ExpertCache(ExpertStore(path), 4, "lru", pins=[(0, 1), (2, 3)])
     assert cache.stats.disk_bytes_read == 0  # pins are read up front and not counted as misses
+    assert cache.stats.disk_read_s == 0 and cache.stats.disk_read_gb_s is None
     run(cache, ref, 10)
     assert {(0, 1), (2, 3)} <= set(cache.pools.resident_keys())
     cache.close()
