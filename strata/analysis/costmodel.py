@@ -30,13 +30,15 @@ class Segment:
     wbytes: list[float] = field(default_factory=list)  # weight bytes that go through a GEMV kernel of `fmts`
     fmts: list[str] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # a measured floor on the op's time (probe kernel figures)
     launches: float = 0.0  # kernel calls per step on this processor (each pays overhead_us)
     bw_scale: float = 1.0  # tensor parallel: devices share the bytes
     flops_scale: float = 1.0
 
     def add(self, name: str, flops: float, nbytes: float, peak: float, wbytes: float = 0.0, fmt: str = "",
-            launches: float = 0.0) -> None:
+            launches: float = 0.0, seconds: float = 0.0) -> None:
         self.names.append(name)
+        self.seconds.append(seconds)
         self.flops.append(flops)
         self.bytes.append(nbytes)
         self.wbytes.append(min(wbytes, nbytes) if fmt else 0.0)
@@ -61,13 +63,14 @@ class Segment:
             w_meas = np.where(measured > 0, w / (np.maximum(measured, 1e-9) * bw), 0.0)
             w_plain = np.where((measured == 0) & ~deq, w / bw, 0.0)
             w_deq = np.where((measured == 0) & deq, w / bw, 0.0)
-            self._cache = (f, other + w_plain, w_deq, w_meas)
+            self._cache = (f, other + w_plain, w_deq, w_meas, np.asarray(self.seconds))
         return self._cache
 
     def op_times(self, effs: Efficiencies) -> tuple[np.ndarray, np.ndarray]:
+        """(compute, memory) seconds per op; a measured op time counts as compute (it is a kernel's own rate)."""
         e = effs.get(self.dev.cls, self.engine)
-        f, plain, deq, meas = self._arrays()
-        return f / e.eta_flops, plain / e.eta_bw + deq / (e.eta_bw * e.eta_q) + meas
+        f, plain, deq, meas, sec = self._arrays()
+        return np.maximum(f / e.eta_flops, sec), plain / e.eta_bw + deq / (e.eta_bw * e.eta_q) + meas
 
     def time(self, effs: Efficiencies) -> float:
         if not self.flops:

@@ -39,6 +39,9 @@ class Device:
     approximate: bool = False
     source: str = ""
     kernel_eff: dict[str, float] = field(default_factory=dict)  # Strata's GEMV rate per format / bandwidth_gbs
+    # Strata's prefill matmul on quantized weights is a bf16 GEMM plus an expand pass; that pass's rate in G weights/s
+    # per format (measured: quantized minus bf16 matmul time at prompt-sized row counts). Compute-bound, not bytes.
+    dequant_gelem_s: dict[str, float] = field(default_factory=dict)
     sockets: int = 1  # CPU sockets whose bandwidth and FLOPs are summed here (each with its own memory)
 
     def peak(self, kind: str) -> float:
@@ -96,20 +99,28 @@ def device_from_dict(key: str, v: dict) -> Device:
                       flash=v.get("flash"), tiers=list(v.get("tiers", [])),
                       in_flash_compute=bool(v.get("in_flash_compute", False)),
                       approximate=bool(v.get("approximate", False)), source=v.get("source", ""),
-                      kernel_eff=dict(v.get("kernel_eff") or _probed_kernel_eff(v)))
+                      kernel_eff=dict(v.get("kernel_eff") or _probed_kernel_eff(v)),
+                      dequant_gelem_s=dict(v.get("dequant_gelem_s") or _probed(v, r"^dequant_strata_(.+)_gelem_s$")))
     except KeyError as e:
         raise ConfigError(f"hardware entry {key!r}: missing field {e.args[0]!r}") from None
+
+
+def _probed(v: dict, pattern: str) -> dict[str, float]:
+    """Probe kernel figures whose key matches `pattern` (group 1: a Strata format name), by weight format."""
+    out = {}
+    for key, x in (v.get("kernels") or {}).items():
+        m = re.match(pattern, key)
+        if m and m.group(1) in STRATA_FORMATS and float(x) > 0:
+            out[STRATA_FORMATS[m.group(1)]] = float(x)
+    return out
 
 
 def _probed_kernel_eff(v: dict) -> dict[str, float]:
     """Share of the probed bandwidth each of Strata's decode GEMVs reaches (probe key gemv_strata_<fmt>_gbs)."""
     bw = float(v.get("bandwidth_gbs", 0.0))
-    out = {}
-    for key, gbs in (v.get("kernels") or {}).items():
-        m = re.match(r"^gemv_strata_(.+)_gbs$", key)
-        if m and m.group(1) in STRATA_FORMATS and bw > 0:
-            out[STRATA_FORMATS[m.group(1)]] = min(float(gbs) / bw, 1.0)
-    return out
+    if bw <= 0:
+        return {}
+    return {f: min(gbs / bw, 1.0) for f, gbs in _probed(v, r"^gemv_strata_(.+)_gbs$").items()}
 
 
 def aliases() -> dict[str, list[str]]:

@@ -131,7 +131,10 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             # cache (Strata's tiles) costs no memory traffic beyond the quantized read
             q = op.weight_bytes * frac
             copy = q * 2.0 / bytes_per_elem(op.fmt) if deq_copy else 0.0
-            seg.add(op.name + suffix + ".dequant", 0.0, q + copy, seg.dev.peak("fp16"), q, op.fmt, calls)
+            # Strata's expand pass is compute-bound: at its measured rate (weights per second) where the profile has one
+            rate = seg.dev.dequant_gelem_s.get(op.fmt, 0.0) if sc.engine == "strata" else 0.0
+            sec = q / bytes_per_elem(op.fmt) / (rate * 1e9) if rate else 0.0
+            seg.add(op.name + suffix + ".dequant", 0.0, q + copy, seg.dev.peak("fp16"), q, op.fmt, calls, sec)
             seg.add(op.name + suffix, op.flops * frac, copy + (op.act_bytes + op.kv_bytes) * frac,
                     seg.dev.peak("fp16_acc16"), 0.0, "", calls)
             return

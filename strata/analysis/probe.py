@@ -118,23 +118,28 @@ def gemv_gemm(k: int, n: int, copies: int, m_big: int) -> dict:
             res["gemv_int8_gbs"] = copies * n * k / _best(gemv8, 3) / 1e9
         except RuntimeError:
             pass
-    res.update(strata_gemv(k, n, copies))
+    res.update(strata_kernels(k, n, copies, m_big))
     return res
 
 
-def strata_gemv(k: int, n: int, copies: int) -> dict:
-    """GB/s of Strata's own decode GEMV per weight format (the cost model prices Strata's weights at these)."""
+def strata_kernels(k: int, n: int, copies: int, m_big: int) -> dict:
+    """Strata's own matmuls per weight format: decode GEMV GB/s, and the rate (G weights/s) of the expand pass its
+    quantized prefill adds to a bf16 GEMM (quantized minus bf16 time at `m_big` rows). The cost model prices
+    Strata's weights at these."""
     from strata.layers.linear import linear
     from strata.layers.quant_linear import QuantLinear
 
     res: dict = {}
     x1 = torch.randn(1, k, dtype=torch.bfloat16)
+    xb = torch.randn(m_big, k, dtype=torch.bfloat16)
     ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(copies)]
     def run16():
         for w in ws:
             linear(x1, w)
     run16()
     res["gemv_strata_bf16_gbs"] = copies * n * k * 2 / _best(run16, 3) / 1e9
+    linear(xb, ws[0])
+    t_gemm = _best(lambda: linear(xb, ws[0]), 3)
     lin = torch.nn.Linear(k, n, bias=False)
     for fmt in ("int8", "int4-g64", "fp8"):
         first = QuantLinear.from_float(lin, fmt)
@@ -150,6 +155,10 @@ def strata_gemv(k: int, n: int, copies: int) -> dict:
                 q(x1)
         runq()
         res[f"gemv_strata_{fmt}_gbs"] = copies * first.fmt.nbytes(n, k) / _best(runq, 3) / 1e9
+        first(xb)
+        extra = _best(lambda first=first: first(xb), 3) - t_gemm
+        if extra > 0:  # noise can hide a cheap pass on tiny quick-mode shapes
+            res[f"dequant_strata_{fmt}_gelem_s"] = n * k / extra / 1e9
     return res
 
 

@@ -65,3 +65,14 @@ def test_batching_raises_throughput_and_offload_costs_time():
     hot = predict(mx, hybrid, Scenario(prec=Precisions("q4_k_m"), offload="experts", hit_rate=0.9, cache_frac=0.9), effs)
     cold = predict(mx, hybrid, Scenario(prec=Precisions("q4_k_m"), offload="experts", hit_rate=0.2, cache_frac=0.2), effs)
     assert cold.tpot_s > hot.tpot_s
+
+
+def test_probe_profile_kernel_figures_map_to_weight_formats():
+    from strata.analysis.hardware import device_from_dict
+
+    prof = {"name": "probe", "class": "cpu-measured", "peak_tflops": {"fp16": 1.0}, "memory_gb": 16, "bandwidth_gbs": 20,
+            "kernels": {"gemv_strata_int8_gbs": 10.0, "gemv_strata_bf16_gbs": 30.0, "dequant_strata_int8_gelem_s": 5.0,
+                        "dequant_strata_fp8_gelem_s": 4.0, "gemm_bf16_tflops": 1.0}}
+    dev = device_from_dict("probe", prof)
+    assert dev.kernel_eff == {"int8wo": 0.5, "bf16": 1.0}  # GB/s over the probed bandwidth, capped at 1
+    assert dev.dequant_gelem_s == {"int8wo": 5.0, "fp8wo": 4.0}

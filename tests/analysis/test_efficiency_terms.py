@@ -164,6 +164,28 @@ def test_strata_prefill_expands_quantized_tiles_in_cache_then_runs_a_bf16_gemm()
     assert "q_proj.dequant" not in gemv.names  # up to GEMV_MAX_ROWS rows the GEMV kernel reads the codes
 
 
+def test_strata_expand_pass_runs_at_the_measured_rate_when_the_profile_has_one():
+    from dataclasses import replace
+
+    from strata.analysis.costmodel import Segment
+
+    base = _prefill("strata-dev", False, engine="strata", fmt="int8wo")
+    i = base.names.index("q_proj.dequant")
+    assert base.seconds[i] == 0  # no measured rate: the pass is its quantized read alone
+    s, dev = llama(2), replace(load_catalog()["strata-dev"], dequant_gelem_s={"int8wo": 2.0})
+    sc = Scenario(batch=1, prompt=64, gen=1, prec=Precisions("int8wo"), engine="strata", offload="none")
+    sys = System(dev)
+    seg: Segment = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, 64, 0).segments[0]
+    assert seg.seconds[i] == pytest.approx(256 * 256 / 2e9)  # 65,536 int8 weights at 2 G weights/s
+    f, b = seg.op_times(effs())
+    assert f[i] == pytest.approx(256 * 256 / 2e9) and b[i] < f[i]  # compute-bound: slower than reading the codes
+    assert seg.time(effs()) > base.time(effs())
+    # other engines never take Strata's rate
+    llama_cpp = step_cost(s, sys, replace(sc, engine="llama.cpp", prec=Precisions("q8_0")),
+                          plan_placement(s, sys, sc, 0.0), 1, 64, 0).segments[0]
+    assert not any(llama_cpp.seconds)
+
+
 def test_strata_overhead_lives_in_strata_fit_json():
     import json
 

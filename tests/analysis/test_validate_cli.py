@@ -101,10 +101,15 @@ def test_routing_trace_hit_rates(tmp_path):
 
 
 def test_probe_quick_and_plan(tmp_path, capsys):
+    from strata.analysis.hardware import parse_system
+
     prof = tmp_path / "hw.json"
     assert main(["probe", "--quick", "--out", str(prof), "--dir", str(tmp_path)]) == 0
     d = json.loads(prof.read_text())
     assert d["bandwidth_gbs"] > 0 and d["peak_tflops"]["fp16"] > 0 and d["class"] == "cpu-measured"
+    dev = parse_system(str(prof)).device
+    assert set(dev.kernel_eff) == {"bf16", "int8wo", "int4-g64", "fp8wo"}
+    assert set(dev.dequant_gelem_s) <= {"int8wo", "int4-g64", "fp8wo"} and all(v > 0 for v in dev.dequant_gelem_s.values())
     capsys.readouterr()
     runs = tmp_path / "runs.jsonl"
     runs.write_text("")
