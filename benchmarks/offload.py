@@ -118,6 +118,9 @@ def run_strata(path: str, budget: int | None, policy: str, prefetch: str, prompt
             / max(after["expert_accesses"] - before["expert_accesses"], 1),
             "disk_bytes_per_token": (after["disk_bytes_read"] - before["disk_bytes_read"]) / steps,
             "io_stall_s_per_token": (after["io_stall_s"] - before["io_stall_s"]) / steps,
+            # the rate the engine's own reads achieved while they ran (one I/O worker), beside the probes
+            "disk_read_gb_s_engine": (after["disk_bytes_read"] - before["disk_bytes_read"])
+            / max(after["disk_read_s"] - before["disk_read_s"], 1e-9) / 1e9,
             "prefetch_coverage": after["prefetch_coverage"], "prefetch_waste_bytes": after["prefetch_waste_bytes"],
             "slots": after["expert_cache_slots"], "direct_io": after["direct_io"],
         })
@@ -160,6 +163,31 @@ def disk_read_gbs(store_dir: Path, reads: int = 64) -> float:
     for k in keys:
         total += store.read_into(k, memoryview(mm))
     return total / (time.perf_counter() - t0) / 1e9
+
+
+def mem_read_gbs(threads: int) -> dict:
+    """Memory read bandwidth (1 GiB fp32 sum) and Strata's bf16 decode GEMV rate over 384 MiB of weights, both with
+    the engines' thread count: one core's GEMV does not reach one core's share of the bandwidth on every machine."""
+    import torch
+
+    from benchmarks.synthetic import memory_bandwidth_gbs
+    from strata.analysis.probe import _best
+    from strata.layers.linear import linear
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ws = [torch.randn(4096, 4096).to(torch.bfloat16) for _ in range(12)]  # 12 x 32 MiB
+        x = torch.randn(1, 4096, dtype=torch.bfloat16)
+
+        def gemv():
+            for w in ws:
+                linear(x, w)
+
+        gemv()
+        return {"memory": memory_bandwidth_gbs(), "gemv_bf16": 12 * 4096 * 4096 * 2 / _best(gemv, 3) / 1e9}
+    finally:
+        torch.set_num_threads(old)
 
 
 def main() -> None:
@@ -205,15 +233,18 @@ def main() -> None:
     bw0 = disk_read_gbs(store)
     rows = []
     bw1 = bw0  # the latest disk probe
+    mem1 = mem_read_gbs(args.threads)  # and memory probe, at the run's thread count
 
     def record(name: str, res: dict) -> None:
-        # the shared disk drifts within a run: probe it again after each row, so every row carries the mean of
-        # the probes just before and just after it
-        nonlocal bw1
+        # the shared disk and memory drift within a run: probe them again after each row, so every row carries the
+        # mean of the probes just before and just after it
+        nonlocal bw1, mem1
         evict([store])
-        after = disk_read_gbs(store)
-        res.update(engine=name, disk_o_direct_gb_s_row=(bw1 + after) / 2)
-        bw1 = after
+        after, mem = disk_read_gbs(store), mem_read_gbs(args.threads)
+        res.update(engine=name, disk_o_direct_gb_s_row=(bw1 + after) / 2,
+                   memory_read_gb_s_row=(mem1["memory"] + mem["memory"]) / 2,
+                   gemv_bf16_gb_s_row=(mem1["gemv_bf16"] + mem["gemv_bf16"]) / 2)
+        bw1, mem1 = after, mem
         rows.append(res)
         print(name, json.dumps(res), file=sys.stderr)
 
