@@ -119,7 +119,9 @@ def system(bw: float, keff: dict[str, float], tflops: float, deq: dict[str, floa
 
 def scenario(run: dict) -> Scenario:
     if run["engine"] == "strata":
-        prec = Precisions(STRATA_FORMATS[run["format"]], activations="bf16", kv="bf16", head="bf16")
+        # quant.py's quantized checkpoints keep lm_head in int8 (`quantized_folder`: modules["lm_head"] = "int8")
+        head = "bf16" if run["format"] == "bf16" else STRATA_FORMATS["int8"]
+        prec = Precisions(STRATA_FORMATS[run["format"]], activations="bf16", kv="bf16", head=head)
     else:
         prec = Precisions(PEER_FORMATS[run["format"]], activations="fp16", kv="fp16")
     return Scenario(batch=1, prompt=PROMPT, gen=GEN, prec=prec, engine=run["engine"], offload="none")
@@ -174,6 +176,8 @@ def predict_offload(r: dict, keff: dict[str, float], tflops: float, effs: Effici
     """Resident decode step on this run's machine, plus its reads per token at its measured disk bandwidth."""
     sc = scenario({"engine": r["engine"], "format": "bf16"})
     sc.prompt, sc.gen = OFFLOAD_PROMPT, OFFLOAD_GEN
+    if r["bytes_per_token"] > 0 and r["engine"] == "strata":  # experts behind a provider: Strata's Python expert
+        sc.offload, sc.cache_frac, sc.hit_rate = "experts", 1.0, 1.0  # loop, priced all-hit; reads added below
     share = r["threads"] / 2  # GEMM: one thread multiplies at half the two-thread rate
     if r["gemv_gbs"]:  # the weights stream at the GEMV rate probed with the run's threads
         sys_ = system(r["gemv_gbs"], {**keff, "bf16": 1.0}, tflops * share)
@@ -274,9 +278,11 @@ def offload_markdown(doc: dict) -> list[str]:
          "the decode speed). On this shared VM the two disagree in the same minutes (cache rows of tiers_engine_rate: "
          "probes 0.85-1.26 GB/s, the engine's reads 2.07-2.51; tiers_engine_rate2: 1.22-1.85 and 1.67-2.17); "
          "standalone probes read 1.1 to 2.9 GB/s from one minute to the next, with no pattern found in buffer type, "
-         "eviction or pauses. The resident rows (first 32 tokens after a load with the model evicted from the page "
-         "cache) are predicted +21 % to +39 % at 1 thread; the same configuration run standalone decoded at 13.97 to "
-         "21.95 tok/s from one run to the next (2026-11-27), so they sit inside this VM's run-to-run spread."),
+         "eviction or pauses. The resident rows are the first 32 tokens after loading a model evicted from the page "
+         "cache, and the first request after a load is slow on this VM: the same configuration run standalone "
+         "(2026-11-27) took 1.8 s to prefill and 75-210 ms for each of its first 8 decode steps, then 45-50 ms; a "
+         "second request prefilled in 0.3 s and decoded at 17.0-20.8 tok/s. Prefaulting every weight page at load "
+         "(MADV_POPULATE_READ) did not remove it. The model predicts the steady state (20.9-21.6 tok/s here)."),
         (f"Strata rows with expert reads, median |error|: with the engine's read rate {_median_abs([r['decode_err'] for r in own])} "
          f"({len(own)} rows); with the probes {_median_abs([r['decode_err_probe'] for r in own])} on the same rows, "
          f"{_median_abs([r['decode_err_probe'] for r in strata])} over all {len(strata)} ({per_file})."), "",

@@ -117,6 +117,9 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     n = batch * new
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_ENGINES
+    # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
+    # provider (offloaded experts) or more than one token it loops over the experts in Python
+    native_moe = sc.engine == "strata" and n == 1 and sc.offload == "none"
     # llama.cpp with a GPU: big-batch matmuls on host-resident weights run on the GPU, weights copied per step
     host_to_gpu = (sc.engine.startswith("llama.cpp") and sys.host is not None and dev.cls == "gpu"
                    and n >= GPU_OFFLOAD_MIN_TOKENS)
@@ -124,7 +127,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     deq_from, deq_copy = dequant_gemm_rule(sc, dev)
 
     def put(seg: Segment, op, frac: float = 1.0, suffix: str = "", nbytes: float | None = None) -> None:
-        calls = op.launches if looped or not op.routed else min(op.launches, 3.0)
+        calls = 1.0 if native_moe and op.routed else op.launches if looped or not op.routed else min(op.launches, 3.0)
         if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
                 and needs_dequant(op.fmt)):
             # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
@@ -140,7 +143,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             return
         wb = op.weight_bytes * frac if nbytes is None else 0.0
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
-                seg.dev.peak(op.compute), wb, op.fmt, calls * (frac if op.routed and looped else 1.0))
+                seg.dev.peak(op.compute), wb, op.fmt, calls * (frac if op.routed and looped and not native_moe else 1.0))
 
     for op in build_ops(s, sc.prec, batch, new, past):
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0

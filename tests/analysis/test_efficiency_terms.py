@@ -68,10 +68,26 @@ def test_calibrated_eta_q_below_one():
 
 def test_looped_experts_pay_one_call_per_matrix_per_expert():
     dev = load_catalog()["rtx4090"]
-    looped = decode(moe(), dev, Precisions("bf16"), "strata")
+    looped = decode(moe(), dev, Precisions("bf16"), "transformers")
     fused = decode(moe(), dev, Precisions("bf16"), "vllm")
     calls = [sum(s.launches for s in c.segments) for c in (looped, fused)]
     assert calls[0] - calls[1] == pytest.approx(2 * (3 * 4 - 3))  # 2 layers, 4 experts x 3 matrices vs 3 calls
+
+
+def test_strata_runs_resident_decode_experts_in_one_native_call_and_loops_otherwise():
+    dev, s, prec = load_catalog()["strata-dev"], moe(), Precisions("bf16")
+    sys = System(dev)
+
+    def calls(new, **kw):
+        sc = Scenario(batch=1, prompt=16, gen=2, prec=prec, engine="strata", **kw)
+        return sum(g.launches for g in step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 16).segments)
+
+    fused = sum(g.launches for g in decode(s, dev, prec, "vllm").segments)
+    assert calls(1, offload="none") == pytest.approx(fused - 2 * (3 - 1))  # moe_decode: 1 call per layer, not 3
+    # an expert provider (offloaded experts, here all cached) or a prompt of several tokens: the Python loop
+    loop = calls(1, offload="experts", cache_frac=1.0, hit_rate=1.0)
+    assert loop == pytest.approx(fused + 2 * (3 * 4 - 3))
+    assert calls(2, offload="none") > calls(1, offload="none") + 2 * 3 * 4
 
 
 def test_strata_weights_use_the_probed_gemv_rate():
