@@ -48,7 +48,8 @@ class TierStats:
 
     @property
     def disk_read_gb_s(self) -> float | None:
-        """Rate the reads achieved while they ran (one worker: the disk as the engine saw it)."""
+        """Bytes read over the time spent inside reads: per worker; with one I/O worker (the runtime's), the disk
+        rate as the engine saw it."""
         return self.disk_bytes_read / self.disk_read_s / 1e9 if self.disk_read_s > 0 else None
 
     @property
