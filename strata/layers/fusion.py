@@ -11,16 +11,14 @@ fixed cost per call (Python, ctypes, an OpenMP fork/join) is a visible share of 
 
 from __future__ import annotations
 
-import bisect
 import ctypes
-import mmap
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from strata.layers.linear import Linear, linear
 from strata.layers.quant_linear import QuantLinear
+from strata.weights.mapping import file_ranges, libc, page_range
 
 WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4}  # WK_* in quant_cpu.h
 
@@ -36,31 +34,7 @@ def _fusable(linears: list[nn.Module]) -> bool:
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the range now; contents are kept (re-read from the file if touched)
-
-
-@lru_cache(maxsize=1)
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
 _file_ranges: list[tuple[int, int]] = []  # file-backed mappings of this process, set by fuse_model
-
-
-def _read_file_mappings() -> list[tuple[int, int]]:
-    ranges = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):  # inode, path: a file
-                    lo, hi = parts[0].split("-")
-                    ranges.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        return []
-    return sorted(ranges)
 
 
 def release_pages(t: torch.Tensor) -> None:
@@ -72,17 +46,10 @@ def release_pages(t: torch.Tensor) -> None:
     docs/benchmarks/tiers.md). MADV_PAGEOUT keeps the contents (re-read from the file if touched); anonymous
     memory is left alone (it would only be swapped out before being freed); unsupported systems do nothing.
     """
-    libc = _libc()
-    if libc is None or not _file_ranges or t.device.type != "cpu" or t.numel() == 0:
-        return
-    page = mmap.PAGESIZE
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    i = bisect.bisect_right(_file_ranges, (start, float("inf"))) - 1
-    if i < 0 or not (_file_ranges[i][0] <= start and end <= _file_ranges[i][1]):
-        return
-    lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if hi > lo:
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
+    lib = libc()
+    span = page_range(t, _file_ranges) if lib is not None else None
+    if span is not None:
+        lib.madvise(ctypes.c_void_p(span[0]), ctypes.c_size_t(span[1] - span[0]), _MADV_PAGEOUT)
 
 
 def fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -185,7 +152,7 @@ def native_weight(proj) -> tuple[int, int, int, int | None, int | None] | None:
 def fuse_model(model: nn.Module) -> int:
     """Fuse every attention's q/k/v and every MLP's gate/up (experts included). Returns the number fused."""
     global _file_ranges
-    _file_ranges = _read_file_mappings()
+    _file_ranges = file_ranges()
     n = 0
     try:
         for m in model.modules():

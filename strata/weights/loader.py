@@ -16,6 +16,7 @@ from strata.errors import WeightsError
 from strata.layers.fusion import fuse_model
 from strata.models.base import CausalLM
 from strata.models.registry import model_class
+from strata.weights.mapping import read_in
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tensors some checkpoints carry that hold no learned state.
@@ -135,4 +136,5 @@ def load_model(
     model.eval().requires_grad_(False)
     if fuse:
         fuse_model(model)
+    read_in([*model.parameters(), *model.buffers()])  # weights still in the file mapping: off the disk now
     return model
