@@ -39,7 +39,7 @@ PEER_FORMATS = {"q8_0": "q8_0", "q4_0": "q4_0", "bf16": "bf16"}
 PROMPT, GEN = 128, 32  # benchmarks/core.py and quant.py defaults
 TRAIN = ("quant.json", "dense-1b", "strata", "bf16")  # the one run the overhead is fitted on
 TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json", "tiers_cgroup_probed.json", "tiers_engine_rate.json",
-         "tiers_engine_rate2.json")  # benchmarks/offload.py runs, those present
+         "tiers_engine_rate2.json", "tiers_engine_rate3.json")  # benchmarks/offload.py runs, those present
 OFFLOAD_PROMPT, OFFLOAD_GEN = 16, 32  # benchmarks/offload.py defaults
 
 
@@ -279,10 +279,11 @@ def offload_markdown(doc: dict) -> list[str]:
          "probes 0.85-1.26 GB/s, the engine's reads 2.07-2.51; tiers_engine_rate2: 1.22-1.85 and 1.67-2.17); "
          "standalone probes read 1.1 to 2.9 GB/s from one minute to the next, with no pattern found in buffer type, "
          "eviction or pauses. The resident rows are the first 32 tokens after loading a model evicted from the page "
-         "cache, and the first request after a load is slow on this VM: the same configuration run standalone "
-         "(2026-11-27) took 1.8 s to prefill and 75-210 ms for each of its first 8 decode steps, then 45-50 ms; a "
-         "second request prefilled in 0.3 s and decoded at 17.0-20.8 tok/s. Prefaulting every weight page at load "
-         "(MADV_POPULATE_READ) did not remove it. The model predicts the steady state (20.9-21.6 tok/s here)."),
+         "cache; until tiers_engine_rate3 (14:45) the loader left the weights that stay in the file mapping on disk "
+         "until a request touched them, so those rows ran the first request's page-by-page reads (standalone: "
+         "prefill 1.8 s instead of 0.3 s, the first 8 decode steps 75-210 ms instead of 45-50) and are predicted "
+         "+51 % to +73 %. The loader now reads those pages in at load (strata/weights/mapping.py): resident row "
+         "20.39 tok/s, predicted -2 %."),
         (f"Strata rows with expert reads, median |error|: with the engine's read rate {_median_abs([r['decode_err'] for r in own])} "
          f"({len(own)} rows); with the probes {_median_abs([r['decode_err_probe'] for r in own])} on the same rows, "
          f"{_median_abs([r['decode_err_probe'] for r in strata])} over all {len(strata)} ({per_file})."), "",
