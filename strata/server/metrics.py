@@ -45,7 +45,9 @@ class EngineMetrics:
         # Tiered experts (published when the engine runs with a memory budget below the model)
         self.expert_hit_rate = g("expert_cache_hit_rate", "Expert lookups served from RAM / all lookups")
         self.expert_disk_bytes = c("expert_disk_read_bytes", "Bytes of expert weights read from disk")
-        self._last = {"queries": 0, "hits": 0, "preempt": 0, "disk": 0}
+        self.expert_disk_seconds = c("expert_disk_read_seconds",
+                                     "Time the expert reads took (bytes / seconds: the disk rate the engine sees)")
+        self._last = {"queries": 0, "hits": 0, "preempt": 0, "disk": 0, "disk_s": 0.0}
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
@@ -68,8 +70,9 @@ class EngineMetrics:
         if tiers and tiers.get("tiered"):
             self.expert_hit_rate.set(tiers["expert_hit_rate"])
             self._counter_delta(self.expert_disk_bytes, "disk", tiers["disk_bytes_read"])
+            self._counter_delta(self.expert_disk_seconds, "disk_s", tiers["disk_read_s"])
 
-    def _counter_delta(self, counter, key: str, total: int) -> None:
+    def _counter_delta(self, counter, key: str, total: float) -> None:
         if total > self._last[key]:
             counter.inc(total - self._last[key])
         self._last[key] = total
