@@ -136,5 +136,5 @@ def load_model(
     model.eval().requires_grad_(False)
     if fuse:
         fuse_model(model)
-    read_in([*model.parameters(), *model.buffers()])  # weights still in the file mapping: off the disk now
+    read_in([*model.parameters(), *model.buffers()], progress)  # mapped weights: off the disk now
     return model

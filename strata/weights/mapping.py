@@ -15,11 +15,13 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import sys
 from collections.abc import Iterable
 from functools import lru_cache
 
 import psutil
 import torch
+from tqdm import tqdm
 
 
 @lru_cache(maxsize=1)
@@ -59,7 +61,7 @@ def page_range(t: torch.Tensor, ranges: list[tuple[int, int]], whole: bool = Tru
     return (lo, hi) if hi > lo else None
 
 
-def read_in(tensors: Iterable[torch.Tensor]) -> int:
+def read_in(tensors: Iterable[torch.Tensor], progress: bool = False) -> int:
     """Reads the file-backed pages under `tensors` now (one byte per page), where they fit in the memory available.
     Returns the bytes read in (0 when skipped)."""
     ranges = file_ranges()
@@ -72,9 +74,13 @@ def read_in(tensors: Iterable[torch.Tensor]) -> int:
     total = sum(hi - lo for lo, hi in spans)
     if not total or total > psutil.virtual_memory().available:
         return 0  # a mapping larger than memory stays lazy: reading it all would only evict itself
-    page = mmap.PAGESIZE
-    for lo, hi in spans:
-        n = (hi - lo) // page
-        buf = (ctypes.c_uint8 * (hi - lo)).from_address(lo)
-        torch.frombuffer(buf, dtype=torch.uint8)[::page][:n].sum()  # one read per page: the fault reads it in
+    page, chunk = mmap.PAGESIZE, 256 << 20
+    with tqdm(total=total, desc="reading in", unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
+              leave=False) as bar:
+        for lo, hi in spans:
+            for a in range(lo, hi, chunk):
+                b = min(a + chunk, hi)
+                buf = (ctypes.c_uint8 * (b - a)).from_address(a)
+                torch.frombuffer(buf, dtype=torch.uint8)[::page].sum()  # one read per page: the fault reads it in
+                bar.update(b - a)
     return total
