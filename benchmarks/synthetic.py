@@ -32,6 +32,12 @@ PRESETS = {
         "bos_token_id": 1, "eos_token_id": 50279, "clip_qkv": None,
     },
 }
+# Thin twins: the same layers, heads per KV head, experts and vocabulary with widths cut to 256, so a decode step's
+# weights are ~50 MB and its time is the engine's fixed cost per step (benchmarks/step_overhead.py)
+PRESETS["dense-1b-thin"] = dict(PRESETS["dense-1b"], hidden_size=256, intermediate_size=704, num_attention_heads=4,
+                                num_key_value_heads=1)
+PRESETS["olmoe-1b-7b-thin"] = dict(PRESETS["olmoe-1b-7b"], hidden_size=256, intermediate_size=128,
+                                   num_attention_heads=4, num_key_value_heads=4)
 
 
 def synthetic_model(name: str, layers: int | None = None) -> Path:

@@ -31,14 +31,17 @@ class Segment:
     fmts: list[str] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # a measured floor on the op's time (probe kernel figures)
+    rates: list[float] = field(default_factory=list)  # measured share of bandwidth its weights stream at (0: by fmt)
     launches: float = 0.0  # kernel calls per step on this processor (each pays overhead_us)
+    host_s: float = 0.0  # measured host time per step outside the calls' overhead (Strata's Python expert loop)
     bw_scale: float = 1.0  # tensor parallel: devices share the bytes
     flops_scale: float = 1.0
 
     def add(self, name: str, flops: float, nbytes: float, peak: float, wbytes: float = 0.0, fmt: str = "",
-            launches: float = 0.0, seconds: float = 0.0) -> None:
+            launches: float = 0.0, seconds: float = 0.0, rate: float = 0.0) -> None:
         self.names.append(name)
         self.seconds.append(seconds)
+        self.rates.append(rate)
         self.flops.append(flops)
         self.bytes.append(nbytes)
         self.wbytes.append(min(wbytes, nbytes) if fmt else 0.0)
@@ -55,8 +58,8 @@ class Segment:
             f = np.asarray(self.flops) / (np.asarray(self.peaks) * self.flops_scale)
             w = np.asarray(self.wbytes)
             other = (np.asarray(self.bytes) - w) / bw
-            measured = np.array([self.dev.kernel_eff.get(m, 0.0) if self.engine == "strata" else 0.0
-                                 for m in self.fmts])
+            measured = np.array([r or (self.dev.kernel_eff.get(m, 0.0) if self.engine == "strata" else 0.0)
+                                 for m, r in zip(self.fmts, self.rates)])
             deq = np.array([bool(m) and needs_dequant(m) for m in self.fmts], dtype=bool)
             # weight bytes: at a measured kernel rate (probe: Strata's own GEMVs) when there is one, else plain
             # (eta_bw) or dequantizing (eta_bw * eta_q); the last two are split so factors can be re-priced
@@ -77,7 +80,7 @@ class Segment:
             return 0.0
         f, b = self.op_times(effs)
         e = effs.get(self.dev.cls, self.engine)
-        return float(np.maximum(f, b).sum()) + self.launches * e.overhead_us * 1e-6
+        return float(np.maximum(f, b).sum()) + self.launches * e.overhead_us * 1e-6 + self.host_s
 
 
 @dataclass

@@ -71,6 +71,21 @@ def _strata_cell() -> Eff:
 
 
 PRIORS["cpu-measured|strata"] = _strata_cell()
+
+
+def _strata_fit(key: str) -> float:
+    """A figure of strata_fit.json (benchmarks/step_overhead.py), 0 where not measured."""
+    if not STRATA_FIT_PATH.exists():
+        return 0.0
+    with open(STRATA_FIT_PATH) as f:
+        return float(json.load(f).get(key, 0.0))
+
+
+# Host time of one expert matrix call in Strata's Python expert loop: decode with offloaded experts (a thin OLMoE
+# twin decoded with and without the native MoE call) and prompts (sorting and gathers per expert; the twin's
+# prefill). 0 where not measured: the per-call overhead alone then applies.
+STRATA_LOOP_US = _strata_fit("loop_us_per_expert_call")
+STRATA_PREFILL_LOOP_US = _strata_fit("prefill_loop_us_per_expert_call")
 # Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
 # llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
 LOOPED_EXPERT_ENGINES = {"strata", "transformers"}
@@ -115,6 +130,7 @@ LLAMACPP_MMQ = (2024, 7)
 # Strata's QuantLinear runs a GEMV kernel up to this many rows and dequantize + bf16 GEMM above (mirrors
 # strata/layers/quant_linear.GEMV_MAX_ROWS; a test keeps them equal)
 STRATA_GEMV_MAX_ROWS = 4
+STRATA_TILE_BYTES = 64 << 20  # bf16 bytes per expanded tile with several threads (quant_linear.TILE_BYTES)
 
 
 # llama.cpp issue / PR numbers grow with time; two numbers with known dates bound the date of a thread that

@@ -8,6 +8,7 @@ published tables ('1x RTX 4090D 24GB + 2x Intel Xeon Gold 6454S') are matched by
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,9 +40,13 @@ class Device:
     approximate: bool = False
     source: str = ""
     kernel_eff: dict[str, float] = field(default_factory=dict)  # Strata's GEMV rate per format / bandwidth_gbs
-    # Strata's prefill matmul on quantized weights is a bf16 GEMM plus an expand pass; that pass's rate in G weights/s
-    # per format (measured: quantized minus bf16 matmul time at prompt-sized row counts). Compute-bound, not bytes.
+    # Strata's prefill matmul on quantized weights is a bf16 GEMM plus an expand pass over row tiles; that pass's
+    # rate in G weights/s per format with the tile in cache (probe: quantized minus bf16 matmul time, 2048 x 2048)
     dequant_gelem_s: dict[str, float] = field(default_factory=dict)
+    llc_mb: float = 0.0  # last-level cache (MiB; 0 = not known): decides whether an expanded tile stays in cache
+    # share of bandwidth_gbs a bf16 matmul of M activation rows streams its weights at (M > 1; probe: rotating weights
+    # at 16 rows and at the GEMM row count): few-row matmuls read weights well below a GEMV's rate
+    gemm_eff: dict[int, float] = field(default_factory=dict)
     sockets: int = 1  # CPU sockets whose bandwidth and FLOPs are summed here (each with its own memory)
 
     def peak(self, kind: str) -> float:
@@ -52,6 +57,18 @@ class Device:
             seen.add(k)
             k = FALLBACK.get(k, "fp16")
         return self.peak_tflops.get(k, 1e-3) * 1e12
+
+    def gemm_eff_at(self, rows: float) -> float:
+        """gemm_eff at `rows` (log-log between the measured row counts, held flat outside them); 0 if unmeasured."""
+        if not self.gemm_eff or rows <= 1:
+            return 0.0
+        ms = sorted(self.gemm_eff)
+        lo = max((m for m in ms if m <= rows), default=ms[0])
+        hi = min((m for m in ms if m >= rows), default=ms[-1])
+        if lo == hi:
+            return self.gemm_eff[lo]
+        w = math.log(rows / lo) / math.log(hi / lo)
+        return math.exp((1 - w) * math.log(self.gemm_eff[lo]) + w * math.log(self.gemm_eff[hi]))
 
     @property
     def tensor_cores(self) -> bool:
@@ -100,7 +117,9 @@ def device_from_dict(key: str, v: dict) -> Device:
                       in_flash_compute=bool(v.get("in_flash_compute", False)),
                       approximate=bool(v.get("approximate", False)), source=v.get("source", ""),
                       kernel_eff=dict(v.get("kernel_eff") or _probed_kernel_eff(v)),
-                      dequant_gelem_s=dict(v.get("dequant_gelem_s") or _probed(v, r"^dequant_strata_(.+)_gelem_s$")))
+                      dequant_gelem_s=dict(v.get("dequant_gelem_s") or _probed(v, r"^dequant_strata_(.+)_gelem_s$")),
+                      llc_mb=float(v.get("llc_mb", 0.0)),
+                      gemm_eff={int(k): float(x) for k, x in (v.get("gemm_eff") or {}).items()})
     except KeyError as e:
         raise ConfigError(f"hardware entry {key!r}: missing field {e.args[0]!r}") from None
 

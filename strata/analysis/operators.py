@@ -52,6 +52,8 @@ class Op:
     routed: bool = False
     fmt: str = ""  # storage format of weight_bytes (kernel efficiency depends on it)
     launches: float = 1.0  # kernel calls: 1 per weight matrix, per touched expert when experts run in a loop
+    matrix_elems: float = 0.0  # weights of the largest matrix one call multiplies (gate and up fused)
+    rows: float = 0.0  # activation rows per call: the step's tokens, or the tokens each touched expert gets
 
     @property
     def bytes(self) -> float:
@@ -155,14 +157,16 @@ def build_ops(s: ModelShape, p: Precisions, batch: int, new: int, past: int) -> 
                 continue
             wb = p.weight_bytes(w.routed)
             io = w.d_in + w.d_out if w.matrices == 1 else 2 * w.d_in + 3 * w.d_out
+            mat = (2 if w.matrices == 3 else 1) * w.d_in * w.d_out
             if w.routed:
                 touched = distinct_experts(w.count, int(w.active), n)
                 tok = n * w.active
                 ops.append(Op(w.name, i, 2.0 * tok * w.params, touched * w.params * wb, tok * io * ab,
-                              compute=p.compute(True), routed=True, fmt=p.fmt(True), launches=w.matrices * touched))
+                              compute=p.compute(True), routed=True, fmt=p.fmt(True), launches=w.matrices * touched,
+                              matrix_elems=mat, rows=tok / max(touched, 1e-9)))
             else:
                 ops.append(Op(w.name, i, 2.0 * n * w.params, w.params * wb, n * io * ab, compute=p.compute(),
-                              fmt=p.fmt(), launches=w.matrices))
+                              fmt=p.fmt(), launches=w.matrices, matrix_elems=mat, rows=n))
     head_tokens = batch  # prefill needs logits of the last position only
     ops.append(Op("final_norm", -1, 4.0 * head_tokens * s.hidden, s.hidden * 2.0, 2.0 * head_tokens * s.hidden * ab))
     ops.append(Op("lm_head", -1, 2.0 * head_tokens * s.hidden * s.vocab,

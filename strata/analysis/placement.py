@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from strata.analysis import efficiency
 from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import (
     GPU_OFFLOAD_MIN_TOKENS,
     LLAMACPP_MMQ,
     LOOPED_EXPERT_ENGINES,
     STRATA_GEMV_MAX_ROWS,
+    STRATA_TILE_BYTES,
 )
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
@@ -106,6 +108,14 @@ def dequant_gemm_rule(sc: Scenario, dev) -> tuple[int, bool]:
     return 0, False
 
 
+def _tile_spills(op, dev) -> bool:
+    """Whether Strata's bf16 tile of this op's matrices (quant_linear: up to STRATA_TILE_BYTES, at least 16 rows)
+    outgrows the last-level cache, so the expand pass writes it to memory and the GEMM reads it back."""
+    if not dev.llc_mb or not op.matrix_elems:
+        return False
+    return min(op.matrix_elems * 2.0, STRATA_TILE_BYTES) > dev.llc_mb * 2**20
+
+
 def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, new: int, past: int) -> StepCost:
     """Price one forward step (batch sequences x new tokens, past tokens cached) under a placement."""
     dev, host = sys.device, sys.host or sys.device
@@ -128,22 +138,33 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
 
     def put(seg: Segment, op, frac: float = 1.0, suffix: str = "", nbytes: float | None = None) -> None:
         calls = 1.0 if native_moe and op.routed else op.launches if looped or not op.routed else min(op.launches, 3.0)
+        if op.routed and looped and not native_moe:
+            calls *= frac  # a loop calls only the experts this share covers
+            loop_us = efficiency.STRATA_PREFILL_LOOP_US if n > 1 else efficiency.STRATA_LOOP_US
+            if sc.engine == "strata" and loop_us:  # Strata's Python loop: its measured time per matrix call
+                seg.host_s += calls * loop_us * 1e-6
+                calls = 0.0
         if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
                 and needs_dequant(op.fmt)):
             # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
             # cache (Strata's tiles) costs no memory traffic beyond the quantized read
             q = op.weight_bytes * frac
-            copy = q * 2.0 / bytes_per_elem(op.fmt) if deq_copy else 0.0
-            # Strata's expand pass is compute-bound: at its measured rate (weights per second) where the profile has one
-            rate = seg.dev.dequant_gelem_s.get(op.fmt, 0.0) if sc.engine == "strata" else 0.0
+            strata = sc.engine == "strata"
+            copy = q * 2.0 / bytes_per_elem(op.fmt) if deq_copy or (strata and _tile_spills(op, seg.dev)) else 0.0
+            # Strata's expand pass runs at its measured rate (weights per second, tile in cache) where the profile
+            # has one, inside the same QuantLinear call as the GEMM (no call of its own)
+            rate = seg.dev.dequant_gelem_s.get(op.fmt, 0.0) if strata else 0.0
             sec = q / bytes_per_elem(op.fmt) / (rate * 1e9) if rate else 0.0
-            seg.add(op.name + suffix + ".dequant", 0.0, q + copy, seg.dev.peak("fp16"), q, op.fmt, calls, sec)
+            seg.add(op.name + suffix + ".dequant", 0.0, q + copy, seg.dev.peak("fp16"), q, op.fmt,
+                    0.0 if strata else calls, sec)
             seg.add(op.name + suffix, op.flops * frac, copy + (op.act_bytes + op.kv_bytes) * frac,
                     seg.dev.peak("fp16_acc16"), 0.0, "", calls)
             return
         wb = op.weight_bytes * frac if nbytes is None else 0.0
+        # Strata's matmul of more rows than its GEMV takes streams weights at the measured few-row matmul rate
+        rate = seg.dev.gemm_eff_at(op.rows) if sc.engine == "strata" and op.rows > STRATA_GEMV_MAX_ROWS else 0.0
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
-                seg.dev.peak(op.compute), wb, op.fmt, calls * (frac if op.routed and looped and not native_moe else 1.0))
+                seg.dev.peak(op.compute), wb, op.fmt, calls, rate=rate)
 
     for op in build_ops(s, sc.prec, batch, new, past):
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0

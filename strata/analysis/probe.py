@@ -131,15 +131,12 @@ def strata_kernels(k: int, n: int, copies: int, m_big: int) -> dict:
 
     res: dict = {}
     x1 = torch.randn(1, k, dtype=torch.bfloat16)
-    xb = torch.randn(m_big, k, dtype=torch.bfloat16)
     ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(copies)]
     def run16():
         for w in ws:
             linear(x1, w)
     run16()
     res["gemv_strata_bf16_gbs"] = copies * n * k * 2 / _best(run16, 3) / 1e9
-    linear(xb, ws[0])
-    t_gemm = _best(lambda: linear(xb, ws[0]), 3)
     lin = torch.nn.Linear(k, n, bias=False)
     for fmt in ("int8", "int4-g64", "fp8"):
         first = QuantLinear.from_float(lin, fmt)
@@ -155,11 +152,45 @@ def strata_kernels(k: int, n: int, copies: int, m_big: int) -> dict:
                 q(x1)
         runq()
         res[f"gemv_strata_{fmt}_gbs"] = copies * first.fmt.nbytes(n, k) / _best(runq, 3) / 1e9
-        first(xb)
-        extra = _best(lambda first=first: first(xb), 3) - t_gemm
-        if extra > 0:  # noise can hide a cheap pass on tiny quick-mode shapes
-            res[f"dequant_strata_{fmt}_gelem_s"] = n * k / extra / 1e9
+    res.update(strata_expand(min(k, 2048), m_big))
     return res
+
+
+def strata_expand(d: int, m_big: int) -> dict:
+    """G weights/s of the expand pass Strata's quantized prefill adds to a bf16 GEMM, per format, on a d x d matrix
+    whose bf16 tile stays in cache (8 MiB at d = 2048): quantized minus bf16 matmul time at `m_big` rows. A tile that
+    outgrows the cache costs its memory traffic on top (the cost model adds it from `llc_mb`)."""
+    from strata.layers.linear import linear
+    from strata.layers.quant_linear import QuantLinear
+
+    res: dict = {}
+    lin = torch.nn.Linear(d, d, bias=False)
+    w = lin.weight.detach().to(torch.bfloat16)
+    xb = torch.randn(m_big, d, dtype=torch.bfloat16)
+    linear(xb, w)
+    t_gemm = _best(lambda: linear(xb, w), 5)
+    for fmt in ("int8", "int4-g64", "fp8"):
+        q = QuantLinear.from_float(lin, fmt)
+        q(xb)
+        extra = _best(lambda q=q: q(xb), 5) - t_gemm
+        if extra > 0:  # noise can hide a cheap pass on tiny quick-mode shapes
+            res[f"dequant_strata_{fmt}_gelem_s"] = d * d / extra / 1e9
+    return res
+
+
+def llc_mb() -> float:
+    """Last-level cache of CPU 0 in MiB (Linux sysfs), 0 where unknown."""
+    best = 0.0
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (idx / "type").read_text().strip() == "Instruction":
+                continue
+            size = (idx / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(size[-1:], 1 / 2**20)
+        best = max(best, float(size.rstrip("KMG") or 0) * mult)
+    return best
 
 
 def run_probe(quick: bool = False, directory: str | None = None) -> dict:
@@ -189,6 +220,7 @@ def run_probe(quick: bool = False, directory: str | None = None) -> dict:
     if disk.get("note"):
         prof["disk_note"] = disk["note"]
     prof["threads"] = threads
+    prof["llc_mb"] = llc_mb()
     prof["power_w"], prof["idle_w"] = 0.0, 0.0
     return prof
 

@@ -7,7 +7,7 @@ import pytest
 
 from strata.analysis.efficiency import Eff, Efficiencies
 from strata.analysis.hardware import System, load_catalog
-from strata.analysis.operators import build_ops, weight_bytes
+from strata.analysis.operators import distinct_experts, build_ops, weight_bytes
 from strata.analysis.placement import Scenario, plan_placement, step_cost
 from strata.analysis.precision import Precisions
 from strata.analysis.shapes import shape_from_dict
@@ -74,20 +74,64 @@ def test_looped_experts_pay_one_call_per_matrix_per_expert():
     assert calls[0] - calls[1] == pytest.approx(2 * (3 * 4 - 3))  # 2 layers, 4 experts x 3 matrices vs 3 calls
 
 
-def test_strata_runs_resident_decode_experts_in_one_native_call_and_loops_otherwise():
-    dev, s, prec = load_catalog()["strata-dev"], moe(), Precisions("bf16")
-    sys = System(dev)
+def _strata_step(new, **kw):
+    s, sys = moe(), System(load_catalog()["strata-dev"])
+    sc = Scenario(batch=1, prompt=16, gen=2, prec=Precisions("bf16"), engine="strata", **kw)
+    return step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 16).segments
+
+
+def test_strata_runs_resident_decode_experts_in_one_native_call_and_loops_otherwise(monkeypatch):
+    from strata.analysis import efficiency
+
+    monkeypatch.setattr(efficiency, "STRATA_LOOP_US", 0.0)  # the loop's calls priced as calls
+    monkeypatch.setattr(efficiency, "STRATA_PREFILL_LOOP_US", 0.0)
 
     def calls(new, **kw):
-        sc = Scenario(batch=1, prompt=16, gen=2, prec=prec, engine="strata", **kw)
-        return sum(g.launches for g in step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 16).segments)
+        return sum(g.launches for g in _strata_step(new, **kw))
 
-    fused = sum(g.launches for g in decode(s, dev, prec, "vllm").segments)
+    fused = sum(g.launches for g in decode(moe(), load_catalog()["strata-dev"], Precisions("bf16"), "vllm").segments)
     assert calls(1, offload="none") == pytest.approx(fused - 2 * (3 - 1))  # moe_decode: 1 call per layer, not 3
     # an expert provider (offloaded experts, here all cached) or a prompt of several tokens: the Python loop
     loop = calls(1, offload="experts", cache_frac=1.0, hit_rate=1.0)
     assert loop == pytest.approx(fused + 2 * (3 * 4 - 3))
     assert calls(2, offload="none") > calls(1, offload="none") + 2 * 3 * 4
+
+
+def test_strata_python_expert_loop_costs_its_measured_time_per_call(monkeypatch):
+    from strata.analysis import efficiency
+
+    monkeypatch.setattr(efficiency, "STRATA_LOOP_US", 0.0)
+    plain = _strata_step(1, offload="experts", cache_frac=1.0, hit_rate=1.0)[0]
+    monkeypatch.setattr(efficiency, "STRATA_LOOP_US", 50.0)
+    looped = _strata_step(1, offload="experts", cache_frac=1.0, hit_rate=1.0)[0]
+    expert_calls = 2 * 3 * 4  # 2 layers x 4 touched experts x 3 matrices
+    assert looped.host_s == pytest.approx(expert_calls * 50e-6) and plain.host_s == 0
+    assert plain.launches - looped.launches == pytest.approx(expert_calls)  # moved from calls to the loop's time
+    assert _strata_step(1, offload="none")[0].host_s == 0  # the native call: no loop
+    monkeypatch.setattr(efficiency, "STRATA_PREFILL_LOOP_US", 20.0)  # a prompt loops at its own measured cost
+    prompt = _strata_step(4, offload="none")[0]
+    touched = distinct_experts(16, 4, 4)
+    assert prompt.host_s == pytest.approx(2 * 3 * touched * 20e-6)
+
+
+def test_strata_few_row_matmul_streams_weights_at_the_measured_rate():
+    from dataclasses import replace
+
+    s = llama(2)
+    sc = Scenario(batch=1, prompt=16, gen=1, prec=Precisions("bf16"), engine="strata", offload="none")
+
+    def mlp(eff, new):
+        sys = System(replace(load_catalog()["strata-dev"], gemm_eff=eff))
+        seg = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 0).segments[0]
+        i = seg.names.index("mlp")
+        unit = Efficiencies({"cpu-measured|strata": Eff(1.0, 1.0, 0.0, 1.0, 0.0)})
+        return seg.op_times(unit)[1][i], seg, i
+
+    half, seg, i = mlp({16: 0.5, 256: 0.1}, 16)
+    w, bw = seg.wbytes[i], seg.dev.bw
+    assert w > 0 and half == pytest.approx((seg.bytes[i] - w) / bw + w / (0.5 * bw))  # weights at half the bandwidth
+    assert seg.dev.gemm_eff_at(64) == pytest.approx(0.5 * (0.1 / 0.5) ** 0.5)  # log-log between 16 and 256 rows
+    assert mlp({16: 0.5}, 1)[0] == pytest.approx(mlp({}, 1)[0])  # one row: the GEMV, not the matmul rate
 
 
 def test_strata_weights_use_the_probed_gemv_rate():
@@ -200,6 +244,26 @@ def test_strata_expand_pass_runs_at_the_measured_rate_when_the_profile_has_one()
     llama_cpp = step_cost(s, sys, replace(sc, engine="llama.cpp", prec=Precisions("q8_0")),
                           plan_placement(s, sys, sc, 0.0), 1, 64, 0).segments[0]
     assert not any(llama_cpp.seconds)
+
+
+def test_strata_tile_outgrowing_the_last_level_cache_goes_through_memory():
+    from dataclasses import replace
+
+    s = llama(2)
+    sc = Scenario(batch=1, prompt=64, gen=1, prec=Precisions("int8wo"), engine="strata", offload="none")
+
+    def q_proj(llc_mb):
+        sys = System(replace(load_catalog()["strata-dev"], llc_mb=llc_mb))
+        seg = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, 64, 0).segments[0]
+        return seg, seg.names.index("q_proj.dequant"), seg.names.index("q_proj")
+
+    tile = 256 * 256 * 2  # q_proj's bf16 tile: 128 KiB
+    fits, i, j = q_proj(tile / 2**20 * 2)
+    assert fits.bytes[i] == pytest.approx(256 * 256)  # only the int8 read: the tile stays in cache
+    spills, i, j = q_proj(tile / 2**20 / 2)
+    assert spills.bytes[i] == pytest.approx(256 * 256 + tile)  # the expand pass writes the bf16 tile to memory
+    assert spills.bytes[j] - fits.bytes[j] == pytest.approx(tile)  # and the GEMM reads it back
+    assert spills.launches == fits.launches  # expand and GEMM are one QuantLinear call
 
 
 def test_strata_overhead_lives_in_strata_fit_json():

@@ -1,0 +1,210 @@
+"""Strata's fixed cost per decode step, measured: decode on thin twins of the benchmark models (the same layers,
+experts and vocabulary, widths cut to 256: ~50 MB of weights per step), so the step time is the engine's own
+work (Python, native-call set-up, attention, sampling) and not weight traffic.
+
+The cost model prices that work as an overhead per kernel call (cell `cpu-measured|strata`). This script
+turns each measured step into that figure: (step time - the model's own prediction of the twin's step with no
+overhead) / the twin's kernel calls, and writes the dense twin's bf16 figure to strata/analysis/strata_fit.json,
+which the cost model reads. No run of the real models enters it. Results: docs/benchmarks/step_overhead.json.
+
+    .venv/bin/python benchmarks/step_overhead.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from strata.fileio import write_json_atomic, write_text_atomic
+
+TWINS = {"dense-1b-thin": "tinyllama-1.1b", "olmoe-1b-7b-thin": "olmoe-1b-7b"}
+PREFILL = 128  # prompt tokens of the prefill measurement (benchmarks/quant.py's default)
+
+
+def run_twin(path: str, decode: int, threads: int, native_moe: bool = True) -> dict:
+    """Decode step time (median over `decode` steps after a warm-up request), in a fresh interpreter;
+    `native_moe=False` runs the experts in the Python loop (the path of prompts and offloaded experts)."""
+    import torch
+
+    from strata import LLM, SamplingParams
+    from strata.layers.moe import SparseMoeBlock
+
+    torch.set_num_threads(threads)
+    llm = LLM(path, progress=False, num_threads=threads, max_num_seqs=1, enable_prefix_caching=False)
+    eng = llm.engine
+    if not native_moe:
+        for m in eng.model.modules():
+            if isinstance(m, SparseMoeBlock):
+                m.__dict__["_native"] = False  # SparseMoeBlock._native_experts: built once, False = none
+    ids = list(range(10, 26))
+    llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.generate([list(range(100, 100 + PREFILL))], SamplingParams(temperature=0, max_tokens=1))  # warm-up
+    prefills = []
+    for i in range(3):  # a fresh prompt each time (no prefix cache): the prompt's step, first token included
+        eng.add_request(list(range(200 + i, 200 + i + PREFILL)), SamplingParams(temperature=0, max_tokens=1))
+        t = time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        prefills.append(time.perf_counter() - t)
+    eng.add_request(ids, SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True))
+    eng.step()
+    steps = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        steps.append(time.perf_counter() - t)
+    return {"step_ms": statistics.median(steps) * 1e3, "steps": len(steps), "prefill_ms": min(prefills) * 1e3}
+
+
+def _child(path: str, decode: int, threads: int, native_moe: bool = True) -> dict:
+    import subprocess
+
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.step_overhead import run_twin; "
+            f"print('RESULT', json.dumps(run_twin({path!r}, {decode}, {threads}, {native_moe})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    res = next((json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if res is None:
+        raise SystemExit(f"{path}: decode failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return res
+
+
+def _twin(name: str, fmt: str, looped: bool):
+    """(shape, scenario) of a thin twin's batch-1 decode; `looped`: experts behind a provider, Strata's Python loop."""
+    from benchmarks.synthetic import PRESETS
+    from strata.analysis.placement import Scenario
+    from strata.analysis.precision import STRATA_FORMATS, Precisions
+    from strata.analysis.shapes import find_preset, load_presets, shape_from_dict
+
+    base = load_presets()[find_preset(TWINS[name])]["config"]
+    twin = {k: PRESETS[name][k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads")}
+    head = "bf16" if fmt == "bf16" else STRATA_FORMATS["int8"]
+    prec = Precisions(STRATA_FORMATS[fmt], activations="bf16", kv="bf16", head=head)
+    sc = Scenario(batch=1, prompt=16, gen=64, prec=prec, engine="strata", offload="none")
+    if looped:
+        sc.offload, sc.cache_frac, sc.hit_rate = "experts", 1.0, 1.0
+    return shape_from_dict(dict(base, **twin), name=name), sc
+
+
+def twin_prediction(name: str, fmt: str, bw: float, looped: bool = False,
+                    prefill: bool = False) -> tuple[float, float, float]:
+    """(decode step, or `prefill` of PREFILL tokens, seconds the cost model predicts for the twin with no per-call
+    overhead, its kernel calls, the calls of its routed expert ops); GEMMs at the kernel benchmark's bf16 rate."""
+    from benchmarks.analysis_own_runs import gemm_tflops
+    from strata.analysis import efficiency
+    from strata.analysis.efficiency import PRIORS, Efficiencies
+    from strata.analysis.hardware import System, load_catalog
+    from strata.analysis.operators import build_ops
+    from strata.analysis.predict import predict
+
+    shape, sc = _twin(name, fmt, looped)
+    if prefill:
+        sc.prompt = PREFILL
+    effs = Efficiencies({"cpu-measured|strata": replace(PRIORS["cpu-measured"], overhead_us=0.0)})
+    tf = gemm_tflops()
+    system = System(replace(load_catalog()["strata-dev"], bandwidth_gbs=bw,
+                            peak_tflops={"fp32": tf / 2, "fp16": tf, "int8": tf}))
+    saved = efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US
+    efficiency.STRATA_LOOP_US = efficiency.STRATA_PREFILL_LOOP_US = 0.0  # the loop's calls counted as calls
+    try:
+        p = predict(shape, system, sc, effs)
+    finally:
+        efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US = saved
+    step = p.prefill if prefill else p.decode
+    calls = sum(s.launches for s in step.segments)
+    n = PREFILL if prefill else 1
+    other = sum(op.launches for op in build_ops(shape, sc.prec, 1, n, 0 if prefill else sc.prompt) if not op.routed)
+    return (p.ttft_s if prefill else p.tpot_s), calls, calls - other
+
+
+def main() -> None:
+    from benchmarks.quant import quantized_folder
+    from benchmarks.synthetic import memory_bandwidth_gbs, synthetic_model
+    from strata.analysis.efficiency import STRATA_FIT_PATH
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--twins", default=",".join(TWINS))
+    ap.add_argument("--formats", default="bf16,int8,int4-g64,fp8")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "step_overhead.json"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bw = memory_bandwidth_gbs()
+    rows = []
+    for name in args.twins.split(","):
+        src = synthetic_model(name)
+        for fmt in args.formats.split(","):
+            path = str(quantized_folder(Path(src), fmt))
+            res = [_child(path, args.decode, args.threads) for _ in range(args.rounds)]
+            steps = [r["step_ms"] for r in res]
+            t0, calls, _ = twin_prediction(name, fmt, bw)
+            step = statistics.median(steps)
+            rows.append({"twin": name, "format": fmt, "path": "native", "step_ms": step, "step_ms_rounds": steps,
+                         "prefill_ms": statistics.median(r["prefill_ms"] for r in res),
+                         "predicted_no_overhead_ms": t0 * 1e3, "calls": calls,
+                         "overhead_us_per_call": max(step - t0 * 1e3, 0.0) * 1e3 / calls})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    fit = next((r for r in rows if r["twin"] == "dense-1b-thin" and r["format"] == "bf16"), None)
+    loop = prefill_loop = None
+    moe = next((r for r in rows if r["twin"] == "olmoe-1b-7b-thin" and r["format"] == "bf16"), None)
+    if moe and fit:  # the same twin with its experts in the Python loop: the step difference is the loop's cost
+        path = str(synthetic_model("olmoe-1b-7b-thin"))
+        steps = [_child(path, args.decode, args.threads, native_moe=False)["step_ms"] for _ in range(args.rounds)]
+        _, _, n_native = twin_prediction("olmoe-1b-7b-thin", "bf16", bw)
+        _, _, n_loop = twin_prediction("olmoe-1b-7b-thin", "bf16", bw, looped=True)
+        step = statistics.median(steps)
+        # the loop's matrix calls replace the native calls (each at the per-call overhead); the rest is equal
+        loop = ((step - moe["step_ms"]) * 1e3 + n_native * fit["overhead_us_per_call"]) / n_loop
+        rows.append({"twin": "olmoe-1b-7b-thin", "format": "bf16", "path": "python loop", "step_ms": step,
+                     "step_ms_rounds": steps, "expert_calls": n_loop, "loop_us_per_expert_call": loop})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        # a prompt always runs the loop, with sorting and gathers per expert: its own cost per matrix call
+        t0, calls, n_pf = twin_prediction("olmoe-1b-7b-thin", "bf16", bw, prefill=True)
+        pf = moe["prefill_ms"]
+        prefill_loop = ((pf - t0 * 1e3) * 1e3 - (calls - n_pf) * fit["overhead_us_per_call"]) / n_pf
+        rows.append({"twin": "olmoe-1b-7b-thin", "format": "bf16", "path": "prefill loop", "prefill_ms": pf,
+                     "predicted_no_overhead_ms": t0 * 1e3, "expert_calls": n_pf,
+                     "loop_us_per_expert_call": prefill_loop})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    machine = {"memory_read_gb_s": bw, "threads": args.threads, "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": args.rounds, "decode_steps": args.decode}
+    write_json_atomic(args.out, {"machine": machine, "rows": rows})
+    if fit:
+        out = {"_comment": "written by benchmarks/step_overhead.py: Strata's host cost per kernel call (thin twin of "
+                           "dense-1b, bf16 decode) and per expert matrix call of its Python expert loop (thin OLMoE "
+                           "twin decoded with and without the native MoE call); no run of the benchmark models",
+               "overhead_us_per_call": round(fit["overhead_us_per_call"], 2), "measured_on": "dense-1b-thin/bf16",
+               "step_ms": round(fit["step_ms"], 3), "date": machine["date"]}
+        if loop is not None:
+            out["loop_us_per_expert_call"] = round(loop, 2)
+            out["prefill_loop_us_per_expert_call"] = round(prefill_loop, 2)
+        write_text_atomic(STRATA_FIT_PATH, json.dumps(out, indent=1) + "\n")
+    print("| twin | format | step ms (median of rounds) | predicted without overhead ms | calls | us per call |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["path"] == "native":
+            print(f"| {r['twin']} | {r['format']} | {r['step_ms']:.2f} | {r['predicted_no_overhead_ms']:.2f} | "
+                  f"{r['calls']:.0f} | {r['overhead_us_per_call']:.1f} |")
+        elif r["path"] == "python loop":
+            print(f"| {r['twin']} (Python expert loop) | {r['format']} | {r['step_ms']:.2f} | | "
+                  f"{r['expert_calls']:.0f} expert calls | {r['loop_us_per_expert_call']:.1f} per expert call |")
+        else:
+            print(f"| {r['twin']} (prefill of {PREFILL} tokens) | {r['format']} | {r['prefill_ms']:.2f} | "
+                  f"{r['predicted_no_overhead_ms']:.2f} | {r['expert_calls']:.0f} expert calls | "
+                  f"{r['loop_us_per_expert_call']:.1f} per expert call |")
+
+
+if __name__ == "__main__":
+    main()
