@@ -1,14 +1,15 @@
 """The performance model against Strata's own benchmark runs on this machine (issue 6).
 
-Reads the recorded runs (docs/benchmarks/quant.json, core.json: decode and prefill per model and format) and the
-kernel measurements (quant_kernels.json: share of the read bandwidth each quantized decode GEMV reaches;
-bf16_gemv.json: the same for Strata's bf16 GEMV). Each run is predicted on the machine it ran on: the
-bandwidth recorded in the run, Strata's GEMVs at their measured share of it, GEMM peak from the kernel run.
-The only fitted number is Strata's per-kernel-call overhead, fitted on ONE run (dense-1b bf16 decode in
-quant.json) and written to strata/analysis/strata_fit.json, the one place the cost model reads it from; every
-other run is held out. Offloaded runs (docs/benchmarks/tiers*.json, experts on disk behind a cache) are predicted
-as the resident decode step plus the bytes the run read per token at the disk bandwidth measured in the same run
-(no prefetch overlap). Writes docs/benchmarks/analysis_own_runs.{json,md}. No timing here; rerun after new runs.
+Reads the recorded runs (docs/benchmarks/quant*.json, core.json: decode and prefill per model and format) and the
+kernel measurements (quant_kernels.json: share of the read bandwidth each quantized decode GEMV reaches, and the
+expand pass of the quantized prefill; bf16_gemv.json: the same for Strata's bf16 GEMV). Each run is predicted on
+the machine it ran on: Strata's bf16 GEMV rate probed in the run where the run did that (quant_probed.json on),
+else the memory bandwidth recorded in the run with the GEMVs at their measured share of it; GEMM rate from the
+kernel run. Strata's overhead per kernel call is not fitted on any of these runs: benchmarks/step_overhead.py
+measures it on thin twins of the models (same layers, widths cut to 256) and writes strata/analysis/strata_fit.json,
+which the cost model reads. Every run is held out. Offloaded runs (docs/benchmarks/tiers*.json, experts on disk
+behind a cache) are predicted as the resident decode step plus the bytes the run read per token at the disk rate
+measured in the same run (no prefetch overlap). Writes docs/benchmarks/analysis_own_runs.{json,md}. No timing here.
 
     .venv/bin/python benchmarks/analysis_own_runs.py
 """
@@ -25,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strata.analysis.efficiency import PRIORS, STRATA_FIT_PATH, Efficiencies
-from strata.analysis.hardware import System, load_catalog
+from strata.analysis.efficiency import STRATA_FIT_PATH, Efficiencies
+from strata.analysis.hardware import System, device_from_dict, load_catalog
 from strata.analysis.placement import Scenario
 from strata.analysis.precision import STRATA_FORMATS, Precisions
 from strata.analysis.predict import predict
@@ -37,7 +38,11 @@ BENCH = ROOT / "docs" / "benchmarks"
 SHAPES = {"dense-1b": "tinyllama-1.1b", "olmoe-1b-7b": "olmoe-1b-7b"}
 PEER_FORMATS = {"q8_0": "q8_0", "q4_0": "q4_0", "bf16": "bf16"}
 PROMPT, GEN = 128, 32  # benchmarks/core.py and quant.py defaults
-TRAIN = ("quant.json", "dense-1b", "strata", "bf16")  # the one run the overhead is fitted on
+# benchmarks/quant.py runs: quant.json (11:37); quant_heldout.json (2026-11-27 14:55, dense-1b and an 8-layer OLMoE
+# in four formats, run after the model changes of that day to be predicted unseen; it showed the per-call overhead
+# then fitted on quant.json absorbing that run's bandwidth shortfall); quant_probed.json (15:10, the same runs with
+# Strata's bf16 GEMV rate probed every round)
+QUANT = ("quant.json", "quant_heldout.json", "quant_probed.json")
 TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json", "tiers_cgroup_probed.json", "tiers_engine_rate.json",
          "tiers_engine_rate2.json", "tiers_engine_rate3.json")  # benchmarks/offload.py runs, those present
 OFFLOAD_PROMPT, OFFLOAD_GEN = 16, 32  # benchmarks/offload.py defaults
@@ -74,6 +79,16 @@ def _at_rows(ms: dict[int, float], rows: int) -> float:
     return math.exp((1 - w) * math.log(ms[lo]) + w * math.log(ms[hi]))
 
 
+def gemm_eff() -> dict[int, float]:
+    """Share of the read bandwidth a bf16 matmul of M > 1 rows streams its weights at, by M (quant_kernels.json:
+    F.linear over rotating weights at 16, 64 and 256 rows)."""
+    out = {}
+    for r in json.loads((BENCH / "quant_kernels.json").read_text())["results"]:
+        if r["case"] == "bf16 F.linear" and r["rows"] > 1:
+            out[r["rows"]] = r["roofline_frac"]
+    return out
+
+
 def gemm_tflops(rows: int = PROMPT) -> float:
     """bf16 GEMM rate at the runs' prompt length (rows of one prefill matmul), from the kernel benchmark (64 and 256
     rows around a 128-token prompt)."""
@@ -81,39 +96,41 @@ def gemm_tflops(rows: int = PROMPT) -> float:
     return 2 * rows * d["k"] * d["n"] / (_at_rows(_kernel_ms("bf16 F.linear"), rows) * 1e-3) / 1e12
 
 
-def dequant_rates(rows: int = PROMPT) -> dict[str, float]:
-    """G weights/s of the expand pass Strata's quantized prefill adds to the bf16 GEMM, per format: the kernel
-    benchmark's quantized minus bf16 matmul time at the prompt length (what `strata probe` measures at 256 rows)."""
-    d = json.loads((BENCH / "quant_kernels.json").read_text())
-    bf16 = _at_rows(_kernel_ms("bf16 F.linear"), rows)
-    out = {}
-    for case, fmt in STRATA_FORMATS.items():
-        ms = {m: t for m, t in _kernel_ms(case).items() if m > 1}
-        extra = _at_rows(ms, rows) - bf16 if ms else 0.0
-        if fmt != "bf16" and extra > 0:
-            out[fmt] = d["k"] * d["n"] / (extra * 1e-3) / 1e9
-    return out
+def probed_expand() -> tuple[dict[str, float], float]:
+    """(G weights/s of the expand pass of Strata's quantized prefill per format with the tile in cache, last-level
+    cache MiB) from `strata probe` run on this machine (docs/benchmarks/probe_dev.json); ({}, 0) without it."""
+    path = BENCH / "probe_dev.json"
+    if not path.exists():
+        return {}, 0.0
+    dev = device_from_dict("probe", json.loads(path.read_text()))
+    return dev.dequant_gelem_s, dev.llc_mb
 
 
 def runs() -> list[dict]:
     out = []
-    q = json.loads((BENCH / "quant.json").read_text())
-    for r in q["rows"]:
-        out.append({"file": "quant.json", "model": r["model"], "engine": r["engine"], "format": r["format"],
-                    "bw": q["machine"]["memory_read_gb_s"], "decode": r["decode_tok_s"],
-                    "prefill": r["prefill_tok_s"]})
+    for name in QUANT:
+        if not (BENCH / name).exists():
+            continue
+        q = json.loads((BENCH / name).read_text())
+        for r in q["rows"]:
+            if "error" not in r:
+                out.append({"file": name, "model": r["model"], "engine": r["engine"], "format": r["format"],
+                            "bw": q["machine"]["memory_read_gb_s"], "gemv": q["machine"].get("gemv_bf16_gb_s"),
+                            "decode": r["decode_tok_s"], "prefill": r["prefill_tok_s"]})
     c = json.loads((BENCH / "core.json").read_text())
     for r in c["rows"]:
         if r["model"] in SHAPES:
             out.append({"file": "core.json", "model": r["model"], "engine": "strata", "format": "bf16",
-                        "bw": c["machine"]["memory_read_gb_s"], "decode": r["strata"]["decode_tok_s"],
+                        "bw": c["machine"]["memory_read_gb_s"], "gemv": None, "decode": r["strata"]["decode_tok_s"],
                         "prefill": r["strata"]["prefill_tok_s"]})
     return out
 
 
-def system(bw: float, keff: dict[str, float], tflops: float, deq: dict[str, float] | None = None) -> System:
+def system(bw: float, keff: dict[str, float], tflops: float, deq: dict[str, float] | None = None,
+           llc: float = 0.0, geff: dict[int, float] | None = None) -> System:
     dev = load_catalog()["strata-dev"]
-    return System(replace(dev, bandwidth_gbs=bw, kernel_eff=keff, dequant_gelem_s=deq or {},
+    return System(replace(dev, bandwidth_gbs=bw, kernel_eff=keff, dequant_gelem_s=deq or {}, llc_mb=llc,
+                          gemm_eff=geff or {},
                           peak_tflops={"fp32": tflops / 2, "fp16": tflops, "int8": tflops}))
 
 
@@ -127,13 +144,15 @@ def scenario(run: dict) -> Scenario:
     return Scenario(batch=1, prompt=PROMPT, gen=GEN, prec=prec, engine=run["engine"], offload="none")
 
 
-def fit_overhead(train: dict, keff: dict[str, float], tflops: float) -> float:
-    """Per-call overhead (us) that makes the training run's decode time match: t = t(0) + calls * ov."""
-    effs = Efficiencies({"cpu-measured|strata": replace(PRIORS["cpu-measured|strata"], overhead_us=0.0)})
-    shape = load_shape(SHAPES[train["model"]])
-    p = predict(shape, system(train["bw"], keff, tflops), scenario(train), effs)
-    calls = sum(s.launches for s in p.decode.segments)
-    return max(1.0 / train["decode"] - p.tpot_s, 0.0) / calls * 1e6
+def run_system(r: dict, keff: dict[str, float], tflops: float, deq: dict[str, float], llc: float,
+               geff: dict[int, float]) -> System:
+    """The machine of one run: weights at the bf16 GEMV rate probed in the run (quantized GEMVs at their kernel
+    benchmark rate relative to bf16), or at the run's memory bandwidth times each GEMV's measured share of it."""
+    if r["gemv"]:
+        rel = keff["bf16"]  # the probed GEMV rate stands for bf16's share of the bandwidth: others relative to it
+        return system(r["gemv"], {f: min(e / rel, 1.0) for f, e in keff.items()}, tflops, deq, llc,
+                      {m: min(e / rel, 1.0) for m, e in geff.items()})
+    return system(r["bw"], keff, tflops, deq, llc, geff)
 
 
 def offload_runs(mem_bw: float) -> list[dict]:
@@ -168,8 +187,16 @@ def offload_runs(mem_bw: float) -> list[dict]:
 
 
 def olmoe(layers: int):
-    cfg = dict(load_presets()[find_preset("olmoe-1b-7b")]["config"], num_hidden_layers=layers)
-    return shape_from_dict(cfg, name=f"olmoe-1b-7b-{layers}l")
+    return shape_for(f"olmoe-1b-7b-{layers}l")
+
+
+def shape_for(model: str):
+    """The preset behind a benchmark model name; `<name>-<N>l` is that preset cut to N layers."""
+    m = re.match(r"^(.*)-(\d+)l$", model)
+    if not m:
+        return load_shape(SHAPES[model])
+    cfg = dict(load_presets()[find_preset(SHAPES[m.group(1)])]["config"], num_hidden_layers=int(m.group(2)))
+    return shape_from_dict(cfg, name=model)
 
 
 def predict_offload(r: dict, keff: dict[str, float], tflops: float, effs: Efficiencies) -> dict:
@@ -197,27 +224,22 @@ def predict_offload(r: dict, keff: dict[str, float], tflops: float, effs: Effici
 
 
 def main() -> int:
-    keff, tflops, deq = kernel_eff(), gemm_tflops(), dequant_rates()
+    keff, tflops = kernel_eff(), gemm_tflops()
+    deq, llc = probed_expand()
+    geff = gemm_eff()
     all_runs = runs()
-    train = next(r for r in all_runs if (r["file"], r["model"], r["engine"], r["format"]) == TRAIN)
-    ov = fit_overhead(train, keff, tflops)
-    write_text_atomic(STRATA_FIT_PATH, json.dumps({
-        "_comment": "written by benchmarks/analysis_own_runs.py: Strata's overhead per kernel call, fitted on one run",
-        "overhead_us_per_call": round(ov, 2), "train": "/".join(TRAIN), "train_decode_tok_s": train["decode"]},
-        indent=1) + "\n")
-    print(f"fitted Strata overhead per kernel call: {ov:.1f} us (on {'/'.join(TRAIN)}; written to "
-          f"{STRATA_FIT_PATH.relative_to(ROOT)})")
     effs = Efficiencies.load()
-    effs.table["cpu-measured|strata"] = replace(PRIORS["cpu-measured"], overhead_us=ov)
+    ov = effs.get("cpu-measured", "strata").overhead_us
+    measured_on = json.loads(STRATA_FIT_PATH.read_text()).get("measured_on", "?")
     rows = []
     for r in all_runs:
-        p = predict(load_shape(SHAPES[r["model"]]), system(r["bw"], keff, tflops, deq), scenario(r), effs)
-        held = r is not train
-        rows.append({**r, "held_out": held, "pred_decode": p.decode_tok_s, "pred_prefill": p.prefill_tok_s,
+        p = predict(shape_for(r["model"]), run_system(r, keff, tflops, deq, llc, geff), scenario(r), effs)
+        rows.append({**r, "pred_decode": p.decode_tok_s, "pred_prefill": p.prefill_tok_s,
                      "decode_err": p.decode_tok_s / r["decode"] - 1, "prefill_err": p.prefill_tok_s / r["prefill"] - 1})
     mem_bw = max(r["bw"] for r in all_runs if r["file"] == "quant.json")
     offload = [predict_offload(r, keff, tflops, effs) for r in offload_runs(mem_bw)]
-    doc = {"overhead_us_per_call": ov, "kernel_eff": keff, "gemm_tflops": tflops, "dequant_gelem_s": deq, "train": "/".join(TRAIN),
+    doc = {"overhead_us_per_call": ov, "overhead_measured_on": measured_on, "kernel_eff": keff, "gemm_tflops": tflops,
+           "dequant_gelem_s": deq, "llc_mb": llc, "gemm_eff": geff,
            "rows": rows, "offload_rows": offload}
     write_text_atomic(BENCH / "analysis_own_runs.json", json.dumps(doc, indent=1))
     md = markdown(doc)
@@ -234,15 +256,23 @@ def markdown(doc: dict) -> str:
         f"it ({keff}; quant_kernels.json, bf16_gemv.json); bf16 GEMM {doc['gemm_tflops']:.2f} TFLOP/s (at the {PROMPT}-token prompt, interpolated between the measured row counts; "
         f"quant_kernels.json); the expand pass of Strata's quantized prefill at "
         + ", ".join(f"{k} {v:.1f}" for k, v in doc.get("dequant_gelem_s", {}).items())
-        + f" G weights/s (quantized minus bf16 matmul time at that prompt length, same file). Fitted: Strata's overhead per kernel call, **{doc['overhead_us_per_call']:.0f} us**, "
-        f"on one run ({doc['train']} decode); every other run is held out. llama.cpp rows use the published "
-        "calibration (class cpu-measured x llama.cpp ratio), not Strata's kernels."), "",
+        + f" G weights/s with its tile in cache, plus the tile's memory traffic where the tile outgrows the "
+        f"{doc.get('llc_mb', 0):.0f} MiB last-level cache (`strata probe` on this machine: probe_dev.json); "
+        "matmuls of more than 4 rows (prompts; each touched expert's tokens) stream weights at the bf16 F.linear "
+        "share of bandwidth measured at that row count (" + ", ".join(f"{m} rows {e:.0%}" for m, e in
+                                                              sorted(doc.get("gemm_eff", {}).items())) + "). "
+        "Strata's overhead per "
+        f"kernel call, **{doc['overhead_us_per_call']:.1f} us**, is measured on a thin twin "
+        f"({doc['overhead_measured_on']}, benchmarks/step_overhead.py), not fitted on these runs: every row is held "
+        "out. Bandwidth column: the bf16 GEMV rate probed in the run (GEMV), else the run's memory read probe (sum). "
+        "llama.cpp rows use the published calibration (class cpu-measured x llama.cpp ratio), not Strata's kernels."),
+        "",
         ("| run | model | engine | format | bandwidth GB/s | decode meas. | decode pred. | error | prefill meas. "
         "| prefill pred. | error |"),
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
-        tag = r["file"] + ("" if r["held_out"] else " (fit)")
-        lines.append(f"| {tag} | {r['model']} | {r['engine']} | {r['format']} | {r['bw']:.1f} | {r['decode']:.2f} | "
+        bw = f"{r['gemv']:.1f} (GEMV)" if r["gemv"] else f"{r['bw']:.1f} (sum)"
+        lines.append(f"| {r['file']} | {r['model']} | {r['engine']} | {r['format']} | {bw} | {r['decode']:.2f} | "
                      f"{r['pred_decode']:.2f} | {r['decode_err']:+.0%} | {r['prefill']:.0f} | {r['pred_prefill']:.0f} | "
                      f"{r['prefill_err']:+.0%} |")
     lines += offload_markdown(doc)
@@ -268,7 +298,7 @@ def offload_markdown(doc: dict) -> list[str]:
     lines = [
         "", "## Offloaded decode (benchmarks/offload.py: experts on disk behind a cache)", "",
         ("Predicted = 1 / (resident decode step + bytes read per token / disk bandwidth). The step is the model's "
-         "(OLMoE shapes cut to the run's layers, bf16, the fitted overhead above; weights at Strata's bf16 GEMV rate "
+         "(OLMoE shapes cut to the run's layers, bf16, the measured overhead above; weights at Strata's bf16 GEMV rate "
          "probed with the run's threads around the row where the run did that, else quant.json's bandwidth scaled by "
          "threads / 2; GEMM rate scaled by threads / 2). Bytes per token: Strata's O_DIRECT expert reads, or "
          "all reads of the process (/proc/self/io). No prefetch overlap is modelled; nothing is fitted on these rows. "
