@@ -106,6 +106,14 @@ def gemv_gemm(k: int, n: int, copies: int, m_big: int) -> dict:
         F.linear(xb, ws[0])
         t = _best(lambda xb=xb, w=ws[0]: F.linear(xb, w), 3)
         res[f"gemm_{name}_tflops"] = 2 * m_big * n * k / t / 1e12
+        res[f"gemm_{name}_m{m_big}_gbs"] = n * k * ws[0].element_size() / t / 1e9
+        if name == "bf16":  # a few-row matmul over rotating weights: the rate a prompt's expert calls stream at
+            x16 = torch.randn(16, k).to(dtype)
+            def gemm16(ws=ws, x16=x16):
+                for w in ws:
+                    F.linear(x16, w)
+            gemm16()
+            res["gemm_bf16_m16_gbs"] = copies * n * k * 2 / _best(gemm16, 3) / 1e9
     if hasattr(torch, "_weight_int8pack_mm"):
         wq = [torch.randint(-127, 127, (n, k), dtype=torch.int8) for _ in range(copies)]
         scale = torch.ones(n, dtype=torch.bfloat16)
@@ -152,29 +160,32 @@ def strata_kernels(k: int, n: int, copies: int, m_big: int) -> dict:
                 q(x1)
         runq()
         res[f"gemv_strata_{fmt}_gbs"] = copies * first.fmt.nbytes(n, k) / _best(runq, 3) / 1e9
-    res.update(strata_expand(min(k, 2048), m_big))
+    res.update(strata_expand(min(k, 2048)))
     return res
 
 
-def strata_expand(d: int, m_big: int) -> dict:
-    """G weights/s of the expand pass Strata's quantized prefill adds to a bf16 GEMM, per format, on a d x d matrix
-    whose bf16 tile stays in cache (8 MiB at d = 2048): quantized minus bf16 matmul time at `m_big` rows. A tile that
-    outgrows the cache costs its memory traffic on top (the cost model adds it from `llc_mb`)."""
-    from strata.layers.linear import linear
+def strata_expand(d: int) -> dict:
+    """G weights/s of the expand pass of Strata's quantized prefill (quant_native.dequantize_rows, the pass
+    QuantLinear runs before its bf16 GEMM), per format, on a d x d matrix whose bf16 tile stays in cache (8 MiB at
+    d = 2048). A tile that outgrows the cache costs its memory traffic on top (the cost model adds it from llc_mb)."""
+    from strata.layers import quant_native
     from strata.layers.quant_linear import QuantLinear
 
     res: dict = {}
     lin = torch.nn.Linear(d, d, bias=False)
-    w = lin.weight.detach().to(torch.bfloat16)
-    xb = torch.randn(m_big, d, dtype=torch.bfloat16)
-    linear(xb, w)
-    t_gemm = _best(lambda: linear(xb, w), 5)
+    lib = quant_native.native_lib()
+    if lib is None:
+        return res
     for fmt in ("int8", "int4-g64", "fp8"):
         q = QuantLinear.from_float(lin, fmt)
-        q(xb)
-        extra = _best(lambda q=q: q(xb), 5) - t_gemm
-        if extra > 0:  # noise can hide a cheap pass on tiny quick-mode shapes
-            res[f"dequant_strata_{fmt}_gelem_s"] = d * d / extra / 1e9
+        kp = q.fmt.padded_in(d)
+        buf = torch.empty(d, kp, dtype=torch.bfloat16)
+
+        def expand(q=q, buf=buf):
+            quant_native.dequantize_rows(lib, q.fmt.kind, q._k, 0, d, q.fmt.group_size, buf)
+
+        expand()
+        res[f"dequant_strata_{fmt}_gelem_s"] = d * d / _best(expand, 9) / 1e9
     return res
 
 
@@ -202,12 +213,16 @@ def run_probe(quick: bool = False, directory: str | None = None) -> dict:
     bw1 = memory_bandwidth(mem_mib, 1)
     bwn = memory_bandwidth(mem_mib, threads)
     disk = disk_bandwidth(4 if quick else 256, [256, 1024] if quick else [256, 1024, 4096, 16384], directory)
-    mm = gemv_gemm(256 if quick else 4096, 256 if quick else 4096, 2 if quick else 12, 16 if quick else 256)
+    m_big = 16 if quick else 256
+    mm = gemv_gemm(256 if quick else 4096, 256 if quick else 4096, 2 if quick else 12, m_big)
     prof["bandwidth_by_threads_gbs"] = {"1": bw1, str(threads): bwn}
     prof["bandwidth_gbs"] = max(bwn, mm.get("gemv_bf16_gbs", 0.0))
     prof["peak_tflops"] = {"fp32": mm["gemm_fp32_tflops"], "fp16": mm["gemm_bf16_tflops"],
                            "int8": mm["gemm_bf16_tflops"]}
     prof["kernels"] = mm
+    # share of the bandwidth a bf16 matmul streams weights at, by activation rows (cost model: Device.gemm_eff)
+    prof["gemm_eff"] = {str(m): min(mm[f"gemm_bf16_m{m}_gbs"] / prof["bandwidth_gbs"], 1.0)
+                        for m in sorted({16, m_big}) if m > 1 and f"gemm_bf16_m{m}_gbs" in mm}
     by = {int(k): v for k, v in disk["by_read_kib"].items() if v > 0}
     if by:
         big = max(by)

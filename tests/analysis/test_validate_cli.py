@@ -109,6 +109,7 @@ def test_probe_quick_and_plan(tmp_path, capsys):
     assert d["bandwidth_gbs"] > 0 and d["peak_tflops"]["fp16"] > 0 and d["class"] == "cpu-measured"
     dev = parse_system(str(prof)).device
     assert dev.llc_mb == d["llc_mb"] >= 0  # sysfs cache size where Linux has it
+    assert set(dev.gemm_eff) == {16} and 0 < dev.gemm_eff[16] <= 1  # quick mode: M = 16 is also its GEMM row count
     assert set(dev.kernel_eff) == {"bf16", "int8wo", "int4-g64", "fp8wo"}
     assert set(dev.dequant_gelem_s) <= {"int8wo", "int4-g64", "fp8wo"} and all(v > 0 for v in dev.dequant_gelem_s.values())
     capsys.readouterr()
