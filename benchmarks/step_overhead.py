@@ -1,11 +1,12 @@
-"""Strata's fixed cost per decode step, measured: decode on thin twins of the benchmark models (the same layers,
-experts and vocabulary, widths cut to 256: ~50 MB of weights per step), so the step time is the engine's own
-work (Python, native-call set-up, attention, sampling) and not weight traffic.
+"""Strata's host costs, measured: decode and prefill on thin twins of the benchmark models (the same layers,
+experts and vocabulary, widths cut to 256: ~50 MB of weights per step), so the time is the engine's own work
+(Python, native-call set-up, attention, sampling) and not weight traffic.
 
-The cost model prices that work as an overhead per kernel call (cell `cpu-measured|strata`). This script
-turns each measured step into that figure: (step time - the model's own prediction of the twin's step with no
-overhead) / the twin's kernel calls, and writes the dense twin's bf16 figure to strata/analysis/strata_fit.json,
-which the cost model reads. No run of the real models enters it. Results: docs/benchmarks/step_overhead.json.
+Three figures go to strata/analysis/strata_fit.json, which the cost model reads: the overhead per kernel call
+((dense twin's bf16 decode step - the model's prediction of it without overhead) / its calls), the cost per
+expert matrix call of the Python expert loop that offloaded experts run (the OLMoE twin decoded with and without
+the native MoE call), and the same loop's cost per call in a prompt (the OLMoE twin's 128-token prefill). No run
+of the real models enters them. Results: docs/benchmarks/step_overhead.json.
 
     .venv/bin/python benchmarks/step_overhead.py --rounds 5
 """

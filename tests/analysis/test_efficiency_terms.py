@@ -7,7 +7,7 @@ import pytest
 
 from strata.analysis.efficiency import Eff, Efficiencies
 from strata.analysis.hardware import System, load_catalog
-from strata.analysis.operators import distinct_experts, build_ops, weight_bytes
+from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.placement import Scenario, plan_placement, step_cost
 from strata.analysis.precision import Precisions
 from strata.analysis.shapes import shape_from_dict
