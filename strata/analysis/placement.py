@@ -129,7 +129,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     looped = sc.engine in LOOPED_EXPERT_ENGINES
     # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
     # provider (offloaded experts) or more than one token it loops over the experts in Python
-    native_moe = sc.engine == "strata" and n == 1 and sc.offload == "none"
+    native_moe = sc.engine == "strata" and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
     # llama.cpp with a GPU: big-batch matmuls on host-resident weights run on the GPU, weights copied per step
     host_to_gpu = (sc.engine.startswith("llama.cpp") and sys.host is not None and dev.cls == "gpu"
                    and n >= GPU_OFFLOAD_MIN_TOKENS)
@@ -147,7 +147,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
                 and needs_dequant(op.fmt)):
             # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
-            # cache (Strata's tiles) costs no memory traffic beyond the quantized read
+            # cache (Strata's tiles, unless a tile outgrows the last-level cache) costs no traffic beyond the read
             q = op.weight_bytes * frac
             strata = sc.engine == "strata"
             copy = q * 2.0 / bytes_per_elem(op.fmt) if deq_copy or (strata and _tile_spills(op, seg.dev)) else 0.0
