@@ -41,8 +41,8 @@ PROMPT, GEN = 128, 32  # benchmarks/core.py and quant.py defaults
 # benchmarks/quant.py runs: quant.json (11:37); quant_heldout.json (2026-11-27 14:55, dense-1b and an 8-layer OLMoE
 # in four formats, run after the model changes of that day to be predicted unseen; it showed the per-call overhead
 # then fitted on quant.json absorbing that run's bandwidth shortfall); quant_probed.json (15:10, the same runs with
-# Strata's bf16 GEMV rate probed every round)
-QUANT = ("quant.json", "quant_heldout.json", "quant_probed.json")
+# Strata's bf16 GEMV rate probed every round); quant_probed_rows.json (15:30, probed before every run)
+QUANT = ("quant.json", "quant_heldout.json", "quant_probed.json", "quant_probed_rows.json")
 TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json", "tiers_cgroup_probed.json", "tiers_engine_rate.json",
          "tiers_engine_rate2.json", "tiers_engine_rate3.json")  # benchmarks/offload.py runs, those present
 OFFLOAD_PROMPT, OFFLOAD_GEN = 16, 32  # benchmarks/offload.py defaults
@@ -115,7 +115,7 @@ def runs() -> list[dict]:
         for r in q["rows"]:
             if "error" not in r:
                 out.append({"file": name, "model": r["model"], "engine": r["engine"], "format": r["format"],
-                            "bw": q["machine"]["memory_read_gb_s"], "gemv": q["machine"].get("gemv_bf16_gb_s"),
+                            "bw": q["machine"]["memory_read_gb_s"], "gemv": r.get("gemv_bf16_gb_s") or q["machine"].get("gemv_bf16_gb_s"),
                             "decode": r["decode_tok_s"], "prefill": r["prefill_tok_s"]})
     c = json.loads((BENCH / "core.json").read_text())
     for r in c["rows"]:

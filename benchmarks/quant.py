@@ -94,7 +94,8 @@ def main() -> None:
         bws.append(memory_bandwidth_gbs())
         gemv.append(mem_read_gbs(args.threads)["gemv_bf16"])
         for i, run in enumerate(runs):
-            results[i].append(run[4]())
+            g = mem_read_gbs(args.threads)["gemv_bf16"]  # just before the run: the machine drifts within a round
+            results[i].append(dict(run[4](), gemv_bf16_gb_s=g))
             print(rnd, run[:3], results[i][-1], file=sys.stderr)
     bw = statistics.median(bws)
     rows = []
@@ -105,7 +106,8 @@ def main() -> None:
         if pairs_with:
             row["pairs_with"] = pairs_with
         if ok:
-            row.update({k: statistics.median(r[k] for r in ok) for k in ("prefill_tok_s", "decode_tok_s")})
+            row.update({k: statistics.median(r[k] for r in ok) for k in ("prefill_tok_s", "decode_tok_s",
+                                                                          "gemv_bf16_gb_s")})
         else:
             row["error"] = results[i][0]["error"]
         rows.append(row)
