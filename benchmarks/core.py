@@ -14,11 +14,9 @@ docs/benchmarks/core.json and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.child import run_child
 from strata.fileio import write_json_atomic
 
 
@@ -87,14 +86,7 @@ ENGINES = {"strata": ("strata", {}), "strata-no-bf16-gemv": ("strata", {"STRATA_
 
 def _child(engine: str, path: str, prompt_len: int, decode: int, threads: int) -> dict:
     runner, env = ENGINES[engine]
-    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.core import run_{runner} as f; "
-            f"print('RESULT', json.dumps(f({path!r}, {prompt_len}, {decode}, {threads})))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                       env={**os.environ, **env})
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return run_child("benchmarks.core", f"run_{runner}", path, prompt_len, decode, threads, env=env)
 
 
 def main() -> None:

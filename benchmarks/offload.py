@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 TRACE = ROOT / ".." / "shared" / "data" / "mixtral-8x7b-routing" / "gsm8k_2_routing.jsonl"
 CGROUP = {"on": False, "slack": 1.1}  # set by main(); children never read it
 
+from benchmarks.child import run_child
 from benchmarks.memlimit import MemCgroup, unavailable_reason
 from benchmarks.offload_peers import proc_read_bytes
 from strata.fileio import write_json_atomic
@@ -131,18 +131,9 @@ def _child(fn: str, *args, limit: int | None = None, name: str = "", timeout: fl
     """Runs `fn(*args)` (from benchmarks.offload or benchmarks.offload_peers) in a fresh interpreter, inside a
     memory cgroup of `limit` bytes when --cgroup is on; adds the cgroup's max usage to the result."""
     mod = "benchmarks.offload_peers" if fn in ("run_transformers", "run_llamacpp") else "benchmarks.offload"
-    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from {mod} import {fn} as f; "
-            f"print('RESULT', json.dumps(f(*{list(args)!r})))")
     with contextlib.ExitStack() as stack:
         cg = stack.enter_context(MemCgroup(name or fn, limit)) if limit and CGROUP["on"] else None
-        try:
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                               timeout=timeout, preexec_fn=cg.enter if cg else None)
-            res = next((json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if res is None:
-                res = {"error": (r.stderr.strip().splitlines() or [f"failed, rc {r.returncode}"])[-1]}
-        except subprocess.TimeoutExpired:
-            res = {"error": f"timed out after {timeout:.0f} s"}
+        res = run_child(mod, fn, *args, timeout=timeout, preexec_fn=cg.enter if cg else None)
         if cg:
             res.update(cg.report())
             if res.get("cgroup_oom_kills"):

@@ -66,14 +66,11 @@ def run_twin(path: str, decode: int, threads: int, native_moe: bool = True) -> d
 
 
 def _child(path: str, decode: int, threads: int, native_moe: bool = True) -> dict:
-    import subprocess
+    from benchmarks.child import run_child
 
-    code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.step_overhead import run_twin; "
-            f"print('RESULT', json.dumps(run_twin({path!r}, {decode}, {threads}, {native_moe})))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    res = next((json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if res is None:
-        raise SystemExit(f"{path}: decode failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+    res = run_child("benchmarks.step_overhead", "run_twin", path, decode, threads, native_moe)
+    if "error" in res:
+        raise SystemExit(f"{path}: decode failed: {res['error']}")
     return res
 
 
