@@ -33,6 +33,7 @@ CGROUP = {"on": False, "slack": 1.1}  # set by main(); children never read it
 from benchmarks.child import run_child
 from benchmarks.memlimit import MemCgroup, unavailable_reason
 from benchmarks.offload_peers import proc_read_bytes
+from benchmarks.synthetic import machine_rates
 from strata.fileio import write_json_atomic
 
 
@@ -156,31 +157,6 @@ def disk_read_gbs(store_dir: Path, reads: int = 64) -> float:
     return total / (time.perf_counter() - t0) / 1e9
 
 
-def mem_read_gbs(threads: int) -> dict:
-    """Memory read bandwidth (1 GiB fp32 sum) and Strata's bf16 decode GEMV rate over 384 MiB of weights, both with
-    the engines' thread count: one core's GEMV does not reach one core's share of the bandwidth on every machine."""
-    import torch
-
-    from benchmarks.synthetic import memory_bandwidth_gbs
-    from strata.analysis.probe import _best
-    from strata.layers.linear import linear
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ws = [torch.randn(4096, 4096).to(torch.bfloat16) for _ in range(12)]  # 12 x 32 MiB
-        x = torch.randn(1, 4096, dtype=torch.bfloat16)
-
-        def gemv():
-            for w in ws:
-                linear(x, w)
-
-        gemv()
-        return {"memory": memory_bandwidth_gbs(), "gemv_bf16": 12 * 4096 * 4096 * 2 / _best(gemv, 3) / 1e9}
-    finally:
-        torch.set_num_threads(old)
-
-
 def main() -> None:
     from benchmarks.synthetic import synthetic_model
     from strata.config import ModelConfig
@@ -224,14 +200,14 @@ def main() -> None:
     bw0 = disk_read_gbs(store)
     rows = []
     bw1 = bw0  # the latest disk probe
-    mem1 = mem_read_gbs(args.threads)  # and memory probe, at the run's thread count
+    mem1 = machine_rates(args.threads)  # and memory probe, at the run's thread count
 
     def record(name: str, res: dict) -> None:
         # the shared disk and memory drift within a run: probe them again after each row, so every row carries the
         # mean of the probes just before and just after it
         nonlocal bw1, mem1
         evict([store])
-        after, mem = disk_read_gbs(store), mem_read_gbs(args.threads)
+        after, mem = disk_read_gbs(store), machine_rates(args.threads)
         res.update(engine=name, disk_o_direct_gb_s_row=(bw1 + after) / 2,
                    memory_read_gb_s_row=(mem1["memory"] + mem["memory"]) / 2,
                    gemv_bf16_gb_s_row=(mem1["gemv_bf16"] + mem["gemv_bf16"]) / 2)

@@ -52,8 +52,8 @@ def quantized_folder(src: Path, fmt: str) -> Path:
 
 def main() -> None:
     from benchmarks.core import _child, _prompt
-    from benchmarks.offload import mem_read_gbs
     from benchmarks.synthetic import memory_bandwidth_gbs, synthetic_model, weight_bytes_per_token
+    from strata.analysis.probe import strata_bf16_gemv_gbs
     from strata.config import ModelConfig
 
     ap = argparse.ArgumentParser()
@@ -89,12 +89,12 @@ def main() -> None:
                              linear_params * PEER_BPW[qtype] + head_params * PEER_HEAD_BPW[qtype]))
     results = {i: [] for i in range(len(runs))}
     bws = []
-    gemv = []  # Strata's bf16 GEMV rate at the run's threads, per round: the ceiling its decode streams at
     for rnd in range(args.rounds):
         bws.append(memory_bandwidth_gbs())
-        gemv.append(mem_read_gbs(args.threads)["gemv_bf16"])
         for i, run in enumerate(runs):
-            g = mem_read_gbs(args.threads)["gemv_bf16"]  # just before the run: the machine drifts within a round
+            # Strata's bf16 GEMV rate (the ceiling its decode streams at; torch runs at args.threads here), just
+            # before each run: the machine drifts within a round
+            g = strata_bf16_gemv_gbs(4096, 4096, 12)
             results[i].append(dict(run[4](), gemv_bf16_gb_s=g))
             print(rnd, run[:3], results[i][-1], file=sys.stderr)
     bw = statistics.median(bws)
@@ -120,8 +120,9 @@ def main() -> None:
             r["decode_vs_llamacpp"] = statistics.median(d for d, _ in pairs)
             r["prefill_vs_llamacpp"] = statistics.median(f for _, f in pairs)
             r["decode_vs_llamacpp_rounds"] = [d for d, _ in pairs]
+    gemv = [r["gemv_bf16_gb_s"] for res in results.values() for r in res]
     machine = {"memory_read_gb_s": bw, "memory_read_gb_s_rounds": bws, "gemv_bf16_gb_s": statistics.median(gemv),
-               "gemv_bf16_gb_s_rounds": gemv, "threads": args.threads,
+               "threads": args.threads,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg(),
                "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": args.prompt_len}
     write_json_atomic(args.out, {"machine": machine, "rows": rows})

@@ -98,3 +98,17 @@ def memory_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
+
+
+def machine_rates(threads: int) -> dict:
+    """Memory read bandwidth (`memory_bandwidth_gbs`) and Strata's bf16 decode GEMV rate over 384 MiB of weights
+    (`strata probe`'s figure), both at the engines' thread count: one core's GEMV does not reach one core's share
+    of the bandwidth on every machine."""
+    from strata.analysis.probe import strata_bf16_gemv_gbs
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {"memory": memory_bandwidth_gbs(), "gemv_bf16": strata_bf16_gemv_gbs(4096, 4096, 12)}  # 12 x 32 MiB
+    finally:
+        torch.set_num_threads(old)

@@ -126,25 +126,30 @@ def gemv_gemm(k: int, n: int, copies: int, m_big: int) -> dict:
             res["gemv_int8_gbs"] = copies * n * k / _best(gemv8, 3) / 1e9
         except RuntimeError:
             pass
-    res.update(strata_kernels(k, n, copies, m_big))
+    res.update(strata_kernels(k, n, copies))
     return res
 
 
-def strata_kernels(k: int, n: int, copies: int, m_big: int) -> dict:
-    """Strata's own matmuls per weight format: decode GEMV GB/s, and the rate (G weights/s) of the expand pass its
-    quantized prefill adds to a bf16 GEMM (quantized minus bf16 time at `m_big` rows). The cost model prices
-    Strata's weights at these."""
+def strata_bf16_gemv_gbs(k: int, n: int, copies: int) -> float:
+    """GB/s of Strata's bf16 decode GEMV over `copies` n x k weights in turn (more than the caches hold)."""
     from strata.layers.linear import linear
-    from strata.layers.quant_linear import QuantLinear
 
-    res: dict = {}
     x1 = torch.randn(1, k, dtype=torch.bfloat16)
     ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(copies)]
     def run16():
         for w in ws:
             linear(x1, w)
     run16()
-    res["gemv_strata_bf16_gbs"] = copies * n * k * 2 / _best(run16, 3) / 1e9
+    return copies * n * k * 2 / _best(run16, 3) / 1e9
+
+
+def strata_kernels(k: int, n: int, copies: int) -> dict:
+    """Strata's own kernels per weight format: decode GEMV GB/s and the expand pass of the quantized prefill
+    (`strata_expand`). The cost model prices Strata's weights at these."""
+    from strata.layers.quant_linear import QuantLinear
+
+    res: dict = {"gemv_strata_bf16_gbs": strata_bf16_gemv_gbs(k, n, copies)}
+    x1 = torch.randn(1, k, dtype=torch.bfloat16)
     lin = torch.nn.Linear(k, n, bias=False)
     for fmt in ("int8", "int4-g64", "fp8"):
         first = QuantLinear.from_float(lin, fmt)
