@@ -1,13 +1,13 @@
 """The performance model against Strata's own benchmark runs on this machine (issue 6).
 
 Reads the recorded runs (docs/benchmarks/quant*.json, core.json: decode and prefill per model and format) and the
-kernel measurements (quant_kernels.json: share of the read bandwidth each quantized decode GEMV reaches, and the
-expand pass of the quantized prefill; bf16_gemv.json: the same for Strata's bf16 GEMV). Each run is predicted on
+kernel measurements (quant_kernels.json: share of the read bandwidth each quantized decode GEMV and each few-row
+bf16 matmul reaches, GEMM rate; bf16_gemv.json: the same for Strata's bf16 GEMV; probe_dev.json, `strata probe`
+on this machine: the expand pass of the quantized prefill and the last-level cache). Each run is predicted on
 the machine it ran on: Strata's bf16 GEMV rate probed in the run where the run did that (quant_probed.json on),
-else the memory bandwidth recorded in the run with the GEMVs at their measured share of it; GEMM rate from the
-kernel run. Strata's overhead per kernel call is not fitted on any of these runs: benchmarks/step_overhead.py
-measures it on thin twins of the models (same layers, widths cut to 256) and writes strata/analysis/strata_fit.json,
-which the cost model reads. Every run is held out. Offloaded runs (docs/benchmarks/tiers*.json, experts on disk
+else the memory bandwidth recorded in the run with the GEMVs at their measured share of it. Strata's host costs
+are not fitted on any of these runs: benchmarks/step_overhead.py measures them on thin twins of the models (same
+layers, widths cut to 256) and writes strata/analysis/strata_fit.json, which the cost model reads. Every run is held out. Offloaded runs (docs/benchmarks/tiers*.json, experts on disk
 behind a cache) are predicted as the resident decode step plus the bytes the run read per token at the disk rate
 measured in the same run (no prefetch overlap). Writes docs/benchmarks/analysis_own_runs.{json,md}. No timing here.
 
@@ -21,13 +21,14 @@ import math
 import re
 import sys
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from strata.analysis.efficiency import STRATA_FIT_PATH, Efficiencies
-from strata.analysis.hardware import System, device_from_dict, load_catalog
+from strata.analysis.hardware import System, device_from_dict, load_catalog, loglog
 from strata.analysis.placement import Scenario
 from strata.analysis.precision import STRATA_FORMATS, Precisions
 from strata.analysis.predict import predict
@@ -48,10 +49,16 @@ TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json", "tiers_cgroup_pr
 OFFLOAD_PROMPT, OFFLOAD_GEN = 16, 32  # benchmarks/offload.py defaults
 
 
+@lru_cache(maxsize=1)
+def _kernels() -> dict:
+    """docs/benchmarks/quant_kernels.json, read once."""
+    return json.loads((BENCH / "quant_kernels.json").read_text())
+
+
 def kernel_eff() -> dict[str, float]:
     """Decode (1 row) GEMV share of the read bandwidth per Strata format, from the kernel benchmarks."""
     out = {}
-    for r in json.loads((BENCH / "quant_kernels.json").read_text())["results"]:
+    for r in _kernels()["results"]:
         if r["rows"] == 1 and r["case"] in STRATA_FORMATS:
             out[STRATA_FORMATS[r["case"]]] = r["roofline_frac"]
     for r in json.loads((BENCH / "bf16_gemv.json").read_text())["results"]:
@@ -60,40 +67,22 @@ def kernel_eff() -> dict[str, float]:
     return out
 
 
-def _kernel_ms(case: str) -> dict[int, float]:
-    """Best time (ms) per row count of one quant_kernels.json case."""
-    out: dict[int, float] = {}
-    for r in json.loads((BENCH / "quant_kernels.json").read_text())["results"]:
-        if r["case"] == case:
-            out[r["rows"]] = min(out.get(r["rows"], math.inf), r["best_ms"])
-    return out
-
-
-def _at_rows(ms: dict[int, float], rows: int) -> float:
-    """Time at `rows`: log-log interpolation between the measured row counts around it."""
-    lo = max((m for m in ms if m <= rows), default=min(ms))
-    hi = min((m for m in ms if m >= rows), default=max(ms))
-    if lo == hi:
-        return ms[lo]
-    w = math.log(rows / lo) / math.log(hi / lo)
-    return math.exp((1 - w) * math.log(ms[lo]) + w * math.log(ms[hi]))
-
-
 def gemm_eff() -> dict[int, float]:
     """Share of the read bandwidth a bf16 matmul of M > 1 rows streams its weights at, by M (quant_kernels.json:
     F.linear over rotating weights at 16, 64 and 256 rows)."""
-    out = {}
-    for r in json.loads((BENCH / "quant_kernels.json").read_text())["results"]:
-        if r["case"] == "bf16 F.linear" and r["rows"] > 1:
-            out[r["rows"]] = r["roofline_frac"]
-    return out
+    return {r["rows"]: r["roofline_frac"] for r in _kernels()["results"]
+            if r["case"] == "bf16 F.linear" and r["rows"] > 1}
 
 
 def gemm_tflops(rows: int = PROMPT) -> float:
     """bf16 GEMM rate at the runs' prompt length (rows of one prefill matmul), from the kernel benchmark (64 and 256
     rows around a 128-token prompt)."""
-    d = json.loads((BENCH / "quant_kernels.json").read_text())
-    return 2 * rows * d["k"] * d["n"] / (_at_rows(_kernel_ms("bf16 F.linear"), rows) * 1e-3) / 1e12
+    d = _kernels()
+    ms: dict[int, float] = {}
+    for r in d["results"]:
+        if r["case"] == "bf16 F.linear":
+            ms[r["rows"]] = min(ms.get(r["rows"], math.inf), r["best_ms"])
+    return 2 * rows * d["k"] * d["n"] / (loglog(ms, rows) * 1e-3) / 1e12
 
 
 def probed_expand() -> tuple[dict[str, float], float]:
@@ -144,15 +133,16 @@ def scenario(run: dict) -> Scenario:
     return Scenario(batch=1, prompt=PROMPT, gen=GEN, prec=prec, engine=run["engine"], offload="none")
 
 
-def run_system(r: dict, keff: dict[str, float], tflops: float, deq: dict[str, float], llc: float,
-               geff: dict[int, float]) -> System:
-    """The machine of one run: weights at the bf16 GEMV rate probed in the run (quantized GEMVs at their kernel
-    benchmark rate relative to bf16), or at the run's memory bandwidth times each GEMV's measured share of it."""
-    if r["gemv"]:
+def run_system(gemv: float | None, bw: float, keff: dict[str, float], tflops: float,
+               deq: dict[str, float] | None = None, llc: float = 0.0, geff: dict[int, float] | None = None) -> System:
+    """The machine of one run: weights at the bf16 GEMV rate probed in the run (quantized GEMVs and few-row
+    matmuls at their kernel-benchmark rate relative to bf16's), or at the run's memory bandwidth times each
+    kernel's measured share of it."""
+    if gemv:
         rel = keff["bf16"]  # the probed GEMV rate stands for bf16's share of the bandwidth: others relative to it
-        return system(r["gemv"], {f: min(e / rel, 1.0) for f, e in keff.items()}, tflops, deq, llc,
-                      {m: min(e / rel, 1.0) for m, e in geff.items()})
-    return system(r["bw"], keff, tflops, deq, llc, geff)
+        return system(gemv, {f: min(e / rel, 1.0) for f, e in keff.items()}, tflops, deq, llc,
+                      {m: min(e / rel, 1.0) for m, e in (geff or {}).items()})
+    return system(bw, keff, tflops, deq, llc, geff)
 
 
 def offload_runs(mem_bw: float) -> list[dict]:
@@ -206,11 +196,9 @@ def predict_offload(r: dict, keff: dict[str, float], tflops: float, effs: Effici
     if r["bytes_per_token"] > 0 and r["engine"] == "strata":  # experts behind a provider: Strata's Python expert
         sc.offload, sc.cache_frac, sc.hit_rate = "experts", 1.0, 1.0  # loop, priced all-hit; reads added below
     share = r["threads"] / 2  # GEMM: one thread multiplies at half the two-thread rate
-    if r["gemv_gbs"]:  # the weights stream at the GEMV rate probed with the run's threads
-        sys_ = system(r["gemv_gbs"], {**keff, "bf16": 1.0}, tflops * share)
-    else:  # older runs: quant.json's bandwidth scaled by threads / 2 (machine.md: linear scaling)
-        sys_ = system(r["mem_gbs"], keff, tflops * share)
-    p = predict(olmoe(r["layers"]), sys_, sc, effs)
+    # the GEMV rate probed with the run's threads; older runs: quant.json's bandwidth x threads / 2 (machine.md)
+    p = predict(olmoe(r["layers"]), run_system(r["gemv_gbs"], r["mem_gbs"], keff, tflops * share), sc, effs)
+
     def at(gbs: float) -> float:
         return 1.0 / (p.tpot_s + r["bytes_per_token"] / (gbs * 1e9))
 
@@ -233,7 +221,8 @@ def main() -> int:
     measured_on = json.loads(STRATA_FIT_PATH.read_text()).get("measured_on", "?")
     rows = []
     for r in all_runs:
-        p = predict(shape_for(r["model"]), run_system(r, keff, tflops, deq, llc, geff), scenario(r), effs)
+        p = predict(shape_for(r["model"]), run_system(r["gemv"], r["bw"], keff, tflops, deq, llc, geff), scenario(r),
+                    effs)
         rows.append({**r, "pred_decode": p.decode_tok_s, "pred_prefill": p.prefill_tok_s,
                      "decode_err": p.decode_tok_s / r["decode"] - 1, "prefill_err": p.prefill_tok_s / r["prefill"] - 1})
     mem_bw = max(r["bw"] for r in all_runs if r["file"] == "quant.json")

@@ -75,18 +75,17 @@ def _child(path: str, decode: int, threads: int, native_moe: bool = True) -> dic
 
 
 def _twin(name: str, fmt: str, looped: bool):
-    """(shape, scenario) of a thin twin's batch-1 decode; `looped`: experts behind a provider, Strata's Python loop."""
+    """(shape, scenario) of a thin twin's batch-1 decode, as analysis_own_runs prices the full models; `looped`:
+    experts behind a provider, Strata's Python loop."""
+    from benchmarks.analysis_own_runs import scenario
     from benchmarks.synthetic import PRESETS
-    from strata.analysis.placement import Scenario
-    from strata.analysis.precision import STRATA_FORMATS, Precisions
     from strata.analysis.shapes import find_preset, load_presets, shape_from_dict
 
     base = load_presets()[find_preset(TWINS[name])]["config"]
     twin = {k: PRESETS[name][k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                           "num_key_value_heads")}
-    head = "bf16" if fmt == "bf16" else STRATA_FORMATS["int8"]
-    prec = Precisions(STRATA_FORMATS[fmt], activations="bf16", kv="bf16", head=head)
-    sc = Scenario(batch=1, prompt=16, gen=64, prec=prec, engine="strata", offload="none")
+    sc = scenario({"engine": "strata", "format": fmt})
+    sc.prompt, sc.gen = 16, 64
     if looped:
         sc.offload, sc.cache_frac, sc.hit_rate = "experts", 1.0, 1.0
     return shape_from_dict(dict(base, **twin), name=name), sc
@@ -96,10 +95,9 @@ def twin_prediction(name: str, fmt: str, bw: float, looped: bool = False,
                     prefill: bool = False) -> tuple[float, float, float]:
     """(decode step, or `prefill` of PREFILL tokens, seconds the cost model predicts for the twin with no per-call
     overhead, its kernel calls, the calls of its routed expert ops); GEMMs at the kernel benchmark's bf16 rate."""
-    from benchmarks.analysis_own_runs import gemm_tflops
+    from benchmarks.analysis_own_runs import gemm_tflops, system
     from strata.analysis import efficiency
     from strata.analysis.efficiency import PRIORS, Efficiencies
-    from strata.analysis.hardware import System, load_catalog
     from strata.analysis.operators import build_ops
     from strata.analysis.predict import predict
 
@@ -107,13 +105,10 @@ def twin_prediction(name: str, fmt: str, bw: float, looped: bool = False,
     if prefill:
         sc.prompt = PREFILL
     effs = Efficiencies({"cpu-measured|strata": replace(PRIORS["cpu-measured"], overhead_us=0.0)})
-    tf = gemm_tflops()
-    system = System(replace(load_catalog()["strata-dev"], bandwidth_gbs=bw,
-                            peak_tflops={"fp32": tf / 2, "fp16": tf, "int8": tf}))
     saved = efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US
     efficiency.STRATA_LOOP_US = efficiency.STRATA_PREFILL_LOOP_US = 0.0  # the loop's calls counted as calls
     try:
-        p = predict(shape, system, sc, effs)
+        p = predict(shape, system(bw, {}, gemm_tflops()), sc, effs)
     finally:
         efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US = saved
     step = p.prefill if prefill else p.decode

@@ -59,16 +59,8 @@ class Device:
         return self.peak_tflops.get(k, 1e-3) * 1e12
 
     def gemm_eff_at(self, rows: float) -> float:
-        """gemm_eff at `rows` (log-log between the measured row counts, held flat outside them); 0 if unmeasured."""
-        if not self.gemm_eff or rows <= 1:
-            return 0.0
-        ms = sorted(self.gemm_eff)
-        lo = max((m for m in ms if m <= rows), default=ms[0])
-        hi = min((m for m in ms if m >= rows), default=ms[-1])
-        if lo == hi:
-            return self.gemm_eff[lo]
-        w = math.log(rows / lo) / math.log(hi / lo)
-        return math.exp((1 - w) * math.log(self.gemm_eff[lo]) + w * math.log(self.gemm_eff[hi]))
+        """gemm_eff at `rows` (between the measured row counts, held flat outside them); 0 if unmeasured."""
+        return loglog(self.gemm_eff, rows) if self.gemm_eff and rows > 1 else 0.0
 
     @property
     def tensor_cores(self) -> bool:
@@ -105,6 +97,17 @@ def load_catalog() -> dict[str, Device]:
     with open(CATALOG_PATH) as f:
         raw = json.load(f)
     return {k: device_from_dict(k, v) for k, v in raw.items() if not k.startswith("_")}
+
+
+def loglog(table: dict[float, float], x: float) -> float:
+    """A kernel figure measured at a few sizes, at size `x`: log-log interpolation between the measured sizes
+    around it, the nearest measured value outside them."""
+    lo = max((m for m in table if m <= x), default=min(table))
+    hi = min((m for m in table if m >= x), default=max(table))
+    if lo == hi:
+        return table[lo]
+    w = math.log(x / lo) / math.log(hi / lo)
+    return math.exp((1 - w) * math.log(table[lo]) + w * math.log(table[hi]))
 
 
 def device_from_dict(key: str, v: dict) -> Device:
