@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
-# Strata's own per-call overhead, fitted on Strata's recorded runs by benchmarks/analysis_own_runs.py (the one place
-# that number lives; rerun the script after new runs of docs/benchmarks/quant.json to refit it)
+# Strata's host costs (per kernel call, per call of its Python expert loop), measured on thin twins of the
+# benchmark models by benchmarks/step_overhead.py (the one place those numbers live; rerun it to remeasure)
 STRATA_FIT_PATH = Path(__file__).with_name("strata_fit.json")
 BOUNDS = {"eta_bw": (0.05, 1.0), "eta_flops": (0.02, 1.0), "overhead_us": (0.0, 200.0), "eta_q": (0.2, 1.0),
           "seq_us": (0.0, 200.0)}
@@ -60,32 +60,24 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
 
 
-def _strata_cell() -> Eff:
-    """Strata's eager CPU loop (Python dispatch, norms, rope, KV append): overhead per call from strata_fit.json;
-    its weights stream at the probed GEMV rates, so eta_bw / eta_flops stay at the cpu-measured prior."""
-    base = PRIORS["cpu-measured"]
+def _strata_fit() -> dict:
+    """strata_fit.json ({} where not measured)."""
     if not STRATA_FIT_PATH.exists():
-        return base
+        return {}
     with open(STRATA_FIT_PATH) as f:
-        return Eff(base.eta_bw, base.eta_flops, float(json.load(f)["overhead_us_per_call"]), base.eta_q, base.seq_us)
+        return json.load(f)
 
 
-PRIORS["cpu-measured|strata"] = _strata_cell()
-
-
-def _strata_fit(key: str) -> float:
-    """A figure of strata_fit.json (benchmarks/step_overhead.py), 0 where not measured."""
-    if not STRATA_FIT_PATH.exists():
-        return 0.0
-    with open(STRATA_FIT_PATH) as f:
-        return float(json.load(f).get(key, 0.0))
-
-
+_FIT = _strata_fit()
+# Strata's eager CPU loop (Python dispatch, norms, rope, KV append): its overhead per call is measured; its
+# weights stream at the probed GEMV rates, so eta_bw / eta_flops stay at the cpu-measured prior.
+PRIORS["cpu-measured|strata"] = (replace(PRIORS["cpu-measured"], overhead_us=float(_FIT["overhead_us_per_call"]))
+                                 if "overhead_us_per_call" in _FIT else PRIORS["cpu-measured"])
 # Host time of one expert matrix call in Strata's Python expert loop: decode with offloaded experts (a thin OLMoE
 # twin decoded with and without the native MoE call) and prompts (sorting and gathers per expert; the twin's
 # prefill). 0 where not measured: the per-call overhead alone then applies.
-STRATA_LOOP_US = _strata_fit("loop_us_per_expert_call")
-STRATA_PREFILL_LOOP_US = _strata_fit("prefill_loop_us_per_expert_call")
+STRATA_LOOP_US = float(_FIT.get("loop_us_per_expert_call", 0.0))
+STRATA_PREFILL_LOOP_US = float(_FIT.get("prefill_loop_us_per_expert_call", 0.0))
 # Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
 # llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
 LOOPED_EXPERT_ENGINES = {"strata", "transformers"}

@@ -41,7 +41,7 @@ class Device:
     source: str = ""
     kernel_eff: dict[str, float] = field(default_factory=dict)  # Strata's GEMV rate per format / bandwidth_gbs
     # Strata's prefill matmul on quantized weights is a bf16 GEMM plus an expand pass over row tiles; that pass's
-    # rate in G weights/s per format with the tile in cache (probe: quantized minus bf16 matmul time, 2048 x 2048)
+    # rate in G weights/s per format with the tile in cache (probe: the pass timed on a 2048 x 2048 matrix)
     dequant_gelem_s: dict[str, float] = field(default_factory=dict)
     llc_mb: float = 0.0  # last-level cache (MiB; 0 = not known): decides whether an expanded tile stays in cache
     # share of bandwidth_gbs a bf16 matmul of M activation rows streams its weights at (M > 1; probe: rotating weights

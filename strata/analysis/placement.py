@@ -129,7 +129,10 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     looped = sc.engine in LOOPED_EXPERT_ENGINES
     # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
     # provider (offloaded experts) or more than one token it loops over the experts in Python
-    native_moe = sc.engine == "strata" and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
+    strata = sc.engine == "strata"
+    native_moe = strata and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
+    # Strata's Python expert loop costs its measured time per matrix call (in place of the per-call overhead)
+    loop_us = (efficiency.STRATA_PREFILL_LOOP_US if n > 1 else efficiency.STRATA_LOOP_US) if strata else 0.0
     # llama.cpp with a GPU: big-batch matmuls on host-resident weights run on the GPU, weights copied per step
     host_to_gpu = (sc.engine.startswith("llama.cpp") and sys.host is not None and dev.cls == "gpu"
                    and n >= GPU_OFFLOAD_MIN_TOKENS)
@@ -140,8 +143,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         calls = 1.0 if native_moe and op.routed else op.launches if looped or not op.routed else min(op.launches, 3.0)
         if op.routed and looped and not native_moe:
             calls *= frac  # a loop calls only the experts this share covers
-            loop_us = efficiency.STRATA_PREFILL_LOOP_US if n > 1 else efficiency.STRATA_LOOP_US
-            if sc.engine == "strata" and loop_us:  # Strata's Python loop: its measured time per matrix call
+            if loop_us:
                 seg.host_s += calls * loop_us * 1e-6
                 calls = 0.0
         if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
@@ -149,7 +151,6 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
             # cache (Strata's tiles, unless a tile outgrows the last-level cache) costs no traffic beyond the read
             q = op.weight_bytes * frac
-            strata = sc.engine == "strata"
             copy = q * 2.0 / bytes_per_elem(op.fmt) if deq_copy or (strata and _tile_spills(op, seg.dev)) else 0.0
             # Strata's expand pass runs at its measured rate (weights per second, tile in cache) where the profile
             # has one, inside the same QuantLinear call as the GEMM (no call of its own)
@@ -162,7 +163,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             return
         wb = op.weight_bytes * frac if nbytes is None else 0.0
         # Strata's matmul of more rows than its GEMV takes streams weights at the measured few-row matmul rate
-        rate = seg.dev.gemm_eff_at(op.rows) if sc.engine == "strata" and op.rows > STRATA_GEMV_MAX_ROWS else 0.0
+        rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS else 0.0
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
                 seg.dev.peak(op.compute), wb, op.fmt, calls, rate=rate)
 
