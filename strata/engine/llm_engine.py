@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from strata.config import EngineConfig
+from strata.engine.admission import (
+    check_request_fits,
+    check_token_ids,
+    default_max_model_len,
+    fit_max_model_len,
+)
 from strata.engine.block_manager import BlockManager
-from strata.engine.context_limits import check_request_fits, default_max_model_len, fit_max_model_len
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
 from strata.engine.sampler import Sampler
@@ -104,6 +109,7 @@ class LLMEngine:
         if any(not (0 <= t < vocab) for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         check_request_fits(len(ids), params.max_tokens, self.max_model_len)
+        check_token_ids(params, vocab)
         seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in

@@ -7,7 +7,6 @@ Every call that used to hang runs in a thread joined with a timeout, so a regres
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
@@ -18,30 +17,10 @@ from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.errors import ConfigError, InvalidRequestError
+from tests.conftest import within
 
-HANG_S = 60
 needs_bundled = pytest.mark.skipif(not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")),
                                    reason="bundled model not present")
-
-
-def within(fn, timeout: float = HANG_S):
-    """fn() in a daemon thread; fails the test (instead of hanging it) when it does not return in time."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"did not finish within {timeout} s (hang)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def _simulate(sched: Scheduler, seqs: list[Sequence], max_steps: int = 200) -> int:

@@ -1,11 +1,14 @@
-"""How long a sequence may grow: max_model_len never exceeds what the KV cache holds, and a request whose
-prompt plus max_tokens does not fit is refused at admission (a sequence longer than the whole cache could
-never be scheduled again after a preemption, and would block the queue forever)."""
+"""What a request may ask for, checked before it reaches the scheduler (by the engine and the server alike).
+
+max_model_len never exceeds what the KV cache holds, and a request whose prompt plus max_tokens does not fit
+is refused (a sequence longer than the whole cache could never be scheduled again after a preemption, and
+would block the queue forever); token ids in the request must be in the vocabulary."""
 
 from __future__ import annotations
 
 import logging
 
+from strata.engine.sampling_params import SamplingParams
 from strata.errors import ConfigError, InvalidRequestError
 from strata.units import format_size
 
@@ -49,3 +52,11 @@ def check_request_fits(num_prompt_tokens: int, max_tokens: int | None, max_model
     else:
         return
     raise InvalidRequestError(msg, param=param, code="context_length_exceeded")
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias keys and stop_token_ids must name tokens of the vocabulary (a typo would be silently ignored)."""
+    for param, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size}), got {bad[0]}", param=param)
