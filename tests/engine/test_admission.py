@@ -112,3 +112,12 @@ def test_cli_refuses_nonsensical_engine_flags(capsys, flag):
     rc = within(lambda: main(["generate", flag, "0" if flag != "--num-threads" else "-3", "ROMEO:"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} must be")
+
+
+@needs_bundled
+def test_cli_temperature_that_would_overflow_is_one_line(capsys):
+    from strata.cli import main
+
+    rc = within(lambda: main(["generate", "--temperature", "1e-300", "--max-tokens", "4", "ROMEO:"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: temperature must be")
