@@ -28,6 +28,7 @@ HELP = {
                      "rescale the others' weights), lowbit (run a resident int4 copy); see docs/tiers.md",
     "record_routing": "write routing decisions as JSONL to this file",
     "replay_routing": "force routing from this JSONL trace",
+    "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
 }
 _SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from strata.engine.sequence import Sequence
+from strata.errors import WeightsError
 
 
 def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -74,6 +75,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [N, V] float32, one row per sequence -> sampled token per sequence."""
+        if not torch.isfinite(logits).all():  # argmax/multinomial would turn NaN into an arbitrary token
+            raise WeightsError("the model computed NaN/inf logits (corrupt weights, or an overflow in "
+                               f"{logits.dtype}?); nothing was sampled")
         plain_greedy = all(
             s.params.is_greedy and not s.params.logit_bias and s.params.repetition_penalty == 1.0
             and not s.params.presence_penalty and not s.params.frequency_penalty
