@@ -38,3 +38,16 @@ def metric(client: TestClient, name: str) -> float:
         if line.startswith((name + "{", name + " ")):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def wait_idle(client: TestClient, timeout: float = 30.0) -> None:
+    """Polls /metrics until nothing runs, waits or holds KV blocks (gauges are published after each step,
+    so they may lag the last response by one step); a generous guard, not a timing assertion."""
+    names = ("strata:num_requests_running", "strata:num_requests_waiting", "strata:kv_cache_blocks_used")
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {n: metric(client, n) for n in names}
+        if not any(values.values()):
+            return
+        assert time.monotonic() < deadline, f"engine not idle: {values}"
+        time.sleep(0.02)

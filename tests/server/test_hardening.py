@@ -11,7 +11,7 @@ import pytest
 
 from strata.server.request_checks import MAX_CHARS_PER_TOKEN
 from tests.conftest import within
-from tests.server.inprocess import app_client, metric
+from tests.server.inprocess import app_client, metric, wait_idle
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -47,8 +47,7 @@ def test_generation_up_to_the_cache_finishes_with_length(small_cache):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] == "length"
     assert r.json()["usage"]["total_tokens"] == 64
-    for name in ("strata:num_requests_running", "strata:num_requests_waiting", "strata:kv_cache_blocks_used"):
-        assert metric(small_cache, name) == 0
+    wait_idle(small_cache)
 
 
 def test_concurrent_requests_filling_the_cache_all_finish(small_cache):
@@ -66,7 +65,7 @@ def test_concurrent_requests_filling_the_cache_all_finish(small_cache):
     assert [r.status_code for r in results] == [200] * 4
     assert all(r.json()["usage"]["completion_tokens"] == 40 for r in results)
     assert metric(small_cache, "strata:num_preemptions_total") > 0
-    assert metric(small_cache, "strata:num_requests_waiting") == 0
+    wait_idle(small_cache)
 
 
 @pytest.fixture(scope="module")
