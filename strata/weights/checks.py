@@ -33,9 +33,11 @@ def check_dtype(file: str, name: str, t: torch.Tensor, want: torch.Tensor) -> No
 
 
 def check_finite_values(file: str, name: str, t: torch.Tensor) -> None:
-    """NaN or inf anywhere in a floating-point tensor. One float32-accumulated sum: NaN and inf propagate to it,
-    and finite weights cannot overflow float32 (no allocation the size of the tensor)."""
-    if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum(dtype=torch.float32)):
+    """NaN or inf anywhere in a floating-point tensor. One sum in the tensor's own dtype (~10 GB/s on one core;
+    NaN and inf propagate to it); only a sum that is not finite, which a large float16 tensor can also give by
+    overflow, is followed by the exact count (isfinite over the whole tensor runs at ~0.2 GB/s)."""
+    if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum()):
         bad = int((~torch.isfinite(t)).sum())
-        raise WeightsError(f"{file}: tensor '{name}' holds {bad} NaN/inf values (corrupt or diverged weights; "
-                           "--no-check-weights loads it anyway)")
+        if bad:
+            raise WeightsError(f"{file}: tensor '{name}' holds {bad} NaN/inf values (corrupt or diverged weights; "
+                               "--no-check-weights loads it anyway)")

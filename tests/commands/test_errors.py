@@ -141,3 +141,11 @@ def test_integer_tensor_where_floats_belong(capsys, good, tmp_path):
     save_file(sd, m / "model.safetensors")
     msg = _run(capsys, m)
     assert "model.norm.weight" in msg and "int32" in msg and "floating-point" in msg
+
+
+def test_float16_sum_overflow_is_not_mistaken_for_inf():
+    from strata.weights.checks import check_finite_values
+
+    big = torch.full((1000,), 60000.0, dtype=torch.float16)  # finite values whose float16 sum overflows
+    assert not torch.isfinite(big.sum())
+    check_finite_values("f", "t", big)
