@@ -17,7 +17,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 
@@ -68,8 +68,10 @@ class IOQueue:
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, policy: str = "nextuse", layout: str = "global",
-                 io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (), **policy_kw):
+                 io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (),
+                 bind: Callable[[Key, dict[str, torch.Tensor]], object] | None = None, **policy_kw):
         self.store = store
+        self.bind = bind  # (key, slot views) -> what hold() yields; kept with the slot until it is read again
         self.slot_bytes = store.slot_bytes
         self.num_slots = num_slots
         self._mm, self.storage = alloc_aligned(num_slots * self.slot_bytes, populate)  # [slots * slot_bytes]
@@ -196,8 +198,9 @@ class ExpertCache:
                     self.pools.mark_busy(key, -1)
 
     @contextmanager
-    def hold(self, layer: int, expert: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The expert's tensors (views of its slot), resident and unevictable inside the block."""
+    def hold(self, layer: int, expert: int) -> Iterator[object]:
+        """The expert's tensors (views of its slot; or what `bind` made of them), resident and unevictable
+        inside the block."""
         key = (layer, int(expert))
         with self._lock:
             if key in self._requested:  # its access was counted by request(); the hold takes over
@@ -238,11 +241,12 @@ class ExpertCache:
             except StrataError:
                 pass  # that read's own waiter reports it
 
-    def _views_of(self, key: Key, slot: int) -> dict[str, torch.Tensor]:
+    def _views_of(self, key: Key, slot: int) -> object:
         cached = self._views.get(slot)
         if cached is None or cached[0] != key:
             base = self.storage[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # [slot_bytes]
-            cached = (key, self.store.views(key, base))
+            views = self.store.views(key, base)
+            cached = (key, views if self.bind is None else self.bind(key, views))
             self._views[slot] = cached
         return cached[1]
 

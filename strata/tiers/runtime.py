@@ -162,6 +162,7 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
 
     from strata.tiers.cache import ExpertCache
     from strata.tiers.provider import FALLBACKS, PrefetchHook, TieredExpertProvider
+    from strata.tiers.quant_experts import expert_binder
     from strata.tiers.store import ExpertStore
     from strata.tiers.store_convert import checkpoint_facts, ensure_store, is_expert_tensor
 
@@ -179,8 +180,9 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
         return model, (TierRuntime(model, config, plan) if hooked else None)
     store = ExpertStore(ensure_store(path, progress=progress))
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress)
-    cache = ExpertCache(store, plan.num_slots, config.expert_cache_policy, "global", io_workers=1, populate=True)
     blocks = model.moe_blocks()
+    cache = ExpertCache(store, plan.num_slots, config.expert_cache_policy, "global", io_workers=1, populate=True,
+                        bind=expert_binder(blocks, dtype))
     lowbit = None
     if config.miss_fallback == "lowbit":
         from strata.tiers.lowbit import build_lowbit_experts

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from strata.tiers.store import ALIGN, FORMAT, TENSOR_ALIGN, VERSION, StoreError, align
+from strata.weights.loader import quantized
 
 log = logging.getLogger("strata.tiers")
 
@@ -117,7 +118,7 @@ def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
             if is_expert_tensor(name):
                 continue
             non_expert += t.nbytes
-            if t.dtype in _FLOAT_CODES:
+            if t.dtype in _FLOAT_CODES and not quantized(name):  # quantized scales keep their stored dtype
                 float_elems += t.nbytes // _FLOAT_CODES[t.dtype]
                 float_bytes += t.nbytes
     experts = _expert_tensors(src)
