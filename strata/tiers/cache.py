@@ -69,9 +69,11 @@ class IOQueue:
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, policy: str = "nextuse", layout: str = "global",
                  io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (),
-                 bind: Callable[[Key, dict[str, torch.Tensor]], object] | None = None, **policy_kw):
+                 bind: Callable[[Key, dict[str, torch.Tensor], object], object] | None = None, **policy_kw):
         self.store = store
-        self.bind = bind  # (key, slot views) -> what hold() yields; kept with the slot until it is read again
+        # (key, slot views, what the slot's previous expert was bound to, or None) -> what hold() yields;
+        # kept with the slot until it is read again
+        self.bind = bind
         self.slot_bytes = store.slot_bytes
         self.num_slots = num_slots
         self._mm, self.storage = alloc_aligned(num_slots * self.slot_bytes, populate)  # [slots * slot_bytes]
@@ -80,7 +82,8 @@ class ExpertCache:
         self._lock = threading.RLock()  # reentrant: a read may finish before its callback is added
         self._loading: dict[Key, Future] = {}
         self._requested: set[Key] = set()
-        self._views: dict[int, tuple[Key, dict[str, torch.Tensor]]] = {}
+        self._views: dict[int, tuple[Key, object]] = {}
+        self._unbound: dict[int, object] = {}  # slot -> its previous bound object, handed to bind for reuse
         self._io = IOQueue(io_workers)
         with self._lock:
             pinned = self.pools.pin(pins)
@@ -98,7 +101,9 @@ class ExpertCache:
     def _start_read(self, key: Key, slot: int, priority: int) -> None:
         """Caller holds the lock. The key stays busy until its read finishes."""
         self.pools.mark_busy(key, +1)
-        self._views.pop(slot, None)
+        old = self._views.pop(slot, None)
+        if old is not None:
+            self._unbound[slot] = old[1]
         fut = self._io.submit(priority, self._timed_read, key, self._slot_buf(slot))
         self._loading[key] = fut
         fut.add_done_callback(lambda f, key=key: self._read_done(key, f))
@@ -246,13 +251,14 @@ class ExpertCache:
         if cached is None or cached[0] != key:
             base = self.storage[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # [slot_bytes]
             views = self.store.views(key, base)
-            cached = (key, views if self.bind is None else self.bind(key, views))
+            cached = (key, views if self.bind is None else self.bind(key, views, self._unbound.pop(slot, None)))
             self._views[slot] = cached
         return cached[1]
 
     def close(self) -> None:
         self._io.close()
         self._views.clear()
+        self._unbound.clear()
         self._buf.release()
         self.storage = None
         try:

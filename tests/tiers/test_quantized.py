@@ -110,7 +110,7 @@ def test_store_holds_quantized_bytes(checkpoints, bf16_moe, fmt):
     path = checkpoints(fmt)
     formats = expert_formats(path)
     store, bf16 = ExpertStore(ensure_store(path, progress=False)), ExpertStore(ensure_store(bf16_moe, progress=False))
-    for key in store.keys():
+    for key in store.entries:
         want = 2 * formats[key].nbytes(INTER, HIDDEN) + formats[key].nbytes(HIDDEN, INTER)  # gate, up, down
         e = store.entry(key)
         assert sum(t.nbytes for t in e.tensors) == want
