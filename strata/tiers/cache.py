@@ -1,7 +1,7 @@
 """ExpertCache: a preallocated pool of expert slots filled from the ExpertStore, with background reads.
 
-Storage is one page-aligned uint8 buffer of num_slots x slot_bytes, allocated once (no allocation per
-token); the slot table, eviction policy and counters are pools.ExpertPools. All table decisions are
+Storage is one page-aligned uint8 buffer of num_slots x slot_bytes (or, for a store whose experts differ
+in size, `class_slots` slots of each size class), allocated once (no allocation per token); the slot table, eviction policy and counters are pools.ExpertPools. All table decisions are
 made under one lock by the calling thread; I/O threads only fill slots. A slot that is being read,
 or whose tensors a caller is using, is "busy" and never evicted, so a prefetch can waste bandwidth
 but never change what a running expert reads. A demand access to an expert whose prefetch is still
@@ -69,16 +69,26 @@ class IOQueue:
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, policy: str = "nextuse", layout: str = "global",
                  io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (),
-                 bind: Callable[[Key, dict[str, torch.Tensor], object], object] | None = None, **policy_kw):
+                 bind: Callable[[Key, dict[str, torch.Tensor], object], object] | None = None,
+                 class_slots: list[int] | None = None, **policy_kw):
         self.store = store
         # (key, slot views, what the slot's previous expert was bound to, or None) -> what hold() yields;
         # kept with the slot until it is read again
         self.bind = bind
         self.slot_bytes = store.slot_bytes
         self.num_slots = num_slots
-        self._mm, self.storage = alloc_aligned(num_slots * self.slot_bytes, populate)  # [slots * slot_bytes]
+        # class_slots: slots per size class of the store (store.class_bytes), one pool each; else one size
+        sizes, counts = (store.class_bytes, class_slots) if class_slots else ([store.slot_bytes], [num_slots])
+        self._slots: list[tuple[int, int]] = []  # slot -> (offset, bytes) in storage
+        for nbytes, n in zip(sizes, counts):
+            start = self._slots[-1][0] + self._slots[-1][1] if self._slots else 0
+            self._slots += [(start + i * nbytes, nbytes) for i in range(n)]
+        total = self._slots[-1][0] + self._slots[-1][1] if self._slots else 0
+        self._mm, self.storage = alloc_aligned(total, populate)  # [sum of slot bytes]
         self._buf = memoryview(self._mm)
-        self.pools = ExpertPools(store.num_layers, num_slots, policy, layout, nbytes=store.nbytes, **policy_kw)
+        self.pools = ExpertPools(store.num_layers, num_slots, policy, layout, nbytes=store.nbytes,
+                                 class_slots=class_slots, class_of=store.size_class if class_slots else None,
+                                 **policy_kw)
         self._lock = threading.RLock()  # reentrant: a read may finish before its callback is added
         self._loading: dict[Key, Future] = {}
         self._requested: set[Key] = set()
@@ -95,7 +105,8 @@ class ExpertCache:
         return self.pools.stats
 
     def _slot_buf(self, slot: int) -> memoryview:
-        return self._buf[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
+        off, n = self._slots[slot]
+        return self._buf[off : off + n]
 
     # ---- reads --------------------------------------------------------------------------------------
     def _start_read(self, key: Key, slot: int, priority: int) -> None:
@@ -249,7 +260,8 @@ class ExpertCache:
     def _views_of(self, key: Key, slot: int) -> object:
         cached = self._views.get(slot)
         if cached is None or cached[0] != key:
-            base = self.storage[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # [slot_bytes]
+            off, n = self._slots[slot]
+            base = self.storage[off : off + n]  # [slot bytes]
             views = self.store.views(key, base)
             cached = (key, views if self.bind is None else self.bind(key, views, self._unbound.pop(slot, None)))
             self._views[slot] = cached

@@ -13,6 +13,7 @@ from strata import LLM
 from strata.cli import main
 from strata.engine.sampling_params import SamplingParams
 from strata.layers.quant_linear import QuantLinear
+from strata.tiers.budget import split_slots
 from strata.tiers.store import ExpertStore, align
 from strata.tiers.store_convert import checkpoint_facts, ensure_store
 from strata.weights.quant_format import QuantFormat
@@ -98,7 +99,11 @@ def test_offloaded_quantized_equals_resident(checkpoints, fmt):
     for slots, prefetch in ((12, "lookahead"), (5, "none")):
         out, llm = generate(path, memory_budget=budget_for(path, slots), prefetch=prefetch)
         st = llm.engine.tier_stats()
-        assert st["tiered"] and st["expert_cache_slots"] == slots and st["expert_misses"] > 0
+        assert st["tiered"] and st["expert_misses"] > 0
+        if fmt == "mixed":  # int8 and int4 experts in slots of their own size: more slots than bf16-sized
+            assert st["expert_cache_slots"] > slots and st["expert_cache_bytes"] <= slots * st["expert_slot_bytes"]
+        else:
+            assert st["expert_cache_slots"] == slots
         assert out == ref, f"{fmt} at {slots} slots"
         block = llm.engine.model.moe_blocks()[0]
         assert isinstance(block.experts[0].gate_proj, QuantLinear) and block.experts[0].gate_proj.qweight.is_meta
@@ -133,4 +138,31 @@ def test_tight_budget_counts_quantized_slots(checkpoints, bf16_moe, fmt):
     assert plan.fixed_bytes + cache.storage.numel() <= budget
     st = cache.stats
     assert st.disk_bytes_read == (st.misses + st.prefetch_issued) * facts.slot_bytes
+    llm.engine.tiers.close()
+
+
+def test_mixed_plan_keeps_each_expert_at_its_own_bits(checkpoints):
+    """A --mixed plan (hot experts int8, cold int4): one pool per size, each slot the size of its experts,
+    every class the same share of its experts; a resident expert sits in a slot of its own class."""
+    path = checkpoints("mixed")
+    formats = expert_formats(path)
+    assert {f.bits for f in formats.values()} == {8, 4}
+    facts = checkpoint_facts(path)
+    assert len(facts.slot_classes) == 2
+    (big, n_big), (small, n_small) = facts.slot_classes
+    assert small < 0.6 * big and n_big + n_small == LAYERS * EXPERTS
+    spare = 4 * big + 8 * small + small // 2
+    _, llm = generate(path, memory_budget=budget_for(path, 0) + spare)
+    cache, plan = llm.engine.tiers.cache, llm.engine.tiers.plan
+    assert plan.class_bytes == [big, small] and sum(plan.class_slots) == cache.num_slots
+    (s_big, s_small), size = plan.class_slots, cache.storage.numel()
+    assert size == s_big * big + s_small * small and spare - small < size <= spare
+    assert plan.budget_bytes - plan.fixed_bytes == spare
+    assert plan.class_slots == split_slots(spare, list(facts.slot_classes), 2)  # the documented rule
+    for key in cache.pools.resident_keys():
+        slot = cache.pools.slot(key)
+        assert (formats[key].bits == 8) == (slot < s_big) and cache.store.nbytes(key) == cache._slots[slot][1]
+    st = cache.stats
+    reads = st.misses + st.prefetch_issued
+    assert reads * small < st.disk_bytes_read < reads * big  # each read moves its own expert's bytes
     llm.engine.tiers.close()
