@@ -81,6 +81,9 @@ def hf_tensors(g: GGUFFile, cfg: dict) -> Iterator[tuple[str, np.ndarray, str]]:
         w = g.tensor(name)
         if permute and kind in ("attn_q", "attn_k"):
             heads = cfg["num_attention_heads"] if kind == "attn_q" else cfg["num_key_value_heads"]
+            if w.shape[0] != heads * cfg["head_dim"]:  # checked here: the reorder needs whole heads
+                raise WeightsError(f"{g.path}: tensor '{name}' has {w.shape[0]} rows, expected {heads} heads x "
+                                   f"{cfg['head_dim']} = {heads * cfg['head_dim']} from the metadata")
             w = unpermute_rope_rows(w, heads)
         if kind == "ffn_gate_inp":
             yield f"{pre}{moe}.gate.{suffix}", w, name

@@ -124,18 +124,19 @@ def _add_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, cfg: dict, vocab_size: int)
 
 
 def write_gguf(hf_dir: str | Path, out: str | Path, qtype: str = "F32", merged_experts: bool = True,
-               tensors: dict[str, np.ndarray] | None = None) -> Path:
+               tensors=None, num_tokens: int | None = None) -> Path:
     """Writes hf_dir's model as GGUF; matrices become `qtype` where their rows are whole blocks.
 
-    `tensors` replaces the GGUF tensors before writing (to make broken files).
+    `tensors(named) -> named` edits the GGUF tensors before writing and `num_tokens` sets the vocabulary's
+    length (to make broken files).
     """
     hf_dir, out = Path(hf_dir), Path(out)
     cfg = json.loads((hf_dir / "config.json").read_text())
     state = {k: v.astype(np.float32) for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
     named = _gguf_tensors(cfg, state, merged_experts)
     if tensors is not None:
-        named = tensors(named) if callable(tensors) else tensors
-    vocab_size = named["token_embd.weight"].shape[0]
+        named = tensors(named)
+    vocab_size = num_tokens or named["token_embd.weight"].shape[0]
     w = gguf.GGUFWriter(str(out), ARCH[cfg["model_type"]])
     _add_metadata(w, cfg, vocab_size)
     _add_tokenizer(w, hf_dir, cfg, vocab_size)
