@@ -12,7 +12,7 @@ from strata.tiers.policies import ONLINE_POLICIES
 from strata.tiers.predictors import PREFETCHERS
 
 HELP = {
-    "model": "HF model folder (default: the bundled Shakespeare MoE)",
+    "model": "HF model folder or GGUF file (default: the bundled Shakespeare MoE)",
     "dtype": "compute dtype: auto (checkpoint's), float32, bfloat16, float16",
     "max_model_len": "maximum tokens per sequence (default: config's max_position_embeddings, at most 4096)",
     "max_num_seqs": "sequences decoded together",

@@ -80,7 +80,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, skip=()) 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve a model over the OpenAI Chat Completions and Completions APIs.")
-    p.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
     _add_dataclass_flags(p, ServerConfig, SERVER_HELP)
     _add_dataclass_flags(p, EngineConfig, ENGINE_HELP, skip=("model",))
     p.set_defaults(func=run)

@@ -23,6 +23,7 @@ from strata.engine.sequence import Sequence
 from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
+from strata.weights.gguf_cache import resolve_model_path
 
 SMALL_MODEL_PARAMS = 20_000_000
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
@@ -54,7 +55,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        path = config.model or BUNDLED_MODEL
+        path = resolve_model_path(config.model or BUNDLED_MODEL, progress)  # a GGUF file: its converted folder
         self.model_path = path
         self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
