@@ -281,3 +281,25 @@ class EngineConfig:
     miss_fallback: str = "none"  # on an expert cache miss: none (wait, exact), renormalize, lowbit
     record_routing: str | None = None  # JSONL file of routing decisions
     replay_routing: str | None = None  # JSONL file forcing the routing
+
+    def __post_init__(self):
+        """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""
+
+        def check(name: str, ok, what: str):
+            v = getattr(self, name)
+            if not ok(v):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {what}, got {v!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        check("max_num_seqs", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check("max_num_batched_tokens", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check("block_size", lambda v: is_int(v) and 1 <= v <= 4096, "an integer in [1, 4096]")
+        check("kv_cache_memory", lambda v: is_int(v) and v >= 1, "a positive number of bytes")
+        check("max_model_len", lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 (or unset)")
+        check("num_threads", lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 (or unset)")
+        check("memory_budget", lambda v: v is None or is_int(v) and v >= 1, "a positive number of bytes (or unset)")
+        check("dtype", lambda v: not isinstance(v, str) or v in ("auto", "float32", "bfloat16", "float16"),
+              "one of auto, float32, bfloat16, float16")
+        check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")

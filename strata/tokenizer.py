@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from strata.errors import ConfigError, StrataError
+from strata.errors import ConfigError, InvalidRequestError, StrataError
 
 
 def _read_json(path: str) -> dict:
@@ -101,7 +101,11 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids if text else []
+        try:
+            ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids if text else []
+        except TypeError:  # tokenizers refuses str that is not valid Unicode (a lone surrogate)
+            raise InvalidRequestError("text to tokenize is not valid Unicode (a lone UTF-16 surrogate?)",
+                                      param="prompt") from None
         if text == "" and add_special_tokens and self._post_adds_bos:
             ids = [self.bos_token_id]  # as llama2.c's run.c: an empty prompt starts from BOS alone
         if add_special_tokens and self.add_bos_token and ids[:1] != [self.bos_token_id]:
@@ -138,6 +142,8 @@ class Tokenizer:
             raise
         except TemplateError as e:
             raise ChatTemplateError(f"chat template failed to render: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # e.g. a kwarg of the wrong type
+            raise ChatTemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template writes BOS itself when the model wants one (transformers passes add_special_tokens=False).

@@ -37,7 +37,8 @@ class ServerConfig:
     api_key: str | None = None  # Bearer key required on /v1/* (also read from STRATA_API_KEY)
     max_queued_requests: int | None = 256  # waiting requests beyond this get 429
     request_timeout: float | None = None  # seconds; a request running longer is aborted (504 / error event)
-    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    max_body_bytes: int = 2 * 2**20  # larger request bodies get 413
+    allowed_origins: str | None = None  # comma-separated CORS origins; None = no CORS headers (browsers refuse)
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
     log_level: str = "info"
 
@@ -50,6 +51,8 @@ SERVER_HELP = {
     "max_queued_requests": "bounded waiting queue: requests beyond it get 429 with Retry-After",
     "request_timeout": "abort a request after this many seconds",
     "max_body_bytes": "reject larger request bodies with 413",
+    "allowed_origins": "comma-separated origins allowed to call the API from a browser (CORS), or '*'; "
+                       "default none",
     "drain_timeout": "on SIGTERM, seconds to let running requests finish",
     "log_level": "uvicorn log level",
 }
@@ -99,11 +102,13 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None
     metrics = EngineMetrics(name)
-    engine = AsyncEngine(lambda: LLMEngine(EngineConfig(model=model, **engine_kw), progress=False), metrics,
+    config = EngineConfig(model=model, **engine_kw)  # nonsensical flags fail here, before the port is bound
+    engine = AsyncEngine(lambda: LLMEngine(config, progress=False), metrics,
                          max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
                          on_load_failure=on_load_failure)
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                      drain_timeout=args.drain_timeout)
+                      drain_timeout=args.drain_timeout, allowed_origins=origins)
 
 
 def run(args: argparse.Namespace) -> int:

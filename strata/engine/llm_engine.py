@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from strata.config import EngineConfig
+from strata.engine.admission import (
+    check_request_fits,
+    check_token_ids,
+    default_max_model_len,
+    fit_max_model_len,
+)
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
@@ -65,11 +71,13 @@ class LLMEngine:
         # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
         self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
-        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
+        max_len = default_max_model_len(config.max_model_len, mcfg.max_position_embeddings)
         dtype = self.model.model.embed_tokens.weight.dtype
         per_block = kv_bytes_per_token(self.model, dtype) * config.block_size
-        wanted = config.max_num_seqs * ((self.max_model_len + config.block_size - 1) // config.block_size)
+        wanted = config.max_num_seqs * ((max_len + config.block_size - 1) // config.block_size)
         num_blocks = max(min(wanted, config.kv_cache_memory // per_block), 1)
+        self.max_model_len = fit_max_model_len(config.max_model_len, max_len, num_blocks * config.block_size,
+                                               config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
@@ -101,18 +109,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not (0 <= t < vocab) for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
-                "tokens and at least 1 must be generated",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if len(ids) + 1 > capacity:
-            raise InvalidRequestError(
-                f"prompt of {len(ids)} tokens does not fit the KV cache ({capacity} tokens)", param="prompt"
-            )
+        check_request_fits(len(ids), params.max_tokens, self.max_model_len)
+        check_token_ids(params, vocab)
         seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
@@ -141,8 +139,9 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        dropped = self._drop_unschedulable()
         if not batch.seqs:
-            return []
+            return [self._output(rid) for rid in dropped if rid in self._requests]
         t0 = time.perf_counter()
         logits, sampled_idx = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -151,7 +150,7 @@ class LLMEngine:
         sampled_seqs = [batch.seqs[i] for i in sampled_idx]
         tokens = self.sampler(logits, sampled_seqs) if sampled_seqs else []
         now = time.monotonic()
-        touched: dict[str, None] = {}
+        touched: dict[str, None] = dropped
         for seq, tok in zip(sampled_seqs, tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -165,6 +164,16 @@ class LLMEngine:
         self.stats["num_steps"] += 1
         self.stats["step_time_s"] += time.perf_counter() - t0
         return [self._output(rid) for rid in touched if rid in self._requests]
+
+    def _drop_unschedulable(self) -> dict[str, None]:
+        """Request ids of sequences the scheduler finished because the KV cache can never hold them (their
+        n > 1 siblings still waiting to fork share the prompt, so they finish the same way)."""
+        touched: dict[str, None] = {}
+        for seq in self.scheduler.take_unschedulable():
+            for sibling in self._forks.pop(seq.request_id, ()):
+                sibling.status, sibling.finish_reason = seq.status, seq.finish_reason
+            touched[seq.request_id] = None
+        return touched
 
     def _check_finished(self, seq: Sequence, tok: int) -> None:
         p = seq.params

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from strata.errors import InvalidRequestError
 
+MIN_TEMPERATURE = 0.01
+MAX_PENALTY = 100.0  # repetition_penalty in [1 / MAX_PENALTY, MAX_PENALTY]
+
 
 @dataclass
 class SamplingParams:
@@ -37,14 +40,26 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequestError(f"{param} must be {what}, got {getattr(self, param)!r}", param=param)
 
+        def number(v) -> bool:  # NaN fails every comparison below, so it is refused too
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1")
-        check(self.temperature >= 0, "temperature", ">= 0")
-        check(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        # Below MIN_TEMPERATURE the logits / temperature overflow to inf and the probabilities become NaN.
+        check(number(self.temperature) and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100),
+              "temperature", f"0 (greedy) or in [{MIN_TEMPERATURE}, 100]")
+        check(number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "-1, 0 or a positive integer")
-        check(0 <= self.min_p <= 1, "min_p", "in [0, 1]")
-        check(self.repetition_penalty > 0, "repetition_penalty", "> 0")
-        check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
-        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
+        check(number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        check(number(self.repetition_penalty) and 1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY,
+              "repetition_penalty", f"in [{1 / MAX_PENALTY}, {MAX_PENALTY}]")
+        check(number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
+        check(number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "in [-2, 2]")
+        check(self.logit_bias is None or all(isinstance(k, int) and number(v) and -100 <= v <= 100
+                                             for k, v in self.logit_bias.items()),
+              "logit_bias", "a map of token ids to biases in [-100, 100]")
+        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+              "token ids (integers >= 0)")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
               "max_tokens", "an integer >= 1")
         check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")

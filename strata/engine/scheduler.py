@@ -32,6 +32,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.unschedulable: list[Sequence] = []  # finished here: longer than the whole KV cache (see _fits_cache)
 
     def add(self, seq: Sequence) -> None:
         if seq.priority and self.waiting:
@@ -52,10 +53,26 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def _fits_cache(self, seq: Sequence) -> bool:
+        """Whether the sequence fits the KV cache at all. One that does not could never be admitted again: it
+        would sit at the head of `waiting` forever and block every later request, so it finishes instead."""
+        bm = self.block_manager
+        if bm.blocks_needed(seq.num_tokens) <= bm.num_blocks:
+            return True
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "length"
+        self.unschedulable.append(seq)
+        return False
+
+    def take_unschedulable(self) -> list[Sequence]:
+        out, self.unschedulable = self.unschedulable, []
+        return out
+
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it goes back to the head of the queue and is recomputed."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        if not self._fits_cache(seq):
+            return
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -84,6 +101,9 @@ class Scheduler:
         # 2. admissions
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._fits_cache(seq):
+                self.waiting.popleft()
+                continue
             if not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()

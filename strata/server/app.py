@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 import strata
 from strata.server.async_engine import AsyncEngine
-from strata.server.errors import APIError, to_api_error
+from strata.server.errors import EXPECTED_ERRORS, APIError, CatchAllMiddleware, to_api_error
 from strata.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,9 +25,10 @@ from strata.server.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from strata.server.request_checks import check_text_length, has_lone_surrogate
 from strata.server.serving import Serving
 
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
@@ -63,6 +65,10 @@ class GuardMiddleware:
             more = msg.get("more_body", False)
             if len(body) > self.limit:
                 return await too_big.response()(scope, receive, send)
+        if has_lone_surrogate(body):
+            err = APIError(400, "Invalid body: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send "
+                                "valid Unicode", code="invalid_unicode")
+            return await err.response()(scope, receive, send)
         # Every POST route takes JSON; `curl -d` sends form-urlencoded, so read the body as JSON regardless.
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
                      + [(b"content-type", b"application/json")])
@@ -93,7 +99,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     serving = Serving(engine, served_model_name)
     created = int(time.time())
 
@@ -110,7 +117,11 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
 
     app = FastAPI(title="Strata", version=strata.__version__ if hasattr(strata, "__version__") else "0",
                   lifespan=lifespan, responses={400: {"model": ErrorResponse}})
+    app.add_middleware(CatchAllMiddleware)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    if allowed_origins:  # off by default: a page in the user's browser may not call a local server
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -125,9 +136,11 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         msg = f"{request.method} {request.url.path}: not found" if exc.status_code == 404 else str(exc.detail)
         return APIError(exc.status_code, msg).response()
 
-    @app.exception_handler(Exception)
-    async def _any(request, exc: Exception):
+    async def _expected(request, exc: Exception):
         return to_api_error(exc).response()
+
+    for exc_type in EXPECTED_ERRORS:
+        app.add_exception_handler(exc_type, _expected)
 
     @app.get("/health")
     async def health():
@@ -172,6 +185,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         _need_engine()
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        texts = [m.text() for m in req.messages] if req.messages is not None else [req.prompt]
+        check_text_length(sum(map(len, texts)), engine.engine.max_model_len, "prompt")
         if req.messages is not None:
             ids = serving.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         else:

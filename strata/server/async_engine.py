@@ -136,6 +136,7 @@ class AsyncEngine:
         self._cmds: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._waiting_ids: set[str] = set()  # added, not yet scheduled (the bounded queue)
+        self._free_slots = 0  # max_num_seqs minus running sequences, as of the last step
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,8 +171,10 @@ class AsyncEngine:
         if self.engine is None:
             raise EngineNotReadyError("the model is still loading")
         with self._lock:
-            if self.max_queued_requests is not None and len(self._waiting_ids) >= self.max_queued_requests:
-                raise OverloadedError(len(self._waiting_ids), self.max_queued_requests)
+            # the bound is on requests that must wait: those the free sequence slots will take do not count
+            num_waiting = len(self._waiting_ids) - self._free_slots
+            if self.max_queued_requests is not None and num_waiting >= self.max_queued_requests:
+                raise OverloadedError(max(num_waiting, 0), self.max_queued_requests)
             self._ids += 1
             rid = f"{request_id or 'req'}-{self._ids}"
             self._waiting_ids.add(rid)
@@ -193,6 +196,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self.engine = self._factory()
+            self._publish_gauges()
             eos = self.engine.eos_token_ids
             self.engine.sampler = _IsolatingSampler(self.engine.sampler, eos[0] if eos else 0)
         except Exception as e:
@@ -325,10 +329,12 @@ class AsyncEngine:
 
     def _publish_gauges(self) -> None:
         eng = self.engine
+        sched = eng.scheduler
         with self._lock:
-            waiting = len(self._waiting_ids)
-        self.metrics.publish(eng, num_running=len({s.request_id for s in eng.scheduler.running}),
-                             num_waiting=waiting)
+            # preempted requests wait again in the scheduler (no longer in _waiting_ids): count them too
+            waiting = len(self._waiting_ids | {s.request_id for s in sched.waiting})
+            self._free_slots = max(sched.max_num_seqs - len(sched.running), 0)
+        self.metrics.publish(eng, num_running=len({s.request_id for s in sched.running}), num_waiting=waiting)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason

@@ -4,6 +4,7 @@ response or as an SSE event once a stream has started, and the mapping from Stra
 from __future__ import annotations
 
 import json
+import logging
 
 from starlette.responses import JSONResponse
 
@@ -16,6 +17,11 @@ from strata.server.async_engine import (
     RequestTimeoutError,
 )
 
+log = logging.getLogger("strata.server")
+# Raised by the engine or the request checks; each gets its own exception handler, so they never reach
+# Starlette's ServerErrorMiddleware (which logs a traceback and makes uvicorn close the connection).
+EXPECTED_ERRORS = (StrataError, OverloadedError, EngineNotReadyError, EngineDeadError, RequestTimeoutError,
+                   RequestFailedError)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
          500: "server_error", 503: "service_unavailable_error", 504: "timeout_error"}
@@ -62,3 +68,32 @@ def to_api_error(e: BaseException) -> APIError:
     if isinstance(e, StrataError):  # e.g. a chat template that raised: the request's fault
         return APIError(400, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+
+
+class CatchAllMiddleware:
+    """Pure ASGI, innermost of the app's middlewares: an exception no handler took becomes the OpenAI error
+    body here, with one traceback logged, so the keep-alive connection survives (an Exception handler would
+    run inside ServerErrorMiddleware, which re-raises to uvicorn)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as e:
+            if started:  # the response is already on its way; nothing sensible to add
+                raise
+            err = to_api_error(e)
+            if err.status >= 500:
+                log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            await err.response()(scope, receive, send)

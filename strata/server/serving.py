@@ -11,11 +11,13 @@ import asyncio
 
 from starlette.requests import Request
 
+from strata.engine.admission import check_request_fits, check_token_ids
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import InvalidRequestError, StrataError
 from strata.server.async_engine import AsyncEngine, RequestStream
 from strata.server.errors import APIError, to_api_error
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
+from strata.server.request_checks import check_text_length
 from strata.server.responses import RequestContext, SSEResponse
 
 
@@ -37,7 +39,7 @@ class Serving:
     def chat_prompt(self, messages, add_generation_prompt: bool = True, kwargs: dict | None = None) -> list[int]:
         msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         kwargs = dict(kwargs or {})
-        for reserved in ("messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token", "template"):
+        for reserved in ("self", "messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token", "template"):
             if reserved in kwargs:
                 raise APIError(400, f"chat_template_kwargs may not set {reserved!r}", "chat_template_kwargs")
         try:
@@ -56,18 +58,7 @@ class Serving:
             raise APIError(400, f"token ids must be in [0, {vocab}), got {max(ids)}", param)
 
     def check_context(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
-        limit = self.engine.engine.max_model_len
-        where = "messages" if param == "messages" else "prompt"
-        if max_tokens is not None and num_prompt + max_tokens > limit:
-            msg = (f"This model's maximum context length is {limit} tokens. However, you requested "
-                   f"{num_prompt + max_tokens} tokens ({num_prompt} in the {where}, {max_tokens} in the "
-                   f"completion). Please reduce the length of the {where} or completion.")
-        elif num_prompt >= limit:
-            msg = (f"This model's maximum context length is {limit} tokens. However, your {where} resulted in "
-                   f"{num_prompt} tokens, leaving none for the completion. Please reduce the length of the {where}.")
-        else:
-            return
-        raise APIError(400, msg, param, "context_length_exceeded")
+        check_request_fits(num_prompt, max_tokens, self.engine.engine.max_model_len, param)
 
     @staticmethod
     def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -124,6 +115,7 @@ class Serving:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             max_tokens = req.max_completion_tokens or req.max_tokens
             param = "messages"
+            check_text_length(sum(len(m.text()) for m in req.messages), self.engine.engine.max_model_len, param)
             ids = await asyncio.to_thread(self.chat_prompt, req.messages, req.add_generation_prompt,
                                           req.chat_template_kwargs)
             prompts, texts = [ids], [None]
@@ -133,6 +125,8 @@ class Serving:
             logprobs, max_tokens, param = req.logprobs, req.max_tokens, "prompt"
             p = req.prompt
             raw_prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+            for x in raw_prompts:
+                check_text_length(len(x) if isinstance(x, str) else 0, self.engine.engine.max_model_len, param)
             prompts = [await asyncio.to_thread(self.tokenizer.encode, x) if isinstance(x, str) else list(x)
                        for x in raw_prompts]
             texts = [x if isinstance(x, str) else self.tokenizer.decode(x) for x in raw_prompts] if req.echo \
@@ -141,6 +135,7 @@ class Serving:
             self._check_ids(ids, param)
             self.check_context(len(ids), max_tokens, param)
         params = self.sampling_params(req, max_tokens, logprobs)
+        check_token_ids(params, self.engine.engine.model_config.vocab_size)
         streams: list[RequestStream] = []
         try:
             for ids in prompts:

@@ -1,10 +1,12 @@
 """Sampler rules on hand-made logits: each filter keeps exactly the tokens it should."""
 
+import pytest
 import torch
 
 from strata.engine.sampler import Sampler, process_logits, sample_token
-from strata.engine.sampling_params import SamplingParams
+from strata.engine.sampling_params import MAX_PENALTY, MIN_TEMPERATURE, SamplingParams
 from strata.engine.sequence import Sequence
+from strata.errors import InvalidRequestError
 
 LOGITS = torch.log(torch.tensor([0.05, 0.40, 0.30, 0.15, 0.10]))
 
@@ -51,3 +53,22 @@ def test_seeded_sampling_is_reproducible_and_batch_independent():
     first = [sampler(logits, a) for _ in range(5)]
     second = [sampler(logits[1:2], [b[1]]) for _ in range(5)]
     assert [f[1] for f in first] == [s[0] for s in second]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", 1e-45), ("temperature", 1e-300), ("temperature", float("nan")), ("temperature", float("inf")),
+    ("repetition_penalty", 1e-300), ("repetition_penalty", float("nan")), ("top_p", float("nan")),
+    ("min_p", float("nan")), ("presence_penalty", float("inf")), ("logit_bias", {3: float("nan")}),
+])
+def test_values_that_would_give_nan_probabilities_are_refused(field, value):
+    with pytest.raises(InvalidRequestError, match=f"^{field} must be"):
+        SamplingParams(**{field: value})
+
+
+def test_smallest_allowed_values_sample_finite_tokens():
+    """At the edges of the ranges the processed logits stay finite, so sampling never sees NaN."""
+    seq = Sequence("r", [0, 1, 2, 3], SamplingParams(seed=0, temperature=MIN_TEMPERATURE,
+                                                     repetition_penalty=1 / MAX_PENALTY))
+    logits = process_logits(LOGITS * 1e4, seq, [4])  # large negative logits; the seen ones shrink 100-fold
+    assert torch.isfinite(logits).all()
+    assert sample_token(logits, seq) == 1  # the most likely token, by a margin a temperature of 0.01 keeps
