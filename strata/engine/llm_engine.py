@@ -20,6 +20,8 @@ from strata.engine.sampler import Sampler
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
+from strata.engine.spec.config import SpeculativeConfig
+from strata.engine.spec.decoder import SpecDecoder, make_proposer
 from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
@@ -56,6 +58,9 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         path = config.model or BUNDLED_MODEL
         self.model_path = path
+        spec = SpeculativeConfig.from_value(config.speculative_config)
+        # the draft loads first: the memory budget plan measures what is already resident (tiers/runtime.py)
+        proposer = make_proposer(spec, path, config) if spec else None
         self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
@@ -75,6 +80,8 @@ class LLMEngine:
         eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
         self.sampler = Sampler(eos)
+        self.spec = spec and SpecDecoder(spec, proposer, self.block_manager, self.max_model_len,
+                                         config.max_num_batched_tokens)
         self._requests: dict[str, list[Sequence]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
@@ -132,6 +139,8 @@ class LLMEngine:
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.abort(seq)
+            if self.spec:
+                self.spec.release(seq)
             self._detok.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -143,24 +152,34 @@ class LLMEngine:
         if not batch.seqs:
             return []
         t0 = time.perf_counter()
-        logits, sampled_idx = self.runner.execute(batch)
+        num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
+        logits, sampled_idx = self.runner.execute(batch, num_scored)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.commit_full_blocks(seq)
         sampled_seqs = [batch.seqs[i] for i in sampled_idx]
-        tokens = self.sampler(logits, sampled_seqs) if sampled_seqs else []
+        if self.spec:
+            new_tokens = self.spec.verify(logits, sampled_seqs, self.sampler)
+        else:
+            new_tokens = [[t] for t in self.sampler(logits, sampled_seqs)] if sampled_seqs else []
+        for seq in batch.seqs:
+            self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = {}
-        for seq, tok in zip(sampled_seqs, tokens):
+        for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats["prompt_tokens"] += seq.num_prompt_tokens
                 for sibling in self._forks.pop(seq.request_id, ()):
                     self.scheduler.add(sibling)
-            seq.token_ids.append(tok)
-            self.stats["generation_tokens"] += 1
-            self._check_finished(seq, tok)
+            for tok in tokens:
+                seq.token_ids.append(tok)
+                self.stats["generation_tokens"] += 1
+                self._check_finished(seq, tok)
+                if seq.is_finished:
+                    break
             touched[seq.request_id] = None
+        if self.spec:
+            self.spec.finish_step(sampled_seqs)
         self.stats["num_steps"] += 1
         self.stats["step_time_s"] += time.perf_counter() - t0
         return [self._output(rid) for rid in touched if rid in self._requests]

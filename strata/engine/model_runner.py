@@ -39,8 +39,11 @@ class ModelRunner:
         return slots[off : off + end - start]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [N, V], indices into batch.seqs of the N sequences that reached their last token)."""
+    def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [N, V], indices into batch.seqs of the sequences that reached their last token).
+
+        Each such sequence has its last num_scored[i] rows in the logits (default 1; speculative verification
+        scores every drafted position)."""
         ids, positions, slot_parts, ctx_slots = [], [], [], []
         starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
         row = 0
@@ -55,7 +58,7 @@ class ModelRunner:
             clens.append(e)
             row += n
             if e == seq.num_tokens:
-                sample_rows.append(row - 1)
+                sample_rows.extend(range(row - (num_scored[i] if num_scored else 1), row))
                 sampled.append(i)
         meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
         self.model.current_batch = batch  # lets routing record/replay hooks label rows (strata/tiers/runtime.py)
