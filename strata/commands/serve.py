@@ -91,11 +91,10 @@ def register(sub) -> None:
 def build_app(args: argparse.Namespace, on_load_failure=None):
     """The app for parsed `serve` arguments."""
     from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
+    from strata.engine.spec.config import SpeculativeConfig
     from strata.server.app import create_app
     from strata.server.async_engine import AsyncEngine
     from strata.server.metrics import EngineMetrics
-
-    from strata.engine.spec.config import SpeculativeConfig
 
     engine_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
                  if f.name in ENGINE_HELP and hasattr(args, f.name)}

@@ -41,7 +41,7 @@ def check_same_vocabulary(draft_path: str, target_path: str) -> None:
                           f"{target_path} has {target.vocab_size}; the draft must share the target's tokenizer")
     dv, tv = _vocab(draft_path), _vocab(target_path)
     if dv is not None and tv is not None and dv != tv:
-        diff = sorted(set(dv.items()) ^ set(tv.items()))[0]
+        diff = min(set(dv.items()) ^ set(tv.items()))
         raise ConfigError(f"--speculative-config: draft {draft_path}'s tokenizer.json differs from the target's "
                           f"(token {json.dumps(diff[0])} -> id {diff[1]} in one only); the vocabularies must match")
 
