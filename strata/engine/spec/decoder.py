@@ -11,6 +11,8 @@ Sequences with nothing drafted are sampled by the engine's sampler, in the same 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from strata.config import EngineConfig
@@ -20,7 +22,7 @@ from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.ngram import NgramProposer
-from strata.engine.spec.policy import FixedK
+from strata.engine.spec.policy import AdaptiveK, FixedK
 from strata.engine.spec.proposer import Proposal, Proposer
 from strata.engine.spec.rejection import greedy_accept, rejection_sample
 
@@ -42,13 +44,15 @@ def can_speculate(seq: Sequence) -> bool:
 
 class SpecDecoder:
     def __init__(self, spec: SpeculativeConfig, proposer: Proposer, block_manager: BlockManager,
-                 max_model_len: int, max_num_batched_tokens: int, policy=None):
+                 max_model_len: int, max_num_batched_tokens: int):
         self.spec = spec
         self.proposer = proposer
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.policy = policy or FixedK(spec.num_speculative_tokens)
+        k = spec.num_speculative_tokens
+        self.policy = AdaptiveK(k) if spec.adaptive else FixedK(k)
+        self._forward_start: tuple[int, float] | None = None  # (rows, time) of the forward in flight
         self._pending: dict[int, Proposal] = {}  # seq_id -> its drafts in this step
         self._accepted: dict[int, int] = {}  # seq_id -> drafts accepted in this step
         self.num_drafts = 0  # verifications with at least one drafted token
@@ -71,9 +75,11 @@ class SpecDecoder:
                 ks.append(k)
                 budget -= k
         num_scored = [1] * len(batch.seqs)
-        if not cands:
-            return num_scored
-        for i, k, prop in zip(cands, ks, self.proposer.propose([batch.seqs[i] for i in cands], ks)):
+        t0 = time.perf_counter()
+        proposals = self.proposer.propose([batch.seqs[i] for i in cands], ks) if cands else []
+        if cands:
+            self.policy.observe_proposal(sum(len(p.token_ids) for p in proposals), time.perf_counter() - t0)
+        for i, k, prop in zip(cands, ks, proposals):
             seq, drafts = batch.seqs[i], prop.token_ids[:k]
             if not drafts or not self.block_manager.reserve(seq, seq.num_tokens + len(drafts)):
                 continue
@@ -84,11 +90,16 @@ class SpecDecoder:
             batch.num_new_tokens[i] += len(drafts)
             num_scored[i] += len(drafts)
             self._pending[seq.seq_id] = prop
+        self._forward_start = (batch.num_tokens, time.perf_counter())
         return num_scored
 
     # ---- after the forward ----------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], sampler) -> list[list[int]]:
         """logits: the rows prepare() asked for, sequence after sequence -> new tokens per sequence."""
+        if self._forward_start is not None:
+            rows, t0 = self._forward_start
+            self.policy.observe_forward(rows, time.perf_counter() - t0)
+            self._forward_start = None
         out: list[list[int] | None] = []
         plain_rows, plain_seqs, row = [], [], 0
         for seq in seqs:

@@ -128,3 +128,13 @@ def test_abort_releases_everything(tiny_llama):
     llm.engine.abort_request(rid)
     assert not llm.engine.has_unfinished_requests()
     _check_pools_empty(llm)
+
+
+@needs_bundled
+def test_adaptive_k_keeps_greedy_output(plain_moe):
+    ref = _ids(plain_moe.generate(SHAKESPEARE, GREEDY))
+    spec = {"model": DRAFT, "num_speculative_tokens": 8, "adaptive": True}
+    llm = LLM(None, progress=False, dtype=DTYPE, speculative_config=spec)
+    assert _ids(llm.generate(SHAKESPEARE, GREEDY)) == ref
+    assert llm.engine.spec.num_drafts > 0 and not llm.engine.spec.policy.rate  # per-sequence state released
+    _check_pools_empty(llm)
