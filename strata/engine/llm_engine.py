@@ -15,7 +15,7 @@ import torch
 from strata.config import EngineConfig
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
-from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
+from strata.engine.model_runner import ModelRunner, num_kv_blocks
 from strata.engine.sampler import Sampler
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
@@ -70,10 +70,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
-        dtype = self.model.model.embed_tokens.weight.dtype
-        per_block = kv_bytes_per_token(self.model, dtype) * config.block_size
-        wanted = config.max_num_seqs * ((self.max_model_len + config.block_size - 1) // config.block_size)
-        num_blocks = max(min(wanted, config.kv_cache_memory // per_block), 1)
+        num_blocks = num_kv_blocks(self.model, config.block_size, config.max_num_seqs, self.max_model_len,
+                                   config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)

@@ -156,4 +156,5 @@ class SpecDecoder:
             "spec_num_accepted_tokens": self.num_accepted_tokens,
             "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None,
             "spec_mean_accepted_tokens": self.num_accepted_tokens / self.num_drafts if self.num_drafts else None,
+            "spec_proposer_bytes": self.proposer.memory_bytes(),
         }

@@ -16,7 +16,7 @@ import torch
 
 from strata.config import EngineConfig, ModelConfig
 from strata.engine.block_manager import BlockManager
-from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
+from strata.engine.model_runner import ModelRunner, num_kv_blocks
 from strata.engine.sampler import sampling_probs
 from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
@@ -57,14 +57,11 @@ class DraftModelProposer(Proposer):
         cfg = self.model.config
         target_len = min(ModelConfig.from_pretrained(target_path).max_position_embeddings, 4096)
         self.max_model_len = min(config.max_model_len or target_len, cfg.max_position_embeddings)
-        dtype = self.model.model.embed_tokens.weight.dtype
         bs = config.block_size
-        per_block = kv_bytes_per_token(self.model, dtype) * bs
-        wanted = config.max_num_seqs * -(-self.max_model_len // bs)
-        num_blocks = max(min(wanted, config.kv_cache_memory // per_block), 1)
+        num_blocks = num_kv_blocks(self.model, bs, config.max_num_seqs, self.max_model_len, config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=False)
         self.runner = ModelRunner(self.model, num_blocks, bs)
-        self._kv_bytes = num_blocks * per_block
+        self._kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
         self.shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's copy
         self._synced: dict[int, int] = {}  # target seq_id -> target length at the last sync (drafts follow it)
 
