@@ -281,6 +281,9 @@ class EngineConfig:
     miss_fallback: str = "none"  # on an expert cache miss: none (wait, exact), renormalize, lowbit
     record_routing: str | None = None  # JSONL file of routing decisions
     replay_routing: str | None = None  # JSONL file forcing the routing
+    # speculative decoding (vLLM's keys): {"model": PATH, "num_speculative_tokens": 4} or
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict
+    speculative_config: str | dict | None = None
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""

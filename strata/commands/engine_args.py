@@ -28,6 +28,9 @@ HELP = {
                      "rescale the others' weights), lowbit (run a resident int4 copy); see docs/tiers.md",
     "record_routing": "write routing decisions as JSONL to this file",
     "replay_routing": "force routing from this JSONL trace",
+    "speculative_config": 'speculative decoding as JSON (vLLM keys): \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
+                          'or \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
+                          'see docs/speculative.md',
 }
 _SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
 

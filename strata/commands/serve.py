@@ -26,6 +26,8 @@ ENGINE_HELP = {
     "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
     "num_threads": "torch CPU threads",
     "memory_budget": "bytes for weights; tiered experts engage when the model exceeds it",
+    "speculative_config": 'speculative decoding as JSON (vLLM keys), e.g. \'{"method": "ngram", '
+                          '"num_speculative_tokens": 4}\'; see docs/speculative.md',
 }
 
 
@@ -92,12 +94,14 @@ def register(sub) -> None:
 def build_app(args: argparse.Namespace, on_load_failure=None):
     """The app for parsed `serve` arguments."""
     from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
+    from strata.engine.spec.config import SpeculativeConfig
     from strata.server.app import create_app
     from strata.server.async_engine import AsyncEngine
     from strata.server.metrics import EngineMetrics
 
     engine_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
                  if f.name in ENGINE_HELP and hasattr(args, f.name)}
+    SpeculativeConfig.from_value(engine_kw.get("speculative_config"))  # a bad value fails before the port opens
     model = args.model or BUNDLED_MODEL
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None

@@ -21,11 +21,13 @@ from strata.engine.admission import (
 )
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
-from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
+from strata.engine.model_runner import ModelRunner, num_kv_blocks
 from strata.engine.sampler import Sampler
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
+from strata.engine.spec.config import SpeculativeConfig
+from strata.engine.spec.decoder import SpecDecoder, make_proposer
 from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
@@ -63,6 +65,9 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         path = resolve_model_path(config.model or BUNDLED_MODEL, progress)  # a GGUF file: its converted folder
         self.model_path = path
+        spec = SpeculativeConfig.from_value(config.speculative_config)
+        # the draft loads first: the memory budget plan measures what is already resident (tiers/runtime.py)
+        proposer = make_proposer(spec, path, config) if spec else None
         self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
@@ -72,10 +77,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
         max_len = default_max_model_len(config.max_model_len, mcfg.max_position_embeddings)
-        dtype = self.model.model.embed_tokens.weight.dtype
-        per_block = kv_bytes_per_token(self.model, dtype) * config.block_size
-        wanted = config.max_num_seqs * ((max_len + config.block_size - 1) // config.block_size)
-        num_blocks = max(min(wanted, config.kv_cache_memory // per_block), 1)
+        num_blocks = num_kv_blocks(self.model, config.block_size, config.max_num_seqs, max_len,
+                                   config.kv_cache_memory)
         self.max_model_len = fit_max_model_len(config.max_model_len, max_len, num_blocks * config.block_size,
                                                config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -84,6 +87,8 @@ class LLMEngine:
         eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
         self.sampler = Sampler(eos)
+        self.spec = spec and SpecDecoder(spec, proposer, self.block_manager, self.max_model_len,
+                                         config.max_num_batched_tokens)
         self._requests: dict[str, list[Sequence]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
@@ -131,6 +136,8 @@ class LLMEngine:
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.abort(seq)
+            if self.spec:
+                self.spec.release(seq)
             self._detok.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -143,24 +150,34 @@ class LLMEngine:
         if not batch.seqs:
             return [self._output(rid) for rid in dropped if rid in self._requests]
         t0 = time.perf_counter()
-        logits, sampled_idx = self.runner.execute(batch)
+        num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
+        logits, sampled_idx = self.runner.execute(batch, num_scored)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.commit_full_blocks(seq)
         sampled_seqs = [batch.seqs[i] for i in sampled_idx]
-        tokens = self.sampler(logits, sampled_seqs) if sampled_seqs else []
+        if self.spec:
+            new_tokens = self.spec.verify(logits, sampled_seqs, self.sampler)
+        else:
+            new_tokens = [[t] for t in self.sampler(logits, sampled_seqs)] if sampled_seqs else []
+        for seq in batch.seqs:
+            self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = dropped
-        for seq, tok in zip(sampled_seqs, tokens):
+        for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats["prompt_tokens"] += seq.num_prompt_tokens
                 for sibling in self._forks.pop(seq.request_id, ()):
                     self.scheduler.add(sibling)
-            seq.token_ids.append(tok)
-            self.stats["generation_tokens"] += 1
-            self._check_finished(seq, tok)
+            for tok in tokens:
+                seq.token_ids.append(tok)
+                self.stats["generation_tokens"] += 1
+                self._check_finished(seq, tok)
+                if seq.is_finished:
+                    break
             touched[seq.request_id] = None
+        if self.spec:
+            self.spec.finish_step(sampled_seqs)
         self.stats["num_steps"] += 1
         self.stats["step_time_s"] += time.perf_counter() - t0
         return [self._output(rid) for rid in touched if rid in self._requests]

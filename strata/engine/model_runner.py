@@ -16,6 +16,13 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int, kv_cache_memory: int) -> int:
+    """Blocks for max_num_seqs sequences of max_model_len tokens, at most kv_cache_memory bytes, at least one."""
+    per_block = kv_bytes_per_token(model, model.model.embed_tokens.weight.dtype) * block_size
+    wanted = max_num_seqs * ((max_model_len + block_size - 1) // block_size)
+    return max(min(wanted, kv_cache_memory // per_block), 1)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
         self.model = model
@@ -39,8 +46,11 @@ class ModelRunner:
         return slots[off : off + end - start]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [N, V], indices into batch.seqs of the N sequences that reached their last token)."""
+    def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [N, V], indices into batch.seqs of the sequences that reached their last token).
+
+        Each such sequence has its last num_scored[i] rows in the logits (default 1; speculative verification
+        scores every drafted position)."""
         ids, positions, slot_parts, ctx_slots = [], [], [], []
         starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
         row = 0
@@ -55,7 +65,7 @@ class ModelRunner:
             clens.append(e)
             row += n
             if e == seq.num_tokens:
-                sample_rows.append(row - 1)
+                sample_rows.extend(range(row - (num_scored[i] if num_scored else 1), row))
                 sampled.append(i)
         meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
         self.model.current_batch = batch  # lets routing record/replay hooks label rows (strata/tiers/runtime.py)
