@@ -16,7 +16,7 @@ from strata.config import EngineConfig
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
-from strata.engine.sampler import Sampler
+from strata.engine.sampler import Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
@@ -36,7 +36,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None = None
-    logprobs: list[dict] | None = None
+    logprobs: list[dict] | None = None  # of the tokens whose text is in `text` (all of them once finished)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
 
 
 class LLMEngine:
@@ -143,7 +144,11 @@ class LLMEngine:
         if not batch.seqs:
             return []
         t0 = time.perf_counter()
-        logits, sampled_idx = self.runner.execute(batch)
+        logits, sampled_idx, prompt_logits = self.runner.execute(batch)
+        for i, (target, rows) in prompt_logits.items():
+            seq = batch.seqs[i]
+            targets = seq.token_ids[target : target + rows.shape[0]]
+            seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
@@ -189,14 +194,17 @@ class LLMEngine:
         for seq in seqs:
             detok = self._detok[seq.seq_id]
             delta = detok.take_delta(final=seq.is_finished)
+            logprobs = None
+            if seq.params.logprobs is not None:  # a copy: the engine thread goes on appending to seq.logprobs
+                logprobs = seq.logprobs[: len(seq.logprobs) if seq.is_finished else detok.num_tokens_emitted]
             outs.append(CompletionOutput(seq.index, detok.text[: detok.num_emitted], delta,
-                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason,
-                                         seq.logprobs if seq.params.logprobs is not None else None))
+                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason, logprobs))
         finished = all(s.is_finished for s in seqs)
         first = seqs[0]
         out = RequestOutput(request_id, first.token_ids[: first.num_prompt_tokens], outs, finished,
                             num_cached_tokens=first.num_cached_tokens,
-                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
+                            prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs)
         if finished:
             for seq in seqs:
                 self._detok.pop(seq.seq_id, None)

@@ -1,5 +1,6 @@
 """ModelRunner: owns the model and the paged KV cache, turns a ScheduledBatch into tensors, runs the forward
-and returns the logits of the sequences that finished their pending tokens this step."""
+and returns the logits of the sequences that finished their pending tokens this step, plus the logits of the
+prompt positions whose next-token logprobs a request asked for (prompt logprobs)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,13 @@ class ModelRunner:
         return slots[off : off + end - start]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [N, V], indices into batch.seqs of the N sequences that reached their last token)."""
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, tuple[int, torch.Tensor]]]:
+        """Returns (logits [N, V], indices into batch.seqs of the N sequences that reached their last token,
+        {index into batch.seqs: (first prompt position predicted, logits [k, V])} for prompt logprobs)."""
         ids, positions, slot_parts, ctx_slots = [], [], [], []
         starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
+        prompt_rows: list[int] = []
+        prompt_spans: dict[int, tuple[int, int]] = {}  # batch index -> (first target position, rows)
         row = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             s, e = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -50,6 +54,14 @@ class ModelRunner:
             positions.append(torch.arange(s, e))
             slot_parts.append(self._slots(seq.block_table, s, e))
             ctx_slots.append(self._slots(seq.block_table, 0, e))
+            if seq.needs_prompt_logprobs:
+                # the row of position p predicts token p + 1; skip targets already recorded (recompute after
+                # preemption) and stop at the last prompt token
+                first = max(s, len(seq.prompt_logprobs) - 1)
+                last = min(e, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_spans[i] = (first + 1, last - first)
+                    prompt_rows.extend(range(row + first - s, row + last - s))
             starts.append(row)
             qlens.append(n)
             clens.append(e)
@@ -64,6 +76,10 @@ class ModelRunner:
             torch.cat(positions),
             meta,
             self.kv_caches,
-            torch.tensor(sample_rows, dtype=torch.long),
-        )
-        return logits, sampled
+            torch.tensor(sample_rows + prompt_rows, dtype=torch.long),
+        )  # [N + P, V]
+        prompt_logits, at = {}, len(sample_rows)
+        for i, (target, k) in prompt_spans.items():
+            prompt_logits[i] = (target, logits[at : at + k])  # [k, V]
+            at += k
+        return logits[: len(sample_rows)], sampled, prompt_logits
