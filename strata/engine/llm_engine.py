@@ -128,6 +128,20 @@ class LLMEngine:
             self._forks[request_id] = seqs[1:]
         return request_id
 
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """One L2-normalized mean-pooled embedding per prompt, computed in batches of at most
+        max_num_batched_tokens tokens (call between steps: it uses the model, not the KV cache)."""
+        out, batch, num = [], [], 0
+        for ids in [*prompts, None]:
+            if ids is None or (batch and num + len(ids) > self.config.max_num_batched_tokens):
+                if batch:
+                    out.extend(self.runner.embed(batch).tolist())
+                batch, num = [], 0
+            if ids is not None:
+                batch.append(ids)
+                num += len(ids)
+        return out
+
     def abort_request(self, request_id: str) -> None:
         self._forks.pop(request_id, None)
         for seq in self._requests.pop(request_id, []):

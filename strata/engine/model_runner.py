@@ -83,3 +83,17 @@ class ModelRunner:
             prompt_logits[i] = (target, logits[at : at + k])  # [k, V]
             at += k
         return logits[: len(sample_rows)], sampled, prompt_logits
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Mean of the final-norm hidden states over each prompt's tokens, L2-normalized: [B, H] float32.
+        Runs without the KV cache (no blocks taken from running requests)."""
+        lens = [len(p) for p in prompts]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        meta = AttentionMetadata(starts, lens, lens)
+        self.model.current_batch = None
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)  # [T]
+        positions = torch.cat([torch.arange(n) for n in lens])  # [T]
+        hidden = self.model(ids, positions, meta, None, return_hidden=True).float()  # [T, H]
+        pooled = torch.stack([h.mean(dim=0) for h in hidden.split(lens)])  # [B, H]
+        return torch.nn.functional.normalize(pooled, dim=-1)
