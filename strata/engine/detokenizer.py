@@ -54,8 +54,14 @@ class IncrementalDetokenizer:
             self.text = self.text[:idx]
 
     def take_delta(self, final: bool) -> str:
-        """Text not yet handed out; keeps back a possible stop-string prefix unless final."""
-        end = len(self.text) if (final or self.stop_hit) else max(len(self.text) - self.holdback, self.num_emitted)
+        """Text not yet handed out; keeps back a possible stop-string prefix unless final, and then ends at a
+        token boundary (a chunk never carries part of a token's text)."""
+        if final or self.stop_hit:
+            end = len(self.text)
+        else:
+            limit = len(self.text) - self.holdback
+            i = bisect_right(self.token_ends, limit)
+            end = max(self.token_ends[i - 1] if i else 0, self.num_emitted)
         delta = self.text[self.num_emitted : end]
         self.num_emitted = end
         return delta
