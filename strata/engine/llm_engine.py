@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata.config import EngineConfig
+from strata.config import EngineConfig, ModelConfig
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
@@ -20,7 +20,7 @@ from strata.engine.sampler import Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
-from strata.errors import InvalidRequestError
+from strata.errors import ConfigError, InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
 
@@ -50,11 +50,22 @@ class RequestOutput:
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
 
 
+def resolve_max_model_len(config: EngineConfig, mcfg: ModelConfig, path: str) -> int:
+    """--max-model-len, or the model's positions capped at 4096; beyond the positions only with rope scaling."""
+    if config.max_model_len and config.max_model_len > mcfg.max_position_embeddings and not mcfg.rope_scaling:
+        raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
+                          f"{mcfg.max_position_embeddings} ({os.path.join(path, 'config.json')}); longer contexts "
+                          "need rope_scaling in config.json")
+    return config.max_model_len or min(mcfg.max_position_embeddings, 4096)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, progress: bool = True):
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         path = config.model or BUNDLED_MODEL
         self.model_path = path
         self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
@@ -63,9 +74,11 @@ class LLMEngine:
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
         # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
-        self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+        tok_path = config.tokenizer or path
+        self.tokenizer = Tokenizer(tok_path) if config.tokenizer or os.path.exists(
+            os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
-        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
+        self.max_model_len = resolve_max_model_len(config, mcfg, path)
         dtype = self.model.model.embed_tokens.weight.dtype
         per_block = kv_bytes_per_token(self.model, dtype) * config.block_size
         wanted = config.max_num_seqs * ((self.max_model_len + config.block_size - 1) // config.block_size)
