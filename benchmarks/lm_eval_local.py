@@ -83,9 +83,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
+def start_server(model: str, port: int, num_threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "strata.cli", "serve", model, "--port", str(port), "--dtype", "float32",
            "--served-model-name", "strata-model", "--log-level", "warning"]
+    if num_threads:
+        cmd += ["--num-threads", str(num_threads)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -111,7 +113,7 @@ def _loglikelihoods(result: dict) -> dict[tuple[int, int], float]:
     return out
 
 
-def run(model: str) -> dict:
+def run(model: str, num_threads: int | None = None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -121,7 +123,7 @@ def run(model: str) -> dict:
         write_task(Path(tmp))
         tm = TaskManager(include_path=tmp)
         port = _free_port()
-        proc = start_server(model, port)
+        proc = start_server(model, port, num_threads)
         try:
             t0 = time.perf_counter()
             served = lm_eval.simple_evaluate(
@@ -149,9 +151,10 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=BUNDLED_MODEL, help="HF model folder (default: the bundled model)")
+    ap.add_argument("--num-threads", type=int, default=None, help="the server's torch threads")
     ap.add_argument("--json", default=None, help="write the result here")
     args = ap.parse_args()
-    r = run(args.model)
+    r = run(args.model, args.num_threads)
     print(f"| model | items | acc (strata serve) | acc (hf) | max abs loglikelihood diff |\n|---|---|---|---|---|\n"
           f"| {r['model']} | {r['num_items']} | {r['acc_strata']:.3f} | {r['acc_hf']:.3f} | "
           f"{r['max_abs_loglikelihood_diff']:.2e} |")
