@@ -68,7 +68,7 @@ class BlockManager:
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix; never the block holding the last token (it must be computed)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:  # cached positions give no logits
             return []
         hits, parent = [], None
         num_full = (seq.num_tokens - 1) // self.block_size

@@ -12,23 +12,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata.config import EngineConfig
+from strata.config import EngineConfig, ModelConfig
 from strata.engine.admission import (
     check_request_fits,
     check_token_ids,
-    default_max_model_len,
     fit_max_model_len,
 )
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.model_runner import ModelRunner, num_kv_blocks
-from strata.engine.sampler import Sampler
+from strata.engine.sampler import Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.decoder import SpecDecoder, make_proposer
-from strata.errors import InvalidRequestError
+from strata.errors import ConfigError, InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
 from strata.weights.gguf_cache import resolve_model_path
@@ -45,7 +44,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None = None
-    logprobs: list[dict] | None = None
+    logprobs: list[dict] | None = None  # of the tokens whose text is in `text` (all of them once finished)
 
 
 @dataclass
@@ -56,6 +55,16 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
+
+
+def resolve_max_model_len(config: EngineConfig, mcfg: ModelConfig, path: str) -> int:
+    """--max-model-len, or the model's positions capped at 4096; beyond the positions only with rope scaling."""
+    if config.max_model_len and config.max_model_len > mcfg.max_position_embeddings and not mcfg.rope_scaling:
+        raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
+                          f"{mcfg.max_position_embeddings} ({os.path.join(path, 'config.json')}); longer contexts "
+                          "need rope_scaling in config.json")
+    return config.max_model_len or min(mcfg.max_position_embeddings, 4096)
 
 
 class LLMEngine:
@@ -63,6 +72,8 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         path = resolve_model_path(config.model or BUNDLED_MODEL, progress)  # a GGUF file: its converted folder
         self.model_path = path
         spec = SpeculativeConfig.from_value(config.speculative_config)
@@ -74,9 +85,11 @@ class LLMEngine:
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
         # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
-        self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+        tok_path = config.tokenizer or path
+        self.tokenizer = Tokenizer(tok_path) if config.tokenizer or os.path.exists(
+            os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
-        max_len = default_max_model_len(config.max_model_len, mcfg.max_position_embeddings)
+        max_len = resolve_max_model_len(config, mcfg, path)
         num_blocks = num_kv_blocks(self.model, config.block_size, config.max_num_seqs, max_len,
                                    config.kv_cache_memory)
         self.max_model_len = fit_max_model_len(config.max_model_len, max_len, num_blocks * config.block_size,
@@ -131,6 +144,20 @@ class LLMEngine:
             self._forks[request_id] = seqs[1:]
         return request_id
 
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """One L2-normalized mean-pooled embedding per prompt, computed in batches of at most
+        max_num_batched_tokens tokens (call between steps: it uses the model, not the KV cache)."""
+        out, batch, num = [], [], 0
+        for ids in [*prompts, None]:
+            if ids is None or (batch and num + len(ids) > self.config.max_num_batched_tokens):
+                if batch:
+                    out.extend(self.runner.embed(batch).tolist())
+                batch, num = [], 0
+            if ids is not None:
+                batch.append(ids)
+                num += len(ids)
+        return out
+
     def abort_request(self, request_id: str) -> None:
         self._forks.pop(request_id, None)
         for seq in self._requests.pop(request_id, []):
@@ -151,7 +178,11 @@ class LLMEngine:
             return [self._output(rid) for rid in dropped if rid in self._requests]
         t0 = time.perf_counter()
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
-        logits, sampled_idx = self.runner.execute(batch, num_scored)
+        logits, sampled_idx, prompt_logits = self.runner.execute(batch, num_scored)
+        for i, (target, rows) in prompt_logits.items():
+            seq = batch.seqs[i]
+            targets = seq.token_ids[target : target + rows.shape[0]]
+            seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         sampled_seqs = [batch.seqs[i] for i in sampled_idx]
@@ -216,14 +247,17 @@ class LLMEngine:
         for seq in seqs:
             detok = self._detok[seq.seq_id]
             delta = detok.take_delta(final=seq.is_finished)
+            logprobs = None
+            if seq.params.logprobs is not None:  # a copy: the engine thread goes on appending to seq.logprobs
+                logprobs = seq.logprobs[: len(seq.logprobs) if seq.is_finished else detok.num_tokens_emitted]
             outs.append(CompletionOutput(seq.index, detok.text[: detok.num_emitted], delta,
-                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason,
-                                         seq.logprobs if seq.params.logprobs is not None else None))
+                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason, logprobs))
         finished = all(s.is_finished for s in seqs)
         first = seqs[0]
         out = RequestOutput(request_id, first.token_ids[: first.num_prompt_tokens], outs, finished,
                             num_cached_tokens=first.num_cached_tokens,
-                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
+                            prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs)
         if finished:
             for seq in seqs:
                 self._detok.pop(seq.seq_id, None)

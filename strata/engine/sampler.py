@@ -65,12 +65,22 @@ def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:
-    """Log-probabilities under the model's raw distribution (as vLLM reports them)."""
-    lp = torch.log_softmax(logits, dim=-1)
-    out = {"token_id": token, "logprob": float(lp[token]), "top": []}
+    """Log-probabilities under the model's raw distribution (as vLLM reports them); rank is 1 for the argmax."""
+    return tokens_logprobs(logits[None], [token], top_n)[0]
+
+
+def tokens_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[dict]:
+    """logits [k, V], the k tokens that followed -> one logprob entry per row (prompt logprobs use this)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [k, V]
+    idx = torch.tensor(tokens, dtype=torch.long)[:, None]  # [k, 1]
+    chosen = lp.gather(1, idx)  # [k, 1]
+    ranks = (lp > chosen).sum(dim=1) + 1  # [k]
+    out = [{"token_id": t, "logprob": float(c), "rank": int(r), "top": []}
+           for t, c, r in zip(tokens, chosen[:, 0].tolist(), ranks.tolist())]
     if top_n:
-        vals, ids = torch.topk(lp, top_n)
-        out["top"] = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        vals, ids = torch.topk(lp, top_n, dim=-1)  # [k, top_n]
+        for entry, v_row, i_row in zip(out, vals.tolist(), ids.tolist()):
+            entry["top"] = list(zip(i_row, v_row))
     return out
 
 

@@ -27,6 +27,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0 = only the sampled one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (computed in prefill)
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
 
@@ -66,6 +67,8 @@ class SamplingParams:
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "<= max_tokens")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", "an integer in [0, 20]")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "an integer in [0, 20]")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
 
     @property

@@ -1,11 +1,13 @@
 """OpenAI wire types (pydantic, OpenAI field names): requests forbid unknown fields so an unsupported
-parameter is a 400 naming it instead of being silently ignored."""
+parameter is a 400 naming it instead of being silently ignored. `null` for an optional field means its
+default, as in OpenAI's API; OpenAI fields that do not apply to a local server are accepted and ignored
+(`_IgnoredFields`, listed in docs/server.md)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16  # choices per request; each one is a sequence in the engine
 MAX_STOP = 16
@@ -15,10 +17,32 @@ MAX_TOP_LOGPROBS = 20
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """`"n": null` is `n` left out (OpenAI accepts null for every optional field); a null required field
+        and an unknown field still fail."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())}
+        return data
+
+
+class _IgnoredFields(_Strict):
+    """OpenAI fields with no meaning for a local server: accepted (any JSON value) and ignored."""
+
+    store: Any = None  # stored completions (OpenAI's dashboard)
+    metadata: Any = None  # tags for stored completions
+    service_tier: Any = None  # OpenAI's processing tiers
+    user: Any = None  # end-user tag for abuse monitoring
+    reasoning_effort: Any = None  # o-series reasoning budget; the models served here have none
+    prompt_cache_key: Any = None  # OpenAI's cache routing hint; prefix caching here is automatic
+    safety_identifier: Any = None  # the successor of `user`
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False  # usage (so far) on every chunk, as vLLM
 
 
 class ResponseFormat(_Strict):
@@ -45,7 +69,7 @@ Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_leng
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_IgnoredFields):
     """Fields shared by chat and completions (vLLM extras included)."""
 
     model: str | None = None
@@ -66,7 +90,6 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored, as OpenAI documents it as an end-user tag
     priority: Annotated[int, Field(ge=-(2**31), lt=2**31)] = 0  # lower = served first (vLLM convention)
     request_id: Annotated[str, Field(max_length=128)] | None = None
 
@@ -78,6 +101,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
+    parallel_tool_calls: Any = None  # accepted and ignored while tools are not served
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # vLLM: in the response
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -91,7 +116,8 @@ class CompletionRequest(_SamplingFields):
     )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens and their logprobs lead each choice's logprobs
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # vLLM: per choice
 
 
 class TokenizeRequest(_Strict):
@@ -143,3 +169,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingRequest(_IgnoredFields):
+    model: str | None = None
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=2048)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None  # only the model's own size: no truncation here
+    add_special_tokens: bool = True  # vLLM's extra

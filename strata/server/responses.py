@@ -1,5 +1,6 @@
 """Engine outputs -> OpenAI responses: one non-streaming JSON body, or SSE chunks (same id and created on
 every chunk, role first, finish_reason on the last content chunk, optional usage chunk, then [DONE]).
+Each chunk's logprobs are those of the tokens whose text it carries (the engine's outputs say how many).
 A client that goes away aborts its engine requests, streaming or not."""
 
 from __future__ import annotations
@@ -96,6 +97,14 @@ class RequestContext:
             return None
         return self.s.chat_logprobs(entries) if self.is_chat else self.s.completion_logprobs(entries, offset)
 
+    @property
+    def echo_logprobs(self) -> bool:
+        """Completions with echo and logprobs: the prompt's tokens lead each choice's logprobs."""
+        return not self.is_chat and self.req.echo and self.req.logprobs is not None
+
+    def _echo_entries(self, pi: int) -> list[dict]:
+        return self.s.echo_entries(self.prompts[pi], self.finals[pi].prompt_logprobs)
+
     # ---- non-streaming ----------------------------------------------------------------------------
     async def collect(self, raw: Request) -> JSONResponse:
         async def consume():
@@ -121,23 +130,34 @@ class RequestContext:
         choices = []
         for pi in range(len(self.prompts)):
             echo = self.texts[pi] or ""
-            for o in self.finals[pi].outputs:
-                c = {"index": pi * n + o.index, "logprobs": self._logprobs(o.logprobs, len(echo)),
+            final = self.finals[pi]
+            for o in final.outputs:
+                entries = (self._echo_entries(pi) + o.logprobs) if self.echo_logprobs else o.logprobs
+                c = {"index": pi * n + o.index, "logprobs": self._logprobs(entries, 0 if self.echo_logprobs
+                                                                            else len(echo)),
                      "finish_reason": _reason(o.finish_reason)}
                 if self.is_chat:
                     c["message"] = {"role": "assistant", "content": o.text}
                 else:
                     c["text"] = echo + o.text
+                    if self.req.prompt_logprobs is not None:
+                        c["prompt_logprobs"] = self.s.vllm_prompt_logprobs(final.prompt_logprobs)
                 choices.append(c)
         choices.sort(key=lambda c: c["index"])
-        return JSONResponse({"id": self.id, "object": self.object, "created": self.created,
-                             "model": self.s.model_name, "choices": choices, "usage": self.usage()})
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.s.model_name,
+                "choices": choices, "usage": self.usage()}
+        if self.is_chat and self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.s.vllm_prompt_logprobs(self.finals[0].prompt_logprobs)
+        return JSONResponse(body)
 
     # ---- streaming ---------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage=False) -> str:
         body = {"id": self.id, "object": self.object + (".chunk" if self.is_chat else ""), "created": self.created,
                 "model": self.s.model_name, "choices": choices}
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+        opts = self.req.stream_options
+        if opts is not None and opts.continuous_usage_stats:
+            body["usage"] = self.usage()  # so far: the prompt, and the tokens generated up to this chunk
+        elif opts is not None and opts.include_usage:
             body["usage"] = self.usage() if usage else None
         return f"data: {_dumps(body)}\n\n"
 
@@ -153,14 +173,21 @@ class RequestContext:
         sent_lp = [0] * num_choices
         offsets = [len(self.texts[i // n] or "") for i in range(num_choices)]
         done: set[int] = set()
+        # with echo and logprobs the echo chunk waits for the prompt logprobs (the first engine output)
+        echo_pending = set(range(len(self.prompts))) if self.echo_logprobs else set()
         try:
             for idx in range(num_choices):
                 if self.is_chat:
                     yield self._chunk([self._choice(idx, None, role=True)])
-                elif self.texts[idx // n]:
+                elif self.texts[idx // n] and not echo_pending:
                     yield self._chunk([self._choice(idx, self.texts[idx // n])])
             async for pi, out in _merge(self.streams):
                 self.finals[pi] = out
+                if pi in echo_pending and out.prompt_logprobs is not None:
+                    echo_pending.discard(pi)
+                    lp = self._logprobs(self._echo_entries(pi), 0)
+                    for idx in range(pi * n, pi * n + n):
+                        yield self._chunk([self._choice(idx, self.texts[pi], logprobs=lp)])
                 for o in out.outputs:
                     idx = pi * n + o.index
                     if idx in done:

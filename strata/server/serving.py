@@ -61,7 +61,8 @@ class Serving:
         check_request_fits(num_prompt, max_tokens, self.engine.engine.max_model_len, param)
 
     @staticmethod
-    def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(req, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         kw = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                            "frequency_penalty", "repetition_penalty") if getattr(req, k) is not None}
         if req.seed is not None:
@@ -73,8 +74,8 @@ class Serving:
         try:
             return SamplingParams(n=req.n, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
                                   max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
-                                  logprobs=logprobs, logit_bias=bias, skip_special_tokens=req.skip_special_tokens,
-                                  **kw)
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
+                                  skip_special_tokens=req.skip_special_tokens, **kw)
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from None
 
@@ -94,14 +95,41 @@ class Serving:
                             for e in entries]}
 
     def completion_logprobs(self, entries: list[dict], offset: int) -> dict:
-        tokens, offsets = [], []
+        """OpenAI's legacy shape; each top_logprobs dict holds the top tokens and the chosen one, as OpenAI
+        documents. An entry with logprob None (a prompt's first token) has top_logprobs None."""
+        tokens, offsets, tops = [], [], []
         for e in entries:
             offsets.append(offset)
             tokens.append(self.token_text(e["token_id"]))
             offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{self.token_text(i): v for i, v in e["top"]} for e in entries],
+            if e["logprob"] is None:
+                tops.append(None)
+            else:
+                top = {self.token_text(i): v for i, v in e["top"]}
+                top.setdefault(tokens[-1], e["logprob"])
+                tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries], "top_logprobs": tops,
                 "text_offset": offsets}
+
+    @staticmethod
+    def echo_entries(prompt_ids: list[int], prompt_logprobs: list[dict | None]) -> list[dict]:
+        """Prompt logprobs as logprob entries, the first token's with logprob None."""
+        return [{"token_id": prompt_ids[0], "logprob": None, "top": None}, *prompt_logprobs[1:]]
+
+    def vllm_prompt_logprobs(self, prompt_logprobs: list[dict | None]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding the prompt token and the top ones."""
+        out: list[dict | None] = []
+        for e in prompt_logprobs:
+            if e is None:
+                out.append(None)
+                continue
+            d = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self.token_text(i)}
+                 for r, (i, v) in enumerate(e["top"])}
+            d[str(e["token_id"])] = {"logprob": e["logprob"], "rank": e["rank"],
+                                     "decoded_token": self.token_text(e["token_id"])}
+            out.append(d)
+        return out
 
     # ---- the shared flow ------------------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest | CompletionRequest, raw: Request):
@@ -113,6 +141,7 @@ class Serving:
             if req.top_logprobs is not None and not req.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            prompt_logprobs = req.prompt_logprobs
             max_tokens = req.max_completion_tokens or req.max_tokens
             param = "messages"
             check_text_length(sum(len(m.text()) for m in req.messages), self.engine.engine.max_model_len, param)
@@ -120,9 +149,9 @@ class Serving:
                                           req.chat_template_kwargs)
             prompts, texts = [ids], [None]
         else:
-            if req.echo and req.logprobs is not None:
-                raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", "echo")
             logprobs, max_tokens, param = req.logprobs, req.max_tokens, "prompt"
+            wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+            prompt_logprobs = max(wanted) if wanted else None
             p = req.prompt
             raw_prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
             for x in raw_prompts:
@@ -131,10 +160,13 @@ class Serving:
                        for x in raw_prompts]
             texts = [x if isinstance(x, str) else self.tokenizer.decode(x) for x in raw_prompts] if req.echo \
                 else [None] * len(prompts)
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs is not supported with stream (use echo with logprobs on "
+                                "/v1/completions)", "prompt_logprobs")
         for ids in prompts:
             self._check_ids(ids, param)
             self.check_context(len(ids), max_tokens, param)
-        params = self.sampling_params(req, max_tokens, logprobs)
+        params = self.sampling_params(req, max_tokens, logprobs, prompt_logprobs)
         check_token_ids(params, self.engine.engine.model_config.vocab_size)
         streams: list[RequestStream] = []
         try:

@@ -104,7 +104,7 @@ class DraftModelProposer(Proposer):
         with torch.inference_mode():
             while work:
                 batch = ScheduledBatch([s for _, s, _ in work], [s.num_uncomputed_tokens for _, s, _ in work])
-                logits, _ = self.runner.execute(batch)  # [len(work), V]: every shadow ends on its last token
+                logits, _, _ = self.runner.execute(batch)  # [len(work), V]: every shadow ends on its last token
                 for (i, shadow, _), n, row in zip(work, batch.num_new_tokens, logits):
                     shadow.num_computed_tokens += n
                     tok, q = self._sample(row, seqs[i])
