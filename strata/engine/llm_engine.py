@@ -15,6 +15,7 @@ import torch
 from strata.config import EngineConfig
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
+from strata.engine.guided import StructuredOutputManager, compile_grammar
 from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
 from strata.engine.sampler import Sampler
 from strata.engine.sampling_params import SamplingParams
@@ -74,7 +75,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
-        self.sampler = Sampler(eos)
+        self.structured = StructuredOutputManager(self.tokenizer, mcfg.vocab_size, eos) if self.tokenizer else None
+        self.sampler = Sampler(eos, self.structured)
         self._requests: dict[str, list[Sequence]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
@@ -113,6 +115,13 @@ class LLMEngine:
                 f"prompt of {len(ids)} tokens does not fit the KV cache ({capacity} tokens)", param="prompt"
             )
         seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise InvalidRequestError(f"{self.model_path}: no tokenizer.json, so no structured outputs",
+                                          param="structured_outputs")
+            grammar = compile_grammar(params.structured_outputs)
+            for seq in seqs:
+                self.structured.add(seq, grammar)
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
         # the prefix cache (shared, ref-counted) instead of computing them again.
@@ -133,6 +142,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
             self._detok.pop(seq.seq_id, None)
+            if self.structured is not None:
+                self.structured.free(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -143,6 +154,9 @@ class LLMEngine:
         if not batch.seqs:
             return []
         t0 = time.perf_counter()
+        if self.structured is not None and self.structured.matchers:  # the grammar masks fill during the forward
+            self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                                     if s.num_computed_tokens + n == s.num_tokens])
         logits, sampled_idx = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -159,6 +173,11 @@ class LLMEngine:
                     self.scheduler.add(sibling)
             seq.token_ids.append(tok)
             self.stats["generation_tokens"] += 1
+            if self.structured is not None and not self.structured.accept(seq, tok):
+                seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
+                self.scheduler.finish(seq)
+                touched[seq.request_id] = None
+                continue
             self._check_finished(seq, tok)
             touched[seq.request_id] = None
         self.stats["num_steps"] += 1
@@ -177,6 +196,8 @@ class LLMEngine:
             detok.add(tok)
             if detok.stop_hit is not None and seq.num_completion_tokens >= p.min_tokens:
                 reason, seq.stop_reason = "stop", detok.stop_hit
+            elif self.structured is not None and self.structured.is_stopped(seq):
+                reason, seq.stop_reason = "stop", None  # the grammar is complete
             elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason:
@@ -200,5 +221,7 @@ class LLMEngine:
         if finished:
             for seq in seqs:
                 self._detok.pop(seq.seq_id, None)
+                if self.structured is not None:
+                    self.structured.free(seq)
             del self._requests[request_id]
         return out
