@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from strata.fileio import write_json_atomic  # noqa: E402
+from strata.fileio import write_json_atomic
 
 BUNDLED = ROOT / "strata" / "assets" / "models" / "shakespeare-moe" / "tokenizer.json"
 
@@ -117,9 +117,8 @@ class XGrammar:
 
 
 def run(engine_cls, tokenizer_json: str, vocab_size: int, eos: int, rounds: int) -> dict:
-    from tokenizers import Tokenizer
-
     import torch
+    from tokenizers import Tokenizer
 
     torch.set_num_threads(1)
     tok = Tokenizer.from_file(tokenizer_json)

@@ -40,6 +40,8 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
     log_level: str = "info"
+    tool_call_parser: str | None = None  # hermes, llama3_json, mistral (strata/server/tool_parsers.py)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of free model output
 
 
 SERVER_HELP = {
@@ -52,6 +54,8 @@ SERVER_HELP = {
     "max_body_bytes": "reject larger request bodies with 413",
     "drain_timeout": "on SIGTERM, seconds to let running requests finish",
     "log_level": "uvicorn log level",
+    "tool_call_parser": "how tool calls are read from the model's text: hermes, llama3_json, mistral",
+    "enable_auto_tool_choice": "allow tool_choice 'auto' (needs --tool-call-parser)",
 }
 
 
@@ -103,7 +107,8 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
                          max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
                          on_load_failure=on_load_failure)
     return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                      drain_timeout=args.drain_timeout)
+                      drain_timeout=args.drain_timeout, tool_call_parser=args.tool_call_parser,
+                      enable_auto_tool_choice=args.enable_auto_tool_choice)
 
 
 def run(args: argparse.Namespace) -> int:
