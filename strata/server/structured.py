@@ -15,18 +15,20 @@ from strata.server.errors import APIError
 from strata.server.tool_parsers import NamedToolParser, RequiredToolParser, ToolParser, get_tool_parser
 
 ANY_OBJECT = {"type": "object"}
+MAX_TOOL_CALLS = 8  # calls in one forced reply: a weak model would otherwise add calls until max_tokens
 
 
 def _parameters(tool) -> dict:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
-def required_schema(tools) -> dict:
-    """A JSON array of one or more calls of the given tools."""
+def required_schema(tools, parallel: bool = True) -> dict:
+    """A JSON array of one or more calls of the given tools (exactly one without parallel calls)."""
     calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
                                                "parameters": _parameters(t)},
               "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    return {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    return {"type": "array", "minItems": 1, "maxItems": MAX_TOOL_CALLS if parallel else 1,
+            "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
 
 
 def tool_mode(req, parser_name: str | None, enable_auto: bool) -> tuple[ToolParser | None, tuple | None]:
@@ -40,7 +42,8 @@ def tool_mode(req, parser_name: str | None, enable_auto: bool) -> tuple[ToolPars
     if choice == "none":
         return None, None
     if choice == "required":
-        return RequiredToolParser(), ("tool_choice", StructuredOutputsParams(json=required_schema(tools)))
+        parallel = getattr(req, "parallel_tool_calls", None) is not False
+        return RequiredToolParser(), ("tool_choice", StructuredOutputsParams(json=required_schema(tools, parallel)))
     if choice is not None and choice != "auto":
         named = {t.function.name: t for t in tools}
         tool = named.get(choice.function.name)
