@@ -1,17 +1,19 @@
 """Structured outputs: grammars compiled by llguidance (JSON schema, regex, choice, Lark or GBNF), one matcher per
-sequence, and each step's token bitmask, filled on a worker thread while the forward pass runs and applied to
-the logits before sampling.
+sequence, and each step's token bitmask applied to the logits before sampling.
 
-llguidance computes masks lazily (no per-grammar precompute) and releases the GIL while it does, so the mask of
-step t overlaps the model's forward of step t. A matcher advances with every accepted token; the sequence ends
-("stop") as soon as its grammar admits nothing more, and EOS is allowed only where the grammar accepts.
+A matcher advances with every accepted token; the sequence ends ("stop") as soon as its grammar admits nothing
+more, and EOS is allowed only where the grammar accepts. Masks are filled after the forward pass by default: for
+typical JSON llguidance needs 1-10 us a row, less than handing the work to another thread costs on a busy CPU.
+With `overlap = True` they fill on a worker thread during the forward (llguidance releases the GIL), which pays
+when masks are dear (bounded strings over a large vocabulary) and a core is free; benchmarks/structured.py
+measures both.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -104,16 +106,15 @@ def compile_grammar(params: StructuredOutputsParams) -> str:
     return _compile(kind, spec, params.whitespace_pattern)
 
 
-def unpack_bitmask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Token bitmask [N, ceil(V/32)] int32 (bit j of word w = token 32w+j) -> allowed [N, V] bool."""
-    bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")  # [N, 32*W]
-    return torch.from_numpy(bits[:, :vocab_size]).bool()
+def unpack_bitmask(mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token bitmask [N, ceil(V/32)] int32 (bit j of word w = token 32w+j) -> allowed [N, V] uint8 0/1."""
+    return np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
 
 
 class StructuredOutputManager:
     """The engine's matchers (one per constrained sequence) and the mask of the step in flight."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], overlap: bool = True):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], overlap: bool = False):
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
@@ -121,9 +122,8 @@ class StructuredOutputManager:
         self.overlap = overlap
         self.matchers: dict[int, object] = {}  # seq_id -> LLMatcher
         self._ll_tokenizer = None
-        self._executor = None
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[list[int], torch.Tensor, Future | None] | None = None
+        self._pending: tuple[list[int], np.ndarray, object] | None = None  # (seq ids, mask, future)
 
     def _tokenizer(self):
         if self._ll_tokenizer is None:  # built on the first constrained request (~0.2 s for a 50k vocabulary)
@@ -131,7 +131,6 @@ class StructuredOutputManager:
 
             self._ll_tokenizer = llguidance.LLTokenizer(self._hf_tokenizer.tok.to_str(), n_vocab=self.vocab_size,
                                                         eos_token=self.eos_token_ids or None)
-            self._executor = llguidance.LLExecutor(num_threads=1)
         return self._ll_tokenizer
 
     # ---- sequences ------------------------------------------------------------------------------
@@ -161,46 +160,42 @@ class StructuredOutputManager:
         return m is not None and m.is_stopped()
 
     # ---- masks ----------------------------------------------------------------------------------
-    def _fill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, Future | None]:
-        mask = torch.full((len(seqs), self.num_words), -1, dtype=torch.int32)  # -1: every token allowed
-        rows = [(self.matchers[s.seq_id], i) for i, s in enumerate(seqs) if s.seq_id in self.matchers]
-
-        def fill():
-            self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), self.num_words * 4, len(seqs))
-
-        if self.overlap:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
-            return mask, self._pool.submit(fill)
-        fill()
-        return mask, None
+    def _fill(self, seqs: list[Sequence], mask: np.ndarray) -> list[int]:
+        """Each constrained row's mask into mask [N, W] (rows of unconstrained sequences stay all-ones);
+        returns the rows whose matcher is in an error state (their mask allows nothing)."""
+        size = self.num_words * 4
+        base = mask.ctypes.data
+        broken = []
+        for i, s in enumerate(seqs):
+            m = self.matchers.get(s.seq_id)
+            if m is not None:
+                m.unsafe_compute_mask_ptr(base + i * size, size)  # releases the GIL while it runs
+                if m.is_error():
+                    broken.append(i)
+        return broken
 
     def prepare(self, seqs: list[Sequence]) -> None:
-        """Start filling the mask of the sequences that sample this step (call before the forward pass)."""
+        """With `overlap`, start filling the mask of the sequences that sample this step on the worker thread
+        (call before the forward pass; `apply` waits for it)."""
         self.wait()
-        if self.has_any(seqs):
-            mask, future = self._fill(seqs)
-            self._pending = ([s.seq_id for s in seqs], mask, future)
+        if self.overlap and self.has_any(seqs):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
+            mask = np.full((len(seqs), self.num_words), -1, dtype=np.int32)
+            self._pending = ([s.seq_id for s in seqs], mask, self._pool.submit(self._fill, seqs, mask))
 
-    def wait(self) -> None:
-        if self._pending is not None and self._pending[2] is not None:
-            self._pending[2].result()
+    def wait(self) -> list[int]:
+        return self._pending[2].result() if self._pending is not None else []
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits [N, V] -> a copy with the tokens each row's grammar forbids at -inf."""
+        broken = self.wait()
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == [s.seq_id for s in seqs]:
-            mask, future = pending[1], pending[2]
-            if future is not None:
-                future.result()
-        else:  # not prepared (the Python API's own loop, or a row re-sampled alone): fill it now
-            if pending is not None and pending[2] is not None:
-                pending[2].result()
-            mask, future = self._fill(seqs)
-            if future is not None:
-                future.result()
-        allowed = unpack_bitmask(mask, logits.shape[-1])  # [N, V]
-        empty = ~allowed.any(dim=1)
-        if bool(empty.any()):  # a matcher in an error state allows nothing: let it end on EOS
-            allowed[empty.nonzero().flatten()[:, None], torch.tensor(self.eos_token_ids or [0])] = True
-        return logits.masked_fill(~allowed, float("-inf"))
+        if pending is None or pending[0] != [s.seq_id for s in seqs]:
+            # not prepared (inline masks, or a row re-sampled alone): fill it now
+            pending = (None, np.full((len(seqs), self.num_words), -1, dtype=np.int32), None)  # mask [N, W]
+            broken = self._fill(seqs, pending[1])
+        bits = unpack_bitmask(pending[1], logits.shape[-1])  # [N, V]
+        if broken:  # a matcher in an error state allows nothing: let it end on EOS
+            bits[np.array(broken)[:, None], self.eos_token_ids or [0]] = 1
+        return logits.masked_fill(torch.from_numpy(bits == 0), float("-inf"))

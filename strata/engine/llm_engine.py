@@ -154,7 +154,8 @@ class LLMEngine:
         if not batch.seqs:
             return []
         t0 = time.perf_counter()
-        if self.structured is not None and self.structured.matchers:  # the grammar masks fill during the forward
+        if self.structured is not None and self.structured.overlap and self.structured.matchers:
+            # the grammar masks fill on a worker thread during the forward
             self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
                                      if s.num_computed_tokens + n == s.num_tokens])
         logits, sampled_idx = self.runner.execute(batch)
