@@ -115,21 +115,22 @@ class StructuredOutputManager:
     """The engine's matchers (one per constrained sequence) and the mask of the step in flight."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], overlap: bool = False):
-        self._hf_tokenizer = tokenizer
-        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        # the mask covers the logits and every token the tokenizer knows (either may be the longer)
+        self.vocab_size = max(vocab_size, tokenizer.vocab_size)
         self.eos_token_ids = list(eos_token_ids)
-        self.num_words = (vocab_size + 31) // 32
+        self.num_words = (self.vocab_size + 31) // 32
         self.overlap = overlap
         self.matchers: dict[int, object] = {}  # seq_id -> LLMatcher
         self._ll_tokenizer = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[list[int], np.ndarray, object] | None = None  # (seq ids, mask, future)
 
-    def _tokenizer(self):
+    def _ll_tokenizer_once(self):
         if self._ll_tokenizer is None:  # built on the first constrained request (~0.2 s for a 50k vocabulary)
             import llguidance
 
-            self._ll_tokenizer = llguidance.LLTokenizer(self._hf_tokenizer.tok.to_str(), n_vocab=self.vocab_size,
+            self._ll_tokenizer = llguidance.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.vocab_size,
                                                         eos_token=self.eos_token_ids or None)
         return self._ll_tokenizer
 
@@ -137,7 +138,7 @@ class StructuredOutputManager:
     def add(self, seq: Sequence, grammar: str) -> None:
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(self._tokenizer(), grammar, log_level=0)
+        matcher = LLMatcher(self._ll_tokenizer_once(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(f"structured_outputs: {_one_line(matcher.get_error())}",
                                       param="structured_outputs")
