@@ -46,6 +46,8 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
     chat_template: str | None = None  # a template file, or the template itself (replaces the tokenizer's)
     log_level: str = "info"
+    tool_call_parser: str | None = None  # hermes, llama3_json, mistral (strata/server/tool_parsers.py)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of free model output
 
 
 SERVER_HELP = {
@@ -61,6 +63,8 @@ SERVER_HELP = {
     "drain_timeout": "on SIGTERM, seconds to let running requests finish",
     "chat_template": "chat template file, or the Jinja template itself (replaces the tokenizer's)",
     "log_level": "uvicorn log level",
+    "tool_call_parser": "how tool calls are read from the model's text: hermes, llama3_json, mistral",
+    "enable_auto_tool_choice": "allow tool_choice 'auto' (needs --tool-call-parser)",
 }
 
 
@@ -132,7 +136,9 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
                          request_timeout=args.request_timeout, on_load_failure=on_load_failure)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                      drain_timeout=args.drain_timeout, allowed_origins=origins)
+                      drain_timeout=args.drain_timeout, allowed_origins=origins,
+                      tool_call_parser=args.tool_call_parser,
+                      enable_auto_tool_choice=args.enable_auto_tool_choice)
 
 
 _JINJA_MARKERS = ("{{", "{%", "\n")

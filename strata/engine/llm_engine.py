@@ -20,6 +20,7 @@ from strata.engine.admission import (
 )
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
+from strata.engine.guided import StructuredOutputManager, compile_grammar
 from strata.engine.model_runner import ModelRunner, num_kv_blocks
 from strata.engine.sampler import Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
@@ -99,7 +100,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
-        self.sampler = Sampler(eos)
+        self.structured = StructuredOutputManager(self.tokenizer, mcfg.vocab_size, eos) if self.tokenizer else None
+        self.sampler = Sampler(eos, self.structured)
         self.spec = spec and SpecDecoder(spec, proposer, self.block_manager, self.max_model_len,
                                          config.max_num_batched_tokens)
         self._requests: dict[str, list[Sequence]] = {}
@@ -130,6 +132,13 @@ class LLMEngine:
         check_request_fits(len(ids), params.max_tokens, self.max_model_len)
         check_token_ids(params, vocab)
         seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise InvalidRequestError(f"{self.model_path}: no tokenizer.json, so no structured outputs",
+                                          param="structured_outputs")
+            grammar = compile_grammar(params.structured_outputs)
+            for seq in seqs:
+                self.structured.add(seq, grammar)
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
         # the prefix cache (shared, ref-counted) instead of computing them again.
@@ -166,6 +175,8 @@ class LLMEngine:
             if self.spec:
                 self.spec.release(seq)
             self._detok.pop(seq.seq_id, None)
+            if self.structured is not None:
+                self.structured.free(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -177,6 +188,10 @@ class LLMEngine:
         if not batch.seqs:
             return [self._output(rid) for rid in dropped if rid in self._requests]
         t0 = time.perf_counter()
+        if self.structured is not None and self.structured.overlap and self.structured.matchers:
+            # the grammar masks fill on a worker thread during the forward
+            self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                                     if s.num_computed_tokens + n == s.num_tokens])
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
         logits, sampled_idx, prompt_logits = self.runner.execute(batch, num_scored)
         for i, (target, rows) in prompt_logits.items():
@@ -203,6 +218,10 @@ class LLMEngine:
             for tok in tokens:
                 seq.token_ids.append(tok)
                 self.stats["generation_tokens"] += 1
+                if self.structured is not None and not self.structured.accept(seq, tok):
+                    seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
+                    self.scheduler.finish(seq)
+                    break
                 self._check_finished(seq, tok)
                 if seq.is_finished:
                     break
@@ -235,6 +254,8 @@ class LLMEngine:
             detok.add(tok)
             if detok.stop_hit is not None and seq.num_completion_tokens >= p.min_tokens:
                 reason, seq.stop_reason = "stop", detok.stop_hit
+            elif self.structured is not None and self.structured.is_stopped(seq):
+                reason, seq.stop_reason = "stop", None  # the grammar is complete
             elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason:
@@ -261,5 +282,7 @@ class LLMEngine:
         if finished:
             for seq in seqs:
                 self._detok.pop(seq.seq_id, None)
+                if self.structured is not None:
+                    self.structured.free(seq)
             del self._requests[request_id]
         return out

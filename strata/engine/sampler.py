@@ -85,11 +85,15 @@ def tokens_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int]):
+    def __init__(self, eos_token_ids: list[int], structured=None):
         self.eos_token_ids = list(eos_token_ids)
+        self.structured = structured  # StructuredOutputManager: grammar masks (strata/engine/guided.py)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [N, V] float32, one row per sequence -> sampled token per sequence."""
+        masked = logits  # what is sampled from; logprobs stay those of the model's raw distribution
+        if self.structured is not None and self.structured.has_any(seqs):
+            masked = self.structured.apply(logits, seqs)
         plain_greedy = all(
             s.params.is_greedy and not s.params.logit_bias and s.params.repetition_penalty == 1.0
             and not s.params.presence_penalty and not s.params.frequency_penalty
@@ -97,10 +101,10 @@ class Sampler:
             for s in seqs
         )
         if plain_greedy:
-            return torch.argmax(logits, dim=-1).tolist()
+            return torch.argmax(masked, dim=-1).tolist()
         tokens = []
-        for row, seq in zip(logits, seqs):
-            tok = sample_token(process_logits(row, seq, self.eos_token_ids), seq)
+        for row, mrow, seq in zip(logits, masked, seqs):
+            tok = sample_token(process_logits(mrow, seq, self.eos_token_ids), seq)
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
             tokens.append(tok)

@@ -29,6 +29,7 @@ from strata.server.protocol import (
 )
 from strata.server.request_checks import check_text_length, has_lone_surrogate
 from strata.server.serving import Serving
+from strata.server.tool_parsers import get_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -102,8 +103,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
-               allowed_origins: list[str] | None = None) -> FastAPI:
+               allowed_origins: list[str] | None = None, tool_call_parser: str | None = None,
+               enable_auto_tool_choice: bool = False) -> FastAPI:
     serving = Serving(engine, served_model_name)
+    if tool_call_parser is not None:
+        get_tool_parser(tool_call_parser)  # an unknown name fails at start, not on the first request
+    serving.tool_call_parser, serving.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
     created = int(time.time())
 
     @asynccontextmanager

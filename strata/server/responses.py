@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from strata.server.async_engine import RequestStream
 from strata.server.errors import to_api_error
+from strata.server.tool_calls import ToolCallStreamer, tool_message
 
 
 def _dumps(obj) -> str:
@@ -80,6 +81,7 @@ class RequestContext:
         self.created = int(time.time())
         self.object = "chat.completion" if is_chat else "text_completion"
         self.finals: dict[int, object] = {}
+        self.tool_parser = None  # a ToolParser when the reply may call tools (strata/server/tool_parsers.py)
 
     def abort_all(self) -> None:
         for s in self.streams:
@@ -136,7 +138,11 @@ class RequestContext:
                 c = {"index": pi * n + o.index, "logprobs": self._logprobs(entries, 0 if self.echo_logprobs
                                                                             else len(echo)),
                      "finish_reason": _reason(o.finish_reason)}
-                if self.is_chat:
+                if self.is_chat and self.tool_parser is not None:
+                    c["message"], called = tool_message(self.tool_parser, o.text)
+                    if called and o.finish_reason == "stop":
+                        c["finish_reason"] = "tool_calls"
+                elif self.is_chat:
                     c["message"] = {"role": "assistant", "content": o.text}
                 else:
                     c["text"] = echo + o.text
@@ -167,6 +173,18 @@ class RequestContext:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
+    def _tool_chunks(self, streamer: ToolCallStreamer, idx: int, text: str, lp, finish):
+        """The chunks of a choice whose reply may call tools: content and tool_calls deltas."""
+        deltas = streamer.deltas(text, final=finish is not None)
+        if finish == "stop" and streamer.has_calls:
+            finish = "tool_calls"
+        if not deltas and (finish or lp):
+            deltas = [{}]
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            yield self._chunk([{"index": idx, "delta": delta, "logprobs": lp if k == 0 else None,
+                                "finish_reason": finish if last else None}])
+
     async def sse(self):
         n = self.req.n
         num_choices = len(self.prompts) * n
@@ -175,6 +193,7 @@ class RequestContext:
         done: set[int] = set()
         # with echo and logprobs the echo chunk waits for the prompt logprobs (the first engine output)
         echo_pending = set(range(len(self.prompts))) if self.echo_logprobs else set()
+        tools = [ToolCallStreamer(self.tool_parser) for _ in range(num_choices)] if self.tool_parser else None
         try:
             for idx in range(num_choices):
                 if self.is_chat:
@@ -200,7 +219,10 @@ class RequestContext:
                     if lp is not None and not self.is_chat:
                         offsets[idx] += sum(len(t) for t in lp["tokens"])
                     finish = _reason(o.finish_reason) if o.finish_reason else None
-                    if o.delta or finish or lp:
+                    if tools is not None:
+                        for chunk in self._tool_chunks(tools[idx], idx, o.text, lp, finish):
+                            yield chunk
+                    elif o.delta or finish or lp:
                         yield self._chunk([self._choice(idx, o.delta, logprobs=lp, finish=finish)])
                     if finish:
                         done.add(idx)

@@ -19,6 +19,8 @@ from strata.server.errors import APIError, to_api_error
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_checks import check_text_length
 from strata.server.responses import RequestContext, SSEResponse
+from strata.server.structured import structured_params, tool_mode
+from strata.server.tool_calls import template_messages
 
 
 class Serving:
@@ -26,6 +28,8 @@ class Serving:
         self.engine = engine
         self.model_name = served_model_name
         self._token_text: dict[int, str] = {}
+        self.tool_call_parser: str | None = None  # --tool-call-parser
+        self.enable_auto_tool_choice = False  # --enable-auto-tool-choice
 
     # ---- request -> engine inputs ---------------------------------------------------------------
     @property
@@ -36,13 +40,16 @@ class Serving:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
 
-    def chat_prompt(self, messages, add_generation_prompt: bool = True, kwargs: dict | None = None) -> list[int]:
-        msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    def chat_prompt(self, messages, add_generation_prompt: bool = True, kwargs: dict | None = None,
+                    tools=None) -> list[int]:
+        msgs = template_messages(messages)
         kwargs = dict(kwargs or {})
         for reserved in ("self", "messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token", "template"):
             if reserved in kwargs:
                 raise APIError(400, f"chat_template_kwargs may not set {reserved!r}", "chat_template_kwargs")
         try:
+            if tools:
+                kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
             return self.tokenizer.encode_chat(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
         except StrataError as e:
             raise APIError(400, f"{e} (serve a model whose tokenizer_config.json has a chat_template, or use "
@@ -135,6 +142,9 @@ class Serving:
     async def create(self, req: ChatCompletionRequest | CompletionRequest, raw: Request):
         is_chat = isinstance(req, ChatCompletionRequest)
         self.check_model(req.model)
+        parser, enforced = tool_mode(req, self.tool_call_parser, self.enable_auto_tool_choice) if is_chat \
+            else (None, None)
+        structured = await asyncio.to_thread(structured_params, req, enforced)
         if not self.engine.is_ready:
             raise to_api_error(self.engine_state_error())
         if is_chat:
@@ -146,7 +156,7 @@ class Serving:
             param = "messages"
             check_text_length(sum(len(m.text()) for m in req.messages), self.engine.engine.max_model_len, param)
             ids = await asyncio.to_thread(self.chat_prompt, req.messages, req.add_generation_prompt,
-                                          req.chat_template_kwargs)
+                                          req.chat_template_kwargs, req.tools)
             prompts, texts = [ids], [None]
         else:
             logprobs, max_tokens, param = req.logprobs, req.max_tokens, "prompt"
@@ -168,6 +178,9 @@ class Serving:
             self.check_context(len(ids), max_tokens, param)
         params = self.sampling_params(req, max_tokens, logprobs, prompt_logprobs)
         check_token_ids(params, self.engine.engine.model_config.vocab_size)
+        params.structured_outputs = structured
+        if parser is not None and parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the parser reads the format's special tokens in the text
         streams: list[RequestStream] = []
         try:
             for ids in prompts:
@@ -177,6 +190,7 @@ class Serving:
                 s.abort()
             raise
         ctx = RequestContext(self, req, is_chat, prompts, texts, streams)
+        ctx.tool_parser = parser
         if req.stream:
             return SSEResponse(ctx.sse(), on_close=ctx.abort_all)
         return await ctx.collect(raw)

@@ -27,7 +27,7 @@ def _err(r: httpx.Response, status: int, param=None, code=None) -> dict:
     (COMP, {"prompt": "x", "suffix": "y"}, "suffix"),
     (COMP, {"prompt": "x", "best_of": 2}, "best_of"),
     (CHAT, {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages.0.tool_calls"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, "response_format.type"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, "response_format.type"),
     (CHAT, {"messages": MSG, "temperature": -1}, "temperature"),
     (CHAT, {"messages": MSG, "top_p": 0}, "top_p"),
     (CHAT, {"messages": MSG, "n": 0}, "n"),

@@ -39,7 +39,8 @@ def can_speculate(seq: Sequence) -> bool:
     """Sampling whose distribution at a drafted position does not depend on the tokens before it."""
     p = seq.params
     return (p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
-            and not p.frequency_penalty and seq.num_completion_tokens >= p.min_tokens)
+            and not p.frequency_penalty and seq.num_completion_tokens >= p.min_tokens
+            and p.structured_outputs is None)  # a grammar's mask depends on the tokens before it
 
 
 class SpecDecoder:
