@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+import strata
 from strata.errors import StrataError
 
 # Each module defines `register(subparsers)` which adds its parser(s) and sets `func=run_fn`.
@@ -25,6 +26,7 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Strata: LLM/MoE inference on modest hardware")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors (anywhere on the line)")
+    parser.add_argument("--version", action="version", version=f"strata {strata.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:

@@ -285,8 +285,11 @@ class EngineConfig:
     """Runtime knobs of the engine (one place; the CLI and the server build their flags from these)."""
 
     model: str | None = None  # HF folder; None = the bundled model
+    tokenizer: str | None = None  # folder with tokenizer.json (and tokenizer_config.json); None = the model's
+    seed: int | None = None  # seeds the sampling of requests that give no seed of their own
     dtype: str = "auto"  # auto = the checkpoint's torch_dtype; or float32 / bfloat16 / float16
-    max_model_len: int | None = None  # None = the config's max_position_embeddings (capped at 4096)
+    max_model_len: int | None = None  # None = the config's max_position_embeddings (capped at 4096); beyond
+    # max_position_embeddings only with rope_scaling in config.json
     max_num_seqs: int = 16  # sequences decoded together
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill beyond it)
     block_size: int = 16  # tokens per KV-cache block
@@ -300,6 +303,9 @@ class EngineConfig:
     record_routing: str | None = None  # JSONL file of routing decisions
     replay_routing: str | None = None  # JSONL file forcing the routing
     check_weights: bool = True  # refuse weights holding NaN/inf at load (one pass over the loaded tensors)
+    # speculative decoding (vLLM's keys): {"model": PATH, "num_speculative_tokens": 4} or
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict
+    speculative_config: str | dict | None = None
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""

@@ -20,7 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from strata.errors import ConfigError
+
+# Output lengths ship with the package (CC-BY 4.0, see its README); ShareGPT prompts do not: a development
+# checkout finds a sample beside the repository, an installed wheel needs --dataset-path.
+AZURE_LENGTHS = Path(__file__).resolve().parents[1] / "assets" / "bench" / "azure_conv_lengths.csv"
+SHAREGPT_SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sharegpt-prompts-500" / \
+    "ShareGPT_V3_filtered_500.json"
 WORDS = ["the", "king", "shall", "speak", "of", "love", "and", "war", "tonight", "while", "rivers", "run", "to", "the", "sea", "under", "a", "pale", "moon", "my", "lord", "good", "night", "sweet", "prince", "and", "flights", "of", "angels", "sing", "thee", "to", "thy", "rest"]
 
 
@@ -41,24 +47,38 @@ class Result:
     output_tokens: int = 0
 
 
-def _azure(kind: str) -> list[tuple[int, int]]:
-    path = DATA / "azure-llm-inference-2023" / f"AzureLLMInferenceTrace_{kind}.csv"
-    with open(path) as f:
+def _azure() -> list[tuple[int, int]]:
+    with open(AZURE_LENGTHS) as f:
         return [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+
+
+def _sharegpt_path(args) -> Path:
+    if args.dataset_path:
+        path = Path(args.dataset_path)
+        if not path.is_file():
+            raise ConfigError(f"--dataset-path: {path}: file not found")
+        return path
+    if not SHAREGPT_SAMPLE.is_file():
+        raise ConfigError("--dataset sharegpt: give the prompts with --dataset-path FILE (ShareGPT JSON); the "
+                          "sample is not shipped in the package (or use --dataset random or azure)")
+    return SHAREGPT_SAMPLE
 
 
 def load_requests(args, rng: random.Random) -> list[Req]:
     n = args.num_prompts
     if args.dataset == "random":
         return [Req(" ".join(rng.choices(WORDS, k=args.input_len)), args.output_len) for _ in range(n)]
-    lengths = _azure("conv")
+    lengths = _azure()
     if args.dataset == "azure":
         picked = rng.sample(lengths, n) if n <= len(lengths) else rng.choices(lengths, k=n)
         return [Req(" ".join(rng.choices(WORDS, k=max(min(i, args.max_input_len), 1))),
                     max(min(o, args.max_output_len), 1)) for i, o in picked]
-    path = Path(args.dataset_path) if args.dataset_path else DATA / "sharegpt-prompts-500" / \
-        "ShareGPT_V3_filtered_500.json"
-    prompts = [c["conversations"][0]["value"] for c in json.loads(path.read_text())]
+    path = _sharegpt_path(args)
+    try:
+        prompts = [c["conversations"][0]["value"] for c in json.loads(path.read_text())]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"--dataset-path: {path}: expected a ShareGPT JSON list of "
+                          f"{{'conversations': [{{'value': ...}}]}} ({type(e).__name__}: {e})") from None
     rng.shuffle(prompts)
     out = []
     for i in range(n):
@@ -227,7 +247,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model id to send (default: the server's first /v1/models id)")
     p.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"))
     p.add_argument("--dataset", choices=("sharegpt", "azure", "random"), default="sharegpt")
-    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (default: ../shared/data sample)")
+    p.add_argument("--dataset-path", default=None,
+                   help="ShareGPT-format JSON of prompts (default: the sample beside a development checkout)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")], help="req/s; several = sweep")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, <1 burstier")

@@ -35,7 +35,34 @@ def _run_llama2c(args: argparse.Namespace) -> int:
     return 0
 
 
-CONVERTERS = [_add_llama2c]
+def _add_gguf(formats) -> None:
+    p = formats.add_parser(
+        "gguf",
+        help="GGUF file (llama.cpp) -> HF folder",
+        description="Convert a GGUF file into an HF folder (config.json, model.safetensors, tokenizer.json with the "
+        "chat template). Architectures: llama (incl. Mistral, Mixtral), qwen2, qwen3, qwen2moe, qwen3moe, olmoe. "
+        "Quantized tensors are dequantized exactly (float32, or bfloat16 where that is exact).",
+    )
+    p.add_argument("gguf_file", help="the .gguf file")
+    p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
+    p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
+    p.set_defaults(func=_run_gguf)
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from strata.config import ModelConfig
+    from strata.weights.gguf_convert import convert_gguf
+
+    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force)
+    c = ModelConfig.from_pretrained(out)
+    experts = f" experts={c.num_experts}/{c.num_experts_per_tok}" if c.num_experts else ""
+    print(f"wrote {out}: {c.architecture} hidden={c.hidden_size} layers={c.num_hidden_layers} "
+          f"heads={c.num_attention_heads}/{c.num_key_value_heads}{experts} vocab={c.vocab_size} "
+          f"dtype={c.torch_dtype} tied={c.tie_word_embeddings}")
+    return 0
+
+
+CONVERTERS = [_add_llama2c, _add_gguf]
 
 
 def register(sub) -> None:

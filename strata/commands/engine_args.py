@@ -12,7 +12,9 @@ from strata.tiers.policies import ONLINE_POLICIES
 from strata.tiers.predictors import PREFETCHERS
 
 HELP = {
-    "model": "HF model folder (default: the bundled Shakespeare MoE)",
+    "model": "HF model folder or GGUF file (default: the bundled Shakespeare MoE)",
+    "tokenizer": "folder with tokenizer.json and tokenizer_config.json (default: the model folder)",
+    "seed": "seed for the sampling of requests without a seed of their own (reproducible runs)",
     "dtype": "compute dtype: auto (checkpoint's), float32, bfloat16, float16",
     "max_model_len": "maximum tokens per sequence (default: config's max_position_embeddings, at most 4096)",
     "max_num_seqs": "sequences decoded together",
@@ -29,6 +31,9 @@ HELP = {
     "record_routing": "write routing decisions as JSONL to this file",
     "replay_routing": "force routing from this JSONL trace",
     "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
+    "speculative_config": 'speculative decoding as JSON (vLLM keys): \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
+                          'or \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
+                          'see docs/speculative.md',
 }
 _SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
 
@@ -54,7 +59,8 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
         elif f.name in _SIZE_FIELDS:
             parser.add_argument(flag, default=None, help=HELP[f.name])
-        elif isinstance(default, int) and not isinstance(default, bool) or f.name in ("max_model_len", "num_threads"):
+        elif isinstance(default, int) and not isinstance(default, bool) or f.name in ("max_model_len", "num_threads",
+                                                                                      "seed"):
             parser.add_argument(flag, type=int, default=default, help=HELP[f.name])
         else:
             parser.add_argument(flag, default=default, help=HELP[f.name])

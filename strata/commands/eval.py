@@ -14,7 +14,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     ppl = kinds.add_parser("ppl", help="perplexity and bits per byte on a text file")
-    ppl.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    ppl.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
     _add_window_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object with ppl, bits_per_byte, tokens")
     ppl.set_defaults(func=run_ppl)
@@ -43,11 +43,12 @@ def run_ppl(args) -> int:
     from strata.engine.llm_engine import BUNDLED_MODEL
     from strata.engine.perplexity import per_document, sliding_window
     from strata.tokenizer import Tokenizer
+    from strata.weights.gguf_cache import resolve_model_path
     from strata.weights.loader import load_model
 
     text = read_text(args.data, args.tail_fraction)
-    path = args.model or BUNDLED_MODEL
     progress = sys.stderr.isatty()
+    path = resolve_model_path(args.model or BUNDLED_MODEL, progress)
     model = load_model(path, dtype=args.dtype, progress=progress)
     tok = Tokenizer(path)
     if args.split:

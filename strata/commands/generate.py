@@ -28,12 +28,12 @@ def register(sub) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     g.add_argument("--quiet", action="store_true", help="no statistics on stderr")
     _sampling_args(g)
-    add_engine_args(g)
+    add_engine_args(g, skip=("seed",))  # its --seed above seeds the sampling
     g.set_defaults(func=run_generate)
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
     c.add_argument("--system", default=None, help="system message")
     _sampling_args(c)
-    add_engine_args(c)
+    add_engine_args(c, skip=("seed",))
     c.set_defaults(func=run_chat)
 
 

@@ -1,4 +1,4 @@
-"""`strata serve --model PATH`: the OpenAI-compatible HTTP server (FastAPI + uvicorn, one process).
+"""`strata serve [MODEL]`: the OpenAI-compatible HTTP server (FastAPI + uvicorn, one process).
 
 Engine flags are generated from EngineConfig's fields, server flags from ServerConfig's, so help text lives
 in one place. The model loads in the engine thread after the socket is open; /health says 503 until then.
@@ -13,10 +13,12 @@ import logging
 import os
 from dataclasses import dataclass
 
-from strata.config import EngineConfig
-from strata.errors import StrataError
+from strata.config import EngineConfig, ModelConfig
+from strata.errors import ConfigError, StrataError
 
 ENGINE_HELP = {
+    "tokenizer": "folder with tokenizer.json and tokenizer_config.json (default: the model folder)",
+    "seed": "seed for the sampling of requests without a seed of their own",
     "dtype": "weights/activations dtype: auto, float32, bfloat16, float16",
     "max_model_len": "context length (default: the model's, capped at 4096)",
     "max_num_seqs": "sequences decoded together",
@@ -27,6 +29,8 @@ ENGINE_HELP = {
     "num_threads": "torch CPU threads",
     "memory_budget": "bytes for weights; tiered experts engage when the model exceeds it",
     "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
+    "speculative_config": 'speculative decoding as JSON (vLLM keys), e.g. \'{"method": "ngram", '
+                          '"num_speculative_tokens": 4}\'; see docs/speculative.md',
 }
 
 
@@ -41,7 +45,10 @@ class ServerConfig:
     max_body_bytes: int = 2 * 2**20  # larger request bodies get 413
     allowed_origins: str | None = None  # comma-separated CORS origins; None = no CORS headers (browsers refuse)
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
+    chat_template: str | None = None  # a template file, or the template itself (replaces the tokenizer's)
     log_level: str = "info"
+    tool_call_parser: str | None = None  # hermes, llama3_json, mistral (strata/server/tool_parsers.py)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of free model output
 
 
 SERVER_HELP = {
@@ -55,7 +62,10 @@ SERVER_HELP = {
     "allowed_origins": "comma-separated origins allowed to call the API from a browser (CORS), or '*'; "
                        "default none",
     "drain_timeout": "on SIGTERM, seconds to let running requests finish",
+    "chat_template": "chat template file, or the Jinja template itself (replaces the tokenizer's)",
     "log_level": "uvicorn log level",
+    "tool_call_parser": "how tool calls are read from the model's text: hermes, llama3_json, mistral",
+    "enable_auto_tool_choice": "allow tool_choice 'auto' (needs --tool-call-parser)",
 }
 
 
@@ -84,7 +94,9 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, skip=()) 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve a model over the OpenAI Chat Completions and Completions APIs.")
-    p.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
+                   help="HF model folder or GGUF file (default: the bundled model); the same as --model")
+    p.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
     _add_dataclass_flags(p, ServerConfig, SERVER_HELP)
     _add_dataclass_flags(p, EngineConfig, ENGINE_HELP, skip=("model",))
     p.set_defaults(func=run)
@@ -92,24 +104,64 @@ def register(sub) -> None:
 
 def build_app(args: argparse.Namespace, on_load_failure=None):
     """The app for parsed `serve` arguments."""
-    from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
+    from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine, resolve_max_model_len
+    from strata.engine.spec.config import SpeculativeConfig
     from strata.server.app import create_app
     from strata.server.async_engine import AsyncEngine
     from strata.server.metrics import EngineMetrics
 
     engine_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
                  if f.name in ENGINE_HELP and hasattr(args, f.name)}
-    model = args.model or BUNDLED_MODEL
+    tag = getattr(args, "model_tag", None)
+    if tag and args.model and os.path.normpath(tag) != os.path.normpath(args.model):
+        raise ConfigError(f"serve: the model is given twice ({tag!r} and --model {args.model!r}); give one")
+    model = tag or args.model or BUNDLED_MODEL
+    SpeculativeConfig.from_value(engine_kw.get("speculative_config"))  # a bad value fails before the port opens
+    config = EngineConfig(model=model, **engine_kw)  # nonsensical flags fail here, before the port is bound
+    if os.path.isfile(os.path.join(model, "config.json")):  # refuse a bad --max-model-len before binding the port
+        resolve_max_model_len(config, ModelConfig.from_pretrained(model), model)
+    template = load_chat_template(args.chat_template) if getattr(args, "chat_template", None) else None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None
     metrics = EngineMetrics(name)
-    config = EngineConfig(model=model, **engine_kw)  # nonsensical flags fail here, before the port is bound
-    engine = AsyncEngine(lambda: LLMEngine(config, progress=False), metrics,
-                         max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-                         on_load_failure=on_load_failure)
+
+    def make_engine() -> LLMEngine:
+        engine = LLMEngine(config, progress=False)
+        if template is not None:
+            if engine.tokenizer is None:
+                raise ConfigError(f"--chat-template: {model} has no tokenizer.json to apply it to")
+            engine.tokenizer.chat_template = template
+        return engine
+
+    engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
+                         request_timeout=args.request_timeout, on_load_failure=on_load_failure)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                      drain_timeout=args.drain_timeout, allowed_origins=origins)
+                      drain_timeout=args.drain_timeout, allowed_origins=origins,
+                      tool_call_parser=args.tool_call_parser,
+                      enable_auto_tool_choice=args.enable_auto_tool_choice)
+
+
+_JINJA_MARKERS = ("{{", "{%", "\n")
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it holds Jinja; checked to compile."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif any(m in value for m in _JINJA_MARKERS):
+        text = value
+    else:
+        raise ConfigError(f"--chat-template: no file {value!r}, and the value holds no Jinja ({{{{ or {{%)")
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"--chat-template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

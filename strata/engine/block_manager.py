@@ -68,7 +68,7 @@ class BlockManager:
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix; never the block holding the last token (it must be computed)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:  # cached positions give no logits
             return []
         hits, parent = [], None
         num_full = (seq.num_tokens - 1) // self.block_size
@@ -122,6 +122,24 @@ class BlockManager:
         """Make sure the blocks cover every token of the sequence (call after can_append)."""
         while len(seq.block_table) * self.block_size < seq.num_tokens:
             seq.block_table.append(self._take_free().block_id)
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Extend the blocks to cover num_tokens tokens (speculative drafts) if enough are free; else no change."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_free().block_id)
+        return True
+
+    def release_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks beyond the first num_tokens tokens (a rejected draft's slots)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids[block.block_id] = None
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Hash blocks whose every slot is computed so later prompts can share them."""

@@ -1,7 +1,10 @@
 """Incremental detokenization: text deltas as tokens arrive, never splitting a multi-byte UTF-8 character,
-with stop strings cut out of the text and held back while they may still be forming."""
+with stop strings cut out of the text and held back while they may still be forming; it also says how many
+tokens the text handed out so far covers (so streamed logprobs travel with their own text)."""
 
 from __future__ import annotations
+
+from bisect import bisect_right
 
 from strata.tokenizer import Tokenizer
 
@@ -20,8 +23,19 @@ class IncrementalDetokenizer:
         self.text = ""  # output text so far (stop string removed)
         self.num_emitted = 0  # characters of self.text already handed out
         self.stop_hit: str | None = None
+        self.token_ends: list[int] = []  # per decoded output token: len(text) once its text is complete
+        self.num_added = 0
+
+    @property
+    def num_tokens_emitted(self) -> int:
+        """Output tokens whose text has been handed out in full (a token still forming a character or a
+        possible stop string is not)."""
+        if self.tokenizer is None:
+            return self.num_added
+        return bisect_right(self.token_ends, self.num_emitted)
 
     def add(self, token: int) -> None:
+        self.num_added += 1
         if self.tokenizer is None:  # token-ids-only engine: no text
             return
         self.ids.append(token)
@@ -33,14 +47,21 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         start = max(len(self.text) - self.holdback, 0)
         self.text += new
+        self.token_ends.extend([len(self.text)] * (self.num_added - len(self.token_ends)))
         hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
         if hits:
             idx, self.stop_hit = min(hits)
             self.text = self.text[:idx]
 
     def take_delta(self, final: bool) -> str:
-        """Text not yet handed out; keeps back a possible stop-string prefix unless final."""
-        end = len(self.text) if (final or self.stop_hit) else max(len(self.text) - self.holdback, self.num_emitted)
+        """Text not yet handed out; keeps back a possible stop-string prefix unless final, and then ends at a
+        token boundary (a chunk never carries part of a token's text)."""
+        if final or self.stop_hit:
+            end = len(self.text)
+        else:
+            limit = len(self.text) - self.holdback
+            i = bisect_right(self.token_ends, limit)
+            end = max(self.token_ends[i - 1] if i else 0, self.num_emitted)
         delta = self.text[self.num_emitted : end]
         self.num_emitted = end
         return delta

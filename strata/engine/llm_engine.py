@@ -12,23 +12,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata.config import EngineConfig
+from strata.config import EngineConfig, ModelConfig
 from strata.engine.admission import (
     check_request_fits,
     check_token_ids,
-    default_max_model_len,
     fit_max_model_len,
 )
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
-from strata.engine.model_runner import ModelRunner, kv_bytes_per_token
-from strata.engine.sampler import Sampler
+from strata.engine.guided import StructuredOutputManager, compile_grammar
+from strata.engine.model_runner import ModelRunner, num_kv_blocks
+from strata.engine.sampler import Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
-from strata.errors import InvalidRequestError
+from strata.engine.spec.config import SpeculativeConfig
+from strata.engine.spec.decoder import SpecDecoder, make_proposer
+from strata.errors import ConfigError, InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
+from strata.weights.gguf_cache import resolve_model_path
 
 SMALL_MODEL_PARAMS = 20_000_000
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
@@ -42,7 +45,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None = None
-    logprobs: list[dict] | None = None
+    logprobs: list[dict] | None = None  # of the tokens whose text is in `text` (all of them once finished)
 
 
 @dataclass
@@ -53,6 +56,16 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
+
+
+def resolve_max_model_len(config: EngineConfig, mcfg: ModelConfig, path: str) -> int:
+    """--max-model-len, or the model's positions capped at 4096; beyond the positions only with rope scaling."""
+    if config.max_model_len and config.max_model_len > mcfg.max_position_embeddings and not mcfg.rope_scaling:
+        raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
+                          f"{mcfg.max_position_embeddings} ({os.path.join(path, 'config.json')}); longer contexts "
+                          "need rope_scaling in config.json")
+    return config.max_model_len or min(mcfg.max_position_embeddings, 4096)
 
 
 class LLMEngine:
@@ -60,21 +73,26 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        path = config.model or BUNDLED_MODEL
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        path = resolve_model_path(config.model or BUNDLED_MODEL, progress)  # a GGUF file: its converted folder
         self.model_path = path
+        spec = SpeculativeConfig.from_value(config.speculative_config)
+        # the draft loads first: the memory budget plan measures what is already resident (tiers/runtime.py)
+        proposer = make_proposer(spec, path, config) if spec else None
         self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
         # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
-        self.tokenizer = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+        tok_path = config.tokenizer or path
+        self.tokenizer = Tokenizer(tok_path) if config.tokenizer or os.path.exists(
+            os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
-        max_len = default_max_model_len(config.max_model_len, mcfg.max_position_embeddings)
-        dtype = self.model.model.embed_tokens.weight.dtype
-        per_block = kv_bytes_per_token(self.model, dtype) * config.block_size
-        wanted = config.max_num_seqs * ((max_len + config.block_size - 1) // config.block_size)
-        num_blocks = max(min(wanted, config.kv_cache_memory // per_block), 1)
+        max_len = resolve_max_model_len(config, mcfg, path)
+        num_blocks = num_kv_blocks(self.model, config.block_size, config.max_num_seqs, max_len,
+                                   config.kv_cache_memory)
         self.max_model_len = fit_max_model_len(config.max_model_len, max_len, num_blocks * config.block_size,
                                                config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -82,7 +100,10 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
-        self.sampler = Sampler(eos)
+        self.structured = StructuredOutputManager(self.tokenizer, mcfg.vocab_size, eos) if self.tokenizer else None
+        self.sampler = Sampler(eos, self.structured)
+        self.spec = spec and SpecDecoder(spec, proposer, self.block_manager, self.max_model_len,
+                                         config.max_num_batched_tokens)
         self._requests: dict[str, list[Sequence]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
@@ -111,6 +132,13 @@ class LLMEngine:
         check_request_fits(len(ids), params.max_tokens, self.max_model_len)
         check_token_ids(params, vocab)
         seqs = [Sequence(request_id, ids, params, index=i, priority=priority) for i in range(params.n)]
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise InvalidRequestError(f"{self.model_path}: no tokenizer.json, so no structured outputs",
+                                          param="structured_outputs")
+            grammar = compile_grammar(params.structured_outputs)
+            for seq in seqs:
+                self.structured.add(seq, grammar)
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
         # the prefix cache (shared, ref-counted) instead of computing them again.
@@ -125,12 +153,30 @@ class LLMEngine:
             self._forks[request_id] = seqs[1:]
         return request_id
 
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """One L2-normalized mean-pooled embedding per prompt, computed in batches of at most
+        max_num_batched_tokens tokens (call between steps: it uses the model, not the KV cache)."""
+        out, batch, num = [], [], 0
+        for ids in [*prompts, None]:
+            if ids is None or (batch and num + len(ids) > self.config.max_num_batched_tokens):
+                if batch:
+                    out.extend(self.runner.embed(batch).tolist())
+                batch, num = [], 0
+            if ids is not None:
+                batch.append(ids)
+                num += len(ids)
+        return out
+
     def abort_request(self, request_id: str) -> None:
         self._forks.pop(request_id, None)
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.abort(seq)
+            if self.spec:
+                self.spec.release(seq)
             self._detok.pop(seq.seq_id, None)
+            if self.structured is not None:
+                self.structured.free(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -142,24 +188,46 @@ class LLMEngine:
         if not batch.seqs:
             return [self._output(rid) for rid in dropped if rid in self._requests]
         t0 = time.perf_counter()
-        logits, sampled_idx = self.runner.execute(batch)
+        if self.structured is not None and self.structured.overlap and self.structured.matchers:
+            # the grammar masks fill on a worker thread during the forward
+            self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                                     if s.num_computed_tokens + n == s.num_tokens])
+        num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
+        logits, sampled_idx, prompt_logits = self.runner.execute(batch, num_scored)
+        for i, (target, rows) in prompt_logits.items():
+            seq = batch.seqs[i]
+            targets = seq.token_ids[target : target + rows.shape[0]]
+            seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.commit_full_blocks(seq)
         sampled_seqs = [batch.seqs[i] for i in sampled_idx]
-        tokens = self.sampler(logits, sampled_seqs) if sampled_seqs else []
+        if self.spec:
+            new_tokens = self.spec.verify(logits, sampled_seqs, self.sampler)
+        else:
+            new_tokens = [[t] for t in self.sampler(logits, sampled_seqs)] if sampled_seqs else []
+        for seq in batch.seqs:
+            self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = dropped
-        for seq, tok in zip(sampled_seqs, tokens):
+        for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats["prompt_tokens"] += seq.num_prompt_tokens
                 for sibling in self._forks.pop(seq.request_id, ()):
                     self.scheduler.add(sibling)
-            seq.token_ids.append(tok)
-            self.stats["generation_tokens"] += 1
-            self._check_finished(seq, tok)
+            for tok in tokens:
+                seq.token_ids.append(tok)
+                self.stats["generation_tokens"] += 1
+                if self.structured is not None and not self.structured.accept(seq, tok):
+                    seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
+                    self.scheduler.finish(seq)
+                    break
+                self._check_finished(seq, tok)
+                if seq.is_finished:
+                    break
             touched[seq.request_id] = None
+        if self.spec:
+            self.spec.finish_step(sampled_seqs)
         self.stats["num_steps"] += 1
         self.stats["step_time_s"] += time.perf_counter() - t0
         return [self._output(rid) for rid in touched if rid in self._requests]
@@ -186,6 +254,8 @@ class LLMEngine:
             detok.add(tok)
             if detok.stop_hit is not None and seq.num_completion_tokens >= p.min_tokens:
                 reason, seq.stop_reason = "stop", detok.stop_hit
+            elif self.structured is not None and self.structured.is_stopped(seq):
+                reason, seq.stop_reason = "stop", None  # the grammar is complete
             elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason:
@@ -198,16 +268,21 @@ class LLMEngine:
         for seq in seqs:
             detok = self._detok[seq.seq_id]
             delta = detok.take_delta(final=seq.is_finished)
+            logprobs = None
+            if seq.params.logprobs is not None:  # a copy: the engine thread goes on appending to seq.logprobs
+                logprobs = seq.logprobs[: len(seq.logprobs) if seq.is_finished else detok.num_tokens_emitted]
             outs.append(CompletionOutput(seq.index, detok.text[: detok.num_emitted], delta,
-                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason,
-                                         seq.logprobs if seq.params.logprobs is not None else None))
+                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason, logprobs))
         finished = all(s.is_finished for s in seqs)
         first = seqs[0]
         out = RequestOutput(request_id, first.token_ids[: first.num_prompt_tokens], outs, finished,
                             num_cached_tokens=first.num_cached_tokens,
-                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
+                            prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs)
         if finished:
             for seq in seqs:
                 self._detok.pop(seq.seq_id, None)
+                if self.structured is not None:
+                    self.structured.free(seq)
             del self._requests[request_id]
         return out

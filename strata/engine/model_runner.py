@@ -1,5 +1,6 @@
 """ModelRunner: owns the model and the paged KV cache, turns a ScheduledBatch into tensors, runs the forward
-and returns the logits of the sequences that finished their pending tokens this step."""
+and returns the logits of the sequences that finished their pending tokens this step, plus the logits of the
+prompt positions whose next-token logprobs a request asked for (prompt logprobs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     cfg = model.config
     elem = torch.empty(0, dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int, kv_cache_memory: int) -> int:
+    """Blocks for max_num_seqs sequences of max_model_len tokens, at most kv_cache_memory bytes, at least one."""
+    per_block = kv_bytes_per_token(model, model.model.embed_tokens.weight.dtype) * block_size
+    wanted = max_num_seqs * ((max_model_len + block_size - 1) // block_size)
+    return max(min(wanted, kv_cache_memory // per_block), 1)
 
 
 class ModelRunner:
@@ -39,10 +47,17 @@ class ModelRunner:
         return slots[off : off + end - start]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [N, V], indices into batch.seqs of the N sequences that reached their last token)."""
+    def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None
+                ) -> tuple[torch.Tensor, list[int], dict[int, tuple[int, torch.Tensor]]]:
+        """Returns (logits [N, V], indices into batch.seqs of the sequences that reached their last token,
+        {index into batch.seqs: (first prompt position predicted, logits [k, V])} for prompt logprobs).
+
+        Each sampled sequence has its last num_scored[i] rows in the logits (default 1; speculative verification
+        scores every drafted position)."""
         ids, positions, slot_parts, ctx_slots = [], [], [], []
         starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
+        prompt_rows: list[int] = []
+        prompt_spans: dict[int, tuple[int, int]] = {}  # batch index -> (first target position, rows)
         row = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             s, e = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -50,12 +65,20 @@ class ModelRunner:
             positions.append(torch.arange(s, e))
             slot_parts.append(self._slots(seq.block_table, s, e))
             ctx_slots.append(self._slots(seq.block_table, 0, e))
+            if seq.needs_prompt_logprobs:
+                # the row of position p predicts token p + 1; skip targets already recorded (recompute after
+                # preemption) and stop at the last prompt token
+                first = max(s, len(seq.prompt_logprobs) - 1)
+                last = min(e, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_spans[i] = (first + 1, last - first)
+                    prompt_rows.extend(range(row + first - s, row + last - s))
             starts.append(row)
             qlens.append(n)
             clens.append(e)
             row += n
             if e == seq.num_tokens:
-                sample_rows.append(row - 1)
+                sample_rows.extend(range(row - (num_scored[i] if num_scored else 1), row))
                 sampled.append(i)
         meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
         self.model.current_batch = batch  # lets routing record/replay hooks label rows (strata/tiers/runtime.py)
@@ -64,6 +87,24 @@ class ModelRunner:
             torch.cat(positions),
             meta,
             self.kv_caches,
-            torch.tensor(sample_rows, dtype=torch.long),
-        )
-        return logits, sampled
+            torch.tensor(sample_rows + prompt_rows, dtype=torch.long),
+        )  # [N + P, V]
+        prompt_logits, at = {}, len(sample_rows)
+        for i, (target, k) in prompt_spans.items():
+            prompt_logits[i] = (target, logits[at : at + k])  # [k, V]
+            at += k
+        return logits[: len(sample_rows)], sampled, prompt_logits
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Mean of the final-norm hidden states over each prompt's tokens, L2-normalized: [B, H] float32.
+        Runs without the KV cache (no blocks taken from running requests)."""
+        lens = [len(p) for p in prompts]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        meta = AttentionMetadata(starts, lens, lens)
+        self.model.current_batch = None
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)  # [T]
+        positions = torch.cat([torch.arange(n) for n in lens])  # [T]
+        hidden = self.model(ids, positions, meta, None, return_hidden=True).float()  # [T, H]
+        pooled = torch.stack([h.mean(dim=0) for h in hidden.split(lens)])  # [B, H]
+        return torch.nn.functional.normalize(pooled, dim=-1)

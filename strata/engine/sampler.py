@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import WeightsError
 
@@ -40,44 +41,63 @@ def process_logits(logits: torch.Tensor, seq: Sequence, eos_token_ids: list[int]
 
 def sample_token(logits: torch.Tensor, seq: Sequence) -> int:
     """logits [V] (processed) -> token id."""
-    p = seq.params
-    if p.is_greedy:
+    if seq.params.is_greedy:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(sampling_probs(logits, seq.params), 1, generator=seq.generator))
+
+
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [..., V] (processed) -> the weights sampling draws from [..., V] after temperature, top-k, min-p
+    and top-p (speculative decoding's rejection sampler needs them whole)."""
     logits = logits / p.temperature
-    if p.top_k and p.top_k > 0 and p.top_k < logits.shape[0]:
-        kth = torch.topk(logits, p.top_k).values[-1]
+    if p.top_k and p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
     if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)
         drop = (cum - sorted_probs) > p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs  # top-p leaves it unnormalized; multinomial does not mind
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:
-    """Log-probabilities under the model's raw distribution (as vLLM reports them)."""
-    lp = torch.log_softmax(logits, dim=-1)
-    out = {"token_id": token, "logprob": float(lp[token]), "top": []}
+    """Log-probabilities under the model's raw distribution (as vLLM reports them); rank is 1 for the argmax."""
+    return tokens_logprobs(logits[None], [token], top_n)[0]
+
+
+def tokens_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[dict]:
+    """logits [k, V], the k tokens that followed -> one logprob entry per row (prompt logprobs use this)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [k, V]
+    idx = torch.tensor(tokens, dtype=torch.long)[:, None]  # [k, 1]
+    chosen = lp.gather(1, idx)  # [k, 1]
+    ranks = (lp > chosen).sum(dim=1) + 1  # [k]
+    out = [{"token_id": t, "logprob": float(c), "rank": int(r), "top": []}
+           for t, c, r in zip(tokens, chosen[:, 0].tolist(), ranks.tolist())]
     if top_n:
-        vals, ids = torch.topk(lp, top_n)
-        out["top"] = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        vals, ids = torch.topk(lp, top_n, dim=-1)  # [k, top_n]
+        for entry, v_row, i_row in zip(out, vals.tolist(), ids.tolist()):
+            entry["top"] = list(zip(i_row, v_row))
     return out
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int]):
+    def __init__(self, eos_token_ids: list[int], structured=None):
         self.eos_token_ids = list(eos_token_ids)
+        self.structured = structured  # StructuredOutputManager: grammar masks (strata/engine/guided.py)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [N, V] float32, one row per sequence -> sampled token per sequence."""
         if not torch.isfinite(logits).all():  # argmax/multinomial would turn NaN into an arbitrary token
             raise WeightsError("the model computed NaN/inf logits (corrupt weights, or an overflow in "
                                f"{logits.dtype}?); nothing was sampled")
+        masked = logits  # what is sampled from; logprobs stay those of the model's raw distribution
+        if self.structured is not None and self.structured.has_any(seqs):
+            masked = self.structured.apply(logits, seqs)
         plain_greedy = all(
             s.params.is_greedy and not s.params.logit_bias and s.params.repetition_penalty == 1.0
             and not s.params.presence_penalty and not s.params.frequency_penalty
@@ -85,10 +105,10 @@ class Sampler:
             for s in seqs
         )
         if plain_greedy:
-            return torch.argmax(logits, dim=-1).tolist()
+            return torch.argmax(masked, dim=-1).tolist()
         tokens = []
-        for row, seq in zip(logits, seqs):
-            tok = sample_token(process_logits(row, seq, self.eos_token_ids), seq)
+        for row, mrow, seq in zip(logits, masked, seqs):
+            tok = sample_token(process_logits(mrow, seq, self.eos_token_ids), seq)
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
             tokens.append(tok)

@@ -3,11 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from strata.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 0.01
 MAX_PENALTY = 100.0  # repetition_penalty in [1 / MAX_PENALTY, MAX_PENALTY]
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's names): exactly one of a JSON schema (dict or JSON text), a
+    regex, a list of choices, a grammar (Lark or GBNF/EBNF), or any JSON object."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None  # JSON only: allowed whitespace between tokens (default: none)
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError("structured_outputs needs exactly one of json, regex, choice, grammar, "
+                                      f"json_object; got {given or 'none'}", param="structured_outputs")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise InvalidRequestError("structured_outputs.choice must be a non-empty list of strings",
+                                      param="structured_outputs.choice")
+
+    @property
+    def kind(self) -> str:
+        return next((k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None), "json_object")
+
+    @property
+    def spec(self) -> Any:
+        return getattr(self, self.kind)
 
 
 @dataclass
@@ -27,8 +59,10 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0 = only the sampled one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (computed in prefill)
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -66,6 +100,8 @@ class SamplingParams:
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "<= max_tokens")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", "an integer in [0, 20]")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "an integer in [0, 20]")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
 
     @property

@@ -37,6 +37,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict] = []
+        # Prompt logprobs: the first token has none; the first sibling of an n > 1 request computes them.
+        wants_prompt = params.prompt_logprobs is not None and index == 0
+        self.prompt_logprobs: list[dict | None] | None = [None] if wants_prompt else None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.num_preemptions = 0
@@ -59,6 +62,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (so the prompt must run, not come from cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -36,4 +36,6 @@ def run_stats(llm, elapsed_s: float) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
     })
     s.update({k: v for k, v in extra.items() if k not in s})
+    spec = getattr(llm.engine, "spec", None)
+    s.update(spec.stats() if spec else {"spec_acceptance_rate": None, "spec_mean_accepted_tokens": None})
     return s

@@ -153,6 +153,7 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
+        return_hidden: bool = False,  # the final-norm hidden states [N, H] instead of logits (embeddings)
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)
@@ -166,4 +167,4 @@ class CausalLM(nn.Module):
         if logits_indices is not None:
             x, residual = x.index_select(0, logits_indices), residual.index_select(0, logits_indices)  # [N, H]
         x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[0]  # None: no layers
-        return self.lm_head(x).float()  # [N, V]
+        return x if return_hidden else self.lm_head(x).float()  # [N, V]

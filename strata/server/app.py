@@ -16,17 +16,20 @@ from starlette.responses import JSONResponse, Response
 
 import strata
 from strata.server.async_engine import AsyncEngine
+from strata.server.embeddings import embeddings_router
 from strata.server.errors import EXPECTED_ERRORS, APIError, CatchAllMiddleware, to_api_error
 from strata.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    ModelCard,
     ModelList,
     TokenizeRequest,
 )
 from strata.server.request_checks import check_text_length, has_lone_surrogate
 from strata.server.serving import Serving
+from strata.server.tool_parsers import get_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -100,8 +103,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
-               allowed_origins: list[str] | None = None) -> FastAPI:
+               allowed_origins: list[str] | None = None, tool_call_parser: str | None = None,
+               enable_auto_tool_choice: bool = False) -> FastAPI:
     serving = Serving(engine, served_model_name)
+    if tool_call_parser is not None:
+        get_tool_parser(tool_call_parser)  # an unknown name fails at start, not on the first request
+    serving.tool_call_parser, serving.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
     created = int(time.time())
 
     @asynccontextmanager
@@ -160,12 +167,19 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def metrics():
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> dict:
+        max_len = engine.engine.max_model_len if engine.engine is not None else None
+        return {"id": served_model_name, "object": "model", "created": created, "owned_by": "strata",
+                "root": served_model_name, "max_model_len": max_len}
+
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        max_len = engine.engine.max_model_len if engine.engine is not None else None
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
-                                            "owned_by": "strata", "root": served_model_name,
-                                            "max_model_len": max_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model(model_id: str):
+        serving.check_model(model_id)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -202,6 +216,16 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
             raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
         return {"prompt": serving.tokenizer.decode(req.tokens)}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's tokenizer description; lm-evaluation-harness's remote tokenizer reads it."""
+        _need_engine()
+        tok = serving.tokenizer
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token, "pad_token": tok.pad_token, "chat_template": tok.chat_template,
+                "add_bos_token": tok.add_bos_token, "model_max_length": engine.engine.max_model_len}
+
+    app.include_router(embeddings_router(serving))
     app.state.serving = serving
     app.state.engine = engine
     return app

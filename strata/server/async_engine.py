@@ -186,6 +186,25 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
 
+    async def call(self, fn: Callable[[LLMEngine], object]):
+        """fn(engine) run in the engine thread between two steps (the model is not shared across threads)."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
+        if self.engine is None:
+            raise EngineNotReadyError("the model is still loading")
+        future = self._loop.create_future()
+        self._cmds.put(("call", fn, future))
+        return await future
+
+    def _settle(self, future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+        def settle():
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed (shutdown)
+            pass
+
     # ---- the engine thread ---------------------------------------------------------------------
     def _deliver(self, stream: RequestStream, item) -> None:
         try:
@@ -266,6 +285,12 @@ class AsyncEngine:
                 self._deliver(stream, e)
                 return
             self._tracked[rid] = _Tracked(stream, t_add)
+        elif kind == "call":
+            _, fn, future = cmd
+            try:
+                self._settle(future, fn(self.engine))
+            except Exception as e:  # noqa: BLE001 - the caller's failure, not the loop's
+                self._settle(future, error=e)
         elif kind == "abort":
             rid = cmd[1]
             self._discard_waiting(rid)
@@ -350,5 +375,7 @@ class AsyncEngine:
                 break
             if cmd[0] == "add":
                 self._deliver(cmd[5], err)
+            elif cmd[0] == "call":
+                self._settle(cmd[2], error=err)
         with self._lock:
             self._waiting_ids.clear()

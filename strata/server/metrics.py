@@ -47,7 +47,12 @@ class EngineMetrics:
         self.expert_disk_bytes = c("expert_disk_read_bytes", "Bytes of expert weights read from disk")
         self.expert_disk_seconds = c("expert_disk_read_seconds",
                                      "Time the expert reads took (bytes / seconds: the disk rate the engine sees)")
-        self._last = {"queries": 0, "hits": 0, "preempt": 0, "disk": 0, "disk_s": 0.0}
+        # Speculative decoding (vLLM's spec_decode counters; zero without --speculative-config)
+        self.spec_drafts = c("spec_decode_num_drafts", "Verifications of drafted tokens (one per sequence and step)")
+        self.spec_draft_tokens = c("spec_decode_num_draft_tokens", "Tokens drafted and verified")
+        self.spec_accepted_tokens = c("spec_decode_num_accepted_tokens", "Drafted tokens the target accepted")
+        self._last = {"queries": 0, "hits": 0, "preempt": 0, "disk": 0, "disk_s": 0.0, "drafts": 0,
+                      "draft_tokens": 0, "accepted_tokens": 0}
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
@@ -65,6 +70,11 @@ class EngineMetrics:
         self._counter_delta(self.num_preemptions, "preempt", engine.scheduler.num_preemptions)
         if bm.num_prefix_queries:
             self.prefix_hit_rate.set(bm.num_prefix_hits / bm.num_prefix_queries)
+        spec = getattr(engine, "spec", None)
+        if spec is not None:
+            self._counter_delta(self.spec_drafts, "drafts", spec.num_drafts)
+            self._counter_delta(self.spec_draft_tokens, "draft_tokens", spec.num_draft_tokens)
+            self._counter_delta(self.spec_accepted_tokens, "accepted_tokens", spec.num_accepted_tokens)
         tier_stats = getattr(engine, "tier_stats", None)
         tiers = tier_stats() if tier_stats else None
         if tiers and tiers.get("tiered"):

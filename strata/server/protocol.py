@@ -1,11 +1,13 @@
 """OpenAI wire types (pydantic, OpenAI field names): requests forbid unknown fields so an unsupported
-parameter is a 400 naming it instead of being silently ignored."""
+parameter is a 400 naming it instead of being silently ignored. `null` for an optional field means its
+default, as in OpenAI's API; OpenAI fields that do not apply to a local server are accepted and ignored
+(`_IgnoredFields`, listed in docs/server.md)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16  # choices per request; each one is a sequence in the engine
 MAX_STOP = 16
@@ -15,14 +17,87 @@ MAX_TOP_LOGPROBS = 20
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """`"n": null` is `n` left out (OpenAI accepts null for every optional field); a null required field
+        and an unknown field still fail."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())}
+        return data
+
+
+class _IgnoredFields(_Strict):
+    """OpenAI fields with no meaning for a local server: accepted (any JSON value) and ignored."""
+
+    store: Any = None  # stored completions (OpenAI's dashboard)
+    metadata: Any = None  # tags for stored completions
+    service_tier: Any = None  # OpenAI's processing tiers
+    user: Any = None  # end-user tag for abuse monitoring
+    reasoning_effort: Any = None  # o-series reasoning budget; the models served here have none
+    prompt_cache_key: Any = None  # OpenAI's cache routing hint; prefix caching here is automatic
+    safety_identifier: Any = None  # the successor of `user`
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False  # usage (so far) on every chunk, as vLLM
+
+
+class JsonSchemaSpec(_Strict):
+    name: Annotated[str, Field(max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Strict):
-    type: Literal["text"]  # json_object / json_schema need constrained decoding, which Strata lacks
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's `structured_outputs` request field: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class TextPart(_Strict):
@@ -34,6 +109,8 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -45,7 +122,7 @@ Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_leng
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_IgnoredFields):
     """Fields shared by chat and completions (vLLM extras included)."""
 
     model: str | None = None
@@ -66,9 +143,16 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored, as OpenAI documents it as an end-user tag
     priority: Annotated[int, Field(ge=-(2**31), lt=2**31)] = 0  # lower = served first (vLLM convention)
     request_id: Annotated[str, Field(max_length=128)] | None = None
+    # structured outputs (strata/server/structured.py): OpenAI's response_format and vLLM's forms
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -77,9 +161,12 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # vLLM: in the response
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: Annotated[list[ChatTool], Field(min_length=1)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: a forced reply makes exactly one call
 
 
 class CompletionRequest(_SamplingFields):
@@ -91,7 +178,8 @@ class CompletionRequest(_SamplingFields):
     )
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens and their logprobs lead each choice's logprobs
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # vLLM: per choice
 
 
 class TokenizeRequest(_Strict):
@@ -143,3 +231,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingRequest(_IgnoredFields):
+    model: str | None = None
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=2048)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None  # only the model's own size: no truncation here
+    add_special_tokens: bool = True  # vLLM's extra

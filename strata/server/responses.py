@@ -1,5 +1,6 @@
 """Engine outputs -> OpenAI responses: one non-streaming JSON body, or SSE chunks (same id and created on
 every chunk, role first, finish_reason on the last content chunk, optional usage chunk, then [DONE]).
+Each chunk's logprobs are those of the tokens whose text it carries (the engine's outputs say how many).
 A client that goes away aborts its engine requests, streaming or not."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from strata.server.async_engine import RequestStream
 from strata.server.errors import to_api_error
+from strata.server.tool_calls import ToolCallStreamer, tool_message
 
 
 def _dumps(obj) -> str:
@@ -79,6 +81,7 @@ class RequestContext:
         self.created = int(time.time())
         self.object = "chat.completion" if is_chat else "text_completion"
         self.finals: dict[int, object] = {}
+        self.tool_parser = None  # a ToolParser when the reply may call tools (strata/server/tool_parsers.py)
 
     def abort_all(self) -> None:
         for s in self.streams:
@@ -95,6 +98,14 @@ class RequestContext:
         if entries is None or self.req.logprobs is None or self.req.logprobs is False:
             return None
         return self.s.chat_logprobs(entries) if self.is_chat else self.s.completion_logprobs(entries, offset)
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Completions with echo and logprobs: the prompt's tokens lead each choice's logprobs."""
+        return not self.is_chat and self.req.echo and self.req.logprobs is not None
+
+    def _echo_entries(self, pi: int) -> list[dict]:
+        return self.s.echo_entries(self.prompts[pi], self.finals[pi].prompt_logprobs)
 
     # ---- non-streaming ----------------------------------------------------------------------------
     async def collect(self, raw: Request) -> JSONResponse:
@@ -121,23 +132,38 @@ class RequestContext:
         choices = []
         for pi in range(len(self.prompts)):
             echo = self.texts[pi] or ""
-            for o in self.finals[pi].outputs:
-                c = {"index": pi * n + o.index, "logprobs": self._logprobs(o.logprobs, len(echo)),
+            final = self.finals[pi]
+            for o in final.outputs:
+                entries = (self._echo_entries(pi) + o.logprobs) if self.echo_logprobs else o.logprobs
+                c = {"index": pi * n + o.index, "logprobs": self._logprobs(entries, 0 if self.echo_logprobs
+                                                                            else len(echo)),
                      "finish_reason": _reason(o.finish_reason)}
-                if self.is_chat:
+                if self.is_chat and self.tool_parser is not None:
+                    c["message"], called = tool_message(self.tool_parser, o.text)
+                    if called and o.finish_reason == "stop":
+                        c["finish_reason"] = "tool_calls"
+                elif self.is_chat:
                     c["message"] = {"role": "assistant", "content": o.text}
                 else:
                     c["text"] = echo + o.text
+                    if self.req.prompt_logprobs is not None:
+                        c["prompt_logprobs"] = self.s.vllm_prompt_logprobs(final.prompt_logprobs)
                 choices.append(c)
         choices.sort(key=lambda c: c["index"])
-        return JSONResponse({"id": self.id, "object": self.object, "created": self.created,
-                             "model": self.s.model_name, "choices": choices, "usage": self.usage()})
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.s.model_name,
+                "choices": choices, "usage": self.usage()}
+        if self.is_chat and self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.s.vllm_prompt_logprobs(self.finals[0].prompt_logprobs)
+        return JSONResponse(body)
 
     # ---- streaming ---------------------------------------------------------------------------------
     def _chunk(self, choices: list[dict], usage=False) -> str:
         body = {"id": self.id, "object": self.object + (".chunk" if self.is_chat else ""), "created": self.created,
                 "model": self.s.model_name, "choices": choices}
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+        opts = self.req.stream_options
+        if opts is not None and opts.continuous_usage_stats:
+            body["usage"] = self.usage()  # so far: the prompt, and the tokens generated up to this chunk
+        elif opts is not None and opts.include_usage:
             body["usage"] = self.usage() if usage else None
         return f"data: {_dumps(body)}\n\n"
 
@@ -147,20 +173,40 @@ class RequestContext:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
+    def _tool_chunks(self, streamer: ToolCallStreamer, idx: int, text: str, lp, finish):
+        """The chunks of a choice whose reply may call tools: content and tool_calls deltas."""
+        deltas = streamer.deltas(text, final=finish is not None)
+        if finish == "stop" and streamer.has_calls:
+            finish = "tool_calls"
+        if not deltas and (finish or lp):
+            deltas = [{}]
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            yield self._chunk([{"index": idx, "delta": delta, "logprobs": lp if k == 0 else None,
+                                "finish_reason": finish if last else None}])
+
     async def sse(self):
         n = self.req.n
         num_choices = len(self.prompts) * n
         sent_lp = [0] * num_choices
         offsets = [len(self.texts[i // n] or "") for i in range(num_choices)]
         done: set[int] = set()
+        # with echo and logprobs the echo chunk waits for the prompt logprobs (the first engine output)
+        echo_pending = set(range(len(self.prompts))) if self.echo_logprobs else set()
+        tools = [ToolCallStreamer(self.tool_parser) for _ in range(num_choices)] if self.tool_parser else None
         try:
             for idx in range(num_choices):
                 if self.is_chat:
                     yield self._chunk([self._choice(idx, None, role=True)])
-                elif self.texts[idx // n]:
+                elif self.texts[idx // n] and not echo_pending:
                     yield self._chunk([self._choice(idx, self.texts[idx // n])])
             async for pi, out in _merge(self.streams):
                 self.finals[pi] = out
+                if pi in echo_pending and out.prompt_logprobs is not None:
+                    echo_pending.discard(pi)
+                    lp = self._logprobs(self._echo_entries(pi), 0)
+                    for idx in range(pi * n, pi * n + n):
+                        yield self._chunk([self._choice(idx, self.texts[pi], logprobs=lp)])
                 for o in out.outputs:
                     idx = pi * n + o.index
                     if idx in done:
@@ -173,7 +219,10 @@ class RequestContext:
                     if lp is not None and not self.is_chat:
                         offsets[idx] += sum(len(t) for t in lp["tokens"])
                     finish = _reason(o.finish_reason) if o.finish_reason else None
-                    if o.delta or finish or lp:
+                    if tools is not None:
+                        for chunk in self._tool_chunks(tools[idx], idx, o.text, lp, finish):
+                            yield chunk
+                    elif o.delta or finish or lp:
                         yield self._chunk([self._choice(idx, o.delta, logprobs=lp, finish=finish)])
                     if finish:
                         done.add(idx)

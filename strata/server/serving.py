@@ -19,6 +19,8 @@ from strata.server.errors import APIError, to_api_error
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_checks import check_text_length
 from strata.server.responses import RequestContext, SSEResponse
+from strata.server.structured import structured_params, tool_mode
+from strata.server.tool_calls import template_messages
 
 
 class Serving:
@@ -26,6 +28,8 @@ class Serving:
         self.engine = engine
         self.model_name = served_model_name
         self._token_text: dict[int, str] = {}
+        self.tool_call_parser: str | None = None  # --tool-call-parser
+        self.enable_auto_tool_choice = False  # --enable-auto-tool-choice
 
     # ---- request -> engine inputs ---------------------------------------------------------------
     @property
@@ -36,13 +40,16 @@ class Serving:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
 
-    def chat_prompt(self, messages, add_generation_prompt: bool = True, kwargs: dict | None = None) -> list[int]:
-        msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    def chat_prompt(self, messages, add_generation_prompt: bool = True, kwargs: dict | None = None,
+                    tools=None) -> list[int]:
+        msgs = template_messages(messages)
         kwargs = dict(kwargs or {})
         for reserved in ("self", "messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token", "template"):
             if reserved in kwargs:
                 raise APIError(400, f"chat_template_kwargs may not set {reserved!r}", "chat_template_kwargs")
         try:
+            if tools:
+                kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
             return self.tokenizer.encode_chat(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
         except StrataError as e:
             raise APIError(400, f"{e} (serve a model whose tokenizer_config.json has a chat_template, or use "
@@ -61,7 +68,8 @@ class Serving:
         check_request_fits(num_prompt, max_tokens, self.engine.engine.max_model_len, param)
 
     @staticmethod
-    def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(req, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         kw = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                            "frequency_penalty", "repetition_penalty") if getattr(req, k) is not None}
         if req.seed is not None:
@@ -73,8 +81,8 @@ class Serving:
         try:
             return SamplingParams(n=req.n, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
                                   max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
-                                  logprobs=logprobs, logit_bias=bias, skip_special_tokens=req.skip_special_tokens,
-                                  **kw)
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
+                                  skip_special_tokens=req.skip_special_tokens, **kw)
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from None
 
@@ -94,35 +102,66 @@ class Serving:
                             for e in entries]}
 
     def completion_logprobs(self, entries: list[dict], offset: int) -> dict:
-        tokens, offsets = [], []
+        """OpenAI's legacy shape; each top_logprobs dict holds the top tokens and the chosen one, as OpenAI
+        documents. An entry with logprob None (a prompt's first token) has top_logprobs None."""
+        tokens, offsets, tops = [], [], []
         for e in entries:
             offsets.append(offset)
             tokens.append(self.token_text(e["token_id"]))
             offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{self.token_text(i): v for i, v in e["top"]} for e in entries],
+            if e["logprob"] is None:
+                tops.append(None)
+            else:
+                top = {self.token_text(i): v for i, v in e["top"]}
+                top.setdefault(tokens[-1], e["logprob"])
+                tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries], "top_logprobs": tops,
                 "text_offset": offsets}
+
+    @staticmethod
+    def echo_entries(prompt_ids: list[int], prompt_logprobs: list[dict | None]) -> list[dict]:
+        """Prompt logprobs as logprob entries, the first token's with logprob None."""
+        return [{"token_id": prompt_ids[0], "logprob": None, "top": None}, *prompt_logprobs[1:]]
+
+    def vllm_prompt_logprobs(self, prompt_logprobs: list[dict | None]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding the prompt token and the top ones."""
+        out: list[dict | None] = []
+        for e in prompt_logprobs:
+            if e is None:
+                out.append(None)
+                continue
+            d = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self.token_text(i)}
+                 for r, (i, v) in enumerate(e["top"])}
+            d[str(e["token_id"])] = {"logprob": e["logprob"], "rank": e["rank"],
+                                     "decoded_token": self.token_text(e["token_id"])}
+            out.append(d)
+        return out
 
     # ---- the shared flow ------------------------------------------------------------------------
     async def create(self, req: ChatCompletionRequest | CompletionRequest, raw: Request):
         is_chat = isinstance(req, ChatCompletionRequest)
         self.check_model(req.model)
+        parser, enforced = tool_mode(req, self.tool_call_parser, self.enable_auto_tool_choice) if is_chat \
+            else (None, None)
+        structured = await asyncio.to_thread(structured_params, req, enforced)
         if not self.engine.is_ready:
             raise to_api_error(self.engine_state_error())
         if is_chat:
             if req.top_logprobs is not None and not req.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            prompt_logprobs = req.prompt_logprobs
             max_tokens = req.max_completion_tokens or req.max_tokens
             param = "messages"
             check_text_length(sum(len(m.text()) for m in req.messages), self.engine.engine.max_model_len, param)
             ids = await asyncio.to_thread(self.chat_prompt, req.messages, req.add_generation_prompt,
-                                          req.chat_template_kwargs)
+                                          req.chat_template_kwargs, req.tools)
             prompts, texts = [ids], [None]
         else:
-            if req.echo and req.logprobs is not None:
-                raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", "echo")
             logprobs, max_tokens, param = req.logprobs, req.max_tokens, "prompt"
+            wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+            prompt_logprobs = max(wanted) if wanted else None
             p = req.prompt
             raw_prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
             for x in raw_prompts:
@@ -131,11 +170,17 @@ class Serving:
                        for x in raw_prompts]
             texts = [x if isinstance(x, str) else self.tokenizer.decode(x) for x in raw_prompts] if req.echo \
                 else [None] * len(prompts)
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs is not supported with stream (use echo with logprobs on "
+                                "/v1/completions)", "prompt_logprobs")
         for ids in prompts:
             self._check_ids(ids, param)
             self.check_context(len(ids), max_tokens, param)
-        params = self.sampling_params(req, max_tokens, logprobs)
+        params = self.sampling_params(req, max_tokens, logprobs, prompt_logprobs)
         check_token_ids(params, self.engine.engine.model_config.vocab_size)
+        params.structured_outputs = structured
+        if parser is not None and parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the parser reads the format's special tokens in the text
         streams: list[RequestStream] = []
         try:
             for ids in prompts:
@@ -145,6 +190,7 @@ class Serving:
                 s.abort()
             raise
         ctx = RequestContext(self, req, is_chat, prompts, texts, streams)
+        ctx.tool_parser = parser
         if req.stream:
             return SSEResponse(ctx.sse(), on_close=ctx.abort_all)
         return await ctx.collect(raw)

@@ -1,7 +1,7 @@
 """ExpertCache: a preallocated pool of expert slots filled from the ExpertStore, with background reads.
 
-Storage is one page-aligned uint8 buffer of num_slots x slot_bytes, allocated once (no allocation per
-token); the slot table, eviction policy and counters are pools.ExpertPools. All table decisions are
+Storage is one page-aligned uint8 buffer of num_slots x slot_bytes (or, for a store whose experts differ
+in size, `class_slots` slots of each size class), allocated once (no allocation per token); the slot table, eviction policy and counters are pools.ExpertPools. All table decisions are
 made under one lock by the calling thread; I/O threads only fill slots. A slot that is being read,
 or whose tensors a caller is using, is "busy" and never evicted, so a prefetch can waste bandwidth
 but never change what a running expert reads. A demand access to an expert whose prefetch is still
@@ -17,7 +17,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 
@@ -68,17 +68,32 @@ class IOQueue:
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, policy: str = "nextuse", layout: str = "global",
-                 io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (), **policy_kw):
+                 io_workers: int = 1, populate: bool = False, pins: Iterable[Key] = (),
+                 bind: Callable[[Key, dict[str, torch.Tensor], object], object] | None = None,
+                 class_slots: list[int] | None = None, **policy_kw):
         self.store = store
+        # (key, slot views, what the slot's previous expert was bound to, or None) -> what hold() yields;
+        # kept with the slot until it is read again
+        self.bind = bind
         self.slot_bytes = store.slot_bytes
         self.num_slots = num_slots
-        self._mm, self.storage = alloc_aligned(num_slots * self.slot_bytes, populate)  # [slots * slot_bytes]
+        # class_slots: slots per size class of the store (store.class_bytes), one pool each; else one size
+        sizes, counts = (store.class_bytes, class_slots) if class_slots else ([store.slot_bytes], [num_slots])
+        self._slots: list[tuple[int, int]] = []  # slot -> (offset, bytes) in storage
+        for nbytes, n in zip(sizes, counts):
+            start = self._slots[-1][0] + self._slots[-1][1] if self._slots else 0
+            self._slots += [(start + i * nbytes, nbytes) for i in range(n)]
+        total = self._slots[-1][0] + self._slots[-1][1] if self._slots else 0
+        self._mm, self.storage = alloc_aligned(total, populate)  # [sum of slot bytes]
         self._buf = memoryview(self._mm)
-        self.pools = ExpertPools(store.num_layers, num_slots, policy, layout, nbytes=store.nbytes, **policy_kw)
+        self.pools = ExpertPools(store.num_layers, num_slots, policy, layout, nbytes=store.nbytes,
+                                 class_slots=class_slots, class_of=store.size_class if class_slots else None,
+                                 **policy_kw)
         self._lock = threading.RLock()  # reentrant: a read may finish before its callback is added
         self._loading: dict[Key, Future] = {}
         self._requested: set[Key] = set()
-        self._views: dict[int, tuple[Key, dict[str, torch.Tensor]]] = {}
+        self._views: dict[int, tuple[Key, object]] = {}
+        self._unbound: dict[int, object] = {}  # slot -> its previous bound object, handed to bind for reuse
         self._io = IOQueue(io_workers)
         with self._lock:
             pinned = self.pools.pin(pins)
@@ -90,13 +105,16 @@ class ExpertCache:
         return self.pools.stats
 
     def _slot_buf(self, slot: int) -> memoryview:
-        return self._buf[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]
+        off, n = self._slots[slot]
+        return self._buf[off : off + n]
 
     # ---- reads --------------------------------------------------------------------------------------
     def _start_read(self, key: Key, slot: int, priority: int) -> None:
         """Caller holds the lock. The key stays busy until its read finishes."""
         self.pools.mark_busy(key, +1)
-        self._views.pop(slot, None)
+        old = self._views.pop(slot, None)
+        if old is not None:
+            self._unbound[slot] = old[1]
         fut = self._io.submit(priority, self._timed_read, key, self._slot_buf(slot))
         self._loading[key] = fut
         fut.add_done_callback(lambda f, key=key: self._read_done(key, f))
@@ -196,8 +214,9 @@ class ExpertCache:
                     self.pools.mark_busy(key, -1)
 
     @contextmanager
-    def hold(self, layer: int, expert: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The expert's tensors (views of its slot), resident and unevictable inside the block."""
+    def hold(self, layer: int, expert: int) -> Iterator[object]:
+        """The expert's tensors (views of its slot; or what `bind` made of them), resident and unevictable
+        inside the block."""
         key = (layer, int(expert))
         with self._lock:
             if key in self._requested:  # its access was counted by request(); the hold takes over
@@ -238,17 +257,20 @@ class ExpertCache:
             except StrataError:
                 pass  # that read's own waiter reports it
 
-    def _views_of(self, key: Key, slot: int) -> dict[str, torch.Tensor]:
+    def _views_of(self, key: Key, slot: int) -> object:
         cached = self._views.get(slot)
         if cached is None or cached[0] != key:
-            base = self.storage[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # [slot_bytes]
-            cached = (key, self.store.views(key, base))
+            off, n = self._slots[slot]
+            base = self.storage[off : off + n]  # [slot bytes]
+            views = self.store.views(key, base)
+            cached = (key, views if self.bind is None else self.bind(key, views, self._unbound.pop(slot, None)))
             self._views[slot] = cached
         return cached[1]
 
     def close(self) -> None:
         self._io.close()
         self._views.clear()
+        self._unbound.clear()
         self._buf.release()
         self.storage = None
         try:

@@ -1,7 +1,8 @@
 """Slot bookkeeping for expert pools, shared by the cache simulator and the real ExpertCache.
 
-`ExpertPools` maps (layer, expert) keys to slot numbers 0..num_slots-1, in one global pool or one pool
-per layer, each driven by its own eviction policy. It holds no tensors and does no I/O: callers
+`ExpertPools` maps (layer, expert) keys to slot numbers 0..num_slots-1, in one global pool, one pool
+per layer, or one pool per size class (`class_slots`: experts of different sizes, e.g. the int8 and
+int4 experts of a `--mixed` plan, each in slots of their own size), each driven by its own eviction policy. It holds no tensors and does no I/O: callers
 (simulate.py, cache.py) do the reads and keep the storage. It also owns the counters, so simulated
 and real hit rates are computed by the same code.
 
@@ -78,10 +79,19 @@ class ExpertPools:
 
     def __init__(self, num_layers: int, num_slots: int, policy: str = "lru", layout: str = "global",
                  future: Sequence[Key] | None = None, nbytes: Callable[[Key], int] | None = None,
+                 class_slots: Sequence[int] | None = None, class_of: Callable[[Key], int] | None = None,
                  **policy_kw):
+        """class_slots: slots of each size class (they add up to num_slots) and class_of(key) its class;
+        None: `layout` decides."""
         if layout not in ("global", "per-layer"):
             raise StrataError(f"expert pool layout must be 'global' or 'per-layer', got {layout!r}")
         n_pools = 1 if layout == "global" else num_layers
+        if class_slots is not None:
+            if layout != "global" or class_of is None or sum(class_slots) != num_slots or min(class_slots) < 1:
+                raise StrataError(f"expert size classes need the global layout, a class of each key and at least "
+                                  f"one slot each adding up to {num_slots}, got {list(class_slots)}")
+            n_pools = len(class_slots)
+        self.class_of = class_of if class_slots is not None else None
         if num_slots < n_pools:
             raise StrataError(f"expert cache has {num_slots} slots but a {layout} layout over {num_layers} "
                               f"layers needs at least {n_pools}")
@@ -93,9 +103,11 @@ class ExpertPools:
         start = 0
         for i in range(n_pools):
             size = num_slots // n_pools + (1 if i < num_slots % n_pools else 0)
+            if class_slots is not None:
+                size = class_slots[i]
             fut = None
             if future is not None:
-                fut = list(future) if n_pools == 1 else [k for k in future if k[0] == i]
+                fut = list(future) if n_pools == 1 else [k for k in future if self._pool_index(k) == i]
             self.pools.append(_Pool(list(range(start, start + size)),
                                     make_policy(policy, size, future=fut, num_layers=num_layers, **policy_kw)))
             start += size
@@ -104,8 +116,13 @@ class ExpertPools:
         self.unused_prefetch: set[Key] = set()
         self.fresh_prefetch: set[Key] = set()
 
+    def _pool_index(self, key: Key) -> int:
+        if self.class_of is not None:
+            return self.class_of(key)
+        return 0 if self.layout == "global" else key[0]
+
     def pool(self, key: Key) -> _Pool:
-        return self.pools[0] if len(self.pools) == 1 else self.pools[key[0]]
+        return self.pools[self._pool_index(key)]
 
     def slot(self, key: Key) -> int | None:
         return self.pool(key).resident.get(key)
@@ -116,7 +133,7 @@ class ExpertPools:
     # ---- policy notifications --------------------------------------------------------------------
     def route(self, layer: int, experts: Sequence[int], weights: Sequence[float]) -> None:
         """Router output for one token at `layer` (feeds score-based policies)."""
-        pools = self.pools if len(self.pools) == 1 else [self.pools[layer]]
+        pools = [self.pools[layer]] if self.layout == "per-layer" else self.pools
         for p in pools:
             p.policy.on_route(layer, experts, weights)
 

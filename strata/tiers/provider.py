@@ -42,6 +42,8 @@ class TieredExpert:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with self.cache.hold(self.layer, self.expert) as weights:
+            if isinstance(weights, nn.Module):  # a quantized expert bound to its slot (quant_experts.py)
+                return weights(x)  # [N, H]
             if self.dtype is not None:  # the checkpoint's dtype differs from the compute dtype
                 weights = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in weights.items()}
             return functional_call(self.module, weights, (x,))  # [N, H]

@@ -108,6 +108,7 @@ class TierRuntime:
             "prefetch_issued": st.prefetch_issued,
             "expert_cache_slots": self.cache.num_slots,
             "expert_slot_bytes": self.cache.slot_bytes,
+            "expert_cache_bytes": self.plan.expert_cache_bytes if self.plan else None,
             "expert_cache_policy": self.config.expert_cache_policy,
             "prefetch": self.config.prefetch,
             "miss_fallback": self.config.miss_fallback,
@@ -143,7 +144,9 @@ def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype,
         model_class(cfg)(cfg)
     return plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
                        kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
-                       lowbit_bytes=facts.lowbit_bytes if lowbit else 0, min_slots=min_slots_for("global", cfg.num_hidden_layers, cfg.num_experts_per_tok))
+                       lowbit_bytes=facts.lowbit_bytes if lowbit else 0,
+                       min_slots=min_slots_for("global", cfg.num_hidden_layers, cfg.num_experts_per_tok),
+                       slot_classes=list(facts.slot_classes), min_slots_per_class=cfg.num_experts_per_tok)
 
 
 def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
@@ -164,7 +167,8 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
 
     from strata.tiers.cache import ExpertCache
     from strata.tiers.provider import FALLBACKS, PrefetchHook, TieredExpertProvider
-    from strata.tiers.store import ExpertStore
+    from strata.tiers.quant_experts import expert_binder
+    from strata.tiers.store import ExpertStore, StoreError
     from strata.tiers.store_convert import checkpoint_facts, ensure_store, is_expert_tensor
 
     if config.miss_fallback not in FALLBACKS:
@@ -183,8 +187,12 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     store = ExpertStore(ensure_store(path, progress=progress))
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress,
                        check_finite=config.check_weights)
-    cache = ExpertCache(store, plan.num_slots, config.expert_cache_policy, "global", io_workers=1, populate=True)
     blocks = model.moe_blocks()
+    if plan.class_slots and store.class_bytes != plan.class_bytes:
+        raise StoreError(f"{store.path}: expert sizes {store.class_bytes} differ from the checkpoint's "
+                         f"{plan.class_bytes}; delete the store to rebuild it")
+    cache = ExpertCache(store, plan.num_slots, config.expert_cache_policy, "global", io_workers=1, populate=True,
+                        bind=expert_binder(blocks, dtype), class_slots=plan.class_slots)
     lowbit = None
     if config.miss_fallback == "lowbit":
         from strata.tiers.lowbit import build_lowbit_experts

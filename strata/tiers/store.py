@@ -113,6 +113,9 @@ class ExpertStore:
                 e["layer"], e["expert"], e["offset"], e["length"], e["padded"], e["crc32"], ts)
         self.num_layers, self.num_experts = index["num_layers"], index["num_experts"]
         self.slot_bytes = index["slot_bytes"]
+        # distinct expert sizes, largest first: more than one when a --mixed plan gave experts different formats
+        self.class_bytes = sorted({e.padded for e in self.entries.values()}, reverse=True)
+        self._class = {k: self.class_bytes.index(e.padded) for k, e in self.entries.items()}
         self.direct_io = False
         self._fd = -1
         if direct and hasattr(os, "O_DIRECT"):
@@ -138,6 +141,13 @@ class ExpertStore:
     def nbytes(self, key: tuple[int, int]) -> int:
         """Bytes one read of this expert moves from disk."""
         return self.entry(key).padded
+
+    def size_class(self, key: tuple[int, int]) -> int:
+        """Index into class_bytes of this expert's size."""
+        return self._class[key]
+
+    def class_counts(self) -> list[int]:
+        return [sum(1 for c in self._class.values() if c == i) for i in range(len(self.class_bytes))]
 
     @property
     def total_bytes(self) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from strata.tiers.store import ALIGN, FORMAT, TENSOR_ALIGN, VERSION, StoreError, align
+from strata.weights.loader import quantized
 
 log = logging.getLogger("strata.tiers")
 
@@ -100,6 +101,7 @@ class CheckpointFacts:
     num_experts: int  # (layer, expert) pairs
     slot_bytes: int  # the largest expert as laid out in the store
     lowbit_bytes: int = 0  # every expert's resident low-bit copy (--miss-fallback lowbit, tiers/lowbit.py)
+    slot_classes: tuple[tuple[int, int], ...] = ()  # (padded bytes, experts) per distinct size, largest first
 
     def resident_bytes(self, dtype_bytes: int | None = None) -> int:
         """Bytes of everything but routed experts once loaded with floats of `dtype_bytes` (None: as stored)."""
@@ -117,7 +119,7 @@ def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
             if is_expert_tensor(name):
                 continue
             non_expert += t.nbytes
-            if t.dtype in _FLOAT_CODES:
+            if t.dtype in _FLOAT_CODES and not quantized(name):  # quantized scales keep their stored dtype
                 float_elems += t.nbytes // _FLOAT_CODES[t.dtype]
                 float_bytes += t.nbytes
     experts = _expert_tensors(src)
@@ -125,9 +127,10 @@ def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
 
     padded = [_layout(tensors)[2] for tensors in experts.values()]
     lowbit = sum(lowbit_nbytes(n, t.dtype, tuple(t.shape), t.nbytes) for ts in experts.values() for n, t in ts)
+    classes = tuple((b, padded.count(b)) for b in sorted(set(padded), reverse=True))
     return CheckpointFacts(non_expert, float_bytes, float_elems,
                            sum(t.nbytes for ts in experts.values() for _, t in ts), len(experts), max(padded),
-                           lowbit)
+                           lowbit, classes)
 
 
 def _layout(tensors: list[tuple[str, _SrcTensor]]) -> tuple[list[tuple[str, _SrcTensor, int]], int, int]:

@@ -137,7 +137,9 @@ def load_model(
         )
     model.load_state_dict(state, strict=False, assign=True)
     for m in model.modules():
-        if hasattr(m, "post_load") and m is not model:
+        # a module whose tensors `skip` left on meta (an expert served by the tiers) is prepared there, per slot
+        offloaded = skip is not None and any(t.is_meta for t in m.buffers(recurse=False))
+        if hasattr(m, "post_load") and m is not model and not offloaded:
             m.post_load()
     model.post_load()
     model.eval().requires_grad_(False)

@@ -27,10 +27,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *flags: str):
+    def __init__(self, model: Path, *flags: str, positional: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "strata.cli", "serve", "--model", str(model), "--port", str(self.port),
+        where = [str(model)] if positional else ["--model", str(model)]  # `strata serve MODEL`, as vLLM
+        cmd = [sys.executable, "-m", "strata.cli", "serve", *where, "--port", str(self.port),
                "--log-level", "warning", "--num-threads", "1", *flags]
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives with the process; never in the package
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)

@@ -27,7 +27,7 @@ def _err(r: httpx.Response, status: int, param=None, code=None) -> dict:
     (COMP, {"prompt": "x", "suffix": "y"}, "suffix"),
     (COMP, {"prompt": "x", "best_of": 2}, "best_of"),
     (CHAT, {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages.0.tool_calls"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, "response_format.type"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, "response_format.type"),
     (CHAT, {"messages": MSG, "temperature": -1}, "temperature"),
     (CHAT, {"messages": MSG, "top_p": 0}, "top_p"),
     (CHAT, {"messages": MSG, "n": 0}, "n"),
@@ -39,7 +39,8 @@ def _err(r: httpx.Response, status: int, param=None, code=None) -> dict:
     (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     (CHAT, {}, "messages"),
     (COMP, {"prompt": [1, 2, 99999]}, "prompt"),
-    (COMP, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    (COMP, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (COMP, {"prompt": "x", "n": None, "stream": None, "logprobs": None, "frobnicate": None}, "frobnicate"),
     (COMP, {"prompt": "x", "stream": "yes"}, "stream"),
 ])
 def test_bad_parameters_are_400_naming_the_param(server, path, body, param):

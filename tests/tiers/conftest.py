@@ -19,3 +19,14 @@ def one_thread():
 def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(runtime, "current_rss", lambda: 0)  # budgets below are exact slot counts
+
+
+def budget_for(path: str, num_slots: int, lowbit: bool = False) -> int:
+    """A --memory-budget that leaves exactly `num_slots` expert slots at float32 compute (with `isolated`)."""
+    from strata.config import EngineConfig, ModelConfig
+    from strata.tiers.store_convert import checkpoint_facts
+
+    facts = checkpoint_facts(path)
+    cfg = ModelConfig.from_pretrained(path)
+    plan = runtime._plan(path, EngineConfig(memory_budget=1 << 40), cfg, torch.float32, facts, lowbit)
+    return plan.fixed_bytes + num_slots * facts.slot_bytes

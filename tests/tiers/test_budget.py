@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strata.tiers.budget import BudgetError, min_slots_for, parse_size, plan_memory
+from strata.tiers.budget import BudgetError, min_slots_for, parse_size, plan_memory, split_slots
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -41,3 +41,21 @@ def test_refusal_names_the_minimum_and_the_minimum_works():
     minimum = msg.rsplit("--memory-budget ", 1)[1]
     assert minimum == "2.92GiB"  # 300 + 1024 + 256 + 64 + 4 * 336 MiB = 2988 MiB
     assert plan_memory(minimum, **kw).num_slots == 4
+
+
+def test_split_slots_gives_each_size_class_the_same_share():
+    assert split_slots(1500, [(100, 20), (50, 20)], 2) == [10, 10]
+    # [1, 1] -> the class with the smaller share that still fits takes the next slot: [2, 1], [3, 1], [3, 2]
+    assert split_slots(430, [(100, 10), (50, 5)], 1) == [3, 2]
+    assert split_slots(10**9, [(100, 3), (50, 2)], 2) == [3, 2]
+    assert split_slots(100, [(100, 3), (50, 3)], 1) is None
+
+
+def test_size_classes_plan_and_refusal():
+    kw = {"runtime_bytes": 0, "resident_bytes": 1000, "slot_bytes": 100, "max_slots": 30,
+          "slot_classes": [(100, 10), (50, 20)], "min_slots_per_class": 2}
+    plan = plan_memory(1000 + 100 * 5 + 50 * 10, **kw)
+    assert plan.class_slots == [5, 10] and plan.num_slots == 15 and plan.expert_cache_bytes == 1000
+    assert "5/10 slots x 100 B + 10/20 slots x 50 B" in plan.describe().replace("Bytes", "B")
+    with pytest.raises(BudgetError, match=r"expert slots 2 x .* \+ 2 x .*--memory-budget 1MiB"):
+        plan_memory(1200, **kw)

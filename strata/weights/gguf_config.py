@@ -1,0 +1,150 @@
+"""config.json (HF field names) from a GGUF file's metadata, for the architectures Strata converts.
+
+llama.cpp writes the model's shape under `<arch>.<key>` (`llama.block_count`, `qwen3moe.expert_count`...).
+Mixtral is stored as architecture `llama` with `llama.expert_count`; Mistral as plain `llama` (its sliding
+window is not in the file, and llama.cpp does not use one either).
+"""
+
+from __future__ import annotations
+
+import re
+
+from strata.errors import UnsupportedError, WeightsError
+from strata.weights.gguf_reader import GGUFFile
+
+# GGUF general.architecture -> (HF architecture, HF model_type); llama with experts becomes Mixtral
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "olmoe": ("OlmoeForCausalLM", "olmoe"),
+}
+MIXTRAL = ("MixtralForCausalLM", "mixtral")
+# whether llama.cpp renormalises the top-k router weights, when the file does not say (expert_weights_norm)
+_NORM_TOPK = {"qwen2moe": False, "qwen3moe": True, "olmoe": False}
+_DENSE_FFN = re.compile(r"blk\.(\d+)\.ffn_gate\.weight")
+
+
+def gguf_architecture(g: GGUFFile) -> tuple[str, str]:
+    """(HF architecture, model_type) of the file, or UnsupportedError naming its architecture."""
+    arch = g.architecture
+    if arch not in ARCHITECTURES:
+        raise UnsupportedError(f"{g.path}: GGUF architecture {arch!r} is not supported "
+                               f"(supported: {', '.join(sorted(ARCHITECTURES))}, and llama-architecture Mixtral)")
+    if arch == "llama" and (g.get("llama.expert_count") or 0) > 0:
+        return MIXTRAL
+    return ARCHITECTURES[arch]
+
+
+def _int(g: GGUFFile, key: str, default=None) -> int | None:
+    v = g.get(key, default)
+    if isinstance(v, list):  # per-layer values (some newer files): one value for every layer is all Strata models
+        if len(set(v)) != 1:
+            raise UnsupportedError(f"{g.path}: metadata field '{key}' differs between layers ({sorted(set(v))})")
+        v = v[0]
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise WeightsError(f"{g.path}: metadata field '{key}' must be an integer, got {v!r}")
+    return int(v)
+
+
+def _rope_scaling(g: GGUFFile, arch: str) -> dict | None:
+    if "rope_freqs.weight" in g.tensors:
+        raise UnsupportedError(f"{g.path}: tensor 'rope_freqs.weight' (per-dimension RoPE factors, as for Llama 3.1+ "
+                               f"rope scaling) is not supported")
+    kind = g.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(g.get(f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = _int(g, f"{arch}.rope.scaling.original_context_length")
+        out = {"rope_type": "yarn", "factor": factor}
+        if original:
+            out["original_max_position_embeddings"] = original
+        return out
+    raise UnsupportedError(f"{g.path}: metadata field '{arch}.rope.scaling.type' is {kind!r} "
+                           f"(supported: none, linear, yarn)")
+
+
+def hf_config(g: GGUFFile) -> dict:
+    """The config.json dict; every shape field comes from the file, none from a class default."""
+    arch = g.architecture
+    hf_arch, model_type = gguf_architecture(g)
+
+    def need(key: str) -> int:
+        v = _int(g, f"{arch}.{key}")
+        if v is None or v <= 0:
+            raise WeightsError(f"{g.path}: metadata field '{arch}.{key}' missing or not positive")
+        return v
+
+    hidden, layers, heads = need("embedding_length"), need("block_count"), need("attention.head_count")
+    kv_heads = _int(g, f"{arch}.attention.head_count_kv") or heads
+    head_dim = _int(g, f"{arch}.attention.key_length") or hidden // heads
+    if "token_embd.weight" not in g.tensors:
+        raise WeightsError(f"{g.path}: tensor 'token_embd.weight' missing")
+    vocab = g.tensors["token_embd.weight"].shape[0]
+    tokens = g.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != vocab:
+        raise WeightsError(f"{g.path}: tensor 'token_embd.weight' has {vocab} rows but the vocabulary "
+                           f"('tokenizer.ggml.tokens') has {len(tokens)} tokens")
+    eos = g.get("tokenizer.ggml.eos_token_id")
+    cfg = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": _int(g, f"{arch}.context_length") or 2048,
+        "rms_norm_eps": float(g.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(g, arch),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "pad_token_id": g.get("tokenizer.ggml.padding_token_id"),
+        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
+        "use_cache": True,
+    }
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
+        cfg["use_sliding_window"] = False
+        cfg["sliding_window"] = None
+    ff = _int(g, f"{arch}.feed_forward_length")
+    experts = _int(g, f"{arch}.expert_count") or 0
+    if model_type == "mixtral" or model_type == "olmoe":
+        cfg["intermediate_size"] = _int(g, f"{arch}.expert_feed_forward_length") or ff
+        cfg["num_local_experts" if model_type == "mixtral" else "num_experts"] = experts
+        cfg["num_experts_per_tok"] = need("expert_used_count")
+        if model_type == "olmoe":
+            cfg["norm_topk_prob"] = bool(g.get(f"{arch}.expert_weights_norm", _NORM_TOPK[arch]))
+            clamp = g.get(f"{arch}.attention.clamp_kqv")
+            cfg["clip_qkv"] = float(clamp) if clamp else None
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        cfg["num_experts"] = need("expert_count")
+        cfg["num_experts_per_tok"] = need("expert_used_count")
+        cfg["moe_intermediate_size"] = need("expert_feed_forward_length")
+        cfg["intermediate_size"] = ff or cfg["moe_intermediate_size"]
+        shared = _int(g, f"{arch}.expert_shared_feed_forward_length") or 0
+        if model_type == "qwen2_moe":
+            cfg["shared_expert_intermediate_size"] = shared
+        cfg["norm_topk_prob"] = bool(g.get(f"{arch}.expert_weights_norm", _NORM_TOPK[arch]))
+        cfg["decoder_sparse_step"] = 1
+        cfg["mlp_only_layers"] = sorted(int(m[1]) for n in g.tensors if (m := _DENSE_FFN.fullmatch(n)))
+    else:
+        if not ff:
+            raise WeightsError(f"{g.path}: metadata field '{arch}.feed_forward_length' missing or not positive")
+        cfg["intermediate_size"] = ff
+    return cfg
+
+
+def generation_config(cfg: dict) -> dict:
+    out = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    return out

@@ -1,0 +1,213 @@
+"""GGUF -> HF folder (config.json, model.safetensors, tokenizer.json, ...) that Strata and transformers load.
+
+Tensor names go from llama.cpp's (`blk.3.attn_q.weight`) to HF's (`model.layers.3.self_attn.q_proj.weight`),
+with two layout changes undone:
+
+- llama-architecture attention (Llama, Mistral, Mixtral): llama.cpp reorders the rows of attn_q and
+  attn_k inside each head from HF's rotate-half RoPE layout to adjacent pairs; the inverse reorder is
+  applied here. The Qwen and OLMoE families use the same RoPE layout in both and are not permuted.
+- experts: one `[E, out, in]` tensor per projection (`ffn_gate_exps`) or, in older Mixtral files, one
+  tensor per expert (`ffn_gate.E`), become per-expert HF tensors.
+
+Values: every type is read as float32 (F32, F16 and BF16 exactly; quantized types dequantized by the
+`gguf` package) and stored as bfloat16 where that holds every value of the tensor exactly, else as float16
+(F16 tensors) or float32. config.json's torch_dtype is bfloat16 only when every tensor is stored so, else
+float32: the model computes on the file's values, never a rounding of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from strata.errors import WeightsError
+from strata.weights.gguf_config import generation_config, hf_config
+from strata.weights.gguf_reader import GGUFFile
+from strata.weights.gguf_tokenizer import build_tokenizer
+
+SHARD_BYTES = 2 * 2**30  # tensors held in memory before a shard is written
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_LAYER = {  # llama.cpp per-layer name -> HF name under model.layers.N.
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)")
+_EXPERTS = re.compile(r"ffn_(gate|up|down)_exps")
+
+
+def _moe_names(model_type: str) -> tuple[str, dict[str, str]]:
+    """(HF prefix of the MoE block, llama.cpp projection -> HF expert projection)."""
+    if model_type == "mixtral":
+        return "block_sparse_moe", {"gate": "w1", "down": "w2", "up": "w3"}
+    return "mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row reorder (pairs (2i, 2i+1) back to (i, i + head_dim/2)); w: [rows, ...]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensors(g: GGUFFile, cfg: dict) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yields (HF name, float32 array, GGUF name) for every tensor of the file."""
+    model_type = cfg["model_type"]
+    moe, proj = _moe_names(model_type)
+    permute = model_type in ("llama", "mixtral")
+    for name in g.tensors:
+        if name in _GLOBAL:
+            if name == "output.weight" and cfg["tie_word_embeddings"]:
+                continue
+            yield _GLOBAL[name], g.tensor(name), name
+            continue
+        m = _BLOCK.fullmatch(name)
+        if not m:
+            raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
+        layer, kind, expert, suffix = m.groups()
+        pre = f"model.layers.{layer}."
+        w = g.tensor(name)
+        if permute and kind in ("attn_q", "attn_k"):
+            heads = cfg["num_attention_heads"] if kind == "attn_q" else cfg["num_key_value_heads"]
+            if w.shape[0] != heads * cfg["head_dim"]:  # checked here: the reorder needs whole heads
+                raise WeightsError(f"{g.path}: tensor '{name}' has {w.shape[0]} rows, expected {heads} heads x "
+                                   f"{cfg['head_dim']} = {heads * cfg['head_dim']} from the metadata")
+            w = unpermute_rope_rows(w, heads)
+        if kind == "ffn_gate_inp":
+            yield f"{pre}{moe}.gate.{suffix}", w, name
+        elif kind == "ffn_gate_inp_shexp":
+            yield f"{pre}{_LAYER[kind]}.{suffix}", w.reshape(1, -1), name  # [hidden] -> [1, hidden]
+        elif (e := _EXPERTS.fullmatch(kind)) and expert is None:
+            for i in range(w.shape[0]):  # [E, out, in]
+                yield f"{pre}{moe}.experts.{i}.{proj[e[1]]}.{suffix}", w[i], name
+        elif expert is not None and kind in ("ffn_gate", "ffn_up", "ffn_down") and model_type == "mixtral":
+            yield f"{pre}{moe}.experts.{expert}.{proj[kind[4:]]}.{suffix}", w, name
+        elif kind in _LAYER and expert is None:
+            yield f"{pre}{_LAYER[kind]}.{suffix}", w, name
+        else:
+            raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
+
+
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    from strata.config import ModelConfig
+    from strata.models.registry import model_class
+
+    mc = ModelConfig.from_dict(cfg, source="config.json")
+    with torch.device("meta"):
+        model = model_class(mc)(mc)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg["tie_word_embeddings"]:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _stored(w: np.ndarray, type_name: str) -> torch.Tensor:
+    """The tensor as written: bfloat16 where that holds every value exactly, else float16 for F16, else float32."""
+    t = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # a copy: F32 data is a read-only mapping
+    b = t.to(torch.bfloat16)
+    if torch.equal(b.float(), t):
+        return b
+    return t.to(torch.float16) if type_name == "F16" else t
+
+
+def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Writes the HF folder into a temporary folder beside out_dir, then renames it to out_dir."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise WeightsError(f"{out}: output folder exists and is not empty (pass --force to replace it)")
+    g = GGUFFile(path)
+    cfg = hf_config(g)
+    tokenizer, tok_cfg = build_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else (None, None)
+    expected = _expected_shapes(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        all_bf16 = _write_weights(g, cfg, expected, tmp)
+        cfg["torch_dtype"] = "bfloat16" if all_bf16 else "float32"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        if tokenizer is not None:
+            tok_cfg["model_max_length"] = cfg["max_position_embeddings"]
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]], tmp: Path) -> bool:
+    """Writes model.safetensors (or shards + index); returns whether every tensor is stored as bfloat16."""
+    shard: dict[str, torch.Tensor] = {}
+    files: list[tuple[str, list[str]]] = []  # (temporary shard name, tensor names)
+    seen: set[str] = set()
+    size = total = 0
+    all_bf16 = True
+
+    def flush() -> None:
+        fn = f"shard-{len(files)}.safetensors"
+        save_file(shard, str(tmp / fn), metadata={"format": "pt"})
+        files.append((fn, list(shard)))
+        shard.clear()
+
+    for hf_name, w, gguf_name in hf_tensors(g, cfg):
+        want = expected.get(hf_name)
+        if want is None:
+            raise WeightsError(f"{g.path}: tensor '{gguf_name}' maps to '{hf_name}', which "
+                               f"{cfg['architectures'][0]} with this metadata does not have")
+        if tuple(w.shape) != want:
+            raise WeightsError(f"{g.path}: tensor '{gguf_name}' has shape {list(w.shape)} as '{hf_name}', expected "
+                               f"{list(want)} from the metadata")
+        if hf_name in seen:
+            raise WeightsError(f"{g.path}: tensor '{gguf_name}' gives '{hf_name}' a second time")
+        seen.add(hf_name)
+        t = _stored(w, g.tensors[gguf_name].type_name)
+        all_bf16 = all_bf16 and t.dtype == torch.bfloat16
+        if size and size + t.nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        shard[hf_name] = t
+        size += t.nbytes
+        total += t.nbytes
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise WeightsError(f"{g.path}: no tensor for '{missing[0]}'" + (f" (and {len(missing) - 1} more)"
+                           if len(missing) > 1 else "") + f", expected shape {list(expected[missing[0]])}")
+    flush()
+    if len(files) == 1:
+        os.replace(tmp / files[0][0], tmp / "model.safetensors")
+        return all_bf16
+    weight_map = {}
+    for i, (fn, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(tmp / fn, tmp / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return all_bf16
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)

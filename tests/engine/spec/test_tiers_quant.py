@@ -1,0 +1,56 @@
+"""Speculative decoding with experts served from disk (--memory-budget) and with quantized weights: greedy
+output unchanged, and verifying k drafted tokens reads each needed expert once for all of them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from strata import LLM
+from strata.cli import main
+from strata.engine.llm_engine import BUNDLED_MODEL
+from strata.engine.sampling_params import SamplingParams
+from strata.tiers import runtime
+from strata.tiers.store_convert import checkpoint_facts
+
+pytest.importorskip("transformers")
+from tests.tiers.test_offload import budget_for
+
+DRAFT = os.path.join(os.path.dirname(BUNDLED_MODEL), "shakespeare-draft")
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DRAFT, "config.json")),
+                                reason="bundled models not present")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+PROMPTS = ["ROMEO:\nBut soft, what light", "JULIET:\nO Romeo, Romeo"]
+SPEC = {"model": DRAFT, "num_speculative_tokens": 4}
+
+
+def _ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_offloaded_experts(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "current_rss", lambda: 0)  # the budget below is an exact slot count
+    ref = _ids(LLM(None, progress=False, dtype="float32").generate(PROMPTS, GREEDY))
+    slots = checkpoint_facts(BUNDLED_MODEL).num_experts // 4  # a quarter of the experts' bytes
+    per_token = []
+    for spec in (None, SPEC):
+        llm = LLM(None, progress=False, dtype="float32", memory_budget=budget_for(BUNDLED_MODEL, slots),
+                  speculative_config=spec)
+        assert llm.engine.tiers.cache.num_slots == slots
+        assert _ids(llm.generate(PROMPTS, GREEDY)) == ref
+        st = llm.engine.tier_stats()
+        per_token.append(st["expert_accesses"] / llm.engine.stats["generation_tokens"])
+        llm.engine.tiers.close()
+    assert per_token[1] < 0.8 * per_token[0]  # one acquire per expert per forward, whatever k
+
+
+def test_quantized_target(tmp_path):
+    dst = tmp_path / "int8"
+    assert main(["quantize", "--format", "int8", "--no-progress", BUNDLED_MODEL, str(dst)]) == 0
+    ref = _ids(LLM(str(dst), progress=False, dtype="float32").generate(PROMPTS, GREEDY))
+    for spec in (SPEC, {"method": "ngram", "num_speculative_tokens": 3}):
+        llm = LLM(str(dst), progress=False, dtype="float32", speculative_config=spec)
+        assert _ids(llm.generate(PROMPTS, GREEDY)) == ref
+        assert llm.engine.spec.num_drafts > 0
