@@ -34,9 +34,12 @@ def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: b
 
 
 def metric(client: TestClient, name: str) -> float:
+    """A sample of /metrics; `name` may include the start of its labels (`x{finished_reason="abort"`)."""
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith((name + "{", name + " ")):
+        if line.startswith((name + "{", name + " ", name + ",")):
             return float(line.rsplit(" ", 1)[1])
+    if "{" in name:  # a labelled counter appears on its first increment
+        return 0.0
     raise KeyError(name)
 
 

@@ -169,3 +169,23 @@ def test_keep_alive_survives_client_errors(server):
         assert conn.getresponse().status == 200 and conn.sock is sock
     finally:
         conn.close()
+
+
+def test_every_abort_is_counted_once_per_sequence(client):
+    """Aborts count each of the request's n sequences, also when the abort beats the request to the engine."""
+    from strata.engine.sampling_params import SamplingParams
+
+    ae = client.engine
+    before = metric(client, 'strata:request_success_total{finished_reason="abort"')
+    params = SamplingParams(n=2, temperature=0.5, max_tokens=300, ignore_eos=True)
+
+    async def run():
+        early = ae.add_request([1, 2, 3], params)
+        early.abort()  # before or after the engine thread saw it: either way two sequences aborted
+        late = ae.add_request([1, 2, 3], params)
+        await late.__anext__()
+        late.abort()
+
+    client.portal.call(run)
+    wait_idle(client)
+    assert metric(client, 'strata:request_success_total{finished_reason="abort"') == before + 4
