@@ -189,3 +189,9 @@ def test_every_abort_is_counted_once_per_sequence(client):
     client.portal.call(run)
     wait_idle(client)
     assert metric(client, 'strata:request_success_total{finished_reason="abort"') == before + 4
+
+
+@pytest.mark.parametrize("prompt", [5, [1, "a"], [[1], "a"], [-1], [[]], {"text": "hi"}])
+def test_prompt_shape_errors_name_the_allowed_shapes(client, prompt):
+    err = _error(client.post("/v1/completions", json={"prompt": prompt}), 400, param="prompt")
+    assert "a string, a list of strings, a list of token ids" in err["message"]
