@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from strata.cli import main
+from strata.errors import WeightsError
 from tests.models.conftest import build_hf
 
 
@@ -149,3 +150,13 @@ def test_float16_sum_overflow_is_not_mistaken_for_inf():
     big = torch.full((1000,), 60000.0, dtype=torch.float16)  # finite values whose float16 sum overflows
     assert not torch.isfinite(big.sum())
     check_finite_values("f", "t", big)
+
+
+def test_float8_weights_are_checked():
+    from strata.weights.checks import check_finite_values
+
+    t = torch.randn(64, 64).to(torch.float8_e4m3fn)
+    check_finite_values("f", "t", t)
+    t.view(torch.uint8)[3, 7] = 0x7F  # e4m3fn NaN
+    with pytest.raises(WeightsError, match="holds 1 NaN/inf"):
+        check_finite_values("f", "t", t)
