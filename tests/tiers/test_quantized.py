@@ -166,3 +166,25 @@ def test_mixed_plan_keeps_each_expert_at_its_own_bits(checkpoints):
     reads = st.misses + st.prefetch_issued
     assert reads * small < st.disk_bytes_read < reads * big  # each read moves its own expert's bytes
     llm.engine.tiers.close()
+
+
+@pytest.mark.parametrize("fmt", ["int8-nested-g64", "int8", "mixed"])
+def test_lowbit_fallback_keeps_cold_experts_at_int4(checkpoints, fmt):
+    """--miss-fallback lowbit on a quantized store: hot experts in the cache at their stored bits, every expert
+    resident as int4 (the int4 code inside an int8-nested byte, a requantized int8 expert, an int4 expert as
+    it is), so the copies take exactly the bytes of an int4-g64 checkpoint's experts."""
+    path = checkpoints(fmt)
+    facts = checkpoint_facts(path)
+    assert facts.lowbit_bytes == checkpoint_facts(checkpoints("int4-g64")).expert_bytes
+    out, llm = generate(path, memory_budget=budget_for(path, 5, lowbit=True), miss_fallback="lowbit")
+    tiers = llm.engine.tiers
+    assert tiers.plan.lowbit_bytes == facts.lowbit_bytes and tiers.cache.slot_bytes == facts.slot_bytes
+    st = llm.engine.tier_stats()
+    assert st["fallback_lowbit"] > 0 and all(len(o) == GREEDY.max_tokens for o in out)
+    formats = expert_formats(path)
+    low = llm.engine.model.moe_blocks()[0].expert_provider.lowbit
+    for (layer, e), f in formats.items():
+        gate = low[layer][e].gate_proj
+        assert isinstance(gate, QuantLinear) and gate.fmt.bits == 4 and not gate.qweight.is_meta
+        assert gate.fmt.group_size == (f.group_size or 64)
+    tiers.close()
