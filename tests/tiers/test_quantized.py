@@ -96,7 +96,7 @@ def test_offloaded_quantized_equals_resident(checkpoints, fmt):
     path = checkpoints(fmt)
     ref, resident = generate(path)
     assert resident.engine.tiers is None
-    for slots, prefetch in ((12, "lookahead"), (5, "none")):
+    for slots, prefetch in ((12, "lookahead"), (8, "hybrid"), (5, "none")):
         out, llm = generate(path, memory_budget=budget_for(path, slots), prefetch=prefetch)
         st = llm.engine.tier_stats()
         assert st["tiered"] and st["expert_misses"] > 0
@@ -188,3 +188,12 @@ def test_lowbit_fallback_keeps_cold_experts_at_int4(checkpoints, fmt):
         assert isinstance(gate, QuantLinear) and gate.fmt.bits == 4 and not gate.qweight.is_meta
         assert gate.fmt.group_size == (f.group_size or 64)
     tiers.close()
+
+
+def test_renormalize_fallback_on_quantized_store(checkpoints):
+    path = checkpoints("int4-g64")
+    out, llm = generate(path, memory_budget=budget_for(path, 5), miss_fallback="renormalize")
+    st = llm.engine.tier_stats()
+    assert st["fallback_renormalized"] > 0 and st["disk_bytes_read"] > 0
+    assert all(len(o) == GREEDY.max_tokens for o in out)
+    llm.engine.tiers.close()
