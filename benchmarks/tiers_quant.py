@@ -72,8 +72,9 @@ def run(path: str, cache_bytes: int, max_tokens: int) -> dict:
     n = sum(len(o.outputs[0].token_ids) for o in out)
     st = llm.engine.tier_stats()
     llm.engine.tiers.close()
-    return {"expert_bytes": facts.slot_bytes, "slots": st["expert_cache_slots"], "hit_rate": st["expert_hit_rate"],
-            "disk_bytes_per_token": st["disk_bytes_read"] / n, "tokens_per_s": n / dt}
+    return {"expert_bytes": facts.slot_bytes, "slots": st["expert_cache_slots"],
+            "hit_rate": st["expert_hit_rate"], "disk_bytes_per_token": st["disk_bytes_read"] / n,
+            "tokens_per_s": n / dt}
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ LOWBIT_FORMAT = QuantFormat.parse("int4-g64")
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 
 
-def lowbit_nbytes(name: str, dtype: str, shape: tuple[int, ...], nbytes: int, fmt: QuantFormat | None = None) -> int:
+def lowbit_nbytes(name: str, dtype: str, shape: tuple[int, ...], nbytes: int,
+                  fmt: QuantFormat | None = None) -> int:
     """Bytes the low-bit copy keeps for one stored expert tensor (dtype as a safetensors code; fmt: the format
     of the tensor's linear from quantization_config, None when unquantized)."""
     suffix = name.rpartition(".")[2]

@@ -158,7 +158,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
         with tqdm(total=total, desc="quantizing", unit="B", unit_scale=True, disable=not progress,
                   file=sys.stderr) as bar:
             for shard in shards:
-                out = _quantize_shard(src / shard, modules, bar.update, method, calibration or Calibration(), copies)
+                out = _quantize_shard(src / shard, modules, bar.update, method, calibration or Calibration(),
+                                      copies)
                 save_file(out, str(tmp / shard), metadata={"format": "pt"})
                 weight_map.update({k: shard for k in out})
         if method == "tune":

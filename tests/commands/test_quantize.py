@@ -190,7 +190,8 @@ def test_lm_head_quantized_when_tied(tied_llama, tmp_path, fmt, max_err):
     matrix (quantized bytes), the lookup keeps the float rows, and the logits move only by that copy's error."""
     body, head = tmp_path / "body", tmp_path / "head"
     assert main(["quantize", "--format", "int8", "--no-progress", str(tied_llama), str(body)]) == 0
-    assert main(["quantize", "--format", "int8", "--lm-head", fmt, "--no-progress", str(tied_llama), str(head)]) == 0
+    assert main(["quantize", "--format", "int8", "--lm-head", fmt, "--no-progress", str(tied_llama),
+                 str(head)]) == 0
     config = json.loads((head / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["quantization_config"]["modules"]["lm_head"] == fmt
     f = QuantFormat.parse(fmt)

@@ -4,6 +4,9 @@ quantized bytes (an int4 expert is about a quarter of a bf16 one), and the plan 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,8 +63,9 @@ def checkpoints(bf16_moe, tmp_path_factory):
             out = tmp_path_factory.mktemp("q") / fmt
             if fmt == "mixed":  # the first half of each layer's experts hot (int8), the rest int4
                 imp = out.parent / "importance.json"
-                imp.write_text("{" + ",".join(f'"model.layers.{i}.mlp.experts.{e}": {10 if e < EXPERTS // 2 else 0.01}'
-                                              for i in range(LAYERS) for e in range(EXPERTS)) + "}")
+                hot = {f"model.layers.{i}.mlp.experts.{e}": 10 if e < EXPERTS // 2 else 0.01
+                       for i in range(LAYERS) for e in range(EXPERTS)}
+                imp.write_text(json.dumps(hot))
                 facts = checkpoint_facts(bf16_moe)
                 budget = facts.non_expert_bytes + facts.expert_bytes * 3 // 8  # between all-int4 and all-int8
                 cache[fmt] = quantized(bf16_moe, out, "--mixed", "--format", "int8,int4-g64", "--budget",
@@ -79,9 +83,6 @@ def generate(path: str, **kw) -> tuple[list[list[int]], LLM]:
 
 
 def expert_formats(path: str) -> dict[tuple[int, int], QuantFormat]:
-    import json
-    from pathlib import Path
-
     modules = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["modules"]
     out = {}
     for name, f in modules.items():
@@ -114,7 +115,8 @@ def test_offloaded_quantized_equals_resident(checkpoints, fmt):
 def test_store_holds_quantized_bytes(checkpoints, bf16_moe, fmt):
     path = checkpoints(fmt)
     formats = expert_formats(path)
-    store, bf16 = ExpertStore(ensure_store(path, progress=False)), ExpertStore(ensure_store(bf16_moe, progress=False))
+    store = ExpertStore(ensure_store(path, progress=False))
+    bf16 = ExpertStore(ensure_store(bf16_moe, progress=False))
     for key in store.entries:
         want = 2 * formats[key].nbytes(INTER, HIDDEN) + formats[key].nbytes(HIDDEN, INTER)  # gate, up, down
         e = store.entry(key)
