@@ -25,6 +25,7 @@ from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
 
 SMALL_MODEL_PARAMS = 20_000_000
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at once (bounds the [rows, vocab] tensors)
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
 
 
@@ -171,11 +172,13 @@ class LLMEngine:
         if not batch.seqs:
             return []
         t0 = time.perf_counter()
-        logits, sampled_idx, prompt_logits = self.runner.execute(batch)
-        for i, (target, rows) in prompt_logits.items():
+        logits, sampled_idx, prompt_hidden = self.runner.execute(batch)
+        for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]
-            targets = seq.token_ids[target : target + rows.shape[0]]
-            seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
+            for c in range(0, hidden.shape[0], PROMPT_LOGPROBS_ROWS):
+                rows = self.runner.logits(hidden[c : c + PROMPT_LOGPROBS_ROWS])  # [<=rows, V]
+                targets = seq.token_ids[target + c : target + c + rows.shape[0]]
+                seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.commit_full_blocks(seq)
