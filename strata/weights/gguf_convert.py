@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from strata.errors import WeightsError
+from strata.fileio import atomic_dir, check_output_dir
 from strata.weights.gguf_config import generation_config, hf_config
 from strata.weights.gguf_reader import GGUFFile
 from strata.weights.gguf_tokenizer import build_tokenizer
@@ -124,16 +123,12 @@ def _stored(w: np.ndarray, type_name: str) -> torch.Tensor:
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Writes the HF folder into a temporary folder beside out_dir, then renames it to out_dir."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise WeightsError(f"{out}: output folder exists and is not empty (pass --force to replace it)")
+    out = check_output_dir(out_dir, overwrite)
     g = GGUFFile(path)
     cfg = hf_config(g)
     tokenizer, tok_cfg = build_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else (None, None)
     expected = _expected_shapes(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         all_bf16 = _write_weights(g, cfg, expected, tmp)
         cfg["torch_dtype"] = "bfloat16" if all_bf16 else "float32"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -142,13 +137,6 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite:
             tok_cfg["model_max_length"] = cfg["max_position_embeddings"]
             tokenizer.save(str(tmp / "tokenizer.json"))
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -202,12 +190,3 @@ def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]],
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return all_bf16
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
