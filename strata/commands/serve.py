@@ -28,6 +28,7 @@ ENGINE_HELP = {
     "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
     "num_threads": "torch CPU threads",
     "memory_budget": "bytes for weights; tiered experts engage when the model exceeds it",
+    "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
     "speculative_config": 'speculative decoding as JSON (vLLM keys), e.g. \'{"method": "ngram", '
                           '"num_speculative_tokens": 4}\'; see docs/speculative.md',
 }

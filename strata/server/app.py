@@ -87,6 +87,10 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
+PROMPT_SHAPES = ("prompt must be a string, a list of strings, a list of token ids (integers >= 0), or a list "
+                 "of non-empty lists of token ids (at most 64 prompts)")
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errs = exc.errors()
     e = errs[0] if errs else {"type": "", "loc": (), "msg": "invalid request"}
@@ -96,6 +100,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if e.get("type") == "extra_forbidden" and loc:
         return APIError(400, f"Unrecognized request argument supplied: {loc[-1]}", ".".join(loc),
                         "unsupported_parameter")
+    # prompt is a union: pydantic's first error names one arm ("prompt.str"), not the shapes allowed
+    if len(loc) > 1 and loc[0] == "prompt" and not loc[1].isdigit():
+        return APIError(400, PROMPT_SHAPES, "prompt", "invalid_value")
     param = ".".join(loc) or None
     first = param or "body"
     return APIError(400, f"{first}: {e.get('msg', 'invalid value')}", param, "invalid_value")

@@ -249,7 +249,7 @@ def ensure_store(src: str | os.PathLike, out: str | os.PathLike | None = None, p
     if (out / "COMPLETE").exists():
         try:
             facts = json.loads((out / "index.json").read_text())["source"]["files"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             facts = None
         if facts == _source_facts(Path(src)):
             return out

@@ -34,7 +34,23 @@ def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: b
 
 
 def metric(client: TestClient, name: str) -> float:
+    """A sample of /metrics; `name` may include the start of its labels (`x{finished_reason="abort"`)."""
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith((name + "{", name + " ")):
+        if line.startswith((name + "{", name + " ", name + ",")):
             return float(line.rsplit(" ", 1)[1])
+    if "{" in name:  # a labelled counter appears on its first increment
+        return 0.0
     raise KeyError(name)
+
+
+def wait_idle(client: TestClient, timeout: float = 30.0) -> None:
+    """Polls /metrics until nothing runs, waits or holds KV blocks (gauges are published after each step,
+    so they may lag the last response by one step); a generous guard, not a timing assertion."""
+    names = ("strata:num_requests_running", "strata:num_requests_waiting", "strata:kv_cache_blocks_used")
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {n: metric(client, n) for n in names}
+        if not any(values.values()):
+            return
+        assert time.monotonic() < deadline, f"engine not idle: {values}"
+        time.sleep(0.02)
