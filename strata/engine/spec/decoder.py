@@ -52,7 +52,7 @@ class SpecDecoder:
         self.max_num_batched_tokens = max_num_batched_tokens
         k = spec.num_speculative_tokens
         self.policy = AdaptiveK(k) if spec.adaptive else FixedK(k)
-        self._forward_start: tuple[int, float] | None = None  # (rows, time) of the forward in flight
+        self._forward_start: tuple[int, int, float] | None = None  # (rows, drafted rows, start) of the forward
         self._pending: dict[int, Proposal] = {}  # seq_id -> its drafts in this step
         self._accepted: dict[int, int] = {}  # seq_id -> drafts accepted in this step
         self.num_drafts = 0  # verifications with at least one drafted token
@@ -63,13 +63,15 @@ class SpecDecoder:
     def prepare(self, batch: ScheduledBatch) -> list[int]:
         """Draft for the decoding sequences of the batch; returns logits rows per sequence (1 + drafts)."""
         budget = self.max_num_batched_tokens - batch.num_tokens
+        decode_only = batch.num_tokens == len(batch.seqs)  # no prefill rows: the forward's time says what k costs
+        eligible = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                    if n == 1 and seq.num_uncomputed_tokens == 1 and seq.num_completion_tokens > 0
+                    and can_speculate(seq)]
         cands, ks = [], []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            decoding = n == 1 and seq.num_uncomputed_tokens == 1 and seq.num_completion_tokens > 0
-            if not decoding or not can_speculate(seq):
-                continue
+        for i, k in zip(eligible, self.policy.plan([batch.seqs[i] for i in eligible]) if eligible else []):
+            seq = batch.seqs[i]
             left = seq.params.max_tokens - seq.num_completion_tokens if seq.params.max_tokens else self.max_model_len
-            k = min(self.policy.choose(seq), left - 1, self.max_model_len - seq.num_tokens - 1, budget)
+            k = min(k, left - 1, self.max_model_len - seq.num_tokens - 1, budget)
             if k > 0:
                 cands.append(i)
                 ks.append(k)
@@ -90,15 +92,16 @@ class SpecDecoder:
             batch.num_new_tokens[i] += len(drafts)
             num_scored[i] += len(drafts)
             self._pending[seq.seq_id] = prop
-        self._forward_start = (batch.num_tokens, time.perf_counter())
+        if decode_only:
+            self._forward_start = (batch.num_tokens, batch.num_tokens - len(batch.seqs), time.perf_counter())
         return num_scored
 
     # ---- after the forward ----------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], sampler) -> list[list[int]]:
         """logits: the rows prepare() asked for, sequence after sequence -> new tokens per sequence."""
         if self._forward_start is not None:
-            rows, t0 = self._forward_start
-            self.policy.observe_forward(rows, time.perf_counter() - t0)
+            rows, drafted, t0 = self._forward_start
+            self.policy.observe_forward(rows, drafted, time.perf_counter() - t0)
             self._forward_start = None
         out: list[list[int] | None] = []
         plain_rows, plain_seqs, row = [], [], 0
