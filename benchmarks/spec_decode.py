@@ -106,7 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="moe-resident,moe-offload25,dense-ngram")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens (adaptive rows: up to 2k)")
+    ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens of the fixed-k rows")
+    ap.add_argument("--adaptive-max", type=int, default=8, help="num_speculative_tokens of the adaptive rows")
     ap.add_argument("--dense", default=None, help="HF folder for dense-ngram (default: stories260K converted)")
     ap.add_argument("--dense-dtype", default="bfloat16", help="compute dtype of the dense model")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved); the fastest counts")
@@ -119,12 +120,13 @@ def main() -> None:
 
     k = args.k
     draft = {"model": str(DRAFT), "num_speculative_tokens": k}
-    adaptive = {"model": str(DRAFT), "num_speculative_tokens": 2 * k, "adaptive": True}
+    kmax = args.adaptive_max
+    adaptive = {"model": str(DRAFT), "num_speculative_tokens": kmax, "adaptive": True}
     runs: list[tuple] = []  # (case, run, model path, prompts, speculative config, expert slots, dtype)
     cases = args.cases.split(",")
     if "moe-resident" in cases:
         runs += [("moe-resident", name, str(BUNDLED), SHAKESPEARE, spec, None, "auto")
-                 for name, spec in (("plain", None), (f"draft k={k}", draft), (f"draft adaptive k<={2 * k}", adaptive))]
+                 for name, spec in (("plain", None), (f"draft k={k}", draft), (f"draft adaptive k<={kmax}", adaptive))]
     if "moe-offload25" in cases:
         facts = checkpoint_facts(str(BUNDLED))
         slots = max(4, math.ceil(facts.num_experts / 4))
@@ -132,7 +134,7 @@ def main() -> None:
         runs += [("moe-offload25", "plain", str(BUNDLED), SHAKESPEARE, None, slots, "auto"),
                  ("moe-offload25", f"draft k={k}, same slots", str(BUNDLED), SHAKESPEARE, draft, slots, "auto"),
                  ("moe-offload25", f"draft k={k}, same bytes", str(BUNDLED), SHAKESPEARE, draft, same_bytes, "auto"),
-                 ("moe-offload25", f"draft adaptive k<={2 * k}, same slots", str(BUNDLED), SHAKESPEARE, adaptive,
+                 ("moe-offload25", f"draft adaptive k<={kmax}, same slots", str(BUNDLED), SHAKESPEARE, adaptive,
                   slots, "auto")]
     tmp = Path(tempfile.mkdtemp(prefix="spec-bench-"))
     dense = dense_model(args.dense, tmp) if "dense-ngram" in cases else None
@@ -142,8 +144,8 @@ def main() -> None:
         dt = args.dense_dtype
         runs += [("dense-ngram", "plain", dense, prompts, None, None, dt),
                  ("dense-ngram", f"ngram k={k}", dense, prompts, ngram, None, dt),
-                 ("dense-ngram", f"ngram adaptive k<={2 * k}", dense, prompts,
-                  {**ngram, "num_speculative_tokens": 2 * k, "adaptive": True}, None, dt)]
+                 ("dense-ngram", f"ngram adaptive k<={kmax}", dense, prompts,
+                  {**ngram, "num_speculative_tokens": kmax, "adaptive": True}, None, dt)]
     load0 = os.getloadavg()
     best: dict[tuple[str, str], dict] = {}
     for rep in range(args.repeats):  # interleaved, so a burst of load on the shared machine hits every row alike
@@ -166,7 +168,7 @@ def main() -> None:
         r.pop("outputs", None)
     machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
                "load_avg_start": load0, "load_avg_end": os.getloadavg(), "python": platform.python_version()}
-    setup = {"max_tokens": args.max_tokens, "k": k, "batch": 1, "repeats": args.repeats,
+    setup = {"max_tokens": args.max_tokens, "k": k, "adaptive_max": kmax, "batch": 1, "repeats": args.repeats,
              "moe_dtype": "bf16 (checkpoint)", "dense_dtype": args.dense_dtype,
              "dense_model": os.path.basename(args.dense.rstrip("/")) if args.dense else ("stories260K" if dense else None)}
     write_json_atomic(args.out, {"machine": machine, "setup": setup, "rows": rows})

@@ -5,8 +5,9 @@ AdaptiveK ("adaptive": true), in units of one plain decode step:
 - a = the sequence's exponentially weighted acceptance rate; a verification of k drafts yields on average
   E(k) = (1 - a^(k+1)) / (1 - a) tokens (E(0) = 1: a plain step);
 - cost(k) = (verify(k) + k * draft) / plain, all measured: `plain` is the time of a forward without drafts,
-  `verify(k)` a least-squares line (with forgetting) through the times of forwards with drafts against their
-  rows, `draft` the proposer's time per drafted token; cost(0) = 1;
+  `verify(k)` the time of a forward with drafts and that many rows (averaged with forgetting; a row count
+  not seen yet is read off a least-squares line through the ones seen, so larger k gets tried), `draft` the
+  proposer's time per drafted token; cost(0) = 1;
 - the rule drafts the k in 0..K with the most tokens per cost, E(k) / cost(k).
 Where experts come from disk a plain step is dominated by expert reads that a verification shares across its
 rows, so verify(k) is close to plain and k grows; where a plain step runs a fast one-row path (the native
@@ -21,7 +22,7 @@ from strata.engine.sequence import Sequence
 
 PRIOR_ACCEPTANCE = 0.6  # a new sequence's acceptance rate before it has drafted anything
 SMOOTHING = 0.3  # weight of the latest verification in a sequence's acceptance rate
-FORGET = 0.95  # per observation: how fast old timings lose weight
+FORGET = 0.8  # per observation: how fast old timings lose weight
 DEFAULT_COST = 0.15  # cost of one drafted token, in plain steps, before anything is measured
 PROBE_EVERY = 16
 MAX_PROBE_EVERY = 1024
@@ -61,7 +62,7 @@ class AdaptiveK(FixedK):
     def __init__(self, max_k: int):
         super().__init__(max_k)
         self.rate: dict[int, float] = {}
-        self._fit = [0.0] * 5  # forgetting sums of 1, x, x^2, y, x*y over forwards with drafts (x rows, y s)
+        self._verify: dict[int, float] = {}  # rows of a forward with drafts -> its seconds (forgetting average)
         self._draft = [0.0, 0.0]  # forgetting sums of proposer seconds and drafted tokens
         self._plain: float | None = None  # forgetting average of a plain forward's seconds
         self._steps = 0  # since the last probe
@@ -70,12 +71,16 @@ class AdaptiveK(FixedK):
 
     def cost(self, k: int, num_rows: int) -> float:
         """A verification with k more drafted rows on a forward of num_rows, in plain steps."""
-        n, sx, sxx, sy, sxy = self._fit
-        if self._plain is None or n < 1:
+        if self._plain is None or not self._verify:
             return 1.0 + k * DEFAULT_COST
-        var = n * sxx - sx * sx
-        slope = max((n * sxy - sx * sy) / var, 0.0) if var > 1e-9 * n * sxx else 0.0
-        verify = (sy - slope * sx) / n + slope * (num_rows + k)
+        rows = num_rows + k
+        verify = self._verify.get(rows)
+        if verify is None:  # a line through the row counts seen 
+            xs, ys = list(self._verify), list(self._verify.values())
+            n, sx, sy = len(xs), sum(xs), sum(ys)
+            var = n * sum(x * x for x in xs) - sx * sx
+            slope = max((n * sum(x * y for x, y in zip(xs, ys)) - sx * sy) / var, 0.0) if var > 0 else 0.0
+            verify = (sy - slope * sx) / n + slope * rows
         draft = self._draft[0] / self._draft[1] if self._draft[1] else 0.0
         return max(verify + k * draft, 1e-9) / self._plain
 
@@ -84,7 +89,7 @@ class AdaptiveK(FixedK):
         probe = self._steps >= self._probe_every
         if probe:
             self._steps = 0
-        if probe and self._speculating or self._plain is None and self._fit[0] >= 1:
+        if probe and self._speculating or self._plain is None and self._verify:
             return [0] * len(seqs)  # measure a plain step
         rows = len(seqs)
         ks = [best_k(self.rate.get(s.seq_id, PRIOR_ACCEPTANCE), lambda k: self.cost(k, rows), self.k) for s in seqs]
@@ -105,8 +110,8 @@ class AdaptiveK(FixedK):
         if not num_drafted:
             self._plain = seconds if self._plain is None else FORGET * self._plain + (1 - FORGET) * seconds
             return
-        x = float(num_rows)
-        self._fit = [FORGET * s + v for s, v in zip(self._fit, (1.0, x, x * x, seconds, x * seconds))]
+        old = self._verify.get(num_rows)
+        self._verify[num_rows] = seconds if old is None else FORGET * old + (1 - FORGET) * seconds
 
     def observe_proposal(self, num_tokens: int, seconds: float) -> None:
         self._draft = [FORGET * self._draft[0] + seconds, FORGET * self._draft[1] + num_tokens]

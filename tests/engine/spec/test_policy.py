@@ -53,3 +53,15 @@ def test_probes_plain_steps_and_retries_speculation():
     plans = [fast.plan([seq])[0] for _ in range(7 * PROBE_EVERY)]
     tries = [i for i, k in enumerate(plans) if k]
     assert [b - a for a, b in itertools.pairwise(tries)] == [2 * PROBE_EVERY, 4 * PROBE_EVERY]  # later each time
+
+
+def test_a_row_count_where_the_forward_gets_slower_caps_k():
+    """Measured on a dense 135M model: 2-4 rows cost ~2 plain steps, 5 rows ~3.4 (a kernel changes)."""
+    seq = Sequence("r", [1, 2, 3], SamplingParams())
+    policy = AdaptiveK(8)
+    policy.observe_forward(1, 0, 0.038)
+    for rows, seconds in ((2, 0.070), (3, 0.075), (4, 0.078), (5, 0.130), (6, 0.140), (9, 0.160)):
+        policy.observe_forward(rows, rows - 1, seconds)
+    for _ in range(10):
+        policy.update(seq, 4, 3)
+    assert policy.plan([seq]) == [3]
