@@ -62,7 +62,8 @@ class AdaptiveK(FixedK):
     def __init__(self, max_k: int):
         super().__init__(max_k)
         self.rate: dict[int, float] = {}
-        self._verify: dict[int, float] = {}  # rows of a forward with drafts -> its seconds (forgetting average)
+        # rows of a forward with drafts -> its seconds (average with forgetting)
+        self._verify: dict[int, float] = {}
         self._draft = [0.0, 0.0]  # forgetting sums of proposer seconds and drafted tokens
         self._plain: float | None = None  # forgetting average of a plain forward's seconds
         self._steps = 0  # since the last probe
@@ -75,7 +76,7 @@ class AdaptiveK(FixedK):
             return 1.0 + k * DEFAULT_COST
         rows = num_rows + k
         verify = self._verify.get(rows)
-        if verify is None:  # a line through the row counts seen 
+        if verify is None:  # a line through the row counts seen
             xs, ys = list(self._verify), list(self._verify.values())
             n, sx, sy = len(xs), sum(xs), sum(ys)
             var = n * sum(x * x for x in xs) - sx * sx
@@ -89,10 +90,13 @@ class AdaptiveK(FixedK):
         probe = self._steps >= self._probe_every
         if probe:
             self._steps = 0
-        if probe and self._speculating or self._plain is None and self._verify:
+        if (probe and self._speculating) or (self._plain is None and self._verify):
             return [0] * len(seqs)  # measure a plain step
         rows = len(seqs)
-        ks = [best_k(self.rate.get(s.seq_id, PRIOR_ACCEPTANCE), lambda k: self.cost(k, rows), self.k) for s in seqs]
+        ks = [
+            best_k(self.rate.get(s.seq_id, PRIOR_ACCEPTANCE), lambda k: self.cost(k, rows), self.k)
+            for s in seqs
+        ]
         if any(ks):
             self._speculating, self._probe_every = True, PROBE_EVERY
         elif self._speculating:

@@ -18,8 +18,9 @@ pytest.importorskip("transformers")
 from tests.tiers.test_offload import budget_for
 
 DRAFT = os.path.join(os.path.dirname(BUNDLED_MODEL), "shakespeare-draft")
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DRAFT, "config.json")),
-                                reason="bundled models not present")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(DRAFT, "config.json")), reason="bundled models not present"
+)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 PROMPTS = ["ROMEO:\nBut soft, what light", "JULIET:\nO Romeo, Romeo"]
 SPEC = {"model": DRAFT, "num_speculative_tokens": 4}
@@ -36,8 +37,13 @@ def test_offloaded_experts(tmp_path, monkeypatch):
     slots = checkpoint_facts(BUNDLED_MODEL).num_experts // 4  # a quarter of the experts' bytes
     per_token = []
     for spec in (None, SPEC):
-        llm = LLM(None, progress=False, dtype="float32", memory_budget=budget_for(BUNDLED_MODEL, slots),
-                  speculative_config=spec)
+        llm = LLM(
+            None,
+            progress=False,
+            dtype="float32",
+            memory_budget=budget_for(BUNDLED_MODEL, slots),
+            speculative_config=spec,
+        )
         assert llm.engine.tiers.cache.num_slots == slots
         assert _ids(llm.generate(PROMPTS, GREEDY)) == ref
         st = llm.engine.tier_stats()
