@@ -18,7 +18,8 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int, kv_cache_memory: int) -> int:
+def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
+                  kv_cache_memory: int) -> int:
     """Blocks for max_num_seqs sequences of max_model_len tokens, at most kv_cache_memory bytes, at least one."""
     per_block = kv_bytes_per_token(model, model.model.embed_tokens.weight.dtype) * block_size
     wanted = max_num_seqs * ((max_model_len + block_size - 1) // block_size)
