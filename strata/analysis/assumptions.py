@@ -18,8 +18,9 @@ def weight_formats(stated: str | None, engine: Engine, model: ResolvedModel) -> 
 
     `stated` is free text ('Q4_K_M (GGUF)', 'MXFP4', '4-bit') or None."""
     fmt = parse_published(stated, engine.family) if stated else None
-    if stated and engine.name == "ollama" and fmt is None and "default" in stated.lower():
-        fmt = default_quant(engine)[0]
+    dq = default_quant(engine)
+    if stated and dq and fmt is None and "default" in stated.lower():  # 'Ollama default quant'
+        return {"weights": dq[0]}, f"weights {dq[0]}: {stated!r} is {engine.name}'s default ({dq[1]})", False
     if fmt:
         native = model.key and _preset_quant(model.key)
         if native and any(fmt == v for v in native.get("native", {}).values()):
@@ -29,7 +30,6 @@ def weight_formats(stated: str | None, engine: Engine, model: ResolvedModel) -> 
         return {"weights": fmt}, f"weights {fmt} (stated: {stated!r})", False
     if model.formats:
         return dict(model.formats), f"weights {_describe(model.formats)} (from {model.formats_source})", False
-    dq = default_quant(engine)
     if dq:
         return {"weights": dq[0]}, f"weights {dq[0]}: not stated, {engine.name}'s default ({dq[1]})", True
     return {"weights": "bf16"}, "weights bf16: not stated, assumed the model's 16-bit checkpoint", True
@@ -42,7 +42,8 @@ def _preset_quant(key: str) -> dict:
 
 
 def _describe(fmts: dict[str, str]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in fmts.items()) if len(fmts) > 1 else fmts["weights"]
+    rest = ", ".join(f"{k} {v}" for k, v in fmts.items() if k != "weights")
+    return fmts["weights"] + (f" ({rest})" if rest else "")
 
 
 def precisions(fmts: dict[str, str], kv: str = "fp16", activations: str = "fp16") -> Precisions:

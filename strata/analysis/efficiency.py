@@ -60,6 +60,7 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # the host: the graphs PR measured Llama-2-7B Q4_K_M decode on an H100 PCIe at 143.35 -> 163.83 tok/s (llama.cpp
 # issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
+ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
 
 
 def _strata_fit() -> dict:
@@ -162,8 +163,16 @@ class Efficiencies:
         if cell in PRIORS:
             return PRIORS[cell]
         base = self.table.get(hw_class) or PRIORS.get(hw_class, DEFAULT)
-        ratio = self.table.get(f"*|{engine}")
+        ratio = self.ratio(engine)
         return base.times(ratio) if ratio else base
+
+    def ratio(self, engine: str) -> Eff | None:
+        """An engine's ratio on the class factors, times its parent family's (llama.cpp-2023 -> llama.cpp)."""
+        own = self.table.get(f"*|{engine}")
+        parent = self.ratio(ENGINE_PARENTS[engine]) if engine in ENGINE_PARENTS else None
+        if own is None or parent is None:
+            return own or parent
+        return Eff(*(getattr(own, k) * getattr(parent, k) for k in BOUNDS))
 
     def to_json(self) -> dict:
         return {k: asdict(v) for k, v in sorted(self.table.items())}
