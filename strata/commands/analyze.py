@@ -120,7 +120,7 @@ def _validate(args, effs) -> int:
     print(f"{'#':>3} {'model':<34}{'hardware':<32}{'metric':<17}{'measured':>10}{'predicted':>11}{'error':>8}")
     for r in res["rows"]:
         print(f"{r['index']:>3} {r['model'][:33]:<34}{r['hardware'][:31]:<32}{r['metric']:<17}{r['measured']:>10.1f}"
-              f"{r['predicted']:>11.1f}{(r['ratio'] - 1):>+8.0%}")
+              f"{r['predicted']:>11.1f}{(r['ratio'] - 1):>+8.0%}" + (f"  [{'; '.join(r['flags'])}]" if r["flags"] else ""))
     for r in res["unpredictable"]:
         print(f"{r['index']:>3} {r['model'][:33]:<34}cannot predict: {r['reason']}")
     flagged = sum(1 for r in res["rows"] if r["flags"])
