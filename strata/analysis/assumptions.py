@@ -8,8 +8,11 @@ from __future__ import annotations
 from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, Engine, default_quant
 from strata.analysis.hardware import System, load_catalog
 from strata.analysis.models import ResolvedModel
+from strata.analysis.operators import weight_bytes
 from strata.analysis.precision import Precisions, canon, parse_published
+from strata.analysis.shapes import ModelShape
 
+GIB = 2**30
 ASSUMED_HOST = "desktop-host-ddr4"  # the host an offloading engine's GPU row is given when it names none
 
 
@@ -50,9 +53,17 @@ def precisions(fmts: dict[str, str], kv: str = "fp16", activations: str = "fp16"
     return Precisions(canon(fmts["weights"]), fmts.get("experts"), activations, kv, fmts.get("head"))
 
 
-def offload_host(sys: System, engine: Engine, model_is_moe: bool) -> str | None:
-    """Give an expert-offloading engine's lone GPU an assumed host (its experts live in host memory); the note."""
-    if engine.family in EXPERT_OFFLOAD_FAMILIES and model_is_moe and sys.host is None and sys.device.cls == "gpu":
-        sys.host = load_catalog()[ASSUMED_HOST]
-        return f"host: none named; assumed {sys.host.name} for {engine.name}'s offloaded experts"
-    return None
+def offload_host(sys: System, engine: Engine, shape: ModelShape, prec: Precisions) -> str | None:
+    """Give a lone GPU an assumed host where the engine needs one: an expert-offloading engine keeps its experts in
+    host memory, and a model whose weights do not fit the GPUs runs its remaining layers (or experts) on the host
+    CPU, as llama.cpp / Ollama split them. Returns the note, None when nothing was assumed."""
+    if sys.host is not None or sys.device.cls != "gpu":
+        return None
+    if engine.family in EXPERT_OFFLOAD_FAMILIES and shape.is_moe:
+        why = f"for {engine.name}'s offloaded experts"
+    elif weight_bytes(shape, prec)["total"] > sys.device.memory_gb * GIB * sys.count:  # GPU memory sizes are GiB
+        why = f"the weights do not fit {sys.count * sys.device.memory_gb:g} GB of GPU memory"
+    else:
+        return None
+    sys.host = load_catalog()[ASSUMED_HOST]
+    return f"host: none named; assumed {sys.host.name}: {why}"

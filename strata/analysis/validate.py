@@ -108,8 +108,13 @@ def _fill(case: Case, row: dict) -> None:
     eng = identify(row["system"])
     fmts, how, assumed = weight_formats(row["dtype_or_quant"], eng, model)
     sys = _system(row)
+    date = source_date(row["source"] + " " + row.get("notes", ""))
+    engine = versioned_engine(row["system"], date)
+    fmt = canon(fmts.get("experts", fmts["weights"]))
+    kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
+    sc = Scenario(prec=precisions(fmts, kv=kv), engine=engine, build_date=date)
     case.notes = model.notes + sys.notes + [eng.describe(), how]
-    host_note = offload_host(sys, eng, shape.is_moe)
+    host_note = offload_host(sys, eng, shape, sc.prec)
     if host_note:
         case.notes.append(host_note)
         case.flags.append("assumed host")
@@ -117,11 +122,6 @@ def _fill(case: Case, row: dict) -> None:
         case.flags.append("assumed quantization")
     if not eng.is_known:
         case.flags.append("physics-only (unknown engine)")
-    date = source_date(row["source"] + " " + row.get("notes", ""))
-    engine = versioned_engine(row["system"], date)
-    fmt = canon(fmts.get("experts", fmts["weights"]))
-    kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
-    sc = Scenario(prec=precisions(fmts, kv=kv), engine=engine, build_date=date)
     m = re.search(r"-ngl (\d+)", text)
     if m:
         sc.gpu_layers = int(m.group(1))
@@ -130,7 +130,7 @@ def _fill(case: Case, row: dict) -> None:
         sc.cpu_moe_layers = int(m.group(1))
     if row.get("offload") == "cpu" and sc.cpu_moe_layers == 0 and sc.gpu_layers is None and shape.is_moe:
         sc.cpu_moe_layers = shape.layers  # experts on the CPU (KTransformers, Fiddler)
-    if host_note or (eng.family in EXPERT_OFFLOAD_FAMILIES and row.get("offload") in ("cpu", "host")):
+    if eng.family in EXPERT_OFFLOAD_FAMILIES and shape.is_moe and sys.host is not None:
         sc.offload = "experts"  # experts in host memory behind the engine's GPU expert cache
     if row["prompt_tokens"].strip() == "ShareGPT":
         sc.prompt, sc.gen = SHAREGPT_IN, SHAREGPT_OUT

@@ -168,7 +168,7 @@ def _analyze(args, effs) -> int:
 
     from strata.analysis.assumptions import offload_host, weight_formats
     from strata.analysis.efficiency import versioned_engine
-    from strata.analysis.engines import identify
+    from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, identify
     from strata.analysis.hardware import parse_system
     from strata.analysis.models import resolve_model
     from strata.analysis.predict import predict
@@ -180,12 +180,12 @@ def _analyze(args, effs) -> int:
     eng = identify(args.engine)
     fmts, how, _ = weight_formats(args.weights, eng, resolved)
     assumptions = resolved.notes + system.notes + [eng.describe(), how]
-    host = offload_host(system, eng, model.is_moe)
-    if host:
-        assumptions.append(host)
     engine = versioned_engine(args.engine, None)
     sc = _scenario(args, model, engine, fmts)
+    host = offload_host(system, eng, model, sc.prec)
     if host:
+        assumptions.append(host)
+    if eng.family in EXPERT_OFFLOAD_FAMILIES and model.is_moe and system.host is not None:
         sc.offload = "experts"
     if args.sweep_batch or args.sweep_context:
         batches = _ints(args.sweep_batch, "--sweep-batch") if args.sweep_batch else [sc.batch]

@@ -151,3 +151,16 @@ def test_coverage_engine_defaults_and_flags(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["coverage"] == pytest.approx(0.8) and {"median_ape", "p90_ape", "gmean_ratio"} <= set(out)
     assert "not in the catalog" in out["unpredictable"][0]["reason"]
+
+
+def test_a_gpu_too_small_for_the_model_gets_an_assumed_host(tmp_path):
+    row = {"source": "t", "system": "llama.cpp", "dtype_or_quant": "Q4_K_M", "hardware": "NVIDIA GeForce RTX 3070",
+           "batch": "1", "prompt_tokens": "0", "gen_tokens": "16", "metric": "decode_tok_s", "value": "1"}
+    write_csv(tmp_path / "m.csv", [{**row, "model": "meta-llama/Llama-2-70b-hf"},
+                                   {**row, "model": "meta-llama/Llama-2-7b-hf"}])
+    big, small = score(load_cases(str(tmp_path / "m.csv")), Efficiencies())["rows"]
+    assert big["flags"] == ["assumed host"] and any("do not fit 8 GB" in n for n in big["notes"])
+    assert not small["flags"]  # 3.9 GB of Q4_K_M fits the 8 GB card
+    host_bw = load_catalog()["desktop-host-ddr4"].bandwidth_gbs * 1e9
+    # most of the 70B layers run on the host CPU: no faster than its memory can stream them
+    assert big["predicted"] < host_bw / (weight_bytes(load_shape("llama-2-70b"), Precisions("q4_k_m"))["total"] * 0.7)
