@@ -76,7 +76,8 @@ def identify(text: str) -> Engine:
     for name, pat, family in ENGINES:
         m = re.search(pat, t)
         if m:
-            v = re.match(r"[^\w(]*\s*v?(\d+(?:\.\d+){1,2}|b\d{3,5})\b", t[m.end():])
+            # the version right after the name, past a suffix word ('mlx-lm 0.22', 'TensorRT-LLM 0.12')
+            v = re.match(r"[^\w(]*(?:[a-z]+)?[\s-]*v?(\d+(?:\.\d+){1,2}|b\d{3,5})\b", t[m.end():])
             return Engine(name, family, v.group(1) if v else None, text)
     if t.strip() in {"generic", ""}:
         return Engine("generic", "generic", None, "")

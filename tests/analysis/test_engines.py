@@ -14,6 +14,8 @@ from strata.analysis.precision import bits, parse_published
     ("TensorRT-LLM", "tensorrt-llm", "trt-llm", None), ("MoE-Infinity", "moe-infinity", "moe-infinity", None),
     ("mixtral-offloading", "mixtral-offloading", "mixtral-offloading", None), ("MLX", "mlx", "mlx", None),
     ("transformers + accelerate", "transformers", "transformers", None), ("mllm-NPU", "mllm", "mllm", None),
+    ("mlx-lm 0.22.1", "mlx", "mlx", "0.22.1"), ("TensorRT-LLM 0.12", "tensorrt-llm", "trt-llm", "0.12"),
+    ("llama.cpp (CUDA, llama-bench -ngl 99)", "llama.cpp", "llama.cpp", None),
 ])
 def test_engines_resolve_with_versions(text, name, family, version):
     e = identify(text)
