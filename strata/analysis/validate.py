@@ -63,13 +63,12 @@ def _system(row: dict) -> System:
             break
         if key is None:
             raise StrataError(f"hardware {p.strip()!r} not in the catalog")
-        if not how.startswith("alias"):
-            notes.append(f"hardware {p.strip()!r} -> {key} ({how})")
+        notes.append(f"hardware {p.strip()!r} -> {key} ({how})")
         texts.append(f"{m.group(1)}x{key}" if m else key)
     sys = parse_system("+".join(texts))
     sys.notes = notes
-    notes = (row.get("notes", "") + " " + row.get("system", "")).lower()
-    if "layer split" in notes or (sys.count > 1 and "tp" not in notes and "dp" not in notes):
+    said = (row.get("notes", "") + " " + row.get("system", "")).lower()
+    if "layer split" in said or (sys.count > 1 and "tp" not in said and "dp" not in said):
         sys.parallel = "pp"
     if "i9-10900x" in hw.lower() and sys.host is None:
         sys.host = parse_system("i9-10900x").device
