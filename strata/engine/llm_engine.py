@@ -137,9 +137,7 @@ class LLMEngine:
             if self.structured is None:
                 raise InvalidRequestError(f"{self.model_path}: no tokenizer.json, so no structured outputs",
                                           param="structured_outputs")
-            grammar = compile_grammar(params.structured_outputs)
-            for seq in seqs:
-                self.structured.add(seq, grammar)
+            self.structured.add(seqs, compile_grammar(params.structured_outputs))
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
         # the prefix cache (shared, ref-counted) instead of computing them again.
