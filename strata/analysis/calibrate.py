@@ -83,9 +83,15 @@ def _engines(case: Case) -> set[str]:
     return {g.split("|", 1)[1] for g in case.groups}
 
 
+def fit_rows(cases: list[Case]) -> list[Case]:
+    """Rows the factors are fitted on: predictable, and not resting on an assumed quantization (a wrong guess
+    would be absorbed into the factors); the others are still predicted and scored."""
+    return [c for c in cases if not c.reason and "assumed quantization" not in c.flags]
+
+
 def parameters(cases: list[Case]) -> list[Param]:
-    """The fitted parameters: only those some usable row informs."""
-    usable = [c for c in cases if not c.reason]
+    """The fitted parameters: only those some fitted row informs."""
+    usable = fit_rows(cases)
     classes = sorted(set().union(*(_classes(c) for c in usable)))
     compute = {k for c in usable if c.metric in COMPUTE_METRICS or c.batch >= 32 for k in _classes(c)}
     out = [Param("eta_bw", (k,)) for k in classes] + [Param("eta_flops", (k,)) for k in classes if k in compute]
@@ -127,7 +133,7 @@ def _set(effs: Efficiencies, p: Param, v: float) -> None:
 
 def fit(cases: list[Case], sweeps: int = SWEEPS) -> Efficiencies:
     """Coordinate descent over the parameters, each searched on its whole grid, from the priors."""
-    usable = [c for c in cases if not c.reason]
+    usable = fit_rows(cases)
     params = parameters(usable)
     effs = _start(params)
     for _ in range(sweeps):
@@ -168,7 +174,7 @@ def calibrate(path: str | Path = DATA_PATH, out: str | Path = CALIBRATION_PATH, 
     cases = load_cases(str(path))
     effs = fit(cases)
     params = parameters(cases)
-    n_rows = sum(1 for c in cases if not c.reason)
+    n_rows = len(fit_rows(cases))
     validation = {"fitted": summary(score(cases, effs))}
     if held_out:
         validation["leave_one_out"] = summary(score(cases, effs, held_out_predictions(cases)))
