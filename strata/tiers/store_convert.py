@@ -11,6 +11,7 @@ leaves a store that looks complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -246,12 +247,15 @@ def default_store_dir(src: str | os.PathLike) -> Path:
 def ensure_store(src: str | os.PathLike, out: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Converts on first use; reconverts when the checkpoint's files changed since the store was built."""
     out = Path(out) if out is not None else default_store_dir(src)
-    if (out / "COMPLETE").exists():
-        try:
-            facts = json.loads((out / "index.json").read_text())["source"]["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            facts = None
-        if facts == _source_facts(Path(src)):
-            return out
-        log.warning("expert store %s is stale (checkpoint %s changed); rebuilding", out, src)
-    return convert(src, out, overwrite=True, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting the same store: wait, then reuse it
+        if (out / "COMPLETE").exists():
+            try:
+                facts = json.loads((out / "index.json").read_text())["source"]["files"]
+            except (OSError, ValueError, KeyError, TypeError):
+                facts = None
+            if facts == _source_facts(Path(src)):
+                return out
+            log.warning("expert store %s is stale (checkpoint %s changed); rebuilding", out, src)
+        return convert(src, out, overwrite=True, progress=progress)

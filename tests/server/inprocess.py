@@ -19,12 +19,13 @@ NAME = "tiny"
 
 
 @contextmanager
-def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: bool = True, **engine_kw):
-    """A TestClient on the bundled model (or `factory()`'s engine), ready to serve."""
+def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: bool = True, app_kw=None,
+               base_url: str = "http://testserver", **engine_kw):
+    """A TestClient on the bundled model (or `factory()`'s engine), ready to serve; app_kw go to create_app."""
     kw = {"model": BUNDLED_MODEL, "num_threads": 1, "dtype": "float32", **engine_kw}
     factory = factory or (lambda: LLMEngine(EngineConfig(**kw), progress=False))
     engine = AsyncEngine(factory, EngineMetrics(NAME), max_queued_requests=max_queued_requests)
-    with TestClient(create_app(engine, NAME)) as client:
+    with TestClient(create_app(engine, NAME, **(app_kw or {})), base_url=base_url) as client:
         deadline = time.monotonic() + 60
         while wait_ready and not engine.is_ready:
             assert engine.dead_reason is None and time.monotonic() < deadline, engine.dead_reason

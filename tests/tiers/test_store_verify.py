@@ -80,3 +80,31 @@ def test_tampered_index_fields_are_one_line(store_dir, edit, field):
 def test_stale_source_facts_of_the_wrong_type_rebuild(store_dir, tmp_path):
     _rewrite_index(store_dir, lambda ix: ix.update(source=5), fix_marker=True)
     ExpertStore(ensure_store(tmp_path / "ckpt", store_dir, progress=False))
+
+
+def test_concurrent_first_uses_convert_once(tmp_path, monkeypatch):
+    """Two servers starting on the same checkpoint: one converts, the other waits and reuses its store."""
+    import threading
+    import time
+
+    from strata.tiers import store_convert
+
+    make_checkpoint(tmp_path / "ckpt")
+    calls = []
+    real = store_convert.convert
+
+    def slow_convert(*args, **kw):
+        calls.append(1)
+        time.sleep(0.3)  # widen the window in which the other caller finds no store yet
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store_convert, "convert", slow_convert)
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(ensure_store(tmp_path / "ckpt", tmp_path / "store",
+                                                                        progress=False))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(outs) == 2
+    ExpertStore(outs[1]).close()
