@@ -46,6 +46,9 @@ def _add_gguf(formats) -> None:
     p.add_argument("gguf_file", help="the .gguf file")
     p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="keep Q4_0 projections as Strata int4-g32 (the same values, 7x less memory, bfloat16 "
+                        "activations; the folder is then for Strata only)")
     p.set_defaults(func=_run_gguf)
 
 
@@ -53,12 +56,14 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from strata.config import ModelConfig
     from strata.weights.gguf_convert import convert_gguf
 
-    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force)
+    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force, keep_quantized=args.keep_quantized)
     c = ModelConfig.from_pretrained(out)
     experts = f" experts={c.num_experts}/{c.num_experts_per_tok}" if c.num_experts else ""
     print(f"wrote {out}: {c.architecture} hidden={c.hidden_size} layers={c.num_hidden_layers} "
           f"heads={c.num_attention_heads}/{c.num_key_value_heads}{experts} vocab={c.vocab_size} "
-          f"dtype={c.torch_dtype} tied={c.tie_word_embeddings}")
+          f"dtype={c.torch_dtype} tied={c.tie_word_embeddings}"
+          + (f" quantized={len(c.raw['quantization_config']['modules'])} modules" if "quantization_config" in c.raw
+             else ""))
     return 0
 
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 import strata
+from strata.errors import ConfigError
 from strata.server.async_engine import AsyncEngine
 from strata.server.embeddings import embeddings_router
 from strata.server.errors import EXPECTED_ERRORS, APIError, CatchAllMiddleware, to_api_error
@@ -129,6 +130,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     serving = Serving(engine, served_model_name)
     if tool_call_parser is not None:
         get_tool_parser(tool_call_parser)  # an unknown name fails at start, not on the first request
+    elif enable_auto_tool_choice:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral)")
     serving.tool_call_parser, serving.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
     created = int(time.time())
 
