@@ -17,14 +17,15 @@ import dataclasses
 import inspect
 import socket
 import sys
+import time
 import weakref
 
 import torch
 import torch.multiprocessing as mp
 
-from strata.config import EngineConfig
+from strata.config import EngineConfig, ModelConfig
 from strata.distributed import parallel_state
-from strata.distributed.tensor_parallel import Shard, parallelize
+from strata.distributed.tensor_parallel import Shard, check_supported, parallelize
 from strata.errors import DistributedError, StrataError, UnsupportedError
 from strata.layers.attention import AttentionMetadata
 from strata.models.base import CausalLM
@@ -65,6 +66,20 @@ class _Ranks:
     def __init__(self, procs):
         self.procs = procs
         self.stopped = False
+
+    def wait_ready(self, store) -> None:
+        """Wait until every worker reached the store; one that exits first (a spawn error) ends the wait."""
+        deadline = time.monotonic() + parallel_state.STEP_TIMEOUT.total_seconds()
+        keys = [f"ready/{r}" for r in range(1, len(self.procs) + 1)]
+        while not store.check(keys):
+            dead = [(i + 1, p.exitcode) for i, p in enumerate(self.procs) if p.exitcode is not None]
+            if dead:
+                raise DistributedError(f"tensor-parallel rank {dead[0][0]} exited with code {dead[0][1]} while "
+                                       "starting")
+            if time.monotonic() > deadline:
+                raise DistributedError(f"tensor-parallel ranks did not start within "
+                                       f"{parallel_state.STEP_TIMEOUT.total_seconds():.0f} s")
+            time.sleep(0.05)
 
     def failure(self, err: Exception) -> Exception:
         for p in self.procs:
@@ -117,13 +132,13 @@ def _broadcast_forward(model, args, kwargs):
                            int(has_slots)], dtype=torch.long)
     parallel_state.broadcast(header, control=True)
     parallel_state.broadcast(torch.cat([p.to(torch.long) for p in parts]))  # [payload]
-    return None
 
 
 def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) -> CausalLM:
     """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard (a model whose forwards drive the
     workers). The workers stop when the model is garbage collected, at exit, or with `shutdown(model)`."""
     _check_config(config)
+    check_supported(ModelConfig.from_pretrained(path), config.tensor_parallel_size, path)  # before any spawn
     if parallel_state.is_initialized():
         raise UnsupportedError("one tensor-parallel engine per process: shut the previous one down first")
     world = config.tensor_parallel_size
@@ -137,7 +152,9 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
     ranks = _Ranks(procs)
     torch.set_num_threads(config.num_threads or 1)
     try:
-        parallel_state.init(0, world, port)
+        store = parallel_state.rendezvous(0, world, port)
+        ranks.wait_ready(store)
+        parallel_state.init(store, 0, world)
         parallel_state.set_failure_handler(ranks.failure)
         model = _load(path, config, 0, progress)
         parallel_state.broadcast(torch.zeros(1), control=True)  # every rank loaded (a worker's error ends here)
@@ -162,7 +179,7 @@ def _worker_main(rank: int, world: int, port: int, path: str, fields: dict) -> N
     config = EngineConfig(**fields)
     torch.set_num_threads(config.num_threads or 1)
     try:
-        parallel_state.init(rank, world, port)
+        parallel_state.init(parallel_state.rendezvous(rank, world, port), rank, world)
         model = _load(path, config, rank, progress=False)
         parallel_state.broadcast(torch.zeros(1), control=True)
         _serve(model)

@@ -22,10 +22,18 @@ IDLE_TIMEOUT = timedelta(days=7)  # a worker waiting for the next step while the
 _state: dict = {}
 
 
-def init(rank: int, world_size: int, port: int, timeout: timedelta = STEP_TIMEOUT) -> None:
-    """Join the gloo group of `world_size` ranks rendezvousing on 127.0.0.1:port."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timeout)
+def rendezvous(rank: int, world_size: int, port: int, timeout: timedelta = STEP_TIMEOUT) -> dist.TCPStore:
+    """The key-value store of the group on 127.0.0.1:port (rank 0 serves it); a worker marks itself ready."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timeout,
+                          wait_for_workers=False)
+    if rank:
+        store.set(f"ready/{rank}", "1")
+    return store
+
+
+def init(store: dist.TCPStore, rank: int, world_size: int, timeout: timedelta = STEP_TIMEOUT) -> None:
+    """Join the gloo group of `world_size` ranks meeting at `store` (see rendezvous)."""
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     _state.update(rank=rank, world_size=world_size, control=dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
 
 
