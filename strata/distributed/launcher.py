@@ -186,6 +186,8 @@ def _worker_main(rank: int, world: int, port: int, path: str, fields: dict) -> N
     except StrataError as e:
         print(f"error: tensor-parallel rank {rank}: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group; rank 0 reports it
+        sys.exit(130)
     parallel_state.destroy()
 
 

@@ -93,3 +93,19 @@ def test_indivisible_heads_are_refused(tmp_path):
     assert shard_config(cfg, 2).num_attention_heads == 2
     with pytest.raises(ConfigError, match="num_attention_heads' = 4 is not divisible by --tensor-parallel-size 3"):
         _engine(tmp_path, 3)
+
+
+def test_flags_and_their_checks():
+    import argparse
+
+    from strata.commands.engine_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    cfg = engine_config_from_args(parser.parse_args(["--tensor-parallel-size", "2",
+                                                     "--distributed-executor-backend", "mp"]))
+    assert (cfg.tensor_parallel_size, cfg.distributed_executor_backend) == (2, "mp")
+    with pytest.raises(ConfigError, match="--distributed-executor-backend must be mp"):
+        EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(ConfigError, match="--tensor-parallel-size must be an integer >= 1"):
+        EngineConfig(tensor_parallel_size=0)
