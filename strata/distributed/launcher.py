@@ -197,7 +197,10 @@ def _serve(model: CausalLM) -> None:
     kv_caches = None
     cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
     while True:
-        header = parallel_state.broadcast(torch.zeros(HEADER_LEN, dtype=torch.long), control=True).tolist()
+        try:
+            header = parallel_state.broadcast(torch.zeros(HEADER_LEN, dtype=torch.long), control=True).tolist()
+        except DistributedError:
+            return  # rank 0 exited between steps (a server stopped by a signal): it reports its own errors
         op, T, S, num_ctx, num_slots, num_rows, has_slots = header
         if op == OP_STOP:
             return
