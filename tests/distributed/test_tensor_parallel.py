@@ -41,29 +41,35 @@ def _greedy(engine: LLMEngine) -> list[list[int]]:
     return [done[str(i)] for i in range(len(PROMPTS))]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mixtral"])
-def test_tp2_greedy_equals_one_process(tmp_path, family):
-    build_hf(family, tmp_path)
-    want = _greedy(_engine(tmp_path, 1))
-    engine = _engine(tmp_path, 2)
+def _tp2_equals_tp1(path, family: str) -> LLMEngine:
+    """Greedy output of 2 ranks against 1 process; returns the 2-rank engine, still running."""
+    build_hf(family, path)
+    want = _greedy(_engine(path, 1))
+    engine = _engine(path, 2)
     try:
         assert engine.model.config.num_key_value_heads == 1  # rank 0 holds (and caches) half the kv heads
         assert engine.runner.kv_caches[0][0].shape[1] == 1
         got = _greedy(engine)
-    finally:
+        assert got == want and all(len(t) == 10 for t in got)
+    except BaseException:
         shutdown(engine.model)
-    assert got == want and all(len(t) == 10 for t in got)
+        raise
+    return engine
 
 
-def test_dead_rank_ends_the_step_with_one_line(tmp_path):
-    build_hf("llama", tmp_path)
-    engine = _engine(tmp_path, 2)
+def test_tp2_greedy_equals_one_process_moe(tmp_path):
+    shutdown(_tp2_equals_tp1(tmp_path, "mixtral").model)
+
+
+def test_tp2_greedy_equals_one_process_dense_then_a_dead_rank_ends_the_step(tmp_path):
+    engine = _tp2_equals_tp1(tmp_path, "qwen3")
     ranks = engine.model.__dict__["_tp_ranks"]
     try:
         ranks.procs[0].kill()
         ranks.procs[0].join()
         engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0))
-        with pytest.raises(DistributedError, match=r"rank 1 exited with code -9"):
+        with pytest.raises(DistributedError, match=r"^tensor-parallel rank 1 exited with code -9; the other ranks "
+                                                   r"were stopped$"):
             while engine.has_unfinished_requests():
                 engine.step()
     finally:
