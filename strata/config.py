@@ -306,6 +306,8 @@ class EngineConfig:
     # speculative decoding (vLLM's keys): {"model": PATH, "num_speculative_tokens": 4} or
     # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict
     speculative_config: str | dict | None = None
+    tensor_parallel_size: int = 1  # ranks the model is split over (attention heads, MLP columns; strata/distributed)
+    distributed_executor_backend: str | None = None  # how the ranks start: mp (local processes; default for N > 1)
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""
@@ -327,4 +329,6 @@ class EngineConfig:
         check("memory_budget", lambda v: v is None or is_int(v) and v >= 1, "a positive number of bytes (or unset)")
         check("dtype", lambda v: not isinstance(v, str) or v in ("auto", "float32", "bfloat16", "float16"),
               "one of auto, float32, bfloat16, float16")
+        check("tensor_parallel_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check("distributed_executor_backend", lambda v: v in (None, "mp"), "mp (or unset)")
         check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")

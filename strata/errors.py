@@ -27,3 +27,7 @@ class InvalidRequestError(StrataError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class DistributedError(StrataError):
+    """A rank of a tensor-parallel model died or a collective failed (names the rank)."""

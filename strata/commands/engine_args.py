@@ -34,6 +34,10 @@ HELP = {
     "speculative_config": 'speculative decoding as JSON (vLLM keys): \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
                           'or \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
                           'see docs/speculative.md',
+    "tensor_parallel_size": "split the model over N ranks (attention heads and MLP columns, Megatron layout; "
+                            "float32/bf16 safetensors checkpoints); see docs/distributed.md",
+    "distributed_executor_backend": "how the tensor-parallel ranks start: mp (local processes, one torch thread "
+                                    "each unless --num-threads; the default for --tensor-parallel-size > 1)",
 }
 _SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
 

@@ -31,6 +31,8 @@ ENGINE_HELP = {
     "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
     "speculative_config": 'speculative decoding as JSON (vLLM keys), e.g. \'{"method": "ngram", '
                           '"num_speculative_tokens": 4}\'; see docs/speculative.md',
+    "tensor_parallel_size": "split the model over N ranks (Megatron layout); see docs/distributed.md",
+    "distributed_executor_backend": "how the tensor-parallel ranks start: mp (local processes)",
 }
 
 

@@ -81,7 +81,12 @@ class LLMEngine:
         spec = SpeculativeConfig.from_value(config.speculative_config)
         # the draft loads first: the memory budget plan measures what is already resident (tiers/runtime.py)
         proposer = make_proposer(spec, path, config) if spec else None
-        self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, routing traces
+        if config.tensor_parallel_size > 1:  # ranks spawned here; this process is rank 0 (strata/distributed)
+            from strata.distributed.launcher import load_model_parallel
+
+            self.model, self.tiers = load_model_parallel(path, config, progress), None
+        else:
+            self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
             torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None

@@ -103,6 +103,7 @@ class CausalLM(nn.Module):
 
     qk_norm: str | None = None  # None, "head" (Qwen3) or "full" (OLMoE)
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
+    use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
 
     @staticmethod
     def qkv_bias(cfg: ModelConfig) -> bool:
@@ -157,7 +158,8 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)
-        native = self._native_decoder(kv_caches) if native_decode.usable(x, meta, kv_caches) else None
+        native = (self._native_decoder(kv_caches)
+                  if self.use_native_decoder and native_decode.usable(x, meta, kv_caches) else None)
         if native is not None and native.accepts(x.shape[0]):  # decode step: all layers in one native call
             x, residual = native(x, cos, sin, meta)
         else:

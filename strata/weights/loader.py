@@ -79,12 +79,16 @@ def load_model(
     progress: bool = True,
     fuse: bool = True,
     check_finite: bool = True,
+    shard=None,
 ) -> CausalLM:
     """Load an HF folder. `skip(name)` leaves a tensor on the meta device (e.g. experts served from disk);
-    `check_finite` refuses a floating-point tensor holding NaN or inf (one reduction per tensor)."""
+    `check_finite` refuses a floating-point tensor holding NaN or inf (one reduction per tensor); `shard` (a
+    strata.distributed.tensor_parallel.Shard) builds one tensor-parallel rank's slice of the model."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
     cfg = ModelConfig.from_pretrained(path)
+    if shard is not None:
+        cfg = shard.config(cfg, path)
     cls = model_class(cfg)
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
@@ -113,6 +117,8 @@ def load_model(
             t = get()
         except Exception as e:  # noqa: BLE001 - same as iter_checkpoint
             raise WeightsError(f"{fn}: tensor '{name}' cannot be read ({str(e).splitlines()[0]})") from None
+        if shard is not None:
+            t = shard.tensor(name, t)
         want = expected[name]
         if tuple(t.shape) != tuple(want.shape):
             raise WeightsError(
