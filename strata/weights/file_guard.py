@@ -18,19 +18,17 @@ Without a C compiler only the timer runs (logged once).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from strata.layers.quant_native import cache_dir
+from strata.layers.quant_native import compile_library
 
 log = logging.getLogger("strata.weights")
 EXIT_MODEL_FILE_CHANGED = 75
@@ -123,20 +121,8 @@ def _sigbus_lib() -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler: a model file truncated under this process ends it with a bare SIGBUS")
         return None
-    flags = ["-O2", "-shared", "-fPIC"]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"sigbus_guard-{digest}.so"
     try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=60)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        target = compile_library("sigbus_guard", [SOURCE], cc, ["-O2", "-shared", "-fPIC"])
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("SIGBUS guard not built (%s): a truncated model file ends the process with a bare SIGBUS", e)
