@@ -1,4 +1,4 @@
-"""Peak RSS of `strata generate --memory-budget` stays within the budget plus 10% (separate process)."""
+"""Peak RSS of `strata generate --memory-budget` stays within the budget plus 5% (separate process)."""
 
 from __future__ import annotations
 
@@ -70,4 +70,4 @@ def test_peak_rss_within_budget(tmp_path):
     s = json.loads(stats.read_text())
     assert s["tiered"] and s["expert_cache_slots"] < expert_bytes // (3 << 20)
     assert s["disk_bytes_read"] > 0
-    assert s["peak_rss_bytes"] <= 1.1 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
+    assert s["peak_rss_bytes"] <= 1.05 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
