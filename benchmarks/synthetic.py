@@ -32,6 +32,13 @@ PRESETS = {
         "bos_token_id": 1, "eos_token_id": 50279, "clip_qkv": None,
     },
 }
+# A small Mixtral with long positions: prompts of thousands of tokens under a memory budget (benchmarks/budget_rss.py)
+PRESETS["mixtral-small"] = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 512,
+    "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "torch_dtype": "bfloat16", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
 # Thin twins: the same layers, heads per KV head, experts and vocabulary with widths cut to 256, so a decode step's
 # weights are ~50 MB and its time is the engine's fixed cost per step (benchmarks/step_overhead.py)
 PRESETS["dense-1b-thin"] = dict(PRESETS["dense-1b"], hidden_size=256, intermediate_size=704, num_attention_heads=4,

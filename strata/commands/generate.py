@@ -39,10 +39,13 @@ def register(sub) -> None:
 
 def _llm(args):
     from strata import LLM
+    from strata.weights.file_guard import guard_model_files
 
     cfg = engine_config_from_args(args)
     kw = {k: v for k, v in vars(cfg).items() if k != "model"}
-    return LLM(cfg.model, progress=sys.stderr.isatty(), **kw)
+    llm = LLM(cfg.model, progress=sys.stderr.isatty(), **kw)
+    guard_model_files(llm.engine.model_path)  # a model file changed under us: one line and exit 75, not SIGBUS
+    return llm
 
 
 def _params(llm, args):

@@ -133,7 +133,10 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     metrics = EngineMetrics(name)
 
     def make_engine() -> LLMEngine:
+        from strata.weights.file_guard import guard_model_files
+
         engine = LLMEngine(config, progress=False)
+        guard_model_files(engine.model_path)  # a model file changed under the server: one line and exit 75
         if template is not None:
             if engine.tokenizer is None:
                 raise ConfigError(f"--chat-template: {model} has no tokenizer.json to apply it to")

@@ -70,26 +70,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _build(cc: str) -> Path:
-    text = b"".join(p.read_bytes() for p in (HEADER, *SOURCES))
-    digest = hashlib.sha256(text + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"quant_cpu-{digest}.so"
+def compile_library(stem: str, sources: list[Path], cc: str, flags: list[str], libs: list[str] = ()) -> Path:
+    """`stem-HASH.so` in cache_dir() built from `sources` (the hash covers them and the command), compiled
+    once into a temporary file then renamed; builds of older sources are removed."""
+    text = b"".join(p.read_bytes() for p in sources)
+    digest = hashlib.sha256(text + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
+        c_files = [str(p) for p in sources if p.suffix == ".c"]
+        subprocess.run([cc, *flags, *c_files, "-o", tmp, *libs], check=True, capture_output=True,
                        timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, target)
-        for stale in target.parent.glob("quant_cpu-*.so"):  # builds of older sources
+        for stale in target.parent.glob(f"{stem}-*.so"):  # builds of older sources
             if stale != target:
                 stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _build(cc: str) -> Path:
+    return compile_library("quant_cpu", [HEADER, *SOURCES], cc, CFLAGS, ["-lm"])
 
 
 @lru_cache(maxsize=1)

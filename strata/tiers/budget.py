@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from strata import units
+from strata.config import ModelConfig
 from strata.errors import StrataError
 from strata.units import format_size
 
@@ -52,6 +53,7 @@ class MemoryPlan:
     class_bytes: list[int] | None = None  # slot size of each size class (experts of different sizes)
     class_slots: list[int] | None = None  # slots of each class (they add up to num_slots)
     class_max: list[int] | None = None  # experts of each class
+    max_num_batched_tokens: int = 0  # the step token budget the activations were planned for (0: not set)
 
     @property
     def fixed_bytes(self) -> int:
@@ -74,7 +76,8 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = [f"budget {format_size(self.budget_bytes)}", f"runtime {format_size(self.runtime_bytes)}",
                  f"resident weights {format_size(self.resident_bytes)}", f"KV cache {format_size(self.kv_bytes)}",
-                 f"activations {format_size(self.activation_bytes)}",
+                 f"activations {format_size(self.activation_bytes)}"
+                 + (f" (steps of {self.max_num_batched_tokens} tokens)" if self.max_num_batched_tokens else ""),
                  *([f"low-bit experts {format_size(self.lowbit_bytes)}"] if self.lowbit_bytes else []),
                  f"expert cache {self._slots_text()}"]
         return ", ".join(parts)
@@ -161,8 +164,33 @@ def estimate_kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_tok
     return 2 * num_layers * num_kv_heads * head_dim * max_tokens * batch * dtype_bytes
 
 
-def estimate_activation_bytes(hidden_size: int, intermediate_size: int, vocab_size: int, num_tokens: int,
-                              dtype_bytes: int = 4) -> int:
-    """Peak live activations of one forward over num_tokens: a few hidden-sized buffers, one MLP
-    intermediate (gate and up) and the logits."""
-    return num_tokens * (8 * hidden_size + 3 * intermediate_size + vocab_size) * dtype_bytes
+def estimate_activation_bytes(cfg: ModelConfig, num_tokens: int, context_len: int, num_seqs: int,
+                              dtype_bytes: int = 4, stored_dtype_bytes: int | None = None) -> int:
+    """Peak temporary bytes of one engine step of `num_tokens` tokens (at most `num_seqs` sampled rows, contexts
+    of at most `context_len` tokens), from the model's shapes. Upper bound: the buffers are summed as if all
+    lived at once, though each layer frees its own before the next.
+
+    - hidden states: the layer input, residual, norm output, attention output and o_proj output [T, H];
+    - attention: q/k/v and their rotated copies [T, (Hq + 2 Hkv) D]; one sequence's context gathered from the
+      KV cache, as wide as the query heads should GQA expand it [ctx, Hq, D] x 2; SDPA's CPU kernel works in
+      query and key blocks (measured: 11 MiB for 16 heads over 4,000 positions, not the [Hq, Q, ctx] scores);
+    - MLP or MoE dispatch: router logits and probabilities [T, E] float32, the sorted assignments [T k], the
+      gathered tokens of one expert and their gate, up and activation [c, 3 I] with c <= T, the expert output
+      [c, H] and the block output [T, H]; an expert stored in another dtype is cast first (3 H I);
+    - logits of the sampled rows [N, V] float32 and the sampler's copies of them (softmax, sort)."""
+    t, h, e = num_tokens, cfg.hidden_size, dtype_bytes
+    d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    hidden = 5 * t * h * e
+    attention = 2 * t * (hq + 2 * hkv) * d * e + 2 * context_len * hq * d * e + t * hq * d * e
+    mlp = 3 * t * cfg.intermediate_size * e + t * h * e
+    if cfg.is_moe:
+        inter = cfg.moe_intermediate_size
+        router = 2 * t * cfg.num_experts * 4 + 3 * t * cfg.num_experts_per_tok * 8
+        moe = router + t * (3 * inter + 3 * h) * e
+        if stored_dtype_bytes and stored_dtype_bytes != dtype_bytes:
+            moe += 3 * h * inter * e
+        if cfg.shared_expert_intermediate_size:
+            moe += t * (3 * cfg.shared_expert_intermediate_size + h) * e
+        mlp = max(mlp, moe)
+    logits = 4 * num_seqs * cfg.vocab_size * 4
+    return hidden + attention + mlp + logits

@@ -20,6 +20,7 @@ import torch
 from strata.config import EngineConfig, ModelConfig
 from strata.errors import ConfigError, WeightsError
 from strata.tiers.budget import (
+    BudgetError,
     MemoryPlan,
     current_rss,
     estimate_activation_bytes,
@@ -28,12 +29,15 @@ from strata.tiers.budget import (
     min_slots_for,
     plan_memory,
 )
+from strata.tiers.retention import bound_retention
 from strata.tiers.trace import RoutingRecorder, RoutingReplay, read_trace
 
 log = logging.getLogger("strata.tiers")
 # RSS the first forward adds beyond its tensors (kernel set-up, allocator pools, tokenizer buffers):
 # measured at about 12 MiB on a small Mixtral (tests/tiers/test_rss.py), rounded up.
 FIRST_FORWARD_GROWTH = 16 << 20
+# the smallest step token budget a plan lowers --max-num-batched-tokens to before it refuses the budget
+MIN_STEP_TOKENS = 64
 
 
 class TierRuntime:
@@ -127,6 +131,20 @@ class TierRuntime:
 
 def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
           lowbit: bool = False) -> MemoryPlan:
+    """The plan for --max-num-batched-tokens, or, where that step's activations leave too little of the
+    budget, for the largest smaller step token budget (halving down to MIN_STEP_TOKENS) that fits."""
+    tokens = config.max_num_batched_tokens
+    while True:
+        try:
+            return _plan_for(config, cfg, dtype, facts, lowbit, tokens)
+        except BudgetError:
+            if tokens <= MIN_STEP_TOKENS:
+                raise
+            tokens = max(tokens // 2, MIN_STEP_TOKENS)
+
+
+def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts, lowbit: bool,
+              step_tokens: int) -> MemoryPlan:
     elem = torch.empty(0, dtype=dtype).element_size()
     max_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
     # the KV cache as LLMEngine sizes it: whole blocks, at most kv_cache_memory, at most what is wanted
@@ -134,19 +152,22 @@ def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype,
                                   config.block_size, elem)
     wanted = config.max_num_seqs * -(-max_len // config.block_size)
     kv = max(min(wanted, config.kv_cache_memory // per_block), 1) * per_block
-    inter = max(cfg.intermediate_size, cfg.moe_intermediate_size * cfg.num_experts_per_tok)
-    act = estimate_activation_bytes(cfg.hidden_size, inter, 0, config.max_num_batched_tokens, 4)
-    act += config.max_num_seqs * cfg.vocab_size * 4  # logits of the sampled rows
-    act += FIRST_FORWARD_GROWTH
+    from strata.weights.loader import DTYPES
+
+    stored = DTYPES.get(cfg.torch_dtype, torch.float32).itemsize
+    act = estimate_activation_bytes(cfg, step_tokens, min(max_len, kv // per_block * config.block_size),
+                                    config.max_num_seqs, elem, stored) + FIRST_FORWARD_GROWTH
     from strata.models.registry import model_class
 
     with torch.device("meta"):  # the first meta build imports torch's symbolic stack (~80 MB): runtime, not weights
         model_class(cfg)(cfg)
-    return plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
+    plan = plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
                        kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
                        lowbit_bytes=facts.lowbit_bytes if lowbit else 0,
                        min_slots=min_slots_for("global", cfg.num_hidden_layers, cfg.num_experts_per_tok),
                        slot_classes=list(facts.slot_classes), min_slots_per_class=cfg.num_experts_per_tok)
+    plan.max_num_batched_tokens = step_tokens
+    return plan
 
 
 def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
@@ -156,6 +177,8 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     if not (config.memory_budget or config.record_routing or config.replay_routing):
         return load_model(path, dtype=config.dtype, progress=progress,
                           check_finite=config.check_weights), None
+    if config.memory_budget:
+        bound_retention()  # before the first matmul: the libraries read their cache sizes then
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
     cfg = ModelConfig.from_pretrained(path)
@@ -178,6 +201,10 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     plan = _plan(path, config, cfg, dtype, facts)
     if not plan.all_experts_fit and config.miss_fallback == "lowbit":  # the low-bit copies take their share
         plan = _plan(path, config, cfg, dtype, facts, lowbit=True)
+    if plan.max_num_batched_tokens < config.max_num_batched_tokens:
+        log.warning("--max-num-batched-tokens lowered from %d to %d: a step's activations must fit --memory-budget "
+                    "(%s)", config.max_num_batched_tokens, plan.max_num_batched_tokens, plan.describe())
+        config.max_num_batched_tokens = plan.max_num_batched_tokens  # the scheduler's step token budget
     if plan.all_experts_fit:
         log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
         model = load_model(path, dtype=config.dtype, progress=progress,

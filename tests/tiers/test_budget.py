@@ -59,3 +59,22 @@ def test_size_classes_plan_and_refusal():
     assert "5/10 slots x 100 B + 10/20 slots x 50 B" in plan.describe().replace("Bytes", "B")
     with pytest.raises(BudgetError, match=r"expert slots 2 x .* \+ 2 x .*--memory-budget 1MiB"):
         plan_memory(1200, **kw)
+
+
+def test_activation_estimate_covers_context_dispatch_and_sampled_logits():
+    from strata.config import ModelConfig
+    from strata.tiers.budget import estimate_activation_bytes
+
+    cfg = ModelConfig(architecture="MixtralForCausalLM", model_type="mixtral", head_dim=32, hidden_size=512,
+                      intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=32000, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=1536)
+    base = estimate_activation_bytes(cfg, 512, 1024, 1, dtype_bytes=2)
+    # the context gathered for attention: [ctx, Hq, D] keys and values
+    assert estimate_activation_bytes(cfg, 512, 3072, 1, 2) - base == 2 * 2048 * 16 * 32 * 2
+    # logits and the sampler's copies of them for the sampled rows only, not for every token of the step
+    assert estimate_activation_bytes(cfg, 512, 1024, 9, 2) - base == 4 * 8 * 32000 * 4
+    # the tokens of one expert and their gate, up and activation grow with the step's tokens
+    assert estimate_activation_bytes(cfg, 1024, 1024, 1, 2) > base + 512 * 3 * 1536 * 2
+    # experts stored in float32 are cast to the compute dtype before they run
+    assert estimate_activation_bytes(cfg, 512, 1024, 1, 2, stored_dtype_bytes=4) - base == 3 * 512 * 1536 * 2

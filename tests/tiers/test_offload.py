@@ -43,11 +43,13 @@ def models(tmp_path_factory):
     return get
 
 
-def budget_for(path: str, num_slots: int, dtype: torch.dtype | None = torch.float32) -> int:
+def budget_for(path: str, num_slots: int, dtype: torch.dtype | None = torch.float32,
+               max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens) -> int:
     facts = checkpoint_facts(path)
     cfg = ModelConfig.from_pretrained(path)
     dtype = dtype or resolve_dtype(None, cfg)
-    fixed = runtime._plan(path, EngineConfig(memory_budget=1 << 40), cfg, dtype, facts).fixed_bytes
+    config = EngineConfig(memory_budget=1 << 40, max_num_batched_tokens=max_num_batched_tokens)
+    fixed = runtime._plan(path, config, cfg, dtype, facts).fixed_bytes
     return fixed + num_slots * facts.slot_bytes
 
 
@@ -88,7 +90,9 @@ def test_budget_that_holds_everything_loads_resident(models):
 def test_refusal_gives_the_minimum(models):
     path, _ = models("mixtral")
     with pytest.raises(BudgetError, match=r"is too small: .*the minimum that would work is --memory-budget"):
-        LLM(path, progress=False, dtype="float32", memory_budget=budget_for(path, 3))
+        # below the minimum even with the smallest step token budget the plan would lower to
+        LLM(path, progress=False, dtype="float32",
+            memory_budget=budget_for(path, 3, max_num_batched_tokens=runtime.MIN_STEP_TOKENS))
 
 
 def test_record_then_replay_routing(models, tmp_path):

@@ -1,4 +1,4 @@
-"""Peak RSS of `strata generate --memory-budget` stays within the budget plus 10% (separate process)."""
+"""Peak RSS of `strata generate --memory-budget` stays within the budget plus 5% (separate process)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from tests.models.conftest import save_tiny_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_mixtral(path: Path, layers: int = 4, experts: int = 8, hidden: int = 256, inter: int = 1024) -> int:
+def write_mixtral(path: Path, layers: int = 4, experts: int = 8, hidden: int = 256, inter: int = 1024,
+                  heads: int = 4, kv_heads: int = 2, vocab: int = 512, max_positions: int = 256) -> int:
     """A random Mixtral-shaped checkpoint; returns the bytes of its routed experts."""
-    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": experts,
-           "num_experts_per_tok": 2, "max_position_embeddings": 256, "torch_dtype": "float32",
+           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_local_experts": experts,
+           "num_experts_per_tok": 2, "max_position_embeddings": max_positions, "torch_dtype": "float32",
            "bos_token_id": 1, "eos_token_id": 2}
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg))
@@ -30,11 +31,12 @@ def write_mixtral(path: Path, layers: int = 4, experts: int = 8, hidden: int = 2
     def rnd(*shape):
         return torch.randn(*shape, generator=g) * 0.05
 
-    t = {"model.embed_tokens.weight": rnd(512, hidden), "lm_head.weight": rnd(512, hidden),
+    t = {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
          "model.norm.weight": torch.ones(hidden)}
     for layer in range(layers):
         p = f"model.layers.{layer}."
-        for n, rows in (("q_proj", hidden), ("k_proj", hidden // 2), ("v_proj", hidden // 2), ("o_proj", hidden)):
+        kv_rows = hidden // heads * kv_heads
+        for n, rows in (("q_proj", hidden), ("k_proj", kv_rows), ("v_proj", kv_rows), ("o_proj", hidden)):
             t[f"{p}self_attn.{n}.weight"] = rnd(rows, hidden)
         t[p + "input_layernorm.weight"] = torch.ones(hidden)
         t[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
@@ -68,7 +70,7 @@ def test_peak_rss_within_budget(tmp_path):
     s = json.loads(stats.read_text())
     assert s["tiered"] and s["expert_cache_slots"] < expert_bytes // (3 << 20)
     assert s["disk_bytes_read"] > 0
-    assert s["peak_rss_bytes"] <= 1.1 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
+    assert s["peak_rss_bytes"] <= 1.05 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
 
 
 def test_peak_rss_within_budget_quantized(tmp_path):
@@ -94,4 +96,4 @@ def test_peak_rss_within_budget_quantized(tmp_path):
     assert s["tiered"] and s["expert_slot_bytes"] == facts.slot_bytes
     assert s["expert_cache_slots"] < facts.num_experts
     assert s["disk_bytes_read"] % facts.slot_bytes == 0 and s["disk_bytes_read"] > 0
-    assert s["peak_rss_bytes"] <= 1.1 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
+    assert s["peak_rss_bytes"] <= 1.05 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
