@@ -31,7 +31,8 @@ NUM_CLIENTS = 12  # against 4 running sequences and a waiting queue of 2: most b
 REQUEST_TIMEOUT = 120.0  # a client without an answer this long counts the request as lost
 MAX_ATTEMPTS = 200  # 429 retries of one request before it counts as lost
 RSS_GROWTH = 1.10  # RSS after the warm-up may exceed the warm-up peak by at most 10 %
-WORDS = "thou art the sun and I the moon that follows thee through night and day".split()
+WORDS = ["thou", "art", "the", "sun", "and", "I", "the", "moon", "that", "follows", "thee", "through", "night",
+         "and", "day"]
 
 
 class Tally:
