@@ -170,26 +170,30 @@ async def client_loop(url: str, seed: int, stop_at: float, tally: Tally, long_pr
             await send(client, rng, kind, path, body, tally)
 
 
-def sample_rss(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> None:
+def sample_rss(pid: int, samples: list[tuple[float, int, int]], tally: Tally, stop: threading.Event) -> None:
+    """Appends (seconds, requests ended so far, RSS bytes) four times a second."""
     import psutil
 
     proc, t0 = psutil.Process(pid), time.monotonic()
     while not stop.is_set():
         try:
-            samples.append((time.monotonic() - t0, proc.memory_info().rss))
+            ended = tally.counts["completed"] + tally.counts["disconnects"] + tally.counts["lost"]
+            samples.append((time.monotonic() - t0, ended, proc.memory_info().rss))
         except psutil.Error:
             return
         stop.wait(0.25)
 
 
-def rss_bound(samples: list[tuple[float, int]], warmup: float) -> tuple[int, int]:
-    """(peak over the warm-up, peak after it). Measured (60 and 120 s runs, bundled model): RSS climbs from
-    about 350 MiB at start by ~300 MiB over the first 30 s (kernels compiled, grammar and tokenizer caches,
-    malloc arenas of the server's threads grown to their working size), then by under 1 MiB/s and slowing.
-    The warm-up, the first half of the run (the first minute at the default duration), has met every request
-    kind hundreds of times; past it a leak of 40 KiB per request (~12 requests/s here) exceeds the 10 %."""
-    early = max(r for t, r in samples if t <= warmup)
-    late = max((r for t, r in samples if t > warmup), default=early)
+def rss_bound(samples: list[tuple[float, int, int]]) -> tuple[int, int]:
+    """(peak over the warm-up, peak after it). Measured (bundled model, 12 requests/s): RSS climbs from about
+    350 MiB by ~350 MiB over the first 40 s (not broken down: caches, compiled grammars, the malloc arenas of
+    the server's threads growing to their working size), then in ever smaller steps (+43 MiB, 5.6 %, in the
+    second minute of a 2-minute run; +4 MiB in its last 30 s). The warm-up is the first half of the requests
+    (counted, not timed: on a loaded machine the server serves fewer per second), hundreds of each kind at
+    the default duration; past it, a leak of about 100 KiB per request exceeds the 10 %."""
+    half = samples[-1][1] / 2
+    early = max(r for _, n, r in samples if n <= half)
+    late = max((r for _, n, r in samples if n > half), default=early)
     return early, late
 
 
@@ -197,7 +201,7 @@ def test_soak(server_model):
     pytest.importorskip("psutil")
     srv = Server(server_model, "--max-num-seqs", "4", "--max-queued-requests", "2", "--served-model-name", "soak")
     stop = threading.Event()
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, int]] = []
     try:
         max_len = srv.max_model_len
         rng = random.Random(0)
@@ -208,9 +212,9 @@ def test_soak(server_model):
         long_tokens = httpx.post(srv.url + "/tokenize", json={"prompt": long_prompt}, timeout=30).json()["count"]
         assert max_len - 32 <= long_tokens < max_len
 
-        sampler = threading.Thread(target=sample_rss, args=(srv.proc.pid, samples, stop), daemon=True)
-        sampler.start()
         tally = Tally()
+        sampler = threading.Thread(target=sample_rss, args=(srv.proc.pid, samples, tally, stop), daemon=True)
+        sampler.start()
         t0 = time.monotonic()
 
         async def run():
@@ -225,15 +229,15 @@ def test_soak(server_model):
         m = srv.wait_metric("strata:kv_cache_usage_perc", lambda v: v == 0, timeout=30)
         stop.set()
         sampler.join(5)
-        early, late = rss_bound(samples, SOAK_SECONDS / 2)
-        end = samples[-1][1]
+        early, late = rss_bound(samples)
+        end = samples[-1][2]
         mib = 1 << 20
         print(f"\nsoak {wall:.0f} s, {NUM_CLIENTS} clients: {tally.counts}; "
-              f"RSS start {samples[0][1] / mib:.0f} MiB, warm-up peak {early / mib:.0f}, later peak "
+              f"RSS start {samples[0][2] / mib:.0f} MiB, warm-up peak {early / mib:.0f}, later peak "
               f"{late / mib:.0f}, end {end / mib:.0f} ({len(samples)} samples); "
               f"preemptions {m.get('strata:num_preemptions_total', 0):.0f}")
         step = max(SOAK_SECONDS / 12, 1.0)  # the RSS curve: peak of each twelfth of the run
-        curve = [max((r for t, r in samples if i * step <= t < (i + 1) * step), default=0) // mib for i in range(13)]
+        curve = [max((r for t, _, r in samples if i * step <= t < (i + 1) * step), default=0) // mib for i in range(13)]
         print(f"RSS MiB by {step:.0f} s: {curve}")
         assert tally.counts["lost"] == 0, tally.failures
         assert tally.counts["completed"] > 0 and tally.counts["disconnects"] > 0
