@@ -187,8 +187,8 @@ def sample_rss(pid: int, samples: list[tuple[float, int, int]], tally: Tally, st
 def rss_bound(samples: list[tuple[float, int, int]]) -> tuple[int, int]:
     """(peak over the warm-up, peak after it). Measured (bundled model, 12 requests/s): RSS climbs from about
     350 MiB by ~350 MiB over the first 40 s (not broken down: caches, compiled grammars, the malloc arenas of
-    the server's threads growing to their working size), then in ever smaller steps (+43 MiB, 5.6 %, in the
-    second minute of a 2-minute run; +4 MiB in its last 30 s). The warm-up is the first half of the requests
+    the server's threads growing to their working size), then in ever smaller steps (+11 MiB, 1.4 %, over the
+    second half of a 4-minute run; +4 MiB in its last minute). The warm-up is the first half of the requests
     (counted, not timed: on a loaded machine the server serves fewer per second), hundreds of each kind at
     the default duration; past it, a leak of about 100 KiB per request exceeds the 10 %."""
     half = samples[-1][1] / 2
