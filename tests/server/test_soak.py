@@ -185,7 +185,7 @@ def sample_rss(pid: int, samples: list[tuple[float, int, int]], tally: Tally, st
 
 
 def rss_bound(samples: list[tuple[float, int, int]]) -> tuple[int, int]:
-    """(peak over the warm-up, peak after it). Measured (bundled model, 12 requests/s): RSS climbs from about
+    """(peak over the warm-up, peak after it). Measured (bundled model, 4-13 requests/s): RSS climbs from about
     350 MiB by ~350 MiB over the first 40 s (not broken down: caches, compiled grammars, the malloc arenas of
     the server's threads growing to their working size), then in ever smaller steps (+11 MiB, 1.4 %, over the
     second half of a 4-minute run; +4 MiB in its last minute). The warm-up is the first half of the requests
