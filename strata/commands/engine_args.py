@@ -15,8 +15,6 @@ from strata import units
 from strata.config import EngineConfig
 from strata.errors import ConfigError
 
-SIZE_RULE = "K/M/G/T and KiB/MiB/GiB/TiB are binary (4G = 4GiB = 4096MiB), KB/MB/GB/TB decimal, a bare number bytes"
-
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
@@ -41,7 +39,7 @@ def _choices(meta) -> tuple[str, ...] | None:
 def _help(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
     if f.metadata.get("type") == "size":
-        text += f" ({SIZE_RULE})"
+        text += f" ({units.RULE})"
         return text if f.default is None else f"{text} (default {units.format_size(f.default)})"
     if f.default is not None and not isinstance(f.default, bool):
         text += f" (default {f.default})"

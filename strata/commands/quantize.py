@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from strata import units
 from strata.errors import UnsupportedError, WeightsError
 
 
@@ -33,7 +34,8 @@ def register(sub) -> None:
                    "decode step) to FORMAT, e.g. int8; default: keep it unquantized. With tied embeddings the "
                    "output gets its own quantized copy and the embedding lookup keeps its float rows")
     p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
-    p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
+    p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB "
+                   f"({units.RULE})")
     p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "
                    "model.layers.3.mlp.experts.5, or a module name); default: uniform routing frequency")
     p.add_argument("--calibration", help="safetensors of <module>.input_sq_mean [in], <module>.input_second_moment "
