@@ -1,8 +1,8 @@
 """Command-line flags generated from dataclass fields (one generator for every command's knobs).
 
 EngineConfig's fields (strata/config.py) carry their help text, value type and choices in their metadata
-(`knob(...)`); `add_engine_args` turns them into the engine flags of `generate`, `chat`, `serve` and `plan`,
-`add_dataclass_args` does the same for any other dataclass built with `knob` (the server's ServerConfig).
+(`knob(...)`); `add_engine_args` turns them into the engine flags of `generate`, `chat`, `serve`, `eval` and
+`plan`; `add_dataclass_args` does the same for any other dataclass built with `knob` (the server's ServerConfig).
 Byte sizes all go through strata.units.parse_size, so `--memory-budget 3GiB` reads the same everywhere.
 """
 
@@ -36,37 +36,41 @@ def _choices(meta) -> tuple[str, ...] | None:
     return choices() if callable(choices) else choices
 
 
-def _help(f: dataclasses.Field) -> str:
+def _help(f: dataclasses.Field, default) -> str:
     text = f.metadata["help"]
     if f.metadata.get("type") == "size":
         text += f" ({units.RULE})"
-        return text if f.default is None else f"{text} (default {units.format_size(f.default)})"
-    if f.default is not None and not isinstance(f.default, bool):
-        text += f" (default {f.default})"
+        return text if default is None else f"{text} (default {units.format_size(default)})"
+    if default is not None and not isinstance(default, bool):
+        text += f" (default {default})"
     return text
 
 
-def add_field_arg(parser, f: dataclasses.Field, required: bool = False) -> None:
-    """One flag for one field: bool -> --x/--no-x, size -> parsed later by `config_from_args`, else typed."""
+def add_field_arg(parser, f: dataclasses.Field, required: bool = False, default=dataclasses.MISSING) -> None:
+    """One flag for one field: bool -> --x/--no-x, size -> parsed later by `config_kwargs`, else typed.
+    `default` replaces the field's for a command that needs another (eval's float32)."""
     flag, meta = flag_name(f.name), f.metadata
+    default = f.default if default is dataclasses.MISSING else default
     if isinstance(f.default, bool):
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_help(f))
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_help(f, default))
     elif meta.get("type") == "size":
-        parser.add_argument(flag, default=None, required=required, help=_help(f))
+        parser.add_argument(flag, default=None, required=required, help=_help(f, default))
     else:
-        parser.add_argument(flag, type=meta.get("type") or str, default=f.default, required=required,
-                            choices=_choices(meta), help=_help(f))
+        parser.add_argument(flag, type=meta.get("type") or str, default=default, required=required,
+                            choices=_choices(meta), help=_help(f, default))
 
 
-def add_dataclass_args(parser, cls, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+def add_dataclass_args(parser, cls, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                       defaults: dict | None = None) -> None:
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only) or "help" not in f.metadata:
             continue
-        add_field_arg(parser, f)
+        add_field_arg(parser, f, default=(defaults or {}).get(f.name, dataclasses.MISSING))
 
 
-def add_engine_args(parser, skip: tuple[str, ...] = ()) -> None:
-    add_dataclass_args(parser, EngineConfig, skip=skip)
+def add_engine_args(parser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                    defaults: dict | None = None) -> None:
+    add_dataclass_args(parser, EngineConfig, skip=skip, only=only, defaults=defaults)
 
 
 def engine_field(name: str) -> dataclasses.Field:

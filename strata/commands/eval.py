@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+from strata.commands.engine_args import add_engine_args
 from strata.engine.textfile import read_text
 from strata.errors import StrataError
 
@@ -14,7 +15,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     ppl = kinds.add_parser("ppl", help="perplexity and bits per byte on a text file")
-    ppl.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
+    add_engine_args(ppl, only=("model",))
     _add_window_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object with ppl, bits_per_byte, tokens")
     ppl.set_defaults(func=run_ppl)
@@ -36,7 +37,7 @@ def _add_window_args(p) -> None:
     p.add_argument("--max-positions", type=int, default=128, help="with --split: predicted tokens per document")
     p.add_argument("--tail-fraction", type=float, default=None,
                    help="score only the last fraction of the file (e.g. 0.1 for a held-out split)")
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    add_engine_args(p, only=("dtype",), defaults={"dtype": "float32"})
 
 
 def run_ppl(args) -> int:

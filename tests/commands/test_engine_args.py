@@ -59,3 +59,12 @@ def test_unknown_choice_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["serve", "--miss-fallback", "guess"])
     assert e.value.code == 2 and "invalid choice: 'guess'" in capsys.readouterr().err
+
+
+def test_eval_takes_the_engine_flags_with_its_own_dtype_default():
+    args = build_parser().parse_args(["eval", "kl", "--model", "a", "--reference", "b", "--data", "t.txt"])
+    assert args.dtype == "float32"
+    args = build_parser().parse_args(["eval", "ppl", "--data", "t.txt", "--dtype", "bfloat16"])
+    assert (args.model, args.dtype) == (None, "bfloat16")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "ppl", "--data", "t.txt", "--dtype", "int3"])
