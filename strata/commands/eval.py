@@ -7,8 +7,8 @@ import json
 import sys
 
 from strata.commands.engine_args import add_engine_args
-from strata.engine.textfile import read_text
 from strata.errors import StrataError
+from strata.eval.textfile import read_text
 
 
 def register(sub) -> None:
@@ -42,7 +42,7 @@ def _add_window_args(p) -> None:
 
 def run_ppl(args) -> int:
     from strata.engine.llm_engine import BUNDLED_MODEL
-    from strata.engine.perplexity import per_document, sliding_window
+    from strata.eval.perplexity import per_document, sliding_window
     from strata.tokenizer import Tokenizer
     from strata.weights.gguf_cache import resolve_model_path
     from strata.weights.loader import load_model
@@ -65,7 +65,7 @@ def run_ppl(args) -> int:
 
 def run_kl(args) -> int:
     from strata.config import ModelConfig
-    from strata.engine.compare import compare_models
+    from strata.eval.compare import compare_models
     from strata.tokenizer import Tokenizer
     from strata.weights.loader import load_model
 

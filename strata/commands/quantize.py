@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate_data:
         calib = _calibrate(args, progress, second_moments=method in ("gptq", "tune"))
     if method == "tune":
-        from strata.engine.textfile import read_text
+        from strata.eval.textfile import read_text
         from strata.tokenizer import Tokenizer
         from strata.weights.quant_tune import TuneConfig
 
@@ -124,8 +124,8 @@ def _default_frequency(src) -> float:
 
 def _calibrate(args: argparse.Namespace, progress: bool, second_moments: bool):
     """Statistics of the unquantized model on --calibrate-data, read as read_calibration reads a file."""
-    from strata.engine.calibration import calibrate, save_calibration
-    from strata.engine.textfile import read_text
+    from strata.eval.calibration import calibrate, save_calibration
+    from strata.eval.textfile import read_text
     from strata.weights.quant_plan import calibration_of
 
     stats = calibrate(args.in_dir, read_text(args.calibrate_data), max_tokens=args.calibrate_tokens,
