@@ -68,3 +68,18 @@ def test_eval_takes_the_engine_flags_with_its_own_dtype_default():
     assert (args.model, args.dtype) == (None, "bfloat16")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "ppl", "--data", "t.txt", "--dtype", "int3"])
+
+
+def test_serve_starts_with_a_size_string_budget_and_the_tier_flags():
+    import httpx
+
+    from tests.server.conftest import BUNDLED, Server
+
+    srv = Server(BUNDLED, "--memory-budget", "3GiB", "--kv-cache-memory", "64MiB", "--expert-cache-policy", "lru",
+                 "--prefetch", "lookahead", "--miss-fallback", "renormalize")
+    try:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        srv.stop()
