@@ -10,7 +10,7 @@ Models and texts:
 - the bundled shakespeare-moe on its held-out last 10% of tinyshakespeare (cut at a line boundary, windows of
   256 = its trained context); calibration runs on the training 90%, never on the held-out part.
 
-Every row is scored against the unquantized model on the same windows (strata.engine.compare): KL(ref || q)
+Every row is scored against the unquantized model on the same windows (strata.eval.compare): KL(ref || q)
 per token, top-1 agreement, and the quantized model's own perplexity. Compute is float32. Each format is
 quantized with each scale method (`--methods`): rtn (absmax: the format as first shipped), clip (the default:
 data-free clipping search; activation-weighted in mixed@ rows, which have calibration), gptq (calibrated) and
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 import torch
 from safetensors.torch import load_file, save_file
 
-from strata.engine.calibration import calibrate
-from strata.engine.compare import compare_models
-from strata.engine.textfile import read_text
+from strata.eval.calibration import calibrate
+from strata.eval.compare import compare_models
+from strata.eval.textfile import read_text
 from strata.fileio import write_text_atomic
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model

@@ -33,7 +33,7 @@ DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def held_out_ids(tok, fraction: float = 0.1) -> list[int]:
-    from strata.engine.textfile import read_text
+    from strata.eval.textfile import read_text
 
     return tok.encode(read_text(DATA, tail_fraction=fraction))
 

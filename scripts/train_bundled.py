@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from strata.engine.textfile import split_at_line
+from strata.eval.textfile import split_at_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"

@@ -280,34 +280,79 @@ class ModelConfig:
         return out
 
 
+def knob(default: Any, help: str, type: Any = None, choices: Any = None) -> Any:
+    """A dataclass field that carries its command-line flag: help text, value type (int, float, "size"
+    for byte sizes read by strata.units, None = str) and choices (a tuple, or a function returning one, so
+    that this module imports nothing of the runtime). strata/commands/engine_args.py makes the flags."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+def _policies() -> tuple[str, ...]:
+    from strata.tiers.policies import ONLINE_POLICIES
+
+    return ONLINE_POLICIES
+
+
+def _prefetchers() -> tuple[str, ...]:
+    from strata.tiers.predictors import PREFETCHERS
+
+    return (*PREFETCHERS, "lookahead")
+
+
+def _fallbacks() -> tuple[str, ...]:
+    from strata.tiers.provider import FALLBACKS
+
+    return FALLBACKS
+
+
 @dataclass
 class EngineConfig:
-    """Runtime knobs of the engine (one place; the CLI and the server build their flags from these)."""
+    """Runtime knobs of the engine (one place: every command's engine flags are generated from these fields)."""
 
-    model: str | None = None  # HF folder; None = the bundled model
-    tokenizer: str | None = None  # folder with tokenizer.json (and tokenizer_config.json); None = the model's
-    seed: int | None = None  # seeds the sampling of requests that give no seed of their own
-    dtype: str = "auto"  # auto = the checkpoint's torch_dtype; or float32 / bfloat16 / float16
-    max_model_len: int | None = None  # None = the config's max_position_embeddings (capped at 4096); beyond
-    # max_position_embeddings only with rope_scaling in config.json
-    max_num_seqs: int = 16  # sequences decoded together
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill beyond it)
-    block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory: int = 512 * 2**20  # bytes for the KV cache
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None  # torch threads; None = torch's default (1 for models under 20M params)
-    memory_budget: int | None = None  # bytes for everything (tiered experts engage when the model exceeds it)
-    expert_cache_policy: str = "nextuse"
-    prefetch: str = "none"
-    miss_fallback: str = "none"  # on an expert cache miss: none (wait, exact), renormalize, lowbit
-    record_routing: str | None = None  # JSONL file of routing decisions
-    replay_routing: str | None = None  # JSONL file forcing the routing
-    check_weights: bool = True  # refuse weights holding NaN/inf at load (one pass over the loaded tensors)
-    # speculative decoding (vLLM's keys): {"model": PATH, "num_speculative_tokens": 4} or
-    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict
-    speculative_config: str | dict | None = None
-    tensor_parallel_size: int = 1  # ranks the model is split over (attention heads, MLP columns; strata/distributed)
-    distributed_executor_backend: str | None = None  # how the ranks start: mp (local processes; default for N > 1)
+    model: str | None = knob(None, "HF model folder or GGUF file (default: the bundled Shakespeare MoE)")
+    tokenizer: str | None = knob(None, "folder with tokenizer.json and tokenizer_config.json "
+                                       "(default: the model folder)")
+    seed: int | None = knob(None, "seed for the sampling of requests without a seed of their own "
+                                  "(reproducible runs)", type=int)
+    dtype: str = knob("auto", "compute dtype: auto (the checkpoint's torch_dtype), float32, bfloat16, float16",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    max_model_len: int | None = knob(None, "maximum tokens per sequence (default: config's "
+                                           "max_position_embeddings, at most 4096; beyond it only with "
+                                           "rope_scaling in config.json)", type=int)
+    max_num_seqs: int = knob(16, "sequences decoded together", type=int)
+    max_num_batched_tokens: int = knob(2048, "token budget of one engine step (longer prompts are prefilled "
+                                             "in chunks)", type=int)
+    block_size: int = knob(16, "tokens per KV-cache block", type=int)
+    kv_cache_memory: int = knob(512 * 2**20, "bytes for the KV cache, e.g. 512MiB", type="size")
+    enable_prefix_caching: bool = knob(True, "share KV blocks between prompts with a common prefix")
+    num_threads: int | None = knob(None, "torch CPU threads (default: torch's choice; 1 for models under 20M "
+                                         "parameters)", type=int)
+    memory_budget: int | None = knob(None, "total memory budget, e.g. 3GiB; MoE experts beyond it are served "
+                                           "from disk (tiered experts engage when the model exceeds it)",
+                                     type="size")
+    expert_cache_policy: str = knob("nextuse", "expert cache eviction policy",
+                                    choices=_policies)
+    prefetch: str = knob("none", "expert prefetcher (lookahead: the next layer's router on this layer's "
+                                 "hidden state)", choices=_prefetchers)
+    miss_fallback: str = knob("none", "on an expert cache miss: none (wait for the read; exact), renormalize "
+                                      "(skip the expert, rescale the others' weights), lowbit (run a resident "
+                                      "int4 copy); see docs/tiers.md",
+                              choices=_fallbacks)
+    record_routing: str | None = knob(None, "write routing decisions as JSONL to this file")
+    replay_routing: str | None = knob(None, "force routing from this JSONL trace")
+    check_weights: bool = knob(True, "refuse weights holding NaN or inf at load (--no-check-weights skips "
+                                     "the pass)")
+    # speculative decoding (vLLM's keys): a JSON string or a dict
+    speculative_config: str | dict | None = knob(  # noqa: RUF009 (knob is dataclasses.field)
+        None, 'speculative decoding as JSON (vLLM keys): \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
+              'or \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
+              'see docs/speculative.md')
+    tensor_parallel_size: int = knob(1, "split the model over N ranks (attention heads and MLP columns, Megatron "
+                                        "layout; float32/bf16 safetensors checkpoints); see docs/distributed.md",
+                                     type=int)
+    distributed_executor_backend: str | None = knob(None, "how the tensor-parallel ranks start: mp (local "
+                                                          "processes, one torch thread each unless --num-threads; "
+                                                          "the default for --tensor-parallel-size > 1)")
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""

@@ -4,7 +4,8 @@ Fields (comma-separated `name=value`, units optional):
   mem_bw   memory bandwidth (GB/s by default; TB/s, MB/s)       required
   bf16 / fp16 / fp32 / fp8 / int8 / fp4
            dense peak (TFLOPS by default; PFLOPS, GFLOPS, TOPS)   one of them, or cores
-  mem      memory capacity (GB by default; GiB, TB, MB)          default 16 GB
+  mem      memory capacity (a bare number is GB; units as every size flag reads them (strata/units.py):
+           64G = 64GiB, 64GB = 64e9 bytes)                       default 16 GB
   cores    CPU cores: without a peak, fp32 = cores x 3 GHz x 32 FLOPs/cycle (AVX2-class FMA), stated as assumed
   class    gpu, apple, cpu-x86, cpu-arm or cpu-server             default gpu, or cpu-x86 when only cores are given
   link     host link (GB/s), power (W), name
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from strata import units
 from strata.analysis.hardware import Device
 from strata.errors import ConfigError
 
@@ -23,7 +25,7 @@ _SCALE = {
     "bw": {"": 1.0, "gb/s": 1.0, "gbs": 1.0, "gbps": 1.0, "tb/s": 1e3, "tbs": 1e3, "mb/s": 1e-3, "gib/s": 1.073741824},
     "flops": {"": 1.0, "tflops": 1.0, "tops": 1.0, "tflop/s": 1.0, "pflops": 1e3, "pops": 1e3, "gflops": 1e-3,
               "gops": 1e-3},
-    "size": {"": 1.0, "gb": 1.0, "g": 1.0, "gib": 1.073741824, "tb": 1e3, "t": 1e3, "mb": 1e-3, "m": 1e-3},
+    "size": {**{unit: nbytes / 1e9 for unit, nbytes in units.UNITS.items()}, "": 1.0},  # in GB; bare = GB
     "watts": {"": 1.0, "w": 1.0, "kw": 1e3},
 }
 _EXAMPLE = {"bw": "800GB/s", "flops": "100TFLOPS", "size": "64GB", "watts": "300W"}

@@ -50,19 +50,6 @@ class Candidate:
                 "prefetch": self.prefetch, "threads": self.threads}
 
 
-def parse_budget(text: str) -> float:
-    t = text.strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-    try:
-        if t and t[-1] in mult:
-            return float(t[:-1]) * mult[t[-1]] * (1.073741824 if "I" in text.upper() else 1.0)
-        return float(t)
-    except ValueError:
-        from strata.errors import ConfigError
-
-        raise ConfigError(f"--memory-budget {text!r}: expected a size like 8G, 512M or 2GiB") from None
-
-
 def load_runs(path: str | os.PathLike = RUNS_PATH) -> list[dict]:
     p = Path(path)
     if not p.exists():

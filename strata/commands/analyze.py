@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from strata.commands.engine_args import add_field_arg, engine_field, parse_size
 from strata.errors import ConfigError
 
 
@@ -61,7 +62,7 @@ def register(sub) -> None:
 
     pl = sub.add_parser("plan", help="rank Strata configurations for a model under a memory budget")
     pl.add_argument("--model", required=True)
-    pl.add_argument("--memory-budget", required=True, help="e.g. 8G, 512M, 2GiB")
+    add_field_arg(pl, engine_field("memory_budget"), required=True)  # the same flag as generate's and serve's
     pl.add_argument("--profile", default=None, help="probe profile (default ~/.cache/strata/hardware.json, "
                     "else the catalog's strata-dev entry)")
     pl.add_argument("--routing-trace", default=None)
@@ -242,12 +243,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from strata.analysis.hardware import System, device_from_dict, load_catalog
-    from strata.analysis.planner import RUNS_PATH, explain, load_runs, parse_budget, plan
+    from strata.analysis.planner import RUNS_PATH, explain, load_runs, plan
     from strata.analysis.probe import DEFAULT_PATH
     from strata.analysis.shapes import load_shape
     from strata.analysis.trace import load_trace
 
-    budget = parse_budget(args.memory_budget)
+    budget = parse_size(args.memory_budget, "memory_budget")
     path = args.profile or (str(DEFAULT_PATH) if DEFAULT_PATH.exists() else None)
     if path:
         if not os.path.exists(path):

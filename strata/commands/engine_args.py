@@ -1,4 +1,10 @@
-"""CLI flags generated from EngineConfig's fields (one place for the knobs and their help)."""
+"""Command-line flags generated from dataclass fields (one generator for every command's knobs).
+
+EngineConfig's fields (strata/config.py) carry their help text, value type and choices in their metadata
+(`knob(...)`); `add_engine_args` turns them into the engine flags of `generate`, `chat`, `serve`, `eval` and
+`plan`; `add_dataclass_args` does the same for any other dataclass built with `knob` (the server's ServerConfig).
+Byte sizes all go through strata.units.parse_size, so `--memory-budget 3GiB` reads the same everywhere.
+"""
 
 from __future__ import annotations
 
@@ -8,77 +14,81 @@ import dataclasses
 from strata import units
 from strata.config import EngineConfig
 from strata.errors import ConfigError
-from strata.tiers.policies import ONLINE_POLICIES
-from strata.tiers.predictors import PREFETCHERS
-
-HELP = {
-    "model": "HF model folder or GGUF file (default: the bundled Shakespeare MoE)",
-    "tokenizer": "folder with tokenizer.json and tokenizer_config.json (default: the model folder)",
-    "seed": "seed for the sampling of requests without a seed of their own (reproducible runs)",
-    "dtype": "compute dtype: auto (checkpoint's), float32, bfloat16, float16",
-    "max_model_len": "maximum tokens per sequence (default: config's max_position_embeddings, at most 4096)",
-    "max_num_seqs": "sequences decoded together",
-    "max_num_batched_tokens": "token budget of one engine step (longer prompts are prefilled in chunks)",
-    "block_size": "tokens per KV-cache block",
-    "kv_cache_memory": "bytes for the KV cache, e.g. 512MiB",
-    "enable_prefix_caching": "share KV blocks between prompts with a common prefix",
-    "num_threads": "torch CPU threads (default: torch's choice; 1 for models under 20M parameters)",
-    "memory_budget": "total memory budget, e.g. 3GiB; MoE experts beyond it are served from disk",
-    "expert_cache_policy": f"expert cache eviction policy ({', '.join(ONLINE_POLICIES)})",
-    "prefetch": f"expert prefetcher ({', '.join((*PREFETCHERS, 'lookahead'))})",
-    "miss_fallback": "on an expert cache miss: none (wait for the read; exact), renormalize (skip the expert, "
-                     "rescale the others' weights), lowbit (run a resident int4 copy); see docs/tiers.md",
-    "record_routing": "write routing decisions as JSONL to this file",
-    "replay_routing": "force routing from this JSONL trace",
-    "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
-    "speculative_config": 'speculative decoding as JSON (vLLM keys): \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
-                          'or \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
-                          'see docs/speculative.md',
-    "tensor_parallel_size": "split the model over N ranks (attention heads and MLP columns, Megatron layout; "
-                            "float32/bf16 safetensors checkpoints); see docs/distributed.md",
-    "distributed_executor_backend": "how the tensor-parallel ranks start: mp (local processes, one torch thread "
-                                    "each unless --num-threads; the default for --tensor-parallel-size > 1)",
-}
-_SIZE_FIELDS = {"kv_cache_memory", "memory_budget"}
 
 
-def parse_size(text: str, field: str = "size") -> int:
-    flag = "--" + field.replace("_", "-")
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def parse_size(text: str | int, field: str = "size") -> int:
+    """A size flag's value in bytes; a one-line ConfigError naming the flag when it does not parse or is <= 0."""
     try:
         value = units.parse_size(text)
     except ValueError as e:
-        raise ConfigError(f"{flag}: {e}") from None
+        raise ConfigError(f"{flag_name(field)}: {e}") from None
     if value <= 0:
-        raise ConfigError(f"{flag}: must be > 0, got {text!r}")
+        raise ConfigError(f"{flag_name(field)}: must be > 0, got {text!r}")
     return value
 
 
-def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    for f in dataclasses.fields(EngineConfig):
-        if f.name in skip:
+def _choices(meta) -> tuple[str, ...] | None:
+    choices = meta.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _help(f: dataclasses.Field, default) -> str:
+    text = f.metadata["help"]
+    if f.metadata.get("type") == "size":
+        text += f" ({units.RULE})"
+        return text if default is None else f"{text} (default {units.format_size(default)})"
+    if default is not None and not isinstance(default, bool):
+        text += f" (default {default})"
+    return text
+
+
+def add_field_arg(parser, f: dataclasses.Field, required: bool = False, default=dataclasses.MISSING) -> None:
+    """One flag for one field: bool -> --x/--no-x, size -> parsed later by `config_kwargs`, else typed.
+    `default` replaces the field's for a command that needs another (eval's float32)."""
+    flag, meta = flag_name(f.name), f.metadata
+    default = f.default if default is dataclasses.MISSING else default
+    if isinstance(f.default, bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_help(f, default))
+    elif meta.get("type") == "size":
+        parser.add_argument(flag, default=None, required=required, help=_help(f, default))
+    else:
+        parser.add_argument(flag, type=meta.get("type") or str, default=default, required=required,
+                            choices=_choices(meta), help=_help(f, default))
+
+
+def add_dataclass_args(parser, cls, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                       defaults: dict | None = None) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only) or "help" not in f.metadata:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
-        elif f.name in _SIZE_FIELDS:
-            parser.add_argument(flag, default=None, help=HELP[f.name])
-        elif isinstance(default, int) and not isinstance(default, bool) or f.name in ("max_model_len", "num_threads",
-                                                                                      "seed"):
-            parser.add_argument(flag, type=int, default=default, help=HELP[f.name])
-        else:
-            parser.add_argument(flag, default=default, help=HELP[f.name])
+        add_field_arg(parser, f, default=(defaults or {}).get(f.name, dataclasses.MISSING))
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def add_engine_args(parser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                    defaults: dict | None = None) -> None:
+    add_dataclass_args(parser, EngineConfig, skip=skip, only=only, defaults=defaults)
+
+
+def engine_field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(EngineConfig) if f.name == name)
+
+
+def config_kwargs(cls, args: argparse.Namespace) -> dict:
+    """Keyword arguments of `cls` from the parsed flags it has (size flags read to bytes)."""
     kw = {}
-    for f in dataclasses.fields(EngineConfig):
+    for f in dataclasses.fields(cls):
         if not hasattr(args, f.name):
             continue
         v = getattr(args, f.name)
-        if f.name in _SIZE_FIELDS and v is not None:
-            v = parse_size(v, f.name)
-        if v is None and f.name in _SIZE_FIELDS:
-            v = f.default
+        if f.metadata.get("type") == "size":
+            v = f.default if v is None else parse_size(v, f.name)
         kw[f.name] = v
-    return EngineConfig(**kw)
+    return kw
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    return EngineConfig(**{**config_kwargs(EngineConfig, args), **overrides})

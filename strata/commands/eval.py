@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import sys
 
-from strata.engine.textfile import read_text
+from strata.commands.engine_args import add_engine_args
 from strata.errors import StrataError
+from strata.eval.textfile import read_text
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     ppl = kinds.add_parser("ppl", help="perplexity and bits per byte on a text file")
-    ppl.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
+    add_engine_args(ppl, only=("model",))
     _add_window_args(ppl)
     ppl.add_argument("--json", action="store_true", help="print one JSON object with ppl, bits_per_byte, tokens")
     ppl.set_defaults(func=run_ppl)
@@ -36,12 +37,12 @@ def _add_window_args(p) -> None:
     p.add_argument("--max-positions", type=int, default=128, help="with --split: predicted tokens per document")
     p.add_argument("--tail-fraction", type=float, default=None,
                    help="score only the last fraction of the file (e.g. 0.1 for a held-out split)")
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    add_engine_args(p, only=("dtype",), defaults={"dtype": "float32"})
 
 
 def run_ppl(args) -> int:
     from strata.engine.llm_engine import BUNDLED_MODEL
-    from strata.engine.perplexity import per_document, sliding_window
+    from strata.eval.perplexity import per_document, sliding_window
     from strata.tokenizer import Tokenizer
     from strata.weights.gguf_cache import resolve_model_path
     from strata.weights.loader import load_model
@@ -64,7 +65,7 @@ def run_ppl(args) -> int:
 
 def run_kl(args) -> int:
     from strata.config import ModelConfig
-    from strata.engine.compare import compare_models
+    from strata.eval.compare import compare_models
     from strata.tokenizer import Tokenizer
     from strata.weights.loader import load_model
 

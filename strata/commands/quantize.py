@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from strata import units
 from strata.errors import UnsupportedError, WeightsError
 
 
@@ -33,7 +34,8 @@ def register(sub) -> None:
                    "decode step) to FORMAT, e.g. int8; default: keep it unquantized. With tied embeddings the "
                    "output gets its own quantized copy and the embedding lookup keeps its float rows")
     p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
-    p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
+    p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB "
+                   f"({units.RULE})")
     p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "
                    "model.layers.3.mlp.experts.5, or a module name); default: uniform routing frequency")
     p.add_argument("--calibration", help="safetensors of <module>.input_sq_mean [in], <module>.input_second_moment "
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate_data:
         calib = _calibrate(args, progress, second_moments=method in ("gptq", "tune"))
     if method == "tune":
-        from strata.engine.textfile import read_text
+        from strata.eval.textfile import read_text
         from strata.tokenizer import Tokenizer
         from strata.weights.quant_tune import TuneConfig
 
@@ -122,8 +124,8 @@ def _default_frequency(src) -> float:
 
 def _calibrate(args: argparse.Namespace, progress: bool, second_moments: bool):
     """Statistics of the unquantized model on --calibrate-data, read as read_calibration reads a file."""
-    from strata.engine.calibration import calibrate, save_calibration
-    from strata.engine.textfile import read_text
+    from strata.eval.calibration import calibrate, save_calibration
+    from strata.eval.textfile import read_text
     from strata.weights.quant_plan import calibration_of
 
     stats = calibrate(args.in_dir, read_text(args.calibrate_data), max_tokens=args.calibrate_tokens,

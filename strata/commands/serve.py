@@ -8,93 +8,40 @@ SIGTERM: uvicorn stops accepting connections and waits up to --drain-timeout for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 
-from strata.config import EngineConfig, ModelConfig
+from strata.commands.engine_args import add_dataclass_args, add_engine_args, engine_config_from_args
+from strata.config import ModelConfig, knob
 from strata.errors import ConfigError, StrataError
-
-ENGINE_HELP = {
-    "tokenizer": "folder with tokenizer.json and tokenizer_config.json (default: the model folder)",
-    "seed": "seed for the sampling of requests without a seed of their own",
-    "dtype": "weights/activations dtype: auto, float32, bfloat16, float16",
-    "max_model_len": "context length (default: the model's, capped at 4096)",
-    "max_num_seqs": "sequences decoded together",
-    "max_num_batched_tokens": "token budget of one engine step (longer prompts are prefilled in chunks)",
-    "block_size": "tokens per KV-cache block",
-    "kv_cache_memory": "bytes for the KV cache",
-    "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
-    "num_threads": "torch CPU threads",
-    "memory_budget": "bytes for weights; tiered experts engage when the model exceeds it",
-    "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
-    "speculative_config": 'speculative decoding as JSON (vLLM keys), e.g. \'{"method": "ngram", '
-                          '"num_speculative_tokens": 4}\'; see docs/speculative.md',
-    "tensor_parallel_size": "split the model over N ranks (Megatron layout); see docs/distributed.md",
-    "distributed_executor_backend": "how the tensor-parallel ranks start: mp (local processes)",
-}
 
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
-    served_model_name: str | None = None  # default: the model folder's name
-    api_key: str | None = None  # Bearer key required on /v1/* (also read from STRATA_API_KEY)
-    max_queued_requests: int | None = 256  # waiting requests beyond this get 429
-    request_timeout: float | None = None  # seconds; a request running longer is aborted (504 / error event)
-    max_body_bytes: int = 2 * 2**20  # larger request bodies get 413
-    body_timeout: float = 30.0  # seconds to receive a request body (a stalled upload gets 408)
-    limit_concurrency: int = 1024  # open connections beyond this get 503 (uvicorn's limit)
-    allowed_origins: str | None = None  # comma-separated CORS origins; None = no CORS headers (browsers refuse)
-    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
-    chat_template: str | None = None  # a template file, or the template itself (replaces the tokenizer's)
-    log_level: str = "info"
-    tool_call_parser: str | None = None  # hermes, llama3_json, mistral (strata/server/tool_parsers.py)
-    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of free model output
+    """The server's own knobs; `serve` gets their flags from the same generator as the engine's."""
 
-
-SERVER_HELP = {
-    "host": "address to bind (default loopback only)",
-    "port": "TCP port",
-    "served_model_name": "model id clients send (default: the model folder's name)",
-    "api_key": "require 'Authorization: Bearer KEY' on /v1/* (default: $STRATA_API_KEY if set)",
-    "max_queued_requests": "bounded waiting queue: requests beyond it get 429 with Retry-After",
-    "request_timeout": "abort a request after this many seconds",
-    "max_body_bytes": "reject larger request bodies with 413",
-    "body_timeout": "seconds a client may take to send its request body (then 408)",
-    "limit_concurrency": "most open connections and requests at once; more get 503",
-    "allowed_origins": "comma-separated origins allowed to call the API from a browser (CORS), or '*'; "
-                       "default none",
-    "drain_timeout": "on SIGTERM, seconds to let running requests finish",
-    "chat_template": "chat template file, or the Jinja template itself (replaces the tokenizer's)",
-    "log_level": "uvicorn log level",
-    "tool_call_parser": "how tool calls are read from the model's text: hermes, llama3_json, mistral",
-    "enable_auto_tool_choice": "allow tool_choice 'auto' (needs --tool-call-parser)",
-}
-
-
-def _flag_type(field: dataclasses.Field):
-    t = str(field.type)
-    if "bool" in t:
-        return None
-    if "int" in t:
-        return int
-    if "float" in t:
-        return float
-    return str
-
-
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict, skip=()) -> None:
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.name not in helps:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if _flag_type(f) is None:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
-        else:
-            p.add_argument(flag, type=_flag_type(f), default=f.default, help=f"{helps[f.name]} (default {f.default})")
+    host: str = knob("127.0.0.1", "address to bind (the default is loopback only)")
+    port: int = knob(8000, "TCP port", type=int)
+    served_model_name: str | None = knob(None, "model id clients send (default: the model folder's name)")
+    api_key: str | None = knob(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $STRATA_API_KEY if set)")
+    max_queued_requests: int | None = knob(256, "bounded waiting queue: requests beyond it get 429 with Retry-After",
+                                           type=int)
+    request_timeout: float | None = knob(None, "abort a request after this many seconds (then 504 / an error "
+                                               "event)", type=float)
+    max_body_bytes: int = knob(2 * 2**20, "reject larger request bodies with 413", type=int)
+    body_timeout: float = knob(30.0, "seconds a client may take to send its request body (then 408)", type=float)
+    limit_concurrency: int = knob(1024, "most open connections and requests at once; more get 503 (uvicorn's "
+                                        "limit)", type=int)
+    allowed_origins: str | None = knob(None, "comma-separated origins allowed to call the API from a browser "
+                                             "(CORS), or '*'; default none")
+    drain_timeout: float = knob(30.0, "on SIGTERM, seconds to let running requests finish", type=float)
+    chat_template: str | None = knob(None, "chat template file, or the Jinja template itself (replaces the "
+                                           "tokenizer's)")
+    log_level: str = knob("info", "uvicorn log level")
+    tool_call_parser: str | None = knob(None, "how tool calls are read from the model's text: hermes, llama3_json, "
+                                              "mistral (strata/server/tool_parsers.py)")
+    enable_auto_tool_choice: bool = knob(False, "allow tool_choice 'auto' (needs --tool-call-parser)")
 
 
 def register(sub) -> None:
@@ -103,8 +50,8 @@ def register(sub) -> None:
     p.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
                    help="HF model folder or GGUF file (default: the bundled model); the same as --model")
     p.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
-    _add_dataclass_flags(p, ServerConfig, SERVER_HELP)
-    _add_dataclass_flags(p, EngineConfig, ENGINE_HELP, skip=("model",))
+    add_dataclass_args(p, ServerConfig)
+    add_engine_args(p, skip=("model",))
     p.set_defaults(func=run)
 
 
@@ -117,14 +64,12 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     from strata.server.metrics import EngineMetrics
     from strata.server.request_checks import LOOPBACK_HOSTS
 
-    engine_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-                 if f.name in ENGINE_HELP and hasattr(args, f.name)}
     tag = getattr(args, "model_tag", None)
     if tag and args.model and os.path.normpath(tag) != os.path.normpath(args.model):
         raise ConfigError(f"serve: the model is given twice ({tag!r} and --model {args.model!r}); give one")
     model = tag or args.model or BUNDLED_MODEL
-    SpeculativeConfig.from_value(engine_kw.get("speculative_config"))  # a bad value fails before the port opens
-    config = EngineConfig(model=model, **engine_kw)  # nonsensical flags fail here, before the port is bound
+    SpeculativeConfig.from_value(getattr(args, "speculative_config", None))  # a bad value fails before the port opens
+    config = engine_config_from_args(args, model=model)  # nonsensical flags fail here, before the port is bound
     if os.path.isfile(os.path.join(model, "config.json")):  # refuse a bad --max-model-len before binding the port
         resolve_max_model_len(config, ModelConfig.from_pretrained(model), model)
     template = load_chat_template(args.chat_template) if getattr(args, "chat_template", None) else None

@@ -16,10 +16,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch  # loaded first so the library binds to torch's OpenMP runtime
+
+from strata.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +133,44 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@dataclass(frozen=True)
+class FormatKernels:
+    """The C functions of one format family. `weight_args(tensors, group_size)` gives the arguments its weight
+    adds between the row count (N for gemv, K for dequant) and the tail (bias, y / n0, n1, out)."""
+
+    gemv: str
+    dequant: str
+    weight_args: Callable[[dict[str, torch.Tensor], int | None], tuple]
+
+
+# Format family (QuantFormat.kind) -> its kernels. A family without an entry is refused, never guessed.
+KERNELS: dict[str, FormatKernels] = {
+    "int8": FormatKernels("gemv_int8", "dequant_int8", lambda w, g: (_ptr(w["scales"]),)),
+    "fp8": FormatKernels("gemv_fp8", "dequant_fp8", lambda w, g: (_ptr(w["scales"]),)),
+    "int8-nested": FormatKernels("gemv_nested", "dequant_nested", lambda w, g: (g, _ptr(w["scales"]))),
+    "int4": FormatKernels("gemv_int4", "dequant_int4",
+                          lambda w, g: (g, _ptr(w["scales"]), _ptr(w.get("zeros")))),
+}
+
+
+def kernels_for(kind: str) -> FormatKernels:
+    kernels = KERNELS.get(kind)
+    if kernels is None:
+        raise UnsupportedError(f"quantized format family {kind!r}: no native kernel (known: {', '.join(KERNELS)})")
+    return kernels
+
+
 def gemv(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out_features: int,
          group_size: int | None, bias: torch.Tensor | None) -> torch.Tensor:
     """x bf16 [M, K'] contiguous (K' = padded in_features for grouped kinds) -> bf16 [M, out_features].
 
     `w` holds the on-disk tensors, contiguous, with fp32 per-channel scales; `bias` is fp32 or None.
     """
+    kernels = kernels_for(kind)
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    q, s = w["qweight"], w["scales"]
-    if kind == "int8":
-        lib.gemv_int8(_ptr(x), m, k, _ptr(q), out_features, _ptr(s), _ptr(bias), _ptr(y))
-    elif kind == "fp8":
-        lib.gemv_fp8(_ptr(x), m, k, _ptr(q), out_features, _ptr(s), _ptr(bias), _ptr(y))
-    elif kind == "int8-nested":
-        lib.gemv_nested(_ptr(x), m, k, _ptr(q), out_features, group_size, _ptr(s), _ptr(bias), _ptr(y))
-    else:
-        lib.gemv_int4(_ptr(x), m, k, _ptr(q), out_features, group_size, _ptr(s), _ptr(w.get("zeros")),
-                      _ptr(bias), _ptr(y))
+    getattr(lib, kernels.gemv)(_ptr(x), m, k, _ptr(w["qweight"]), out_features, *kernels.weight_args(w, group_size),
+                               _ptr(bias), _ptr(y))
     return y
 
 
@@ -156,28 +179,16 @@ def gemv_call(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], in_featur
     """`gemv` with the weight pointers bound once: f(x_ptr, rows, y_ptr) for a contiguous bf16 x [rows, K]
     (K = in_features, no padding needed) into y bf16 [rows, out_features]. The tensors of `w` and `bias` must
     outlive f (QuantLinear keeps them in `_k`); saves the per-call argument work at decode."""
-    q, s, z, b, n, k = _ptr(w["qweight"]), _ptr(w["scales"]), _ptr(w.get("zeros")), _ptr(bias), out_features, in_features
-    if kind in ("int8", "fp8"):
-        fn = lib.gemv_int8 if kind == "int8" else lib.gemv_fp8
-        return lambda x, m, y: fn(x, m, k, q, n, s, b, y)
-    if kind == "int8-nested":
-        fn = lib.gemv_nested
-        return lambda x, m, y: fn(x, m, k, q, n, group_size, s, b, y)
-    fn = lib.gemv_int4
-    return lambda x, m, y: fn(x, m, k, q, n, group_size, s, z, b, y)
+    kernels = kernels_for(kind)
+    fn, args = getattr(lib, kernels.gemv), kernels.weight_args(w, group_size)
+    q, b, n, k = _ptr(w["qweight"]), _ptr(bias), out_features, in_features
+    return lambda x, m, y: fn(x, m, k, q, n, *args, b, y)
 
 
 def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
                     group_size: int | None, out: torch.Tensor) -> torch.Tensor:
     """Rows [n0, n1) of the weight -> `out` bf16 [n1 - n0, K'], scales applied."""
-    q, s = w["qweight"], w["scales"]
-    k = out.shape[1]
-    if kind == "int8":
-        lib.dequant_int8(_ptr(q), k, _ptr(s), n0, n1, _ptr(out))
-    elif kind == "fp8":
-        lib.dequant_fp8(_ptr(q), k, _ptr(s), n0, n1, _ptr(out))
-    elif kind == "int8-nested":
-        lib.dequant_nested(_ptr(q), k, group_size, _ptr(s), n0, n1, _ptr(out))
-    else:
-        lib.dequant_int4(_ptr(q), k, group_size, _ptr(s), _ptr(w.get("zeros")), n0, n1, _ptr(out))
+    kernels = kernels_for(kind)
+    getattr(lib, kernels.dequant)(_ptr(w["qweight"]), out.shape[1], *kernels.weight_args(w, group_size), n0, n1,
+                                  _ptr(out))
     return out

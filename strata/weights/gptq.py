@@ -1,7 +1,7 @@
 """GPTQ: quantize a weight column by column, pushing each column's rounding error onto the columns not yet
 quantized, so that the *output* error E||(W - Q) x||^2 = tr((W - Q) H (W - Q)^T) is small, not the weight error.
 
-H = E[x x^T] [in, in] comes from calibration (strata.engine.calibration, `<module>.input_second_moment`).
+H = E[x x^T] [in, in] comes from calibration (strata.eval.calibration, `<module>.input_second_moment`).
 With the upper Cholesky factor U of H^-1, quantizing column i with error e_i = (w_i - q_i) / U_ii and
 updating the later columns w_j -= e_i U_ij (j > i) is the optimal linear correction (Frantar et al., 2022).
 Updates are applied lazily per block of columns, as the paper does, so most of the work is one matmul.

@@ -18,6 +18,7 @@ from strata.models.base import CausalLM
 from strata.models.registry import model_class
 from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
 from strata.weights.mapping import read_in
+from strata.weights.quant_format import read_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tensors some checkpoints carry that hold no learned state.
@@ -93,11 +94,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    qcfg = cfg.raw.get("quantization_config")
-    if qcfg and qcfg.get("quant_method") == "strata":
+    formats = read_quantization_config(cfg.raw)  # one line for a method or format Strata does not run
+    if formats:
         from strata.layers.quant_linear import swap_linears
 
-        swap_linears(model, qcfg["modules"])
+        swap_linears(model, formats)
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)

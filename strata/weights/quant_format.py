@@ -37,6 +37,10 @@ class QuantFormat:
     group_size: int | None = None  # None: one scale per output channel
     asym: bool = False  # int4 only: per-group zero points
 
+    def __post_init__(self):  # a family nobody implements is refused here, never run with another's kernel
+        if self.kind not in KINDS:
+            raise UnsupportedError(f"quantization format family {self.kind!r}: expected one of {', '.join(KINDS)}")
+
     @classmethod
     def parse(cls, name: str | QuantFormat) -> QuantFormat:
         if isinstance(name, QuantFormat):
@@ -250,4 +254,10 @@ def read_quantization_config(config: dict) -> dict[str, QuantFormat]:
     modules = qc.get("modules")
     if not isinstance(modules, dict):
         raise WeightsError("config.json quantization_config.modules: expected a {module name: format} mapping")
-    return {name: QuantFormat.parse(f) for name, f in modules.items()}
+    out = {}
+    for name, f in modules.items():
+        try:
+            out[name] = QuantFormat.parse(f)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"config.json quantization_config.modules[{name!r}]: {e}") from None
+    return out

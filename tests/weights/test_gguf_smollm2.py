@@ -73,7 +73,7 @@ def test_perplexity_within_a_tenth_of_a_percent(smollm2_llm, smollm2_reference):
     data = SHARED_DATA / "wikitext-2" / "wiki.test.tokens"
     if not data.is_file():
         pytest.skip(f"{data} not available")
-    from strata.engine.perplexity import sliding_window, window_spans
+    from strata.eval.perplexity import sliding_window, window_spans
 
     text = data.read_text(encoding="utf-8")[:3000]
     context, stride = 256, 128

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from strata.config import ModelConfig
-from strata.engine.calibration import collect_calibration
 from strata.errors import UnsupportedError
+from strata.eval.calibration import collect_calibration
 from strata.layers.attention import AttentionMetadata
 from strata.models.registry import model_class
 from strata.weights.quant_format import QuantFormat, check_tensors, dequantize_weight, quantize_weight

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from strata.cli import main
-from strata.engine.calibration import collect_calibration
-from strata.engine.compare import compare_models
 from strata.engine.llm_engine import BUNDLED_MODEL
-from strata.engine.textfile import read_text
+from strata.eval.calibration import collect_calibration
+from strata.eval.compare import compare_models
+from strata.eval.textfile import read_text
 from strata.layers.attention import AttentionMetadata
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model

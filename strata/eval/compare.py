@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from strata.engine.perplexity import _bytes, document_windows, scored_logits, window_spans
+from strata.eval.perplexity import _bytes, document_windows, scored_logits, window_spans
 from strata.models.base import CausalLM
 from strata.tokenizer import Tokenizer
 

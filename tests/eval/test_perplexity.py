@@ -6,7 +6,7 @@ import math
 import pytest
 
 from strata.cli import main
-from strata.engine.perplexity import sliding_window
+from strata.eval.perplexity import sliding_window
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model
 from tests.conftest import SHARED_DATA

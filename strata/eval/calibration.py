@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from strata.engine.perplexity import scored_logits, window_spans
+from strata.eval.perplexity import scored_logits, window_spans
 from strata.layers.moe import SparseMoeBlock
 from strata.models.base import CausalLM
 from strata.weights.quantize_checkpoint import is_quantizable
