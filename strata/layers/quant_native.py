@@ -25,14 +25,16 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
-    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "cpu_decode_attention.c",
+    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
+    "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 10  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 11  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
 COMPILE_TIMEOUT_S = 60
+KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -41,6 +43,8 @@ _SIGNATURES = {
     "gemv_nested": [_P, _I, _I, _P, _I, _I, _P, _P, _P],
     "gemv_int4": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P],
     "gemv_bf16": [_P, _I, _I, _P, _I, _P, _P, _I],
+    "gemv_kq": [_I, _P, _I, _I, _P, _I, _P, _P],
+    "dequant_kq": [_I, _P, _I, _I, _I, _P],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
@@ -131,8 +135,10 @@ def gemv(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor
     """
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    q, s = w["qweight"], w["scales"]
-    if kind == "int8":
+    q, s = w["qweight"], w.get("scales")
+    if kind in KQUANT_KINDS:
+        lib.gemv_kq(KQUANT_KINDS[kind], _ptr(x), m, k, _ptr(q), out_features, _ptr(bias), _ptr(y))
+    elif kind == "int8":
         lib.gemv_int8(_ptr(x), m, k, _ptr(q), out_features, _ptr(s), _ptr(bias), _ptr(y))
     elif kind == "fp8":
         lib.gemv_fp8(_ptr(x), m, k, _ptr(q), out_features, _ptr(s), _ptr(bias), _ptr(y))
@@ -149,7 +155,10 @@ def gemv_call(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], in_featur
     """`gemv` with the weight pointers bound once: f(x_ptr, rows, y_ptr) for a contiguous bf16 x [rows, K]
     (K = in_features, no padding needed) into y bf16 [rows, out_features]. The tensors of `w` and `bias` must
     outlive f (QuantLinear keeps them in `_k`); saves the per-call argument work at decode."""
-    q, s, z, b, n, k = _ptr(w["qweight"]), _ptr(w["scales"]), _ptr(w.get("zeros")), _ptr(bias), out_features, in_features
+    q, s, z, b, n, k = _ptr(w["qweight"]), _ptr(w.get("scales")), _ptr(w.get("zeros")), _ptr(bias), out_features, in_features
+    if kind in KQUANT_KINDS:
+        fn, code = lib.gemv_kq, KQUANT_KINDS[kind]
+        return lambda x, m, y: fn(code, x, m, k, q, n, b, y)
     if kind in ("int8", "fp8"):
         fn = lib.gemv_int8 if kind == "int8" else lib.gemv_fp8
         return lambda x, m, y: fn(x, m, k, q, n, s, b, y)
@@ -163,9 +172,11 @@ def gemv_call(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], in_featur
 def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
                     group_size: int | None, out: torch.Tensor) -> torch.Tensor:
     """Rows [n0, n1) of the weight -> `out` bf16 [n1 - n0, K'], scales applied."""
-    q, s = w["qweight"], w["scales"]
+    q, s = w["qweight"], w.get("scales")
     k = out.shape[1]
-    if kind == "int8":
+    if kind in KQUANT_KINDS:
+        lib.dequant_kq(KQUANT_KINDS[kind], _ptr(q), k, n0, n1, _ptr(out))
+    elif kind == "int8":
         lib.dequant_int8(_ptr(q), k, _ptr(s), n0, n1, _ptr(out))
     elif kind == "fp8":
         lib.dequant_fp8(_ptr(q), k, _ptr(s), n0, n1, _ptr(out))
