@@ -41,11 +41,14 @@ def _add_gguf(formats) -> None:
         help="GGUF file (llama.cpp) -> HF folder",
         description="Convert a GGUF file into an HF folder (config.json, model.safetensors, tokenizer.json with the "
         "chat template). Architectures: llama (incl. Mistral, Mixtral), qwen2, qwen3, qwen2moe, qwen3moe, olmoe. "
-        "Quantized tensors are dequantized exactly (float32, or bfloat16 where that is exact).",
+        "Quantized tensors are dequantized exactly (float32, or bfloat16 where that is exact), except K-quant "
+        "projections (Q4_K, Q5_K, Q6_K), which stay quantized for Strata's kernels unless --dequantize.",
     )
     p.add_argument("gguf_file", help="the .gguf file")
     p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
+    p.add_argument("--dequantize", action="store_true",
+                   help="write K-quant projections as float too, so that transformers can load the folder")
     p.set_defaults(func=_run_gguf)
 
 
@@ -53,7 +56,7 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from strata.config import ModelConfig
     from strata.weights.gguf_convert import convert_gguf
 
-    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force)
+    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force, dequantize=args.dequantize)
     c = ModelConfig.from_pretrained(out)
     experts = f" experts={c.num_experts}/{c.num_experts_per_tok}" if c.num_experts else ""
     print(f"wrote {out}: {c.architecture} hidden={c.hidden_size} layers={c.num_hidden_layers} "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from strata.weights.gguf_reader import is_gguf
 
-CONVERTER_VERSION = 1  # bump when the converter's output changes, so cached folders are rebuilt
+CONVERTER_VERSION = 2  # bump when the converter's output changes, so cached folders are rebuilt
 _EDGE_BYTES = 2**20
 
 

@@ -13,6 +13,11 @@ Values: every type is read as float32 (F32, F16 and BF16 exactly; quantized type
 `gguf` package) and stored as bfloat16 where that holds every value of the tensor exactly, else as float16
 (F16 tensors) or float32. config.json's torch_dtype is bfloat16 only when every tensor is stored so, else
 float32: the model computes on the file's values, never a rounding of them.
+
+K-quant projections (Q4_K, Q5_K, Q6_K weights of attention, MLP/expert and output projections) are kept as
+their GGUF blocks in Strata's q4_k/q5_k/q6_k formats (`X.qweight`, listed in config.json's
+quantization_config), which Strata's kernels read without dequantizing. transformers cannot load such a
+folder; `dequantize=True` (`strata convert gguf --dequantize`) writes every tensor as float instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from strata.errors import WeightsError
+from strata.weights import kquant
 from strata.weights.gguf_config import generation_config, hf_config
 from strata.weights.gguf_reader import GGUFFile
 from strata.weights.gguf_tokenizer import build_tokenizer
@@ -47,6 +53,9 @@ _LAYER = {  # llama.cpp per-layer name -> HF name under model.layers.N.
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)")
 _EXPERTS = re.compile(r"ffn_(gate|up|down)_exps")
+# llama.cpp tensors read by QuantLinear (kept quantized when K-quant); embeddings, norms and routers are not
+_PROJECTION = re.compile(r"output\.weight|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|_shexp)?)"
+                         r"(\.\d+)?\.weight")
 
 
 def _moe_names(model_type: str) -> tuple[str, dict[str, str]]:
@@ -62,8 +71,24 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors(g: GGUFFile, cfg: dict) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yields (HF name, float32 array, GGUF name) for every tensor of the file."""
+def kept_quantized(g: GGUFFile, name: str) -> str | None:
+    """The Strata format a GGUF tensor is kept in without dequantizing (a K-quant projection), else None."""
+    kind = kquant.GGUF_TYPES.get(g.tensors[name].type_name)
+    return kind if kind is not None and _PROJECTION.fullmatch(name) else None
+
+
+def _read(g: GGUFFile, name: str, dequantize: bool) -> np.ndarray:
+    """float32 values, or for a tensor kept quantized its raw blocks, uint8 [..., rows, row bytes]."""
+    if dequantize or kept_quantized(g, name) is None:
+        return g.tensor(name)
+    info = g.tensors[name]
+    data = np.asarray(info.raw.data, dtype=np.uint8)
+    return data.reshape(*info.shape[:-1], -1)
+
+
+def hf_tensors(g: GGUFFile, cfg: dict, dequantize: bool = True) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yields (HF name, array, GGUF name) for every tensor of the file: float32, or with dequantize=False the
+    raw blocks of K-quant projections (see kept_quantized)."""
     model_type = cfg["model_type"]
     moe, proj = _moe_names(model_type)
     permute = model_type in ("llama", "mixtral")
@@ -71,14 +96,14 @@ def hf_tensors(g: GGUFFile, cfg: dict) -> Iterator[tuple[str, np.ndarray, str]]:
         if name in _GLOBAL:
             if name == "output.weight" and cfg["tie_word_embeddings"]:
                 continue
-            yield _GLOBAL[name], g.tensor(name), name
+            yield _GLOBAL[name], _read(g, name, dequantize), name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:
             raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
         layer, kind, expert, suffix = m.groups()
         pre = f"model.layers.{layer}."
-        w = g.tensor(name)
+        w = _read(g, name, dequantize)
         if permute and kind in ("attn_q", "attn_k"):
             heads = cfg["num_attention_heads"] if kind == "attn_q" else cfg["num_key_value_heads"]
             if w.shape[0] != heads * cfg["head_dim"]:  # checked here: the reorder needs whole heads
@@ -122,8 +147,11 @@ def _stored(w: np.ndarray, type_name: str) -> torch.Tensor:
     return t.to(torch.float16) if type_name == "F16" else t
 
 
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Writes the HF folder into a temporary folder beside out_dir, then renames it to out_dir."""
+def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+                 dequantize: bool = False) -> Path:
+    """Writes the HF folder into a temporary folder beside out_dir, then renames it to out_dir.
+
+    K-quant projections stay quantized (Strata-only folder) unless `dequantize`."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise WeightsError(f"{out}: output folder exists and is not empty (pass --force to replace it)")
@@ -134,8 +162,12 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        all_bf16 = _write_weights(g, cfg, expected, tmp)
+        modules: dict[str, str] = {}
+        all_bf16 = _write_weights(g, cfg, expected, tmp, None if dequantize else modules)
         cfg["torch_dtype"] = "bfloat16" if all_bf16 else "float32"
+        if modules:
+            label = next(iter(set(modules.values()))) if len(set(modules.values())) == 1 else "mixed"
+            cfg["quantization_config"] = {"quant_method": "strata", "format": label, "modules": modules}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
         if tokenizer is not None:
@@ -152,8 +184,12 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite:
     return out
 
 
-def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]], tmp: Path) -> bool:
-    """Writes model.safetensors (or shards + index); returns whether every tensor is stored as bfloat16."""
+def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]], tmp: Path,
+                   modules: dict[str, str] | None = None) -> bool:
+    """Writes model.safetensors (or shards + index); returns whether every float tensor is stored as bfloat16.
+
+    With `modules` (a dict to fill), K-quant projections are written as their blocks (`X.qweight`) and
+    recorded as {module name: format}; without it, everything is dequantized."""
     shard: dict[str, torch.Tensor] = {}
     files: list[tuple[str, list[str]]] = []  # (temporary shard name, tensor names)
     seen: set[str] = set()
@@ -166,19 +202,26 @@ def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]],
         files.append((fn, list(shard)))
         shard.clear()
 
-    for hf_name, w, gguf_name in hf_tensors(g, cfg):
+    for hf_name, w, gguf_name in hf_tensors(g, cfg, dequantize=modules is None):
         want = expected.get(hf_name)
         if want is None:
             raise WeightsError(f"{g.path}: tensor '{gguf_name}' maps to '{hf_name}', which "
                                f"{cfg['architectures'][0]} with this metadata does not have")
-        if tuple(w.shape) != want:
-            raise WeightsError(f"{g.path}: tensor '{gguf_name}' has shape {list(w.shape)} as '{hf_name}', expected "
+        kind = kept_quantized(g, gguf_name) if modules is not None else None
+        shape = tuple(w.shape) if kind is None else (w.shape[0], w.shape[1] // kquant.BLOCK_BYTES[kind] * kquant.QK_K)
+        if shape != want:
+            raise WeightsError(f"{g.path}: tensor '{gguf_name}' has shape {list(shape)} as '{hf_name}', expected "
                                f"{list(want)} from the metadata")
         if hf_name in seen:
             raise WeightsError(f"{g.path}: tensor '{gguf_name}' gives '{hf_name}' a second time")
         seen.add(hf_name)
-        t = _stored(w, g.tensors[gguf_name].type_name)
-        all_bf16 = all_bf16 and t.dtype == torch.bfloat16
+        if kind is not None:
+            module = hf_name.removesuffix(".weight")
+            modules[module] = kind
+            hf_name, t = f"{module}.qweight", torch.from_numpy(np.array(w, dtype=np.uint8, order="C"))
+        else:
+            t = _stored(w, g.tensors[gguf_name].type_name)
+            all_bf16 = all_bf16 and t.dtype == torch.bfloat16
         if size and size + t.nbytes > SHARD_BYTES:
             flush()
             size = 0
