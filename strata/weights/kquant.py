@@ -84,3 +84,19 @@ def dequantize(qweight: torch.Tensor, kind: str, out_features: int, in_features:
     blocks = qweight.reshape(-1, BLOCK_BYTES[kind])  # [out * in / 256, B]
     w = _dequant_q6(blocks) if kind == "q6_k" else _dequant_q45(blocks, kind == "q5_k")
     return w.reshape(out_features, in_features)
+
+
+_FACTOR_AT = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # byte offsets of the fp16 d (and dmin)
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0, scale: float = 1e-3) -> torch.Tensor:
+    """uint8 [rows, cols / 256 * B] of random valid blocks (tests, benchmarks): random codes and scales, fp16
+    factors uniform in [-scale, scale]. Strata makes no K-quant blocks from float weights."""
+    check_width(kind, cols)
+    g = torch.Generator().manual_seed(seed)
+    nb = rows * cols // QK_K
+    raw = torch.randint(0, 256, (nb, BLOCK_BYTES[kind]), dtype=torch.uint8, generator=g)
+    for off in _FACTOR_AT[kind]:
+        d = ((torch.rand(nb, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(torch.float16)
+        raw[:, off : off + 2] = d.view(torch.uint8).view(nb, 2)
+    return raw.view(rows, -1)

@@ -9,9 +9,8 @@ import torch
 from strata.layers import quant_linear, quant_native
 from strata.layers.fusion import fuse_quantized
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES
+from strata.weights.kquant import BLOCK_BYTES, random_blocks
 from strata.weights.quant_format import dequantize_weight
-from tests.weights.kquant_blocks import random_blocks
 
 KINDS = list(BLOCK_BYTES)
 HAS_NATIVE = quant_native.native_lib() is not None
@@ -19,7 +18,7 @@ HAS_NATIVE = quant_native.native_lib() is not None
 
 def _layer(kind, out, inp, backend, seed=0, bias=False):
     q = QuantLinear(inp, out, kind, bias=bias)
-    q.qweight = torch.from_numpy(random_blocks(kind, out, inp, seed=seed))
+    q.qweight = random_blocks(kind, out, inp, seed=seed)
     if bias:
         q.bias = torch.randn(out, dtype=torch.bfloat16)
     if backend == "native" and not HAS_NATIVE:

@@ -12,15 +12,16 @@ import torch
 from strata.layers.attention import AttentionMetadata
 from strata.layers.quant_linear import QuantLinear
 from strata.weights.gguf_convert import convert_gguf
+from strata.weights.kquant import GGUF_TYPES, random_blocks
 from strata.weights.loader import load_model
 from tests.models.conftest import COMMON, save_tiny_tokenizer
 from tests.weights.gguf_writer import write_gguf
-from tests.weights.kquant_blocks import GGUF_NAME, random_blocks
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 _PROJ = re.compile(r"output|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))")
+GGUF_NAME = {v: k for k, v in GGUF_TYPES.items()}
 KINDS = ["q4_k", "q5_k", "q6_k"]
 
 
@@ -41,7 +42,8 @@ def kquant_gguf(tmp_path_factory):
             if _PROJ.fullmatch(base) or base == "token_embd":
                 kind = KINDS[i % 3]
                 kinds[name] = kind
-                named[name] = (random_blocks(kind, t.shape[0], t.shape[1], seed=i, scale=2e-4), GGUF_NAME[kind])
+                named[name] = (random_blocks(kind, t.shape[0], t.shape[1], seed=i, scale=2e-4).numpy(),
+                              GGUF_NAME[kind])
         return named
 
     return write_gguf(path, path / "m.gguf", tensors=blocks, num_tokens=COMMON["vocab_size"]), kinds

@@ -9,11 +9,11 @@ import torch
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES
+from strata.weights.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
 from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
-from tests.weights.kquant_blocks import GGUF_NAME, random_blocks
 
 gguf = pytest.importorskip("gguf")
+GGUF_NAME = {v: k for k, v in GGUF_TYPES.items()}
 KINDS = list(BLOCK_BYTES)
 
 
@@ -21,8 +21,8 @@ KINDS = list(BLOCK_BYTES)
 @pytest.mark.parametrize("scale", [1e-3, 60.0])  # small factors (fp16 subnormals among them) and large ones
 def test_reference_equals_gguf_dequantize(kind, scale):
     raw = random_blocks(kind, 24, 768, seed=len(kind), scale=scale)
-    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[GGUF_NAME[kind]])  # [24, 768] float32
-    ours = dequantize_weight({"qweight": torch.from_numpy(raw)}, kind, 24, 768)
+    ref = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[GGUF_NAME[kind]])  # [24, 768] float32
+    ours = dequantize_weight({"qweight": raw}, kind, 24, 768)
     assert ours.dtype == torch.float32
     np.testing.assert_array_equal(ours.numpy(), ref)
 
