@@ -33,6 +33,7 @@ from torch import nn
 from strata.fileio import write_text_atomic
 from strata.layers.linear import linear
 from strata.layers.quant_linear import QuantLinear
+from strata.weights.kquant import BLOCK_BYTES, random_blocks
 
 OUT = ROOT / "docs" / "benchmarks" / "quant_kernels"
 # (label, format or None for bf16, backend)
@@ -45,6 +46,9 @@ CASES = [  # bf16 F.linear runs alongside every case
     ("int4-g64-asym", "int4-g64-asym", "native"),
     ("int8-nested-g64", "int8-nested-g64", "native"),
     ("fp8", "fp8", "native"),
+    ("q4_k", "q4_k", "native"),  # K-quant blocks as in GGUF (random blocks: Strata does not quantize into them)
+    ("q5_k", "q5_k", "native"),
+    ("q6_k", "q6_k", "native"),
     ("torch int8pack", "int8", "torch"),
     ("torch int4pack g64", "int4-g64", "torch"),
 ]
@@ -71,10 +75,16 @@ def make_copies(w: torch.Tensor, fmt: str | None, backend: str | None, rotate_by
         fns = [partial(linear if backend == "native" else torch.nn.functional.linear, weight=c) for c in copies]
         fns[0].rel_error = 0.0
         return fns, nbytes
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data = w
-    first = QuantLinear.from_float(lin, fmt, backend=backend)
-    first.rel_error = float((first.dequantize(torch.float32) - w).norm() / w.norm())
+    if fmt in BLOCK_BYTES:
+        first = QuantLinear(w.shape[1], w.shape[0], fmt)
+        first.qweight = random_blocks(fmt, w.shape[0], w.shape[1], scale=1e-4)
+        first.post_load(backend)
+        first.rel_error = None  # random blocks, not a quantization of w
+    else:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data = w
+        first = QuantLinear.from_float(lin, fmt, backend=backend)
+        first.rel_error = float((first.dequantize(torch.float32) - w).norm() / w.norm())
     nbytes = first.fmt.nbytes(first.out_features, first.in_features)
     layers = [first]
     for _ in range(max(1, -(-rotate_bytes // nbytes)) - 1):
@@ -144,7 +154,7 @@ def main(argv=None) -> int:
             ratio = statistics.median(b / q for b, q in zip(tb, tq))
             results.append(_row(label, fmt, backend, m, tq, nbytes, ratio))
             r = results[-1]
-            r["weight_rel_rms_error"] = round(copies[0].rel_error, 5)
+            r["weight_rel_rms_error"] = None if copies[0].rel_error is None else round(copies[0].rel_error, 5)
             r["roofline_frac"] = round(_paired_frac(nbytes, tq, tr), 3)
             print(f"{label:20s} M={m:4d} {r['median_ms']:8.2f} ms (best {r['best_ms']:7.2f}) "
                   f"{100 * r['roofline_frac']:4.0f}% of bandwidth  x{ratio:.2f} vs bf16", file=sys.stderr)
@@ -190,7 +200,7 @@ def markdown(p: dict) -> str:
     ]
     for r in p["results"]:
         vs = f"{r['vs_bf16']:.2f}x" if r["vs_bf16"] is not None else "-"
-        err = f"{r['weight_rel_rms_error']:.4f}" if "weight_rel_rms_error" in r else "-"
+        err = f"{r['weight_rel_rms_error']:.4f}" if r.get("weight_rel_rms_error") is not None else "-"
         lines.append(f"| {r['case']} | {r['rows']} | {r['median_ms']:.2f} | {r['best_ms']:.2f} | "
                      f"{r['weight_gbps']:.1f} | {100 * r['roofline_frac']:.0f}% | {vs} | {err} |")
     return "\n".join(lines + summary(p["results"])) + "\n"

@@ -28,12 +28,14 @@ static inline __attribute__((always_inline)) __m512 kq_factors(int kind, const u
         __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 192))));
         return _mm512_mul_ps(s, _mm512_set1_ps(half_at(b + 208)));
     }
-    uint32_t u[3]; /* 12 bytes: low 6 bits of sc[0..3], m[0..3]; then sc/m[4..7] low nibbles + top 2 bits above */
-    memcpy(u, b + 4, 12);
-    uint32_t sc_lo = u[0] & 0x3f3f3f3fu, m_lo = u[1] & 0x3f3f3f3fu;
-    uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | ((u[0] >> 2) & 0x30303030u);
-    uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 2) & 0x30303030u);
-    __m128i v = _mm_set_epi32((int)m_hi, (int)m_lo, (int)sc_hi, (int)sc_lo);
+    /* 12 bytes as 32-bit words u0 u1 u2: sc[0..3] = u0 & 63, m[0..3] = u1 & 63, sc[4..7] = (u2 & 15) | top two
+     * bits of u0's bytes, m[4..7] = (u2 >> 4) | top two bits of u1's; four lanes at once, in the order
+     * sc[0..3], sc[4..7], m[0..3], m[4..7] (vector ops: a scalar decode cost as much as the dot products) */
+    __m128i u = _mm_loadu_si128((const __m128i *)(b + 4)); /* bytes 12-15 are codes, unused */
+    __m128i lo = _mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0)), _mm_set_epi32(4, 0, 0, 0));
+    lo = _mm_and_si128(lo, _mm_set_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f));
+    __m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2);
+    __m128i v = _mm_or_si128(lo, _mm_and_si128(hi, _mm_set_epi32(0x30303030, 0, 0x30303030, 0)));
     __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
     return _mm512_mul_ps(f, _mm512_mask_mov_ps(_mm512_set1_ps(half_at(b)), 0xFF00, _mm512_set1_ps(half_at(b + 2))));
 }
@@ -71,10 +73,12 @@ static inline __attribute__((always_inline)) void kq_chunk(int kind, const uint8
     *jb = 2 * c + 1;
 }
 
-/* the factor of sub-block j for each of the 16 product lanes */
-static inline __attribute__((always_inline)) __m512 kq_lane_factor(int kind, __m512 f, int j) {
-    __m512i idx = kind == KQ6 ? _mm512_mask_mov_epi32(_mm512_set1_epi32(2 * j), 0xFF00, _mm512_set1_epi32(2 * j + 1))
-                              : _mm512_set1_epi32(j);
+/* the factor of sub-block j for each of the 16 product lanes; fs: f stored to memory, so that q4_k/q5_k
+ * broadcast from it (a load) instead of permuting (a shuffle, the port the code widening also needs) */
+static inline __attribute__((always_inline)) __m512 kq_lane_factor(int kind, __m512 f, const float *fs, int j) {
+    if (kind != KQ6)
+        return _mm512_set1_ps(fs[j]);
+    __m512i idx = _mm512_mask_mov_epi32(_mm512_set1_epi32(2 * j), 0xFF00, _mm512_set1_epi32(2 * j + 1));
     return _mm512_permutexvar_ps(idx, f);
 }
 
@@ -89,11 +93,15 @@ static inline __attribute__((always_inline)) void kq_rows(int kind, int mb, int 
         for (int m = 0; m < mb; m++) tot[r][m] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         __m512 f[KQ_R];
+        float fs[KQ_R][16];
         for (int r = 0; r < R; r++) {
             const uint8_t *b = w + r * ldw + sb * B;
-            for (int64_t o = 0; o < B; o += 64) /* the next block's rows: see PREFETCH in quant_cpu.h */
-                _mm_prefetch((const char *)(b + R * ldw + o), _MM_HINT_T0);
+            /* the same bytes of the next block's rows (see PREFETCH in quant_cpu.h), each line once */
+            uintptr_t pf = (uintptr_t)(b + R * ldw), end = pf + (uintptr_t)B;
+            for (uintptr_t line = sb == 0 ? pf & ~(uintptr_t)63 : (pf + 63) & ~(uintptr_t)63; line < end; line += 64)
+                _mm_prefetch((const char *)line, _MM_HINT_T0);
             f[r] = kq_factors(kind, b);
+            _mm512_storeu_ps(fs[r], f[r]);
             for (int m = 0; m < mb; m++)
                 tot[r][m] = _mm512_fnmadd_ps(f[r], _mm512_loadu_ps(xc + m * nsb * 16 + sb * 16), tot[r][m]);
         }
@@ -108,8 +116,8 @@ static inline __attribute__((always_inline)) void kq_rows(int kind, int mb, int 
                 for (int r = 0; r < R; r++) {
                     __m512 pa = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qa[r], xa);
                     __m512 pb = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[r], xb);
-                    tot[r][m] = _mm512_fmadd_ps(pa, kq_lane_factor(kind, f[r], ja), tot[r][m]);
-                    tot[r][m] = _mm512_fmadd_ps(pb, kq_lane_factor(kind, f[r], jb), tot[r][m]);
+                    tot[r][m] = _mm512_fmadd_ps(pa, kq_lane_factor(kind, f[r], fs[r], ja), tot[r][m]);
+                    tot[r][m] = _mm512_fmadd_ps(pb, kq_lane_factor(kind, f[r], fs[r], jb), tot[r][m]);
                 }
             }
         }
