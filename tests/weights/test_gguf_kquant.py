@@ -25,6 +25,15 @@ GGUF_NAME = {v: k for k, v in GGUF_TYPES.items()}
 KINDS = ["q4_k", "q5_k", "q6_k"]
 
 
+def _kind(name: str) -> str:
+    """Mixed as llama.cpp's Q4_K_M mixes them, with q/k/v and gate/up alike within a layer (so they fuse)."""
+    if name in ("output.weight", "blk.0.ffn_down.weight") or name.startswith(("blk.1.ffn_gate", "blk.1.ffn_up")):
+        return "q6_k"
+    if name.startswith(("blk.1.attn_q", "blk.1.attn_k", "blk.1.attn_v", "blk.1.ffn_down")):
+        return "q5_k"
+    return "q4_k"
+
+
 @pytest.fixture(scope="module")
 def kquant_gguf(tmp_path_factory):
     """Random llama (widths multiple of 256) as GGUF; every projection and the embedding made of random blocks."""
@@ -38,12 +47,11 @@ def kquant_gguf(tmp_path_factory):
 
     def blocks(named):
         for i, (name, t) in enumerate(sorted(named.items())):
-            base = name.removesuffix(".weight")
-            if _PROJ.fullmatch(base) or base == "token_embd":
-                kind = KINDS[i % 3]
+            if _PROJ.fullmatch(name.removesuffix(".weight")) or name == "token_embd.weight":
+                kind = _kind(name)
                 kinds[name] = kind
                 named[name] = (random_blocks(kind, t.shape[0], t.shape[1], seed=i, scale=2e-4).numpy(),
-                              GGUF_NAME[kind])
+                               GGUF_NAME[kind])
         return named
 
     return write_gguf(path, path / "m.gguf", tensors=blocks, num_tokens=COMMON["vocab_size"]), kinds
@@ -81,3 +89,21 @@ def test_kquant_gguf_stays_quantized_and_matches(kquant_gguf, tmp_path):
     err = (logits - ref).abs().max() / ref.abs().max()
     assert err < 3e-2, err
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_kquant_gguf_decodes_natively_from_the_file(kquant_gguf, tmp_path, monkeypatch):
+    """LLM("m.gguf") keeps the K-quant blocks (one-call native decode over them) and gives the tokens of the
+    per-op path."""
+    from strata.layers.linear import bf16_lib
+    from tests.models.test_native_decode import _greedy
+
+    if bf16_lib() is None:
+        pytest.skip("native kernels unavailable on this machine")
+    gguf_path, _ = kquant_gguf
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path))
+    native, calls = _greedy(gguf_path, monkeypatch, native=True)
+    assert calls > 0
+    assert any(f.name.startswith("m-") for f in (tmp_path / "gguf").iterdir())  # converted once, cached
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path))
+    reference, _ = _greedy(gguf_path, monkeypatch, native=False)
+    assert native == reference
