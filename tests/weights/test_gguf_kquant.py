@@ -107,3 +107,15 @@ def test_kquant_gguf_decodes_natively_from_the_file(kquant_gguf, tmp_path, monke
     monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path))
     reference, _ = _greedy(gguf_path, monkeypatch, native=False)
     assert native == reference
+
+
+def test_cli_convert_keeps_kquants_unless_dequantize(kquant_gguf, tmp_path, capsys):
+    from strata.cli import main
+
+    gguf_path, _ = kquant_gguf
+    for flags, quantized in (([], True), (["--dequantize"], False)):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["convert", "gguf", *flags, str(gguf_path), str(out)]) == 0
+        cfg = json.loads((out / "config.json").read_text())
+        assert ("quantization_config" in cfg) == quantized
+    assert "wrote" in capsys.readouterr().out
