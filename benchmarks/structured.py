@@ -86,13 +86,14 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="an HF model folder (default: the bundled model)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "structured.json")
     args = ap.parse_args(argv)
 
     from strata import LLM
     from strata.commands.bench_serve import machine_facts
 
-    llm = LLM(progress=False, num_threads=args.threads, max_num_seqs=max(args.batch), enable_prefix_caching=False)
+    llm = LLM(args.model, progress=False, num_threads=args.threads, max_num_seqs=max(args.batch), enable_prefix_caching=False)
     llm.engine.structured.clock = Clock(llm.engine.structured, ("prepare", "apply", "accept", "is_stopped"))
     llm.engine.runner.clock = Clock(llm.engine.runner, ("execute",))
     decode_step_ms(llm, 1, "strings", "inline", 8)  # warm-up: the grammar tokenizer, the native kernels
@@ -114,7 +115,9 @@ def main(argv=None) -> None:
                          "rounds_step_ms": [x[0] for x in per[b, s, m]]})
             print(f"{b:>5} {s or 'none (free)':<22} {m:<11} {step:>7.3f} {100 * (step / free - 1):>7.1f}% {fwd:>8.3f} "
                   f"{gram:>8.4f} {100 * gram / free:>16.1f}%   " + " ".join(f"{x[0]:.3f}" for x in per[b, s, m]))
-    write_json_atomic(args.out, {"machine": machine_facts(), "threads": args.threads, "tokens": args.tokens,
+    write_json_atomic(args.out, {"machine": machine_facts(), "model": args.model or "bundled",
+                                 "vocab_size": llm.engine.model_config.vocab_size, "threads": args.threads,
+                                 "tokens": args.tokens,
                                  "rounds": args.rounds, "schemas": SCHEMAS, "results": rows})
     print(f"wrote {args.out}")
 

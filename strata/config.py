@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +167,21 @@ class ModelConfig:
                 raise ConfigError(f"{source}: field '{name}' must be > 0, got {v!r}")
             return v
 
+        def flag(name: str, default: bool) -> bool:
+            v = d.get(name, default)
+            if v is None:
+                return default
+            if not isinstance(v, bool):  # bool("false") is True: a string here is a mistake, not a yes
+                raise ConfigError(f"{source}: field '{name}' must be true or false, got {v!r}")
+            return v
+
+        def number(name: str, default: float, ok, what: str, value=None) -> float:
+            v = d.get(name) if value is None else value
+            v = default if v is None else v
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"{source}: field '{name}' must be {what}, got {v!r}")
+            return float(v)
+
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         kv_heads = d.get("num_key_value_heads") or heads
@@ -178,7 +194,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'head_dim' must be a positive even integer, got {head_dim!r}")
 
         rope = d.get("rope_parameters") or {}
-        rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_theta = d.get("rope_theta")
+        rope_theta = rope.get("rope_theta", 10000.0) if rope_theta is None else rope_theta
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             scaling = dict(scaling)
@@ -212,7 +229,8 @@ class ModelConfig:
                     f"{source}: field 'num_experts_per_tok' must be <= number of experts ({num_experts}), "
                     f"got {d['num_experts_per_tok']}"
                 )
-        norm_topk = d.get("norm_topk_prob", False)
+        norm_topk = flag("norm_topk_prob", False)
+        flag("use_sliding_window", False)  # read from raw by uses_sliding_window
         if model_type == "mixtral":
             norm_topk = True  # Mixtral always renormalises the top-k probabilities
         sw = d.get("sliding_window")
@@ -226,12 +244,12 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=number("rms_norm_eps", 1e-6, lambda v: 0 < v < 1, "a number in (0, 1)"),
+            rope_theta=number("rope_theta", 10000.0, lambda v: v > 0, "a number > 0", rope_theta),
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", model_type == "qwen2" or model_type == "qwen2_moe")),
+            max_position_embeddings=need("max_position_embeddings") if "max_position_embeddings" in d else 2048,
+            tie_word_embeddings=flag("tie_word_embeddings", False),
+            attention_bias=flag("attention_bias", model_type == "qwen2" or model_type == "qwen2_moe"),
             sliding_window=int(sw) if isinstance(sw, int) and sw > 0 else None,
             max_window_layers=d.get("max_window_layers"),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
@@ -239,7 +257,7 @@ class ModelConfig:
             num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(moe_inter),
             shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
-            norm_topk_prob=bool(norm_topk),
+            norm_topk_prob=norm_topk,
             decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
             mlp_only_layers=list(d.get("mlp_only_layers") or []),
             bos_token_id=d.get("bos_token_id"),
@@ -284,6 +302,7 @@ class EngineConfig:
     miss_fallback: str = "none"  # on an expert cache miss: none (wait, exact), renormalize, lowbit
     record_routing: str | None = None  # JSONL file of routing decisions
     replay_routing: str | None = None  # JSONL file forcing the routing
+    check_weights: bool = True  # refuse weights holding NaN/inf at load (one pass over the loaded tensors)
     # speculative decoding (vLLM's keys): {"model": PATH, "num_speculative_tokens": 4} or
     # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}; a JSON string or a dict
     speculative_config: str | dict | None = None

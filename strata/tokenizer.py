@@ -28,6 +28,11 @@ def _token_str(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
+# Texts longer than this are encoded with encode_batch, which releases the GIL (encode holds it: measured,
+# a thread beside a 464k-character encode ran 9x slower); shorter ones with encode, a little faster.
+GIL_FREE_CHARS = 4096
+
+
 class ChatTemplateError(StrataError):
     """The chat template raised (raise_exception) or failed to render."""
 
@@ -102,7 +107,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids if text else []
+            if len(text) > GIL_FREE_CHARS:  # encode_batch releases the GIL: the engine thread keeps stepping
+                ids = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            else:
+                ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids if text else []
         except TypeError:  # tokenizers refuses str that is not valid Unicode (a lone surrogate)
             raise InvalidRequestError("text to tokenize is not valid Unicode (a lone UTF-16 surrogate?)",
                                       param="prompt") from None

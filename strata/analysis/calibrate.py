@@ -1,20 +1,23 @@
-"""Fit efficiency factors (eta_bw, eta_flops, overhead_us) per hardware class and per (class, engine) on a
-measurements CSV, and measure honestly how well they generalise (leave-one-out and leave-one-source-out).
+"""Fit the few efficiency factors the physics leaves open, on the measurements shipped in the repo
+(strata/analysis/data/published_perf.csv), and measure how well they generalise (leave-one-out and
+leave-one-source-out).
 
-Loss: sum over rows of |log(pred/measured)| plus a pull of each factor towards its parent (engine -> class
--> physical prior), so groups with few rows stay near physics. Coordinate descent over a bounded grid.
-Run: `python -m strata.analysis.calibrate [CSV]` (writes calibration.json next to this file).
+Parameters (kept under a fifth of the rows): per hardware class the share of peak bandwidth it reaches (eta_bw)
+and, where it has prompt or batched rows, the share of peak FLOPs (eta_flops); shared by all classes the share of
+bandwidth a dequantizing GEMV keeps (eta_q); one per-call overhead for GPUs and Apple GPUs; the GPU host time
+per sequence (seq_us); and one engine ratio, llama.cpp's matmul FLOPs share (its prompt kernels reach less than
+cuBLAS-based engines). Everything else stays at the physical priors in efficiency.py (llama.cpp builds from before
+May 2024 keep their measured 1.5x per-call overhead prior).
+Loss: sum over rows of |log(pred / measured)| plus PULL x |log(value / prior)| per parameter; coordinate descent
+over bounded grids. Run: `strata analyze --calibrate` (writes calibration.json next to this file).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import os
-import sys
-from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from strata.analysis.efficiency import (
     BOUNDS,
     CALIBRATION_PATH,
     DEFAULT,
+    ENGINE_PARENTS,
     NEUTRAL,
     PRIORS,
     RATIO_PRIORS,
@@ -31,111 +35,123 @@ from strata.analysis.efficiency import (
 from strata.analysis.validate import Case, load_cases, score
 from strata.fileio import write_json_atomic
 
-MIN_ENGINE_ROWS = 2  # an engine gets its own ratio (shared by all classes) with at least this many rows
-MIN_CELL_ROWS = 2  # a (class, engine) cell gets its own factors only with at least this many rows
-PULL = 0.5  # weight of |log(param / parent)| per parameter
-PARAMS = ("eta_flops", "eta_q", "eta_bw", "overhead_us", "seq_us")  # fitted one at a time, in this order
+DATA_PATH = Path(__file__).parent / "data" / "published_perf.csv"
+PULL = 0.5  # weight of |log(value / prior)| per parameter
+SWEEPS = 4
+COMPUTE_METRICS = ("prefill_tok_s", "ttft_ms", "throughput_tok_s")
+# classes whose per-call overhead is fitted, one value for both: GPU kernel launches (CUDA / ROCm, Metal's command
+# encoding); CPU classes keep the prior, a function call and a thread barrier
+LAUNCH_CLASSES = ("gpu", "apple")
+ENGINE_FLOPS_RATIOS = ("llama.cpp",)  # engines whose matmul FLOPs share gets its own ratio
 GRIDS = {
-    "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 48),
-    "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 48),
-    "overhead_us": np.concatenate([[0.0], np.geomspace(0.1, BOUNDS["overhead_us"][1], 40)]),
-    "eta_q": np.geomspace(BOUNDS["eta_q"][0], 1.0, 24),
-    "seq_us": np.concatenate([[0.0], np.geomspace(0.5, BOUNDS["seq_us"][1], 36)]),
+    "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 64),
+    "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 64),
+    "overhead_us": np.concatenate([[0.0], np.geomspace(0.1, BOUNDS["overhead_us"][1], 48)]),
+    "eta_q": np.geomspace(BOUNDS["eta_q"][0], 1.0, 32),
+    "seq_us": np.concatenate([[0.0], np.geomspace(0.5, BOUNDS["seq_us"][1], 48)]),
 }
-RATIO_GRIDS = {  # engine ratios multiply the class factor
-    "eta_bw": np.geomspace(0.2, 2.0, 40),
-    "eta_flops": np.geomspace(0.05, 4.0, 48),
-    "overhead_us": np.concatenate([[0.0], np.geomspace(0.05, 20.0, 40)]),
-    "eta_q": np.geomspace(0.4, 2.0, 24),
-    "seq_us": np.concatenate([[0.0], np.geomspace(0.05, 20.0, 36)]),
-}
+RATIO_GRID = {"eta_flops": np.geomspace(0.1, 2.0, 48)}
 
 
-def _parent(key: str, table: dict[str, Eff]) -> Eff:
-    """Class -> physical prior; '*|engine' ratio -> its measured prior or neutral; cell -> class x engine ratio."""
+@dataclass(frozen=True)
+class Param:
+    """One fitted number: an Eff field, set on every table key in `keys` (tied)."""
+
+    field: str
+    keys: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.field}[{'+'.join(self.keys)}]"
+
+    @property
+    def is_ratio(self) -> bool:
+        return self.keys[0].startswith("*|")
+
+
+def _prior(key: str) -> Eff:
     if key.startswith("*|"):
         return RATIO_PRIORS.get(key, NEUTRAL)
-    if "|" in key:
-        cls, engine = key.split("|", 1)
-        base = table.get(cls) or PRIORS.get(cls, DEFAULT)
-        ratio = table.get(f"*|{engine}")
-        return base.times(ratio) if ratio else base
     return PRIORS.get(key, DEFAULT)
 
 
-def _pull(e: Eff, par: Eff) -> float:
-    return PULL * (abs(math.log(e.eta_bw / par.eta_bw)) + abs(math.log(e.eta_flops / par.eta_flops))
-                   + abs(math.log((e.overhead_us + 0.5) / (par.overhead_us + 0.5)))
-                   + abs(math.log(e.eta_q / par.eta_q))
-                   + abs(math.log((e.seq_us + 0.5) / (par.seq_us + 0.5))))
+def _classes(case: Case) -> set[str]:
+    return {g.split("|")[0] for g in case.groups}
 
 
-def _loss(cases: list[Case], effs: Efficiencies, keys: list[str]) -> float:
-    total = 0.0
-    for c in cases:
-        p = c.predict(effs)
-        total += abs(math.log(max(p, 1e-12) / c.measured))
-    for k in keys:
-        total += _pull(effs.table[k], _parent(k, effs.table))
-    return total
+def _engines(case: Case) -> set[str]:
+    return {g.split("|", 1)[1] for g in case.groups}
 
 
-def _touching(cases: list[Case], key: str) -> list[Case]:
-    if key.startswith("*|"):
-        return [c for c in cases if any(g.split("|", 1)[1] == key[2:] for g in c.groups)]
-    if "|" in key:
-        return [c for c in cases if key in c.groups]
-    return [c for c in cases if any(g.split("|")[0] == key for g in c.groups)]
+def fit_rows(cases: list[Case]) -> list[Case]:
+    """Rows the factors are fitted on: predictable, and not resting on an assumed quantization (a wrong guess
+    would be absorbed into the factors); the others are still predicted and scored."""
+    return [c for c in cases if not c.reason and "assumed quantization" not in c.flags]
 
 
-def fit(cases: list[Case], start: Efficiencies | None = None, only: set[str] | None = None,
-        sweeps: int = 3) -> Efficiencies:
-    usable = [c for c in cases if not c.reason]
-    counts = Counter(g for c in usable for g in c.groups)
-    by_engine = Counter(g.split("|", 1)[1] for c in usable for g in c.groups)
-    classes = sorted({g.split("|")[0] for g in counts})
-    ratios = sorted(f"*|{e}" for e, n in by_engine.items() if n >= MIN_ENGINE_ROWS)
-    cells = sorted(g for g, n in counts.items() if n >= MIN_CELL_ROWS)
-    effs = Efficiencies(dict(start.table) if start else {})
-    for k in classes:
-        effs.table.setdefault(k, PRIORS.get(k, DEFAULT))
-    for k in ratios:
-        effs.table.setdefault(k, RATIO_PRIORS.get(k, NEUTRAL))
-    for k in cells:
-        effs.table.setdefault(k, _parent(k, effs.table))
-    keys = [k for k in classes + ratios + cells if only is None or k in only]
+def parameters(cases: list[Case]) -> list[Param]:
+    """The fitted parameters: only those some fitted row informs."""
+    usable = fit_rows(cases)
+    classes = sorted(set().union(*(_classes(c) for c in usable)))
+    compute = {k for c in usable if c.metric in COMPUTE_METRICS or c.batch >= 32 for k in _classes(c)}
+    out = [Param("eta_bw", (k,)) for k in classes] + [Param("eta_flops", (k,)) for k in classes if k in compute]
+    out.append(Param("eta_q", tuple(classes)))
+    launch = tuple(k for k in classes if k in LAUNCH_CLASSES)
+    if launch:
+        out.append(Param("overhead_us", launch))
+    if any(c.batch > 1 for c in usable if "gpu" in _classes(c)):
+        out.append(Param("seq_us", ("gpu",)))
+    for eng in ENGINE_FLOPS_RATIOS:
+        if any(eng in _engines(c) and c.metric in COMPUTE_METRICS for c in usable):
+            out.append(Param("eta_flops", (f"*|{eng}",)))
+    return out
+
+
+def _start(params: list[Param]) -> Efficiencies:
+    table = {k: _prior(k) for p in params for k in p.keys}
+    table.update({k: v for k, v in RATIO_PRIORS.items()})
+    return Efficiencies(table)
+
+
+def _touching(cases: list[Case], p: Param) -> list[Case]:
+    if p.is_ratio:  # an engine's ratio also acts on its dated builds (efficiency.ENGINE_PARENTS)
+        return [c for c in cases if any(p.keys[0][2:] in (e, ENGINE_PARENTS.get(e)) for e in _engines(c))]
+    return [c for c in cases if _classes(c) & set(p.keys)]
+
+
+def _loss(rows: list[Case], effs: Efficiencies, p: Param, v: float) -> float:
+    total = sum(abs(math.log(max(c.predict(effs), 1e-12) / c.measured)) for c in rows)
+    prior = getattr(_prior(p.keys[0]), p.field)
+    off = 0.5 if p.field in ("overhead_us", "seq_us") else 0.0  # these may be 0
+    return total + PULL * abs(math.log((v + off) / (prior + off)))
+
+
+def _set(effs: Efficiencies, p: Param, v: float) -> None:
+    for k in p.keys:
+        effs.table[k] = replace(effs.table[k], **{p.field: v})
+
+
+def fit(cases: list[Case], sweeps: int = SWEEPS) -> Efficiencies:
+    """Coordinate descent over the parameters, each searched on its whole grid, from the priors."""
+    usable = fit_rows(cases)
+    params = parameters(usable)
+    effs = _start(params)
     for _ in range(sweeps):
-        for k in keys:
-            rows = _touching(usable, k)
-            if rows:
-                _fit_group(rows, effs, k)
+        for p in params:
+            rows = _touching(usable, p)
+            if not rows:
+                continue
+            grid = RATIO_GRID[p.field] if p.is_ratio else GRIDS[p.field]
+            losses = []
+            for v in map(float, grid):
+                _set(effs, p, v)
+                losses.append(_loss(rows, effs, p, v))
+            _set(effs, p, float(grid[int(np.argmin(losses))]))
     return effs
 
 
-def _search(rows: list[Case], effs: Efficiencies, k: str, axes: dict[str, np.ndarray]) -> None:
-    """Sets k's parameters named in `axes` to the grid point (all combinations) of lowest loss."""
-    best, arg = None, None
-    for point in itertools.product(*(map(float, v) for v in axes.values())):
-        effs.table[k] = replace(effs.table[k], **dict(zip(axes, point)))
-        loss = _loss(rows, effs, [k])
-        if best is None or loss < best:
-            best, arg = loss, point
-    effs.table[k] = replace(effs.table[k], **dict(zip(axes, arg)))
-
-
-def _fit_group(rows: list[Case], effs: Efficiencies, k: str) -> None:
-    """Joint grids over the pairs that trade off: (eta_bw, overhead_us) in decode, (eta_flops, seq_us) in
-    big-batch steps; then each parameter alone."""
-    grids = RATIO_GRIDS if k.startswith("*|") else GRIDS
-    _search(rows, effs, k, {"eta_bw": grids["eta_bw"][::2], "overhead_us": grids["overhead_us"][::2]})
-    if any(c.batch > 1 for c in rows):
-        _search(rows, effs, k, {"eta_flops": grids["eta_flops"][::2], "seq_us": grids["seq_us"][::2]})
-    for param in PARAMS:
-        _search(rows, effs, k, {param: grids[param]})
-
-
-def held_out_predictions(cases: list[Case], full: Efficiencies, by_source: bool = False) -> dict[int, float]:
-    """Prediction of each row by factors fitted without it (or without its whole source)."""
+def held_out_predictions(cases: list[Case], by_source: bool = False) -> dict[int, float]:
+    """Prediction of each row by factors fitted from the priors without it (or without its whole source)."""
     out: dict[int, float] = {}
     usable = [c for c in cases if not c.reason]
     folds: dict[str, list[Case]] = {}
@@ -143,35 +159,42 @@ def held_out_predictions(cases: list[Case], full: Efficiencies, by_source: bool 
         folds.setdefault(c.row["source"] if by_source else str(c.index), []).append(c)
     for fold in folds.values():
         ids = {c.index for c in fold}
-        train = [c for c in usable if c.index not in ids]
-        touched = set().union(*(c.groups for c in fold))
-        touched |= {g.split("|")[0] for g in touched} | {"*|" + g.split("|", 1)[1] for g in touched}
-        # refit from scratch those groups the fold touches; a group with no rows left falls back to its parent
-        start = Efficiencies({k: v for k, v in full.table.items() if k not in touched})
-        effs = fit(train, start=start, only=touched, sweeps=3)
+        effs = fit([c for c in usable if c.index not in ids])
         for c in fold:
             out[c.index] = c.predict(effs)
     return out
 
 
-def main(argv: list[str]) -> int:
-    default_csv = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "published-perf",
-                               "measurements.csv")
-    path = argv[0] if argv else default_csv
-    cases = load_cases(path)
+def summary(res: dict) -> dict:
+    return {k: res[k] for k in ("coverage", "median_ape", "p90_ape", "gmean_ratio", "n_predicted", "n_unpredictable")}
+
+
+def calibrate(path: str | Path = DATA_PATH, out: str | Path = CALIBRATION_PATH, held_out: bool = True) -> dict:
+    """Fit on a measurements CSV, score it (fitted, leave-one-out, leave-one-source-out) and write `out`."""
+    cases = load_cases(str(path))
     effs = fit(cases)
-    fitted = score(cases, effs)
-    loo = score(cases, effs, held_out_predictions(cases, effs))
-    loso = score(cases, effs, held_out_predictions(cases, effs, by_source=True))
-    summary = {name: {k: r[k] for k in ("median_ape", "p90_ape", "gmean_ratio", "n_predicted", "n_unpredictable")}
-               for name, r in (("fitted", fitted), ("leave_one_out", loo), ("leave_one_source_out", loso))}
-    doc = {"_comment": "written by `python -m strata.analysis.calibrate`; factors per hardware class and "
-                       "class|engine; see docs/analysis.md", "csv": os.path.basename(path),
-           "factors": effs.to_json(), "validation": summary}
-    write_json_atomic(CALIBRATION_PATH, doc, indent=1)
-    print(json.dumps(summary, indent=1))
+    params = parameters(cases)
+    n_rows = len(fit_rows(cases))
+    validation = {"fitted": summary(score(cases, effs))}
+    if held_out:
+        validation["leave_one_out"] = summary(score(cases, effs, held_out_predictions(cases)))
+        validation["leave_one_source_out"] = summary(score(cases, effs, held_out_predictions(cases, by_source=True)))
+    doc = {"_comment": "written by `strata analyze --calibrate` from the CSV named here; the factors not listed "
+                       "in `parameters` are efficiency.py's priors; see docs/analysis.md",
+           "csv": Path(path).name, "n_rows": n_rows, "n_parameters": len(params),
+           "parameters": {p.name: getattr(effs.table[p.keys[0]], p.field) for p in params},
+           "factors": effs.to_json(), "validation": validation}
+    write_json_atomic(Path(out), doc, indent=1)
+    return doc
+
+
+def main(argv: list[str]) -> int:
+    doc = calibrate(argv[0] if argv else DATA_PATH)
+    print(json.dumps({k: doc[k] for k in ("n_rows", "n_parameters", "parameters", "validation")}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main(sys.argv[1:]))

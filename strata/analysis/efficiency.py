@@ -14,6 +14,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from strata.analysis.engines import LOOPED_EXPERT_FAMILIES, identify
+
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 # Strata's host costs (per kernel call, per call of its Python expert loop), measured on thin twins of the
 # benchmark models by benchmarks/step_overhead.py (the one place those numbers live; rerun it to remeasure)
@@ -58,6 +60,7 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # the host: the graphs PR measured Llama-2-7B Q4_K_M decode on an H100 PCIe at 143.35 -> 163.83 tok/s (llama.cpp
 # issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
+ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
 
 
 def _strata_fit() -> dict:
@@ -80,7 +83,7 @@ STRATA_LOOP_US = float(_FIT.get("loop_us_per_expert_call", 0.0))
 STRATA_PREFILL_LOOP_US = float(_FIT.get("prefill_loop_us_per_expert_call", 0.0))
 # Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
 # llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
-LOOPED_EXPERT_ENGINES = {"strata", "transformers"}
+LOOPED_EXPERT_ENGINES = LOOPED_EXPERT_FAMILIES
 # Engines that place weights per NUMA node (KTransformers' dual-socket mode keeps a copy of the experts per socket).
 # The others leave a model's pages on the node that first touched them, so on an n-socket host every read is
 # served by one socket's memory controllers: bandwidth of one socket, FLOPs of all of them.
@@ -92,25 +95,9 @@ GPU_OFFLOAD_MIN_TOKENS = 32
 # caps the batch it tunes for at 4096 sequences (tensorrt_llm/bench/build/tuning.py, finetune_setting).
 MAX_BENCH_BATCH = {"trt-llm": 4096}
 
-ENGINE_PATTERNS = [
-    ("ktransformers", r"ktransformers"),
-    ("trt-llm", r"tensorrt"),
-    ("vllm", r"vllm|sglang"),
-    ("fastertransformer", r"fastertransformer"),
-    ("mlc", r"\bmlc\b"),
-    ("exllama", r"exllama"),
-    ("transformers", r"transformers|hf "),
-    ("strata", r"strata"),
-    ("llama.cpp", r"llama\.?cpp|ollama|llamafile|ik_llama|powerinfer"),
-]
-
-
 def engine_family(text: str) -> str:
-    t = text.lower()
-    for name, pat in ENGINE_PATTERNS:
-        if re.search(pat, t):
-            return name
-    return "generic"
+    """Efficiency family of the engine a free-text system column names (engines.py); 'generic' if none."""
+    return identify(text).family
 
 
 MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
@@ -176,8 +163,16 @@ class Efficiencies:
         if cell in PRIORS:
             return PRIORS[cell]
         base = self.table.get(hw_class) or PRIORS.get(hw_class, DEFAULT)
-        ratio = self.table.get(f"*|{engine}")
+        ratio = self.ratio(engine)
         return base.times(ratio) if ratio else base
+
+    def ratio(self, engine: str) -> Eff | None:
+        """An engine's ratio on the class factors, times its parent family's (llama.cpp-2023 -> llama.cpp)."""
+        own = self.table.get(f"*|{engine}")
+        parent = self.ratio(ENGINE_PARENTS[engine]) if engine in ENGINE_PARENTS else None
+        if own is None or parent is None:
+            return own or parent
+        return Eff(*(getattr(own, k) * getattr(parent, k) for k in BOUNDS))
 
     def to_json(self) -> dict:
         return {k: asdict(v) for k, v in sorted(self.table.items())}

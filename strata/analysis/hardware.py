@@ -7,6 +7,7 @@ published tables ('1x RTX 4090D 24GB + 2x Intel Xeon Gold 6454S') are matched by
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -86,6 +87,7 @@ class System:
     count: int = 1
     host: Device | None = None
     parallel: str = "tp"  # "tp" (tensor parallel) or "pp" (layer split: one device active at a time)
+    notes: list[str] = field(default_factory=list)  # which catalog entries the names resolved to, assumptions
 
     @property
     def label(self) -> str:
@@ -155,34 +157,75 @@ def _norm(s: str) -> str:
     return re.sub(r"[^a-z0-9]", "", s.lower())
 
 
-def match_device(text: str) -> str | None:
-    """Catalog key whose longest alias occurs in `text` (case and punctuation ignored)."""
-    t = _norm(text)
-    best, best_len = None, 0
-    for key, names in aliases().items():
+def _words(s: str) -> str:
+    return " " + re.sub(r"[^a-z0-9]+", " ", s.lower()).strip() + " "
+
+
+FUZZY_CUTOFF = 0.8  # similarity (difflib ratio) below which a name matches no entry
+
+
+def resolve_device(text: str) -> tuple[str | None, str]:
+    """(catalog key, how it matched): the longest alias that occurs in `text` (case and punctuation ignored;
+    aliases of 4 characters or fewer only as whole words, so 'L4' does not match inside 'L40S'), else the closest
+    name by similarity above FUZZY_CUTOFF; (None, '') when nothing is close."""
+    t, words = _norm(text), _words(text)
+    best, best_len, via = None, 0, ""
+    table = aliases()
+    for key, names in table.items():
         for n in names:
             a = _norm(n)
-            if a and a in t and len(a) > best_len:
-                best, best_len = key, len(a)
-    return best
+            if a and a in t and len(a) > best_len and (len(a) > 4 or _words(n) in words):
+                best, best_len, via = key, len(a), n
+    if best is not None:
+        return best, f"alias {via!r}"
+    score, key, name = max((difflib.SequenceMatcher(None, t, _norm(n)).ratio(), k, n)
+                           for k, names in table.items() for n in names)
+    if score >= FUZZY_CUTOFF:
+        return key, f"closest name {name!r} (similarity {score:.2f})"
+    return None, ""
+
+
+def match_device(text: str) -> str | None:
+    """Catalog key for a free-text device name (resolve_device without the explanation)."""
+    return resolve_device(text)[0]
+
+
+def _stated_memory(text: str) -> float | None:
+    """Memory size written in a device description ('Apple M3 Max (40-core GPU) 64GB', '128GB DDR5')."""
+    m = re.search(r"(\d+(?:\.\d+)?)\s*(gb|tb)\b", text.lower())
+    return float(m.group(1)) * (1000 if m.group(2) == "tb" else 1) if m else None
 
 
 def parse_system(text: str) -> System:
-    """A system from `[Nx]DEVICE[+HOST]` (catalog keys or free text) or a probe profile JSON path."""
+    """A system from `[Nx]DEVICE[+HOST]` (catalog keys, free text or an ad-hoc spec, see hwspec.py) or a probe
+    profile JSON path. Its notes say which entry each name resolved to."""
+    from strata.analysis.hwspec import is_spec, parse_spec
+
     cat = load_catalog()
     if text.endswith(".json") and os.path.exists(text):
         with open(text) as f:
             prof = json.load(f)
-        return System(device_from_dict(prof.get("key", "probe"), prof))
+        return System(device_from_dict(prof.get("key", "probe"), prof), notes=[f"hardware: probe profile {text}"])
+    if is_spec(text):
+        dev, notes = parse_spec(text)
+        return System(dev, notes=[f"hardware: {dev.name} from the spec", *notes])
     parts = [p.strip() for p in re.split(r"\s\+\s|\+", text) if p.strip()]
     devs: list[tuple[int, Device]] = []
+    notes = []
     for p in parts:
         m = re.match(r"^\s*(\d+)\s*x\s*(.*)$", p, re.IGNORECASE)
         count, body = (int(m.group(1)), m.group(2)) if m else (1, p)
-        key = body if body in cat else match_device(body)
+        key, how = (body, "catalog key") if body in cat else resolve_device(body)
         if key is None:
-            raise ConfigError(f"--hardware {text!r}: no catalog entry matches {body!r}; see `strata analyze --list-hardware`")
-        devs.append((count, cat[key]))
+            raise ConfigError(f"--hardware {text!r}: no catalog entry matches {body!r}; see `strata analyze "
+                              "--list-hardware`, or give a spec like 'mem_bw=800GB/s,bf16=100TFLOPS,mem=64GB'")
+        dev = cat[key]
+        mem = _stated_memory(body)
+        if mem and dev.cls != "gpu" and mem != dev.memory_gb:  # unified / host memory is a configuration choice
+            dev = Device(**{**dev.__dict__, "memory_gb": mem})
+        if how != "catalog key":
+            notes.append(f"hardware {body!r} -> {key} ({dev.name}; {how})")
+        devs.append((count, dev))
     count, dev = devs[0]
     host = devs[1][1] if len(devs) > 1 else None
     if host is not None and devs[1][0] > 1:  # several host sockets: capacity and bandwidth add up
@@ -190,4 +233,4 @@ def parse_system(text: str) -> System:
         host = Device(**{**host.__dict__, "memory_gb": host.memory_gb * n, "bandwidth_gbs": host.bandwidth_gbs * n,
                          "peak_tflops": {k: v * n for k, v in host.peak_tflops.items()},
                          "power_w": host.power_w * n, "idle_w": host.idle_w * n, "sockets": n})
-    return System(dev, count=count, host=host)
+    return System(dev, count=count, host=host, notes=notes)

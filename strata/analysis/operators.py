@@ -85,9 +85,10 @@ def layer_weights(s: ModelShape, i: int) -> list[Weight]:
         w += [Weight("q_proj", h, q), Weight("k_proj", h, kv), Weight("v_proj", h, kv), Weight("o_proj", q, h)]
     if s.moe_layer[i]:
         w.append(Weight("router", h, s.num_experts))
-        w.append(Weight("experts", h, s.moe_intermediate, 3, count=s.num_experts, active=s.top_k, routed=True))
+        w.append(Weight("experts", h, s.moe_intermediate, s.ffn_matrices, count=s.num_experts, active=s.top_k,
+                        routed=True))
         if s.shared_intermediate:
-            w.append(Weight("shared_expert", h, s.shared_intermediate, 3))
+            w.append(Weight("shared_expert", h, s.shared_intermediate, s.ffn_matrices))
     else:
         w.append(Weight("mlp", h, s.intermediate, s.ffn_matrices))
     return w

@@ -23,6 +23,7 @@ from strata.analysis.efficiency import (
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
+from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, NPU_PREFILL_FAMILIES, STREAMING_OFFLOAD_FAMILIES
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
@@ -134,8 +135,10 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     # Strata's Python expert loop costs its measured time per matrix call (in place of the per-call overhead)
     loop_us = (efficiency.STRATA_PREFILL_LOOP_US if n > 1 else efficiency.STRATA_LOOP_US) if strata else 0.0
     # llama.cpp with a GPU: big-batch matmuls on host-resident weights run on the GPU, weights copied per step
-    host_to_gpu = (sc.engine.startswith("llama.cpp") and sys.host is not None and dev.cls == "gpu"
-                   and n >= GPU_OFFLOAD_MIN_TOKENS)
+    host_to_gpu = sys.host is not None and dev.cls == "gpu" and (
+        (sc.engine.startswith("llama.cpp") and n >= GPU_OFFLOAD_MIN_TOKENS) or sc.engine in STREAMING_OFFLOAD_FAMILIES)
+    # mllm-NPU: prompt matmuls on the phone's NPU in int8, decode on the CPU
+    npu = sc.engine in NPU_PREFILL_FAMILIES and n > 1 and "npu_int8" in dev.peak_tflops
 
     deq_from, deq_copy = dequant_gemm_rule(sc, dev)
 
@@ -164,8 +167,9 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         wb = op.weight_bytes * frac if nbytes is None else 0.0
         # Strata's matmul of more rows than its GEMV takes streams weights at the measured few-row matmul rate
         rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS else 0.0
+        peak = seg.dev.peak("npu_int8" if npu and op.fmt and seg.proc == "device" else op.compute)
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
-                seg.dev.peak(op.compute), wb, op.fmt, calls, rate=rate)
+                peak, wb, op.fmt, calls, rate=rate)
 
     for op in build_ops(s, sc.prec, batch, new, past):
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0
@@ -213,7 +217,9 @@ def _price_cold_experts(s, sys, sc, plan, op, n, seg_dev, seg_host, cost, put) -
         link_s = miss_bytes / (dev.link_gbs * 1e9)
     # Fiddler: run the cold expert on the CPU that holds it when that beats moving it to the device.
     cpu_s = max(op.flops * (1 - h) / (host.peak(op.compute) * 0.3), miss_bytes / (host.bw * 0.6))
-    use_cpu = sys.host is not None and (sc.cold == "cpu" or (sc.cold == "auto" and cpu_s < link_s))
+    # engines built around an expert cache (mixtral-offloading, MoE-Infinity) always fetch a miss to the GPU
+    cold = "transfer" if sc.engine in EXPERT_OFFLOAD_FAMILIES else sc.cold
+    use_cpu = sys.host is not None and (cold == "cpu" or (cold == "auto" and cpu_s < link_s))
     if use_cpu:
         put(seg_host, op, 1 - h, ".miss")
     else:

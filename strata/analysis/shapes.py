@@ -9,15 +9,15 @@ from the raw dict here, since only their shapes are needed.
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strata.config import SUPPORTED_ARCHITECTURES, ModelConfig, read_config_json
+from strata.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from strata.errors import ConfigError
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
+# model_types whose FFNs (and experts) are plain two-matrix MLPs (up, down), not gated (gate, up, down)
+PLAIN_MLP_TYPES = ("gpt2", "gpt_neox", "opt", "gptj", "bloom", "phi", "nllb-moe")
 
 
 @dataclass
@@ -110,8 +110,8 @@ def shape_from_dict(d: dict, name: str = "config.json") -> ModelShape:
             shared_intermediate=shared, moe_layer=[c.is_moe_layer(i) for i in range(c.num_hidden_layers)],
         ))
     hidden = _first(d, "hidden_size", "n_embd", "d_model")
-    layers = _first(d, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _first(d, "num_attention_heads", "n_head")
+    layers = _first(d, "num_hidden_layers", "n_layer", "n_layers", "decoder_layers", "num_layers")
+    heads = _first(d, "num_attention_heads", "n_head", "n_heads", "decoder_attention_heads")
     vocab = _first(d, "vocab_size")
     for key, v in (("hidden_size", hidden), ("num_hidden_layers", layers), ("num_attention_heads", heads),
                    ("vocab_size", vocab)):
@@ -120,25 +120,34 @@ def shape_from_dict(d: dict, name: str = "config.json") -> ModelShape:
     kv_heads = _first(d, "num_key_value_heads", default=heads)
     head_dim = _first(d, "head_dim", default=hidden // heads)
     experts = int(_first(d, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_primary_experts",
-                         default=0))
-    top_k = int(_first(d, "num_experts_per_tok", "moe_num_active_primary_experts", "moe_topk", default=0))
-    moe_inter = int(_first(d, "moe_intermediate_size", "moe_ffn_hidden_size", default=0))
-    inter = int(_first(d, "intermediate_size", "ffn_hidden_size", "n_inner", default=0) or 0)
-    gpt_style = d.get("model_type") in ("gpt2", "gpt_neox", "opt", "gptj", "bloom") or arch.startswith("GPT")
+                         "moe_num_experts", default=0))
+    top_k = int(_first(d, "num_experts_per_tok", "experts_per_token", "moe_num_active_primary_experts", "moe_topk",
+                       "moe_top_k", "router_top_k", default=0))
+    inter = int(_first(d, "intermediate_size_mlp", "intermediate_size", "ffn_hidden_size", "decoder_ffn_dim",
+                       "n_inner", default=0) or 0)
+    # Mixtral-style configs (gpt-oss, PhiMoE, Granite MoE, DBRX, Llama 4) size their experts with the FFN width
+    moe_inter = int(_first(d, "moe_intermediate_size", "moe_ffn_hidden_size", default=0) or 0)
+    if experts and not moe_inter:
+        moe_inter = int(_first(d, "intermediate_size", "ffn_hidden_size", "decoder_ffn_dim", default=0) or 0)
+    plain = d.get("model_type") in PLAIN_MLP_TYPES or arch.startswith("GPT")
     if not inter:
-        inter = 4 * hidden if gpt_style else moe_inter
+        inter = 4 * hidden if plain else moe_inter
     shared = int(_first(d, "shared_expert_intermediate_size", default=0) or 0)
     if not shared and d.get("n_shared_experts"):
         shared = int(d["n_shared_experts"]) * moe_inter
+    if not shared and str(d.get("model_type", "")).startswith("llama4"):
+        shared = moe_inter  # Llama 4: one shared expert of the routed width in every MoE layer
     first_dense = int(d.get("first_k_dense_replace") or 0)
     freq = int(d.get("moe_layer_freq") or 1)
-    moe_layer = [bool(experts) and i >= first_dense and i % freq == 0 for i in range(layers)]
+    # every step-th layer is an MoE layer (1-based: Qwen2-MoE decoder_sparse_step, Llama 4, NLLB-MoE)
+    step = int(_first(d, "interleave_moe_layer_step", "decoder_sparse_step", default=1) or 1)
+    moe_layer = [bool(experts) and i >= first_dense and i % freq == 0 and (i + 1) % step == 0 for i in range(layers)]
     if experts and top_k <= 0:
         raise ConfigError(f"{name}: MoE config with {experts} experts needs 'num_experts_per_tok' > 0")
     return _finish(d, ModelShape(
         name=name, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab,
-        intermediate=inter, ffn_matrices=2 if gpt_style else 3,
-        tie_embeddings=bool(d.get("tie_word_embeddings", gpt_style)), num_experts=experts, top_k=top_k,
+        intermediate=inter, ffn_matrices=2 if plain else 3,
+        tie_embeddings=bool(d.get("tie_word_embeddings", plain and d.get("model_type") != "phi")), num_experts=experts, top_k=top_k,
         moe_intermediate=moe_inter, shared_intermediate=shared, moe_layer=moe_layer,
         q_lora_rank=int(d.get("q_lora_rank") or 0), kv_lora_rank=int(d.get("kv_lora_rank") or 0),
         qk_nope_dim=int(d.get("qk_nope_head_dim") or 0), qk_rope_dim=int(d.get("qk_rope_head_dim") or 0),
@@ -158,6 +167,8 @@ def _finish(d: dict, s: ModelShape) -> ModelShape:
     elif d.get("sliding_window_pattern") and d.get("sliding_window"):
         n = int(d["sliding_window_pattern"])
         kinds = ["full" if (i + 1) % n == 0 else "sliding" for i in range(s.layers)]
+    elif d.get("model_type") == "gemma2" and d.get("sliding_window"):  # Gemma 2 alternates, sliding first
+        kinds = ["sliding" if i % 2 == 0 else "full" for i in range(s.layers)]
     elif isinstance(d.get("sliding_window"), int) and d.get("model_type") in ("mistral", "mixtral"):
         kinds = ["sliding"] * s.layers
     s.attn_kind = kinds
@@ -172,33 +183,20 @@ def _finish(d: dict, s: ModelShape) -> ModelShape:
     return s
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 def load_presets() -> dict[str, dict]:
     with open(PRESETS_PATH) as f:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
 def find_preset(name: str) -> str | None:
-    """Preset key for a name or alias (case and punctuation ignored; an org/ prefix is optional)."""
-    key = _norm(name)
-    short = _norm(name.split("/")[-1])
-    for pname, p in load_presets().items():
-        names = [pname, *p.get("aliases", [])]
-        if any(_norm(n) in (key, short) or _norm(n.split("/")[-1]) in (key, short) for n in names):
-            return pname
-    return None
+    """Preset key for a name as the field writes it (models.find_preset: normalisation, org, suffixes)."""
+    from strata.analysis.models import find_preset as find
+
+    return find(name)[0]
 
 
 def load_shape(model: str) -> ModelShape:
-    """`model` is a folder with config.json, a config.json path, or a preset name/alias."""
-    if os.path.isdir(model) or model.endswith(".json") and os.path.exists(model):
-        _, d = read_config_json(model)
-        return shape_from_dict(d, name=os.path.basename(os.path.normpath(model)))
-    pname = find_preset(model)
-    if pname is None:
-        names = ", ".join(sorted(load_presets()))
-        raise ConfigError(f"--model {model!r}: not a folder with config.json nor a preset; presets: {names}")
-    return shape_from_dict(load_presets()[pname]["config"], name=pname)
+    """`model` is a folder with config.json, a config.json path, a .gguf file or a preset name (models.py)."""
+    from strata.analysis.models import resolve_model
+
+    return resolve_model(model).shape

@@ -12,13 +12,15 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from strata.analysis.assumptions import offload_host, precisions, weight_formats
 from strata.analysis.efficiency import MAX_BENCH_BATCH, Efficiencies, source_date, versioned_engine
-from strata.analysis.hardware import System, match_device, parse_system
+from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, identify
+from strata.analysis.hardware import System, parse_system, resolve_device
+from strata.analysis.models import resolve_model
 from strata.analysis.operators import kv_cache_bytes
 from strata.analysis.placement import Scenario, plan_placement, step_cost
-from strata.analysis.precision import Precisions, parse_published
+from strata.analysis.precision import canon
 from strata.analysis.predict import max_batch
-from strata.analysis.shapes import find_preset, load_shape
 from strata.errors import ConfigError, StrataError
 
 METRICS = ("decode_tok_s", "prefill_tok_s", "ttft_ms", "tpot_ms", "throughput_tok_s")
@@ -35,6 +37,8 @@ class Case:
     groups: set[str] = field(default_factory=set)
     reason: str | None = None
     batch: int = 1  # sequences per step the prediction assumes (rows that say "max" get the KV-limited batch)
+    notes: list[str] = field(default_factory=list)  # which entries names resolved to, what was assumed
+    flags: list[str] = field(default_factory=list)  # weaker predictions: assumed quantization, unknown engine
     _fn: object = None
 
     def predict(self, effs: Efficiencies) -> float:
@@ -49,16 +53,22 @@ def _int(v: str, default: int) -> int:
 def _system(row: dict) -> System:
     hw = row["hardware"]
     parts = [p for p in re.split(r"\s\+\s", hw)]
-    texts = []
+    texts, notes = [], []
+    whole, whole_how = resolve_device(hw)
     for p in parts:
         m = re.match(r"^\s*(\d+)\s*x\s+(.*)$", p)
-        key = match_device(m.group(2) if m else p)
+        key, how = resolve_device(m.group(2) if m else p)
+        if key is None and whole is not None and len(parts) > 1:  # one device described in parts ('NPU + NAND')
+            texts, notes = [whole], [f"hardware {hw!r} -> {whole} ({whole_how})"]
+            break
         if key is None:
             raise StrataError(f"hardware {p.strip()!r} not in the catalog")
+        notes.append(f"hardware {p.strip()!r} -> {key} ({how})")
         texts.append(f"{m.group(1)}x{key}" if m else key)
     sys = parse_system("+".join(texts))
-    notes = (row.get("notes", "") + " " + row.get("system", "")).lower()
-    if "layer split" in notes or (sys.count > 1 and "tp" not in notes and "dp" not in notes):
+    sys.notes = notes
+    said = (row.get("notes", "") + " " + row.get("system", "")).lower()
+    if "layer split" in said or (sys.count > 1 and "tp" not in said and "dp" not in said):
         sys.parallel = "pp"
     if "i9-10900x" in hw.lower() and sys.host is None:
         sys.host = parse_system("i9-10900x").device
@@ -89,17 +99,28 @@ def _fill(case: Case, row: dict) -> None:
     text = row["system"] + " " + row.get("notes", "")
     if re.search(r"activation-sparse", row.get("notes", ""), re.IGNORECASE):
         raise StrataError("activation-sparse model (predictor-gated neurons) is not modelled")
-    if not find_preset(row["model"]):
-        raise StrataError(f"model {row['model']!r} has no preset")
-    fmt = parse_published(row["dtype_or_quant"])
-    if fmt is None:
-        raise StrataError(f"quantization {row['dtype_or_quant']!r} not stated")
-    shape = load_shape(row["model"])
+    try:
+        model = resolve_model(row["model"])
+    except ConfigError:
+        raise StrataError(f"model {row['model']!r} has no preset") from None
+    shape = model.shape
+    eng = identify(row["system"])
+    fmts, how, assumed = weight_formats(row["dtype_or_quant"], eng, model)
     sys = _system(row)
     date = source_date(row["source"] + " " + row.get("notes", ""))
     engine = versioned_engine(row["system"], date)
+    fmt = canon(fmts.get("experts", fmts["weights"]))
     kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
-    sc = Scenario(prec=Precisions(fmt, activations="fp16", kv=kv), engine=engine, build_date=date)
+    sc = Scenario(prec=precisions(fmts, kv=kv), engine=engine, build_date=date)
+    case.notes = model.notes + sys.notes + [eng.describe(), how]
+    host_note = offload_host(sys, eng, shape, sc.prec)
+    if host_note:
+        case.notes.append(host_note)
+        case.flags.append("assumed host")
+    if assumed:
+        case.flags.append("assumed quantization")
+    if not eng.is_known:
+        case.flags.append("physics-only (unknown engine)")
     m = re.search(r"-ngl (\d+)", text)
     if m:
         sc.gpu_layers = int(m.group(1))
@@ -108,6 +129,8 @@ def _fill(case: Case, row: dict) -> None:
         sc.cpu_moe_layers = int(m.group(1))
     if row.get("offload") == "cpu" and sc.cpu_moe_layers == 0 and sc.gpu_layers is None and shape.is_moe:
         sc.cpu_moe_layers = shape.layers  # experts on the CPU (KTransformers, Fiddler)
+    if eng.family in EXPERT_OFFLOAD_FAMILIES and shape.is_moe and sys.host is not None:
+        sc.offload = "experts"  # experts in host memory behind the engine's GPU expert cache
     if row["prompt_tokens"].strip() == "ShareGPT":
         sc.prompt, sc.gen = SHAREGPT_IN, SHAREGPT_OUT
     else:
@@ -172,11 +195,13 @@ def score(cases: list[Case], effs: Efficiencies, held_out: dict[int, float] | No
             continue
         pred = held_out[c.index] if held_out and c.index in held_out else c.predict(effs)
         ape = abs(pred - c.measured) / c.measured
-        r.update(predicted=pred, ape=ape, ratio=pred / c.measured, batch=c.batch)
+        r.update(predicted=pred, ape=ape, ratio=pred / c.measured, batch=c.batch, notes=c.notes, flags=c.flags)
         apes.append(ape)
         logs.append(math.log(pred / c.measured))
         out_rows.append(r)
-    return {"median_ape": _quantile(apes, 0.5), "p90_ape": _quantile(apes, 0.9),
+    total = len(out_rows) + len(skipped)
+    return {"coverage": len(out_rows) / total if total else float("nan"),
+            "median_ape": _quantile(apes, 0.5), "p90_ape": _quantile(apes, 0.9),
             "gmean_ratio": math.exp(sum(logs) / len(logs)) if logs else float("nan"),
             "n_predicted": len(out_rows), "n_unpredictable": len(skipped), "rows": out_rows, "unpredictable": skipped}
 

@@ -12,14 +12,19 @@ from strata.errors import ConfigError
 
 def register(sub) -> None:
     a = sub.add_parser("analyze", help="predict speed, memory and energy of a model on hardware")
-    a.add_argument("--model", help="folder with config.json, a config.json, or a preset name (see --list-models)")
+    a.add_argument("--model", help="a name as the field writes it (HF id, '...-GGUF', 'llama3.1:8b'; see "
+                   "--list-models), a folder with config.json or .gguf, a config.json, or a .gguf file")
     a.add_argument("--hardware", default="strata-dev",
-                   help="catalog key or text, '2xh100-sxm', 'rtx4090+xeon-6454s', or a probe profile .json")
-    a.add_argument("--engine", default="generic", help="efficiency family: llama.cpp, vllm, trt-llm, strata...")
+                   help="catalog key or name ('Apple M1 Ultra (64-core GPU)', '2xh100-sxm', 'rtx4090+xeon-6454s'), "
+                   "an ad-hoc spec 'mem_bw=800GB/s,bf16=100TFLOPS,mem=64GB,cores=16', or a probe profile .json")
+    a.add_argument("--engine", default="generic", help="engine as named: llama.cpp, ollama, mlx, vllm 0.19, sglang, "
+                   "tensorrt-llm, ktransformers, moe-infinity, mixtral-offloading, transformers, strata... "
+                   "(unknown: physics-only prediction)")
     a.add_argument("--batch", type=int, default=1, help="sequences decoded together (0 = as many as KV fits)")
     a.add_argument("--prompt", type=int, default=512)
     a.add_argument("--gen", type=int, default=128)
-    a.add_argument("--weights", default="bf16", help="weight precision: bf16, fp8, int8, int4, q4_k_m, nvfp4...")
+    a.add_argument("--weights", default=None, help="weight format as named: bf16, fp8, Q4_K_M, IQ2_XXS, AWQ, GPTQ, "
+                   "MXFP4, '4-bit'... (default: the GGUF file's, the name's, the engine's default, the model's own)")
     a.add_argument("--expert-weights", default=None, help="routed-expert precision when different (mixed)")
     a.add_argument("--kv", default="bf16", help="KV-cache precision")
     a.add_argument("--activations", default="bf16")
@@ -40,6 +45,9 @@ def register(sub) -> None:
     a.add_argument("--plot", default=None, help="write a roofline PNG with the operators")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.add_argument("--validate", default=None, help="predict every row of a measurements CSV and score it")
+    a.add_argument("--calibrate", action="store_true", help="refit calibration.json on the repo's measurements "
+                   "(strata/analysis/data/published_perf.csv, or --data) with leave-one-out / -source-out scores")
+    a.add_argument("--data", default=None, help="measurements CSV for --calibrate")
     a.add_argument("--calibration", default=None, help="efficiency factors JSON (default: the shipped one)")
     a.add_argument("--list-hardware", action="store_true")
     a.add_argument("--list-models", action="store_true")
@@ -89,10 +97,12 @@ def run_analyze(args: argparse.Namespace) -> int:
             print(f"{k:<22}{d.cls:<14}{d.bandwidth_gbs:>8.1f} GB/s  {d.name}  [{d.source}]")
         return 0
     if args.list_models:
-        for k in shapes.load_presets():
-            c = shapes.load_shape(k).param_counts()
-            print(f"{k:<24}{c['total'] / 1e9:>8.2f} B total {c['active'] / 1e9:>7.2f} B active")
+        for k, p in shapes.load_presets().items():
+            c = shapes.shape_from_dict(p["config"], name=k).param_counts()
+            print(f"{k:<30}{c['total'] / 1e9:>8.2f} B total {c['active'] / 1e9:>7.2f} B active  [{p['source']}]")
         return 0
+    if args.calibrate:
+        return _calibrate(args)
     if args.validate:
         return _validate(args, effs)
     if not args.model:
@@ -110,22 +120,40 @@ def _validate(args, effs) -> int:
     print(f"{'#':>3} {'model':<34}{'hardware':<32}{'metric':<17}{'measured':>10}{'predicted':>11}{'error':>8}")
     for r in res["rows"]:
         print(f"{r['index']:>3} {r['model'][:33]:<34}{r['hardware'][:31]:<32}{r['metric']:<17}{r['measured']:>10.1f}"
-              f"{r['predicted']:>11.1f}{(r['ratio'] - 1):>+8.0%}")
+              f"{r['predicted']:>11.1f}{(r['ratio'] - 1):>+8.0%}" + (f"  [{'; '.join(r['flags'])}]" if r["flags"] else ""))
     for r in res["unpredictable"]:
         print(f"{r['index']:>3} {r['model'][:33]:<34}cannot predict: {r['reason']}")
-    print(f"predicted {res['n_predicted']} rows, {res['n_unpredictable']} unpredictable; median APE "
+    flagged = sum(1 for r in res["rows"] if r["flags"])
+    print(f"coverage {res['coverage']:.1%} ({flagged} of the predicted rows rest on an assumption); "
+          f"predicted {res['n_predicted']} rows, {res['n_unpredictable']} unpredictable; median APE "
           f"{res['median_ape']:.1%}, p90 APE {res['p90_ape']:.1%}, geometric mean predicted/measured "
           f"{res['gmean_ratio']:.3f}")
     return 0
 
 
-def _scenario(args, model):
+def _calibrate(args) -> int:
+    from strata.analysis.calibrate import DATA_PATH, calibrate
+
+    path = args.data or str(DATA_PATH)
+    if not os.path.exists(path):
+        raise ConfigError(f"--data {path}: file not found (expected a measurements CSV)")
+    doc = calibrate(path)
+    print(json.dumps(doc["validation"], indent=1))
+    print(f"fitted {doc['n_parameters']} parameters on {doc['n_rows']} rows "
+          f"({doc['n_rows'] / doc['n_parameters']:.1f} rows per parameter): " + ", ".join(doc["parameters"]))
+    return 0
+
+
+def _scenario(args, model, engine: str, fmts: dict):
+    from strata.analysis.assumptions import precisions
     from strata.analysis.placement import Scenario
     from strata.analysis.precision import Precisions
     from strata.analysis.trace import hit_rate, load_trace
 
-    sc = Scenario(batch=args.batch, prompt=args.prompt, gen=args.gen, engine=args.engine,
-                  prec=Precisions(args.weights, args.expert_weights, args.activations, args.kv),
+    prec = precisions(fmts, kv=args.kv, activations=args.activations)
+    if args.expert_weights:
+        prec = Precisions(prec.weights, args.expert_weights, prec.activations, prec.kv, prec.head)
+    sc = Scenario(batch=args.batch, prompt=args.prompt, gen=args.gen, engine=engine, prec=prec,
                   offload=args.offload, expert_tier=args.expert_tier, cold=args.cold, gpu_layers=args.gpu_layers,
                   cpu_moe_layers=args.cpu_moe_layers, cache_frac=args.cache_frac, hit_rate=args.hit_rate,
                   prefetch=args.prefetch)
@@ -138,14 +166,27 @@ def _scenario(args, model):
 def _analyze(args, effs) -> int:
     from dataclasses import replace
 
+    from strata.analysis.assumptions import offload_host, weight_formats
+    from strata.analysis.efficiency import versioned_engine
+    from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, identify
     from strata.analysis.hardware import parse_system
+    from strata.analysis.models import resolve_model
     from strata.analysis.predict import predict
     from strata.analysis.report import format_sweep, format_table, format_totals, op_rows
-    from strata.analysis.shapes import load_shape
 
-    model = load_shape(args.model)
+    resolved = resolve_model(args.model)
+    model = resolved.shape
     system = parse_system(args.hardware)
-    sc = _scenario(args, model)
+    eng = identify(args.engine)
+    fmts, how, _ = weight_formats(args.weights, eng, resolved)
+    assumptions = resolved.notes + system.notes + [eng.describe(), how]
+    engine = versioned_engine(args.engine, None)
+    sc = _scenario(args, model, engine, fmts)
+    host = offload_host(system, eng, model, sc.prec)
+    if host:
+        assumptions.append(host)
+    if eng.family in EXPERT_OFFLOAD_FAMILIES and model.is_moe and system.host is not None:
+        sc.offload = "experts"
     if args.sweep_batch or args.sweep_context:
         batches = _ints(args.sweep_batch, "--sweep-batch") if args.sweep_batch else [sc.batch]
         ctxs = _ints(args.sweep_context, "--sweep-context") if args.sweep_context else [sc.prompt]
@@ -153,7 +194,7 @@ def _analyze(args, effs) -> int:
         if args.json:
             print(json.dumps([{"batch": b, "prompt": c, **p.to_json(effs)} for b, c, p in res], indent=1))
         else:
-            print(f"{model.name} on {system.label} ({args.engine}, {args.weights})")
+            print(f"{model.name} on {system.label} ({eng.describe()}, {sc.prec.fmt()})")
             print(format_sweep(res))
         return 0
     p = predict(model, system, sc, effs)
@@ -161,17 +202,19 @@ def _analyze(args, effs) -> int:
     if args.plot:
         from strata.analysis.plot import roofline_png
 
-        e = effs.get(system.device.cls, args.engine)
+        e = effs.get(system.device.cls, engine)
         roofline_png(args.plot, system.device, {"prefill": pre_rows, "decode": dec_rows},
                      sc.prec.compute(), e.eta_bw, e.eta_flops)
     if args.json:
-        out = {"model": model.name, "hardware": system.label, "engine": args.engine, **p.to_json(effs),
+        out = {"model": model.name, "hardware": system.label, "engine": engine, "assumptions": assumptions,
+               **p.to_json(effs),
                "params": model.param_counts(), "prefill_ops": pre_rows, "decode_ops": dec_rows}
         print(json.dumps(out, indent=1, default=float))
         return 0
     c = model.param_counts()
     print(f"{model.name} ({c['total'] / 1e9:.2f} B params, {c['active'] / 1e9:.2f} B active) on {system.label}, "
-          f"engine {args.engine}, weights {args.weights}, batch {p.batch}, prompt {sc.prompt}, gen {sc.gen}")
+          f"engine {engine}, weights {sc.prec.fmt()}, batch {p.batch}, prompt {sc.prompt}, gen {sc.gen}")
+    print("assumptions:\n  " + "\n  ".join(assumptions))
     print(format_table(pre_rows, f"\nprefill ({sc.prompt} tokens x {p.batch})"))
     print(format_table(dec_rows, f"\ndecode step (context {sc.prompt + sc.gen // 2})"))
     print()

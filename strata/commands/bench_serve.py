@@ -142,7 +142,14 @@ async def run_load(args, reqs: list[Req]) -> tuple[list[Result], float]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout, limits=limits) as c:
         if args.model is None:
-            args.model = (await c.get("/v1/models")).json()["data"][0]["id"]
+            try:
+                r = await c.get("/v1/models")
+                args.model = r.json()["data"][0]["id"]
+            except httpx.TransportError as e:
+                raise ConfigError(f"--base-url {args.base_url}: cannot reach the server ({e})") from None
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise ConfigError(f"--base-url {args.base_url}: GET /v1/models gave HTTP {r.status_code}, not "
+                                  "a model list (give --model)") from None
 
         async def limited(req):
             if sem is None:

@@ -41,14 +41,14 @@ def _add_gguf(formats) -> None:
         help="GGUF file (llama.cpp) -> HF folder",
         description="Convert a GGUF file into an HF folder (config.json, model.safetensors, tokenizer.json with the "
         "chat template). Architectures: llama (incl. Mistral, Mixtral), qwen2, qwen3, qwen2moe, qwen3moe, olmoe. "
-        "Quantized tensors are dequantized exactly (float32, or bfloat16 where that is exact), except K-quant "
-        "projections (Q4_K, Q5_K, Q6_K), which stay quantized for Strata's kernels unless --dequantize.",
+        "Quantized tensors are dequantized exactly (float32, or bfloat16 where that is exact).",
     )
     p.add_argument("gguf_file", help="the .gguf file")
     p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
-    p.add_argument("--dequantize", action="store_true",
-                   help="write K-quant projections as float too, so that transformers can load the folder")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="keep Q4_0 projections as Strata int4-g32 and Q4_K/Q5_K/Q6_K ones as their blocks (the "
+                        "same values, 4-7x less memory, bfloat16 activations; the folder is then for Strata only)")
     p.set_defaults(func=_run_gguf)
 
 
@@ -56,12 +56,14 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from strata.config import ModelConfig
     from strata.weights.gguf_convert import convert_gguf
 
-    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force, dequantize=args.dequantize)
+    out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force, keep_quantized=args.keep_quantized)
     c = ModelConfig.from_pretrained(out)
     experts = f" experts={c.num_experts}/{c.num_experts_per_tok}" if c.num_experts else ""
     print(f"wrote {out}: {c.architecture} hidden={c.hidden_size} layers={c.num_hidden_layers} "
           f"heads={c.num_attention_heads}/{c.num_key_value_heads}{experts} vocab={c.vocab_size} "
-          f"dtype={c.torch_dtype} tied={c.tie_word_embeddings}")
+          f"dtype={c.torch_dtype} tied={c.tie_word_embeddings}"
+          + (f" quantized={len(c.raw['quantization_config']['modules'])} modules" if "quantization_config" in c.raw
+             else ""))
     return 0
 
 

@@ -30,6 +30,7 @@ HELP = {
                      "rescale the others' weights), lowbit (run a resident int4 copy); see docs/tiers.md",
     "record_routing": "write routing decisions as JSONL to this file",
     "replay_routing": "force routing from this JSONL trace",
+    "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
     "speculative_config": 'speculative decoding as JSON (vLLM keys): \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
                           'or \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
                           'see docs/speculative.md',

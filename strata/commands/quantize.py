@@ -30,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("--tune-rounding", default="learned", choices=("learned", "fixed"), help="with --method tune: "
                    "learned (codes move too; default) or fixed (GPTQ's codes, only the scales are tuned)")
     p.add_argument("--lm-head", metavar="FORMAT", help="also quantize lm_head (the output projection, read every "
-                   "decode step) to FORMAT, e.g. int8; default: keep it unquantized. Not for tied embeddings")
+                   "decode step) to FORMAT, e.g. int8; default: keep it unquantized. With tied embeddings the "
+                   "output gets its own quantized copy and the embedding lookup keeps its float rows")
     p.add_argument("--mixed", action="store_true", help="choose a format per expert to fit --budget")
     p.add_argument("--budget", help="with --mixed: total bytes of the output weights, e.g. 2GiB or 1.5GB")
     p.add_argument("--importance", help="with --mixed: JSON {unit: importance} (unit = expert prefix such as "

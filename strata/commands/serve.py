@@ -28,6 +28,7 @@ ENGINE_HELP = {
     "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
     "num_threads": "torch CPU threads",
     "memory_budget": "bytes for weights; tiered experts engage when the model exceeds it",
+    "check_weights": "refuse weights holding NaN or inf at load (--no-check-weights skips the pass)",
     "speculative_config": 'speculative decoding as JSON (vLLM keys), e.g. \'{"method": "ngram", '
                           '"num_speculative_tokens": 4}\'; see docs/speculative.md',
 }
@@ -42,6 +43,8 @@ class ServerConfig:
     max_queued_requests: int | None = 256  # waiting requests beyond this get 429
     request_timeout: float | None = None  # seconds; a request running longer is aborted (504 / error event)
     max_body_bytes: int = 2 * 2**20  # larger request bodies get 413
+    body_timeout: float = 30.0  # seconds to receive a request body (a stalled upload gets 408)
+    limit_concurrency: int = 1024  # open connections beyond this get 503 (uvicorn's limit)
     allowed_origins: str | None = None  # comma-separated CORS origins; None = no CORS headers (browsers refuse)
     drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests
     chat_template: str | None = None  # a template file, or the template itself (replaces the tokenizer's)
@@ -58,6 +61,8 @@ SERVER_HELP = {
     "max_queued_requests": "bounded waiting queue: requests beyond it get 429 with Retry-After",
     "request_timeout": "abort a request after this many seconds",
     "max_body_bytes": "reject larger request bodies with 413",
+    "body_timeout": "seconds a client may take to send its request body (then 408)",
+    "limit_concurrency": "most open connections and requests at once; more get 503",
     "allowed_origins": "comma-separated origins allowed to call the API from a browser (CORS), or '*'; "
                        "default none",
     "drain_timeout": "on SIGTERM, seconds to let running requests finish",
@@ -108,6 +113,7 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     from strata.server.app import create_app
     from strata.server.async_engine import AsyncEngine
     from strata.server.metrics import EngineMetrics
+    from strata.server.request_checks import LOOPBACK_HOSTS
 
     engine_kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
                  if f.name in ENGINE_HELP and hasattr(args, f.name)}
@@ -135,10 +141,13 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
                          request_timeout=args.request_timeout, on_load_failure=on_load_failure)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
+    # a server on loopback answers only loopback Host names (a DNS-rebinding page would use its own)
+    hosts = LOOPBACK_HOSTS if args.host.strip("[]") in LOOPBACK_HOSTS else None
     return create_app(engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                       drain_timeout=args.drain_timeout, allowed_origins=origins,
                       tool_call_parser=args.tool_call_parser,
-                      enable_auto_tool_choice=args.enable_auto_tool_choice)
+                      enable_auto_tool_choice=args.enable_auto_tool_choice, allowed_hosts=hosts,
+                      body_timeout=args.body_timeout)
 
 
 _JINJA_MARKERS = ("{{", "{%", "\n")
@@ -177,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
 
     app = build_app(args, on_load_failure)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.drain_timeout, timeout_keep_alive=5))
+                                           timeout_graceful_shutdown=args.drain_timeout, timeout_keep_alive=5,
+                                           limit_concurrency=args.limit_concurrency))
     server.run()
     if failed:
         raise ModelLoadError(failed[0])

@@ -126,7 +126,7 @@ class StructuredOutputManager:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[list[int], np.ndarray, object] | None = None  # (seq ids, mask, future)
 
-    def _ll_tokenizer_once(self):
+    def _llg_tokenizer(self):
         if self._ll_tokenizer is None:  # built on the first constrained request (~0.2 s for a 50k vocabulary)
             import llguidance
 
@@ -135,14 +135,15 @@ class StructuredOutputManager:
         return self._ll_tokenizer
 
     # ---- sequences ------------------------------------------------------------------------------
-    def add(self, seq: Sequence, grammar: str) -> None:
+    def add(self, seqs: list[Sequence], grammar: str) -> None:
+        """A matcher of the grammar for each of the sequences (all or none)."""
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(self._ll_tokenizer_once(), grammar, log_level=0)
-        if matcher.is_error():
-            raise InvalidRequestError(f"structured_outputs: {_one_line(matcher.get_error())}",
+        matchers = [LLMatcher(self._llg_tokenizer(), grammar, log_level=0) for _ in seqs]
+        if matchers and matchers[0].is_error():
+            raise InvalidRequestError(f"structured_outputs: {_one_line(matchers[0].get_error())}",
                                       param="structured_outputs")
-        self.matchers[seq.seq_id] = matcher
+        self.matchers.update((s.seq_id, m) for s, m in zip(seqs, matchers))
 
     def free(self, seq: Sequence) -> None:
         self.matchers.pop(seq.seq_id, None)

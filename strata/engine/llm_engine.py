@@ -34,6 +34,7 @@ from strata.tokenizer import Tokenizer
 from strata.weights.gguf_cache import resolve_model_path
 
 SMALL_MODEL_PARAMS = 20_000_000
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at once (bounds the [rows, vocab] tensors)
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
 
 
@@ -136,9 +137,7 @@ class LLMEngine:
             if self.structured is None:
                 raise InvalidRequestError(f"{self.model_path}: no tokenizer.json, so no structured outputs",
                                           param="structured_outputs")
-            grammar = compile_grammar(params.structured_outputs)
-            for seq in seqs:
-                self.structured.add(seq, grammar)
+            self.structured.add(seqs, compile_grammar(params.structured_outputs))
         self._requests[request_id] = seqs
         # n > 1: siblings join once the first sequence has prefilled, so they find the prompt's full blocks in
         # the prefix cache (shared, ref-counted) instead of computing them again.
@@ -193,11 +192,13 @@ class LLMEngine:
             self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
                                      if s.num_computed_tokens + n == s.num_tokens])
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
-        logits, sampled_idx, prompt_logits = self.runner.execute(batch, num_scored)
-        for i, (target, rows) in prompt_logits.items():
+        logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
+        for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]
-            targets = seq.token_ids[target : target + rows.shape[0]]
-            seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
+            for c in range(0, hidden.shape[0], PROMPT_LOGPROBS_ROWS):
+                rows = self.runner.logits(hidden[c : c + PROMPT_LOGPROBS_ROWS])  # [<=rows, V]
+                targets = seq.token_ids[target + c : target + c + rows.shape[0]]
+                seq.prompt_logprobs.extend(tokens_logprobs(rows, targets, seq.params.prompt_logprobs))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         sampled_seqs = [batch.seqs[i] for i in sampled_idx]

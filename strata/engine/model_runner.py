@@ -1,6 +1,7 @@
 """ModelRunner: owns the model and the paged KV cache, turns a ScheduledBatch into tensors, runs the forward
-and returns the logits of the sequences that finished their pending tokens this step, plus the logits of the
-prompt positions whose next-token logprobs a request asked for (prompt logprobs)."""
+and returns the logits of the sequences that finished their pending tokens this step, plus the hidden states
+of the prompt positions whose next-token logprobs a request asked for (prompt logprobs; `logits()` turns
+them into logits a slice at a time, so a long prompt never holds [prompt, vocab] at once)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int, kv_cache_memory: int) -> int:
+def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
+                  kv_cache_memory: int) -> int:
     """Blocks for max_num_seqs sequences of max_model_len tokens, at most kv_cache_memory bytes, at least one."""
     per_block = kv_bytes_per_token(model, model.model.embed_tokens.weight.dtype) * block_size
     wanted = max_num_seqs * ((max_model_len + block_size - 1) // block_size)
@@ -50,7 +52,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None
                 ) -> tuple[torch.Tensor, list[int], dict[int, tuple[int, torch.Tensor]]]:
         """Returns (logits [N, V], indices into batch.seqs of the sequences that reached their last token,
-        {index into batch.seqs: (first prompt position predicted, logits [k, V])} for prompt logprobs).
+        {index into batch.seqs: (first prompt position predicted, final hidden states [k, H])}).
 
         Each sampled sequence has its last num_scored[i] rows in the logits (default 1; speculative verification
         scores every drafted position)."""
@@ -82,18 +84,26 @@ class ModelRunner:
                 sampled.append(i)
         meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
         self.model.current_batch = batch  # lets routing record/replay hooks label rows (strata/tiers/runtime.py)
-        logits = self.model(
+        out = self.model(
             torch.tensor(ids, dtype=torch.long),
             torch.cat(positions),
             meta,
             self.kv_caches,
             torch.tensor(sample_rows + prompt_rows, dtype=torch.long),
-        )  # [N + P, V]
-        prompt_logits, at = {}, len(sample_rows)
+            return_hidden=bool(prompt_rows),
+        )  # [N, V] logits, or with prompt rows [N + P, H] hidden states
+        if not prompt_rows:
+            return out, sampled, {}
+        prompt_hidden, at = {}, len(sample_rows)
         for i, (target, k) in prompt_spans.items():
-            prompt_logits[i] = (target, logits[at : at + k])  # [k, V]
+            prompt_hidden[i] = (target, out[at : at + k])  # [k, H]
             at += k
-        return logits[: len(sample_rows)], sampled, prompt_logits
+        return self.logits(out[: len(sample_rows)]), sampled, prompt_hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [k, H] -> logits [k, V] float32."""
+        return self.model.lm_head(hidden).float()
 
     @torch.inference_mode()
     def embed(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
+from strata.errors import WeightsError
 
 
 def _penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -91,6 +92,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [N, V] float32, one row per sequence -> sampled token per sequence."""
+        if not torch.isfinite(logits).all():  # argmax/multinomial would turn NaN into an arbitrary token
+            raise WeightsError("the model computed NaN/inf logits (corrupt weights, or an overflow in "
+                               f"{logits.dtype}?); nothing was sampled")
         masked = logits  # what is sampled from; logprobs stay those of the model's raw distribution
         if self.structured is not None and self.structured.has_any(seqs):
             masked = self.structured.apply(logits, seqs)

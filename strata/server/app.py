@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 import strata
+from strata.errors import ConfigError
 from strata.server.async_engine import AsyncEngine
 from strata.server.embeddings import embeddings_router
 from strata.server.errors import EXPECTED_ERRORS, APIError, CatchAllMiddleware, to_api_error
@@ -27,25 +28,33 @@ from strata.server.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from strata.server.request_checks import check_text_length, has_lone_surrogate
+from strata.server.request_checks import check_text_length, has_lone_surrogate, origin_error
 from strata.server.serving import Serving
 from strata.server.tool_parsers import get_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds to receive a whole request body
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 class GuardMiddleware:
-    """Pure ASGI (BaseHTTPMiddleware would break disconnect detection): bearer key on the /v1 routes,
-    and a body size limit checked on Content-Length and on the bytes actually received."""
+    """Pure ASGI (BaseHTTPMiddleware would break disconnect detection): Host and Origin checks (DNS
+    rebinding, cross-site posts), bearer key on the /v1 routes, and a body size limit checked on
+    Content-Length and on the bytes actually received, within a time limit. Only the API routes' bodies are
+    read here; any other path is answered by the router without reading its body."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: list[str] | None = None,
+                 allowed_origins: list[str] | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.app, self.api_key, self.limit = app, api_key, max_body_bytes
+        self.allowed_hosts, self.allowed_origins, self.body_timeout = allowed_hosts, allowed_origins, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        refused = origin_error(headers, self.allowed_hosts, self.allowed_origins)
+        if refused is not None:
+            return await refused.response()(scope, receive, send)
         if self.api_key is not None and scope["path"].startswith(PROTECTED_PREFIXES):
             auth = headers.get("authorization", "")
             token = auth[7:] if auth[:7].lower() == "bearer " else ""
@@ -57,17 +66,22 @@ class GuardMiddleware:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
             return await too_big.response()(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["method"] not in ("POST", "PUT", "PATCH") or not scope["path"].startswith(PROTECTED_PREFIXES):
             return await self.app(scope, receive, send)
         body, more = b"", True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-            if len(body) > self.limit:
-                return await too_big.response()(scope, receive, send)
+        try:
+            async with asyncio.timeout(self.body_timeout):  # a client that stalls mid-body holds memory
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    body += msg.get("body", b"")
+                    more = msg.get("more_body", False)
+                    if len(body) > self.limit:
+                        return await too_big.response()(scope, receive, send)
+        except TimeoutError:
+            slow = APIError(408, f"Request body not received within {self.body_timeout:g} s.", code="request_timeout")
+            return await slow.response()(scope, receive, send)
         if has_lone_surrogate(body):
             err = APIError(400, "Invalid body: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send "
                                 "valid Unicode", code="invalid_unicode")
@@ -87,6 +101,10 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
+PROMPT_SHAPES = ("prompt must be a string, a list of strings, a list of token ids (integers >= 0), or a list "
+                 "of non-empty lists of token ids (at most 64 prompts)")
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errs = exc.errors()
     e = errs[0] if errs else {"type": "", "loc": (), "msg": "invalid request"}
@@ -96,6 +114,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if e.get("type") == "extra_forbidden" and loc:
         return APIError(400, f"Unrecognized request argument supplied: {loc[-1]}", ".".join(loc),
                         "unsupported_parameter")
+    # prompt is a union: pydantic's first error names one arm ("prompt.str"), not the shapes allowed
+    if len(loc) > 1 and loc[0] == "prompt" and not loc[1].isdigit():
+        return APIError(400, PROMPT_SHAPES, "prompt", "invalid_value")
     param = ".".join(loc) or None
     first = param or "body"
     return APIError(400, f"{first}: {e.get('msg', 'invalid value')}", param, "invalid_value")
@@ -104,10 +125,13 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
                allowed_origins: list[str] | None = None, tool_call_parser: str | None = None,
-               enable_auto_tool_choice: bool = False) -> FastAPI:
+               enable_auto_tool_choice: bool = False, allowed_hosts: list[str] | None = None,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     serving = Serving(engine, served_model_name)
     if tool_call_parser is not None:
         get_tool_parser(tool_call_parser)  # an unknown name fails at start, not on the first request
+    elif enable_auto_tool_choice:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral)")
     serving.tool_call_parser, serving.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
     created = int(time.time())
 
@@ -125,7 +149,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     app = FastAPI(title="Strata", version=strata.__version__ if hasattr(strata, "__version__") else "0",
                   lifespan=lifespan, responses={400: {"model": ErrorResponse}})
     app.add_middleware(CatchAllMiddleware)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts,
+                       allowed_origins=allowed_origins, body_timeout=body_timeout)
     if allowed_origins:  # off by default: a page in the user's browser may not call a local server
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

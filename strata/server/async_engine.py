@@ -119,6 +119,7 @@ class _Tracked:
     t_first: float | None = None
     t_last: float | None = None
     num_tokens: int = 0
+    num_seqs: int = 1  # request_success counts sequences, so an abort or error counts this many
     extra: dict = field(default_factory=dict)
 
 
@@ -277,6 +278,7 @@ class AsyncEngine:
             _, rid, ids, params, priority, stream, t_add = cmd
             if stream.finished:  # aborted before it reached the engine
                 self._discard_waiting(rid)
+                self.metrics.finished("abort", params.n)
                 return
             try:
                 self.engine.add_request(ids, params, request_id=rid, priority=priority)
@@ -284,7 +286,7 @@ class AsyncEngine:
                 self._discard_waiting(rid)
                 self._deliver(stream, e)
                 return
-            self._tracked[rid] = _Tracked(stream, t_add)
+            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n)
         elif kind == "call":
             _, fn, future = cmd
             try:
@@ -296,8 +298,7 @@ class AsyncEngine:
             self._discard_waiting(rid)
             if rid in self._tracked:
                 self.engine.abort_request(rid)
-                del self._tracked[rid]
-                self.metrics.finished("abort")
+                self.metrics.finished("abort", self._tracked.pop(rid).num_seqs)
             self._publish_gauges()
 
     def _discard_waiting(self, rid: str) -> None:
@@ -309,7 +310,7 @@ class AsyncEngine:
         self.engine.abort_request(rid)
         tr = self._tracked.pop(rid, None)
         if tr is not None:
-            self.metrics.finished("error")
+            self.metrics.finished("error", tr.num_seqs)
             self._deliver(tr.stream, err)
 
     def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:

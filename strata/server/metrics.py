@@ -54,8 +54,8 @@ class EngineMetrics:
         self._last = {"queries": 0, "hits": 0, "preempt": 0, "disk": 0, "disk_s": 0.0, "drafts": 0,
                       "draft_tokens": 0, "accepted_tokens": 0}
 
-    def finished(self, reason: str) -> None:
-        self._success.labels(self.model_name, reason).inc()
+    def finished(self, reason: str, num_seqs: int = 1) -> None:
+        self._success.labels(self.model_name, reason).inc(num_seqs)
 
     def publish(self, engine, num_running: int, num_waiting: int) -> None:
         """Called by the engine thread after every step (gauges) and with deltas of the engine's counters."""

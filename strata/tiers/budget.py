@@ -127,10 +127,11 @@ def _too_small(plan: MemoryPlan, slots: str, slot_bytes: int) -> BudgetError:
     minimum = plan.fixed_bytes + slot_bytes
     low = f"low-bit experts {format_size(plan.lowbit_bytes)} + " if plan.lowbit_bytes else ""
     return BudgetError(
-        f"--memory-budget {format_size(plan.budget_bytes)} is too small: runtime {format_size(plan.runtime_bytes)} + "
-        f"resident weights {format_size(plan.resident_bytes)} + KV cache {format_size(plan.kv_bytes)} + activations "
-        f"{format_size(plan.activation_bytes + plan.io_buffer_bytes)} + {low}{slots} need {format_size(minimum)}; "
-        f"the minimum that would work is --memory-budget {_round_up_mib(minimum)}")
+        f"--memory-budget {format_size(plan.budget_bytes)} is too small: runtime "
+        f"{format_size(plan.runtime_bytes)} + resident weights {format_size(plan.resident_bytes)} + KV cache "
+        f"{format_size(plan.kv_bytes)} + activations {format_size(plan.activation_bytes + plan.io_buffer_bytes)} "
+        f"+ {low}{slots} need {format_size(minimum)}; the minimum that would work is --memory-budget "
+        f"{_round_up_mib(minimum)}")
 
 
 def _plan_classes(plan: MemoryPlan, spare: int, classes: list[tuple[int, int]], min_each: int) -> MemoryPlan:
@@ -138,8 +139,8 @@ def _plan_classes(plan: MemoryPlan, spare: int, classes: list[tuple[int, int]], 
     plan.class_slots = split_slots(spare, classes, min_each)
     if plan.class_slots is None:
         need = [min(n, min_each) for _, n in classes]
-        raise _too_small(plan, "expert slots " + " + ".join(f"{k} x {format_size(b)}" for k, (b, _) in zip(need, classes)),
-                         sum(k * b for k, (b, _) in zip(need, classes)))
+        slots = " + ".join(f"{k} x {format_size(b)}" for k, (b, _) in zip(need, classes))
+        raise _too_small(plan, f"expert slots {slots}", sum(k * b for k, (b, _) in zip(need, classes)))
     plan.num_slots = sum(plan.class_slots)
     return plan
 

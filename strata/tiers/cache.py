@@ -1,10 +1,12 @@
 """ExpertCache: a preallocated pool of expert slots filled from the ExpertStore, with background reads.
 
 Storage is one page-aligned uint8 buffer of num_slots x slot_bytes (or, for a store whose experts differ
-in size, `class_slots` slots of each size class), allocated once (no allocation per token); the slot table, eviction policy and counters are pools.ExpertPools. All table decisions are
-made under one lock by the calling thread; I/O threads only fill slots. A slot that is being read,
-or whose tensors a caller is using, is "busy" and never evicted, so a prefetch can waste bandwidth
-but never change what a running expert reads. A demand access to an expert whose prefetch is still
+in size, `class_slots` slots of each size class), allocated once (no allocation per token); the slot
+table, eviction policy and counters are pools.ExpertPools. `bind` turns a slot's tensor views into what
+`hold` yields (a quantized expert module, quant_experts.py). All table decisions are made under one
+lock by the calling thread; I/O threads only fill slots. A slot that is being read, or whose tensors a
+caller is using, is "busy" and never evicted, so a prefetch can waste bandwidth but never change what a
+running expert reads. A demand access to an expert whose prefetch is still
 in flight waits for that read instead of reading again.
 
 The tier is device-agnostic in its bookkeeping; the buffer is host memory today (a GPU tier would

@@ -1,9 +1,12 @@
 """Resident low-bit expert copies for `--miss-fallback lowbit`: built once at load, sized from headers.
 
-Every routed expert gets an int4-g64 copy (QuantLinear per linear) that stays in RAM; on a cache miss
-the provider runs that copy while the full-precision expert is read in the background. A store of
-int8-nested experts needs no requantization: the copy is the int4 code inside each byte
-(quant_format.nested_int4_view). Other quantized expert formats are refused.
+Every routed expert gets a resident int4 copy (QuantLinear per linear) that stays in RAM; on a cache miss
+the provider runs that copy while the expert itself is read in the background. By the expert's format:
+    float           quantized to int4-g64;
+    int8-nested-gG  the int4-gG code inside each byte (quant_format.nested_int4_view): no requantization,
+                    half the bytes (the D2MoE layout: hot experts in the cache at 8 bits, all at 4 bits);
+    int8, fp8       dequantized once at load and requantized to int4-g64;
+    int4-gG         the expert itself (it is already at low bits): its copy is exact and the same size.
 """
 
 from __future__ import annotations
@@ -16,27 +19,38 @@ from torch import nn
 from strata.errors import UnsupportedError
 from strata.layers.quant_linear import QuantLinear
 from strata.tiers.store import ExpertStore, alloc_aligned
-from strata.weights.quant_format import QuantFormat, nested_int4_view, quantize_weight
+from strata.weights.quant_format import QuantFormat, dequantize_weight, nested_int4_view, quantize_weight
 
 LOWBIT_FORMAT = QuantFormat.parse("int4-g64")
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 
 
-def lowbit_nbytes(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
-    """Bytes the low-bit copy keeps for one stored expert tensor (dtype as a safetensors code)."""
-    if name.endswith(".weight") and len(shape) == 2 and dtype in _FLOAT_CODES:
-        return LOWBIT_FORMAT.nbytes(shape[0], shape[1])
-    if name.endswith(".qweight") and dtype == "U8":
-        return nbytes // 2  # int8-nested [out, Kp] -> two int4 codes per byte
-    return nbytes  # scales (same shape in the int4 view), biases
+def lowbit_nbytes(name: str, dtype: str, shape: tuple[int, ...], nbytes: int,
+                  fmt: QuantFormat | None = None) -> int:
+    """Bytes the low-bit copy keeps for one stored expert tensor (dtype as a safetensors code; fmt: the format
+    of the tensor's linear from quantization_config, None when unquantized)."""
+    suffix = name.rpartition(".")[2]
+    if fmt is None:
+        if suffix == "weight" and len(shape) == 2 and dtype in _FLOAT_CODES:
+            return LOWBIT_FORMAT.nbytes(shape[0], shape[1])
+        return nbytes
+    if fmt.kind == "int8-nested" and suffix == "qweight":
+        return nbytes // 2  # [out, Kp] -> two int4 codes per byte
+    if fmt.kind in ("int8", "fp8") and suffix in ("qweight", "scales"):
+        return LOWBIT_FORMAT.nbytes(shape[0], shape[1]) if suffix == "qweight" else 0
+    return nbytes  # int4 tensors, nested scales (same shape in the int4 view), biases
 
 
 def _lowbit_linear(name: str, lin: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> QuantLinear:
     if isinstance(lin, QuantLinear):
-        if lin.fmt.kind != "int8-nested":
-            raise UnsupportedError(f"expert linear {name}: --miss-fallback lowbit needs float or int8-nested "
-                                   f"experts, found format {lin.fmt}")
-        q, fmt = nested_int4_view({s: tensors[f"{name}.{s}"] for s in ("qweight", "scales")}, lin.fmt)
+        stored = {s: tensors[f"{name}.{s}"] for s in lin.fmt.tensor_specs(1, 1)}
+        if lin.fmt.kind == "int8-nested":
+            q, fmt = nested_int4_view(stored, lin.fmt)
+        elif lin.fmt.kind == "int4":
+            q, fmt = {s: t.clone() for s, t in stored.items()}, lin.fmt
+        else:
+            w = dequantize_weight(stored, lin.fmt, lin.out_features, lin.in_features)  # [out, in] fp32, transient
+            q, fmt = quantize_weight(w, LOWBIT_FORMAT), LOWBIT_FORMAT
     else:
         weight = tensors.get(f"{name}.weight")
         if weight is None:
@@ -75,7 +89,7 @@ def build_lowbit_experts(store: ExpertStore, blocks, dtype: torch.dtype, progres
     mm, buf = alloc_aligned(store.slot_bytes)  # [slot_bytes]
     view = memoryview(mm)
     keys = [(b.layer_idx, e) for b in blocks for e in range(b.num_experts)]
-    protos = {b.layer_idx: b.experts[0] for b in blocks}  # every expert of a block shares one architecture
+    protos = {b.layer_idx: b.experts for b in blocks}  # per expert: a --mixed plan gives each its own formats
     it = keys
     if progress:
         from tqdm import tqdm
@@ -85,7 +99,7 @@ def build_lowbit_experts(store: ExpertStore, blocks, dtype: torch.dtype, progres
     try:
         for key in it:
             store.read_into(key, view)
-            out[key[0]].append(lowbit_expert(protos[key[0]], store.views(key, buf), dtype))
+            out[key[0]].append(lowbit_expert(protos[key[0]][key[1]], store.views(key, buf), dtype))
     finally:
         view.release()
         del buf

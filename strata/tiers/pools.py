@@ -2,8 +2,9 @@
 
 `ExpertPools` maps (layer, expert) keys to slot numbers 0..num_slots-1, in one global pool, one pool
 per layer, or one pool per size class (`class_slots`: experts of different sizes, e.g. the int8 and
-int4 experts of a `--mixed` plan, each in slots of their own size), each driven by its own eviction policy. It holds no tensors and does no I/O: callers
-(simulate.py, cache.py) do the reads and keep the storage. It also owns the counters, so simulated
+int4 experts of a `--mixed` plan, each in slots of their own size), each driven by its own eviction
+policy. It holds no tensors and does no I/O: callers (simulate.py, cache.py) do the reads and keep the
+storage. It also owns the counters, so simulated
 and real hit rates are computed by the same code.
 
 Prefetch rules: a prefetch never evicts a pinned or busy key, nor another prefetched key that has not

@@ -29,7 +29,8 @@ def is_quantized(module: nn.Module) -> bool:
 
 def _signature(module: nn.Module) -> tuple:
     """What must match for one bound module to be rebound to another expert: each linear's format and bias."""
-    return tuple((n, str(m.fmt), m.bias is not None) for n, m in module.named_modules() if isinstance(m, QuantLinear))
+    return tuple((n, str(m.fmt), m.bias is not None)
+                 for n, m in module.named_modules() if isinstance(m, QuantLinear))
 
 
 def bind_expert(proto: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -37,7 +38,8 @@ def bind_expert(proto: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch
     """The expert `proto` (on meta) computing from `tensors` (the slot's views, by name). `reuse`: a module
     bound earlier to the same slot; when its formats match it is rebound (no copy of the module)."""
     sig = _signature(proto)
-    module = reuse if reuse is not None and getattr(reuse, "_bound_signature", None) == sig else copy.deepcopy(proto)
+    same = reuse is not None and getattr(reuse, "_bound_signature", None) == sig
+    module = reuse if same else copy.deepcopy(proto)
     module._bound_signature = sig
     for name, lin in module.named_modules():
         if not isinstance(lin, QuantLinear):
@@ -51,7 +53,8 @@ def bind_expert(proto: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch
             setattr(lin, suffix, t.to(dtype) if suffix == "bias" else t)
         lin.post_load()
     quant = {n for n, m in proto.named_modules() if isinstance(m, QuantLinear)}
-    floats = [k for k, v in proto.state_dict(keep_vars=True).items() if v.is_meta and k.rpartition(".")[0] not in quant]
+    floats = [k for k, v in proto.state_dict(keep_vars=True).items()
+              if v.is_meta and k.rpartition(".")[0] not in quant]
     if floats:  # float tensors of a partly quantized expert: cast to the compute dtype
         module.load_state_dict({k: tensors[k].to(dtype) for k in floats}, strict=False, assign=True)
     return module
@@ -60,13 +63,15 @@ def bind_expert(proto: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch
 def expert_binder(blocks, dtype: torch.dtype) -> Callable[[tuple[int, int], dict, object], object] | None:
     """The cache's `bind` for a model whose routed experts are (some of them) quantized; None if none is."""
     protos = {b.layer_idx: b.experts for b in blocks}
-    quantized = {(layer, i) for layer, experts in protos.items() for i, e in enumerate(experts) if is_quantized(e)}
+    quantized = {(layer, i) for layer, experts in protos.items()
+                 for i, e in enumerate(experts) if is_quantized(e)}
     if not quantized:
         return None
 
     def bind(key: tuple[int, int], tensors: dict[str, torch.Tensor], previous: object) -> object:
         if key not in quantized:
             return tensors
-        return bind_expert(protos[key[0]][key[1]], tensors, dtype, previous if isinstance(previous, nn.Module) else None)
+        reuse = previous if isinstance(previous, nn.Module) else None
+        return bind_expert(protos[key[0]][key[1]], tensors, dtype, reuse)
 
     return bind

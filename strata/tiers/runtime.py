@@ -154,12 +154,14 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     from strata.weights.loader import load_model, resolve_dtype
 
     if not (config.memory_budget or config.record_routing or config.replay_routing):
-        return load_model(path, dtype=config.dtype, progress=progress), None
+        return load_model(path, dtype=config.dtype, progress=progress,
+                          check_finite=config.check_weights), None
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
     cfg = ModelConfig.from_pretrained(path)
     if not (config.memory_budget and cfg.is_moe):
-        model = load_model(path, dtype=config.dtype, progress=progress)
+        model = load_model(path, dtype=config.dtype, progress=progress,
+                           check_finite=config.check_weights)
         hooked = config.record_routing or config.replay_routing
         return model, (TierRuntime(model, config) if hooked and cfg.is_moe else None)
 
@@ -178,11 +180,13 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
         plan = _plan(path, config, cfg, dtype, facts, lowbit=True)
     if plan.all_experts_fit:
         log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
-        model = load_model(path, dtype=config.dtype, progress=progress)
+        model = load_model(path, dtype=config.dtype, progress=progress,
+                           check_finite=config.check_weights)
         hooked = config.record_routing or config.replay_routing
         return model, (TierRuntime(model, config, plan) if hooked else None)
     store = ExpertStore(ensure_store(path, progress=progress))
-    model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress)
+    model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress,
+                       check_finite=config.check_weights)
     blocks = model.moe_blocks()
     if plan.class_slots and store.class_bytes != plan.class_bytes:
         raise StoreError(f"{store.path}: expert sizes {store.class_bytes} differ from the checkpoint's "

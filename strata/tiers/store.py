@@ -14,11 +14,9 @@ the tensors of a slot as torch views, without copies.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import mmap
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -81,10 +79,13 @@ class ExpertEntry:
 class ExpertStore:
     """Reader of a store directory. Thread-safe: reads are positional (preadv) on one descriptor.
 
-    verify: "first" checks each expert's crc32 on its first read, "always" on every read, "never" skips.
+    verify: "always" checks the expert's crc32 on every read (bytes changed on disk after a first read would
+    otherwise give silently wrong output), "first" on its first read only, "never" skips (store_verify.py).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: str = "first", direct: bool = True):
+    def __init__(self, path: str | os.PathLike, verify: str = "always", direct: bool = True):
+        from strata.tiers.store_verify import check_fields, read_index
+
         self.path = Path(path)
         if verify not in ("first", "always", "never"):
             raise StoreError(f"expert store verify mode must be first, always or never, got {verify!r}")
@@ -93,13 +94,11 @@ class ExpertStore:
         if not (self.path / "COMPLETE").exists():
             what = "does not exist" if not self.path.exists() else "is incomplete (no COMPLETE marker)"
             raise StoreError(f"{self.path}: expert store {what}; run the conversion again")
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{index_path}: unreadable store index ({e})") from None
+        index = read_index(self.path)
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise StoreError(f"{index_path}: expected format {FORMAT} v{VERSION}, got "
                              f"{index.get('format')!r} v{index.get('version')!r}; reconvert the checkpoint")
+        check_fields(index, self.path)
         self.index = index
         self.data_path = self.path / index["data_file"]
         size = self.data_path.stat().st_size if self.data_path.exists() else -1
@@ -189,11 +188,10 @@ class ExpertStore:
         return n
 
     def check(self, key: tuple[int, int], buf: memoryview) -> None:
+        from strata.tiers.store_verify import check_expert
+
         e = self.entry(key)
-        crc = zlib.crc32(buf[: e.length])
-        if crc != e.crc32:
-            raise StoreError(f"{self.data_path}: checksum mismatch for layer {key[0]} expert {key[1]} "
-                             f"(crc32 {crc:08x}, index says {e.crc32:08x}); the store is corrupted, reconvert it")
+        check_expert(self.data_path, key, buf, e.length, e.crc32)
         self._verified.add(key)
 
     def views(self, key: tuple[int, int], slot: torch.Tensor) -> dict[str, torch.Tensor]:

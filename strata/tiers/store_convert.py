@@ -11,6 +11,7 @@ leaves a store that looks complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -126,11 +127,32 @@ def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
     from strata.tiers.lowbit import lowbit_nbytes
 
     padded = [_layout(tensors)[2] for tensors in experts.values()]
-    lowbit = sum(lowbit_nbytes(n, t.dtype, tuple(t.shape), t.nbytes) for ts in experts.values() for n, t in ts)
+    formats = _expert_formats(src)
+    lowbit = sum(lowbit_nbytes(n, t.dtype, tuple(t.shape), t.nbytes, formats.get((key, n.rpartition(".")[0])))
+                 for key, ts in experts.items() for n, t in ts)
     classes = tuple((b, padded.count(b)) for b in sorted(set(padded), reverse=True))
     return CheckpointFacts(non_expert, float_bytes, float_elems,
                            sum(t.nbytes for ts in experts.values() for _, t in ts), len(experts), max(padded),
                            lowbit, classes)
+
+
+def _expert_formats(src: Path) -> dict:
+    """((layer, expert), linear name inside the expert) -> QuantFormat, from config.json's quantization_config."""
+    from strata.weights.quant_format import read_quantization_config
+
+    config = src / "config.json" if src.is_dir() else src.parent / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        modules = read_quantization_config(json.loads(config.read_text()))
+    except ValueError:
+        raise StoreError(f"{config}: not valid JSON") from None
+    out = {}
+    for name, fmt in modules.items():
+        m = _PER_EXPERT.match(name + ".x")
+        if m:
+            out[((int(m[1]), int(m[2])), m[3][: -len(".x")])] = fmt
+    return out
 
 
 def _layout(tensors: list[tuple[str, _SrcTensor]]) -> tuple[list[tuple[str, _SrcTensor, int]], int, int]:
@@ -225,12 +247,15 @@ def default_store_dir(src: str | os.PathLike) -> Path:
 def ensure_store(src: str | os.PathLike, out: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Converts on first use; reconverts when the checkpoint's files changed since the store was built."""
     out = Path(out) if out is not None else default_store_dir(src)
-    if (out / "COMPLETE").exists():
-        try:
-            facts = json.loads((out / "index.json").read_text())["source"]["files"]
-        except (OSError, ValueError, KeyError):
-            facts = None
-        if facts == _source_facts(Path(src)):
-            return out
-        log.warning("expert store %s is stale (checkpoint %s changed); rebuilding", out, src)
-    return convert(src, out, overwrite=True, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting the same store: wait, then reuse it
+        if (out / "COMPLETE").exists():
+            try:
+                facts = json.loads((out / "index.json").read_text())["source"]["files"]
+            except (OSError, ValueError, KeyError, TypeError):
+                facts = None
+            if facts == _source_facts(Path(src)):
+                return out
+            log.warning("expert store %s is stale (checkpoint %s changed); rebuilding", out, src)
+        return convert(src, out, overwrite=True, progress=progress)

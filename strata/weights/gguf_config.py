@@ -85,6 +85,10 @@ def hf_config(g: GGUFFile) -> dict:
     hidden, layers, heads = need("embedding_length"), need("block_count"), need("attention.head_count")
     kv_heads = _int(g, f"{arch}.attention.head_count_kv") or heads
     head_dim = _int(g, f"{arch}.attention.key_length") or hidden // heads
+    rotary = _int(g, f"{arch}.rope.dimension_count")
+    if rotary is not None and rotary != head_dim:
+        raise UnsupportedError(f"{g.path}: metadata field '{arch}.rope.dimension_count' is {rotary}, not the "
+                               f"head size {head_dim} (partial rotary embeddings are not supported)")
     if "token_embd.weight" not in g.tensors:
         raise WeightsError(f"{g.path}: tensor 'token_embd.weight' missing")
     vocab = g.tensors["token_embd.weight"].shape[0]

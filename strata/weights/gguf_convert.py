@@ -13,11 +13,6 @@ Values: every type is read as float32 (F32, F16 and BF16 exactly; quantized type
 `gguf` package) and stored as bfloat16 where that holds every value of the tensor exactly, else as float16
 (F16 tensors) or float32. config.json's torch_dtype is bfloat16 only when every tensor is stored so, else
 float32: the model computes on the file's values, never a rounding of them.
-
-K-quant projections (Q4_K, Q5_K, Q6_K weights of attention, MLP/expert and output projections) are kept as
-their GGUF blocks in Strata's q4_k/q5_k/q6_k formats (`X.qweight`, listed in config.json's
-quantization_config), which Strata's kernels read without dequantizing. transformers cannot load such a
-folder; `dequantize=True` (`strata convert gguf --dequantize`) writes every tensor as float instead.
 """
 
 from __future__ import annotations
@@ -25,9 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from strata.errors import WeightsError
-from strata.weights import kquant
+from strata.fileio import atomic_dir, check_output_dir
 from strata.weights.gguf_config import generation_config, hf_config
+from strata.weights.gguf_quantized import PackedWeight, kept_quantized
 from strata.weights.gguf_reader import GGUFFile
 from strata.weights.gguf_tokenizer import build_tokenizer
 
@@ -53,9 +48,6 @@ _LAYER = {  # llama.cpp per-layer name -> HF name under model.layers.N.
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)")
 _EXPERTS = re.compile(r"ffn_(gate|up|down)_exps")
-# llama.cpp tensors read by QuantLinear (kept quantized when K-quant); embeddings, norms and routers are not
-_PROJECTION = re.compile(r"output\.weight|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|_shexp)?)"
-                         r"(\.\d+)?\.weight")
 
 
 def _moe_names(model_type: str) -> tuple[str, dict[str, str]]:
@@ -71,24 +63,16 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def kept_quantized(g: GGUFFile, name: str) -> str | None:
-    """The Strata format a GGUF tensor is kept in without dequantizing (a K-quant projection), else None."""
-    kind = kquant.GGUF_TYPES.get(g.tensors[name].type_name)
-    return kind if kind is not None and _PROJECTION.fullmatch(name) else None
+# projections whose GGUF tensors may stay quantized (Strata's QuantLinear); routers and embeddings may not
+_QUANTIZABLE = re.compile(r"attn_(q|k|v|output)|ffn_(gate|up|down)(_exps|_shexp)?")
 
 
-def _read(g: GGUFFile, name: str, dequantize: bool) -> np.ndarray:
-    """float32 values, or for a tensor kept quantized its raw blocks, uint8 [..., rows, row bytes]."""
-    if dequantize or kept_quantized(g, name) is None:
-        return g.tensor(name)
-    info = g.tensors[name]
-    data = np.asarray(info.raw.data, dtype=np.uint8)
-    return data.reshape(*info.shape[:-1], -1)
+def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
+               ) -> Iterator[tuple[str, np.ndarray | PackedWeight, str]]:
+    """Yields (HF name, float32 array, GGUF name) for every tensor of the file.
 
-
-def hf_tensors(g: GGUFFile, cfg: dict, dequantize: bool = True) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Yields (HF name, array, GGUF name) for every tensor of the file: float32, or with dequantize=False the
-    raw blocks of K-quant projections (see kept_quantized)."""
+    keep_quantized: projections whose type has an exact Strata format come as PackedWeight instead.
+    """
     model_type = cfg["model_type"]
     moe, proj = _moe_names(model_type)
     permute = model_type in ("llama", "mixtral")
@@ -96,20 +80,26 @@ def hf_tensors(g: GGUFFile, cfg: dict, dequantize: bool = True) -> Iterator[tupl
         if name in _GLOBAL:
             if name == "output.weight" and cfg["tie_word_embeddings"]:
                 continue
-            yield _GLOBAL[name], _read(g, name, dequantize), name
+            info = g.tensors[name]
+            packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
+                keep_quantized and name == "output.weight") else None
+            yield _GLOBAL[name], packed if packed is not None else g.tensor(name), name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:
             raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
         layer, kind, expert, suffix = m.groups()
         pre = f"model.layers.{layer}."
-        w = _read(g, name, dequantize)
+        info = g.tensors[name]
+        packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
+            keep_quantized and suffix == "weight" and _QUANTIZABLE.fullmatch(kind)) else None
+        w = packed if packed is not None else g.tensor(name)
         if permute and kind in ("attn_q", "attn_k"):
             heads = cfg["num_attention_heads"] if kind == "attn_q" else cfg["num_key_value_heads"]
             if w.shape[0] != heads * cfg["head_dim"]:  # checked here: the reorder needs whole heads
                 raise WeightsError(f"{g.path}: tensor '{name}' has {w.shape[0]} rows, expected {heads} heads x "
                                    f"{cfg['head_dim']} = {heads * cfg['head_dim']} from the metadata")
-            w = unpermute_rope_rows(w, heads)
+            w = w.map_rows(partial(unpermute_rope_rows, n_heads=heads)) if packed else unpermute_rope_rows(w, heads)
         if kind == "ffn_gate_inp":
             yield f"{pre}{moe}.gate.{suffix}", w, name
         elif kind == "ffn_gate_inp_shexp":
@@ -148,53 +138,44 @@ def _stored(w: np.ndarray, type_name: str) -> torch.Tensor:
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
-                 dequantize: bool = False) -> Path:
+                 keep_quantized: bool = False) -> Path:
     """Writes the HF folder into a temporary folder beside out_dir, then renames it to out_dir.
 
-    K-quant projections stay quantized (Strata-only folder) unless `dequantize`."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise WeightsError(f"{out}: output folder exists and is not empty (pass --force to replace it)")
+    keep_quantized: projections of a type with an exact Strata format (gguf_quantized.KEPT_FORMATS) stay
+    quantized (config.json gets a Strata quantization_config; transformers cannot load such a folder).
+    """
+    out = check_output_dir(out_dir, overwrite)
     g = GGUFFile(path)
     cfg = hf_config(g)
     tokenizer, tok_cfg = build_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else (None, None)
     expected = _expected_shapes(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        modules: dict[str, str] = {}
-        all_bf16 = _write_weights(g, cfg, expected, tmp, None if dequantize else modules)
+    with atomic_dir(out) as tmp:
+        all_bf16, modules = _write_weights(g, cfg, expected, tmp, keep_quantized)
         cfg["torch_dtype"] = "bfloat16" if all_bf16 else "float32"
         if modules:
-            label = next(iter(set(modules.values()))) if len(set(modules.values())) == 1 else "mixed"
-            cfg["quantization_config"] = {"quant_method": "strata", "format": label, "modules": modules}
+            formats = sorted(set(modules.values()))
+            cfg["quantization_config"] = {"quant_method": "strata", "format": "+".join(formats), "modules": modules}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
         if tokenizer is not None:
             tok_cfg["model_max_length"] = cfg["max_position_embeddings"]
             tokenizer.save(str(tmp / "tokenizer.json"))
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
 def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]], tmp: Path,
-                   modules: dict[str, str] | None = None) -> bool:
-    """Writes model.safetensors (or shards + index); returns whether every float tensor is stored as bfloat16.
+                   keep_quantized: bool) -> tuple[bool, dict[str, str]]:
+    """Writes model.safetensors (or shards + index).
 
-    With `modules` (a dict to fill), K-quant projections are written as their blocks (`X.qweight`) and
-    recorded as {module name: format}; without it, everything is dequantized."""
+    Returns whether every float tensor is stored as bfloat16, and the modules kept quantized (name -> format).
+    """
     shard: dict[str, torch.Tensor] = {}
     files: list[tuple[str, list[str]]] = []  # (temporary shard name, tensor names)
     seen: set[str] = set()
     size = total = 0
     all_bf16 = True
+    modules: dict[str, str] = {}
 
     def flush() -> None:
         fn = f"shard-{len(files)}.safetensors"
@@ -202,32 +183,31 @@ def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]],
         files.append((fn, list(shard)))
         shard.clear()
 
-    for hf_name, w, gguf_name in hf_tensors(g, cfg, dequantize=modules is None):
+    for hf_name, w, gguf_name in hf_tensors(g, cfg, keep_quantized):
         want = expected.get(hf_name)
         if want is None:
             raise WeightsError(f"{g.path}: tensor '{gguf_name}' maps to '{hf_name}', which "
                                f"{cfg['architectures'][0]} with this metadata does not have")
-        kind = kept_quantized(g, gguf_name) if modules is not None else None
-        shape = tuple(w.shape) if kind is None else (w.shape[0], w.shape[1] // kquant.BLOCK_BYTES[kind] * kquant.QK_K)
-        if shape != want:
-            raise WeightsError(f"{g.path}: tensor '{gguf_name}' has shape {list(shape)} as '{hf_name}', expected "
+        if tuple(w.shape) != want:
+            raise WeightsError(f"{g.path}: tensor '{gguf_name}' has shape {list(w.shape)} as '{hf_name}', expected "
                                f"{list(want)} from the metadata")
         if hf_name in seen:
             raise WeightsError(f"{g.path}: tensor '{gguf_name}' gives '{hf_name}' a second time")
         seen.add(hf_name)
-        if kind is not None:
+        if isinstance(w, PackedWeight):
             module = hf_name.removesuffix(".weight")
-            modules[module] = kind
-            hf_name, t = f"{module}.qweight", torch.from_numpy(np.array(w, dtype=np.uint8, order="C"))
+            modules[module] = w.fmt
+            stored = {f"{module}.{suffix}": t for suffix, t in w.tensors().items()}
         else:
-            t = _stored(w, g.tensors[gguf_name].type_name)
-            all_bf16 = all_bf16 and t.dtype == torch.bfloat16
-        if size and size + t.nbytes > SHARD_BYTES:
+            stored = {hf_name: _stored(w, g.tensors[gguf_name].type_name)}
+            all_bf16 = all_bf16 and stored[hf_name].dtype == torch.bfloat16
+        nbytes = sum(t.nbytes for t in stored.values())
+        if size and size + nbytes > SHARD_BYTES:
             flush()
             size = 0
-        shard[hf_name] = t
-        size += t.nbytes
-        total += t.nbytes
+        shard.update(stored)
+        size += nbytes
+        total += nbytes
     missing = [k for k in expected if k not in seen]
     if missing:
         raise WeightsError(f"{g.path}: no tensor for '{missing[0]}'" + (f" (and {len(missing) - 1} more)"
@@ -235,7 +215,7 @@ def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]],
     flush()
     if len(files) == 1:
         os.replace(tmp / files[0][0], tmp / "model.safetensors")
-        return all_bf16
+        return all_bf16, modules
     weight_map = {}
     for i, (fn, names) in enumerate(files):
         final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -243,14 +223,5 @@ def _write_weights(g: GGUFFile, cfg: dict, expected: dict[str, tuple[int, ...]],
         weight_map.update(dict.fromkeys(names, final))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return all_bf16
+    return all_bf16, modules
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)

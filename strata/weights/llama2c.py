@@ -8,10 +8,7 @@ q·k is unchanged because q and k get the same reordering.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from strata.errors import UnsupportedError, WeightsError
+from strata.fileio import atomic_dir, check_output_dir
 from strata.weights.sp_tokenizer import SpVocab, build_tokenizer, read_sp_vocab, tokenizer_config
 
 MAGIC = 0x616B3432  # "ak42"
@@ -202,36 +200,19 @@ def _readme(ckpt: Llama2cCheckpoint, vocab: SpVocab) -> str:
 def convert_llama2c(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path,
                     overwrite: bool = False) -> Path:
     """Writes config.json, generation_config.json, model.safetensors, tokenizer(_config).json into out_dir."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise WeightsError(f"{out}: output folder exists and is not empty (pass --force to replace it)")
+    out = check_output_dir(out_dir, overwrite)
     ckpt = read_llama2c(checkpoint)
     vocab = read_sp_vocab(tokenizer)
     if len(vocab.pieces) != ckpt.config.vocab_size:
         raise WeightsError(f"{vocab.source}: tokenizer has {len(vocab.pieces)} pieces but checkpoint "
                            f"{ckpt.source} has vocab_size {ckpt.config.vocab_size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only
-    try:
+    with atomic_dir(out) as tmp:
         save_file(hf_state_dict(ckpt), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config(ckpt.config))
         _write_json(tmp / "generation_config.json", generation_config())
         _write_json(tmp / "tokenizer_config.json", tokenizer_config(vocab, ckpt.config.seq_len))
         build_tokenizer(vocab).save(str(tmp / "tokenizer.json"))
         (tmp / "README.md").write_text(_readme(ckpt, vocab))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

@@ -16,6 +16,7 @@ from strata.errors import WeightsError
 from strata.layers.fusion import fuse_model
 from strata.models.base import CausalLM
 from strata.models.registry import model_class
+from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
 from strata.weights.mapping import read_in
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,8 +78,10 @@ def load_model(
     skip: Callable[[str], bool] | None = None,
     progress: bool = True,
     fuse: bool = True,
+    check_finite: bool = True,
 ) -> CausalLM:
-    """Load an HF folder. `skip(name)` leaves a tensor on the meta device (e.g. experts served from disk)."""
+    """Load an HF folder. `skip(name)` leaves a tensor on the meta device (e.g. experts served from disk);
+    `check_finite` refuses a floating-point tensor holding NaN or inf (one reduction per tensor)."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
     cfg = ModelConfig.from_pretrained(path)
@@ -100,6 +103,7 @@ def load_model(
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
     for fn, name, get in bar:
         if name not in expected:
+            check_layer_count(fn, name, cfg)
             if not name.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
                 print(f"warning: {fn}: unexpected tensor '{name}' ignored", file=sys.stderr)
             continue
@@ -114,9 +118,12 @@ def load_model(
             raise WeightsError(
                 f"{fn}: tensor '{name}' has shape {list(t.shape)}, expected {list(want.shape)} from config.json"
             )
+        check_dtype(fn, name, t, want)
         # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
         if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
             t = t.to(torch_dtype)
+        if check_finite:
+            check_finite_values(fn, name, t)
         # otherwise the tensor stays a view of the file mapping (page cache): copying it would count the same
         # bytes twice in RSS while the mapping lives, which broke the tiers' memory budget (measured: 1.54 GiB
         # peak for a 1.34 GiB budget, and 19 GB for a 6.6 GB resident model)

@@ -118,7 +118,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
     """Write the quantized copy of HF folder `src` to `dst`. Give `fmt` (all linears) or `modules`.
 
     lm_head: also quantize the output projection to this format (it is read every decode step: int8 halves
-    its bytes). Refused when the checkpoint ties it to the embeddings.
+    its bytes). With tied embeddings the output gets its own quantized copy of the embedding matrix, the
+    embedding lookup keeps the float rows, and the written config says tie_word_embeddings: false.
 
     method: how scales are chosen (quant_format.METHODS). calibration: per-module input statistics; `clip`
     weights its error by E[x_j^2], `gptq` needs E[x x^T] (modules without it, e.g. an expert that no
@@ -141,13 +142,14 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
     if modules is None:
         fmt = QuantFormat.parse(fmt if fmt is not None else "int8")
         modules = {m: str(fmt) for m in scan(src)[0]}
-    if lm_head is not None:
-        if config.get("tie_word_embeddings", False):
-            raise UnsupportedError(f"{src}/config.json: lm_head is tied to the embeddings (tie_word_embeddings), "
-                                   "so it cannot be quantized separately; drop --lm-head")
-        modules = {**modules, "lm_head": str(QuantFormat.parse(lm_head))}
-    modules = {m: str(QuantFormat.parse(f)) for m, f in modules.items()}
     shards = _shards(src)
+    copies = {}  # source tensor -> module: a tensor quantized a second time under another name
+    if lm_head is not None:
+        modules = {**modules, "lm_head": str(QuantFormat.parse(lm_head))}
+        if config.get("tie_word_embeddings", False):
+            copies = _untied_head(src, shards)
+            config["tie_word_embeddings"] = False  # the output projection is its own (quantized) tensor now
+    modules = {m: str(QuantFormat.parse(f)) for m, f in modules.items()}
     total = sum((src / s).stat().st_size for s in shards)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -156,7 +158,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
         with tqdm(total=total, desc="quantizing", unit="B", unit_scale=True, disable=not progress,
                   file=sys.stderr) as bar:
             for shard in shards:
-                out = _quantize_shard(src / shard, modules, bar.update, method, calibration or Calibration())
+                out = _quantize_shard(src / shard, modules, bar.update, method, calibration or Calibration(),
+                                      copies)
                 save_file(out, str(tmp / shard), metadata={"format": "pt"})
                 weight_map.update({k: shard for k in out})
         if method == "tune":
@@ -186,14 +189,39 @@ def _label(modules: dict[str, str]) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
+def _untied_head(src: Path, shards: list[str]) -> dict[str, str]:
+    """For --lm-head on tied embeddings: {embedding tensor: "lm_head"}, so the output projection gets its own
+    quantized copy while the embedding lookup keeps its float rows; {} when the checkpoint stores
+    lm_head.weight anyway (it is quantized like any other module)."""
+    names = set()
+    for shard in shards:
+        with _open(src / shard) as h:
+            names.update(h.keys())
+    if "lm_head.weight" in names:
+        return {}
+    embed = [n for n in sorted(names) if n.endswith("embed_tokens.weight")]
+    if len(embed) != 1:
+        raise WeightsError(f"{src}: --lm-head on tied embeddings needs one '*embed_tokens.weight' tensor to copy, "
+                           f"found {embed or 'none'}")
+    return {embed[0]: "lm_head"}
+
+
 def _quantize_shard(path: Path, modules: dict[str, str], advance: Callable[[int], object], method: str,
-                    calib: Calibration) -> dict:
+                    calib: Calibration, copies: dict[str, str] | None = None) -> dict:
+    """The shard's tensors with each module in `modules` quantized; copies: {tensor: module} also written
+    quantized under the module's name (the tensor itself is kept as it is)."""
     out = {}
     with _open(path) as h:
         for name in list(h.keys()):
             t = _get(h, path, name)
             module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module in modules:
+            targets = [module] if module in modules else []
+            if copies and name in copies:
+                out[name] = t.contiguous()
+                targets = [copies[name]]
+            elif not targets:
+                out[name] = t.contiguous()
+            for module in targets:
                 if t.dim() != 2:
                     raise WeightsError(f"{path}: tensor '{name}' is {list(t.shape)}, expected a 2-D linear weight")
                 hessian = calib.second_moment.get(module)
@@ -202,8 +230,6 @@ def _quantize_shard(path: Path, modules: dict[str, str], advance: Callable[[int]
                                             hessian if m in ("gptq", "tune") else None)
                 for suffix, q in q_tensors.items():
                     out[f"{module}.{suffix}"] = q.contiguous()
-            else:
-                out[name] = t.contiguous()
             advance(t.numel() * t.element_size())
     return out
 

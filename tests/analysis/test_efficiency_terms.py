@@ -303,9 +303,13 @@ def test_host_time_per_sequence_bounds_big_batches_only():
     assert many.time(e1) == pytest.approx(4096 * 30e-6)  # a tiny model's big batch waits for the host loop
 
 
-def test_pre_graphs_llamacpp_ratio_starts_from_its_measured_launch_overhead():
-    from strata.analysis.calibrate import _parent
+def test_pre_graphs_llamacpp_ratio_starts_from_its_measured_launch_overhead_and_keeps_its_family_ratio():
+    from strata.analysis.calibrate import _prior
     from strata.analysis.efficiency import NEUTRAL, RATIO_PRIORS
 
-    assert _parent("*|llama.cpp-2023", {}).overhead_us == RATIO_PRIORS["*|llama.cpp-2023"].overhead_us > 1.0
-    assert _parent("*|vllm", {}) == NEUTRAL
+    assert _prior("*|llama.cpp-2023").overhead_us == RATIO_PRIORS["*|llama.cpp-2023"].overhead_us > 1.0
+    assert _prior("*|vllm") == NEUTRAL
+    e = Efficiencies({"gpu": Eff(0.8, 0.5, 2.0, 0.9), "*|llama.cpp": Eff(1.0, 0.5, 1.0, 1.0, 1.0),
+                      "*|llama.cpp-2023": Eff(1.0, 1.0, 4.0, 1.0, 1.0)})
+    old = e.get("gpu", "llama.cpp-2023")
+    assert (old.eta_flops, old.overhead_us) == pytest.approx((0.25, 8.0))  # the family's FLOPs ratio, its own overhead

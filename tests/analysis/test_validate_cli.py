@@ -129,3 +129,38 @@ def test_probe_quick_and_plan(tmp_path, capsys):
     out2 = json.loads(capsys.readouterr().out)
     assert all(c["corrected_tok_s"] == pytest.approx(c["predicted_tok_s"] / 2, rel=1e-6)
                for c in out2["candidates"])
+
+
+def test_coverage_engine_defaults_and_flags(tmp_path, capsys):
+    base = {"source": "t", "model": "meta-llama/Llama-3.2-3B-Instruct", "hardware": "Raspberry Pi 5 16GB",
+            "batch": "1", "prompt_tokens": "0", "gen_tokens": "16", "metric": "decode_tok_s", "value": "5"}
+    rows = [{**base, "system": "Ollama", "dtype_or_quant": "Ollama default quant"},
+            {**base, "system": "Ollama", "dtype_or_quant": "Q4_K_M"},
+            {**base, "system": "SuperEngine 2", "dtype_or_quant": "Q4_K_M"},
+            {**base, "system": "llama.cpp", "dtype_or_quant": "not stated"},
+            {**base, "system": "llama.cpp", "dtype_or_quant": "Q4_K_M", "hardware": "Abacus Mark II"}]
+    write_csv(tmp_path / "m.csv", rows)
+    res = score(load_cases(str(tmp_path / "m.csv")), Efficiencies())
+    assert res["coverage"] == pytest.approx(4 / 5) and res["n_unpredictable"] == 1
+    default, stated, unknown, assumed = res["rows"]
+    assert default["predicted"] == pytest.approx(stated["predicted"])  # Ollama's default is Q4_K_M
+    assert any("Ollama library" in n for n in default["notes"]) and not stated["flags"]
+    assert unknown["flags"] == ["physics-only (unknown engine)"]
+    assert assumed["flags"] == ["assumed quantization"] and assumed["predicted"] < stated["predicted"]  # bf16
+    assert main(["analyze", "--validate", str(tmp_path / "m.csv"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["coverage"] == pytest.approx(0.8) and {"median_ape", "p90_ape", "gmean_ratio"} <= set(out)
+    assert "not in the catalog" in out["unpredictable"][0]["reason"]
+
+
+def test_a_gpu_too_small_for_the_model_gets_an_assumed_host(tmp_path):
+    row = {"source": "t", "system": "llama.cpp", "dtype_or_quant": "Q4_K_M", "hardware": "NVIDIA GeForce RTX 3070",
+           "batch": "1", "prompt_tokens": "0", "gen_tokens": "16", "metric": "decode_tok_s", "value": "1"}
+    write_csv(tmp_path / "m.csv", [{**row, "model": "meta-llama/Llama-2-70b-hf"},
+                                   {**row, "model": "meta-llama/Llama-2-7b-hf"}])
+    big, small = score(load_cases(str(tmp_path / "m.csv")), Efficiencies())["rows"]
+    assert big["flags"] == ["assumed host"] and any("do not fit 8 GB" in n for n in big["notes"])
+    assert not small["flags"]  # 3.9 GB of Q4_K_M fits the 8 GB card
+    host_bw = load_catalog()["desktop-host-ddr4"].bandwidth_gbs * 1e9
+    # most of the 70B layers run on the host CPU: no faster than its memory can stream them
+    assert big["predicted"] < host_bw / (weight_bytes(load_shape("llama-2-70b"), Precisions("q4_k_m"))["total"] * 0.7)

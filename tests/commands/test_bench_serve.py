@@ -50,3 +50,11 @@ def test_missing_dataset_path_exits_2_with_one_line(tmp_path):
                        check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --dataset-path")
+
+
+def test_unreachable_server_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "-m", "strata", "bench", "serve", "--dataset", "random", "--num-prompts", "1",
+                        "--base-url", "http://127.0.0.1:9"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --base-url")

@@ -11,6 +11,7 @@ from strata.cli import main
 from strata.layers.attention import AttentionMetadata
 from strata.layers.quant_linear import QuantLinear
 from strata.weights.loader import load_model
+from strata.weights.quant_format import QuantFormat, check_tensors
 
 T = 24
 
@@ -172,6 +173,39 @@ def test_lm_head_quantized_on_request(sharded_moe, tmp_path, capsys):
     assert _rel(_logits(dst), _logits(sharded_moe)) < 0.3
 
 
-def test_lm_head_refused_when_tied(stories260k_hf, tmp_path, capsys):
-    _fails(capsys, ["quantize", "--lm-head", "int8", "--no-progress", str(stories260k_hf), str(tmp_path / "q")],
-           "tied to the embeddings")
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    from tests.models.conftest import build_hf
+
+    path = tmp_path_factory.mktemp("llama-tied")
+    build_hf("llama", path)  # tie_word_embeddings=true: no lm_head.weight in the file
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in _names(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt,max_err", [("int8", 0.01), ("int4-g32", 0.1), ("int4-g64-asym", 0.1)])
+def test_lm_head_quantized_when_tied(tied_llama, tmp_path, fmt, max_err):
+    """--lm-head on tied embeddings: the output projection gets its own quantized copy of the embedding
+    matrix (quantized bytes), the lookup keeps the float rows, and the logits move only by that copy's error."""
+    body, head = tmp_path / "body", tmp_path / "head"
+    assert main(["quantize", "--format", "int8", "--no-progress", str(tied_llama), str(body)]) == 0
+    assert main(["quantize", "--format", "int8", "--lm-head", fmt, "--no-progress", str(tied_llama),
+                 str(head)]) == 0
+    config = json.loads((head / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["modules"]["lm_head"] == fmt
+    f = QuantFormat.parse(fmt)
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    with safe_open(str(head / "model.safetensors"), framework="pt") as h, \
+            safe_open(str(tied_llama / "model.safetensors"), framework="pt") as src:
+        assert "lm_head.weight" not in h.keys()  # noqa: SIM118
+        stored = {s: h.get_tensor(f"lm_head.{s}") for s in f.tensor_specs(1, 1)}
+        assert torch.equal(h.get_tensor("model.embed_tokens.weight"), src.get_tensor("model.embed_tokens.weight"))
+    check_tensors(stored, f, vocab, hidden, "lm_head")
+    assert sum(t.nbytes for t in stored.values()) == f.nbytes(vocab, hidden)
+    assert f.nbytes(vocab, hidden) < vocab * hidden * 2 * (0.55 if f.bits == 8 else 0.35)  # vs bf16 rows
+    model = load_model(str(head), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt == f and not model.lm_head.qweight.is_meta
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    ref = _logits(body)  # the same int8 body, the output projection tied to the float embeddings
+    assert 0 < _rel(_logits(head), ref) < max_err

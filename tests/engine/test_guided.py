@@ -132,6 +132,11 @@ def test_bad_constraints_are_one_line_errors(params, match):
     assert "\n" not in str(e.value)
 
 
+def test_sampling_params_take_a_dict():
+    p = SamplingParams(structured_outputs={"choice": ["a", "b"]})
+    assert p.structured_outputs == StructuredOutputsParams(choice=["a", "b"])
+
+
 def test_exactly_one_constraint():
     with pytest.raises(InvalidRequestError, match="exactly one of"):
         StructuredOutputsParams(json={}, regex="a")

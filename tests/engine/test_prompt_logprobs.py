@@ -1,10 +1,11 @@
 """Prompt logprobs from the prefill forward: equal to transformers' log-softmax over the same prompt, whatever
-the chunking (chunked prefill), the prefix cache or n > 1; the first token has none."""
+the chunking (chunked prefill, logits a slice at a time), the prefix cache or n > 1; the first token has none."""
 
 import pytest
 import torch
 
 from strata.config import EngineConfig
+from strata.engine import llm_engine
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
 
@@ -35,8 +36,9 @@ def _run(engine: LLMEngine, prompt: list[int], params: SamplingParams):
     return outs
 
 
-@pytest.mark.parametrize("budget", [2048, 16])
-def test_prompt_logprobs_match_transformers(qwen3_moe, budget):
+@pytest.mark.parametrize("budget,rows", [(2048, 256), (2048, 8), (16, 256)])
+def test_prompt_logprobs_match_transformers(qwen3_moe, budget, rows, monkeypatch):
+    monkeypatch.setattr(llm_engine, "PROMPT_LOGPROBS_ROWS", rows)
     hf_model, path = qwen3_moe
     ref = _reference(hf_model, PROMPT)  # [T, V]
     engine = LLMEngine(EngineConfig(model=path, dtype="float32", max_num_batched_tokens=budget), progress=False)

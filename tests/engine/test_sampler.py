@@ -6,7 +6,7 @@ import torch
 from strata.engine.sampler import Sampler, process_logits, sample_token
 from strata.engine.sampling_params import MAX_PENALTY, MIN_TEMPERATURE, SamplingParams
 from strata.engine.sequence import Sequence
-from strata.errors import InvalidRequestError
+from strata.errors import InvalidRequestError, WeightsError
 
 LOGITS = torch.log(torch.tensor([0.05, 0.40, 0.30, 0.15, 0.10]))
 
@@ -72,3 +72,9 @@ def test_smallest_allowed_values_sample_finite_tokens():
     logits = process_logits(LOGITS * 1e4, seq, [4])  # large negative logits; the seen ones shrink 100-fold
     assert torch.isfinite(logits).all()
     assert sample_token(logits, seq) == 1  # the most likely token, by a margin a temperature of 0.01 keeps
+
+
+def test_nan_logits_are_refused_not_sampled():
+    logits = torch.stack([LOGITS, LOGITS.clone().index_fill_(0, torch.tensor([2]), float("nan"))])  # [2, V]
+    with pytest.raises(WeightsError, match="NaN/inf logits"):
+        Sampler([4])(logits, [_seq(temperature=0.0), _seq(temperature=0.0)])

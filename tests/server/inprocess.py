@@ -19,12 +19,13 @@ NAME = "tiny"
 
 
 @contextmanager
-def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: bool = True, **engine_kw):
-    """A TestClient on the bundled model (or `factory()`'s engine), ready to serve."""
+def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: bool = True, app_kw=None,
+               base_url: str = "http://testserver", **engine_kw):
+    """A TestClient on the bundled model (or `factory()`'s engine), ready to serve; app_kw go to create_app."""
     kw = {"model": BUNDLED_MODEL, "num_threads": 1, "dtype": "float32", **engine_kw}
     factory = factory or (lambda: LLMEngine(EngineConfig(**kw), progress=False))
     engine = AsyncEngine(factory, EngineMetrics(NAME), max_queued_requests=max_queued_requests)
-    with TestClient(create_app(engine, NAME)) as client:
+    with TestClient(create_app(engine, NAME, **(app_kw or {})), base_url=base_url) as client:
         deadline = time.monotonic() + 60
         while wait_ready and not engine.is_ready:
             assert engine.dead_reason is None and time.monotonic() < deadline, engine.dead_reason
@@ -34,7 +35,23 @@ def app_client(factory=None, max_queued_requests: int | None = 64, wait_ready: b
 
 
 def metric(client: TestClient, name: str) -> float:
+    """A sample of /metrics; `name` may include the start of its labels (`x{finished_reason="abort"`)."""
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith((name + "{", name + " ")):
+        if line.startswith((name + "{", name + " ", name + ",")):
             return float(line.rsplit(" ", 1)[1])
+    if "{" in name:  # a labelled counter appears on its first increment
+        return 0.0
     raise KeyError(name)
+
+
+def wait_idle(client: TestClient, timeout: float = 30.0) -> None:
+    """Polls /metrics until nothing runs, waits or holds KV blocks (gauges are published after each step,
+    so they may lag the last response by one step); a generous guard, not a timing assertion."""
+    names = ("strata:num_requests_running", "strata:num_requests_waiting", "strata:kv_cache_blocks_used")
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {n: metric(client, n) for n in names}
+        if not any(values.values()):
+            return
+        assert time.monotonic() < deadline, f"engine not idle: {values}"
+        time.sleep(0.02)

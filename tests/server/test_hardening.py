@@ -11,7 +11,7 @@ import pytest
 
 from strata.server.request_checks import MAX_CHARS_PER_TOKEN
 from tests.conftest import within
-from tests.server.inprocess import app_client, metric
+from tests.server.inprocess import app_client, metric, wait_idle
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -47,8 +47,7 @@ def test_generation_up_to_the_cache_finishes_with_length(small_cache):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] == "length"
     assert r.json()["usage"]["total_tokens"] == 64
-    for name in ("strata:num_requests_running", "strata:num_requests_waiting", "strata:kv_cache_blocks_used"):
-        assert metric(small_cache, name) == 0
+    wait_idle(small_cache)
 
 
 def test_concurrent_requests_filling_the_cache_all_finish(small_cache):
@@ -66,7 +65,7 @@ def test_concurrent_requests_filling_the_cache_all_finish(small_cache):
     assert [r.status_code for r in results] == [200] * 4
     assert all(r.json()["usage"]["completion_tokens"] == 40 for r in results)
     assert metric(small_cache, "strata:num_preemptions_total") > 0
-    assert metric(small_cache, "strata:num_requests_waiting") == 0
+    wait_idle(small_cache)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +169,29 @@ def test_keep_alive_survives_client_errors(server):
         assert conn.getresponse().status == 200 and conn.sock is sock
     finally:
         conn.close()
+
+
+def test_every_abort_is_counted_once_per_sequence(client):
+    """Aborts count each of the request's n sequences, also when the abort beats the request to the engine."""
+    from strata.engine.sampling_params import SamplingParams
+
+    ae = client.engine
+    before = metric(client, 'strata:request_success_total{finished_reason="abort"')
+    params = SamplingParams(n=2, temperature=0.5, max_tokens=300, ignore_eos=True)
+
+    async def run():
+        early = ae.add_request([1, 2, 3], params)
+        early.abort()  # before or after the engine thread saw it: either way two sequences aborted
+        late = ae.add_request([1, 2, 3], params)
+        await late.__anext__()
+        late.abort()
+
+    client.portal.call(run)
+    wait_idle(client)
+    assert metric(client, 'strata:request_success_total{finished_reason="abort"') == before + 4
+
+
+@pytest.mark.parametrize("prompt", [5, [1, "a"], [[1], "a"], [-1], [[]], {"text": "hi"}])
+def test_prompt_shape_errors_name_the_allowed_shapes(client, prompt):
+    err = _error(client.post("/v1/completions", json={"prompt": prompt}), 400, param="prompt")
+    assert "a string, a list of strings, a list of token ids" in err["message"]

@@ -43,7 +43,7 @@ def test_non_streaming_disconnect_frees_blocks(server):
     before = _aborted(server.metrics())
     payload = json.dumps(server.long_request()).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     server.wait_metric("strata:num_requests_running", lambda v: v == 1)
     sock.close()

@@ -158,6 +158,22 @@ def test_bad_constraints_are_400(tool_server, body, param, msg):
     assert err["param"] == param and msg in err["message"] and "\n" not in err["message"]
 
 
+@pytest.mark.parametrize("extra", [
+    {"guided_regex": "(a*)*b"}, {"guided_regex": ""}, {"guided_grammar": "root ::= root"},
+    {"guided_json": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}},
+    {"guided_json": {"type": "object", "properties": {"a": {"$ref": "#"}}}},
+    {"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, {"guided_json": {"enum": []}},
+    {"guided_json": {"not": {}}}, {"guided_json": "null"}, {"guided_json": {"type": "string", "format": "x"}},
+    {"guided_choice": [""]}, {"guided_choice": ["a", "a"]}, {"structured_outputs": {}},
+    {"guided_json": {"type": "string", "maxLength": 1000000}}, {"guided_grammar": "start: start"},
+])
+def test_odd_constraints_never_500(tool_server, extra):
+    r = httpx.post(tool_server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 8, **extra}, timeout=60)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert "\n" not in r.json()["error"]["message"]
+
+
 def test_auto_tool_choice_needs_the_flags(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "tools": [WEATHER]}, timeout=60)
     assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"]

@@ -62,3 +62,32 @@ def test_bind_tools_round_trip(chat):
     messages += [ai, ToolMessage(f"Sunny in {weather.city}, 24 {weather.unit}", tool_call_id=ai.tool_calls[0]["id"])]
     answer = chat.bind_tools([get_weather]).invoke(messages)  # tool_choice auto: the hermes parser reads it
     assert answer.content or answer.tool_calls
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory):
+    from tests.server.conftest import Server
+    from tests.server.smollm2 import build_smollm2_folder
+
+    folder = build_smollm2_folder(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+    srv = Server(folder, "--served-model-name", "smollm2", "--tool-call-parser", "hermes",
+                 "--enable-auto-tool-choice", "--max-model-len", "2048")
+    yield srv
+    srv.stop()
+
+
+def test_real_model_structured_and_tools(smollm2_server):
+    """SmolLM2-135M-Instruct (49,152-token vocabulary, its own weights): structured output and a tool round trip."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    chat = langchain_openai.ChatOpenAI(base_url=smollm2_server.url + "/v1", api_key="none", model="smollm2",
+                                       max_tokens=120, temperature=0, max_retries=0)
+    c = chat.with_structured_output(Character, method="json_schema").invoke("Describe Romeo as JSON.")
+    assert isinstance(c, Character) and c.house in ("Montague", "Capulet")
+    messages = [HumanMessage("What is the weather in Verona, in c?")]
+    ai = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
+    assert [tc["name"] for tc in ai.tool_calls] == ["get_weather"]
+    weather = get_weather(**ai.tool_calls[0]["args"])
+    messages += [ai, ToolMessage(f"Sunny in {weather.city}, 24 {weather.unit}", tool_call_id=ai.tool_calls[0]["id"])]
+    answer = chat.bind_tools([get_weather]).invoke(messages)
+    assert answer.content or answer.tool_calls

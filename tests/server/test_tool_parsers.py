@@ -119,3 +119,10 @@ def test_template_messages_parse_arguments():
     assert out[0] == {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}
     assert out[1] == {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+
+
+def test_arguments_before_name_still_reassemble():
+    text = '<tool_call>{"arguments": {"a": [1, {"b": "}"}]}, "name": "f"}</tool_call>'
+    msg, _ = tool_message(get_tool_parser("hermes"), text)
+    assert msg["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": [1, {"b": "}"}]}'}
+    assert _stream(get_tool_parser("hermes"), text, 1)[1] == [{"name": "f", "arguments": '{"a": [1, {"b": "}"}]}'}]

@@ -4,6 +4,9 @@ quantized bytes (an int4 expert is about a quarter of a bf16 one), and the plan 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,8 +63,9 @@ def checkpoints(bf16_moe, tmp_path_factory):
             out = tmp_path_factory.mktemp("q") / fmt
             if fmt == "mixed":  # the first half of each layer's experts hot (int8), the rest int4
                 imp = out.parent / "importance.json"
-                imp.write_text("{" + ",".join(f'"model.layers.{i}.mlp.experts.{e}": {10 if e < EXPERTS // 2 else 0.01}'
-                                              for i in range(LAYERS) for e in range(EXPERTS)) + "}")
+                hot = {f"model.layers.{i}.mlp.experts.{e}": 10 if e < EXPERTS // 2 else 0.01
+                       for i in range(LAYERS) for e in range(EXPERTS)}
+                imp.write_text(json.dumps(hot))
                 facts = checkpoint_facts(bf16_moe)
                 budget = facts.non_expert_bytes + facts.expert_bytes * 3 // 8  # between all-int4 and all-int8
                 cache[fmt] = quantized(bf16_moe, out, "--mixed", "--format", "int8,int4-g64", "--budget",
@@ -79,9 +83,6 @@ def generate(path: str, **kw) -> tuple[list[list[int]], LLM]:
 
 
 def expert_formats(path: str) -> dict[tuple[int, int], QuantFormat]:
-    import json
-    from pathlib import Path
-
     modules = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["modules"]
     out = {}
     for name, f in modules.items():
@@ -96,7 +97,7 @@ def test_offloaded_quantized_equals_resident(checkpoints, fmt):
     path = checkpoints(fmt)
     ref, resident = generate(path)
     assert resident.engine.tiers is None
-    for slots, prefetch in ((12, "lookahead"), (5, "none")):
+    for slots, prefetch in ((12, "lookahead"), (8, "hybrid"), (5, "none")):
         out, llm = generate(path, memory_budget=budget_for(path, slots), prefetch=prefetch)
         st = llm.engine.tier_stats()
         assert st["tiered"] and st["expert_misses"] > 0
@@ -114,7 +115,8 @@ def test_offloaded_quantized_equals_resident(checkpoints, fmt):
 def test_store_holds_quantized_bytes(checkpoints, bf16_moe, fmt):
     path = checkpoints(fmt)
     formats = expert_formats(path)
-    store, bf16 = ExpertStore(ensure_store(path, progress=False)), ExpertStore(ensure_store(bf16_moe, progress=False))
+    store = ExpertStore(ensure_store(path, progress=False))
+    bf16 = ExpertStore(ensure_store(bf16_moe, progress=False))
     for key in store.entries:
         want = 2 * formats[key].nbytes(INTER, HIDDEN) + formats[key].nbytes(HIDDEN, INTER)  # gate, up, down
         e = store.entry(key)
@@ -165,4 +167,35 @@ def test_mixed_plan_keeps_each_expert_at_its_own_bits(checkpoints):
     st = cache.stats
     reads = st.misses + st.prefetch_issued
     assert reads * small < st.disk_bytes_read < reads * big  # each read moves its own expert's bytes
+    llm.engine.tiers.close()
+
+
+@pytest.mark.parametrize("fmt", ["int8-nested-g64", "int8", "mixed"])
+def test_lowbit_fallback_keeps_cold_experts_at_int4(checkpoints, fmt):
+    """--miss-fallback lowbit on a quantized store: hot experts in the cache at their stored bits, every expert
+    resident as int4 (the int4 code inside an int8-nested byte, a requantized int8 expert, an int4 expert as
+    it is), so the copies take exactly the bytes of an int4-g64 checkpoint's experts."""
+    path = checkpoints(fmt)
+    facts = checkpoint_facts(path)
+    assert facts.lowbit_bytes == checkpoint_facts(checkpoints("int4-g64")).expert_bytes
+    out, llm = generate(path, memory_budget=budget_for(path, 5, lowbit=True), miss_fallback="lowbit")
+    tiers = llm.engine.tiers
+    assert tiers.plan.lowbit_bytes == facts.lowbit_bytes and tiers.cache.slot_bytes == facts.slot_bytes
+    st = llm.engine.tier_stats()
+    assert st["fallback_lowbit"] > 0 and all(len(o) == GREEDY.max_tokens for o in out)
+    formats = expert_formats(path)
+    low = llm.engine.model.moe_blocks()[0].expert_provider.lowbit
+    for (layer, e), f in formats.items():
+        gate = low[layer][e].gate_proj
+        assert isinstance(gate, QuantLinear) and gate.fmt.bits == 4 and not gate.qweight.is_meta
+        assert gate.fmt.group_size == (f.group_size or 64)
+    tiers.close()
+
+
+def test_renormalize_fallback_on_quantized_store(checkpoints):
+    path = checkpoints("int4-g64")
+    out, llm = generate(path, memory_budget=budget_for(path, 5), miss_fallback="renormalize")
+    st = llm.engine.tier_stats()
+    assert st["fallback_renormalized"] > 0 and st["disk_bytes_read"] > 0
+    assert all(len(o) == GREEDY.max_tokens for o in out)
     llm.engine.tiers.close()

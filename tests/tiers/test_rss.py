@@ -69,3 +69,29 @@ def test_peak_rss_within_budget(tmp_path):
     assert s["tiered"] and s["expert_cache_slots"] < expert_bytes // (3 << 20)
     assert s["disk_bytes_read"] > 0
     assert s["peak_rss_bytes"] <= 1.1 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
+
+
+def test_peak_rss_within_budget_quantized(tmp_path):
+    """The same model at int4-g64: slots, plan and the process's peak RSS all count the quantized experts."""
+    from strata.cli import main
+    from strata.tiers.store_convert import checkpoint_facts
+
+    write_mixtral(tmp_path / "float")
+    assert main(["quantize", "--format", "int4-g64", "--method", "rtn", "--no-progress", str(tmp_path / "float"),
+                 str(tmp_path / "model")]) == 0
+    facts = checkpoint_facts(tmp_path / "model")
+    assert facts.slot_bytes < (3 << 20) // 7  # an expert: 3 MiB in float32, about 400 KiB at int4-g64
+    env = {"STRATA_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    stats = tmp_path / "stats.json"
+    refused = generate(tmp_path / "model", "64MiB", stats, env)
+    assert refused.returncode == 2 and "is too small" in refused.stderr
+    minimum = re.search(r"minimum that would work is --memory-budget (\S+)", refused.stderr)[1]
+    mib = float(minimum[:-3]) * (1024 if minimum.endswith("GiB") else 1)
+    budget_mib = mib + 6 * facts.slot_bytes / 2**20  # six more int4 slots than the minimum
+    run = generate(tmp_path / "model", f"{budget_mib:.0f}MiB", stats, env)
+    assert run.returncode == 0, run.stderr
+    s = json.loads(stats.read_text())
+    assert s["tiered"] and s["expert_slot_bytes"] == facts.slot_bytes
+    assert s["expert_cache_slots"] < facts.num_experts
+    assert s["disk_bytes_read"] % facts.slot_bytes == 0 and s["disk_bytes_read"] > 0
+    assert s["peak_rss_bytes"] <= 1.1 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)

@@ -154,3 +154,31 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
         assert tok.encode(text).ids == ref(text).input_ids, text
         assert tok.decode(tok.encode(text).ids, skip_special_tokens=True) == ref.decode(ref(text).input_ids,
                                                                                         skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_q4_0_kept_as_int4_g32_holds_the_same_values(hf_models, tmp_path, family):
+    """--keep-quantized: Q4_0 projections become int4-g32 codes and scales that dequantize to exactly the
+    float conversion's weights (llama: through the q/k row reorder; mixtral: merged experts)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from strata.cli import main
+    from strata.weights.quant_format import dequantize_weight
+
+    _, path = hf_models(family)
+    gguf_path = write_gguf(path, tmp_path / "m.gguf", qtype="Q4_0")
+    floats = convert_gguf(gguf_path, tmp_path / "f")
+    assert main(["convert", "gguf", "--keep-quantized", str(gguf_path), str(tmp_path / "q")]) == 0
+    modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
+    assert "model.layers.0.self_attn.q_proj" in modules and set(modules.values()) == {"int4-g32"}
+    f, q = load_file(str(floats / "model.safetensors")), load_file(str(tmp_path / "q" / "model.safetensors"))
+    for m, fmt in modules.items():
+        w = f[f"{m}.weight"].float()
+        got = dequantize_weight({"qweight": q[f"{m}.qweight"], "scales": q[f"{m}.scales"]}, fmt, *w.shape)
+        assert torch.equal(got, w), m
+    ids = _ids()
+    exact, kept = _strata_logits(floats, ids), _strata_logits(tmp_path / "q", ids)
+    torch.testing.assert_close(kept, exact, atol=0.05 * exact.abs().max().item(), rtol=0)  # bf16 activations
+    assert (kept.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9

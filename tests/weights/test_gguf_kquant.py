@@ -72,12 +72,12 @@ def test_kquant_gguf_stays_quantized_and_matches(kquant_gguf, tmp_path):
     with torch.no_grad():
         ref = ref_model(ids[None]).logits[0]
 
-    floats = convert_gguf(gguf_path, tmp_path / "float", dequantize=True)
+    floats = convert_gguf(gguf_path, tmp_path / "float")
     assert "quantization_config" not in json.loads((floats / "config.json").read_text())
     float_logits, _ = _logits(floats, ids)
     torch.testing.assert_close(float_logits, ref, atol=1e-4, rtol=1e-4)
 
-    quant = convert_gguf(gguf_path, tmp_path / "quant")
+    quant = convert_gguf(gguf_path, tmp_path / "quant", keep_quantized=True)
     modules = json.loads((quant / "config.json").read_text())["quantization_config"]["modules"]
     assert modules["model.layers.0.self_attn.q_proj"] == kinds["blk.0.attn_q.weight"]
     assert modules["lm_head"] == kinds["output.weight"]
@@ -103,17 +103,18 @@ def test_kquant_gguf_decodes_natively_from_the_file(kquant_gguf, tmp_path, monke
     monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path))
     native, calls = _greedy(gguf_path, monkeypatch, native=True)
     assert calls > 0
-    assert any(f.name.startswith("m-") for f in (tmp_path / "gguf").iterdir())  # converted once, cached
+    (folder,) = [f for f in (tmp_path / "gguf").iterdir() if f.name.startswith("m-")]  # converted once, cached
+    assert "quantization_config" in json.loads((folder / "config.json").read_text())  # K-quants kept
     monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path))
     reference, _ = _greedy(gguf_path, monkeypatch, native=False)
     assert native == reference
 
 
-def test_cli_convert_keeps_kquants_unless_dequantize(kquant_gguf, tmp_path, capsys):
+def test_cli_convert_keeps_kquants_with_keep_quantized(kquant_gguf, tmp_path, capsys):
     from strata.cli import main
 
     gguf_path, _ = kquant_gguf
-    for flags, quantized in (([], True), (["--dequantize"], False)):
+    for flags, quantized in (([], False), (["--keep-quantized"], True)):
         out = tmp_path / f"out{len(flags)}"
         assert main(["convert", "gguf", *flags, str(gguf_path), str(out)]) == 0
         cfg = json.loads((out / "config.json").read_text())

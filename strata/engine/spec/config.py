@@ -35,13 +35,17 @@ class SpeculativeConfig:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{FLAG}: invalid JSON ({e.msg} at column {e.colno}), got {value!r}") from None
+                raise ConfigError(
+                    f"{FLAG}: invalid JSON ({e.msg} at column {e.colno}), got {value!r}"
+                ) from None
         if not isinstance(value, dict):
             raise ConfigError(f"{FLAG}: expected a JSON object, got {type(value).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ConfigError(f"{FLAG}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{FLAG}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+            )
         kw = dict(value)
         if "method" not in kw:
             kw["method"] = "draft_model" if kw.get("model") else ""
@@ -51,18 +55,25 @@ class SpeculativeConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ConfigError(f"{FLAG}: 'method' must be one of {', '.join(METHODS)} (or give 'model'), "
-                              f"got {self.method!r}")
+            raise ConfigError(
+                f"{FLAG}: 'method' must be one of {', '.join(METHODS)} (or give 'model'), got {self.method!r}"
+            )
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-            raise ConfigError(f"{FLAG}: 'num_speculative_tokens' must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, "
-                              f"got {k!r}")
+            raise ConfigError(
+                f"{FLAG}: 'num_speculative_tokens' must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, "
+                f"got {k!r}"
+            )
         if self.method == "draft_model" and not isinstance(self.model, str):
-            raise ConfigError(f"{FLAG}: method draft_model needs 'model' (a draft model folder), got {self.model!r}")
+            raise ConfigError(
+                f"{FLAG}: method draft_model needs 'model' (a draft model folder), got {self.model!r}"
+            )
         if self.method == "ngram":
             lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
-                raise ConfigError(f"{FLAG}: need integers 1 <= 'prompt_lookup_min' <= 'prompt_lookup_max', "
-                                  f"got {lo!r} and {hi!r}")
+                raise ConfigError(
+                    f"{FLAG}: need integers 1 <= 'prompt_lookup_min' <= 'prompt_lookup_max', "
+                    f"got {lo!r} and {hi!r}"
+                )
         if not isinstance(self.adaptive, bool):
             raise ConfigError(f"{FLAG}: 'adaptive' must be true or false, got {self.adaptive!r}")

@@ -38,14 +38,26 @@ def make_proposer(spec: SpeculativeConfig, target_path: str, config: EngineConfi
 def can_speculate(seq: Sequence) -> bool:
     """Sampling whose distribution at a drafted position does not depend on the tokens before it."""
     p = seq.params
-    return (p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
-            and not p.frequency_penalty and seq.num_completion_tokens >= p.min_tokens
-            and p.structured_outputs is None)  # a grammar's mask depends on the tokens before it
+    return (
+        p.logprobs is None
+        and not p.logit_bias
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and seq.num_completion_tokens >= p.min_tokens
+        and p.structured_outputs is None  # a grammar's mask depends on the tokens before it
+    )
 
 
 class SpecDecoder:
-    def __init__(self, spec: SpeculativeConfig, proposer: Proposer, block_manager: BlockManager,
-                 max_model_len: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        spec: SpeculativeConfig,
+        proposer: Proposer,
+        block_manager: BlockManager,
+        max_model_len: int,
+        max_num_batched_tokens: int,
+    ):
         self.spec = spec
         self.proposer = proposer
         self.block_manager = block_manager
@@ -53,7 +65,8 @@ class SpecDecoder:
         self.max_num_batched_tokens = max_num_batched_tokens
         k = spec.num_speculative_tokens
         self.policy = AdaptiveK(k) if spec.adaptive else FixedK(k)
-        self._forward_start: tuple[int, float] | None = None  # (rows, time) of the forward in flight
+        # (rows, drafted rows, start time) of the forward in flight
+        self._forward_start: tuple[int, int, float] | None = None
         self._pending: dict[int, Proposal] = {}  # seq_id -> its drafts in this step
         self._accepted: dict[int, int] = {}  # seq_id -> drafts accepted in this step
         self.num_drafts = 0  # verifications with at least one drafted token
@@ -64,13 +77,25 @@ class SpecDecoder:
     def prepare(self, batch: ScheduledBatch) -> list[int]:
         """Draft for the decoding sequences of the batch; returns logits rows per sequence (1 + drafts)."""
         budget = self.max_num_batched_tokens - batch.num_tokens
+        # no prefill rows: then the forward's time says what k costs
+        decode_only = batch.num_tokens == len(batch.seqs)
+        eligible = [
+            i
+            for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+            if n == 1
+            and seq.num_uncomputed_tokens == 1
+            and seq.num_completion_tokens > 0
+            and can_speculate(seq)
+        ]
         cands, ks = [], []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            decoding = n == 1 and seq.num_uncomputed_tokens == 1 and seq.num_completion_tokens > 0
-            if not decoding or not can_speculate(seq):
-                continue
-            left = seq.params.max_tokens - seq.num_completion_tokens if seq.params.max_tokens else self.max_model_len
-            k = min(self.policy.choose(seq), left - 1, self.max_model_len - seq.num_tokens - 1, budget)
+        for i, k in zip(eligible, self.policy.plan([batch.seqs[i] for i in eligible]) if eligible else []):
+            seq = batch.seqs[i]
+            left = (
+                seq.params.max_tokens - seq.num_completion_tokens
+                if seq.params.max_tokens
+                else self.max_model_len
+            )
+            k = min(k, left - 1, self.max_model_len - seq.num_tokens - 1, budget)
             if k > 0:
                 cands.append(i)
                 ks.append(k)
@@ -91,15 +116,16 @@ class SpecDecoder:
             batch.num_new_tokens[i] += len(drafts)
             num_scored[i] += len(drafts)
             self._pending[seq.seq_id] = prop
-        self._forward_start = (batch.num_tokens, time.perf_counter())
+        if decode_only:
+            self._forward_start = (batch.num_tokens, batch.num_tokens - len(batch.seqs), time.perf_counter())
         return num_scored
 
     # ---- after the forward ----------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], sampler) -> list[list[int]]:
         """logits: the rows prepare() asked for, sequence after sequence -> new tokens per sequence."""
         if self._forward_start is not None:
-            rows, t0 = self._forward_start
-            self.policy.observe_forward(rows, time.perf_counter() - t0)
+            rows, drafted, t0 = self._forward_start
+            self.policy.observe_forward(rows, drafted, time.perf_counter() - t0)
             self._forward_start = None
         out: list[list[int] | None] = []
         plain_rows, plain_seqs, row = [], [], 0
@@ -117,7 +143,9 @@ class SpecDecoder:
             if seq.params.is_greedy:
                 tokens = greedy_accept(torch.argmax(rows, dim=-1).tolist(), prop.token_ids)
             else:
-                tokens = rejection_sample(sampling_probs(rows, seq.params), prop.token_ids, prop.probs, seq.generator)
+                tokens = rejection_sample(
+                    sampling_probs(rows, seq.params), prop.token_ids, prop.probs, seq.generator
+                )
             accepted = len(tokens) - 1
             del seq.token_ids[-d:]
             seq.num_computed_tokens -= d  # the accepted drafts' KV counts once finish_step re-appended them
@@ -133,7 +161,7 @@ class SpecDecoder:
         return out
 
     def finish_step(self, seqs: list[Sequence]) -> None:
-        """After the engine appended the new tokens: keep the accepted drafts' KV, free the rejected tail's."""
+        """After the engine appended the new tokens: keep the accepted drafts' KV, free the rejected tail."""
         for seq in seqs:
             accepted = self._accepted.pop(seq.seq_id, None)
             if seq.is_finished:
@@ -155,7 +183,11 @@ class SpecDecoder:
             "spec_num_drafts": self.num_drafts,
             "spec_num_draft_tokens": self.num_draft_tokens,
             "spec_num_accepted_tokens": self.num_accepted_tokens,
-            "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None,
-            "spec_mean_accepted_tokens": self.num_accepted_tokens / self.num_drafts if self.num_drafts else None,
+            "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens
+            if self.num_draft_tokens
+            else None,
+            "spec_mean_accepted_tokens": self.num_accepted_tokens / self.num_drafts
+            if self.num_drafts
+            else None,
             "spec_proposer_bytes": self.proposer.memory_bytes(),
         }

@@ -37,13 +37,17 @@ def check_same_vocabulary(draft_path: str, target_path: str) -> None:
     """One-line ConfigError unless the draft's tokenizer and vocab_size are the target's."""
     draft, target = ModelConfig.from_pretrained(draft_path), ModelConfig.from_pretrained(target_path)
     if draft.vocab_size != target.vocab_size:
-        raise ConfigError(f"--speculative-config: draft {draft_path} has vocab_size {draft.vocab_size}, the target "
-                          f"{target_path} has {target.vocab_size}; the draft must share the target's tokenizer")
+        raise ConfigError(
+            f"--speculative-config: draft {draft_path} has vocab_size {draft.vocab_size}, the target "
+            f"{target_path} has {target.vocab_size}; the draft must share the target's tokenizer"
+        )
     dv, tv = _vocab(draft_path), _vocab(target_path)
     if dv is not None and tv is not None and dv != tv:
         diff = min(set(dv.items()) ^ set(tv.items()))
-        raise ConfigError(f"--speculative-config: draft {draft_path}'s tokenizer.json differs from the target's "
-                          f"(token {json.dumps(diff[0])} -> id {diff[1]} in one only); the vocabularies must match")
+        raise ConfigError(
+            f"--speculative-config: draft {draft_path}'s tokenizer.json differs from the target's "
+            f"(token {json.dumps(diff[0])} -> id {diff[1]} in one only); the vocabularies must match"
+        )
 
 
 class DraftModelProposer(Proposer):
@@ -58,12 +62,15 @@ class DraftModelProposer(Proposer):
         target_len = min(ModelConfig.from_pretrained(target_path).max_position_embeddings, 4096)
         self.max_model_len = min(config.max_model_len or target_len, cfg.max_position_embeddings)
         bs = config.block_size
-        num_blocks = num_kv_blocks(self.model, bs, config.max_num_seqs, self.max_model_len, config.kv_cache_memory)
+        num_blocks = num_kv_blocks(
+            self.model, bs, config.max_num_seqs, self.max_model_len, config.kv_cache_memory
+        )
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=False)
         self.runner = ModelRunner(self.model, num_blocks, bs)
         self._kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
         self.shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's copy
-        self._synced: dict[int, int] = {}  # target seq_id -> target length at the last sync (drafts follow it)
+        # target seq_id -> the target's length at the last sync (drafted tokens follow it)
+        self._synced: dict[int, int] = {}
 
     def memory_bytes(self) -> int:
         weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -120,7 +127,7 @@ class DraftModelProposer(Proposer):
 
     @staticmethod
     def _sample(logits: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
-        """A draft token and the distribution q it came from (None when greedy: acceptance compares argmaxes)."""
+        """A draft token and the distribution q it came from (None when greedy: argmaxes are compared)."""
         if seq.params.is_greedy:
             return int(torch.argmax(logits)), None
         q = sampling_probs(logits, seq.params)

@@ -14,7 +14,7 @@ from strata.engine.spec.proposer import Proposal, Proposer
 
 
 def lookup(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to k tokens following the latest earlier match of the longest suffix n-gram (max_n >= n >= min_n)."""
+    """Up to k tokens after the latest earlier match of the longest suffix n-gram (max_n >= n >= min_n)."""
     tokens = np.asarray(token_ids, dtype=np.int64)  # [L]
     L = len(tokens)
     for n in range(min(max_n, L - 1), min_n - 1, -1):

@@ -1,14 +1,19 @@
-"""How many tokens to draft for a sequence this step.
+"""How many tokens to draft for each sequence this step.
 
 FixedK: always num_speculative_tokens (vLLM's behaviour).
-AdaptiveK ("adaptive": true): per sequence, a = the exponentially weighted acceptance rate of its drafted
-tokens. A verification of k drafts yields E(k) = (1 - a^(k+1)) / (1 - a) tokens on average and costs
-1 + k * c plain decode steps, where c is the measured cost of one more drafted token (drafting it plus its
-verify row) relative to a plain step. The rule drafts the k in 1..K with the most tokens per cost, or none
-when even k = 1 does not beat a plain step (E(1) < 1 + c). c comes from timing: the target forward time is
-fitted as base + rows * per_row (least squares with forgetting) and the proposer's time per drafted token is
-averaged; c = (draft + per_row) / base. Where experts come from disk the base step is dominated by expert
-reads that a verification shares across its rows, so c is small and k grows; resident, c is larger.
+AdaptiveK ("adaptive": true), in units of one plain decode step:
+- a = the sequence's exponentially weighted acceptance rate; a verification of k drafts yields on average
+  E(k) = (1 - a^(k+1)) / (1 - a) tokens (E(0) = 1: a plain step);
+- cost(k) = (verify(k) + k * draft) / plain, all measured: `plain` is the time of a forward without drafts,
+  `verify(k)` the time of a forward with drafts and that many rows (averaged with forgetting; a row count
+  not seen yet is read off a least-squares line through the ones seen, so larger k gets tried), `draft` the
+  proposer's time per drafted token; cost(0) = 1;
+- the rule drafts the k in 0..K with the most tokens per cost, E(k) / cost(k).
+Where experts come from disk a plain step is dominated by expert reads that a verification shares across its
+rows, so verify(k) is close to plain and k grows; where a plain step runs a fast one-row path (the native
+decoder of a small resident model) and a verification does not, cost(1) is high and the rule stops drafting.
+Every PROBE_EVERY steps of speculation one step runs plain to refresh `plain`; while the rule says plain,
+speculation is retried after PROBE_EVERY steps, then twice as long each time it still does not pay.
 """
 
 from __future__ import annotations
@@ -17,21 +22,23 @@ from strata.engine.sequence import Sequence
 
 PRIOR_ACCEPTANCE = 0.6  # a new sequence's acceptance rate before it has drafted anything
 SMOOTHING = 0.3  # weight of the latest verification in a sequence's acceptance rate
-FORGET = 0.97  # per step: how fast old timings lose weight in the cost fit
-DEFAULT_COST = 0.15  # c before the timings can separate base and per-row cost
+FORGET = 0.8  # per observation: how fast old timings lose weight
+DEFAULT_COST = 0.15  # cost of one drafted token, in plain steps, before anything is measured
+PROBE_EVERY = 16
+MAX_PROBE_EVERY = 1024
 
 
 class FixedK:
     def __init__(self, k: int):
         self.k = k
 
-    def choose(self, seq: Sequence) -> int:
-        return self.k
+    def plan(self, seqs: list[Sequence]) -> list[int]:
+        return [self.k] * len(seqs)
 
     def update(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
         pass
 
-    def observe_forward(self, num_rows: int, seconds: float) -> None:
+    def observe_forward(self, num_rows: int, num_drafted: int, seconds: float) -> None:
         pass
 
     def observe_proposal(self, num_tokens: int, seconds: float) -> None:
@@ -46,44 +53,69 @@ def expected_tokens(a: float, k: int) -> float:
     return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def best_k(a: float, c: float, max_k: int) -> int:
-    """argmax over k in 0..max_k of E(k) / (1 + k c); 0 = decode without drafting."""
-    return max(range(max_k + 1), key=lambda k: (expected_tokens(a, k) / (1.0 + k * c), -k))
+def best_k(a: float, cost, max_k: int) -> int:
+    """argmax over k in 0..max_k of E(k) / cost(k); ties go to the smaller k."""
+    return max(range(max_k + 1), key=lambda k: (expected_tokens(a, k) / (cost(k) if k else 1.0), -k))
 
 
 class AdaptiveK(FixedK):
     def __init__(self, max_k: int):
         super().__init__(max_k)
         self.rate: dict[int, float] = {}
-        self._fit = [0.0] * 5  # forgetting sums of 1, x, x^2, y, x*y (x: rows, y: seconds)
-        self._draft = [0.0, 0.0]  # forgetting sums of seconds and drafted tokens
+        # rows of a forward with drafts -> its seconds (average with forgetting)
+        self._verify: dict[int, float] = {}
+        self._draft = [0.0, 0.0]  # forgetting sums of proposer seconds and drafted tokens
+        self._plain: float | None = None  # forgetting average of a plain forward's seconds
+        self._steps = 0  # since the last probe
+        self._probe_every = PROBE_EVERY
+        self._speculating = True
 
-    def cost(self) -> float:
-        n, sx, sxx, sy, sxy = self._fit
-        var = n * sxx - sx * sx
-        if n < 3 or var <= 1e-9 * max(n * sxx, 1e-30):
-            return DEFAULT_COST
-        per_row = max((n * sxy - sx * sy) / var, 0.0)
-        base = (sy - per_row * sx) / n
-        if base <= 0:
-            return DEFAULT_COST
+    def cost(self, k: int, num_rows: int) -> float:
+        """A verification with k more drafted rows on a forward of num_rows, in plain steps."""
+        if self._plain is None or not self._verify:
+            return 1.0 + k * DEFAULT_COST
+        rows = num_rows + k
+        verify = self._verify.get(rows)
+        if verify is None:  # a line through the row counts seen
+            xs, ys = list(self._verify), list(self._verify.values())
+            n, sx, sy = len(xs), sum(xs), sum(ys)
+            var = n * sum(x * x for x in xs) - sx * sx
+            slope = max((n * sum(x * y for x, y in zip(xs, ys)) - sx * sy) / var, 0.0) if var > 0 else 0.0
+            verify = (sy - slope * sx) / n + slope * rows
         draft = self._draft[0] / self._draft[1] if self._draft[1] else 0.0
-        return (draft + per_row) / base
+        return max(verify + k * draft, 1e-9) / self._plain
 
-    def choose(self, seq: Sequence) -> int:
-        a = self.rate.get(seq.seq_id, PRIOR_ACCEPTANCE)
-        k = best_k(a, self.cost(), self.k)
-        if k == 0:  # not drafting measures nothing: drift back towards the prior so the sequence tries again
-            self.rate[seq.seq_id] = a + SMOOTHING * (PRIOR_ACCEPTANCE - a) / 4
-        return k
+    def plan(self, seqs: list[Sequence]) -> list[int]:
+        self._steps += 1
+        probe = self._steps >= self._probe_every
+        if probe:
+            self._steps = 0
+        if (probe and self._speculating) or (self._plain is None and self._verify):
+            return [0] * len(seqs)  # measure a plain step
+        rows = len(seqs)
+        ks = [
+            best_k(self.rate.get(s.seq_id, PRIOR_ACCEPTANCE), lambda k: self.cost(k, rows), self.k)
+            for s in seqs
+        ]
+        if any(ks):
+            self._speculating, self._probe_every = True, PROBE_EVERY
+        elif self._speculating:
+            self._speculating = False
+        elif probe:  # speculation has not paid: try again, and wait twice as long before the next try
+            self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY)
+            ks = [max(1, self.k // 2)] * len(seqs)
+        return ks
 
     def update(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
         a = self.rate.get(seq.seq_id, PRIOR_ACCEPTANCE)
         self.rate[seq.seq_id] = (1 - SMOOTHING) * a + SMOOTHING * num_accepted / num_drafted
 
-    def observe_forward(self, num_rows: int, seconds: float) -> None:
-        x = float(num_rows)
-        self._fit = [FORGET * s + v for s, v in zip(self._fit, (1.0, x, x * x, seconds, x * seconds))]
+    def observe_forward(self, num_rows: int, num_drafted: int, seconds: float) -> None:
+        if not num_drafted:
+            self._plain = seconds if self._plain is None else FORGET * self._plain + (1 - FORGET) * seconds
+            return
+        old = self._verify.get(num_rows)
+        self._verify[num_rows] = seconds if old is None else FORGET * old + (1 - FORGET) * seconds
 
     def observe_proposal(self, num_tokens: int, seconds: float) -> None:
         self._draft = [FORGET * self._draft[0] + seconds, FORGET * self._draft[1] + num_tokens]

@@ -16,7 +16,8 @@ from strata.engine.sequence import Sequence
 @dataclass
 class Proposal:
     token_ids: list[int]  # drafted tokens, at most the k asked for (may be empty: decode normally)
-    probs: torch.Tensor | None = None  # [len(token_ids), V] the distribution each was drawn from; None = one-hot
+    # [len(token_ids), V] the distribution each was drawn from; None = one-hot (a deterministic proposal)
+    probs: torch.Tensor | None = None
 
 
 class Proposer:

@@ -24,7 +24,7 @@ def greedy_accept(target_ids: list[int], draft_ids: list[int]) -> list[int]:
 def rejection_sample(
     target_probs: torch.Tensor,  # [k + 1, V] the target's sampling distribution at each scored position
     draft_ids: list[int],  # k drafted tokens
-    draft_probs: torch.Tensor | None,  # [k, V] the proposal each was drawn from; None = one-hot (deterministic)
+    draft_probs: torch.Tensor | None,  # [k, V] the proposal each was drawn from; None = one-hot
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """-> accepted drafts + one token (a replacement at the first rejection, else the bonus token)."""

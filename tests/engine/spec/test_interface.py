@@ -1,5 +1,5 @@
-"""`--speculative-config` on generate and serve: stats keys, /metrics counters, streaming, and bad input as one
-line with exit 2 (unknown method, k outside 1..16, a draft whose vocabulary differs)."""
+"""`--speculative-config` on generate and serve: stats keys, /metrics counters, streaming, and bad input as
+one line with exit 2 (unknown method, k outside 1..16, a draft whose vocabulary differs)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,32 @@ from strata.engine.spec.config import SpeculativeConfig
 from strata.errors import ConfigError
 
 DRAFT = os.path.join(os.path.dirname(BUNDLED_MODEL), "shakespeare-draft")
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DRAFT, "config.json")),
-                                reason="bundled models not present")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(DRAFT, "config.json")), reason="bundled models not present"
+)
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
 
 
-@pytest.mark.parametrize("spec", [json.dumps({"model": DRAFT, "num_speculative_tokens": 3}), NGRAM],
-                         ids=["draft", "ngram"])
+@pytest.mark.parametrize(
+    "spec", [json.dumps({"model": DRAFT, "num_speculative_tokens": 3}), NGRAM], ids=["draft", "ngram"]
+)
 def test_generate_stats_json(tmp_path, capsys, spec):
     stats = tmp_path / "stats.json"
-    args = ["generate", "ROMEO:", "--temperature", "0", "--max-tokens", "24", "--dtype", "float32", "--quiet",
-            "--speculative-config", spec, "--stats-json", str(stats)]
+    args = [
+        "generate",
+        "ROMEO:",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--dtype",
+        "float32",
+        "--quiet",
+        "--speculative-config",
+        spec,
+        "--stats-json",
+        str(stats),
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     got = json.loads(stats.read_text())
@@ -47,15 +62,24 @@ def _different_vocab(tmp_path) -> str:
     return str(bad)
 
 
-@pytest.mark.parametrize("spec,expect", [
-    ('{"method": "eagle9", "num_speculative_tokens": 4}', "'method' must be one of"),
-    ('{"method": "ngram", "num_speculative_tokens": 0}', "'num_speculative_tokens' must be an integer in 1..16"),
-    ('{"method": "ngram", "num_speculative_tokens": 17}', "'num_speculative_tokens' must be an integer in 1..16"),
-    ('{"method": "ngram", "k": 2}', "unknown key(s) k"),
-    ('{"num_speculative_tokens": 4', "invalid JSON"),
-    ('{"model": "/no/such/draft", "num_speculative_tokens": 4}', "not found"),
-    ("VOCAB", "tokenizer.json differs from the target's"),
-])
+@pytest.mark.parametrize(
+    "spec,expect",
+    [
+        ('{"method": "eagle9", "num_speculative_tokens": 4}', "'method' must be one of"),
+        (
+            '{"method": "ngram", "num_speculative_tokens": 0}',
+            "'num_speculative_tokens' must be an integer in 1..16",
+        ),
+        (
+            '{"method": "ngram", "num_speculative_tokens": 17}',
+            "'num_speculative_tokens' must be an integer in 1..16",
+        ),
+        ('{"method": "ngram", "k": 2}', "unknown key(s) k"),
+        ('{"num_speculative_tokens": 4', "invalid JSON"),
+        ('{"model": "/no/such/draft", "num_speculative_tokens": 4}', "not found"),
+        ("VOCAB", "tokenizer.json differs from the target's"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, spec, expect):
     if spec == "VOCAB":
         spec = json.dumps({"model": _different_vocab(tmp_path), "num_speculative_tokens": 4})
@@ -87,21 +111,37 @@ def test_serve_streams_accepted_tokens_and_counts_them():
     from tests.server.conftest import BUNDLED, Server
 
     ref = Server(BUNDLED, "--dtype", "float32")
-    srv = Server(BUNDLED, "--dtype", "float32", "--speculative-config",
-                 json.dumps({"model": DRAFT, "num_speculative_tokens": 4}))
+    srv = Server(
+        BUNDLED,
+        "--dtype",
+        "float32",
+        "--speculative-config",
+        json.dumps({"model": DRAFT, "num_speculative_tokens": 4}),
+    )
     try:
-        body = {"model": "shakespeare-moe", "prompt": "ROMEO:\n", "max_tokens": 32, "temperature": 0,
-                "ignore_eos": True}
+        body = {
+            "model": "shakespeare-moe",
+            "prompt": "ROMEO:\n",
+            "max_tokens": 32,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         want = httpx.post(ref.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         pieces = []
-        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        with httpx.stream(
+            "POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     pieces.extend(c["text"] for c in json.loads(line[6:])["choices"])
         assert "".join(pieces) == want
         m = srv.metrics()
         assert m["strata:spec_decode_num_draft_tokens_total"] > 0
-        assert 0 < m["strata:spec_decode_num_accepted_tokens_total"] <= m["strata:spec_decode_num_draft_tokens_total"]
+        assert (
+            0
+            < m["strata:spec_decode_num_accepted_tokens_total"]
+            <= m["strata:spec_decode_num_draft_tokens_total"]
+        )
         assert ref.metrics().get("strata:spec_decode_num_draft_tokens_total", 0) == 0
     finally:
         ref.stop()

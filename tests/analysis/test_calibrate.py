@@ -1,0 +1,21 @@
+"""`strata analyze --calibrate` reproduces the shipped calibration.json from the data in the repo, with fewer
+fitted parameters than a fifth of the rows."""
+
+import json
+
+import pytest
+
+from strata.analysis.calibrate import DATA_PATH, calibrate
+from strata.analysis.efficiency import CALIBRATION_PATH
+
+
+def test_calibration_json_is_reproduced_from_the_repo_data(tmp_path):
+    shipped = json.loads(CALIBRATION_PATH.read_text())
+    assert shipped["csv"] == DATA_PATH.name and DATA_PATH.exists()
+    doc = calibrate(DATA_PATH, tmp_path / "calibration.json", held_out=False)
+    assert doc["n_rows"] == shipped["n_rows"] and doc["n_parameters"] == shipped["n_parameters"]
+    assert doc["n_parameters"] < doc["n_rows"] / 5
+    assert doc["parameters"] == pytest.approx(shipped["parameters"], rel=1e-9)
+    for key, factors in shipped["factors"].items():
+        assert doc["factors"][key] == pytest.approx(factors, rel=1e-9), key
+    assert doc["validation"]["fitted"] == pytest.approx(shipped["validation"]["fitted"], rel=1e-9)
