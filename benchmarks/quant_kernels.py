@@ -33,6 +33,7 @@ from torch import nn
 from strata.fileio import write_text_atomic
 from strata.layers.linear import linear
 from strata.layers.quant_linear import QuantLinear
+from strata.weights.kquant import BLOCK_BYTES, random_blocks
 
 OUT = ROOT / "docs" / "benchmarks" / "quant_kernels"
 # (label, format or None for bf16, backend)
@@ -45,6 +46,9 @@ CASES = [  # bf16 F.linear runs alongside every case
     ("int4-g64-asym", "int4-g64-asym", "native"),
     ("int8-nested-g64", "int8-nested-g64", "native"),
     ("fp8", "fp8", "native"),
+    ("q4_k", "q4_k", "native"),  # K-quant blocks as in GGUF (random blocks: Strata does not quantize into them)
+    ("q5_k", "q5_k", "native"),
+    ("q6_k", "q6_k", "native"),
     ("torch int8pack", "int8", "torch"),
     ("torch int4pack g64", "int4-g64", "torch"),
 ]
@@ -57,10 +61,14 @@ def measure_bandwidth(mib: int = 256, reps: int = 10) -> float:
     return a.numel() * 4 / best / 1e9
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def _time(fn) -> float:
-    t = time.perf_counter()
+    t = _clock()
     fn()
-    return time.perf_counter() - t
+    return _clock() - t
 
 
 def make_copies(w: torch.Tensor, fmt: str | None, backend: str | None, rotate_bytes: int):
@@ -71,10 +79,16 @@ def make_copies(w: torch.Tensor, fmt: str | None, backend: str | None, rotate_by
         fns = [partial(linear if backend == "native" else torch.nn.functional.linear, weight=c) for c in copies]
         fns[0].rel_error = 0.0
         return fns, nbytes
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data = w
-    first = QuantLinear.from_float(lin, fmt, backend=backend)
-    first.rel_error = float((first.dequantize(torch.float32) - w).norm() / w.norm())
+    if fmt in BLOCK_BYTES:
+        first = QuantLinear(w.shape[1], w.shape[0], fmt)
+        first.qweight = random_blocks(fmt, w.shape[0], w.shape[1], scale=1e-4)
+        first.post_load(backend)
+        first.rel_error = None  # random blocks, not a quantization of w
+    else:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data = w
+        first = QuantLinear.from_float(lin, fmt, backend=backend)
+        first.rel_error = float((first.dequantize(torch.float32) - w).norm() / w.norm())
     nbytes = first.fmt.nbytes(first.out_features, first.in_features)
     layers = [first]
     for _ in range(max(1, -(-rotate_bytes // nbytes)) - 1):
@@ -121,7 +135,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate-mib", type=int, default=300, help="weights rotated through (> the caches)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default=str(OUT), help="output path without extension (.json and .md)")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="cpu: process CPU time, which leaves out the time other jobs held the core (--threads 1 only)")
     args = ap.parse_args(argv)
+    global _clock
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures one thread's time; use it with --threads 1")
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     wanted = set(args.formats.split(",")) if args.formats else None
@@ -144,7 +164,7 @@ def main(argv=None) -> int:
             ratio = statistics.median(b / q for b, q in zip(tb, tq))
             results.append(_row(label, fmt, backend, m, tq, nbytes, ratio))
             r = results[-1]
-            r["weight_rel_rms_error"] = round(copies[0].rel_error, 5)
+            r["weight_rel_rms_error"] = None if copies[0].rel_error is None else round(copies[0].rel_error, 5)
             r["roofline_frac"] = round(_paired_frac(nbytes, tq, tr), 3)
             print(f"{label:20s} M={m:4d} {r['median_ms']:8.2f} ms (best {r['best_ms']:7.2f}) "
                   f"{100 * r['roofline_frac']:4.0f}% of bandwidth  x{ratio:.2f} vs bf16", file=sys.stderr)
@@ -153,7 +173,7 @@ def main(argv=None) -> int:
     for r in bf16_rows:
         r["roofline_frac"] = round(statistics.median(bf16_frac[r["rows"]]), 3)
     results = bf16_rows + results
-    machine = {"cpu": _cpu_name(), "threads": args.threads, "read_bandwidth_gbps": round(bw, 1),
+    machine = {"cpu": _cpu_name(), "threads": args.threads, "clock": args.clock, "read_bandwidth_gbps": round(bw, 1),
                "torch": torch.__version__, "python": platform.python_version(), "load_avg": os.getloadavg()}
     payload = {"machine": machine, "k": args.k, "n": args.n, "rotate_mib": args.rotate_mib, "results": results}
     out = Path(args.out)
@@ -176,7 +196,7 @@ def markdown(p: dict) -> str:
     m = p["machine"]
     lines = [
         "# Quantized linear kernels (benchmarks/quant_kernels.py)", "",
-        (f"CPU: {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Layer K={p['k']} -> N={p['n']}, "
+        (f"CPU: {m['cpu']}, {m['threads']} threads, {m.get('clock', 'wall')} clock, torch {m['torch']}. Layer K={p['k']} -> N={p['n']}, "
          f"rotating over {p['rotate_mib']} MiB of Gaussian weights. "
          f"Read bandwidth (torch fp32 sum, best during the run): "
          f"**{m['read_bandwidth_gbps']} GB/s**. Load average at the end: "
@@ -190,7 +210,7 @@ def markdown(p: dict) -> str:
     ]
     for r in p["results"]:
         vs = f"{r['vs_bf16']:.2f}x" if r["vs_bf16"] is not None else "-"
-        err = f"{r['weight_rel_rms_error']:.4f}" if "weight_rel_rms_error" in r else "-"
+        err = f"{r['weight_rel_rms_error']:.4f}" if r.get("weight_rel_rms_error") is not None else "-"
         lines.append(f"| {r['case']} | {r['rows']} | {r['median_ms']:.2f} | {r['best_ms']:.2f} | "
                      f"{r['weight_gbps']:.1f} | {100 * r['roofline_frac']:.0f}% | {vs} | {err} |")
     return "\n".join(lines + summary(p["results"])) + "\n"

@@ -20,7 +20,8 @@ from strata.layers.linear import Linear, linear
 from strata.layers.quant_linear import QuantLinear
 from strata.weights.mapping import file_ranges, libc, page_range
 
-WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4}  # WK_* in quant_cpu.h
+WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4,  # WK_* in quant_cpu.h
+                "q4_k": 5, "q5_k": 6, "q6_k": 7}
 
 
 def _fusable(linears: list[nn.Module]) -> bool:
@@ -140,8 +141,9 @@ def native_weight(proj) -> tuple[int, int, int, int | None, int | None] | None:
             return None
         k = proj._k
         z = k.get("zeros")
+        s = k.get("scales")  # K-quant blocks carry their scales inside qweight
         return (WEIGHT_KINDS[proj.fmt.kind], proj.fmt.group_size or 0, k["qweight"].data_ptr(),
-                k["scales"].data_ptr(), None if z is None else z.data_ptr())
+                None if s is None else s.data_ptr(), None if z is None else z.data_ptr())
     if type(proj) in (nn.Linear, Linear):
         proj = proj.weight if proj.bias is None else None
     if isinstance(proj, torch.Tensor) and proj.dtype == torch.bfloat16 and proj.is_contiguous():

@@ -165,8 +165,11 @@ void gemv_nested(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int6
                  const uint16_t *scale, const float *bias, uint16_t *y);
 void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
                const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y);
-/* M bf16 rows through a weight of kind WK_* (cpu_moe.c) */
-enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4 };
+/* K-quant blocks as in GGUF (quant_cpu_kquant.c); kind 0 q4_k, 1 q5_k, 2 q6_k */
+void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+             const float *bias, uint16_t *y);
+/* M bf16 rows through a weight of kind WK_* (cpu_moe.c); WK_Q4K + k is K-quant kind k */
+enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K = 5, WK_Q5K = 6, WK_Q6K = 7 };
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y);
 void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act);

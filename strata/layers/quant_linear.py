@@ -27,6 +27,7 @@ from torch import nn
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers import quant_native
+from strata.weights import kquant
 from strata.weights.quant_format import (
     QuantFormat,
     check_tensors,
@@ -77,6 +78,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt = QuantFormat.parse(fmt)
+        if self.fmt.is_kquant:
+            kquant.check_width(self.fmt.kind, in_features)
         self.module_name = ""  # set by swap_linears, used in error messages
         for suffix, (shape, dt) in self.fmt.tensor_specs(out_features, in_features).items():
             self.register_buffer(suffix, torch.empty(shape, dtype=dt, device=device))
@@ -156,7 +159,7 @@ class QuantLinear(nn.Module):
             sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous()  # [Kp/G, N16, 2]
             return {"w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), "sz": sz.to(torch.bfloat16),
                     "k": self.fmt.padded_in(self.in_features)}
-        return {}  # fp8, nested, int4 with big groups: dequantize per call
+        return {}  # fp8, nested, K-quants, int4 with big groups: dequantize per call
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The float weight [out, in] (for tests, tiers, and the batched path of the torch backend)."""

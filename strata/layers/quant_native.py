@@ -28,14 +28,16 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
-    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "cpu_decode_attention.c",
+    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
+    "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 10  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 11  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
 COMPILE_TIMEOUT_S = 60
+KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -44,6 +46,8 @@ _SIGNATURES = {
     "gemv_nested": [_P, _I, _I, _P, _I, _I, _P, _P, _P],
     "gemv_int4": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P],
     "gemv_bf16": [_P, _I, _I, _P, _I, _P, _P, _I],
+    "gemv_kq": [_I, _P, _I, _I, _P, _I, _P, _P],
+    "dequant_kq": [_I, _P, _I, _I, _I, _P],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
@@ -141,6 +145,7 @@ class FormatKernels:
     gemv: str
     dequant: str
     weight_args: Callable[[dict[str, torch.Tensor], int | None], tuple]
+    lead: tuple = ()  # arguments before all others (the K-quant kernels take their block type first)
 
 
 # Format family (QuantFormat.kind) -> its kernels. A family without an entry is refused, never guessed.
@@ -150,6 +155,7 @@ KERNELS: dict[str, FormatKernels] = {
     "int8-nested": FormatKernels("gemv_nested", "dequant_nested", lambda w, g: (g, _ptr(w["scales"]))),
     "int4": FormatKernels("gemv_int4", "dequant_int4",
                           lambda w, g: (g, _ptr(w["scales"]), _ptr(w.get("zeros")))),
+    **{kind: FormatKernels("gemv_kq", "dequant_kq", lambda w, g: (), (code,)) for kind, code in KQUANT_KINDS.items()},
 }
 
 
@@ -169,8 +175,8 @@ def gemv(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor
     kernels = kernels_for(kind)
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    getattr(lib, kernels.gemv)(_ptr(x), m, k, _ptr(w["qweight"]), out_features, *kernels.weight_args(w, group_size),
-                               _ptr(bias), _ptr(y))
+    getattr(lib, kernels.gemv)(*kernels.lead, _ptr(x), m, k, _ptr(w["qweight"]), out_features,
+                               *kernels.weight_args(w, group_size), _ptr(bias), _ptr(y))
     return y
 
 
@@ -180,15 +186,15 @@ def gemv_call(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], in_featur
     (K = in_features, no padding needed) into y bf16 [rows, out_features]. The tensors of `w` and `bias` must
     outlive f (QuantLinear keeps them in `_k`); saves the per-call argument work at decode."""
     kernels = kernels_for(kind)
-    fn, args = getattr(lib, kernels.gemv), kernels.weight_args(w, group_size)
+    fn, lead, args = getattr(lib, kernels.gemv), kernels.lead, kernels.weight_args(w, group_size)
     q, b, n, k = _ptr(w["qweight"]), _ptr(bias), out_features, in_features
-    return lambda x, m, y: fn(x, m, k, q, n, *args, b, y)
+    return lambda x, m, y: fn(*lead, x, m, k, q, n, *args, b, y)
 
 
 def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
                     group_size: int | None, out: torch.Tensor) -> torch.Tensor:
     """Rows [n0, n1) of the weight -> `out` bf16 [n1 - n0, K'], scales applied."""
     kernels = kernels_for(kind)
-    getattr(lib, kernels.dequant)(_ptr(w["qweight"]), out.shape[1], *kernels.weight_args(w, group_size), n0, n1,
-                                  _ptr(out))
+    getattr(lib, kernels.dequant)(*kernels.lead, _ptr(w["qweight"]), out.shape[1], *kernels.weight_args(w, group_size),
+                                  n0, n1, _ptr(out))
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from strata.weights.gguf_reader import is_gguf
 
-CONVERTER_VERSION = 1  # bump when the converter's output changes, so cached folders are rebuilt
+CONVERTER_VERSION = 2  # bump when the converter's output changes, so cached folders are rebuilt
 _EDGE_BYTES = 2**20
 
 
@@ -39,6 +39,8 @@ def file_key(path: str | os.PathLike) -> str:
 def converted_folder(path: str | os.PathLike, progress: bool = True) -> Path:
     """The cached HF folder for this GGUF file, converting it first if there is none yet."""
     from strata.weights.gguf_convert import convert_gguf
+    from strata.weights.gguf_quantized import has_kquants
+    from strata.weights.gguf_reader import GGUFFile
 
     stem = Path(path).name.removesuffix(".gguf")
     out = cache_root() / f"{stem}-{file_key(path)}"
@@ -50,7 +52,8 @@ def converted_folder(path: str | os.PathLike, progress: bool = True) -> Path:
         if not (out / "config.json").exists():
             if progress:
                 print(f"converting {path} -> {out} (once)", file=sys.stderr)
-            convert_gguf(path, out, overwrite=True)
+            # K-quant files run from their blocks (Strata's own kernels); other types as the float conversion
+            convert_gguf(path, out, overwrite=True, keep_quantized=has_kquants(GGUFFile(path)))
     return out
 
 

@@ -80,7 +80,10 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
         if name in _GLOBAL:
             if name == "output.weight" and cfg["tie_word_embeddings"]:
                 continue
-            yield _GLOBAL[name], g.tensor(name), name
+            info = g.tensors[name]
+            packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
+                keep_quantized and name == "output.weight") else None
+            yield _GLOBAL[name], packed if packed is not None else g.tensor(name), name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:

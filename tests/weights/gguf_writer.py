@@ -127,8 +127,8 @@ def write_gguf(hf_dir: str | Path, out: str | Path, qtype: str = "F32", merged_e
                tensors=None, num_tokens: int | None = None) -> Path:
     """Writes hf_dir's model as GGUF; matrices become `qtype` where their rows are whole blocks.
 
-    `tensors(named) -> named` edits the GGUF tensors before writing and `num_tokens` sets the vocabulary's
-    length (to make broken files).
+    `tensors(named) -> named` edits the GGUF tensors before writing (a value may be a tuple (raw blocks, type
+    name) to write blocks made elsewhere) and `num_tokens` sets the vocabulary's length (to make broken files).
     """
     hf_dir, out = Path(hf_dir), Path(out)
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -143,7 +143,9 @@ def write_gguf(hf_dir: str | Path, out: str | Path, qtype: str = "F32", merged_e
     q = gguf.GGMLQuantizationType[qtype]
     block = gguf.GGML_QUANT_SIZES[q][0]
     for name, t in named.items():
-        if t.ndim >= 2 and q != gguf.GGMLQuantizationType.F32 and t.shape[-1] % block == 0:
+        if isinstance(t, tuple):  # (raw uint8 blocks [..., rows, row bytes], type name): written as they are
+            w.add_tensor(name, t[0], raw_dtype=gguf.GGMLQuantizationType[t[1]])
+        elif t.ndim >= 2 and q != gguf.GGMLQuantizationType.F32 and t.shape[-1] % block == 0:
             w.add_tensor(name, gguf.quants.quantize(t, q), raw_dtype=q)
         else:
             w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))

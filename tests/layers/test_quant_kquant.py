@@ -1,0 +1,78 @@
+"""QuantLinear on K-quant blocks (q4_k, q5_k, q6_k): native GEMV (1-4 rows, threaded), the batched dequantize
+path, the torch and reference backends and fused projections, all against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strata.layers import quant_linear, quant_native
+from strata.layers.fusion import fuse_quantized
+from strata.layers.quant_linear import QuantLinear
+from strata.weights.kquant import BLOCK_BYTES, random_blocks
+from strata.weights.quant_format import dequantize_weight
+
+KINDS = list(BLOCK_BYTES)
+HAS_NATIVE = quant_native.native_lib() is not None
+
+
+def _layer(kind, out, inp, backend, seed=0, bias=False):
+    q = QuantLinear(inp, out, kind, bias=bias)
+    q.qweight = random_blocks(kind, out, inp, seed=seed)
+    if bias:
+        q.bias = torch.randn(out, dtype=torch.bfloat16)
+    if backend == "native" and not HAS_NATIVE:
+        pytest.skip("native kernels unavailable on this CPU/compiler")
+    q.post_load(backend)
+    return q
+
+
+def _check(q, x):
+    w = dequantize_weight(q._tensors(), q.fmt, q.out_features, q.in_features, dtype=torch.float64)
+    ref = x.double() @ w.T + (0 if q.bias is None else q.bias.double())
+    y = q(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    tol = 1e-2 * ref.abs().max()  # bf16 activations and output: ~2^-8 of the output scale
+    assert (y.double() - ref).abs().max() <= tol
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_float64_reference(kind, backend):
+    q = _layer(kind, 37, 512, backend, bias=True)  # 37 rows: whole 4-row blocks and a remainder
+    for rows in (1, 2, 3, 4, 5, 70):  # GEMV at each compiled row count, two passes, batched
+        for dtype in (torch.bfloat16, torch.float32):
+            _check(q, torch.randn(rows, 512, dtype=dtype))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_threaded_gemv_and_tiles(kind, monkeypatch):
+    """A shape big enough to split rows across threads; GEMV and tiled batched path agree with the reference."""
+    q = _layer(kind, 300, 1024, "native", seed=3)
+    x = torch.randn(4, 1024, dtype=torch.bfloat16)
+    _check(q, x)
+    q.gemv_max_rows = 0
+    monkeypatch.setattr(quant_linear, "TILE_BYTES", 2 * 1024 * 48)  # 48-row tiles, the last one partial
+    monkeypatch.setattr(quant_linear, "TILE_BYTES_1_THREAD", 2 * 1024 * 48)
+    _check(q, x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_dequantize_rows_is_the_reference_in_bf16(kind):
+    q = _layer(kind, 20, 512, "native", seed=5)
+    out = torch.empty(12, 512, dtype=torch.bfloat16)
+    quant_native.dequantize_rows(quant_native.native_lib(), kind, q._k, 4, 16, None, out)
+    ref = q.dequantize(torch.float32)[4:16]
+    # the reference rounded to bf16; the kernel may fuse the multiply-add (one rounding less): 1 bf16 ulp
+    assert torch.allclose(out.float(), ref.to(torch.bfloat16).float(), rtol=2**-7, atol=0)
+
+
+def test_fused_mixed_kquant_projections():
+    """gate/up of one kind fuse into one GEMV whose rows equal the separate layers; mixed kinds do not fuse."""
+    a, b = _layer("q4_k", 24, 512, "native", seed=1), _layer("q4_k", 40, 512, "native", seed=2)
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    ya, yb = a(x), b(x)
+    fused = fuse_quantized([a, b])
+    assert fused is not None
+    torch.testing.assert_close(fused(x), torch.cat([ya, yb], dim=1), atol=0, rtol=0)
+    assert fuse_quantized([a, _layer("q6_k", 8, 512, "native")]) is None

@@ -1,0 +1,47 @@
+"""K-quant formats (q4_k, q5_k, q6_k): the torch reference equals gguf's dequantization bit for bit, and the
+format table knows their sizes and refuses what they cannot do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from strata.errors import UnsupportedError, WeightsError
+from strata.layers.quant_linear import QuantLinear
+from strata.weights.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
+from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+
+gguf = pytest.importorskip("gguf")
+GGUF_NAME = {v: k for k, v in GGUF_TYPES.items()}
+KINDS = list(BLOCK_BYTES)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scale", [1e-3, 60.0])  # small factors (fp16 subnormals among them) and large ones
+def test_reference_equals_gguf_dequantize(kind, scale):
+    raw = random_blocks(kind, 24, 768, seed=len(kind), scale=scale)
+    ref = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[GGUF_NAME[kind]])  # [24, 768] float32
+    ours = dequantize_weight({"qweight": raw}, kind, 24, 768)
+    assert ours.dtype == torch.float32
+    np.testing.assert_array_equal(ours.numpy(), ref)
+
+
+@pytest.mark.parametrize("kind,bits", [("q4_k", 4.5), ("q5_k", 5.5), ("q6_k", 6.5625)])
+def test_sizes_match_gguf(kind, bits):
+    fmt = QuantFormat.parse(kind.upper())
+    assert str(fmt) == kind and fmt.is_kquant
+    assert fmt.tensor_specs(10, 512) == {"qweight": ((10, 2 * BLOCK_BYTES[kind]), torch.uint8)}
+    assert fmt.nbytes(10, 512) * 8 / (10 * 512) == bits
+    assert BLOCK_BYTES[kind] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[GGUF_NAME[kind]]][1]
+
+
+def test_refusals():
+    with pytest.raises(UnsupportedError, match="group size"):
+        QuantFormat.parse("q4_k-g64")
+    with pytest.raises(UnsupportedError, match="does not quantize"):
+        quantize_weight(torch.randn(4, 256), "q4_k")
+    with pytest.raises(WeightsError, match="multiple of 256"):
+        QuantLinear(300, 4, "q6_k")
+    with pytest.raises(WeightsError, match=r"qweight: expected \[4, 144\]"):
+        dequantize_weight({"qweight": torch.zeros(4, 143, dtype=torch.uint8)}, "q4_k", 4, 256)
