@@ -2,7 +2,9 @@
 
 The event loop never touches the engine: adds and aborts go through a command queue that the engine thread
 drains before every step (so an abort frees the request's blocks within one step), and outputs come back
-through one asyncio.Queue per request fed with loop.call_soon_threadsafe. A failure while sampling one
+through one asyncio.Queue per request. A step's outputs for all its requests cross to the event loop in one
+loop.call_soon_threadsafe (one wake-up of the loop per step, not per request), and the engine thread never
+waits for the loop. A failure while sampling one
 sequence fails that request only; a failing step fails the requests it ran; repeated failures kill the
 loop, after which /health says 503 and every pending request gets an error.
 """
@@ -76,6 +78,11 @@ class _IsolatingSampler:
             return tokens
 
 
+def _put_all(items: list[tuple[RequestStream, object]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
 class RequestStream:
     """Async iterator of RequestOutput for one request; closing it early aborts the request."""
 
@@ -93,8 +100,9 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-        try:
-            item = await asyncio.wait_for(self.queue.get(), timeout)
+        try:  # an output already there (the usual case under load) needs no wait
+            item = self.queue.get_nowait() if not self.queue.empty() else \
+                await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             self.abort()
             raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") from None
@@ -213,6 +221,15 @@ class AsyncEngine:
         except RuntimeError:  # the event loop is closed (shutdown)
             pass
 
+    def _deliver_all(self, items: list[tuple[RequestStream, object]]) -> None:
+        """One hop to the event loop for a whole step's outputs."""
+        if not items:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is closed (shutdown)
+            pass
+
     def _run(self) -> None:
         try:
             self.engine = self._factory()
@@ -325,6 +342,7 @@ class AsyncEngine:
                 tr.t_scheduled = t0
                 self._discard_waiting(seq.request_id)
                 self.metrics.queue_time.observe(t0 - tr.t_add)
+        deliveries = []
         for out in outputs:
             tr = self._tracked.get(out.request_id)
             if tr is None:
@@ -345,12 +363,13 @@ class AsyncEngine:
                 tr.t_last = now
                 tr.num_tokens = num
                 self.metrics.generation_tokens.inc(new)
-            self._deliver(tr.stream, out)
+            deliveries.append((tr.stream, out))
             if out.finished:
                 del self._tracked[out.request_id]
                 self.metrics.e2e.observe(now - tr.t_add)
                 for o in out.outputs:
                     self.metrics.finished(o.finish_reason or "abort")
+        self._deliver_all(deliveries)
         self._publish_gauges()
 
     def _publish_gauges(self) -> None:
