@@ -78,3 +78,41 @@ def test_nan_logits_are_refused_not_sampled():
     logits = torch.stack([LOGITS, LOGITS.clone().index_fill_(0, torch.tensor([2]), float("nan"))])  # [2, V]
     with pytest.raises(WeightsError, match="NaN/inf logits"):
         Sampler([4])(logits, [_seq(temperature=0.0), _seq(temperature=0.0)])
+
+
+MIXED = [dict(temperature=0.0), dict(temperature=0.8, top_k=5), dict(temperature=1.3, top_p=0.7),
+         dict(temperature=0.6, min_p=0.1), dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02),
+         dict(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5), dict(temperature=0.0, logit_bias={3: 2.0}),
+         dict(temperature=1.1, min_tokens=3, frequency_penalty=0.4), dict(temperature=0.7)]
+
+
+def _mixed_batch(seeded: bool) -> list[Sequence]:
+    return [Sequence("r", [0, 3, 9], SamplingParams(seed=(7 * i if seeded else None), **kw), index=0)
+            for i, kw in enumerate(MIXED)]
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_batched_sampling_equals_one_multinomial_per_row(seeded):
+    """The whole-batch sampler picks the tokens that process_logits + sample_token (one torch.multinomial per
+    row with the row's generator) pick, for a batch of mixed parameters over many steps; unseeded rows draw
+    from the global generator in the same order."""
+    torch.manual_seed(1)
+    steps = [torch.randn(len(MIXED), 300) * 3 for _ in range(12)]  # [N, V] per step
+    batch, ref = _mixed_batch(seeded), _mixed_batch(seeded)
+    sampler = Sampler([4])
+    torch.manual_seed(2)
+    got = []
+    for logits in steps:
+        toks = sampler(logits, batch)
+        for seq, t in zip(batch, toks):
+            seq.token_ids.append(t)
+        got.append(toks)
+    torch.manual_seed(2)
+    want = []
+    for logits in steps:
+        toks = [sample_token(process_logits(row, seq, [4]), seq) for row, seq in zip(logits, ref)]
+        for seq, t in zip(ref, toks):
+            seq.token_ids.append(t)
+        want.append(toks)
+    assert got == want
+    assert len({tuple(g[1:]) for g in got}) > 1  # the sampled rows did vary
