@@ -102,7 +102,7 @@ def _needs_processing(seq: Sequence) -> bool:
 def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [N, V] (processed) -> sampling weights [N, V]: sampling_probs with each row's own parameters,
     computed for all rows at once (the same values row by row)."""
-    n, vocab = logits.shape
+    vocab = logits.shape[1]
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # [N]
     logits = logits / temps[:, None]
     ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
@@ -130,11 +130,15 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
 
 def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """probs [N, V] -> one token per row [N], each row as torch.multinomial(probs[i], 1, seq.generator)."""
-    if not bool(((probs >= 0).all() & (probs.sum(-1) > 0).all())):
+    if not bool((probs >= 0).all() & (probs.sum(-1) > 0).all()):
         raise ValueError("invalid sampling distribution (negative weights or all zero)")
     noise = torch.empty_like(probs)  # [N, V]
-    for row, seq in zip(noise, seqs):  # in batch order: unseeded rows use the global generator as before
-        row.exponential_(1, generator=seq.generator)
+    unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+    if unseeded:  # one call: it draws what one call per row in batch order draws from the global generator
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype).exponential_(1)
+    for row, seq in zip(noise, seqs):
+        if seq.generator is not None:
+            row.exponential_(1, generator=seq.generator)
     return torch.argmax(probs / noise, dim=-1)  # [N]
 
 

@@ -80,10 +80,11 @@ def test_nan_logits_are_refused_not_sampled():
         Sampler([4])(logits, [_seq(temperature=0.0), _seq(temperature=0.0)])
 
 
-MIXED = [dict(temperature=0.0), dict(temperature=0.8, top_k=5), dict(temperature=1.3, top_p=0.7),
-         dict(temperature=0.6, min_p=0.1), dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02),
-         dict(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5), dict(temperature=0.0, logit_bias={3: 2.0}),
-         dict(temperature=1.1, min_tokens=3, frequency_penalty=0.4), dict(temperature=0.7)]
+MIXED = [{"temperature": 0.0}, {"temperature": 0.8, "top_k": 5}, {"temperature": 1.3, "top_p": 0.7},
+         {"temperature": 0.6, "min_p": 0.1}, {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "min_p": 0.02},
+         {"temperature": 0.9, "repetition_penalty": 1.3, "presence_penalty": 0.5},
+         {"temperature": 0.0, "logit_bias": {3: 2.0}}, {"temperature": 1.1, "min_tokens": 3, "frequency_penalty": 0.4},
+         {"temperature": 0.7}]
 
 
 def _mixed_batch(seeded: bool) -> list[Sequence]:
