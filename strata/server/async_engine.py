@@ -78,11 +78,6 @@ class _IsolatingSampler:
             return tokens
 
 
-def _put_all(items: list[tuple[RequestStream, object]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
-
-
 class RequestStream:
     """Async iterator of RequestOutput for one request; closing it early aborts the request."""
 
@@ -147,6 +142,8 @@ class AsyncEngine:
         self._waiting_ids: set[str] = set()  # added, not yet scheduled (the bounded queue)
         self._free_slots = 0  # max_num_seqs minus running sequences, as of the last step
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
+        self._wake_pending = False  # a _take_pending is scheduled on the loop
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -222,13 +219,27 @@ class AsyncEngine:
             pass
 
     def _deliver_all(self, items: list[tuple[RequestStream, object]]) -> None:
-        """One hop to the event loop for a whole step's outputs."""
+        """A whole step's outputs to the event loop. Only the first step whose outputs find the loop with none
+        pending wakes it (a write to its self-pipe, which gives up the GIL: the engine thread would then wait
+        for a busy loop thread to hand it back); later steps add to the pending list it has yet to take."""
         if not items:
             return
+        with self._lock:
+            self._pending.extend(items)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(_put_all, items)
+            self._loop.call_soon_threadsafe(self._take_pending)
         except RuntimeError:  # the event loop is closed (shutdown)
             pass
+
+    def _take_pending(self) -> None:
+        """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""
+        with self._lock:
+            items, self._pending, self._wake_pending = self._pending, [], False
+        for stream, item in items:
+            stream.queue.put_nowait(item)
 
     def _run(self) -> None:
         try:
