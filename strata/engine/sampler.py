@@ -109,8 +109,8 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
     if any(ks):
         rows = [i for i, k in enumerate(ks) if k]
         sub = logits[rows]  # [R, V]
-        top = torch.sort(sub, dim=-1, descending=True).values  # [R, V]
-        kth = top.gather(1, torch.tensor([ks[i] - 1 for i in rows])[:, None])  # [R, 1] k-th largest
+        top = torch.topk(sub, max(ks), dim=-1).values  # [R, kmax]
+        kth = top.gather(1, torch.tensor([ks[i] - 1 for i in rows])[:, None])  # [R, 1] each row's k-th largest
         logits[rows] = sub.masked_fill(sub < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # [N, V]
     min_ps = [p.min_p for p in params]
