@@ -57,20 +57,8 @@ def sample_token(logits: torch.Tensor, seq: Sequence) -> int:
 def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [..., V] (processed) -> the weights sampling draws from [..., V] after temperature, top-k, min-p
     and top-p (speculative decoding's rejection sampler needs them whole)."""
-    logits = logits / p.temperature
-    if p.top_k and p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
-        drop = (cum - sorted_probs) > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return probs  # top-p leaves it unnormalized; multinomial does not mind
+    rows = logits.reshape(-1, logits.shape[-1])  # [R, V]
+    return batch_sampling_probs(rows, [p] * rows.shape[0]).reshape(logits.shape)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:

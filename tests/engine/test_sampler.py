@@ -92,10 +92,31 @@ def _mixed_batch(seeded: bool) -> list[Sequence]:
             for i, kw in enumerate(MIXED)]
 
 
+def _reference_token(logits: torch.Tensor, seq: Sequence) -> int:
+    """One row as the sampler did it before it sampled whole batches: processors, temperature, top-k, softmax,
+    min-p, top-p, then torch.multinomial with the row's generator."""
+    p = seq.params
+    logits = process_logits(logits, seq, [4])
+    if p.is_greedy:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k and 0 < p.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, p.top_k).values[-1:], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > p.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
 @pytest.mark.parametrize("seeded", [True, False])
 def test_batched_sampling_equals_one_multinomial_per_row(seeded):
-    """The whole-batch sampler picks the tokens that process_logits + sample_token (one torch.multinomial per
-    row with the row's generator) pick, for a batch of mixed parameters over many steps; unseeded rows draw
+    """The whole-batch sampler picks the tokens that the per-row reference (one torch.multinomial per row with
+    the row's generator) picks, for a batch of mixed parameters over many steps; unseeded rows draw
     from the global generator in the same order."""
     torch.manual_seed(1)
     steps = [torch.randn(len(MIXED), 300) * 3 for _ in range(12)]  # [N, V] per step
@@ -111,7 +132,7 @@ def test_batched_sampling_equals_one_multinomial_per_row(seeded):
     torch.manual_seed(2)
     want = []
     for logits in steps:
-        toks = [sample_token(process_logits(row, seq, [4]), seq) for row, seq in zip(logits, ref)]
+        toks = [_reference_token(row, seq) for row, seq in zip(logits, ref)]
         for seq, t in zip(ref, toks):
             seq.token_ids.append(t)
         want.append(toks)
