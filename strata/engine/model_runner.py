@@ -65,8 +65,9 @@ class ModelRunner:
             s, e = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[s:e])
             positions.append(torch.arange(s, e))
-            slot_parts.append(self._slots(seq.block_table, s, e))
-            ctx_slots.append(self._slots(seq.block_table, 0, e))
+            ctx = self._slots(seq.block_table, 0, e)  # [e]
+            slot_parts.append(ctx[s:e])
+            ctx_slots.append(ctx)
             if seq.needs_prompt_logprobs:
                 # the row of position p predicts token p + 1; skip targets already recorded (recompute after
                 # preemption) and stop at the last prompt token

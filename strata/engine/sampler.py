@@ -1,5 +1,13 @@
 """Sampler: logits processors (bias, penalties, min_tokens) then greedy or temperature/top-k/top-p/min-p
-sampling with the sequence's own generator (so a seed reproduces whatever the batch)."""
+sampling with the sequence's own generator (so a seed reproduces whatever the batch).
+
+The batch is sampled at once: processors run only on the rows that need them, then temperature, top-k, min-p
+and top-p apply to all sampled rows as [N, V] tensor operations with per-row parameters, and one argmax picks
+every row's token. A sampled row draws as torch.multinomial(probs, 1, generator) does (an Exp(1) noise vector
+from the row's own generator, the global one without a seed, then argmax(probs / noise)), so seeded requests
+get the same tokens as with one multinomial call per row (tests/engine/test_sampler.py checks it against
+multinomial).
+"""
 
 from __future__ import annotations
 
@@ -49,20 +57,8 @@ def sample_token(logits: torch.Tensor, seq: Sequence) -> int:
 def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [..., V] (processed) -> the weights sampling draws from [..., V] after temperature, top-k, min-p
     and top-p (speculative decoding's rejection sampler needs them whole)."""
-    logits = logits / p.temperature
-    if p.top_k and p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
-        drop = (cum - sorted_probs) > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return probs  # top-p leaves it unnormalized; multinomial does not mind
+    rows = logits.reshape(-1, logits.shape[-1])  # [R, V]
+    return batch_sampling_probs(rows, [p] * rows.shape[0]).reshape(logits.shape)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:
@@ -83,6 +79,55 @@ def tokens_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list
         for entry, v_row, i_row in zip(out, vals.tolist(), ids.tolist()):
             entry["top"] = list(zip(i_row, v_row))
     return out
+
+
+def _needs_processing(seq: Sequence) -> bool:
+    p = seq.params
+    return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or seq.num_completion_tokens < p.min_tokens)
+
+
+def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [N, V] (processed) -> sampling weights [N, V]: sampling_probs with each row's own parameters,
+    computed for all rows at once (the same values row by row)."""
+    vocab = logits.shape[1]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # [N]
+    logits = logits / temps[:, None]
+    ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        rows = [i for i, k in enumerate(ks) if k]
+        sub = logits[rows]  # [R, V]
+        top = torch.topk(sub, max(ks), dim=-1).values  # [R, kmax]
+        kth = top.gather(1, torch.tensor([ks[i] - 1 for i in rows])[:, None])  # [R, 1] each row's k-th largest
+        logits[rows] = sub.masked_fill(sub < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # [N, V]
+    min_ps = [p.min_p for p in params]
+    if any(m > 0 for m in min_ps):
+        cut = torch.tensor(min_ps, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)  # [N, 1]
+        probs = probs.masked_fill(probs < cut, 0.0)
+    rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if rows:
+        sub = probs[rows]  # [R, V]
+        sorted_probs, order = torch.sort(sub, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        top_p = torch.tensor([params[i].top_p for i in rows], dtype=probs.dtype)[:, None]  # [R, 1]
+        sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > top_p, 0.0)
+        probs[rows] = torch.zeros_like(sub).scatter_(-1, order, sorted_probs)
+    return probs  # top-p leaves rows unnormalized; the draw does not mind
+
+
+def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """probs [N, V] -> one token per row [N], each row as torch.multinomial(probs[i], 1, seq.generator)."""
+    if not bool((probs >= 0).all() & (probs.sum(-1) > 0).all()):
+        raise ValueError("invalid sampling distribution (negative weights or all zero)")
+    noise = torch.empty_like(probs)  # [N, V]
+    unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+    if unseeded:  # one call: it draws what one call per row in batch order draws from the global generator
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype).exponential_(1)
+    for row, seq in zip(noise, seqs):
+        if seq.generator is not None:
+            row.exponential_(1, generator=seq.generator)
+    return torch.argmax(probs / noise, dim=-1)  # [N]
 
 
 class Sampler:
@@ -106,10 +151,19 @@ class Sampler:
         )
         if plain_greedy:
             return torch.argmax(masked, dim=-1).tolist()
-        tokens = []
-        for row, mrow, seq in zip(logits, masked, seqs):
-            tok = sample_token(process_logits(mrow, seq, self.eos_token_ids), seq)
+        processed = masked
+        todo = [i for i, s in enumerate(seqs) if _needs_processing(s)]
+        if todo:
+            processed = masked.clone()
+            for i in todo:
+                processed[i] = process_logits(masked[i], seqs[i], self.eos_token_ids)
+        tokens = torch.argmax(processed, dim=-1)  # [N]; greedy rows keep it
+        rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
+        if rows:
+            probs = batch_sampling_probs(processed[rows], [seqs[i].params for i in rows])  # [R, V]
+            tokens[rows] = draw(probs, [seqs[i] for i in rows])
+        tokens = tokens.tolist()
+        for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None:
-                seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
-            tokens.append(tok)
+                seq.logprobs.append(token_logprobs(logits[i], tokens[i], seq.params.logprobs))
         return tokens

@@ -1,7 +1,8 @@
-"""Decode of up to 4 sequences (one token each) through a whole decoder in one native call (cpu_decoder.c).
+"""Decode of several sequences (one token each) through a whole decoder in one native call (cpu_decoder.c).
 
-Used by CausalLM.forward when every sequence of the step decodes one token (one sequence only for models with
-MoE layers) and every layer qualifies: no biases or sliding
+Used by CausalLM.forward when every sequence of the step decodes one token (up to 4 sequences for dense models;
+for models with MoE layers one sequence, or any number when each layer's experts are small enough to stay in
+cache, see `accepts`) and every layer qualifies: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
@@ -26,6 +27,10 @@ from strata.layers.norm import RMSNorm
 
 _P = ctypes.c_void_p
 MAX_SEQS = 4  # the GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
+# A MoE layer whose experts all fit in this many bytes stays in the core's L2 cache while the native call runs
+# its tokens one by one, so a batch costs no more weight traffic there than in the per-op path (which reads
+# each routed expert once but pays Python and dispatch per expert).
+CACHED_EXPERTS_BYTES = 4 * 2**20
 
 
 class _Proj(ctypes.Structure):
@@ -55,6 +60,11 @@ def _moe(block: SparseMoeBlock) -> _Moe | None:
                 *(ctypes.cast(t, _P) for t in native.tables))
 
 
+def _expert_bytes(block: SparseMoeBlock) -> int:
+    """Bytes of all of a block's resident experts (weights and quantization scales)."""
+    return sum(t.numel() * t.element_size() for t in (*block.experts.parameters(), *block.experts.buffers()))
+
+
 def _proj(module) -> _Proj | None:
     w = native_weight(module)
     return None if w is None else _Proj(*w)
@@ -71,6 +81,7 @@ class NativeDecoder:
         # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
         self.kv_refs = [weakref.ref(t) for pair in kv_caches for t in pair]
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
+        self.max_expert_bytes = max((_expert_bytes(b) for b, _ in moes), default=0)
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
@@ -132,9 +143,13 @@ class NativeDecoder:
                        for b, _ in self.moes)
 
     def accepts(self, num_seqs: int) -> bool:
-        """Several sequences only without MoE layers (those run their experts token by token here, while the
-        per-op path reads each expert once for all tokens); at most MAX_SEQS (the GEMVs' row limit)."""
-        return num_seqs == 1 or (num_seqs <= MAX_SEQS and not self.moes)
+        """Dense models: at most MAX_SEQS sequences (beyond that the GEMVs read each weight again per group of 4
+        rows, where a GEMM reads it once). MoE models: one sequence, or any number when every layer's experts
+        fit in CACHED_EXPERTS_BYTES (the C code runs a MoE layer's experts token by token, while the per-op
+        path reads each routed expert once for all tokens: only re-reads from cache are free)."""
+        if self.moes:
+            return num_seqs == 1 or self.max_expert_bytes <= CACHED_EXPERTS_BYTES
+        return num_seqs <= MAX_SEQS
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
         """x [S, H] embedded tokens (bf16), one per sequence -> (last layer's MLP output [S, H], residual [S, H])."""
@@ -152,6 +167,6 @@ class NativeDecoder:
 def usable(x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
     """Does this forward qualify for the one-call decode (before asking whether the model does)? Every
     sequence decodes exactly one token."""
-    return (kv_caches is not None and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_SEQS
+    return (kv_caches is not None and x.dtype == torch.bfloat16 and x.shape[0] >= 1
             and len(meta.query_lens) == x.shape[0] and all(n == 1 for n in meta.query_lens)
             and meta.slot_mapping is not None and meta.context_slots is not None)

@@ -2,7 +2,9 @@
 
 The event loop never touches the engine: adds and aborts go through a command queue that the engine thread
 drains before every step (so an abort frees the request's blocks within one step), and outputs come back
-through one asyncio.Queue per request fed with loop.call_soon_threadsafe. A failure while sampling one
+through one asyncio.Queue per request. A step's outputs for all its requests cross to the event loop in one
+loop.call_soon_threadsafe (one wake-up of the loop per step, not per request), and the engine thread never
+waits for the loop. A failure while sampling one
 sequence fails that request only; a failing step fails the requests it ran; repeated failures kill the
 loop, after which /health says 503 and every pending request gets an error.
 """
@@ -93,8 +95,9 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-        try:
-            item = await asyncio.wait_for(self.queue.get(), timeout)
+        try:  # an output already there (the usual case under load) needs no wait
+            item = self.queue.get_nowait() if not self.queue.empty() else \
+                await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             self.abort()
             raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") from None
@@ -139,6 +142,8 @@ class AsyncEngine:
         self._waiting_ids: set[str] = set()  # added, not yet scheduled (the bounded queue)
         self._free_slots = 0  # max_num_seqs minus running sequences, as of the last step
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
+        self._wake_pending = False  # a _take_pending is scheduled on the loop
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -212,6 +217,29 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed (shutdown)
             pass
+
+    def _deliver_all(self, items: list[tuple[RequestStream, object]]) -> None:
+        """A whole step's outputs to the event loop. Only the first step whose outputs find the loop with none
+        pending wakes it (a write to its self-pipe, which gives up the GIL: the engine thread would then wait
+        for a busy loop thread to hand it back); later steps add to the pending list it has yet to take."""
+        if not items:
+            return
+        with self._lock:
+            self._pending.extend(items)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._take_pending)
+        except RuntimeError:  # the event loop is closed (shutdown)
+            pass
+
+    def _take_pending(self) -> None:
+        """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""
+        with self._lock:
+            items, self._pending, self._wake_pending = self._pending, [], False
+        for stream, item in items:
+            stream.queue.put_nowait(item)
 
     def _run(self) -> None:
         try:
@@ -325,6 +353,7 @@ class AsyncEngine:
                 tr.t_scheduled = t0
                 self._discard_waiting(seq.request_id)
                 self.metrics.queue_time.observe(t0 - tr.t_add)
+        deliveries = []
         for out in outputs:
             tr = self._tracked.get(out.request_id)
             if tr is None:
@@ -345,12 +374,13 @@ class AsyncEngine:
                 tr.t_last = now
                 tr.num_tokens = num
                 self.metrics.generation_tokens.inc(new)
-            self._deliver(tr.stream, out)
+            deliveries.append((tr.stream, out))
             if out.finished:
                 del self._tracked[out.request_id]
                 self.metrics.e2e.observe(now - tr.t_add)
                 for o in out.outputs:
                     self.metrics.finished(o.finish_reason or "abort")
+        self._deliver_all(deliveries)
         self._publish_gauges()
 
     def _publish_gauges(self) -> None:

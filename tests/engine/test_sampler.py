@@ -78,3 +78,63 @@ def test_nan_logits_are_refused_not_sampled():
     logits = torch.stack([LOGITS, LOGITS.clone().index_fill_(0, torch.tensor([2]), float("nan"))])  # [2, V]
     with pytest.raises(WeightsError, match="NaN/inf logits"):
         Sampler([4])(logits, [_seq(temperature=0.0), _seq(temperature=0.0)])
+
+
+MIXED = [{"temperature": 0.0}, {"temperature": 0.8, "top_k": 5}, {"temperature": 1.3, "top_p": 0.7},
+         {"temperature": 0.6, "min_p": 0.1}, {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "min_p": 0.02},
+         {"temperature": 0.9, "repetition_penalty": 1.3, "presence_penalty": 0.5},
+         {"temperature": 0.0, "logit_bias": {3: 2.0}}, {"temperature": 1.1, "min_tokens": 3, "frequency_penalty": 0.4},
+         {"temperature": 0.7}]
+
+
+def _mixed_batch(seeded: bool) -> list[Sequence]:
+    return [Sequence("r", [0, 3, 9], SamplingParams(seed=(7 * i if seeded else None), **kw), index=0)
+            for i, kw in enumerate(MIXED)]
+
+
+def _reference_token(logits: torch.Tensor, seq: Sequence) -> int:
+    """One row as the sampler did it before it sampled whole batches: processors, temperature, top-k, softmax,
+    min-p, top-p, then torch.multinomial with the row's generator."""
+    p = seq.params
+    logits = process_logits(logits, seq, [4])
+    if p.is_greedy:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k and 0 < p.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, p.top_k).values[-1:], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > p.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_batched_sampling_equals_one_multinomial_per_row(seeded):
+    """The whole-batch sampler picks the tokens that the per-row reference (one torch.multinomial per row with
+    the row's generator) picks, for a batch of mixed parameters over many steps; unseeded rows draw
+    from the global generator in the same order."""
+    torch.manual_seed(1)
+    steps = [torch.randn(len(MIXED), 300) * 3 for _ in range(12)]  # [N, V] per step
+    batch, ref = _mixed_batch(seeded), _mixed_batch(seeded)
+    sampler = Sampler([4])
+    torch.manual_seed(2)
+    got = []
+    for logits in steps:
+        toks = sampler(logits, batch)
+        for seq, t in zip(batch, toks):
+            seq.token_ids.append(t)
+        got.append(toks)
+    torch.manual_seed(2)
+    want = []
+    for logits in steps:
+        toks = [_reference_token(row, seq) for row, seq in zip(logits, ref)]
+        for seq, t in zip(ref, toks):
+            seq.token_ids.append(t)
+        want.append(toks)
+    assert got == want
+    assert len({tuple(g[1:]) for g in got}) > 1  # the sampled rows did vary

@@ -83,6 +83,23 @@ def test_moe_and_qk_norm_families_same_tokens(family, tmp_path, monkeypatch):
 
 
 @needs_native
+def test_moe_with_small_experts_decodes_several_sequences_in_one_call(tmp_path, monkeypatch):
+    """A MoE model whose experts stay in cache decodes a whole continuous batch per native call, each sequence
+    with the tokens it gets alone."""
+    from tests.models.conftest import build_hf
+
+    build_hf("qwen3_moe", tmp_path, dtype=torch.bfloat16)
+    prompts = [*PROMPTS, [9, 10, 11], [300, 2, 77, 5, 6]]
+    native, calls = _greedy(tmp_path, monkeypatch, native=True, max_num_seqs=4, prompts=prompts)
+    assert 0 < calls < 4 * 23
+    alone = [_greedy(tmp_path, monkeypatch, native=True, prompts=[p])[0][0] for p in prompts]
+    assert native == alone
+    monkeypatch.setattr(native_decode, "CACHED_EXPERTS_BYTES", 0)  # large experts: one sequence per call only
+    _, calls = _greedy(tmp_path, monkeypatch, native=True, max_num_seqs=4, prompts=prompts)
+    assert calls == 0
+
+
+@needs_native
 def test_models_outside_the_plain_structure_keep_the_per_op_path(tmp_path, monkeypatch):
     from tests.models.conftest import build_hf
 

@@ -43,14 +43,14 @@ async def _all_blocks_free(engine: LLMEngine) -> None:
 
 
 def test_failure_in_one_request_fails_only_it(llm_engine, monkeypatch):
-    real = sampler_mod.sample_token
+    real = sampler_mod.draw
 
-    def poisoned(logits, seq):
-        if seq.params.seed == 666:
+    def poisoned(probs, seqs):
+        if any(seq.params.seed == 666 for seq in seqs):
             raise ValueError("poisoned sampling")
-        return real(logits, seq)
+        return real(probs, seqs)
 
-    monkeypatch.setattr(sampler_mod, "sample_token", poisoned)
+    monkeypatch.setattr(sampler_mod, "draw", poisoned)
 
     async def main():
         ae = await _started(llm_engine)

@@ -1,0 +1,147 @@
+"""Does continuous batching pay on the server? `strata serve` (a subprocess) on the bundled model, one stream
+alone against 16 concurrent streams of 128 tokens each, side by side with the CLI's decode rate (`LLM.stream`,
+what `strata generate` runs) on the same model and threads.
+
+Reports output tokens/s in all, TPOT ((last token - first token) / (tokens - 1), mean over streams) and the
+ratios the serving aims name: 16 streams' tokens/s over one stream's, and one stream's TPOT over the CLI's.
+Streams are greedy, or sampled with temperature/top-p and a seed per stream (--sampled). Results:
+docs/benchmarks/serving.md.
+
+    .venv/bin/python benchmarks/serve_batching.py --threads 2 --json docs/benchmarks/serve_batching.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING HENRY:", "Where is"]
+
+
+def cli_decode(threads: int, tokens: int, rounds: int) -> dict:
+    """Per-token time of the Python API's stream (the CLI's `generate` loop), best of `rounds` runs."""
+    from strata import LLM, SamplingParams
+
+    llm = LLM(None, progress=False, num_threads=threads)
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    for _ in llm.stream(PROMPTS[0], params):  # warm-up: native kernels built, caches allocated
+        pass
+    tpots = []
+    for _ in range(rounds):  # TPOT as the server rounds take it: first to last text chunk over tokens - 1
+        stamps = [time.perf_counter() for _ in llm.stream(PROMPTS[0], params)]
+        tpots.append((stamps[-1] - stamps[0]) / (llm.last_stats["generated_tokens"] - 1))
+    return {"tpot_ms": min(tpots) * 1e3, "tok_s": 1 / min(tpots)}
+
+
+async def _stream(client, i: int, tokens: int, sampled: bool) -> dict:
+    body = {"model": "shakespeare-moe", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "temperature": 0.8 if sampled else 0.0, "top_p": 0.95 if sampled else 1.0}
+    if sampled:
+        body["seed"] = i
+    stamps, num = [], 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                num = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    return {"tokens": num, "tpot_s": (stamps[-1] - stamps[0]) / max(num - 1, 1)}
+
+
+async def _round(base: str, streams: int, tokens: int, sampled: bool) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(_stream(client, i, tokens, sampled) for i in range(streams)))
+        wall = time.perf_counter() - t0
+    total = sum(r["tokens"] for r in res)
+    return {"streams": streams, "tokens": total, "wall_s": wall, "tok_s": total / wall,
+            "tpot_ms": statistics.mean(r["tpot_s"] for r in res) * 1e3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool) -> dict:
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "strata.cli", "serve", "--port", str(port), "--num-threads", str(threads),
+           "--max-num-seqs", "16", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise SystemExit("strata serve did not become healthy")
+        asyncio.run(_round(base, 2, 16, sampled))  # warm-up
+        out = {}
+        for n in (1, 16):  # best of `rounds` (the machine is shared: the best run has the least interference)
+            runs = [asyncio.run(_round(base, n, tokens, sampled)) for _ in range(rounds)]
+            out[n] = max(runs, key=lambda r: r["tok_s"])
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    from benchmarks.child import run_child
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95, a seed per stream")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    cli = run_child("benchmarks.serve_batching", "cli_decode", args.threads, args.tokens, args.rounds)
+    if "error" in cli:
+        raise SystemExit(f"CLI decode failed: {cli['error']}")
+    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled)
+    one, many = srv[1], srv[16]
+    print(f"| run | streams | output tok/s | mean TPOT ms |\n|---|---|---|---|\n"
+          f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} |\n"
+          f"| strata serve | 1 | {one['tok_s']:.0f} | {one['tpot_ms']:.2f} |\n"
+          f"| strata serve | 16 | {many['tok_s']:.0f} | {many['tpot_ms']:.2f} |")
+    ratios = {"streams16_over_1": many["tok_s"] / one["tok_s"], "server_tpot_over_cli": one["tpot_ms"] / cli["tpot_ms"]}
+    print(f"16 streams / 1 stream: {ratios['streams16_over_1']:.2f}x output tok/s; "
+          f"server TPOT / CLI TPOT (1 stream): {ratios['server_tpot_over_cli']:.2f}x")
+    if args.json:
+        from strata.fileio import write_json_atomic
+
+        write_json_atomic(args.json, {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
+            "args": vars(args), "cli": cli, "serve": {str(k): v for k, v in srv.items()}, "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()
