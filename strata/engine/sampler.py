@@ -130,6 +130,13 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return torch.argmax(probs / noise, dim=-1)  # [N]
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """argmax/multinomial would turn NaN into an arbitrary token: refuse instead."""
+    if not torch.isfinite(logits).all():
+        raise WeightsError("the model computed NaN/inf logits (corrupt weights, or an overflow in "
+                           f"{logits.dtype}?); nothing was sampled")
+
+
 class Sampler:
     def __init__(self, eos_token_ids: list[int], structured=None):
         self.eos_token_ids = list(eos_token_ids)
@@ -137,9 +144,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [N, V] float32, one row per sequence -> sampled token per sequence."""
-        if not torch.isfinite(logits).all():  # argmax/multinomial would turn NaN into an arbitrary token
-            raise WeightsError("the model computed NaN/inf logits (corrupt weights, or an overflow in "
-                               f"{logits.dtype}?); nothing was sampled")
+        check_finite_logits(logits)
         masked = logits  # what is sampled from; logprobs stay those of the model's raw distribution
         if self.structured is not None and self.structured.has_any(seqs):
             masked = self.structured.apply(logits, seqs)

@@ -17,7 +17,7 @@ import torch
 
 from strata.config import EngineConfig
 from strata.engine.block_manager import BlockManager
-from strata.engine.sampler import sampling_probs
+from strata.engine.sampler import check_finite_logits, sampling_probs
 from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
@@ -123,6 +123,7 @@ class SpecDecoder:
     # ---- after the forward ----------------------------------------------------------------------
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], sampler) -> list[list[int]]:
         """logits: the rows prepare() asked for, sequence after sequence -> new tokens per sequence."""
+        check_finite_logits(logits)
         if self._forward_start is not None:
             rows, drafted, t0 = self._forward_start
             self.policy.observe_forward(rows, drafted, time.perf_counter() - t0)
