@@ -1,7 +1,7 @@
 """Expert-cache hit rates: replay a routing trace through per-layer caches, or a uniform-routing baseline.
 
 Trace format: JSON lines with `layer` and `experts` (list of expert ids), optional `gating_probs`, in
-execution order (../shared/data/mixtral-8x7b-routing). Policies: lru, lfu, score (evict the lowest
+execution order (what `--record-routing` writes). Policies: lru, lfu, score (evict the lowest
 decayed sum of gate probabilities).
 """
 

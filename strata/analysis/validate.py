@@ -1,4 +1,4 @@
-"""Predict every row of a published-measurements CSV (../shared/data/published-perf format) and score it.
+"""Predict every row of a published-measurements CSV (the format of strata/analysis/data/published_perf.csv) and score it.
 
 Each row becomes a Case (model shape, system, scenario, metric) whose prediction is a function of the
 efficiency factors, so calibration can re-price it. Rows that cannot be predicted carry a reason and are

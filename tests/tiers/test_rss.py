@@ -56,18 +56,23 @@ def generate(model: Path, budget: str, stats: Path, env: dict) -> subprocess.Com
     return subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_peak_rss_within_budget(tmp_path):
-    expert_bytes = write_mixtral(tmp_path / "model")  # 96 MiB of experts, 3 MiB each
+def run_above_minimum(tmp_path: Path, extra_mib: float) -> tuple[dict, float]:
+    """tmp_path/model generated at the minimum budget its refusal names plus extra_mib: (stats, budget MiB)."""
     env = {"STRATA_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     stats = tmp_path / "stats.json"
     refused = generate(tmp_path / "model", "64MiB", stats, env)
     assert refused.returncode == 2 and "is too small" in refused.stderr
     minimum = re.search(r"minimum that would work is --memory-budget (\S+)", refused.stderr)[1]
-    mib = float(minimum[:-3]) * (1024 if minimum.endswith("GiB") else 1)
-    budget_mib = mib + 6 * 3  # six more 3 MiB slots than the minimum: far less than the 96 MiB of experts
+    budget_mib = float(minimum[:-3]) * (1024 if minimum.endswith("GiB") else 1) + extra_mib
     run = generate(tmp_path / "model", f"{budget_mib:.0f}MiB", stats, env)
     assert run.returncode == 0, run.stderr
-    s = json.loads(stats.read_text())
+    return json.loads(stats.read_text()), budget_mib
+
+
+def test_peak_rss_within_budget(tmp_path):
+    expert_bytes = write_mixtral(tmp_path / "model")  # 96 MiB of experts, 3 MiB each
+    # six more 3 MiB slots than the minimum: far less than the 96 MiB of experts
+    s, budget_mib = run_above_minimum(tmp_path, 6 * 3)
     assert s["tiered"] and s["expert_cache_slots"] < expert_bytes // (3 << 20)
     assert s["disk_bytes_read"] > 0
     assert s["peak_rss_bytes"] <= 1.05 * budget_mib * (1 << 20), (s["peak_rss_bytes"] / 2**20, budget_mib, s)
@@ -83,16 +88,7 @@ def test_peak_rss_within_budget_quantized(tmp_path):
                  str(tmp_path / "model")]) == 0
     facts = checkpoint_facts(tmp_path / "model")
     assert facts.slot_bytes < (3 << 20) // 7  # an expert: 3 MiB in float32, about 400 KiB at int4-g64
-    env = {"STRATA_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    stats = tmp_path / "stats.json"
-    refused = generate(tmp_path / "model", "64MiB", stats, env)
-    assert refused.returncode == 2 and "is too small" in refused.stderr
-    minimum = re.search(r"minimum that would work is --memory-budget (\S+)", refused.stderr)[1]
-    mib = float(minimum[:-3]) * (1024 if minimum.endswith("GiB") else 1)
-    budget_mib = mib + 6 * facts.slot_bytes / 2**20  # six more int4 slots than the minimum
-    run = generate(tmp_path / "model", f"{budget_mib:.0f}MiB", stats, env)
-    assert run.returncode == 0, run.stderr
-    s = json.loads(stats.read_text())
+    s, budget_mib = run_above_minimum(tmp_path, 6 * facts.slot_bytes / 2**20)  # six more int4 slots
     assert s["tiered"] and s["expert_slot_bytes"] == facts.slot_bytes
     assert s["expert_cache_slots"] < facts.num_experts
     assert s["disk_bytes_read"] % facts.slot_bytes == 0 and s["disk_bytes_read"] > 0

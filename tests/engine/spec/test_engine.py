@@ -121,17 +121,16 @@ def test_ngram_greedy_matches_plain_decoding(tiny_llama, k, max_n):
     _check_pools_empty(llm)
 
 
+def ngram_llm(path) -> LLM:
+    return LLM(path, progress=False, dtype=DTYPE, block_size=4,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+
+
 def test_ngram_with_prefix_caching_and_n_greater_than_one(tiny_llama):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, n=2)
     prompt = REPETITIVE[0]
     ref = LLM(tiny_llama, progress=False, dtype=DTYPE, block_size=4).generate([prompt, prompt], params)
-    llm = LLM(
-        tiny_llama,
-        progress=False,
-        dtype=DTYPE,
-        block_size=4,
-        speculative_config={"method": "ngram", "num_speculative_tokens": 4},
-    )
+    llm = ngram_llm(tiny_llama)
     out = llm.generate([prompt, prompt], params)
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
     assert llm.engine.block_manager.num_prefix_hits > 0
@@ -139,13 +138,7 @@ def test_ngram_with_prefix_caching_and_n_greater_than_one(tiny_llama):
 
 
 def test_abort_releases_everything(tiny_llama):
-    llm = LLM(
-        tiny_llama,
-        progress=False,
-        dtype=DTYPE,
-        block_size=4,
-        speculative_config={"method": "ngram", "num_speculative_tokens": 4},
-    )
+    llm = ngram_llm(tiny_llama)
     rid = llm.engine.add_request(
         REPETITIVE[0], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     )
