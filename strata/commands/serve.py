@@ -57,7 +57,8 @@ def register(sub) -> None:
 
 def build_app(args: argparse.Namespace, on_load_failure=None):
     """The app for parsed `serve` arguments."""
-    from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine, resolve_max_model_len
+    from strata.engine.admission import resolve_max_model_len
+    from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
     from strata.engine.spec.config import SpeculativeConfig
     from strata.server.app import create_app
     from strata.server.async_engine import AsyncEngine

@@ -7,6 +7,7 @@ would block the queue forever); token ids in the request must be in the vocabula
 from __future__ import annotations
 
 import logging
+import os
 
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import ConfigError, InvalidRequestError
@@ -17,8 +18,14 @@ log = logging.getLogger("strata.engine")
 DEFAULT_MAX_MODEL_LEN = 4096  # cap of the default (the config's max_position_embeddings)
 
 
-def default_max_model_len(requested: int | None, max_position_embeddings: int) -> int:
-    return requested or min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+def resolve_max_model_len(config, mcfg, path: str) -> int:
+    """--max-model-len, or the model's positions capped at DEFAULT_MAX_MODEL_LEN; beyond the positions only
+    with rope scaling (config: EngineConfig, mcfg: ModelConfig)."""
+    if config.max_model_len and config.max_model_len > mcfg.max_position_embeddings and not mcfg.rope_scaling:
+        raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
+                          f"{mcfg.max_position_embeddings} ({os.path.join(path, 'config.json')}); longer contexts "
+                          "need rope_scaling in config.json")
+    return config.max_model_len or min(mcfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
 
 
 def fit_max_model_len(requested: int | None, wanted: int, cache_tokens: int, kv_cache_memory: int) -> int:

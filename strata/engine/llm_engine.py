@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.engine.admission import (
     check_request_fits,
     check_token_ids,
     fit_max_model_len,
+    resolve_max_model_len,
 )
 from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
@@ -28,7 +29,7 @@ from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.decoder import SpecDecoder, make_proposer
-from strata.errors import ConfigError, InvalidRequestError
+from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
 from strata.weights.gguf_cache import resolve_model_path
@@ -58,15 +59,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
-
-
-def resolve_max_model_len(config: EngineConfig, mcfg: ModelConfig, path: str) -> int:
-    """--max-model-len, or the model's positions capped at 4096; beyond the positions only with rope scaling."""
-    if config.max_model_len and config.max_model_len > mcfg.max_position_embeddings and not mcfg.rope_scaling:
-        raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
-                          f"{mcfg.max_position_embeddings} ({os.path.join(path, 'config.json')}); longer contexts "
-                          "need rope_scaling in config.json")
-    return config.max_model_len or min(mcfg.max_position_embeddings, 4096)
 
 
 class LLMEngine:
