@@ -1,4 +1,4 @@
-"""The performance model against Strata's own benchmark runs on this machine (issue 6).
+"""The performance model against Strata's own benchmark runs on this machine.
 
 Reads the recorded runs (docs/benchmarks/quant*.json, core.json: decode and prefill per model and format) and the
 kernel measurements (quant_kernels.json: share of the read bandwidth each quantized decode GEMV and each few-row

@@ -1,4 +1,4 @@
-"""Issue-2 benchmark: decode (batch 1) and prefill tokens/s, Strata vs transformers on the same weights,
+"""Benchmark: decode (batch 1) and prefill tokens/s, Strata vs transformers on the same weights,
 with the memory-bandwidth roofline measured in the same run.
 
     .venv/bin/python benchmarks/core.py --models bundled,dense-1b,olmoe-1b-7b

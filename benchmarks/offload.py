@@ -1,4 +1,4 @@
-"""Issue-3 benchmark: decode with experts on disk under a memory budget, routing replayed from the real
+"""Benchmark: decode with experts on disk under a memory budget, routing replayed from the real
 Mixtral traces, beside no cache, fully resident Strata, transformers+accelerate disk offload and llama.cpp.
 
     .venv/bin/python benchmarks/offload.py --layers 8 --decode 32       # 6.4 GiB model, 2.9-4.5 GiB limits

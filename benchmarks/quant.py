@@ -1,4 +1,4 @@
-"""Issue-4 benchmark: decode (batch 1) and prefill tokens/s of Strata bf16 / int8 / int4-g64 / fp8 against
+"""Benchmark: decode (batch 1) and prefill tokens/s of Strata bf16 / int8 / int4-g64 / fp8 against
 llama.cpp bf16 / Q8_0 / Q4_0 on GGUFs of the same weights, each with its memory-bandwidth roofline fraction.
 
     .venv/bin/python benchmarks/quant.py --models dense-1b,olmoe-1b-7b-2l --rounds 3

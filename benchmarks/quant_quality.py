@@ -1,4 +1,4 @@
-"""Issue-4 quality benchmark: perplexity, bits per byte, KL and top-1 agreement of every quantization format.
+"""Quality benchmark: perplexity, bits per byte, KL and top-1 agreement of every quantization format.
 
     .venv/bin/python benchmarks/quant_quality.py                    # both models, all formats, 1 thread
     .venv/bin/python benchmarks/quant_quality.py --models moe --formats int8,int4-g64
@@ -200,7 +200,7 @@ def _fmt_table(label: str, r: dict) -> list[str]:
 
 
 def verdict(results: dict) -> list[str]:
-    lines = ["## Verdict against the issue-4 aims", ""]
+    lines = ["## Verdict against the aims", ""]
     for label, r in results.items():
         for m, fm in r["methods"].items():
             for f, limit in AIMS.items():
@@ -269,7 +269,7 @@ def main() -> int:
     if args.merge and out.with_suffix(".json").exists():
         results = _merge(json.loads(out.with_suffix(".json").read_text())["results"], results)
     write_text_atomic(out.with_suffix(".json"), json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
-    md = ["# Quantization quality (issue 4)", "", ("Produced by `benchmarks/quant_quality.py` "
+    md = ["# Quantization quality", "", ("Produced by `benchmarks/quant_quality.py` "
           f"({args.threads} torch thread(s), torch {torch.__version__}); every number below is measured in that "
           "run. KL is KL(unquantized || quantized) of the next-token distributions, averaged over the scored "
           "tokens; top-1 agreement is the share of those tokens where both models' argmax is the same."), ""]

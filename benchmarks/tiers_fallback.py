@@ -1,4 +1,4 @@
-"""Issue-3 item 7: what the miss fallbacks cost in perplexity and buy in disk reads and speed.
+"""Miss fallbacks: what the miss fallbacks cost in perplexity and buy in disk reads and speed.
 
     .venv/bin/python benchmarks/tiers_fallback.py [--max-tokens N] [--out docs/benchmarks/tiers_fallback.json]
 

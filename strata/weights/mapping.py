@@ -6,7 +6,7 @@ lies inside one; `read_in` reads such weights into the page cache at load, one b
 Without `read_in`, a model loaded with its files out of the page cache reads each weight page from disk the
 first time a request touches it: measured on an 8-layer OLMoE (6.6 GB, 1 thread), the first request after such
 a load prefilled 16 tokens in 1.8 s instead of 0.3 s and took 75-210 ms for each of its first 8 decode steps
-instead of 45-50 ms (docs/benchmarks.md, issue 6). Read at load, the first request runs at steady speed; the
+instead of 45-50 ms (docs/benchmarks.md). Read at load, the first request runs at steady speed; the
 pass alone took 1.9 s from a cold cache and 0.3 s warm, and the cold load as a whole stayed ~11.5 s.
 """
 
