@@ -118,7 +118,7 @@ def gguf_vocab_size(gguf_path: str | Path) -> int:
 
 def server_command(gguf_path: str | Path, port: int = 8001, n_threads: int = 2, n_ctx: int = 2048,
                    host: str = "127.0.0.1") -> list[str]:
-    """argv for llama-cpp-python's OpenAI-compatible server (issue-5 peer); start it with subprocess.Popen."""
+    """argv for llama-cpp-python's OpenAI-compatible server; start it with subprocess.Popen."""
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", host, "--port",
             str(port), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), "--n_ctx", str(n_ctx)]
 
