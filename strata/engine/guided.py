@@ -127,7 +127,7 @@ class StructuredOutputManager:
         self._pending: tuple[list[int], np.ndarray, object] | None = None  # (seq ids, mask, future)
 
     def _llg_tokenizer(self):
-        if self._ll_tokenizer is None:  # built on the first constrained request (~0.2 s for a 50k vocabulary)
+        if self._ll_tokenizer is None:  # built once, on the first constrained request (it reads the whole vocabulary)
             import llguidance
 
             self._ll_tokenizer = llguidance.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.vocab_size,

@@ -153,14 +153,14 @@ class LLMEngine:
         """One L2-normalized mean-pooled embedding per prompt, computed in batches of at most
         max_num_batched_tokens tokens (call between steps: it uses the model, not the KV cache)."""
         out, batch, num = [], [], 0
-        for ids in [*prompts, None]:
-            if ids is None or (batch and num + len(ids) > self.config.max_num_batched_tokens):
-                if batch:
-                    out.extend(self.runner.embed(batch).tolist())
+        for ids in prompts:
+            if batch and num + len(ids) > self.config.max_num_batched_tokens:
+                out.extend(self.runner.embed(batch).tolist())
                 batch, num = [], 0
-            if ids is not None:
-                batch.append(ids)
-                num += len(ids)
+            batch.append(ids)
+            num += len(ids)
+        if batch:
+            out.extend(self.runner.embed(batch).tolist())
         return out
 
     def abort_request(self, request_id: str) -> None:

@@ -5,6 +5,8 @@ them into logits a slice at a time, so a long prompt never holds [prompt, vocab]
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from strata.engine.scheduler import ScheduledBatch
@@ -111,7 +113,7 @@ class ModelRunner:
         """Mean of the final-norm hidden states over each prompt's tokens, L2-normalized: [B, H] float32.
         Runs without the KV cache (no blocks taken from running requests)."""
         lens = [len(p) for p in prompts]
-        starts = [sum(lens[:i]) for i in range(len(lens))]
+        starts = [0, *itertools.accumulate(lens)][:-1]
         meta = AttentionMetadata(starts, lens, lens)
         self.model.current_batch = None
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)  # [T]

@@ -81,7 +81,8 @@ def tokens_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list
     return out
 
 
-def _needs_processing(seq: Sequence) -> bool:
+def needs_processing(seq: Sequence) -> bool:
+    """Whether process_logits changes this sequence's logits (bias, penalties, or EOS held back by min_tokens)."""
     p = seq.params
     return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
                 or seq.num_completion_tokens < p.min_tokens)
@@ -149,15 +150,12 @@ class Sampler:
         if self.structured is not None and self.structured.has_any(seqs):
             masked = self.structured.apply(logits, seqs)
         plain_greedy = all(
-            s.params.is_greedy and not s.params.logit_bias and s.params.repetition_penalty == 1.0
-            and not s.params.presence_penalty and not s.params.frequency_penalty
-            and s.num_completion_tokens >= s.params.min_tokens and s.params.logprobs is None
-            for s in seqs
+            s.params.is_greedy and s.params.logprobs is None and not needs_processing(s) for s in seqs
         )
         if plain_greedy:
             return torch.argmax(masked, dim=-1).tolist()
         processed = masked
-        todo = [i for i, s in enumerate(seqs) if _needs_processing(s)]
+        todo = [i for i, s in enumerate(seqs) if needs_processing(s)]
         if todo:
             processed = masked.clone()
             for i in todo:

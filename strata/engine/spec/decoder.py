@@ -17,7 +17,7 @@ import torch
 
 from strata.config import EngineConfig
 from strata.engine.block_manager import BlockManager
-from strata.engine.sampler import check_finite_logits, sampling_probs
+from strata.engine.sampler import check_finite_logits, needs_processing, sampling_probs
 from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
@@ -40,12 +40,8 @@ def can_speculate(seq: Sequence) -> bool:
     p = seq.params
     return (
         p.logprobs is None
-        and not p.logit_bias
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
-        and seq.num_completion_tokens >= p.min_tokens
-        and p.structured_outputs is None  # a grammar's mask depends on the tokens before it
+        and not needs_processing(seq)  # penalties and min_tokens depend on the tokens before it
+        and p.structured_outputs is None  # so does a grammar's mask
     )
 
 
