@@ -102,6 +102,11 @@ def compile_library(stem: str, sources: list[Path], cc: str, flags: list[str], l
     return target
 
 
+def find_compiler() -> str | None:
+    """$CC, else gcc or cc on PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
 def _build(cc: str) -> Path:
     return compile_library("quant_cpu", [HEADER, *SOURCES], cc, CFLAGS, ["-lm"])
 
@@ -114,7 +119,7 @@ def native_lib() -> ctypes.CDLL | None:
     if not cpu_supported():
         log.info("quantized kernels: CPU lacks AVX-512 BF16, using torch paths")
         return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cc = find_compiler()
     if cc is None:
         log.warning("quantized kernels: no C compiler found, using slower torch paths")
         return None

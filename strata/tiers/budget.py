@@ -82,7 +82,6 @@ class MemoryPlan:
                  f"expert cache {self._slots_text()}"]
         return ", ".join(parts)
 
-
     def _slots_text(self) -> str:
         if not self.class_slots:
             return f"{self.num_slots}/{self.max_slots} slots x {format_size(self.slot_bytes)}"

@@ -7,8 +7,8 @@ format, which differs between experts of a `--mixed` plan), points every QuantLi
 slot's tensors (views, no copy) and calls `post_load`, which binds the native kernels to those pointers:
 the same kernels a resident load uses, on the same bytes. The cache keeps the bound module with the slot
 until the slot is read again (cache.py), so an expert is bound once per read, not once per token; the
-next read into that slot rebinds the same module when the formats match (a copy of the module costs
-about four times the binding).
+next read into that slot rebinds the same module when the formats match, instead of copying the module
+again.
 """
 
 from __future__ import annotations

@@ -146,9 +146,6 @@ class ExpertStore:
         """Index into class_bytes of this expert's size."""
         return self._class[key]
 
-    def class_counts(self) -> list[int]:
-        return [sum(1 for c in self._class.values() if c == i) for i in range(len(self.class_bytes))]
-
     @property
     def total_bytes(self) -> int:
         return self.index["data_bytes"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from strata.layers.quant_native import cache_dir
 from strata.tiers.store import ALIGN, FORMAT, TENSOR_ALIGN, VERSION, StoreError, align
 from strata.weights.loader import quantized
 
@@ -237,11 +238,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fa
 
 
 def default_store_dir(src: str | os.PathLike) -> Path:
-    """Stores live outside the checkpoint (which may be read-only): $STRATA_CACHE_DIR or ~/.cache/strata."""
+    """Stores live outside the checkpoint (which may be read-only), in quant_native.cache_dir()."""
     src = Path(src).resolve()
-    root = Path(os.environ.get("STRATA_CACHE_DIR") or Path.home() / ".cache" / "strata")
     tag = zlib.crc32(str(src).encode()) & 0xFFFFFFFF
-    return root / "experts" / f"{src.name}-{tag:08x}"
+    return cache_dir() / "experts" / f"{src.name}-{tag:08x}"
 
 
 def ensure_store(src: str | os.PathLike, out: str | os.PathLike | None = None, progress: bool = True) -> Path:

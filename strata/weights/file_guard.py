@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from strata.layers.quant_native import compile_library
+from strata.layers.quant_native import compile_library, find_compiler
 
 log = logging.getLogger("strata.weights")
 EXIT_MODEL_FILE_CHANGED = 75
@@ -117,7 +116,7 @@ def mapped_ranges(paths: list[str]) -> list[tuple[int, int, str]]:
 
 @lru_cache(maxsize=1)
 def _sigbus_lib() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cc = find_compiler()
     if cc is None:
         log.warning("no C compiler: a model file truncated under this process ends it with a bare SIGBUS")
         return None

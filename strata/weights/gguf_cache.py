@@ -1,9 +1,9 @@
 """`--model FILE.gguf`: the file is converted once into a cache folder, and that folder is what gets loaded.
 
-The folder lives under $STRATA_CACHE_DIR (default ~/.cache/strata) in `gguf/`, named after the file and a
-key of its resolved path, size, modification time, first and last MiB, and the converter version, so an
-edited or replaced file converts again. A lock file serialises processes converting the same file; the
-conversion itself writes a temporary folder and renames it, so a reader never sees half a folder.
+The folder lives in `gguf/` of the cache folder ($STRATA_CACHE_DIR, default ~/.cache/strata), named after
+the file and a key of its resolved path, size, modification time, first and last MiB, and the converter
+version, so an edited or replaced file converts again. A lock file serialises processes converting the same
+file; the conversion itself writes a temporary folder and renames it, so a reader never sees half a folder.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from strata.layers.quant_native import cache_dir
 from strata.weights.gguf_reader import is_gguf
 
 CONVERTER_VERSION = 2  # bump when the converter's output changes, so cached folders are rebuilt
@@ -21,7 +22,7 @@ _EDGE_BYTES = 2**20
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("STRATA_CACHE_DIR") or Path.home() / ".cache" / "strata") / "gguf"
+    return cache_dir() / "gguf"
 
 
 def file_key(path: str | os.PathLike) -> str:
@@ -39,8 +40,6 @@ def file_key(path: str | os.PathLike) -> str:
 def converted_folder(path: str | os.PathLike, progress: bool = True) -> Path:
     """The cached HF folder for this GGUF file, converting it first if there is none yet."""
     from strata.weights.gguf_convert import convert_gguf
-    from strata.weights.gguf_quantized import has_kquants
-    from strata.weights.gguf_reader import GGUFFile
 
     stem = Path(path).name.removesuffix(".gguf")
     out = cache_root() / f"{stem}-{file_key(path)}"
@@ -53,7 +52,7 @@ def converted_folder(path: str | os.PathLike, progress: bool = True) -> Path:
             if progress:
                 print(f"converting {path} -> {out} (once)", file=sys.stderr)
             # K-quant files run from their blocks (Strata's own kernels); other types as the float conversion
-            convert_gguf(path, out, overwrite=True, keep_quantized=has_kquants(GGUFFile(path)))
+            convert_gguf(path, out, overwrite=True, keep_quantized=None)
     return out
 
 

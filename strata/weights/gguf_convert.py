@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from strata.errors import WeightsError
 from strata.fileio import atomic_dir, check_output_dir
 from strata.weights.gguf_config import generation_config, hf_config
-from strata.weights.gguf_quantized import PackedWeight, kept_quantized
+from strata.weights.gguf_quantized import PackedWeight, has_kquants, kept_quantized
 from strata.weights.gguf_reader import GGUFFile
 from strata.weights.gguf_tokenizer import build_tokenizer
 
@@ -138,14 +138,17 @@ def _stored(w: np.ndarray, type_name: str) -> torch.Tensor:
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
-                 keep_quantized: bool = False) -> Path:
+                 keep_quantized: bool | None = False) -> Path:
     """Writes the HF folder into a temporary folder beside out_dir, then renames it to out_dir.
 
     keep_quantized: projections of a type with an exact Strata format (gguf_quantized.KEPT_FORMATS) stay
-    quantized (config.json gets a Strata quantization_config; transformers cannot load such a folder).
+    quantized (config.json gets a Strata quantization_config; transformers cannot load such a folder);
+    None: only when the file has K-quant tensors (gguf_quantized.has_kquants).
     """
     out = check_output_dir(out_dir, overwrite)
     g = GGUFFile(path)
+    if keep_quantized is None:
+        keep_quantized = has_kquants(g)
     cfg = hf_config(g)
     tokenizer, tok_cfg = build_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else (None, None)
     expected = _expected_shapes(cfg)
