@@ -280,6 +280,9 @@ class ModelConfig:
         return out
 
 
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype's values (auto = the checkpoint's)
+
+
 def knob(default: Any, help: str, type: Any = None, choices: Any = None) -> Any:
     """A dataclass field that carries its command-line flag: help text, value type (int, float, "size"
     for byte sizes read by strata.units, None = str) and choices (a tuple, or a function returning one, so
@@ -315,7 +318,7 @@ class EngineConfig:
     seed: int | None = knob(None, "seed for the sampling of requests without a seed of their own "
                                   "(reproducible runs)", type=int)
     dtype: str = knob("auto", "compute dtype: auto (the checkpoint's torch_dtype), float32, bfloat16, float16",
-                      choices=("auto", "float32", "bfloat16", "float16"))
+                      choices=ENGINE_DTYPES)
     max_model_len: int | None = knob(None, "maximum tokens per sequence (default: config's "
                                            "max_position_embeddings, at most 4096; beyond it only with "
                                            "rope_scaling in config.json)", type=int)
@@ -372,8 +375,7 @@ class EngineConfig:
         check("max_model_len", lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 (or unset)")
         check("num_threads", lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 (or unset)")
         check("memory_budget", lambda v: v is None or is_int(v) and v >= 1, "a positive number of bytes (or unset)")
-        check("dtype", lambda v: not isinstance(v, str) or v in ("auto", "float32", "bfloat16", "float16"),
-              "one of auto, float32, bfloat16, float16")
+        check("dtype", lambda v: not isinstance(v, str) or v in ENGINE_DTYPES, "one of " + ", ".join(ENGINE_DTYPES))
         check("tensor_parallel_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
         check("distributed_executor_backend", lambda v: v in (None, "mp"), "mp (or unset)")
         check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from strata.analysis.engines import LOOPED_EXPERT_FAMILIES, identify
+from strata.analysis.engines import identify
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 # Strata's host costs (per kernel call, per call of its Python expert loop), measured on thin twins of the
@@ -81,9 +81,6 @@ PRIORS["cpu-measured|strata"] = (replace(PRIORS["cpu-measured"], overhead_us=flo
 # prefill). 0 where not measured: the per-call overhead alone then applies.
 STRATA_LOOP_US = float(_FIT.get("loop_us_per_expert_call", 0.0))
 STRATA_PREFILL_LOOP_US = float(_FIT.get("prefill_loop_us_per_expert_call", 0.0))
-# Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
-# llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
-LOOPED_EXPERT_ENGINES = LOOPED_EXPERT_FAMILIES
 # Engines that place weights per NUMA node (KTransformers' dual-socket mode keeps a copy of the experts per socket).
 # The others leave a model's pages on the node that first touched them, so on an n-socket host every read is
 # served by one socket's memory controllers: bandwidth of one socket, FLOPs of all of them.

@@ -39,7 +39,8 @@ DEFAULT_QUANT = {
     "lm-studio": ("q4_k_m", "LM Studio's model search recommends the Q4_K_M file by default"),
     "mlx": ("mlx4", "mlx-community conversions and `mlx_lm.convert -q` default to 4-bit, group 64"),
 }
-# Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert)
+# Engines whose MoE layer calls each touched expert's matrices in a loop (one kernel call per matrix per expert);
+# llama.cpp (mul_mat_id), vLLM / SGLang / TensorRT-LLM (fused MoE) and the rest run a layer's experts in ~3 calls.
 LOOPED_EXPERT_FAMILIES = {"strata", "transformers", "mixtral-offloading", "moe-infinity"}
 # Engines that keep routed experts in host memory behind an expert cache on the GPU, fetching misses over the link
 EXPERT_OFFLOAD_FAMILIES = {"mixtral-offloading", "moe-infinity"}
@@ -79,9 +80,7 @@ def identify(text: str) -> Engine:
             # the version right after the name, past a suffix word ('mlx-lm 0.22', 'TensorRT-LLM 0.12')
             v = re.match(r"[^\w(]*(?:[a-z]+)?[\s-]*v?(\d+(?:\.\d+){1,2}|b\d{3,5})\b", t[m.end():])
             return Engine(name, family, v.group(1) if v else None, text)
-    if t.strip() in {"generic", ""}:
-        return Engine("generic", "generic", None, "")
-    return Engine("generic", "generic", None, text)
+    return Engine("generic", "generic", None, "" if t.strip() in {"generic", ""} else text)
 
 
 def default_quant(engine: Engine) -> tuple[str, str] | None:

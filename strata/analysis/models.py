@@ -102,21 +102,17 @@ def _suggest(name: str) -> str:
     return ", ".join(by_sq[c] for c in close) or "see `strata analyze --list-models`"
 
 
-def _is_gguf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def resolve_model(text: str) -> ResolvedModel:
     """A model from a folder (config.json, else its first .gguf), a config.json, a .gguf file or a catalog name."""
     from strata.analysis.gguf_shape import read_gguf
+    from strata.weights.gguf_reader import is_gguf
 
     if os.path.isdir(text) and not os.path.exists(os.path.join(text, "config.json")):
         ggufs = sorted(f for f in os.listdir(text) if f.endswith(".gguf"))
         if not ggufs:
             raise ConfigError(f"--model {text!r}: folder has neither config.json nor a .gguf file")
         text = os.path.join(text, ggufs[0])  # split files: the first part carries the metadata
-    if os.path.isfile(text) and (text.endswith(".gguf") or _is_gguf(text)):
+    if os.path.isfile(text) and (text.endswith(".gguf") or is_gguf(text)):
         shape, fmts, desc = read_gguf(text)
         return ResolvedModel(shape, None, [f"model: {desc}"], fmts, "the GGUF file's tensor types")
     if os.path.isdir(text) or (text.endswith(".json") and os.path.exists(text)):

@@ -19,11 +19,15 @@ from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import (
     GPU_OFFLOAD_MIN_TOKENS,
     LLAMACPP_MMQ,
-    LOOPED_EXPERT_ENGINES,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
-from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, NPU_PREFILL_FAMILIES, STREAMING_OFFLOAD_FAMILIES
+from strata.analysis.engines import (
+    EXPERT_OFFLOAD_FAMILIES,
+    LOOPED_EXPERT_FAMILIES,
+    NPU_PREFILL_FAMILIES,
+    STREAMING_OFFLOAD_FAMILIES,
+)
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
@@ -127,7 +131,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch, seqs=batch)
     n = batch * new
     layers_touched_host = set()
-    looped = sc.engine in LOOPED_EXPERT_ENGINES
+    looped = sc.engine in LOOPED_EXPERT_FAMILIES
     # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
     # provider (offloaded experts) or more than one token it loops over the experts in Python
     strata = sc.engine == "strata"
