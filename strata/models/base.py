@@ -157,7 +157,9 @@ class CausalLM(nn.Module):
         """The NativeDecoder for these caches, built on first use (None where the model does not qualify)."""
         cached = self.__dict__.get("_native_decoder_cache")
         if cached is None or (cached and not cached.serves(kv_caches)):
-            cached = native_decode.NativeDecoder.build(self, kv_caches) or False
+            # the C decoder implements DecoderLayer with Attention: a family's own block or attention opts out
+            shared = all(type(dl) is DecoderLayer and type(dl.self_attn) is Attention for dl in self.model.layers)
+            cached = (shared and native_decode.NativeDecoder.build(self, kv_caches)) or False
             self.__dict__["_native_decoder_cache"] = cached  # not a submodule
         return cached if cached and cached.active() else None
 
