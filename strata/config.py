@@ -283,27 +283,10 @@ ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype's values (
 
 def knob(default: Any, help: str, type: Any = None, choices: Any = None) -> Any:
     """A dataclass field that carries its command-line flag: help text, value type (int, float, "size"
-    for byte sizes read by strata.units, None = str) and choices (a tuple, or a function returning one, so
-    that this module imports nothing of the runtime). strata/commands/engine_args.py makes the flags."""
+    for byte sizes read by strata.units, None = str) and choices (a tuple, or "module:NAME" naming the tuple
+    in the package that owns the names, so that this module imports nothing above it).
+    strata/commands/engine_args.py makes the flags."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices})
-
-
-def _policies() -> tuple[str, ...]:
-    from strata.tiers.policies import ONLINE_POLICIES
-
-    return ONLINE_POLICIES
-
-
-def _prefetchers() -> tuple[str, ...]:
-    from strata.tiers.predictors import PREFETCHERS
-
-    return (*PREFETCHERS, "lookahead")
-
-
-def _fallbacks() -> tuple[str, ...]:
-    from strata.tiers.provider import FALLBACKS
-
-    return FALLBACKS
 
 
 @dataclass
@@ -332,13 +315,13 @@ class EngineConfig:
                                            "from disk (tiered experts engage when the model exceeds it)",
                                      type="size")
     expert_cache_policy: str = knob("nextuse", "expert cache eviction policy",
-                                    choices=_policies)
+                                    choices="strata.tiers.policies:ONLINE_POLICIES")
     prefetch: str = knob("none", "expert prefetcher (lookahead: the next layer's router on this layer's "
-                                 "hidden state)", choices=_prefetchers)
+                                 "hidden state)", choices="strata.tiers.provider:PREFETCH_CHOICES")
     miss_fallback: str = knob("none", "on an expert cache miss: none (wait for the read; exact), renormalize "
                                       "(skip the expert, rescale the others' weights), lowbit (run a resident "
                                       "int4 copy); see docs/tiers.md",
-                              choices=_fallbacks)
+                              choices="strata.tiers.provider:FALLBACKS")
     record_routing: str | None = knob(None, "write routing decisions as JSONL to this file")
     replay_routing: str | None = knob(None, "force routing from this JSONL trace")
     check_weights: bool = knob(True, "refuse weights holding NaN or inf at load (--no-check-weights skips "

@@ -14,11 +14,11 @@ from tqdm import tqdm
 from strata.config import ModelConfig
 from strata.errors import WeightsError
 from strata.layers.fusion import fuse_model
+from strata.mapping import read_in
 from strata.models.base import CausalLM
 from strata.models.registry import load_config, model_class
+from strata.quant.format import read_quantization_config
 from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
-from strata.weights.mapping import read_in
-from strata.weights.quant_format import read_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")

@@ -14,10 +14,10 @@ from strata.engine.llm_engine import BUNDLED_MODEL
 from strata.engine.sampling_params import SamplingParams
 from strata.layers.quant_linear import QuantLinear, swap_linears
 from strata.models.registry import load_config
+from strata.quant.format import dequantize_weight, nested_int4_view, quantize_weight
 from strata.tiers import runtime
 from strata.tiers.lowbit import LOWBIT_FORMAT, lowbit_expert
 from strata.tiers.store_convert import checkpoint_facts
-from strata.weights.quant_format import dequantize_weight, nested_int4_view, quantize_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

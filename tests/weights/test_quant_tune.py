@@ -8,7 +8,7 @@ from strata.errors import UnsupportedError
 from strata.eval.calibration import collect_calibration
 from strata.layers.attention import AttentionMetadata
 from strata.models.registry import config_from_dict, model_class
-from strata.weights.quant_format import QuantFormat, check_tensors, dequantize_weight, quantize_weight
+from strata.quant.format import QuantFormat, check_tensors, dequantize_weight, quantize_weight
 from strata.weights.quant_tune import TuneConfig, tune_quantized
 from strata.weights.quantize_checkpoint import is_quantizable
 
