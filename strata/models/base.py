@@ -12,6 +12,7 @@ from torch import nn
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
 from strata.layers.fusion import FusedProjection, fuse_projection
+from strata.layers.kv_cache import KVCacheSpec
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
@@ -72,7 +73,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, family: type[CausalLM]):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, family.qk_norm, family.qkv_bias(cfg), family.o_bias(cfg))
+        self.self_attn = family.make_attention(cfg, layer_idx)
         setattr(self, family.mlp_name, family.make_mlp(cfg, layer_idx))
         self.mlp_name = family.mlp_name
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -114,6 +115,20 @@ class CausalLM(nn.Module):
         return cfg.attention_bias
 
     @classmethod
+    def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return Attention(cfg, layer_idx, cls.qk_norm, cls.qkv_bias(cfg), cls.o_bias(cfg))
+
+    @classmethod
+    def kv_cache_spec_for(cls, cfg: ModelConfig) -> list[KVCacheSpec]:
+        """What each layer caches per token (strata/layers/kv_cache.py); families with another cache override it."""
+        return [KVCacheSpec.standard(cfg.num_key_value_heads, cfg.head_dim,
+                                     cfg.sliding_window if cfg.uses_sliding_window(i) else None)
+                for i in range(cfg.num_hidden_layers)]
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        return self.kv_cache_spec_for(self.config)
+
+    @classmethod
     def make_expert(cls, cfg: ModelConfig) -> nn.Module:
         return MLP(cfg.hidden_size, cfg.moe_intermediate_size)
 
@@ -152,7 +167,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        kv_caches: list[tuple[torch.Tensor, ...]] | None = None,  # per layer, as its KVCacheSpec allocates
         logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
         return_hidden: bool = False,  # the final-norm hidden states [N, H] instead of logits (embeddings)
     ) -> torch.Tensor:
