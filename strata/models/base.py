@@ -1,10 +1,13 @@
 """The decoder shared by every supported family (Llama-style pre-norm transformer with HF attribute names).
 
-Families differ only in small switches (q/k norms, biases, MoE block and expert names); each family file under
-models/ sets those switches on a subclass of `CausalLM`.
+A family file under models/ subclasses `CausalLM` and sets what differs through its hooks: `config_class`
+(the family's config.json keys), `make_attention`, `make_mlp` / `make_expert`, `decoder_layer_class`,
+`sanitize` (checkpoint tensor renames) and the class-level switches (q/k norms, biases, MoE block name).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,7 +25,8 @@ from strata.models import native_decode
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, qk_norm: str | None, qkv_bias: bool, o_bias: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qk_norm: str | None, qkv_bias: bool, o_bias: bool,
+                 clip_qkv: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
@@ -42,7 +46,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
         self.qkv_fused: FusedProjection | None = None  # [H] -> [Hq*D + 2*Hkv*D], set by fuse_projections()
-        self.clip_qkv = cfg.raw.get("clip_qkv")
+        self.clip_qkv = clip_qkv  # OLMoE: clamp q, k and v to [-clip_qkv, clip_qkv]
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
 
     def fuse_projections(self) -> bool:
@@ -95,16 +99,29 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, family: type[CausalLM]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, family) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([family.decoder_layer_class(cfg, i, family) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """Base of every family. Subclasses override the class-level switches below."""
+    """Base of every family. Subclasses override the class-level switches and hooks below."""
 
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig  # built by registry.config_from_dict via from_hf
+    decoder_layer_class: ClassVar[type[nn.Module]] = DecoderLayer  # (cfg, layer_idx, family) -> block
     qk_norm: str | None = None  # None, "head" (Qwen3) or "full" (OLMoE)
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
+    cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
+
+    @classmethod
+    def sanitize(cls, name: str) -> str | None:
+        """The model's name for checkpoint tensor `name`, or None to drop it (default: the same name; the
+        rotary tables some checkpoints carry hold no learned state)."""
+        return None if name.endswith("rotary_emb.inv_freq") else name
+
+    @classmethod
+    def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return Attention(cfg, layer_idx, cls.qk_norm, cls.qkv_bias(cfg), cls.o_bias(cfg))
 
     @staticmethod
     def qkv_bias(cfg: ModelConfig) -> bool:
@@ -135,8 +152,8 @@ class CausalLM(nn.Module):
     @classmethod
     def make_mlp(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         if cfg.is_moe_layer(layer_idx):
-            return SparseMoeBlock(cfg, layer_idx, lambda: cls.make_expert(cfg))
-        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=bool(cfg.raw.get("mlp_bias", False)))
+            return SparseMoeBlock(cfg, layer_idx, lambda: cls.make_expert(cfg), cast_weights=cls.cast_routing_weights)
+        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

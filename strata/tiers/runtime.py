@@ -172,6 +172,7 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
 
 def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     """Returns (model, TierRuntime or None)."""
+    from strata.models.registry import load_config
     from strata.weights.loader import load_model, resolve_dtype
 
     if not (config.memory_budget or config.record_routing or config.replay_routing):
@@ -181,7 +182,7 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
         bound_retention()  # before the first matmul: the libraries read their cache sizes then
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     if not (config.memory_budget and cfg.is_moe):
         model = load_model(path, dtype=config.dtype, progress=progress,
                            check_finite=config.check_weights)

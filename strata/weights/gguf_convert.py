@@ -116,10 +116,9 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
 
 
 def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    from strata.config import ModelConfig
-    from strata.models.registry import model_class
+    from strata.models.registry import config_from_dict, model_class
 
-    mc = ModelConfig.from_dict(cfg, source="config.json")
+    mc = config_from_dict(cfg, source="config.json")
     with torch.device("meta"):
         model = model_class(mc)(mc)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

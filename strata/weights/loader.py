@@ -15,14 +15,12 @@ from strata.config import ModelConfig
 from strata.errors import WeightsError
 from strata.layers.fusion import fuse_model
 from strata.models.base import CausalLM
-from strata.models.registry import model_class
+from strata.models.registry import load_config, model_class
 from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
 from strata.weights.mapping import read_in
 from strata.weights.quant_format import read_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Tensors some checkpoints carry that hold no learned state.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
 
 
@@ -87,7 +85,7 @@ def load_model(
     strata.distributed.tensor_parallel.Shard) builds one tensor-parallel rank's slice of the model."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     if shard is not None:
         cfg = shard.config(cfg, path)
     cls = model_class(cfg)
@@ -106,18 +104,21 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     entries = list(iter_checkpoint(files))
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
-    for fn, name, get in bar:
+    for fn, stored, get in bar:
+        name = cls.sanitize(stored)  # the family's renames; None: a tensor it drops
+        if name is None:
+            continue
         if name not in expected:
             check_layer_count(fn, name, cfg)
-            if not name.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                print(f"warning: {fn}: unexpected tensor '{name}' ignored", file=sys.stderr)
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                print(f"warning: {fn}: unexpected tensor '{stored}' ignored", file=sys.stderr)
             continue
         if skip is not None and skip(name):
             continue
         try:
             t = get()
         except Exception as e:  # noqa: BLE001 - same as iter_checkpoint
-            raise WeightsError(f"{fn}: tensor '{name}' cannot be read ({str(e).splitlines()[0]})") from None
+            raise WeightsError(f"{fn}: tensor '{stored}' cannot be read ({str(e).splitlines()[0]})") from None
         if shard is not None:
             t = shard.tensor(name, t)
         want = expected[name]
