@@ -132,10 +132,6 @@ class CausalLM(nn.Module):
         return cfg.attention_bias
 
     @classmethod
-    def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-        return Attention(cfg, layer_idx, cls.qk_norm, cls.qkv_bias(cfg), cls.o_bias(cfg))
-
-    @classmethod
     def kv_cache_spec_for(cls, cfg: ModelConfig) -> list[KVCacheSpec]:
         """What each layer caches per token (strata/layers/kv_cache.py); families with another cache override it."""
         return [KVCacheSpec.standard(cfg.num_key_value_heads, cfg.head_dim,
