@@ -112,6 +112,7 @@ class CausalLM(nn.Module):
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
     cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
+    supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:

@@ -250,6 +250,7 @@ class DeepseekMoE(SparseMoeBlock):
 class DeepseekV2ForCausalLM(CausalLM):
     config_class = DeepseekV2Config
     use_native_decoder = False  # the one-call native decoder knows standard attention only
+    supports_tensor_parallel = False  # q_b_proj / kv_b_proj / the latent cache have no tensor-parallel split
 
     @classmethod
     def make_attention(cls, cfg, layer_idx):

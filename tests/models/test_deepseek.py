@@ -156,3 +156,12 @@ def test_router_bias_and_groups_change_the_choice(hf_deepseek):
     assert not torch.equal(ids.sort(-1).values, plain.sort(-1).values)
     groups = ids // (BASE["n_routed_experts"] // gate.n_group)  # [T, k]
     assert all(len(set(g)) <= gate.topk_group for g in groups.tolist())
+
+
+def test_tensor_parallel_refused_in_one_line(hf_deepseek):
+    from strata.distributed.tensor_parallel import check_supported
+    from strata.errors import UnsupportedError
+
+    _, path = hf_deepseek("v2_greedy")
+    with pytest.raises(UnsupportedError, match="does not support DeepseekV2ForCausalLM"):
+        check_supported(load_config(path), 2, path)
