@@ -28,6 +28,7 @@ from strata.distributed import parallel_state
 from strata.distributed.tensor_parallel import Shard, check_supported, parallelize
 from strata.errors import DistributedError, StrataError, UnsupportedError
 from strata.layers.attention import AttentionMetadata
+from strata.layers.kv_cache import allocate_kv_caches
 from strata.models.base import CausalLM
 from strata.models.registry import load_config
 
@@ -196,7 +197,7 @@ def _worker_main(rank: int, world: int, port: int, path: str, fields: dict) -> N
 def _serve(model: CausalLM) -> None:
     """Run rank 0's forwards until it sends OP_STOP."""
     kv_caches = None
-    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype
     while True:
         try:
             header = parallel_state.broadcast(torch.zeros(HEADER_LEN, dtype=torch.long), control=True).tolist()
@@ -213,9 +214,7 @@ def _serve(model: CausalLM) -> None:
         caches = None
         if has_slots:
             if kv_caches is None or kv_caches[0][0].shape[0] != num_slots:
-                shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)  # this rank's heads only
-                kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                             for _ in range(cfg.num_hidden_layers)]
+                kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_slots, dtype)  # this rank's heads only
             slot_mapping, ctx, rest = rest.split([T, num_ctx, rest.shape[0] - T - num_ctx])
             meta.slot_mapping, meta.context_slots = slot_mapping, list(ctx.split(clens_list))
             caches = kv_caches

@@ -32,6 +32,8 @@ SPLIT_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size
 
 def check_supported(cfg: ModelConfig, tp_size: int, source: str) -> None:
     """Refuse, in one line, what tensor parallel cannot split evenly or does not handle yet."""
+    if not model_class(cfg).supports_tensor_parallel:
+        raise UnsupportedError(f"{source}: --tensor-parallel-size > 1 does not support {cfg.architecture} yet")
     for name in SPLIT_FIELDS:
         v = getattr(cfg, name)
         if v % tp_size:

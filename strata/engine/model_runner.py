@@ -10,14 +10,14 @@ import itertools
 import torch
 
 from strata.engine.scheduler import ScheduledBatch
+from strata.layers import kv_cache
 from strata.layers.attention import AttentionMetadata
 from strata.models.base import CausalLM
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
-    cfg = model.config
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    """Cache bytes of one token over every layer, as the model's KV-cache spec says."""
+    return kv_cache.kv_bytes_per_token(model.kv_cache_spec(), dtype)
 
 
 def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
@@ -32,14 +32,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
-        cfg = model.config
         self.dtype = model.model.embed_tokens.weight.dtype
-        num_slots = num_blocks * block_size
-        shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        self.kv_caches = kv_cache.allocate_kv_caches(model.kv_cache_spec(), num_blocks * block_size, self.dtype)
         self._slot_offsets = torch.arange(block_size)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:

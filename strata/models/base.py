@@ -15,6 +15,7 @@ from torch import nn
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
 from strata.layers.fusion import FusedProjection, fuse_projection
+from strata.layers.kv_cache import KVCacheSpec
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
@@ -111,6 +112,7 @@ class CausalLM(nn.Module):
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
     cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
+    supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:
@@ -129,6 +131,16 @@ class CausalLM(nn.Module):
     @staticmethod
     def o_bias(cfg: ModelConfig) -> bool:
         return cfg.attention_bias
+
+    @classmethod
+    def kv_cache_spec_for(cls, cfg: ModelConfig) -> list[KVCacheSpec]:
+        """What each layer caches per token (strata/layers/kv_cache.py); families with another cache override it."""
+        return [KVCacheSpec.standard(cfg.num_key_value_heads, cfg.head_dim,
+                                     cfg.sliding_window if cfg.uses_sliding_window(i) else None)
+                for i in range(cfg.num_hidden_layers)]
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        return self.kv_cache_spec_for(self.config)
 
     @classmethod
     def make_expert(cls, cfg: ModelConfig) -> nn.Module:
@@ -171,7 +183,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        kv_caches: list[tuple[torch.Tensor, ...]] | None = None,  # per layer, as its KVCacheSpec allocates
         logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
         return_hidden: bool = False,  # the final-norm hidden states [N, H] instead of logits (embeddings)
     ) -> torch.Tensor:

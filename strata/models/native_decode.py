@@ -91,7 +91,7 @@ class NativeDecoder:
 
     @classmethod
     def build(cls, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
-        if bf16_lib() is None or any(kc.device.type != "cpu" for kc, _ in kv_caches):
+        if bf16_lib() is None or any(len(c) != 2 or c[0].device.type != "cpu" for c in kv_caches):  # K and V
             return None
         if any(p.device.type != "cpu" for p in model.parameters()) or any(
                 b.device.type != "cpu" for b in model.buffers()):

@@ -143,11 +143,13 @@ def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype,
 
 def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts, lowbit: bool,
               step_tokens: int) -> MemoryPlan:
+    from strata.models.registry import model_class
+
     elem = torch.empty(0, dtype=dtype).element_size()
     max_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
     # the KV cache as LLMEngine sizes it: whole blocks, at most kv_cache_memory, at most what is wanted
-    per_block = estimate_kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                  config.block_size, elem)
+    family = model_class(cfg)
+    per_block = estimate_kv_bytes(family.kv_cache_spec_for(cfg), config.block_size, dtype)
     wanted = config.max_num_seqs * -(-max_len // config.block_size)
     kv = max(min(wanted, config.kv_cache_memory // per_block), 1) * per_block
     from strata.weights.loader import DTYPES
@@ -155,10 +157,8 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
     stored = DTYPES.get(cfg.torch_dtype, torch.float32).itemsize
     act = estimate_activation_bytes(cfg, step_tokens, min(max_len, kv // per_block * config.block_size),
                                     config.max_num_seqs, elem, stored) + FIRST_FORWARD_GROWTH
-    from strata.models.registry import model_class
-
     with torch.device("meta"):  # the first meta build imports torch's symbolic stack (~80 MB): runtime, not weights
-        model_class(cfg)(cfg)
+        family(cfg)
     plan = plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
                        kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
                        lowbit_bytes=facts.lowbit_bytes if lowbit else 0,

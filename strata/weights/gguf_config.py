@@ -2,7 +2,8 @@
 
 llama.cpp writes the model's shape under `<arch>.<key>` (`llama.block_count`, `qwen3moe.expert_count`...).
 Mixtral is stored as architecture `llama` with `llama.expert_count`; Mistral as plain `llama` (its sliding
-window is not in the file, and llama.cpp does not use one either).
+window is not in the file, and llama.cpp does not use one either). DeepSeek-V2/V3 are `deepseek2`: sigmoid
+gating (`expert_gating_func` 2) makes it V3, anything else V2 (llama.cpp reads a missing key as softmax).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ ARCHITECTURES = {
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "olmoe": ("OlmoeForCausalLM", "olmoe"),
+    "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
 }
+DEEPSEEK_V3 = ("DeepseekV3ForCausalLM", "deepseek_v3")
+_SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # whether llama.cpp renormalises the top-k router weights, when the file does not say (expert_weights_norm)
 _NORM_TOPK = {"qwen2moe": False, "qwen3moe": True, "olmoe": False}
@@ -35,6 +39,8 @@ def gguf_architecture(g: GGUFFile) -> tuple[str, str]:
                                f"(supported: {', '.join(sorted(ARCHITECTURES))}, and llama-architecture Mixtral)")
     if arch == "llama" and (g.get("llama.expert_count") or 0) > 0:
         return MIXTRAL
+    if arch == "deepseek2" and _int(g, "deepseek2.expert_gating_func") == _SIGMOID_GATING:
+        return DEEPSEEK_V3
     return ARCHITECTURES[arch]
 
 
@@ -86,6 +92,8 @@ def hf_config(g: GGUFFile) -> dict:
     kv_heads = _int(g, f"{arch}.attention.head_count_kv") or heads
     head_dim = _int(g, f"{arch}.attention.key_length") or hidden // heads
     rotary = _int(g, f"{arch}.rope.dimension_count")
+    if arch == "deepseek2":  # latent attention: the rotary part is the decoupled key only
+        kv_heads, head_dim = heads, rotary
     if rotary is not None and rotary != head_dim:
         raise UnsupportedError(f"{g.path}: metadata field '{arch}.rope.dimension_count' is {rotary}, not the "
                                f"head size {head_dim} (partial rotary embeddings are not supported)")
@@ -142,11 +150,55 @@ def hf_config(g: GGUFFile) -> dict:
         cfg["norm_topk_prob"] = bool(g.get(f"{arch}.expert_weights_norm", _NORM_TOPK[arch]))
         cfg["decoder_sparse_step"] = 1
         cfg["mlp_only_layers"] = sorted(int(m[1]) for n in g.tensors if (m := _DENSE_FFN.fullmatch(n)))
+    elif arch == "deepseek2":
+        cfg.update(_deepseek2(g, need, heads, model_type == "deepseek_v3"))
+        cfg["intermediate_size"] = ff or cfg["moe_intermediate_size"]
     else:
         if not ff:
             raise WeightsError(f"{g.path}: metadata field '{arch}.feed_forward_length' missing or not positive")
         cfg["intermediate_size"] = ff
     return cfg
+
+
+def _deepseek2(g: GGUFFile, need, heads: int, sigmoid: bool) -> dict:
+    """DeepSeek-V2/V3's config.json fields from `deepseek2.*` (llama.cpp's converter names in the comments)."""
+    rope = need("rope.dimension_count")  # qk_rope_head_dim
+    qk = need("attention.key_length_mla")  # qk_nope_head_dim + qk_rope_head_dim
+    bias = next((n for n in g.tensors if n.endswith(".exp_probs_b.bias")), None)
+    if bias and not sigmoid:
+        raise UnsupportedError(f"{g.path}: tensor '{bias}' with softmax expert gating is not "
+                               f"supported (DeepSeek-V3 files set deepseek2.expert_gating_func = 2, sigmoid)")
+    groups = _int(g, "deepseek2.expert_group_count") or 1
+    out = {
+        "q_lora_rank": _int(g, "deepseek2.attention.q_lora_rank"),
+        "kv_lora_rank": need("attention.kv_lora_rank"),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": qk - rope,
+        "v_head_dim": need("attention.value_length_mla"),
+        "n_routed_experts": need("expert_count"),
+        "num_experts_per_tok": need("expert_used_count"),
+        "moe_intermediate_size": need("expert_feed_forward_length"),
+        "n_shared_experts": _int(g, "deepseek2.expert_shared_count") or 0,
+        "first_k_dense_replace": _int(g, "deepseek2.leading_dense_block_count") or 0,
+        "routed_scaling_factor": float(g.get("deepseek2.expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(g.get("deepseek2.expert_weights_norm", False)),
+        "n_group": groups,
+        "topk_group": _int(g, "deepseek2.expert_group_used_count") or groups,
+        "scoring_func": "sigmoid" if sigmoid else "softmax",
+        "topk_method": "noaux_tc" if sigmoid else ("group_limited_greedy" if groups > 1 else "greedy"),
+        "num_key_value_heads": heads,
+    }
+    log_mul = g.get("deepseek2.rope.scaling.yarn_log_multiplier")
+    scaling = _rope_scaling(g, "deepseek2")
+    if scaling and log_mul:  # the converter writes 0.1 * mscale_all_dim; DeepSeek's configs set mscale to match
+        scaling["mscale"] = scaling["mscale_all_dim"] = float(log_mul) / 0.1
+    if scaling and scaling["rope_type"] == "yarn":
+        for key in ("beta_fast", "beta_slow"):
+            v = g.get(f"deepseek2.rope.scaling.yarn_{key}")
+            if v is not None:
+                scaling[key] = float(v)
+    out["rope_scaling"] = scaling
+    return out
 
 
 def generation_config(cfg: dict) -> dict:
