@@ -43,6 +43,8 @@ class Attention(nn.Module):
         self.qkv_fused: FusedProjection | None = None  # [H] -> [Hq*D + 2*Hkv*D], set by fuse_projections()
         self.clip_qkv = cfg.raw.get("clip_qkv")
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
+        self.scale: float | None = None  # None: head_dim ** -0.5
+        self.sinks: torch.Tensor | None = None  # [Hq] per-head softmax sink logits (gpt-oss)
 
     def fuse_projections(self) -> bool:
         self.qkv_fused = fuse_projection([self.q_proj, self.k_proj, self.v_proj])
@@ -65,14 +67,14 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window)  # [T, Hq, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window, self.sinks, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, -1))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, family: type[CausalLM]):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, family.qk_norm, family.qkv_bias(cfg), family.o_bias(cfg))
+        self.self_attn = family.make_attention(cfg, layer_idx)
         setattr(self, family.mlp_name, family.make_mlp(cfg, layer_idx))
         self.mlp_name = family.mlp_name
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -94,7 +96,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, family: type[CausalLM]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, family) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([family.decoder_layer_class(cfg, i, family) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -104,6 +106,14 @@ class CausalLM(nn.Module):
     qk_norm: str | None = None  # None, "head" (Qwen3) or "full" (OLMoE)
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
+    decoder_layer_class: type[nn.Module] = DecoderLayer  # (cfg, layer_idx, family); Gemma 3 has its own block
+    config_class: type | None = None  # the family's own config.json keys: a dataclass with from_hf(d: dict)
+    own_quant_methods: tuple[str, ...] = ()  # quantization_config.quant_method values the family's modules read
+
+    @classmethod
+    def sanitize(cls, name: str) -> str | None:
+        """A checkpoint tensor's name as this model names it (None: drop the tensor)."""
+        return name
 
     @staticmethod
     def qkv_bias(cfg: ModelConfig) -> bool:
@@ -112,6 +122,10 @@ class CausalLM(nn.Module):
     @staticmethod
     def o_bias(cfg: ModelConfig) -> bool:
         return cfg.attention_bias
+
+    @classmethod
+    def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return Attention(cfg, layer_idx, cls.qk_norm, cls.qkv_bias(cfg), cls.o_bias(cfg))
 
     @classmethod
     def make_expert(cls, cfg: ModelConfig) -> nn.Module:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -73,6 +75,41 @@ def iter_checkpoint(files: list[str]):
             yield fn, k, (lambda h=handle, k=k: h.get_tensor(k))
 
 
+def sanitized(entries, cls: type[CausalLM]):
+    """Checkpoint entries under the family's names (`CausalLM.sanitize`; tensors it drops are left out)."""
+    for fn, name, get in entries:
+        new = cls.sanitize(name)
+        if new is not None:
+            yield fn, new, get
+
+
+_STACKED_EXPERTS = re.compile(r"^(.*\.experts)\.([^.]+)$")
+
+
+def unstack_experts(entries, expected: dict):
+    """Splits a stacked expert tensor `...experts.NAME [E, ...]` (gpt-oss) into the per-expert entries
+    `...experts.e.NAME` the model's expert modules hold; each is a view of the stacked tensor."""
+    for fn, name, get in entries:
+        m = _STACKED_EXPERTS.match(name)
+        if name in expected or m is None or f"{m[1]}.0.{m[2]}" not in expected:
+            yield fn, name, get
+            continue
+        count = 0
+        while f"{m[1]}.{count}.{m[2]}" in expected:
+            count += 1
+        whole = functools.cache(get)  # read once for all its experts
+        for e in range(count):
+            yield fn, f"{m[1]}.{e}.{m[2]}", (lambda fn=fn, name=name, whole=whole, e=e, n=count: _expert_slice(
+                fn, name, whole(), e, n))
+
+
+def _expert_slice(fn: str, name: str, t: torch.Tensor, e: int, count: int) -> torch.Tensor:
+    if t.dim() == 0 or t.shape[0] != count:
+        raise WeightsError(f"{fn}: tensor '{name}' has shape {list(t.shape)}, expected {count} experts "
+                           "stacked in its first dimension (config.json)")
+    return t[e]
+
+
 def load_model(
     path: str,
     dtype: str | torch.dtype | None = None,
@@ -94,7 +131,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    formats = read_quantization_config(cfg.raw)  # one line for a method or format Strata does not run
+    method = (cfg.raw.get("quantization_config") or {}).get("quant_method")
+    # one line for a method or format Strata does not run; a family reads its own methods (gpt-oss: mxfp4)
+    formats = {} if method in cls.own_quant_methods else read_quantization_config(cfg.raw)
     if formats:
         from strata.layers.quant_linear import swap_linears
 
@@ -104,7 +143,7 @@ def load_model(
         expected.pop("lm_head.weight", None)
     files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
-    entries = list(iter_checkpoint(files))
+    entries = list(unstack_experts(sanitized(iter_checkpoint(files), cls), expected))
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
     for fn, name, get in bar:
         if name not in expected:
