@@ -4,6 +4,7 @@ from strata.config import ModelConfig
 from strata.errors import UnsupportedError
 from strata.models.base import CausalLM
 from strata.models.gemma3 import Gemma3ForCausalLM
+from strata.models.gpt_oss import GptOssForCausalLM
 from strata.models.llama import LlamaForCausalLM
 from strata.models.mistral import MistralForCausalLM
 from strata.models.mixtral import MixtralForCausalLM
@@ -25,6 +26,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
         Qwen3MoeForCausalLM,
         OlmoeForCausalLM,
         Gemma3ForCausalLM,
+        GptOssForCausalLM,
     )
 }
 

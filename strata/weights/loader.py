@@ -131,9 +131,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    method = (cfg.raw.get("quantization_config") or {}).get("quant_method")
-    # one line for a method or format Strata does not run; a family reads its own methods (gpt-oss: mxfp4)
-    formats = {} if method in cls.own_quant_methods else read_quantization_config(cfg.raw)
+    # one line for a method or format Strata does not run; a family may read its own (gpt-oss: mxfp4)
+    formats = read_quantization_config(cfg.raw, cls.own_quant_methods)
     if formats:
         from strata.layers.quant_linear import swap_linears
 
