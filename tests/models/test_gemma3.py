@@ -120,3 +120,31 @@ def test_legacy_config_keys(gemma, tmp_path):
     args = Gemma3TextConfig.from_hf(ModelConfig.from_dict(d).raw)
     assert args.layer_types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
     assert (args.rope_theta, args.rope_local_base_freq, args.rope_scaling["factor"]) == (1e6, 1e4, 2.0)
+
+
+def test_gguf_from_llama_cpp_converter_matches_transformers(tmp_path):
+    """llama.cpp's converter writes norms as 1 + weight, a fixed sliding pattern (every 6th layer global) and no
+    query_pre_attn_scalar (it scales by head_dim): a checkpoint that fits those rules converts exactly."""
+    from strata import LLM, SamplingParams
+    from strata.weights.gguf_convert import convert_gguf
+    from tests.models.llama_cpp_convert import convert_to_gguf
+
+    # 303 rows: the converter keeps len(vocab) + len(added_tokens) of tokenizer.json, which the plain tokenizer
+    # class (not Gemma's, which would add its own special tokens) reports as they are
+    hf = build(tmp_path / "hf", seed=3, vocab_size=303, num_hidden_layers=7, layer_types=None,
+               query_pre_attn_scalar=16)
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert hf.config.layer_types[5] == "full_attention" and hf.config.layer_types[6] == "sliding_attention"
+    gguf_file = convert_to_gguf(tmp_path / "hf", tmp_path / "tiny.gguf")
+    ours = load_model(str(convert_gguf(gguf_file, tmp_path / "back")), progress=False)
+    ids = _ids(30, 6) % 303
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(ours(ids, torch.arange(30), AttentionMetadata.no_cache([30])), ref, atol=1e-4, rtol=1e-4)
+    prompt = ids[:9]
+    with torch.no_grad():
+        want = hf.generate(prompt[None], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           min_new_tokens=16)[0, 9:].tolist()
+    got = LLM(str(gguf_file), progress=False).generate([prompt.tolist()], SamplingParams(temperature=0, max_tokens=16,
+                                                                                         ignore_eos=True))
+    assert got[0].outputs[0].token_ids == want

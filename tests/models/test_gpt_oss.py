@@ -3,6 +3,7 @@ the sliding window, greedy generation (resident and with experts tiered under --
 experts (quantized here following the OCP MX spec) against transformers on the same dequantized weights."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ CONFIG = dict(  # noqa: C408 (HF keyword names, as tests/models/conftest.py)
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
-def build(path, seed: int = 0):
+def build(path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**CONFIG)).float().eval()
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**{**CONFIG, **overrides})).float().eval()
     with torch.no_grad():  # spread logits and routing; sinks and biases large enough to matter
         for name, p in model.named_parameters():
             p.normal_(0, 0.3 if p.ndim == 1 else 0.15 if "experts" in name else 0.08)
@@ -62,11 +63,8 @@ def gpt_oss(tmp_path_factory):
     return build(path), str(path)
 
 
-@pytest.fixture(scope="module")
-def gpt_oss_mxfp4(tmp_path_factory):
-    """(transformers model with the dequantized experts, folder of the MXFP4 checkpoint)."""
-    path = tmp_path_factory.mktemp("gpt_oss_mxfp4")
-    hf = build(path, seed=1)
+def to_mxfp4(hf, path: Path) -> None:
+    """Rewrites the checkpoint at `path` with MXFP4 experts, as gpt-oss ships; `hf` gets the dequantized values."""
     state = load_file(path / "model.safetensors")
     for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         blocks, scales = mxfp4_quantize(state.pop(name).transpose(1, 2))  # [E, out, in] as the checkpoints
@@ -78,6 +76,14 @@ def gpt_oss_mxfp4(tmp_path_factory):
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
                                   "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tmp_path_factory):
+    """(transformers model with the dequantized experts, folder of the MXFP4 checkpoint)."""
+    path = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    hf = build(path, seed=1)
+    to_mxfp4(hf, path)
     return hf, str(path)
 
 
@@ -165,3 +171,26 @@ def test_bf16_decode_agrees_with_float32(request, which):
     half = paged_logits(load_model(path, dtype="bfloat16", progress=False), seqs, [6, 9], dtype=torch.bfloat16)
     for a, b in zip(ref, half):
         assert (a.argmax(-1) == b.float().argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("mxfp4", [False, True])
+def test_gguf_from_llama_cpp_converter_matches_transformers(tmp_path, mxfp4):
+    """llama.cpp's converter splits gate_up_proj into gate and up (MXFP4 experts repacked as GGUF MXFP4 blocks)
+    and fixes the SwiGLU limit at 7: such a checkpoint converts back exactly."""
+    from strata import LLM, SamplingParams
+    from strata.weights.gguf_convert import convert_gguf
+    from tests.models.llama_cpp_convert import convert_to_gguf
+
+    hf = build(tmp_path / "hf", seed=4, swiglu_limit=7.0)
+    if mxfp4:
+        to_mxfp4(hf, tmp_path / "hf")
+    gguf_file = convert_to_gguf(tmp_path / "hf", tmp_path / "tiny.gguf")
+    ours = load_model(str(convert_gguf(gguf_file, tmp_path / "back")), progress=False)
+    ids = _ids(30, 6)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(ours(ids, torch.arange(30), AttentionMetadata.no_cache([30])), ref, atol=1e-4, rtol=1e-4)
+    prompt = ids[:9]
+    got = LLM(str(gguf_file), progress=False).generate([prompt.tolist()], SamplingParams(temperature=0, max_tokens=16,
+                                                                                         ignore_eos=True))
+    assert got[0].outputs[0].token_ids == _greedy_ref(hf, prompt, 16)
