@@ -33,7 +33,7 @@ from torch import nn
 from strata.fileio import write_text_atomic
 from strata.layers.linear import linear
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES, random_blocks
+from strata.quant.kquant import BLOCK_BYTES, random_blocks
 
 OUT = ROOT / "docs" / "benchmarks" / "quant_kernels"
 # (label, format or None for bf16, backend)

@@ -24,11 +24,11 @@ def _add_llama2c(formats) -> None:
 
 
 def _run_llama2c(args: argparse.Namespace) -> int:
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
     from strata.weights.llama2c import convert_llama2c
 
     out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, overwrite=args.force)
-    c = ModelConfig.from_pretrained(out)
+    c = load_config(out)
     print(f"wrote {out}: LlamaForCausalLM hidden={c.hidden_size} layers={c.num_hidden_layers} "
           f"heads={c.num_attention_heads}/{c.num_key_value_heads} vocab={c.vocab_size} "
           f"max_positions={c.max_position_embeddings} tied={c.tie_word_embeddings}")
@@ -53,11 +53,11 @@ def _add_gguf(formats) -> None:
 
 
 def _run_gguf(args: argparse.Namespace) -> int:
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
     from strata.weights.gguf_convert import convert_gguf
 
     out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force, keep_quantized=args.keep_quantized)
-    c = ModelConfig.from_pretrained(out)
+    c = load_config(out)
     experts = f" experts={c.num_experts}/{c.num_experts_per_tok}" if c.num_experts else ""
     print(f"wrote {out}: {c.architecture} hidden={c.hidden_size} layers={c.num_hidden_layers} "
           f"heads={c.num_attention_heads}/{c.num_key_value_heads}{experts} vocab={c.vocab_size} "

@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 
 from strata.commands.engine_args import add_dataclass_args, add_engine_args, engine_config_from_args
-from strata.config import ModelConfig, knob
+from strata.config import knob
 from strata.errors import ConfigError, StrataError
+from strata.models.registry import load_config
 
 
 @dataclass
@@ -72,7 +73,7 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     SpeculativeConfig.from_value(getattr(args, "speculative_config", None))  # a bad value fails before the port opens
     config = engine_config_from_args(args, model=model)  # nonsensical flags fail here, before the port is bound
     if os.path.isfile(os.path.join(model, "config.json")):  # refuse a bad --max-model-len before binding the port
-        resolve_max_model_len(config, ModelConfig.from_pretrained(model), model)
+        resolve_max_model_len(config, load_config(model), model)
     template = load_chat_template(args.chat_template) if getattr(args, "chat_template", None) else None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None

@@ -23,12 +23,13 @@ import weakref
 import torch
 import torch.multiprocessing as mp
 
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.distributed import parallel_state
 from strata.distributed.tensor_parallel import Shard, check_supported, parallelize
 from strata.errors import DistributedError, StrataError, UnsupportedError
 from strata.layers.attention import AttentionMetadata
 from strata.models.base import CausalLM
+from strata.models.registry import load_config
 
 OP_FORWARD, OP_STOP = 1, 2
 # header: op, tokens, sequences, context slots in all, cache slots (0 = no cache), logits rows (-1 = all),
@@ -138,7 +139,7 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
     """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard (a model whose forwards drive the
     workers). The workers stop when the model is garbage collected, at exit, or with `shutdown(model)`."""
     _check_config(config)
-    check_supported(ModelConfig.from_pretrained(path), config.tensor_parallel_size, path)  # before any spawn
+    check_supported(load_config(path), config.tensor_parallel_size, path)  # before any spawn
     if parallel_state.is_initialized():
         raise UnsupportedError("one tensor-parallel engine per process: shut the previous one down first")
     world = config.tensor_parallel_size

@@ -86,7 +86,6 @@ class ModelRunner:
                 sample_rows.extend(range(row - (num_scored[i] if num_scored else 1), row))
                 sampled.append(i)
         meta = AttentionMetadata(starts, qlens, clens, torch.cat(slot_parts), ctx_slots)
-        self.model.current_batch = batch  # lets routing record/replay hooks label rows (strata/tiers/runtime.py)
         out = self.model(
             torch.tensor(ids, dtype=torch.long),
             torch.cat(positions),
@@ -115,7 +114,6 @@ class ModelRunner:
         lens = [len(p) for p in prompts]
         starts = [0, *itertools.accumulate(lens)][:-1]
         meta = AttentionMetadata(starts, lens, lens)
-        self.model.current_batch = None
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)  # [T]
         positions = torch.cat([torch.arange(n) for n in lens])  # [T]
         hidden = self.model(ids, positions, meta, None, return_hidden=True).float()  # [T, H]

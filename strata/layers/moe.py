@@ -36,14 +36,16 @@ from strata.layers.moe_native import NativeExperts
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, expert_factory: Callable[[], nn.Module]):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, expert_factory: Callable[[], nn.Module],
+                 cast_weights: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
-        # Mixtral keeps the routing weights in float32 when scaling expert outputs; Qwen/OLMoE cast first.
-        self.cast_weights = cfg.model_type != "mixtral"
+        # cast the routing weights to the activations' dtype before scaling expert outputs (Qwen, OLMoE);
+        # False keeps them float32 (Mixtral)
+        self.cast_weights = cast_weights
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList([expert_factory() for _ in range(cfg.num_experts)])
         if cfg.shared_expert_intermediate_size:

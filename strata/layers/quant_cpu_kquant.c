@@ -1,6 +1,6 @@
 /* GEMV and bf16 dequantization of llama.cpp's K-quant blocks (q4_k, q5_k, q6_k), read as GGUF stores them.
  *
- * Layouts: strata/weights/kquant.py. Each 256-weight super-block is 8 sub-blocks of 32 weights; a sub-block's
+ * Layouts: strata/quant/kquant.py. Each 256-weight super-block is 8 sub-blocks of 32 weights; a sub-block's
  * codes (4, 5 or 6 bits) go into 16-bit lanes and become the bf16 number 128 + q by OR-ing in 0x4300 (exact:
  * q < 128), so the dot products run on vdpbf16ps straight against the bf16 activations (32 consecutive
  * weights against 32 consecutive x). The 16 fp32 lanes of one product cover weights 2i and 2i + 1 in lane i,

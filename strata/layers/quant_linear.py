@@ -1,4 +1,4 @@
-"""QuantLinear: a linear layer whose weight is stored in one of the formats of strata/weights/quant_format.py.
+"""QuantLinear: a linear layer whose weight is stored in one of the formats of strata/quant/format.py.
 
 Buffers carry the on-disk names (`qweight`, `scales`, [`zeros`], [`bias`]) so a checkpoint loads by HF name
 with `load_state_dict(..., assign=True)`; `post_load()` then prepares the kernel layout once. Kernels, in
@@ -27,8 +27,8 @@ from torch import nn
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers import quant_native
-from strata.weights import kquant
-from strata.weights.quant_format import (
+from strata.quant import kquant
+from strata.quant.format import (
     MXFP4_GROUP,
     QuantFormat,
     check_tensors,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.config import ModelConfig
+from strata.config import HFFields, ModelConfig
 from strata.errors import ConfigError, UnsupportedError
 from strata.layers.mlp import MLP
 from strata.layers.rotary import RotaryEmbedding
@@ -40,52 +40,58 @@ def _rope_scaling(s: dict | None) -> dict | None:
 
 
 @dataclass
-class Gemma3TextConfig:
-    """The config.json keys of gemma3_text that ModelConfig does not hold (transformers' defaults)."""
+class Gemma3TextConfig(ModelConfig):
+    """gemma3_text's config.json; rope_theta and rope_scaling are the global layers' (transformers' defaults)."""
 
-    layer_types: list[str]
-    sliding_window: int
+    layer_types: list[str] = field(default_factory=list)
     query_pre_attn_scalar: float = 256
-    rope_theta: float = 1_000_000.0  # global layers
-    rope_scaling: dict | None = None  # global layers
     rope_local_base_freq: float = 10_000.0  # sliding layers
     final_logit_softcapping: float | None = None
-    tie_word_embeddings: bool = True
 
     @classmethod
-    def from_hf(cls, d: dict, source: str = "config.json") -> Gemma3TextConfig:
-        n = d["num_hidden_layers"]
+    def hf_fields(cls, f: HFFields) -> dict:
+        d, source = f.d, f.source
+        n = f.need("num_hidden_layers")
         if d.get("attn_logit_softcapping") is not None:
             raise UnsupportedError(f"{source}: field 'attn_logit_softcapping' is set "
                                    f"({d['attn_logit_softcapping']!r}); Gemma 3 runs without it (expected null)")
         if d.get("use_bidirectional_attention"):
             raise UnsupportedError(f"{source}: field 'use_bidirectional_attention' is true; only causal "
                                    "attention is supported")
-        act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+        act = f.get("hidden_activation", "gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise UnsupportedError(f"{source}: field 'hidden_activation' must be gelu_pytorch_tanh, got {act!r}")
-        pattern = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6
-        types = d.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+        pattern = f.get("sliding_window_pattern") or f.get("_sliding_window_pattern") or 6
+        types = f.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
         if len(types) != n or any(t not in (SLIDING, FULL) for t in types):
             raise ConfigError(f"{source}: field 'layer_types' must list {n} of {SLIDING!r} / {FULL!r}, got {types!r}")
-        rope = d.get("rope_parameters") or {}
+        rope = f.get("rope_parameters", {})
         if FULL in rope or SLIDING in rope:  # transformers 5: one rope dict per layer type
             full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
             theta, scaling = full.get("rope_theta", 1_000_000.0), _rope_scaling(full)
             local_theta = local.get("rope_theta", 10_000.0)
         else:
-            theta, scaling = d.get("rope_theta") or 1_000_000.0, _rope_scaling(d.get("rope_scaling"))
-            local_theta = d.get("rope_local_base_freq") or 10_000.0
-        window = d.get("sliding_window") or 4096
-        scalar = d.get("query_pre_attn_scalar") or 256
-        cap = d.get("final_logit_softcapping")
-        for name, v in (("sliding_window", window), ("query_pre_attn_scalar", scalar), ("rope_theta", theta),
-                        ("rope_local_base_freq", local_theta), ("final_logit_softcapping", cap or 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{source}: field '{name}' must be a number > 0, got {v!r}")
-        tie = d.get("tie_word_embeddings")
-        return cls(list(types), int(window), float(scalar), float(theta), scaling, float(local_theta),
-                   None if cap is None else float(cap), True if tie is None else bool(tie))
+            theta, scaling = f.get("rope_theta", 1_000_000.0), _rope_scaling(f.get("rope_scaling"))
+            local_theta = f.get("rope_local_base_freq", 10_000.0)
+        cap = f.get("final_logit_softcapping")
+        positive = (lambda v: v > 0, "a number > 0")
+        return {
+            **super().hf_fields(HFFields({**d, "rope_parameters": None, "rope_scaling": scaling}, source)),
+            "rope_theta": f.number("rope_theta", 0, *positive, theta),
+            "rope_local_base_freq": f.number("rope_local_base_freq", 0, *positive, local_theta),
+            "rope_scaling": scaling,
+            "sliding_window": int(f.number("sliding_window", 4096, *positive)),
+            "query_pre_attn_scalar": f.number("query_pre_attn_scalar", 256, *positive),
+            "final_logit_softcapping": None if cap is None else f.number("final_logit_softcapping", 0, *positive),
+            "tie_word_embeddings": f.flag("tie_word_embeddings", True),
+            "layer_types": list(types),
+        }
+
+    def uses_sliding_window(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == SLIDING
+
+    def attention_param_count(self) -> int:  # with q/k norms, and the block's two norms beyond input/post-attn
+        return super().attention_param_count() + 2 * self.head_dim + 2 * self.hidden_size
 
 
 class Gemma3RMSNorm(nn.Module):
@@ -117,10 +123,10 @@ class Gemma3MLP(MLP):
 class Gemma3Rotary:
     """cos/sin for both layer kinds: ({layer type: cos [T, 1, D]}, {layer type: sin [T, 1, D]})."""
 
-    def __init__(self, cfg: ModelConfig, args: Gemma3TextConfig):
+    def __init__(self, cfg: Gemma3TextConfig):
         self.by_type = {
-            FULL: RotaryEmbedding(dataclasses.replace(cfg, rope_theta=args.rope_theta, rope_scaling=args.rope_scaling)),
-            SLIDING: RotaryEmbedding(dataclasses.replace(cfg, rope_theta=args.rope_local_base_freq, rope_scaling=None)),
+            FULL: RotaryEmbedding(cfg),
+            SLIDING: RotaryEmbedding(dataclasses.replace(cfg, rope_theta=cfg.rope_local_base_freq, rope_scaling=None)),
         }
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -129,15 +135,13 @@ class Gemma3Rotary:
 
 
 class Gemma3Attention(Attention):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__(cfg, layer_idx, None, cfg.attention_bias, cfg.attention_bias)
-        args = Gemma3TextConfig.from_hf(cfg.raw, cfg.source)
-        self.layer_type = args.layer_types[layer_idx]
+    def __init__(self, cfg: Gemma3TextConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx, None, cfg.attention_bias, cfg.attention_bias)  # sliding: cfg's rule
+        self.layer_type = cfg.layer_types[layer_idx]
         self.qk_norm = "head"
         self.q_norm = Gemma3RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = Gemma3RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.sliding_window = args.sliding_window if self.layer_type == SLIDING else None
-        self.scale = args.query_pre_attn_scalar**-0.5
+        self.scale = cfg.query_pre_attn_scalar**-0.5
 
     def forward(self, x, cos, sin, meta, kv_cache) -> torch.Tensor:
         return super().forward(x, cos[self.layer_type], sin[self.layer_type], meta, kv_cache)
@@ -172,21 +176,18 @@ class Gemma3ForCausalLM(CausalLM):
     def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         return Gemma3Attention(cfg, layer_idx)
 
-    def __init__(self, cfg: ModelConfig):
-        args = Gemma3TextConfig.from_hf(cfg.raw, cfg.source)
-        cfg.tie_word_embeddings = args.tie_word_embeddings  # Gemma ties unless config.json says otherwise
+    def __init__(self, cfg: Gemma3TextConfig):
         super().__init__(cfg)
-        self.args = args
         self.model.embed_tokens = Gemma3ScaledEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.model.norm = Gemma3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def post_load(self) -> None:
         super().post_load()
-        self.rotary = Gemma3Rotary(self.config, self.args)
+        self.rotary = Gemma3Rotary(self.config)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         out = super().forward(*args, **kwargs)
-        cap = self.args.final_logit_softcapping
+        cap = self.config.final_logit_softcapping
         if cap is None or kwargs.get("return_hidden") or (len(args) > 5 and args[5]):
             return out
         return torch.tanh(out / cap) * cap  # [N, V]

@@ -9,78 +9,86 @@ What differs from the Llama-style decoder:
   sigmoid(alpha * gate) with alpha = swiglu_alpha (1.702);
 - expert weights as the checkpoint stacks them (`experts.gate_up_proj [E, H, 2I]`, transposed against nn.Linear)
   or, with quantization_config.quant_method "mxfp4", as MXFP4 blocks and e8m0 scales (`*_blocks [E, out, in/32,
-  16]`, `*_scales [E, out, in/32]`), run by the mxfp4 format of weights/quant_format.py without a float copy.
+  16]`, `*_scales [E, out, in/32]`), run by the mxfp4 format of quant/format.py without a float copy.
 The loader splits stacked expert tensors per expert, so the experts go through SparseMoeBlock's dispatch and
 the expert tiers (--memory-budget) like any other family's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.config import ModelConfig
+from strata.config import HFFields, ModelConfig
 from strata.errors import ConfigError, UnsupportedError
 from strata.layers.linear import Linear
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.quant_linear import quantized_linear
 from strata.models.base import Attention, CausalLM
-from strata.weights.quant_format import QuantFormat
+from strata.quant.format import QuantFormat
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 MXFP4 = QuantFormat.parse("mxfp4")
 
 
 @dataclass
-class GptOssConfig:
-    """The config.json keys of gpt_oss that ModelConfig does not hold (transformers' defaults)."""
+class GptOssConfig(ModelConfig):
+    """gpt_oss's config.json (transformers' defaults where a key is absent)."""
 
-    layer_types: list[str]
-    sliding_window: int = 128
+    layer_types: list[str] = field(default_factory=list)
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
-    attention_bias: bool = True
-    mxfp4_experts: bool = False
+    mxfp4_experts: bool = False  # quantization_config.quant_method "mxfp4": experts as *_blocks / *_scales
+
+    needs_experts = True
+    attention_bias_default = True
 
     @classmethod
-    def from_hf(cls, d: dict, source: str = "config.json") -> GptOssConfig:
-        n = d["num_hidden_layers"]
-        types = d.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
+    def hf_fields(cls, f: HFFields) -> dict:
+        source = f.source
+        n = f.need("num_hidden_layers")
+        types = f.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
         if len(types) != n or any(t not in (SLIDING, FULL) for t in types):
             raise ConfigError(f"{source}: field 'layer_types' must list {n} of {SLIDING!r} / {FULL!r}, got {types!r}")
-        method = (d.get("quantization_config") or {}).get("quant_method")
+        method = (f.get("quantization_config") or {}).get("quant_method")
         if method not in (None, "mxfp4"):
             raise UnsupportedError(f"{source}: quantization_config.quant_method {method!r}: gpt_oss checkpoints "
                                    "run unquantized or with mxfp4 experts")
-        vals = {k: d.get(k) if d.get(k) is not None else default
-                for k, default in (("sliding_window", 128), ("swiglu_limit", 7.0), ("swiglu_alpha", 1.702))}
-        for k, v in vals.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{source}: field '{k}' must be a number > 0, got {v!r}")
-        bias = d.get("attention_bias")
-        return cls(list(types), int(vals["sliding_window"]), float(vals["swiglu_limit"]), float(vals["swiglu_alpha"]),
-                   True if bias is None else bool(bias), method == "mxfp4")
+        positive = (lambda v: v > 0, "a number > 0")
+        return {**super().hf_fields(f), "layer_types": list(types),
+                "sliding_window": int(f.number("sliding_window", 128, *positive)),
+                "swiglu_limit": f.number("swiglu_limit", 7.0, *positive),
+                "swiglu_alpha": f.number("swiglu_alpha", 1.702, *positive), "mxfp4_experts": method == "mxfp4"}
+
+    def uses_sliding_window(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == SLIDING
+
+    def attention_param_count(self) -> int:  # with o_proj's bias, the sinks, and the router's bias (per expert)
+        return super().attention_param_count() + self.hidden_size + self.num_attention_heads + self.num_experts
+
+    @property
+    def expert_param_count(self) -> int:  # with the gate_up and down biases
+        return super().expert_param_count + 2 * self.moe_intermediate_size + self.hidden_size
 
 
 class GptOssAttention(Attention):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, args: GptOssConfig):
-        super().__init__(cfg, layer_idx, None, args.attention_bias, args.attention_bias)
-        self.sliding_window = args.sliding_window if args.layer_types[layer_idx] == SLIDING else None
+    def __init__(self, cfg: GptOssConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx, None, cfg.attention_bias, cfg.attention_bias)  # sliding: cfg's rule
         self.sinks = nn.Parameter(torch.zeros(cfg.num_attention_heads))  # [Hq]
 
 
 class GptOssExpert(nn.Module):
     """One expert, tensors named as the checkpoint's stacked ones (one expert's slice of each)."""
 
-    def __init__(self, cfg: ModelConfig, args: GptOssConfig):
+    def __init__(self, cfg: GptOssConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.moe_intermediate_size
         self.hidden_size, self.intermediate_size = h, i
-        self.limit, self.alpha = args.swiglu_limit, args.swiglu_alpha
-        self.mxfp4 = args.mxfp4_experts
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        self.mxfp4 = cfg.mxfp4_experts
         if self.mxfp4:
             if h % 32 or i % 32:
                 raise ConfigError(f"{cfg.source}: mxfp4 experts need hidden_size and intermediate_size divisible "
@@ -135,15 +143,13 @@ class GptOssForCausalLM(CausalLM):
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:
-        return name.replace(".mlp.router.", ".mlp.gate.")
+        name = super().sanitize(name)
+        return None if name is None else name.replace(".mlp.router.", ".mlp.gate.")
 
     @classmethod
-    def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-        return GptOssAttention(cfg, layer_idx, GptOssConfig.from_hf(cfg.raw, cfg.source))
+    def make_attention(cls, cfg: GptOssConfig, layer_idx: int) -> nn.Module:
+        return GptOssAttention(cfg, layer_idx)
 
     @classmethod
-    def make_mlp(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-        if not cfg.is_moe:
-            raise ConfigError(f"{cfg.source}: gpt_oss needs 'num_local_experts' > 0")
-        args = GptOssConfig.from_hf(cfg.raw, cfg.source)
-        return GptOssMoeBlock(cfg, layer_idx, lambda: GptOssExpert(cfg, args))
+    def make_mlp(cls, cfg: GptOssConfig, layer_idx: int) -> nn.Module:
+        return GptOssMoeBlock(cfg, layer_idx, lambda: GptOssExpert(cfg))

@@ -50,34 +50,6 @@ class RequestFailedError(RuntimeError):
     pass
 
 
-class _IsolatingSampler:
-    """Wraps the engine's sampler: when a batch fails, re-samples row by row and records which requests
-    raised, so the AsyncEngine can fail those alone."""
-
-    def __init__(self, inner, placeholder_token: int):
-        self.inner = inner
-        self.placeholder = placeholder_token
-        self.failed: dict[str, Exception] = {}
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, logits, seqs):
-        marks = [len(s.logprobs) for s in seqs]
-        try:
-            return self.inner(logits, seqs)
-        except Exception:  # noqa: BLE001 - find the culprit row below
-            tokens = []
-            for i, seq in enumerate(seqs):
-                del seq.logprobs[marks[i]:]  # rows sampled before the failure appended once already
-                try:
-                    tokens.extend(self.inner(logits[i : i + 1], [seq]))
-                except Exception as e:  # noqa: BLE001
-                    self.failed[seq.request_id] = e
-                    tokens.append(self.placeholder)
-            return tokens
-
-
 class RequestStream:
     """Async iterator of RequestOutput for one request; closing it early aborts the request."""
 
@@ -245,8 +217,7 @@ class AsyncEngine:
         try:
             self.engine = self._factory()
             self._publish_gauges()
-            eos = self.engine.eos_token_ids
-            self.engine.sampler = _IsolatingSampler(self.engine.sampler, eos[0] if eos else 0)
+            self.engine.isolate_sampling_failures()
         except Exception as e:
             if isinstance(e, StrataError):  # a message the user can act on: no traceback
                 log.error("model failed to load: %s", e)
@@ -279,7 +250,7 @@ class AsyncEngine:
             except Exception as e:
                 failures += 1
                 log.exception("engine step failed (%d in a row)", failures)
-                victims = {s.request_id for s in self.engine.scheduler.running} or set(self._tracked)
+                victims = set(self.engine.running_request_ids()) or set(self._tracked)
                 for rid in victims:
                     self._fail(rid, RequestFailedError(f"generation failed: {type(e).__name__}: {e}"))
                 if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
@@ -343,15 +314,13 @@ class AsyncEngine:
 
     def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:
         now = time.monotonic()
-        sampler = self.engine.sampler
-        failed, sampler.failed = dict(sampler.failed), {}
-        for rid, err in failed.items():
+        for rid, err in self.engine.take_sampling_failures().items():
             self._fail(rid, RequestFailedError(f"generation failed: {type(err).__name__}: {err}"))
-        for seq in self.engine.scheduler.running:
-            tr = self._tracked.get(seq.request_id)
+        for rid in self.engine.running_request_ids():
+            tr = self._tracked.get(rid)
             if tr is not None and tr.t_scheduled is None:
                 tr.t_scheduled = t0
-                self._discard_waiting(seq.request_id)
+                self._discard_waiting(rid)
                 self.metrics.queue_time.observe(t0 - tr.t_add)
         deliveries = []
         for out in outputs:
@@ -385,12 +354,11 @@ class AsyncEngine:
 
     def _publish_gauges(self) -> None:
         eng = self.engine
-        sched = eng.scheduler
         with self._lock:
             # preempted requests wait again in the scheduler (no longer in _waiting_ids): count them too
-            waiting = len(self._waiting_ids | {s.request_id for s in sched.waiting})
-            self._free_slots = max(sched.max_num_seqs - len(sched.running), 0)
-        self.metrics.publish(eng, num_running=len({s.request_id for s in sched.running}), num_waiting=waiting)
+            waiting = len(self._waiting_ids | set(eng.waiting_request_ids()))
+            self._free_slots = eng.num_free_seq_slots()
+        self.metrics.publish(eng.get_stats(), num_running=len(eng.running_request_ids()), num_waiting=waiting)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason

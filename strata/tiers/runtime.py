@@ -62,16 +62,14 @@ class TierRuntime:
                 block.router_hooks.append(self._record)
 
     # ---- rows of the current forward ------------------------------------------------------------
+    def label_rows(self, rows: list[tuple[str, int]]) -> None:
+        """(request label, position) of each row of the next forward, in row order; the engine calls this
+        before every step (LLMEngine.step: ScheduledBatch.row_labels()). A forward whose row count differs
+        (outside the engine) is labelled by position."""
+        index = self._request_index
+        self._rows = [(label, index.setdefault(label, len(index)), pos) for label, pos in rows]
+
     def _rows_for(self, block) -> list[tuple[str, int, int]]:
-        if block is self.blocks[0]:  # the first MoE block runs first: the batch is new
-            rows = []
-            batch = getattr(self.model, "current_batch", None)
-            if batch is not None:
-                for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                    label = seq.request_id if seq.index == 0 else f"{seq.request_id}#{seq.index}"
-                    idx = self._request_index.setdefault(label, len(self._request_index))
-                    rows.extend((label, idx, p) for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n))
-            self._rows = rows
         return self._rows
 
     def _override(self, block, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +170,7 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
 
 def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     """Returns (model, TierRuntime or None)."""
+    from strata.models.registry import load_config
     from strata.weights.loader import load_model, resolve_dtype
 
     if not (config.memory_budget or config.record_routing or config.replay_routing):
@@ -181,7 +180,7 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
         bound_retention()  # before the first matmul: the libraries read their cache sizes then
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     if not (config.memory_budget and cfg.is_moe):
         model = load_model(path, dtype=config.dtype, progress=progress,
                            check_finite=config.check_weights)

@@ -153,10 +153,9 @@ def _gpt_oss_experts(g: GGUFFile, name: str, proj: str, suffix: str, w: np.ndarr
 
 
 def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    from strata.config import ModelConfig
-    from strata.models.registry import model_class
+    from strata.models.registry import config_from_dict, model_class
 
-    mc = ModelConfig.from_dict(cfg, source="config.json")
+    mc = config_from_dict(cfg, source="config.json")
     with torch.device("meta"):
         model = model_class(mc)(mc)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -7,7 +7,7 @@ keeps elements 0..15 in the low nibbles of its 16 bytes and 16..31 in the high o
 Strata's int8 per row; Q4_1 adds a float minimum) and are dequantized instead.
 
 The K-quants Q4_K, Q5_K and Q6_K are kept as their blocks, byte for byte, in Strata's q4_k/q5_k/q6_k
-(strata/weights/kquant.py), whose kernels read them as they are.
+(strata/quant/kquant.py), whose kernels read them as they are.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from strata.weights.kquant import BLOCK_BYTES, GGUF_TYPES, QK_K
-from strata.weights.quant_format import pack_nibbles
+from strata.quant.format import pack_nibbles
+from strata.quant.kquant import BLOCK_BYTES, GGUF_TYPES, QK_K
 
 KEPT_FORMATS = {"Q4_0": "int4-g32", **GGUF_TYPES}  # GGUF type -> the Strata format that holds it exactly
 _Q4_0_BLOCK, _Q4_0_BYTES = 32, 18  # weights per block, bytes per block (fp16 d + 16 bytes of nibbles)

@@ -16,15 +16,13 @@ from tqdm import tqdm
 from strata.config import ModelConfig
 from strata.errors import WeightsError
 from strata.layers.fusion import fuse_model
+from strata.mapping import read_in
 from strata.models.base import CausalLM
-from strata.models.registry import model_class
+from strata.models.registry import load_config, model_class
+from strata.quant.format import read_quantization_config
 from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
-from strata.weights.mapping import read_in
-from strata.weights.quant_format import read_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Tensors some checkpoints carry that hold no learned state.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
 
 
@@ -75,14 +73,6 @@ def iter_checkpoint(files: list[str]):
             yield fn, k, (lambda h=handle, k=k: h.get_tensor(k))
 
 
-def sanitized(entries, cls: type[CausalLM]):
-    """Checkpoint entries under the family's names (`CausalLM.sanitize`; tensors it drops are left out)."""
-    for fn, name, get in entries:
-        new = cls.sanitize(name)
-        if new is not None:
-            yield fn, new, get
-
-
 _STACKED_EXPERTS = re.compile(r"^(.*\.experts)\.([^.]+)$")
 
 
@@ -124,7 +114,7 @@ def load_model(
     strata.distributed.tensor_parallel.Shard) builds one tensor-parallel rank's slice of the model."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     if shard is not None:
         cfg = shard.config(cfg, path)
     cls = model_class(cfg)
@@ -142,20 +132,23 @@ def load_model(
         expected.pop("lm_head.weight", None)
     files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
-    entries = list(unstack_experts(sanitized(iter_checkpoint(files), cls), expected))
+    entries = list(unstack_experts(iter_checkpoint(files), expected))
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
-    for fn, name, get in bar:
+    for fn, stored, get in bar:
+        name = cls.sanitize(stored)  # the family's renames; None: a tensor it drops
+        if name is None:
+            continue
         if name not in expected:
             check_layer_count(fn, name, cfg)
-            if not name.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                print(f"warning: {fn}: unexpected tensor '{name}' ignored", file=sys.stderr)
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                print(f"warning: {fn}: unexpected tensor '{stored}' ignored", file=sys.stderr)
             continue
         if skip is not None and skip(name):
             continue
         try:
             t = get()
         except Exception as e:  # noqa: BLE001 - same as iter_checkpoint
-            raise WeightsError(f"{fn}: tensor '{name}' cannot be read ({str(e).splitlines()[0]})") from None
+            raise WeightsError(f"{fn}: tensor '{stored}' cannot be read ({str(e).splitlines()[0]})") from None
         if shard is not None:
             t = shard.tensor(name, t)
         want = expected[name]

@@ -6,12 +6,13 @@ import faulthandler
 import pytest
 import torch
 
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.distributed.launcher import shutdown
 from strata.distributed.tensor_parallel import shard_config, shard_dim, shard_tensor
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import ConfigError, DistributedError
+from strata.models.registry import load_config
 from tests.models.conftest import build_hf
 
 WATCHDOG_S = 240
@@ -95,7 +96,7 @@ def test_sharding_rules_by_hf_name():
 
 def test_indivisible_heads_are_refused(tmp_path):
     build_hf("llama", tmp_path)
-    cfg = ModelConfig.from_pretrained(tmp_path)
+    cfg = load_config(tmp_path)
     assert shard_config(cfg, 2).num_attention_heads == 2
     with pytest.raises(ConfigError, match="num_attention_heads' = 4 is not divisible by --tensor-parallel-size 3"):
         _engine(tmp_path, 3)

@@ -3,25 +3,25 @@
 import pytest
 import torch
 
-from strata.config import ModelConfig
 from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP, MixtralExpert
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.quant_linear import QuantLinear
+from strata.models.registry import config_from_dict
 
 needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
 
 
 def _block(model_type="qwen3_moe", hidden=128, inter=96, experts=6, top_k=3, seed=0):
     arch = "MixtralForCausalLM" if model_type == "mixtral" else "Qwen3MoeForCausalLM"
-    cfg = ModelConfig.from_dict({"architectures": [arch], "model_type": model_type, "vocab_size": 32, "hidden_size": hidden,
+    cfg = config_from_dict({"architectures": [arch], "model_type": model_type, "vocab_size": 32, "hidden_size": hidden,
                                  "intermediate_size": 2 * inter, "moe_intermediate_size": inter,
                                  "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
                                  "num_experts": experts, "num_local_experts": experts,
                                  "num_experts_per_tok": top_k, "norm_topk_prob": True})
     torch.manual_seed(seed)
     expert = (lambda: MixtralExpert(hidden, inter)) if model_type == "mixtral" else (lambda: MLP(hidden, inter))
-    block = SparseMoeBlock(cfg, 0, expert)
+    block = SparseMoeBlock(cfg, 0, expert, cast_weights=model_type != "mixtral")  # as MixtralForCausalLM
     for p in block.parameters():
         p.data = torch.randn_like(p) * 0.1
     return block.to(torch.bfloat16).eval().requires_grad_(False)

@@ -9,8 +9,8 @@ import torch
 from strata.layers import quant_linear, quant_native
 from strata.layers.fusion import fuse_quantized
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES, random_blocks
-from strata.weights.quant_format import dequantize_weight
+from strata.quant.format import dequantize_weight
+from strata.quant.kquant import BLOCK_BYTES, random_blocks
 
 KINDS = list(BLOCK_BYTES)
 HAS_NATIVE = quant_native.native_lib() is not None

@@ -9,7 +9,7 @@ import torch
 
 from strata.layers import quant_native
 from strata.layers.quant_linear import QuantLinear, quantized_linear
-from strata.weights.quant_format import QuantFormat, dequantize_weight
+from strata.quant.format import QuantFormat, dequantize_weight
 
 HAS_NATIVE = quant_native.native_lib() is not None
 FMT = QuantFormat.parse("mxfp4")

@@ -107,9 +107,15 @@ def test_unsupported_settings_are_refused(gemma, tmp_path, field, value):
         load_model(str(tmp_path), progress=False)
 
 
+def test_param_counts_match_transformers(gemma):
+    from strata.models.registry import load_config
+
+    hf, path = gemma
+    assert load_config(path).param_counts()["total"] == sum(p.numel() for p in hf.parameters())
+
+
 def test_legacy_config_keys(gemma, tmp_path):
     """Hub configs of transformers 4: rope_theta + rope_scaling + rope_local_base_freq, sliding_window_pattern."""
-    from strata.config import ModelConfig
     from strata.models.gemma3 import Gemma3TextConfig
 
     _, path = gemma
@@ -117,7 +123,7 @@ def test_legacy_config_keys(gemma, tmp_path):
     d.pop("layer_types"), d.pop("rope_parameters")
     d.update(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=1e4,
              sliding_window_pattern=3)
-    args = Gemma3TextConfig.from_hf(ModelConfig.from_dict(d).raw)
+    args = Gemma3TextConfig.from_hf(d)
     assert args.layer_types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
     assert (args.rope_theta, args.rope_local_base_freq, args.rope_scaling["factor"]) == (1e6, 1e4, 2.0)
 

@@ -152,8 +152,17 @@ def test_tiered_experts_equal_resident(request, which, tmp_path, monkeypatch):
     llm.engine.tiers.close()
 
 
+def test_param_counts_match_transformers(gpt_oss):
+    from strata.models.registry import load_config
+
+    hf, path = gpt_oss
+    counts = load_config(path).param_counts()
+    assert counts["total"] == sum(p.numel() for p in hf.parameters())
+    assert counts["experts"] == sum(p.numel() for n, p in hf.named_parameters() if ".experts." in n)
+
+
 def test_mxfp4_format_dequantizes_as_the_spec():
-    from strata.weights.quant_format import QuantFormat, dequantize_weight
+    from strata.quant.format import QuantFormat, dequantize_weight
 
     w = torch.randn(6, 64) * torch.logspace(-3, 2, 6)[:, None]  # rows of very different magnitudes
     blocks, scales = mxfp4_quantize(w)

@@ -165,7 +165,7 @@ def test_q4_0_kept_as_int4_g32_holds_the_same_values(hf_models, tmp_path, family
     from safetensors.torch import load_file
 
     from strata.cli import main
-    from strata.weights.quant_format import dequantize_weight
+    from strata.quant.format import dequantize_weight
 
     _, path = hf_models(family)
     gguf_path = write_gguf(path, tmp_path / "m.gguf", qtype="Q4_0")

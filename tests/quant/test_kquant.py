@@ -9,8 +9,8 @@ import torch
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
-from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+from strata.quant.format import QuantFormat, dequantize_weight, quantize_weight
+from strata.quant.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
 
 gguf = pytest.importorskip("gguf")
 GGUF_NAME = {v: k for k, v in GGUF_TYPES.items()}

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights import kquant
-from strata.weights.quant_search import choose_scales, round_codes, safe_divisor
+from strata.quant import kquant
+from strata.quant.search import choose_scales, round_codes, safe_divisor
 
 KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES, "mxfp4")
 MXFP4_GROUP = 32  # elements sharing one e8m0 scale (OCP Microscaling spec)
@@ -140,7 +140,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MiB fp32: in L2)
-# how scales are chosen: quant_search.py (rtn, clip), gptq.py, and tune (per weight the same as gptq; then
+# how scales are chosen: search.py (rtn, clip), gptq.py, and tune (per weight the same as gptq; then
 # quantize_checkpoint tunes int4 scales and codes of the whole model end to end, quant_tune.py)
 METHODS = ("rtn", "clip", "gptq", "tune")
 DEFAULT_METHOD = "clip"  # data-free and cheap; lowers int4 KL on both test models (docs/quantization.md)
@@ -177,7 +177,7 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
     if method in ("gptq", "tune"):
         if hessian is None:
             raise WeightsError(f"quantize_weight: method {method} needs the calibration hessian E[x x^T] [in, in]")
-        from strata.weights.gptq import gptq_codes
+        from strata.quant.gptq import gptq_codes
 
         codes, s, z = gptq_codes(_grouped(w, fmt), fmt, hessian)
         return pack_codes(codes, fmt, s, z)
@@ -197,7 +197,7 @@ def _quantize_rows(w: torch.Tensor, fmt: QuantFormat, method: str, col: torch.Te
 
 def pack_codes(codes: torch.Tensor, fmt: QuantFormat, s: torch.Tensor, z: torch.Tensor | None
                ) -> dict[str, torch.Tensor]:
-    """Float codes [out, ng, G] (from quant_search.round_codes) and stored scales/zeros -> on-disk tensors."""
+    """Float codes [out, ng, G] (from search.round_codes) and stored scales/zeros -> on-disk tensors."""
     out = codes.shape[0]
     codes = codes.reshape(out, -1)
     if fmt.kind == "int8":
