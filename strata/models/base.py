@@ -48,6 +48,8 @@ class Attention(nn.Module):
         self.qkv_fused: FusedProjection | None = None  # [H] -> [Hq*D + 2*Hkv*D], set by fuse_projections()
         self.clip_qkv = clip_qkv  # OLMoE: clamp q, k and v to [-clip_qkv, clip_qkv]
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
+        self.scale: float | None = None  # None: head_dim ** -0.5
+        self.sinks: torch.Tensor | None = None  # [Hq] per-head softmax sink logits (gpt-oss)
 
     def fuse_projections(self) -> bool:
         self.qkv_fused = fuse_projection([self.q_proj, self.k_proj, self.v_proj])
@@ -70,7 +72,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window)  # [T, Hq, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window, self.sinks, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, -1))
 
 
@@ -113,6 +115,7 @@ class CausalLM(nn.Module):
     cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
     supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
+    own_quant_methods: tuple[str, ...] = ()  # quantization_config.quant_method values the family's modules read
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:

@@ -9,6 +9,8 @@ from strata.errors import UnsupportedError
 from strata.models.base import CausalLM
 from strata.models.deepseek_v2 import DeepseekV2ForCausalLM
 from strata.models.deepseek_v3 import DeepseekV3ForCausalLM
+from strata.models.gemma3 import Gemma3ForCausalLM
+from strata.models.gpt_oss import GptOssForCausalLM
 from strata.models.llama import LlamaForCausalLM
 from strata.models.mistral import MistralForCausalLM
 from strata.models.mixtral import MixtralForCausalLM
@@ -31,6 +33,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
         OlmoeForCausalLM,
         DeepseekV2ForCausalLM,
         DeepseekV3ForCausalLM,
+        Gemma3ForCausalLM,
+        GptOssForCausalLM,
     )
 }
 

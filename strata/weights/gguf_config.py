@@ -22,6 +22,8 @@ ARCHITECTURES = {
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "olmoe": ("OlmoeForCausalLM", "olmoe"),
     "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "gpt-oss": ("GptOssForCausalLM", "gpt_oss"),
 }
 DEEPSEEK_V3 = ("DeepseekV3ForCausalLM", "deepseek_v3")
 _SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
@@ -75,6 +77,46 @@ def _rope_scaling(g: GGUFFile, arch: str) -> dict | None:
         return out
     raise UnsupportedError(f"{g.path}: metadata field '{arch}.rope.scaling.type' is {kind!r} "
                            f"(supported: none, linear, yarn)")
+
+
+def _layer_types(g: GGUFFile, arch: str, layers: int, default_pattern: int) -> list[str]:
+    """Sliding or full attention per layer as llama.cpp reads it: `attention.sliding_window_pattern` as one
+    flag per layer, or a period n (layer i slides unless i % n == n - 1), else the architecture's period."""
+    pattern = g.get(f"{arch}.attention.sliding_window_pattern", default_pattern)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise WeightsError(f"{g.path}: metadata field '{arch}.attention.sliding_window_pattern' has "
+                               f"{len(pattern)} entries for {layers} layers")
+        sliding = [bool(p) for p in pattern]
+    else:
+        n = int(pattern)
+        sliding = [n == 0 or i % n < n - 1 for i in range(layers)]
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def _family_fields(g: GGUFFile, arch: str, model_type: str, cfg: dict) -> None:
+    """The config.json keys of Gemma 3 and GPT-OSS, with llama.cpp's fixed values where the file has none."""
+    layers, window = cfg["num_hidden_layers"], _int(g, f"{arch}.attention.sliding_window")
+    if model_type == "gemma3_text":
+        cfg["hidden_activation"] = "gelu_pytorch_tanh"
+        cfg["layer_types"] = _layer_types(g, arch, layers, 6) if window else ["full_attention"] * layers
+        cfg["sliding_window"] = window or 4096
+        cfg["rope_local_base_freq"] = float(g.get(f"{arch}.rope.freq_base_swa", 10000.0))
+        cfg["final_logit_softcapping"] = g.get(f"{arch}.final_logit_softcapping")
+        # not in the file: llama.cpp scales queries by head_dim ** -0.5, or (hidden / heads) ** -0.5 for the
+        # 62-layer 27B, which is what the released configs' query_pre_attn_scalar says
+        per_head = cfg["hidden_size"] // cfg["num_attention_heads"]
+        cfg["query_pre_attn_scalar"] = per_head if layers == 62 else cfg["head_dim"]
+    else:  # gpt_oss: llama.cpp fixes the SwiGLU clamp (alpha 1.702, limit 7) and has no yarn truncation flag
+        cfg["layer_types"] = _layer_types(g, arch, layers, 2)
+        cfg["sliding_window"] = window or 128
+        cfg["swiglu_limit"] = 7.0
+        cfg["swiglu_alpha"] = 1.702
+        if cfg["rope_scaling"] and cfg["rope_scaling"]["rope_type"] == "yarn":
+            cfg["rope_scaling"].update(
+                beta_fast=float(g.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                beta_slow=float(g.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+                truncate=False)  # the released gpt-oss configs' rule (transformers); llama.cpp rounds the ramp
 
 
 def hf_config(g: GGUFFile) -> dict:
@@ -131,7 +173,13 @@ def hf_config(g: GGUFFile) -> dict:
         cfg["sliding_window"] = None
     ff = _int(g, f"{arch}.feed_forward_length")
     experts = _int(g, f"{arch}.expert_count") or 0
-    if model_type == "mixtral" or model_type == "olmoe":
+    if model_type in ("gemma3_text", "gpt_oss"):
+        _family_fields(g, arch, model_type, cfg)
+    if model_type == "gpt_oss":
+        cfg["num_local_experts"] = need("expert_count")
+        cfg["num_experts_per_tok"] = need("expert_used_count")
+        cfg["intermediate_size"] = _int(g, f"{arch}.expert_feed_forward_length") or ff
+    elif model_type == "mixtral" or model_type == "olmoe":
         cfg["intermediate_size"] = _int(g, f"{arch}.expert_feed_forward_length") or ff
         cfg["num_local_experts" if model_type == "mixtral" else "num_experts"] = experts
         cfg["num_experts_per_tok"] = need("expert_used_count")

@@ -55,6 +55,10 @@ _DEEPSEEK_LAYER = {  # deepseek2 names that differ from (or are missing in) _LAY
     "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
     "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+# Gemma 3 has four norms per block; llama.cpp stores its (1 + weight) norms with the 1 added
+_GEMMA3_LAYER = {**_LAYER, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
+_GPT_OSS_LAYER = {**_LAYER, "post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)")
 _EXPERTS = re.compile(r"ffn_(gate|up|down)_exps")
 
@@ -86,8 +90,11 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
     moe, proj = _moe_names(model_type)
     permute = model_type in ("llama", "mixtral")
     deepseek = model_type in ("deepseek_v2", "deepseek_v3")
-    layer_names = {**_LAYER, **_DEEPSEEK_LAYER} if deepseek else _LAYER
+    layer_names = {"gemma3_text": _GEMMA3_LAYER, "gpt_oss": _GPT_OSS_LAYER}.get(model_type, _LAYER)
+    if deepseek:
+        layer_names = {**_LAYER, **_DEEPSEEK_LAYER}
     kv_b_parts: dict[str, dict[str, np.ndarray]] = {}  # layer -> the attn_k_b / attn_v_b seen so far
+    gemma = model_type == "gemma3_text"
     for name in g.tensors:
         if name in _GLOBAL:
             if name == "output.weight" and cfg["tie_word_embeddings"]:
@@ -95,7 +102,8 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
             info = g.tensors[name]
             packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
                 keep_quantized and name == "output.weight") else None
-            yield _GLOBAL[name], packed if packed is not None else g.tensor(name), name
+            w = packed if packed is not None else g.tensor(name)
+            yield _GLOBAL[name], w - 1 if gemma and name == "output_norm.weight" else w, name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:
@@ -112,6 +120,11 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
                 raise WeightsError(f"{g.path}: tensor '{name}' has {w.shape[0]} rows, expected {heads} heads x "
                                    f"{cfg['head_dim']} = {heads * cfg['head_dim']} from the metadata")
             w = w.map_rows(partial(unpermute_rope_rows, n_heads=heads)) if packed else unpermute_rope_rows(w, heads)
+        if gemma and kind.endswith("norm"):
+            w = w - 1  # [H] or [D]: back to transformers' offset from 1
+        if model_type == "gpt_oss" and (e := _EXPERTS.fullmatch(kind)):
+            yield from _gpt_oss_experts(g, name, e[1], suffix, w, pre)
+            continue
         if deepseek and kind in ("attn_k_b", "attn_v_b") and expert is None:
             parts = kv_b_parts.setdefault(layer, {})
             parts[kind] = w
@@ -129,7 +142,7 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
         elif expert is not None and kind in ("ffn_gate", "ffn_up", "ffn_down") and model_type == "mixtral":
             yield f"{pre}{moe}.experts.{expert}.{proj[kind[4:]]}.{suffix}", w, name
         elif kind in layer_names and expert is None:
-            yield f"{pre}{layer_names[kind]}.{suffix}", w, name
+            yield f"{pre}{layer_names[kind]}{'' if kind == 'attn_sinks' else '.' + suffix}", w, name
         else:
             raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
 
@@ -141,6 +154,31 @@ def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
                            f"(expected [H, R, nope] and [H, v, R])")
     kv = np.concatenate([np.swapaxes(np.asarray(k_b), 1, 2), np.asarray(v_b)], axis=1)  # [H, nope + v, R]
     return kv.reshape(-1, kv.shape[-1])
+
+
+def _gpt_oss_experts(g: GGUFFile, name: str, proj: str, suffix: str, w: np.ndarray, pre: str):
+    """gpt-oss experts as Strata's GptOssExpert holds them: llama.cpp's separate gate and up `[E, I, H]` go back
+    into one `gate_up_proj [H, 2I]` per expert with gate and up interleaved (even, odd columns), down
+    `[E, H, I]` into `down_proj [I, H]`; biases alike. Yielded when the gate tensor comes, up skipped."""
+    if proj == "up":
+        return
+    if proj == "down":
+        for i in range(w.shape[0]):
+            yield (f"{pre}mlp.experts.{i}.down_proj{'' if suffix == 'weight' else '_bias'}",
+                   w[i].T if suffix == "weight" else w[i], name)
+        return
+    up_name = name.replace("ffn_gate_exps", "ffn_up_exps")
+    if up_name not in g.tensors:
+        raise WeightsError(f"{g.path}: tensor '{up_name}' missing (the partner of '{name}')")
+    up = g.tensor(up_name)
+    if up.shape != w.shape:
+        raise WeightsError(f"{g.path}: tensor '{up_name}' has shape {list(up.shape)}, '{name}' {list(w.shape)}")
+    both = np.stack([w, up], axis=2)  # weight [E, I, 2, H] / bias [E, I, 2]: gate, up adjacent
+    for i in range(w.shape[0]):
+        if suffix == "weight":
+            yield f"{pre}mlp.experts.{i}.gate_up_proj", both[i].reshape(-1, w.shape[-1]).T, name  # [H, 2I]
+        else:
+            yield f"{pre}mlp.experts.{i}.gate_up_proj_bias", both[i].reshape(-1), name  # [2I]
 
 
 def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
