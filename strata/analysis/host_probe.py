@@ -38,10 +38,9 @@ TWINS = {
 
 def write_twin(cfg_dict: dict, folder: Path) -> Path:
     """config.json + model.safetensors with N(0, 0.02) bf16 weights (norms 1)."""
-    from strata.config import ModelConfig
-    from strata.models.registry import model_class
+    from strata.models.registry import config_from_dict, model_class
 
-    cfg = ModelConfig.from_dict(cfg_dict)
+    cfg = config_from_dict(cfg_dict)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in model_class(cfg)(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
