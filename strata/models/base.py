@@ -194,8 +194,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         native = (self._native_decoder(kv_caches)
                   if self.use_native_decoder and native_decode.usable(x, meta, kv_caches) else None)
-        if native is not None and native.accepts(x.shape[0]):  # decode step: all layers in one native call
-            x, residual = native(x, cos, sin, meta)
+        if native is not None and native.accepts(x.shape[0]):  # few rows: all layers in one native call
+            x, residual = native(x, cos, sin, native_decode.per_row(meta))
         else:
             residual = None
             for i, layer in enumerate(self.model.layers):

@@ -132,3 +132,24 @@ def test_decoder_is_rebuilt_for_new_caches_even_at_a_reused_address(llama_bf16):
     assert not dec.serves(second)
     del first
     assert not dec.serves(caches())  # freed caches never match, wherever new ones land
+
+
+@needs_native
+@pytest.mark.parametrize("k", [3, 7])
+def test_speculative_verification_runs_in_one_native_call(llama_bf16, monkeypatch, k):
+    """A verification (1 + k rows of one sequence) goes through the native decoder, each row a sequence of its
+    own whose context ends at its position; greedy tokens equal plain decoding's."""
+    rows = []
+    real = native_decode.NativeDecoder.__call__
+    monkeypatch.setattr(native_decode.NativeDecoder, "__call__",
+                        lambda self, x, *a: rows.append(x.shape[0]) or real(self, x, *a))
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 2}
+    llm = LLM(str(llama_bf16), dtype="bfloat16", max_num_seqs=1, progress=False, num_threads=1,
+              speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [p * 3 for p in PROMPTS]  # repeated text: drafts from prompt lookup
+    out = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    monkeypatch.undo()
+    assert max(rows) == k + 1 and llm.engine.spec.num_drafts > 0
+    plain, _ = _greedy(llama_bf16, monkeypatch, native=True, prompts=prompts)
+    assert out == plain
