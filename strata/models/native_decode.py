@@ -1,8 +1,8 @@
 """Decode of several sequences (one token each) through a whole decoder in one native call (cpu_decoder.c).
 
-Used by CausalLM.forward when every sequence of the step decodes one token (up to 4 sequences for dense models;
-for models with MoE layers one sequence, or any number when each layer's experts are small enough to stay in
-cache, see `accepts`) and every layer qualifies: no biases or sliding
+Used by CausalLM.forward when every sequence of the step decodes one token (up to 4 sequences for dense models,
+up to NATIVE_MAX_TOKENS for models with MoE layers, whose experts run grouped by expert, see `accepts`) and
+every layer qualifies: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
@@ -22,15 +22,11 @@ from strata.layers.attention import AttentionMetadata
 from strata.layers.fusion import native_weight
 from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP
-from strata.layers.moe import SparseMoeBlock
+from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
 
 _P = ctypes.c_void_p
-MAX_SEQS = 4  # the GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
-# A MoE layer whose experts all fit in this many bytes stays in the core's L2 cache while the native call runs
-# its tokens one by one, so a batch costs no more weight traffic there than in the per-op path (which reads
-# each routed expert once but pays Python and dispatch per expert).
-CACHED_EXPERTS_BYTES = 4 * 2**20
+MAX_SEQS = 4  # dense models: beyond 4 rows a GEMM (the per-op path) beats the GEMVs' compute
 
 
 class _Proj(ctypes.Structure):
@@ -60,11 +56,6 @@ def _moe(block: SparseMoeBlock) -> _Moe | None:
                 *(ctypes.cast(t, _P) for t in native.tables))
 
 
-def _expert_bytes(block: SparseMoeBlock) -> int:
-    """Bytes of all of a block's resident experts (weights and quantization scales)."""
-    return sum(t.numel() * t.element_size() for t in (*block.experts.parameters(), *block.experts.buffers()))
-
-
 def _proj(module) -> _Proj | None:
     w = native_weight(module)
     return None if w is None else _Proj(*w)
@@ -81,7 +72,6 @@ class NativeDecoder:
         # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
         self.kv_refs = [weakref.ref(t) for pair in kv_caches for t in pair]
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
-        self.max_expert_bytes = max((_expert_bytes(b) for b, _ in moes), default=0)
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
@@ -143,13 +133,10 @@ class NativeDecoder:
                        for b, _ in self.moes)
 
     def accepts(self, num_seqs: int) -> bool:
-        """Dense models: at most MAX_SEQS sequences (beyond that the GEMVs read each weight again per group of 4
-        rows, where a GEMM reads it once). MoE models: one sequence, or any number when every layer's experts
-        fit in CACHED_EXPERTS_BYTES (the C code runs a MoE layer's experts token by token, while the per-op
-        path reads each routed expert once for all tokens: only re-reads from cache are free)."""
-        if self.moes:
-            return num_seqs == 1 or self.max_expert_bytes <= CACHED_EXPERTS_BYTES
-        return num_seqs <= MAX_SEQS
+        """Dense models: at most MAX_SEQS sequences (the per-op path's GEMMs do more rows faster). MoE models:
+        up to NATIVE_MAX_TOKENS, as the per-op path's MoE blocks: each layer runs its experts grouped by expert
+        and reads every weight from memory once per step (gemv_once in cpu_moe.c)."""
+        return num_seqs <= (NATIVE_MAX_TOKENS if self.moes else MAX_SEQS)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
         """x [S, H] embedded tokens (bf16), one per sequence -> (last layer's MLP output [S, H], residual [S, H])."""
