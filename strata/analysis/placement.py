@@ -132,7 +132,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     n = batch * new
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_FAMILIES
-    # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode_batch); with an expert
+    # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
     # provider (offloaded experts) or more than one token it loops over the experts in Python
     strata = sc.engine == "strata"
     native_moe = strata and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
