@@ -34,6 +34,10 @@ from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe_native import NativeExperts
 
+# Decode batches go to the native grouped-expert call; longer prefills keep the sorted dispatch, whose expert
+# modules reach torch's GEMMs for many rows.
+NATIVE_MAX_TOKENS = 64
+
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, expert_factory: Callable[[], nn.Module],
@@ -81,9 +85,9 @@ class SparseMoeBlock(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        if T == 1 and self.expert_provider is None and x.dtype == torch.bfloat16:
+        if T <= NATIVE_MAX_TOKENS and self.expert_provider is None and x.dtype == torch.bfloat16:
             native = self._native_experts()
-            if native is not None:  # one native call for the k experts (moe_native.py)
+            if native is not None:  # one native call for all tokens, grouped by expert (moe_native.py)
                 return native(x, weights, ids)
         if T == 1:  # decode: no sorting, k small matmuls
             expert_ids = ids[0].tolist()

@@ -58,7 +58,8 @@ _SIGNATURES = {
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
     "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
-    "moe_decode": [_I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_take_counts": [_P],
     "decode_layers": [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, _P],
 }
 

@@ -80,6 +80,11 @@ class RequestStream:
             self.finished = True
         return item
 
+    @property
+    def has_pending(self) -> bool:
+        """An output is already waiting (the next __anext__ will not wait)."""
+        return not self.finished and not self.queue.empty()
+
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
