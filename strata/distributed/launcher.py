@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from strata.config import EngineConfig, ModelConfig
 from strata.distributed import parallel_state
+from strata.distributed.expert_parallel import choose_placement
 from strata.distributed.tensor_parallel import Shard, check_supported, parallelize
 from strata.errors import DistributedError, StrataError, UnsupportedError
 from strata.layers.attention import AttentionMetadata
@@ -50,12 +51,20 @@ def _check_config(config: EngineConfig) -> None:
             raise UnsupportedError(f"--{name.replace('_', '-')} is not supported with --tensor-parallel-size > 1 yet")
 
 
-def _load(path: str, config: EngineConfig, rank: int, progress: bool) -> CausalLM:
+def _load(path: str, config: EngineConfig, rank: int, progress: bool,
+          placement: torch.Tensor | None = None) -> CausalLM:
+    """Load this rank's shard; expert parallel: every rank receives rank 0's [L, E] placement first."""
     from strata.weights.loader import load_model
 
+    if config.enable_expert_parallel:
+        if placement is None:
+            cfg = ModelConfig.from_pretrained(path)
+            placement = torch.empty(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)
+        placement = parallel_state.broadcast(placement)  # [L, E]
     model = load_model(path, config.dtype, progress=progress and rank == 0, check_finite=config.check_weights,
-                       shard=Shard(rank, config.tensor_parallel_size))
-    parallelize(model, config.tensor_parallel_size)
+                       shard=Shard(rank, config.tensor_parallel_size, placement))
+    parallelize(model, config.tensor_parallel_size, rank, placement)
+    model.__dict__["expert_placement"] = placement  # not a buffer: outside the state dict
     return model
 
 
@@ -138,10 +147,16 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
     """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard (a model whose forwards drive the
     workers). The workers stop when the model is garbage collected, at exit, or with `shutdown(model)`."""
     _check_config(config)
-    check_supported(ModelConfig.from_pretrained(path), config.tensor_parallel_size, path)  # before any spawn
+    check_supported(ModelConfig.from_pretrained(path), config.tensor_parallel_size, path,  # before any spawn
+                    config.enable_expert_parallel)
     if parallel_state.is_initialized():
         raise UnsupportedError("one tensor-parallel engine per process: shut the previous one down first")
     world = config.tensor_parallel_size
+    placement = None
+    if config.enable_expert_parallel:  # chosen before any spawn: a bad trace ends here with one line
+        placement, line = choose_placement(ModelConfig.from_pretrained(path), world, config.expert_placement_trace)
+        if progress:
+            print(line, file=sys.stderr)
     port = _free_port()
     ctx = mp.get_context("spawn")
     fields = dataclasses.asdict(config)
@@ -156,7 +171,7 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
         ranks.wait_ready(store)
         parallel_state.init(store, 0, world)
         parallel_state.set_failure_handler(ranks.failure)
-        model = _load(path, config, 0, progress)
+        model = _load(path, config, 0, progress, placement)
         parallel_state.broadcast(torch.zeros(1), control=True)  # every rank loaded (a worker's error ends here)
     except BaseException:
         ranks.stop(send=False)
