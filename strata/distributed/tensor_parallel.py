@@ -27,6 +27,8 @@ from strata.config import ModelConfig
 from strata.distributed import expert_parallel, parallel_state
 from strata.errors import ConfigError, UnsupportedError
 from strata.models.registry import model_class
+from strata.weights import kquant
+from strata.weights.quant_format import read_quantization_config
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3"}
 ROW = {"o_proj", "down_proj", "w2"}
@@ -47,10 +49,25 @@ def check_supported(cfg: ModelConfig, tp_size: int, source: str, ep: bool = Fals
         v = getattr(cfg, name)
         if v % tp_size:
             raise ConfigError(f"{source}: field '{name}' = {v} is not divisible by --tensor-parallel-size {tp_size}")
-    qcfg = cfg.raw.get("quantization_config")
-    if qcfg:
-        raise UnsupportedError(f"{source}: --tensor-parallel-size > 1 supports unquantized safetensors only, "
-                               f"got quantization_config {qcfg.get('quant_method')!r}")
+    formats = read_quantization_config(cfg.raw)
+    if formats:
+        _check_quantized_rows(shard_config(cfg, tp_size, ep), formats, source, ep)
+
+
+def _check_quantized_rows(shard_cfg: ModelConfig, formats: dict, source: str, ep: bool) -> None:
+    """A row-parallel quantized weight splits along its input dim: each rank's slice must start on a group
+    (int4, int8-nested) or super-block (K-quants) boundary, or a group would straddle two ranks."""
+    with torch.device("meta"):
+        model = model_class(shard_cfg)(shard_cfg)
+    for name, fmt in formats.items():
+        if shard_dim(name + ".weight", ep) != 1:
+            continue
+        align = kquant.QK_K if fmt.is_kquant else fmt.group_size or 1
+        local_in = model.get_submodule(name).in_features
+        if local_in % align:
+            raise UnsupportedError(f"{source}: '{name}' ({fmt}) splits into {local_in} input columns per rank, "
+                                   f"not a multiple of its {align}-weight groups; use int8 or fp8 (one scale per "
+                                   "row) or a smaller --tensor-parallel-size")
 
 
 def shard_config(cfg: ModelConfig, tp_size: int, ep: bool = False) -> ModelConfig:
@@ -69,7 +86,7 @@ def shard_dim(name: str, ep: bool = False) -> int | None:
     if module in COLUMN:
         return 0
     if module in ROW:
-        return 1 if kind == "weight" else None
+        return None if kind == "bias" else 1  # weight, or a quantized qweight, scales, zeros
     if module in ("q_norm", "k_norm"):
         return -1  # OLMoE's norm over the whole projection: split like q/k (see ShardedRMSNorm)
     return None
@@ -88,6 +105,8 @@ def shard_tensor(name: str, t: torch.Tensor, rank: int, tp_size: int, full_norm:
         if len(parts) >= 2 and parts[-2] in ROW and parts[-1] == "bias" and rank != 0:
             return torch.zeros_like(t)  # the all-reduce adds rank 0's bias once
         return t
+    if dim == 1 and t.ndim == 1:
+        return t  # one scale per output row (int8, fp8): whole on every rank
     size = t.shape[dim] // tp_size
     return t.narrow(dim, rank * size, size).contiguous()
 
