@@ -182,7 +182,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if not engine.is_ready:
             return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                                 status_code=503, headers={"Retry-After": "5"})
-        return {"status": "ok"}
+        return engine.health()
 
     @app.get("/version")
     async def version():

@@ -148,6 +148,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = 0
+        self._load = {"num_free_blocks": 0, "num_running": 0, "num_waiting": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -390,7 +391,18 @@ class AsyncEngine:
             # preempted requests wait again in the scheduler (no longer in _waiting_ids): count them too
             waiting = len(self._waiting_ids | {s.request_id for s in sched.waiting})
             self._free_slots = max(sched.max_num_seqs - len(sched.running), 0)
-        self.metrics.publish(eng, num_running=len({s.request_id for s in sched.running}), num_waiting=waiting)
+        running = len({s.request_id for s in sched.running})
+        self._load = {"num_free_blocks": eng.block_manager.num_free_blocks, "num_running": running,
+                      "num_waiting": waiting}
+        self.metrics.publish(eng, num_running=running, num_waiting=waiting)
+
+    def health(self) -> dict:
+        """/health's body while the engine serves (the replica router adds its replicas' states)."""
+        return {"status": "ok"}
+
+    def load(self) -> dict:
+        """The load a router weighs, as of the last step: free KV blocks, running and waiting requests."""
+        return dict(self._load)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason

@@ -1,0 +1,342 @@
+"""ReplicaRouter: N engine replicas as Ray actors behind one OpenAI server (`--data-parallel-size N`).
+
+The router stands where the server's AsyncEngine stands (same add_request / stream / abort / call / health
+surface), so the API layer is the same for one engine and for N. Ray starts a local cluster when no
+`--ray-address` is given.
+
+Routing (Llumnix's load metric, simplified): each request goes to the live replica with the most free KV
+blocks, less the prompt blocks of requests sent to it that it has not reported yet; ties go to the one with
+the fewest requests in flight from this router. The load query is one Ray call per replica, in parallel.
+
+Faults: a replica whose actor dies (a crash, a kill) is marked dead the first time a call to it fails and
+gets no more requests. Its requests that had produced no output yet are sent to another replica (the client
+sees nothing); those already streaming end with an error event (`RequestFailedError` naming the replica),
+since their tokens cannot be replayed without the replica's state. /health answers 200 with
+`"status": "degraded"` while some replicas are dead, 503 when all are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+from strata.config import EngineConfig
+from strata.errors import ConfigError, StrataError
+from strata.server.async_engine import EngineDeadError, EngineNotReadyError, RequestFailedError
+from strata.server.metrics import EngineMetrics
+
+log = logging.getLogger("strata.router")
+LOAD_TIMEOUT_S = 10.0  # a replica that does not answer a load query in this time is taken for dead
+
+
+class ReplicaDeadError(StrataError):
+    """A replica's actor died."""
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--data-parallel-size > 1 needs Ray: pip install 'strata[distributed]'") from None
+    return ray
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The engine's own exception inside a Ray task error, or a ReplicaDeadError for a dead actor."""
+    try:
+        import ray
+    except ImportError:
+        return err
+    if isinstance(err, ray.exceptions.RayActorError):
+        return ReplicaDeadError(str(err).splitlines()[0])
+    if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
+        return err.cause
+    return err
+
+
+class EngineFacts:
+    """What the API layer reads from `engine.engine` when the engines live in the replicas: the tokenizer,
+    the model config and max_model_len (a replica's, so the limits are the ones the replicas apply)."""
+
+    def __init__(self, config: EngineConfig, max_model_len: int, template: str | None):
+        import os
+
+        from strata.config import ModelConfig
+        from strata.engine.llm_engine import BUNDLED_MODEL
+        from strata.tokenizer import Tokenizer
+        from strata.weights.gguf_cache import resolve_model_path
+
+        path = resolve_model_path(config.model or BUNDLED_MODEL, False)
+        self.model_path, self.max_model_len, self.config = path, max_model_len, config
+        self.model_config = ModelConfig.from_pretrained(path)
+        tok = config.tokenizer or path
+        self.tokenizer = Tokenizer(tok) if config.tokenizer or os.path.exists(os.path.join(path, "tokenizer.json")) \
+            else None
+        if template is not None and self.tokenizer is not None:
+            self.tokenizer.chat_template = template
+
+
+class _Replica:
+    def __init__(self, index: int, actor):
+        self.index, self.actor = index, actor
+        self.info: dict = {}
+        self.dead_reason: str | None = None
+        self.in_flight = 0
+        self.num_served = 0  # requests sent to it
+        self.unreported_blocks = 0  # prompt blocks of requests sent that have not produced output yet
+
+    def cancel(self, gen) -> None:
+        """Stop a generate call whose consumer went away (its request is aborted in the replica)."""
+        _ray().cancel(gen)
+
+
+class ReplicaStream:
+    """Async iterator of RequestOutput for one request served by a replica; abort() stops it there."""
+
+    def __init__(self, router: ReplicaRouter, request_id: str, args: tuple):
+        self.router, self.request_id, self._args = router, request_id, args
+        self.finished = False
+        self._gen = self._run()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._gen.__anext__()
+        except BaseException:
+            self.finished = True
+            raise
+        if out.finished:
+            self.finished = True
+            await self._gen.aclose()  # runs its bookkeeping now, not when the generator is collected
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.router.abort(self.request_id)
+        if not self._gen.ag_running:  # suspended at a yield: close it (a running one is being cancelled)
+            try:
+                asyncio.get_running_loop().create_task(self._gen.aclose())
+            except RuntimeError:  # no event loop: the generator is collected later
+                pass
+
+    async def _run(self):
+        router = self.router
+        prompt_ids, params, priority, timeout = self._args
+        t_add, t_last, num_tokens = time.monotonic(), None, 0
+        tried: set[int] = set()
+        while True:
+            replica = await router.choose(tried, len(prompt_ids))
+            router.placed[self.request_id] = replica
+            blocks = -(-len(prompt_ids) // replica.info["block_size"])
+            replica.in_flight += 1
+            replica.num_served += 1
+            replica.unreported_blocks += blocks
+            gen = replica.actor.generate.options(num_returns="streaming").remote(
+                self.request_id, prompt_ids, params, priority, timeout)
+            started, done = False, False
+            try:
+                async for ref in gen:
+                    out = await ref
+                    if not started:
+                        started = True
+                        replica.unreported_blocks -= blocks
+                    num = sum(len(o.token_ids) for o in out.outputs)
+                    now = time.monotonic()
+                    if num > num_tokens:
+                        if t_last is None:
+                            router.metrics.ttft.observe(now - t_add)
+                            router.metrics.prompt_tokens.inc(len(prompt_ids))
+                        else:
+                            router.metrics.itl.observe(now - t_last)
+                        router.metrics.generation_tokens.inc(num - num_tokens)
+                        t_last, num_tokens = now, num
+                    if out.finished:
+                        done = True
+                        router.metrics.e2e.observe(now - t_add)
+                        for o in out.outputs:
+                            router.metrics.finished(o.finish_reason or "abort")
+                    yield out
+                    if done:
+                        return
+                raise RequestFailedError(f"replica {replica.index} ended the stream before the request finished")
+            except Exception as e:  # noqa: BLE001 - sorted below: a dead replica, or the engine's own error
+                err = _cause(e)
+                if not isinstance(err, ReplicaDeadError):
+                    router.metrics.finished("error", params.n)
+                    raise err from None
+                router.mark_dead(replica, str(err))
+                if started:
+                    router.metrics.finished("error", params.n)
+                    raise RequestFailedError(f"replica {replica.index} died while serving this request "
+                                             f"({err})") from None
+                tried.add(replica.index)  # nothing sent yet: the request goes to another replica
+            finally:
+                if not done and replica.dead_reason is None:
+                    replica.cancel(gen)  # the replica's generate ends (its request is aborted there)
+                replica.in_flight -= 1
+                if not started:
+                    replica.unreported_blocks -= blocks
+                router.placed.pop(self.request_id, None)
+
+
+class ReplicaRouter:
+    def __init__(self, config: EngineConfig, num_replicas: int, ray_address: str | None = None,
+                 metrics: EngineMetrics | None = None, request_timeout: float | None = None,
+                 chat_template: str | None = None, on_load_failure=None):
+        if config.tensor_parallel_size > 1:
+            raise ConfigError("--data-parallel-size > 1 with --tensor-parallel-size > 1 is not supported yet")
+        self.config, self.num_replicas, self.ray_address = config, num_replicas, ray_address
+        self.metrics = metrics or EngineMetrics()
+        self.request_timeout, self.template, self._on_load_failure = request_timeout, chat_template, on_load_failure
+        self.engine = None  # the local LLMEngine-like facts the API reads: tokenizer, model_config, max_model_len
+        self.replicas: list[_Replica] = []
+        self.placed: dict[str, _Replica] = {}
+        self._dead_reason: str | None = None
+        self._ids = itertools.count()
+        self._task: asyncio.Task | None = None
+        self._started_ray = False
+        from prometheus_client import Gauge
+
+        self._healthy = Gauge("strata:replica_healthy", "1 while the replica serves, 0 once it died",
+                              ["model_name", "replica"], registry=self.metrics.registry)
+        self._in_flight = Gauge("strata:replica_num_requests", "Requests in flight on the replica",
+                                ["model_name", "replica"], registry=self.metrics.registry)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._task = loop.create_task(self._start())
+
+    async def _start(self) -> None:
+        try:
+            await self._launch()
+        except Exception as e:  # noqa: BLE001 - reported on /health and to serve, like a model load failure
+            err = _cause(e)
+            log.error("replicas failed to start: %s", err)
+            self._dead_reason = f"replicas failed to start: {err}"
+            if self._on_load_failure is not None:
+                self._on_load_failure(str(err))
+
+    async def _launch(self) -> None:
+        import dataclasses
+
+        from strata.distributed.replica import EngineReplica
+
+        ray = _ray()
+        if not ray.is_initialized():
+            self._started_ray = True
+            await asyncio.to_thread(ray.init, address=self.ray_address, include_dashboard=False,
+                                    log_to_driver=False, configure_logging=False)
+        actor_cls = ray.remote(EngineReplica)
+        fields = dataclasses.asdict(self.config)
+        threads = self.config.num_threads or 1
+        self.replicas = [_Replica(i, actor_cls.options(num_cpus=0, max_concurrency=1000).remote(
+            {**fields, "num_threads": threads}, self.template)) for i in range(self.num_replicas)]
+        infos = await asyncio.gather(*(r.actor.start.remote() for r in self.replicas))
+        for r, info in zip(self.replicas, infos, strict=True):
+            r.info = info
+            self._healthy.labels(self.metrics.model_name, str(r.index)).set(1)
+        self.engine = await asyncio.to_thread(EngineFacts, self.config, infos[0]["max_model_len"],
+                                              self.template)
+        log.info("%d replicas ready (pids %s)", len(infos), [i["pid"] for i in infos])
+
+    @property
+    def dead_reason(self) -> str | None:
+        if self._dead_reason is None and self.replicas and not self.live():
+            return "every replica has died"
+        return self._dead_reason
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.dead_reason is None
+
+    @property
+    def num_unfinished(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        ray = _ray()
+        for r in self.replicas:
+            if r.dead_reason is None:
+                try:
+                    ray.get(r.actor.shutdown.remote(), timeout=timeout)
+                except Exception:  # noqa: BLE001, S110 - already gone; killed below
+                    pass
+            ray.kill(r.actor)
+        if self._started_ray:
+            ray.shutdown()
+
+    def health(self) -> dict:
+        live = self.live()
+        return {"status": "ok" if len(live) == len(self.replicas) else "degraded",
+                "replicas": [{"index": r.index, "healthy": r.dead_reason is None, "pid": r.info.get("pid"),
+                              "num_requests": r.in_flight, "num_served": r.num_served,
+                              **({"error": r.dead_reason} if r.dead_reason else {})} for r in self.replicas]}
+
+    # ---- routing --------------------------------------------------------------------------------
+    def live(self) -> list[_Replica]:
+        return [r for r in self.replicas if r.dead_reason is None]
+
+    def mark_dead(self, replica: _Replica, reason: str) -> None:
+        if replica.dead_reason is None:
+            replica.dead_reason = reason
+            log.error("replica %d died: %s; %d of %d left", replica.index, reason, len(self.live()),
+                      len(self.replicas))
+            self._healthy.labels(self.metrics.model_name, str(replica.index)).set(0)
+
+    async def choose(self, tried: set[int], num_prompt_tokens: int) -> _Replica:
+        """The live replica (not in `tried`) with the most free KV blocks, then the fewest requests in flight."""
+        candidates = [r for r in self.live() if r.index not in tried]
+        if not candidates:
+            raise EngineDeadError("every replica has died" if not self.live() else
+                                  "the replicas this request was sent to died")
+        loads = await asyncio.gather(*(asyncio.wait_for(r.actor.load.remote(), LOAD_TIMEOUT_S)
+                                       for r in candidates), return_exceptions=True)
+        scored = []
+        for r, load in zip(candidates, loads, strict=True):
+            if isinstance(load, BaseException) or load.get("dead_reason"):
+                self.mark_dead(r, load.get("dead_reason") if isinstance(load, dict) else str(_cause(load)))
+                continue
+            scored.append((-(load["num_free_blocks"] - r.unreported_blocks), r.in_flight, r.index, r))
+        if not scored:
+            return await self.choose(tried, num_prompt_tokens)
+        best = min(scored)[-1]
+        for r in self.replicas:
+            self._in_flight.labels(self.metrics.model_name, str(r.index)).set(r.in_flight)
+        return best
+
+    # ---- the AsyncEngine surface the API uses ---------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params, request_id: str | None = None, priority: int = 0,
+                    timeout: float | None = None) -> ReplicaStream:
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
+        if not self.is_ready:
+            raise EngineNotReadyError("the replicas are still loading")
+        rid = f"{request_id or 'req'}-{next(self._ids)}"
+        timeout = timeout if timeout is not None else self.request_timeout
+        return ReplicaStream(self, rid, (list(prompt_ids), params, priority, timeout))
+
+    def abort(self, request_id: str) -> None:
+        replica = self.placed.get(request_id)
+        if replica is not None and replica.dead_reason is None:
+            replica.actor.abort.remote(request_id)
+
+    async def call(self, fn):
+        """fn(engine) on one live replica's engine thread (embeddings)."""
+        live = self.live()
+        if not live:
+            raise EngineDeadError("every replica has died")
+        replica = min(live, key=lambda r: r.in_flight)
+        try:
+            return await replica.actor.call.remote(fn)
+        except Exception as e:  # noqa: BLE001
+            err = _cause(e)
+            if isinstance(err, ReplicaDeadError):
+                self.mark_dead(replica, str(err))
+            raise err from None
