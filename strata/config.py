@@ -360,7 +360,9 @@ class EngineConfig:
                                                     "blocks of experts per rank)")
     distributed_executor_backend: str | None = knob(None, "how the tensor-parallel ranks start: mp (local "
                                                           "processes, one torch thread each unless --num-threads; "
-                                                          "the default for --tensor-parallel-size > 1)")
+                                                          "the default for --tensor-parallel-size > 1) or ray "
+                                                          "(Ray actors; the cluster in RAY_ADDRESS, else a local "
+                                                          "one)", choices=("mp", "ray"))
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""
@@ -382,7 +384,7 @@ class EngineConfig:
         check("memory_budget", lambda v: v is None or is_int(v) and v >= 1, "a positive number of bytes (or unset)")
         check("dtype", lambda v: not isinstance(v, str) or v in ENGINE_DTYPES, "one of " + ", ".join(ENGINE_DTYPES))
         check("tensor_parallel_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
-        check("distributed_executor_backend", lambda v: v in (None, "mp"), "mp (or unset)")
+        check("distributed_executor_backend", lambda v: v in (None, "mp", "ray"), "mp or ray (or unset)")
         check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ConfigError("--enable-expert-parallel needs --tensor-parallel-size >= 2 (the ranks the experts "

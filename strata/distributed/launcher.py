@@ -1,4 +1,5 @@
-"""Starts the tensor-parallel ranks (`--distributed-executor-backend mp`) and keeps them in step.
+"""Starts the tensor-parallel ranks (`--distributed-executor-backend mp`, or Ray actors: ray_ranks.py) and keeps
+them in step.
 
 Rank 0 is the engine's process: it runs the scheduler and the sampler, and a forward pre-hook on its model
 broadcasts each forward's inputs (token ids, positions, attention metadata, logits rows) as int64 tensors, so
@@ -158,16 +159,23 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
         if progress:
             print(line, file=sys.stderr)
     port = _free_port()
-    ctx = mp.get_context("spawn")
     fields = dataclasses.asdict(config)
-    procs = [ctx.Process(target=_worker_main, args=(r, world, port, path, fields), daemon=True, name=f"tp-rank{r}")
-             for r in range(1, world)]
-    for p in procs:
-        p.start()
+    host = "127.0.0.1"
+    if config.distributed_executor_backend == "ray":
+        from strata.distributed.ray_ranks import node_ip, start_ranks
+
+        host = node_ip()
+        procs = start_ranks(world, host, port, path, fields)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(r, world, port, path, fields), daemon=True,
+                             name=f"tp-rank{r}") for r in range(1, world)]
+        for p in procs:
+            p.start()
     ranks = _Ranks(procs)
     torch.set_num_threads(config.num_threads or 1)
     try:
-        store = parallel_state.rendezvous(0, world, port)
+        store = parallel_state.rendezvous(0, world, port, host)
         ranks.wait_ready(store)
         parallel_state.init(store, 0, world)
         parallel_state.set_failure_handler(ranks.failure)
@@ -190,11 +198,11 @@ def shutdown(model: CausalLM) -> None:
 
 
 # ---- workers -----------------------------------------------------------------------------------------------
-def _worker_main(rank: int, world: int, port: int, path: str, fields: dict) -> None:
+def _worker_main(rank: int, world: int, port: int, path: str, fields: dict, host: str = "127.0.0.1") -> None:
     config = EngineConfig(**fields)
     torch.set_num_threads(config.num_threads or 1)
     try:
-        parallel_state.init(parallel_state.rendezvous(rank, world, port), rank, world)
+        parallel_state.init(parallel_state.rendezvous(rank, world, port, host), rank, world)
         model = _load(path, config, rank, progress=False)
         parallel_state.broadcast(torch.zeros(1), control=True)
         _serve(model)

@@ -84,7 +84,7 @@ def test_flags_and_their_checks():
     cfg = engine_config_from_args(parser.parse_args(["--tensor-parallel-size", "2",
                                                      "--distributed-executor-backend", "mp"]))
     assert (cfg.tensor_parallel_size, cfg.distributed_executor_backend) == (2, "mp")
-    with pytest.raises(ConfigError, match="--distributed-executor-backend must be mp"):
-        EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(ConfigError, match="--distributed-executor-backend must be mp or ray"):
+        EngineConfig(tensor_parallel_size=2, distributed_executor_backend="slurm")
     with pytest.raises(ConfigError, match="--tensor-parallel-size must be an integer >= 1"):
         EngineConfig(tensor_parallel_size=0)
