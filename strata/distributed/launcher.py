@@ -47,26 +47,32 @@ def _free_port() -> int:
 
 
 def _check_config(config: EngineConfig) -> None:
-    for name in ("memory_budget", "record_routing", "replay_routing", "speculative_config"):
+    for name in ("record_routing", "replay_routing", "speculative_config"):
         if getattr(config, name):
             raise UnsupportedError(f"--{name.replace('_', '-')} is not supported with --tensor-parallel-size > 1 yet")
+    if config.memory_budget and not config.enable_expert_parallel:
+        raise UnsupportedError("--memory-budget with --tensor-parallel-size > 1 needs --enable-expert-parallel "
+                               "(each rank then tiers its own whole experts)")
+    if config.memory_budget and (config.miss_fallback != "none" or config.prefetch != "none"):
+        raise UnsupportedError("--memory-budget under expert parallel supports --miss-fallback none and --prefetch "
+                               "none only")
 
 
-def _load(path: str, config: EngineConfig, rank: int, progress: bool,
-          placement: torch.Tensor | None = None) -> CausalLM:
-    """Load this rank's shard; expert parallel: every rank receives rank 0's [L, E] placement first."""
-    from strata.weights.loader import load_model
+def _load(path: str, config: EngineConfig, rank: int, progress: bool, placement: torch.Tensor | None = None):
+    """Load this rank's shard -> (model, TierRuntime or None). Expert parallel: every rank receives rank 0's
+    [L, E] placement first; with --memory-budget each rank tiers its own experts within that budget."""
+    from strata.tiers.runtime import load_model_tiered
 
     if config.enable_expert_parallel:
         if placement is None:
             cfg = ModelConfig.from_pretrained(path)
             placement = torch.empty(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)
         placement = parallel_state.broadcast(placement)  # [L, E]
-    model = load_model(path, config.dtype, progress=progress and rank == 0, check_finite=config.check_weights,
-                       shard=Shard(rank, config.tensor_parallel_size, placement))
+    model, tiers = load_model_tiered(path, config, progress and rank == 0,
+                                     shard=Shard(rank, config.tensor_parallel_size, placement))
     parallelize(model, config.tensor_parallel_size, rank, placement)
     model.__dict__["expert_placement"] = placement  # not a buffer: outside the state dict
-    return model
+    return model, tiers
 
 
 # ---- rank 0 ------------------------------------------------------------------------------------------------
@@ -144,9 +150,10 @@ def _broadcast_forward(model, args, kwargs):
     parallel_state.broadcast(torch.cat([p.to(torch.long) for p in parts]))  # [payload]
 
 
-def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) -> CausalLM:
-    """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard (a model whose forwards drive the
-    workers). The workers stop when the model is garbage collected, at exit, or with `shutdown(model)`."""
+def load_model_parallel(path: str, config: EngineConfig, progress: bool = True):
+    """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard -> (a model whose forwards drive
+    the workers, rank 0's TierRuntime or None). The workers stop when the model is garbage collected, at exit,
+    or with `shutdown(model)`."""
     _check_config(config)
     check_supported(ModelConfig.from_pretrained(path), config.tensor_parallel_size, path,  # before any spawn
                     config.enable_expert_parallel)
@@ -179,7 +186,7 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
         ranks.wait_ready(store)
         parallel_state.init(store, 0, world)
         parallel_state.set_failure_handler(ranks.failure)
-        model = _load(path, config, 0, progress, placement)
+        model, tiers = _load(path, config, 0, progress, placement)
         parallel_state.broadcast(torch.zeros(1), control=True)  # every rank loaded (a worker's error ends here)
     except BaseException:
         ranks.stop(send=False)
@@ -187,7 +194,7 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
     model.register_forward_pre_hook(_broadcast_forward, with_kwargs=True)
     model.__dict__["_tp_ranks"] = ranks  # not a submodule
     weakref.finalize(model, ranks.stop)
-    return model
+    return model, tiers
 
 
 def shutdown(model: CausalLM) -> None:
@@ -203,9 +210,11 @@ def _worker_main(rank: int, world: int, port: int, path: str, fields: dict, host
     torch.set_num_threads(config.num_threads or 1)
     try:
         parallel_state.init(parallel_state.rendezvous(rank, world, port, host), rank, world)
-        model = _load(path, config, rank, progress=False)
+        model, tiers = _load(path, config, rank, progress=False)  # tiers: this rank's expert cache, kept alive
         parallel_state.broadcast(torch.zeros(1), control=True)
         _serve(model)
+        if tiers is not None:
+            tiers.close()
     except StrataError as e:
         print(f"error: tensor-parallel rank {rank}: {e}", file=sys.stderr)
         sys.exit(1)

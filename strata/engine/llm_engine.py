@@ -76,7 +76,7 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:  # ranks spawned here; this process is rank 0 (strata/distributed)
             from strata.distributed.launcher import load_model_parallel
 
-            self.model, self.tiers = load_model_parallel(path, config, progress), None
+            self.model, self.tiers = load_model_parallel(path, config, progress)  # tiers: rank 0's (EP budget)
         else:
             self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:

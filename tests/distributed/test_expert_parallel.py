@@ -89,3 +89,36 @@ def test_dense_and_indivisible_experts_are_refused(tmp_path):
     build_hf("mixtral", tmp_path / "moe")
     with pytest.raises(ConfigError, match="'num_experts' = 4 is not divisible by --tensor-parallel-size 3"):
         check_supported(ModelConfig.from_pretrained(tmp_path / "moe"), 3, "m")
+
+
+def test_ep2_with_a_memory_budget_per_rank_equals_one_process(tmp_path, monkeypatch):
+    from strata.tiers import runtime
+    from strata.tiers.store_convert import checkpoint_facts
+
+    build_hf("mixtral", tmp_path / "m")
+    path = str(tmp_path / "m")
+    want = greedy(make_engine(path, 1))
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))  # the expert store, shared by the ranks
+    monkeypatch.setattr(runtime, "current_rss", lambda: 0)
+    facts = checkpoint_facts(path)
+    plan = runtime._plan(path, EngineConfig(max_num_batched_tokens=8, kv_cache_memory=2**20, memory_budget=2**40),
+                         ModelConfig.from_pretrained(path), torch.float32, facts)
+    budget = plan.fixed_bytes + 4 * facts.slot_bytes + 2**30
+    # rank 0 counts 1 GiB as its runtime, so 4 expert slots are left of the budget; the worker measures its
+    # real RSS (well under 1 GiB), so its slots hold its experts; each rank loads only the experts it owns
+    monkeypatch.setattr(runtime, "current_rss", lambda: 2**30)
+    engine = make_engine(path, 2, enable_expert_parallel=True, memory_budget=budget)
+    try:
+        got = greedy(engine)
+        stats = engine.tier_stats()  # rank 0's tiers: 4 slots for its 2 experts x 3 layers, read from the store
+        assert stats["tiered"] and stats["expert_cache_slots"] == 4 and stats["disk_bytes_read"] > 0
+    finally:
+        shutdown(engine.model)
+    assert got == want
+
+
+def test_a_memory_budget_needs_expert_parallel(tmp_path):
+    build_hf("mixtral", tmp_path)
+    with pytest.raises(UnsupportedError, match="--memory-budget with --tensor-parallel-size > 1 needs "
+                                               "--enable-expert-parallel"):
+        make_engine(tmp_path, 2, memory_budget=2**30)
