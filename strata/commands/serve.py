@@ -47,6 +47,8 @@ class ServerConfig:
                                       "blocks (needs ray: pip install 'strata[distributed]'); see "
                                       "docs/distributed.md", type=int)
     ray_address: str | None = knob(None, "Ray cluster for the replicas (default: start a local one)")
+    pd_disaggregation: bool = knob(False, "with --data-parallel-size N: the first N/2 replicas only prefill and "
+                                          "hand each request with its KV to a decode replica")
 
 
 def register(sub) -> None:
@@ -101,7 +103,8 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
         from strata.distributed.router import ReplicaRouter
 
         engine = ReplicaRouter(config, dp, args.ray_address, metrics, request_timeout=args.request_timeout,
-                               chat_template=template, on_load_failure=on_load_failure)
+                               chat_template=template, on_load_failure=on_load_failure,
+                               pd_disaggregation=args.pd_disaggregation)
     else:
         engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
                              request_timeout=args.request_timeout, on_load_failure=on_load_failure)

@@ -23,6 +23,7 @@ import logging
 import time
 
 from strata.config import EngineConfig
+from strata.distributed.replica_stream import ReplicaStream
 from strata.errors import ConfigError, StrataError
 from strata.server.async_engine import EngineDeadError, EngineNotReadyError, RequestFailedError
 from strata.server.metrics import EngineMetrics
@@ -33,6 +34,10 @@ LOAD_TIMEOUT_S = 10.0  # a replica that does not answer a load query in this tim
 
 class ReplicaDeadError(StrataError):
     """A replica's actor died."""
+
+
+class MigrationRefused(StrataError):
+    """A migration that cannot happen (no such running request, no other replica, a request that cannot move)."""
 
 
 def _ray():
@@ -83,6 +88,7 @@ class _Replica:
         self.index, self.actor = index, actor
         self.info: dict = {}
         self.dead_reason: str | None = None
+        self.is_prefill = False  # --pd-disaggregation: takes new requests, hands them to decode replicas
         self.in_flight = 0
         self.num_served = 0  # requests sent to it
         self.unreported_blocks = 0  # prompt blocks of requests sent that have not produced output yet
@@ -92,107 +98,17 @@ class _Replica:
         _ray().cancel(gen)
 
 
-class ReplicaStream:
-    """Async iterator of RequestOutput for one request served by a replica; abort() stops it there."""
-
-    def __init__(self, router: ReplicaRouter, request_id: str, args: tuple):
-        self.router, self.request_id, self._args = router, request_id, args
-        self.finished = False
-        self._gen = self._run()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            out = await self._gen.__anext__()
-        except BaseException:
-            self.finished = True
-            raise
-        if out.finished:
-            self.finished = True
-            await self._gen.aclose()  # runs its bookkeeping now, not when the generator is collected
-        return out
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.router.abort(self.request_id)
-        if not self._gen.ag_running:  # suspended at a yield: close it (a running one is being cancelled)
-            try:
-                asyncio.get_running_loop().create_task(self._gen.aclose())
-            except RuntimeError:  # no event loop: the generator is collected later
-                pass
-
-    async def _run(self):
-        router = self.router
-        prompt_ids, params, priority, timeout = self._args
-        t_add, t_last, num_tokens = time.monotonic(), None, 0
-        tried: set[int] = set()
-        while True:
-            replica = await router.choose(tried, len(prompt_ids))
-            router.placed[self.request_id] = replica
-            blocks = -(-len(prompt_ids) // replica.info["block_size"])
-            replica.in_flight += 1
-            replica.num_served += 1
-            replica.unreported_blocks += blocks
-            gen = replica.actor.generate.options(num_returns="streaming").remote(
-                self.request_id, prompt_ids, params, priority, timeout)
-            started, done = False, False
-            try:
-                async for ref in gen:
-                    out = await ref
-                    if not started:
-                        started = True
-                        replica.unreported_blocks -= blocks
-                    num = sum(len(o.token_ids) for o in out.outputs)
-                    now = time.monotonic()
-                    if num > num_tokens:
-                        if t_last is None:
-                            router.metrics.ttft.observe(now - t_add)
-                            router.metrics.prompt_tokens.inc(len(prompt_ids))
-                        else:
-                            router.metrics.itl.observe(now - t_last)
-                        router.metrics.generation_tokens.inc(num - num_tokens)
-                        t_last, num_tokens = now, num
-                    if out.finished:
-                        done = True
-                        router.metrics.e2e.observe(now - t_add)
-                        for o in out.outputs:
-                            router.metrics.finished(o.finish_reason or "abort")
-                    yield out
-                    if done:
-                        return
-                raise RequestFailedError(f"replica {replica.index} ended the stream before the request finished")
-            except Exception as e:  # noqa: BLE001 - sorted below: a dead replica, or the engine's own error
-                err = _cause(e)
-                if not isinstance(err, ReplicaDeadError):
-                    router.metrics.finished("error", params.n)
-                    raise err from None
-                router.mark_dead(replica, str(err))
-                if started:
-                    router.metrics.finished("error", params.n)
-                    raise RequestFailedError(f"replica {replica.index} died while serving this request "
-                                             f"({err})") from None
-                tried.add(replica.index)  # nothing sent yet: the request goes to another replica
-            finally:
-                if not done and replica.dead_reason is None:
-                    replica.cancel(gen)  # the replica's generate ends (its request is aborted there)
-                replica.in_flight -= 1
-                if not started:
-                    replica.unreported_blocks -= blocks
-                router.placed.pop(self.request_id, None)
-
-
 class ReplicaRouter:
     def __init__(self, config: EngineConfig, num_replicas: int, ray_address: str | None = None,
                  metrics: EngineMetrics | None = None, request_timeout: float | None = None,
-                 chat_template: str | None = None, on_load_failure=None):
+                 chat_template: str | None = None, on_load_failure=None, pd_disaggregation: bool = False):
         if config.tensor_parallel_size > 1:
             raise ConfigError("--data-parallel-size > 1 with --tensor-parallel-size > 1 is not supported yet")
+        if pd_disaggregation and num_replicas < 2:
+            raise ConfigError("--pd-disaggregation needs --data-parallel-size >= 2 (prefill and decode replicas)")
         self.config, self.num_replicas, self.ray_address = config, num_replicas, ray_address
+        self.pd_disaggregation = pd_disaggregation
+        self.streams: dict[str, ReplicaStream] = {}
         self.metrics = metrics or EngineMetrics()
         self.request_timeout, self.template, self._on_load_failure = request_timeout, chat_template, on_load_failure
         self.engine = None  # the local LLMEngine-like facts the API reads: tokenizer, model_config, max_model_len
@@ -208,6 +124,16 @@ class ReplicaRouter:
                               ["model_name", "replica"], registry=self.metrics.registry)
         self._in_flight = Gauge("strata:replica_num_requests", "Requests in flight on the replica",
                                 ["model_name", "replica"], registry=self.metrics.registry)
+        from prometheus_client import Counter, Histogram
+
+        from strata.server.metrics import LATENCY_BUCKETS
+
+        self._migrations = Counter("strata:migrations", "Requests moved to another replica with their KV",
+                                   ["model_name"], registry=self.metrics.registry).labels(self.metrics.model_name)
+        self._downtime = Histogram("strata:migration_downtime_seconds", "From a migration's start to the "
+                                   "request's first output on its new replica", ["model_name"],
+                                   buckets=LATENCY_BUCKETS, registry=self.metrics.registry
+                                   ).labels(self.metrics.model_name)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -241,6 +167,7 @@ class ReplicaRouter:
         infos = await asyncio.gather(*(r.actor.start.remote() for r in self.replicas))
         for r, info in zip(self.replicas, infos, strict=True):
             r.info = info
+            r.is_prefill = self.pd_disaggregation and r.index < max(len(self.replicas) // 2, 1)
             self._healthy.labels(self.metrics.model_name, str(r.index)).set(1)
         self.engine = await asyncio.to_thread(EngineFacts, self.config, infos[0]["max_model_len"],
                                               self.template)
@@ -276,6 +203,8 @@ class ReplicaRouter:
         live = self.live()
         return {"status": "ok" if len(live) == len(self.replicas) else "degraded",
                 "replicas": [{"index": r.index, "healthy": r.dead_reason is None, "pid": r.info.get("pid"),
+                              **({"role": "prefill" if r.is_prefill else "decode"} if self.pd_disaggregation
+                                 else {}),
                               "num_requests": r.in_flight, "num_served": r.num_served,
                               **({"error": r.dead_reason} if r.dead_reason else {})} for r in self.replicas]}
 
@@ -290,9 +219,11 @@ class ReplicaRouter:
                       len(self.replicas))
             self._healthy.labels(self.metrics.model_name, str(replica.index)).set(0)
 
-    async def choose(self, tried: set[int], num_prompt_tokens: int) -> _Replica:
-        """The live replica (not in `tried`) with the most free KV blocks, then the fewest requests in flight."""
-        candidates = [r for r in self.live() if r.index not in tried]
+    async def choose(self, tried: set[int], prefill: bool = True) -> _Replica:
+        """The live replica (not in `tried`) with the most free KV blocks, then the fewest requests in flight;
+        with --pd-disaggregation among the prefill replicas (prefill) or the decode ones."""
+        candidates = [r for r in self.live() if r.index not in tried
+                      and (not self.pd_disaggregation or r.is_prefill == prefill)]
         if not candidates:
             raise EngineDeadError("every replica has died" if not self.live() else
                                   "the replicas this request was sent to died")
@@ -305,11 +236,65 @@ class ReplicaRouter:
                 continue
             scored.append((-(load["num_free_blocks"] - r.unreported_blocks), r.in_flight, r.index, r))
         if not scored:
-            return await self.choose(tried, num_prompt_tokens)
+            return await self.choose(tried, prefill)
         best = min(scored)[-1]
         for r in self.replicas:
             self._in_flight.labels(self.metrics.model_name, str(r.index)).set(r.in_flight)
         return best
+
+    # ---- failures and migrations (called by ReplicaStream) -------------------------------------
+    def replica_failed(self, stream: ReplicaStream, replica: _Replica, error: BaseException) -> bool:
+        """True when the request may go to another replica (its replica died before its first output);
+        otherwise raises the error its client gets."""
+        err = _cause(error)
+        if not isinstance(err, ReplicaDeadError):
+            self.metrics.finished("error")
+            raise err from None
+        self.mark_dead(replica, str(err))
+        if stream.num_outputs:
+            self.metrics.finished("error")
+            raise RequestFailedError(f"replica {replica.index} died while serving this request ({err})") from None
+        return True
+
+    def migrated(self, stream: ReplicaStream, downtime: float) -> None:
+        self._migrations.inc()
+        self._downtime.observe(downtime)
+        if stream.resumed is not None and not stream.resumed.done():
+            stream.resumed.set_result(downtime)
+
+    async def migrate(self, request_id: str | None = None, to: int | None = None) -> dict:
+        """Move a running request with its KV to another replica (`to`, else the least loaded; with
+        --pd-disaggregation a decode replica). Without `request_id`: a request of the busiest replica.
+        The client's stream goes on; -> {request_id, from, to, downtime_s}."""
+        if request_id is None:
+            busy = [s for s in self.streams.values() if s.replica is not None and s.migration is None]
+            if not busy:
+                raise MigrationRefused("no running request to migrate")
+            request_id = max(busy, key=lambda s: (s.replica.in_flight, s.num_outputs)).request_id
+        stream = self.streams.get(request_id)
+        if stream is None or stream.replica is None:
+            raise MigrationRefused(f"request {request_id!r} is not running")
+        if stream.migration is not None:
+            raise MigrationRefused(f"request {request_id!r} is already migrating")
+        src = stream.replica
+        if to is not None:
+            dest = next((r for r in self.live() if r.index == to and r is not src), None)
+            if dest is None:
+                raise MigrationRefused(f"replica {to} is not a live replica other than the request's ({src.index})")
+        else:
+            dest = await self.choose({src.index}, prefill=False)
+        loop = asyncio.get_running_loop()
+        stream.migration, stream.resumed = loop.create_future(), loop.create_future()
+        t0 = time.monotonic()
+        try:
+            payload = await src.actor.migrate_out.remote(request_id)
+        except Exception as e:  # noqa: BLE001 - the request stays where it is
+            stream.migration = None
+            err = _cause(e)
+            raise MigrationRefused(f"request {request_id!r} cannot migrate: {err}") from None
+        stream.migration.set_result((dest, payload, t0))
+        downtime = await stream.resumed
+        return {"request_id": request_id, "from": src.index, "to": dest.index, "downtime_s": downtime}
 
     # ---- the AsyncEngine surface the API uses ---------------------------------------------------
     def add_request(self, prompt_ids: list[int], params, request_id: str | None = None, priority: int = 0,

@@ -33,9 +33,9 @@ def server(model):
     srv.stop()
 
 
-def _one_engine(model) -> list[str]:
+def _one_engine(model, prompts=PROMPTS, max_tokens: int = 12) -> list[str]:
     llm = LLM(str(model), progress=False, dtype="float32", num_threads=1)
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     return [o.outputs[0].text for o in outs]
 
 
@@ -54,6 +54,38 @@ def test_streams_through_two_replicas_equal_one_engine(server, model):
     assert got == _one_engine(model)
     health = httpx.get(server.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and [r["num_served"] > 0 for r in health["replicas"]] == [True, True]
+
+
+def test_a_request_migrated_mid_stream_gives_the_unmigrated_output(server, model):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    want = _one_engine(model, ["the moving one"], 80)[0]
+    stream = client.completions.create(model="tiny", prompt="the moving one", max_tokens=80, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text
+    moved = httpx.post(server.url + "/admin/migrate", json={}, timeout=60).json()
+    assert moved["from"] != moved["to"] and moved["downtime_s"] >= 0
+    text += "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want
+    assert 'strata:migrations_total{model_name="tiny"} 1.0' in httpx.get(server.url + "/metrics", timeout=10).text
+
+
+def test_prefill_decode_disaggregation_gives_the_colocated_output(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = Server(model, "--data-parallel-size", "2", "--pd-disaggregation", "--dtype", "float32",
+                 "--served-model-name", "tiny")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(lambda p: _stream(client, p), PROMPTS))
+        assert got == _one_engine(model)
+        replicas = httpx.get(srv.url + "/health", timeout=10).json()["replicas"]
+        assert [r["role"] for r in replicas] == ["prefill", "decode"]
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert f'strata:migrations_total{{model_name="tiny"}} {float(len(PROMPTS))}' in metrics
+    finally:
+        srv.stop()
 
 
 def test_a_killed_replica_ends_its_stream_with_an_error_and_the_other_serves(server):

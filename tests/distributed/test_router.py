@@ -40,7 +40,7 @@ class FakeActor:
             raise ReplicaDeadError("actor died")
         return {"num_free_blocks": self.free_blocks, "num_running": 0, "num_waiting": 0, "dead_reason": None}
 
-    async def _generate(self, rid, ids, params, priority, timeout):
+    async def _generate(self, rid, ids, params, priority, timeout, migrated=None, handoff=False):
         self.requests.append(rid)
         for i in range(self.num_tokens):
             if self.die_after is not None and i >= self.die_after:
@@ -73,9 +73,9 @@ async def _collect(router, prompt=(1, 2, 3)):
 def test_most_free_blocks_then_fewest_in_flight(router):
     _with(router, FakeActor(10), FakeActor(30), FakeActor(30))
     router.replicas[1].in_flight = 2
-    assert asyncio.run(router.choose(set(), 5)).index == 2
+    assert asyncio.run(router.choose(set())).index == 2
     router.replicas[2].unreported_blocks = 25  # requests sent to it that it has not reported yet
-    assert asyncio.run(router.choose(set(), 5)).index == 1
+    assert asyncio.run(router.choose(set())).index == 1
 
 
 def test_a_replica_dead_before_the_first_output_hands_the_request_on(router):
