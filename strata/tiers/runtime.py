@@ -168,14 +168,15 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
     return plan
 
 
-def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
-    """Returns (model, TierRuntime or None)."""
+def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, shard=None):
+    """Returns (model, TierRuntime or None). `shard`: one expert-parallel rank's part (strata/distributed), whose
+    tiers hold that rank's experts only (the budget is the rank's)."""
     from strata.models.registry import load_config
     from strata.weights.loader import load_model, resolve_dtype
 
     if not (config.memory_budget or config.record_routing or config.replay_routing):
         return load_model(path, dtype=config.dtype, progress=progress,
-                          check_finite=config.check_weights), None
+                          check_finite=config.check_weights, shard=shard), None
     if config.memory_budget:
         bound_retention()  # before the first matmul: the libraries read their cache sizes then
     if not os.path.isdir(path):
@@ -183,7 +184,7 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     cfg = load_config(path)
     if not (config.memory_budget and cfg.is_moe):
         model = load_model(path, dtype=config.dtype, progress=progress,
-                           check_finite=config.check_weights)
+                           check_finite=config.check_weights, shard=shard)
         hooked = config.record_routing or config.replay_routing
         return model, (TierRuntime(model, config) if hooked and cfg.is_moe else None)
 
@@ -207,12 +208,12 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     if plan.all_experts_fit:
         log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
         model = load_model(path, dtype=config.dtype, progress=progress,
-                           check_finite=config.check_weights)
+                           check_finite=config.check_weights, shard=shard)
         hooked = config.record_routing or config.replay_routing
         return model, (TierRuntime(model, config, plan) if hooked else None)
     store = ExpertStore(ensure_store(path, progress=progress))
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress,
-                       check_finite=config.check_weights)
+                       check_finite=config.check_weights, shard=shard)
     blocks = model.moe_blocks()
     if plan.class_slots and store.class_bytes != plan.class_bytes:
         raise StoreError(f"{store.path}: expert sizes {store.class_bytes} differ from the checkpoint's "

@@ -117,6 +117,7 @@ def load_model(
     cfg = load_config(path)
     if shard is not None:
         cfg = shard.config(cfg, path)
+        skip = shard.skipper(skip)  # expert parallel: the experts other ranks hold
     cls = model_class(cfg)
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
