@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import offload
 from benchmarks.memlimit import unavailable_reason
 from strata.layers.quant_native import cache_dir
+from strata.models.registry import load_config
 
 TYPES = ("q4_k_m", "q4_0")
 KV_CACHE_BYTES = 16 << 20  # 128 positions of this model: llama.cpp's context is the prompt + decode + 16
@@ -111,12 +112,11 @@ def run(args) -> dict:
         probes.append(offload.disk_read_gbs(Path(store)))
         return probes[-1]
 
-    from strata.config import ModelConfig
 
     for rnd in range(args.rounds):
         for qtype, f in files.items():
             gguf, folder, store = Path(f["gguf"]), f["strata_folder"], f["store"]
-            vocab = ModelConfig.from_pretrained(folder).vocab_size
+            vocab = load_config(folder).vocab_size
             prompt = offload._prompt(vocab, args.prompt_len)
             for frac in fracs:
                 limit = int(frac * f["gguf_bytes"])

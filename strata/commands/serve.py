@@ -101,7 +101,7 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     if not isinstance(dp, int) or dp < 1:
         raise ConfigError(f"--data-parallel-size must be an integer >= 1, got {dp!r}")
     if dp > 1:
-        from strata.distributed.router import ReplicaRouter
+        from strata.replicas.router import ReplicaRouter
 
         engine = ReplicaRouter(config, dp, args.ray_address, metrics, request_timeout=args.request_timeout,
                                chat_template=template, on_load_failure=on_load_failure,

@@ -27,8 +27,8 @@ from strata.config import ModelConfig
 from strata.distributed import expert_parallel, parallel_state
 from strata.errors import ConfigError, UnsupportedError
 from strata.models.registry import model_class
-from strata.weights import kquant
-from strata.weights.quant_format import read_quantization_config
+from strata.quant import kquant
+from strata.quant.format import read_quantization_config
 
 COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3"}
 ROW = {"o_proj", "down_proj", "w2"}

@@ -185,7 +185,7 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
                                 status_code=503, headers={"Retry-After": "5"})
         return engine.health()
 
-    if hasattr(engine, "migrate"):  # replicas (strata/distributed/router.py): live migration on demand
+    if hasattr(engine, "migrate"):  # replicas (strata/replicas/router.py): live migration on demand
         @app.post("/admin/migrate")
         async def migrate(req: MigrateRequest):
             """Move a running request (`request_id`, else one of the busiest replica's) with its KV to replica

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.distributed.expert_parallel import (
     affinity_placement,
     check_supported,
@@ -15,6 +15,7 @@ from strata.distributed.expert_parallel import (
 from strata.distributed.launcher import shutdown
 from strata.distributed.tensor_parallel import shard_dim
 from strata.errors import ConfigError, UnsupportedError
+from strata.models.registry import load_config
 from strata.tiers.trace import RoutingRecord, RoutingTrace
 from tests.distributed.conftest import greedy, make_engine
 from tests.models.conftest import build_hf
@@ -85,10 +86,10 @@ def test_expert_tensors_stay_whole_and_checks():
 def test_dense_and_indivisible_experts_are_refused(tmp_path):
     build_hf("llama", tmp_path / "dense")
     with pytest.raises(UnsupportedError, match="--enable-expert-parallel needs a MoE model"):
-        check_supported(ModelConfig.from_pretrained(tmp_path / "dense"), 2, "m")
+        check_supported(load_config(tmp_path / "dense"), 2, "m")
     build_hf("mixtral", tmp_path / "moe")
     with pytest.raises(ConfigError, match="'num_experts' = 4 is not divisible by --tensor-parallel-size 3"):
-        check_supported(ModelConfig.from_pretrained(tmp_path / "moe"), 3, "m")
+        check_supported(load_config(tmp_path / "moe"), 3, "m")
 
 
 def test_ep2_with_a_memory_budget_per_rank_equals_one_process(tmp_path, monkeypatch):
@@ -102,7 +103,7 @@ def test_ep2_with_a_memory_budget_per_rank_equals_one_process(tmp_path, monkeypa
     monkeypatch.setattr(runtime, "current_rss", lambda: 0)
     facts = checkpoint_facts(path)
     plan = runtime._plan(path, EngineConfig(max_num_batched_tokens=8, kv_cache_memory=2**20, memory_budget=2**40),
-                         ModelConfig.from_pretrained(path), torch.float32, facts)
+                         load_config(path), torch.float32, facts)
     budget = plan.fixed_bytes + 4 * facts.slot_bytes + 2**30
     # rank 0 counts 1 GiB as its runtime, so 4 expert slots are left of the budget; the worker measures its
     # real RSS (well under 1 GiB), so its slots hold its experts; each rank loads only the experts it owns

@@ -1,4 +1,4 @@
-"""`strata serve --data-parallel-size 2` (slow marker: `pytest -m slow tests/distributed/test_replicas.py`): two engine replicas as Ray actors behind one OpenAI endpoint. Greedy
+"""`strata serve --data-parallel-size 2` (slow marker: `pytest -m slow tests/replicas/test_replicas.py`): two engine replicas as Ray actors behind one OpenAI endpoint. Greedy
 streams through the replicas equal one engine's output, the router uses both replicas, and a replica killed
 mid-stream ends that stream with an error event, leaves /health degraded and the other replica serving."""
 

@@ -23,7 +23,7 @@ import logging
 import time
 
 from strata.config import EngineConfig
-from strata.distributed.replica_stream import ReplicaStream
+from strata.replicas.replica_stream import ReplicaStream
 from strata.errors import ConfigError, StrataError
 from strata.server.async_engine import EngineDeadError, EngineNotReadyError, RequestFailedError
 from strata.server.metrics import EngineMetrics
@@ -152,7 +152,7 @@ class ReplicaRouter:
     async def _launch(self) -> None:
         import dataclasses
 
-        from strata.distributed.replica import EngineReplica
+        from strata.replicas.replica import EngineReplica
 
         ray = _ray()
         if not ray.is_initialized():
