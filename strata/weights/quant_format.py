@@ -10,6 +10,7 @@ layout; kernels (strata/layers/quant_native.py) read the same tensors. Formats, 
     int8-nested-gG    uint8 [out, Kp], scales fp16 [out, Kp/G]   w = (b - 136) * s; b >> 4 is an int4-gG code
     fp8               float8_e4m3fn [out, in], scales fp32 [out] w = q * s
     q4_k, q5_k, q6_k  uint8 [out, in / 256 * B]: llama.cpp's K-quant super-blocks as in GGUF (kquant.py)
+    q8_0, q4_1        uint8 [out, in / 32 * B]: llama.cpp's 32-weight blocks as in GGUF (ggml_blocks.py)
 
 Kp is in_features rounded up to a multiple of G: the last group is zero-padded.
 """
@@ -22,13 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights import kquant
+from strata.weights import ggml_blocks, kquant
 from strata.weights.quant_search import choose_scales, round_codes, safe_divisor
 
-KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES)
+KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES, *ggml_blocks.BLOCK_BYTES)
 MIN_GROUP, MAX_GROUP = 32, 1024
 NESTED_OFFSET = 136  # b = 16 * (q4 + 8) + (r + 8) = 16 * q4 + r + 136
-_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k)(?:-g(\d+))?(-asym)?$")
+_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k|q8_0|q4_1)(?:-g(\d+))?(-asym)?$")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class QuantFormat:
         if not m:
             raise UnsupportedError(
                 f"quantization format {name!r}: expected one of int8, int4-g32|g64|g128[-asym], "
-                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k"
+                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k, q8_0, q4_1"
             )
         kind, group, asym = m.group(1), m.group(2), bool(m.group(3))
         grouped = kind in ("int4", "int8-nested")
@@ -85,6 +86,12 @@ class QuantFormat:
         """llama.cpp K-quant blocks kept as in GGUF: read by kernels and dequantize, never quantized to here."""
         return self.kind in kquant.BLOCK_BYTES
 
+    @property
+    def blocks(self):
+        """The module that knows this format's llama.cpp blocks (kquant or ggml_blocks), None for Strata's own
+        formats. Block formats are read by kernels and dequantize, never quantized to here."""
+        return kquant if self.is_kquant else ggml_blocks if self.kind in ggml_blocks.BLOCK_BYTES else None
+
     def padded_in(self, in_features: int) -> int:
         """in_features rounded up to whole groups (the on-disk column count, in elements)."""
         g = self.group_size
@@ -92,8 +99,8 @@ class QuantFormat:
 
     def tensor_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Suffix -> (shape, dtype) of every stored tensor of one linear layer."""
-        if self.is_kquant:
-            return {"qweight": ((out_features, kquant.row_bytes(self.kind, in_features)), torch.uint8)}
+        if self.blocks is not None:
+            return {"qweight": ((out_features, self.blocks.row_bytes(self.kind, in_features)), torch.uint8)}
         if self.group_size is None:
             qdtype = torch.int8 if self.kind == "int8" else torch.float8_e4m3fn
             return {"qweight": ((out_features, in_features), qdtype), "scales": ((out_features,), torch.float32)}
@@ -156,9 +163,9 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
     """
     fmt = QuantFormat.parse(fmt)
     check_method(method)
-    if fmt.is_kquant:
-        raise UnsupportedError(f"format {fmt}: K-quant weights come from GGUF files as they are; Strata does not "
-                               "quantize into them (use int4-gG or int8)")
+    if fmt.blocks is not None:
+        raise UnsupportedError(f"format {fmt}: llama.cpp block weights come from GGUF files as they are; Strata does "
+                               "not quantize into them (use int4-gG or int8)")
     if w.dim() != 2 or not w.is_floating_point():
         raise WeightsError(f"quantize_weight: expected a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
     if not torch.isfinite(w).all():
@@ -226,8 +233,8 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: QuantFormat | str, 
     """Reference dequantization: the stored tensors -> float weight [out, in] (slow, exact in `dtype`)."""
     fmt = QuantFormat.parse(fmt)
     check_tensors(tensors, fmt, out_features, in_features)
-    if fmt.is_kquant:
-        return kquant.dequantize(tensors["qweight"], fmt.kind, out_features, in_features).to(dtype)
+    if fmt.blocks is not None:
+        return fmt.blocks.dequantize(tensors["qweight"], fmt.kind, out_features, in_features).to(dtype)
     q, s = tensors["qweight"], tensors["scales"].to(dtype)
     if fmt.group_size is None:
         return q.to(dtype) * s[:, None]
