@@ -97,11 +97,13 @@ def test_fused_q4_1_projections_and_native_kind_codes():
 def test_q32_float32_input_computes_in_float32(kind, backend):
     """q8_0 / q4_1 hold GGUF weights exactly, and with float32 input compute near float32 precision (the GEMV
     splits x into two bf16 halves): 1e-4 of the output scale, where bf16 activations are off by ~1e-2."""
-    q = _layer(kind, 37, 576, backend, seed=7, bias=True)
-    w = q.dequantize(torch.float64)
-    for rows in (1, 3, 5, 40):
-        x = torch.randn(rows, 576, dtype=torch.float32)
-        ref = x.double() @ w.T + q.bias.double()
-        y = q(x)
-        assert y.dtype == torch.float32
-        assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max(), rows
+    for width in (576, 608):  # 18 and 19 blocks per row: q4_1's GEMV takes two blocks per step
+        q = _layer(kind, 37, width, backend, seed=7, bias=True)
+        w = q.dequantize(torch.float64)
+        for rows in (1, 3, 5, 40):
+            x = torch.randn(rows, width, dtype=torch.float32)
+            ref = x.double() @ w.T + q.bias.double()
+            y = q(x)
+            assert y.dtype == torch.float32
+            assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max(), (width, rows)
+            _check(q, x.bfloat16())
