@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"))
     ap.add_argument("--bytes", type=int, default=120_000)
+    ap.add_argument("--jobs", type=int, default=1, help="evaluations run at once (one process each)")
     ap.add_argument("--work", default=None, help="folder for the converted models (default: a temporary one)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "quant_quality_gguf.json"))
     args = ap.parse_args()
@@ -123,14 +125,18 @@ def main() -> None:
         out = quantize_gguf(bf16_gguf, work / f"llamacpp-{qtype}.gguf", qtype)
         b = gguf_bits(out)
         models.append((f"llama.cpp {qtype.upper()}", "llama.cpp", out, b["bits_per_weight"], b["head"]))
-    rows = []
-    for label, maker, path, bits, head in models:
+    def score(model: tuple) -> dict:
+        label, maker, path, bits, head = model
         t = time.time()
         res = json.loads(_strata("eval", "ppl", "--model", str(path), "--data", str(text), "--context", "512",
                                  "--json").strip().splitlines()[-1])
-        rows.append({"model": label, "made_by": maker, "bits_per_weight": bits, "embedding_output": head,
-                     **res, "eval_s": time.time() - t})
-        print(rows[-1], file=sys.stderr)
+        row = {"model": label, "made_by": maker, "bits_per_weight": bits, "embedding_output": head, **res,
+               "eval_s": time.time() - t}
+        print(row, file=sys.stderr)
+        return row
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each evaluation is its own process
+        rows = list(pool.map(score, models))
     ref_ppl = rows[0]["ppl"]
     write_json_atomic(args.out, {"date": time.strftime("%Y-%m-%d %H:%M"), "gguf": gguf.name,
                                  "text_bytes": args.bytes, "context": 512, "stride": 256, "rows": rows})
