@@ -47,8 +47,9 @@ def _add_gguf(formats) -> None:
     p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
     p.add_argument("--keep-quantized", action="store_true",
-                   help="keep Q4_0 projections as Strata int4-g32 and Q4_K/Q5_K/Q6_K ones as their blocks (the "
-                        "same values, 4-7x less memory, bfloat16 activations; the folder is then for Strata only)")
+                   help="keep Q4_0 projections as Strata int4-g32 and Q8_0/Q4_1/Q4_K/Q5_K/Q6_K ones as their blocks "
+                        "(the same values, 4-7x less memory; a tied quantized embedding also becomes a quantized "
+                        "lm_head; the folder is then for Strata only)")
     p.set_defaults(func=_run_gguf)
 
 

@@ -23,6 +23,7 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
     case WK_FP8: gemv_fp8(x, M, K, w, N, s, NULL, y); break;
     case WK_NESTED: gemv_nested(x, M, K, w, N, G, s, NULL, y); break;
     case WK_Q4K: case WK_Q5K: case WK_Q6K: gemv_kq(kind - WK_Q4K, x, M, K, w, N, NULL, y); break;
+    case WK_Q8_0: case WK_Q4_1: gemv_qb(kind - WK_Q8_0, x, M, K, w, N, NULL, y); break;
     default: gemv_int4(x, M, K, w, N, G, s, z, NULL, y); break;
     }
 }

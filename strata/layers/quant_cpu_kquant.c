@@ -16,12 +16,6 @@ enum { KQ4 = 0, KQ5 = 1, KQ6 = 2 }; /* the `kind` argument of the entry points *
 static const int64_t KQ_BYTES[3] = {144, 176, 210};
 #define KQ_R 4 /* weight rows per block at one x row (2 when several x rows share the pass) */
 
-static inline float half_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return f16_to_f32(h);
-}
-
 /* q4_k/q5_k: lanes 0-7 = d * sc[j], lanes 8-15 = dmin * m[j]; q6_k: lane g = d * sc[g] (16-weight groups) */
 static inline __attribute__((always_inline)) __m512 kq_factors(int kind, const uint8_t *b) {
     if (kind == KQ6) {

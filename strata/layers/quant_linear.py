@@ -12,7 +12,10 @@ order of preference (STRATA_QUANT_BACKEND=native|torch|reference forces one):
     reference  dequantize_weight + F.linear in float32. Slow, always correct.
 
 Activations run in bf16 (fp32 activations make torch's quantized kernels 10-60x slower): the input is cast
-to bf16 and the output back to the input dtype.
+to bf16 and the output back to the input dtype. Except for GGUF's q8_0 and q4_1 blocks, which exist to hold a
+GGUF file's weights exactly: with float32 input they compute in float32 (a GEMV at about 2^-16 of float32
+arithmetic, or the exact dequantized weight in a float32 matmul), so a float32 model gives the logits of
+transformers on the same file; give them bf16 input (`--dtype bfloat16`) for speed.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from torch import nn
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers import quant_native
-from strata.quant import kquant
 from strata.quant.format import (
     MXFP4_GROUP,
     QuantFormat,
@@ -55,10 +57,12 @@ _warned_narrowing: list[str] = []
 log = logging.getLogger(__name__)  # one reusable bf16 tile buffer per thread (no page faults per call)
 
 
-def _tile_buffer(numel: int) -> torch.Tensor:
-    buf = getattr(_scratch, "buf", None)
+def _tile_buffer(numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    name = f"buf_{dtype}"
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.bfloat16)
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, buf)
     return buf[:numel]
 
 
@@ -79,8 +83,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt = QuantFormat.parse(fmt)
-        if self.fmt.is_kquant:
-            kquant.check_width(self.fmt.kind, in_features)
+        if self.fmt.blocks is not None:
+            self.fmt.blocks.check_width(self.fmt.kind, in_features)
         if self.fmt.kind == "mxfp4" and in_features % MXFP4_GROUP:
             raise UnsupportedError(f"format mxfp4: in_features must be a multiple of {MXFP4_GROUP}, got {in_features}")
         self.module_name = ""  # set by swap_linears, used in error messages
@@ -179,6 +183,8 @@ class QuantLinear(nn.Module):
             raise WeightsError(f"{self.module_name or 'QuantLinear'}: call post_load() after loading weights")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x.dtype == torch.float32 and self.fmt.kind in quant_native.BLOCK32_KINDS:
+            return self._float32(x2.contiguous()).reshape(*lead, self.out_features)
         if self.backend == "reference":
             y = F.linear(x2.float(), self.dequantize(torch.float32))
             y = y if self.bias is None else y + self.bias.float()
@@ -208,6 +214,25 @@ class QuantLinear(nn.Module):
                                                 buf[: (n1 - n0) * kp].view(n1 - n0, kp))
             y[:, n0:n1] = F.linear(xb, tile)
         return y if self.bias is None else y + self.bias.to(torch.bfloat16)
+
+    def _float32(self, x: torch.Tensor) -> torch.Tensor:
+        """q8_0 / q4_1 with float32 x [M, K] -> float32 [M, N] (see the module docstring)."""
+        if self.backend != "native":
+            y = F.linear(x, self.dequantize(torch.float32))
+        elif x.shape[0] <= self.gemv_max_rows:
+            return quant_native.gemv_f32(quant_native.native_lib(), self.fmt.kind, x, self._k, self.out_features,
+                                         self._k["bias"])
+        else:  # row tiles of the exact float32 weight, each in a float32 matmul
+            n, k = self.out_features, self.in_features
+            rows = max(16, min(n, TILE_BYTES_1_THREAD // (4 * k)))
+            buf = _tile_buffer(rows * k, torch.float32)
+            y = torch.empty(x.shape[0], n, dtype=torch.float32)
+            for n0 in range(0, n, rows):
+                n1 = min(n, n0 + rows)
+                tile = quant_native.dequantize_rows_f32(quant_native.native_lib(), self.fmt.kind, self._k, n0, n1,
+                                                        buf[: (n1 - n0) * k].view(n1 - n0, k))
+                y[:, n0:n1] = F.linear(x, tile)
+        return y if self.bias is None else y + self.bias.float()
 
     def _torch(self, xb: torch.Tensor) -> torch.Tensor:
         k, fmt = self._k, self.fmt

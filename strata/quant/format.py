@@ -12,6 +12,7 @@ layout; kernels (strata/layers/quant_native.py) read the same tensors. Formats, 
     q4_k, q5_k, q6_k  uint8 [out, in / 256 * B]: llama.cpp's K-quant super-blocks as in GGUF (kquant.py)
     mxfp4             uint8 [out, in/2] two e2m1 codes per byte  w = e2m1(q) * 2^(e - 127)   (OCP MX, gpt-oss)
                       (element 2j in the low nibble), scales uint8 e8m0 exponents e [out, in/32]
+    q8_0, q4_1        uint8 [out, in / 32 * B]: llama.cpp's 32-weight blocks as in GGUF (ggml_blocks.py)
 
 Kp is in_features rounded up to a multiple of G: the last group is zero-padded.
 """
@@ -24,15 +25,15 @@ from dataclasses import dataclass
 import torch
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.quant import kquant
+from strata.quant import ggml_blocks, kquant
 from strata.quant.search import choose_scales, round_codes, safe_divisor
 
-KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES, "mxfp4")
+KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES, *ggml_blocks.BLOCK_BYTES, "mxfp4")
 MXFP4_GROUP = 32  # elements sharing one e8m0 scale (OCP Microscaling spec)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # by code
 MIN_GROUP, MAX_GROUP = 32, 1024
 NESTED_OFFSET = 136  # b = 16 * (q4 + 8) + (r + 8) = 16 * q4 + r + 136
-_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k|mxfp4)(?:-g(\d+))?(-asym)?$")
+_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k|q8_0|q4_1|mxfp4)(?:-g(\d+))?(-asym)?$")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class QuantFormat:
         if not m:
             raise UnsupportedError(
                 f"quantization format {name!r}: expected one of int8, int4-g32|g64|g128[-asym], "
-                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k, mxfp4"
+                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k, q8_0, q4_1, mxfp4"
             )
         kind, group, asym = m.group(1), m.group(2), bool(m.group(3))
         grouped = kind in ("int4", "int8-nested")
@@ -89,6 +90,12 @@ class QuantFormat:
         """llama.cpp K-quant blocks kept as in GGUF: read by kernels and dequantize, never quantized to here."""
         return self.kind in kquant.BLOCK_BYTES
 
+    @property
+    def blocks(self):
+        """The module that knows this format's llama.cpp blocks (kquant or ggml_blocks), None for Strata's own
+        formats. Block formats are read by kernels and dequantize, never quantized to here."""
+        return kquant if self.is_kquant else ggml_blocks if self.kind in ggml_blocks.BLOCK_BYTES else None
+
     def padded_in(self, in_features: int) -> int:
         """in_features rounded up to whole groups (the on-disk column count, in elements)."""
         g = self.group_size
@@ -96,8 +103,8 @@ class QuantFormat:
 
     def tensor_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Suffix -> (shape, dtype) of every stored tensor of one linear layer."""
-        if self.is_kquant:
-            return {"qweight": ((out_features, kquant.row_bytes(self.kind, in_features)), torch.uint8)}
+        if self.blocks is not None:
+            return {"qweight": ((out_features, self.blocks.row_bytes(self.kind, in_features)), torch.uint8)}
         if self.kind == "mxfp4":  # in_features is a multiple of MXFP4_GROUP (QuantLinear checks)
             return {"qweight": ((out_features, in_features // 2), torch.uint8),
                     "scales": ((out_features, in_features // MXFP4_GROUP), torch.uint8)}
@@ -163,7 +170,7 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
     """
     fmt = QuantFormat.parse(fmt)
     check_method(method)
-    if fmt.is_kquant or fmt.kind == "mxfp4":
+    if fmt.blocks is not None or fmt.kind == "mxfp4":
         raise UnsupportedError(f"format {fmt}: such weights come from GGUF files or checkpoints as they are; "
                                "Strata does not quantize into them (use int4-gG or int8)")
     if w.dim() != 2 or not w.is_floating_point():
@@ -233,8 +240,8 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: QuantFormat | str, 
     """Reference dequantization: the stored tensors -> float weight [out, in] (slow, exact in `dtype`)."""
     fmt = QuantFormat.parse(fmt)
     check_tensors(tensors, fmt, out_features, in_features)
-    if fmt.is_kquant:
-        return kquant.dequantize(tensors["qweight"], fmt.kind, out_features, in_features).to(dtype)
+    if fmt.blocks is not None:
+        return fmt.blocks.dequantize(tensors["qweight"], fmt.kind, out_features, in_features).to(dtype)
     if fmt.kind == "mxfp4":
         lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
         w = lut[unpack_nibbles(tensors["qweight"]).long()].view(out_features, -1, MXFP4_GROUP)  # [out, in/32, 32]

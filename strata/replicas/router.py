@@ -23,8 +23,8 @@ import logging
 import time
 
 from strata.config import EngineConfig
-from strata.replicas.replica_stream import ReplicaStream
 from strata.errors import ConfigError, StrataError
+from strata.replicas.replica_stream import ReplicaStream
 from strata.server.async_engine import EngineDeadError, EngineNotReadyError, RequestFailedError
 from strata.server.metrics import EngineMetrics
 

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from strata.config import EngineConfig
-from strata.replicas import router as router_mod
-from strata.replicas.router import ReplicaDeadError, ReplicaRouter, _Replica
 from strata.engine.llm_engine import CompletionOutput, RequestOutput
 from strata.engine.sampling_params import SamplingParams
+from strata.replicas import router as router_mod
+from strata.replicas.router import ReplicaDeadError, ReplicaRouter, _Replica
 from strata.server.async_engine import EngineDeadError, RequestFailedError
 
 

@@ -22,10 +22,10 @@ pytest.importorskip("gguf")
 from strata import LLM
 from strata.engine.sampling_params import SamplingParams
 from strata.layers.quant_linear import QuantLinear
+from strata.quant.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
 from strata.tiers.store import ExpertStore
 from strata.tiers.store_convert import checkpoint_facts, ensure_store
 from strata.weights.gguf_cache import resolve_model_path
-from strata.quant.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
 from tests.models.conftest import COMMON, save_tiny_tokenizer
 from tests.tiers.conftest import budget_for
 from tests.weights.gguf_writer import write_gguf
