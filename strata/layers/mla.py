@@ -59,7 +59,8 @@ def mla_attention(
         if ql == 1:
             outs.append(_absorbed_decode(qn[0], qp[0], ctx, w_uk, w_uv, r, scale)[None])
             continue
-        outs.append(_expanded(qn, qp, ctx, kv_b_proj, n, v_head_dim, r, scale, _mask(ql, cl, None, q_nope.device)))
+        mask = _mask(ql, cl, None, q_nope.device)
+        outs.append(_expanded(qn, qp, ctx, kv_b_proj, n, v_head_dim, r, scale, mask))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
