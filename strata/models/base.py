@@ -113,6 +113,7 @@ class CausalLM(nn.Module):
     cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
     supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
+    keep_float32: tuple[str, ...] = ()  # name suffixes of tensors loaded as float32 whatever --dtype says
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:

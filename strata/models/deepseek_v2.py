@@ -265,6 +265,8 @@ class DeepseekV2ForCausalLM(CausalLM):
     config_class = DeepseekV2Config
     use_native_decoder = False  # the one-call native decoder knows standard attention only
     supports_tensor_parallel = False  # q_b_proj / kv_b_proj / the latent cache have no tensor-parallel split
+    # V3's router bias separates experts by small margins: float32 as in DeepSeek's and transformers' code
+    keep_float32 = ("e_score_correction_bias",)
 
     @classmethod
     def make_attention(cls, cfg, layer_idx):

@@ -165,3 +165,13 @@ def test_tensor_parallel_refused_in_one_line(hf_deepseek):
     _, path = hf_deepseek("v2_greedy")
     with pytest.raises(UnsupportedError, match="does not support DeepseekV2ForCausalLM"):
         check_supported(load_config(path), 2, path)
+
+
+def test_router_bias_stays_float32_in_a_bfloat16_model(hf_deepseek):
+    hf, path = hf_deepseek("v3_yarn")
+    model = load_model(path, dtype="bfloat16", progress=False)
+    gate = model.moe_blocks()[0].gate
+    assert model.lm_head.weight.dtype == torch.bfloat16 and gate.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(gate.e_score_correction_bias, hf.model.layers[1].mlp.gate.e_score_correction_bias,
+                               rtol=0, atol=0)
