@@ -31,9 +31,10 @@ from strata.fileio import write_json_atomic
 
 PRESET_NAMES = ("deepseek-v2-lite", "deepseek-v2", "deepseek-v3")
 # the decode-speed model: DeepSeek-V3's structure (q_lora, sigmoid group routing, shared expert, dense first
-# layer) at a size a laptop decodes in seconds; about 60M parameters
-BENCH_CONFIG = {"vocab_size": 16000, "hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256,
-                "num_hidden_layers": 6, "num_attention_heads": 8, "q_lora_rank": 192, "kv_lora_rank": 128,
+# layer) at a size a laptop decodes in seconds: 56M parameters, 32M active per token
+BENCH_CONFIG = {"vocab_size": 16000, "hidden_size": 512, "intermediate_size": 1024,
+                "moe_intermediate_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8,
+                "q_lora_rank": 192, "kv_lora_rank": 128,
                 "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": 16,
                 "num_experts_per_tok": 4, "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
                 "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "max_position_embeddings": 4096,
@@ -57,7 +58,8 @@ def kv_rows(kv_memory: int) -> list[dict]:
         full_spec = KVCacheSpec(cfg.num_attention_heads, qk, cfg.num_attention_heads, cfg.v_head_dim)
         full = kv_bytes_per_token([full_spec] * cfg.num_hidden_layers, torch.bfloat16)
         rows.append({"model": name, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
-                     "mla_bytes_per_token": latent, "uncompressed_bytes_per_token": full, "ratio": full / latent,
+                     "mla_bytes_per_token": latent, "uncompressed_bytes_per_token": full,
+                     "ratio": full / latent,
                      "mla_max_tokens": kv_memory // latent, "uncompressed_max_tokens": kv_memory // full})
     return rows
 
@@ -100,7 +102,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for rnd in range(args.rounds):
         for e in engines:
-            runs[e].append(run_child("benchmarks.core", f"run_{e}", path, args.prompt_len, args.decode, args.threads))
+            run = run_child("benchmarks.core", f"run_{e}", path, args.prompt_len, args.decode, args.threads)
+            runs[e].append(run)
             print(rnd, e, runs[e][-1], file=sys.stderr)
     speed = {}
     for e in engines:
@@ -108,19 +111,22 @@ def main() -> None:
         speed[e] = ({k: statistics.median(r[k] for r in ok) for k in ("prefill_tok_s", "decode_tok_s")}
                     if ok else runs[e][0])
         speed[e]["rounds"] = runs[e]
-    ratios = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs.get("strata", []), runs.get("transformers", []))
+    pairs = zip(runs.get("strata", []), runs.get("transformers", []))
+    ratios = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in pairs
               if "error" not in a and "error" not in b]
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "rounds": args.rounds,
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "load_avg": os.getloadavg()}
-    write_json_atomic(args.out, {"machine": machine, "kv_memory": kv_memory, "kv": kv, "speed_model": BENCH_CONFIG,
-                                 "prompt_len": args.prompt_len, "decode": args.decode, "speed": speed,
-                                 "decode_ratio_rounds": ratios})
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+               "rounds": args.rounds, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "load_avg": os.getloadavg()}
+    write_json_atomic(args.out, {"machine": machine, "kv_memory": kv_memory, "kv": kv,
+                                 "speed_model": BENCH_CONFIG, "prompt_len": args.prompt_len,
+                                 "decode": args.decode, "speed": speed, "decode_ratio_rounds": ratios})
     print(f"\nKV cache per token (bf16) and longest context in {format_size(kv_memory)}\n")
     print("| model | MLA latent cache | uncompressed K/V | ratio | context (MLA) | context (uncompressed) |")
     print("|---|---|---|---|---|---|")
     for r in kv:
         print(f"| {r['model']} | {format_size(r['mla_bytes_per_token'])} | "
-              f"{format_size(r['uncompressed_bytes_per_token'])} | {r['ratio']:.1f}x | {r['mla_max_tokens']:,} | "
+              f"{format_size(r['uncompressed_bytes_per_token'])} | {r['ratio']:.1f}x | "
+              f"{r['mla_max_tokens']:,} | "
               f"{r['uncompressed_max_tokens']:,} |")
     print(f"\nDecode, batch 1, bf16, prompt {args.prompt_len}, {args.decode} tokens, {args.threads} threads, "
           f"load avg {machine['load_avg'][0]:.1f}, medians of {args.rounds} rounds\n")

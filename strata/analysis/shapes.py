@@ -100,7 +100,7 @@ def shape_from_dict(d: dict, name: str = "config.json") -> ModelShape:
     from strata.models.registry import MODEL_REGISTRY, config_from_dict  # torch: only on this call
 
     arch = (d.get("architectures") or [""])[0]
-    if arch in MODEL_REGISTRY:
+    if arch in MODEL_REGISTRY and not d.get("kv_lora_rank"):  # latent attention: the fields read below
         c = config_from_dict(d, source=name)
         shared = c.shared_expert_intermediate_size
         return _finish(d, ModelShape(

@@ -36,7 +36,7 @@ class KVCacheSpec:
         return self.k_heads * self.k_dim + self.v_heads * self.v_dim
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes one token takes in this layer's cache; `dtype` is the model's (used unless the spec sets one)."""
+        """Bytes of one token in this layer's cache; `dtype`: the model's, used unless the spec sets one."""
         return self.elements_per_token() * (self.dtype or dtype).itemsize
 
     def allocate(self, num_slots: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -54,5 +54,6 @@ def kv_bytes_per_token(specs: list[KVCacheSpec], dtype: torch.dtype) -> int:
     return sum(s.bytes_per_token(dtype) for s in specs)
 
 
-def allocate_kv_caches(specs: list[KVCacheSpec], num_slots: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+def allocate_kv_caches(specs: list[KVCacheSpec], num_slots: int,
+                       dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
     return [s.allocate(num_slots, dtype) for s in specs]

@@ -49,28 +49,38 @@ def mla_attention(
         cache.index_copy_(0, meta.slot_mapping, latent[:, None, :].to(cache.dtype))
     w = kv_b_proj.weight.view(hq, n + v_head_dim, r)
     w_uk, w_uv = w[:, :n], w[:, n:]  # [Hq, N, R], [Hq, V, R]
-    outs = []
-    for i, (qs, ql, cl) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
-        if cache is not None:
-            ctx = cache.index_select(0, meta.context_slots[i])[:, 0].to(q_nope.dtype)  # [K, R + P]
-        else:
-            ctx = latent[qs : qs + ql]
-        qn, qp = q_nope[qs : qs + ql], q_pe[qs : qs + ql]  # [Q, Hq, N], [Q, Hq, P]
-        if ql == 1:
-            outs.append(_absorbed_decode(qn[0], qp[0], ctx, w_uk, w_uv, r, scale)[None])
-            continue
-        outs.append(_expanded(qn, qp, ctx, kv_b_proj, n, v_head_dim, r, scale, _mask(ql, cl, None, q_nope.device)))
+
+    def context(i: int, qs: int, ql: int) -> torch.Tensor:  # [K, R + P] latents sequence i attends to
+        if cache is None:
+            return latent[qs : qs + ql]
+        return cache.index_select(0, meta.context_slots[i])[:, 0].to(q_nope.dtype)
+
+    seqs = list(zip(meta.query_starts, meta.query_lens, meta.context_lens))
+    outs: list[torch.Tensor | None] = [None] * len(seqs)
+    decode = [i for i, (_, ql, _) in enumerate(seqs) if ql == 1]
+    if decode:  # every decoding sequence's absorption in one batched matmul per side
+        rows = torch.tensor([seqs[i][0] for i in decode])
+        q_lat = torch.bmm(q_nope[rows].transpose(0, 1), w_uk).transpose(0, 1)  # [S, Hq, R]
+        q = torch.cat((q_lat, q_pe[rows]), dim=-1)  # [S, Hq, R + P]
+        o_lat = torch.stack([_latent_attention(q[j], context(i, *seqs[i][:2]), r, scale)
+                             for j, i in enumerate(decode)])  # [S, Hq, R]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [S, Hq, V]
+        for j, i in enumerate(decode):
+            outs[i] = o[j : j + 1]
+    for i, (qs, ql, cl) in enumerate(seqs):
+        if outs[i] is None:
+            mask = _mask(ql, cl, None, q_nope.device)
+            outs[i] = _expanded(q_nope[qs : qs + ql], q_pe[qs : qs + ql], context(i, qs, ql), kv_b_proj, n,
+                                v_head_dim, r, scale, mask)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def _absorbed_decode(qn, qp, ctx, w_uk, w_uv, r: int, scale: float) -> torch.Tensor:
-    """One query: qn [Hq, N], qp [Hq, P], ctx [K, R + P] -> [Hq, V]; softmax in float32."""
-    q_lat = torch.bmm(qn[:, None, :], w_uk)[:, 0]  # [Hq, R]
-    q = torch.cat((q_lat, qp), dim=-1)  # [Hq, R + P]
+def _latent_attention(q: torch.Tensor, ctx: torch.Tensor, r: int, scale: float) -> torch.Tensor:
+    """One absorbed query per head over the cached latents: q [Hq, R + P], ctx [K, R + P] -> [Hq, R];
+    softmax in float32."""
     scores = torch.matmul(q, ctx.t()).float() * scale  # [Hq, K]
     probs = torch.softmax(scores, dim=-1).to(ctx.dtype)
-    o_lat = torch.matmul(probs, ctx[:, :r])  # [Hq, R]
-    return torch.bmm(o_lat[:, None, :], w_uv.transpose(1, 2))[:, 0]  # [Hq, V]
+    return torch.matmul(probs, ctx[:, :r])  # [Hq, R]
 
 
 def _expanded(qn, qp, ctx, kv_b_proj, n: int, v: int, r: int, scale: float, mask) -> torch.Tensor:

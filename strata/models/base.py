@@ -116,6 +116,7 @@ class CausalLM(nn.Module):
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
     supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
     own_quant_methods: tuple[str, ...] = ()  # quantization_config.quant_method values the family's modules read
+    keep_float32: tuple[str, ...] = ()  # name suffixes of tensors loaded as float32 whatever --dtype says
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:

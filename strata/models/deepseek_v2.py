@@ -29,6 +29,7 @@ from torch import nn
 
 from strata.config import HFFields, ModelConfig
 from strata.errors import ConfigError
+from strata.layers.fusion import FusedProjection, fuse_projection
 from strata.layers.kv_cache import KVCacheSpec
 from strata.layers.linear import Linear
 from strata.layers.mla import apply_rotary_interleaved, mla_attention
@@ -106,7 +107,8 @@ class DeepseekV2Config(ModelConfig):
 
     @property
     def group_limited(self) -> bool:
-        return self.n_group > 1 and (self.scoring_func == "sigmoid" or self.topk_method == "group_limited_greedy")
+        grouped_method = self.scoring_func == "sigmoid" or self.topk_method == "group_limited_greedy"
+        return self.n_group > 1 and grouped_method
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (self.is_moe and layer_idx >= self.first_k_dense_replace
@@ -117,7 +119,7 @@ class DeepseekV2Config(ModelConfig):
         return self.moe_intermediate_size * self.n_shared_experts
 
     def softmax_scale(self) -> float:
-        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under yarn (DeepSeek's long-context fix)."""
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under yarn (DeepSeek's long context)."""
         scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
         s = self.rope_scaling or {}
         factor, m = float(s.get("factor", 1.0)), s.get("mscale_all_dim")
@@ -135,16 +137,16 @@ class DeepseekV2Config(ModelConfig):
 
     def param_counts(self) -> dict[str, int]:
         counts = super().param_counts()
-        shared = 3 * self.hidden_size * self.shared_intermediate
-        shared *= sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
-        counts = {k: v + (shared if k in ("total", "active", "non_expert") else 0) for k, v in counts.items()}
+        moe_layers = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        extra = 3 * self.hidden_size * self.shared_intermediate * moe_layers  # shared experts
         if self.scoring_func == "sigmoid":  # e_score_correction_bias per MoE layer
-            bias = self.num_experts * sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
-            counts = {k: v + (bias if k in ("total", "active", "non_expert") else 0) for k, v in counts.items()}
-        return counts
+            extra += self.num_experts * moe_layers
+        return {k: v + (extra if k in ("total", "active", "non_expert") else 0) for k, v in counts.items()}
 
 
 class DeepseekV2Attention(nn.Module):
+    a_fused: FusedProjection | None = None  # [H] -> [q_lora_rank or Hq*(N+P), R + P], by fuse_projections()
+
     def __init__(self, cfg: DeepseekV2Config, layer_idx: int):
         super().__init__()
         h, self.num_heads = cfg.hidden_size, cfg.num_attention_heads
@@ -165,14 +167,26 @@ class DeepseekV2Attention(nn.Module):
         self.rotate = apply_rotary_interleaved if cfg.rope_interleave else apply_rotary
         self.sliding_window = None
 
+    def _first_projections(self) -> list[nn.Module]:
+        """The two projections of the layer input: the query's first and kv_a_proj_with_mqa."""
+        return [self.q_a_proj if hasattr(self, "q_a_proj") else self.q_proj, self.kv_a_proj_with_mqa]
+
+    def fuse_projections(self) -> bool:
+        self.a_fused = fuse_projection(self._first_projections())
+        return self.a_fused is not None
+
     def forward(self, x, cos, sin, meta, kv_cache) -> torch.Tensor:
         T = x.shape[0]
-        if hasattr(self, "q_a_proj"):
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [T, Hq*(N+P)]
+        first, kv_a_proj = self._first_projections()
+        if self.a_fused is not None:
+            q, kv_a = self.a_fused(x).split([first.out_features, kv_a_proj.out_features], dim=-1)
         else:
-            q = self.q_proj(x)
-        q_nope, q_pe = q.view(T, self.num_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)  # [T, R], [T, P]
+            q, kv_a = first(x), kv_a_proj(x)  # [T, q_lora_rank or Hq*(N+P)], [T, R + P]
+        if hasattr(self, "q_a_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))  # [T, Hq*(N+P)]
+        q = q.reshape(T, self.num_heads, self.nope + self.rope)  # [T, Hq, N+P]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        c, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)  # [T, R], [T, P]
         q_pe = self.rotate(q_pe, cos, sin)  # [T, Hq, P]
         k_pe = self.rotate(k_pe[:, None, :], cos, sin)[:, 0]  # [T, P]
         latent = torch.cat((self.kv_a_layernorm(c.contiguous()), k_pe), dim=-1)  # [T, R + P]
@@ -215,7 +229,7 @@ class DeepseekGate(nn.Module):
         return weights * self.routed_scaling_factor, ids
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """Keep the experts of the topk_group best groups (V2: by their best expert; V3: by their best two)."""
+        """Keep the experts of the topk_group best groups (V2: ranked by their best expert; V3: best two)."""
         t, e = choice.shape
         grouped = choice.view(t, self.n_group, e // self.n_group)  # [T, G, E/G]
         if self.scoring == "sigmoid":
@@ -251,6 +265,8 @@ class DeepseekV2ForCausalLM(CausalLM):
     config_class = DeepseekV2Config
     use_native_decoder = False  # the one-call native decoder knows standard attention only
     supports_tensor_parallel = False  # q_b_proj / kv_b_proj / the latent cache have no tensor-parallel split
+    # V3's router bias separates experts by small margins: float32 as in DeepSeek's and transformers' code
+    keep_float32 = ("e_score_correction_bias",)
 
     @classmethod
     def make_attention(cls, cfg, layer_idx):

@@ -209,7 +209,7 @@ def hf_config(g: GGUFFile) -> dict:
 
 
 def _deepseek2(g: GGUFFile, need, heads: int, sigmoid: bool) -> dict:
-    """DeepSeek-V2/V3's config.json fields from `deepseek2.*` (llama.cpp's converter names in the comments)."""
+    """DeepSeek-V2/V3's config.json fields from the `deepseek2.*` metadata."""
     rope = need("rope.dimension_count")  # qk_rope_head_dim
     qk = need("attention.key_length_mla")  # qk_nope_head_dim + qk_rope_head_dim
     bias = next((n for n in g.tensors if n.endswith(".exp_probs_b.bias")), None)
@@ -238,7 +238,7 @@ def _deepseek2(g: GGUFFile, need, heads: int, sigmoid: bool) -> dict:
     }
     log_mul = g.get("deepseek2.rope.scaling.yarn_log_multiplier")
     scaling = _rope_scaling(g, "deepseek2")
-    if scaling and log_mul:  # the converter writes 0.1 * mscale_all_dim; DeepSeek's configs set mscale to match
+    if scaling and log_mul:  # written as 0.1 * mscale_all_dim; DeepSeek's configs set mscale equal to it
         scaling["mscale"] = scaling["mscale_all_dim"] = float(log_mul) / 0.1
     if scaling and scaling["rope_type"] == "yarn":
         for key in ("beta_fast", "beta_slow"):

@@ -53,7 +53,8 @@ _LAYER = {  # llama.cpp per-layer name -> HF name under model.layers.N.
     "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _DEEPSEEK_LAYER = {  # deepseek2 names that differ from (or are missing in) _LAYER
-    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
     "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
     "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
     "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj",
@@ -137,7 +138,8 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
             parts = kv_b_parts.setdefault(layer, {})
             parts[kind] = w
             if len(parts) == 2:
-                yield f"{pre}self_attn.kv_b_proj.weight", join_kv_b(parts["attn_k_b"], parts["attn_v_b"]), name
+                kv_b = join_kv_b(parts["attn_k_b"], parts["attn_v_b"])
+                yield f"{pre}self_attn.kv_b_proj.weight", kv_b, name
         elif deepseek and kind == "exp_probs_b" and suffix == "bias":
             yield f"{pre}mlp.gate.e_score_correction_bias", w, name
         elif kind == "ffn_gate_inp":
@@ -158,8 +160,8 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
 def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
     """attn_k_b [H, R, nope] and attn_v_b [H, v, R] -> kv_b_proj.weight [H * (nope + v), R]."""
     if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
-        raise WeightsError(f"attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} do not split one kv_b_proj "
-                           f"(expected [H, R, nope] and [H, v, R])")
+        raise WeightsError(f"attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} do not split one "
+                           f"kv_b_proj (expected [H, R, nope] and [H, v, R])")
     kv = np.concatenate([np.swapaxes(np.asarray(k_b), 1, 2), np.asarray(v_b)], axis=1)  # [H, nope + v, R]
     return kv.reshape(-1, kv.shape[-1])
 

@@ -160,7 +160,7 @@ def load_model(
         check_dtype(fn, name, t, want)
         # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
         if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
-            t = t.to(torch_dtype)
+            t = t.float() if name.endswith(cls.keep_float32) else t.to(torch_dtype)
         if check_finite:
             check_finite_values(fn, name, t)
         # otherwise the tensor stays a view of the file mapping (page cache): copying it would count the same

@@ -2,13 +2,12 @@
 
 import torch
 
-from strata.config import ModelConfig
 from strata.layers.kv_cache import KVCacheSpec, allocate_kv_caches, kv_bytes_per_token
 from strata.models.base import CausalLM
 from strata.models.registry import config_from_dict
 
 
-def _cfg(**extra) -> ModelConfig:
+def _cfg(**extra):
     return config_from_dict({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 32,
                                   "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
                                   "num_attention_heads": 4, "num_key_value_heads": 2, **extra})

@@ -1,6 +1,9 @@
 """DeepSeek-V2/V3 against transformers on tiny random configs: prefill logits, the latent (MLA) cache with
 absorbed decode across paged blocks, batched greedy generation, the routers (V2 softmax greedy and
-group-limited, V3 sigmoid with e_score_correction_bias in groups), expert tiers and int8 quantization."""
+group-limited, V3 sigmoid with e_score_correction_bias in groups), config errors. The tiers and int8 runs are in
+tests/tiers/test_deepseek_tiers.py, GGUF in tests/weights/test_gguf_deepseek.py."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +168,29 @@ def test_tensor_parallel_refused_in_one_line(hf_deepseek):
     _, path = hf_deepseek("v2_greedy")
     with pytest.raises(UnsupportedError, match="does not support DeepseekV2ForCausalLM"):
         check_supported(load_config(path), 2, path)
+
+
+def test_router_bias_stays_float32_in_a_bfloat16_model(hf_deepseek):
+    hf, path = hf_deepseek("v3_yarn")
+    model = load_model(path, dtype="bfloat16", progress=False)
+    gate = model.moe_blocks()[0].gate
+    assert model.lm_head.weight.dtype == torch.bfloat16 and gate.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(gate.e_score_correction_bias, hf.model.layers[1].mlp.gate.e_score_correction_bias,
+                               rtol=0, atol=0)
+
+
+def test_bad_groups_and_missing_fields_are_one_line_errors(hf_deepseek):
+    import json
+
+    from strata.errors import ConfigError
+    from strata.models.registry import config_from_dict
+
+    _, path = hf_deepseek("v3_yarn")
+    d = json.loads((Path(path) / "config.json").read_text())
+    with pytest.raises(ConfigError, match="'n_group'/'topk_group'.*n_routed_experts=8.*3/2"):
+        config_from_dict({**d, "n_group": 3})
+    with pytest.raises(ConfigError, match="missing field 'kv_lora_rank'"):
+        config_from_dict({k: v for k, v in d.items() if k != "kv_lora_rank"})
+    with pytest.raises(ConfigError, match="'scoring_func' must be softmax or sigmoid"):
+        config_from_dict({**d, "scoring_func": "relu"})

@@ -51,7 +51,8 @@ def test_offloaded_equals_resident(checkpoint, slots, prefetch):
 
 def test_int8_checkpoint_resident_and_offloaded(checkpoint, tmp_path):
     out_path = str(tmp_path / "int8")
-    assert main(["quantize", "--format", "int8", "--method", "rtn", "--no-progress", checkpoint, out_path]) == 0
+    args = ["quantize", "--format", "int8", "--method", "rtn", "--no-progress", checkpoint, out_path]
+    assert main(args) == 0
     model = load_model(out_path, dtype="float32", progress=False)
     block = model.moe_blocks()[0]
     assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)

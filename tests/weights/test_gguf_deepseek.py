@@ -1,5 +1,5 @@
-"""DeepSeek-V2/V3 GGUF files made by llama.cpp's own converter (convert_hf_to_gguf.py, arch `deepseek2`, kv_b_proj
-split into attn_k_b / attn_v_b) from tiny random checkpoints: Strata converts them back and gives
+"""DeepSeek-V2/V3 GGUF files made by llama.cpp's own converter (convert_hf_to_gguf.py, arch `deepseek2`,
+kv_b_proj split into attn_k_b / attn_v_b) from tiny random checkpoints: Strata converts them back and gives
 transformers' logits. Skipped without a llama.cpp checkout: STRATA_LLAMA_CPP names one, else the vendored
 copy under .cache/peers/ (benchmarks/peers/install_llamacpp.sh) is used."""
 
