@@ -64,6 +64,8 @@ def test_prefill_logits_match_transformers(gemma):
 def test_paged_batched_decode_past_window_matches_transformers(gemma):
     hf, path = gemma
     model = load_model(path, progress=False)
+    assert [s.sliding_window for s in model.kv_cache_spec()] == [WINDOW, WINDOW, None, WINDOW]
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [WINDOW, WINDOW, None, WINDOW]
     seqs, prefill = [_ids(30, s) for s in (2, 3, 4)], [5, 11, 3]
     got = paged_logits(model, seqs, prefill, block_size=4)  # 8 blocks per sequence, 3 sequences per step
     for s, p, g in zip(seqs, prefill, got):
