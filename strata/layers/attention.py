@@ -5,6 +5,10 @@ sequence's queries lie in the flat batch, how long its context is (cached + new 
 hold that context. Layers write the new K/V into the cache slots, then attend per sequence with SDPA; when
 every sequence decodes one token (bf16 cache, native library available), one call of the native kernel
 (cpu_decode_attention.c) attends for all of them straight from the cache slots.
+
+A sliding-window layer masks keys older than its window; at a decode step it reads only each sequence's last
+`window` slots (`AttentionMetadata.decode_window`). `scale` replaces head_dim ** -0.5 (Gemma 3); `sinks` adds a
+learned per-head logit to every softmax denominator (gpt-oss), computed in float32 by `_attention_with_sinks`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each new token; None = no cache
     context_slots: list[torch.Tensor] | None = None  # per sequence [context_len] slots in position order
     _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # see flat_context()
+    _windows: dict = field(default_factory=dict, repr=False)  # see decode_window()
 
     def flat_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(all context slots concatenated [sum(context_lens)], offsets [S + 1]); built once, shared by layers."""
@@ -32,6 +37,15 @@ class AttentionMetadata:
             offsets = torch.tensor([0, *self.context_lens], dtype=torch.int64).cumsum(0)
             self._flat = (torch.cat(self.context_slots).to(torch.int64).contiguous(), offsets)
         return self._flat
+
+    def decode_window(self, window: int) -> AttentionMetadata:
+        """For a step where every sequence decodes one token: the same step seeing only the last `window`
+        context slots of each sequence (all a sliding-window layer reads); built once, shared by layers."""
+        if window not in self._windows:
+            self._windows[window] = AttentionMetadata(
+                self.query_starts, self.query_lens, [min(n, window) for n in self.context_lens], self.slot_mapping,
+                [s[-window:] for s in self.context_slots])
+        return self._windows[window]
 
     @classmethod
     def no_cache(cls, seq_lens: list[int]) -> AttentionMetadata:
@@ -68,6 +82,9 @@ def paged_attention(
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     else:
         k_cache = v_cache = None
+    if (k_cache is not None and sliding_window is not None and meta.context_slots is not None
+            and max(meta.context_lens) > sliding_window and all(n == 1 for n in meta.query_lens)):
+        meta = meta.decode_window(sliding_window)  # decode past the window: gather only the window's keys
     if sinks is None and k_cache is not None and _native_decode_ok(q, k_cache, v_cache, meta, sliding_window):
         return _native_decode(q, k_cache, v_cache, meta, scale)
     gqa = q.shape[1] != k.shape[1]

@@ -78,3 +78,24 @@ def test_scale_reaches_the_native_decode_kernel():
     assert attn_mod._native_decode_ok(q, *cache, meta, None)
     got = paged_attention(q, k[19:], v[19:], cache, meta, scale=0.9)
     torch.testing.assert_close(got.double(), _reference(q, k, v, None, 0.9, None), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(attn_mod.native_lib() is None, reason="native kernels unavailable on this machine")
+def test_decode_past_the_window_reads_only_the_window(monkeypatch):
+    """Every sequence decoding past its window: the step attends over each sequence's last `window` slots
+    (the native kernel serves it), with the masked full context's result."""
+    g = torch.Generator().manual_seed(3)
+    window, lens = 6, [15, 9, 4]
+    k, v = (torch.randn(64, HKV, D, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(len(lens), HQ, D, generator=g).bfloat16()
+    slots = [torch.randperm(64, generator=g)[:n] for n in lens]
+    cache = (k.clone(), v.clone())
+    calls = []
+    real = attn_mod._native_decode
+    monkeypatch.setattr(attn_mod, "_native_decode", lambda q, kc, vc, m, s=None: calls.append(m) or real(q, kc, vc, m, s))
+    meta = AttentionMetadata(list(range(3)), [1] * 3, lens, torch.stack([s[-1] for s in slots]), slots)
+    got = paged_attention(q, k[meta.slot_mapping], v[meta.slot_mapping], cache, meta, window)
+    assert calls and calls[0].context_lens == [6, 6, 4]
+    for i, s in enumerate(slots):
+        ref = _reference(q[i : i + 1], k[s], v[s], None, D**-0.5, window)
+        torch.testing.assert_close(got[i : i + 1].double(), ref, atol=2e-2, rtol=2e-2)
