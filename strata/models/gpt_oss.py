@@ -26,6 +26,7 @@ from strata.config import HFFields, ModelConfig
 from strata.errors import ConfigError, UnsupportedError
 from strata.layers.linear import Linear
 from strata.layers.moe import SparseMoeBlock
+from strata.layers.norm import RMSNorm
 from strata.layers.quant_linear import quantized_linear
 from strata.models.base import Attention, CausalLM
 from strata.quant.format import QuantFormat
@@ -72,6 +73,18 @@ class GptOssConfig(ModelConfig):
     @property
     def expert_param_count(self) -> int:  # with the gate_up and down biases
         return super().expert_param_count + 2 * self.moe_intermediate_size + self.hidden_size
+
+
+class GptOssRMSNorm(RMSNorm):
+    """RMSNorm multiplying by the weight in float32 before the cast back (transformers keeps gpt-oss's norms in
+    float32), so bf16 runs round once, where transformers does; `forward(x, residual)` as RMSNorm's."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon)  # [.., H] float32
+        out = (self.weight.float() * h).to(x.dtype)
+        return out if residual is None else (out, x)
 
 
 class GptOssAttention(Attention):
@@ -140,6 +153,13 @@ class GptOssMoeBlock(SparseMoeBlock):
 class GptOssForCausalLM(CausalLM):
     config_class = GptOssConfig
     own_quant_methods = ("mxfp4",)
+
+    def __init__(self, cfg: GptOssConfig):
+        super().__init__(cfg)
+        for layer in self.model.layers:
+            layer.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            layer.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:

@@ -154,6 +154,22 @@ def test_tiered_experts_equal_resident(request, which, tmp_path, monkeypatch):
     llm.engine.tiers.close()
 
 
+def test_norm_rounds_as_transformers_in_bf16():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm as HFNorm
+
+    from strata.models.gpt_oss import GptOssRMSNorm
+
+    x, res = torch.randn(2, 5, 64).bfloat16(), torch.randn(2, 5, 64).bfloat16()
+    hf, ours = HFNorm(64, 1e-5), GptOssRMSNorm(64, 1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(64).bfloat16().float())  # float32 in transformers, bf16 values as shipped
+        ours.weight = torch.nn.Parameter(hf.weight.bfloat16())
+    torch.testing.assert_close(ours(x), hf(x), atol=0, rtol=0)
+    out, stream = ours(x, res)
+    torch.testing.assert_close(out, hf(x + res), atol=0, rtol=0)
+    assert torch.equal(stream, x + res)
+
+
 def test_param_counts_match_transformers(gpt_oss):
     from strata.models.registry import load_config
 
