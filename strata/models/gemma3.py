@@ -171,6 +171,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(CausalLM):
     config_class = Gemma3TextConfig
     decoder_layer_class = Gemma3DecoderLayer
+    supports_tensor_parallel = False  # its own block and per-kind rotary are untested under the tensor-parallel split
 
     @classmethod
     def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:

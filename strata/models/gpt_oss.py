@@ -153,6 +153,7 @@ class GptOssMoeBlock(SparseMoeBlock):
 class GptOssForCausalLM(CausalLM):
     config_class = GptOssConfig
     own_quant_methods = ("mxfp4",)
+    supports_tensor_parallel = False  # sinks, stacked experts and the MXFP4 tensors have no tensor-parallel split
 
     def __init__(self, cfg: GptOssConfig):
         super().__init__(cfg)

@@ -156,3 +156,13 @@ def test_gguf_from_llama_cpp_converter_matches_transformers(tmp_path):
     got = LLM(str(gguf_file), progress=False).generate([prompt.tolist()], SamplingParams(temperature=0, max_tokens=16,
                                                                                          ignore_eos=True))
     assert got[0].outputs[0].token_ids == want
+
+
+def test_tensor_parallel_is_refused_in_one_line(gemma):
+    from strata.distributed.tensor_parallel import check_supported
+    from strata.errors import UnsupportedError
+    from strata.models.registry import load_config
+
+    _, path = gemma
+    with pytest.raises(UnsupportedError, match="does not support"):
+        check_supported(load_config(path), 2, path)
