@@ -1,6 +1,8 @@
 """Replicas behind one endpoint: the Azure conversation trace's lengths replayed by `strata bench serve` at
-rising request rates against one engine (`strata serve`, 1 and 2 threads) and two Ray replicas of one thread
-each (`--data-parallel-size 2`), all on the bundled model, side by side in one run.
+rising request rates against one engine (`strata serve`, 1 and 2 threads), two Ray replicas of one thread
+each (`--data-parallel-size 2`) and the same two as one prefill and one decode replica
+(`--pd-disaggregation`), all on the bundled model, side by side in one run. Each server first serves a few
+warm-up requests that are not measured.
 
 Reports p50/p99 TTFT, p50 TPOT and output tokens/s per rate, and the throughput ratio of two replicas to one
 engine of one thread (what each replica gets) and of two threads (the same cores as two replicas).
@@ -26,6 +28,7 @@ SERVERS = {  # name -> serve flags
     "1 engine x 1 thread": ["--num-threads", "1"],
     "1 engine x 2 threads": ["--num-threads", "2"],
     "2 replicas x 1 thread": ["--num-threads", "1", "--data-parallel-size", "2"],
+    "2 replicas, prefill + decode": ["--num-threads", "1", "--data-parallel-size", "2", "--pd-disaggregation"],
 }
 
 
@@ -54,19 +57,24 @@ def serve(flags: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def bench(url: str, rates: list[float], num_prompts: int, label: str) -> list[dict]:
-    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as out:
+    def run(rates, num, out):
         cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--base-url", url, "--dataset", "azure",
-               "--num-prompts", str(num_prompts), "--max-input-len", "256", "--max-output-len", "64",
-               "--ignore-eos", "--seed", "0", "--label", label, "--result-json", out.name,
+               "--num-prompts", str(num), "--max-input-len", "256", "--max-output-len", "64",
+               "--ignore-eos", "--seed", "0", "--label", label, "--result-json", out,
                "--request-rate", *map(str, rates)]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as warm, \
+            tempfile.NamedTemporaryFile("r", suffix=".jsonl") as out:
+        run([1.0], 4, warm.name)  # every replica has served once: first-call costs are not measured
+        run(rates, num_prompts, out.name)
         return [json.loads(line) for line in out.read().splitlines()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    ap.add_argument("--num-prompts", type=int, default=40)
+    ap.add_argument("--num-prompts", type=int, default=30)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results: dict[str, list[dict]] = {}
@@ -83,11 +91,11 @@ def main() -> None:
         for r in rows:
             print(f"| {name} | {r['request_rate']} | {r['p50_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
                   f"{r['p50_tpot_ms']:.1f} | {r['output_token_throughput']:.1f} | {r['failed']} |")
-    two = results["2 replicas x 1 thread"]
-    for base in ("1 engine x 1 thread", "1 engine x 2 threads"):
-        ratios = [f"{t['output_token_throughput'] / b['output_token_throughput']:.2f}"
-                  for t, b in zip(two, results[base], strict=True)]
-        print(f"output tok/s, 2 replicas / {base}, per rate: {', '.join(ratios)}")
+    for two in ("2 replicas x 1 thread", "2 replicas, prefill + decode"):
+        for base in ("1 engine x 1 thread", "1 engine x 2 threads"):
+            ratios = [f"{t['output_token_throughput'] / b['output_token_throughput']:.2f}"
+                      for t, b in zip(results[two], results[base], strict=True)]
+            print(f"output tok/s, {two} / {base}, per rate: {', '.join(ratios)}")
     if args.json:
         facts = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
                  "args": vars(args)}

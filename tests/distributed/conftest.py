@@ -5,8 +5,10 @@ import faulthandler
 import pytest
 
 from strata.config import EngineConfig
+from strata.distributed.launcher import shutdown
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
+from strata.errors import DistributedError
 
 WATCHDOG_S = 240
 PROMPTS = [[1, 17, 42, 99, 5], [1, 250, 3, 3, 71, 8, 64, 12, 33, 150, 7], [1, 9]]
@@ -33,3 +35,20 @@ def greedy(engine: LLMEngine) -> list[list[int]]:
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
     return [done[str(i)] for i in range(len(PROMPTS))]
+
+
+def kill_rank_1_then_step(engine: LLMEngine) -> None:
+    """Kill worker rank 1 of a running tensor-parallel engine: the next step must end with the one-line error
+    and stop the ranks."""
+    ranks = engine.model.__dict__["_tp_ranks"]
+    try:
+        ranks.procs[0].kill()
+        ranks.procs[0].join()
+        engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0))
+        with pytest.raises(DistributedError, match=r"^tensor-parallel rank 1 exited with code -9; the other ranks "
+                                                   r"were stopped$"):
+            while engine.has_unfinished_requests():
+                engine.step()
+    finally:
+        shutdown(engine.model)
+    assert ranks.stopped

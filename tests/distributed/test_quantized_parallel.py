@@ -11,6 +11,13 @@ from tests.distributed.conftest import greedy, make_engine
 from tests.models.conftest import build_hf
 
 
+@pytest.fixture(autouse=True)
+def same_kernels_on_every_rank(monkeypatch):
+    """One kernel family in every rank (the workers inherit the environment): a native build that times out
+    on a loaded machine in one process and not in another would compare two backends' rounding."""
+    monkeypatch.setenv("STRATA_QUANT_BACKEND", "reference")
+
+
 def _quantized(tmp_path, family: str, fmt: str):
     build_hf(family, tmp_path / "f")
     return quantize_checkpoint(tmp_path / "f", tmp_path / "q", fmt, progress=False)

@@ -8,10 +8,9 @@ from strata.config import EngineConfig
 from strata.distributed.launcher import shutdown
 from strata.distributed.tensor_parallel import shard_config, shard_dim, shard_tensor
 from strata.engine.llm_engine import LLMEngine
-from strata.engine.sampling_params import SamplingParams
-from strata.errors import ConfigError, DistributedError
+from strata.errors import ConfigError
 from strata.models.registry import load_config
-from tests.distributed.conftest import PROMPTS, greedy, make_engine
+from tests.distributed.conftest import greedy, kill_rank_1_then_step, make_engine
 from tests.models.conftest import build_hf
 
 
@@ -36,19 +35,7 @@ def test_tp2_greedy_equals_one_process_moe(tmp_path):
 
 
 def test_tp2_greedy_equals_one_process_dense_then_a_dead_rank_ends_the_step(tmp_path):
-    engine = _tp2_equals_tp1(tmp_path, "qwen3")
-    ranks = engine.model.__dict__["_tp_ranks"]
-    try:
-        ranks.procs[0].kill()
-        ranks.procs[0].join()
-        engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0))
-        with pytest.raises(DistributedError, match=r"^tensor-parallel rank 1 exited with code -9; the other ranks "
-                                                   r"were stopped$"):
-            while engine.has_unfinished_requests():
-                engine.step()
-    finally:
-        shutdown(engine.model)
-    assert ranks.stopped
+    kill_rank_1_then_step(_tp2_equals_tp1(tmp_path, "qwen3"))
 
 
 def test_sharding_rules_by_hf_name():

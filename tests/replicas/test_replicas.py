@@ -16,7 +16,7 @@ from strata.llm import LLM
 from tests.server.conftest import Server
 from tests.server.tiny_model import build_tiny_server_model
 
-pytestmark = pytest.mark.slow  # Ray starts a local cluster: about a minute on two shared cores
+pytestmark = pytest.mark.slow  # Ray starts a local cluster per server: minutes on two shared cores
 
 PROMPTS = ["the quick brown fox", "hello world", "lazy dog jumps", "unicode text ok"]
 
