@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"))
     ap.add_argument("--bytes", type=int, default=120_000)
+    ap.add_argument("--formats", default=",".join(STRATA_FORMATS), help="Strata formats to quantize into")
     ap.add_argument("--jobs", type=int, default=1, help="evaluations run at once (one process each)")
     ap.add_argument("--work", default=None, help="folder for the converted models (default: a temporary one)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "quant_quality_gguf.json"))
@@ -114,7 +115,7 @@ def main() -> None:
     models = [("bf16 (reference)", "strata", ref, 16.0, "bf16")]
     b = gguf_bits(gguf)
     models.append((f"original GGUF ({gguf.name})", "llama.cpp", gguf, b["bits_per_weight"], b["head"]))
-    for fmt in STRATA_FORMATS:
+    for fmt in args.formats.split(","):
         out = work / f"strata-{fmt}"
         if not (out / "config.json").exists():
             _strata("quantize", "--format", fmt, str(ref), str(out))
