@@ -301,7 +301,7 @@ def offload_markdown(doc: dict) -> list[str]:
          "cache; until tiers_engine_rate3 (14:45) the loader left the weights that stay in the file mapping on disk "
          "until a request touched them, so those rows ran the first request's page-by-page reads (standalone: "
          "prefill 1.8 s instead of 0.3 s, the first 8 decode steps 75-210 ms instead of 45-50), which the model does "
-         "not price. The loader now reads those pages in at load (strata/weights/mapping.py): see the resident row "
+         "not price. The loader now reads those pages in at load (strata/mapping.py): see the resident row "
          "of tiers_engine_rate3."),
         (f"Strata rows with expert reads, median |error|: with the engine's read rate {_median_abs([r['decode_err'] for r in own])} "
          f"({len(own)} rows); with the probes {_median_abs([r['decode_err_probe'] for r in own])} on the same rows, "

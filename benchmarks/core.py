@@ -91,8 +91,8 @@ def _child(engine: str, path: str, prompt_len: int, decode: int, threads: int) -
 
 def main() -> None:
     from benchmarks.synthetic import memory_bandwidth_gbs, synthetic_model, weight_bytes_per_token
-    from strata.config import ModelConfig
     from strata.engine.llm_engine import BUNDLED_MODEL
+    from strata.models.registry import load_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bundled,dense-1b,olmoe-1b-7b")
@@ -110,7 +110,7 @@ def main() -> None:
     models = []
     for name in args.models.split(","):
         path = BUNDLED_MODEL if name == "bundled" else str(synthetic_model(name))
-        cfg = ModelConfig.from_pretrained(path)
+        cfg = load_config(path)
         models.append((name, path, cfg))
     runs: dict[tuple[str, str], list[dict]] = {(m[0], e): [] for m in models for e in engines}
     bws = []

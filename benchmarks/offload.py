@@ -64,11 +64,12 @@ def strata_budgets(path: str, fractions: list[float], threads: int) -> list[int]
     (at least 2 x top-k), plus half a slot of slack since RSS drifts. Run as a child: RSS is part of the plan."""
     import torch
 
-    from strata.config import EngineConfig, ModelConfig
+    from strata.config import EngineConfig
+    from strata.models.registry import load_config
     from strata.tiers import runtime
     from strata.tiers.store_convert import checkpoint_facts
 
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     facts = checkpoint_facts(path)
     ecfg = EngineConfig(memory_budget=1 << 50, **_strata_kw(threads, None))
     for _ in range(2):  # the first plan's imports raise the RSS the second one measures
@@ -83,15 +84,17 @@ def _strata_kw(threads: int, trace: str | None) -> dict:
 
 
 def run_strata(path: str, budget: int | None, policy: str, prefetch: str, prompt_len: int, decode: int,
-               threads: int, trace: str | None) -> dict:
+               threads: int, trace: str | None, kv_cache_memory: int | None = None) -> dict:
     import torch
 
     from strata import LLM, SamplingParams
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
 
     torch.set_num_threads(threads)
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     kw = _strata_kw(threads, trace)
+    if kv_cache_memory:
+        kw["kv_cache_memory"] = kv_cache_memory
     if budget is not None:
         kw.update(memory_budget=budget, expert_cache_policy=policy, prefetch=prefetch)
     llm = LLM(path, progress=False, **kw)
@@ -159,7 +162,7 @@ def disk_read_gbs(store_dir: Path, reads: int = 64) -> float:
 
 def main() -> None:
     from benchmarks.synthetic import synthetic_model
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
     from strata.tiers.store_convert import checkpoint_facts, default_store_dir, ensure_store
 
     ap = argparse.ArgumentParser()
@@ -194,7 +197,7 @@ def main() -> None:
     trace = str(TRACE.resolve()) if TRACE.exists() else None
     store = ensure_store(path)
     facts = checkpoint_facts(path)
-    vocab = ModelConfig.from_pretrained(path).vocab_size
+    vocab = load_config(path).vocab_size
     load_before = os.getloadavg()
     evict([store])
     bw0 = disk_read_gbs(store)

@@ -54,7 +54,7 @@ def main() -> None:
     from benchmarks.core import _child, _prompt
     from benchmarks.synthetic import memory_bandwidth_gbs, synthetic_model, weight_bytes_per_token
     from strata.analysis.probe import strata_bf16_gemv_gbs
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="dense-1b")
@@ -74,7 +74,7 @@ def main() -> None:
         base, _, layers = name.rpartition("-")  # "olmoe-1b-7b-2l": the preset cut to 2 layers
         src = synthetic_model(base, int(layers[:-1])) if layers[:-1].isdigit() and layers.endswith("l") else \
             synthetic_model(name)
-        cfg = ModelConfig.from_pretrained(src)
+        cfg = load_config(src)
         head_params = cfg.vocab_size * cfg.hidden_size
         linear_params = weight_bytes_per_token(cfg, 1.0) - head_params
         ids = _prompt(cfg.vocab_size, args.prompt_len)

@@ -33,7 +33,7 @@ from torch import nn
 from strata.fileio import write_text_atomic
 from strata.layers.linear import linear
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES, random_blocks
+from strata.quant import ggml_blocks, kquant
 
 OUT = ROOT / "docs" / "benchmarks" / "quant_kernels"
 # (label, format or None for bf16, backend)
@@ -79,9 +79,10 @@ def make_copies(w: torch.Tensor, fmt: str | None, backend: str | None, rotate_by
         fns = [partial(linear if backend == "native" else torch.nn.functional.linear, weight=c) for c in copies]
         fns[0].rel_error = 0.0
         return fns, nbytes
-    if fmt in BLOCK_BYTES:
+    if fmt in kquant.BLOCK_BYTES or fmt in ggml_blocks.BLOCK_BYTES:  # GGUF blocks: kept, never made by Strata
         first = QuantLinear(w.shape[1], w.shape[0], fmt)
-        first.qweight = random_blocks(fmt, w.shape[0], w.shape[1], scale=1e-4)
+        first.qweight = (kquant if fmt in kquant.BLOCK_BYTES else ggml_blocks).random_blocks(
+            fmt, w.shape[0], w.shape[1], scale=1e-4)
         first.post_load(backend)
         first.rel_error = None  # random blocks, not a quantization of w
     else:

@@ -44,9 +44,9 @@ from strata.eval.calibration import calibrate
 from strata.eval.compare import compare_models
 from strata.eval.textfile import read_text
 from strata.fileio import write_text_atomic
+from strata.quant.format import QuantFormat, nested_int4_view
 from strata.tokenizer import Tokenizer
 from strata.weights.loader import load_model
-from strata.weights.quant_format import QuantFormat, nested_int4_view
 from strata.weights.quant_plan import Calibration, MixedPlanConfig, calibration_of
 from strata.weights.quantize_checkpoint import mixed_formats, quantize_checkpoint, scan
 

@@ -45,7 +45,8 @@ def repetitive_prompts(num: int = 3) -> list[str]:
 def run_engine(path: str, prompts: list[str], max_tokens: int, spec, slots, threads: int, dtype: str) -> dict:
     """One configuration in this (fresh) interpreter: decode tokens/s over the prompts, one at a time."""
     from strata import LLM, SamplingParams
-    from strata.config import EngineConfig, ModelConfig
+    from strata.config import EngineConfig
+    from strata.models.registry import load_config
     from strata.tiers import runtime
     from strata.tiers.store_convert import checkpoint_facts
     from strata.weights.loader import resolve_dtype
@@ -53,7 +54,7 @@ def run_engine(path: str, prompts: list[str], max_tokens: int, spec, slots, thre
     kw = {"num_threads": threads, "max_num_seqs": 1, "speculative_config": spec, "dtype": dtype}
     if slots is not None:
         runtime.current_rss = lambda: 0  # budgets below are exact expert-slot counts
-        facts, cfg = checkpoint_facts(path), ModelConfig.from_pretrained(path)
+        facts, cfg = checkpoint_facts(path), load_config(path)
         fixed = runtime._plan(path, EngineConfig(memory_budget=1 << 40, max_num_seqs=1), cfg,
                               resolve_dtype(None, cfg), facts).fixed_bytes
         kw["memory_budget"] = fixed + slots * facts.slot_bytes

@@ -38,6 +38,7 @@ from benchmarks.offload import TRACE, _prompt, evict
 ROUTING = TRACE.parent / "humaneval_2_routing.jsonl"  # Mixtral generating HumanEval/0 and /1
 OUTPUTS = TRACE.parent / "humaneval_full_outputs.jsonl"  # Mixtral's completions of every HumanEval prompt
 from strata.fileio import write_json_atomic
+from strata.models.registry import load_config
 
 
 def run_offloaded(path: str, slots: int, spec: dict | None, prompts: list[list[int]], outputs: list[list[int]] | None,
@@ -48,12 +49,12 @@ def run_offloaded(path: str, slots: int, spec: dict | None, prompts: list[list[i
     import torch
 
     from strata import LLM, SamplingParams
-    from strata.config import EngineConfig, ModelConfig
+    from strata.config import EngineConfig
     from strata.tiers import runtime
     from strata.tiers.store_convert import checkpoint_facts
 
     runtime.current_rss = lambda: 0  # the budget below is an exact expert-slot count
-    facts, cfg = checkpoint_facts(path), ModelConfig.from_pretrained(path)
+    facts, cfg = checkpoint_facts(path), load_config(path)
     kw = {"dtype": "bfloat16", "max_num_seqs": 1, "num_threads": threads, "max_num_batched_tokens": 256,
           "kv_cache_memory": 64 << 20, "replay_routing": trace, "speculative_config": spec}
     fixed = runtime._plan(path, EngineConfig(memory_budget=1 << 40, **kw), cfg, torch.bfloat16, facts).fixed_bytes
@@ -156,7 +157,6 @@ def period(tokens: list[int]) -> int | None:
 
 def main() -> None:
     from benchmarks.synthetic import synthetic_model
-    from strata.config import ModelConfig
     from strata.tiers.store_convert import checkpoint_facts, ensure_store
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -193,7 +193,7 @@ def main() -> None:
     elif args.output == "humaneval":
         prompts, outputs = humaneval_texts(args.text_model, args.problems)
     else:
-        prompts, outputs = [_prompt(ModelConfig.from_pretrained(path).vocab_size, args.prompt_len)], None
+        prompts, outputs = [_prompt(load_config(path).vocab_size, args.prompt_len)], None
     ngram = {"method": "ngram", "prompt_lookup_max": 4}
     runs = [("plain", None)] + [(f"ngram k={k}", {**ngram, "num_speculative_tokens": k})
                                 for k in map(int, args.ks.split(","))]
@@ -214,7 +214,7 @@ def main() -> None:
     setup = {"model": f"{args.model}-{args.layers}l", "expert_bytes": facts.slot_bytes, "experts": facts.num_experts,
              "slots": slots, "budget": args.budget, "trace": os.path.basename(trace) if trace else None,
              "output": args.output, "problems": len(prompts), "decode": args.decode, "repeats": args.repeats, "dtype": "bfloat16"}
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     setup["expert_union"] = expert_union(trace, cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers,
                                          [1, 2, 4, 6, 8]) if trace else None
     write_json_atomic(args.out, {"machine": machine, "setup": setup, "rows": rows})

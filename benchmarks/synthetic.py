@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from strata.config import ModelConfig
-from strata.models.registry import model_class
+from strata.models.registry import config_from_dict, model_class
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
 
@@ -58,7 +58,7 @@ def synthetic_model(name: str, layers: int | None = None) -> Path:
         return out
     tmp = CACHE / f".{name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig.from_dict(cfg_dict)
+    cfg = config_from_dict(cfg_dict)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in model_class(cfg)(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(0)

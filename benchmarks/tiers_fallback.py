@@ -69,8 +69,9 @@ def main() -> None:
     import torch
 
     from strata import LLM
-    from strata.config import EngineConfig, ModelConfig
+    from strata.config import EngineConfig
     from strata.engine.llm_engine import BUNDLED_MODEL
+    from strata.models.registry import load_config
     from strata.tiers import runtime
     from strata.tiers.budget import current_rss
     from strata.tiers.store_convert import checkpoint_facts
@@ -80,7 +81,7 @@ def main() -> None:
     ids = held_out_ids(Tokenizer(BUNDLED_MODEL))
     if args.max_tokens:
         ids = ids[: args.max_tokens + 1]
-    cfg = ModelConfig.from_pretrained(BUNDLED_MODEL)
+    cfg = load_config(BUNDLED_MODEL)
     facts = checkpoint_facts(BUNDLED_MODEL)
     kw = {"dtype": "float32", "max_num_seqs": 1, "kv_cache_memory": 8 << 20, "num_threads": 1}
     for _ in range(2):  # the first plan's imports raise the RSS the second one measures

@@ -55,13 +55,14 @@ def run(path: str, cache_bytes: int, max_tokens: int) -> dict:
     import torch
 
     from strata import LLM
-    from strata.config import EngineConfig, ModelConfig
+    from strata.config import EngineConfig
     from strata.engine.sampling_params import SamplingParams
+    from strata.models.registry import load_config
     from strata.tiers import runtime
     from strata.tiers.pools import TierStats
     from strata.tiers.store_convert import checkpoint_facts
 
-    facts, cfg = checkpoint_facts(path), ModelConfig.from_pretrained(path)
+    facts, cfg = checkpoint_facts(path), load_config(path)
     fixed = runtime._plan(path, EngineConfig(memory_budget=1 << 40), cfg, torch.bfloat16, facts).fixed_bytes
     llm = LLM(path, progress=False, memory_budget=fixed + cache_bytes)
     llm.generate([[1, 2]], SamplingParams(max_tokens=1))  # warm-up (kernels), then fresh counters

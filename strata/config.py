@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture facts Strata needs, parsed and validated from an HF config.json."""
+"""ModelConfig (what every decoder has, from an HF config.json; families subclass it) and EngineConfig
+(the runtime knobs, each field carrying its command-line flag)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from strata.errors import ConfigError
-
-MOE_ARCHITECTURES = {
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "OlmoeForCausalLM",
-}
-DENSE_ARCHITECTURES = {
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-}
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES | MOE_ARCHITECTURES
 
 
 def read_config_json(path: str | os.PathLike) -> tuple[str, dict]:
@@ -38,9 +25,70 @@ def read_config_json(path: str | os.PathLike) -> tuple[str, dict]:
         raise ConfigError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def hf_config_dict(d: Any, source: str) -> dict:
+    """config.json as one flat dict (a multimodal config's text_config merged in); one-line error if not a dict."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if "text_config" in d and "hidden_size" not in d:
+        return {**d, **d["text_config"]}
+    return dict(d)
+
+
+def hf_architecture(d: dict, source: str) -> str:
+    """The first entry of config.json's 'architectures' (the class that strata.models.registry looks up)."""
+    archs = d.get("architectures") or []
+    if not archs or not isinstance(archs, list):
+        raise ConfigError(f"{source}: field 'architectures' must be a non-empty list, got {archs!r}")
+    return archs[0]
+
+
+class HFFields:
+    """Reads and checks config.json fields; each error is one line naming the file and the field."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def get(self, name: str, default: Any = None) -> Any:
+        v = self.d.get(name)
+        return default if v is None else v
+
+    def need(self, name: str, kind=int, positive=True):
+        d, source = self.d, self.source
+        if name not in d or d[name] is None:
+            raise ConfigError(f"{source}: missing field '{name}' (expected {kind.__name__})")
+        v = d[name]
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{source}: field '{name}' must be an integer, got {v!r}")
+        if kind is float and not isinstance(v, (int, float)):
+            raise ConfigError(f"{source}: field '{name}' must be a number, got {v!r}")
+        if positive and v <= 0:
+            raise ConfigError(f"{source}: field '{name}' must be > 0, got {v!r}")
+        return v
+
+    def flag(self, name: str, default: bool) -> bool:
+        v = self.d.get(name, default)
+        if v is None:
+            return default
+        if not isinstance(v, bool):  # bool("false") is True: a string here is a mistake, not a yes
+            raise ConfigError(f"{self.source}: field '{name}' must be true or false, got {v!r}")
+        return v
+
+    def number(self, name: str, default: float, ok, what: str, value=None) -> float:
+        v = self.d.get(name) if value is None else value
+        v = default if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise ConfigError(f"{self.source}: field '{name}' must be {what}, got {v!r}")
+        return float(v)
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of one checkpoint, with HF field names. Built with `from_dict` / `from_pretrained`."""
+    """What every decoder of Strata has, with HF field names: the shared base of the families' configs.
+
+    A family file under strata/models/ subclasses it (its `config_class`), adds the config.json keys it
+    declares and overrides the per-layer rules below; `strata.models.registry.config_from_dict` /
+    `load_config` pick the family's class from config.json's "architectures" and call its `from_hf`.
+    """
 
     architecture: str
     model_type: str
@@ -57,8 +105,8 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    mlp_bias: bool = False
     sliding_window: int | None = None
-    max_window_layers: int | None = None  # qwen2/qwen3: layers >= this use sliding window
     torch_dtype: str = "float32"
     # MoE (num_experts == 0 means dense)
     num_experts: int = 0
@@ -66,8 +114,6 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
     # token ids
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -75,27 +121,30 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, repr=False)
     source: str = "config.json"
 
-    # ---- derived facts -------------------------------------------------------------------------
+    # class-level facts a family config sets
+    attention_bias_default: ClassVar[bool] = False  # Qwen2: q/k/v biases unless the config says otherwise
+    needs_experts: ClassVar[bool] = False  # MoE families: refuse a config without experts
+
+    # ---- derived facts (families override the per-layer rules) ---------------------------------
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Same rule as transformers' Qwen2/3-MoE: sparse unless in mlp_only_layers or off the step."""
-        if not self.is_moe:
-            return False
-        if layer_idx in self.mlp_only_layers:
-            return False
-        return (layer_idx + 1) % max(self.decoder_sparse_step, 1) == 0
+        """Whether layer `layer_idx` has a sparse MoE block (default: every layer of an MoE model)."""
+        return self.is_moe
 
     def uses_sliding_window(self, layer_idx: int) -> bool:
-        if not self.sliding_window:
-            return False
-        if self.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-            if not self.raw.get("use_sliding_window", False):
-                return False
-            return layer_idx >= (self.max_window_layers or 0)
-        return True
+        """Whether layer `layer_idx` attends within `sliding_window` (default: every layer, when it is set)."""
+        return bool(self.sliding_window)
+
+    def attention_param_count(self) -> int:
+        """Parameters of one layer's attention (projections and biases; families add their q/k norms)."""
+        h = self.hidden_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        n = h * q + 2 * h * kv + q * h
+        return n + (q + 2 * kv if self.attention_bias else 0)
 
     @property
     def expert_param_count(self) -> int:
@@ -105,15 +154,7 @@ class ModelConfig:
     def param_counts(self) -> dict[str, int]:
         """Total and active (per token) parameter counts."""
         h, L = self.hidden_size, self.num_hidden_layers
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attn += q + 2 * kv
-        if self.model_type in ("qwen3", "qwen3_moe"):  # per-head q/k RMSNorm weights
-            attn += 2 * self.head_dim
-        elif self.model_type == "olmoe":  # q/k RMSNorm over the whole projections
-            attn += q + kv
+        attn = self.attention_param_count()
         dense_mlp = 3 * h * self.intermediate_size
         total = active = 0
         expert_total = 0
@@ -139,51 +180,20 @@ class ModelConfig:
 
     # ---- parsing -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
-        cfg_path, d = read_config_json(path)
-        return cls.from_dict(d, source=cfg_path)
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a parsed config.json: the fields of `hf_fields`, then the checks of `validate`."""
+        d = hf_config_dict(d, source)
+        cfg = cls(**cls.hf_fields(HFFields(d, source)), raw=d, source=source)
+        cfg.validate()
+        return cfg
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        d = dict(d)
-        if "text_config" in d and "hidden_size" not in d:
-            d = {**d, **d["text_config"]}
-        archs = d.get("architectures") or []
-        if not archs or not isinstance(archs, list):
-            raise ConfigError(f"{source}: field 'architectures' must be a non-empty list, got {archs!r}")
-        arch = archs[0]
-
-        def need(name: str, kind=int, positive=True):
-            if name not in d or d[name] is None:
-                raise ConfigError(f"{source}: missing field '{name}' (expected {kind.__name__})")
-            v = d[name]
-            if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ConfigError(f"{source}: field '{name}' must be an integer, got {v!r}")
-            if kind is float and not isinstance(v, (int, float)):
-                raise ConfigError(f"{source}: field '{name}' must be a number, got {v!r}")
-            if positive and v <= 0:
-                raise ConfigError(f"{source}: field '{name}' must be > 0, got {v!r}")
-            return v
-
-        def flag(name: str, default: bool) -> bool:
-            v = d.get(name, default)
-            if v is None:
-                return default
-            if not isinstance(v, bool):  # bool("false") is True: a string here is a mistake, not a yes
-                raise ConfigError(f"{source}: field '{name}' must be true or false, got {v!r}")
-            return v
-
-        def number(name: str, default: float, ok, what: str, value=None) -> float:
-            v = d.get(name) if value is None else value
-            v = default if v is None else v
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-                raise ConfigError(f"{source}: field '{name}' must be {what}, got {v!r}")
-            return float(v)
-
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
+    def hf_fields(cls, f: HFFields) -> dict[str, Any]:
+        """The dataclass fields read from config.json; a family extends the dict with its own keys."""
+        d, source = f.d, f.source
+        arch = hf_architecture(d, source)
+        hidden = f.need("hidden_size")
+        heads = f.need("num_attention_heads")
         kv_heads = d.get("num_key_value_heads") or heads
         if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
             raise ConfigError(
@@ -211,68 +221,56 @@ class ModelConfig:
 
         eos = d.get("eos_token_id")
         eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        model_type = d.get("model_type", "")
         num_experts = d.get("num_local_experts") or d.get("num_experts") or 0
-        # Mixtral and OLMoE size their experts with intermediate_size; the Qwen MoEs use moe_intermediate_size.
-        if model_type in ("mixtral", "olmoe"):
-            moe_inter = d.get("intermediate_size") if num_experts else 0
-        else:
-            moe_inter = d.get("moe_intermediate_size") or (d.get("intermediate_size") if num_experts else 0)
-        moe_inter = moe_inter or 0
-        inter = d.get("intermediate_size") or 0
-        if arch in MOE_ARCHITECTURES:
+        moe_inter = d.get("moe_intermediate_size") or (d.get("intermediate_size") if num_experts else 0)
+        if cls.needs_experts:
             if not num_experts:
                 raise ConfigError(f"{source}: MoE architecture {arch} needs 'num_experts' or 'num_local_experts' > 0")
-            need("num_experts_per_tok")
+            f.need("num_experts_per_tok")
             if d["num_experts_per_tok"] > num_experts:
                 raise ConfigError(
                     f"{source}: field 'num_experts_per_tok' must be <= number of experts ({num_experts}), "
                     f"got {d['num_experts_per_tok']}"
                 )
-        norm_topk = flag("norm_topk_prob", False)
-        flag("use_sliding_window", False)  # read from raw by uses_sliding_window
-        if model_type == "mixtral":
-            norm_topk = True  # Mixtral always renormalises the top-k probabilities
         sw = d.get("sliding_window")
-        cfg = cls(
-            architecture=arch,
-            model_type=model_type,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=inter if inter else 0,
-            num_hidden_layers=need("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=number("rms_norm_eps", 1e-6, lambda v: 0 < v < 1, "a number in (0, 1)"),
-            rope_theta=number("rope_theta", 10000.0, lambda v: v > 0, "a number > 0", rope_theta),
-            rope_scaling=scaling,
-            max_position_embeddings=need("max_position_embeddings") if "max_position_embeddings" in d else 2048,
-            tie_word_embeddings=flag("tie_word_embeddings", False),
-            attention_bias=flag("attention_bias", model_type == "qwen2" or model_type == "qwen2_moe"),
-            sliding_window=int(sw) if isinstance(sw, int) and sw > 0 else None,
-            max_window_layers=d.get("max_window_layers"),
-            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
-            num_experts=int(num_experts),
-            num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
-            moe_intermediate_size=int(moe_inter),
-            shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
-            norm_topk_prob=norm_topk,
-            decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
-            mlp_only_layers=list(d.get("mlp_only_layers") or []),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos_list,
-            pad_token_id=d.get("pad_token_id"),
-            raw=d,
-            source=source,
-        )
-        if not cfg.is_moe and cfg.intermediate_size <= 0:
-            raise ConfigError(f"{source}: field 'intermediate_size' must be > 0 for {arch}, got {inter!r}")
-        if cfg.torch_dtype not in ("float32", "float16", "bfloat16"):
+        return {
+            "architecture": arch,
+            "model_type": d.get("model_type", ""),
+            "vocab_size": f.need("vocab_size"),
+            "hidden_size": hidden,
+            "intermediate_size": d.get("intermediate_size") or 0,
+            "num_hidden_layers": f.need("num_hidden_layers"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "rms_norm_eps": f.number("rms_norm_eps", 1e-6, lambda v: 0 < v < 1, "a number in (0, 1)"),
+            "rope_theta": f.number("rope_theta", 10000.0, lambda v: v > 0, "a number > 0", rope_theta),
+            "rope_scaling": scaling,
+            "max_position_embeddings": f.need("max_position_embeddings") if "max_position_embeddings" in d else 2048,
+            "tie_word_embeddings": f.flag("tie_word_embeddings", False),
+            "attention_bias": f.flag("attention_bias", cls.attention_bias_default),
+            "mlp_bias": f.flag("mlp_bias", False),
+            "sliding_window": int(sw) if isinstance(sw, int) and sw > 0 else None,
+            "torch_dtype": str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            "num_experts": int(num_experts),
+            "num_experts_per_tok": int(d.get("num_experts_per_tok") or 0),
+            "moe_intermediate_size": int(moe_inter or 0),
+            "shared_expert_intermediate_size": int(d.get("shared_expert_intermediate_size") or 0),
+            "norm_topk_prob": f.flag("norm_topk_prob", False),
+            "bos_token_id": d.get("bos_token_id"),
+            "eos_token_id": eos_list,
+            "pad_token_id": d.get("pad_token_id"),
+        }
+
+    def validate(self) -> None:
+        """Checks across fields, after parsing (one line naming the file and the field)."""
+        if not self.is_moe and self.intermediate_size <= 0:
+            raise ConfigError(f"{self.source}: field 'intermediate_size' must be > 0 for {self.architecture}, "
+                              f"got {self.intermediate_size!r}")
+        if self.torch_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(
-                f"{source}: field 'torch_dtype' must be float32, float16 or bfloat16, got {cfg.torch_dtype!r}"
+                f"{self.source}: field 'torch_dtype' must be float32, float16 or bfloat16, got {self.torch_dtype!r}"
             )
-        return cfg
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -285,27 +283,10 @@ ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype's values (
 
 def knob(default: Any, help: str, type: Any = None, choices: Any = None) -> Any:
     """A dataclass field that carries its command-line flag: help text, value type (int, float, "size"
-    for byte sizes read by strata.units, None = str) and choices (a tuple, or a function returning one, so
-    that this module imports nothing of the runtime). strata/commands/engine_args.py makes the flags."""
+    for byte sizes read by strata.units, None = str) and choices (a tuple, or "module:NAME" naming the tuple
+    in the package that owns the names, so that this module imports nothing above it).
+    strata/commands/engine_args.py makes the flags."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices})
-
-
-def _policies() -> tuple[str, ...]:
-    from strata.tiers.policies import ONLINE_POLICIES
-
-    return ONLINE_POLICIES
-
-
-def _prefetchers() -> tuple[str, ...]:
-    from strata.tiers.predictors import PREFETCHERS
-
-    return (*PREFETCHERS, "lookahead")
-
-
-def _fallbacks() -> tuple[str, ...]:
-    from strata.tiers.provider import FALLBACKS
-
-    return FALLBACKS
 
 
 @dataclass
@@ -334,13 +315,13 @@ class EngineConfig:
                                            "from disk (tiered experts engage when the model exceeds it)",
                                      type="size")
     expert_cache_policy: str = knob("nextuse", "expert cache eviction policy",
-                                    choices=_policies)
+                                    choices="strata.tiers.policies:ONLINE_POLICIES")
     prefetch: str = knob("none", "expert prefetcher (lookahead: the next layer's router on this layer's "
-                                 "hidden state)", choices=_prefetchers)
+                                 "hidden state)", choices="strata.tiers.provider:PREFETCH_CHOICES")
     miss_fallback: str = knob("none", "on an expert cache miss: none (wait for the read; exact), renormalize "
                                       "(skip the expert, rescale the others' weights), lowbit (run a resident "
                                       "int4 copy); see docs/tiers.md",
-                              choices=_fallbacks)
+                              choices="strata.tiers.provider:FALLBACKS")
     record_routing: str | None = knob(None, "write routing decisions as JSONL to this file")
     replay_routing: str | None = knob(None, "force routing from this JSONL trace")
     check_weights: bool = knob(True, "refuse weights holding NaN or inf at load (--no-check-weights skips "
@@ -353,9 +334,16 @@ class EngineConfig:
     tensor_parallel_size: int = knob(1, "split the model over N ranks (attention heads and MLP columns, Megatron "
                                         "layout; float32/bf16 safetensors checkpoints); see docs/distributed.md",
                                      type=int)
+    enable_expert_parallel: bool = knob(False, "with --tensor-parallel-size N: partition each MoE layer's routed "
+                                               "experts over the N ranks instead of splitting every expert")
+    expert_placement_trace: str | None = knob(None, "expert parallel: place co-activated experts on the same rank "
+                                                    "from this --record-routing trace (default: contiguous "
+                                                    "blocks of experts per rank)")
     distributed_executor_backend: str | None = knob(None, "how the tensor-parallel ranks start: mp (local "
                                                           "processes, one torch thread each unless --num-threads; "
-                                                          "the default for --tensor-parallel-size > 1)")
+                                                          "the default for --tensor-parallel-size > 1) or ray "
+                                                          "(Ray actors; the cluster in RAY_ADDRESS, else a local "
+                                                          "one)", choices=("mp", "ray"))
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""
@@ -377,5 +365,10 @@ class EngineConfig:
         check("memory_budget", lambda v: v is None or is_int(v) and v >= 1, "a positive number of bytes (or unset)")
         check("dtype", lambda v: not isinstance(v, str) or v in ENGINE_DTYPES, "one of " + ", ".join(ENGINE_DTYPES))
         check("tensor_parallel_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
-        check("distributed_executor_backend", lambda v: v in (None, "mp"), "mp (or unset)")
+        check("distributed_executor_backend", lambda v: v in (None, "mp", "ray"), "mp or ray (or unset)")
         check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ConfigError("--enable-expert-parallel needs --tensor-parallel-size >= 2 (the ranks the experts "
+                              "are partitioned over)")
+        if self.expert_placement_trace and not self.enable_expert_parallel:
+            raise ConfigError("--expert-placement-trace needs --enable-expert-parallel")

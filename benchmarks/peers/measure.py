@@ -28,7 +28,7 @@ def main() -> int:
     import llama_cpp
     import torch
 
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="dense-1b")
@@ -46,7 +46,7 @@ def main() -> int:
     rows = []
     for name in args.models.split(","):
         folder = synthetic_model(name)
-        cfg = ModelConfig.from_pretrained(str(folder))
+        cfg = load_config(str(folder))
         ids = _prompt(cfg.vocab_size, args.prompt_len)
         for qtype in args.types.split(","):
             path = gguf_for(folder, qtype)

@@ -1,7 +1,7 @@
 """ModelShape: the architecture numbers the performance model needs, from a config.json, a dict or a preset.
 
 Dense, GQA/MQA, MoE (routed + shared experts, first-k dense layers), MLA (DeepSeek-V2/V3), sliding-window
-and linear-attention (hybrid) layers. Architectures that strata.config.ModelConfig supports are parsed with
+and linear-attention (hybrid) layers. Architectures that strata.models.registry supports are parsed with
 it (so validation stays in one place); others (DeepSeek, Gemma 3, GPT-2 style, SmallThinker, Qwen3.5) are read
 from the raw dict here, since only their shapes are needed.
 """
@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strata.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from strata.errors import ConfigError
 
 PRESETS_PATH = Path(__file__).with_name("presets.json")
@@ -98,9 +97,11 @@ def shape_from_dict(d: dict, name: str = "config.json") -> ModelShape:
         raise ConfigError(f"{name}: expected a JSON object, got {type(d).__name__}")
     if "text_config" in d and "hidden_size" not in d:
         d = {**d, **d["text_config"]}
+    from strata.models.registry import MODEL_REGISTRY, config_from_dict  # torch: only on this call
+
     arch = (d.get("architectures") or [""])[0]
-    if arch in SUPPORTED_ARCHITECTURES:
-        c = ModelConfig.from_dict(d, source=name)
+    if arch in MODEL_REGISTRY and not d.get("kv_lora_rank"):  # latent attention: the fields read below
+        c = config_from_dict(d, source=name)
         shared = c.shared_expert_intermediate_size
         return _finish(d, ModelShape(
             name=name, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,

@@ -24,11 +24,11 @@ def _add_llama2c(formats) -> None:
 
 
 def _run_llama2c(args: argparse.Namespace) -> int:
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
     from strata.weights.llama2c import convert_llama2c
 
     out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, overwrite=args.force)
-    c = ModelConfig.from_pretrained(out)
+    c = load_config(out)
     print(f"wrote {out}: LlamaForCausalLM hidden={c.hidden_size} layers={c.num_hidden_layers} "
           f"heads={c.num_attention_heads}/{c.num_key_value_heads} vocab={c.vocab_size} "
           f"max_positions={c.max_position_embeddings} tied={c.tie_word_embeddings}")
@@ -47,17 +47,18 @@ def _add_gguf(formats) -> None:
     p.add_argument("out_dir", help="output folder (created; must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it already exists")
     p.add_argument("--keep-quantized", action="store_true",
-                   help="keep Q4_0 projections as Strata int4-g32 and Q4_K/Q5_K/Q6_K ones as their blocks (the "
-                        "same values, 4-7x less memory, bfloat16 activations; the folder is then for Strata only)")
+                   help="keep Q4_0 projections as Strata int4-g32 and Q8_0/Q4_1/Q4_K/Q5_K/Q6_K ones as their blocks "
+                        "(the same values, 4-7x less memory; a tied quantized embedding also becomes a quantized "
+                        "lm_head; the folder is then for Strata only)")
     p.set_defaults(func=_run_gguf)
 
 
 def _run_gguf(args: argparse.Namespace) -> int:
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
     from strata.weights.gguf_convert import convert_gguf
 
     out = convert_gguf(args.gguf_file, args.out_dir, overwrite=args.force, keep_quantized=args.keep_quantized)
-    c = ModelConfig.from_pretrained(out)
+    c = load_config(out)
     experts = f" experts={c.num_experts}/{c.num_experts_per_tok}" if c.num_experts else ""
     print(f"wrote {out}: {c.architecture} hidden={c.hidden_size} layers={c.num_hidden_layers} "
           f"heads={c.num_attention_heads}/{c.num_key_value_heads}{experts} vocab={c.vocab_size} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 
 from strata import units
 from strata.config import EngineConfig
@@ -32,8 +33,12 @@ def parse_size(text: str | int, field: str = "size") -> int:
 
 
 def _choices(meta) -> tuple[str, ...] | None:
+    """A field's choices: its tuple, or the tuple its "module:NAME" reference names."""
     choices = meta.get("choices")
-    return choices() if callable(choices) else choices
+    if isinstance(choices, str):
+        module, name = choices.split(":")
+        return getattr(importlib.import_module(module), name)
+    return choices
 
 
 def _help(f: dataclasses.Field, default) -> str:

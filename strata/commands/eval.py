@@ -64,14 +64,14 @@ def run_ppl(args) -> int:
 
 
 def run_kl(args) -> int:
-    from strata.config import ModelConfig
     from strata.eval.compare import compare_models
+    from strata.models.registry import load_config
     from strata.tokenizer import Tokenizer
     from strata.weights.loader import load_model
 
     text = read_text(args.data, args.tail_fraction)
     progress = sys.stderr.isatty()
-    ref_vocab, vocab = (ModelConfig.from_pretrained(p).vocab_size for p in (args.reference, args.model))
+    ref_vocab, vocab = (load_config(p).vocab_size for p in (args.reference, args.model))
     if ref_vocab != vocab:
         raise StrataError(f"{args.model}/config.json: vocab_size {vocab}, expected {ref_vocab} as in the "
                           f"reference {args.reference}")

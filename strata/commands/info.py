@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from strata.config import ModelConfig
+from strata.models.registry import load_config
 from strata.units import format_size
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4-g64": 0.5 + 2 / 64}
@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def model_info(path: str) -> dict:
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     counts = cfg.param_counts()
     info = {
         "architecture": cfg.architecture,

@@ -55,7 +55,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from strata.weights.quant_format import QuantFormat, check_method
+    from strata.quant.format import QuantFormat, check_method
     from strata.weights.quant_plan import Calibration, MixedPlanConfig, parse_size, read_calibration
     from strata.weights.quantize_checkpoint import mixed_formats, quantize_checkpoint
 

@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 
 from strata.commands.engine_args import add_dataclass_args, add_engine_args, engine_config_from_args
-from strata.config import ModelConfig, knob
+from strata.config import knob
 from strata.errors import ConfigError, StrataError
+from strata.models.registry import load_config
 
 
 @dataclass
@@ -42,6 +43,13 @@ class ServerConfig:
     tool_call_parser: str | None = knob(None, "how tool calls are read from the model's text: hermes, llama3_json, "
                                               "mistral (strata/server/tool_parsers.py)")
     enable_auto_tool_choice: bool = knob(False, "allow tool_choice 'auto' (needs --tool-call-parser)")
+    data_parallel_size: int = knob(1, "engine replicas behind this server, each a Ray actor with its own model and "
+                                      "KV cache; a router sends each request to the one with the most free KV "
+                                      "blocks (needs ray: pip install 'strata[distributed]'); see "
+                                      "docs/distributed.md", type=int)
+    ray_address: str | None = knob(None, "Ray cluster for the replicas (default: start a local one)")
+    pd_disaggregation: bool = knob(False, "with --data-parallel-size N: the first N/2 replicas only prefill and "
+                                          "hand each request with its KV to a decode replica")
 
 
 def register(sub) -> None:
@@ -72,7 +80,7 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     SpeculativeConfig.from_value(getattr(args, "speculative_config", None))  # a bad value fails before the port opens
     config = engine_config_from_args(args, model=model)  # nonsensical flags fail here, before the port is bound
     if os.path.isfile(os.path.join(model, "config.json")):  # refuse a bad --max-model-len before binding the port
-        resolve_max_model_len(config, ModelConfig.from_pretrained(model), model)
+        resolve_max_model_len(config, load_config(model), model)
     template = load_chat_template(args.chat_template) if getattr(args, "chat_template", None) else None
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None
@@ -89,8 +97,18 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
             engine.tokenizer.chat_template = template
         return engine
 
-    engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
-                         request_timeout=args.request_timeout, on_load_failure=on_load_failure)
+    dp = getattr(args, "data_parallel_size", 1)
+    if not isinstance(dp, int) or dp < 1:
+        raise ConfigError(f"--data-parallel-size must be an integer >= 1, got {dp!r}")
+    if dp > 1:
+        from strata.replicas.router import ReplicaRouter
+
+        engine = ReplicaRouter(config, dp, args.ray_address, metrics, request_timeout=args.request_timeout,
+                               chat_template=template, on_load_failure=on_load_failure,
+                               pd_disaggregation=args.pd_disaggregation)
+    else:
+        engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
+                             request_timeout=args.request_timeout, on_load_failure=on_load_failure)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     # a server on loopback answers only loopback Host names (a DNS-rebinding page would use its own)
     hosts = LOOPBACK_HOSTS if args.host.strip("[]") in LOOPBACK_HOSTS else None

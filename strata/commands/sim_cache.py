@@ -35,9 +35,9 @@ def _expert_bytes(args) -> int:
     if args.expert_bytes:
         return args.expert_bytes
     if args.model:
-        from strata.config import ModelConfig
+        from strata.models.registry import load_config
 
-        cfg = ModelConfig.from_pretrained(args.model)
+        cfg = load_config(args.model)
         dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.torch_dtype]
         return cfg.expert_param_count * dtype_bytes
     return MIXTRAL_8X7B_EXPERT_BYTES

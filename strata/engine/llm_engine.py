@@ -1,6 +1,7 @@
 """LLMEngine: ties Scheduler, BlockManager, ModelRunner and Sampler together; `step()` runs one batch.
 
-The server and the Python API talk to it only through add_request / step / abort_request.
+The server and the Python API talk to it only through its methods: add_request / step / abort_request, embed,
+and the read-outs below them (running and waiting requests, free sequence slots, get_stats).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.guided import StructuredOutputManager, compile_grammar
 from strata.engine.model_runner import ModelRunner, num_kv_blocks
-from strata.engine.sampler import Sampler, tokens_logprobs
+from strata.engine.sampler import IsolatingSampler, Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
@@ -76,7 +77,7 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:  # ranks spawned here; this process is rank 0 (strata/distributed)
             from strata.distributed.launcher import load_model_parallel
 
-            self.model, self.tiers = load_model_parallel(path, config, progress), None
+            self.model, self.tiers = load_model_parallel(path, config, progress)  # tiers: rank 0's (EP budget)
         else:
             self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
@@ -152,6 +153,8 @@ class LLMEngine:
     def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """One L2-normalized mean-pooled embedding per prompt, computed in batches of at most
         max_num_batched_tokens tokens (call between steps: it uses the model, not the KV cache)."""
+        if self.tiers is not None:
+            self.tiers.label_rows([])  # rows that are no request's tokens: routing traces label them by position
         out, batch, num = [], [], 0
         for ids in prompts:
             if batch and num + len(ids) > self.config.max_num_batched_tokens:
@@ -177,6 +180,48 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ---- read-outs for the server and its metrics ------------------------------------------------
+    def running_request_ids(self) -> list[str]:
+        """Ids of the requests with a sequence in the running batch (scheduler order, each once)."""
+        return list(dict.fromkeys(s.request_id for s in self.scheduler.running))
+
+    def waiting_request_ids(self) -> list[str]:
+        """Ids of the requests with a sequence waiting (new, or preempted and queued again), each once."""
+        return list(dict.fromkeys(s.request_id for s in self.scheduler.waiting))
+
+    def num_free_seq_slots(self) -> int:
+        """Sequences the next step could still admit under max_num_seqs."""
+        return max(self.scheduler.max_num_seqs - len(self.scheduler.running), 0)
+
+    def num_free_kv_blocks(self) -> int:
+        """KV-cache blocks no sequence holds (a replica router's load measure)."""
+        return self.block_manager.num_free_blocks
+
+    def get_stats(self) -> dict:
+        """Gauges and running totals: KV blocks, prefix cache, preemptions, speculative decoding (None
+        without it) and tiered experts (None without tiers)."""
+        bm = self.block_manager
+        spec = self.spec and {"num_drafts": self.spec.num_drafts, "num_draft_tokens": self.spec.num_draft_tokens,
+                              "num_accepted_tokens": self.spec.num_accepted_tokens}
+        return {"kv_cache_usage": bm.usage, "num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks,
+                "num_prefix_queries": bm.num_prefix_queries, "num_prefix_hits": bm.num_prefix_hits,
+                "num_preemptions": self.scheduler.num_preemptions, "spec_decode": spec or None,
+                "tiers": self.tier_stats() if self.tier_stats else None}
+
+    def isolate_sampling_failures(self) -> None:
+        """From now on a sampling error fails only the requests whose rows raised (see
+        take_sampling_failures) instead of the whole step; the server turns this on."""
+        if not isinstance(self.sampler, IsolatingSampler):
+            self.sampler = IsolatingSampler(self.sampler, self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def take_sampling_failures(self) -> dict[str, Exception]:
+        """request id -> the error its sampling raised since the last call (after isolate_sampling_failures)."""
+        failed = getattr(self.sampler, "failed", None)
+        if not failed:
+            return {}
+        self.sampler.failed = {}
+        return failed
+
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -189,6 +234,8 @@ class LLMEngine:
             self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
                                      if s.num_computed_tokens + n == s.num_tokens])
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
+        if self.tiers is not None:
+            self.tiers.label_rows(batch.row_labels())  # routing record / replay key each row by request
         logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
         for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]

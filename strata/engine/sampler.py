@@ -170,3 +170,31 @@ class Sampler:
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(logits[i], tokens[i], seq.params.logprobs))
         return tokens
+
+
+class IsolatingSampler:
+    """Wraps a sampler: when a batch fails, re-samples row by row and records which requests raised
+    (`failed`), so that the caller fails those alone and the others go on."""
+
+    def __init__(self, inner, placeholder_token: int):
+        self.inner = inner
+        self.placeholder = placeholder_token
+        self.failed: dict[str, Exception] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, logits, seqs):
+        marks = [len(s.logprobs) for s in seqs]
+        try:
+            return self.inner(logits, seqs)
+        except Exception:  # noqa: BLE001 - find the culprit row below
+            tokens = []
+            for i, seq in enumerate(seqs):
+                del seq.logprobs[marks[i]:]  # rows sampled before the failure appended once already
+                try:
+                    tokens.extend(self.inner(logits[i : i + 1], [seq]))
+                except Exception as e:  # noqa: BLE001
+                    self.failed[seq.request_id] = e
+                    tokens.append(self.placeholder)
+            return tokens

@@ -23,6 +23,15 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def row_labels(self) -> list[tuple[str, int]]:
+        """(request label, position) of each row of this step's forward, in row order; the n > 1 siblings of
+        a request are labelled request_id#index (routing traces, strata/tiers/runtime.py)."""
+        rows = []
+        for seq, n in zip(self.seqs, self.num_new_tokens):
+            label = seq.request_id if seq.index == 0 else f"{seq.request_id}#{seq.index}"
+            rows.extend((label, p) for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n))
+        return rows
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):

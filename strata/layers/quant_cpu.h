@@ -46,6 +46,12 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; weights 
 
 static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
+static inline float half_at(const uint8_t *p) { /* an fp16 number inside a GGUF block (unaligned) */
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
 static inline void store_out(uint16_t *y, int64_t ldy, int m, int64_t n, float v, const float *bias) {
     y[m * ldy + n] = f32_to_bf16(bias ? v + bias[n] : v);
 }
@@ -168,10 +174,17 @@ void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64
 /* K-quant blocks as in GGUF (quant_cpu_kquant.c); kind 0 q4_k, 1 q5_k, 2 q6_k */
 void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y);
-/* M bf16 rows through a weight of kind WK_* (cpu_moe.c); WK_Q4K + k is K-quant kind k */
-enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K = 5, WK_Q5K = 6, WK_Q6K = 7 };
+/* Q8_0 / Q4_1 blocks as in GGUF (quant_cpu_q32.c); kind 0 q8_0, 1 q4_1 */
+void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+             const float *bias, uint16_t *y);
+/* M bf16 rows through a weight of kind WK_* (cpu_moe.c); WK_Q4K + k is K-quant kind k, WK_Q8_0 + k block kind k */
+enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K = 5, WK_Q5K = 6, WK_Q6K = 7,
+       WK_Q8_0 = 8, WK_Q4_1 = 9 };
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y);
+/* strata_gemv that reads the weight from memory once for any M (tiles of rows kept in cache across row groups) */
+void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+               int64_t N, int64_t G, uint16_t *y);
 void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act);
 void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, int64_t T, int64_t H, float eps,
                    uint16_t *out, uint16_t *res_out);

@@ -1,6 +1,6 @@
 /* GEMV and bf16 dequantization of llama.cpp's K-quant blocks (q4_k, q5_k, q6_k), read as GGUF stores them.
  *
- * Layouts: strata/weights/kquant.py. Each 256-weight super-block is 8 sub-blocks of 32 weights; a sub-block's
+ * Layouts: strata/quant/kquant.py. Each 256-weight super-block is 8 sub-blocks of 32 weights; a sub-block's
  * codes (4, 5 or 6 bits) go into 16-bit lanes and become the bf16 number 128 + q by OR-ing in 0x4300 (exact:
  * q < 128), so the dot products run on vdpbf16ps straight against the bf16 activations (32 consecutive
  * weights against 32 consecutive x). The 16 fp32 lanes of one product cover weights 2i and 2i + 1 in lane i,
@@ -15,12 +15,6 @@
 enum { KQ4 = 0, KQ5 = 1, KQ6 = 2 }; /* the `kind` argument of the entry points */
 static const int64_t KQ_BYTES[3] = {144, 176, 210};
 #define KQ_R 4 /* weight rows per block at one x row (2 when several x rows share the pass) */
-
-static inline float half_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return f16_to_f32(h);
-}
 
 /* q4_k/q5_k: lanes 0-7 = d * sc[j], lanes 8-15 = dmin * m[j]; q6_k: lane g = d * sc[g] (16-weight groups) */
 static inline __attribute__((always_inline)) __m512 kq_factors(int kind, const uint8_t *b) {

@@ -1,4 +1,4 @@
-"""QuantLinear: a linear layer whose weight is stored in one of the formats of strata/weights/quant_format.py.
+"""QuantLinear: a linear layer whose weight is stored in one of the formats of strata/quant/format.py.
 
 Buffers carry the on-disk names (`qweight`, `scales`, [`zeros`], [`bias`]) so a checkpoint loads by HF name
 with `load_state_dict(..., assign=True)`; `post_load()` then prepares the kernel layout once. Kernels, in
@@ -12,7 +12,10 @@ order of preference (STRATA_QUANT_BACKEND=native|torch|reference forces one):
     reference  dequantize_weight + F.linear in float32. Slow, always correct.
 
 Activations run in bf16 (fp32 activations make torch's quantized kernels 10-60x slower): the input is cast
-to bf16 and the output back to the input dtype.
+to bf16 and the output back to the input dtype. Except for GGUF's q8_0 and q4_1 blocks, which exist to hold a
+GGUF file's weights exactly: with float32 input they compute in float32 (a GEMV at about 2^-16 of float32
+arithmetic, or the exact dequantized weight in a float32 matmul), so a float32 model gives the logits of
+transformers on the same file; give them bf16 input (`--dtype bfloat16`) for speed.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from torch import nn
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers import quant_native
-from strata.weights import kquant
-from strata.weights.quant_format import (
+from strata.quant.format import (
+    MXFP4_GROUP,
     QuantFormat,
     check_tensors,
     dequantize_weight,
@@ -54,10 +57,12 @@ _warned_narrowing: list[str] = []
 log = logging.getLogger(__name__)  # one reusable bf16 tile buffer per thread (no page faults per call)
 
 
-def _tile_buffer(numel: int) -> torch.Tensor:
-    buf = getattr(_scratch, "buf", None)
+def _tile_buffer(numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    name = f"buf_{dtype}"
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.bfloat16)
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, buf)
     return buf[:numel]
 
 
@@ -78,8 +83,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt = QuantFormat.parse(fmt)
-        if self.fmt.is_kquant:
-            kquant.check_width(self.fmt.kind, in_features)
+        if self.fmt.blocks is not None:
+            self.fmt.blocks.check_width(self.fmt.kind, in_features)
+        if self.fmt.kind == "mxfp4" and in_features % MXFP4_GROUP:
+            raise UnsupportedError(f"format mxfp4: in_features must be a multiple of {MXFP4_GROUP}, got {in_features}")
         self.module_name = ""  # set by swap_linears, used in error messages
         for suffix, (shape, dt) in self.fmt.tensor_specs(out_features, in_features).items():
             self.register_buffer(suffix, torch.empty(shape, dtype=dt, device=device))
@@ -117,9 +124,9 @@ class QuantLinear(nn.Module):
         tensors = self._tensors()
         check_tensors(tensors, self.fmt, self.out_features, self.in_features, name)
         self.backend = backend or default_backend()
-        if self.backend == "native" and quant_native.native_lib() is None:
-            self.backend = "torch"
         kind, k = self.fmt.kind, {}
+        if self.backend == "native" and (quant_native.native_lib() is None or kind not in quant_native.KERNELS):
+            self.backend = "torch"
         if self.backend == "native":
             k = {s: t.contiguous() for s, t in tensors.items()}
             if kind == "fp8":
@@ -176,6 +183,8 @@ class QuantLinear(nn.Module):
             raise WeightsError(f"{self.module_name or 'QuantLinear'}: call post_load() after loading weights")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x.dtype == torch.float32 and self.fmt.kind in quant_native.BLOCK32_KINDS:
+            return self._float32(x2.contiguous()).reshape(*lead, self.out_features)
         if self.backend == "reference":
             y = F.linear(x2.float(), self.dequantize(torch.float32))
             y = y if self.bias is None else y + self.bias.float()
@@ -206,6 +215,25 @@ class QuantLinear(nn.Module):
             y[:, n0:n1] = F.linear(xb, tile)
         return y if self.bias is None else y + self.bias.to(torch.bfloat16)
 
+    def _float32(self, x: torch.Tensor) -> torch.Tensor:
+        """q8_0 / q4_1 with float32 x [M, K] -> float32 [M, N] (see the module docstring)."""
+        if self.backend != "native":
+            y = F.linear(x, self.dequantize(torch.float32))
+        elif x.shape[0] <= self.gemv_max_rows:
+            return quant_native.gemv_f32(quant_native.native_lib(), self.fmt.kind, x, self._k, self.out_features,
+                                         self._k["bias"])
+        else:  # row tiles of the exact float32 weight, each in a float32 matmul
+            n, k = self.out_features, self.in_features
+            rows = max(16, min(n, TILE_BYTES_1_THREAD // (4 * k)))
+            buf = _tile_buffer(rows * k, torch.float32)
+            y = torch.empty(x.shape[0], n, dtype=torch.float32)
+            for n0 in range(0, n, rows):
+                n1 = min(n, n0 + rows)
+                tile = quant_native.dequantize_rows_f32(quant_native.native_lib(), self.fmt.kind, self._k, n0, n1,
+                                                        buf[: (n1 - n0) * k].view(n1 - n0, k))
+                y[:, n0:n1] = F.linear(x, tile)
+        return y if self.bias is None else y + self.bias.float()
+
     def _torch(self, xb: torch.Tensor) -> torch.Tensor:
         k, fmt = self._k, self.fmt
         if fmt.kind == "int8":
@@ -216,6 +244,26 @@ class QuantLinear(nn.Module):
         else:
             y = F.linear(xb, self.dequantize(torch.bfloat16))
         return y if self.bias is None else y + self.bias.to(torch.bfloat16)
+
+
+def quantized_linear(x: torch.Tensor, fmt: QuantFormat, tensors: dict[str, torch.Tensor], out_features: int,
+                     in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., in] -> [.., out] = x @ W^T (+ bias), W held in `fmt` as `tensors` (qweight, scales, ...) by a
+    module that keeps them under other names (gpt-oss's MXFP4 experts, whose tensors the expert tiers pass in
+    per call). bf16 activations in few rows run the format's native GEMV; otherwise the weight is dequantized
+    for this call only, in the activations' dtype (float32 activations stay float32)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)  # [M, in]
+    lib = quant_native.native_lib()
+    if (lib is not None and fmt.kind in quant_native.KERNELS and x2.shape[0] <= GEMV_MAX_ROWS
+            and x.dtype == torch.bfloat16 and fmt.padded_in(in_features) == in_features and x.device.type == "cpu"):
+        w = {s: t.contiguous() for s, t in tensors.items()}
+        b = None if bias is None else bias.float().contiguous()
+        y = quant_native.gemv(lib, fmt.kind, x2.contiguous(), w, out_features, fmt.group_size, b)
+    else:
+        w = dequantize_weight(tensors, fmt, out_features, in_features, x.dtype)  # [out, in]
+        y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    return y.to(x.dtype).reshape(*lead, out_features)
 
 
 def swap_linears(model: nn.Module, modules: dict[str, str | QuantFormat]) -> None:

@@ -29,15 +29,18 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
     "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
+    "quant_cpu_mxfp4.c",
+    "quant_cpu_q32.c",
     "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 11  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 12  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
 COMPILE_TIMEOUT_S = 60
 KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
+BLOCK32_KINDS = {"q8_0": 0, "q4_1": 1}  # the `kind` argument of gemv_qb / dequant_qb
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -48,6 +51,12 @@ _SIGNATURES = {
     "gemv_bf16": [_P, _I, _I, _P, _I, _P, _P, _I],
     "gemv_kq": [_I, _P, _I, _I, _P, _I, _P, _P],
     "dequant_kq": [_I, _P, _I, _I, _I, _P],
+    "gemv_mxfp4": [_P, _I, _I, _P, _I, _P, _P, _P],
+    "dequant_mxfp4": [_P, _I, _P, _I, _I, _P],
+    "gemv_qb": [_I, _P, _I, _I, _P, _I, _P, _P],
+    "dequant_qb": [_I, _P, _I, _I, _I, _P],
+    "gemv_qb_f32": [_I, _P, _I, _I, _P, _I, _P, _P],
+    "dequant_qb_f32": [_I, _P, _I, _I, _I, _P],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
@@ -55,7 +64,8 @@ _SIGNATURES = {
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
     "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
-    "moe_decode": [_I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_take_counts": [_P],
     "decode_layers": [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, _P],
 }
 
@@ -161,6 +171,8 @@ KERNELS: dict[str, FormatKernels] = {
     "int4": FormatKernels("gemv_int4", "dequant_int4",
                           lambda w, g: (g, _ptr(w["scales"]), _ptr(w.get("zeros")))),
     **{kind: FormatKernels("gemv_kq", "dequant_kq", lambda w, g: (), (code,)) for kind, code in KQUANT_KINDS.items()},
+    "mxfp4": FormatKernels("gemv_mxfp4", "dequant_mxfp4", lambda w, g: (_ptr(w["scales"]),)),
+    **{kind: FormatKernels("gemv_qb", "dequant_qb", lambda w, g: (), (code,)) for kind, code in BLOCK32_KINDS.items()},
 }
 
 
@@ -202,4 +214,21 @@ def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0:
     kernels = kernels_for(kind)
     getattr(lib, kernels.dequant)(*kernels.lead, _ptr(w["qweight"]), out.shape[1], *kernels.weight_args(w, group_size),
                                   n0, n1, _ptr(out))
+    return out
+
+
+def gemv_f32(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out_features: int,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """q8_0 / q4_1 only: x float32 [M, K] contiguous -> float32 [M, out_features], at about 2^-16 of float32
+    arithmetic (each x split into two bf16 halves; quant_cpu_q32.c)."""
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    lib.gemv_qb_f32(BLOCK32_KINDS[kind], _ptr(x), m, k, _ptr(w["qweight"]), out_features, _ptr(bias), _ptr(y))
+    return y
+
+
+def dequantize_rows_f32(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
+                        out: torch.Tensor) -> torch.Tensor:
+    """q8_0 / q4_1 only: rows [n0, n1) of the weight -> `out` float32 [n1 - n0, K], exactly the reference."""
+    lib.dequant_qb_f32(BLOCK32_KINDS[kind], _ptr(w["qweight"]), out.shape[1], n0, n1, _ptr(out))
     return out

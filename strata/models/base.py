@@ -1,10 +1,13 @@
 """The decoder shared by every supported family (Llama-style pre-norm transformer with HF attribute names).
 
-Families differ only in small switches (q/k norms, biases, MoE block and expert names); each family file under
-models/ sets those switches on a subclass of `CausalLM`.
+A family file under models/ subclasses `CausalLM` and sets what differs through its hooks: `config_class`
+(the family's config.json keys), `make_attention`, `make_mlp` / `make_expert`, `decoder_layer_class`,
+`sanitize` (checkpoint tensor renames) and the class-level switches (q/k norms, biases, MoE block name).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,6 +15,7 @@ from torch import nn
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
 from strata.layers.fusion import FusedProjection, fuse_projection
+from strata.layers.kv_cache import KVCacheSpec
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
@@ -21,7 +25,8 @@ from strata.models import native_decode
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, qk_norm: str | None, qkv_bias: bool, o_bias: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qk_norm: str | None, qkv_bias: bool, o_bias: bool,
+                 clip_qkv: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
@@ -41,8 +46,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
         self.qkv_fused: FusedProjection | None = None  # [H] -> [Hq*D + 2*Hkv*D], set by fuse_projections()
-        self.clip_qkv = cfg.raw.get("clip_qkv")
+        self.clip_qkv = clip_qkv  # OLMoE: clamp q, k and v to [-clip_qkv, clip_qkv]
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
+        self.scale: float | None = None  # None: head_dim ** -0.5
+        self.sinks: torch.Tensor | None = None  # [Hq] per-head softmax sink logits (gpt-oss)
 
     def fuse_projections(self) -> bool:
         self.qkv_fused = fuse_projection([self.q_proj, self.k_proj, self.v_proj])
@@ -65,14 +72,14 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window)  # [T, Hq, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window, self.sinks, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, -1))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, family: type[CausalLM]):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, family.qk_norm, family.qkv_bias(cfg), family.o_bias(cfg))
+        self.self_attn = family.make_attention(cfg, layer_idx)
         setattr(self, family.mlp_name, family.make_mlp(cfg, layer_idx))
         self.mlp_name = family.mlp_name
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -94,16 +101,32 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, family: type[CausalLM]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, family) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([family.decoder_layer_class(cfg, i, family) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """Base of every family. Subclasses override the class-level switches below."""
+    """Base of every family. Subclasses override the class-level switches and hooks below."""
 
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig  # built by registry.config_from_dict via from_hf
+    decoder_layer_class: ClassVar[type[nn.Module]] = DecoderLayer  # (cfg, layer_idx, family) -> block
     qk_norm: str | None = None  # None, "head" (Qwen3) or "full" (OLMoE)
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
+    cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
+    supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
+    own_quant_methods: tuple[str, ...] = ()  # quantization_config.quant_method values the family's modules read
+    keep_float32: tuple[str, ...] = ()  # name suffixes of tensors loaded as float32 whatever --dtype says
+
+    @classmethod
+    def sanitize(cls, name: str) -> str | None:
+        """The model's name for checkpoint tensor `name`, or None to drop it (default: the same name; the
+        rotary tables some checkpoints carry hold no learned state)."""
+        return None if name.endswith("rotary_emb.inv_freq") else name
+
+    @classmethod
+    def make_attention(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return Attention(cfg, layer_idx, cls.qk_norm, cls.qkv_bias(cfg), cls.o_bias(cfg))
 
     @staticmethod
     def qkv_bias(cfg: ModelConfig) -> bool:
@@ -114,14 +137,24 @@ class CausalLM(nn.Module):
         return cfg.attention_bias
 
     @classmethod
+    def kv_cache_spec_for(cls, cfg: ModelConfig) -> list[KVCacheSpec]:
+        """What each layer caches per token (strata/layers/kv_cache.py); families with another cache override it."""
+        return [KVCacheSpec.standard(cfg.num_key_value_heads, cfg.head_dim,
+                                     cfg.sliding_window if cfg.uses_sliding_window(i) else None)
+                for i in range(cfg.num_hidden_layers)]
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        return self.kv_cache_spec_for(self.config)
+
+    @classmethod
     def make_expert(cls, cfg: ModelConfig) -> nn.Module:
         return MLP(cfg.hidden_size, cfg.moe_intermediate_size)
 
     @classmethod
     def make_mlp(cls, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         if cfg.is_moe_layer(layer_idx):
-            return SparseMoeBlock(cfg, layer_idx, lambda: cls.make_expert(cfg))
-        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=bool(cfg.raw.get("mlp_bias", False)))
+            return SparseMoeBlock(cfg, layer_idx, lambda: cls.make_expert(cfg), cast_weights=cls.cast_routing_weights)
+        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,7 +173,9 @@ class CausalLM(nn.Module):
         """The NativeDecoder for these caches, built on first use (None where the model does not qualify)."""
         cached = self.__dict__.get("_native_decoder_cache")
         if cached is None or (cached and not cached.serves(kv_caches)):
-            cached = native_decode.NativeDecoder.build(self, kv_caches) or False
+            # the C decoder implements DecoderLayer with Attention: a family's own block or attention opts out
+            shared = all(type(dl) is DecoderLayer and type(dl.self_attn) is Attention for dl in self.model.layers)
+            cached = (shared and native_decode.NativeDecoder.build(self, kv_caches)) or False
             self.__dict__["_native_decoder_cache"] = cached  # not a submodule
         return cached if cached and cached.active() else None
 
@@ -152,7 +187,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        kv_caches: list[tuple[torch.Tensor, ...]] | None = None,  # per layer, as its KVCacheSpec allocates
         logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
         return_hidden: bool = False,  # the final-norm hidden states [N, H] instead of logits (embeddings)
     ) -> torch.Tensor:

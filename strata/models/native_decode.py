@@ -5,8 +5,8 @@ sequence) and speculative verifications (1 + k rows of one sequence). `per_row` 
 sequence of its own whose context ends at that row's position; the C code writes all rows' K/V before it
 attends, so row j sees the rows before it and not after, as a causal forward would. Row limits (`accepts`):
 dense models up to 8 rows when every projection is bf16 (gemv_bf16 reads each weight once per 8 rows), else
-4 (the quantized GEMVs: once per 4); models with MoE layers one row, or any number when each layer's experts
-are small enough to stay in cache. Every layer must qualify: no biases or sliding
+4 (the quantized GEMVs: once per 4); models with MoE layers up to NATIVE_MAX_TOKENS rows, whose experts run
+grouped by expert (each weight read from memory once per step). Every layer must qualify: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
@@ -26,16 +26,12 @@ from strata.layers.attention import AttentionMetadata
 from strata.layers.fusion import WEIGHT_KINDS, native_weight
 from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP
-from strata.layers.moe import SparseMoeBlock
+from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
 
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
 MAX_ROWS_BF16 = 8  # gemv_bf16: once per group of 8 rows (quant_cpu_gemv16.c, MB16)
-# A MoE layer whose experts all fit in this many bytes stays in the core's L2 cache while the native call runs
-# its tokens one by one, so a batch costs no more weight traffic there than in the per-op path (which reads
-# each routed expert once but pays Python and dispatch per expert).
-CACHED_EXPERTS_BYTES = 4 * 2**20
 
 
 class _Proj(ctypes.Structure):
@@ -65,11 +61,6 @@ def _moe(block: SparseMoeBlock) -> _Moe | None:
                 *(ctypes.cast(t, _P) for t in native.tables))
 
 
-def _expert_bytes(block: SparseMoeBlock) -> int:
-    """Bytes of all of a block's resident experts (weights and quantization scales)."""
-    return sum(t.numel() * t.element_size() for t in (*block.experts.parameters(), *block.experts.buffers()))
-
-
 def _proj(module) -> _Proj | None:
     w = native_weight(module)
     return None if w is None else _Proj(*w)
@@ -86,7 +77,6 @@ class NativeDecoder:
         # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
         self.kv_refs = [weakref.ref(t) for pair in kv_caches for t in pair]
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
-        self.max_expert_bytes = max((_expert_bytes(b) for b, _ in moes), default=0)
         bf16 = all(p.kind == WEIGHT_KINDS["bf16"] for la in layers for p in (la.qkv, la.o, la.gate_up, la.down)
                    if p.w)
         self.max_rows = MAX_ROWS_BF16 if bf16 else MAX_ROWS
@@ -99,7 +89,7 @@ class NativeDecoder:
 
     @classmethod
     def build(cls, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
-        if bf16_lib() is None or any(kc.device.type != "cpu" for kc, _ in kv_caches):
+        if bf16_lib() is None or any(len(c) != 2 or c[0].device.type != "cpu" for c in kv_caches):  # K and V
             return None
         if any(p.device.type != "cpu" for p in model.parameters()) or any(
                 b.device.type != "cpu" for b in model.buffers()):
@@ -152,11 +142,10 @@ class NativeDecoder:
 
     def accepts(self, num_rows: int) -> bool:
         """Dense models: at most max_rows rows (beyond that the GEMVs read each weight again, where a GEMM reads
-        it once). MoE models: one row, or any number when every layer's experts fit in CACHED_EXPERTS_BYTES
-        (the C code runs a MoE layer's experts row by row, while the per-op path reads each routed expert
-        once for all rows: only re-reads from cache are free)."""
+        it once). MoE models: up to NATIVE_MAX_TOKENS, as the per-op path's MoE blocks: each layer runs its
+        experts grouped by expert and reads every weight from memory once per step (gemv_once in cpu_moe.c)."""
         if self.moes:
-            return num_rows == 1 or self.max_expert_bytes <= CACHED_EXPERTS_BYTES
+            return num_rows <= NATIVE_MAX_TOKENS
         return num_rows <= self.max_rows
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):

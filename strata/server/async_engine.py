@@ -50,32 +50,13 @@ class RequestFailedError(RuntimeError):
     pass
 
 
-class _IsolatingSampler:
-    """Wraps the engine's sampler: when a batch fails, re-samples row by row and records which requests
-    raised, so the AsyncEngine can fail those alone."""
+class RequestMigratedError(RuntimeError):
+    """The request moved to another engine with its KV; this engine's stream ends here. `migrated`: the
+    MigratedRequest of a hand-off (for migrate_out the caller has it)."""
 
-    def __init__(self, inner, placeholder_token: int):
-        self.inner = inner
-        self.placeholder = placeholder_token
-        self.failed: dict[str, Exception] = {}
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, logits, seqs):
-        marks = [len(s.logprobs) for s in seqs]
-        try:
-            return self.inner(logits, seqs)
-        except Exception:  # noqa: BLE001 - find the culprit row below
-            tokens = []
-            for i, seq in enumerate(seqs):
-                del seq.logprobs[marks[i]:]  # rows sampled before the failure appended once already
-                try:
-                    tokens.extend(self.inner(logits[i : i + 1], [seq]))
-                except Exception as e:  # noqa: BLE001
-                    self.failed[seq.request_id] = e
-                    tokens.append(self.placeholder)
-            return tokens
+    def __init__(self, message: str, migrated=None):
+        super().__init__(message)
+        self.migrated = migrated
 
 
 class RequestStream:
@@ -108,6 +89,11 @@ class RequestStream:
             self.finished = True
         return item
 
+    @property
+    def has_pending(self) -> bool:
+        """An output is already waiting (the next __anext__ will not wait)."""
+        return not self.finished and not self.queue.empty()
+
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
@@ -123,6 +109,7 @@ class _Tracked:
     t_last: float | None = None
     num_tokens: int = 0
     num_seqs: int = 1  # request_success counts sequences, so an abort or error counts this many
+    handoff: bool = False  # leaves with its KV after the first token (prefill/decode disaggregation)
     extra: dict = field(default_factory=dict)
 
 
@@ -148,6 +135,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = 0
+        self._load = {"num_free_blocks": 0, "num_running": 0, "num_waiting": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -171,7 +159,9 @@ class AsyncEngine:
 
     # ---- the event-loop side -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0, timeout: float | None = None) -> RequestStream:
+                    priority: int = 0, timeout: float | None = None, handoff: bool = False) -> RequestStream:
+        """`handoff` (a prefill replica): right after its first token the request leaves this engine with its
+        KV; its stream then ends with RequestMigratedError carrying the MigratedRequest."""
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
         if self.engine is None:
@@ -186,11 +176,30 @@ class AsyncEngine:
             self._waiting_ids.add(rid)
         timeout = timeout if timeout is not None else self.request_timeout
         stream = RequestStream(self, rid, None if timeout is None else time.monotonic() + timeout)
-        self._cmds.put(("add", rid, prompt_ids, params, priority, stream, time.monotonic()))
+        self._cmds.put(("add", rid, prompt_ids, params, priority, stream, time.monotonic(), handoff))
         return stream
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
+
+    async def migrate_out(self, request_id: str):
+        """Take a decoding request out of this engine with its KV (strata/engine/migration.py); its stream
+        ends with RequestMigratedError. -> the MigratedRequest for resume_request on another engine."""
+        return await self.call(lambda eng: self._export(eng, request_id))
+
+    def resume_request(self, migrated, request_id: str, timeout: float | None = None) -> RequestStream:
+        """A stream for a request migrated from another engine, which goes on decoding here."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
+        if self.engine is None:
+            raise EngineNotReadyError("the model is still loading")
+        with self._lock:
+            self._ids += 1
+            rid = f"{request_id}-{self._ids}"
+        timeout = timeout if timeout is not None else self.request_timeout
+        stream = RequestStream(self, rid, None if timeout is None else time.monotonic() + timeout)
+        self._cmds.put(("resume", rid, migrated, stream, time.monotonic()))
+        return stream
 
     async def call(self, fn: Callable[[LLMEngine], object]):
         """fn(engine) run in the engine thread between two steps (the model is not shared across threads)."""
@@ -245,8 +254,7 @@ class AsyncEngine:
         try:
             self.engine = self._factory()
             self._publish_gauges()
-            eos = self.engine.eos_token_ids
-            self.engine.sampler = _IsolatingSampler(self.engine.sampler, eos[0] if eos else 0)
+            self.engine.isolate_sampling_failures()
         except Exception as e:
             if isinstance(e, StrataError):  # a message the user can act on: no traceback
                 log.error("model failed to load: %s", e)
@@ -279,7 +287,7 @@ class AsyncEngine:
             except Exception as e:
                 failures += 1
                 log.exception("engine step failed (%d in a row)", failures)
-                victims = {s.request_id for s in self.engine.scheduler.running} or set(self._tracked)
+                victims = set(self.engine.running_request_ids()) or set(self._tracked)
                 for rid in victims:
                     self._fail(rid, RequestFailedError(f"generation failed: {type(e).__name__}: {e}"))
                 if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
@@ -303,7 +311,7 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, params, priority, stream, t_add = cmd
+            _, rid, ids, params, priority, stream, t_add, handoff = cmd
             if stream.finished:  # aborted before it reached the engine
                 self._discard_waiting(rid)
                 self.metrics.finished("abort", params.n)
@@ -314,7 +322,19 @@ class AsyncEngine:
                 self._discard_waiting(rid)
                 self._deliver(stream, e)
                 return
-            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n)
+            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n, handoff=handoff)
+        elif kind == "resume":
+            from strata.engine.migration import import_request
+
+            _, rid, migrated, stream, t_add = cmd
+            try:
+                import_request(self.engine, migrated, rid)
+            except Exception as e:  # noqa: BLE001 - the migration fails alone
+                self._deliver(stream, e)
+                return
+            done = len(migrated.token_ids) - migrated.num_prompt_tokens
+            self._tracked[rid] = _Tracked(stream, t_add, t_scheduled=t_add, t_first=t_add, t_last=t_add,
+                                          num_tokens=done)
         elif kind == "call":
             _, fn, future = cmd
             try:
@@ -328,6 +348,16 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
                 self.metrics.finished("abort", self._tracked.pop(rid).num_seqs)
             self._publish_gauges()
+
+    def _export(self, eng: LLMEngine, rid: str):
+        from strata.engine.migration import export_request
+
+        migrated = export_request(eng, rid)
+        tr = self._tracked.pop(rid, None)
+        if tr is not None:
+            self._deliver(tr.stream, RequestMigratedError(f"request {rid} migrated"))
+        self._publish_gauges()
+        return migrated
 
     def _discard_waiting(self, rid: str) -> None:
         with self._lock:
@@ -343,15 +373,13 @@ class AsyncEngine:
 
     def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:
         now = time.monotonic()
-        sampler = self.engine.sampler
-        failed, sampler.failed = dict(sampler.failed), {}
-        for rid, err in failed.items():
+        for rid, err in self.engine.take_sampling_failures().items():
             self._fail(rid, RequestFailedError(f"generation failed: {type(err).__name__}: {err}"))
-        for seq in self.engine.scheduler.running:
-            tr = self._tracked.get(seq.request_id)
+        for rid in self.engine.running_request_ids():
+            tr = self._tracked.get(rid)
             if tr is not None and tr.t_scheduled is None:
                 tr.t_scheduled = t0
-                self._discard_waiting(seq.request_id)
+                self._discard_waiting(rid)
                 self.metrics.queue_time.observe(t0 - tr.t_add)
         deliveries = []
         for out in outputs:
@@ -381,16 +409,42 @@ class AsyncEngine:
                 for o in out.outputs:
                     self.metrics.finished(o.finish_reason or "abort")
         self._deliver_all(deliveries)
+        for rid in [rid for rid, tr in self._tracked.items() if tr.handoff and tr.t_first is not None]:
+            self._hand_off(rid)
         self._publish_gauges()
+
+    def _hand_off(self, rid: str) -> None:
+        """A prefill replica's request after its first token: out with its KV (it goes on decoding here when it
+        cannot move, e.g. structured outputs)."""
+        from strata.engine.migration import MigrationError, export_request
+
+        tr = self._tracked[rid]
+        tr.handoff = False
+        try:
+            migrated = export_request(self.engine, rid)
+        except MigrationError as e:
+            log.info("request %s stays on the prefill replica: %s", rid, e)
+            return
+        del self._tracked[rid]
+        self._deliver(tr.stream, RequestMigratedError(f"request {rid} handed off", migrated))
 
     def _publish_gauges(self) -> None:
         eng = self.engine
-        sched = eng.scheduler
         with self._lock:
             # preempted requests wait again in the scheduler (no longer in _waiting_ids): count them too
-            waiting = len(self._waiting_ids | {s.request_id for s in sched.waiting})
-            self._free_slots = max(sched.max_num_seqs - len(sched.running), 0)
-        self.metrics.publish(eng, num_running=len({s.request_id for s in sched.running}), num_waiting=waiting)
+            waiting = len(self._waiting_ids | set(eng.waiting_request_ids()))
+            self._free_slots = eng.num_free_seq_slots()
+        running = len(eng.running_request_ids())
+        self._load = {"num_free_blocks": eng.num_free_kv_blocks(), "num_running": running, "num_waiting": waiting}
+        self.metrics.publish(eng.get_stats(), num_running=running, num_waiting=waiting)
+
+    def health(self) -> dict:
+        """/health's body while the engine serves (the replica router adds its replicas' states)."""
+        return {"status": "ok"}
+
+    def load(self) -> dict:
+        """The load a router weighs, as of the last step: free KV blocks, running and waiting requests."""
+        return dict(self._load)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason

@@ -57,26 +57,25 @@ class EngineMetrics:
     def finished(self, reason: str, num_seqs: int = 1) -> None:
         self._success.labels(self.model_name, reason).inc(num_seqs)
 
-    def publish(self, engine, num_running: int, num_waiting: int) -> None:
-        """Called by the engine thread after every step (gauges) and with deltas of the engine's counters."""
-        bm = engine.block_manager
+    def publish(self, stats: dict, num_running: int, num_waiting: int) -> None:
+        """Called by the engine thread after every step with LLMEngine.get_stats(): gauges, and deltas of the
+        engine's counters."""
         self.num_running.set(num_running)
         self.num_waiting.set(num_waiting)
-        self.kv_usage.set(bm.usage)
-        self.kv_blocks_used.set(bm.num_blocks - bm.num_free_blocks)
-        self.kv_blocks_total.set(bm.num_blocks)
-        self._counter_delta(self.prefix_queries, "queries", bm.num_prefix_queries)
-        self._counter_delta(self.prefix_hits, "hits", bm.num_prefix_hits)
-        self._counter_delta(self.num_preemptions, "preempt", engine.scheduler.num_preemptions)
-        if bm.num_prefix_queries:
-            self.prefix_hit_rate.set(bm.num_prefix_hits / bm.num_prefix_queries)
-        spec = getattr(engine, "spec", None)
+        self.kv_usage.set(stats["kv_cache_usage"])
+        self.kv_blocks_used.set(stats["num_blocks"] - stats["num_free_blocks"])
+        self.kv_blocks_total.set(stats["num_blocks"])
+        self._counter_delta(self.prefix_queries, "queries", stats["num_prefix_queries"])
+        self._counter_delta(self.prefix_hits, "hits", stats["num_prefix_hits"])
+        self._counter_delta(self.num_preemptions, "preempt", stats["num_preemptions"])
+        if stats["num_prefix_queries"]:
+            self.prefix_hit_rate.set(stats["num_prefix_hits"] / stats["num_prefix_queries"])
+        spec = stats.get("spec_decode")
         if spec is not None:
-            self._counter_delta(self.spec_drafts, "drafts", spec.num_drafts)
-            self._counter_delta(self.spec_draft_tokens, "draft_tokens", spec.num_draft_tokens)
-            self._counter_delta(self.spec_accepted_tokens, "accepted_tokens", spec.num_accepted_tokens)
-        tier_stats = getattr(engine, "tier_stats", None)
-        tiers = tier_stats() if tier_stats else None
+            self._counter_delta(self.spec_drafts, "drafts", spec["num_drafts"])
+            self._counter_delta(self.spec_draft_tokens, "draft_tokens", spec["num_draft_tokens"])
+            self._counter_delta(self.spec_accepted_tokens, "accepted_tokens", spec["num_accepted_tokens"])
+        tiers = stats.get("tiers")
         if tiers and tiers.get("tiered"):
             self.expert_hit_rate.set(tiers["expert_hit_rate"])
             self._counter_delta(self.expert_disk_bytes, "disk", tiers["disk_bytes_read"])

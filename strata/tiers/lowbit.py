@@ -3,7 +3,7 @@
 Every routed expert gets a resident int4 copy (QuantLinear per linear) that stays in RAM; on a cache miss
 the provider runs that copy while the expert itself is read in the background. By the expert's format:
     float           quantized to int4-g64;
-    int8-nested-gG  the int4-gG code inside each byte (quant_format.nested_int4_view): no requantization,
+    int8-nested-gG  the int4-gG code inside each byte (strata.quant.format.nested_int4_view): no requantization,
                     half the bytes (the D2MoE layout: hot experts in the cache at 8 bits, all at 4 bits);
     int8, fp8       dequantized once at load and requantized to int4-g64;
     int4-gG         the expert itself (it is already at low bits): its copy is exact and the same size.
@@ -18,8 +18,8 @@ from torch import nn
 
 from strata.errors import UnsupportedError
 from strata.layers.quant_linear import QuantLinear
+from strata.quant.format import QuantFormat, dequantize_weight, nested_int4_view, quantize_weight
 from strata.tiers.store import ExpertStore, alloc_aligned
-from strata.weights.quant_format import QuantFormat, dequantize_weight, nested_int4_view, quantize_weight
 
 LOWBIT_FORMAT = QuantFormat.parse("int4-g64")
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}

@@ -49,7 +49,8 @@ class TieredExpert:
             return functional_call(self.module, weights, (x,))  # [N, H]
 
 
-FALLBACKS = ("none", "renormalize", "lowbit")
+FALLBACKS = ("none", "renormalize", "lowbit")  # --miss-fallback's values
+PREFETCH_CHOICES = (*PREFETCHERS, "lookahead")  # --prefetch's values
 
 
 class TieredExpertProvider:
@@ -101,8 +102,8 @@ class PrefetchHook:
                  min_prob: float = DEFAULT_MIN_PROB, prefetch_k: int | None = None):
         from strata.errors import ConfigError
 
-        if kind not in (*PREFETCHERS, "lookahead"):
-            raise ConfigError(f"--prefetch must be one of {', '.join((*PREFETCHERS, 'lookahead'))}, got {kind!r}")
+        if kind not in PREFETCH_CHOICES:
+            raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH_CHOICES)}, got {kind!r}")
         self.cache, self.blocks, self.kind, self.min_prob = cache, blocks, kind, min_prob
         self.position = {b.layer_idx: i for i, b in enumerate(blocks)}  # layer -> index among MoE blocks
         self.k = prefetch_k

@@ -1,7 +1,7 @@
 """Quantized routed experts in the tiers: an expert module bound to the quantized tensors of a cache slot.
 
 A quantized checkpoint's experts reach the store as they are on disk (`qweight`, `scales`[, `zeros`] per
-linear, formats of weights/quant_format.py), so a slot holds the quantized bytes and nothing else. To run
+linear, formats of quant/format.py), so a slot holds the quantized bytes and nothing else. To run
 one, `bind_expert` copies the block's meta-device expert module (its QuantLinears carry the expert's own
 format, which differs between experts of a `--mixed` plan), points every QuantLinear's buffers at the
 slot's tensors (views, no copy) and calls `post_load`, which binds the native kernels to those pointers:

@@ -62,16 +62,14 @@ class TierRuntime:
                 block.router_hooks.append(self._record)
 
     # ---- rows of the current forward ------------------------------------------------------------
+    def label_rows(self, rows: list[tuple[str, int]]) -> None:
+        """(request label, position) of each row of the next forward, in row order; the engine calls this
+        before every step (LLMEngine.step: ScheduledBatch.row_labels()). A forward whose row count differs
+        (outside the engine) is labelled by position."""
+        index = self._request_index
+        self._rows = [(label, index.setdefault(label, len(index)), pos) for label, pos in rows]
+
     def _rows_for(self, block) -> list[tuple[str, int, int]]:
-        if block is self.blocks[0]:  # the first MoE block runs first: the batch is new
-            rows = []
-            batch = getattr(self.model, "current_batch", None)
-            if batch is not None:
-                for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                    label = seq.request_id if seq.index == 0 else f"{seq.request_id}#{seq.index}"
-                    idx = self._request_index.setdefault(label, len(self._request_index))
-                    rows.extend((label, idx, p) for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n))
-            self._rows = rows
         return self._rows
 
     def _override(self, block, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +143,13 @@ def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype,
 
 def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts, lowbit: bool,
               step_tokens: int) -> MemoryPlan:
+    from strata.models.registry import model_class
+
     elem = torch.empty(0, dtype=dtype).element_size()
     max_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
     # the KV cache as LLMEngine sizes it: whole blocks, at most kv_cache_memory, at most what is wanted
-    per_block = estimate_kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                  config.block_size, elem)
+    family = model_class(cfg)
+    per_block = estimate_kv_bytes(family.kv_cache_spec_for(cfg), config.block_size, dtype)
     wanted = config.max_num_seqs * -(-max_len // config.block_size)
     kv = max(min(wanted, config.kv_cache_memory // per_block), 1) * per_block
     from strata.weights.loader import DTYPES
@@ -157,10 +157,8 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
     stored = DTYPES.get(cfg.torch_dtype, torch.float32).itemsize
     act = estimate_activation_bytes(cfg, step_tokens, min(max_len, kv // per_block * config.block_size),
                                     config.max_num_seqs, elem, stored) + FIRST_FORWARD_GROWTH
-    from strata.models.registry import model_class
-
     with torch.device("meta"):  # the first meta build imports torch's symbolic stack (~80 MB): runtime, not weights
-        model_class(cfg)(cfg)
+        family(cfg)
     plan = plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
                        kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
                        lowbit_bytes=facts.lowbit_bytes if lowbit else 0,
@@ -170,21 +168,23 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
     return plan
 
 
-def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
-    """Returns (model, TierRuntime or None)."""
+def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, shard=None):
+    """Returns (model, TierRuntime or None). `shard`: one expert-parallel rank's part (strata/distributed), whose
+    tiers hold that rank's experts only (the budget is the rank's)."""
+    from strata.models.registry import load_config
     from strata.weights.loader import load_model, resolve_dtype
 
     if not (config.memory_budget or config.record_routing or config.replay_routing):
         return load_model(path, dtype=config.dtype, progress=progress,
-                          check_finite=config.check_weights), None
+                          check_finite=config.check_weights, shard=shard), None
     if config.memory_budget:
         bound_retention()  # before the first matmul: the libraries read their cache sizes then
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     if not (config.memory_budget and cfg.is_moe):
         model = load_model(path, dtype=config.dtype, progress=progress,
-                           check_finite=config.check_weights)
+                           check_finite=config.check_weights, shard=shard)
         hooked = config.record_routing or config.replay_routing
         return model, (TierRuntime(model, config) if hooked and cfg.is_moe else None)
 
@@ -208,12 +208,12 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     if plan.all_experts_fit:
         log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
         model = load_model(path, dtype=config.dtype, progress=progress,
-                           check_finite=config.check_weights)
+                           check_finite=config.check_weights, shard=shard)
         hooked = config.record_routing or config.replay_routing
         return model, (TierRuntime(model, config, plan) if hooked else None)
     store = ExpertStore(ensure_store(path, progress=progress))
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress,
-                       check_finite=config.check_weights)
+                       check_finite=config.check_weights, shard=shard)
     blocks = model.moe_blocks()
     if plan.class_slots and store.class_bytes != plan.class_bytes:
         raise StoreError(f"{store.path}: expert sizes {store.class_bytes} differ from the checkpoint's "

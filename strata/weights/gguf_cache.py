@@ -17,7 +17,7 @@ from pathlib import Path
 from strata.layers.quant_native import cache_dir
 from strata.weights.gguf_reader import is_gguf
 
-CONVERTER_VERSION = 2  # bump when the converter's output changes, so cached folders are rebuilt
+CONVERTER_VERSION = 3  # bump when the converter's output changes, so cached folders are rebuilt
 _EDGE_BYTES = 2**20
 
 
@@ -51,7 +51,8 @@ def converted_folder(path: str | os.PathLike, progress: bool = True) -> Path:
         if not (out / "config.json").exists():
             if progress:
                 print(f"converting {path} -> {out} (once)", file=sys.stderr)
-            # K-quant files run from their blocks (Strata's own kernels); other types as the float conversion
+            # Q4_0, Q8_0, Q4_1 and K-quant tensors run from their blocks (Strata's own kernels); other types as
+            # the float conversion
             convert_gguf(path, out, overwrite=True, keep_quantized=None)
     return out
 

@@ -8,6 +8,12 @@ with two layout changes undone:
   applied here. The Qwen and OLMoE families use the same RoPE layout in both and are not permuted.
 - experts: one `[E, out, in]` tensor per projection (`ffn_gate_exps`) or, in older Mixtral files, one
   tensor per expert (`ffn_gate.E`), become per-expert HF tensors.
+- DeepSeek-V2/V3 (`deepseek2`): newer converters split kv_b_proj into `attn_k_b` [H, R, nope] (transposed)
+  and `attn_v_b` [H, v, R]; the two are joined back into kv_b_proj [H * (nope + v), R] (older files keep
+  `attn_kv_b`). Rotary pairs stay interleaved in both formats: no reorder.
+
+Tied embeddings whose GGUF tensor stays quantized (`keep_quantized`, e.g. SmolLM2's Q8_0 `token_embd`) are
+untied: `lm_head` gets the quantized blocks (read every token) while the embedding lookup keeps float rows.
 
 Values: every type is read as float32 (F32, F16 and BF16 exactly; quantized types dequantized by the
 `gguf` package) and stored as bfloat16 where that holds every value of the tensor exactly, else as float16
@@ -31,7 +37,7 @@ from safetensors.torch import save_file
 from strata.errors import WeightsError
 from strata.fileio import atomic_dir, check_output_dir
 from strata.weights.gguf_config import generation_config, hf_config
-from strata.weights.gguf_quantized import PackedWeight, has_kquants, kept_quantized
+from strata.weights.gguf_quantized import PackedWeight, can_keep, has_kept_types, kept_quantized
 from strata.weights.gguf_reader import GGUFFile
 from strata.weights.gguf_tokenizer import build_tokenizer
 
@@ -46,6 +52,17 @@ _LAYER = {  # llama.cpp per-layer name -> HF name under model.layers.N.
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+_DEEPSEEK_LAYER = {  # deepseek2 names that differ from (or are missing in) _LAYER
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+# Gemma 3 has four norms per block; llama.cpp stores its (1 + weight) norms with the 1 added
+_GEMMA3_LAYER = {**_LAYER, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
+_GPT_OSS_LAYER = {**_LAYER, "post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)")
 _EXPERTS = re.compile(r"ffn_(gate|up|down)_exps")
 
@@ -76,6 +93,12 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
     model_type = cfg["model_type"]
     moe, proj = _moe_names(model_type)
     permute = model_type in ("llama", "mixtral")
+    deepseek = model_type in ("deepseek_v2", "deepseek_v3")
+    layer_names = {"gemma3_text": _GEMMA3_LAYER, "gpt_oss": _GPT_OSS_LAYER}.get(model_type, _LAYER)
+    if deepseek:
+        layer_names = {**_LAYER, **_DEEPSEEK_LAYER}
+    kv_b_parts: dict[str, dict[str, np.ndarray]] = {}  # layer -> the attn_k_b / attn_v_b seen so far
+    gemma = model_type == "gemma3_text"
     for name in g.tensors:
         if name in _GLOBAL:
             if name == "output.weight" and cfg["tie_word_embeddings"]:
@@ -83,7 +106,13 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
             info = g.tensors[name]
             packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
                 keep_quantized and name == "output.weight") else None
-            yield _GLOBAL[name], packed if packed is not None else g.tensor(name), name
+            w = packed if packed is not None else g.tensor(name)
+            yield _GLOBAL[name], w - 1 if gemma and name == "output_norm.weight" else w, name
+            if (name == "token_embd.weight" and keep_quantized and not cfg["tie_word_embeddings"]
+                    and "output.weight" not in g.tensors):  # untied by convert_gguf: the head's quantized copy
+                head = kept_quantized(info.type_name, info.raw.data, info.shape)
+                if head is not None:
+                    yield "lm_head.weight", head, name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:
@@ -100,7 +129,20 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
                 raise WeightsError(f"{g.path}: tensor '{name}' has {w.shape[0]} rows, expected {heads} heads x "
                                    f"{cfg['head_dim']} = {heads * cfg['head_dim']} from the metadata")
             w = w.map_rows(partial(unpermute_rope_rows, n_heads=heads)) if packed else unpermute_rope_rows(w, heads)
-        if kind == "ffn_gate_inp":
+        if gemma and kind.endswith("norm"):
+            w = w - 1  # [H] or [D]: back to transformers' offset from 1
+        if model_type == "gpt_oss" and (e := _EXPERTS.fullmatch(kind)):
+            yield from _gpt_oss_experts(g, name, e[1], suffix, w, pre)
+            continue
+        if deepseek and kind in ("attn_k_b", "attn_v_b") and expert is None:
+            parts = kv_b_parts.setdefault(layer, {})
+            parts[kind] = w
+            if len(parts) == 2:
+                kv_b = join_kv_b(parts["attn_k_b"], parts["attn_v_b"])
+                yield f"{pre}self_attn.kv_b_proj.weight", kv_b, name
+        elif deepseek and kind == "exp_probs_b" and suffix == "bias":
+            yield f"{pre}mlp.gate.e_score_correction_bias", w, name
+        elif kind == "ffn_gate_inp":
             yield f"{pre}{moe}.gate.{suffix}", w, name
         elif kind == "ffn_gate_inp_shexp":
             yield f"{pre}{_LAYER[kind]}.{suffix}", w.reshape(1, -1), name  # [hidden] -> [1, hidden]
@@ -109,17 +151,59 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
                 yield f"{pre}{moe}.experts.{i}.{proj[e[1]]}.{suffix}", w[i], name
         elif expert is not None and kind in ("ffn_gate", "ffn_up", "ffn_down") and model_type == "mixtral":
             yield f"{pre}{moe}.experts.{expert}.{proj[kind[4:]]}.{suffix}", w, name
-        elif kind in _LAYER and expert is None:
-            yield f"{pre}{_LAYER[kind]}.{suffix}", w, name
+        elif kind in layer_names and expert is None:
+            yield f"{pre}{layer_names[kind]}{'' if kind == 'attn_sinks' else '.' + suffix}", w, name
         else:
             raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
 
 
-def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    from strata.config import ModelConfig
-    from strata.models.registry import model_class
+def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """attn_k_b [H, R, nope] and attn_v_b [H, v, R] -> kv_b_proj.weight [H * (nope + v), R]."""
+    if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise WeightsError(f"attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} do not split one "
+                           f"kv_b_proj (expected [H, R, nope] and [H, v, R])")
+    kv = np.concatenate([np.swapaxes(np.asarray(k_b), 1, 2), np.asarray(v_b)], axis=1)  # [H, nope + v, R]
+    return kv.reshape(-1, kv.shape[-1])
 
-    mc = ModelConfig.from_dict(cfg, source="config.json")
+
+def quantized_head(g: GGUFFile, cfg: dict) -> bool:
+    """Whether tied embeddings get a separate quantized lm_head: the file has no output.weight and token_embd
+    is of a type kept quantized."""
+    info = g.tensors.get("token_embd.weight")
+    return (cfg["tie_word_embeddings"] and "output.weight" not in g.tensors and info is not None
+            and can_keep(info.type_name, info.shape))
+
+
+
+def _gpt_oss_experts(g: GGUFFile, name: str, proj: str, suffix: str, w: np.ndarray, pre: str):
+    """gpt-oss experts as Strata's GptOssExpert holds them: llama.cpp's separate gate and up `[E, I, H]` go back
+    into one `gate_up_proj [H, 2I]` per expert with gate and up interleaved (even, odd columns), down
+    `[E, H, I]` into `down_proj [I, H]`; biases alike. Yielded when the gate tensor comes, up skipped."""
+    if proj == "up":
+        return
+    if proj == "down":
+        for i in range(w.shape[0]):
+            yield (f"{pre}mlp.experts.{i}.down_proj{'' if suffix == 'weight' else '_bias'}",
+                   w[i].T if suffix == "weight" else w[i], name)
+        return
+    up_name = name.replace("ffn_gate_exps", "ffn_up_exps")
+    if up_name not in g.tensors:
+        raise WeightsError(f"{g.path}: tensor '{up_name}' missing (the partner of '{name}')")
+    up = g.tensor(up_name)
+    if up.shape != w.shape:
+        raise WeightsError(f"{g.path}: tensor '{up_name}' has shape {list(up.shape)}, '{name}' {list(w.shape)}")
+    both = np.stack([w, up], axis=2)  # weight [E, I, 2, H] / bias [E, I, 2]: gate, up adjacent
+    for i in range(w.shape[0]):
+        if suffix == "weight":
+            yield f"{pre}mlp.experts.{i}.gate_up_proj", both[i].reshape(-1, w.shape[-1]).T, name  # [H, 2I]
+        else:
+            yield f"{pre}mlp.experts.{i}.gate_up_proj_bias", both[i].reshape(-1), name  # [2I]
+
+
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    from strata.models.registry import config_from_dict, model_class
+
+    mc = config_from_dict(cfg, source="config.json")
     with torch.device("meta"):
         model = model_class(mc)(mc)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -143,13 +227,16 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite:
 
     keep_quantized: projections of a type with an exact Strata format (gguf_quantized.KEPT_FORMATS) stay
     quantized (config.json gets a Strata quantization_config; transformers cannot load such a folder);
-    None: only when the file has K-quant tensors (gguf_quantized.has_kquants).
+    None: only when the file has tensors of such a type (gguf_quantized.has_kept_types). Tied embeddings stored
+    quantized get a quantized lm_head of their own (tie_word_embeddings becomes false).
     """
     out = check_output_dir(out_dir, overwrite)
     g = GGUFFile(path)
     if keep_quantized is None:
-        keep_quantized = has_kquants(g)
+        keep_quantized = has_kept_types(g)
     cfg = hf_config(g)
+    if keep_quantized and quantized_head(g, cfg):
+        cfg["tie_word_embeddings"] = False
     tokenizer, tok_cfg = build_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else (None, None)
     expected = _expected_shapes(cfg)
     with atomic_dir(out) as tmp:

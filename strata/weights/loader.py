@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -14,15 +16,13 @@ from tqdm import tqdm
 from strata.config import ModelConfig
 from strata.errors import WeightsError
 from strata.layers.fusion import fuse_model
+from strata.mapping import read_in
 from strata.models.base import CausalLM
-from strata.models.registry import model_class
+from strata.models.registry import load_config, model_class
+from strata.quant.format import read_quantization_config
 from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
-from strata.weights.mapping import read_in
-from strata.weights.quant_format import read_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Tensors some checkpoints carry that hold no learned state.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
 
 
@@ -73,6 +73,33 @@ def iter_checkpoint(files: list[str]):
             yield fn, k, (lambda h=handle, k=k: h.get_tensor(k))
 
 
+_STACKED_EXPERTS = re.compile(r"^(.*\.experts)\.([^.]+)$")
+
+
+def unstack_experts(entries, expected: dict):
+    """Splits a stacked expert tensor `...experts.NAME [E, ...]` (gpt-oss) into the per-expert entries
+    `...experts.e.NAME` the model's expert modules hold; each is a view of the stacked tensor."""
+    for fn, name, get in entries:
+        m = _STACKED_EXPERTS.match(name)
+        if name in expected or m is None or f"{m[1]}.0.{m[2]}" not in expected:
+            yield fn, name, get
+            continue
+        count = 0
+        while f"{m[1]}.{count}.{m[2]}" in expected:
+            count += 1
+        whole = functools.cache(get)  # read once for all its experts
+        for e in range(count):
+            yield fn, f"{m[1]}.{e}.{m[2]}", (lambda fn=fn, name=name, whole=whole, e=e, n=count: _expert_slice(
+                fn, name, whole(), e, n))
+
+
+def _expert_slice(fn: str, name: str, t: torch.Tensor, e: int, count: int) -> torch.Tensor:
+    if t.dim() == 0 or t.shape[0] != count:
+        raise WeightsError(f"{fn}: tensor '{name}' has shape {list(t.shape)}, expected {count} experts "
+                           "stacked in its first dimension (config.json)")
+    return t[e]
+
+
 def load_model(
     path: str,
     dtype: str | torch.dtype | None = None,
@@ -87,14 +114,16 @@ def load_model(
     strata.distributed.tensor_parallel.Shard) builds one tensor-parallel rank's slice of the model."""
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     if shard is not None:
         cfg = shard.config(cfg, path)
+        skip = shard.skipper(skip)  # expert parallel: the experts other ranks hold
     cls = model_class(cfg)
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    formats = read_quantization_config(cfg.raw)  # one line for a method or format Strata does not run
+    # one line for a method or format Strata does not run; a family may read its own (gpt-oss: mxfp4)
+    formats = read_quantization_config(cfg.raw, cls.own_quant_methods)
     if formats:
         from strata.layers.quant_linear import swap_linears
 
@@ -104,20 +133,23 @@ def load_model(
         expected.pop("lm_head.weight", None)
     files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
-    entries = list(iter_checkpoint(files))
+    entries = list(unstack_experts(iter_checkpoint(files), expected))
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
-    for fn, name, get in bar:
+    for fn, stored, get in bar:
+        name = cls.sanitize(stored)  # the family's renames; None: a tensor it drops
+        if name is None:
+            continue
         if name not in expected:
             check_layer_count(fn, name, cfg)
-            if not name.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                print(f"warning: {fn}: unexpected tensor '{name}' ignored", file=sys.stderr)
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                print(f"warning: {fn}: unexpected tensor '{stored}' ignored", file=sys.stderr)
             continue
         if skip is not None and skip(name):
             continue
         try:
             t = get()
         except Exception as e:  # noqa: BLE001 - same as iter_checkpoint
-            raise WeightsError(f"{fn}: tensor '{name}' cannot be read ({str(e).splitlines()[0]})") from None
+            raise WeightsError(f"{fn}: tensor '{stored}' cannot be read ({str(e).splitlines()[0]})") from None
         if shard is not None:
             t = shard.tensor(name, t)
         want = expected[name]
@@ -128,7 +160,7 @@ def load_model(
         check_dtype(fn, name, t, want)
         # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
         if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
-            t = t.to(torch_dtype)
+            t = t.float() if name.endswith(cls.keep_float32) else t.to(torch_dtype)
         if check_finite:
             check_finite_values(fn, name, t)
         # otherwise the tensor stays a view of the file mapping (page cache): copying it would count the same

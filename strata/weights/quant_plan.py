@@ -28,7 +28,7 @@ import torch
 
 from strata import units
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights.quant_format import DEFAULT_METHOD, QuantFormat, dequantize_weight, quantize_weight
+from strata.quant.format import DEFAULT_METHOD, QuantFormat, dequantize_weight, quantize_weight
 
 _EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
 SAMPLE_ROWS = 64  # rows per linear used to measure quantization error (a proxy; cheap on big models)

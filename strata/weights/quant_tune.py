@@ -30,7 +30,7 @@ from tqdm import tqdm
 from strata.errors import UnsupportedError
 from strata.layers.attention import AttentionMetadata
 from strata.models.base import CausalLM
-from strata.weights.quant_format import QuantFormat, pack_nibbles, unpack_nibbles
+from strata.quant.format import QuantFormat, pack_nibbles, unpack_nibbles
 
 ROUNDINGS = ("learned", "fixed")
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights.quant_format import DEFAULT_METHOD, QuantFormat, check_method, quantize_weight
+from strata.quant.format import DEFAULT_METHOD, QuantFormat, check_method, quantize_weight
 from strata.weights.quant_plan import Calibration, MixedPlanConfig, check_budget, plan_mixed, weight_error
 from strata.weights.quant_tune import TuneConfig, tune_shards
 
@@ -121,7 +121,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str | QuantFormat
     its bytes). With tied embeddings the output gets its own quantized copy of the embedding matrix, the
     embedding lookup keeps the float rows, and the written config says tie_word_embeddings: false.
 
-    method: how scales are chosen (quant_format.METHODS). calibration: per-module input statistics; `clip`
+    method: how scales are chosen (strata.quant.format.METHODS). calibration: per-module input statistics; `clip`
     weights its error by E[x_j^2], `gptq` needs E[x x^T] (modules without it, e.g. an expert that no
     calibration token reached, fall back to clip). `tune` is gptq, then the int4 scales and codes of the whole
     model tuned end to end on the calibration token ids `tune_ids` (quant_tune.py; settings in tune_config).

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from strata.cli import main
 from strata.layers.attention import AttentionMetadata
 from strata.layers.quant_linear import QuantLinear
+from strata.quant.format import QuantFormat, check_tensors
 from strata.weights.loader import load_model
-from strata.weights.quant_format import QuantFormat, check_tensors
 
 T = 24
 

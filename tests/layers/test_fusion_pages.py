@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from strata.layers import fusion
-from strata.weights.mapping import file_ranges, read_in
+from strata.mapping import file_ranges, read_in
 
 
 def test_release_keeps_contents_of_file_and_anonymous_tensors(tmp_path):

@@ -1,5 +1,6 @@
-"""QuantLinear on K-quant blocks (q4_k, q5_k, q6_k): native GEMV (1-4 rows, threaded), the batched dequantize
-path, the torch and reference backends and fused projections, all against the float64 reference."""
+"""QuantLinear on llama.cpp blocks kept as in GGUF (K-quants q4_k, q5_k, q6_k; 32-weight q8_0, q4_1): native
+GEMV (1-4 rows, threaded), the batched dequantize path, the torch and reference backends and fused projections,
+all against the float64 reference."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import torch
 from strata.layers import quant_linear, quant_native
 from strata.layers.fusion import fuse_quantized
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES, random_blocks
-from strata.weights.quant_format import dequantize_weight
+from strata.quant import ggml_blocks, kquant
+from strata.quant.format import dequantize_weight
 
-KINDS = list(BLOCK_BYTES)
+KINDS = [*kquant.BLOCK_BYTES, *ggml_blocks.BLOCK_BYTES]
 HAS_NATIVE = quant_native.native_lib() is not None
 
 
 def _layer(kind, out, inp, backend, seed=0, bias=False):
     q = QuantLinear(inp, out, kind, bias=bias)
-    q.qweight = random_blocks(kind, out, inp, seed=seed)
+    blocks = kquant if kind in kquant.BLOCK_BYTES else ggml_blocks
+    q.qweight = blocks.random_blocks(kind, out, inp, seed=seed)
     if bias:
         q.bias = torch.randn(out, dtype=torch.bfloat16)
     if backend == "native" and not HAS_NATIVE:
@@ -76,3 +78,32 @@ def test_fused_mixed_kquant_projections():
     assert fused is not None
     torch.testing.assert_close(fused(x), torch.cat([ya, yb], dim=1), atol=0, rtol=0)
     assert fuse_quantized([a, _layer("q6_k", 8, 512, "native")]) is None
+
+
+def test_fused_q4_1_projections_and_native_kind_codes():
+    """Q4_1 q/k/v fuse like the K-quants, and the one-call decoder gets the WK_* code of each block format."""
+    from strata.layers.fusion import WEIGHT_KINDS, native_weight
+
+    parts = [_layer("q4_1", n, 576, "native", seed=n) for n in (64, 32, 32)]
+    x = torch.randn(1, 576, dtype=torch.bfloat16)
+    ys = [p(x) for p in parts]
+    fused = fuse_quantized(parts)
+    torch.testing.assert_close(fused(x), torch.cat(ys, dim=1), atol=0, rtol=0)
+    assert native_weight(fused)[0] == WEIGHT_KINDS["q4_1"] == 9 and native_weight(_layer("q8_0", 4, 64, "native"))[0] == 8
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("kind", list(ggml_blocks.BLOCK_BYTES))
+def test_q32_float32_input_computes_in_float32(kind, backend):
+    """q8_0 / q4_1 hold GGUF weights exactly, and with float32 input compute near float32 precision (the GEMV
+    splits x into two bf16 halves): 1e-4 of the output scale, where bf16 activations are off by ~1e-2."""
+    for width in (576, 608):  # 18 and 19 blocks per row: q4_1's GEMV takes two blocks per step
+        q = _layer(kind, 37, width, backend, seed=7, bias=True)
+        w = q.dequantize(torch.float64)
+        for rows in (1, 3, 5, 40):
+            x = torch.randn(rows, width, dtype=torch.float32)
+            ref = x.double() @ w.T + q.bias.double()
+            y = q(x)
+            assert y.dtype == torch.float32
+            assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max(), (width, rows)
+            _check(q, x.bfloat16())

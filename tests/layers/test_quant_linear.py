@@ -9,7 +9,7 @@ from torch import nn
 from strata.errors import WeightsError
 from strata.layers import quant_linear, quant_native
 from strata.layers.quant_linear import QuantLinear, post_load_all, swap_linears
-from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+from strata.quant.format import QuantFormat, dequantize_weight, quantize_weight
 
 FORMATS = ["int8", "fp8", "int4-g32", "int4-g64", "int4-g128-asym", "int8-nested-g64", "int4-g256"]
 SHAPES = [(37, 172), (5, 33), (48, 256), (3, 1)]  # (out, in): odd sizes, padding, a single column

@@ -79,8 +79,8 @@ def test_sharded_half_precision_checkpoint(tmp_path, dtype):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_param_counts_match_transformers(hf_family, family):
-    from strata.config import ModelConfig
+    from strata.models.registry import load_config
 
     hf, path = hf_family(family)
-    total = ModelConfig.from_pretrained(path).param_counts()["total"]
+    total = load_config(path).param_counts()["total"]
     assert total == sum(p.numel() for p in hf.parameters())

@@ -1,16 +1,15 @@
 """EngineMetrics.publish: the tier counters advance by the engine's deltas (bytes and seconds of expert reads)."""
 
-from types import SimpleNamespace
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.server.metrics import EngineMetrics
 
 
-def _engine(disk_bytes: int, disk_s: float):
-    bm = SimpleNamespace(usage=0.0, num_blocks=4, num_free_blocks=4, num_prefix_queries=0, num_prefix_hits=0)
-    stats = {"tiered": True, "expert_hit_rate": 0.5, "disk_bytes_read": disk_bytes, "disk_read_s": disk_s}
-    return SimpleNamespace(block_manager=bm, scheduler=SimpleNamespace(num_preemptions=0), tier_stats=lambda: stats)
+def _engine(disk_bytes: int, disk_s: float) -> dict:
+    """What LLMEngine.get_stats() returns with tiered experts."""
+    tiers = {"tiered": True, "expert_hit_rate": 0.5, "disk_bytes_read": disk_bytes, "disk_read_s": disk_s}
+    return {"kv_cache_usage": 0.0, "num_blocks": 4, "num_free_blocks": 4, "num_prefix_queries": 0,
+            "num_prefix_hits": 0, "num_preemptions": 0, "spec_decode": None, "tiers": tiers}
 
 
 def _samples(m: EngineMetrics) -> dict[str, float]:

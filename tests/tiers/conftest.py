@@ -23,10 +23,11 @@ def isolated(tmp_path, monkeypatch):
 
 def budget_for(path: str, num_slots: int, lowbit: bool = False) -> int:
     """A --memory-budget that leaves exactly `num_slots` expert slots at float32 compute (with `isolated`)."""
-    from strata.config import EngineConfig, ModelConfig
+    from strata.config import EngineConfig
+    from strata.models.registry import load_config
     from strata.tiers.store_convert import checkpoint_facts
 
     facts = checkpoint_facts(path)
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     plan = runtime._plan(path, EngineConfig(memory_budget=1 << 40), cfg, torch.float32, facts, lowbit)
     return plan.fixed_bytes + num_slots * facts.slot_bytes

@@ -9,14 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from strata import LLM
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.engine.llm_engine import BUNDLED_MODEL
 from strata.engine.sampling_params import SamplingParams
 from strata.layers.quant_linear import QuantLinear, swap_linears
+from strata.models.registry import load_config
+from strata.quant.format import dequantize_weight, nested_int4_view, quantize_weight
 from strata.tiers import runtime
 from strata.tiers.lowbit import LOWBIT_FORMAT, lowbit_expert
 from strata.tiers.store_convert import checkpoint_facts
-from strata.weights.quant_format import dequantize_weight, nested_int4_view, quantize_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -24,7 +25,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 def budget_for(num_slots: int, lowbit: bool = False) -> int:
     facts = checkpoint_facts(BUNDLED_MODEL)
-    cfg = ModelConfig.from_pretrained(BUNDLED_MODEL)
+    cfg = load_config(BUNDLED_MODEL)
     plan = runtime._plan(BUNDLED_MODEL, EngineConfig(memory_budget=1 << 40), cfg, torch.float32, facts, lowbit)
     return plan.fixed_bytes + num_slots * facts.slot_bytes
 

@@ -13,8 +13,9 @@ pytest.importorskip("transformers")
 
 from strata import LLM
 from strata.cli import main
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.engine.sampling_params import SamplingParams
+from strata.models.registry import load_config
 from strata.tiers import runtime
 from strata.tiers.budget import BudgetError
 from strata.tiers.store_convert import checkpoint_facts
@@ -46,7 +47,7 @@ def models(tmp_path_factory):
 def budget_for(path: str, num_slots: int, dtype: torch.dtype | None = torch.float32,
                max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens) -> int:
     facts = checkpoint_facts(path)
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = load_config(path)
     dtype = dtype or resolve_dtype(None, cfg)
     config = EngineConfig(memory_budget=1 << 40, max_num_batched_tokens=max_num_batched_tokens)
     fixed = runtime._plan(path, config, cfg, dtype, facts).fixed_bytes
@@ -134,7 +135,7 @@ def test_generate_stats_json(models, tmp_path, capsys):
 def test_bundled_moe_offloaded_equals_resident():
     from strata.engine.llm_engine import BUNDLED_MODEL
 
-    if not (ModelConfig.from_pretrained(BUNDLED_MODEL).is_moe if (Path(BUNDLED_MODEL) / "config.json").exists()
+    if not (load_config(BUNDLED_MODEL).is_moe if (Path(BUNDLED_MODEL) / "config.json").exists()
             else False):
         pytest.skip("bundled MoE model not present")
     ref = [o.outputs[0].token_ids for o in LLM(None, progress=False).generate(PROMPTS, GREEDY)]

@@ -16,10 +16,10 @@ from strata import LLM
 from strata.cli import main
 from strata.engine.sampling_params import SamplingParams
 from strata.layers.quant_linear import QuantLinear
+from strata.quant.format import QuantFormat
 from strata.tiers.budget import split_slots
 from strata.tiers.store import ExpertStore, align
 from strata.tiers.store_convert import checkpoint_facts, ensure_store
-from strata.weights.quant_format import QuantFormat
 from tests.models.conftest import COMMON, save_tiny_tokenizer
 from tests.tiers.conftest import budget_for
 

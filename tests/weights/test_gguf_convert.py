@@ -156,29 +156,40 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
                                                                                         skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
-def test_q4_0_kept_as_int4_g32_holds_the_same_values(hf_models, tmp_path, family):
-    """--keep-quantized: Q4_0 projections become int4-g32 codes and scales that dequantize to exactly the
-    float conversion's weights (llama: through the q/k row reorder; mixtral: merged experts)."""
+KEPT = {"Q4_0": "int4-g32", "Q8_0": "q8_0", "Q4_1": "q4_1"}
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", "Q4_0"), ("mixtral", "Q4_0"), ("llama", "Q8_0"),
+                                          ("llama", "Q4_1"), ("mixtral", "Q4_1")])
+def test_kept_quantized_holds_the_same_values(hf_models, tmp_path, family, qtype):
+    """--keep-quantized: Q4_0 projections become int4-g32 codes and scales, Q8_0 and Q4_1 stay as their blocks;
+    either way they dequantize to exactly the float conversion's weights (llama: through the q/k row reorder and
+    a quantized copy of the tied embedding as lm_head; mixtral: merged experts)."""
     import json
 
     from safetensors.torch import load_file
 
     from strata.cli import main
-    from strata.weights.quant_format import dequantize_weight
+    from strata.quant.format import dequantize_weight
 
     _, path = hf_models(family)
-    gguf_path = write_gguf(path, tmp_path / "m.gguf", qtype="Q4_0")
+    gguf_path = write_gguf(path, tmp_path / "m.gguf", qtype=qtype)
     floats = convert_gguf(gguf_path, tmp_path / "f")
     assert main(["convert", "gguf", "--keep-quantized", str(gguf_path), str(tmp_path / "q")]) == 0
-    modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
-    assert "model.layers.0.self_attn.q_proj" in modules and set(modules.values()) == {"int4-g32"}
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    modules = cfg["quantization_config"]["modules"]
+    assert "model.layers.0.self_attn.q_proj" in modules and set(modules.values()) == {KEPT[qtype]}
+    tied = json.loads((floats / "config.json").read_text())["tie_word_embeddings"]
+    assert ("lm_head" in modules) == (tied or family == "mixtral") and not cfg["tie_word_embeddings"]
     f, q = load_file(str(floats / "model.safetensors")), load_file(str(tmp_path / "q" / "model.safetensors"))
     for m, fmt in modules.items():
-        w = f[f"{m}.weight"].float()
-        got = dequantize_weight({"qweight": q[f"{m}.qweight"], "scales": q[f"{m}.scales"]}, fmt, *w.shape)
+        w = f["model.embed_tokens.weight" if m == "lm_head" and tied else f"{m}.weight"].float()
+        got = dequantize_weight({k: q[f"{m}.{k}"] for k in ("qweight", "scales") if f"{m}.{k}" in q}, fmt, *w.shape)
         assert torch.equal(got, w), m
     ids = _ids()
     exact, kept = _strata_logits(floats, ids), _strata_logits(tmp_path / "q", ids)
-    torch.testing.assert_close(kept, exact, atol=0.05 * exact.abs().max().item(), rtol=0)  # bf16 activations
-    assert (kept.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    if qtype == "Q4_0":  # int4-g32 runs bf16 activations
+        torch.testing.assert_close(kept, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
+        assert (kept.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    else:  # q8_0 / q4_1 compute in float32 for a float32 model
+        torch.testing.assert_close(kept, exact, atol=1e-4, rtol=1e-4)

@@ -11,8 +11,8 @@ import torch
 
 from strata.layers.attention import AttentionMetadata
 from strata.layers.quant_linear import QuantLinear
+from strata.quant.kquant import GGUF_TYPES, random_blocks
 from strata.weights.gguf_convert import convert_gguf
-from strata.weights.kquant import GGUF_TYPES, random_blocks
 from strata.weights.loader import load_model
 from tests.models.conftest import COMMON, save_tiny_tokenizer
 from tests.weights.gguf_writer import write_gguf

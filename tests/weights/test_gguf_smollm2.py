@@ -1,5 +1,6 @@
 """The real model: SmolLM2-135M-Instruct from its Q4_1 GGUF, against transformers reading the same file in
-float32 (tokenizer ids, chat template, greedy tokens, perplexity)."""
+float32 (tokenizer ids, chat template, greedy tokens, perplexity), with Strata keeping the file's Q4_1 and Q8_0
+blocks as they are (the tied Q8_0 embedding also as the quantized lm_head)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ def smollm2_llm(smollm2_gguf):
     from strata import LLM
 
     return LLM(str(smollm2_gguf), progress=False, num_threads=torch.get_num_threads())
+
+
+def test_weights_stay_quantized(smollm2_llm):
+    from strata.layers.quant_linear import QuantLinear
+
+    model = smollm2_llm.engine.model
+    formats = {n: str(m.fmt) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert formats.pop("lm_head") == "q8_0"  # token_embd's blocks: the logits read 34 bytes per 32 weights
+    assert len(formats) == 7 * model.config.num_hidden_layers and set(formats.values()) == {"q4_1"}
 
 
 def test_tokenizer_ids_equal_transformers(smollm2_llm, smollm2_reference):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from strata.cli import main
-from strata.config import ModelConfig
 from strata.errors import UnsupportedError, WeightsError
+from strata.models.registry import load_config
 from strata.weights.llama2c import MAGIC, convert_llama2c, read_llama2c
 
 STORIES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "stories260k"
@@ -53,7 +53,7 @@ def test_folder_loads_in_autotokenizer_and_strata(stories260k_hf):
     assert tok("Once upon a time").input_ids == [1, 403, 407, 261, 378]
     assert tok("").input_ids == [1]
     assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
-    cfg = ModelConfig.from_pretrained(stories260k_hf)
+    cfg = load_config(stories260k_hf)
     assert (cfg.architecture, cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim) == ("LlamaForCausalLM", 64, 4, 8)
     assert (cfg.tie_word_embeddings, cfg.rms_norm_eps, cfg.max_position_embeddings) == (True, 1e-5, 512)
     assert json.loads((stories260k_hf / "generation_config.json").read_text())["eos_token_id"] == [2, 1]

@@ -9,7 +9,7 @@ import pytest
 from strata.cli import main
 from strata.errors import UnsupportedError
 from strata.layers import quant_native
-from strata.weights.quant_format import KINDS, QuantFormat
+from strata.quant.format import KINDS, QuantFormat
 from tests.models.conftest import build_hf
 
 

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.config import ModelConfig
 from strata.errors import UnsupportedError
 from strata.eval.calibration import collect_calibration
 from strata.layers.attention import AttentionMetadata
-from strata.models.registry import model_class
-from strata.weights.quant_format import QuantFormat, check_tensors, dequantize_weight, quantize_weight
+from strata.models.registry import config_from_dict, model_class
+from strata.quant.format import QuantFormat, check_tensors, dequantize_weight, quantize_weight
 from strata.weights.quant_tune import TuneConfig, tune_quantized
 from strata.weights.quantize_checkpoint import is_quantizable
 
@@ -20,7 +19,7 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_s
 
 def _model():
     torch.manual_seed(0)
-    cfg = ModelConfig.from_dict(CONFIG)
+    cfg = config_from_dict(CONFIG)
     model = model_class(cfg)(cfg).float().eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from strata.config import EngineConfig, ModelConfig
+from strata.config import EngineConfig
 from strata.engine.block_manager import BlockManager
 from strata.engine.model_runner import ModelRunner, num_kv_blocks
 from strata.engine.sampler import sampling_probs
@@ -22,6 +22,7 @@ from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
 from strata.engine.spec.proposer import Proposal, Proposer
 from strata.errors import ConfigError
+from strata.models.registry import load_config
 
 
 def _vocab(path: str) -> dict[str, int] | None:
@@ -35,7 +36,7 @@ def _vocab(path: str) -> dict[str, int] | None:
 
 def check_same_vocabulary(draft_path: str, target_path: str) -> None:
     """One-line ConfigError unless the draft's tokenizer and vocab_size are the target's."""
-    draft, target = ModelConfig.from_pretrained(draft_path), ModelConfig.from_pretrained(target_path)
+    draft, target = load_config(draft_path), load_config(target_path)
     if draft.vocab_size != target.vocab_size:
         raise ConfigError(
             f"--speculative-config: draft {draft_path} has vocab_size {draft.vocab_size}, the target "
@@ -59,7 +60,7 @@ class DraftModelProposer(Proposer):
         check_same_vocabulary(draft_path, target_path)
         self.model = load_model(draft_path, dtype=config.dtype, progress=False)
         cfg = self.model.config
-        target_len = min(ModelConfig.from_pretrained(target_path).max_position_embeddings, 4096)
+        target_len = min(load_config(target_path).max_position_embeddings, 4096)
         self.max_model_len = min(config.max_model_len or target_len, cfg.max_position_embeddings)
         bs = config.block_size
         num_blocks = num_kv_blocks(
@@ -67,7 +68,7 @@ class DraftModelProposer(Proposer):
         )
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=False)
         self.runner = ModelRunner(self.model, num_blocks, bs)
-        self._kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
+        self._kv_bytes = sum(t.nbytes for layer in self.runner.kv_caches for t in layer)
         self.shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's copy
         # target seq_id -> the target's length at the last sync (drafted tokens follow it)
         self._synced: dict[int, int] = {}

@@ -6,10 +6,10 @@ With the upper Cholesky factor U of H^-1, quantizing column i with error e_i = (
 updating the later columns w_j -= e_i U_ij (j > i) is the optimal linear correction (Frantar et al., 2022).
 Updates are applied lazily per block of columns, as the paper does, so most of the work is one matmul.
 
-Columns go in decreasing H_jj order ("act order"), so group scales are chosen up front with quant_search's
+Columns go in decreasing H_jj order ("act order"), so group scales are chosen up front with search.py's
 clip search weighted by diag H (in natural order they are chosen when a group's first column comes up,
 from the corrected weights). After the pass, each row's scales are refit by least squares on the output
-error for the chosen codes (refit_scales). The output is the same codes and stored scales quant_format
+error for the chosen codes (refit_scales). The output is the same codes and stored scales format.py
 packs: the on-disk format does not change.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from strata.weights.quant_search import choose_scales, code_values, round_codes, safe_divisor
+from strata.quant.search import choose_scales, code_values, round_codes, safe_divisor
 
 DAMP = 0.01  # added to the diagonal, as a share of its mean: H from few tokens is singular
 BLOCK = 128  # columns per lazy update
@@ -41,7 +41,7 @@ def _prepare(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def gptq_codes(wg: torch.Tensor, fmt, hessian: torch.Tensor, act_order: bool = ACT_ORDER):
-    """wg [out, ng, G] fp32 (quant_format._grouped) and H [in, in] -> (codes [out, ng, G], scales, zeros).
+    """wg [out, ng, G] fp32 (format._grouped) and H [in, in] -> (codes [out, ng, G], scales, zeros).
 
     act_order: quantize columns by decreasing H_jj (the inputs with most energy first, while the most
     columns are left to absorb their error); group scales are then chosen up front on the original

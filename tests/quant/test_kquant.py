@@ -1,5 +1,5 @@
-"""K-quant formats (q4_k, q5_k, q6_k): the torch reference equals gguf's dequantization bit for bit, and the
-format table knows their sizes and refuses what they cannot do."""
+"""llama.cpp block formats kept as in GGUF (K-quants q4_k, q5_k, q6_k; 32-weight q8_0, q4_1): the torch reference
+equals gguf's dequantization bit for bit, and the format table knows their sizes and refuses what they cannot do."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import torch
 
 from strata.errors import UnsupportedError, WeightsError
 from strata.layers.quant_linear import QuantLinear
-from strata.weights.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
-from strata.weights.quant_format import QuantFormat, dequantize_weight, quantize_weight
+from strata.quant import ggml_blocks, kquant
+from strata.quant.format import QuantFormat, dequantize_weight, quantize_weight
 
 gguf = pytest.importorskip("gguf")
-GGUF_NAME = {v: k for k, v in GGUF_TYPES.items()}
+GGUF_NAME = {v: k for k, v in {**kquant.GGUF_TYPES, **ggml_blocks.GGUF_TYPES}.items()}
+BLOCK_BYTES = {**kquant.BLOCK_BYTES, **ggml_blocks.BLOCK_BYTES}
 KINDS = list(BLOCK_BYTES)
+
+
+def random_blocks(kind, rows, cols, seed, scale):
+    return (kquant if kind in kquant.BLOCK_BYTES else ggml_blocks).random_blocks(kind, rows, cols, seed, scale)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -27,11 +32,12 @@ def test_reference_equals_gguf_dequantize(kind, scale):
     np.testing.assert_array_equal(ours.numpy(), ref)
 
 
-@pytest.mark.parametrize("kind,bits", [("q4_k", 4.5), ("q5_k", 5.5), ("q6_k", 6.5625)])
+@pytest.mark.parametrize("kind,bits", [("q4_k", 4.5), ("q5_k", 5.5), ("q6_k", 6.5625), ("q8_0", 8.5), ("q4_1", 5.0)])
 def test_sizes_match_gguf(kind, bits):
     fmt = QuantFormat.parse(kind.upper())
-    assert str(fmt) == kind and fmt.is_kquant
-    assert fmt.tensor_specs(10, 512) == {"qweight": ((10, 2 * BLOCK_BYTES[kind]), torch.uint8)}
+    assert str(fmt) == kind and fmt.is_kquant == kind.endswith("_k") and fmt.blocks is not None
+    per_row = 512 // (256 if fmt.is_kquant else 32)
+    assert fmt.tensor_specs(10, 512) == {"qweight": ((10, per_row * BLOCK_BYTES[kind]), torch.uint8)}
     assert fmt.nbytes(10, 512) * 8 / (10 * 512) == bits
     assert BLOCK_BYTES[kind] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[GGUF_NAME[kind]]][1]
 
@@ -43,5 +49,9 @@ def test_refusals():
         quantize_weight(torch.randn(4, 256), "q4_k")
     with pytest.raises(WeightsError, match="multiple of 256"):
         QuantLinear(300, 4, "q6_k")
+    with pytest.raises(WeightsError, match="multiple of 32"):
+        QuantLinear(48, 4, "q4_1")
+    with pytest.raises(UnsupportedError, match="does not quantize"):
+        quantize_weight(torch.randn(4, 64), "q8_0")
     with pytest.raises(WeightsError, match=r"qweight: expected \[4, 144\]"):
         dequantize_weight({"qweight": torch.zeros(4, 143, dtype=torch.uint8)}, "q4_k", 4, 256)

@@ -1,6 +1,6 @@
 """How quantized scales (and int4 zero points) are chosen, and the rounding of weights onto a format's grid.
 
-The on-disk layout is fixed by quant_format.py; this file only decides *which* scale each row or group
+The on-disk layout is fixed by format.py; this file only decides *which* scale each row or group
 gets. Two methods (quantize_weight's `method`; GPTQ in gptq.py builds on both):
 
 - `rtn`: absmax scales, round to nearest (int4 symmetric also tries the 16-level scale (signed max)/-8).

@@ -1,10 +1,10 @@
-"""Scale selection (quant_search.py, gptq.py): clip and gptq beat absmax on the error each one minimises."""
+"""Scale selection (strata/quant/search.py, gptq.py): clip and gptq beat absmax on the error each one minimises."""
 
 import pytest
 import torch
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights.quant_format import QuantFormat, check_tensors, dequantize_weight, quantize_weight
+from strata.quant.format import QuantFormat, check_tensors, dequantize_weight, quantize_weight
 
 FORMATS = ["int8", "fp8", "int4-g32", "int4-g64", "int4-g64-asym", "int8-nested-g64"]
 
@@ -36,7 +36,7 @@ def test_clip_never_worse_than_absmax(fmt):
 
 
 def test_nested_clip_improves_its_int4_view():
-    from strata.weights.quant_format import nested_int4_view
+    from strata.quant.format import nested_int4_view
 
     w, fmt = _w(), "int8-nested-g64"
     errs = []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from strata.errors import UnsupportedError, WeightsError
-from strata.weights.quant_format import (
+from strata.quant.format import (
     QuantFormat,
     check_tensors,
     dequantize_weight,
