@@ -1,18 +1,21 @@
 """Speculative decoding where the experts come from disk: an OLMoE-shaped MoE (random bf16 weights) with its
-expert cache at --budget of the experts' bytes, routing replayed from the real Mixtral traces, prompt lookup
-against plain offloaded decode, in one run.
+expert cache at --budget of the experts' bytes, routing replayed from the real Mixtral HumanEval traces, prompt
+lookup against plain offloaded decode, in one run.
 
-    .venv/bin/python benchmarks/spec_offload.py --layers 2 --decode 64
+    .venv/bin/python benchmarks/spec_offload.py --text-model SmolLM2-135M-Instruct.Q4_1.gguf
 
 The target's routing is replayed by position (tiers/trace.py), so a verification of rows t..t+k routes each
-row as plain decoding routes that position and the expert reads are those of the real trace. A random
-target's text predicts nothing, so the only honest proposer is one that reads the target's own tokens:
-prompt lookup (ngram), which pays when the output repeats, as a random model's greedy output soon does
-(acceptance is measured and reported, with the period of the output). Rows: plain; fixed k; the adaptive
-rule (its k chosen per step from measured acceptance and forward times, engine/spec/policy.py). Every run
-is a fresh interpreter with the expert store evicted from the page cache (reads are O_DIRECT anyway);
-configurations are interleaved --repeats times, and the table shows the median and the range. Writes
-docs/benchmarks/spec_offload.json and prints a markdown table.
+row as plain decoding routes that position, and the expert reads are those of the real trace. A random
+target's text predicts nothing, and a draft cannot guess a random model's tokens, so the target's output is
+replayed too (--output edit: a real model's greedy output on edit-style prompts, written by --text-model;
+humaneval: Mixtral's own HumanEval completions): each forward runs in full and its logits are then replaced by
+the replayed token's one-hot, so the cost is the target's and the acceptance is prompt lookup's on real text.
+--output own keeps the random target's output. Rows: plain; fixed k; the adaptive rule (k per step from the
+measured acceptance and forward times, engine/spec/policy.py). Every run is a fresh interpreter with the
+expert store evicted from the page cache (reads are O_DIRECT anyway); configurations are interleaved
+--repeats times; the table shows the median and the range. Also reported: how many distinct experts w
+consecutive positions of the trace route to, over one position's (what a verification of w rows reads
+before caching). Writes docs/benchmarks/spec_offload.json and prints a markdown table.
 """
 
 from __future__ import annotations
