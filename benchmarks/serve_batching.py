@@ -98,7 +98,7 @@ def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: s
 
     port = _free_port()
     cmd = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []), "--port", str(port),
-           "--num-threads", str(threads), "--max-num-seqs", "16", "--max-model-len", "1024", "--dtype", dtype,
+           "--num-threads", str(threads), "--max-num-seqs", "16", "--max-model-len", "512", "--dtype", dtype,
            "--served-model-name", SERVED_NAME, "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
