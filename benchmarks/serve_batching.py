@@ -1,9 +1,11 @@
-"""Does continuous batching pay on the server? `strata serve` (a subprocess) on the bundled model, one stream
-alone against 16 concurrent streams of 128 tokens each, side by side with the CLI's decode rate (`LLM.stream`,
-what `strata generate` runs) on the same model and threads.
+"""Does continuous batching pay on the server? `strata serve` (a subprocess) on the bundled model (or --model),
+one stream alone against 16 concurrent streams of 128 tokens each, side by side with the CLI's decode rate
+(`LLM.stream`, what `strata generate` runs) on the same model and threads.
 
-Reports output tokens/s in all, TPOT ((last token - first token) / (tokens - 1), mean over streams) and the
-ratios the serving aims name: 16 streams' tokens/s over one stream's, and one stream's TPOT over the CLI's.
+Reports output tokens/s in all, TPOT ((last token - first token) / (tokens - 1), mean over streams), the
+server's CPU time per output token (all its threads, from /proc: what the tokens/s would follow on cores of its
+own) and the ratios the serving aims name: 16 streams' tokens/s over one stream's, and one stream's TPOT over
+the CLI's.
 Streams are greedy, or sampled with temperature/top-p and a seed per stream (--sampled). Results:
 docs/benchmarks/serving.md.
 
@@ -27,14 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SERVED_NAME = "bench"
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING HENRY:", "Where is"]
 
 
-def cli_decode(threads: int, tokens: int, rounds: int) -> dict:
+def cli_decode(threads: int, tokens: int, rounds: int, model: str | None = None, dtype: str = "auto") -> dict:
     """Per-token time of the Python API's stream (the CLI's `generate` loop), best of `rounds` runs."""
     from strata import LLM, SamplingParams
 
-    llm = LLM(None, progress=False, num_threads=threads)
+    llm = LLM(model, progress=False, num_threads=threads, dtype=dtype)
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for _ in llm.stream(PROMPTS[0], params):  # warm-up: native kernels built, caches allocated
         pass
@@ -46,7 +49,7 @@ def cli_decode(threads: int, tokens: int, rounds: int) -> dict:
 
 
 async def _stream(client, i: int, tokens: int, sampled: bool) -> dict:
-    body = {"model": "shakespeare-moe", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+    body = {"model": SERVED_NAME, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "temperature": 0.8 if sampled else 0.0, "top_p": 0.95 if sampled else 1.0}
     if sampled:
@@ -65,16 +68,22 @@ async def _stream(client, i: int, tokens: int, sampled: bool) -> dict:
     return {"tokens": num, "tpot_s": (stamps[-1] - stamps[0]) / max(num - 1, 1)}
 
 
-async def _round(base: str, streams: int, tokens: int, sampled: bool) -> dict:
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system, all threads) of process pid so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _round(base: str, streams: int, tokens: int, sampled: bool, pid: int) -> dict:
     import httpx
 
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s(pid)
         res = await asyncio.gather(*(_stream(client, i, tokens, sampled) for i in range(streams)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu_s(pid) - c0
     total = sum(r["tokens"] for r in res)
     return {"streams": streams, "tokens": total, "wall_s": wall, "tok_s": total / wall,
-            "tpot_ms": statistics.mean(r["tpot_s"] for r in res) * 1e3}
+            "tpot_ms": statistics.mean(r["tpot_s"] for r in res) * 1e3, "server_cpu_ms_per_token": cpu / total * 1e3}
 
 
 def _free_port() -> int:
@@ -83,12 +92,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool) -> dict:
+def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: str | None = None,
+                 dtype: str = "auto") -> dict:
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "serve", "--port", str(port), "--num-threads", str(threads),
-           "--max-num-seqs", "16", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []), "--port", str(port),
+           "--num-threads", str(threads), "--max-num-seqs", "16", "--max-model-len", "512", "--dtype", dtype,
+           "--served-model-name", SERVED_NAME, "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -102,10 +113,10 @@ def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool) -> dict:
             time.sleep(0.2)
         else:
             raise SystemExit("strata serve did not become healthy")
-        asyncio.run(_round(base, 2, 16, sampled))  # warm-up
+        asyncio.run(_round(base, 2, 16, sampled, proc.pid))  # warm-up
         out = {}
         for n in (1, 16):  # best of `rounds` (the machine is shared: the best run has the least interference)
-            runs = [asyncio.run(_round(base, n, tokens, sampled)) for _ in range(rounds)]
+            runs = [asyncio.run(_round(base, n, tokens, sampled, proc.pid)) for _ in range(rounds)]
             out[n] = max(runs, key=lambda r: r["tok_s"])
         return out
     finally:
@@ -121,19 +132,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95, a seed per stream")
+    ap.add_argument("--model", default=None, help="HF folder or GGUF (default: the bundled model)")
+    ap.add_argument("--dtype", default="auto", help="strata's --dtype for both the CLI and the server")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
-    cli = run_child("benchmarks.serve_batching", "cli_decode", args.threads, args.tokens, args.rounds)
+    cli = run_child("benchmarks.serve_batching", "cli_decode", args.threads, args.tokens, args.rounds, args.model,
+                    args.dtype)
     if "error" in cli:
         raise SystemExit(f"CLI decode failed: {cli['error']}")
-    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled)
+    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled, args.model, args.dtype)
     one, many = srv[1], srv[16]
-    print(f"| run | streams | output tok/s | mean TPOT ms |\n|---|---|---|---|\n"
-          f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} |\n"
-          f"| strata serve | 1 | {one['tok_s']:.0f} | {one['tpot_ms']:.2f} |\n"
-          f"| strata serve | 16 | {many['tok_s']:.0f} | {many['tpot_ms']:.2f} |")
-    ratios = {"streams16_over_1": many["tok_s"] / one["tok_s"], "server_tpot_over_cli": one["tpot_ms"] / cli["tpot_ms"]}
-    print(f"16 streams / 1 stream: {ratios['streams16_over_1']:.2f}x output tok/s; "
+    print(f"| run | streams | output tok/s | mean TPOT ms | server CPU ms / token |\n|---|---|---|---|---|\n"
+          f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} | |\n"
+          f"| strata serve | 1 | {one['tok_s']:.0f} | {one['tpot_ms']:.2f} | {one['server_cpu_ms_per_token']:.3f} |\n"
+          f"| strata serve | 16 | {many['tok_s']:.0f} | {many['tpot_ms']:.2f} | {many['server_cpu_ms_per_token']:.3f} |")
+    ratios = {"streams16_over_1": many["tok_s"] / one["tok_s"], "server_tpot_over_cli": one["tpot_ms"] / cli["tpot_ms"],
+              "cpu_per_token_1_over_16": one["server_cpu_ms_per_token"] / many["server_cpu_ms_per_token"]}
+    print(f"16 streams / 1 stream: {ratios['streams16_over_1']:.2f}x output tok/s, "
+          f"{ratios['cpu_per_token_1_over_16']:.2f}x less server CPU per token; "
           f"server TPOT / CLI TPOT (1 stream): {ratios['server_tpot_over_cli']:.2f}x")
     if args.json:
         from strata.fileio import write_json_atomic

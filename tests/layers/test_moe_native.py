@@ -116,7 +116,7 @@ def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
 
 
 @needs_native
-@pytest.mark.parametrize("fmt", ["bf16", "int4-g32", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32", "int4-g32-asym", "fp8", "int8-nested-g32"])
 def test_experts_larger_than_a_tile_read_once_give_the_untiled_results(fmt):
     """With more than 4 tokens on an expert whose weights exceed a cache tile, the GEMVs run tile by tile (each
     tile read from memory once for all rows): every output equals the untiled call's on the same rows."""
