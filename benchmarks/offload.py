@@ -84,7 +84,7 @@ def _strata_kw(threads: int, trace: str | None) -> dict:
 
 
 def run_strata(path: str, budget: int | None, policy: str, prefetch: str, prompt_len: int, decode: int,
-               threads: int, trace: str | None) -> dict:
+               threads: int, trace: str | None, kv_cache_memory: int | None = None) -> dict:
     import torch
 
     from strata import LLM, SamplingParams
@@ -93,6 +93,8 @@ def run_strata(path: str, budget: int | None, policy: str, prefetch: str, prompt
     torch.set_num_threads(threads)
     cfg = load_config(path)
     kw = _strata_kw(threads, trace)
+    if kv_cache_memory:
+        kw["kv_cache_memory"] = kv_cache_memory
     if budget is not None:
         kw.update(memory_budget=budget, expert_cache_policy=policy, prefetch=prefetch)
     llm = LLM(path, progress=False, **kw)

@@ -85,6 +85,32 @@ def run_engine(path: str, prompts: list[str], max_tokens: int, spec, slots, thre
     return row
 
 
+def run_llamacpp(gguf: str, prompts: list[str], max_tokens: int, spec, slots, threads: int, dtype: str) -> dict:
+    """llama.cpp (llama-cpp-python) on the same prompts, greedy, EOS suppressed; `spec` {"num_speculative_tokens":
+    k, "prompt_lookup_max": n} runs its prompt lookup (LlamaPromptLookupDecoding), None plain. Decode tokens/s
+    from the first streamed token to the last. (slots and dtype: the signature of run_engine; unused.)"""
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = spec and LlamaPromptLookupDecoding(max_ngram_size=spec["prompt_lookup_max"],
+                                               num_pred_tokens=spec["num_speculative_tokens"])
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, draft_model=draft,
+                verbose=False, seed=0)
+    no_eos = {llm.token_eos(): -1e9}
+    llm.create_completion(prompts[0], max_tokens=8, temperature=0.0, logit_bias=no_eos)  # warm-up
+    decode_s, decoded, outputs = 0.0, 0, []
+    for prompt in prompts:
+        first, text = None, []
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, logit_bias=no_eos,
+                                           stream=True):
+            first = first or time.perf_counter()
+            text.append(chunk["choices"][0]["text"])
+        decode_s += time.perf_counter() - first
+        decoded += max_tokens - 1
+        outputs.append("".join(text))
+    return {"decode_tok_s": decoded / decode_s, "target_steps": None, "outputs": outputs, "expert_slots": None}
+
+
 def proposer_bytes(path: str) -> int:
     from strata.config import EngineConfig
     from strata.engine.spec.draft_model import DraftModelProposer
@@ -105,11 +131,13 @@ def dense_model(arg: str | None, tmp: Path) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="moe-resident,moe-offload25,dense-ngram")
+    ap.add_argument("--cases", default="moe-resident,moe-offload25,dense-ngram,llamacpp-ngram")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens of the fixed-k rows")
     ap.add_argument("--adaptive-max", type=int, default=8, help="num_speculative_tokens of the adaptive rows")
-    ap.add_argument("--dense", default=None, help="HF folder for dense-ngram (default: stories260K converted)")
+    ap.add_argument("--dense", default=None,
+                    help="HF folder or GGUF for dense-ngram (default: stories260K converted); a GGUF also runs "
+                         "the llamacpp-ngram case (llama-cpp-python, its prompt lookup) on the same file")
     ap.add_argument("--dense-dtype", default="bfloat16", help="compute dtype of the dense model")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved); the fastest counts")
     ap.add_argument("--threads", type=int, default=1)
@@ -147,12 +175,16 @@ def main() -> None:
                  ("dense-ngram", f"ngram k={k}", dense, prompts, ngram, None, dt),
                  ("dense-ngram", f"ngram adaptive k<={kmax}", dense, prompts,
                   {**ngram, "num_speculative_tokens": kmax, "adaptive": True}, None, dt)]
+        if dense.endswith(".gguf") and "llamacpp-ngram" in cases:
+            runs += [("llamacpp-ngram", "plain", dense, prompts, None, None, "gguf"),
+                     ("llamacpp-ngram", f"prompt lookup k={k}", dense, prompts, ngram, None, "gguf")]
     load0 = os.getloadavg()
     best: dict[tuple[str, str], dict] = {}
     for rep in range(args.repeats):  # interleaved, so a burst of load on the shared machine hits every row alike
         for case, name, path, prompts, spec, slots, dtype in runs:
-            r = run_child("benchmarks.spec_decode", "run_engine", path, prompts, args.max_tokens, spec, slots,
-                          args.threads, dtype, timeout=900)
+            fn = "run_llamacpp" if case == "llamacpp-ngram" else "run_engine"
+            r = run_child("benchmarks.spec_decode", fn, path, prompts, args.max_tokens, spec, slots, args.threads,
+                          dtype, timeout=900)
             print(f"{rep} {case:14s} {name:34s} {r.get('decode_tok_s', 0):8.1f} tok/s {r.get('error', '')}",
                   file=sys.stderr)
             old = best.get((case, name))
@@ -172,8 +204,14 @@ def main() -> None:
     setup = {"max_tokens": args.max_tokens, "k": k, "adaptive_max": kmax, "batch": 1, "repeats": args.repeats,
              "moe_dtype": "bf16 (checkpoint)", "dense_dtype": args.dense_dtype,
              "dense_model": os.path.basename(args.dense.rstrip("/")) if args.dense else ("stories260K" if dense else None)}
-    write_json_atomic(args.out, {"machine": machine, "setup": setup, "rows": rows})
+    by = {(r["case"], r["run"]): r.get("decode_tok_s") for r in rows}
+    pairs = {"plain": (("dense-ngram", "plain"), ("llamacpp-ngram", "plain")),
+             "prompt lookup": (("dense-ngram", f"ngram k={k}"), ("llamacpp-ngram", f"prompt lookup k={k}"))}
+    versus = {name: by[a] / by[b] for name, (a, b) in pairs.items() if by.get(a) and by.get(b)}
+    write_json_atomic(args.out, {"machine": machine, "setup": setup, "rows": rows, "strata_vs_llamacpp": versus})
     print_table(machine, rows)
+    for name, ratio in versus.items():
+        print(f"Strata / llama.cpp, {name}: {ratio:.2f}x")
 
 
 def print_table(machine: dict, rows: list[dict]) -> None:

@@ -334,9 +334,16 @@ class EngineConfig:
     tensor_parallel_size: int = knob(1, "split the model over N ranks (attention heads and MLP columns, Megatron "
                                         "layout; float32/bf16 safetensors checkpoints); see docs/distributed.md",
                                      type=int)
+    enable_expert_parallel: bool = knob(False, "with --tensor-parallel-size N: partition each MoE layer's routed "
+                                               "experts over the N ranks instead of splitting every expert")
+    expert_placement_trace: str | None = knob(None, "expert parallel: place co-activated experts on the same rank "
+                                                    "from this --record-routing trace (default: contiguous "
+                                                    "blocks of experts per rank)")
     distributed_executor_backend: str | None = knob(None, "how the tensor-parallel ranks start: mp (local "
                                                           "processes, one torch thread each unless --num-threads; "
-                                                          "the default for --tensor-parallel-size > 1)")
+                                                          "the default for --tensor-parallel-size > 1) or ray "
+                                                          "(Ray actors; the cluster in RAY_ADDRESS, else a local "
+                                                          "one)", choices=("mp", "ray"))
 
     def __post_init__(self):
         """Nonsensical knobs are refused here (one line naming the flag) instead of hanging the engine."""
@@ -358,5 +365,10 @@ class EngineConfig:
         check("memory_budget", lambda v: v is None or is_int(v) and v >= 1, "a positive number of bytes (or unset)")
         check("dtype", lambda v: not isinstance(v, str) or v in ENGINE_DTYPES, "one of " + ", ".join(ENGINE_DTYPES))
         check("tensor_parallel_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
-        check("distributed_executor_backend", lambda v: v in (None, "mp"), "mp (or unset)")
+        check("distributed_executor_backend", lambda v: v in (None, "mp", "ray"), "mp or ray (or unset)")
         check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ConfigError("--enable-expert-parallel needs --tensor-parallel-size >= 2 (the ranks the experts "
+                              "are partitioned over)")
+        if self.expert_placement_trace and not self.enable_expert_parallel:
+            raise ConfigError("--expert-placement-trace needs --enable-expert-parallel")

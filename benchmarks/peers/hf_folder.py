@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PEERS = ROOT / ".cache" / "peers"
+PEERS = Path(os.environ.get("STRATA_PEERS_DIR") or ROOT / ".cache" / "peers")  # the sdist, wheels, GGUF cache
 MISTRAL_COMMON = "1.13.1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 

@@ -80,7 +80,10 @@ class Segment:
             return 0.0
         f, b = self.op_times(effs)
         e = effs.get(self.dev.cls, self.engine)
-        return float(np.maximum(f, b).sum()) + self.launches * e.overhead_us * 1e-6 + self.host_s
+        overhead = e.overhead_us
+        if self.engine == "strata" and "overhead_us_per_call" in self.dev.strata_host:
+            overhead = self.dev.strata_host["overhead_us_per_call"]  # probed on this machine
+        return float(np.maximum(f, b).sum()) + self.launches * overhead * 1e-6 + self.host_s
 
 
 @dataclass

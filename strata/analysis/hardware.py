@@ -49,6 +49,9 @@ class Device:
     # at 16 rows and at the GEMM row count): few-row matmuls read weights well below a GEMV's rate
     gemm_eff: dict[int, float] = field(default_factory=dict)
     sockets: int = 1  # CPU sockets whose bandwidth and FLOPs are summed here (each with its own memory)
+    # Strata's host costs measured on this machine by `strata probe` (host_probe.py): overhead_us_per_call,
+    # loop_us_per_expert_call, prefill_loop_us_per_expert_call; empty: strata_fit.json's development-machine figures
+    strata_host: dict[str, float] = field(default_factory=dict)
 
     def peak(self, kind: str) -> float:
         """Peak FLOP/s for a compute precision (falls back along FLOPs-per-cycle-equivalent precisions)."""
@@ -112,6 +115,9 @@ def loglog(table: dict[float, float], x: float) -> float:
     return math.exp((1 - w) * math.log(table[lo]) + w * math.log(table[hi]))
 
 
+STRATA_HOST_KEYS = ("overhead_us_per_call", "loop_us_per_expert_call", "prefill_loop_us_per_expert_call")
+
+
 def device_from_dict(key: str, v: dict) -> Device:
     try:
         return Device(key=key, name=v["name"], cls=v["class"], peak_tflops=dict(v["peak_tflops"]),
@@ -124,7 +130,9 @@ def device_from_dict(key: str, v: dict) -> Device:
                       kernel_eff=dict(v.get("kernel_eff") or _probed_kernel_eff(v)),
                       dequant_gelem_s=dict(v.get("dequant_gelem_s") or _probed(v, r"^dequant_strata_(.+)_gelem_s$")),
                       llc_mb=float(v.get("llc_mb", 0.0)),
-                      gemm_eff={int(k): float(x) for k, x in (v.get("gemm_eff") or {}).items()})
+                      gemm_eff={int(k): float(x) for k, x in (v.get("gemm_eff") or {}).items()},
+                      strata_host={k: float(x) for k, x in (v.get("strata_host") or {}).items()
+                                   if k in STRATA_HOST_KEYS})
     except KeyError as e:
         raise ConfigError(f"hardware entry {key!r}: missing field {e.args[0]!r}") from None
 

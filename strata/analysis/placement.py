@@ -137,7 +137,12 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     strata = sc.engine == "strata"
     native_moe = strata and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
     # Strata's Python expert loop costs its measured time per matrix call (in place of the per-call overhead)
-    loop_us = (efficiency.STRATA_PREFILL_LOOP_US if n > 1 else efficiency.STRATA_LOOP_US) if strata else 0.0
+    # (probed on this machine where the device has them, else strata_fit.json's development-machine figures)
+    loop_us = 0.0
+    if strata:
+        key = "prefill_loop_us_per_expert_call" if n > 1 else "loop_us_per_expert_call"
+        fallback = efficiency.STRATA_PREFILL_LOOP_US if n > 1 else efficiency.STRATA_LOOP_US
+        loop_us = dev.strata_host.get(key, fallback)
     # llama.cpp with a GPU: big-batch matmuls on host-resident weights run on the GPU, weights copied per step
     host_to_gpu = sys.host is not None and dev.cls == "gpu" and (
         (sc.engine.startswith("llama.cpp") and n >= GPU_OFFLOAD_MIN_TOKENS) or sc.engine in STREAMING_OFFLOAD_FAMILIES)

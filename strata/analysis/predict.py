@@ -97,4 +97,7 @@ def predict(s: ModelShape, sys: System, sc: Scenario, effs: Efficiencies | None 
         energy_j_per_token=dec.energy_j(effs) / batch, plan=plan, prefill=pre, decode=dec)
     if sys.device.approximate or (sys.host and sys.host.approximate):
         pred.notes.append("hardware profile has approximate figures")
+    if sc.engine == "strata" and not sys.device.strata_host and sys.device.cls.startswith("cpu"):
+        pred.notes.append("Strata's host costs per call are the development machine's (strata_fit.json); "
+                          "`strata probe` measures this machine's")
     return pred

@@ -209,7 +209,7 @@ def llc_mb() -> float:
     return best
 
 
-def run_probe(quick: bool = False, directory: str | None = None) -> dict:
+def run_probe(quick: bool = False, directory: str | None = None, engine: bool = True) -> dict:
     threads = torch.get_num_threads()
     mem_mib = 16 if quick else 512
     prof: dict = {"key": "probe", "name": f"this machine ({os.cpu_count()} CPUs, probed)", "class": "cpu-measured",
@@ -242,6 +242,10 @@ def run_probe(quick: bool = False, directory: str | None = None) -> dict:
     prof["threads"] = threads
     prof["llc_mb"] = llc_mb()
     prof["power_w"], prof["idle_w"] = 0.0, 0.0
+    if engine:  # Strata's own host costs per call on this machine (host_probe.py), priced on the figures above
+        from strata.analysis.host_probe import probe_host
+
+        prof["strata_host"] = probe_host(prof, threads, decode=8 if quick else 48)
     return prof
 
 

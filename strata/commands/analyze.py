@@ -58,6 +58,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="profile path (default ~/.cache/strata/hardware.json)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests)")
     p.add_argument("--dir", default=None, help="directory for the temporary disk-test file")
+    p.add_argument("--no-engine", action="store_true",
+                   help="skip measuring Strata's own host costs per kernel call (thin random models, ~1 minute)")
     p.set_defaults(func=run_probe)
 
     pl = sub.add_parser("plan", help="rank Strata configurations for a model under a memory budget")
@@ -229,12 +231,16 @@ def run_probe(args: argparse.Namespace) -> int:
     from strata.analysis.probe import DEFAULT_PATH, write_profile
     from strata.analysis.probe import run_probe as probe
 
-    prof = probe(quick=args.quick, directory=args.dir)
+    prof = probe(quick=args.quick, directory=args.dir, engine=not args.no_engine)
     path = write_profile(prof, args.out or DEFAULT_PATH)
     flash = prof.get("flash", {})
     print(f"memory {prof['bandwidth_by_threads_gbs']} GB/s by threads; GEMV/GEMM {json.dumps(prof['kernels'])}")
     print(f"disk {flash.get('by_read_kib', {})} GB/s by read KiB (direct I/O: {flash.get('direct_io')})"
           + (f"; {prof['disk_note']}" if prof.get("disk_note") else ""))
+    if "strata_host" in prof:
+        h = prof["strata_host"]
+        print(f"Strata host costs: {h['overhead_us_per_call']} us per kernel call, {h['loop_us_per_expert_call']} us "
+              f"per expert call of the Python loop ({h['prefill_loop_us_per_expert_call']} in a prompt)")
     print(f"wrote {path}")
     return 0
 

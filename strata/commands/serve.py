@@ -43,6 +43,13 @@ class ServerConfig:
     tool_call_parser: str | None = knob(None, "how tool calls are read from the model's text: hermes, llama3_json, "
                                               "mistral (strata/server/tool_parsers.py)")
     enable_auto_tool_choice: bool = knob(False, "allow tool_choice 'auto' (needs --tool-call-parser)")
+    data_parallel_size: int = knob(1, "engine replicas behind this server, each a Ray actor with its own model and "
+                                      "KV cache; a router sends each request to the one with the most free KV "
+                                      "blocks (needs ray: pip install 'strata[distributed]'); see "
+                                      "docs/distributed.md", type=int)
+    ray_address: str | None = knob(None, "Ray cluster for the replicas (default: start a local one)")
+    pd_disaggregation: bool = knob(False, "with --data-parallel-size N: the first N/2 replicas only prefill and "
+                                          "hand each request with its KV to a decode replica")
 
 
 def register(sub) -> None:
@@ -90,8 +97,18 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
             engine.tokenizer.chat_template = template
         return engine
 
-    engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
-                         request_timeout=args.request_timeout, on_load_failure=on_load_failure)
+    dp = getattr(args, "data_parallel_size", 1)
+    if not isinstance(dp, int) or dp < 1:
+        raise ConfigError(f"--data-parallel-size must be an integer >= 1, got {dp!r}")
+    if dp > 1:
+        from strata.replicas.router import ReplicaRouter
+
+        engine = ReplicaRouter(config, dp, args.ray_address, metrics, request_timeout=args.request_timeout,
+                               chat_template=template, on_load_failure=on_load_failure,
+                               pd_disaggregation=args.pd_disaggregation)
+    else:
+        engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
+                             request_timeout=args.request_timeout, on_load_failure=on_load_failure)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     # a server on loopback answers only loopback Host names (a DNS-rebinding page would use its own)
     hosts = LOOPBACK_HOSTS if args.host.strip("[]") in LOOPBACK_HOSTS else None

@@ -1,4 +1,5 @@
-"""Starts the tensor-parallel ranks (`--distributed-executor-backend mp`) and keeps them in step.
+"""Starts the tensor-parallel ranks (`--distributed-executor-backend mp`, or Ray actors: ray_ranks.py) and keeps
+them in step.
 
 Rank 0 is the engine's process: it runs the scheduler and the sampler, and a forward pre-hook on its model
 broadcasts each forward's inputs (token ids, positions, attention metadata, logits rows) as int64 tensors, so
@@ -25,9 +26,11 @@ import torch.multiprocessing as mp
 
 from strata.config import EngineConfig
 from strata.distributed import parallel_state
+from strata.distributed.expert_parallel import choose_placement
 from strata.distributed.tensor_parallel import Shard, check_supported, parallelize
 from strata.errors import DistributedError, StrataError, UnsupportedError
 from strata.layers.attention import AttentionMetadata
+from strata.layers.kv_cache import allocate_kv_caches
 from strata.models.base import CausalLM
 from strata.models.registry import load_config
 
@@ -46,18 +49,32 @@ def _free_port() -> int:
 
 
 def _check_config(config: EngineConfig) -> None:
-    for name in ("memory_budget", "record_routing", "replay_routing", "speculative_config"):
+    for name in ("record_routing", "replay_routing", "speculative_config"):
         if getattr(config, name):
             raise UnsupportedError(f"--{name.replace('_', '-')} is not supported with --tensor-parallel-size > 1 yet")
+    if config.memory_budget and not config.enable_expert_parallel:
+        raise UnsupportedError("--memory-budget with --tensor-parallel-size > 1 needs --enable-expert-parallel "
+                               "(each rank then tiers its own whole experts)")
+    if config.memory_budget and (config.miss_fallback != "none" or config.prefetch != "none"):
+        raise UnsupportedError("--memory-budget under expert parallel supports --miss-fallback none and --prefetch "
+                               "none only")
 
 
-def _load(path: str, config: EngineConfig, rank: int, progress: bool) -> CausalLM:
-    from strata.weights.loader import load_model
+def _load(path: str, config: EngineConfig, rank: int, progress: bool, placement: torch.Tensor | None = None):
+    """Load this rank's shard -> (model, TierRuntime or None). Expert parallel: every rank receives rank 0's
+    [L, E] placement first; with --memory-budget each rank tiers its own experts within that budget."""
+    from strata.tiers.runtime import load_model_tiered
 
-    model = load_model(path, config.dtype, progress=progress and rank == 0, check_finite=config.check_weights,
-                       shard=Shard(rank, config.tensor_parallel_size))
-    parallelize(model, config.tensor_parallel_size)
-    return model
+    if config.enable_expert_parallel:
+        if placement is None:
+            cfg = load_config(path)
+            placement = torch.empty(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)
+        placement = parallel_state.broadcast(placement)  # [L, E]
+    model, tiers = load_model_tiered(path, config, progress and rank == 0,
+                                     shard=Shard(rank, config.tensor_parallel_size, placement))
+    parallelize(model, config.tensor_parallel_size, rank, placement)
+    model.__dict__["expert_placement"] = placement  # not a buffer: outside the state dict
+    return model, tiers
 
 
 # ---- rank 0 ------------------------------------------------------------------------------------------------
@@ -135,29 +152,43 @@ def _broadcast_forward(model, args, kwargs):
     parallel_state.broadcast(torch.cat([p.to(torch.long) for p in parts]))  # [payload]
 
 
-def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) -> CausalLM:
-    """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard (a model whose forwards drive the
-    workers). The workers stop when the model is garbage collected, at exit, or with `shutdown(model)`."""
+def load_model_parallel(path: str, config: EngineConfig, progress: bool = True):
+    """Spawn ranks 1..N-1, join the group as rank 0 and load rank 0's shard -> (a model whose forwards drive
+    the workers, rank 0's TierRuntime or None). The workers stop when the model is garbage collected, at exit,
+    or with `shutdown(model)`."""
     _check_config(config)
-    check_supported(load_config(path), config.tensor_parallel_size, path)  # before any spawn
+    check_supported(load_config(path), config.tensor_parallel_size, path,  # before any spawn
+                    config.enable_expert_parallel)
     if parallel_state.is_initialized():
         raise UnsupportedError("one tensor-parallel engine per process: shut the previous one down first")
     world = config.tensor_parallel_size
+    placement = None
+    if config.enable_expert_parallel:  # chosen before any spawn: a bad trace ends here with one line
+        placement, line = choose_placement(load_config(path), world, config.expert_placement_trace)
+        if progress:
+            print(line, file=sys.stderr)
     port = _free_port()
-    ctx = mp.get_context("spawn")
     fields = dataclasses.asdict(config)
-    procs = [ctx.Process(target=_worker_main, args=(r, world, port, path, fields), daemon=True, name=f"tp-rank{r}")
-             for r in range(1, world)]
-    for p in procs:
-        p.start()
+    host = "127.0.0.1"
+    if config.distributed_executor_backend == "ray":
+        from strata.distributed.ray_ranks import node_ip, start_ranks
+
+        host = node_ip()
+        procs = start_ranks(world, host, port, path, fields)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(r, world, port, path, fields), daemon=True,
+                             name=f"tp-rank{r}") for r in range(1, world)]
+        for p in procs:
+            p.start()
     ranks = _Ranks(procs)
     torch.set_num_threads(config.num_threads or 1)
     try:
-        store = parallel_state.rendezvous(0, world, port)
+        store = parallel_state.rendezvous(0, world, port, host)
         ranks.wait_ready(store)
         parallel_state.init(store, 0, world)
         parallel_state.set_failure_handler(ranks.failure)
-        model = _load(path, config, 0, progress)
+        model, tiers = _load(path, config, 0, progress, placement)
         parallel_state.broadcast(torch.zeros(1), control=True)  # every rank loaded (a worker's error ends here)
     except BaseException:
         ranks.stop(send=False)
@@ -165,7 +196,7 @@ def load_model_parallel(path: str, config: EngineConfig, progress: bool = True) 
     model.register_forward_pre_hook(_broadcast_forward, with_kwargs=True)
     model.__dict__["_tp_ranks"] = ranks  # not a submodule
     weakref.finalize(model, ranks.stop)
-    return model
+    return model, tiers
 
 
 def shutdown(model: CausalLM) -> None:
@@ -176,14 +207,16 @@ def shutdown(model: CausalLM) -> None:
 
 
 # ---- workers -----------------------------------------------------------------------------------------------
-def _worker_main(rank: int, world: int, port: int, path: str, fields: dict) -> None:
+def _worker_main(rank: int, world: int, port: int, path: str, fields: dict, host: str = "127.0.0.1") -> None:
     config = EngineConfig(**fields)
     torch.set_num_threads(config.num_threads or 1)
     try:
-        parallel_state.init(parallel_state.rendezvous(rank, world, port), rank, world)
-        model = _load(path, config, rank, progress=False)
+        parallel_state.init(parallel_state.rendezvous(rank, world, port, host), rank, world)
+        model, tiers = _load(path, config, rank, progress=False)  # tiers: this rank's expert cache, kept alive
         parallel_state.broadcast(torch.zeros(1), control=True)
         _serve(model)
+        if tiers is not None:
+            tiers.close()
     except StrataError as e:
         print(f"error: tensor-parallel rank {rank}: {e}", file=sys.stderr)
         sys.exit(1)
@@ -196,7 +229,7 @@ def _worker_main(rank: int, world: int, port: int, path: str, fields: dict) -> N
 def _serve(model: CausalLM) -> None:
     """Run rank 0's forwards until it sends OP_STOP."""
     kv_caches = None
-    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype
     while True:
         try:
             header = parallel_state.broadcast(torch.zeros(HEADER_LEN, dtype=torch.long), control=True).tolist()
@@ -213,9 +246,7 @@ def _serve(model: CausalLM) -> None:
         caches = None
         if has_slots:
             if kv_caches is None or kv_caches[0][0].shape[0] != num_slots:
-                shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)  # this rank's heads only
-                kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                             for _ in range(cfg.num_hidden_layers)]
+                kv_caches = allocate_kv_caches(model.kv_cache_spec(), num_slots, dtype)  # this rank's heads only
             slot_mapping, ctx, rest = rest.split([T, num_ctx, rest.shape[0] - T - num_ctx])
             meta.slot_mapping, meta.context_slots = slot_mapping, list(ctx.split(clens_list))
             caches = kv_caches

@@ -22,9 +22,10 @@ IDLE_TIMEOUT = timedelta(days=7)  # a worker waiting for the next step while the
 _state: dict = {}
 
 
-def rendezvous(rank: int, world_size: int, port: int, timeout: timedelta = STEP_TIMEOUT) -> dist.TCPStore:
-    """The key-value store of the group on 127.0.0.1:port (rank 0 serves it); a worker marks itself ready."""
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timeout,
+def rendezvous(rank: int, world_size: int, port: int, host: str = "127.0.0.1",
+               timeout: timedelta = STEP_TIMEOUT) -> dist.TCPStore:
+    """The key-value store of the group on host:port (rank 0 serves it); a worker marks itself ready."""
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
                           wait_for_workers=False)
     if rank:
         store.set(f"ready/{rank}", "1")

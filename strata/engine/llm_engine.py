@@ -77,7 +77,7 @@ class LLMEngine:
         if config.tensor_parallel_size > 1:  # ranks spawned here; this process is rank 0 (strata/distributed)
             from strata.distributed.launcher import load_model_parallel
 
-            self.model, self.tiers = load_model_parallel(path, config, progress), None
+            self.model, self.tiers = load_model_parallel(path, config, progress)  # tiers: rank 0's (EP budget)
         else:
             self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
@@ -192,6 +192,10 @@ class LLMEngine:
     def num_free_seq_slots(self) -> int:
         """Sequences the next step could still admit under max_num_seqs."""
         return max(self.scheduler.max_num_seqs - len(self.scheduler.running), 0)
+
+    def num_free_kv_blocks(self) -> int:
+        """KV-cache blocks no sequence holds (a replica router's load measure)."""
+        return self.block_manager.num_free_blocks
 
     def get_stats(self) -> dict:
         """Gauges and running totals: KV blocks, prefix cache, preemptions, speculative decoding (None

@@ -10,14 +10,14 @@ import itertools
 import torch
 
 from strata.engine.scheduler import ScheduledBatch
+from strata.layers import kv_cache
 from strata.layers.attention import AttentionMetadata
 from strata.models.base import CausalLM
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
-    cfg = model.config
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    """Cache bytes of one token over every layer, as the model's KV-cache spec says."""
+    return kv_cache.kv_bytes_per_token(model.kv_cache_spec(), dtype)
 
 
 def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
@@ -32,14 +32,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
-        cfg = model.config
         self.dtype = model.model.embed_tokens.weight.dtype
-        num_slots = num_blocks * block_size
-        shape = (num_slots, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        self.kv_caches = kv_cache.allocate_kv_caches(model.kv_cache_spec(), num_blocks * block_size, self.dtype)
         self._slot_offsets = torch.arange(block_size)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
@@ -58,6 +52,9 @@ class ModelRunner:
 
         Each sampled sequence has its last num_scored[i] rows in the logits (default 1; speculative verification
         scores every drafted position)."""
+        if num_scored is None and all(n == 1 for n in batch.num_new_tokens) and not any(
+                s.needs_prompt_logprobs or s.num_computed_tokens + 1 != s.num_tokens for s in batch.seqs):
+            return self._execute_decode(batch), list(range(len(batch.seqs))), {}
         ids, positions, slot_parts, ctx_slots = [], [], [], []
         starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
         prompt_rows: list[int] = []
@@ -101,6 +98,25 @@ class ModelRunner:
             prompt_hidden[i] = (target, out[at : at + k])  # [k, H]
             at += k
         return self.logits(out[: len(sample_rows)]), sampled, prompt_hidden
+
+    def _execute_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Every sequence decodes its last token: the inputs for the whole batch in a fixed number of tensor
+        ops (no per-sequence tensors), so the step's Python cost stays flat as the batch grows."""
+        seqs, bs = batch.seqs, self.block_size
+        clens = [s.num_tokens for s in seqs]
+        nblocks = [(c + bs - 1) // bs for c in clens]
+        width = max(nblocks)
+        table = torch.tensor([s.block_table[:n] + [0] * (width - n) for s, n in zip(seqs, nblocks)],
+                             dtype=torch.long)  # [S, width]
+        slots = (table[:, :, None] * bs + self._slot_offsets).reshape(len(seqs), width * bs)  # [S, width*bs]
+        lens = torch.tensor(clens, dtype=torch.long)  # [S]
+        flat = slots[torch.arange(width * bs)[None, :] < lens[:, None]]  # [sum(clens)] in sequence order
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [S + 1]
+        meta = AttentionMetadata(list(range(len(seqs))), [1] * len(seqs), clens, flat[offsets[1:] - 1],
+                                 list(flat.split(clens)), _flat=(flat, offsets))
+        self.model.current_batch = batch
+        return self.model(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long), lens - 1, meta,
+                          self.kv_caches)  # [S, V]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

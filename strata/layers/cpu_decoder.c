@@ -4,7 +4,7 @@
  * whole projection as OLMoE) and clipping, rotary on q and k (k written straight into its cache slot, v
  * copied there), attention over the sequence's cache slots, o GEMV, residual add + RMSNorm, then either the
  * dense MLP (fused gate/up GEMV, SiLU x up, down GEMV) or a MoE block (router GEMV, softmax, top-k, the
- * experts through moe_decode). Every step is the same kernel the per-op Python path calls (so the
+ * experts of all S tokens through moe_decode_batch, grouped by expert). Every step is the same kernel the per-op Python path calls (so the
  * results match it), minus about 30 Python-level operations per layer (measured gain: docs/benchmarks.md,
  * issue 4). Weights may be plain bf16 or any quantized kind, per projection.
  */
@@ -31,39 +31,48 @@ typedef struct {
     const moe_t *moe; /* NULL: dense MLP */
 } layer_t;
 
-void moe_decode(int64_t kind, const uint16_t *x, int64_t H, int64_t I, int64_t G, int64_t k, const int64_t *ids,
-                const float *weights, const void *const *wgu, const void *const *sgu, const void *const *zgu,
-                const void *const *wd, const void *const *sd, const void *const *zd, uint16_t *out);
+void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E,
+                      int64_t k, const int64_t *ids, const float *weights, const void *const *wgu,
+                      const void *const *sgu, const void *const *zgu, const void *const *wd, const void *const *sd,
+                      const void *const *zd, uint16_t *out);
 
-/* the torch path of SparseMoeBlock for one token: softmax in fp32, top-k (ties to the lower id), optional
- * renormalisation, optional cast of the weights to bf16, then the experts */
-static void moe_block(const moe_t *M, const uint16_t *h, int64_t H, uint16_t *out) {
+/* the torch path of SparseMoeBlock for S tokens h [S, H]: per token softmax in fp32, top-k (ties to the lower
+ * id), optional renormalisation, optional cast of the weights to bf16; then the experts for all tokens at once,
+ * grouped by expert (moe_decode_batch). The router runs token by token so that each token's routing is the
+ * one it gets alone. */
+static void moe_block(const moe_t *M, const uint16_t *h, int64_t S, int64_t H, uint16_t *out) {
     const int64_t E = M->num_experts, k = M->top_k;
     uint16_t *logits = malloc(sizeof(uint16_t) * (size_t)E);
-    float *p = malloc(sizeof(float) * (size_t)(E + k));
+    float *p = malloc(sizeof(float) * (size_t)(E + S * k));
     float *w = p + E;
-    int64_t ids[64];
-    gemv_bf16(h, 1, H, M->router, E, NULL, logits, 0);
-    float mx = -INFINITY, sum = 0.0f;
-    for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, bf16_to_f32(logits[e]));
-    for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(bf16_to_f32(logits[e]) - mx));
-    for (int64_t e = 0; e < E; e++) p[e] /= sum;
-    float wsum = 0.0f;
-    for (int64_t j = 0; j < k; j++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < E; e++) {
-            int taken = 0;
-            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    int64_t *ids = malloc(sizeof(int64_t) * (size_t)(S * k));
+    for (int64_t t = 0; t < S; t++) {
+        float *wt = w + t * k;
+        int64_t *it = ids + t * k;
+        gemv_bf16(h + t * H, 1, H, M->router, E, NULL, logits, 0);
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, bf16_to_f32(logits[e]));
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(bf16_to_f32(logits[e]) - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float wsum = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= it[i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            it[j] = best;
+            wsum += (wt[j] = p[best]);
         }
-        ids[j] = best;
-        wsum += (w[j] = p[best]);
+        for (int64_t j = 0; j < k; j++) {
+            if (M->norm_topk) wt[j] /= wsum;
+            if (M->cast_weights) wt[j] = bf16_to_f32(f32_to_bf16(wt[j]));
+        }
     }
-    for (int64_t j = 0; j < k; j++) {
-        if (M->norm_topk) w[j] /= wsum;
-        if (M->cast_weights) w[j] = bf16_to_f32(f32_to_bf16(w[j]));
-    }
-    moe_decode(M->kind, h, H, M->inter, M->group, k, ids, w, M->wgu, M->sgu, M->zgu, M->wd, M->sd, M->zd, out);
+    moe_decode_batch(M->kind, h, S, H, M->inter, M->group, E, k, ids, w, M->wgu, M->sgu, M->zgu, M->wd, M->sd,
+                     M->zd, out);
+    free(ids);
     free(p);
     free(logits);
 }
@@ -76,7 +85,7 @@ static void clamp_bf16(uint16_t *v, int64_t n, float c) {
     }
 }
 
-/* S sequences decoding one token each (S = 1 with MoE layers: their experts run token by token).
+/* S sequences decoding one token each.
  * x [S, H]: the embedded tokens in, the last layer's MLP output out; residual [S, H] out (the stream before
  * it), so the caller finishes with norm(x + residual). cos/sin bf16 [S, D] of the positions; slots int64: the
  * sequences' cache slots in position order, sequence s at [starts[s], starts[s + 1]), its new token last. */
@@ -95,7 +104,7 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
         } else {
             rms_norm_bf16(x, residual, L->ln1, S, H, eps, h, residual);
         }
-        strata_gemv((int)L->qkv.kind, h, S, H, L->qkv.w, L->qkv.s, L->qkv.z, row, L->qkv.group, qkv);
+        gemv_once((int)L->qkv.kind, h, S, H, L->qkv.w, L->qkv.s, L->qkv.z, row, L->qkv.group, qkv);
         for (int64_t s = 0; s < S; s++) {
             uint16_t *r = qkv + s * row;
             if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
@@ -113,16 +122,16 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
             memcpy(L->v_cache + slot * kvd, r + qd + kvd, sizeof(uint16_t) * (size_t)kvd);
         }
         decode_attention_bf16(q, S, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
-        strata_gemv((int)L->o.kind, att, S, qd, L->o.w, L->o.s, L->o.z, H, L->o.group, x);
+        gemv_once((int)L->o.kind, att, S, qd, L->o.w, L->o.s, L->o.z, H, L->o.group, x);
         rms_norm_bf16(x, residual, L->ln2, S, H, eps, h, residual);
         if (L->moe) {
-            for (int64_t s = 0; s < S; s++) moe_block(L->moe, h + s * H, H, x + s * H);
+            moe_block(L->moe, h, S, H, x);
             continue;
         }
-        strata_gemv((int)L->gate_up.kind, h, S, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I, L->gate_up.group,
+        gemv_once((int)L->gate_up.kind, h, S, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I, L->gate_up.group,
                     gu);
         for (int64_t s = 0; s < S; s++) silu_mul_bf16(gu + s * 2 * I, I, act + s * I);
-        strata_gemv((int)L->down.kind, act, S, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);
+        gemv_once((int)L->down.kind, act, S, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);
     }
     free(buf);
 }

@@ -1,13 +1,18 @@
-/* One decode token through the top-k experts of a MoE layer in one call: for each chosen expert, the fused
- * gate/up GEMV, SiLU(gate) * up, the down GEMV, and the routing-weighted sum, with the weights in any of the
- * formats the GEMVs read (plain bf16 or quantized).
+/* The tokens of a batch through the top-k experts of a MoE layer in one call, grouped by expert: each expert
+ * that any token routes to runs once, on all of its tokens together (the fused gate/up GEMV, SiLU(gate) * up,
+ * the down GEMV), so its weights stream from memory once per call whatever the number of tokens routed to it;
+ * then each token sums its experts' outputs, weighted by routing. Weights may be plain bf16 or any quantized
+ * format the GEMVs read.
  *
- * The Python loop this replaces runs about a dozen torch ops and three module calls per expert; at batch 1 on
- * a 64-expert, top-8 model that fixed cost is a visible share of the token. Numerics follow the torch path:
- * SiLU in fp32 rounded to bf16, the product rounded to bf16, each expert's output times its (fp32) weight
- * rounded to bf16, then added to the running sum in bf16.
+ * The Python loop this replaces runs about a dozen torch ops and three module calls per expert. Numerics follow
+ * the torch path: SiLU in fp32 rounded to bf16, the product rounded to bf16, each expert's output times its
+ * (fp32) weight rounded to bf16, then added to the token's running sum in bf16 in top-k order. A token alone
+ * gets exactly what it gets in the one-token call; an expert shared by several tokens runs the GEMVs' several-
+ * row kernels, whose fp32 sums may round differently in the last bit.
  */
 #include "quant_cpu.h"
+
+#define TILE_BYTES (256 * 1024) /* weight rows per pass of gemv_once: a tile that stays in L2 across row groups */
 
 /* y [M, N] = x [M, K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
@@ -22,6 +27,42 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
     }
 }
 
+/* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
+static void row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z) {
+    static const int64_t kq[3] = {144, 176, 210};
+    *s = *z = 0;
+    switch (kind) {
+    case WK_BF16: *w = 2 * K; break;
+    case WK_INT8: case WK_FP8: *w = K, *s = 4; break;
+    case WK_NESTED: *w = K, *s = 2 * ((K + G - 1) / G); break;
+    case WK_Q4K: case WK_Q5K: case WK_Q6K: *w = K / 256 * kq[kind - WK_Q4K]; break;
+    default: *w = K / 2, *s = 2 * (K / G), *z = K / G; break;
+    }
+}
+
+/* strata_gemv for any M, reading the weight from memory once: beyond MB rows (where the GEMVs make one pass over
+ * the weight per MB rows) it runs tiles of rows small enough to stay in cache across the passes. Tiles are whole
+ * blocks of 8 rows (a multiple of every kernel's row block), so every output is computed exactly as the untiled call computes it. */
+void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s,
+                      const void *z, int64_t N, int64_t G, uint16_t *y) {
+    int64_t wr, sr, zr;
+    row_bytes(kind, K, G, &wr, &sr, &zr);
+    int64_t tile = TILE_BYTES / (wr + sr + zr) / 8 * 8;
+    if (M <= MB || tile >= N) {
+        strata_gemv(kind, x, M, K, w, s, z, N, G, y);
+        return;
+    }
+    if (tile < 8) tile = 8;
+    uint16_t *t = malloc(sizeof(uint16_t) * (size_t)(M * tile));
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+        int64_t n = N - n0 < tile ? N - n0 : tile;
+        strata_gemv(kind, x, M, K, (const uint8_t *)w + n0 * wr, s ? (const uint8_t *)s + n0 * sr : NULL,
+                    z ? (const uint8_t *)z + n0 * zr : NULL, n, G, t);
+        for (int64_t m = 0; m < M; m++) memcpy(y + m * N + n0, t + m * n, sizeof(uint16_t) * (size_t)n);
+    }
+    free(t);
+}
+
 /* act [I] = bf16(bf16(silu(gate)) * up) for gu = [gate (I) | up (I)], as torch's bf16 F.silu(g) * u */
 void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
     for (int64_t i = 0; i < I; i += 16) {
@@ -33,30 +74,67 @@ void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
     }
 }
 
-/* out [H] (bf16) = sum_j bf16(weight_j) * expert_{ids[j]}(x) over j < k.
+/* Counts since the last moe_take_counts: calls, token-expert assignments, expert runs (one per distinct expert
+ * per call: the weight streams of the grouped path; the one-token-at-a-time path streamed one per assignment). */
+static int64_t moe_counts[3];
+
+void moe_take_counts(int64_t *out) {
+    for (int i = 0; i < 3; i++) out[i] = moe_counts[i], moe_counts[i] = 0;
+}
+
+/* out [S, H] (bf16): row t = sum_j bf16(weights[t, j]) * expert_{ids[t, j]}(x[t]) over j < k.
  * Per expert e: wgu[e], sgu[e], zgu[e] describe the fused [2I, H] gate/up weight (gate rows first); wd, sd, zd
- * the [H, I] down weight. s* / z* entries may be NULL where the kind has no scales / zero points. */
-void moe_decode(int64_t kind, const uint16_t *x, int64_t H, int64_t I, int64_t G, int64_t k, const int64_t *ids,
-                const float *weights, const void *const *wgu, const void *const *sgu, const void *const *zgu,
-                const void *const *wd, const void *const *sd, const void *const *zd, uint16_t *out) {
-    uint16_t *gu = malloc(sizeof(uint16_t) * (size_t)(2 * I + I + H));
-    uint16_t *act = gu + 2 * I, *y = act + I;
-    float *acc = malloc(sizeof(float) * (size_t)H);
-    for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
-    for (int64_t j = 0; j < k; j++) {
-        const int64_t e = ids[j];
-        strata_gemv((int)kind, x, 1, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
-        silu_mul_bf16(gu, I, act);
-        strata_gemv((int)kind, act, 1, I, wd[e], sd[e], zd[e], H, G, y);
-        const __m512 w = _mm512_set1_ps(weights[j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
-        for (int64_t h = 0; h < H; h += 16) {
-            __mmask16 m = tail16(H - h);
-            __m512 a = _mm512_maskz_loadu_ps(m, acc + h);
-            a = bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(_mm512_mul_ps(bf16x16_load(y + h, m), w))));
-            _mm512_mask_storeu_ps(acc + h, m, a);
+ * the [H, I] down weight. s* / z* entries may be NULL where the kind has no scales / zero points. ids [S, k]
+ * must lie in [0, E). */
+void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E,
+                      int64_t k, const int64_t *ids, const float *weights, const void *const *wgu,
+                      const void *const *sgu, const void *const *zgu, const void *const *wd, const void *const *sd,
+                      const void *const *zd, uint16_t *out) {
+    const int64_t A = S * k; /* assignments, token-major */
+    int64_t *count = calloc((size_t)(E + 1), sizeof(int64_t)), *order = malloc(sizeof(int64_t) * (size_t)A);
+    for (int64_t a = 0; a < A; a++) count[ids[a] + 1]++;
+    for (int64_t e = 0; e < E; e++) count[e + 1] += count[e]; /* count[e]: first slot of expert e in order */
+    int64_t *fill = malloc(sizeof(int64_t) * (size_t)E);
+    memcpy(fill, count, sizeof(int64_t) * (size_t)E);
+    for (int64_t a = 0; a < A; a++) order[fill[ids[a]]++] = a; /* assignments grouped by expert, tokens in order */
+    uint16_t *xs = malloc(sizeof(uint16_t) * (size_t)(A * (H + 3 * I)));
+    uint16_t *gu = xs + A * H, *act = gu + A * 2 * I;
+    uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(A * H)); /* per assignment, in `order` */
+    int64_t *slot = malloc(sizeof(int64_t) * (size_t)A); /* assignment -> its row of y */
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t c = count[e + 1] - count[e], r0 = count[e];
+        if (!c) continue;
+        moe_counts[2]++;
+        for (int64_t i = 0; i < c; i++) {
+            memcpy(xs + i * H, x + order[r0 + i] / k * H, sizeof(uint16_t) * (size_t)H);
+            slot[order[r0 + i]] = r0 + i;
         }
+        gemv_once((int)kind, xs, c, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gu);
+        for (int64_t i = 0; i < c; i++) silu_mul_bf16(gu + i * 2 * I, I, act + i * I);
+        gemv_once((int)kind, act, c, I, wd[e], sd[e], zd[e], H, G, y + r0 * H);
     }
-    for (int64_t h = 0; h < H; h++) out[h] = f32_to_bf16(acc[h]);
+    float *acc = malloc(sizeof(float) * (size_t)H);
+    for (int64_t t = 0; t < S; t++) {
+        for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            const uint16_t *yr = y + slot[t * k + j] * H;
+            const __m512 w = _mm512_set1_ps(weights[t * k + j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
+            for (int64_t h = 0; h < H; h += 16) {
+                __mmask16 m = tail16(H - h);
+                __m512 a = _mm512_maskz_loadu_ps(m, acc + h);
+                a = bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(_mm512_mul_ps(bf16x16_load(yr + h, m), w))));
+                _mm512_mask_storeu_ps(acc + h, m, a);
+            }
+        }
+        for (int64_t h = 0; h < H; h++) out[t * H + h] = f32_to_bf16(acc[h]);
+    }
+    moe_counts[0]++;
+    moe_counts[1] += A;
     free(acc);
-    free(gu);
+    free(slot);
+    free(y);
+    free(xs);
+    free(fill);
+    free(order);
+    free(count);
 }

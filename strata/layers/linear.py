@@ -18,7 +18,7 @@ from torch import nn
 
 from strata.layers.quant_native import native_lib
 
-MAX_ROWS = 4  # the kernel reads each weight line once per group of 4 rows; beyond that the matmul wins
+MAX_ROWS = 8  # the kernel reads each weight line once per group of 8 rows (MB16); beyond that the matmul wins
 
 
 @lru_cache(maxsize=1)

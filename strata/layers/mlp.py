@@ -1,4 +1,5 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)). HF names gate_proj/up_proj/down_proj (Mixtral: w1/w3/w2)."""
+"""Gated feed-forward: down(act(gate(x)) * up(x)), act = silu (SwiGLU) unless a subclass sets act_fn.
+HF names gate_proj/up_proj/down_proj (Mixtral: w1/w3/w2)."""
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ class _GatedMLP(nn.Module):
     """Shared forward of the SwiGLU variants; subclasses name the projections."""
 
     gate_up_fused: FusedProjection | None = None  # [H] -> [2I], set by fuse_projections()
+    act_fn = staticmethod(F.silu)  # of the gate (Gemma 3: gelu-tanh)
 
     def _projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         raise NotImplementedError
@@ -25,8 +27,8 @@ class _GatedMLP(nn.Module):
         gate, up, down = self._projections()
         if self.gate_up_fused is not None:
             g, u = self.gate_up_fused(x).split(gate.out_features, dim=-1)  # [N, I] each
-            return down(F.silu(g) * u)
-        return down(F.silu(gate(x)) * up(x))
+            return down(self.act_fn(g) * u)
+        return down(self.act_fn(gate(x)) * up(x))
 
 
 class MLP(_GatedMLP):

@@ -14,6 +14,9 @@ Experts are addressable one at a time: `experts` is an nn.ModuleList whose entri
 expert out of the mapping (a miss fallback, strata/tiers/provider.py): the block drops it and rescales each
 token's remaining weights to the token's top-k sum; a token left with none asks again for its first choice.
 
+Expert parallel (strata/distributed/expert_parallel.py): `local_experts` names the experts this rank runs;
+the block skips the others (no rescaling: another rank adds them when the block's output is all-reduced).
+
 Routing hooks (tiers: recording, prefetch, replay):
 - `router_hooks`: callables hook(block, x [T, H], topk_weights [T, k], topk_ids [T, k]) called after routing,
   before the experts run (a prefetcher can start reading the next layer's experts here).
@@ -33,6 +36,10 @@ from strata.config import ModelConfig
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe_native import NativeExperts
+
+# Decode batches go to the native grouped-expert call; longer prefills keep the sorted dispatch, whose expert
+# modules reach torch's GEMMs for many rows.
+NATIVE_MAX_TOKENS = 64
 
 
 class SparseMoeBlock(nn.Module):
@@ -54,6 +61,9 @@ class SparseMoeBlock(nn.Module):
         else:
             self.shared_expert = None
         self.expert_provider = None
+        # expert parallel (strata/distributed/expert_parallel.py): the experts this rank runs; the others add
+        # nothing here, their rank's partial sum brings them in the block's all-reduce
+        self.local_experts: frozenset[int] | None = None
         self.router_hooks: list[Callable] = []
         self.routing_override: Callable | None = None
 
@@ -81,17 +91,19 @@ class SparseMoeBlock(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        if T == 1 and self.expert_provider is None and x.dtype == torch.bfloat16:
+        if (T <= NATIVE_MAX_TOKENS and self.expert_provider is None and self.local_experts is None
+                and x.dtype == torch.bfloat16):
             native = self._native_experts()
-            if native is not None:  # one native call for the k experts (moe_native.py)
+            if native is not None:  # one native call for all tokens, grouped by expert (moe_native.py)
                 return native(x, weights, ids)
         if T == 1:  # decode: no sorting, k small matmuls
-            expert_ids = ids[0].tolist()
+            chosen = ids[0].tolist()
+            expert_ids = self._local(chosen)
             experts = self._acquire(expert_ids)
             experts, weights, dropped = self._drop_missing(experts, expert_ids, ids, weights)
             out = torch.zeros_like(x)
-            for j, e in enumerate(expert_ids):
-                if e not in dropped:
+            for j, e in enumerate(chosen):
+                if e not in dropped and self._is_local(e):
                     out += (experts[e](x) * weights[0, j]).to(x.dtype)
             self._release(expert_ids)
             return out
@@ -99,14 +111,14 @@ class SparseMoeBlock(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         token_idx = order // self.top_k  # [T*k] token of each sorted assignment
-        active = [e for e, c in enumerate(counts) if c]
+        active = self._local([e for e, c in enumerate(counts) if c])
         experts = self._acquire(active)
         experts, weights, dropped = self._drop_missing(experts, active, ids, weights)
         flat_w = weights.reshape(-1)[order]  # [T*k]
         out = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts):
-            if not c or e in dropped:
+            if not c or e in dropped or not self._is_local(e):
                 start += c
                 continue
             idx = token_idx[start : start + c]
@@ -139,6 +151,12 @@ class SparseMoeBlock(nn.Module):
         kept = weights.masked_fill(gone, 0)  # [T, k]
         total, left = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)  # [T, 1]
         return experts, kept * torch.where(left > 0, total / left, torch.zeros_like(left)), dropped
+
+    def _is_local(self, e: int) -> bool:
+        return self.local_experts is None or e in self.local_experts
+
+    def _local(self, expert_ids: list[int]) -> list[int]:
+        return [e for e in expert_ids if self._is_local(e)]
 
     def _acquire(self, expert_ids: list[int]):
         if self.expert_provider is None:

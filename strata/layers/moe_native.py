@@ -1,5 +1,6 @@
-"""Pointer tables that let one native call (moe_decode in cpu_moe.c) run a decode token through a MoE block's
-top-k resident experts, instead of a Python loop of module calls and small torch ops per expert.
+"""Pointer tables that let one native call (moe_decode_batch in cpu_moe.c) run a batch of tokens through a MoE
+block's resident experts, grouped by expert (each routed expert's weights stream once per call), instead of a
+Python loop of module calls and small torch ops per expert.
 
 Applies when every expert is a gated MLP whose gate/up projections are fused (`gate_up_fused`) and whose down
 projection has the same format, as `fusion.native_weight` describes them (no biases or padding).
@@ -30,7 +31,7 @@ def _expert_entry(e: nn.Module):
 
 
 class NativeExperts:
-    """Built once per block from its resident experts; call with one bf16 token."""
+    """Built once per block from its resident experts; call with a few bf16 tokens (decode batches)."""
 
     def __init__(self, experts: nn.ModuleList, kind: int, group: int, hidden: int, inter: int, entries: list):
         self.experts = experts  # keeps the tensors behind the pointers alive
@@ -48,11 +49,23 @@ class NativeExperts:
         return cls(experts, *entries[0][:4], entries)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [1, H] bf16, weights [1, k], ids [1, k] -> [1, H] bf16: sum_j weights_j * expert_{ids_j}(x)."""
+        """x [T, H] bf16, weights [T, k], ids [T, k] -> [T, H] bf16: row t = sum_j weights_tj * expert_{ids_tj}(x_t)."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        w = weights[0].float().contiguous()  # [k]
-        i = ids[0].to(torch.int64).contiguous()  # [k]
-        bf16_lib().moe_decode(self.kind, x.data_ptr(), self.hidden, self.inter, self.group, i.numel(), i.data_ptr(),
-                              w.data_ptr(), *self.tables, out.data_ptr())
+        w = weights.float().contiguous()  # [T, k]
+        i = ids.to(torch.int64).contiguous()  # [T, k]
+        bf16_lib().moe_decode_batch(self.kind, x.data_ptr(), x.shape[0], self.hidden, self.inter, self.group,
+                                    len(self.experts), i.shape[1], i.data_ptr(), w.data_ptr(), *self.tables,
+                                    out.data_ptr())
         return out
+
+
+def take_counts() -> dict[str, int] | None:
+    """Native MoE calls, token-expert assignments and expert runs (weight streams) since the last call, or None
+    without the native library. The one-token-at-a-time path ran one expert per assignment."""
+    lib = bf16_lib()
+    if lib is None:
+        return None
+    out = (ctypes.c_int64 * 3)()
+    lib.moe_take_counts(out)
+    return {"calls": out[0], "assignments": out[1], "expert_runs": out[2]}

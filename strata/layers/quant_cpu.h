@@ -172,6 +172,9 @@ void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K = 5, WK_Q5K = 6, WK_Q6K = 7 };
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y);
+/* strata_gemv that reads the weight from memory once for any M (tiles of rows kept in cache across row groups) */
+void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+               int64_t N, int64_t G, uint16_t *y);
 void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act);
 void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, int64_t T, int64_t H, float eps,
                    uint16_t *out, uint16_t *res_out);

@@ -4,15 +4,35 @@
  * does nothing but load 64-byte lines of W, one vdpbf16ps per line and x row, and prefetch (see PREFETCH in
  * quant_cpu.h), so it runs at the speed of the weight stream. Products of two bf16 are exact in fp32; the
  * sums round like any fp32 accumulation, in a different order than oneDNN's.
+ *
+ * Unlike the quantized GEMVs (MB = 4 rows per pass), this one reads each weight line once for up to MB16 = 8
+ * activation rows: a speculative verification of k <= 7 drafts then costs one pass over the weights, like a
+ * one-row decode step. Above 4 rows a block of RB weight rows runs as two pairs, so the accumulators (2 weight
+ * rows x 8 x rows) still fit the 32 vector registers.
  */
 #include "quant_cpu.h"
+
+#define MB16 8 /* activation rows per pass over the weights */
+
+/* SWITCH_MB extended to 8 rows: every row count compiles with its accumulators in registers */
+#define SWITCH_MB8(mb, CALL)                                                                                    \
+    switch (mb) {                                                                                               \
+    case 1: CALL(1); break;                                                                                     \
+    case 2: CALL(2); break;                                                                                     \
+    case 3: CALL(3); break;                                                                                     \
+    case 4: CALL(4); break;                                                                                     \
+    case 5: CALL(5); break;                                                                                     \
+    case 6: CALL(6); break;                                                                                     \
+    case 7: CALL(7); break;                                                                                     \
+    default: CALL(8); break;                                                                                    \
+    }
 
 /* out[r][m] = sum_k x[m, k] * w[r, k] for R consecutive weight rows; x rows are zero-padded to whole chunks of
  * 32, so only the weight load of the last chunk is masked. U chains per (row, x row) hide the vdpbf16ps
  * latency when R * mb is small. */
 static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int U, const uint16_t *w, int64_t K,
-                                                             const uint16_t *xh, int64_t ldx, float out[][MB]) {
-    __m512 acc[RB][MB][2];
+                                                             const uint16_t *xh, int64_t ldx, float out[][MB16]) {
+    __m512 acc[RB][MB16][2];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < mb; m++)
             for (int u = 0; u < U; u++) acc[r][m][u] = _mm512_setzero_ps();
@@ -48,33 +68,37 @@ static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int 
 }
 
 /* y[M, N] = x[M, K] @ w[N, K]^T (+ bias fp32 [N] or NULL); x and w bf16, row-major and contiguous.
- * y is bf16, or fp32 when out_f32 is nonzero. Any M (groups of MB rows), K and N. */
+ * y is bf16, or fp32 when out_f32 is nonzero. Any M (groups of MB16 rows), K and N. */
 void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int64_t out_f32) {
     int64_t ldx = (K + 31) / 32 * 32 + 32; /* zero padded to whole chunks; +32 keeps rows off 4 KiB aliasing */
-    uint16_t *xh = calloc((size_t)(MB * ldx), sizeof(uint16_t));
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        int mb = M - m0 < MB ? (int)(M - m0) : MB;
+    uint16_t *xh = calloc((size_t)(MB16 * ldx), sizeof(uint16_t));
+    for (int64_t m0 = 0; m0 < M; m0 += MB16) {
+        int mb = M - m0 < MB16 ? (int)(M - m0) : MB16;
         for (int m = 0; m < mb; m++) memcpy(xh + m * ldx, x + (m0 + m) * K, sizeof(uint16_t) * (size_t)K);
         int64_t nblocks = (N + RB - 1) / RB;
 #pragma omp parallel for schedule(static) if (N * K * 2 > PAR_MIN_WORK)
         for (int64_t blk = 0; blk < nblocks; blk++) {
             int64_t n0 = blk * RB;
             int rows = N - n0 < RB ? (int)(N - n0) : RB;
-            float r[RB][MB];
+            float r[RB][MB16];
             const uint16_t *wr = w + n0 * K;
             if (rows < RB) { /* the last rows, one at a time */
                 for (int i = 0; i < rows; i++) {
-                    float r1[1][MB];
+                    float r1[1][MB16];
 #define ONE_ROW(MBC) rows_dot16(MBC, 1, 2, wr + i * K, K, xh, ldx, r1)
-                    SWITCH_MB(mb, ONE_ROW);
+                    SWITCH_MB8(mb, ONE_ROW);
 #undef ONE_ROW
                     for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
                 }
-            } else {
+            } else if (mb <= MB) {
 #define BLOCK(MBC) rows_dot16(MBC, RB, MBC == 1 ? 2 : 1, wr, K, xh, ldx, r)
                 SWITCH_MB(mb, BLOCK);
 #undef BLOCK
+            } else { /* 5..8 x rows: two pairs of weight rows */
+#define PAIRS(MBC) rows_dot16(MBC, 2, 1, wr, K, xh, ldx, r), rows_dot16(MBC, 2, 1, wr + 2 * K, K, xh, ldx, r + 2)
+                SWITCH_MB8(mb, PAIRS);
+#undef PAIRS
             }
             for (int i = 0; i < rows; i++)
                 for (int m = 0; m < mb; m++) {

@@ -29,6 +29,7 @@ from strata.errors import UnsupportedError, WeightsError
 from strata.layers import quant_native
 from strata.quant import kquant
 from strata.quant.format import (
+    MXFP4_GROUP,
     QuantFormat,
     check_tensors,
     dequantize_weight,
@@ -80,6 +81,8 @@ class QuantLinear(nn.Module):
         self.fmt = QuantFormat.parse(fmt)
         if self.fmt.is_kquant:
             kquant.check_width(self.fmt.kind, in_features)
+        if self.fmt.kind == "mxfp4" and in_features % MXFP4_GROUP:
+            raise UnsupportedError(f"format mxfp4: in_features must be a multiple of {MXFP4_GROUP}, got {in_features}")
         self.module_name = ""  # set by swap_linears, used in error messages
         for suffix, (shape, dt) in self.fmt.tensor_specs(out_features, in_features).items():
             self.register_buffer(suffix, torch.empty(shape, dtype=dt, device=device))
@@ -117,9 +120,9 @@ class QuantLinear(nn.Module):
         tensors = self._tensors()
         check_tensors(tensors, self.fmt, self.out_features, self.in_features, name)
         self.backend = backend or default_backend()
-        if self.backend == "native" and quant_native.native_lib() is None:
-            self.backend = "torch"
         kind, k = self.fmt.kind, {}
+        if self.backend == "native" and (quant_native.native_lib() is None or kind not in quant_native.KERNELS):
+            self.backend = "torch"
         if self.backend == "native":
             k = {s: t.contiguous() for s, t in tensors.items()}
             if kind == "fp8":
@@ -216,6 +219,26 @@ class QuantLinear(nn.Module):
         else:
             y = F.linear(xb, self.dequantize(torch.bfloat16))
         return y if self.bias is None else y + self.bias.to(torch.bfloat16)
+
+
+def quantized_linear(x: torch.Tensor, fmt: QuantFormat, tensors: dict[str, torch.Tensor], out_features: int,
+                     in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [.., in] -> [.., out] = x @ W^T (+ bias), W held in `fmt` as `tensors` (qweight, scales, ...) by a
+    module that keeps them under other names (gpt-oss's MXFP4 experts, whose tensors the expert tiers pass in
+    per call). bf16 activations in few rows run the format's native GEMV; otherwise the weight is dequantized
+    for this call only, in the activations' dtype (float32 activations stay float32)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)  # [M, in]
+    lib = quant_native.native_lib()
+    if (lib is not None and fmt.kind in quant_native.KERNELS and x2.shape[0] <= GEMV_MAX_ROWS
+            and x.dtype == torch.bfloat16 and fmt.padded_in(in_features) == in_features and x.device.type == "cpu"):
+        w = {s: t.contiguous() for s, t in tensors.items()}
+        b = None if bias is None else bias.float().contiguous()
+        y = quant_native.gemv(lib, fmt.kind, x2.contiguous(), w, out_features, fmt.group_size, b)
+    else:
+        w = dequantize_weight(tensors, fmt, out_features, in_features, x.dtype)  # [out, in]
+        y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    return y.to(x.dtype).reshape(*lead, out_features)
 
 
 def swap_linears(model: nn.Module, modules: dict[str, str | QuantFormat]) -> None:

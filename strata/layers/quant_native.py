@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
     "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
+    "quant_cpu_mxfp4.c",
     "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c")]
 HEADER = HERE / "quant_cpu.h"
@@ -48,6 +49,8 @@ _SIGNATURES = {
     "gemv_bf16": [_P, _I, _I, _P, _I, _P, _P, _I],
     "gemv_kq": [_I, _P, _I, _I, _P, _I, _P, _P],
     "dequant_kq": [_I, _P, _I, _I, _I, _P],
+    "gemv_mxfp4": [_P, _I, _I, _P, _I, _P, _P, _P],
+    "dequant_mxfp4": [_P, _I, _P, _I, _I, _P],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
@@ -55,7 +58,8 @@ _SIGNATURES = {
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
     "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
-    "moe_decode": [_I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_take_counts": [_P],
     "decode_layers": [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, _P],
 }
 
@@ -161,6 +165,7 @@ KERNELS: dict[str, FormatKernels] = {
     "int4": FormatKernels("gemv_int4", "dequant_int4",
                           lambda w, g: (g, _ptr(w["scales"]), _ptr(w.get("zeros")))),
     **{kind: FormatKernels("gemv_kq", "dequant_kq", lambda w, g: (), (code,)) for kind, code in KQUANT_KINDS.items()},
+    "mxfp4": FormatKernels("gemv_mxfp4", "dequant_mxfp4", lambda w, g: (_ptr(w["scales"]),)),
 }
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from strata.config import ModelConfig
 from strata.layers.attention import AttentionMetadata, paged_attention
 from strata.layers.fusion import FusedProjection, fuse_projection
+from strata.layers.kv_cache import KVCacheSpec
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
@@ -47,6 +48,8 @@ class Attention(nn.Module):
         self.qkv_fused: FusedProjection | None = None  # [H] -> [Hq*D + 2*Hkv*D], set by fuse_projections()
         self.clip_qkv = clip_qkv  # OLMoE: clamp q, k and v to [-clip_qkv, clip_qkv]
         self.sliding_window = cfg.sliding_window if cfg.uses_sliding_window(layer_idx) else None
+        self.scale: float | None = None  # None: head_dim ** -0.5
+        self.sinks: torch.Tensor | None = None  # [Hq] per-head softmax sink logits (gpt-oss)
 
     def fuse_projections(self) -> bool:
         self.qkv_fused = fuse_projection([self.q_proj, self.k_proj, self.v_proj])
@@ -69,7 +72,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window)  # [T, Hq, D]
+        o = paged_attention(q, k, v, kv_cache, meta, self.sliding_window, self.sinks, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, -1))
 
 
@@ -111,6 +114,8 @@ class CausalLM(nn.Module):
     mlp_name = "mlp"  # Mixtral: "block_sparse_moe"
     cast_routing_weights = True  # False: MoE routing weights stay float32 when scaling experts (Mixtral)
     use_native_decoder = True  # False where the layers' forwards must run (tensor parallel: their all-reduces)
+    supports_tensor_parallel = True  # False: strata/distributed has no split for the family's layers
+    own_quant_methods: tuple[str, ...] = ()  # quantization_config.quant_method values the family's modules read
 
     @classmethod
     def sanitize(cls, name: str) -> str | None:
@@ -129,6 +134,16 @@ class CausalLM(nn.Module):
     @staticmethod
     def o_bias(cfg: ModelConfig) -> bool:
         return cfg.attention_bias
+
+    @classmethod
+    def kv_cache_spec_for(cls, cfg: ModelConfig) -> list[KVCacheSpec]:
+        """What each layer caches per token (strata/layers/kv_cache.py); families with another cache override it."""
+        return [KVCacheSpec.standard(cfg.num_key_value_heads, cfg.head_dim,
+                                     cfg.sliding_window if cfg.uses_sliding_window(i) else None)
+                for i in range(cfg.num_hidden_layers)]
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        return self.kv_cache_spec_for(self.config)
 
     @classmethod
     def make_expert(cls, cfg: ModelConfig) -> nn.Module:
@@ -171,7 +186,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        kv_caches: list[tuple[torch.Tensor, ...]] | None = None,  # per layer, as its KVCacheSpec allocates
         logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
         return_hidden: bool = False,  # the final-norm hidden states [N, H] instead of logits (embeddings)
     ) -> torch.Tensor:
@@ -179,8 +194,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         native = (self._native_decoder(kv_caches)
                   if self.use_native_decoder and native_decode.usable(x, meta, kv_caches) else None)
-        if native is not None and native.accepts(x.shape[0]):  # decode step: all layers in one native call
-            x, residual = native(x, cos, sin, meta)
+        if native is not None and native.accepts(x.shape[0]):  # few rows: all layers in one native call
+            x, residual = native(x, cos, sin, native_decode.per_row(meta))
         else:
             residual = None
             for i, layer in enumerate(self.model.layers):

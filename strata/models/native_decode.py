@@ -1,8 +1,12 @@
-"""Decode of several sequences (one token each) through a whole decoder in one native call (cpu_decoder.c).
+"""Decode of a few rows (one token each) through a whole decoder in one native call (cpu_decoder.c).
 
-Used by CausalLM.forward when every sequence of the step decodes one token (up to 4 sequences for dense models;
-for models with MoE layers one sequence, or any number when each layer's experts are small enough to stay in
-cache, see `accepts`) and every layer qualifies: no biases or sliding
+Used by CausalLM.forward for a forward of few rows over the paged KV cache: decode steps (one token per
+sequence) and speculative verifications (1 + k rows of one sequence). `per_row` turns every row into a
+sequence of its own whose context ends at that row's position; the C code writes all rows' K/V before it
+attends, so row j sees the rows before it and not after, as a causal forward would. Row limits (`accepts`):
+dense models up to 8 rows when every projection is bf16 (gemv_bf16 reads each weight once per 8 rows), else
+4 (the quantized GEMVs: once per 4); models with MoE layers up to NATIVE_MAX_TOKENS rows, whose experts run
+grouped by expert (each weight read from memory once per step). Every layer must qualify: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
@@ -19,18 +23,15 @@ import torch
 from torch import nn
 
 from strata.layers.attention import AttentionMetadata
-from strata.layers.fusion import native_weight
+from strata.layers.fusion import WEIGHT_KINDS, native_weight
 from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP
-from strata.layers.moe import SparseMoeBlock
+from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
 
 _P = ctypes.c_void_p
-MAX_SEQS = 4  # the GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
-# A MoE layer whose experts all fit in this many bytes stays in the core's L2 cache while the native call runs
-# its tokens one by one, so a batch costs no more weight traffic there than in the per-op path (which reads
-# each routed expert once but pays Python and dispatch per expert).
-CACHED_EXPERTS_BYTES = 4 * 2**20
+MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
+MAX_ROWS_BF16 = 8  # gemv_bf16: once per group of 8 rows (quant_cpu_gemv16.c, MB16)
 
 
 class _Proj(ctypes.Structure):
@@ -60,11 +61,6 @@ def _moe(block: SparseMoeBlock) -> _Moe | None:
                 *(ctypes.cast(t, _P) for t in native.tables))
 
 
-def _expert_bytes(block: SparseMoeBlock) -> int:
-    """Bytes of all of a block's resident experts (weights and quantization scales)."""
-    return sum(t.numel() * t.element_size() for t in (*block.experts.parameters(), *block.experts.buffers()))
-
-
 def _proj(module) -> _Proj | None:
     w = native_weight(module)
     return None if w is None else _Proj(*w)
@@ -81,7 +77,9 @@ class NativeDecoder:
         # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
         self.kv_refs = [weakref.ref(t) for pair in kv_caches for t in pair]
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
-        self.max_expert_bytes = max((_expert_bytes(b) for b, _ in moes), default=0)
+        bf16 = all(p.kind == WEIGHT_KINDS["bf16"] for la in layers for p in (la.qkv, la.o, la.gate_up, la.down)
+                   if p.w)
+        self.max_rows = MAX_ROWS_BF16 if bf16 else MAX_ROWS
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
@@ -91,7 +89,7 @@ class NativeDecoder:
 
     @classmethod
     def build(cls, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
-        if bf16_lib() is None or any(kc.device.type != "cpu" for kc, _ in kv_caches):
+        if bf16_lib() is None or any(len(c) != 2 or c[0].device.type != "cpu" for c in kv_caches):  # K and V
             return None
         if any(p.device.type != "cpu" for p in model.parameters()) or any(
                 b.device.type != "cpu" for b in model.buffers()):
@@ -142,18 +140,18 @@ class NativeDecoder:
         return not any(b.expert_provider is not None or b.router_hooks or b.routing_override is not None
                        for b, _ in self.moes)
 
-    def accepts(self, num_seqs: int) -> bool:
-        """Dense models: at most MAX_SEQS sequences (beyond that the GEMVs read each weight again per group of 4
-        rows, where a GEMM reads it once). MoE models: one sequence, or any number when every layer's experts
-        fit in CACHED_EXPERTS_BYTES (the C code runs a MoE layer's experts token by token, while the per-op
-        path reads each routed expert once for all tokens: only re-reads from cache are free)."""
+    def accepts(self, num_rows: int) -> bool:
+        """Dense models: at most max_rows rows (beyond that the GEMVs read each weight again, where a GEMM reads
+        it once). MoE models: up to NATIVE_MAX_TOKENS, as the per-op path's MoE blocks: each layer runs its
+        experts grouped by expert and reads every weight from memory once per step (gemv_once in cpu_moe.c)."""
         if self.moes:
-            return num_seqs == 1 or self.max_expert_bytes <= CACHED_EXPERTS_BYTES
-        return num_seqs <= MAX_SEQS
+            return num_rows <= NATIVE_MAX_TOKENS
+        return num_rows <= self.max_rows
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
-        """x [S, H] embedded tokens (bf16), one per sequence -> (last layer's MLP output [S, H], residual [S, H])."""
-        slots, offsets = meta.flat_context()  # all context slots, each sequence's new token last
+        """x [S, H] embedded tokens (bf16), one per row -> (last layer's MLP output [S, H], residual [S, H]).
+        meta: one row per sequence (see per_row)."""
+        slots, offsets = meta.flat_context()  # all context slots, each row's token last
         x = x.contiguous().clone()
         residual = torch.empty_like(x)
         cos, sin = cos.contiguous(), sin.contiguous()  # held: the pointers below must outlive the call
@@ -165,8 +163,22 @@ class NativeDecoder:
 
 
 def usable(x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
-    """Does this forward qualify for the one-call decode (before asking whether the model does)? Every
-    sequence decodes exactly one token."""
+    """Does this forward qualify for the one-call decode (before asking whether the model does)? A bf16
+    forward over the paged KV cache in which every sequence continues a cached context (decode steps and
+    verifications; a prompt's first chunk keeps the per-op path)."""
     return (kv_caches is not None and x.dtype == torch.bfloat16 and x.shape[0] >= 1
-            and len(meta.query_lens) == x.shape[0] and all(n == 1 for n in meta.query_lens)
-            and meta.slot_mapping is not None and meta.context_slots is not None)
+            and meta.slot_mapping is not None and meta.context_slots is not None
+            and all(c > q for q, c in zip(meta.query_lens, meta.context_lens)))
+
+
+def per_row(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same forward with every row a sequence of its own: row j of a sequence with context length c and q
+    new tokens has context length c - q + j + 1 (its own token last). Unchanged when every query is one row."""
+    if all(n == 1 for n in meta.query_lens):
+        return meta
+    lens, ctx = [], []
+    for q, c, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
+        for j in range(q):
+            lens.append(c - q + j + 1)
+            ctx.append(slots[: c - q + j + 1])
+    return AttentionMetadata(list(range(len(lens))), [1] * len(lens), lens, meta.slot_mapping, ctx)

@@ -7,6 +7,10 @@ import os
 from strata.config import ModelConfig, hf_architecture, hf_config_dict, read_config_json
 from strata.errors import UnsupportedError
 from strata.models.base import CausalLM
+from strata.models.deepseek_v2 import DeepseekV2ForCausalLM
+from strata.models.deepseek_v3 import DeepseekV3ForCausalLM
+from strata.models.gemma3 import Gemma3ForCausalLM
+from strata.models.gpt_oss import GptOssForCausalLM
 from strata.models.llama import LlamaForCausalLM
 from strata.models.mistral import MistralForCausalLM
 from strata.models.mixtral import MixtralForCausalLM
@@ -27,6 +31,10 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
         Qwen2MoeForCausalLM,
         Qwen3MoeForCausalLM,
         OlmoeForCausalLM,
+        DeepseekV2ForCausalLM,
+        DeepseekV3ForCausalLM,
+        Gemma3ForCausalLM,
+        GptOssForCausalLM,
     )
 }
 

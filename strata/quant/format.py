@@ -10,6 +10,8 @@ layout; kernels (strata/layers/quant_native.py) read the same tensors. Formats, 
     int8-nested-gG    uint8 [out, Kp], scales fp16 [out, Kp/G]   w = (b - 136) * s; b >> 4 is an int4-gG code
     fp8               float8_e4m3fn [out, in], scales fp32 [out] w = q * s
     q4_k, q5_k, q6_k  uint8 [out, in / 256 * B]: llama.cpp's K-quant super-blocks as in GGUF (kquant.py)
+    mxfp4             uint8 [out, in/2] two e2m1 codes per byte  w = e2m1(q) * 2^(e - 127)   (OCP MX, gpt-oss)
+                      (element 2j in the low nibble), scales uint8 e8m0 exponents e [out, in/32]
 
 Kp is in_features rounded up to a multiple of G: the last group is zero-padded.
 """
@@ -25,10 +27,12 @@ from strata.errors import UnsupportedError, WeightsError
 from strata.quant import kquant
 from strata.quant.search import choose_scales, round_codes, safe_divisor
 
-KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES)
+KINDS = ("int8", "int4", "int8-nested", "fp8", *kquant.BLOCK_BYTES, "mxfp4")
+MXFP4_GROUP = 32  # elements sharing one e8m0 scale (OCP Microscaling spec)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # by code
 MIN_GROUP, MAX_GROUP = 32, 1024
 NESTED_OFFSET = 136  # b = 16 * (q4 + 8) + (r + 8) = 16 * q4 + r + 136
-_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k)(?:-g(\d+))?(-asym)?$")
+_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k|mxfp4)(?:-g(\d+))?(-asym)?$")
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class QuantFormat:
         if not m:
             raise UnsupportedError(
                 f"quantization format {name!r}: expected one of int8, int4-g32|g64|g128[-asym], "
-                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k"
+                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k, mxfp4"
             )
         kind, group, asym = m.group(1), m.group(2), bool(m.group(3))
         grouped = kind in ("int4", "int8-nested")
@@ -78,7 +82,7 @@ class QuantFormat:
 
     @property
     def bits(self) -> int:
-        return 4 if self.kind == "int4" else 8
+        return 4 if self.kind in ("int4", "mxfp4") else 8
 
     @property
     def is_kquant(self) -> bool:
@@ -94,6 +98,9 @@ class QuantFormat:
         """Suffix -> (shape, dtype) of every stored tensor of one linear layer."""
         if self.is_kquant:
             return {"qweight": ((out_features, kquant.row_bytes(self.kind, in_features)), torch.uint8)}
+        if self.kind == "mxfp4":  # in_features is a multiple of MXFP4_GROUP (QuantLinear checks)
+            return {"qweight": ((out_features, in_features // 2), torch.uint8),
+                    "scales": ((out_features, in_features // MXFP4_GROUP), torch.uint8)}
         if self.group_size is None:
             qdtype = torch.int8 if self.kind == "int8" else torch.float8_e4m3fn
             return {"qweight": ((out_features, in_features), qdtype), "scales": ((out_features,), torch.float32)}
@@ -156,9 +163,9 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
     """
     fmt = QuantFormat.parse(fmt)
     check_method(method)
-    if fmt.is_kquant:
-        raise UnsupportedError(f"format {fmt}: K-quant weights come from GGUF files as they are; Strata does not "
-                               "quantize into them (use int4-gG or int8)")
+    if fmt.is_kquant or fmt.kind == "mxfp4":
+        raise UnsupportedError(f"format {fmt}: such weights come from GGUF files or checkpoints as they are; "
+                               "Strata does not quantize into them (use int4-gG or int8)")
     if w.dim() != 2 or not w.is_floating_point():
         raise WeightsError(f"quantize_weight: expected a 2-D float weight [out, in], got {tuple(w.shape)} {w.dtype}")
     if not torch.isfinite(w).all():
@@ -228,6 +235,11 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], fmt: QuantFormat | str, 
     check_tensors(tensors, fmt, out_features, in_features)
     if fmt.is_kquant:
         return kquant.dequantize(tensors["qweight"], fmt.kind, out_features, in_features).to(dtype)
+    if fmt.kind == "mxfp4":
+        lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+        w = lut[unpack_nibbles(tensors["qweight"]).long()].view(out_features, -1, MXFP4_GROUP)  # [out, in/32, 32]
+        exp = tensors["scales"].to(torch.int32) - 127  # [out, in/32]
+        return torch.ldexp(w, exp[..., None]).view(out_features, in_features).to(dtype)  # exact in bf16 too
     q, s = tensors["qweight"], tensors["scales"].to(dtype)
     if fmt.group_size is None:
         return q.to(dtype) * s[:, None]
@@ -256,10 +268,16 @@ def nested_int4_view(tensors: dict[str, torch.Tensor], fmt: QuantFormat | str) -
     return {"qweight": pack_nibbles(q), "scales": scales}, QuantFormat("int4", fmt.group_size)
 
 
-def read_quantization_config(config: dict) -> dict[str, QuantFormat]:
-    """config.json dict -> {module name: format} for quant_method "strata" (empty if unquantized)."""
+# quant_method values whose tensors keep their checkpoint names and are read by a family's own modules
+# (CausalLM.own_quant_methods): gpt-oss's mxfp4 experts
+MODULE_METHODS = ("mxfp4",)
+
+
+def read_quantization_config(config: dict, module_methods: tuple[str, ...] = ()) -> dict[str, QuantFormat]:
+    """config.json dict -> {module name: format} for quant_method "strata" (empty if unquantized, or quantized
+    with one of `module_methods`, which the model's modules read themselves)."""
     qc = config.get("quantization_config")
-    if not qc:
+    if not qc or qc.get("quant_method") in module_methods:
         return {}
     if qc.get("quant_method") != "strata":
         raise UnsupportedError(

@@ -24,6 +24,7 @@ from strata.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    MigrateRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -34,7 +35,7 @@ from strata.server.tool_parsers import get_tool_parser
 
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds to receive a whole request body
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/admin/")
 
 
 class GuardMiddleware:
@@ -182,7 +183,14 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         if not engine.is_ready:
             return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                                 status_code=503, headers={"Retry-After": "5"})
-        return {"status": "ok"}
+        return engine.health()
+
+    if hasattr(engine, "migrate"):  # replicas (strata/replicas/router.py): live migration on demand
+        @app.post("/admin/migrate")
+        async def migrate(req: MigrateRequest):
+            """Move a running request (`request_id`, else one of the busiest replica's) with its KV to replica
+            `to` (else the least loaded); its client's stream goes on."""
+            return await engine.migrate(req.request_id, req.to)
 
     @app.get("/version")
     async def version():

@@ -50,6 +50,15 @@ class RequestFailedError(RuntimeError):
     pass
 
 
+class RequestMigratedError(RuntimeError):
+    """The request moved to another engine with its KV; this engine's stream ends here. `migrated`: the
+    MigratedRequest of a hand-off (for migrate_out the caller has it)."""
+
+    def __init__(self, message: str, migrated=None):
+        super().__init__(message)
+        self.migrated = migrated
+
+
 class RequestStream:
     """Async iterator of RequestOutput for one request; closing it early aborts the request."""
 
@@ -80,6 +89,11 @@ class RequestStream:
             self.finished = True
         return item
 
+    @property
+    def has_pending(self) -> bool:
+        """An output is already waiting (the next __anext__ will not wait)."""
+        return not self.finished and not self.queue.empty()
+
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
@@ -95,6 +109,7 @@ class _Tracked:
     t_last: float | None = None
     num_tokens: int = 0
     num_seqs: int = 1  # request_success counts sequences, so an abort or error counts this many
+    handoff: bool = False  # leaves with its KV after the first token (prefill/decode disaggregation)
     extra: dict = field(default_factory=dict)
 
 
@@ -120,6 +135,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = 0
+        self._load = {"num_free_blocks": 0, "num_running": 0, "num_waiting": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -143,7 +159,9 @@ class AsyncEngine:
 
     # ---- the event-loop side -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0, timeout: float | None = None) -> RequestStream:
+                    priority: int = 0, timeout: float | None = None, handoff: bool = False) -> RequestStream:
+        """`handoff` (a prefill replica): right after its first token the request leaves this engine with its
+        KV; its stream then ends with RequestMigratedError carrying the MigratedRequest."""
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
         if self.engine is None:
@@ -158,11 +176,30 @@ class AsyncEngine:
             self._waiting_ids.add(rid)
         timeout = timeout if timeout is not None else self.request_timeout
         stream = RequestStream(self, rid, None if timeout is None else time.monotonic() + timeout)
-        self._cmds.put(("add", rid, prompt_ids, params, priority, stream, time.monotonic()))
+        self._cmds.put(("add", rid, prompt_ids, params, priority, stream, time.monotonic(), handoff))
         return stream
 
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
+
+    async def migrate_out(self, request_id: str):
+        """Take a decoding request out of this engine with its KV (strata/engine/migration.py); its stream
+        ends with RequestMigratedError. -> the MigratedRequest for resume_request on another engine."""
+        return await self.call(lambda eng: self._export(eng, request_id))
+
+    def resume_request(self, migrated, request_id: str, timeout: float | None = None) -> RequestStream:
+        """A stream for a request migrated from another engine, which goes on decoding here."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
+        if self.engine is None:
+            raise EngineNotReadyError("the model is still loading")
+        with self._lock:
+            self._ids += 1
+            rid = f"{request_id}-{self._ids}"
+        timeout = timeout if timeout is not None else self.request_timeout
+        stream = RequestStream(self, rid, None if timeout is None else time.monotonic() + timeout)
+        self._cmds.put(("resume", rid, migrated, stream, time.monotonic()))
+        return stream
 
     async def call(self, fn: Callable[[LLMEngine], object]):
         """fn(engine) run in the engine thread between two steps (the model is not shared across threads)."""
@@ -274,7 +311,7 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, params, priority, stream, t_add = cmd
+            _, rid, ids, params, priority, stream, t_add, handoff = cmd
             if stream.finished:  # aborted before it reached the engine
                 self._discard_waiting(rid)
                 self.metrics.finished("abort", params.n)
@@ -285,7 +322,19 @@ class AsyncEngine:
                 self._discard_waiting(rid)
                 self._deliver(stream, e)
                 return
-            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n)
+            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n, handoff=handoff)
+        elif kind == "resume":
+            from strata.engine.migration import import_request
+
+            _, rid, migrated, stream, t_add = cmd
+            try:
+                import_request(self.engine, migrated, rid)
+            except Exception as e:  # noqa: BLE001 - the migration fails alone
+                self._deliver(stream, e)
+                return
+            done = len(migrated.token_ids) - migrated.num_prompt_tokens
+            self._tracked[rid] = _Tracked(stream, t_add, t_scheduled=t_add, t_first=t_add, t_last=t_add,
+                                          num_tokens=done)
         elif kind == "call":
             _, fn, future = cmd
             try:
@@ -299,6 +348,16 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
                 self.metrics.finished("abort", self._tracked.pop(rid).num_seqs)
             self._publish_gauges()
+
+    def _export(self, eng: LLMEngine, rid: str):
+        from strata.engine.migration import export_request
+
+        migrated = export_request(eng, rid)
+        tr = self._tracked.pop(rid, None)
+        if tr is not None:
+            self._deliver(tr.stream, RequestMigratedError(f"request {rid} migrated"))
+        self._publish_gauges()
+        return migrated
 
     def _discard_waiting(self, rid: str) -> None:
         with self._lock:
@@ -350,7 +409,24 @@ class AsyncEngine:
                 for o in out.outputs:
                     self.metrics.finished(o.finish_reason or "abort")
         self._deliver_all(deliveries)
+        for rid in [rid for rid, tr in self._tracked.items() if tr.handoff and tr.t_first is not None]:
+            self._hand_off(rid)
         self._publish_gauges()
+
+    def _hand_off(self, rid: str) -> None:
+        """A prefill replica's request after its first token: out with its KV (it goes on decoding here when it
+        cannot move, e.g. structured outputs)."""
+        from strata.engine.migration import MigrationError, export_request
+
+        tr = self._tracked[rid]
+        tr.handoff = False
+        try:
+            migrated = export_request(self.engine, rid)
+        except MigrationError as e:
+            log.info("request %s stays on the prefill replica: %s", rid, e)
+            return
+        del self._tracked[rid]
+        self._deliver(tr.stream, RequestMigratedError(f"request {rid} handed off", migrated))
 
     def _publish_gauges(self) -> None:
         eng = self.engine
@@ -358,7 +434,17 @@ class AsyncEngine:
             # preempted requests wait again in the scheduler (no longer in _waiting_ids): count them too
             waiting = len(self._waiting_ids | set(eng.waiting_request_ids()))
             self._free_slots = eng.num_free_seq_slots()
-        self.metrics.publish(eng.get_stats(), num_running=len(eng.running_request_ids()), num_waiting=waiting)
+        running = len(eng.running_request_ids())
+        self._load = {"num_free_blocks": eng.num_free_kv_blocks(), "num_running": running, "num_waiting": waiting}
+        self.metrics.publish(eng.get_stats(), num_running=running, num_waiting=waiting)
+
+    def health(self) -> dict:
+        """/health's body while the engine serves (the replica router adds its replicas' states)."""
+        return {"status": "ok"}
+
+    def load(self) -> dict:
+        """The load a router weighs, as of the last step: free KV blocks, running and waiting requests."""
+        return dict(self._load)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = reason

@@ -244,3 +244,10 @@ class EmbeddingRequest(_IgnoredFields):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None  # only the model's own size: no truncation here
     add_special_tokens: bool = True  # vLLM's extra
+
+
+class MigrateRequest(BaseModel):
+    """POST /admin/migrate (replicas): which running request moves, and where (both optional)."""
+
+    request_id: str | None = None
+    to: int | None = None

@@ -6,6 +6,7 @@ A client that goes away aborts its engine requests, streaming or not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -186,6 +187,19 @@ class RequestContext:
                                 "finish_reason": finish if last else None}])
 
     async def sse(self):
+        """The SSE body: chunks that are ready together go out in one write (a stream that fell behind the
+        engine catches up in one send instead of one per token)."""
+        buf = []
+        async with contextlib.aclosing(self._sse_chunks()) as chunks:
+            async for chunk in chunks:
+                buf.append(chunk)
+                if not any(s.has_pending for s in self.streams):
+                    yield "".join(buf)
+                    buf = []
+        if buf:
+            yield "".join(buf)
+
+    async def _sse_chunks(self):
         n = self.req.n
         num_choices = len(self.prompts) * n
         sent_lp = [0] * num_choices

@@ -52,19 +52,39 @@ def tool_message(parser: ToolParser, text: str) -> tuple[dict, bool]:
 
 
 class ToolCallStreamer:
-    """One streamed choice: turns its text so far into the deltas not sent yet."""
+    """One streamed choice: turns its text so far into the deltas not sent yet.
+
+    Work per chunk is bounded by the unfinished call, not the whole text: once the tool section has started,
+    complete calls are kept and the scan resumes after the last of them (the final chunk parses the whole text
+    once, so an unfinished call still turns into content as in the non-streamed message)."""
 
     def __init__(self, parser: ToolParser):
         self.parser = parser
         self.num_content_sent = 0
         self.args_sent: list[int] = []  # per call announced: characters of arguments sent
+        self.section: tuple[str, int] | None = None  # (content before the tool section, scan resume index)
+        self.done: list = []  # calls that ended before the resume index
 
     @property
     def has_calls(self) -> bool:
         return bool(self.args_sent)
 
+    def _parse(self, text: str, final: bool) -> tuple[str, list]:
+        if final or not self.parser.incremental:
+            return self.parser.parse(text, final)
+        if self.section is None:
+            start, content_end = self.parser.section_start(text, False)
+            if start is None:
+                return text[:content_end], []
+            self.section = (text[:content_end], start)
+        content, resume = self.section
+        calls, ended, end = self.parser.scan_calls(text, resume)
+        self.done.extend(calls[:ended])
+        self.section = (content, end)
+        return content, self.done + calls[ended:]
+
     def deltas(self, text: str, final: bool) -> list[dict]:
-        content, calls = self.parser.parse(text, final)
+        content, calls = self._parse(text, final)
         out = []
         if self.has_calls:  # once calls were announced, the rest of the text belongs to them
             content = content[: self.num_content_sent]

@@ -125,22 +125,29 @@ class ToolParser:
                 return None, len(text) - n
         return None, len(text)
 
+    incremental = True  # a stream may resume scanning after the calls already complete (ToolCallStreamer)
+
+    def scan_calls(self, text: str, i: int) -> tuple[list[ParsedCall], int, int]:
+        """Call objects from text[i:] (the ended ones, then at most one unfinished), the number that ended, and the
+        index after the last ended one (where a later scan of the grown text may resume)."""
+        calls, resume = [], i
+        while True:
+            i = text.find("{", i)
+            if i == -1:
+                return calls, len(calls), resume
+            call, end = scan_call(text, i, self.arg_keys)
+            calls.append(call)
+            if end is None:
+                return calls, len(calls) - 1, resume
+            i = resume = end
+
     def parse(self, text: str, final: bool = False) -> tuple[str, list[ParsedCall]]:
         """(content, calls) of the text so far; with final, an unfinished call turns it all into content."""
         start, content_end = self.section_start(text, final)
         content = text[:content_end]
         if start is None:
             return content, []
-        calls, i = [], start
-        while True:
-            i = text.find("{", i)
-            if i == -1:
-                break
-            call, end = scan_call(text, i, self.arg_keys)
-            calls.append(call)
-            if end is None:
-                break
-            i = end
+        calls, _, _ = self.scan_calls(text, start)
         if final and (not calls or not all(c.complete for c in calls)):
             return text, []
         return content, calls
@@ -184,6 +191,8 @@ class RequiredToolParser(ToolParser):
 
 class NamedToolParser(ToolParser):
     """tool_choice naming a function: the whole output is its arguments (enforced by its parameters' schema)."""
+
+    incremental = False
 
     def __init__(self, function: str):
         self.function = function

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from strata import units
 from strata.config import ModelConfig
 from strata.errors import StrataError
+from strata.layers.kv_cache import KVCacheSpec, kv_bytes_per_token
 from strata.units import format_size
 
 
@@ -158,9 +161,9 @@ def min_slots_for(layout: str, num_layers: int, top_k: int) -> int:
     return 2 * top_k if layout == "global" else num_layers
 
 
-def estimate_kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, max_tokens: int,
-                      dtype_bytes: int = 2, batch: int = 1) -> int:
-    return 2 * num_layers * num_kv_heads * head_dim * max_tokens * batch * dtype_bytes
+def estimate_kv_bytes(specs: list[KVCacheSpec], max_tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """KV-cache bytes of `batch` sequences of `max_tokens` tokens, from the model's per-layer cache spec."""
+    return kv_bytes_per_token(specs, dtype) * max_tokens * batch
 
 
 def estimate_activation_bytes(cfg: ModelConfig, num_tokens: int, context_len: int, num_seqs: int,

@@ -143,11 +143,13 @@ def _plan(path: str, config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype,
 
 def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts, lowbit: bool,
               step_tokens: int) -> MemoryPlan:
+    from strata.models.registry import model_class
+
     elem = torch.empty(0, dtype=dtype).element_size()
     max_len = config.max_model_len or min(cfg.max_position_embeddings, 4096)
     # the KV cache as LLMEngine sizes it: whole blocks, at most kv_cache_memory, at most what is wanted
-    per_block = estimate_kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                  config.block_size, elem)
+    family = model_class(cfg)
+    per_block = estimate_kv_bytes(family.kv_cache_spec_for(cfg), config.block_size, dtype)
     wanted = config.max_num_seqs * -(-max_len // config.block_size)
     kv = max(min(wanted, config.kv_cache_memory // per_block), 1) * per_block
     from strata.weights.loader import DTYPES
@@ -155,10 +157,8 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
     stored = DTYPES.get(cfg.torch_dtype, torch.float32).itemsize
     act = estimate_activation_bytes(cfg, step_tokens, min(max_len, kv // per_block * config.block_size),
                                     config.max_num_seqs, elem, stored) + FIRST_FORWARD_GROWTH
-    from strata.models.registry import model_class
-
     with torch.device("meta"):  # the first meta build imports torch's symbolic stack (~80 MB): runtime, not weights
-        model_class(cfg)(cfg)
+        family(cfg)
     plan = plan_memory(config.memory_budget, runtime_bytes=current_rss(), resident_bytes=facts.resident_bytes(elem),
                        kv_bytes=kv, activation_bytes=act, slot_bytes=facts.slot_bytes, max_slots=facts.num_experts,
                        lowbit_bytes=facts.lowbit_bytes if lowbit else 0,
@@ -168,10 +168,12 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
     return plan
 
 
-def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
+def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, shard=None):
     """Returns (model, TierRuntime or None). One load path: plan the memory (an MoE model under
     --memory-budget), load the model once (the offloaded experts left on the meta device), then place the
-    experts from the plan (a slot cache over the expert store) and attach routing record/replay."""
+    experts from the plan (a slot cache over the expert store) and attach routing record/replay. `shard`: one
+    expert-parallel rank's part (strata/distributed), whose tiers hold that rank's experts only (the budget is
+    the rank's)."""
     from strata.tiers.store import ExpertStore
     from strata.tiers.store_convert import ensure_store, is_expert_tensor
     from strata.weights.loader import load_model
@@ -180,7 +182,7 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True):
     offload = plan is not None and not plan.all_experts_fit
     store = ExpertStore(ensure_store(path, progress=progress)) if offload else None  # converted on first use
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor if offload else None, progress=progress,
-                       check_finite=config.check_weights)
+                       check_finite=config.check_weights, shard=shard)
     if offload:
         return model, _place_experts(model, config, plan, store, progress)
     if plan is not None:

@@ -139,13 +139,13 @@ def checkpoint_facts(src: str | os.PathLike) -> CheckpointFacts:
 
 def _expert_formats(src: Path) -> dict:
     """((layer, expert), linear name inside the expert) -> QuantFormat, from config.json's quantization_config."""
-    from strata.quant.format import read_quantization_config
+    from strata.quant.format import MODULE_METHODS, read_quantization_config
 
     config = src / "config.json" if src.is_dir() else src.parent / "config.json"
     if not config.is_file():
         return {}
     try:
-        modules = read_quantization_config(json.loads(config.read_text()))
+        modules = read_quantization_config(json.loads(config.read_text()), MODULE_METHODS)
     except ValueError:
         raise StoreError(f"{config}: not valid JSON") from None
     out = {}

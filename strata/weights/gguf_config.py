@@ -2,7 +2,8 @@
 
 llama.cpp writes the model's shape under `<arch>.<key>` (`llama.block_count`, `qwen3moe.expert_count`...).
 Mixtral is stored as architecture `llama` with `llama.expert_count`; Mistral as plain `llama` (its sliding
-window is not in the file, and llama.cpp does not use one either).
+window is not in the file, and llama.cpp does not use one either). DeepSeek-V2/V3 are `deepseek2`: sigmoid
+gating (`expert_gating_func` 2) makes it V3, anything else V2 (llama.cpp reads a missing key as softmax).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ ARCHITECTURES = {
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "olmoe": ("OlmoeForCausalLM", "olmoe"),
+    "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "gpt-oss": ("GptOssForCausalLM", "gpt_oss"),
 }
+DEEPSEEK_V3 = ("DeepseekV3ForCausalLM", "deepseek_v3")
+_SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # whether llama.cpp renormalises the top-k router weights, when the file does not say (expert_weights_norm)
 _NORM_TOPK = {"qwen2moe": False, "qwen3moe": True, "olmoe": False}
@@ -35,6 +41,8 @@ def gguf_architecture(g: GGUFFile) -> tuple[str, str]:
                                f"(supported: {', '.join(sorted(ARCHITECTURES))}, and llama-architecture Mixtral)")
     if arch == "llama" and (g.get("llama.expert_count") or 0) > 0:
         return MIXTRAL
+    if arch == "deepseek2" and _int(g, "deepseek2.expert_gating_func") == _SIGMOID_GATING:
+        return DEEPSEEK_V3
     return ARCHITECTURES[arch]
 
 
@@ -71,6 +79,46 @@ def _rope_scaling(g: GGUFFile, arch: str) -> dict | None:
                            f"(supported: none, linear, yarn)")
 
 
+def _layer_types(g: GGUFFile, arch: str, layers: int, default_pattern: int) -> list[str]:
+    """Sliding or full attention per layer as llama.cpp reads it: `attention.sliding_window_pattern` as one
+    flag per layer, or a period n (layer i slides unless i % n == n - 1), else the architecture's period."""
+    pattern = g.get(f"{arch}.attention.sliding_window_pattern", default_pattern)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise WeightsError(f"{g.path}: metadata field '{arch}.attention.sliding_window_pattern' has "
+                               f"{len(pattern)} entries for {layers} layers")
+        sliding = [bool(p) for p in pattern]
+    else:
+        n = int(pattern)
+        sliding = [n == 0 or i % n < n - 1 for i in range(layers)]
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def _family_fields(g: GGUFFile, arch: str, model_type: str, cfg: dict) -> None:
+    """The config.json keys of Gemma 3 and GPT-OSS, with llama.cpp's fixed values where the file has none."""
+    layers, window = cfg["num_hidden_layers"], _int(g, f"{arch}.attention.sliding_window")
+    if model_type == "gemma3_text":
+        cfg["hidden_activation"] = "gelu_pytorch_tanh"
+        cfg["layer_types"] = _layer_types(g, arch, layers, 6) if window else ["full_attention"] * layers
+        cfg["sliding_window"] = window or 4096
+        cfg["rope_local_base_freq"] = float(g.get(f"{arch}.rope.freq_base_swa", 10000.0))
+        cfg["final_logit_softcapping"] = g.get(f"{arch}.final_logit_softcapping")
+        # not in the file: llama.cpp scales queries by head_dim ** -0.5, or (hidden / heads) ** -0.5 for the
+        # 62-layer 27B, which is what the released configs' query_pre_attn_scalar says
+        per_head = cfg["hidden_size"] // cfg["num_attention_heads"]
+        cfg["query_pre_attn_scalar"] = per_head if layers == 62 else cfg["head_dim"]
+    else:  # gpt_oss: llama.cpp fixes the SwiGLU clamp (alpha 1.702, limit 7) and has no yarn truncation flag
+        cfg["layer_types"] = _layer_types(g, arch, layers, 2)
+        cfg["sliding_window"] = window or 128
+        cfg["swiglu_limit"] = 7.0
+        cfg["swiglu_alpha"] = 1.702
+        if cfg["rope_scaling"] and cfg["rope_scaling"]["rope_type"] == "yarn":
+            cfg["rope_scaling"].update(
+                beta_fast=float(g.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                beta_slow=float(g.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+                truncate=False)  # the released gpt-oss configs' rule (transformers); llama.cpp rounds the ramp
+
+
 def hf_config(g: GGUFFile) -> dict:
     """The config.json dict; every shape field comes from the file, none from a class default."""
     arch = g.architecture
@@ -86,6 +134,8 @@ def hf_config(g: GGUFFile) -> dict:
     kv_heads = _int(g, f"{arch}.attention.head_count_kv") or heads
     head_dim = _int(g, f"{arch}.attention.key_length") or hidden // heads
     rotary = _int(g, f"{arch}.rope.dimension_count")
+    if arch == "deepseek2":  # latent attention: the rotary part is the decoupled key only
+        kv_heads, head_dim = heads, rotary
     if rotary is not None and rotary != head_dim:
         raise UnsupportedError(f"{g.path}: metadata field '{arch}.rope.dimension_count' is {rotary}, not the "
                                f"head size {head_dim} (partial rotary embeddings are not supported)")
@@ -123,7 +173,13 @@ def hf_config(g: GGUFFile) -> dict:
         cfg["sliding_window"] = None
     ff = _int(g, f"{arch}.feed_forward_length")
     experts = _int(g, f"{arch}.expert_count") or 0
-    if model_type == "mixtral" or model_type == "olmoe":
+    if model_type in ("gemma3_text", "gpt_oss"):
+        _family_fields(g, arch, model_type, cfg)
+    if model_type == "gpt_oss":
+        cfg["num_local_experts"] = need("expert_count")
+        cfg["num_experts_per_tok"] = need("expert_used_count")
+        cfg["intermediate_size"] = _int(g, f"{arch}.expert_feed_forward_length") or ff
+    elif model_type == "mixtral" or model_type == "olmoe":
         cfg["intermediate_size"] = _int(g, f"{arch}.expert_feed_forward_length") or ff
         cfg["num_local_experts" if model_type == "mixtral" else "num_experts"] = experts
         cfg["num_experts_per_tok"] = need("expert_used_count")
@@ -142,11 +198,55 @@ def hf_config(g: GGUFFile) -> dict:
         cfg["norm_topk_prob"] = bool(g.get(f"{arch}.expert_weights_norm", _NORM_TOPK[arch]))
         cfg["decoder_sparse_step"] = 1
         cfg["mlp_only_layers"] = sorted(int(m[1]) for n in g.tensors if (m := _DENSE_FFN.fullmatch(n)))
+    elif arch == "deepseek2":
+        cfg.update(_deepseek2(g, need, heads, model_type == "deepseek_v3"))
+        cfg["intermediate_size"] = ff or cfg["moe_intermediate_size"]
     else:
         if not ff:
             raise WeightsError(f"{g.path}: metadata field '{arch}.feed_forward_length' missing or not positive")
         cfg["intermediate_size"] = ff
     return cfg
+
+
+def _deepseek2(g: GGUFFile, need, heads: int, sigmoid: bool) -> dict:
+    """DeepSeek-V2/V3's config.json fields from `deepseek2.*` (llama.cpp's converter names in the comments)."""
+    rope = need("rope.dimension_count")  # qk_rope_head_dim
+    qk = need("attention.key_length_mla")  # qk_nope_head_dim + qk_rope_head_dim
+    bias = next((n for n in g.tensors if n.endswith(".exp_probs_b.bias")), None)
+    if bias and not sigmoid:
+        raise UnsupportedError(f"{g.path}: tensor '{bias}' with softmax expert gating is not "
+                               f"supported (DeepSeek-V3 files set deepseek2.expert_gating_func = 2, sigmoid)")
+    groups = _int(g, "deepseek2.expert_group_count") or 1
+    out = {
+        "q_lora_rank": _int(g, "deepseek2.attention.q_lora_rank"),
+        "kv_lora_rank": need("attention.kv_lora_rank"),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": qk - rope,
+        "v_head_dim": need("attention.value_length_mla"),
+        "n_routed_experts": need("expert_count"),
+        "num_experts_per_tok": need("expert_used_count"),
+        "moe_intermediate_size": need("expert_feed_forward_length"),
+        "n_shared_experts": _int(g, "deepseek2.expert_shared_count") or 0,
+        "first_k_dense_replace": _int(g, "deepseek2.leading_dense_block_count") or 0,
+        "routed_scaling_factor": float(g.get("deepseek2.expert_weights_scale", 1.0)),
+        "norm_topk_prob": bool(g.get("deepseek2.expert_weights_norm", False)),
+        "n_group": groups,
+        "topk_group": _int(g, "deepseek2.expert_group_used_count") or groups,
+        "scoring_func": "sigmoid" if sigmoid else "softmax",
+        "topk_method": "noaux_tc" if sigmoid else ("group_limited_greedy" if groups > 1 else "greedy"),
+        "num_key_value_heads": heads,
+    }
+    log_mul = g.get("deepseek2.rope.scaling.yarn_log_multiplier")
+    scaling = _rope_scaling(g, "deepseek2")
+    if scaling and log_mul:  # the converter writes 0.1 * mscale_all_dim; DeepSeek's configs set mscale to match
+        scaling["mscale"] = scaling["mscale_all_dim"] = float(log_mul) / 0.1
+    if scaling and scaling["rope_type"] == "yarn":
+        for key in ("beta_fast", "beta_slow"):
+            v = g.get(f"deepseek2.rope.scaling.yarn_{key}")
+            if v is not None:
+                scaling[key] = float(v)
+    out["rope_scaling"] = scaling
+    return out
 
 
 def generation_config(cfg: dict) -> dict:

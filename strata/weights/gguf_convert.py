@@ -8,6 +8,9 @@ with two layout changes undone:
   applied here. The Qwen and OLMoE families use the same RoPE layout in both and are not permuted.
 - experts: one `[E, out, in]` tensor per projection (`ffn_gate_exps`) or, in older Mixtral files, one
   tensor per expert (`ffn_gate.E`), become per-expert HF tensors.
+- DeepSeek-V2/V3 (`deepseek2`): newer converters split kv_b_proj into `attn_k_b` [H, R, nope] (transposed)
+  and `attn_v_b` [H, v, R]; the two are joined back into kv_b_proj [H * (nope + v), R] (older files keep
+  `attn_kv_b`). Rotary pairs stay interleaved in both formats: no reorder.
 
 Values: every type is read as float32 (F32, F16 and BF16 exactly; quantized types dequantized by the
 `gguf` package) and stored as bfloat16 where that holds every value of the tensor exactly, else as float16
@@ -46,6 +49,16 @@ _LAYER = {  # llama.cpp per-layer name -> HF name under model.layers.N.
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+_DEEPSEEK_LAYER = {  # deepseek2 names that differ from (or are missing in) _LAYER
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+# Gemma 3 has four norms per block; llama.cpp stores its (1 + weight) norms with the 1 added
+_GEMMA3_LAYER = {**_LAYER, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
+_GPT_OSS_LAYER = {**_LAYER, "post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)")
 _EXPERTS = re.compile(r"ffn_(gate|up|down)_exps")
 
@@ -76,6 +89,12 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
     model_type = cfg["model_type"]
     moe, proj = _moe_names(model_type)
     permute = model_type in ("llama", "mixtral")
+    deepseek = model_type in ("deepseek_v2", "deepseek_v3")
+    layer_names = {"gemma3_text": _GEMMA3_LAYER, "gpt_oss": _GPT_OSS_LAYER}.get(model_type, _LAYER)
+    if deepseek:
+        layer_names = {**_LAYER, **_DEEPSEEK_LAYER}
+    kv_b_parts: dict[str, dict[str, np.ndarray]] = {}  # layer -> the attn_k_b / attn_v_b seen so far
+    gemma = model_type == "gemma3_text"
     for name in g.tensors:
         if name in _GLOBAL:
             if name == "output.weight" and cfg["tie_word_embeddings"]:
@@ -83,7 +102,8 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
             info = g.tensors[name]
             packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
                 keep_quantized and name == "output.weight") else None
-            yield _GLOBAL[name], packed if packed is not None else g.tensor(name), name
+            w = packed if packed is not None else g.tensor(name)
+            yield _GLOBAL[name], w - 1 if gemma and name == "output_norm.weight" else w, name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:
@@ -100,7 +120,19 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
                 raise WeightsError(f"{g.path}: tensor '{name}' has {w.shape[0]} rows, expected {heads} heads x "
                                    f"{cfg['head_dim']} = {heads * cfg['head_dim']} from the metadata")
             w = w.map_rows(partial(unpermute_rope_rows, n_heads=heads)) if packed else unpermute_rope_rows(w, heads)
-        if kind == "ffn_gate_inp":
+        if gemma and kind.endswith("norm"):
+            w = w - 1  # [H] or [D]: back to transformers' offset from 1
+        if model_type == "gpt_oss" and (e := _EXPERTS.fullmatch(kind)):
+            yield from _gpt_oss_experts(g, name, e[1], suffix, w, pre)
+            continue
+        if deepseek and kind in ("attn_k_b", "attn_v_b") and expert is None:
+            parts = kv_b_parts.setdefault(layer, {})
+            parts[kind] = w
+            if len(parts) == 2:
+                yield f"{pre}self_attn.kv_b_proj.weight", join_kv_b(parts["attn_k_b"], parts["attn_v_b"]), name
+        elif deepseek and kind == "exp_probs_b" and suffix == "bias":
+            yield f"{pre}mlp.gate.e_score_correction_bias", w, name
+        elif kind == "ffn_gate_inp":
             yield f"{pre}{moe}.gate.{suffix}", w, name
         elif kind == "ffn_gate_inp_shexp":
             yield f"{pre}{_LAYER[kind]}.{suffix}", w.reshape(1, -1), name  # [hidden] -> [1, hidden]
@@ -109,10 +141,44 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
                 yield f"{pre}{moe}.experts.{i}.{proj[e[1]]}.{suffix}", w[i], name
         elif expert is not None and kind in ("ffn_gate", "ffn_up", "ffn_down") and model_type == "mixtral":
             yield f"{pre}{moe}.experts.{expert}.{proj[kind[4:]]}.{suffix}", w, name
-        elif kind in _LAYER and expert is None:
-            yield f"{pre}{_LAYER[kind]}.{suffix}", w, name
+        elif kind in layer_names and expert is None:
+            yield f"{pre}{layer_names[kind]}{'' if kind == 'attn_sinks' else '.' + suffix}", w, name
         else:
             raise WeightsError(f"{g.path}: tensor '{name}' is not used by {cfg['architectures'][0]} models")
+
+
+def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """attn_k_b [H, R, nope] and attn_v_b [H, v, R] -> kv_b_proj.weight [H * (nope + v), R]."""
+    if k_b.ndim != 3 or v_b.ndim != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise WeightsError(f"attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} do not split one kv_b_proj "
+                           f"(expected [H, R, nope] and [H, v, R])")
+    kv = np.concatenate([np.swapaxes(np.asarray(k_b), 1, 2), np.asarray(v_b)], axis=1)  # [H, nope + v, R]
+    return kv.reshape(-1, kv.shape[-1])
+
+
+def _gpt_oss_experts(g: GGUFFile, name: str, proj: str, suffix: str, w: np.ndarray, pre: str):
+    """gpt-oss experts as Strata's GptOssExpert holds them: llama.cpp's separate gate and up `[E, I, H]` go back
+    into one `gate_up_proj [H, 2I]` per expert with gate and up interleaved (even, odd columns), down
+    `[E, H, I]` into `down_proj [I, H]`; biases alike. Yielded when the gate tensor comes, up skipped."""
+    if proj == "up":
+        return
+    if proj == "down":
+        for i in range(w.shape[0]):
+            yield (f"{pre}mlp.experts.{i}.down_proj{'' if suffix == 'weight' else '_bias'}",
+                   w[i].T if suffix == "weight" else w[i], name)
+        return
+    up_name = name.replace("ffn_gate_exps", "ffn_up_exps")
+    if up_name not in g.tensors:
+        raise WeightsError(f"{g.path}: tensor '{up_name}' missing (the partner of '{name}')")
+    up = g.tensor(up_name)
+    if up.shape != w.shape:
+        raise WeightsError(f"{g.path}: tensor '{up_name}' has shape {list(up.shape)}, '{name}' {list(w.shape)}")
+    both = np.stack([w, up], axis=2)  # weight [E, I, 2, H] / bias [E, I, 2]: gate, up adjacent
+    for i in range(w.shape[0]):
+        if suffix == "weight":
+            yield f"{pre}mlp.experts.{i}.gate_up_proj", both[i].reshape(-1, w.shape[-1]).T, name  # [H, 2I]
+        else:
+            yield f"{pre}mlp.experts.{i}.gate_up_proj_bias", both[i].reshape(-1), name  # [2I]
 
 
 def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -71,6 +73,33 @@ def iter_checkpoint(files: list[str]):
             yield fn, k, (lambda h=handle, k=k: h.get_tensor(k))
 
 
+_STACKED_EXPERTS = re.compile(r"^(.*\.experts)\.([^.]+)$")
+
+
+def unstack_experts(entries, expected: dict):
+    """Splits a stacked expert tensor `...experts.NAME [E, ...]` (gpt-oss) into the per-expert entries
+    `...experts.e.NAME` the model's expert modules hold; each is a view of the stacked tensor."""
+    for fn, name, get in entries:
+        m = _STACKED_EXPERTS.match(name)
+        if name in expected or m is None or f"{m[1]}.0.{m[2]}" not in expected:
+            yield fn, name, get
+            continue
+        count = 0
+        while f"{m[1]}.{count}.{m[2]}" in expected:
+            count += 1
+        whole = functools.cache(get)  # read once for all its experts
+        for e in range(count):
+            yield fn, f"{m[1]}.{e}.{m[2]}", (lambda fn=fn, name=name, whole=whole, e=e, n=count: _expert_slice(
+                fn, name, whole(), e, n))
+
+
+def _expert_slice(fn: str, name: str, t: torch.Tensor, e: int, count: int) -> torch.Tensor:
+    if t.dim() == 0 or t.shape[0] != count:
+        raise WeightsError(f"{fn}: tensor '{name}' has shape {list(t.shape)}, expected {count} experts "
+                           "stacked in its first dimension (config.json)")
+    return t[e]
+
+
 def load_model(
     path: str,
     dtype: str | torch.dtype | None = None,
@@ -88,11 +117,13 @@ def load_model(
     cfg = load_config(path)
     if shard is not None:
         cfg = shard.config(cfg, path)
+        skip = shard.skipper(skip)  # expert parallel: the experts other ranks hold
     cls = model_class(cfg)
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    formats = read_quantization_config(cfg.raw)  # one line for a method or format Strata does not run
+    # one line for a method or format Strata does not run; a family may read its own (gpt-oss: mxfp4)
+    formats = read_quantization_config(cfg.raw, cls.own_quant_methods)
     if formats:
         from strata.layers.quant_linear import swap_linears
 
@@ -102,7 +133,7 @@ def load_model(
         expected.pop("lm_head.weight", None)
     files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
-    entries = list(iter_checkpoint(files))
+    entries = list(unstack_experts(iter_checkpoint(files), expected))
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
     for fn, stored, get in bar:
         name = cls.sanitize(stored)  # the family's renames; None: a tensor it drops

@@ -112,6 +112,9 @@ def test_probe_quick_and_plan(tmp_path, capsys):
     assert set(dev.gemm_eff) == {16} and 0 < dev.gemm_eff[16] <= 1  # quick mode: M = 16 is also its GEMM row count
     assert set(dev.kernel_eff) == {"bf16", "int8wo", "int4-g64", "fp8wo"}
     assert set(dev.dequant_gelem_s) <= {"int8wo", "int4-g64", "fp8wo"} and all(v > 0 for v in dev.dequant_gelem_s.values())
+    # Strata's own host costs measured on this machine travel with the profile into the device
+    assert set(dev.strata_host) == {"overhead_us_per_call", "loop_us_per_expert_call", "prefill_loop_us_per_expert_call"}
+    assert all(v >= 0 for v in dev.strata_host.values()) and d["strata_host"]["dense_step_ms"] > 0
     capsys.readouterr()
     runs = tmp_path / "runs.jsonl"
     runs.write_text("")

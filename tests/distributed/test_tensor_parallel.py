@@ -1,8 +1,6 @@
 """--tensor-parallel-size 2 on gloo: greedy output equals one process (dense and MoE families), and a rank
 that dies ends the step with one clear error. A watchdog ends the run instead of letting a rank hang it."""
 
-import faulthandler
-
 import pytest
 import torch
 
@@ -13,44 +11,19 @@ from strata.engine.llm_engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import ConfigError, DistributedError
 from strata.models.registry import load_config
+from tests.distributed.conftest import PROMPTS, greedy, make_engine
 from tests.models.conftest import build_hf
-
-WATCHDOG_S = 240
-PROMPTS = [[1, 17, 42, 99, 5], [1, 250, 3, 3, 71, 8, 64, 12, 33, 150, 7], [1, 9]]
-
-
-@pytest.fixture(autouse=True)
-def watchdog():
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hung collective ends the run with tracebacks
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-def _engine(path, tp: int) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(path), dtype="float32", tensor_parallel_size=tp, num_threads=1,
-                                  max_num_batched_tokens=8, kv_cache_memory=2**20), progress=False)
-
-
-def _greedy(engine: LLMEngine) -> list[list[int]]:
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), request_id=str(i))
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[str(i)] for i in range(len(PROMPTS))]
 
 
 def _tp2_equals_tp1(path, family: str) -> LLMEngine:
     """Greedy output of 2 ranks against 1 process; returns the 2-rank engine, still running."""
     build_hf(family, path)
-    want = _greedy(_engine(path, 1))
-    engine = _engine(path, 2)
+    want = greedy(make_engine(path, 1))
+    engine = make_engine(path, 2)
     try:
         assert engine.model.config.num_key_value_heads == 1  # rank 0 holds (and caches) half the kv heads
         assert engine.runner.kv_caches[0][0].shape[1] == 1
-        got = _greedy(engine)
+        got = greedy(engine)
         assert got == want and all(len(t) == 10 for t in got)
     except BaseException:
         shutdown(engine.model)
@@ -99,7 +72,7 @@ def test_indivisible_heads_are_refused(tmp_path):
     cfg = load_config(tmp_path)
     assert shard_config(cfg, 2).num_attention_heads == 2
     with pytest.raises(ConfigError, match="num_attention_heads' = 4 is not divisible by --tensor-parallel-size 3"):
-        _engine(tmp_path, 3)
+        make_engine(tmp_path, 3)
 
 
 def test_flags_and_their_checks():
@@ -112,7 +85,7 @@ def test_flags_and_their_checks():
     cfg = engine_config_from_args(parser.parse_args(["--tensor-parallel-size", "2",
                                                      "--distributed-executor-backend", "mp"]))
     assert (cfg.tensor_parallel_size, cfg.distributed_executor_backend) == (2, "mp")
-    with pytest.raises(ConfigError, match="--distributed-executor-backend must be mp"):
-        EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(ConfigError, match="--distributed-executor-backend must be mp or ray"):
+        EngineConfig(tensor_parallel_size=2, distributed_executor_backend="slurm")
     with pytest.raises(ConfigError, match="--tensor-parallel-size must be an integer >= 1"):
         EngineConfig(tensor_parallel_size=0)

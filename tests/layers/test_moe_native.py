@@ -5,7 +5,8 @@ import torch
 
 from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP, MixtralExpert
-from strata.layers.moe import SparseMoeBlock
+from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
+from strata.layers.moe_native import take_counts
 from strata.layers.quant_linear import QuantLinear
 from strata.models.registry import config_from_dict
 
@@ -68,11 +69,11 @@ def test_quantized_experts_match_python_loop(fmt):
 
 
 @needs_native
-def test_not_taken_for_prefill_fp32_or_mixed_formats():
+def test_not_taken_for_long_prefill_fp32_or_mixed_formats():
     block = _block()
     for e in block.experts:
         e.fuse_projections()
-    block(torch.randn(3, 128).bfloat16())  # prefill rows: the sorted dispatch, no native plan built
+    block(torch.randn(NATIVE_MAX_TOKENS + 1, 128).bfloat16())  # long prefill: the sorted dispatch, no native plan
     assert "_native" not in block.__dict__
     mixed = _block()
     _quantize_experts(mixed, "int8")
@@ -81,3 +82,50 @@ def test_not_taken_for_prefill_fp32_or_mixed_formats():
         e.fuse_projections()
     mixed(torch.randn(1, 128).bfloat16())
     assert mixed.__dict__["_native"] is False
+
+
+def _per_token(block, x):
+    """Each token alone through the native call (the one-token path)."""
+    return torch.cat([block(x[t : t + 1]) for t in range(x.shape[0])])
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32", "int4-g32-asym", "fp8", "int8-nested-g32"])
+def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
+    """A batch runs every routed expert once for all of its tokens; each token's output matches what it gets
+    alone up to the last-bit rounding of the several-row GEMV kernels, and matches exactly where no expert is
+    shared."""
+    block = _block(experts=6, top_k=3)
+    if fmt != "bf16":
+        _quantize_experts(block, fmt)
+    for e in block.experts:
+        e.fuse_projections()
+    x = torch.randn(16, 128).bfloat16()
+    take_counts()
+    batch = block(x)
+    counts = take_counts()
+    assert counts == {"calls": 1, "assignments": 16 * 3, "expert_runs": len(block.route(x)[1].unique())}
+    alone = _per_token(block, x)
+    torch.testing.assert_close(batch.float(), alone.float(), atol=2e-2, rtol=2e-2)
+    assert (batch == alone).float().mean() > 0.9
+    block.top_k = 1  # two tokens on distinct experts: each expert runs the one-row kernel, as alone
+    ids = block.route(x)[1]
+    first, second = 0, int((ids[:, 0] != ids[0, 0]).nonzero()[0])
+    pair = x[[first, second]]
+    assert torch.equal(block(pair), _per_token(block, pair))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["bf16", "int4-g32", "int8"])
+def test_experts_larger_than_a_tile_read_once_give_the_untiled_results(fmt):
+    """With more than 4 tokens on an expert whose weights exceed a cache tile, the GEMVs run tile by tile (each
+    tile read from memory once for all rows): every output equals the untiled call's on the same rows."""
+    block = _block(hidden=256, inter=1024, experts=2, top_k=2)  # gate/up 2048 x 256 bf16: 1 MiB, several tiles
+    if fmt != "bf16":
+        _quantize_experts(block, fmt)
+    for e in block.experts:
+        e.fuse_projections()
+    x = torch.randn(8, 256).bfloat16()
+    tiled = block(x)  # 8 rows per expert: tiles
+    halves = torch.cat([block(x[:4]), block(x[4:])])  # 4 rows per expert: one untiled pass
+    assert torch.equal(tiled, halves)

@@ -6,6 +6,7 @@ import torch
 from strata import LLM, SamplingParams
 from strata.cli import main
 from strata.layers.linear import bf16_lib
+from strata.layers.moe_native import take_counts
 from strata.models import native_decode
 
 needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
@@ -83,20 +84,20 @@ def test_moe_and_qk_norm_families_same_tokens(family, tmp_path, monkeypatch):
 
 
 @needs_native
-def test_moe_with_small_experts_decodes_several_sequences_in_one_call(tmp_path, monkeypatch):
-    """A MoE model whose experts stay in cache decodes a whole continuous batch per native call, each sequence
-    with the tokens it gets alone."""
+def test_moe_decodes_several_sequences_in_one_call(tmp_path, monkeypatch):
+    """A MoE model decodes a whole continuous batch per native call, its experts grouped by expert (fewer expert
+    runs than token-expert assignments), each sequence with the tokens it gets alone."""
     from tests.models.conftest import build_hf
 
     build_hf("qwen3_moe", tmp_path, dtype=torch.bfloat16)
     prompts = [*PROMPTS, [9, 10, 11], [300, 2, 77, 5, 6]]
+    take_counts()
     native, calls = _greedy(tmp_path, monkeypatch, native=True, max_num_seqs=4, prompts=prompts)
+    counts = take_counts()
     assert 0 < calls < 4 * 23
+    assert counts["expert_runs"] < counts["assignments"]
     alone = [_greedy(tmp_path, monkeypatch, native=True, prompts=[p])[0][0] for p in prompts]
     assert native == alone
-    monkeypatch.setattr(native_decode, "CACHED_EXPERTS_BYTES", 0)  # large experts: one sequence per call only
-    _, calls = _greedy(tmp_path, monkeypatch, native=True, max_num_seqs=4, prompts=prompts)
-    assert calls == 0
 
 
 @needs_native
@@ -132,3 +133,24 @@ def test_decoder_is_rebuilt_for_new_caches_even_at_a_reused_address(llama_bf16):
     assert not dec.serves(second)
     del first
     assert not dec.serves(caches())  # freed caches never match, wherever new ones land
+
+
+@needs_native
+@pytest.mark.parametrize("k", [3, 7])
+def test_speculative_verification_runs_in_one_native_call(llama_bf16, monkeypatch, k):
+    """A verification (1 + k rows of one sequence) goes through the native decoder, each row a sequence of its
+    own whose context ends at its position; greedy tokens equal plain decoding's."""
+    rows = []
+    real = native_decode.NativeDecoder.__call__
+    monkeypatch.setattr(native_decode.NativeDecoder, "__call__",
+                        lambda self, x, *a: rows.append(x.shape[0]) or real(self, x, *a))
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 2}
+    llm = LLM(str(llama_bf16), dtype="bfloat16", max_num_seqs=1, progress=False, num_threads=1,
+              speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [p * 3 for p in PROMPTS]  # repeated text: drafts from prompt lookup
+    out = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    monkeypatch.undo()
+    assert max(rows) == k + 1 and llm.engine.spec.num_drafts > 0
+    plain, _ = _greedy(llama_bf16, monkeypatch, native=True, prompts=prompts)
+    assert out == plain

@@ -126,3 +126,27 @@ def test_arguments_before_name_still_reassemble():
     msg, _ = tool_message(get_tool_parser("hermes"), text)
     assert msg["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": [1, {"b": "}"}]}'}
     assert _stream(get_tool_parser("hermes"), text, 1)[1] == [{"name": "f", "arguments": '{"a": [1, {"b": "}"}]}'}]
+
+
+def test_stream_scan_resumes_after_ended_calls(monkeypatch):
+    """Per chunk, the streamer scans from the last ended call, not from the start of the text: many calls streamed
+    token by token cost about as much scanning as the text is long (not its square)."""
+    import strata.server.tool_parsers as tp
+
+    one = '<tool_call>{"name": "f", "arguments": {"x": "' + "y" * 40 + '"}}</tool_call>'
+    text = "ok " + one * 30
+    scanned = []
+    real = tp.scan_call
+
+    def counting(t, i, keys):
+        call, end = real(t, i, keys)
+        scanned.append((end if end is not None else len(t)) - i)
+        return call, end
+
+    monkeypatch.setattr(tp, "scan_call", counting)
+    content, calls = _stream(get_tool_parser("hermes"), text, step=2)
+    assert content == "ok " and len(calls) == 30 and all(json.loads(c["arguments"]) == {"x": "y" * 40} for c in calls)
+    per_call = len(one)
+    # each chunk rescans at most the unfinished call; the final chunk parses the whole text once
+    assert sum(scanned) < 2 * len(text) + (len(text) // 2) * per_call
+    assert sum(scanned) < len(text) * len(text) // 40

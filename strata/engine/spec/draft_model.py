@@ -68,7 +68,7 @@ class DraftModelProposer(Proposer):
         )
         self.block_manager = BlockManager(num_blocks, bs, enable_prefix_caching=False)
         self.runner = ModelRunner(self.model, num_blocks, bs)
-        self._kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_caches)
+        self._kv_bytes = sum(t.nbytes for layer in self.runner.kv_caches for t in layer)
         self.shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's copy
         # target seq_id -> the target's length at the last sync (drafted tokens follow it)
         self._synced: dict[int, int] = {}

@@ -1,8 +1,10 @@
 """Prompt lookup (n-gram) proposer: no draft model; proposes what followed the sequence's own last n tokens.
 
 For n from prompt_lookup_max down to prompt_lookup_min, find the latest earlier occurrence of the sequence's
-last n tokens (prompt and output alike) and propose the up to k tokens that followed it. Pays off where the
-output repeats its input: summaries, edits, code completion over given code.
+last n tokens (prompt and output alike) and propose the k tokens that followed it. Where fewer than k tokens
+follow the match (it ends near the sequence's end: the text repeats with period p = L - start), the copy runs
+on into the tokens it has just proposed, as an LZ77 copy does, i.e. the period repeats. Pays off where the output
+repeats its input (summaries, edits, code completion over given code) or itself.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from strata.engine.spec.proposer import Proposal, Proposer
 
 
 def lookup(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to k tokens after the latest earlier match of the longest suffix n-gram (max_n >= n >= min_n)."""
+    """k tokens after the latest earlier match of the longest suffix n-gram (max_n >= n >= min_n); none without
+    a match."""
     tokens = np.asarray(token_ids, dtype=np.int64)  # [L]
     L = len(tokens)
     for n in range(min(max_n, L - 1), min_n - 1, -1):
@@ -22,7 +25,8 @@ def lookup(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
         hits = np.flatnonzero((windows == tokens[L - n :]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return tokens[start : start + k].tolist()
+            follow = tokens[start:]  # [p]: what followed the match, up to the sequence's end
+            return np.resize(follow, k).tolist()  # [k]: cut, or repeated periodically past the end
     return []
 
 

@@ -146,7 +146,8 @@ def test_abort_releases_everything(tiny_llama):
     for _ in range(6):
         llm.engine.step()
         for seq in llm.engine.scheduler.running:  # a rejected tail holds no block past the sequence
-            assert len(seq.block_table) == bm.blocks_needed(seq.num_tokens)
+            # (the last token, not computed yet, gets its slot when the next step schedules it)
+            assert bm.blocks_needed(seq.num_computed_tokens) <= len(seq.block_table) <= bm.blocks_needed(seq.num_tokens)
     assert llm.engine.spec.num_accepted_tokens > 0
     llm.engine.abort_request(rid)
     assert not llm.engine.has_unfinished_requests()

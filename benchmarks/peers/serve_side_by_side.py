@@ -1,0 +1,115 @@
+"""`strata serve` and llama.cpp's `llama-server` side by side under the same load from `strata bench serve`.
+
+Each server runs alone in turn on the same model (Strata on the GGUF or HF folder, llama-server on a GGUF of the
+same weights), the same compute threads and the same number of sequences (llama-server `-np` slots with
+continuous batching `-cb`, Strata `--max-num-seqs`); then `strata bench serve` sends both the same requests
+(ShareGPT prompts, Azure conversation output lengths, Poisson arrivals at each --request-rate) and appends one
+JSON line per server and rate to --result-json (the command and the date ride along in each line's config).
+Build llama-server first with benchmarks/peers/install_llama_server.sh. Plot with benchmarks/peers/serve_plot.py.
+
+    .venv/bin/python benchmarks/peers/serve_side_by_side.py --model ~/.cache/strata/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --gguf ~/.cache/strata/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2 --threads 1 \\
+        --max-num-seqs 16 --request-rate 1 4 16 inf --num-prompts 48 --result-json docs/benchmarks/serving.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_SERVER = ROOT / ".cache" / "peers" / "llama-server-build" / "bin" / "llama-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 900.0) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it became healthy")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{base}: not healthy after {timeout:.0f} s")
+
+
+def server_commands(args, port: int) -> dict[str, list[str]]:
+    strata = [sys.executable, "-m", "strata.cli", "serve", *([args.model] if args.model else []), "--port", str(port),
+              "--served-model-name", args.name, "--num-threads", str(args.threads), "--max-num-seqs",
+              str(args.max_num_seqs), "--max-model-len", str(args.max_model_len), "--log-level", "warning",
+              *shlex.split(args.strata_args)]
+    llama = [str(args.llama_server), "-m", str(args.gguf), "--port", str(port), "--alias", args.name,
+             "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.max_num_seqs), "-cb",
+             "-c", str(args.max_model_len * args.max_num_seqs), "--no-webui", "--log-disable"]
+    return {"strata": strata, "llama-server": llama}
+
+
+def bench(args, base: str, label: str) -> None:
+    cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--base-url", base, "--model", args.name,
+           "--dataset", "sharegpt", "--num-prompts", str(args.num_prompts), "--request-rate",
+           *map(str, args.request_rate), "--max-output-len", str(args.max_output_len), "--max-prompt-chars",
+           str(args.max_prompt_chars), "--label", label, "--seed", str(args.seed)]
+    if args.result_json:
+        cmd += ["--result-json", args.result_json]
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="strata serve's model (default: the bundled one)")
+    ap.add_argument("--gguf", required=True, help="llama-server's GGUF of the same weights")
+    ap.add_argument("--name", required=True, help="served model name, and the label prefix")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=1024, help="per sequence (llama-server: -c this x -np)")
+    ap.add_argument("--request-rate", type=float, nargs="+", default=[1.0, 4.0, float("inf")])
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--max-output-len", type=int, default=128)
+    ap.add_argument("--max-prompt-chars", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--servers", nargs="+", default=["strata", "llama-server"], choices=["strata", "llama-server"])
+    ap.add_argument("--strata-args", default="", help="more `strata serve` flags, e.g. '--dtype bfloat16'")
+    ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
+    ap.add_argument("--result-json", default=None, help="append one JSON line per server and rate")
+    args = ap.parse_args()
+    if "llama-server" in args.servers and not args.llama_server.is_file():
+        raise SystemExit(f"{args.llama_server}: not built (run benchmarks/peers/install_llama_server.sh)")
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
+          f"{os.getloadavg()[0]:.1f}: {shlex.join(sys.argv)}", flush=True)
+    for server in args.servers:
+        port = _free_port()
+        cmd = server_commands(args, port)[server]
+        print("#", shlex.join(cmd), flush=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_healthy(base, proc)
+            bench(args, base, f"{args.name}/{server}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()

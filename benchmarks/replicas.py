@@ -1,0 +1,98 @@
+"""Replicas behind one endpoint: the Azure conversation trace's lengths replayed by `strata bench serve` at
+rising request rates against one engine (`strata serve`, 1 and 2 threads) and two Ray replicas of one thread
+each (`--data-parallel-size 2`), all on the bundled model, side by side in one run.
+
+Reports p50/p99 TTFT, p50 TPOT and output tokens/s per rate, and the throughput ratio of two replicas to one
+engine of one thread (what each replica gets) and of two threads (the same cores as two replicas).
+
+    .venv/bin/python benchmarks/replicas.py --json docs/benchmarks/replicas.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SERVERS = {  # name -> serve flags
+    "1 engine x 1 thread": ["--num-threads", "1"],
+    "1 engine x 2 threads": ["--num-threads", "2"],
+    "2 replicas x 1 thread": ["--num-threads", "1", "--data-parallel-size", "2"],
+}
+
+
+def serve(flags: list[str]) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "strata.cli", "serve", "--port", str(port), "--log-level", "warning",
+           "--served-model-name", "bundled", "--max-num-seqs", "16", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {flags} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server {flags} did not start")
+
+
+def bench(url: str, rates: list[float], num_prompts: int, label: str) -> list[dict]:
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as out:
+        cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--base-url", url, "--dataset", "azure",
+               "--num-prompts", str(num_prompts), "--max-input-len", "256", "--max-output-len", "64",
+               "--ignore-eos", "--seed", "0", "--label", label, "--result-json", out.name,
+               "--request-rate", *map(str, rates)]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return [json.loads(line) for line in out.read().splitlines()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ap.add_argument("--num-prompts", type=int, default=40)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results: dict[str, list[dict]] = {}
+    for name, flags in SERVERS.items():
+        proc, url = serve(flags)
+        try:
+            results[name] = bench(url, args.rates, args.num_prompts, name)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print("| server | req/s offered | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | output tok/s | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        for r in rows:
+            print(f"| {name} | {r['request_rate']} | {r['p50_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
+                  f"{r['p50_tpot_ms']:.1f} | {r['output_token_throughput']:.1f} | {r['failed']} |")
+    two = results["2 replicas x 1 thread"]
+    for base in ("1 engine x 1 thread", "1 engine x 2 threads"):
+        ratios = [f"{t['output_token_throughput'] / b['output_token_throughput']:.2f}"
+                  for t, b in zip(two, results[base], strict=True)]
+        print(f"output tok/s, 2 replicas / {base}, per rate: {', '.join(ratios)}")
+    if args.json:
+        facts = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
+                 "args": vars(args)}
+        Path(args.json).write_text(json.dumps({"facts": facts, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Moving a running request between two engines with its KV cache (live migration, prefill/decode hand-off).
+
+`export_request` takes a decoding request out of one engine between two steps: its tokens, sampling state
+(the seeded generator's state, logprobs so far), the detokenizer's state and the K/V of every computed token,
+gathered from its blocks; the request is then dropped there and its blocks freed. `import_request` puts it
+into another engine of the same model: fresh blocks (a prompt prefix already in that engine's prefix cache is
+shared, as for any admission), the K/V written into them, the sequence added as running. The next step
+computes the newest token and samples on, so the continuation is the one the first engine would have made.
+
+Requests that cannot move, refused with one line: n > 1 (siblings share blocks), structured outputs (the
+grammar matcher's state stays in its engine), speculative decoding, a prompt not fully computed yet, a
+tensor-parallel engine (its cache holds one rank's heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.engine.detokenizer import IncrementalDetokenizer
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.sequence import Sequence, SequenceStatus
+from strata.errors import InvalidRequestError
+
+
+class MigrationError(InvalidRequestError):
+    """A request that cannot be moved (finished, unknown, or of a kind that does not migrate)."""
+
+
+@dataclass
+class MigratedRequest:
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    priority: int
+    num_computed_tokens: int
+    kv: torch.Tensor  # [L, 2, num_computed_tokens, Hkv, D]
+    detokenizer: dict  # IncrementalDetokenizer's fields but the tokenizer
+    logprobs: list[dict]
+    prompt_logprobs: list | None
+    generator_state: torch.Tensor | None
+    num_cached_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+
+
+def _slots(block_table: list[int], block_size: int, num_tokens: int) -> torch.Tensor:
+    blocks = torch.tensor(block_table, dtype=torch.long)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).reshape(-1)  # [nb*bs]
+    return slots[:num_tokens]
+
+
+def _check_engine(engine) -> None:
+    if engine.config.tensor_parallel_size > 1:
+        raise MigrationError("requests of a tensor-parallel engine cannot migrate")
+    if engine.spec is not None:
+        raise MigrationError("requests of an engine with speculative decoding cannot migrate")
+
+
+def export_request(engine, request_id: str) -> MigratedRequest:
+    """Take a decoding request out of `engine` (call between steps) with its KV; it is dropped there."""
+    _check_engine(engine)
+    seqs = engine._requests.get(request_id)
+    if not seqs:
+        raise MigrationError(f"request {request_id!r} is not running here")
+    if len(seqs) != 1 or request_id in engine._forks:
+        raise MigrationError(f"request {request_id!r} has n > 1 sequences; only n = 1 migrates")
+    seq = seqs[0]
+    if seq.is_finished or seq.status != SequenceStatus.RUNNING or seq.num_computed_tokens < seq.num_prompt_tokens:
+        raise MigrationError(f"request {request_id!r} is not decoding (waiting, prefilling or finished)")
+    if seq.params.structured_outputs is not None:
+        raise MigrationError(f"request {request_id!r} has structured outputs; its grammar state cannot move")
+    slots = _slots(seq.block_table, engine.block_manager.block_size, seq.num_computed_tokens)
+    kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in engine.runner.kv_caches])  # [L, 2, n, Hkv, D]
+    detok = {k: v for k, v in vars(engine._detok[seq.seq_id]).items() if k != "tokenizer"}
+    out = MigratedRequest(request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, seq.priority,
+                          seq.num_computed_tokens, kv, detok, list(seq.logprobs),
+                          None if seq.prompt_logprobs is None else list(seq.prompt_logprobs),
+                          None if seq.generator is None else seq.generator.get_state(), seq.num_cached_tokens,
+                          seq.arrival_time, seq.first_token_time)
+    engine.abort_request(request_id)
+    return out
+
+
+def import_request(engine, m: MigratedRequest, request_id: str | None = None) -> str:
+    """Add a migrated request to `engine` as running, its KV in fresh blocks; -> its request id here."""
+    _check_engine(engine)
+    rid = request_id or m.request_id
+    if rid in engine._requests:
+        raise MigrationError(f"request {rid!r} already runs here")
+    cfg = engine.model_config
+    want = (cfg.num_hidden_layers, 2, m.num_computed_tokens, cfg.num_key_value_heads, cfg.head_dim)
+    if tuple(m.kv.shape) != want:
+        raise MigrationError(f"migrated KV has shape {list(m.kv.shape)}, this engine's model expects {list(want)}")
+    if len(m.token_ids) > engine.max_model_len:
+        raise MigrationError(f"request {rid!r} has {len(m.token_ids)} tokens, above max_model_len "
+                             f"{engine.max_model_len}")
+    scheduler, bm = engine.scheduler, engine.block_manager
+    if len(scheduler.running) >= scheduler.max_num_seqs:
+        raise MigrationError(f"no room for request {rid!r}: {scheduler.max_num_seqs} sequences already run")
+    seq = Sequence(rid, m.token_ids[: m.num_prompt_tokens], m.params, priority=m.priority)
+    seq.token_ids = list(m.token_ids)
+    if not bm.can_allocate(seq):
+        raise MigrationError(f"no room for request {rid!r}: {bm.num_free_blocks} free KV blocks")
+    bm.allocate(seq)  # a prefix already cached here is shared; its K/V are this engine's own
+    start = min(seq.num_computed_tokens, m.num_computed_tokens)
+    slots = _slots(seq.block_table, bm.block_size, m.num_computed_tokens)[start:]
+    for (k, v), layer in zip(engine.runner.kv_caches, m.kv, strict=True):
+        k[slots] = layer[0, start:].to(k.dtype)
+        v[slots] = layer[1, start:].to(v.dtype)
+    seq.num_computed_tokens = m.num_computed_tokens
+    seq.num_cached_tokens = m.num_cached_tokens
+    seq.logprobs, seq.prompt_logprobs = list(m.logprobs), m.prompt_logprobs
+    seq.arrival_time, seq.first_token_time = m.arrival_time, m.first_token_time
+    if m.generator_state is not None:
+        seq.generator.set_state(m.generator_state)
+    seq.status = SequenceStatus.RUNNING
+    bm.commit_full_blocks(seq)
+    detok = IncrementalDetokenizer.__new__(IncrementalDetokenizer)
+    vars(detok).update({**m.detokenizer, "tokenizer": engine.tokenizer})
+    engine._requests[rid] = [seq]
+    engine._detok[seq.seq_id] = detok
+    scheduler.running.append(seq)
+    return rid

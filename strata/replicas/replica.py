@@ -1,0 +1,91 @@
+"""One engine replica as a Ray actor (`strata serve --data-parallel-size N`): an AsyncEngine in the actor's
+event loop, its outputs streamed back to the router with a Ray streaming generator.
+
+The actor is an async actor: `generate` is an async generator run as a Ray streaming call, one yielded
+RequestOutput per engine step of that request; `load` answers the router's load query from the engine's last
+step without waiting for the engine thread; `migrate_out` hands a decoding request over with its KV
+(strata/engine/migration.py) and `generate(..., migrated=...)` goes on with it on another replica. Errors raised in `generate` reach the router as Ray task errors
+whose cause is the engine's own exception (router.py unwraps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from strata.config import EngineConfig
+from strata.engine.sampling_params import SamplingParams
+
+
+class EngineReplica:
+    """The Ray actor class (router.py wraps it with ray.remote)."""
+
+    def __init__(self, fields: dict, template: str | None = None):
+        from strata.engine.llm_engine import LLMEngine
+        from strata.server.async_engine import AsyncEngine
+
+        config = EngineConfig(**fields)
+
+        def make_engine() -> LLMEngine:
+            engine = LLMEngine(config, progress=False)
+            if template is not None and engine.tokenizer is not None:
+                engine.tokenizer.chat_template = template
+            return engine
+
+        self.engine = AsyncEngine(make_engine)
+        self._streams: dict[str, object] = {}  # router request id -> this replica's RequestStream
+
+    async def start(self) -> dict:
+        """Start the engine thread and wait for the model; -> the facts the router needs."""
+        self.engine.start(asyncio.get_running_loop())
+        while self.engine.engine is None and self.engine.dead_reason is None:
+            await asyncio.sleep(0.05)
+        if self.engine.dead_reason is not None:
+            raise RuntimeError(self.engine.dead_reason)
+        eng = self.engine.engine
+        return {"max_model_len": eng.max_model_len, "block_size": eng.config.block_size, "pid": os.getpid()}
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
+                       timeout: float | None = None, migrated=None, handoff: bool = False):
+        """Outputs of a new request, or of one migrated here (`migrated`: a MigratedRequest). A request
+        migrated away (migrate_out) ends its stream without a final output; with `handoff` (a prefill replica)
+        the request leaves after its first token and the last item is its MigratedRequest."""
+        from strata.server.async_engine import RequestMigratedError
+
+        if migrated is not None:
+            stream = self.engine.resume_request(migrated, request_id, timeout)
+        else:
+            stream = self.engine.add_request(prompt_ids, params, request_id, priority, timeout, handoff)
+        self._streams[request_id] = stream
+        try:
+            async for out in stream:
+                yield out
+        except RequestMigratedError as e:
+            if e.migrated is not None:
+                yield e.migrated
+        finally:
+            self._streams.pop(request_id, None)
+            stream.abort()  # a no-op once finished; frees the blocks of a request the router gave up on
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.abort()
+
+    async def migrate_out(self, request_id: str):
+        """-> the MigratedRequest of a request decoding here (its generate call ends)."""
+        from strata.engine.migration import MigrationError
+
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise MigrationError(f"request {request_id!r} is not running on this replica")
+        return await self.engine.migrate_out(stream.request_id)
+
+    def load(self) -> dict:
+        return {**self.engine.load(), "dead_reason": self.engine.dead_reason}
+
+    async def call(self, fn):
+        return await self.engine.call(fn)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,45 @@
+"""Drives a model like the engine does, for the family tests: several sequences prefilled in one batch,
+then decoded together one token per step, their KV in small blocks scattered over the cache."""
+
+import torch
+
+from strata.layers.attention import AttentionMetadata
+
+
+def _slots(table: list[int], block_size: int, positions: range) -> torch.Tensor:
+    return torch.tensor([table[p // block_size] * block_size + p % block_size for p in positions])
+
+
+def paged_logits(model, seqs: list[torch.Tensor], prefill_lens: list[int], block_size: int = 4,
+                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Per sequence: logits [len - prefill, V] predicting positions prefill .. len - 1 (the prefill's last
+    row, then one row per decode step), i.e. rows prefill - 1 .. len - 2 of a full forward's logits."""
+    cfg, n = model.config, len(seqs)
+    blocks = [-(-len(s) // block_size) for s in seqs]
+    # interleaved and reversed, so no sequence's blocks are contiguous or in order
+    order = list(range(sum(blocks)))[::-1]
+    tables = [[order[b * n + i] for b in range(blocks[i])] for i in range(n)] if len(set(blocks)) == 1 else None
+    if tables is None:
+        raise ValueError("paged_logits: give sequences of one length")
+    shape = (sum(blocks) * block_size, cfg.num_key_value_heads, cfg.head_dim)
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
+    starts = [sum(prefill_lens[:i]) for i in range(n)]
+    meta = AttentionMetadata(starts, list(prefill_lens), list(prefill_lens),
+                             torch.cat([_slots(t, block_size, range(p)) for t, p in zip(tables, prefill_lens)]),
+                             [_slots(t, block_size, range(p)) for t, p in zip(tables, prefill_lens)])
+    ids = torch.cat([s[:p] for s, p in zip(seqs, prefill_lens)])
+    pos = torch.cat([torch.arange(p) for p in prefill_lens])
+    last = torch.tensor([st + p - 1 for st, p in zip(starts, prefill_lens)])
+    with torch.no_grad():
+        first = model(ids, pos, meta, caches, logits_indices=last)  # [S, V]
+    out = [[first[i]] for i in range(n)]
+    for t in range(min(prefill_lens), len(seqs[0])):
+        live = [i for i in range(n) if prefill_lens[i] <= t]
+        meta = AttentionMetadata(list(range(len(live))), [1] * len(live), [t + 1] * len(live),
+                                 torch.cat([_slots(tables[i], block_size, range(t, t + 1)) for i in live]),
+                                 [_slots(tables[i], block_size, range(t + 1)) for i in live])
+        with torch.no_grad():
+            step = model(torch.stack([seqs[i][t] for i in live]), torch.full((len(live),), t), meta, caches)
+        for j, i in enumerate(live):
+            out[i].append(step[j])
+    return [torch.stack(o[:-1]) for o in out]  # the last step predicts beyond the sequence
