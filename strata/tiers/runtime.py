@@ -169,31 +169,42 @@ def _plan_for(config: EngineConfig, cfg: ModelConfig, dtype: torch.dtype, facts,
 
 
 def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, shard=None):
-    """Returns (model, TierRuntime or None). `shard`: one expert-parallel rank's part (strata/distributed), whose
-    tiers hold that rank's experts only (the budget is the rank's)."""
-    from strata.models.registry import load_config
-    from strata.weights.loader import load_model, resolve_dtype
+    """Returns (model, TierRuntime or None). One load path: plan the memory (an MoE model under
+    --memory-budget), load the model once (the offloaded experts left on the meta device), then place the
+    experts from the plan (a slot cache over the expert store) and attach routing record/replay. `shard`: one
+    expert-parallel rank's part (strata/distributed), whose tiers hold that rank's experts only (the budget is
+    the rank's)."""
+    from strata.tiers.store import ExpertStore
+    from strata.tiers.store_convert import ensure_store, is_expert_tensor
+    from strata.weights.loader import load_model
 
-    if not (config.memory_budget or config.record_routing or config.replay_routing):
-        return load_model(path, dtype=config.dtype, progress=progress,
-                          check_finite=config.check_weights, shard=shard), None
-    if config.memory_budget:
-        bound_retention()  # before the first matmul: the libraries read their cache sizes then
+    plan = _plan_budget(path, config) if config.memory_budget else None
+    offload = plan is not None and not plan.all_experts_fit
+    store = ExpertStore(ensure_store(path, progress=progress)) if offload else None  # converted on first use
+    model = load_model(path, dtype=config.dtype, skip=is_expert_tensor if offload else None, progress=progress,
+                       check_finite=config.check_weights, shard=shard)
+    if offload:
+        return model, _place_experts(model, config, plan, store, progress)
+    if plan is not None:
+        log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
+    hooked = (config.record_routing or config.replay_routing) and model.config.is_moe
+    return model, (TierRuntime(model, config, plan) if hooked else None)
+
+
+def _plan_budget(path: str, config: EngineConfig) -> MemoryPlan | None:
+    """The memory plan of an MoE checkpoint under --memory-budget (None for a dense one); lowers
+    config.max_num_batched_tokens where a step's activations must shrink to fit."""
+    from strata.models.registry import load_config
+    from strata.tiers.provider import FALLBACKS
+    from strata.tiers.store_convert import checkpoint_facts
+    from strata.weights.loader import resolve_dtype
+
+    bound_retention()  # before the first matmul: the libraries read their cache sizes then
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: model folder not found")
     cfg = load_config(path)
-    if not (config.memory_budget and cfg.is_moe):
-        model = load_model(path, dtype=config.dtype, progress=progress,
-                           check_finite=config.check_weights, shard=shard)
-        hooked = config.record_routing or config.replay_routing
-        return model, (TierRuntime(model, config) if hooked and cfg.is_moe else None)
-
-    from strata.tiers.cache import ExpertCache
-    from strata.tiers.provider import FALLBACKS, PrefetchHook, TieredExpertProvider
-    from strata.tiers.quant_experts import expert_binder
-    from strata.tiers.store import ExpertStore, StoreError
-    from strata.tiers.store_convert import checkpoint_facts, ensure_store, is_expert_tensor
-
+    if not cfg.is_moe:
+        return None
     if config.miss_fallback not in FALLBACKS:
         raise ConfigError(f"--miss-fallback must be one of {', '.join(FALLBACKS)}, got {config.miss_fallback!r}")
     dtype = resolve_dtype(config.dtype, cfg)
@@ -205,15 +216,18 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, sh
         log.warning("--max-num-batched-tokens lowered from %d to %d: a step's activations must fit --memory-budget "
                     "(%s)", config.max_num_batched_tokens, plan.max_num_batched_tokens, plan.describe())
         config.max_num_batched_tokens = plan.max_num_batched_tokens  # the scheduler's step token budget
-    if plan.all_experts_fit:
-        log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
-        model = load_model(path, dtype=config.dtype, progress=progress,
-                           check_finite=config.check_weights, shard=shard)
-        hooked = config.record_routing or config.replay_routing
-        return model, (TierRuntime(model, config, plan) if hooked else None)
-    store = ExpertStore(ensure_store(path, progress=progress))
-    model = load_model(path, dtype=config.dtype, skip=is_expert_tensor, progress=progress,
-                       check_finite=config.check_weights, shard=shard)
+    return plan
+
+
+def _place_experts(model, config: EngineConfig, plan: MemoryPlan, store, progress: bool) -> TierRuntime:
+    """Serve the experts that the load left on the meta device from a slot cache over the store."""
+    from strata.tiers.cache import ExpertCache
+    from strata.tiers.provider import PrefetchHook, TieredExpertProvider
+    from strata.tiers.quant_experts import expert_binder
+    from strata.tiers.store import StoreError
+    from strata.weights.loader import resolve_dtype
+
+    dtype = resolve_dtype(config.dtype, model.config)
     blocks = model.moe_blocks()
     if plan.class_slots and store.class_bytes != plan.class_bytes:
         raise StoreError(f"{store.path}: expert sizes {store.class_bytes} differ from the checkpoint's "
@@ -234,4 +248,4 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, sh
         print(f"tiered experts: {plan.describe()}; {'O_DIRECT' if store.direct_io else 'buffered'} reads",
               file=sys.stderr)
     log.info("tiered experts: %s (expert cache %s)", plan.describe(), format_size(plan.expert_cache_bytes))
-    return model, TierRuntime(model, config, plan, cache, store)
+    return TierRuntime(model, config, plan, cache, store)
