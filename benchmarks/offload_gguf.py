@@ -41,6 +41,8 @@ from benchmarks.memlimit import unavailable_reason
 from strata.layers.quant_native import cache_dir
 
 TYPES = ("q4_k_m", "q4_0")
+ENGINES = {"strata, replayed routing": "strata", "strata, own routing": "strata-own", "llama.cpp mmap": "llamacpp",
+           "llama.cpp mmap, no repack": "llamacpp-norepack"}
 KV_CACHE_BYTES = 16 << 20  # 128 positions of this model: llama.cpp's context is the prompt + decode + 16
 GIB = 2**30
 
@@ -91,6 +93,10 @@ def run(args) -> dict:
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"memory cgroups needed: {reason}")
+    from strata.layers import quant_native
+
+    if quant_native.native_lib() is None:  # built once into the cache folder; children would run torch fallbacks
+        raise SystemExit("Strata's native kernels did not build (see the warning above); rerun when they do")
     offload.CGROUP.update(on=True, slack=1.0)  # limits below are given as bytes: the cgroup gets exactly those
     trace = str(offload.TRACE.resolve()) if offload.TRACE.exists() else None
     if trace is None:
@@ -125,7 +131,10 @@ def run(args) -> dict:
                 runs = [("strata, replayed routing", "run_strata", (*strata, trace, KV_CACHE_BYTES)),
                         ("strata, own routing", "run_strata", (*strata, None, KV_CACHE_BYTES)),
                         ("llama.cpp mmap", "run_llamacpp", (str(gguf), prompt, args.peer_decode, args.threads,
-                                                            budget))]
+                                                            budget)),
+                        ("llama.cpp mmap, no repack", "run_llamacpp", (str(gguf), prompt, args.peer_decode,
+                                                                       args.threads, budget, False))]
+                runs = [r for r in runs if ENGINES[r[0]] in args.engines.split(",")]
                 for name, fn, fargs in runs if rnd % 2 == 0 else runs[::-1]:
                     before = probe(store)
                     offload.evict([gguf, Path(folder), Path(store)])
@@ -177,7 +186,8 @@ def summarize(result: dict) -> list[dict]:
     keys = sorted({(r["type"], r["fraction"]) for r in rows}, key=lambda k: (k[0], k[1]))
     for qtype, frac in keys:
         sel = [r for r in rows if r["type"] == qtype and r["fraction"] == frac]
-        peer = {r["round"]: r.get("decode_tok_s") for r in sel if r["engine"] == "llama.cpp mmap"}
+        peers = {e: {r["round"]: r.get("decode_tok_s") for r in sel if r["engine"] == e}
+                 for e in ENGINES if e.startswith("llama.cpp")}
         for engine in dict.fromkeys(r["engine"] for r in sel):
             mine = [r for r in sel if r["engine"] == engine]
             ok = [r for r in mine if r.get("decode_tok_s")]
@@ -195,10 +205,11 @@ def summarize(result: dict) -> list[dict]:
                          limit_gib=ok[0]["limit_bytes"] / GIB, budget_gib=(ok[0].get("budget_bytes") or 0) / GIB,
                          hit_rate=statistics.median(r["expert_hit_rate"] for r in ok) if "expert_hit_rate" in ok[0]
                          else None)
-                if engine != "llama.cpp mmap":
-                    ratios = [r["decode_tok_s"] / peer[r["round"]] for r in ok if peer.get(r["round"])]
-                    s["vs_llamacpp_per_round"] = ratios
-                    s["vs_llamacpp"] = statistics.median(ratios) if ratios else None
+                if not engine.startswith("llama.cpp"):  # per round against each llama.cpp row that decoded
+                    for peer_name, peer in peers.items():
+                        ratios = [r["decode_tok_s"] / peer[r["round"]] for r in ok if peer.get(r["round"])]
+                        if ratios:
+                            s.setdefault("vs", {})[peer_name] = {"median": statistics.median(ratios), "rounds": ratios}
             out.append(s)
     return out
 
@@ -218,9 +229,10 @@ def print_table(result: dict, summary: list[dict]) -> None:
             print(f"{head} error: {'; '.join(s['errors'])[:200]} | | | | | | | |")
             continue
         runs = ", ".join(f"{t:.2f}" for t in s["decode_tok_s_all"])
-        ratio = f"**{s['vs_llamacpp']:.2f}x**" if s.get("vs_llamacpp") else "1.00x"
+        ratio = "; ".join(f"**{v['median']:.1f}x** {k.removeprefix('llama.cpp mmap')[2:] or 'default'}"
+                          for k, v in s.get("vs", {}).items()) or "-"
         hit = f"{s['hit_rate']:.2f}" if s.get("hit_rate") is not None else "-"
-        budget = f" / {s['budget_gib']:.2f}" if s["engine"] != "llama.cpp mmap" else ""
+        budget = f" / {s['budget_gib']:.2f}" if not s["engine"].startswith("llama.cpp") else ""
         print(f"{head} {s['decode_tok_s']:.2f} ({runs}) | {ratio} | {hit} | {s['mb_read_per_token']:.0f} | "
               f"{s['io_bound_tok_s']:.2f} | {s['fraction_of_io_bound']:.0%} | {s['peak_rss_gib']:.2f}{budget} GiB | "
               f"{s['cgroup_max_gib']:.2f} / {s['limit_gib']:.2f} GiB |")
@@ -250,9 +262,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
     ap.add_argument("--types", default=",".join(TYPES), help="llama.cpp quantization types")
     ap.add_argument("--fractions", default="0.25,0.5", help="memory limits as fractions of the GGUF file")
-    ap.add_argument("--cgroup-slack", type=float, default=1.05, help="Strata's --memory-budget = limit / this")
+    ap.add_argument("--cgroup-slack", type=float, default=1.1, help="Strata's --memory-budget = limit / this")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--engines", default=",".join(ENGINES.values()), help="rows to run, of " + ", ".join(ENGINES.values()))
     ap.add_argument("--peer-decode", type=int, default=8, help="decode tokens for llama.cpp (slow under the limit)")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared 2-core machine (no spin-wait)")
     ap.add_argument("--rounds", type=int, default=2)

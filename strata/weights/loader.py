@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from strata.config import ModelConfig
 from strata.errors import WeightsError
-from strata.layers.fusion import fuse_model
+from strata.layers.fusion import fuse_model, release_pages
 from strata.models.base import CausalLM
 from strata.models.registry import model_class
 from strata.weights.checks import check_dtype, check_finite_values, check_layer_count
-from strata.weights.mapping import read_in
+from strata.weights.mapping import file_ranges, read_in
 from strata.weights.quant_format import read_quantization_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,6 +105,7 @@ def load_model(
     files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
     entries = list(iter_checkpoint(files))
+    mapped = file_ranges()  # the checkpoint's mappings (safe_open maps each file)
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
     for fn, name, get in bar:
         if name not in expected:
@@ -128,7 +129,10 @@ def load_model(
         check_dtype(fn, name, t, want)
         # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
         if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
-            t = t.to(torch_dtype)
+            stored, t = t, t.to(torch_dtype)
+            # the stored copy's file pages would stay in RSS while other tensors keep the mapping (a GGUF's float32
+            # embedding beside its bfloat16 copy, outside what --memory-budget plans)
+            release_pages(stored, mapped)
         if check_finite:
             check_finite_values(fn, name, t)
         # otherwise the tensor stays a view of the file mapping (page cache): copying it would count the same
