@@ -109,7 +109,7 @@ def run(args) -> dict:
     for qtype, gguf in ggufs.items():
         folder, store = strata_folder(gguf)
         files[qtype] = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "strata_folder": folder,
-                        "store": store}
+                        "store": store, "store_bytes": sum(f.stat().st_size for f in Path(store).iterdir())}
     probes: list[float] = []
 
     def probe(store: str) -> float:
@@ -121,7 +121,7 @@ def run(args) -> dict:
 
     for rnd in range(args.rounds):
         for qtype, f in files.items():
-            gguf, folder, store = Path(f["gguf"]), f["strata_folder"], f["store"]
+            gguf, folder, store = Path(f["gguf"]), f["strata_folder"], f["store"]  # full paths here, names in the JSON
             vocab = ModelConfig.from_pretrained(folder).vocab_size
             prompt = offload._prompt(vocab, args.prompt_len)
             for frac in fracs:
@@ -160,7 +160,8 @@ def run(args) -> dict:
         machine["llama_cpp_python"] = llama_cpp.__version__
     except ImportError:
         pass
-    setup = {"model": f"{args.model}" + (f"-{args.layers}l" if args.layers else ""), "files": files,
+    names = {q: {k: Path(v).name if isinstance(v, str) else v for k, v in f.items()} for q, f in files.items()}
+    setup = {"model": f"{args.model}" + (f"-{args.layers}l" if args.layers else ""), "files": names,
              "trace": Path(trace).name, "prompt_len": args.prompt_len, "decode_tokens": args.decode,
              "peer_decode_tokens": args.peer_decode,
              "strata_budget": "limit / cgroup_slack", "policy": "nextuse", "prefetch": "none",
@@ -205,11 +206,13 @@ def summarize(result: dict) -> list[dict]:
                          limit_gib=ok[0]["limit_bytes"] / GIB, budget_gib=(ok[0].get("budget_bytes") or 0) / GIB,
                          hit_rate=statistics.median(r["expert_hit_rate"] for r in ok) if "expert_hit_rate" in ok[0]
                          else None)
-                if not engine.startswith("llama.cpp"):  # per round against each llama.cpp row that decoded
-                    for peer_name, peer in peers.items():
-                        ratios = [r["decode_tok_s"] / peer[r["round"]] for r in ok if peer.get(r["round"])]
-                        if ratios:
-                            s.setdefault("vs", {})[peer_name] = {"median": statistics.median(ratios), "rounds": ratios}
+                if not engine.startswith("llama.cpp"):  # against each llama.cpp row that decoded: medians, and
+                    for peer_name, peer in peers.items():  # per round where both ran in the same round
+                        done = [v for v in peer.values() if v]
+                        if done:
+                            s.setdefault("vs", {})[peer_name] = {
+                                "median": s["decode_tok_s"] / statistics.median(done),
+                                "rounds": [r["decode_tok_s"] / peer[r["round"]] for r in ok if peer.get(r["round"])]}
             out.append(s)
     return out
 

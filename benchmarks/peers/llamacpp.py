@@ -172,15 +172,17 @@ def _load(gguf_path: str, n_ctx: int, n_threads: int, use_mmap: bool = True, rep
     of the mapping into anonymous memory; the weights are then used where the file is mapped."""
     import llama_cpp
 
-    if not repack:
-        defaults = llama_cpp.llama_model_default_params
+    if not repack:  # Llama() takes its model params from the low-level module's defaults
+        import llama_cpp.llama_cpp as low
+
+        defaults = low.llama_model_default_params
 
         def no_extra_bufts():
             p = defaults()
             p.use_extra_bufts = False
             return p
 
-        llama_cpp.llama_model_default_params = no_extra_bufts
+        low.llama_model_default_params = no_extra_bufts
 
     return llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads,
                            n_threads_batch=n_threads, use_mmap=use_mmap, verbose=False)
