@@ -1,6 +1,6 @@
 """Headline benchmark: a quantized MoE GGUF larger than the memory it is given, Strata and llama.cpp on the same file.
 
-    .venv/bin/python benchmarks/offload_gguf.py --rounds 2                  # builds the files once (~40 GB of disk)
+    .venv/bin/python benchmarks/offload_gguf.py --rounds 2                  # builds the files once (~36 GB at peak)
     .venv/bin/python benchmarks/offload_gguf.py --clean                     # deletes them again
 
 An OLMoE-1B-7B-shaped random checkpoint (benchmarks/synthetic.py: 16 layers, 64 experts of 2048 -> 1024 -> 2048,
@@ -9,7 +9,9 @@ quantizer (llama_model_quantize: Q4_K_M and Q4_0), benchmarks/peers/llamacpp.py.
 (25% and 50% of the GGUF file's size), each engine decodes inside its own cgroup-v1 memory group of that limit
 (benchmarks/memlimit.py; page cache counts, so nothing outside the limit stays in RAM), files evicted first:
 
-- llama.cpp (llama-cpp-python, 1 thread like Strata) mmaps the file; what does not fit comes back by page faults;
+- llama.cpp (llama-cpp-python, 1 thread like Strata) mmaps the file; what does not fit comes back by page faults.
+  Its CPU backend repacks Q4_K/Q4_0 weights into anonymous memory by default (a copy of the model, killed by the
+  limit); the `llamacpp-norepack` row turns that off so the weights stay in the mapping;
 - Strata opens the same file (`--model FILE.gguf`, converted once with its projections kept in the file's
   quantization, docs/gguf.md), its experts in the expert store read with O_DIRECT into a cache sized by
   `--memory-budget` = limit / --cgroup-slack. It replays real routing (the Mixtral-8x7B gsm8k trace mapped onto
