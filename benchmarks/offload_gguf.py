@@ -1,6 +1,6 @@
 """Headline benchmark: a quantized MoE GGUF larger than the memory it is given, Strata and llama.cpp on the same file.
 
-    .venv/bin/python benchmarks/offload_gguf.py --rounds 2                  # builds the files once (~40 GB of disk)
+    .venv/bin/python benchmarks/offload_gguf.py --rounds 2                  # builds the files once (~36 GB at peak)
     .venv/bin/python benchmarks/offload_gguf.py --clean                     # deletes them again
 
 An OLMoE-1B-7B-shaped random checkpoint (benchmarks/synthetic.py: 16 layers, 64 experts of 2048 -> 1024 -> 2048,
@@ -9,7 +9,9 @@ quantizer (llama_model_quantize: Q4_K_M and Q4_0), benchmarks/peers/llamacpp.py.
 (25% and 50% of the GGUF file's size), each engine decodes inside its own cgroup-v1 memory group of that limit
 (benchmarks/memlimit.py; page cache counts, so nothing outside the limit stays in RAM), files evicted first:
 
-- llama.cpp (llama-cpp-python, 1 thread like Strata) mmaps the file; what does not fit comes back by page faults;
+- llama.cpp (llama-cpp-python, 1 thread like Strata) mmaps the file; what does not fit comes back by page faults.
+  Its CPU backend repacks Q4_K/Q4_0 weights into anonymous memory by default (a copy of the model, killed by the
+  limit); the `llamacpp-norepack` row turns that off so the weights stay in the mapping;
 - Strata opens the same file (`--model FILE.gguf`, converted once with its projections kept in the file's
   quantization, docs/gguf.md), its experts in the expert store read with O_DIRECT into a cache sized by
   `--memory-budget` = limit / --cgroup-slack. It replays real routing (the Mixtral-8x7B gsm8k trace mapped onto
@@ -42,6 +44,8 @@ from strata.layers.quant_native import cache_dir
 from strata.models.registry import load_config
 
 TYPES = ("q4_k_m", "q4_0")
+ENGINES = {"strata, replayed routing": "strata", "strata, own routing": "strata-own", "llama.cpp mmap": "llamacpp",
+           "llama.cpp mmap, no repack": "llamacpp-norepack"}
 KV_CACHE_BYTES = 16 << 20  # 128 positions of this model: llama.cpp's context is the prompt + decode + 16
 GIB = 2**30
 
@@ -92,6 +96,10 @@ def run(args) -> dict:
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"memory cgroups needed: {reason}")
+    from strata.layers import quant_native
+
+    if quant_native.native_lib() is None:  # built once into the cache folder; children would run torch fallbacks
+        raise SystemExit("Strata's native kernels did not build (see the warning above); rerun when they do")
     offload.CGROUP.update(on=True, slack=1.0)  # limits below are given as bytes: the cgroup gets exactly those
     trace = str(offload.TRACE.resolve()) if offload.TRACE.exists() else None
     if trace is None:
@@ -104,7 +112,7 @@ def run(args) -> dict:
     for qtype, gguf in ggufs.items():
         folder, store = strata_folder(gguf)
         files[qtype] = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "strata_folder": folder,
-                        "store": store}
+                        "store": store, "store_bytes": sum(f.stat().st_size for f in Path(store).iterdir())}
     probes: list[float] = []
 
     def probe(store: str) -> float:
@@ -115,7 +123,7 @@ def run(args) -> dict:
 
     for rnd in range(args.rounds):
         for qtype, f in files.items():
-            gguf, folder, store = Path(f["gguf"]), f["strata_folder"], f["store"]
+            gguf, folder, store = Path(f["gguf"]), f["strata_folder"], f["store"]  # full paths here, names in the JSON
             vocab = load_config(folder).vocab_size
             prompt = offload._prompt(vocab, args.prompt_len)
             for frac in fracs:
@@ -125,7 +133,10 @@ def run(args) -> dict:
                 runs = [("strata, replayed routing", "run_strata", (*strata, trace, KV_CACHE_BYTES)),
                         ("strata, own routing", "run_strata", (*strata, None, KV_CACHE_BYTES)),
                         ("llama.cpp mmap", "run_llamacpp", (str(gguf), prompt, args.peer_decode, args.threads,
-                                                            budget))]
+                                                            budget)),
+                        ("llama.cpp mmap, no repack", "run_llamacpp", (str(gguf), prompt, args.peer_decode,
+                                                                       args.threads, budget, False))]
+                runs = [r for r in runs if ENGINES[r[0]] in args.engines.split(",")]
                 for name, fn, fargs in runs if rnd % 2 == 0 else runs[::-1]:
                     before = probe(store)
                     offload.evict([gguf, Path(folder), Path(store)])
@@ -151,7 +162,8 @@ def run(args) -> dict:
         machine["llama_cpp_python"] = llama_cpp.__version__
     except ImportError:
         pass
-    setup = {"model": f"{args.model}" + (f"-{args.layers}l" if args.layers else ""), "files": files,
+    names = {q: {k: Path(v).name if isinstance(v, str) else v for k, v in f.items()} for q, f in files.items()}
+    setup = {"model": f"{args.model}" + (f"-{args.layers}l" if args.layers else ""), "files": names,
              "trace": Path(trace).name, "prompt_len": args.prompt_len, "decode_tokens": args.decode,
              "peer_decode_tokens": args.peer_decode,
              "strata_budget": "limit / cgroup_slack", "policy": "nextuse", "prefetch": "none",
@@ -177,7 +189,8 @@ def summarize(result: dict) -> list[dict]:
     keys = sorted({(r["type"], r["fraction"]) for r in rows}, key=lambda k: (k[0], k[1]))
     for qtype, frac in keys:
         sel = [r for r in rows if r["type"] == qtype and r["fraction"] == frac]
-        peer = {r["round"]: r.get("decode_tok_s") for r in sel if r["engine"] == "llama.cpp mmap"}
+        peers = {e: {r["round"]: r.get("decode_tok_s") for r in sel if r["engine"] == e}
+                 for e in ENGINES if e.startswith("llama.cpp")}
         for engine in dict.fromkeys(r["engine"] for r in sel):
             mine = [r for r in sel if r["engine"] == engine]
             ok = [r for r in mine if r.get("decode_tok_s")]
@@ -195,10 +208,13 @@ def summarize(result: dict) -> list[dict]:
                          limit_gib=ok[0]["limit_bytes"] / GIB, budget_gib=(ok[0].get("budget_bytes") or 0) / GIB,
                          hit_rate=statistics.median(r["expert_hit_rate"] for r in ok) if "expert_hit_rate" in ok[0]
                          else None)
-                if engine != "llama.cpp mmap":
-                    ratios = [r["decode_tok_s"] / peer[r["round"]] for r in ok if peer.get(r["round"])]
-                    s["vs_llamacpp_per_round"] = ratios
-                    s["vs_llamacpp"] = statistics.median(ratios) if ratios else None
+                if not engine.startswith("llama.cpp"):  # against each llama.cpp row that decoded: medians, and
+                    for peer_name, peer in peers.items():  # per round where both ran in the same round
+                        done = [v for v in peer.values() if v]
+                        if done:
+                            s.setdefault("vs", {})[peer_name] = {
+                                "median": s["decode_tok_s"] / statistics.median(done),
+                                "rounds": [r["decode_tok_s"] / peer[r["round"]] for r in ok if peer.get(r["round"])]}
             out.append(s)
     return out
 
@@ -218,9 +234,10 @@ def print_table(result: dict, summary: list[dict]) -> None:
             print(f"{head} error: {'; '.join(s['errors'])[:200]} | | | | | | | |")
             continue
         runs = ", ".join(f"{t:.2f}" for t in s["decode_tok_s_all"])
-        ratio = f"**{s['vs_llamacpp']:.2f}x**" if s.get("vs_llamacpp") else "1.00x"
+        ratio = "; ".join(f"**{v['median']:.1f}x** {k.removeprefix('llama.cpp mmap')[2:] or 'default'}"
+                          for k, v in s.get("vs", {}).items()) or "-"
         hit = f"{s['hit_rate']:.2f}" if s.get("hit_rate") is not None else "-"
-        budget = f" / {s['budget_gib']:.2f}" if s["engine"] != "llama.cpp mmap" else ""
+        budget = f" / {s['budget_gib']:.2f}" if not s["engine"].startswith("llama.cpp") else ""
         print(f"{head} {s['decode_tok_s']:.2f} ({runs}) | {ratio} | {hit} | {s['mb_read_per_token']:.0f} | "
               f"{s['io_bound_tok_s']:.2f} | {s['fraction_of_io_bound']:.0%} | {s['peak_rss_gib']:.2f}{budget} GiB | "
               f"{s['cgroup_max_gib']:.2f} / {s['limit_gib']:.2f} GiB |")
@@ -250,9 +267,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
     ap.add_argument("--types", default=",".join(TYPES), help="llama.cpp quantization types")
     ap.add_argument("--fractions", default="0.25,0.5", help="memory limits as fractions of the GGUF file")
-    ap.add_argument("--cgroup-slack", type=float, default=1.05, help="Strata's --memory-budget = limit / this")
+    ap.add_argument("--cgroup-slack", type=float, default=1.1, help="Strata's --memory-budget = limit / this")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--engines", default=",".join(ENGINES.values()), help="rows to run, of " + ", ".join(ENGINES.values()))
     ap.add_argument("--peer-decode", type=int, default=8, help="decode tokens for llama.cpp (slow under the limit)")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared 2-core machine (no spin-wait)")
     ap.add_argument("--rounds", type=int, default=2)

@@ -52,11 +52,13 @@ def run_transformers(path: str, budget: int, prompt: list[int], decode: int, thr
             "device_map_modules": placement}
 
 
-def run_llamacpp(gguf: str, prompt: list[int], decode: int, threads: int, budget: int | None) -> dict:
-    """bench_llamacpp (its own grandchild, which inherits this process's cgroup), no warm-up: cold start."""
+def run_llamacpp(gguf: str, prompt: list[int], decode: int, threads: int, budget: int | None,
+                 repack: bool = True) -> dict:
+    """bench_llamacpp (its own grandchild, which inherits this process's cgroup), no warm-up: cold start.
+    repack=False keeps quantized weights in the file mapping (see peers/llamacpp.py _load)."""
     from benchmarks.peers.llamacpp import bench_llamacpp
 
-    r = bench_llamacpp(gguf, prompt, decode - 1, threads, warmup=False)
+    r = bench_llamacpp(gguf, prompt, decode - 1, threads, warmup=False, repack=repack)
     return {"load_s": r["load_s"], "prefill_s": len(prompt) / r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
             "decode_tokens": decode - 1, "proc_read_bytes_per_token": r.get("decode_read_bytes", 0) / (decode - 1),
             "budget_bytes": budget, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}

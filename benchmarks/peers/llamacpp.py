@@ -89,7 +89,7 @@ def gguf_for(hf_folder: str | Path, qtype: str = "bf16") -> Path:
 
 def bench_llamacpp(gguf_path: str | Path, prompt_ids: list[int], n_decode: int, n_threads: int = 2,
                    n_ctx: int | None = None, use_mmap: bool = True, warmup: bool = True,
-                   env: dict[str, str] | None = None) -> dict:
+                   env: dict[str, str] | None = None, repack: bool = True) -> dict:
     """Prefill `prompt_ids`, then `n_decode` greedy single-token steps, timed separately (subprocess).
 
     Returns {"prefill_tok_s", "decode_tok_s", "load_s", "tokens", "decode_read_bytes", "llama_perf"}:
@@ -102,7 +102,7 @@ def bench_llamacpp(gguf_path: str | Path, prompt_ids: list[int], n_decode: int, 
     """
     n_ctx = n_ctx or len(prompt_ids) + n_decode + 16
     return _child("bench", env=env, gguf_path=str(gguf_path), prompt_ids=list(map(int, prompt_ids)), n_decode=n_decode,
-                  n_threads=n_threads, n_ctx=n_ctx, use_mmap=use_mmap, warmup=warmup)
+                  n_threads=n_threads, n_ctx=n_ctx, use_mmap=use_mmap, warmup=warmup, repack=repack)
 
 
 def greedy_llamacpp(gguf_path: str | Path, prompt_ids: list[int], n_tokens: int, n_threads: int = 2) -> dict:
@@ -167,8 +167,22 @@ def _child_vocab_size(gguf_path: str) -> dict:
     return {"n_vocab": llama_cpp.Llama(model_path=gguf_path, vocab_only=True, verbose=False).n_vocab()}
 
 
-def _load(gguf_path: str, n_ctx: int, n_threads: int, use_mmap: bool = True):
+def _load(gguf_path: str, n_ctx: int, n_threads: int, use_mmap: bool = True, repack: bool = True):
+    """repack=False: no CPU "extra buffer types" (use_extra_bufts), whose repacking copies Q4_0/Q4_K weights out
+    of the mapping into anonymous memory; the weights are then used where the file is mapped."""
     import llama_cpp
+
+    if not repack:  # Llama() takes its model params from the low-level module's defaults
+        import llama_cpp.llama_cpp as low
+
+        defaults = low.llama_model_default_params
+
+        def no_extra_bufts():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = no_extra_bufts
 
     return llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads,
                            n_threads_batch=n_threads, use_mmap=use_mmap, verbose=False)
@@ -190,11 +204,11 @@ def _read_bytes() -> int:
 
 
 def _child_bench(gguf_path: str, prompt_ids: list[int], n_decode: int, n_threads: int, n_ctx: int,
-                 use_mmap: bool, warmup: bool) -> dict:
+                 use_mmap: bool, warmup: bool, repack: bool = True) -> dict:
     import llama_cpp
 
     t = time.perf_counter()
-    llm = _load(gguf_path, n_ctx, n_threads, use_mmap)
+    llm = _load(gguf_path, n_ctx, n_threads, use_mmap, repack)
     load_s = time.perf_counter() - t
     if warmup:  # touches every dense weight page once, so the prefill below is not a page-fault benchmark
         llm.eval(prompt_ids[:8])

@@ -38,7 +38,7 @@ _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the range now; contents are kept (re
 _file_ranges: list[tuple[int, int]] = []  # file-backed mappings of this process, set by fuse_model
 
 
-def release_pages(t: torch.Tensor) -> None:
+def release_pages(t: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> None:
     """Ask the kernel to reclaim the whole pages under `t`, a weight just copied into a fused tensor, when `t`
     lies in a file mapping (a view of a safetensors file).
 
@@ -46,9 +46,10 @@ def release_pages(t: torch.Tensor) -> None:
     keep it): a resident MoE held its fused gate/up weights twice (measured: 11 GiB RSS for a 6.6 GiB model,
     docs/benchmarks/tiers.md). MADV_PAGEOUT keeps the contents (re-read from the file if touched); anonymous
     memory is left alone (it would only be swapped out before being freed); unsupported systems do nothing.
+    `ranges`: the process's file mappings (mapping.file_ranges()), default the table fuse_model sets.
     """
     lib = libc()
-    span = page_range(t, _file_ranges) if lib is not None else None
+    span = page_range(t, _file_ranges if ranges is None else ranges) if lib is not None else None
     if span is not None:
         lib.madvise(ctypes.c_void_p(span[0]), ctypes.c_size_t(span[1] - span[0]), _MADV_PAGEOUT)
 

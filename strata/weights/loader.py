@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from strata.config import ModelConfig
 from strata.errors import WeightsError
-from strata.layers.fusion import fuse_model
-from strata.mapping import read_in
+from strata.layers.fusion import fuse_model, release_pages
+from strata.mapping import file_ranges, read_in
 from strata.models.base import CausalLM
 from strata.models.registry import load_config, model_class
 from strata.quant.format import read_quantization_config
@@ -134,6 +134,7 @@ def load_model(
     files = safetensors_files(path)
     state: dict[str, torch.Tensor] = {}
     entries = list(unstack_experts(iter_checkpoint(files), expected))
+    mapped = file_ranges()  # the checkpoint's mappings (safe_open maps each file)
     bar = tqdm(entries, desc="loading", unit="tensor", disable=not progress, file=sys.stderr, leave=False)
     for fn, stored, get in bar:
         name = cls.sanitize(stored)  # the family's renames; None: a tensor it drops
@@ -160,7 +161,11 @@ def load_model(
         check_dtype(fn, name, t, want)
         # quantized tensors keep their stored dtype (fp16 group scales would lose bits as bf16)
         if t.is_floating_point() and want.is_floating_point() and t.dtype != torch_dtype and not quantized(name):
+            stored = t
             t = t.float() if name.endswith(cls.keep_float32) else t.to(torch_dtype)
+            # the stored copy's file pages would stay in RSS while other tensors keep the mapping (a GGUF's float32
+            # embedding beside its bfloat16 copy, outside what --memory-budget plans)
+            release_pages(stored, mapped)
         if check_finite:
             check_finite_values(fn, name, t)
         # otherwise the tensor stays a view of the file mapping (page cache): copying it would count the same
