@@ -218,7 +218,7 @@ def markdown(p: dict) -> str:
 
 
 def summary(results: list[dict]) -> list[str]:
-    """The questions the issue asks, answered from this run's numbers."""
+    """The questions the kernel benchmark answers (bandwidth shares, ratios to bf16), from this run's numbers."""
     by = {(r["case"], r["rows"]): r for r in results}
     rows = sorted({r["rows"] for r in results})
     out = ["", "## Summary", ""]

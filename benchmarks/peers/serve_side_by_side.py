@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# the ShareGPT sample of the shared data folder beside the checkout (not in the repository)
+SHAREGPT = ROOT.parent / "shared" / "data" / "sharegpt-prompts-500" / "ShareGPT_V3_filtered_500.json"
 LLAMA_SERVER = ROOT / ".cache" / "peers" / "llama-server-build" / "bin" / "llama-server"
 
 
@@ -63,7 +65,7 @@ def server_commands(args, port: int) -> dict[str, list[str]]:
 
 def bench(args, base: str, label: str) -> None:
     cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--base-url", base, "--model", args.name,
-           "--dataset", "sharegpt", "--num-prompts", str(args.num_prompts), "--request-rate",
+           "--dataset", "sharegpt", "--dataset-path", args.dataset_path, "--num-prompts", str(args.num_prompts), "--request-rate",
            *map(str, args.request_rate), "--max-output-len", str(args.max_output_len), "--max-prompt-chars",
            str(args.max_prompt_chars), "--label", label, "--seed", str(args.seed)]
     if args.result_json:
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=1024, help="per sequence (llama-server: -c this x -np)")
     ap.add_argument("--request-rate", type=float, nargs="+", default=[1.0, 4.0, float("inf")])
+    ap.add_argument("--dataset-path", default=str(SHAREGPT), help="ShareGPT JSON prompts")
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--max-output-len", type=int, default=128)
     ap.add_argument("--max-prompt-chars", type=int, default=600)

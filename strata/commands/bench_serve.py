@@ -22,11 +22,9 @@ from pathlib import Path
 
 from strata.errors import ConfigError
 
-# Output lengths ship with the package (CC-BY 4.0, see its README); ShareGPT prompts do not: a development
-# checkout finds a sample beside the repository, an installed wheel needs --dataset-path.
+# Output lengths ship with the package (CC-BY 4.0, see its README); ShareGPT prompts do not: --dataset-path names
+# a ShareGPT JSON file.
 AZURE_LENGTHS = Path(__file__).resolve().parents[1] / "assets" / "bench" / "azure_conv_lengths.csv"
-SHAREGPT_SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sharegpt-prompts-500" / \
-    "ShareGPT_V3_filtered_500.json"
 WORDS = ["the", "king", "shall", "speak", "of", "love", "and", "war", "tonight", "while", "rivers", "run", "to", "the", "sea", "under", "a", "pale", "moon", "my", "lord", "good", "night", "sweet", "prince", "and", "flights", "of", "angels", "sing", "thee", "to", "thy", "rest"]
 
 
@@ -58,10 +56,8 @@ def _sharegpt_path(args) -> Path:
         if not path.is_file():
             raise ConfigError(f"--dataset-path: {path}: file not found")
         return path
-    if not SHAREGPT_SAMPLE.is_file():
-        raise ConfigError("--dataset sharegpt: give the prompts with --dataset-path FILE (ShareGPT JSON); the "
-                          "sample is not shipped in the package (or use --dataset random or azure)")
-    return SHAREGPT_SAMPLE
+    raise ConfigError("--dataset sharegpt: give the prompts with --dataset-path FILE (ShareGPT JSON); they are "
+                      "not shipped in the package (or use --dataset random or azure)")
 
 
 def load_requests(args, rng: random.Random) -> list[Req]:

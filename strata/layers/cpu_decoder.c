@@ -5,8 +5,8 @@
  * copied there), attention over the sequence's cache slots, o GEMV, residual add + RMSNorm, then either the
  * dense MLP (fused gate/up GEMV, SiLU x up, down GEMV) or a MoE block (router GEMV, softmax, top-k, the
  * experts of all S tokens through moe_decode_batch, grouped by expert). Every step is the same kernel the per-op Python path calls (so the
- * results match it), minus about 30 Python-level operations per layer (measured gain: docs/benchmarks.md,
- * issue 4). Weights may be plain bf16 or any quantized kind, per projection.
+ * results match it), minus about 30 Python-level operations per layer (measured gain: docs/benchmarks.md).
+ * Weights may be plain bf16 or any quantized kind, per projection.
  */
 #include "quant_cpu.h"
 

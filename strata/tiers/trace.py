@@ -6,7 +6,7 @@ Strata's format is one JSON object per (request, token, layer) in execution orde
 (request, layer): one forward call's routing at one layer (many tokens in prefill, one in decode).
 The cache simulator and the expert cache treat a step's distinct experts as one batch of accesses.
 
-The Mixtral traces (../shared/data/mixtral-8x7b-routing) come in two shapes, both read here:
+The published Mixtral-8x7B routing traces (their files are given by path) come in two shapes, both read here:
 `*_2_routing.jsonl` (decode only, layer-major per problem, `token_idx`) is reordered into execution
 order; `*_raw.jsonl` (execution order, `token_pos` restarting at 0 per forward call) keeps its order
 and gets absolute token positions (the first call is the prefill).

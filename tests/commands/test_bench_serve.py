@@ -31,8 +31,7 @@ def test_shipped_lengths_are_the_azure_conversation_trace():
     assert len(reqs) == 5 and all(1 <= r.max_tokens <= 32 for r in reqs)
 
 
-def test_sharegpt_from_a_given_file_and_without_the_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_serve, "SHAREGPT_SAMPLE", tmp_path / "absent.json")  # as from an installed wheel
+def test_sharegpt_from_a_given_file_and_without_one(tmp_path):
     with pytest.raises(ConfigError, match="--dataset-path"):
         bench_serve.load_requests(_args(), random.Random(0))
     data = tmp_path / "prompts.json"

@@ -62,7 +62,7 @@ def test_sinks_skip_the_native_decode_kernel(monkeypatch):
     meta = AttentionMetadata([0], [1], [1], torch.tensor([3]), [torch.tensor([3])])
     paged_attention(q, k, v, cache, meta, None, torch.zeros(HQ))
     assert not called
-    paged_attention(q, k, v, cache, meta)  # defaults: today's native path
+    paged_attention(q, k, v, cache, meta)  # defaults: the plain native path
     assert called
 
 
