@@ -18,51 +18,27 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from strata.analysis.host_probe import PREFILL  # prompt tokens of the prefill measurement
 from strata.fileio import write_json_atomic, write_text_atomic
 
 TWINS = {"dense-1b-thin": "tinyllama-1.1b", "olmoe-1b-7b-thin": "olmoe-1b-7b"}
-PREFILL = 128  # prompt tokens of the prefill measurement (benchmarks/quant.py's default)
 
 
 def run_twin(path: str, decode: int, threads: int, native_moe: bool = True) -> dict:
-    """Decode step time (median over `decode` steps after a warm-up request), in a fresh interpreter;
-    `native_moe=False` runs the experts in the Python loop (the path of prompts and offloaded experts)."""
+    """Decode step time (median over `decode` steps after a warm-up request) and the best prompt step, in a fresh
+    interpreter; `native_moe=False` runs the experts in the Python loop (the path of prompts and offloaded
+    experts). The same measurement `strata probe` makes on its own thin twins."""
     import torch
 
-    from strata import LLM, SamplingParams
-    from strata.layers.moe import SparseMoeBlock
+    from strata.analysis.host_probe import time_twin
 
     torch.set_num_threads(threads)
-    llm = LLM(path, progress=False, num_threads=threads, max_num_seqs=1, enable_prefix_caching=False)
-    eng = llm.engine
-    if not native_moe:
-        for m in eng.model.modules():
-            if isinstance(m, SparseMoeBlock):
-                m.__dict__["_native"] = False  # SparseMoeBlock._native_experts: built once, False = none
-    ids = list(range(10, 26))
-    llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    llm.generate([list(range(100, 100 + PREFILL))], SamplingParams(temperature=0, max_tokens=1))  # warm-up
-    prefills = []
-    for i in range(3):  # a fresh prompt each time (no prefix cache): the prompt's step, first token included
-        eng.add_request(list(range(200 + i, 200 + i + PREFILL)), SamplingParams(temperature=0, max_tokens=1))
-        t = time.perf_counter()
-        while eng.has_unfinished_requests():
-            eng.step()
-        prefills.append(time.perf_counter() - t)
-    eng.add_request(ids, SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True))
-    eng.step()
-    steps = []
-    while eng.has_unfinished_requests():
-        t = time.perf_counter()
-        eng.step()
-        steps.append(time.perf_counter() - t)
-    return {"step_ms": statistics.median(steps) * 1e3, "steps": len(steps), "prefill_ms": min(prefills) * 1e3}
+    return time_twin(Path(path), decode, threads, native_moe)
 
 
 def _child(path: str, decode: int, threads: int, native_moe: bool = True) -> dict:
@@ -96,26 +72,12 @@ def twin_prediction(name: str, fmt: str, bw: float, looped: bool = False,
     """(decode step, or `prefill` of PREFILL tokens, seconds the cost model predicts for the twin with no per-call
     overhead, its kernel calls, the calls of its routed expert ops); GEMMs at the kernel benchmark's bf16 rate."""
     from benchmarks.analysis_own_runs import gemm_tflops, system
-    from strata.analysis import efficiency
-    from strata.analysis.efficiency import PRIORS, Efficiencies
-    from strata.analysis.operators import build_ops
-    from strata.analysis.predict import predict
+    from strata.analysis.host_probe import price_without_host_costs
 
     shape, sc = _twin(name, fmt, looped)
     if prefill:
         sc.prompt = PREFILL
-    effs = Efficiencies({"cpu-measured|strata": replace(PRIORS["cpu-measured"], overhead_us=0.0)})
-    saved = efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US
-    efficiency.STRATA_LOOP_US = efficiency.STRATA_PREFILL_LOOP_US = 0.0  # the loop's calls counted as calls
-    try:
-        p = predict(shape, system(bw, {}, gemm_tflops()), sc, effs)
-    finally:
-        efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US = saved
-    step = p.prefill if prefill else p.decode
-    calls = sum(s.launches for s in step.segments)
-    n = PREFILL if prefill else 1
-    other = sum(op.launches for op in build_ops(shape, sc.prec, 1, n, 0 if prefill else sc.prompt) if not op.routed)
-    return (p.ttft_s if prefill else p.tpot_s), calls, calls - other
+    return price_without_host_costs(shape, system(bw, {}, gemm_tflops()), sc, prefill)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from strata.analysis.hardware import STRATA_HOST_KEYS
+
 PREFILL = 128  # prompt tokens of the prefill measurement
 TWINS = {
     "dense": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 2048, "hidden_size": 128,
@@ -83,37 +85,35 @@ def time_twin(path: Path, decode: int, threads: int, native_moe: bool = True) ->
     return {"step_ms": statistics.median(steps) * 1e3, "prefill_ms": min(prefills) * 1e3}
 
 
-def priced(name: str, device, looped: bool = False, prefill: bool = False) -> tuple[float, float, float]:
-    """(seconds the cost model gives the twin's decode step, or its PREFILL-token prompt, with no per-call overhead
-    and no loop cost; its kernel calls; the calls of its routed expert ops) on `device`."""
-    from strata.analysis import efficiency
-    from strata.analysis.efficiency import PRIORS, Efficiencies
+def price_without_host_costs(shape, system, sc, prefill: bool = False) -> tuple[float, float, float]:
+    """(seconds the cost model gives `sc`'s decode step, or its prompt with `prefill`, on `system` with no Strata
+    host cost per call or per expert loop call; the step's kernel calls; the calls of its routed expert ops)."""
+    from strata.analysis.efficiency import Efficiencies
     from strata.analysis.hardware import System
     from strata.analysis.operators import build_ops
+    from strata.analysis.predict import predict
+
+    bare = replace(system.device, strata_host={k: 0.0 for k in STRATA_HOST_KEYS})
+    p = predict(shape, System(bare), sc, Efficiencies())
+    step = p.prefill if prefill else p.decode
+    calls = sum(s.launches for s in step.segments)
+    n = sc.prompt if prefill else 1
+    other = sum(op.launches for op in build_ops(shape, sc.prec, 1, n, 0 if prefill else sc.prompt) if not op.routed)
+    return (p.ttft_s if prefill else p.tpot_s), calls, calls - other
+
+
+def priced(name: str, device, looped: bool = False, prefill: bool = False) -> tuple[float, float, float]:
+    """price_without_host_costs of a twin's decode step, or its PREFILL-token prompt, on `device`."""
+    from strata.analysis.hardware import System
     from strata.analysis.placement import Scenario
     from strata.analysis.precision import Precisions
-    from strata.analysis.predict import predict
     from strata.analysis.shapes import shape_from_dict
 
-    shape = shape_from_dict(TWINS[name], name=f"{name}-twin")
     sc = Scenario(batch=1, prompt=PREFILL if prefill else 16, gen=64, engine="strata", offload="none",
                   prec=Precisions("bf16", activations="bf16", kv="bf16", head="bf16"))
     if looped:
         sc.offload, sc.cache_frac, sc.hit_rate = "experts", 1.0, 1.0
-    effs = Efficiencies({"cpu-measured|strata": replace(PRIORS["cpu-measured"], overhead_us=0.0)})
-    bare = replace(device, strata_host={"overhead_us_per_call": 0.0, "loop_us_per_expert_call": 0.0,
-                                        "prefill_loop_us_per_expert_call": 0.0})
-    saved = efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US
-    efficiency.STRATA_LOOP_US = efficiency.STRATA_PREFILL_LOOP_US = 0.0
-    try:
-        p = predict(shape, System(bare), sc, effs)
-    finally:
-        efficiency.STRATA_LOOP_US, efficiency.STRATA_PREFILL_LOOP_US = saved
-    step = p.prefill if prefill else p.decode
-    calls = sum(s.launches for s in step.segments)
-    n = PREFILL if prefill else 1
-    other = sum(op.launches for op in build_ops(shape, sc.prec, 1, n, 0 if prefill else sc.prompt) if not op.routed)
-    return (p.ttft_s if prefill else p.tpot_s), calls, calls - other
+    return price_without_host_costs(shape_from_dict(TWINS[name], name=f"{name}-twin"), System(device), sc, prefill)
 
 
 def probe_host(prof: dict, threads: int, decode: int = 48) -> dict:
