@@ -4,6 +4,7 @@ then decoded together one token per step, their KV in small blocks scattered ove
 import torch
 
 from strata.layers.attention import AttentionMetadata
+from strata.layers.kv_cache import allocate_kv_caches
 
 
 def _slots(table: list[int], block_size: int, positions: range) -> torch.Tensor:
@@ -14,15 +15,14 @@ def paged_logits(model, seqs: list[torch.Tensor], prefill_lens: list[int], block
                  dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Per sequence: logits [len - prefill, V] predicting positions prefill .. len - 1 (the prefill's last
     row, then one row per decode step), i.e. rows prefill - 1 .. len - 2 of a full forward's logits."""
-    cfg, n = model.config, len(seqs)
+    n = len(seqs)
     blocks = [-(-len(s) // block_size) for s in seqs]
     # interleaved and reversed, so no sequence's blocks are contiguous or in order
     order = list(range(sum(blocks)))[::-1]
     tables = [[order[b * n + i] for b in range(blocks[i])] for i in range(n)] if len(set(blocks)) == 1 else None
     if tables is None:
         raise ValueError("paged_logits: give sequences of one length")
-    shape = (sum(blocks) * block_size, cfg.num_key_value_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
+    caches = allocate_kv_caches(model.kv_cache_spec(), sum(blocks) * block_size, dtype)  # as the engine does
     starts = [sum(prefill_lens[:i]) for i in range(n)]
     meta = AttentionMetadata(starts, list(prefill_lens), list(prefill_lens),
                              torch.cat([_slots(t, block_size, range(p)) for t, p in zip(tables, prefill_lens)]),
@@ -43,3 +43,20 @@ def paged_logits(model, seqs: list[torch.Tensor], prefill_lens: list[int], block
         for j, i in enumerate(live):
             out[i].append(step[j])
     return [torch.stack(o[:-1]) for o in out]  # the last step predicts beyond the sequence
+
+
+def random_ids(vocab_size: int, n: int, seed: int) -> torch.Tensor:
+    """n token ids in [3, vocab_size) (above the special tokens of the tiny configs)."""
+    return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_paged_decode_matches(model, hf, vocab_size: int, length: int = 30, prefill_lens=(5, 11, 3),
+                                block_size: int = 4) -> None:
+    """Three sequences prefilled together and decoded together over small scattered blocks give transformers'
+    full-forward logits, row for row."""
+    seqs = [random_ids(vocab_size, length, s) for s in range(2, 2 + len(prefill_lens))]
+    got = paged_logits(model, seqs, list(prefill_lens), block_size)
+    for s, p, g in zip(seqs, prefill_lens, got):
+        with torch.no_grad():
+            ref = hf(s[None]).logits[0, p - 1 : -1]
+        torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from strata.layers.attention import AttentionMetadata
 from strata.weights.loader import load_model
 from tests.models.conftest import save_tiny_tokenizer
-from tests.models.paged_decode import paged_logits
+from tests.models.paged_decode import assert_paged_decode_matches, paged_logits, random_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,7 +88,7 @@ def gpt_oss_mxfp4(tmp_path_factory):
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, CONFIG["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed))
+    return random_ids(CONFIG["vocab_size"], n, seed)
 
 
 def _greedy_ref(hf, prompt: torch.Tensor, n: int) -> list[int]:
@@ -116,12 +116,7 @@ def test_paged_batched_decode_past_window_matches_transformers(gpt_oss):
     model = load_model(path, progress=False)
     assert [s.sliding_window for s in model.kv_cache_spec()] == [WINDOW, None, WINDOW, None]
     assert [layer.self_attn.sliding_window for layer in model.model.layers] == [WINDOW, None, WINDOW, None]
-    seqs, prefill = [_ids(30, s) for s in (2, 3, 4)], [5, 11, 3]
-    got = paged_logits(model, seqs, prefill, block_size=4)  # 8 blocks per sequence, 3 sequences per step
-    for s, p, g in zip(seqs, prefill, got):
-        with torch.no_grad():
-            ref = hf(s[None]).logits[0, p - 1 : -1]
-        torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)
+    assert_paged_decode_matches(model, hf, CONFIG["vocab_size"])  # 8 blocks per sequence, 3 sequences per step
 
 
 @pytest.mark.parametrize("which", ["gpt_oss", "gpt_oss_mxfp4"])
