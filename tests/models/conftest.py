@@ -32,7 +32,12 @@ FAMILIES = {
 
 def build_hf(family: str, path, dtype=torch.float32, seed: int = 0):
     cfg_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+    return save_random_hf(cfg_cls, model_cls, {**COMMON, **extra}, path, dtype, seed)
+
+
+def save_random_hf(cfg_cls: str, model_cls: str, cfg_kwargs: dict, path, dtype=torch.float32, seed: int = 0):
+    """A transformers model of the named classes with N(0, 0.08) matrices, saved with the tiny tokenizer."""
+    cfg = getattr(transformers, cfg_cls)(**cfg_kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(dtype).eval()
     with torch.no_grad():  # larger random weights so logits are spread and greedy paths are not ties

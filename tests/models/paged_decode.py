@@ -60,3 +60,16 @@ def assert_paged_decode_matches(model, hf, vocab_size: int, length: int = 30, pr
         with torch.no_grad():
             ref = hf(s[None]).logits[0, p - 1 : -1]
         torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)
+
+
+def assert_cached_decode_equals_full(model, ids: torch.Tensor, caches, slots: torch.Tensor, prefill: int) -> None:
+    """One sequence: a prefill of `prefill` tokens, then one token per step, its KV at `slots` in `caches`, gives
+    the logits of one forward without a cache, row for row."""
+    n = len(ids)
+    full = model(ids, torch.arange(n), AttentionMetadata.no_cache([n]))
+    meta = AttentionMetadata([0], [prefill], [prefill], slots[:prefill], [slots[:prefill]])
+    steps = [model(ids[:prefill], torch.arange(prefill), meta, caches)]
+    for t in range(prefill, n):
+        meta = AttentionMetadata([0], [1], [t + 1], slots[t : t + 1], [slots[: t + 1]])
+        steps.append(model(ids[t : t + 1], torch.tensor([t]), meta, caches))
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ from strata.layers.kv_cache import allocate_kv_caches, kv_bytes_per_token
 from strata.models.registry import load_config
 from strata.weights.loader import load_model
 from tests.models.conftest import save_tiny_tokenizer
+from tests.models.paged_decode import assert_cached_decode_equals_full
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale": 0.707,
         "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
@@ -95,15 +96,7 @@ def test_latent_cache_decode_equals_full_forward(hf_deepseek, variant):
     assert all(len(c) == 1 for c in caches)
     blocks = torch.tensor([11, 3, 7, 0, 14, 5, 9, 2, 12, 1])  # not in order: context gathered across blocks
     slots = (blocks[:, None] * 4 + torch.arange(4)).reshape(-1)
-    ids = _ids(SEQ, 2)
-    full = model(ids, torch.arange(SEQ), AttentionMetadata.no_cache([SEQ]))
-    prefill = 9
-    meta = AttentionMetadata([0], [prefill], [prefill], slots[:prefill], [slots[:prefill]])
-    steps = [model(ids[:prefill], torch.arange(prefill), meta, caches)]
-    for t in range(prefill, SEQ):
-        meta = AttentionMetadata([0], [1], [t + 1], slots[t : t + 1], [slots[: t + 1]])
-        steps.append(model(ids[t : t + 1], torch.tensor([t]), meta, caches))
-    torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=1e-4)
+    assert_cached_decode_equals_full(model, _ids(SEQ, 2), caches, slots, prefill=9)
 
 
 def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:

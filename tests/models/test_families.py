@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from strata.layers.attention import AttentionMetadata
+from strata.layers.kv_cache import allocate_kv_caches
 from strata.weights.loader import load_model
 from tests.models.conftest import FAMILIES
+from tests.models.paged_decode import assert_cached_decode_equals_full
 
 SEQ = 40  # longer than mistral's sliding window (24)
 
@@ -30,18 +32,8 @@ def test_cached_decode_equals_full_forward(hf_family, family):
     _, path = hf_family(family)
     model = load_model(path, progress=False)
     cfg = model.config
-    ids = _ids(cfg.vocab_size, SEQ, seed=2)
-    full = model(ids, torch.arange(SEQ), AttentionMetadata.no_cache([SEQ]))
-    shape = (64, cfg.num_key_value_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
-    slots = torch.arange(64)
-    prefill = 17
-    meta = AttentionMetadata([0], [prefill], [prefill], slots[:prefill], [slots[:prefill]])
-    steps = [model(ids[:prefill], torch.arange(prefill), meta, caches)]
-    for t in range(prefill, SEQ):
-        meta = AttentionMetadata([0], [1], [t + 1], slots[t : t + 1], [slots[: t + 1]])
-        steps.append(model(ids[t : t + 1], torch.tensor([t]), meta, caches))
-    torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=1e-4)
+    caches = allocate_kv_caches(model.kv_cache_spec(), 64, torch.float32)
+    assert_cached_decode_equals_full(model, _ids(cfg.vocab_size, SEQ, seed=2), caches, torch.arange(64), prefill=17)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -26,7 +26,7 @@ from strata.quant.kquant import BLOCK_BYTES, GGUF_TYPES, random_blocks
 from strata.tiers.store import ExpertStore
 from strata.tiers.store_convert import checkpoint_facts, ensure_store
 from strata.weights.gguf_cache import resolve_model_path
-from tests.models.conftest import COMMON, save_tiny_tokenizer
+from tests.models.conftest import COMMON, save_random_hf
 from tests.tiers.conftest import budget_for
 from tests.weights.gguf_writer import write_gguf
 
@@ -55,15 +55,7 @@ def _kquant_kind(name: str) -> str:
 
 def _hf_model(family: str, path: Path) -> None:
     cfg_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **MOE, **extra})
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    save_tiny_tokenizer(path)
+    save_random_hf(cfg_cls, model_cls, {**COMMON, **MOE, **extra}, path)
 
 
 @pytest.fixture(scope="module")

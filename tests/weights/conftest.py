@@ -2,9 +2,8 @@
 express (no llama3 rope scaling, no sliding window), built with transformers once per session."""
 
 import pytest
-import torch
 
-from tests.models.conftest import COMMON, MOE, save_tiny_tokenizer
+from tests.models.conftest import COMMON, MOE, save_random_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,16 +26,7 @@ SEQ = 24
 
 def build(family: str, path):
     cfg_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    save_tiny_tokenizer(path)
-    return model
+    return save_random_hf(cfg_cls, model_cls, {**COMMON, **extra}, path)
 
 
 @pytest.fixture(scope="session")
