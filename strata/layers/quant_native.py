@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,6 +82,9 @@ def cpu_supported() -> bool:
     return False
 
 
+STALE_BUILD_S = 7 * 86400  # a build of other sources older than this is removed
+
+
 def cache_dir() -> Path:
     root = os.environ.get("STRATA_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "strata")
@@ -89,7 +93,8 @@ def cache_dir() -> Path:
 
 def compile_library(stem: str, sources: list[Path], cc: str, flags: list[str], libs: list[str] = ()) -> Path:
     """`stem-HASH.so` in cache_dir() built from `sources` (the hash covers them and the command), compiled
-    once into a temporary file then renamed; builds of older sources are removed."""
+    once into a temporary file then renamed. Builds of other sources untouched for STALE_BUILD_S are removed:
+    a younger one may belong to another checkout or process that is loading it now."""
     text = b"".join(p.read_bytes() for p in sources)
     digest = hashlib.sha256(text + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{stem}-{digest}.so"
@@ -103,9 +108,13 @@ def compile_library(stem: str, sources: list[Path], cc: str, flags: list[str], l
         subprocess.run([cc, *flags, *c_files, "-o", tmp, *libs], check=True, capture_output=True,
                        timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, target)
-        for stale in target.parent.glob(f"{stem}-*.so"):  # builds of older sources
-            if stale != target:
-                stale.unlink(missing_ok=True)
+        now = time.time()
+        for stale in target.parent.glob(f"{stem}-*.so"):  # builds of other sources
+            try:
+                if stale != target and now - stale.stat().st_mtime > STALE_BUILD_S:
+                    stale.unlink()
+            except FileNotFoundError:  # removed by another process meanwhile
+                pass
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
