@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.servers import free_port, wait_healthy
+
 TASK = "strata_local_mc"
 
 EVERYDAY = [
@@ -77,31 +79,14 @@ def write_task(folder: Path) -> None:
         "metric_list:\n  - metric: acc\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str, port: int, num_threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "strata.cli", "serve", model, "--port", str(port), "--dtype", "float32",
            "--served-model-name", "strata-model", "--log-level", "warning"]
     if num_threads:
         cmd += ["--num-threads", str(num_threads)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"strata serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("strata serve did not become healthy in 300 s")
+    wait_healthy(f"http://127.0.0.1:{port}", proc)
+    return proc
 
 
 def _loglikelihoods(result: dict) -> dict[tuple[int, int], float]:
@@ -122,7 +107,7 @@ def run(model: str, num_threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_task(Path(tmp))
         tm = TaskManager(include_path=tmp)
-        port = _free_port()
+        port = free_port()
         proc = start_server(model, port, num_threads)
         try:
             t0 = time.perf_counter()

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.servers import free_port
+
 SERVERS = {  # name -> serve flags
     "1 engine x 1 thread": ["--num-threads", "1"],
     "1 engine x 2 threads": ["--num-threads", "2"],
@@ -35,7 +37,6 @@ SERVERS = {  # name -> serve flags
 def serve(flags: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    from tests.server.conftest import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "strata.cli", "serve", "--port", str(port), "--log-level", "warning",

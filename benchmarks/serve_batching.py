@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.servers import free_port, wait_healthy
 
 SERVED_NAME = "bench"
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING HENRY:", "Where is"]
@@ -86,17 +87,10 @@ async def _round(base: str, streams: int, tokens: int, sampled: bool, pid: int) 
             "tpot_ms": statistics.mean(r["tpot_s"] for r in res) * 1e3, "server_cpu_ms_per_token": cpu / total * 1e3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: str | None = None,
                  dtype: str = "auto") -> dict:
-    import httpx
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []), "--port", str(port),
            "--num-threads", str(threads), "--max-num-seqs", "16", "--max-model-len", "512", "--dtype", dtype,
            "--served-model-name", SERVED_NAME, "--log-level", "warning"]
@@ -104,15 +98,7 @@ def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: s
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise SystemExit("strata serve did not become healthy")
+        wait_healthy(base, proc, timeout=120.0)
         asyncio.run(_round(base, 2, 16, sampled, proc.pid))  # warm-up
         out = {}
         for n in (1, 16):  # best of `rounds` (the machine is shared: the best run has the least interference)

@@ -18,38 +18,18 @@ import argparse
 import datetime
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.servers import free_port, wait_healthy
+
 # the ShareGPT sample of the shared data folder beside the checkout (not in the repository)
 SHAREGPT = ROOT.parent / "shared" / "data" / "sharegpt-prompts-500" / "ShareGPT_V3_filtered_500.json"
 LLAMA_SERVER = ROOT / ".cache" / "peers" / "llama-server-build" / "bin" / "llama-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 900.0) -> None:
-    import httpx
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it became healthy")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{base}: not healthy after {timeout:.0f} s")
 
 
 def server_commands(args, port: int) -> dict[str, list[str]]:
@@ -97,14 +77,14 @@ def main() -> None:
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
           f"{os.getloadavg()[0]:.1f}: {shlex.join(sys.argv)}", flush=True)
     for server in args.servers:
-        port = _free_port()
+        port = free_port()
         cmd = server_commands(args, port)[server]
         print("#", shlex.join(cmd), flush=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_healthy(base, proc)
+            wait_healthy(base, proc, timeout=900.0)
             bench(args, base, f"{args.name}/{server}")
         finally:
             proc.terminate()
