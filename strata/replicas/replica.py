@@ -50,7 +50,7 @@ class EngineReplica:
         """Outputs of a new request, or of one migrated here (`migrated`: a MigratedRequest). A request
         migrated away (migrate_out) ends its stream without a final output; with `handoff` (a prefill replica)
         the request leaves after its first token and the last item is its MigratedRequest."""
-        from strata.server.async_engine import RequestMigratedError
+        from strata.server.request_stream import RequestMigratedError
 
         if migrated is not None:
             stream = self.engine.resume_request(migrated, request_id, timeout)

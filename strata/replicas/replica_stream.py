@@ -14,7 +14,7 @@ import asyncio
 import time
 
 from strata.engine.migration import MigratedRequest
-from strata.server.async_engine import RequestFailedError
+from strata.server.request_stream import RequestFailedError
 
 
 class ReplicaStream:

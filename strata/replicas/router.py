@@ -25,8 +25,8 @@ import time
 from strata.config import EngineConfig
 from strata.errors import ConfigError, StrataError
 from strata.replicas.replica_stream import ReplicaStream
-from strata.server.async_engine import EngineDeadError, EngineNotReadyError, RequestFailedError
 from strata.server.metrics import EngineMetrics
+from strata.server.request_stream import EngineDeadError, EngineNotReadyError, RequestFailedError
 
 log = logging.getLogger("strata.router")
 LOAD_TIMEOUT_S = 10.0  # a replica that does not answer a load query in this time is taken for dead

@@ -23,81 +23,18 @@ from strata.engine.llm_engine import LLMEngine, RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
 from strata.server.metrics import EngineMetrics
+from strata.server.request_stream import (
+    EngineDeadError,
+    EngineNotReadyError,
+    OverloadedError,
+    RequestFailedError,
+    RequestMigratedError,
+    RequestStream,
+)
 
 log = logging.getLogger("strata.server")
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped; nothing more will be generated."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The model is still loading."""
-
-
-class OverloadedError(RuntimeError):
-    def __init__(self, num_waiting: int, limit: int):
-        super().__init__(f"Server is busy: {num_waiting} requests waiting (limit {limit}). Retry later.")
-
-
-class RequestTimeoutError(RuntimeError):
-    pass
-
-
-class RequestFailedError(RuntimeError):
-    pass
-
-
-class RequestMigratedError(RuntimeError):
-    """The request moved to another engine with its KV; this engine's stream ends here. `migrated`: the
-    MigratedRequest of a hand-off (for migrate_out the caller has it)."""
-
-    def __init__(self, message: str, migrated=None):
-        super().__init__(message)
-        self.migrated = migrated
-
-
-class RequestStream:
-    """Async iterator of RequestOutput for one request; closing it early aborts the request."""
-
-    def __init__(self, owner: AsyncEngine, request_id: str, deadline: float | None):
-        self.owner = owner
-        self.request_id = request_id
-        self.deadline = deadline
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-        try:  # an output already there (the usual case under load) needs no wait
-            item = self.queue.get_nowait() if not self.queue.empty() else \
-                await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
-            self.abort()
-            raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") from None
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    @property
-    def has_pending(self) -> bool:
-        """An output is already waiting (the next __anext__ will not wait)."""
-        return not self.finished and not self.queue.empty()
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.owner.abort(self.request_id)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import logging
 from starlette.responses import JSONResponse
 
 from strata.errors import InvalidRequestError, StrataError
-from strata.server.async_engine import (
+from strata.server.request_stream import (
     EngineDeadError,
     EngineNotReadyError,
     OverloadedError,

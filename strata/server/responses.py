@@ -14,8 +14,8 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from strata.server.async_engine import RequestStream
 from strata.server.errors import to_api_error
+from strata.server.request_stream import RequestStream
 from strata.server.tool_calls import ToolCallStreamer, tool_message
 
 

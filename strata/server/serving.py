@@ -14,10 +14,11 @@ from starlette.requests import Request
 from strata.engine.admission import check_request_fits, check_token_ids
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import InvalidRequestError, StrataError
-from strata.server.async_engine import AsyncEngine, RequestStream
+from strata.server.async_engine import AsyncEngine
 from strata.server.errors import APIError, to_api_error
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_checks import check_text_length
+from strata.server.request_stream import RequestStream
 from strata.server.responses import RequestContext, SSEResponse
 from strata.server.structured import structured_params, tool_mode
 from strata.server.tool_calls import template_messages
@@ -196,7 +197,7 @@ class Serving:
         return await ctx.collect(raw)
 
     def engine_state_error(self) -> Exception:
-        from strata.server.async_engine import EngineDeadError, EngineNotReadyError
+        from strata.server.request_stream import EngineDeadError, EngineNotReadyError
 
         if self.engine.dead_reason is not None:
             return EngineDeadError(f"the engine loop has stopped: {self.engine.dead_reason}")

@@ -11,7 +11,7 @@ from strata.engine.llm_engine import CompletionOutput, RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.replicas import router as router_mod
 from strata.replicas.router import ReplicaDeadError, ReplicaRouter, _Replica
-from strata.server.async_engine import EngineDeadError, RequestFailedError
+from strata.server.request_stream import EngineDeadError, RequestFailedError
 
 
 class _Call:

@@ -13,7 +13,8 @@ from strata.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
 from strata.server.app import create_app
-from strata.server.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, RequestTimeoutError
+from strata.server.async_engine import AsyncEngine
+from strata.server.request_stream import EngineDeadError, RequestFailedError, RequestTimeoutError
 
 
 @pytest.fixture(scope="module")
