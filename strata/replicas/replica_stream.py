@@ -45,6 +45,12 @@ class ReplicaStream:
             await self._gen.aclose()  # runs its bookkeeping now, not when the generator is collected
         return out
 
+    @property
+    def has_pending(self) -> bool:
+        """Whether an output is already waiting (as RequestStream.has_pending): never known here, the outputs arrive
+        through Ray, so the server writes each chunk as it comes."""
+        return False
+
     def abort(self) -> None:
         if not self.finished:
             self.finished = True

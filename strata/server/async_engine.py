@@ -46,7 +46,6 @@ class _Tracked:
     t_last: float | None = None
     num_tokens: int = 0
     num_seqs: int = 1  # request_success counts sequences, so an abort or error counts this many
-    handoff: bool = False  # leaves with its KV after the first token (prefill/decode disaggregation)
     extra: dict = field(default_factory=dict)
 
 
@@ -66,6 +65,7 @@ class AsyncEngine:
         self._waiting_ids: set[str] = set()  # added, not yet scheduled (the bounded queue)
         self._free_slots = 0  # max_num_seqs minus running sequences, as of the last step
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._handoffs: set[str] = set()  # tracked requests that leave after their first token (engine thread)
         self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
         self._wake_pending = False  # a _take_pending is scheduled on the loop
         self._stop = threading.Event()
@@ -259,7 +259,9 @@ class AsyncEngine:
                 self._discard_waiting(rid)
                 self._deliver(stream, e)
                 return
-            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n, handoff=handoff)
+            self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n)
+            if handoff:
+                self._handoffs.add(rid)
         elif kind == "resume":
             from strata.engine.migration import import_request
 
@@ -346,8 +348,10 @@ class AsyncEngine:
                 for o in out.outputs:
                     self.metrics.finished(o.finish_reason or "abort")
         self._deliver_all(deliveries)
-        for rid in [rid for rid, tr in self._tracked.items() if tr.handoff and tr.t_first is not None]:
-            self._hand_off(rid)
+        if self._handoffs:  # prefill replicas only: the others skip the scan
+            self._handoffs &= self._tracked.keys()  # finished, aborted or failed meanwhile
+            for rid in [rid for rid in self._handoffs if self._tracked[rid].t_first is not None]:
+                self._hand_off(rid)
         self._publish_gauges()
 
     def _hand_off(self, rid: str) -> None:
@@ -356,7 +360,7 @@ class AsyncEngine:
         from strata.engine.migration import MigrationError, export_request
 
         tr = self._tracked[rid]
-        tr.handoff = False
+        self._handoffs.discard(rid)
         try:
             migrated = export_request(self.engine, rid)
         except MigrationError as e:

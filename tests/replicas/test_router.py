@@ -114,3 +114,15 @@ def test_ray_missing_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(router_mod.ConfigError, match=r"needs Ray: pip install 'strata\[distributed\]'"):
         router_mod._ray()
+
+
+def test_replica_stream_offers_what_the_server_reads_from_a_stream():
+    """The SSE writer (server/responses.py) asks every stream whether an output is already waiting; a replica's
+    stream answers no (its outputs arrive through Ray), so each chunk is written as it comes."""
+    from strata.replicas.replica_stream import ReplicaStream
+    from strata.server.request_stream import RequestStream
+
+    for name in ("has_pending", "abort", "__aiter__", "__anext__"):
+        assert hasattr(RequestStream, name) and hasattr(ReplicaStream, name), name
+    stream = ReplicaStream.__new__(ReplicaStream)
+    assert stream.has_pending is False
