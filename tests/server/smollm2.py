@@ -1,5 +1,5 @@
-"""SmolLM2-135M-Instruct as an HF folder, dequantized from the GGUF in Strata's cache through transformers' GGUF
-reader (test-only), with a Hermes/Qwen-style chat template that offers tools: the real model of the slow tests."""
+"""SmolLM2-135M-Instruct as an HF folder, converted from the GGUF in Strata's cache by Strata's converter
+(test-only), with a Hermes/Qwen-style chat template that offers tools: the real model of the slow tests."""
 
 from __future__ import annotations
 
@@ -37,24 +37,15 @@ def smollm2_gguf() -> Path:
 
 
 def build_smollm2_folder(dest: Path) -> Path:
-    """The GGUF's weights (bf16) as model.safetensors, its config and tokenizer, and HERMES_TEMPLATE."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF as an HF folder by Strata's converter (weights dequantized exactly; tests/weights checks it
+    against transformers' own GGUF reading), with HERMES_TEMPLATE as its chat template."""
+    from strata.weights.gguf_convert import convert_gguf
 
-    gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    dest.mkdir(parents=True, exist_ok=True)
-    tied = model.config.tie_word_embeddings
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(dest)
-    model.generation_config.save_pretrained(dest)
-    tok.save_pretrained(dest)
+    convert_gguf(smollm2_gguf(), dest, overwrite=True, keep_quantized=False)
     (dest / "chat_template.jinja").write_text(HERMES_TEMPLATE)
-    cfg = json.loads((dest / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    cfg_path = dest / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("chat_template", None)
+        cfg_path.write_text(json.dumps(cfg))
     return dest
