@@ -31,6 +31,7 @@ from strata.distributed.tensor_parallel import Shard, check_supported, paralleli
 from strata.errors import DistributedError, StrataError, UnsupportedError
 from strata.layers.attention import AttentionMetadata
 from strata.layers.kv_cache import allocate_kv_caches
+from strata.layers.quant_embedding import compute_dtype
 from strata.models.base import CausalLM
 from strata.models.registry import load_config
 
@@ -229,7 +230,7 @@ def _worker_main(rank: int, world: int, port: int, path: str, fields: dict, host
 def _serve(model: CausalLM) -> None:
     """Run rank 0's forwards until it sends OP_STOP."""
     kv_caches = None
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = compute_dtype(model)
     while True:
         try:
             header = parallel_state.broadcast(torch.zeros(HEADER_LEN, dtype=torch.long), control=True).tolist()

@@ -12,6 +12,7 @@ import torch
 from strata.engine.scheduler import ScheduledBatch
 from strata.layers import kv_cache
 from strata.layers.attention import AttentionMetadata
+from strata.layers.quant_embedding import compute_dtype
 from strata.models.base import CausalLM
 
 
@@ -23,7 +24,7 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 def num_kv_blocks(model: CausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
                   kv_cache_memory: int) -> int:
     """Blocks for max_num_seqs sequences of max_model_len tokens, at most kv_cache_memory bytes, at least one."""
-    per_block = kv_bytes_per_token(model, model.model.embed_tokens.weight.dtype) * block_size
+    per_block = kv_bytes_per_token(model, compute_dtype(model)) * block_size
     wanted = max_num_seqs * ((max_model_len + block_size - 1) // block_size)
     return max(min(wanted, kv_cache_memory // per_block), 1)
 
@@ -32,7 +33,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = compute_dtype(model)
         self.kv_caches = kv_cache.allocate_kv_caches(model.kv_cache_spec(), num_blocks * block_size, self.dtype)
         self._slot_offsets = torch.arange(block_size)
 

@@ -20,6 +20,7 @@ from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe import SparseMoeBlock
 from strata.layers.norm import RMSNorm
+from strata.layers.quant_embedding import QuantEmbedding
 from strata.layers.rotary import RotaryEmbedding, apply_rotary
 from strata.models import native_decode
 
@@ -166,7 +167,11 @@ class CausalLM(nn.Module):
     def post_load(self) -> None:
         """Tie embeddings and build the rotary tables (call after loading weights)."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            embed = self.model.embed_tokens
+            if isinstance(embed, QuantEmbedding):  # the head reads the table's blocks (a QuantLinear, no copy)
+                self.lm_head = embed.tied_head()
+            else:
+                self.lm_head.weight = embed.weight
         self.rotary = RotaryEmbedding(self.config)
 
     def _native_decoder(self, kv_caches):

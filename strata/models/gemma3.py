@@ -111,6 +111,8 @@ class Gemma3RMSNorm(nn.Module):
 
 
 class Gemma3ScaledEmbedding(nn.Embedding):
+    scale_by_sqrt_dim = True  # read by QuantEmbedding when the table is kept quantized
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         scale = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype)  # 55.4256 -> 55.5 in bf16, as HF
         return super().forward(input_ids) * scale  # [T, H]

@@ -17,7 +17,7 @@ from pathlib import Path
 from strata.layers.quant_native import cache_dir
 from strata.weights.gguf_reader import is_gguf
 
-CONVERTER_VERSION = 3  # bump when the converter's output changes, so cached folders are rebuilt
+CONVERTER_VERSION = 4  # bump when the converter's output changes, so cached folders are rebuilt
 _EDGE_BYTES = 2**20
 
 

@@ -12,8 +12,9 @@ with two layout changes undone:
   and `attn_v_b` [H, v, R]; the two are joined back into kv_b_proj [H * (nope + v), R] (older files keep
   `attn_kv_b`). Rotary pairs stay interleaved in both formats: no reorder.
 
-Tied embeddings whose GGUF tensor stays quantized (`keep_quantized`, e.g. SmolLM2's Q8_0 `token_embd`) are
-untied: `lm_head` gets the quantized blocks (read every token) while the embedding lookup keeps float rows.
+With `keep_quantized`, a `token_embd` of a kept type stays quantized too (`model.embed_tokens` in the
+quantization_config; strata/layers/quant_embedding.py dequantizes the rows a lookup reads), and tied embeddings
+stay tied: the output projection reads the same blocks.
 
 Values: every type is read as float32 (F32, F16 and BF16 exactly; quantized types dequantized by the
 `gguf` package) and stored as bfloat16 where that holds every value of the tensor exactly, else as float16
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from strata.errors import WeightsError
 from strata.fileio import atomic_dir, check_output_dir
 from strata.weights.gguf_config import generation_config, hf_config
-from strata.weights.gguf_quantized import PackedWeight, can_keep, has_kept_types, kept_quantized
+from strata.weights.gguf_quantized import PackedWeight, has_kept_types, kept_quantized
 from strata.weights.gguf_reader import GGUFFile
 from strata.weights.gguf_tokenizer import build_tokenizer
 
@@ -105,14 +106,9 @@ def hf_tensors(g: GGUFFile, cfg: dict, keep_quantized: bool = False
                 continue
             info = g.tensors[name]
             packed = kept_quantized(info.type_name, info.raw.data, info.shape) if (
-                keep_quantized and name == "output.weight") else None
+                keep_quantized and name in ("output.weight", "token_embd.weight")) else None
             w = packed if packed is not None else g.tensor(name)
             yield _GLOBAL[name], w - 1 if gemma and name == "output_norm.weight" else w, name
-            if (name == "token_embd.weight" and keep_quantized and not cfg["tie_word_embeddings"]
-                    and "output.weight" not in g.tensors):  # untied by convert_gguf: the head's quantized copy
-                head = kept_quantized(info.type_name, info.raw.data, info.shape)
-                if head is not None:
-                    yield "lm_head.weight", head, name
             continue
         m = _BLOCK.fullmatch(name)
         if not m:
@@ -164,14 +160,6 @@ def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
                            f"kv_b_proj (expected [H, R, nope] and [H, v, R])")
     kv = np.concatenate([np.swapaxes(np.asarray(k_b), 1, 2), np.asarray(v_b)], axis=1)  # [H, nope + v, R]
     return kv.reshape(-1, kv.shape[-1])
-
-
-def quantized_head(g: GGUFFile, cfg: dict) -> bool:
-    """Whether tied embeddings get a separate quantized lm_head: the file has no output.weight and token_embd
-    is of a type kept quantized."""
-    info = g.tensors.get("token_embd.weight")
-    return (cfg["tie_word_embeddings"] and "output.weight" not in g.tensors and info is not None
-            and can_keep(info.type_name, info.shape))
 
 
 
@@ -227,21 +215,20 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite:
 
     keep_quantized: projections of a type with an exact Strata format (gguf_quantized.KEPT_FORMATS) stay
     quantized (config.json gets a Strata quantization_config; transformers cannot load such a folder);
-    None: only when the file has tensors of such a type (gguf_quantized.has_kept_types). Tied embeddings stored
-    quantized get a quantized lm_head of their own (tie_word_embeddings becomes false).
+    None: only when the file has tensors of such a type (gguf_quantized.has_kept_types). The embedding table
+    stays quantized too (tied embeddings stay tied: the head reads the same blocks).
     """
     out = check_output_dir(out_dir, overwrite)
     g = GGUFFile(path)
     if keep_quantized is None:
         keep_quantized = has_kept_types(g)
     cfg = hf_config(g)
-    if keep_quantized and quantized_head(g, cfg):
-        cfg["tie_word_embeddings"] = False
     tokenizer, tok_cfg = build_tokenizer(g) if "tokenizer.ggml.model" in g.metadata else (None, None)
     expected = _expected_shapes(cfg)
     with atomic_dir(out) as tmp:
         all_bf16, modules = _write_weights(g, cfg, expected, tmp, keep_quantized)
-        cfg["torch_dtype"] = "bfloat16" if all_bf16 else "float32"
+        # kept blocks hold values bfloat16 does not (d * q + m): a quantized file computes in float32 by default
+        cfg["torch_dtype"] = "bfloat16" if all_bf16 and not modules else "float32"
         if modules:
             formats = sorted(set(modules.values()))
             cfg["quantization_config"] = {"quant_method": "strata", "format": "+".join(formats), "modules": modules}

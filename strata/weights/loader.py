@@ -125,8 +125,12 @@ def load_model(
     # one line for a method or format Strata does not run; a family may read its own (gpt-oss: mxfp4)
     formats = read_quantization_config(cfg.raw, cls.own_quant_methods)
     if formats:
+        from strata.layers.quant_embedding import swap_embedding
         from strata.layers.quant_linear import swap_linears
 
+        if "model.embed_tokens" in formats:  # a table kept quantized: lookups dequantize their rows
+            formats = dict(formats)
+            swap_embedding(model, formats.pop("model.embed_tokens"), torch_dtype)
         swap_linears(model, formats)
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:

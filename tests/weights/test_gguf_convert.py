@@ -164,7 +164,7 @@ KEPT = {"Q4_0": "int4-g32", "Q8_0": "q8_0", "Q4_1": "q4_1"}
 def test_kept_quantized_holds_the_same_values(hf_models, tmp_path, family, qtype):
     """--keep-quantized: Q4_0 projections become int4-g32 codes and scales, Q8_0 and Q4_1 stay as their blocks;
     either way they dequantize to exactly the float conversion's weights (llama: through the q/k row reorder and
-    a quantized copy of the tied embedding as lm_head; mixtral: merged experts)."""
+    the tied embedding table kept quantized and read by the head; mixtral: merged experts)."""
     import json
 
     from safetensors.torch import load_file
@@ -180,10 +180,12 @@ def test_kept_quantized_holds_the_same_values(hf_models, tmp_path, family, qtype
     modules = cfg["quantization_config"]["modules"]
     assert "model.layers.0.self_attn.q_proj" in modules and set(modules.values()) == {KEPT[qtype]}
     tied = json.loads((floats / "config.json").read_text())["tie_word_embeddings"]
-    assert ("lm_head" in modules) == (tied or family == "mixtral") and not cfg["tie_word_embeddings"]
+    # the embedding table stays quantized; a tied head reads it (no lm_head tensor), an untied one is its own
+    assert "model.embed_tokens" in modules and ("lm_head" in modules) == (not tied)
+    assert cfg["tie_word_embeddings"] == tied
     f, q = load_file(str(floats / "model.safetensors")), load_file(str(tmp_path / "q" / "model.safetensors"))
     for m, fmt in modules.items():
-        w = f["model.embed_tokens.weight" if m == "lm_head" and tied else f"{m}.weight"].float()
+        w = f[f"{m}.weight"].float()
         got = dequantize_weight({k: q[f"{m}.{k}"] for k in ("qweight", "scales") if f"{m}.{k}" in q}, fmt, *w.shape)
         assert torch.equal(got, w), m
     ids = _ids()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from strata.layers.attention import AttentionMetadata
+from strata.layers.quant_embedding import QuantEmbedding
 from strata.layers.quant_linear import QuantLinear
 from strata.quant.kquant import GGUF_TYPES, random_blocks
 from strata.weights.gguf_convert import convert_gguf
@@ -81,10 +82,11 @@ def test_kquant_gguf_stays_quantized_and_matches(kquant_gguf, tmp_path):
     modules = json.loads((quant / "config.json").read_text())["quantization_config"]["modules"]
     assert modules["model.layers.0.self_attn.q_proj"] == kinds["blk.0.attn_q.weight"]
     assert modules["lm_head"] == kinds["output.weight"]
-    assert len(modules) == 2 * 7 + 1  # every projection; the embedding is dequantized (a lookup, not a linear)
+    assert modules["model.embed_tokens"] == kinds["token_embd.weight"]  # the table stays quantized (rows dequantized)
+    assert len(modules) == 2 * 7 + 2  # every projection, the head and the embedding
     logits, model = _logits(quant, ids)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert {n: str(m.fmt) for n, m in linears.items()} == modules
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantEmbedding)}
+    assert {n: str(m.fmt) for n, m in quantized.items()} == modules
     # bf16 activations through 2 layers: about 1% of the logits' scale; wrong blocks would be off by ~100%
     err = (logits - ref).abs().max() / ref.abs().max()
     assert err < 3e-2, err
