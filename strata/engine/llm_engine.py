@@ -72,7 +72,12 @@ class LLMEngine:
         path = resolve_model_path(config.model or BUNDLED_MODEL, progress)  # a GGUF file: its converted folder
         self.model_path = path
         spec = SpeculativeConfig.from_value(config.speculative_config)
-        # the draft loads first: the memory budget plan measures what is already resident (tiers/runtime.py)
+        # The tokenizer and the draft load first: the memory budget plan measures what is already resident as
+        # runtime (tiers/runtime.py; a 50k-token BPE vocabulary holds ~40 MB). Without tokenizer.json the engine
+        # still runs on token ids (benchmarks on synthetic weights).
+        tok_path = config.tokenizer or path
+        self.tokenizer = Tokenizer(tok_path) if config.tokenizer or os.path.exists(
+            os.path.join(path, "tokenizer.json")) else None
         proposer = make_proposer(spec, path, config) if spec else None
         if config.tensor_parallel_size > 1:  # ranks spawned here; this process is rank 0 (strata/distributed)
             from strata.distributed.launcher import load_model_parallel
@@ -84,10 +89,6 @@ class LLMEngine:
             torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
-        # Without tokenizer.json the engine still runs on token ids (benchmarks on synthetic weights).
-        tok_path = config.tokenizer or path
-        self.tokenizer = Tokenizer(tok_path) if config.tokenizer or os.path.exists(
-            os.path.join(path, "tokenizer.json")) else None
         mcfg = self.model_config
         max_len = resolve_max_model_len(config, mcfg, path)
         num_blocks = num_kv_blocks(self.model, config.block_size, config.max_num_seqs, max_len,
