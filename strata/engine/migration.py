@@ -63,12 +63,10 @@ class KVChunk:
     token_ids: list[int]  # the request's first `end` tokens
     num_prompt_tokens: int
     start: int
-    kv: torch.Tensor  # [L, 2, end - start, Hkv, D]
+    end: int
     num_preemptions: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.kv.shape[2]
+    kv: torch.Tensor | None = None  # [L, 2, end - start, Hkv, D], once gathered
+    slots: torch.Tensor | None = None  # [end - start] where the source holds them, until gathered
 
 
 def _slots(block_table: list[int], block_size: int, num_tokens: int) -> torch.Tensor:
@@ -84,10 +82,18 @@ def _check_engine(engine) -> None:
         raise MigrationError("requests of an engine with speculative decoding cannot migrate")
 
 
-def _gather(engine, seq: Sequence, start: int) -> torch.Tensor:
-    """K/V of the sequence's computed tokens from `start` on -> [L, 2, n, Hkv, D]."""
-    slots = _slots(seq.block_table, engine.block_manager.block_size, seq.num_computed_tokens)[start:]
-    return torch.stack([torch.stack((k[slots], v[slots])) for k, v in engine.runner.kv_caches])
+def _gather(engine, slots: torch.Tensor) -> torch.Tensor:
+    """K/V of the given cache slots -> [L, 2, n, Hkv, D] (one copy)."""
+    caches = engine.runner.kv_caches
+    out = torch.empty((len(caches), 2, len(slots), *caches[0][0].shape[1:]), dtype=caches[0][0].dtype)
+    for layer, (k, v) in enumerate(caches):
+        torch.index_select(k, 0, slots, out=out[layer, 0])
+        torch.index_select(v, 0, slots, out=out[layer, 1])
+    return out
+
+
+def _seq_slots(engine, seq: Sequence, start: int) -> torch.Tensor:
+    return _slots(seq.block_table, engine.block_manager.block_size, seq.num_computed_tokens)[start:]
 
 
 def _decoding_seq(engine, request_id: str) -> Sequence:
@@ -105,15 +111,29 @@ def _decoding_seq(engine, request_id: str) -> Sequence:
     return seq
 
 
-def export_kv(engine, request_id: str, start: int = 0, num_preemptions: int | None = None) -> KVChunk:
-    """A pre-copy stage (call between steps): the K/V of the request's tokens computed from `start` on; the
-    request keeps decoding here. From 0 when it was preempted since the stage that counted `num_preemptions`."""
+def plan_kv(engine, request_id: str, start: int = 0, num_preemptions: int | None = None) -> KVChunk:
+    """A pre-copy stage's tokens (call between steps): those the request computed from `start` on, from 0 when
+    it was preempted since the stage that counted `num_preemptions`; gather_kv reads their K/V."""
     seq = _decoding_seq(engine, request_id)
     if num_preemptions is not None and seq.num_preemptions != num_preemptions:
         start = 0
     start = min(start, seq.num_computed_tokens)
     return KVChunk(request_id, seq.token_ids[: seq.num_computed_tokens], seq.num_prompt_tokens, start,
-                   _gather(engine, seq, start), seq.num_preemptions)
+                   seq.num_computed_tokens, seq.num_preemptions, slots=_seq_slots(engine, seq, start))
+
+
+def gather_kv(engine, chunk: KVChunk) -> KVChunk:
+    """Read a planned stage's K/V; safe beside the engine's steps (the request keeps decoding): a computed
+    token's slot is not written again while the request holds its block. If the request leaves (finished,
+    aborted) its last stage fails and the migration is given up; if it is preempted, the last stage sends its
+    whole KV (the preemption count differs), so K/V read from a block already reused are never used."""
+    chunk.kv, chunk.slots = _gather(engine, chunk.slots), None
+    return chunk
+
+
+def export_kv(engine, request_id: str, start: int = 0, num_preemptions: int | None = None) -> KVChunk:
+    """A pre-copy stage (call between steps): plan_kv and gather_kv at once."""
+    return gather_kv(engine, plan_kv(engine, request_id, start, num_preemptions))
 
 
 def export_request(engine, request_id: str, kv_from: int = 0, num_preemptions: int | None = None) -> MigratedRequest:
@@ -123,7 +143,7 @@ def export_request(engine, request_id: str, kv_from: int = 0, num_preemptions: i
     if num_preemptions is not None and seq.num_preemptions != num_preemptions:
         kv_from = 0
     kv_from = min(kv_from, seq.num_computed_tokens)
-    kv = _gather(engine, seq, kv_from)  # [L, 2, n - kv_from, Hkv, D]
+    kv = _gather(engine, _seq_slots(engine, seq, kv_from))  # [L, 2, n - kv_from, Hkv, D]
     detok = {k: v for k, v in vars(engine._detok[seq.seq_id]).items() if k != "tokenizer"}
     out = MigratedRequest(request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, seq.priority,
                           seq.num_computed_tokens, kv, detok, list(seq.logprobs),

@@ -30,7 +30,15 @@ class StagedKV:
 
 
 def stage_kv(engine, staged: StagedKV | None, chunk: KVChunk) -> StagedKV:
-    """Write one pre-copy stage into this engine's blocks; -> the request's staged KV so far."""
+    """Write one pre-copy stage into this engine's blocks (call between steps); -> the request's staged KV."""
+    staged, first = reserve_stage(engine, staged, chunk)
+    write_stage(engine, staged, chunk, first)
+    return staged
+
+
+def reserve_stage(engine, staged: StagedKV | None, chunk: KVChunk) -> tuple[StagedKV, int]:
+    """The blocks for one stage (call between steps); -> the staged request and the first token write_stage
+    writes (a prefix-cache hit is not written again)."""
     _check_engine(engine)
     cfg, rid = engine.model_config, chunk.request_id
     want = (cfg.num_hidden_layers, 2, chunk.end - chunk.start, cfg.num_key_value_heads, cfg.head_dim)
@@ -50,7 +58,7 @@ def stage_kv(engine, staged: StagedKV | None, chunk: KVChunk) -> StagedKV:
             raise MigrationError(f"no room to stage request {rid!r}: {bm.num_free_blocks} free KV blocks")
         bm.allocate(seq)
         staged = StagedKV(seq, chunk.num_preemptions)
-        first = min(seq.num_computed_tokens, chunk.end)  # a prefix-cache hit is not written again
+        first = min(seq.num_computed_tokens, chunk.end)
     else:
         if chunk.start != staged.num_tokens:
             raise MigrationError(f"request {rid!r}: a pre-copy stage from token {chunk.start}, but "
@@ -59,9 +67,14 @@ def stage_kv(engine, staged: StagedKV | None, chunk: KVChunk) -> StagedKV:
         if not bm.reserve(staged.seq, chunk.end):
             raise MigrationError(f"no room to stage request {rid!r}: {bm.num_free_blocks} free KV blocks")
         first = chunk.start
+    return staged, first
+
+
+def write_stage(engine, staged: StagedKV, chunk: KVChunk, first: int) -> None:
+    """Write a reserved stage's K/V; safe beside the engine's steps, since no scheduled sequence holds the
+    staged blocks (the next stage's reserve_stage waits for this)."""
     write_kv(engine, staged.seq.block_table, first, chunk.kv[:, :, first - chunk.start:])
     staged.seq.num_computed_tokens = chunk.end
-    return staged
 
 
 def drop_staged(engine, staged: StagedKV | None) -> None:

@@ -90,18 +90,22 @@ class EngineReplica:
         return await self.engine.migrate_out(self._engine_id(request_id), kv_from, num_preemptions)
 
     async def export_kv(self, request_id: str, start: int = 0, num_preemptions: int | None = None):
-        """A pre-copy stage (migration.KVChunk) of a request that keeps decoding here."""
-        from strata.engine.migration import export_kv
+        """A pre-copy stage (migration.KVChunk) of a request that keeps decoding here: its tokens fixed between
+        two steps, their K/V read in another thread while the engine steps on."""
+        from strata.engine.migration import gather_kv, plan_kv
 
         rid = self._engine_id(request_id)
-        return await self.engine.call(lambda eng: export_kv(eng, rid, start, num_preemptions))
+        chunk = await self.engine.call(lambda eng: plan_kv(eng, rid, start, num_preemptions))
+        return await asyncio.to_thread(gather_kv, self.engine.engine, chunk)
 
     async def stage_kv(self, request_id: str, chunk) -> dict:
-        """Write a pre-copy stage into blocks reserved here; -> {"num_tokens", "num_preemptions"} staged."""
-        from strata.engine.migration_staging import stage_kv
+        """Write a pre-copy stage into blocks reserved here (reserved between two steps, written in another
+        thread while the engine steps on); -> {"num_tokens", "num_preemptions"} staged."""
+        from strata.engine.migration_staging import reserve_stage, write_stage
 
-        staged = await self.engine.call(lambda eng: stage_kv(eng, self._staged.get(request_id), chunk))
+        staged, first = await self.engine.call(lambda eng: reserve_stage(eng, self._staged.get(request_id), chunk))
         self._staged[request_id] = staged
+        await asyncio.to_thread(write_stage, self.engine.engine, staged, chunk, first)
         return {"num_tokens": staged.num_tokens, "num_preemptions": staged.num_preemptions}
 
     async def drop_staged(self, request_id: str) -> None:
