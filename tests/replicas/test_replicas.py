@@ -130,12 +130,12 @@ def test_enable_migration_moves_a_request_off_the_busier_replica(model):
             t.start()
             threads.append(t)
             deadline = time.monotonic() + 60
-            while sum(r["num_requests"] for r in httpx.get(srv.url + "/health", timeout=10).json()["replicas"]) \
-                    < len(threads) and time.monotonic() < deadline:
+            while sum(r["num_served"] for r in httpx.get(srv.url + "/health", timeout=10).json()["replicas"]) \
+                    < len(threads) and time.monotonic() < deadline:  # placed on a replica
                 time.sleep(0.01)
 
         start(longs[0], 600)  # replica 0 (both idle: the first)
-        start(" ".join(["many words in a long prompt"] * 20), 2)  # more free blocks on replica 1
+        start(" ".join(["many words in a long prompt"] * 20), 16)  # more free blocks on replica 1
         start(longs[1], 600)  # replica 0 (replica 1 holds the long prompt's blocks)
         for t in threads:
             t.join(120)
