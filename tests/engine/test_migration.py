@@ -38,16 +38,23 @@ def _run(engine, rid, until=None):
     return deltas, last
 
 
-@pytest.mark.parametrize("params", [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-                                    SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
-                                                   logprobs=2)])
-def test_migrated_mid_decode_equals_unmigrated(model, params):
+def _reference_and_source(model, params, until: int):
+    """-> the unmigrated run's deltas and last output, a source engine that has decoded `until` tokens of the
+    request (and their deltas), and an empty target engine."""
     ref = _engine(model)
     ref.add_request(PROMPT, params, request_id="r")
     ref_deltas, want = _run(ref, "r")
     src, dst = _engine(model), _engine(model)
     src.add_request(PROMPT, params, request_id="r")
-    deltas, _ = _run(src, "r", until=6)
+    deltas, _ = _run(src, "r", until=until)
+    return ref_deltas, want, src, dst, deltas
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                                    SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
+                                                   logprobs=2)])
+def test_migrated_mid_decode_equals_unmigrated(model, params):
+    ref_deltas, want, src, dst, deltas = _reference_and_source(model, params, until=6)
     moved = export_request(src, "r")
     assert not src.has_unfinished_requests() and src.block_manager.num_free_blocks == src.block_manager.num_blocks
     assert moved.kv.shape[2] == len(PROMPT) + 5  # the newest token is computed by the next engine
@@ -76,12 +83,7 @@ def test_what_cannot_move_is_refused(model):
 def test_live_migration_precopies_while_decoding_and_equals_unmigrated(model, params):
     """Two pre-copy stages while the request keeps decoding at the source, then a stop-and-copy of only the
     tokens decoded since the last stage: the output is the unmigrated one and the target's blocks balance."""
-    ref = _engine(model)
-    ref.add_request(PROMPT, params, request_id="r")
-    ref_deltas, want = _run(ref, "r")
-    src, dst = _engine(model), _engine(model)
-    src.add_request(PROMPT, params, request_id="r")
-    deltas, _ = _run(src, "r", until=4)
+    ref_deltas, want, src, dst, deltas = _reference_and_source(model, params, until=4)
     staged = None
     for until in (7, 9):  # each stage copies what is computed, then the source decodes on
         chunk = export_kv(src, "r", 0 if staged is None else staged.num_tokens,
@@ -103,12 +105,7 @@ def test_live_migration_precopies_while_decoding_and_equals_unmigrated(model, pa
 
 def test_a_request_preempted_between_stages_sends_its_whole_kv(model):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    ref = _engine(model)
-    ref.add_request(PROMPT, params, request_id="r")
-    _, want = _run(ref, "r")
-    src, dst = _engine(model), _engine(model)
-    src.add_request(PROMPT, params, request_id="r")
-    _run(src, "r", until=3)
+    _, want, src, dst, _ = _reference_and_source(model, params, until=3)
     staged = stage_kv(dst, None, export_kv(src, "r"))
     src._requests["r"][0].num_preemptions += 1  # as if recomputed since: the staged K/V may differ in rounding
     moved = export_request(src, "r", kv_from=staged.num_tokens, num_preemptions=staged.num_preemptions)
