@@ -73,7 +73,7 @@ async def migrate(router, stream, src, dest, max_stages: int, last_stage_max_blo
         stream.migration = None
         if stream.resumed.done():  # the stream ended meanwhile (replica_stream.py settled it)
             stream.resumed.exception()
-        if stages > 1:
+        if max_stages > 1:  # a stage may have reserved blocks before it failed
             try:
                 await dest.actor.drop_staged.remote(rid)
             except Exception:  # noqa: BLE001, S110 - a dead target holds no blocks

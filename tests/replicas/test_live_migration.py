@@ -180,3 +180,27 @@ def test_the_load_check_moves_a_request_off_the_busier_replica(config, monkeypat
     assert moved["from"] == 0 and moved["to"] == 1 and again is None
     assert moved["request_id"].endswith("-1")  # the shorter prompt: the least KV to copy
     assert sorted(placed) == [0, 1] and _all_free(router)
+
+
+def test_a_refused_migration_leaves_the_request_streaming_where_it_runs(config, monkeypatch):
+    from strata.replicas.router import MigrationRefused
+
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, n=2)
+
+    async def main():
+        router = await _router(config, monkeypatch, MigrationConfig())
+        try:
+            stream = router.add_request(PROMPTS[0], params)
+            tokens, started = [], asyncio.Event()
+            consumer = asyncio.create_task(_consume(stream, tokens, started, after=3))
+            await started.wait()
+            with pytest.raises(MigrationRefused, match="has n > 1 sequences; only n = 1 migrates"):
+                await router.migrate(stream.request_id)
+            await consumer
+            return tokens, stream, router
+        finally:
+            for r in router.replicas:
+                r.actor.replica.shutdown()
+
+    tokens, stream, router = asyncio.run(main())
+    assert len(tokens) == 60 and stream.migration is None and _all_free(router)
