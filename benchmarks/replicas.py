@@ -1,8 +1,9 @@
 """Replicas behind one endpoint: the Azure conversation trace's lengths replayed by `strata bench serve` at
 rising request rates against one engine (`strata serve`, 1 and 2 threads), two Ray replicas of one thread
 each (`--data-parallel-size 2`) and the same two as one prefill and one decode replica
-(`--pd-disaggregation`), all on the bundled model, side by side in one run. Each server first serves a few
-warm-up requests that are not measured.
+(`--pd-disaggregation`), and two with load-balancing migration (`--enable-migration`), all on the bundled
+model, side by side in one run (`--servers` picks some). Each server first serves a few warm-up requests that
+are not measured.
 
 Reports p50/p99 TTFT, p50 TPOT and output tokens/s per rate, and the throughput ratio of two replicas to one
 engine of one thread (what each replica gets) and of two threads (the same cores as two replicas).
@@ -31,6 +32,7 @@ SERVERS = {  # name -> serve flags
     "1 engine x 2 threads": ["--num-threads", "2"],
     "2 replicas x 1 thread": ["--num-threads", "1", "--data-parallel-size", "2"],
     "2 replicas, prefill + decode": ["--num-threads", "1", "--data-parallel-size", "2", "--pd-disaggregation"],
+    "2 replicas + migration": ["--num-threads", "1", "--data-parallel-size", "2", "--enable-migration"],
 }
 
 
@@ -76,13 +78,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--num-prompts", type=int, default=30)
+    ap.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results: dict[str, list[dict]] = {}
-    for name, flags in SERVERS.items():
-        proc, url = serve(flags)
+    migrations: dict[str, float] = {}
+    for name in args.servers:
+        proc, url = serve(SERVERS[name])
         try:
             results[name] = bench(url, args.rates, args.num_prompts, name)
+            import httpx
+
+            metrics = httpx.get(url + "/metrics", timeout=10).text
+            migrations[name] = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                                   if line.startswith("strata:migrations_total"))
         finally:
             proc.terminate()
             proc.wait(60)
@@ -92,15 +101,19 @@ def main() -> None:
         for r in rows:
             print(f"| {name} | {r['request_rate']} | {r['p50_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
                   f"{r['p50_tpot_ms']:.1f} | {r['output_token_throughput']:.1f} | {r['failed']} |")
-    for two in ("2 replicas x 1 thread", "2 replicas, prefill + decode"):
-        for base in ("1 engine x 1 thread", "1 engine x 2 threads"):
+    print("migrations (warm-up included):", {k: v for k, v in migrations.items() if "replicas" in k})
+    for two in ("2 replicas x 1 thread", "2 replicas, prefill + decode", "2 replicas + migration"):
+        for base in ("1 engine x 1 thread", "1 engine x 2 threads", "2 replicas x 1 thread"):
+            if two == base or two not in results or base not in results:
+                continue
             ratios = [f"{t['output_token_throughput'] / b['output_token_throughput']:.2f}"
                       for t, b in zip(results[two], results[base], strict=True)]
             print(f"output tok/s, {two} / {base}, per rate: {', '.join(ratios)}")
     if args.json:
         facts = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
                  "args": vars(args)}
-        Path(args.json).write_text(json.dumps({"facts": facts, "results": results}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"facts": facts, "results": results, "migrations": migrations},
+                                              indent=1) + "\n")
 
 
 if __name__ == "__main__":

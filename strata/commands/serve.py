@@ -8,6 +8,7 @@ SIGTERM: uvicorn stops accepting connections and waits up to --drain-timeout for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from strata.commands.engine_args import add_dataclass_args, add_engine_args, eng
 from strata.config import knob
 from strata.errors import ConfigError, StrataError
 from strata.models.registry import load_config
+from strata.replicas.live_migration import MigrationConfig
 
 
 @dataclass
@@ -59,6 +61,7 @@ def register(sub) -> None:
                    help="HF model folder or GGUF file (default: the bundled model); the same as --model")
     p.add_argument("--model", default=None, help="HF model folder or GGUF file (default: the bundled model)")
     add_dataclass_args(p, ServerConfig)
+    add_dataclass_args(p, MigrationConfig)
     add_engine_args(p, skip=("model",))
     p.set_defaults(func=run)
 
@@ -100,12 +103,16 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     dp = getattr(args, "data_parallel_size", 1)
     if not isinstance(dp, int) or dp < 1:
         raise ConfigError(f"--data-parallel-size must be an integer >= 1, got {dp!r}")
+    if getattr(args, "enable_migration", False) and dp < 2:
+        raise ConfigError("--enable-migration moves requests between replicas: it needs --data-parallel-size >= 2")
     if dp > 1:
         from strata.replicas.router import ReplicaRouter
 
+        migration = MigrationConfig(**{f.name: getattr(args, f.name, f.default)
+                                       for f in dataclasses.fields(MigrationConfig)})
         engine = ReplicaRouter(config, dp, args.ray_address, metrics, request_timeout=args.request_timeout,
                                chat_template=template, on_load_failure=on_load_failure,
-                               pd_disaggregation=args.pd_disaggregation)
+                               pd_disaggregation=args.pd_disaggregation, migration=migration)
     else:
         engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
                              request_timeout=args.request_timeout, on_load_failure=on_load_failure)

@@ -27,6 +27,8 @@ class ReplicaStream:
         self.migration: asyncio.Future | None = None  # set by router.migrate: (replica, MigratedRequest, t0)
         self.resumed: asyncio.Future | None = None  # set here when the next leg's first output arrives
         self.num_outputs = 0
+        self.num_tokens = 0  # completion tokens streamed so far
+        self.cannot_migrate = False  # its replica refused to move it (n > 1, structured outputs, ...)
         self._gen = self._run()
 
     def __aiter__(self):
@@ -44,6 +46,12 @@ class ReplicaStream:
             self.finished = True
             await self._gen.aclose()  # runs its bookkeeping now, not when the generator is collected
         return out
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose K/V its replica holds, as far as the router knows (the newest token is computed by
+        the next step)."""
+        return len(self._args[0]) + max(self.num_tokens - 1, 0)
 
     @property
     def has_pending(self) -> bool:
@@ -101,6 +109,7 @@ class ReplicaStream:
                                 router.metrics.itl.observe(now - t_last)
                             router.metrics.generation_tokens.inc(num - num_tokens)
                             t_last, num_tokens = now, num
+                            self.num_tokens = num
                         if out.finished:
                             ended = True
                             router.metrics.e2e.observe(now - t_add)
@@ -132,3 +141,6 @@ class ReplicaStream:
                         replica.unreported_blocks -= blocks
         finally:
             router.streams.pop(self.request_id, None)
+            if self.resumed is not None and not self.resumed.done():  # a migration waits for a leg that never came
+                self.resumed.set_exception(RequestFailedError(f"request {self.request_id} ended before it resumed "
+                                                              "on its new replica"))

@@ -13,6 +13,10 @@ gets no more requests. Its requests that had produced no output yet are sent to 
 sees nothing); those already streaming end with an error event (`RequestFailedError` naming the replica),
 since their tokens cannot be replayed without the replica's state. /health answers 200 with
 `"status": "degraded"` while some replicas are dead, 503 when all are.
+
+Migration: `migrate` moves a running request with its KV (live_migration.py: pre-copy stages, then a short
+stop-and-copy), on /admin/migrate or, with --enable-migration, when the replicas' loads differ
+(migration_policy.py).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 
 from strata.config import EngineConfig
 from strata.errors import ConfigError, StrataError
+from strata.replicas import live_migration
+from strata.replicas.live_migration import MigrationConfig
+from strata.replicas.migration_policy import MigrationScheduler
 from strata.replicas.replica_stream import ReplicaStream
 from strata.server.metrics import EngineMetrics
 from strata.server.request_stream import EngineDeadError, EngineNotReadyError, RequestFailedError
@@ -57,7 +63,7 @@ def _cause(err: BaseException) -> BaseException:
     if isinstance(err, ray.exceptions.RayActorError):
         return ReplicaDeadError(str(err).splitlines()[0])
     if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
-        return err.cause
+        return _cause(err.cause)  # a task whose argument came from a failed task wraps that task's error
     return err
 
 
@@ -101,13 +107,17 @@ class _Replica:
 class ReplicaRouter:
     def __init__(self, config: EngineConfig, num_replicas: int, ray_address: str | None = None,
                  metrics: EngineMetrics | None = None, request_timeout: float | None = None,
-                 chat_template: str | None = None, on_load_failure=None, pd_disaggregation: bool = False):
+                 chat_template: str | None = None, on_load_failure=None, pd_disaggregation: bool = False,
+                 migration: MigrationConfig | None = None):
         if config.tensor_parallel_size > 1:
             raise ConfigError("--data-parallel-size > 1 with --tensor-parallel-size > 1 is not supported yet")
         if pd_disaggregation and num_replicas < 2:
             raise ConfigError("--pd-disaggregation needs --data-parallel-size >= 2 (prefill and decode replicas)")
         self.config, self.num_replicas, self.ray_address = config, num_replicas, ray_address
         self.pd_disaggregation = pd_disaggregation
+        self.migration = migration or MigrationConfig()
+        self.migration.check()
+        self._policy_task: asyncio.Task | None = None
         self.streams: dict[str, ReplicaStream] = {}
         self.metrics = metrics or EngineMetrics()
         self.request_timeout, self.template, self._on_load_failure = request_timeout, chat_template, on_load_failure
@@ -172,6 +182,8 @@ class ReplicaRouter:
         self.engine = await asyncio.to_thread(EngineFacts, self.config, infos[0]["max_model_len"],
                                               self.template)
         log.info("%d replicas ready (pids %s)", len(infos), [i["pid"] for i in infos])
+        if self.migration.enable_migration:
+            self._policy_task = asyncio.get_running_loop().create_task(MigrationScheduler(self, self.migration).run())
 
     @property
     def dead_reason(self) -> str | None:
@@ -188,6 +200,11 @@ class ReplicaRouter:
         return sum(r.in_flight for r in self.replicas)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        if self._policy_task is not None:
+            try:
+                self._policy_task.get_loop().call_soon_threadsafe(self._policy_task.cancel)
+            except RuntimeError:  # its event loop is closed: the task went with it
+                pass
         ray = _ray()
         for r in self.replicas:
             if r.dead_reason is None:
@@ -227,20 +244,29 @@ class ReplicaRouter:
         if not candidates:
             raise EngineDeadError("every replica has died" if not self.live() else
                                   "the replicas this request was sent to died")
-        loads = await asyncio.gather(*(asyncio.wait_for(r.actor.load.remote(), LOAD_TIMEOUT_S)
-                                       for r in candidates), return_exceptions=True)
-        scored = []
-        for r, load in zip(candidates, loads, strict=True):
-            if isinstance(load, BaseException) or load.get("dead_reason"):
-                self.mark_dead(r, load.get("dead_reason") if isinstance(load, dict) else str(_cause(load)))
-                continue
-            scored.append((-(load["num_free_blocks"] - r.unreported_blocks), r.in_flight, r.index, r))
+        loads = await self.loads(candidates)
+        scored = [(-loads[r.index]["num_free_blocks"], r.in_flight, r.index, r) for r in candidates
+                  if r.index in loads]
         if not scored:
             return await self.choose(tried, prefill)
         best = min(scored)[-1]
         for r in self.replicas:
             self._in_flight.labels(self.metrics.model_name, str(r.index)).set(r.in_flight)
         return best
+
+    async def loads(self, replicas: list[_Replica]) -> dict[int, dict]:
+        """Replica index -> {"num_free_blocks", "num_running", "num_waiting"} of those that answer (one Ray
+        call each, in parallel; the others are marked dead). Free blocks less the prompt blocks of requests sent
+        that the replica has not reported yet."""
+        answers = await asyncio.gather(*(asyncio.wait_for(r.actor.load.remote(), LOAD_TIMEOUT_S)
+                                         for r in replicas), return_exceptions=True)
+        loads = {}
+        for r, load in zip(replicas, answers, strict=True):
+            if isinstance(load, BaseException) or load.get("dead_reason"):
+                self.mark_dead(r, load.get("dead_reason") if isinstance(load, dict) else str(_cause(load)))
+                continue
+            loads[r.index] = {**load, "num_free_blocks": load["num_free_blocks"] - r.unreported_blocks}
+        return loads
 
     # ---- failures and migrations (called by ReplicaStream) -------------------------------------
     def replica_failed(self, stream: ReplicaStream, replica: _Replica, error: BaseException) -> bool:
@@ -262,10 +288,12 @@ class ReplicaRouter:
         if stream.resumed is not None and not stream.resumed.done():
             stream.resumed.set_result(downtime)
 
-    async def migrate(self, request_id: str | None = None, to: int | None = None) -> dict:
+    async def migrate(self, request_id: str | None = None, to: int | None = None,
+                      max_stages: int | None = None) -> dict:
         """Move a running request with its KV to another replica (`to`, else the least loaded; with
-        --pd-disaggregation a decode replica). Without `request_id`: a request of the busiest replica.
-        The client's stream goes on; -> {request_id, from, to, downtime_s}."""
+        --pd-disaggregation a decode replica), in `max_stages` stages (default --migration-max-stages; 1: one
+        stop-and-copy). Without `request_id`: a request of the busiest replica. The client's stream goes on;
+        -> {request_id, from, to, downtime_s, stages, num_precopied_tokens, num_stopped_tokens}."""
         if request_id is None:
             busy = [s for s in self.streams.values() if s.replica is not None and s.migration is None]
             if not busy:
@@ -276,6 +304,8 @@ class ReplicaRouter:
             raise MigrationRefused(f"request {request_id!r} is not running")
         if stream.migration is not None:
             raise MigrationRefused(f"request {request_id!r} is already migrating")
+        if max_stages is not None and max_stages < 1:
+            raise MigrationRefused(f"max_stages must be >= 1, got {max_stages}")
         src = stream.replica
         if to is not None:
             dest = next((r for r in self.live() if r.index == to and r is not src), None)
@@ -283,18 +313,8 @@ class ReplicaRouter:
                 raise MigrationRefused(f"replica {to} is not a live replica other than the request's ({src.index})")
         else:
             dest = await self.choose({src.index}, prefill=False)
-        loop = asyncio.get_running_loop()
-        stream.migration, stream.resumed = loop.create_future(), loop.create_future()
-        t0 = time.monotonic()
-        try:
-            payload = await src.actor.migrate_out.remote(request_id)
-        except Exception as e:  # noqa: BLE001 - the request stays where it is
-            stream.migration = None
-            err = _cause(e)
-            raise MigrationRefused(f"request {request_id!r} cannot migrate: {err}") from None
-        stream.migration.set_result((dest, payload, t0))
-        downtime = await stream.resumed
-        return {"request_id": request_id, "from": src.index, "to": dest.index, "downtime_s": downtime}
+        return await live_migration.migrate(self, stream, src, dest, max_stages or self.migration.migration_max_stages,
+                                            self.migration.migration_last_stage_max_blocks)
 
     # ---- the AsyncEngine surface the API uses ---------------------------------------------------
     def add_request(self, prompt_ids: list[int], params, request_id: str | None = None, priority: int = 0,

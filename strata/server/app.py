@@ -189,8 +189,9 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
         @app.post("/admin/migrate")
         async def migrate(req: MigrateRequest):
             """Move a running request (`request_id`, else one of the busiest replica's) with its KV to replica
-            `to` (else the least loaded); its client's stream goes on."""
-            return await engine.migrate(req.request_id, req.to)
+            `to` (else the least loaded), live (pre-copy stages) unless max_stages is 1; its client's stream goes
+            on."""
+            return await engine.migrate(req.request_id, req.to, req.max_stages)
 
     @app.get("/version")
     async def version():

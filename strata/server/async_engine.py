@@ -119,13 +119,16 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
 
-    async def migrate_out(self, request_id: str):
-        """Take a decoding request out of this engine with its KV (strata/engine/migration.py); its stream
-        ends with RequestMigratedError. -> the MigratedRequest for resume_request on another engine."""
-        return await self.call(lambda eng: self._export(eng, request_id))
+    async def migrate_out(self, request_id: str, kv_from: int = 0, num_preemptions: int | None = None):
+        """Take a decoding request out of this engine with its KV from token `kv_from` on (the rest was
+        pre-copied; strata/engine/migration.py); its stream ends with RequestMigratedError. -> the
+        MigratedRequest for resume_request on another engine."""
+        return await self.call(lambda eng: self._export(eng, request_id, kv_from, num_preemptions))
 
-    def resume_request(self, migrated, request_id: str, timeout: float | None = None) -> RequestStream:
-        """A stream for a request migrated from another engine, which goes on decoding here."""
+    def resume_request(self, migrated, request_id: str, timeout: float | None = None,
+                       staged=None) -> RequestStream:
+        """A stream for a request migrated from another engine, which goes on decoding here (`staged`: its
+        pre-copied KV in this engine's blocks, migration_staging.StagedKV)."""
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self.dead_reason}")
         if self.engine is None:
@@ -135,7 +138,7 @@ class AsyncEngine:
             rid = f"{request_id}-{self._ids}"
         timeout = timeout if timeout is not None else self.request_timeout
         stream = RequestStream(self, rid, None if timeout is None else time.monotonic() + timeout)
-        self._cmds.put(("resume", rid, migrated, stream, time.monotonic()))
+        self._cmds.put(("resume", rid, migrated, stream, time.monotonic(), staged))
         return stream
 
     async def call(self, fn: Callable[[LLMEngine], object]):
@@ -265,9 +268,9 @@ class AsyncEngine:
         elif kind == "resume":
             from strata.engine.migration import import_request
 
-            _, rid, migrated, stream, t_add = cmd
+            _, rid, migrated, stream, t_add, staged = cmd
             try:
-                import_request(self.engine, migrated, rid)
+                import_request(self.engine, migrated, rid, staged)
             except Exception as e:  # noqa: BLE001 - the migration fails alone
                 self._deliver(stream, e)
                 return
@@ -288,10 +291,10 @@ class AsyncEngine:
                 self.metrics.finished("abort", self._tracked.pop(rid).num_seqs)
             self._publish_gauges()
 
-    def _export(self, eng: LLMEngine, rid: str):
+    def _export(self, eng: LLMEngine, rid: str, kv_from: int = 0, num_preemptions: int | None = None):
         from strata.engine.migration import export_request
 
-        migrated = export_request(eng, rid)
+        migrated = export_request(eng, rid, kv_from, num_preemptions)
         tr = self._tracked.pop(rid, None)
         if tr is not None:
             self._deliver(tr.stream, RequestMigratedError(f"request {rid} migrated"))
@@ -401,6 +404,8 @@ class AsyncEngine:
                 break
             if cmd[0] == "add":
                 self._deliver(cmd[5], err)
+            elif cmd[0] == "resume":
+                self._deliver(cmd[3], err)
             elif cmd[0] == "call":
                 self._settle(cmd[2], error=err)
         with self._lock:

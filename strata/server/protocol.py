@@ -247,7 +247,9 @@ class EmbeddingRequest(_IgnoredFields):
 
 
 class MigrateRequest(BaseModel):
-    """POST /admin/migrate (replicas): which running request moves, and where (both optional)."""
+    """POST /admin/migrate (replicas): which running request moves, where, and in how many stages (all
+    optional; max_stages 1 is a stop-and-copy of the whole KV)."""
 
     request_id: str | None = None
     to: int | None = None
+    max_stages: Annotated[int, Field(ge=1)] | None = None

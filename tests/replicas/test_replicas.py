@@ -106,3 +106,41 @@ def test_a_killed_replica_ends_its_stream_with_an_error_and_the_other_serves(ser
     assert _stream(client, "after the crash", 4)  # the router sends it to the replica left
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert f'strata:replica_healthy{{model_name="tiny",replica="{busy[0]["index"]}"}} 0.0' in metrics
+
+
+def test_enable_migration_moves_a_request_off_the_busier_replica(model):
+    """Two long requests on one replica, a short one with a long prompt on the other: once the short one ends,
+    the load check moves one long request to the idle replica, and both stream the unmigrated text."""
+    import threading
+    import time
+
+    srv = Server(model, "--data-parallel-size", "2", "--enable-migration", "--migration-interval", "0.2",
+                 "--dtype", "float32", "--served-model-name", "tiny")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        longs = ["first long one", "second long one"]
+        want = _one_engine(model, longs, 600)
+        got, threads = {}, []
+
+        def run(prompt, max_tokens):
+            got[prompt] = _stream(client, prompt, max_tokens)
+
+        def start(prompt, max_tokens):
+            t = threading.Thread(target=run, args=(prompt, max_tokens))
+            t.start()
+            threads.append(t)
+            deadline = time.monotonic() + 60
+            while sum(r["num_served"] for r in httpx.get(srv.url + "/health", timeout=10).json()["replicas"]) \
+                    < len(threads) and time.monotonic() < deadline:  # placed on a replica
+                time.sleep(0.01)
+
+        start(longs[0], 600)  # replica 0 (both idle: the first)
+        start(" ".join(["many words in a long prompt"] * 20), 16)  # more free blocks on replica 1
+        start(longs[1], 600)  # replica 0 (replica 1 holds the long prompt's blocks)
+        for t in threads:
+            t.join(120)
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert 'strata:migrations_total{model_name="tiny"} 0.0' not in metrics
+        assert [got[p] for p in longs] == want
+    finally:
+        srv.stop()
