@@ -32,6 +32,7 @@ from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
 from strata.analysis.shapes import ModelShape
+from strata.layers.moe import NATIVE_MAX_TOKENS
 
 MEMORY_RESERVE = 0.9  # usable fraction of device memory (runtime, fragmentation)
 SYNC_US = 10.0  # host<->device round trip per offloaded layer
@@ -132,10 +133,12 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     n = batch * new
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_FAMILIES
-    # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
-    # provider (offloaded experts) or more than one token it loops over the experts in Python
+    # Strata runs a step of up to NATIVE_MAX_TOKENS tokens (a decode batch, a short prompt) through a layer's resident
+    # experts in one native call, grouped by expert: each touched expert's weights stream once through its GEMV
+    # kernel for all its tokens (moe_native.py: moe_decode_batch); with an expert provider (offloaded experts) or
+    # more tokens it loops over the experts in Python
     strata = sc.engine == "strata"
-    native_moe = strata and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
+    native_moe = strata and n <= NATIVE_MAX_TOKENS and sc.offload != "experts" and plan.hit_rate >= 1.0
     # Strata's Python expert loop costs its measured time per matrix call (in place of the per-call overhead)
     # (probed on this machine where the device has them, else strata_fit.json's development-machine figures)
     loop_us = 0.0
@@ -158,8 +161,9 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             if loop_us:
                 seg.host_s += calls * loop_us * 1e-6
                 calls = 0.0
+        native = native_moe and op.routed  # the grouped kernel reads the quantized blocks, never expands them
         if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
-                and needs_dequant(op.fmt)):
+                and needs_dequant(op.fmt) and not native):
             # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
             # cache (Strata's tiles, unless a tile outgrows the last-level cache) costs no traffic beyond the read
             q = op.weight_bytes * frac
@@ -175,7 +179,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             return
         wb = op.weight_bytes * frac if nbytes is None else 0.0
         # Strata's matmul of more rows than its GEMV takes streams weights at the measured few-row matmul rate
-        rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS else 0.0
+        rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS and not native else 0.0
         peak = seg.dev.peak("npu_int8" if npu and op.fmt and seg.proc == "device" else op.compute)
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
                 peak, wb, op.fmt, calls, rate=rate)
