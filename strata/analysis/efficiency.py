@@ -143,6 +143,12 @@ class Efficiencies:
 
     def __init__(self, table: dict[str, Eff] | None = None):
         self.table = dict(table or {})
+        self._memo: dict[tuple[str, str], Eff] = {}  # get() results; calibration re-prices rows thousands of times
+
+    def set(self, key: str, eff: Eff) -> None:
+        """Replace one table entry (calibration's coordinate descent); forgets the memoised lookups."""
+        self.table[key] = eff
+        self._memo.clear()
 
     @classmethod
     def load(cls, path: Path | None = None) -> Efficiencies:
@@ -154,6 +160,12 @@ class Efficiencies:
         return cls({k: Eff(**v) for k, v in raw.get("factors", {}).items()})
 
     def get(self, hw_class: str, engine: str) -> Eff:
+        got = self._memo.get((hw_class, engine))
+        if got is None:
+            got = self._memo[(hw_class, engine)] = self._lookup(hw_class, engine)
+        return got
+
+    def _lookup(self, hw_class: str, engine: str) -> Eff:
         cell = f"{hw_class}|{engine}"
         if cell in self.table:
             return self.table[cell]
