@@ -18,7 +18,14 @@ from strata.analysis import efficiency
 from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import (
     GPU_OFFLOAD_MIN_TOKENS,
+    IQK_FORKS,
+    IQK_SINCE,
+    LLAMACPP_CPU_SHARE,
     LLAMACPP_MMQ,
+    LLAMACPP_ODD_LEGACY,
+    LLAMACPP_PRE_SGEMM_SHARE,
+    LLAMACPP_SGEMM,
+    LLAMACPP_SGEMM_FORMATS,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
@@ -58,6 +65,8 @@ class Scenario:
     hit_rate: float | None = None  # expert-cache hit rate; default = cache_frac (uniform routing)
     prefetch: float = 0.0  # fraction of transfers overlapped with compute
     build_date: tuple[int, int] | None = None  # (year, month) of the engine build, where known (dates its kernels)
+    engine_name: str = ""  # the engine as named within its family (llamafile, ik_llama.cpp: their own CPU kernels)
+    engine_version: str | None = None
 
 
 @dataclass
@@ -112,6 +121,32 @@ def dequant_gemm_rule(sc: Scenario, dev) -> tuple[int, bool]:
             and sc.build_date < LLAMACPP_MMQ):  # cuBLAS fp16 on a full fp16 copy of the weights
         return GPU_OFFLOAD_MIN_TOKENS, True
     return 0, False
+
+
+X86_CLASSES = {"cpu-x86", "cpu-server"}
+
+
+def _version(v: str | None) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in v.split(".")) if v and v[0].isdigit() else None
+
+
+def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:
+    """Share of the class's matmul FLOP rate this engine build's kernel reaches on this op's weight type (1 where
+    nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type (efficiency.py)."""
+    if not (sc.engine.startswith("llama.cpp") and dev.cls.startswith("cpu") and tokens > 1 and op.fmt):
+        return 1.0
+    if op.fmt in LLAMACPP_SGEMM_FORMATS:
+        return LLAMACPP_PRE_SGEMM_SHARE if sc.build_date is not None and sc.build_date < LLAMACPP_SGEMM else 1.0
+    if dev.cls not in X86_CLASSES:  # the K-quant figures are x86 tables (AVX2 / Zen 4)
+        return 1.0
+    kind = ("legacy" if op.fmt in LLAMACPP_ODD_LEGACY
+            else "kquant" if op.fmt.startswith(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq")) else "")
+    if not kind:
+        return 1.0
+    since = IQK_SINCE.get(sc.engine_name)
+    version = _version(sc.engine_version)
+    iqk = sc.engine_name in IQK_FORKS or (since is not None and (version is None or version >= since[op.routed]))
+    return LLAMACPP_CPU_SHARE["iqk" if iqk else "mainline"][kind]
 
 
 def _tile_spills(op, dev) -> bool:
@@ -181,6 +216,7 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         # Strata's matmul of more rows than its GEMV takes streams weights at the measured few-row matmul rate
         rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS and not native else 0.0
         peak = seg.dev.peak("npu_int8" if npu and op.fmt and seg.proc == "device" else op.compute)
+        peak *= kernel_share(sc, seg.dev, op, n)
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
                 peak, wb, op.fmt, calls, rate=rate)
 
