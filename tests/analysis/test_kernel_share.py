@@ -1,6 +1,8 @@
 """Dated kernel generations of the llama.cpp family's CPU prompt matmuls (placement.kernel_share): a build before
 the tiled Q4_0 / Q8_0 kernel, mainline K-quants, and iqk kernels (llamafile from 0.8.4 / 0.8.5, ik_llama.cpp)."""
 
+import json
+
 import pytest
 
 from strata.analysis.efficiency import LLAMACPP_CPU_SHARE, LLAMACPP_PRE_SGEMM_SHARE, Eff, Efficiencies
@@ -75,3 +77,16 @@ def test_k_quant_tables_are_x86_only_while_the_tiled_kernel_date_holds_everywher
     assert mlp_peak("q6_k", device=arm)[0] == mlp_peak("q4_0", device=arm)[0]
     assert mlp_peak("q4_0", device=arm, build_date=(2023, 8))[0] == pytest.approx(
         mlp_peak("q4_0", device=arm)[0] * LLAMACPP_PRE_SGEMM_SHARE)
+
+
+def test_analyze_names_the_engine_whose_kernels_it_prices(capsys):
+    from strata.cli import main
+
+    def prefill(engine):
+        assert main(["analyze", "--model", "llama-2-7b", "--hardware", "ryzen-7950x", "--engine", engine,
+                     "--weights", "q6_k", "--prompt", "512", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["prefill_tok_s"]
+
+    mainline, iqk = prefill("llama.cpp"), prefill("llamafile 0.8.6")
+    ratio = LLAMACPP_CPU_SHARE["iqk"]["kquant"] / LLAMACPP_CPU_SHARE["mainline"]["kquant"]
+    assert 1.3 < iqk / mainline <= ratio * 1.001  # compute-bound prompt: close to the kernels' ratio
