@@ -12,6 +12,7 @@ Placements (from the Scenario or chosen automatically by capacity):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from strata.analysis import efficiency
@@ -127,7 +128,8 @@ X86_CLASSES = {"cpu-x86", "cpu-server"}
 
 
 def _version(v: str | None) -> tuple[int, ...] | None:
-    return tuple(int(x) for x in v.split(".")) if v and v[0].isdigit() else None
+    """'0.8.6' -> (0, 8, 6); None for a build number ('b6000') or nothing."""
+    return tuple(int(x) for x in re.findall(r"\d+", v)) if v and v[0].isdigit() else None
 
 
 def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:

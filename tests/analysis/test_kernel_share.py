@@ -90,3 +90,10 @@ def test_analyze_names_the_engine_whose_kernels_it_prices(capsys):
     mainline, iqk = prefill("llama.cpp"), prefill("llamafile 0.8.6")
     ratio = LLAMACPP_CPU_SHARE["iqk"]["kquant"] / LLAMACPP_CPU_SHARE["mainline"]["kquant"]
     assert 1.3 < iqk / mainline <= ratio * 1.001  # compute-bound prompt: close to the kernels' ratio
+
+
+def test_engine_versions_as_written():
+    from strata.analysis.placement import _version
+
+    assert _version("0.8.6") == (0, 8, 6) and _version("0.9.0rc1") == (0, 9, 0, 1)
+    assert _version("b6000") is None and _version(None) is None
