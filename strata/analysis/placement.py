@@ -27,6 +27,7 @@ from strata.analysis.efficiency import (
     LLAMACPP_PRE_SGEMM_SHARE,
     LLAMACPP_SGEMM,
     LLAMACPP_SGEMM_FORMATS,
+    NUMA_AWARE_ENGINES,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
@@ -151,6 +152,18 @@ def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:
     return LLAMACPP_CPU_SHARE["iqk" if iqk else "mainline"][kind]
 
 
+def numa_copies_fit(s: ModelShape, sc: Scenario, plan: Plan, host) -> bool:
+    """Whether a NUMA-aware engine can keep one copy of its host-resident weights per socket (KTransformers'
+    dual-socket mode copies them: 382 GB of DeepSeek-V3 Q4_K_M per socket, 1 TB in all); when the copies do not
+    fit host memory the engine holds one (its int8 AMX build: 644 GB on a 1 TB host) and each read is served by
+    the memory of the socket holding the page."""
+    wb = weight_bytes(s, sc.prec)
+    device_layers = min(plan.gpu_layers, s.layers)  # the others sit on the host whole; of these, the experts of
+    on_host = (wb["total"] * (s.layers - device_layers)  # the first cpu_moe_layers
+               + wb["experts"] * min(plan.cpu_moe_layers, device_layers)) / s.layers
+    return host.sockets * on_host <= host.memory_gb * 1e9 * MEMORY_RESERVE
+
+
 def _tile_spills(op, dev) -> bool:
     """Whether Strata's bf16 tile of this op's matrices (quant_linear: up to STRATA_TILE_BYTES, at least 16 rows)
     outgrows the last-level cache, so the expand pass writes it to memory and the GEMM reads it back."""
@@ -168,6 +181,8 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     seg_flash = Segment("flash", dev, sc.engine)
     cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch, seqs=batch)
     n = batch * new
+    if host.sockets > 1 and sc.engine in NUMA_AWARE_ENGINES:
+        seg_host.numa_local = numa_copies_fit(s, sc, plan, host)
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_FAMILIES
     # Strata runs a step of up to NATIVE_MAX_TOKENS tokens (a decode batch, a short prompt) through a layer's resident

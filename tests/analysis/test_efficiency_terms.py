@@ -203,6 +203,22 @@ def test_numa_unaware_engine_reads_at_one_sockets_bandwidth():
     assert host["llama.cpp"][2].time(e) == pytest.approx(2 * host["llama.cpp"][1].time(e), rel=0.05)
 
 
+def test_numa_aware_engine_keeps_a_copy_per_socket_only_where_the_copies_fit():
+    e = Efficiencies({k: Eff(1.0, 1.0, 0.0, 1.0) for k in ("gpu", "cpu-server")})
+    fits = _host_decode("ktransformers", 2).segments[1]
+    assert fits.numa_local
+    s = moe()
+    experts = weight_bytes(s, Precisions("q4_k_m"))["experts"]
+    # host memory for one copy and a half: the engine holds one, read through one socket's memory
+    small = replace(load_catalog()["xeon-6454s"], sockets=2, memory_gb=1.5 * experts / 1e9 / 0.9)
+    sys = System(load_catalog()["rtx4090"], host=small)
+    sc = Scenario(batch=1, prompt=16, gen=2, prec=Precisions("q4_k_m"), engine="ktransformers",
+                  cpu_moe_layers=s.layers)
+    one = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, 1, 16).segments[1]
+    assert one.numa_local is False
+    assert one.time(e) == pytest.approx(2 * fits.time(e), rel=0.05)
+
+
 def test_llamacpp_copies_host_weights_to_the_gpu_for_big_batches():
     small, big = _host_decode("llama.cpp", 1, new=8), _host_decode("llama.cpp", 1, new=64)
     kt = _host_decode("ktransformers", 1, new=64)
