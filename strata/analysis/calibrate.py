@@ -128,7 +128,7 @@ def _loss(rows: list[Case], effs: Efficiencies, p: Param, v: float) -> float:
 
 def _set(effs: Efficiencies, p: Param, v: float) -> None:
     for k in p.keys:
-        effs.table[k] = replace(effs.table[k], **{p.field: v})
+        effs.set(k, replace(effs.table[k], **{p.field: v}))
 
 
 def fit(cases: list[Case], sweeps: int = SWEEPS) -> Efficiencies:

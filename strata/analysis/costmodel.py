@@ -34,6 +34,9 @@ class Segment:
     rates: list[float] = field(default_factory=list)  # measured share of bandwidth its weights stream at (0: by fmt)
     launches: float = 0.0  # kernel calls per step on this processor (each pays overhead_us)
     host_s: float = 0.0  # measured host time per step outside the calls' overhead (Strata's Python expert loop)
+    # NUMA: whether each socket reads a copy of the weights in its own memory (None: the engine's rule,
+    # efficiency.NUMA_AWARE_ENGINES); otherwise one socket's memory controllers serve every read
+    numa_local: bool | None = None
     bw_scale: float = 1.0  # tensor parallel: devices share the bytes
     flops_scale: float = 1.0
 
@@ -53,7 +56,8 @@ class Segment:
         # cached: calibration re-prices the same segment thousands of times
         if getattr(self, "_cache", None) is None or len(self._cache[0]) != len(self.flops):
             bw = (self.dev.flash_bw(1 << 30) if self.proc == "flash" else self.dev.bw) * self.bw_scale
-            if self.dev.sockets > 1 and self.engine not in NUMA_AWARE_ENGINES:
+            local = self.engine in NUMA_AWARE_ENGINES if self.numa_local is None else self.numa_local
+            if self.dev.sockets > 1 and not local:
                 bw /= self.dev.sockets  # pages on one node: one socket's memory controllers serve every read
             f = np.asarray(self.flops) / (np.asarray(self.peaks) * self.flops_scale)
             w = np.asarray(self.wbytes)

@@ -103,6 +103,24 @@ LLAMACPP_GRAPHS = (2024, 5)  # llama.cpp gained CUDA graphs (far fewer launches 
 # dequantized the weights to fp16 and ran cuBLAS in fp16 (fp16 accumulate) on GPUs with tensor cores; after it,
 # int8 tensor-core MMQ kernels read the quantized blocks directly. Builds dated before this run the old path.
 LLAMACPP_MMQ = (2024, 7)
+# CPU prompt matmuls of the llama.cpp family, as a share of the FLOP rate of llama.cpp's tiled Q4_0 / Q8_0 kernel
+# (llamafile's tinyBLAS, upstreamed by llama.cpp PR #6414, merged 2024-04-16), which the class factor prices:
+# * builds before that PR ran a Q4_0 / Q8_0 prompt as the decode dot product once per (row, column); the PR states
+#   Q4_0 and Q8_0 prompts "should go ~40% faster", and ik_llama.cpp PR #533 recalls 40-50% at the time;
+# * K-quants, i-quants and Q4_1 / Q5_0 / Q5_1 have no tiled kernel upstream: PR-512 of Mixtral-8x7B on a Ryzen 9
+#   7950X (llamafile PR #428, main-branch column) was 59.2 t/s in Q4_0, 47.9 on average over Q2_K_S, Q3_K_S,
+#   Q4_K_S, Q5_K_S, Q6_K and IQ4_XS, 31.8 over Q4_1 / Q5_0 / Q5_1; ik_llama.cpp PR #533 (June 2025) still names Q4_0
+#   the fastest mainline type on that CPU;
+# * Iwan Kawrakow's iqk_mul_mat kernels for those types (llamafile PR #394, in release 0.8.4, and PR #428 for MoE
+#   layers, in 0.8.5; ik_llama.cpp, his fork, throughout) made them 82.1 and 66.3 t/s in the same table.
+LLAMACPP_SGEMM = (2024, 4)
+LLAMACPP_PRE_SGEMM_SHARE = 1 / 1.45
+LLAMACPP_SGEMM_FORMATS = {"q4_0", "q8_0"}
+LLAMACPP_ODD_LEGACY = {"q4_1", "q5_0", "q5_1"}
+LLAMACPP_CPU_SHARE = {"mainline": {"kquant": 47.9 / 59.2, "legacy": 31.8 / 59.2},
+                      "iqk": {"kquant": 82.1 / 59.2, "legacy": 66.3 / 59.2}}
+IQK_SINCE = {"llamafile": ((0, 8, 4), (0, 8, 5))}  # (dense, MoE) first releases with the iqk kernels; forks: always
+IQK_FORKS = {"ik_llama.cpp"}
 # Strata's QuantLinear runs a GEMV kernel up to this many rows and dequantize + bf16 GEMM above (mirrors
 # strata/layers/quant_linear.GEMV_MAX_ROWS; a test keeps them equal)
 STRATA_GEMV_MAX_ROWS = 4
@@ -143,6 +161,12 @@ class Efficiencies:
 
     def __init__(self, table: dict[str, Eff] | None = None):
         self.table = dict(table or {})
+        self._memo: dict[tuple[str, str], Eff] = {}  # get() results; calibration re-prices rows thousands of times
+
+    def set(self, key: str, eff: Eff) -> None:
+        """Replace one table entry (calibration's coordinate descent); forgets the memoised lookups."""
+        self.table[key] = eff
+        self._memo.clear()
 
     @classmethod
     def load(cls, path: Path | None = None) -> Efficiencies:
@@ -154,6 +178,12 @@ class Efficiencies:
         return cls({k: Eff(**v) for k, v in raw.get("factors", {}).items()})
 
     def get(self, hw_class: str, engine: str) -> Eff:
+        got = self._memo.get((hw_class, engine))
+        if got is None:
+            got = self._memo[(hw_class, engine)] = self._lookup(hw_class, engine)
+        return got
+
+    def _lookup(self, hw_class: str, engine: str) -> Eff:
         cell = f"{hw_class}|{engine}"
         if cell in self.table:
             return self.table[cell]

@@ -12,13 +12,22 @@ Placements (from the Scenario or chosen automatically by capacity):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from strata.analysis import efficiency
 from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import (
     GPU_OFFLOAD_MIN_TOKENS,
+    IQK_FORKS,
+    IQK_SINCE,
+    LLAMACPP_CPU_SHARE,
     LLAMACPP_MMQ,
+    LLAMACPP_ODD_LEGACY,
+    LLAMACPP_PRE_SGEMM_SHARE,
+    LLAMACPP_SGEMM,
+    LLAMACPP_SGEMM_FORMATS,
+    NUMA_AWARE_ENGINES,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
@@ -32,6 +41,7 @@ from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
 from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
 from strata.analysis.shapes import ModelShape
+from strata.layers.moe import NATIVE_MAX_TOKENS
 
 MEMORY_RESERVE = 0.9  # usable fraction of device memory (runtime, fragmentation)
 SYNC_US = 10.0  # host<->device round trip per offloaded layer
@@ -57,6 +67,8 @@ class Scenario:
     hit_rate: float | None = None  # expert-cache hit rate; default = cache_frac (uniform routing)
     prefetch: float = 0.0  # fraction of transfers overlapped with compute
     build_date: tuple[int, int] | None = None  # (year, month) of the engine build, where known (dates its kernels)
+    engine_name: str = ""  # the engine as named within its family (llamafile, ik_llama.cpp: their own CPU kernels)
+    engine_version: str | None = None
 
 
 @dataclass
@@ -113,6 +125,45 @@ def dequant_gemm_rule(sc: Scenario, dev) -> tuple[int, bool]:
     return 0, False
 
 
+X86_CLASSES = {"cpu-x86", "cpu-server"}
+
+
+def _version(v: str | None) -> tuple[int, ...] | None:
+    """'0.8.6' -> (0, 8, 6); None for a build number ('b6000') or nothing."""
+    return tuple(int(x) for x in re.findall(r"\d+", v)) if v and v[0].isdigit() else None
+
+
+def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:
+    """Share of the class's matmul FLOP rate this engine build's kernel reaches on this op's weight type (1 where
+    nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type (efficiency.py)."""
+    if not (sc.engine.startswith("llama.cpp") and dev.cls.startswith("cpu") and tokens > 1 and op.fmt):
+        return 1.0
+    if op.fmt in LLAMACPP_SGEMM_FORMATS:
+        return LLAMACPP_PRE_SGEMM_SHARE if sc.build_date is not None and sc.build_date < LLAMACPP_SGEMM else 1.0
+    if dev.cls not in X86_CLASSES:  # the K-quant figures are x86 tables (AVX2 / Zen 4)
+        return 1.0
+    kind = ("legacy" if op.fmt in LLAMACPP_ODD_LEGACY
+            else "kquant" if op.fmt.startswith(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq")) else "")
+    if not kind:
+        return 1.0
+    since = IQK_SINCE.get(sc.engine_name)
+    version = _version(sc.engine_version)
+    iqk = sc.engine_name in IQK_FORKS or (since is not None and (version is None or version >= since[op.routed]))
+    return LLAMACPP_CPU_SHARE["iqk" if iqk else "mainline"][kind]
+
+
+def numa_copies_fit(s: ModelShape, sc: Scenario, plan: Plan, host) -> bool:
+    """Whether a NUMA-aware engine can keep one copy of its host-resident weights per socket (KTransformers'
+    dual-socket mode copies them: 382 GB of DeepSeek-V3 Q4_K_M per socket, 1 TB in all); when the copies do not
+    fit host memory the engine holds one (its int8 AMX build: 644 GB on a 1 TB host) and each read is served by
+    the memory of the socket holding the page."""
+    wb = weight_bytes(s, sc.prec)
+    device_layers = min(plan.gpu_layers, s.layers)  # the others sit on the host whole; of these, the experts of
+    on_host = (wb["total"] * (s.layers - device_layers)  # the first cpu_moe_layers
+               + wb["experts"] * min(plan.cpu_moe_layers, device_layers)) / s.layers
+    return host.sockets * on_host <= host.memory_gb * 1e9 * MEMORY_RESERVE
+
+
 def _tile_spills(op, dev) -> bool:
     """Whether Strata's bf16 tile of this op's matrices (quant_linear: up to STRATA_TILE_BYTES, at least 16 rows)
     outgrows the last-level cache, so the expand pass writes it to memory and the GEMM reads it back."""
@@ -130,12 +181,16 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
     seg_flash = Segment("flash", dev, sc.engine)
     cost = StepCost([seg_dev, seg_host, seg_flash], tokens=batch * new, overlap=sc.prefetch, seqs=batch)
     n = batch * new
+    if host.sockets > 1 and sc.engine in NUMA_AWARE_ENGINES:
+        seg_host.numa_local = numa_copies_fit(s, sc, plan, host)
     layers_touched_host = set()
     looped = sc.engine in LOOPED_EXPERT_FAMILIES
-    # Strata runs one token's resident top-k experts in one native call (moe_native.py: moe_decode); with an expert
-    # provider (offloaded experts) or more than one token it loops over the experts in Python
+    # Strata runs a step of up to NATIVE_MAX_TOKENS tokens (a decode batch, a short prompt) through a layer's resident
+    # experts in one native call, grouped by expert: each touched expert's weights stream once through its GEMV
+    # kernel for all its tokens (moe_native.py: moe_decode_batch); with an expert provider (offloaded experts) or
+    # more tokens it loops over the experts in Python
     strata = sc.engine == "strata"
-    native_moe = strata and n == 1 and sc.offload != "experts" and plan.hit_rate >= 1.0
+    native_moe = strata and n <= NATIVE_MAX_TOKENS and sc.offload != "experts" and plan.hit_rate >= 1.0
     # Strata's Python expert loop costs its measured time per matrix call (in place of the per-call overhead)
     # (probed on this machine where the device has them, else strata_fit.json's development-machine figures)
     loop_us = 0.0
@@ -158,8 +213,9 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             if loop_us:
                 seg.host_s += calls * loop_us * 1e-6
                 calls = 0.0
+        native = native_moe and op.routed  # the grouped kernel reads the quantized blocks, never expands them
         if (deq_from and n >= deq_from and seg.proc == "device" and nbytes is None and op.fmt
-                and needs_dequant(op.fmt)):
+                and needs_dequant(op.fmt) and not native):
             # one pass expands the blocks (read quantized, write 16-bit), the GEMM reads that copy; a copy kept in
             # cache (Strata's tiles, unless a tile outgrows the last-level cache) costs no traffic beyond the read
             q = op.weight_bytes * frac
@@ -175,8 +231,9 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
             return
         wb = op.weight_bytes * frac if nbytes is None else 0.0
         # Strata's matmul of more rows than its GEMV takes streams weights at the measured few-row matmul rate
-        rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS else 0.0
+        rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS and not native else 0.0
         peak = seg.dev.peak("npu_int8" if npu and op.fmt and seg.proc == "device" else op.compute)
+        peak *= kernel_share(sc, seg.dev, op, n)
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
                 peak, wb, op.fmt, calls, rate=rate)
 

@@ -111,7 +111,8 @@ def _fill(case: Case, row: dict) -> None:
     engine = versioned_engine(row["system"], date)
     fmt = canon(fmts.get("experts", fmts["weights"]))
     kv = "fp8" if fmt in ("fp8", "nvfp4") and engine == "trt-llm" else "fp16"
-    sc = Scenario(prec=precisions(fmts, kv=kv), engine=engine, build_date=date)
+    sc = Scenario(prec=precisions(fmts, kv=kv), engine=engine, build_date=date, engine_name=eng.name,
+                  engine_version=eng.version)
     case.notes = model.notes + sys.notes + [eng.describe(), how]
     host_note = offload_host(sys, eng, shape, sc.prec)
     if host_note:

@@ -185,6 +185,7 @@ def _analyze(args, effs) -> int:
     assumptions = resolved.notes + system.notes + [eng.describe(), how]
     engine = versioned_engine(args.engine, None)
     sc = _scenario(args, model, engine, fmts)
+    sc.engine_name, sc.engine_version = eng.name, eng.version
     host = offload_host(system, eng, model, sc.prec)
     if host:
         assumptions.append(host)

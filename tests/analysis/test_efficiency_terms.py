@@ -82,6 +82,7 @@ def _strata_step(new, **kw):
 
 def test_strata_runs_resident_decode_experts_in_one_native_call_and_loops_otherwise(monkeypatch):
     from strata.analysis import efficiency
+    from strata.layers.moe import NATIVE_MAX_TOKENS
 
     monkeypatch.setattr(efficiency, "STRATA_LOOP_US", 0.0)  # the loop's calls priced as calls
     monkeypatch.setattr(efficiency, "STRATA_PREFILL_LOOP_US", 0.0)
@@ -91,14 +92,47 @@ def test_strata_runs_resident_decode_experts_in_one_native_call_and_loops_otherw
 
     fused = sum(g.launches for g in decode(moe(), load_catalog()["strata-dev"], Precisions("bf16"), "vllm").segments)
     assert calls(1, offload="none") == pytest.approx(fused - 2 * (3 - 1))  # moe_decode: 1 call per layer, not 3
-    # an expert provider (offloaded experts, here all cached) or a prompt of several tokens: the Python loop
+    # an expert provider (offloaded experts, here all cached): the Python loop
     loop = calls(1, offload="experts", cache_frac=1.0, hit_rate=1.0)
     assert loop == pytest.approx(fused + 2 * (3 * 4 - 3))
-    assert calls(2, offload="none") > calls(1, offload="none") + 2 * 3 * 4
+    # a step of up to NATIVE_MAX_TOKENS tokens (a decode batch) still makes one expert call per layer
+    non_expert = calls(NATIVE_MAX_TOKENS, offload="none") - 2
+    assert non_expert == pytest.approx(calls(1, offload="none") - 2)
+    # one token more: the Python loop, 3 calls per touched expert
+    more = calls(NATIVE_MAX_TOKENS + 1, offload="none")
+    assert more == pytest.approx(non_expert + 2 * 3 * distinct_experts(16, 4, NATIVE_MAX_TOKENS + 1))
+
+
+def test_strata_native_batch_reads_each_touched_expert_once_through_its_gemv():
+    from strata.analysis.efficiency import STRATA_GEMV_MAX_ROWS
+
+    s, sys = moe(), System(replace(load_catalog()["strata-dev"], gemm_eff={16: 0.5}))
+    sc = Scenario(batch=8, prompt=16, gen=2, prec=Precisions("int8wo", activations="bf16"), engine="strata",
+                  offload="none")
+    seg = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 8, 1, 16).segments[0]
+    i = seg.names.index("experts")
+    assert 8 > STRATA_GEMV_MAX_ROWS and "experts.dequant" not in seg.names  # no expand pass: the blocks are read
+    assert "q_proj.dequant" in seg.names  # attention's QuantLinear still expands its tiles for 8 rows
+    expert = 3 * 256 * 128  # int8: one byte per weight
+    assert seg.wbytes[i] == pytest.approx(distinct_experts(16, 4, 8) * expert)  # one layer's experts
+    assert seg.rates[i] == 0  # the GEMV's rate by format, not the few-row matmul's
+
+
+def test_distinct_experts_match_the_native_calls_expert_runs():
+    """benchmarks/moe_batch_bytes.py counted the grouped kernel's expert runs per step on a 2-layer OLMoE: the
+    expected distinct experts under uniform routing match them."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "moe_batch_bytes_olmoe.json"
+    for r in json.loads(path.read_text())["rows"]:
+        expected = r["moe_layers"] * distinct_experts(64, 8, r["seqs"])
+        assert expected == pytest.approx(r["expert_runs_per_step"], rel=0.05)
 
 
 def test_strata_python_expert_loop_costs_its_measured_time_per_call(monkeypatch):
     from strata.analysis import efficiency
+    from strata.layers.moe import NATIVE_MAX_TOKENS
 
     monkeypatch.setattr(efficiency, "STRATA_LOOP_US", 0.0)
     plain = _strata_step(1, offload="experts", cache_frac=1.0, hit_rate=1.0)[0]
@@ -109,8 +143,10 @@ def test_strata_python_expert_loop_costs_its_measured_time_per_call(monkeypatch)
     assert plain.launches - looped.launches == pytest.approx(expert_calls)  # moved from calls to the loop's time
     assert _strata_step(1, offload="none")[0].host_s == 0  # the native call: no loop
     monkeypatch.setattr(efficiency, "STRATA_PREFILL_LOOP_US", 20.0)  # a prompt loops at its own measured cost
-    prompt = _strata_step(4, offload="none")[0]
-    touched = distinct_experts(16, 4, 4)
+    assert _strata_step(4, offload="none")[0].host_s == 0  # a short prompt: one native call too
+    new = NATIVE_MAX_TOKENS + 1
+    prompt = _strata_step(new, offload="none")[0]
+    touched = distinct_experts(16, 4, new)
     assert prompt.host_s == pytest.approx(2 * 3 * touched * 20e-6)
 
 
@@ -165,6 +201,22 @@ def test_numa_unaware_engine_reads_at_one_sockets_bandwidth():
     # the same summed bandwidth figure: NUMA-aware KTransformers reads at all of it, llama.cpp at half
     assert host["ktransformers"][2].time(e) == pytest.approx(host["ktransformers"][1].time(e))
     assert host["llama.cpp"][2].time(e) == pytest.approx(2 * host["llama.cpp"][1].time(e), rel=0.05)
+
+
+def test_numa_aware_engine_keeps_a_copy_per_socket_only_where_the_copies_fit():
+    e = Efficiencies({k: Eff(1.0, 1.0, 0.0, 1.0) for k in ("gpu", "cpu-server")})
+    fits = _host_decode("ktransformers", 2).segments[1]
+    assert fits.numa_local
+    s = moe()
+    experts = weight_bytes(s, Precisions("q4_k_m"))["experts"]
+    # host memory for one copy and a half: the engine holds one, read through one socket's memory
+    small = replace(load_catalog()["xeon-6454s"], sockets=2, memory_gb=1.5 * experts / 1e9 / 0.9)
+    sys = System(load_catalog()["rtx4090"], host=small)
+    sc = Scenario(batch=1, prompt=16, gen=2, prec=Precisions("q4_k_m"), engine="ktransformers",
+                  cpu_moe_layers=s.layers)
+    one = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, 1, 16).segments[1]
+    assert one.numa_local is False
+    assert one.time(e) == pytest.approx(2 * fits.time(e), rel=0.05)
 
 
 def test_llamacpp_copies_host_weights_to_the_gpu_for_big_batches():

@@ -1,0 +1,99 @@
+"""Dated kernel generations of the llama.cpp family's CPU prompt matmuls (placement.kernel_share): a build before
+the tiled Q4_0 / Q8_0 kernel, mainline K-quants, and iqk kernels (llamafile from 0.8.4 / 0.8.5, ik_llama.cpp)."""
+
+import json
+
+import pytest
+
+from strata.analysis.efficiency import LLAMACPP_CPU_SHARE, LLAMACPP_PRE_SGEMM_SHARE, Eff, Efficiencies
+from strata.analysis.hardware import System, load_catalog
+from strata.analysis.placement import Scenario, plan_placement, step_cost
+from strata.analysis.precision import Precisions
+from strata.analysis.shapes import shape_from_dict
+
+
+def llama():
+    return shape_from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 1024, "intermediate_size": 4096,
+                            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
+                            "vocab_size": 1000})
+
+
+def moe():
+    return shape_from_dict({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 1024,
+                            "intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 8,
+                            "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                            "vocab_size": 1000})
+
+
+def mlp_peak(fmt, device="ryzen-7950x", new=512, shape=None, op="mlp", **kw):
+    """Peak FLOP/s the cost model gives the FFN matmul of a prompt step."""
+    s = shape or llama()
+    sys = System(load_catalog()[device])
+    sc = Scenario(batch=1, prompt=new, gen=1, prec=Precisions(fmt), engine=kw.pop("engine", "llama.cpp"),
+                  offload="none", **kw)
+    seg = step_cost(s, sys, sc, plan_placement(s, sys, sc, 0.0), 1, new, 0).segments[0]
+    return seg.peaks[seg.names.index(op)], seg
+
+
+def test_builds_before_the_tiled_cpu_matmul_run_q4_0_prompts_at_the_stated_share():
+    new, _ = mlp_peak("q4_0", build_date=(2024, 6))
+    old, seg = mlp_peak("q4_0", build_date=(2023, 8))
+    assert old == pytest.approx(new * LLAMACPP_PRE_SGEMM_SHARE)
+    assert mlp_peak("q4_0", build_date=None)[0] == new  # undated: today's kernels
+    assert mlp_peak("q4_0", build_date=(2023, 8), new=1)[0] == mlp_peak("q4_0", new=1)[0]  # decode: the same GEMV
+    # slower kernels, slower prompt: the step takes longer under the same factors
+    e = Efficiencies({"cpu-x86": Eff(0.6, 0.3, 3.0)})
+    assert seg.time(e) > mlp_peak("q4_0", build_date=(2024, 6))[1].time(e)
+
+
+def test_k_quants_run_at_mainlines_share_and_faster_under_iqk_kernels():
+    q4 = mlp_peak("q4_0")[0]
+    assert mlp_peak("q6_k")[0] == pytest.approx(q4 * LLAMACPP_CPU_SHARE["mainline"]["kquant"])
+    assert mlp_peak("q5_0")[0] == pytest.approx(q4 * LLAMACPP_CPU_SHARE["mainline"]["legacy"])
+    iqk = q4 * LLAMACPP_CPU_SHARE["iqk"]["kquant"]
+    assert mlp_peak("q6_k", engine_name="ik_llama.cpp")[0] == pytest.approx(iqk)
+    assert mlp_peak("q6_k", engine_name="llamafile", engine_version="0.8.6")[0] == pytest.approx(iqk)
+    assert mlp_peak("q6_k", engine_name="llamafile")[0] == pytest.approx(iqk)  # version not stated: a current one
+    assert mlp_peak("q6_k", engine_name="llamafile", engine_version="0.8.3")[0] == pytest.approx(
+        q4 * LLAMACPP_CPU_SHARE["mainline"]["kquant"])
+    assert mlp_peak("q4_0", engine_name="ik_llama.cpp")[0] == q4  # Q4_0: the tiled kernel either way
+
+
+def test_llamafile_kernels_for_moe_layers_came_one_release_later():
+    kw = {"shape": moe(), "op": "experts", "engine_name": "llamafile"}
+    q4 = mlp_peak("q4_0", **kw)[0]
+    assert mlp_peak("q6_k", engine_version="0.8.4", **kw)[0] == pytest.approx(
+        q4 * LLAMACPP_CPU_SHARE["mainline"]["kquant"])
+    assert mlp_peak("q6_k", engine_version="0.8.5", **kw)[0] == pytest.approx(q4 * LLAMACPP_CPU_SHARE["iqk"]["kquant"])
+
+
+def test_gpus_and_other_engines_keep_the_class_rate():
+    assert mlp_peak("q6_k", device="rtx4090")[0] == mlp_peak("q4_0", device="rtx4090")[0]
+    assert mlp_peak("q6_k", engine="vllm")[0] == mlp_peak("q4_0", engine="vllm")[0]
+
+
+def test_k_quant_tables_are_x86_only_while_the_tiled_kernel_date_holds_everywhere():
+    arm = "raspberry-pi-5"
+    assert mlp_peak("q6_k", device=arm)[0] == mlp_peak("q4_0", device=arm)[0]
+    assert mlp_peak("q4_0", device=arm, build_date=(2023, 8))[0] == pytest.approx(
+        mlp_peak("q4_0", device=arm)[0] * LLAMACPP_PRE_SGEMM_SHARE)
+
+
+def test_analyze_names_the_engine_whose_kernels_it_prices(capsys):
+    from strata.cli import main
+
+    def prefill(engine):
+        assert main(["analyze", "--model", "llama-2-7b", "--hardware", "ryzen-7950x", "--engine", engine,
+                     "--weights", "q6_k", "--prompt", "512", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["prefill_tok_s"]
+
+    mainline, iqk = prefill("llama.cpp"), prefill("llamafile 0.8.6")
+    ratio = LLAMACPP_CPU_SHARE["iqk"]["kquant"] / LLAMACPP_CPU_SHARE["mainline"]["kquant"]
+    assert 1.3 < iqk / mainline <= ratio * 1.001  # compute-bound prompt: close to the kernels' ratio
+
+
+def test_engine_versions_as_written():
+    from strata.analysis.placement import _version
+
+    assert _version("0.8.6") == (0, 8, 6) and _version("0.9.0rc1") == (0, 9, 0, 1)
+    assert _version("b6000") is None and _version(None) is None
