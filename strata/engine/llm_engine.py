@@ -61,6 +61,15 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
 
+    def add(self, later: RequestOutput) -> RequestOutput:
+        """`later` (an output of the same request from a later step) carrying both outputs' text deltas: what a
+        consumer that fell behind takes in one go instead of one output per step (vLLM's output collector
+        merges the same way). Everything else in an output is cumulative, so `later` already has it."""
+        deltas = {o.index: o.delta for o in self.outputs}
+        for o in later.outputs:
+            o.delta = deltas.get(o.index, "") + o.delta
+        return later
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, progress: bool = True):
