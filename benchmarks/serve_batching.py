@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -88,12 +89,12 @@ async def _round(base: str, streams: int, tokens: int, sampled: bool, pid: int) 
 
 
 def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: str | None = None,
-                 dtype: str = "auto") -> dict:
+                 dtype: str = "auto", extra_args: tuple[str, ...] = ()) -> dict:
 
     port = free_port()
     cmd = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []), "--port", str(port),
            "--num-threads", str(threads), "--max-num-seqs", "16", "--max-model-len", "512", "--dtype", dtype,
-           "--served-model-name", SERVED_NAME, "--log-level", "warning"]
+           "--served-model-name", SERVED_NAME, "--log-level", "warning", *extra_args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -120,13 +121,15 @@ def main() -> None:
     ap.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95, a seed per stream")
     ap.add_argument("--model", default=None, help="HF folder or GGUF (default: the bundled model)")
     ap.add_argument("--dtype", default="auto", help="strata's --dtype for both the CLI and the server")
+    ap.add_argument("--strata-args", default="", help="more `strata serve` flags, e.g. '--stream-interval-ms 5'")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     cli = run_child("benchmarks.serve_batching", "cli_decode", args.threads, args.tokens, args.rounds, args.model,
                     args.dtype)
     if "error" in cli:
         raise SystemExit(f"CLI decode failed: {cli['error']}")
-    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled, args.model, args.dtype)
+    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled, args.model, args.dtype,
+                       tuple(shlex.split(args.strata_args)))
     one, many = srv[1], srv[16]
     print(f"| run | streams | output tok/s | mean TPOT ms | server CPU ms / token |\n|---|---|---|---|---|\n"
           f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} | |\n"
