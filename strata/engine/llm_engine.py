@@ -271,6 +271,7 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = dropped
+        structured = self.structured if self.structured is not None and self.structured.matchers else None
         for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -280,7 +281,7 @@ class LLMEngine:
             for tok in tokens:
                 seq.token_ids.append(tok)
                 self.stats["generation_tokens"] += 1
-                if self.structured is not None and not self.structured.accept(seq, tok):
+                if structured is not None and not structured.accept(seq, tok):
                     seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
                     self.scheduler.finish(seq)
                     break
@@ -341,7 +342,7 @@ class LLMEngine:
                                          seq.completion_token_ids, seq.finish_reason, seq.stop_reason, logprobs))
         finished = all(s.is_finished for s in seqs)
         first = seqs[0]
-        out = RequestOutput(request_id, first.token_ids[: first.num_prompt_tokens], outs, finished,
+        out = RequestOutput(request_id, first.prompt_token_ids, outs, finished,
                             num_cached_tokens=first.num_cached_tokens,
                             metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
                             prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs)

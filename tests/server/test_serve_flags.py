@@ -31,6 +31,8 @@ def test_version_and_python_dash_m():
     (("--max-model-len", "100000"), ["--max-model-len 100000", "max_position_embeddings", "rope_scaling"]),
     (("--chat-template", "missing.jinja"), ["--chat-template", "missing.jinja"]),
     (("--chat-template", "{% if %}"), ["--chat-template", "Jinja"]),
+    (("--stream-interval-ms", "-1"), ["--stream-interval-ms", ">= 0", "-1"]),
+    (("--max-tpot-ms", "0"), ["--max-tpot-ms", "positive"]),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_model, flags, words):
     r = _cli("serve", str(tiny_model), "--port", str(free_port()), *flags)
