@@ -339,18 +339,20 @@ class AsyncEngine:
             changed = True
         if self._unscheduled:  # requests waiting for their first step: the others skip this scan
             self._unscheduled &= self._tracked.keys()  # aborted or failed meanwhile
-            for rid in self._unscheduled.intersection(self.engine.running_request_ids()):
+            started = self._unscheduled.intersection(self.engine.running_request_ids())
+            for rid in started:
                 self._mark_scheduled(self._tracked[rid], rid, t0)
-            changed = True
+            changed = changed or bool(started)
         deliveries = []
         num_generated = 0
-        urgent = changed
+        urgent = False  # a first token or a finished request: the loop is woken now, whatever the interval
         for out in outputs:
             tr = self._tracked.get(out.request_id)
             if tr is None:
                 continue
             if tr.t_scheduled is None:
                 self._mark_scheduled(tr, out.request_id, t0)
+                changed = True
             num = sum(len(o.token_ids) for o in out.outputs)
             new = num - tr.num_tokens
             if new > 0:
