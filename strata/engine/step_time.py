@@ -5,12 +5,16 @@ Each batch size keeps an exponential moving average of the pure decode steps mea
 that also prefills a prompt is longer and says nothing about TPOT). A least-squares line through those averages
 predicts the sizes not measured yet. With one size measured there is no slope, so the limit grows one sequence
 past it while it is within the target; a slope at or below zero (noise, or a step bound by something else)
-grows it the same way, one at a time, instead of trusting an extrapolation.
+grows it the same way, one at a time, instead of trusting an extrapolation. A size not measured for a while
+is forgotten (STALE_AFTER_STEPS), so a slow spell does not cap the batch for good.
 """
 
 from __future__ import annotations
 
 SMOOTHING = 0.2  # weight of a new measurement in its batch size's average
+# A size not measured in this many decode steps is forgotten: one slow spell (another process, a GC pause) must
+# not keep its size, and those the line puts above it, out of the batch for good. Forgotten, it is tried again.
+STALE_AFTER_STEPS = 256
 
 
 class StepTimeModel:
@@ -18,11 +22,17 @@ class StepTimeModel:
         self.target_s = target_s
         self.max_num_seqs = max_num_seqs
         self.avg_s: dict[int, float] = {}  # decode batch size -> moving average of its step seconds
+        self._last_seen: dict[int, int] = {}  # decode batch size -> num_steps when it was last measured
+        self.num_steps = 0
 
     def observe(self, num_seqs: int, seconds: float) -> None:
         """One pure decode step of num_seqs sequences took `seconds`."""
+        self.num_steps += 1
         prev = self.avg_s.get(num_seqs)
         self.avg_s[num_seqs] = seconds if prev is None else prev + SMOOTHING * (seconds - prev)
+        self._last_seen[num_seqs] = self.num_steps
+        for n in [n for n, seen in self._last_seen.items() if self.num_steps - seen > STALE_AFTER_STEPS]:
+            del self.avg_s[n], self._last_seen[n]
 
     def predict(self, num_seqs: int) -> float | None:
         """Expected step seconds at num_seqs sequences (None before two batch sizes are measured, unless this

@@ -14,7 +14,7 @@ from strata.engine.llm_engine import BUNDLED_MODEL, LLMEngine
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
-from strata.engine.step_time import StepTimeModel
+from strata.engine.step_time import STALE_AFTER_STEPS, StepTimeModel
 from strata.errors import ConfigError
 
 
@@ -51,6 +51,20 @@ def test_a_size_measured_over_the_target_is_not_run_again():
     m.observe(2, 0.0015)
     m.observe(3, 0.009)  # the line alone would allow more
     assert m.seq_limit() == 2
+
+
+def test_a_slow_spell_is_forgotten():
+    m = StepTimeModel(target_s=0.0045, max_num_seqs=16)
+    for n in (1, 2, 3):
+        m.observe(n, _linear(n))
+    assert m.seq_limit() == 3
+    m.observe(3, 0.05)  # one step ten times too slow
+    assert m.seq_limit() == 1
+    for _ in range(STALE_AFTER_STEPS + 1):  # only one sequence runs meanwhile, at its usual speed
+        m.observe(1, _linear(1))
+    assert sorted(m.avg_s) == [1] and m.seq_limit() == 2  # the slow sizes forgotten: growing again
+    m.observe(2, _linear(2))
+    assert m.seq_limit() == 3
 
 
 def test_flat_or_falling_line_grows_one_at_a_time():
