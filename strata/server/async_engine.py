@@ -58,6 +58,7 @@ class AsyncEngine:
                  max_queued_requests: int | None = None, request_timeout: float | None = None,
                  on_load_failure: Callable[[str], None] | None = None, stream_interval_ms: float = 0.0):
         self._factory = engine_factory
+        self._ready = False  # the model loaded and the first gauges published
         self.stream_interval = stream_interval_ms / 1e3
         self._on_load_failure = on_load_failure
         self.engine: LLMEngine | None = None
@@ -90,7 +91,7 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.dead_reason is None
+        return self._ready and self.dead_reason is None
 
     @property
     def num_unfinished(self) -> int:
@@ -207,6 +208,7 @@ class AsyncEngine:
             self.engine = self._factory()
             self._publish_gauges()
             self.engine.isolate_sampling_failures()
+            self._ready = True  # after the first gauges: a caller that sees it ready sees them
         except Exception as e:
             if isinstance(e, StrataError):  # a message the user can act on: no traceback
                 log.error("model failed to load: %s", e)
