@@ -36,8 +36,8 @@ log = logging.getLogger("strata.server")
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 # Between steps that start or end a request the gauges (running, waiting, KV usage) change little: they are
-# republished at this interval instead of after every step (a sub-millisecond step would spend a fifth of its
-# time on them). Admission's free-slot count changes only when a request starts or ends, so stays exact.
+# republished at this interval instead of after every step (on a sub-millisecond step they cost a large share
+# of it). Admission's free-slot count changes only when a request starts or ends, so stays exact.
 GAUGE_INTERVAL_S = 0.05
 
 
