@@ -37,7 +37,8 @@ log = logging.getLogger("strata.server")
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 # Between steps that start or end a request the gauges (running, waiting, KV usage) change little: they are
 # republished at this interval instead of after every step (on a sub-millisecond step they cost a large share
-# of it). Admission's free-slot count changes only when a request starts or ends, so stays exact.
+# of it). Admission's free-slot count moves when a request starts or ends (republished at once), or when a TPOT
+# target's limit moves (seen within the interval).
 GAUGE_INTERVAL_S = 0.05
 
 
