@@ -5,7 +5,8 @@ one stream alone against 16 concurrent streams of 128 tokens each, side by side 
 Reports output tokens/s in all, TPOT ((last token - first token) / (tokens - 1), mean over streams), the
 server's CPU time per output token (all its threads, from /proc: what the tokens/s would follow on cores of its
 own) and the ratios the serving aims name: 16 streams' tokens/s over one stream's, and one stream's TPOT over
-the CLI's.
+the CLI's; also one stream's server CPU per token over the CLI's, which a loaded machine disturbs less than the
+wall-clock ratio (the CLI and the server run at different moments).
 Streams are greedy, or sampled with temperature/top-p and a seed per stream (--sampled). Results:
 docs/benchmarks/serving.md.
 
@@ -19,6 +20,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,11 +44,14 @@ def cli_decode(threads: int, tokens: int, rounds: int, model: str | None = None,
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for _ in llm.stream(PROMPTS[0], params):  # warm-up: native kernels built, caches allocated
         pass
-    tpots = []
+    tpots, cpus = [], []
     for _ in range(rounds):  # TPOT as the server rounds take it: first to last text chunk over tokens - 1
+        c0 = time.process_time()
         stamps = [time.perf_counter() for _ in llm.stream(PROMPTS[0], params)]
-        tpots.append((stamps[-1] - stamps[0]) / (llm.last_stats["generated_tokens"] - 1))
-    return {"tpot_ms": min(tpots) * 1e3, "tok_s": 1 / min(tpots)}
+        num = llm.last_stats["generated_tokens"]
+        tpots.append((stamps[-1] - stamps[0]) / (num - 1))
+        cpus.append((time.process_time() - c0) / num)
+    return {"tpot_ms": min(tpots) * 1e3, "tok_s": 1 / min(tpots), "cpu_ms_per_token": min(cpus) * 1e3}
 
 
 async def _stream(client, i: int, tokens: int, sampled: bool) -> dict:
@@ -88,12 +93,12 @@ async def _round(base: str, streams: int, tokens: int, sampled: bool, pid: int) 
 
 
 def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: str | None = None,
-                 dtype: str = "auto") -> dict:
+                 dtype: str = "auto", extra_args: tuple[str, ...] = ()) -> dict:
 
     port = free_port()
     cmd = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []), "--port", str(port),
            "--num-threads", str(threads), "--max-num-seqs", "16", "--max-model-len", "512", "--dtype", dtype,
-           "--served-model-name", SERVED_NAME, "--log-level", "warning"]
+           "--served-model-name", SERVED_NAME, "--log-level", "warning", *extra_args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -120,23 +125,27 @@ def main() -> None:
     ap.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95, a seed per stream")
     ap.add_argument("--model", default=None, help="HF folder or GGUF (default: the bundled model)")
     ap.add_argument("--dtype", default="auto", help="strata's --dtype for both the CLI and the server")
+    ap.add_argument("--strata-args", default="", help="more `strata serve` flags, e.g. '--stream-interval-ms 5'")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     cli = run_child("benchmarks.serve_batching", "cli_decode", args.threads, args.tokens, args.rounds, args.model,
                     args.dtype)
     if "error" in cli:
         raise SystemExit(f"CLI decode failed: {cli['error']}")
-    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled, args.model, args.dtype)
+    srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled, args.model, args.dtype,
+                       tuple(shlex.split(args.strata_args)))
     one, many = srv[1], srv[16]
     print(f"| run | streams | output tok/s | mean TPOT ms | server CPU ms / token |\n|---|---|---|---|---|\n"
           f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} | |\n"
           f"| strata serve | 1 | {one['tok_s']:.0f} | {one['tpot_ms']:.2f} | {one['server_cpu_ms_per_token']:.3f} |\n"
           f"| strata serve | 16 | {many['tok_s']:.0f} | {many['tpot_ms']:.2f} | {many['server_cpu_ms_per_token']:.3f} |")
     ratios = {"streams16_over_1": many["tok_s"] / one["tok_s"], "server_tpot_over_cli": one["tpot_ms"] / cli["tpot_ms"],
-              "cpu_per_token_1_over_16": one["server_cpu_ms_per_token"] / many["server_cpu_ms_per_token"]}
+              "cpu_per_token_1_over_16": one["server_cpu_ms_per_token"] / many["server_cpu_ms_per_token"],
+              "server_cpu_over_cli_cpu": one["server_cpu_ms_per_token"] / cli["cpu_ms_per_token"]}
     print(f"16 streams / 1 stream: {ratios['streams16_over_1']:.2f}x output tok/s, "
           f"{ratios['cpu_per_token_1_over_16']:.2f}x less server CPU per token; "
-          f"server TPOT / CLI TPOT (1 stream): {ratios['server_tpot_over_cli']:.2f}x")
+          f"server TPOT / CLI TPOT (1 stream): {ratios['server_tpot_over_cli']:.2f}x; "
+          f"CPU per token, server (1 stream) / CLI: {ratios['server_cpu_over_cli_cpu']:.2f}x")
     if args.json:
         from strata.fileio import write_json_atomic
 

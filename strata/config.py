@@ -306,6 +306,9 @@ class EngineConfig:
     max_num_seqs: int = knob(16, "sequences decoded together", type=int)
     max_num_batched_tokens: int = knob(2048, "token budget of one engine step (longer prompts are prefilled "
                                              "in chunks)", type=int)
+    max_tpot_ms: float | None = knob(None, "TPOT target: fewer sequences decode together when the measured "
+                                           "decode step time at more would exceed this many milliseconds; the "
+                                           "other requests wait in the queue (default: no target)", type=float)
     block_size: int = knob(16, "tokens per KV-cache block", type=int)
     kv_cache_memory: int = knob(512 * 2**20, "bytes for the KV cache, e.g. 512MiB", type="size")
     enable_prefix_caching: bool = knob(True, "share KV blocks between prompts with a common prefix")
@@ -358,6 +361,8 @@ class EngineConfig:
 
         check("max_num_seqs", lambda v: is_int(v) and v >= 1, "an integer >= 1")
         check("max_num_batched_tokens", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check("max_tpot_ms", lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+              "a positive number of milliseconds (or unset)")
         check("block_size", lambda v: is_int(v) and 1 <= v <= 4096, "an integer in [1, 4096]")
         check("kv_cache_memory", lambda v: is_int(v) and v >= 1, "a positive number of bytes")
         check("max_model_len", lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 (or unset)")

@@ -42,6 +42,9 @@ class ServerConfig:
     chat_template: str | None = knob(None, "chat template file, or the Jinja template itself (replaces the "
                                            "tokenizer's)")
     log_level: str = knob("info", "uvicorn log level")
+    stream_interval_ms: float = knob(5.0, "hand streamed outputs to the HTTP side at most once per this many "
+                                          "milliseconds (a first token, the last one and errors go at once); the "
+                                          "tokens of the steps in between go out as one chunk", type=float)
     tool_call_parser: str | None = knob(None, "how tool calls are read from the model's text: hermes, llama3_json, "
                                               "mistral (strata/server/tool_parsers.py)")
     enable_auto_tool_choice: bool = knob(False, "allow tool_choice 'auto' (needs --tool-call-parser)")
@@ -100,6 +103,9 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
             engine.tokenizer.chat_template = template
         return engine
 
+    stream_interval_ms = getattr(args, "stream_interval_ms", 0.0)
+    if not stream_interval_ms >= 0:  # also NaN
+        raise ConfigError(f"--stream-interval-ms must be a number >= 0, got {stream_interval_ms!r}")
     dp = getattr(args, "data_parallel_size", 1)
     if not isinstance(dp, int) or dp < 1:
         raise ConfigError(f"--data-parallel-size must be an integer >= 1, got {dp!r}")
@@ -115,7 +121,8 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
                                pd_disaggregation=args.pd_disaggregation, migration=migration)
     else:
         engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
-                             request_timeout=args.request_timeout, on_load_failure=on_load_failure)
+                             request_timeout=args.request_timeout, on_load_failure=on_load_failure,
+                             stream_interval_ms=stream_interval_ms)
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     # a server on loopback answers only loopback Host names (a DNS-rebinding page would use its own)
     hosts = LOOPBACK_HOSTS if args.host.strip("[]") in LOOPBACK_HOSTS else None

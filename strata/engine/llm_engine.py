@@ -30,6 +30,7 @@ from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.decoder import SpecDecoder, make_proposer
+from strata.engine.step_time import StepTimeModel
 from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
@@ -60,6 +61,15 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
+
+    def add(self, later: RequestOutput) -> RequestOutput:
+        """`later` (an output of the same request from a later step) carrying both outputs' text deltas: what a
+        consumer that fell behind takes in one go instead of one output per step (vLLM's output collector
+        merges the same way). Everything else in an output is cumulative, so `later` already has it."""
+        deltas = {o.index: o.delta for o in self.outputs}
+        for o in later.outputs:
+            o.delta = deltas.get(o.index, "") + o.delta
+        return later
 
 
 class LLMEngine:
@@ -96,7 +106,9 @@ class LLMEngine:
         self.max_model_len = fit_max_model_len(config.max_model_len, max_len, num_blocks * config.block_size,
                                                config.kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        step_time = config.max_tpot_ms and StepTimeModel(config.max_tpot_ms / 1e3, config.max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   step_time or None)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         eos = (self.tokenizer.eos_token_ids if self.tokenizer else []) or list(mcfg.eos_token_id)
         self.eos_token_ids = eos
@@ -192,7 +204,7 @@ class LLMEngine:
 
     def num_free_seq_slots(self) -> int:
         """Sequences the next step could still admit under max_num_seqs."""
-        return max(self.scheduler.max_num_seqs - len(self.scheduler.running), 0)
+        return max(self.scheduler.seq_limit - len(self.scheduler.running), 0)
 
     def num_free_kv_blocks(self) -> int:
         """KV-cache blocks no sequence holds (a replica router's load measure)."""
@@ -225,11 +237,16 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_start = time.perf_counter()
         batch = self.scheduler.schedule()
         dropped = self._drop_unschedulable()
         if not batch.seqs:
             return [self._output(rid) for rid in dropped if rid in self._requests]
         t0 = time.perf_counter()
+        step_time = self.scheduler.step_time
+        # a TPOT target learns from pure decode steps only (a prompt chunk makes a step longer, drafts shorter)
+        timed = step_time is not None and self.spec is None and all(
+            n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_new_tokens))
         if self.structured is not None and self.structured.overlap and self.structured.matchers:
             # the grammar masks fill on a worker thread during the forward
             self.structured.prepare([s for s, n in zip(batch.seqs, batch.num_new_tokens)
@@ -255,6 +272,7 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = dropped
+        structured = self.structured if self.structured is not None and self.structured.matchers else None
         for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -264,7 +282,7 @@ class LLMEngine:
             for tok in tokens:
                 seq.token_ids.append(tok)
                 self.stats["generation_tokens"] += 1
-                if self.structured is not None and not self.structured.accept(seq, tok):
+                if structured is not None and not structured.accept(seq, tok):
                     seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
                     self.scheduler.finish(seq)
                     break
@@ -274,9 +292,13 @@ class LLMEngine:
             touched[seq.request_id] = None
         if self.spec:
             self.spec.finish_step(sampled_seqs)
+        outputs = [self._output(rid) for rid in touched if rid in self._requests]
         self.stats["num_steps"] += 1
-        self.stats["step_time_s"] += time.perf_counter() - t0
-        return [self._output(rid) for rid in touched if rid in self._requests]
+        t_end = time.perf_counter()
+        self.stats["step_time_s"] += t_end - t0
+        if timed:
+            step_time.observe(len(batch.seqs), t_end - t_start)
+        return outputs
 
     def _drop_unschedulable(self) -> dict[str, None]:
         """Request ids of sequences the scheduler finished because the KV cache can never hold them (their
@@ -321,7 +343,7 @@ class LLMEngine:
                                          seq.completion_token_ids, seq.finish_reason, seq.stop_reason, logprobs))
         finished = all(s.is_finished for s in seqs)
         first = seqs[0]
-        out = RequestOutput(request_id, first.token_ids[: first.num_prompt_tokens], outs, finished,
+        out = RequestOutput(request_id, first.prompt_token_ids, outs, finished,
                             num_cached_tokens=first.num_cached_tokens,
                             metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
                             prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs)

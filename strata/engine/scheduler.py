@@ -2,7 +2,8 @@
 
 Each step runs, for every scheduled sequence, its next `num_new_tokens` uncomputed tokens: 1 for a decoding
 sequence, a chunk of the prompt for a prefilling one. Decodes go first, then partial prefills, then new
-admissions while the token budget, max_num_seqs and free KV blocks allow. No tensors here.
+admissions while the token budget, max_num_seqs (or the fewer sequences a TPOT target allows, see
+step_time.py) and free KV blocks allow. No tensors here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from strata.engine.block_manager import BlockManager
 from strata.engine.sequence import Sequence, SequenceStatus
+from strata.engine.step_time import StepTimeModel
 
 
 @dataclass
@@ -34,10 +36,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 step_time: StepTimeModel | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.step_time = step_time  # with a TPOT target (--max-tpot-ms): caps the running sequences
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -50,6 +54,14 @@ class Scheduler:
             self.waiting.insert(idx, seq)
         else:
             self.waiting.append(seq)
+
+    @property
+    def seq_limit(self) -> int:
+        """Most sequences running at once: max_num_seqs, or fewer under a TPOT target. Running sequences over
+        a limit that shrank go on (no preemption); new ones wait until the batch is under it."""
+        if self.step_time is None:
+            return self.max_num_seqs
+        return min(self.max_num_seqs, self.step_time.seq_limit())
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -108,7 +120,8 @@ class Scheduler:
             counts.append(n)
             budget -= n
         # 2. admissions
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        limit = self.seq_limit
+        while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             if not self._fits_cache(seq):
                 self.waiting.popleft()

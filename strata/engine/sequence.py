@@ -27,6 +27,7 @@ class Sequence:
         self.index = index  # position among the request's n choices
         self.priority = priority
         self.token_ids = list(prompt_token_ids)
+        self.prompt_token_ids = list(prompt_token_ids)  # handed out with every output: copied once, not per step
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.status = SequenceStatus.WAITING

@@ -35,6 +35,11 @@ from strata.server.request_stream import (
 log = logging.getLogger("strata.server")
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+# Between steps that start or end a request the gauges (running, waiting, KV usage) change little: they are
+# republished at this interval instead of after every step (on a sub-millisecond step they cost a large share
+# of it). Admission's free-slot count moves when a request starts or ends (republished at once), or when a TPOT
+# target's limit moves (seen within the interval).
+GAUGE_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -52,8 +57,10 @@ class _Tracked:
 class AsyncEngine:
     def __init__(self, engine_factory: Callable[[], LLMEngine], metrics: EngineMetrics | None = None,
                  max_queued_requests: int | None = None, request_timeout: float | None = None,
-                 on_load_failure: Callable[[str], None] | None = None):
+                 on_load_failure: Callable[[str], None] | None = None, stream_interval_ms: float = 0.0):
         self._factory = engine_factory
+        self._ready = False  # the model loaded and the first gauges published
+        self.stream_interval = stream_interval_ms / 1e3
         self._on_load_failure = on_load_failure
         self.engine: LLMEngine | None = None
         self.metrics = metrics or EngineMetrics()
@@ -68,11 +75,14 @@ class AsyncEngine:
         self._handoffs: set[str] = set()  # tracked requests that leave after their first token (engine thread)
         self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
         self._wake_pending = False  # a _take_pending is scheduled on the loop
+        self._last_wake = 0.0  # time.monotonic() when the loop was last woken for outputs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = 0
         self._load = {"num_free_blocks": 0, "num_running": 0, "num_waiting": 0}
+        self._unscheduled: set[str] = set()  # tracked requests not yet in a step (engine thread)
+        self._last_publish = 0.0  # time.monotonic() of the last full gauge publish (engine thread)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -82,7 +92,7 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.dead_reason is None
+        return self._ready and self.dead_reason is None
 
     @property
     def num_unfinished(self) -> int:
@@ -162,26 +172,33 @@ class AsyncEngine:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _deliver(self, stream: RequestStream, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (shutdown)
-            pass
+        """One item (an error, a migration's end) at once, behind the outputs still pending for the loop."""
+        self._deliver_all([(stream, item)], urgent=True)
 
-    def _deliver_all(self, items: list[tuple[RequestStream, object]]) -> None:
-        """A whole step's outputs to the event loop. Only the first step whose outputs find the loop with none
-        pending wakes it (a write to its self-pipe, which gives up the GIL: the engine thread would then wait
-        for a busy loop thread to hand it back); later steps add to the pending list it has yet to take."""
-        if not items:
-            return
+    def _deliver_all(self, items: list[tuple[RequestStream, object]], urgent: bool = False) -> None:
+        """Outputs to the event loop. A wake-up of the loop hands the GIL to it: on a fast step that costs as much
+        as the step, so steady outputs go out at most once per stream interval (they pile up in `_pending`, and
+        the streams merge them into one chunk); `urgent` ones (a first token, a finished request, an error) and
+        every output once the interval has passed wake the loop at once. Only one wake is in flight: later steps
+        add to the pending list the loop has yet to take."""
         with self._lock:
             self._pending.extend(items)
-            if self._wake_pending:
+            if self._wake_pending or not self._pending:
                 return
+            now = time.monotonic()
+            if not urgent and now - self._last_wake < self.stream_interval:
+                return  # a later step, or the engine going idle (flush_outputs), wakes the loop
             self._wake_pending = True
+            self._last_wake = now
         try:
             self._loop.call_soon_threadsafe(self._take_pending)
         except RuntimeError:  # the event loop is closed (shutdown)
             pass
+
+    def _flush_outputs(self) -> None:
+        """Wakes the loop for the outputs still pending (the engine is about to wait for commands)."""
+        if self._pending:
+            self._deliver_all([], urgent=True)
 
     def _take_pending(self) -> None:
         """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""
@@ -195,6 +212,7 @@ class AsyncEngine:
             self.engine = self._factory()
             self._publish_gauges()
             self.engine.isolate_sampling_failures()
+            self._ready = True  # after the first gauges: a caller that sees it ready sees them
         except Exception as e:
             if isinstance(e, StrataError):  # a message the user can act on: no traceback
                 log.error("model failed to load: %s", e)
@@ -215,7 +233,10 @@ class AsyncEngine:
     def _loop_forever(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            self._drain_commands(block=not self.engine.has_unfinished_requests())
+            idle = not self.engine.has_unfinished_requests()
+            if idle:
+                self._flush_outputs()
+            self._drain_commands(block=idle)
             if self._stop.is_set():
                 return
             if not self.engine.has_unfinished_requests():
@@ -237,6 +258,8 @@ class AsyncEngine:
             self._after_step(outputs, t0)
 
     def _drain_commands(self, block: bool) -> None:
+        if not block and self._cmds.empty():  # the usual case between two steps: no exception raised and caught
+            return
         try:
             cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
         except queue.Empty:
@@ -263,6 +286,7 @@ class AsyncEngine:
                 self._deliver(stream, e)
                 return
             self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n)
+            self._unscheduled.add(rid)
             if handoff:
                 self._handoffs.add(rid)
         elif kind == "resume":
@@ -315,47 +339,61 @@ class AsyncEngine:
 
     def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:
         now = time.monotonic()
+        changed = False  # a request started or ended: the gauges are republished at once
         for rid, err in self.engine.take_sampling_failures().items():
             self._fail(rid, RequestFailedError(f"generation failed: {type(err).__name__}: {err}"))
-        for rid in self.engine.running_request_ids():
-            tr = self._tracked.get(rid)
-            if tr is not None and tr.t_scheduled is None:
-                tr.t_scheduled = t0
-                self._discard_waiting(rid)
-                self.metrics.queue_time.observe(t0 - tr.t_add)
+            changed = True
+        if self._unscheduled:  # requests waiting for their first step: the others skip this scan
+            self._unscheduled &= self._tracked.keys()  # aborted or failed meanwhile
+            started = self._unscheduled.intersection(self.engine.running_request_ids())
+            for rid in started:
+                self._mark_scheduled(self._tracked[rid], rid, t0)
+            changed = changed or bool(started)
         deliveries = []
+        num_generated = 0
+        urgent = False  # a first token or a finished request: the loop is woken now, whatever the interval
         for out in outputs:
             tr = self._tracked.get(out.request_id)
             if tr is None:
                 continue
             if tr.t_scheduled is None:
-                tr.t_scheduled = t0
-                self._discard_waiting(out.request_id)
-                self.metrics.queue_time.observe(t0 - tr.t_add)
+                self._mark_scheduled(tr, out.request_id, t0)
+                changed = True
             num = sum(len(o.token_ids) for o in out.outputs)
             new = num - tr.num_tokens
             if new > 0:
                 if tr.t_first is None:
                     tr.t_first = now
+                    urgent = True
                     self.metrics.ttft.observe(now - tr.t_add)
                     self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
                 else:
                     self.metrics.itl.observe(now - tr.t_last)
                 tr.t_last = now
                 tr.num_tokens = num
-                self.metrics.generation_tokens.inc(new)
+                num_generated += new
             deliveries.append((tr.stream, out))
             if out.finished:
                 del self._tracked[out.request_id]
                 self.metrics.e2e.observe(now - tr.t_add)
                 for o in out.outputs:
                     self.metrics.finished(o.finish_reason or "abort")
-        self._deliver_all(deliveries)
+                changed = urgent = True
+        if num_generated:
+            self.metrics.generation_tokens.inc(num_generated)
+        self._deliver_all(deliveries, urgent)
         if self._handoffs:  # prefill replicas only: the others skip the scan
             self._handoffs &= self._tracked.keys()  # finished, aborted or failed meanwhile
             for rid in [rid for rid in self._handoffs if self._tracked[rid].t_first is not None]:
                 self._hand_off(rid)
-        self._publish_gauges()
+        if changed or now - self._last_publish >= GAUGE_INTERVAL_S:
+            self._publish_gauges()
+
+    def _mark_scheduled(self, tr: _Tracked, rid: str, t0: float) -> None:
+        tr.t_scheduled = t0
+        self._unscheduled.discard(rid)
+        self._discard_waiting(rid)
+        self.metrics.queue_time.observe(t0 - tr.t_add)
 
     def _hand_off(self, rid: str) -> None:
         """A prefill replica's request after its first token: out with its KV (it goes on decoding here when it
@@ -374,6 +412,7 @@ class AsyncEngine:
 
     def _publish_gauges(self) -> None:
         eng = self.engine
+        self._last_publish = time.monotonic()
         with self._lock:
             # preempted requests wait again in the scheduler (no longer in _waiting_ids): count them too
             waiting = len(self._waiting_ids | set(eng.waiting_request_ids()))

@@ -51,6 +51,7 @@ class RequestStream:
         self.deadline = deadline
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self._held = None  # an item taken from the queue while merging, handed out next
 
     def __aiter__(self):
         return self
@@ -58,13 +59,25 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-        try:  # an output already there (the usual case under load) needs no wait
-            item = self.queue.get_nowait() if not self.queue.empty() else \
-                await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
-            self.abort()
-            raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") from None
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+            try:  # an output already there (the usual case under load) needs no wait
+                item = self.queue.get_nowait() if not self.queue.empty() else \
+                    await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                self.abort()
+                raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") \
+                    from None
+        # Outputs of several steps already waiting go out as one (their deltas joined): a consumer that fell
+        # behind the engine catches up in one chunk instead of one per step.
+        while isinstance(item, RequestOutput) and not item.finished and not self.queue.empty():
+            later = self.queue.get_nowait()
+            if not isinstance(later, RequestOutput):
+                self._held = later
+                break
+            item = item.add(later)
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -75,7 +88,7 @@ class RequestStream:
     @property
     def has_pending(self) -> bool:
         """An output is already waiting (the next __anext__ will not wait)."""
-        return not self.finished and not self.queue.empty()
+        return not self.finished and (self._held is not None or not self.queue.empty())
 
     def abort(self) -> None:
         if not self.finished:

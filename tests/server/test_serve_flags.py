@@ -33,6 +33,8 @@ def test_version_and_python_dash_m():
     (("--chat-template", "{% if %}"), ["--chat-template", "Jinja"]),
     (("--enable-migration",), ["--enable-migration", "--data-parallel-size >= 2"]),
     (("--data-parallel-size", "2", "--migration-max-stages", "0"), ["--migration-max-stages must be >= 1"]),
+    (("--stream-interval-ms", "-1"), ["--stream-interval-ms", ">= 0", "-1"]),
+    (("--max-tpot-ms", "0"), ["--max-tpot-ms", "positive"]),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_model, flags, words):
     r = _cli("serve", str(tiny_model), "--port", str(free_port()), *flags)
