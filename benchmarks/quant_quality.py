@@ -12,8 +12,9 @@ Models and texts:
 
 Every row is scored against the unquantized model on the same windows (strata.eval.compare): KL(ref || q)
 per token, top-1 agreement, and the quantized model's own perplexity. Compute is float32. Each format is
-quantized with each scale method (`--methods`): rtn (absmax: the format as first shipped), clip (the default:
-data-free clipping search; activation-weighted in mixed@ rows, which have calibration), gptq (calibrated) and
+quantized with each scale method (`--methods`): rtn (absmax: the format as first shipped), peak (the default:
+each group's largest weight exact; activation-weighted in mixed@ rows, which have calibration), clip (data-free
+clipping search, weighted likewise), gptq (calibrated) and
 tune (gptq, then int4 scales and codes tuned end to end on the calibration text; strata/weights/quant_tune.py).
 `--merge` keeps the other methods' rows of an earlier run's JSON and replaces only the methods run now.
 `mixed@F` is `strata quantize --mixed` (candidates int8, int4-g32/g64/g128) at exactly the bytes of uniform F,
@@ -56,7 +57,7 @@ FORMATS = ["int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym", "fp8", 
            "int8-nested-g64/int4", "mixed@int4-g64", "mixed-uncal@int4-g64", "mixed@int4-g32",
            "mixed-uncal@int4-g32"]
 MIXED_CANDIDATES = ("int8", "int4-g32", "int4-g64", "int4-g128")
-METHODS = ["rtn", "clip", "gptq", "tune"]
+METHODS = ["rtn", "peak", "clip", "gptq", "tune"]
 CALIBRATED = ("gptq", "tune")  # methods that need calibration (no mixed-uncal rows)
 AIMS = {"int8": 0.5, "int4-g64": 5.0}  # allowed perplexity increase, percent
 
@@ -109,8 +110,8 @@ def build(name: str, method: str, ref: Path, work: Path, calib: Calibration, tun
           ) -> tuple[Path, dict]:
     """Quantized folder for one row, and facts about it (bytes, chosen formats).
 
-    Uniform formats get the calibration only for gptq and tune (rtn and clip rows stay data-free); mixed@ rows
-    get it for the plan and for the quantization (activation-weighted clip, gptq or tune)."""
+    Uniform formats get the calibration only for gptq and tune (rtn, peak and clip rows stay data-free); mixed@
+    rows get it for the plan and for the quantization (activation-weighted peak or clip, gptq or tune)."""
     dst = work / f"{name.replace('/', '-')}-{method}"
     kw = {"method": method, "calibration": calib if method in CALIBRATED else None, "progress": False}
     if method == "tune":
@@ -227,8 +228,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="stories260k,moe", help="comma-separated: stories260k, moe")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated rows (see FORMATS)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated scale methods: rtn, clip, gptq, "
-                    "tune")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated scale methods: rtn, peak, clip, "
+                    "gptq, tune")
     ap.add_argument("--merge", action="store_true", help="keep the rows of other methods (and formats) from the "
                     "existing --out JSON; the rows run now replace theirs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

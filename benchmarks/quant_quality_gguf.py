@@ -6,9 +6,11 @@
 The GGUF's weights are converted to an HF folder (`strata convert gguf`) and cast to bf16: the reference. From
 that folder, Strata quantizes the projections with its default method (`strata quantize --format F`), and
 llama.cpp's own converter (convert_hf_to_gguf.py, bf16) and quantizer (llama_model_quantize) make Q4_0 and
-Q4_K_M GGUFs. Every model is scored by `strata eval ppl` (float32 compute, the same windows: context 512,
-stride 256) on the first `--bytes` of the text; the original GGUF is scored too. Bits per weight count the
-stored bytes of the transformer blocks' projections (the embedding and output are listed apart).
+Q4_K_M GGUFs. With `--mixed FORMATS`, Strata also plans a format per projection among FORMATS
+(`strata quantize --mixed`, data-free) within the bytes of llama.cpp's Q4_K_M projections. Every model is
+scored by `strata eval ppl` (float32 compute, the same windows: context 512, stride 256) on the first
+`--bytes` of the text; the original GGUF is scored too. Bits per weight count the stored bytes of the
+transformer blocks' projections (the embedding and output are listed apart).
 Results: docs/benchmarks/quant_quality_gguf.json (and the printed table).
 """
 
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"))
     ap.add_argument("--bytes", type=int, default=120_000)
     ap.add_argument("--formats", default=",".join(STRATA_FORMATS), help="Strata formats to quantize into")
+    ap.add_argument("--mixed", default=None, help="candidate formats of a `strata quantize --mixed` row at "
+                    "Q4_K_M's bytes per projection weight, e.g. int8,int4-g32")
     ap.add_argument("--jobs", type=int, default=1, help="evaluations run at once (one process each)")
     ap.add_argument("--work", default=None, help="folder for the converted models (default: a temporary one)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "quant_quality_gguf.json"))
@@ -126,6 +130,19 @@ def main() -> None:
         out = quantize_gguf(bf16_gguf, work / f"llamacpp-{qtype}.gguf", qtype)
         b = gguf_bits(out)
         models.append((f"llama.cpp {qtype.upper()}", "llama.cpp", out, b["bits_per_weight"], b["head"]))
+    if args.mixed:
+        from strata.weights.quantize_checkpoint import scan
+
+        kbits = gguf_bits(work / "llamacpp-q4_k_m.gguf")["bits_per_weight"]
+        budget = scan(ref)[1] + int(params * kbits / 8)  # everything but the projections stays as it is
+        out = work / "strata-mixed"
+        if not (out / "config.json").exists():
+            _strata("quantize", "--mixed", "--format", args.mixed, "--budget", str(budget), "--no-progress",
+                    str(ref), str(out))
+        models.insert(len(models) - len(LLAMACPP_TYPES), (
+            f"Strata --mixed {args.mixed} at Q4_K_M's bytes (default method)", "strata", out,
+            8 * folder_bytes(out) / params, "bf16 (tied)"))
+
     def score(model: tuple) -> dict:
         label, maker, path, bits, head = model
         t = time.time()

@@ -21,8 +21,10 @@ def register(sub) -> None:
     p.add_argument("out_dir", help="output folder (must not exist unless --force)")
     p.add_argument("--format", default="int8", help="int8, int4-g32|g64|g128[-asym], int8-nested-g64, fp8 "
                    "(default int8); with --mixed, the comma-separated candidate formats")
-    p.add_argument("--method", default="clip", help="how scales are chosen: rtn (absmax), clip (search of "
-                   "clipping ratios, weighted by calibration input energy when given; default), gptq (column-wise "
+    p.add_argument("--method", default="peak", help="how scales are chosen: rtn (absmax), peak (each "
+                   "group's largest weight kept exact on the grid, the candidate with the smaller error, weighted "
+                   "by calibration input energy when given; default), clip (search of clipping ratios, weighted "
+                   "likewise), gptq (column-wise "
                    "error compensation with the calibration Hessian; needs --calibrate-data or --calibration) or "
                    "tune (gptq, then int4 scales and codes tuned end to end against the unquantized model's "
                    "next-token distributions on the calibration text; needs --calibrate-data)")

@@ -147,10 +147,10 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MiB fp32: in L2)
-# how scales are chosen: search.py (rtn, clip), gptq.py, and tune (per weight the same as gptq; then
+# how scales are chosen: search.py (rtn, peak, clip), gptq.py, and tune (per weight the same as gptq; then
 # quantize_checkpoint tunes int4 scales and codes of the whole model end to end, quant_tune.py)
-METHODS = ("rtn", "clip", "gptq", "tune")
-DEFAULT_METHOD = "clip"  # data-free and cheap; lowers int4 KL on both test models (docs/quantization.md)
+METHODS = ("rtn", "peak", "clip", "gptq", "tune")
+DEFAULT_METHOD = "peak"  # data-free: keeps each group's largest weight exact (docs/quantization.md)
 
 
 def check_method(method: str, what: str = "method") -> str:
@@ -164,7 +164,8 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat | str, method: str = DEFAU
                     ) -> dict[str, torch.Tensor]:
     """Float weight [out, in] -> the on-disk tensors of `fmt`, keyed by suffix (qweight, scales[, zeros]).
 
-    method: rtn (absmax), clip (error-minimising clipping, weighted by input_sq [in] = E[x_j^2] when given)
+    method: rtn (absmax), peak (each group's largest weight exact; the default), clip (error-minimising
+    clipping); peak and clip weigh errors by input_sq [in] = E[x_j^2] when given
     or gptq (needs hessian [in, in] = E[x x^T] from calibration; gptq.py). tune: gptq here (the end-to-end
     tuning is model-level: quant_tune.py).
     """

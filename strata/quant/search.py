@@ -1,14 +1,21 @@
 """How quantized scales (and int4 zero points) are chosen, and the rounding of weights onto a format's grid.
 
 The on-disk layout is fixed by format.py; this file only decides *which* scale each row or group
-gets. Two methods (quantize_weight's `method`; GPTQ in gptq.py builds on both):
+gets. Three methods (quantize_weight's `method`; GPTQ in gptq.py builds on clip):
 
 - `rtn`: absmax scales, round to nearest (int4 symmetric also tries the 16-level scale (signed max)/-8).
+- `peak` (the default): only scales that put each group's largest-magnitude weight exactly on a level of the
+  grid. int4 symmetric: that weight on -8 or on +-7 (as rtn); int4 asym: on level 0 or 15, with the zero
+  point that just keeps the other end in range or the next one (which clips that smaller end a little);
+  int8-nested: on -128 or +-112 (its int4 view's ends). Measured on SmolLM2-135M, keeping that one weight exact matters more for perplexity than the squared
+  error of all others: setting it back to its true value after `clip` recovers almost all of clip's loss.
 - `clip` (int4 and int8-nested; int8 and fp8 keep absmax): a grid over shrink factors of the absmax scale
   (clipping the few largest weights buys a finer step for all others), then least-squares refits of the
-  scale to the chosen codes. int8-nested scores the int8 error plus the error of its int4 view. Every candidate
-  is scored by the weighted squared error sum_j c_j (w_j - Q(w)_j)^2 of its row or group, where c_j is
-  E[x_j^2] of input channel j from calibration (activation-aware, as AWQ weighs channels) or 1.
+  scale to the chosen codes. int8-nested scores the int8 error plus the error of its int4 view.
+
+peak and clip score every candidate by the weighted squared error sum_j c_j (w_j - Q(w)_j)^2 of its row or
+group, where c_j is E[x_j^2] of input channel j from calibration (activation-aware, as AWQ weighs channels)
+or 1, and keep the smallest.
 
 Weights arrive grouped, `wg [out, ng, G]` fp32 (per-channel formats: ng = 1, G = in_features). Scales come
 back in their stored dtype (fp32 per channel, fp16 per group; rounded *before* the codes are chosen, so the
@@ -74,11 +81,31 @@ def _asym_params(lo, hi, alpha, fmt):  # shrunk range [alpha lo, alpha hi] -> st
     return s, z.to(torch.uint8)
 
 
+def _peak_asym(wg, fmt):
+    """Asym int4 candidates that put each group's largest-magnitude weight on an end level (0 or 15).
+
+    With that weight wm > 0 on level 15, s = wm / (15 - z) and the smallest z that keeps the minimum in range
+    is ceil(15 (-lo) / (hi - lo)); one z lower clips the (smaller) other end a little. A negative wm on level 0
+    mirrors it: s = -wm / z with z = floor(15 (-lo) / (hi - lo)), or one higher.
+    """
+    lo, hi = wg.amin(dim=2).clamp(max=0), wg.amax(dim=2).clamp(min=0)  # [out, ng]
+    top = hi >= -lo  # the largest magnitude is the maximum
+    t = 15 * -lo / safe_divisor(hi - lo)
+    for step in (0, 1):
+        z = torch.where(top, t.ceil() - step, t.floor() + step).clamp(0, 15)
+        z = torch.where(top, z.clamp(max=14), z.clamp(min=1))  # a level is left for wm itself
+        s = torch.where(top, hi / (15 - z), -lo / safe_divisor(z))
+        yield _store(s, fmt), z.to(torch.uint8)
+
+
 def _candidates(wg: torch.Tensor, fmt, method: str):
     """Yield (scales, zeros) candidates in stored dtypes; the first is the plain absmax choice."""
     # int8 and fp8 keep absmax: a clipping grid (1.0 .. 0.86) was never chosen for int8 and moved fp8's KL
     # and perplexity in opposite directions on both test models (docs/benchmarks/quant_quality.md)
-    grid = CLIP_GRID if method != "rtn" and fmt.kind in ("int4", "int8-nested") else (1.0,)
+    grid = CLIP_GRID if method == "clip" and fmt.kind in ("int4", "int8-nested") else (1.0,)
+    if fmt.kind == "int4" and fmt.asym and method == "peak":
+        yield from _peak_asym(wg, fmt)
+        return
     if fmt.kind == "int4" and fmt.asym:
         lo, hi = wg.amin(dim=2).clamp(max=0), wg.amax(dim=2).clamp(min=0)
         for a in grid:
@@ -87,9 +114,10 @@ def _candidates(wg: torch.Tensor, fmt, method: str):
     amax = wg.abs().amax(dim=2)  # [out, ng]
     qmax = {"int8": 127.0, "fp8": FP8_MAX, "int4": 7.0, "int8-nested": 112.0}[fmt.kind]
     bases = [amax / qmax]
-    if fmt.kind == "int4":  # all 16 levels: the largest weight lands on -8
+    if fmt.kind in ("int4", "int8-nested") and (fmt.kind == "int4" or method == "peak"):
+        # all levels: the largest weight lands on -8 (int8-nested: on -128, its int4 view's -8)
         signed_max = wg.gather(2, wg.abs().argmax(dim=2, keepdim=True)).squeeze(2)
-        bases.append(signed_max / -8)
+        bases.append(signed_max / (-8 if fmt.kind == "int4" else -128))
     for a in grid:
         for b in bases:
             yield _store(a * b, fmt), None
@@ -110,10 +138,10 @@ def _refit(wg, fmt, s, z, c):
 def choose_scales(wg: torch.Tensor, fmt, method: str = "clip", col_weight: torch.Tensor | None = None):
     """wg [out, ng, G] fp32 -> (scales [out, ng] or [out], zeros [out, ng] or None) minimising the error.
 
-    col_weight [ng, G]: E[x_j^2] per input column (calibration), None for 1; only `clip` uses it.
+    col_weight [ng, G]: E[x_j^2] per input column (calibration), None for 1; `peak` and `clip` use it.
     """
     c = None
-    if col_weight is not None and method != "rtn":
+    if col_weight is not None and method in ("clip", "peak"):
         c = col_weight.float()
         c = c / c.mean().clamp(min=1e-30)
     best = None  # (scales, zeros, error [out, ng])
@@ -130,7 +158,7 @@ def choose_scales(wg: torch.Tensor, fmt, method: str = "clip", col_weight: torch
 
     for s, z in _candidates(wg, fmt, method):
         consider(s, z)
-    if method != "rtn" and fmt.kind == "int4":
+    if method == "clip" and fmt.kind == "int4":
         for _ in range(REFITS):
             consider(*_refit(wg, fmt, best[0], best[1], c))
     s, z = best[0], best[1]

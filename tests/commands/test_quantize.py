@@ -113,7 +113,7 @@ def test_bad_input(stories260k_hf, tmp_path, capsys):
     _fails(capsys, ["quantize", "--format", "int4-g48", src, dst], "power of two")
     _fails(capsys, ["quantize", "--format", "int8", str(tmp_path / "nope"), dst], "config.json missing")
     _fails(capsys, ["quantize", "--budget", "1GiB", src, dst], "need --mixed")
-    _fails(capsys, ["quantize", "--method", "awq", src, dst], "--method 'awq': expected one of rtn, clip, gptq")
+    _fails(capsys, ["quantize", "--method", "awq", src, dst], "--method 'awq': expected one of rtn, peak, clip, gptq")
     _fails(capsys, ["quantize", "--method", "gptq", src, dst], "--method gptq needs calibration")
     _fails(capsys, ["quantize", "--method", "tune", src, dst], "--method tune needs calibration text")
     _fails(capsys, ["quantize", "--method", "tune", "--calibration", str(tmp_path / "s.safetensors"), src, dst],

@@ -66,7 +66,7 @@ def test_gptq_lowers_output_error(fmt):
 
 
 def test_bad_method_and_statistics():
-    with pytest.raises(UnsupportedError, match="method 'awq': expected one of rtn, clip, gptq"):
+    with pytest.raises(UnsupportedError, match="method 'awq': expected one of rtn, peak, clip, gptq"):
         quantize_weight(_w(4, 64), "int4-g64", method="awq")
     with pytest.raises(WeightsError, match="gptq needs the calibration hessian"):
         quantize_weight(_w(4, 64), "int4-g64", method="gptq")
@@ -80,4 +80,4 @@ def test_planner_error_with_hessian_matches_diagonal_weighting():
     w, fmt = _w(16, 64), QuantFormat.parse("int4-g32")
     c = torch.rand(64, generator=torch.Generator().manual_seed(3)) + 0.5
     assert weight_error(w, fmt, None, "rtn", torch.diag(c)) == pytest.approx(weight_error(w, fmt, c, "rtn"), rel=1e-5)
-    assert weight_error(w, fmt, None, "clip", torch.eye(64)) == pytest.approx(weight_error(w, fmt), rel=1e-5)
+    assert weight_error(w, fmt, None, "clip", torch.eye(64)) == pytest.approx(weight_error(w, fmt, method="clip"), rel=1e-5)
