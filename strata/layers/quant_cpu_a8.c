@@ -57,36 +57,57 @@ static inline int64_t a8_slot(int fmt, int64_t k) {
     }
 }
 
+/* 16 activations at p (bf16, or fp32 when f32), lanes outside mk read as 0 */
+static inline __m512 a8_load16(const void *p, int f32, __mmask16 mk) {
+    return f32 ? _mm512_maskz_loadu_ps(mk, p) : bf16x16_load(p, mk);
+}
+
 /* rows x [M, K] (bf16, or fp32 when x_f32) -> xq [M, ldx] int8 in step order, dxv [M, ns * 16] (the dx of
  * each lane of each step), a16 [M, n16p] (dx times the sum of the codes of each 16 values; 0 past K) */
 static void a8_quantize(int fmt, const void *x, int x_f32, int64_t M, int64_t K, int8_t *xq, int64_t ldx,
                         float *dxv, int64_t ns, float *a16, int64_t n16p) {
+    /* slot[k] for k < 256 (the permutation repeats every 256 values) and, per step of a 4-step window, the
+     * block (0..7) of each lane */
+    int16_t slot[256];
+    int32_t lane_blk[64];
+    for (int k = 0; k < 256; k++) {
+        slot[k] = (int16_t)a8_slot(fmt, k);
+        if ((slot[k] & 3) == 0) lane_blk[slot[k] / 4] = k / 32;
+    }
+    const int64_t nb = 2 * ns, nbp = nb + 16;
+    const int natural = fmt != A8_INT4 && fmt != A8_Q4_1 && fmt != A8_Q6K;
 #pragma omp parallel for schedule(static) if (M * K > (1 << 16))
     for (int64_t m = 0; m < M; m++) {
-        int8_t *q = xq + m * ldx;
-        memset(q, 0, (size_t)ldx);
-        memset(dxv + m * ns * 16, 0, sizeof(float) * (size_t)(ns * 16));
+        int8_t tmp[ns * 64];
+        float d[nbp];
+        int8_t *q = natural ? xq + m * ldx : tmp;
+        memset(q, 0, (size_t)(ns * 64));
+        memset(d, 0, sizeof(float) * (size_t)nbp);
         memset(a16 + m * n16p, 0, sizeof(float) * (size_t)n16p);
+        const char *xr = (const char *)x + (size_t)(m * K) * (x_f32 ? 4 : 2);
         for (int64_t j = 0; j * 32 < K; j++) {
-            float v[32], amax = 0.0f;
-            int64_t n = K - 32 * j < 32 ? K - 32 * j : 32;
-            for (int64_t i = 0; i < 32; i++) {
-                int64_t k = 32 * j + i;
-                v[i] = i >= n ? 0.0f
-                       : x_f32 ? ((const float *)x)[m * K + k] : bf16_to_f32(((const uint16_t *)x)[m * K + k]);
-                amax = fmaxf(amax, fabsf(v[i]));
-            }
-            float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            int sum[2] = {0, 0};
-            for (int64_t i = 0; i < n; i++) {
-                int c = (int)nearbyintf(v[i] * id);
-                int64_t p = a8_slot(fmt, 32 * j + i);
-                q[p] = (int8_t)c;
-                sum[i / 16] += c;
-                if ((p & 3) == 0) dxv[m * ns * 16 + p / 4] = d;
-            }
-            a16[m * n16p + 2 * j] = d * (float)sum[0];
-            a16[m * n16p + 2 * j + 1] = d * (float)sum[1];
+            int64_t k0 = 32 * j;
+            __m512 v0 = a8_load16(xr + k0 * (x_f32 ? 4 : 2), x_f32, tail16(K - k0));
+            __m512 v1 = a8_load16(xr + (k0 + 16) * (x_f32 ? 4 : 2), x_f32, K - k0 > 16 ? tail16(K - k0 - 16) : 0);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            float dj = amax / 127.0f, id = dj > 0.0f ? 1.0f / dj : 0.0f;
+            /* round to nearest, ties to even (the default rounding mode), as torch.round */
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+            _mm_storeu_si128((__m128i *)(q + k0), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(q + k0 + 16), _mm512_cvtepi32_epi8(q1));
+            d[j] = dj;
+            a16[m * n16p + 2 * j] = dj * (float)_mm512_reduce_add_epi32(q0);
+            a16[m * n16p + 2 * j + 1] = dj * (float)_mm512_reduce_add_epi32(q1);
+        }
+        if (!natural) {
+            int8_t *o = xq + m * ldx;
+            for (int64_t k = 0; k < ns * 64; k++) o[(k & ~(int64_t)255) + slot[k & 255]] = tmp[k];
+        }
+        for (int64_t st = 0; st < ns; st++) {
+            __m512i idx = _mm512_loadu_si512(lane_blk + (st & 3) * 16);
+            __m512 win = _mm512_loadu_ps(d + (st & ~(int64_t)3) * 2); /* the 8 blocks of this 256 (and 8 more) */
+            _mm512_storeu_ps(dxv + (m * ns + st) * 16, _mm512_permutexvar_ps(idx, win));
         }
     }
 }
@@ -121,26 +142,24 @@ static void a8_unpack(int fmt, const uint8_t *w, const void *s, const uint8_t *z
     memset(cw, 0, sizeof(float) * (size_t)n16p);
     const int64_t nb = (K + 31) / 32;
     if (fmt == A8_INT4 || fmt == A8_NESTED || fmt == A8_INT8 || fmt == A8_Q8_0) {
-        float dw[2] = {0, 0};
-        for (int64_t j = 0; j < 2 * ns; j++) {
-            float d = 0.0f, c = 0.0f;
-            if (j < nb) {
-                if (fmt == A8_INT8) {
-                    d = ((const float *)s)[n];
-                    c = -128.0f * d;
-                } else if (fmt == A8_Q8_0) {
-                    d = half_at(w + (n * nb + j) * 34);
-                    c = -128.0f * d;
-                } else {
-                    int64_t ng = K / G, g = j * 32 / G;
-                    d = f16_to_f32(((const uint16_t *)s)[n * ng + g]);
-                    c = -(fmt == A8_NESTED ? 136.0f : z ? (float)z[n * ng + g] : 8.0f) * d;
-                }
-                cw[2 * j] = cw[2 * j + 1] = c;
+        float db[2 * ns], cb[2 * ns]; /* dw and cw of each block of 32 */
+        memset(db, 0, sizeof(db));
+        memset(cb, 0, sizeof(cb));
+        if (fmt == A8_INT8) {
+            for (int64_t j = 0; j < nb; j++) db[j] = ((const float *)s)[n], cb[j] = -128.0f * db[j];
+        } else if (fmt == A8_Q8_0) {
+            for (int64_t j = 0; j < nb; j++) db[j] = half_at(w + (n * nb + j) * 34), cb[j] = -128.0f * db[j];
+        } else {
+            int64_t ng = K / G, per = G / 32;
+            float sc[ng + 1];
+            row_scales((const uint16_t *)s + n * ng, ng, sc);
+            for (int64_t g = 0; g < ng; g++) {
+                float c = -(fmt == A8_NESTED ? 136.0f : z ? (float)z[n * ng + g] : 8.0f) * sc[g];
+                for (int64_t j = g * per; j < (g + 1) * per; j++) db[j] = sc[g], cb[j] = c;
             }
-            dw[j & 1] = d;
-            if (j & 1) lanes2(dwv + (j / 2) * 16, dw[0], dw[1], fmt == A8_INT4 ? 0xF0F0 : 0xFF00);
         }
+        for (int64_t st = 0; st < ns; st++) lanes2(dwv + st * 16, db[2 * st], db[2 * st + 1], fmt == A8_INT4 ? 0xF0F0 : 0xFF00);
+        for (int64_t j = 0; j < nb; j++) cw[2 * j] = cw[2 * j + 1] = cb[j];
         for (int64_t st = 0; st < ns; st++) {
             uint8_t *o = codes + st * 64;
             if (fmt == A8_INT4) {
@@ -234,10 +253,12 @@ static void a8_unpack(int fmt, const uint8_t *w, const void *s, const uint8_t *z
     }
 }
 
-/* acc[r][m] += sum over steps of cvt(dot(codes r, xq m)) * dw_r * dx_m for A8_R tile rows and mb x rows */
+/* out[r][m] = sum over steps of cvt(dot(codes r, xq m)) * dw_r * dx_m + cw_r . a16_m for A8_R tile rows and mb
+ * x rows (the offsets are added to the accumulators before their one horizontal sum) */
 static inline __attribute__((always_inline)) void a8_block(int mb, const uint8_t *codes, const float *dwv,
                                                            int64_t ns, const int8_t *xq, int64_t ldx,
-                                                           const float *dxv, float out[A8_R][A8_MX]) {
+                                                           const float *dxv, const float *cw, const float *a16,
+                                                           int64_t n16p, float out[A8_R][A8_MX]) {
     __m512 acc[A8_R][A8_MX];
     for (int r = 0; r < A8_R; r++)
         for (int m = 0; m < mb; m++) acc[r][m] = _mm512_setzero_ps();
@@ -257,14 +278,16 @@ static inline __attribute__((always_inline)) void a8_block(int mb, const uint8_t
             }
         }
     }
+    for (int64_t g = 0; g < n16p; g += 16) {
+        __m512 c[A8_R];
+        for (int r = 0; r < A8_R; r++) c[r] = _mm512_loadu_ps(cw + r * n16p + g);
+        for (int m = 0; m < mb; m++) {
+            __m512 a = _mm512_loadu_ps(a16 + m * n16p + g);
+            for (int r = 0; r < A8_R; r++) acc[r][m] = _mm512_fmadd_ps(c[r], a, acc[r][m]);
+        }
+    }
     for (int r = 0; r < A8_R; r++)
         for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-static inline float dot_f32(const float *a, const float *b, int64_t n) { /* n a multiple of 16 */
-    __m512 c = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c);
-    return _mm512_reduce_add_ps(c);
 }
 
 /* y [M, N] = x [M, K] @ W^T (+ bias) with x quantized to int8 per 32 values. fmt: A8_*; w, s, z as the format
@@ -304,13 +327,13 @@ void gemm_a8(int64_t fmt, const void *x, int64_t x_f32, int64_t M, int64_t K, co
                     float out[A8_R][A8_MX];
                     const int8_t *xm = xq + mm * ldx;
                     const float *dm = dxv + mm * ns * 16;
-#define BLOCK(MBC) a8_block(MBC, codes, dwv, ns, xm, ldx, dm, out)
+#define BLOCK(MBC) a8_block(MBC, codes, dwv, ns, xm, ldx, dm, cw, a16 + mm * n16p, n16p, out)
                     SWITCH_MB(mb, BLOCK);
 #undef BLOCK
                     for (int r = 0; r < rows; r++)
                         for (int m = 0; m < mb; m++) {
                             int64_t row = m0 + mm + m, col = n0 + r;
-                            float v = out[r][m] + dot_f32(cw + r * n16p, a16 + (mm + m) * n16p, n16p);
+                            float v = out[r][m];
                             if (bias) v += bias[col];
                             if (y_f32)
                                 ((float *)y)[row * N + col] = v;
