@@ -64,7 +64,7 @@ static inline __m512 a8_load16(const void *p, int f32, __mmask16 mk) {
 
 /* rows x [M, K] (bf16, or fp32 when x_f32) -> xq [M, ldx] int8 in step order, dxv [M, ns * 16] (the dx of
  * each lane of each step), a16 [M, n16p] (dx times the sum of the codes of each 16 values; 0 past K) */
-static void a8_quantize(int fmt, const void *x, int x_f32, int64_t M, int64_t K, int8_t *xq, int64_t ldx,
+static void a8_quantize(int fmt, int ab, const void *x, int x_f32, int64_t M, int64_t K, int8_t *xq, int64_t ldx,
                         float *dxv, int64_t ns, float *a16, int64_t n16p) {
     /* slot[k] for k < 256 (the permutation repeats every 256 values) and, per step of a 4-step window, the
      * block (0..7) of each lane */
@@ -85,11 +85,21 @@ static void a8_quantize(int fmt, const void *x, int x_f32, int64_t M, int64_t K,
         memset(d, 0, sizeof(float) * (size_t)nbp);
         memset(a16 + m * n16p, 0, sizeof(float) * (size_t)n16p);
         const char *xr = (const char *)x + (size_t)(m * K) * (x_f32 ? 4 : 2);
+        float wmax = 0.0f; /* ab == 256: max |x| of the current 256 values */
         for (int64_t j = 0; j * 32 < K; j++) {
             int64_t k0 = 32 * j;
             __m512 v0 = a8_load16(xr + k0 * (x_f32 ? 4 : 2), x_f32, tail16(K - k0));
             __m512 v1 = a8_load16(xr + (k0 + 16) * (x_f32 ? 4 : 2), x_f32, K - k0 > 16 ? tail16(K - k0 - 16) : 0);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            if (ab == 256) {
+                if (j % 8 == 0) {
+                    wmax = 0.0f;
+                    for (int64_t k = k0; k < k0 + 256 && k < K; k += 16)
+                        wmax = fmaxf(wmax, _mm512_reduce_max_ps(_mm512_abs_ps(
+                                               a8_load16(xr + k * (x_f32 ? 4 : 2), x_f32, tail16(K - k)))));
+                }
+                amax = wmax;
+            }
             float dj = amax / 127.0f, id = dj > 0.0f ? 1.0f / dj : 0.0f;
             /* round to nearest, ties to even (the default rounding mode), as torch.round */
             __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
@@ -136,9 +146,11 @@ static inline void scale_min_k4(const uint8_t *s, int j, float *sc, float *mn) {
 }
 
 /* weight row n -> codes [ns * 64] in step order, dwv [ns * 16] (dw per lane), cw [n16p] (cw per 16 values);
- * s: scales (fp16 [N, K / G] grouped, fp32 [N] int8), z: int4 zero points or NULL */
+ * s: scales (fp16 [N, K / G] grouped, fp32 [N] int8), z: int4 zero points or NULL. K-quants also give their
+ * integer sub-block scales per int16 lane of a vpmaddubsw product, sc16 [ns * 32], and d per super-block,
+ * dsb [K / 256] (see a8k_block) */
 static void a8_unpack(int fmt, const uint8_t *w, const void *s, const uint8_t *z, int64_t K, int64_t G, int64_t n,
-                      uint8_t *codes, float *dwv, int64_t ns, float *cw, int64_t n16p) {
+                      uint8_t *codes, float *dwv, int64_t ns, float *cw, int64_t n16p, int16_t *sc16, float *dsb) {
     memset(cw, 0, sizeof(float) * (size_t)n16p);
     const int64_t nb = (K + 31) / 32;
     if (fmt == A8_INT4 || fmt == A8_NESTED || fmt == A8_INT8 || fmt == A8_Q8_0) {
@@ -220,7 +232,9 @@ static void a8_unpack(int fmt, const uint8_t *w, const void *s, const uint8_t *z
                 for (int l = 0; l < 16; l++) { /* lanes 0-3, 4-7: groups 2ja, 2ja + 1; 8-11, 12-15: 2jb, 2jb + 1 */
                     int g = l < 8 ? 2 * ja + l / 4 : 2 * jb + (l - 8) / 4;
                     dv[l] = d * (float)sc[g];
+                    sc16[(sb * 4 + c) * 32 + 2 * l] = sc16[(sb * 4 + c) * 32 + 2 * l + 1] = sc[g];
                 }
+                dsb[sb] = d;
                 continue;
             }
             const uint8_t *qs = b + (fmt == A8_Q5K ? 48 : 16) + 32 * c;
@@ -238,6 +252,8 @@ static void a8_unpack(int fmt, const uint8_t *w, const void *s, const uint8_t *z
             scale_min_k4(b + 4, 2 * c, &sa, &unused);
             scale_min_k4(b + 4, 2 * c + 1, &sb2, &unused);
             lanes2(dv, d * sa, d * sb2, 0xFF00);
+            for (int l = 0; l < 32; l++) sc16[(sb * 4 + c) * 32 + l] = (int16_t)(l < 16 ? sa : sb2);
+            dsb[sb] = d;
         }
         if (fmt == A8_Q6K) {
             float d = half_at(b + 208);
@@ -290,6 +306,56 @@ static inline __attribute__((always_inline)) void a8_block(int mb, const uint8_t
         for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+/* K-quants, activations quantized per 256 (one dx per super-block, as llama.cpp's Q8_K): within a super-block
+ * every factor is d times a small integer sub-block scale, so the products stay integers: vpmaddubsw gives 32
+ * int16 sums of two code products (at most 2 * 63 * 127, no saturation), vpdpwssd multiplies them by the
+ * sub-block scales (sc16) and accumulates int32 over the super-block, and one fp32 multiply-add per
+ * super-block applies d * dx. Two uops per 64 weights instead of a8_block's five. */
+#define A8K_MX 2 /* activation rows per register block (int32 and fp32 accumulators both live) */
+static inline __attribute__((always_inline)) void a8k_block(int mb, const uint8_t *codes, const int16_t *sc16,
+                                                            const float *dsb, int64_t nsb, const int8_t *xq,
+                                                            int64_t ldx, const float *dxv, const float *cw,
+                                                            const float *a16, int64_t n16p,
+                                                            float out[A8_R][A8_MX]) {
+    const int64_t ns = nsb * 4;
+    __m512 acc[A8_R][A8K_MX];
+    for (int r = 0; r < A8_R; r++)
+        for (int m = 0; m < mb; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m512i ai[A8_R][A8K_MX];
+        for (int r = 0; r < A8_R; r++)
+            for (int m = 0; m < mb; m++) ai[r][m] = _mm512_setzero_si512();
+        for (int64_t s = sb * 4; s < sb * 4 + 4; s++) {
+            __m512i wv[A8_R], sv[A8_R];
+            for (int r = 0; r < A8_R; r++) {
+                wv[r] = _mm512_loadu_si512(codes + r * ns * 64 + s * 64);
+                sv[r] = _mm512_loadu_si512(sc16 + r * ns * 32 + s * 32);
+            }
+            for (int m = 0; m < mb; m++) {
+                __m512i xv = _mm512_loadu_si512(xq + m * ldx + s * 64);
+                for (int r = 0; r < A8_R; r++)
+                    ai[r][m] = _mm512_dpwssd_epi32(ai[r][m], _mm512_maddubs_epi16(wv[r], xv), sv[r]);
+            }
+        }
+        for (int m = 0; m < mb; m++) {
+            __m512 dx = _mm512_set1_ps(dxv[m * ns * 16 + sb * 64]);
+            for (int r = 0; r < A8_R; r++)
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][m]),
+                                            _mm512_mul_ps(dx, _mm512_set1_ps(dsb[r * nsb + sb])), acc[r][m]);
+        }
+    }
+    for (int64_t g = 0; g < n16p; g += 16) {
+        __m512 c[A8_R];
+        for (int r = 0; r < A8_R; r++) c[r] = _mm512_loadu_ps(cw + r * n16p + g);
+        for (int m = 0; m < mb; m++) {
+            __m512 a = _mm512_loadu_ps(a16 + m * n16p + g);
+            for (int r = 0; r < A8_R; r++) acc[r][m] = _mm512_fmadd_ps(c[r], a, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < A8_R; r++)
+        for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
 /* y [M, N] = x [M, K] @ W^T (+ bias) with x quantized to int8 per 32 values. fmt: A8_*; w, s, z as the format
  * stores them (K = padded in_features for int4 / nested); x bf16 or fp32 (x_f32), y bf16 or fp32 (y_f32) */
 void gemm_a8(int64_t fmt, const void *x, int64_t x_f32, int64_t M, int64_t K, const uint8_t *w, const void *s,
@@ -300,14 +366,18 @@ void gemm_a8(int64_t fmt, const void *x, int64_t x_f32, int64_t M, int64_t K, co
     float *dxv = malloc(sizeof(float) * (size_t)(chunk * (ns * 16 + n16p))), *a16 = dxv + chunk * ns * 16;
     const int64_t ntiles = (N + A8_R - 1) / A8_R;
     const int64_t wbytes = N * K; /* about: decides threading like the other kernels */
+    const int kq = fmt == A8_Q4K || fmt == A8_Q5K || fmt == A8_Q6K, mx = kq ? A8K_MX : A8_MX;
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         int64_t mc = M - m0 < chunk ? M - m0 : chunk;
         const size_t xs = x_f32 ? 4 : 2;
-        a8_quantize((int)fmt, (const char *)x + (size_t)(m0 * K) * xs, (int)x_f32, mc, K, xq, ldx, dxv, ns, a16, n16p);
+        a8_quantize((int)fmt, kq ? 256 : 32, (const char *)x + (size_t)(m0 * K) * xs, (int)x_f32, mc, K, xq, ldx, dxv,
+                    ns, a16, n16p);
 #pragma omp parallel if (wbytes * mc > PAR_MIN_WORK)
         {
             uint8_t *codes = aligned_alloc(64, (size_t)(A8_R * ns * 64));
-            float *dwv = malloc(sizeof(float) * (size_t)(A8_R * (ns * 16 + n16p))), *cw = dwv + A8_R * ns * 16;
+            float *dwv = malloc(sizeof(float) * (size_t)(A8_R * (ns * 16 + n16p + ns / 4 + 1)));
+            float *cw = dwv + A8_R * ns * 16, *dsb = cw + A8_R * n16p;
+            int16_t *sc16 = kq ? aligned_alloc(64, sizeof(int16_t) * (size_t)(A8_R * ns * 32)) : NULL;
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < ntiles; t++) {
                 int64_t n0 = t * A8_R;
@@ -315,21 +385,29 @@ void gemm_a8(int64_t fmt, const void *x, int64_t x_f32, int64_t M, int64_t K, co
                 for (int r = 0; r < A8_R; r++) {
                     if (r < rows) {
                         a8_unpack((int)fmt, w, s, z, K, G, n0 + r, codes + r * ns * 64, dwv + r * ns * 16, ns,
-                                  cw + r * n16p, n16p);
+                                  cw + r * n16p, n16p, kq ? sc16 + r * ns * 32 : NULL, dsb + r * (ns / 4));
                     } else { /* a missing row: zero codes and factors */
                         memset(codes + r * ns * 64, 0, (size_t)(ns * 64));
+                        memset(dsb + r * (ns / 4), 0, sizeof(float) * (size_t)(ns / 4));
                         memset(dwv + r * ns * 16, 0, sizeof(float) * (size_t)(ns * 16));
                         memset(cw + r * n16p, 0, sizeof(float) * (size_t)n16p);
                     }
                 }
-                for (int64_t mm = 0; mm < mc; mm += A8_MX) {
-                    int mb = mc - mm < A8_MX ? (int)(mc - mm) : A8_MX;
+                for (int64_t mm = 0; mm < mc; mm += mx) {
+                    int mb = mc - mm < mx ? (int)(mc - mm) : mx;
                     float out[A8_R][A8_MX];
                     const int8_t *xm = xq + mm * ldx;
                     const float *dm = dxv + mm * ns * 16;
+                    if (kq) {
+                        if (mb == 1)
+                            a8k_block(1, codes, sc16, dsb, ns / 4, xm, ldx, dm, cw, a16 + mm * n16p, n16p, out);
+                        else
+                            a8k_block(2, codes, sc16, dsb, ns / 4, xm, ldx, dm, cw, a16 + mm * n16p, n16p, out);
+                    } else {
 #define BLOCK(MBC) a8_block(MBC, codes, dwv, ns, xm, ldx, dm, cw, a16 + mm * n16p, n16p, out)
-                    SWITCH_MB(mb, BLOCK);
+                        SWITCH_MB(mb, BLOCK);
 #undef BLOCK
+                    }
                     for (int r = 0; r < rows; r++)
                         for (int m = 0; m < mb; m++) {
                             int64_t row = m0 + mm + m, col = n0 + r;
@@ -344,6 +422,7 @@ void gemm_a8(int64_t fmt, const void *x, int64_t x_f32, int64_t M, int64_t K, co
             }
             free(codes);
             free(dwv);
+            free(sc16);
         }
     }
     free(xq);

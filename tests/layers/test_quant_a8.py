@@ -14,7 +14,7 @@ from strata.errors import ConfigError
 from strata.layers import quant_native
 from strata.layers.quant_linear import QuantLinear, set_quantized_activations
 from strata.quant import ggml_blocks, kquant
-from strata.quant.activations import fake_quantize_rows
+from strata.quant.activations import block_for, fake_quantize_rows
 from strata.quant.format import dequantize_weight
 
 LIB = quant_native.native_lib()
@@ -66,7 +66,7 @@ def test_matches_int8_activation_reference(fmt, inp, threads):
         for rows in (1, 5, 70):  # one row, a partial register block, many blocks (threaded above 2^18 bytes)
             for dtype in (torch.bfloat16, torch.float32):
                 x = torch.randn(rows, inp).to(dtype)
-                ref = fake_quantize_rows(x.float()).double() @ w.T + b
+                ref = fake_quantize_rows(x.float(), block_for(q.fmt.kind)).double() @ w.T + b
                 exact = x.double() @ w.T + b
                 scale = ref.abs().max()
                 y = _a8(q, x)
@@ -82,7 +82,7 @@ def test_row_chunks_and_wide_rows():
     """More rows than one pass keeps in cache (256) and more output rows than threads' tiles."""
     q = _layer("q4_k", 301, 256, seed=2)
     x = torch.randn(300, 256)
-    ref = fake_quantize_rows(x).double() @ _weight(q).T
+    ref = fake_quantize_rows(x, 256).double() @ _weight(q).T
     assert (_a8(q, x).double() - ref).abs().max() <= 2e-6 * ref.abs().max()
 
 
@@ -152,7 +152,7 @@ def test_smollm2_greedy_with_int8_activations(smollm2_gguf, monkeypatch):
         x2 = x.reshape(-1, mod.in_features)
         if x2.shape[0] <= mod.gemv_max_rows:
             return None
-        return (fake_quantize_rows(x2.float()).to(x.dtype).reshape(x.shape),)
+        return (fake_quantize_rows(x2.float(), block_for(mod.fmt.kind)).to(x.dtype).reshape(x.shape),)
 
     for m in _quant_layers(ref.engine.model):
         m.register_forward_pre_hook(fake)
