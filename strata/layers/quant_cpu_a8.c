@@ -1,7 +1,7 @@
 /* Int8-activation GEMV / GEMM for the integer-coded weight formats, on AVX-512 VNNI (vpdpbusd).
  *
- * Each activation row is quantized in blocks of 32 consecutive values (as llama.cpp's Q8_0): a float scale
- * dx = max|x| / 127 and int8 codes xq = round(x / dx). Every weight format here is read as unsigned 8-bit
+ * Each activation row is quantized in blocks of 32 consecutive values (as llama.cpp's Q8_0; 256 for the
+ * K-quants, as Q8_K, see a8k_block): a float scale dx = max|x| / 127 and int8 codes xq = round(x / dx). Every weight format here is read as unsigned 8-bit
  * codes u with, per 32-weight block (q6_k: per 16), a float factor dw and offset cw, w = dw * u + cw:
  *
  *     int4-gG      u = q (0..15)           dw = s          cw = -z s  (z = 8 when symmetric)
