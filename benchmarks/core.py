@@ -34,14 +34,14 @@ def _prompt(vocab: int, n: int) -> list[int]:
     return torch.randint(3, min(vocab, 30000), (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def run_strata(path: str, prompt_len: int, decode: int, threads: int) -> dict:
+def run_strata(path: str, prompt_len: int, decode: int, threads: int, quantized_activations: str = "none") -> dict:
     import torch
 
     from strata import LLM, SamplingParams
 
     # no prefix caching: the warm-up uses the same prompt and must not make the measured prefill a cache hit
     llm = LLM(path, progress=False, dtype="bfloat16", num_threads=threads, max_num_seqs=1,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, quantized_activations=quantized_activations)
     eng = llm.engine
     ids = _prompt(eng.model_config.vocab_size, prompt_len)
     params = SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True)

@@ -9,7 +9,9 @@ in a fresh process), so the ratio is taken per round and the median reported wit
 The roofline is bandwidth / bytes read per decode token (every tensor of the file except the embedding
 lookup's one row: the tied embedding is read whole as the output projection).
 
-Needs llama-cpp-python (benchmarks/peers/install_llamacpp.sh) for the peer columns.
+`--quantized-activations none,int8` adds a Strata run per mode (each in its own process, beside the same
+round's llama.cpp run); rows name the mode. Needs llama-cpp-python (benchmarks/peers/install_llamacpp.sh) for
+the peer columns.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _spread(values: list[float], digits: int = 1) -> str:
 
 
 def main() -> None:
-    from benchmarks.core import _child, _prompt
+    from benchmarks.child import run_child
+    from benchmarks.core import _prompt
     from benchmarks.synthetic import memory_bandwidth_gbs
     from strata.weights.gguf_cache import converted_folder
 
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quantized-activations", default="none",
+                    help="comma-separated Strata modes (none, int8), one Strata run each per round")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "gguf_peer.json"))
     args = ap.parse_args()
     import torch
@@ -71,29 +76,33 @@ def main() -> None:
     ids = _prompt(vocab, args.prompt_len)
     nbytes = decode_bytes(path)
     threads = [int(t) for t in args.threads.split(",")]
+    modes = args.quantized_activations.split(",")
     rounds = []
     for rnd in range(args.rounds):
         entry = {"load_avg": os.getloadavg()}
         for t in threads:
             torch.set_num_threads(t)
             entry[t] = {"memory_read_gb_s": memory_bandwidth_gbs(),
-                        "strata": _child("strata", path, args.prompt_len, args.decode, t),
+                        **{f"strata/{m}": run_child("benchmarks.core", "run_strata", path, args.prompt_len,
+                                                    args.decode, t, m) for m in modes},
                         "llama.cpp": _peer(path, ids, args.decode, t)}
             print(rnd, t, entry[t], file=sys.stderr)
         rounds.append(entry)
     rows = []
     for t in threads:
-        rs = [r[t] for r in rounds]
-        row = {"threads": t, "bytes_per_token": nbytes, "memory_read_gb_s": [r["memory_read_gb_s"] for r in rs]}
-        for eng in ("strata", "llama.cpp"):
-            ok = [r[eng] for r in rs if "error" not in r[eng]]
-            row[eng] = {k: [r[k] for r in ok] for k in ("decode_tok_s", "prefill_tok_s")}
-            if not ok:
-                row[eng]["error"] = rs[0][eng]["error"]
-        pairs = [r for r in rs if "error" not in r["strata"] and "error" not in r["llama.cpp"]]
-        row["decode_ratio"] = [r["strata"]["decode_tok_s"] / r["llama.cpp"]["decode_tok_s"] for r in pairs]
-        row["prefill_ratio"] = [r["strata"]["prefill_tok_s"] / r["llama.cpp"]["prefill_tok_s"] for r in pairs]
-        rows.append(row)
+        for mode in modes:
+            rs = [{"strata": r[t][f"strata/{mode}"], "llama.cpp": r[t]["llama.cpp"]} for r in rounds]
+            row = {"threads": t, "quantized_activations": mode, "bytes_per_token": nbytes,
+                   "memory_read_gb_s": [r[t]["memory_read_gb_s"] for r in rounds]}
+            for eng in ("strata", "llama.cpp"):
+                ok = [r[eng] for r in rs if "error" not in r[eng]]
+                row[eng] = {k: [r[k] for r in ok] for k in ("decode_tok_s", "prefill_tok_s")}
+                if not ok:
+                    row[eng]["error"] = rs[0][eng]["error"]
+            pairs = [r for r in rs if "error" not in r["strata"] and "error" not in r["llama.cpp"]]
+            row["decode_ratio"] = [r["strata"]["decode_tok_s"] / r["llama.cpp"]["decode_tok_s"] for r in pairs]
+            row["prefill_ratio"] = [r["strata"]["prefill_tok_s"] / r["llama.cpp"]["prefill_tok_s"] for r in pairs]
+            rows.append(row)
     machine = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "cpus": os.cpu_count(),
                "load_avg_rounds": [r["load_avg"] for r in rounds], "rounds": args.rounds,
                "prompt_tokens": args.prompt_len, "decode_tokens": args.decode, "gguf": Path(path).name}
@@ -102,9 +111,10 @@ def main() -> None:
     print(f"\n{Path(path).name}, {nbytes / 1e6:.1f} MB read per decode token, prompt {args.prompt_len} tokens, "
           f"{args.decode} decoded, medians of {args.rounds} rounds (min-max), load avg "
           f"{_spread([r['load_avg'][0] for r in rounds])}\n")
-    print("| threads | memory read GB/s | roofline tok/s | Strata decode tok/s | llama.cpp decode tok/s | "
-          "**decode Strata / llama.cpp** | Strata prefill tok/s | llama.cpp prefill tok/s | prefill ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| threads | Strata activations | memory read GB/s | roofline tok/s | Strata decode tok/s | "
+          "llama.cpp decode tok/s | **decode Strata / llama.cpp** | Strata prefill tok/s | llama.cpp prefill tok/s | "
+          "prefill ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         bw, s, p = row["memory_read_gb_s"], row["strata"], row["llama.cpp"]
         cells = [f"{med(v):.1f} ({_spread(v)})" if v else "error" for v in
@@ -113,7 +123,7 @@ def main() -> None:
         pre = [f"{med(v):.0f} ({min(v):.0f}-{max(v):.0f})" if v else "error" for v in
                (s["prefill_tok_s"], p["prefill_tok_s"])]
         pratio = f"{med(row['prefill_ratio']):.2f}x ({_spread(row['prefill_ratio'], 2)})" if row["prefill_ratio"] else ""
-        print(f"| {row['threads']} | {med(bw):.1f} ({_spread(bw)}) | {med(bw) * 1e9 / nbytes:.0f} | {cells[0]} | "
+        print(f"| {row['threads']} | {row['quantized_activations']} | {med(bw):.1f} ({_spread(bw)}) | {med(bw) * 1e9 / nbytes:.0f} | {cells[0]} | "
               f"{cells[1]} | {ratio} | {pre[0]} | {pre[1]} | {pratio} |")
 
 

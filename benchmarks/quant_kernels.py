@@ -8,6 +8,7 @@ so the numbers are DRAM-bound like a real decode step, not cache-resident. The m
 is measured in the same run (torch fp32 sum over 256 MiB, best of 10, before every case), and each row reports weight bytes
 per second and the fraction of that roofline; batched rows report speed relative to the bf16 matmul at
 the same number of rows. Peers: bf16 F.linear (and Strata's bf16 GEMV, case `bf16 native`), torch._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu.
+Cases ending in `a8` run the same weights on int8 activations (--quantized-activations int8) at every row count.
 Results: docs/benchmarks/quant_kernels.json and .md. Median and best timings are both kept; the derived
 columns use the best run (and the best bandwidth sample), because other processes may share the cores.
 """
@@ -49,6 +50,12 @@ CASES = [  # bf16 F.linear runs alongside every case
     ("q4_k", "q4_k", "native"),  # K-quant blocks as in GGUF (random blocks: Strata does not quantize into them)
     ("q5_k", "q5_k", "native"),
     ("q6_k", "q6_k", "native"),
+    ("q8_0", "q8_0", "native"),  # GGUF's 32-weight blocks (random blocks)
+    ("q4_1", "q4_1", "native"),
+    # int8 activations (quant_cpu_a8.c, AVX-512 VNNI) at every row count, decode rows included: QuantLinear
+    # with quantized_activations = "int8" and gemv_max_rows = 0
+    *((f"{name} a8", name, "native-a8") for name in ("int8", "int4-g32", "int4-g128", "q4_k", "q5_k", "q6_k", "q8_0",
+                                                      "q4_1")),
     ("torch int8pack", "int8", "torch"),
     ("torch int4pack g64", "int4-g64", "torch"),
 ]
@@ -72,6 +79,13 @@ def _time(fn) -> float:
 
 
 def make_copies(w: torch.Tensor, fmt: str | None, backend: str | None, rotate_bytes: int):
+    if backend == "native-a8":
+        layers, nbytes = make_copies(w, fmt, "native", rotate_bytes)
+        if not layers[0]._a8:
+            raise SystemExit(f"case {fmt} a8: no int8-activation kernel on this machine (AVX-512 VNNI)")
+        for q in layers:
+            q.quantized_activations, q.gemv_max_rows = "int8", 0
+        return layers, nbytes
     if fmt is None:
         base = w.to(torch.bfloat16)
         nbytes = base.numel() * 2
@@ -228,7 +242,7 @@ def summary(results: list[dict]) -> list[str]:
             f"{r['case']} {100 * r['roofline_frac']:.0f}%" for r in decode) + ".")
     big = [m for m in rows if m >= 64]
     for m in big:
-        ours = [r for r in results if r["rows"] == m and r["backend"] == "native"]
+        ours = [r for r in results if r["rows"] == m and r["backend"].startswith("native")]
         if ours:
             out.append(f"- {m} rows, speed relative to the bf16 matmul: " + ", ".join(
                 f"{r['case']} {r['vs_bf16']:.2f}x" for r in ours) + ".")

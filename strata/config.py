@@ -327,6 +327,11 @@ class EngineConfig:
                               choices="strata.tiers.provider:FALLBACKS")
     record_routing: str | None = knob(None, "write routing decisions as JSONL to this file")
     replay_routing: str | None = knob(None, "force routing from this JSONL trace")
+    quantized_activations: str = knob("none", "int8: quantized linear layers quantize their input rows to int8 "
+                                              "(blocks of 32, one float scale each) and use integer dot products "
+                                              "(AVX-512 VNNI) for prompts and batches of more than 4 rows; decode "
+                                              "keeps bf16 activations; see docs/quantization.md",
+                                      choices=("none", "int8"))
     check_weights: bool = knob(True, "refuse weights holding NaN or inf at load (--no-check-weights skips "
                                      "the pass)")
     # speculative decoding (vLLM's keys): a JSON string or a dict
@@ -372,6 +377,7 @@ class EngineConfig:
         check("tensor_parallel_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
         check("distributed_executor_backend", lambda v: v in (None, "mp", "ray"), "mp or ray (or unset)")
         check("enable_prefix_caching", lambda v: isinstance(v, bool), "true or false")
+        check("quantized_activations", lambda v: v in ("none", "int8"), "none or int8")
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ConfigError("--enable-expert-parallel needs --tensor-parallel-size >= 2 (the ranks the experts "
                               "are partitioned over)")

@@ -12,7 +12,10 @@ order of preference (STRATA_QUANT_BACKEND=native|torch|reference forces one):
     reference  dequantize_weight + F.linear in float32. Slow, always correct.
 
 Activations run in bf16 (fp32 activations make torch's quantized kernels 10-60x slower): the input is cast
-to bf16 and the output back to the input dtype. Except for GGUF's q8_0 and q4_1 blocks, which exist to hold a
+to bf16 and the output back to the input dtype. With `quantized_activations = "int8"` (the engine's
+`--quantized-activations int8`, set by `set_quantized_activations`), the native batched path (more than
+`gemv_max_rows` rows) quantizes each input row to int8 in blocks of 32 and runs integer dot products on
+AVX-512 VNNI instead (quant_cpu_a8.c; formats in quant_native.A8_KINDS); decode rows keep the bf16 GEMV. Except for GGUF's q8_0 and q4_1 blocks, which exist to hold a
 GGUF file's weights exactly: with float32 input they compute in float32 (a GEMV at about 2^-16 of float32
 arithmetic, or the exact dequantized weight in a float32 matmul), so a float32 model gives the logits of
 transformers on the same file; give them bf16 input (`--dtype bfloat16`) for speed.
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.errors import UnsupportedError, WeightsError
+from strata.errors import ConfigError, UnsupportedError, WeightsError
 from strata.layers import quant_native
 from strata.quant.format import (
     MXFP4_GROUP,
@@ -40,6 +43,7 @@ from strata.quant.format import (
 )
 
 BACKENDS = ("native", "torch", "reference")
+ACTIVATION_MODES = ("none", "int8")  # --quantized-activations
 GEMV_MAX_ROWS = 4  # above this many rows, dequantize + bf16 matmul beats the GEMV kernel (quant_kernels.py)
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
@@ -95,6 +99,8 @@ class QuantLinear(nn.Module):
         self.gemv_max_rows = GEMV_MAX_ROWS
         self._k: dict[str, torch.Tensor] = {}  # kernel-layout tensors made by post_load
         self._gemv = None  # native GEMV with bound weight pointers (quant_native.gemv_call), set by post_load
+        self.quantized_activations = "none"  # "int8": the batched path runs on int8 activations (ACTIVATION_MODES)
+        self._a8 = False  # whether this layer has an int8-activation kernel here, set by post_load
 
     @classmethod
     def from_float(cls, linear: nn.Linear, fmt: QuantFormat | str, backend: str | None = None) -> QuantLinear:
@@ -133,6 +139,7 @@ class QuantLinear(nn.Module):
                 k["qweight"] = k["qweight"].view(torch.uint8)
             k["bias"] = None if self.bias is None else self.bias.float().contiguous()
         self._gemv = None
+        self._a8 = self.backend == "native" and quant_native.a8_available(quant_native.native_lib(), kind)
         if self.backend == "native" and self.fmt.padded_in(self.in_features) == self.in_features:
             self._gemv = quant_native.gemv_call(quant_native.native_lib(), kind, k, self.in_features,
                                                 self.out_features, self.fmt.group_size, k["bias"])
@@ -183,6 +190,8 @@ class QuantLinear(nn.Module):
             raise WeightsError(f"{self.module_name or 'QuantLinear'}: call post_load() after loading weights")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self._a8 and self.quantized_activations == "int8" and x2.shape[0] > self.gemv_max_rows:
+            return self._int8_activations(x2).to(x.dtype).reshape(*lead, self.out_features)
         if x.dtype == torch.float32 and self.fmt.kind in quant_native.BLOCK32_KINDS:
             return self._float32(x2.contiguous()).reshape(*lead, self.out_features)
         if self.backend == "reference":
@@ -214,6 +223,13 @@ class QuantLinear(nn.Module):
                                                 buf[: (n1 - n0) * kp].view(n1 - n0, kp))
             y[:, n0:n1] = F.linear(xb, tile)
         return y if self.bias is None else y + self.bias.to(torch.bfloat16)
+
+    def _int8_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] -> [M, N] with x quantized to int8 per 32 values (bf16 out; float32 out for float32 x)."""
+        out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+        xq = self._pad_x(x.to(out_dtype), self.fmt.padded_in(self.in_features))
+        return quant_native.gemm_a8(quant_native.native_lib(), self.fmt.kind, xq, self._k, self.out_features,
+                                    self.fmt.group_size, self._k["bias"], out_dtype)
 
     def _float32(self, x: torch.Tensor) -> torch.Tensor:
         """q8_0 / q4_1 with float32 x [M, K] -> float32 [M, N] (see the module docstring)."""
@@ -288,6 +304,24 @@ def swap_linears(model: nn.Module, modules: dict[str, str | QuantFormat]) -> Non
                           dtype=old.bias.dtype if has_bias else torch.bfloat16, device=old.weight.device)
         new.module_name = name
         setattr(parent, attr, new)
+
+
+def set_quantized_activations(model: nn.Module, mode: str) -> int:
+    """Set `quantized_activations` on every QuantLinear of `model`, fused projections included; returns how many
+    of them have an int8-activation kernel on this machine (0 without AVX-512 VNNI: they keep bf16)."""
+    if mode not in ACTIVATION_MODES:
+        raise ConfigError(f"--quantized-activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+    layers = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            layers[id(m)] = m
+        for v in vars(m).values():  # FusedProjection (fusion.py) holds a QuantLinear outside the module tree
+            q = getattr(v, "quant", None)
+            if isinstance(q, QuantLinear):
+                layers[id(q)] = q
+    for q in layers.values():
+        q.quantized_activations = mode
+    return sum(q._a8 for q in layers.values())
 
 
 def post_load_all(model: nn.Module, backend: str | None = None) -> None:

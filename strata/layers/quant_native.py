@@ -31,14 +31,15 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
     "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
     "quant_cpu_mxfp4.c",
-    "quant_cpu_q32.c",
+    "quant_cpu_q32.c", "quant_cpu_a8.c",
     "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 12  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 13  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
+VNNI_FLAG = "avx512_vnni"  # when present, the int8-activation kernels (quant_cpu_a8.c) are compiled in
 COMPILE_TIMEOUT_S = 60
 KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
 BLOCK32_KINDS = {"q8_0": 0, "q4_1": 1}  # the `kind` argument of gemv_qb / dequant_qb
@@ -57,6 +58,7 @@ _SIGNATURES = {
     "gemv_qb": [_I, _P, _I, _I, _P, _I, _P, _P],
     "dequant_qb": [_I, _P, _I, _I, _I, _P],
     "gemv_qb_f32": [_I, _P, _I, _I, _P, _I, _P, _P],
+    "gemm_a8": [_I, _P, _I, _I, _I, _P, _P, _P, _I, _I, _P, _P, _I],
     "dequant_qb_f32": [_I, _P, _I, _I, _I, _P],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
@@ -71,15 +73,20 @@ _SIGNATURES = {
 }
 
 
-def cpu_supported() -> bool:
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return CPU_FLAGS <= set(line.split(":", 1)[1].split())
-    return False
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_supported() -> bool:
+    return CPU_FLAGS <= cpu_flags()
 
 
 STALE_BUILD_S = 7 * 86400  # a build of other sources older than this is removed
@@ -127,7 +134,8 @@ def find_compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    return compile_library("quant_cpu", [HEADER, *SOURCES], cc, CFLAGS, ["-lm"])
+    flags = CFLAGS + (["-mavx512vnni"] if VNNI_FLAG in cpu_flags() else [])
+    return compile_library("quant_cpu", [HEADER, *SOURCES], cc, flags, ["-lm"])
 
 
 @lru_cache(maxsize=1)
@@ -154,6 +162,7 @@ def native_lib() -> ctypes.CDLL | None:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.a8_supported.restype = ctypes.c_int64
     return lib
 
 
@@ -241,3 +250,24 @@ def dequantize_rows_f32(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor],
     """q8_0 / q4_1 only: rows [n0, n1) of the weight -> `out` float32 [n1 - n0, K], exactly the reference."""
     lib.dequant_qb_f32(BLOCK32_KINDS[kind], _ptr(w["qweight"]), out.shape[1], n0, n1, _ptr(out))
     return out
+
+
+# Format family -> the `fmt` argument of gemm_a8 (quant_cpu_a8.c): the kinds with int8-activation kernels
+A8_KINDS = {"int4": 0, "int8-nested": 1, "int8": 2, "q8_0": 3, "q4_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}
+
+
+def a8_available(lib: ctypes.CDLL | None, kind: str) -> bool:
+    """Whether `kind` has an int8-activation kernel here (the library was built with AVX-512 VNNI)."""
+    return lib is not None and kind in A8_KINDS and bool(lib.a8_supported())
+
+
+def gemm_a8(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out_features: int,
+            group_size: int | None, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """x bf16 or float32 [M, K'] contiguous (K' = padded in_features for grouped kinds) -> out_dtype [M, N]
+    (bf16 or float32), with x quantized to int8 in blocks of 32 inside the call (quant_cpu_a8.c)."""
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=out_dtype)
+    lib.gemm_a8(A8_KINDS[kind], _ptr(x), int(x.dtype == torch.float32), m, k, _ptr(w["qweight"]), _ptr(w.get("scales")),
+                _ptr(w.get("zeros")), out_features, group_size or 0, _ptr(bias), _ptr(y),
+                int(out_dtype == torch.float32))
+    return y

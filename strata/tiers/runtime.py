@@ -183,12 +183,22 @@ def load_model_tiered(path: str, config: EngineConfig, progress: bool = True, sh
     store = ExpertStore(ensure_store(path, progress=progress)) if offload else None  # converted on first use
     model = load_model(path, dtype=config.dtype, skip=is_expert_tensor if offload else None, progress=progress,
                        check_finite=config.check_weights, shard=shard)
+    _set_activations(model, config.quantized_activations)
     if offload:
         return model, _place_experts(model, config, plan, store, progress)
     if plan is not None:
         log.info("memory budget holds every expert; loading them resident (%s)", plan.describe())
     hooked = (config.record_routing or config.replay_routing) and model.config.is_moe
     return model, (TierRuntime(model, config, plan) if hooked else None)
+
+
+def _set_activations(model, mode: str) -> None:
+    """--quantized-activations on the model's quantized linear layers (logged when none can use it)."""
+    from strata.layers.quant_linear import set_quantized_activations
+
+    if set_quantized_activations(model, mode) == 0 and mode != "none":
+        log.warning("--quantized-activations %s: no quantized layer of this model has an int8-activation kernel "
+                    "on this machine (needs AVX-512 VNNI and a format in quant_native.A8_KINDS); keeping bf16", mode)
 
 
 def _plan_budget(path: str, config: EngineConfig) -> MemoryPlan | None:

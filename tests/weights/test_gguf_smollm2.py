@@ -102,3 +102,13 @@ def test_perplexity_within_a_tenth_of_a_percent(smollm2_llm, smollm2_reference):
     assert n == ours.tokens > 500
     ref_ppl = math.exp(nll / n)
     assert abs(ours.ppl - ref_ppl) / ref_ppl < 1e-3, (ours.ppl, ref_ppl)
+
+
+def test_bfloat16_decode_through_the_native_decoder(smollm2_gguf):
+    """--dtype bfloat16 runs decode in the one-call native decoder, whose cache-tiled GEMV (gemv_once) must size
+    q8_0 / q4_1 rows from their blocks (it divided by the group size, 0 for these kinds: SIGFPE)."""
+    from strata import LLM, SamplingParams
+
+    llm = LLM(str(smollm2_gguf), progress=False, dtype="bfloat16", num_threads=1)
+    out = llm.generate([llm.tokenizer.encode_chat(CHATS[0])], SamplingParams(temperature=0, max_tokens=8))
+    assert "Paris" in out[0].outputs[0].text
