@@ -23,7 +23,7 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
     case WK_FP8: gemv_fp8(x, M, K, w, N, s, NULL, y); break;
     case WK_NESTED: gemv_nested(x, M, K, w, N, G, s, NULL, y); break;
     case WK_Q4K: case WK_Q5K: case WK_Q6K: gemv_kq(kind - WK_Q4K, x, M, K, w, N, NULL, y); break;
-    case WK_Q8_0: case WK_Q4_1: gemv_qb(kind - WK_Q8_0, x, M, K, w, N, NULL, y); break;
+    case WK_Q8_0: case WK_Q4_1: case WK_Q5_0: case WK_Q5_1: gemv_qb(kind - WK_Q8_0, x, M, K, w, N, NULL, y); break;
     default: gemv_int4(x, M, K, w, N, G, s, z, NULL, y); break;
     }
 }
@@ -39,6 +39,8 @@ static void row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, in
     case WK_Q4K: case WK_Q5K: case WK_Q6K: *w = K / 256 * kq[kind - WK_Q4K]; break;
     case WK_Q8_0: *w = K / 32 * 34; break; /* blocks carry their scales (G is 0: no division by it) */
     case WK_Q4_1: *w = K / 32 * 20; break;
+    case WK_Q5_0: *w = K / 32 * 22; break;
+    case WK_Q5_1: *w = K / 32 * 24; break;
     default: *w = K / 2, *s = 2 * (K / G), *z = K / G; break;
     }
 }

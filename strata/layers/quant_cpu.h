@@ -179,7 +179,7 @@ void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
              const float *bias, uint16_t *y);
 /* M bf16 rows through a weight of kind WK_* (cpu_moe.c); WK_Q4K + k is K-quant kind k, WK_Q8_0 + k block kind k */
 enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K = 5, WK_Q5K = 6, WK_Q6K = 7,
-       WK_Q8_0 = 8, WK_Q4_1 = 9 };
+       WK_Q8_0 = 8, WK_Q4_1 = 9, WK_Q5_0 = 10, WK_Q5_1 = 11 };
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y);
 /* strata_gemv that reads the weight from memory once for any M (tiles of rows kept in cache across row groups) */

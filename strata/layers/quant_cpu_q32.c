@@ -1,8 +1,10 @@
-/* GEMV and dequantization of llama.cpp's 32-weight blocks Q8_0 and Q4_1, read as GGUF stores them.
+/* GEMV and dequantization of llama.cpp's 32-weight blocks Q8_0, Q4_1, Q5_0 and Q5_1, read as GGUF stores them.
  *
  * Layouts (strata/quant/ggml_blocks.py): one row of blocks per output channel, each block 32 consecutive
  * inputs: q8_0 is 34 bytes, fp16 d then 32 int8 codes (w = d q); q4_1 is 20 bytes, fp16 d, fp16 m, then 16
- * bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31 (w = d q + m).
+ * bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31 (w = d q + m); q5_0 (22 bytes: fp16 d,
+ * 4 bytes qh, 16 bytes of nibbles as q4_1's, w = d (q - 16)) and q5_1 (24 bytes: fp16 d, fp16 m, qh, nibbles,
+ * w = d q + m) add bit j of qh (a little-endian uint32) as bit 4 of weight j's code.
  *
  * Codes become bf16 numbers by OR-ing a 4-bit field into an exponent (exact), and vdpbf16ps multiplies them
  * with the bf16 activations; a per-block offset comes back through the block's sum of x (xs):
@@ -11,7 +13,9 @@
  *   q4_1 (two blocks per step, 64 weights): the low nibbles of blocks j and j + 1 (weights 0-15 of each) and the
  *        high nibbles (16-31) become 128 + q, against x reordered once per call to match; lanes 0-7 of the
  *        products belong to block j, lanes 8-15 to block j + 1.
- * So y = sum_j d_j P_j + c_j xs_j with c_j = -2304 d_j (q8_0) or m_j - 128 d_j (q4_1); d and c of each row are
+ *   q5_0, q5_1: as q4_1, with each code's fifth bit OR-ed in from qh under a lane mask (128 + q, q < 32).
+ * So y = sum_j d_j P_j + c_j xs_j with c_j = -2304 d_j (q8_0), -144 d_j (q5_0) or m_j - 128 d_j (q4_1, q5_1); d
+ * and c of each row are
  * read out of the blocks once per row into small arrays, so the vector loop only streams codes.
  *
  * gemv_qb_f32 takes fp32 activations and writes fp32: each x is split into two bf16 numbers, x = hi + lo to
@@ -21,12 +25,22 @@
  */
 #include "quant_cpu.h"
 
-enum { QB8_0 = 0, QB4_1 = 1 }; /* the `kind` argument of the entry points */
-static const int64_t QB_BYTES[2] = {34, 20};
+enum { QB8_0 = 0, QB4_1 = 1, QB5_0 = 2, QB5_1 = 3 }; /* the `kind` argument of the entry points */
+static const int64_t QB_BYTES[4] = {34, 20, 22, 24};
 #define QB_R 4 /* weight rows per block at one x row (2 when several x rows share the pass) */
 
 /* weights per step of the vector loop, and x elements stored per step */
-#define QB_STEP(kind) ((kind) == QB4_1 ? 64 : 32)
+#define QB_STEP(kind) ((kind) == QB8_0 ? 32 : 64)
+/* nibble kinds: two blocks per step, the 16 bytes of nibbles last in the block; q5 kinds: qh just before them */
+#define QB_PAIRED(kind) ((kind) != QB8_0)
+#define QB_HAS_QH(kind) ((kind) == QB5_0 || (kind) == QB5_1)
+#define QB_HAS_MIN(kind) ((kind) == QB4_1 || (kind) == QB5_1)
+
+static inline uint32_t qb_qh(const uint8_t *block, int64_t B) { /* a q5 block's qh, bit j for weight j */
+    uint32_t h;
+    memcpy(&h, block + B - 20, 4);
+    return h;
+}
 
 /* the two code vectors of step s of one row (see the top of the file) */
 static inline __attribute__((always_inline)) void qb_codes(int kind, const uint8_t *row, int64_t s, int64_t nb,
@@ -40,12 +54,20 @@ static inline __attribute__((always_inline)) void qb_codes(int kind, const uint8
         *b = _mm512_ternarylogic_epi32(q, m4, e128, 0xEA); /* (A & B) | C */
         return;
     }
-    const uint8_t *p = row + 2 * s * 20 + 4;
+    const int64_t B = QB_BYTES[kind];
+    const uint8_t *blk = row + 2 * s * B, *p = blk + B - 16;
+    const int pair = 2 * s + 1 < nb;
     __m128i q0 = _mm_loadu_si128((const __m128i *)p);
-    __m128i q1 = 2 * s + 1 < nb ? _mm_loadu_si128((const __m128i *)(p + 20)) : _mm_setzero_si128();
+    __m128i q1 = pair ? _mm_loadu_si128((const __m128i *)(p + B)) : _mm_setzero_si128();
     __m512i q = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1));
     *a = _mm512_ternarylogic_epi32(q, m4, e128, 0xEA);
     *b = _mm512_or_si512(_mm512_srli_epi16(q, 4), e128);
+    if (QB_HAS_QH(kind)) { /* lanes 0-15: block 2s, 16-31: 2s + 1; a: weights 0-15, b: 16-31; bit 4 is 0: + is OR */
+        const __m512i b4 = _mm512_set1_epi16(0x0010);
+        uint32_t h0 = qb_qh(blk, B), h1 = pair ? qb_qh(blk + B, B) : 0;
+        *a = _mm512_mask_add_epi16(*a, (__mmask32)((h0 & 0xFFFFu) | (h1 << 16)), *a, b4);
+        *b = _mm512_mask_add_epi16(*b, (__mmask32)((h0 >> 16) | (h1 & 0xFFFF0000u)), *b, b4);
+    }
 }
 
 /* d of a row's blocks into ds, their offsets c into cs (both zero from nb up to nbp, a multiple of 16): one
@@ -58,9 +80,10 @@ static inline __attribute__((always_inline)) void qb_factors(int kind, const uin
         __mmask16 mk = j < nb ? tail16(nb - j) : 0;
         __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, row + j * QB_BYTES[kind], 1);
         __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)); /* bytes 0-1 */
-        __m512 c = kind == QB4_1 ? _mm512_sub_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))),
-                                                 _mm512_mul_ps(_mm512_set1_ps(128.0f), d))
-                                 : _mm512_mul_ps(_mm512_set1_ps(-2304.0f), d);
+        __m512 c = QB_HAS_MIN(kind)
+                       ? _mm512_sub_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))),
+                                       _mm512_mul_ps(_mm512_set1_ps(128.0f), d))
+                       : _mm512_mul_ps(_mm512_set1_ps(kind == QB5_0 ? -144.0f : -2304.0f), d);
         _mm512_storeu_ps(ds + j, d);
         _mm512_storeu_ps(cs + j, c);
     }
@@ -73,7 +96,7 @@ static inline __attribute__((always_inline)) void qb_rows(int kind, int split, i
                                                           const uint16_t *xl, int64_t ldx, const float *ds,
                                                           const float *cs, const float *xs, int64_t lds,
                                                           float out[][MB]) {
-    const int64_t SB = kind == QB4_1 ? 40 : 34; /* bytes per step */
+    const int64_t SB = QB_PAIRED(kind) ? 2 * QB_BYTES[kind] : QB_BYTES[kind]; /* bytes per step */
     __m512 tot[QB_R][MB];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < mb; m++) tot[r][m] = _mm512_setzero_ps();
@@ -88,17 +111,17 @@ static inline __attribute__((always_inline)) void qb_rows(int kind, int split, i
             _mm_prefetch((const char *)(row + 4 * R * ldw + s * SB), _MM_HINT_T0);
             qb_codes(kind, row, s, nb, &a[r], &b[r]);
             const float *d = ds + r * lds;
-            sc[r] = kind == QB4_1 ? _mm512_mask_mov_ps(_mm512_set1_ps(d[2 * s]), 0xFF00, _mm512_set1_ps(d[2 * s + 1]))
+            sc[r] = QB_PAIRED(kind) ? _mm512_mask_mov_ps(_mm512_set1_ps(d[2 * s]), 0xFF00, _mm512_set1_ps(d[2 * s + 1]))
                                   : _mm512_set1_ps(d[s]);
         }
         for (int m = 0; m < mb; m++) {
             const int64_t o = m * ldx + s * QB_STEP(kind);
             __m512bh xa = (__m512bh)_mm512_loadu_si512(xh + o);
-            __m512bh xb = kind == QB4_1 ? (__m512bh)_mm512_loadu_si512(xh + o + 32) : xa;
+            __m512bh xb = QB_PAIRED(kind) ? (__m512bh)_mm512_loadu_si512(xh + o + 32) : xa;
             __m512bh la = xa, lb = xb;
             if (split) {
                 la = (__m512bh)_mm512_loadu_si512(xl + o);
-                lb = kind == QB4_1 ? (__m512bh)_mm512_loadu_si512(xl + o + 32) : la;
+                lb = QB_PAIRED(kind) ? (__m512bh)_mm512_loadu_si512(xl + o + 32) : la;
             }
             for (int r = 0; r < R; r++) {
                 __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)a[r], xa);
@@ -120,7 +143,7 @@ static inline __attribute__((always_inline)) void qb_rows(int kind, int split, i
         }
 }
 
-/* x element k of a row -> its place in step order (q4_1 interleaves the halves of two blocks) */
+/* x element k of a row -> its place in step order (nibble kinds interleave the halves of two blocks) */
 static inline int64_t qb_slot(int kind, int64_t k) {
     if (kind == QB8_0) return k;
     int64_t s = k / 64, j = (k / 32) & 1, e = k & 31; /* step, block in the step, weight in the block */
@@ -131,7 +154,7 @@ static inline int64_t qb_slot(int kind, int64_t k) {
 static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, const void *x_in, int64_t M,
                                                           int64_t K, const uint8_t *w, int64_t N, const float *bias,
                                                           void *y) {
-    const int64_t nb = K / 32, ldw = nb * QB_BYTES[kind], ns = kind == QB4_1 ? (nb + 1) / 2 : nb;
+    const int64_t nb = K / 32, ldw = nb * QB_BYTES[kind], ns = QB_PAIRED(kind) ? (nb + 1) / 2 : nb;
     const int64_t ldx = ns * QB_STEP(kind) + 32, lds = (nb + 2 + 15) / 16 * 16; /* +32: no 4K aliasing */
     uint16_t *xh = calloc((size_t)(2 * MB * ldx), sizeof(uint16_t)), *xl = xh + MB * ldx;
     float *xs = calloc((size_t)(MB * lds), sizeof(float));
@@ -202,22 +225,27 @@ static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, c
 /* y [M, N] = x [M, K] @ W^T (+ bias) for w uint8 [N, K / 32 * B] in block type `kind`; K a multiple of 32 */
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y) {
-    if (kind == QB4_1)
-        qb_gemv(QB4_1, 0, x, M, K, w, N, bias, y);
-    else
-        qb_gemv(QB8_0, 0, x, M, K, w, N, bias, y);
+    switch (kind) { /* one compiled copy per kind */
+    case QB4_1: qb_gemv(QB4_1, 0, x, M, K, w, N, bias, y); break;
+    case QB5_0: qb_gemv(QB5_0, 0, x, M, K, w, N, bias, y); break;
+    case QB5_1: qb_gemv(QB5_1, 0, x, M, K, w, N, bias, y); break;
+    default: qb_gemv(QB8_0, 0, x, M, K, w, N, bias, y);
+    }
 }
 
 /* gemv_qb for fp32 x [M, K] and fp32 y [M, N], at about 2^-16 of fp32 arithmetic (see the top of the file) */
 void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                  const float *bias, float *y) {
-    if (kind == QB4_1)
-        qb_gemv(QB4_1, 1, x, M, K, w, N, bias, y);
-    else
-        qb_gemv(QB8_0, 1, x, M, K, w, N, bias, y);
+    switch (kind) {
+    case QB4_1: qb_gemv(QB4_1, 1, x, M, K, w, N, bias, y); break;
+    case QB5_0: qb_gemv(QB5_0, 1, x, M, K, w, N, bias, y); break;
+    case QB5_1: qb_gemv(QB5_1, 1, x, M, K, w, N, bias, y); break;
+    default: qb_gemv(QB8_0, 1, x, M, K, w, N, bias, y);
+    }
 }
 
-/* rows [n0, n1) of a Q8_0 / Q4_1 weight, w = d q or d q + m in fp32 as gguf.quants computes it; out bf16
+/* rows [n0, n1) of a Q8_0 / Q4_1 / Q5_0 / Q5_1 weight, w = d q, d q + m or d (q - 16) in fp32 as gguf.quants
+ * computes it; out bf16
  * (rounded once) or fp32 (exact) [n1 - n0, K] */
 static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f32, const uint8_t *w, int64_t K,
                                                              int64_t n0, int64_t n1, void *out) {
@@ -230,11 +258,17 @@ static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f
             __m512 d = _mm512_set1_ps(half_at(b));
             for (int h = 0; h < 2; h++) { /* weights 16h .. 16h + 15 */
                 __m512 v;
-                if (kind == QB4_1) {
-                    __m128i q = _mm_loadu_si128((const __m128i *)(b + 4));
+                if (kind != QB8_0) {
+                    __m128i q = _mm_loadu_si128((const __m128i *)(b + B - 16));
                     q = _mm_and_si128(h ? _mm_srli_epi16(q, 4) : q, _mm_set1_epi8(0x0F));
-                    v = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q))),
-                                      _mm512_set1_ps(half_at(b + 2)));
+                    __m512i qi = _mm512_cvtepu8_epi32(q);
+                    if (kind != QB4_1)
+                        qi = _mm512_mask_or_epi32(qi, (__mmask16)(qb_qh(b, B) >> (16 * h)), qi,
+                                                  _mm512_set1_epi32(16));
+                    if (kind == QB5_0)
+                        v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(qi, _mm512_set1_epi32(16))));
+                    else
+                        v = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(qi)), _mm512_set1_ps(half_at(b + 2)));
                 } else {
                     __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + 16 * h));
                     v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));

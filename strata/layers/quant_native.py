@@ -42,7 +42,7 @@ CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"
 VNNI_FLAG = "avx512_vnni"  # when present, the int8-activation kernels (quant_cpu_a8.c) are compiled in
 COMPILE_TIMEOUT_S = 60
 KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
-BLOCK32_KINDS = {"q8_0": 0, "q4_1": 1}  # the `kind` argument of gemv_qb / dequant_qb
+BLOCK32_KINDS = {"q8_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3}  # the `kind` argument of gemv_qb / dequant_qb
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -237,7 +237,7 @@ def dequantize_rows(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0:
 
 def gemv_f32(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out_features: int,
              bias: torch.Tensor | None) -> torch.Tensor:
-    """q8_0 / q4_1 only: x float32 [M, K] contiguous -> float32 [M, out_features], at about 2^-16 of float32
+    """BLOCK32_KINDS only: x float32 [M, K] contiguous -> float32 [M, out_features], at about 2^-16 of float32
     arithmetic (each x split into two bf16 halves; quant_cpu_q32.c)."""
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.float32)
@@ -247,7 +247,7 @@ def gemv_f32(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Te
 
 def dequantize_rows_f32(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
                         out: torch.Tensor) -> torch.Tensor:
-    """q8_0 / q4_1 only: rows [n0, n1) of the weight -> `out` float32 [n1 - n0, K], exactly the reference."""
+    """BLOCK32_KINDS only: rows [n0, n1) of the weight -> `out` float32 [n1 - n0, K], exactly the reference."""
     lib.dequant_qb_f32(BLOCK32_KINDS[kind], _ptr(w["qweight"]), out.shape[1], n0, n1, _ptr(out))
     return out
 

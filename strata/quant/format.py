@@ -12,7 +12,8 @@ layout; kernels (strata/layers/quant_native.py) read the same tensors. Formats, 
     q4_k, q5_k, q6_k  uint8 [out, in / 256 * B]: llama.cpp's K-quant super-blocks as in GGUF (kquant.py)
     mxfp4             uint8 [out, in/2] two e2m1 codes per byte  w = e2m1(q) * 2^(e - 127)   (OCP MX, gpt-oss)
                       (element 2j in the low nibble), scales uint8 e8m0 exponents e [out, in/32]
-    q8_0, q4_1        uint8 [out, in / 32 * B]: llama.cpp's 32-weight blocks as in GGUF (ggml_blocks.py)
+    q8_0, q4_1,       uint8 [out, in / 32 * B]: llama.cpp's 32-weight blocks as in GGUF (ggml_blocks.py)
+    q5_0, q5_1
 
 Kp is in_features rounded up to a multiple of G: the last group is zero-padded.
 """
@@ -33,7 +34,7 @@ MXFP4_GROUP = 32  # elements sharing one e8m0 scale (OCP Microscaling spec)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # by code
 MIN_GROUP, MAX_GROUP = 32, 1024
 NESTED_OFFSET = 136  # b = 16 * (q4 + 8) + (r + 8) = 16 * q4 + r + 136
-_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k|q8_0|q4_1|mxfp4)(?:-g(\d+))?(-asym)?$")
+_NAME = re.compile(r"^(int8-nested|int8|int4|fp8|q4_k|q5_k|q6_k|q8_0|q4_1|q5_0|q5_1|mxfp4)(?:-g(\d+))?(-asym)?$")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class QuantFormat:
         if not m:
             raise UnsupportedError(
                 f"quantization format {name!r}: expected one of int8, int4-g32|g64|g128[-asym], "
-                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k, q8_0, q4_1, mxfp4"
+                "int8-nested-g32|g64|g128, fp8, q4_k, q5_k, q6_k, q8_0, q4_1, q5_0, q5_1, mxfp4"
             )
         kind, group, asym = m.group(1), m.group(2), bool(m.group(3))
         grouped = kind in ("int4", "int8-nested")

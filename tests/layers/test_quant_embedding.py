@@ -31,7 +31,8 @@ def _embedding(fmt: str, dtype=torch.float32, scaled: bool = False) -> QuantEmbe
     return e
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64-asym", "q8_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64-asym", "q8_0", "q4_1", "q5_0", "q5_1",
+                                 "q4_k", "q6_k"])
 def test_lookup_is_the_dequantized_table_row(fmt):
     e = _embedding(fmt)
     table = dequantize_weight(e._tensors(), e.fmt, VOCAB, HIDDEN)  # [V, H] float32

@@ -1,6 +1,6 @@
-"""QuantLinear on llama.cpp blocks kept as in GGUF (K-quants q4_k, q5_k, q6_k; 32-weight q8_0, q4_1): native
-GEMV (1-4 rows, threaded), the batched dequantize path, the torch and reference backends and fused projections,
-all against the float64 reference."""
+"""QuantLinear on llama.cpp blocks kept as in GGUF (K-quants q4_k, q5_k, q6_k; 32-weight q8_0, q4_1, q5_0,
+q5_1): native GEMV (1-4 rows, threaded), the batched dequantize path, the torch and reference backends and fused
+projections, all against the float64 reference."""
 
 from __future__ import annotations
 
@@ -90,14 +90,15 @@ def test_fused_q4_1_projections_and_native_kind_codes():
     fused = fuse_quantized(parts)
     torch.testing.assert_close(fused(x), torch.cat(ys, dim=1), atol=0, rtol=0)
     assert native_weight(fused)[0] == WEIGHT_KINDS["q4_1"] == 9 and native_weight(_layer("q8_0", 4, 64, "native"))[0] == 8
+    assert native_weight(_layer("q5_0", 4, 64, "native"))[0] == 10 and native_weight(_layer("q5_1", 4, 64, "native"))[0] == 11
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("kind", list(ggml_blocks.BLOCK_BYTES))
 def test_q32_float32_input_computes_in_float32(kind, backend):
-    """q8_0 / q4_1 hold GGUF weights exactly, and with float32 input compute near float32 precision (the GEMV
+    """The 32-weight blocks hold GGUF weights exactly, and with float32 input compute near float32 precision (the GEMV
     splits x into two bf16 halves): 1e-4 of the output scale, where bf16 activations are off by ~1e-2."""
-    for width in (576, 608):  # 18 and 19 blocks per row: q4_1's GEMV takes two blocks per step
+    for width in (576, 608):  # 18 and 19 blocks per row: q4_1's and q5's GEMV take two blocks per step
         q = _layer(kind, 37, width, backend, seed=7, bias=True)
         w = q.dequantize(torch.float64)
         for rows in (1, 3, 5, 40):

@@ -1,4 +1,5 @@
-"""llama.cpp block formats kept as in GGUF (K-quants q4_k, q5_k, q6_k; 32-weight q8_0, q4_1): the torch reference
+"""llama.cpp block formats kept as in GGUF (K-quants q4_k, q5_k, q6_k; 32-weight q8_0, q4_1,
+q5_0, q5_1): the torch reference
 equals gguf's dequantization bit for bit, and the format table knows their sizes and refuses what they cannot do."""
 
 from __future__ import annotations
@@ -32,7 +33,19 @@ def test_reference_equals_gguf_dequantize(kind, scale):
     np.testing.assert_array_equal(ours.numpy(), ref)
 
 
-@pytest.mark.parametrize("kind,bits", [("q4_k", 4.5), ("q5_k", 5.5), ("q6_k", 6.5625), ("q8_0", 8.5), ("q4_1", 5.0)])
+@pytest.mark.parametrize("kind", list(ggml_blocks.BLOCK_BYTES))
+def test_reference_equals_gguf_on_quantized_floats(kind):
+    """Blocks as gguf's own quantizer writes them (codes at both ends of the range, llama.cpp's d and m)."""
+    x = np.random.default_rng(len(kind)).standard_normal((24, 768)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[GGUF_NAME[kind]]
+    raw = gguf.quants.quantize(x, qtype)  # uint8 [24, 768 / 32 * B]
+    ours = dequantize_weight({"qweight": torch.from_numpy(raw)}, kind, 24, 768)
+    np.testing.assert_array_equal(ours.numpy(), gguf.quants.dequantize(raw, qtype))
+    assert np.abs(ours.numpy() - x).max() < 0.5  # and they are the floats, quantized
+
+
+@pytest.mark.parametrize("kind,bits", [("q4_k", 4.5), ("q5_k", 5.5), ("q6_k", 6.5625), ("q8_0", 8.5), ("q4_1", 5.0),
+                                       ("q5_0", 5.5), ("q5_1", 6.0)])
 def test_sizes_match_gguf(kind, bits):
     fmt = QuantFormat.parse(kind.upper())
     assert str(fmt) == kind and fmt.is_kquant == kind.endswith("_k") and fmt.blocks is not None

@@ -156,15 +156,35 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
                                                                                         skip_special_tokens=True)
 
 
-KEPT = {"Q4_0": "int4-g32", "Q8_0": "q8_0", "Q4_1": "q4_1"}
+KEPT = {"Q4_0": "int4-g32", "Q8_0": "q8_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1"}
+
+
+@pytest.mark.parametrize("family,qtype", [("llama", "Q5_0"), ("mixtral", "Q5_1")])
+def test_q5_gguf_decodes_natively(hf_models, tmp_path, monkeypatch, family, qtype):
+    """LLM("m.gguf") keeps Q5_0 / Q5_1 blocks, the one-call native decoder runs over them (dense projections and
+    experts) and gives the per-op path's tokens."""
+    from strata.layers.linear import bf16_lib
+    from tests.models.test_native_decode import _greedy
+
+    if bf16_lib() is None:
+        pytest.skip("native kernels unavailable on this machine")
+    _, path = hf_models(family)
+    gguf_path = write_gguf(path, tmp_path / "m.gguf", qtype=qtype)
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
+    native, calls = _greedy(gguf_path, monkeypatch, native=True)
+    assert calls > 0
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
+    reference, _ = _greedy(gguf_path, monkeypatch, native=False)
+    assert native == reference
 
 
 @pytest.mark.parametrize("family,qtype", [("llama", "Q4_0"), ("mixtral", "Q4_0"), ("llama", "Q8_0"),
-                                          ("llama", "Q4_1"), ("mixtral", "Q4_1")])
+                                          ("llama", "Q4_1"), ("mixtral", "Q4_1"), ("llama", "Q5_0"),
+                                          ("mixtral", "Q5_0"), ("llama", "Q5_1"), ("mixtral", "Q5_1")])
 def test_kept_quantized_holds_the_same_values(hf_models, tmp_path, family, qtype):
-    """--keep-quantized: Q4_0 projections become int4-g32 codes and scales, Q8_0 and Q4_1 stay as their blocks;
-    either way they dequantize to exactly the float conversion's weights (llama: through the q/k row reorder and
-    the tied embedding table kept quantized and read by the head; mixtral: merged experts)."""
+    """--keep-quantized: Q4_0 projections become int4-g32 codes and scales, Q8_0, Q4_1, Q5_0 and Q5_1 stay as
+    their blocks; either way they dequantize to exactly the float conversion's weights (llama: through the q/k
+    row reorder and the tied embedding table kept quantized and read by the head; mixtral: merged experts)."""
     import json
 
     from safetensors.torch import load_file
@@ -193,5 +213,5 @@ def test_kept_quantized_holds_the_same_values(hf_models, tmp_path, family, qtype
     if qtype == "Q4_0":  # int4-g32 runs bf16 activations
         torch.testing.assert_close(kept, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
         assert (kept.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
-    else:  # q8_0 / q4_1 compute in float32 for a float32 model
+    else:  # q8_0 / q4_1 / q5_0 / q5_1 compute in float32 for a float32 model
         torch.testing.assert_close(kept, exact, atol=1e-4, rtol=1e-4)
