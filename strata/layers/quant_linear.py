@@ -15,7 +15,7 @@ Activations run in bf16 (fp32 activations make torch's quantized kernels 10-60x 
 to bf16 and the output back to the input dtype. With `quantized_activations = "int8"` (the engine's
 `--quantized-activations int8`, set by `set_quantized_activations`), the native batched path (more than
 `gemv_max_rows` rows) quantizes each input row to int8 in blocks of 32 and runs integer dot products on
-AVX-512 VNNI instead (quant_cpu_a8.c; formats in quant_native.A8_KINDS); decode rows keep the bf16 GEMV. Except for GGUF's q8_0 and q4_1 blocks, which exist to hold a
+AVX-512 VNNI instead (quant_cpu_a8.c; formats in quant_native.A8_KINDS); decode rows keep the bf16 GEMV. Except for GGUF's q8_0, q4_1, q5_0 and q5_1 blocks, which exist to hold a
 GGUF file's weights exactly: with float32 input they compute in float32 (a GEMV at about 2^-16 of float32
 arithmetic, or the exact dequantized weight in a float32 matmul), so a float32 model gives the logits of
 transformers on the same file; give them bf16 input (`--dtype bfloat16`) for speed.
@@ -232,7 +232,7 @@ class QuantLinear(nn.Module):
                                     self.fmt.group_size, self._k["bias"], out_dtype)
 
     def _float32(self, x: torch.Tensor) -> torch.Tensor:
-        """q8_0 / q4_1 with float32 x [M, K] -> float32 [M, N] (see the module docstring)."""
+        """GGUF 32-weight blocks (quant_native.BLOCK32_KINDS) with float32 x [M, K] -> float32 [M, N] (see the module docstring)."""
         if self.backend != "native":
             y = F.linear(x, self.dequantize(torch.float32))
         elif x.shape[0] <= self.gemv_max_rows:

@@ -1,4 +1,5 @@
-"""llama.cpp's 32-weight blocks Q8_0, Q4_1, Q5_0 and Q5_1 stored as they are, and their reference dequantization.
+"""llama.cpp's 32-weight blocks Q8_0, Q4_1, Q5_0 and Q5_1 stored as they are, and their reference
+dequantization.
 
 A weight `[out, in]` is kept as the GGUF bytes: `qweight` uint8 `[out, in / 32 * B]`, one row of blocks per
 output channel, each block covering 32 consecutive inputs in B bytes:
@@ -13,10 +14,10 @@ output channel, each block covering 32 consecutive inputs in B bytes:
 llama.cpp's Q4_K_M and Q5_K_M files use Q5_0 / Q5_1 for the tensors whose rows are not a multiple of 256 wide
 (the K-quants' super-block), so small models (SmolLM2-135M's 576) hold most of their weights in them.
 
-None fits an older Strata format: int8 has one scale per row, int4 holds 4-bit codes, and int4-g32-asym's zero
-point is an integer code (w = (q - z) * s), which cannot hold Q4_1's float minimum. (Q4_0, `w = d * (q - 8)`, is exactly int4-g32
-and converts to it: gguf_quantized.py.) `dequantize` follows the arithmetic of `gguf.quants` (float32, the same
-operations in the same order), so both give identical values.
+None fits an older Strata format: int8 has one scale per row, int4 holds 4-bit codes, and int4-g32-asym's
+zero point is an integer code (w = (q - z) * s), which cannot hold a float minimum. (Q4_0, `w = d * (q - 8)`,
+is exactly int4-g32 and converts to it: gguf_quantized.py.) `dequantize` follows the arithmetic of
+`gguf.quants` (float32, the same operations in the same order), so both give identical values.
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ def converted_folder(path: str | os.PathLike, progress: bool = True) -> Path:
         if not (out / "config.json").exists():
             if progress:
                 print(f"converting {path} -> {out} (once)", file=sys.stderr)
-            # Q4_0, Q8_0, Q4_1 and K-quant tensors run from their blocks (Strata's own kernels); other types as
-            # the float conversion
+            # Q4_0, Q8_0, Q4_1, Q5_0, Q5_1 and K-quant tensors run from their blocks (Strata's own kernels);
+            # other types as the float conversion
             convert_gguf(path, out, overwrite=True, keep_quantized=None)
     return out
 

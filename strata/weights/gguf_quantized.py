@@ -5,10 +5,10 @@ Strata's int4-g32 (`w = (q - 8) * s`, float16 scale per 32 inputs). Only the nib
 keeps elements 0..15 in the low nibbles of its 16 bytes and 16..31 in the high ones; int4-gG keeps element
 2j in the low nibble of byte j.
 
-Q8_0 and Q4_1 (a scale per 32 inputs, and Q4_1's float minimum, which no integer zero point of int4-gG-asym
-holds) are kept as their blocks, byte for byte, in Strata's q8_0/q4_1 (strata/quant/ggml_blocks.py), and the
-K-quants Q4_K, Q5_K and Q6_K likewise in q4_k/q5_k/q6_k (strata/quant/kquant.py); their kernels read the
-blocks as they are. Other types have no exact Strata format and are dequantized.
+Q8_0, Q4_1, Q5_0 and Q5_1 (a scale per 32 inputs, the 5-bit codes, and Q4_1's / Q5_1's float minimum, which
+no integer zero point of int4-gG-asym holds) are kept as their blocks, byte for byte, in Strata's
+q8_0/q4_1/q5_0/q5_1 (strata/quant/ggml_blocks.py), and the K-quants Q4_K, Q5_K and Q6_K likewise in
+q4_k/q5_k/q6_k (strata/quant/kquant.py); their kernels read the blocks as they are. Other types have no exact Strata format and are dequantized.
 """
 
 from __future__ import annotations
