@@ -23,6 +23,7 @@ from strata.engine.llm_engine import LLMEngine, RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
 from strata.server.metrics import EngineMetrics
+from strata.server.output_handoff import OutputHandoff
 from strata.server.request_stream import (
     EngineDeadError,
     EngineNotReadyError,
@@ -60,7 +61,7 @@ class AsyncEngine:
                  on_load_failure: Callable[[str], None] | None = None, stream_interval_ms: float = 0.0):
         self._factory = engine_factory
         self._ready = False  # the model loaded and the first gauges published
-        self.stream_interval = stream_interval_ms / 1e3
+        self.outputs = OutputHandoff(stream_interval_ms / 1e3)  # the engine thread's outputs to the streams
         self._on_load_failure = on_load_failure
         self.engine: LLMEngine | None = None
         self.metrics = metrics or EngineMetrics()
@@ -73,9 +74,6 @@ class AsyncEngine:
         self._free_slots = 0  # max_num_seqs minus running sequences, as of the last step
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._handoffs: set[str] = set()  # tracked requests that leave after their first token (engine thread)
-        self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
-        self._wake_pending = False  # a _take_pending is scheduled on the loop
-        self._last_wake = 0.0  # time.monotonic() when the loop was last woken for outputs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +84,7 @@ class AsyncEngine:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = self.outputs.loop = loop
         self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
         self._thread.start()
 
@@ -171,42 +169,6 @@ class AsyncEngine:
             pass
 
     # ---- the engine thread ---------------------------------------------------------------------
-    def _deliver(self, stream: RequestStream, item) -> None:
-        """One item (an error, a migration's end) at once, behind the outputs still pending for the loop."""
-        self._deliver_all([(stream, item)], urgent=True)
-
-    def _deliver_all(self, items: list[tuple[RequestStream, object]], urgent: bool = False) -> None:
-        """Outputs to the event loop. A wake-up of the loop hands the GIL to it: on a fast step that costs as much
-        as the step, so steady outputs go out at most once per stream interval (they pile up in `_pending`, and
-        the streams merge them into one chunk); `urgent` ones (a first token, a finished request, an error) and
-        every output once the interval has passed wake the loop at once. Only one wake is in flight: later steps
-        add to the pending list the loop has yet to take."""
-        with self._lock:
-            self._pending.extend(items)
-            if self._wake_pending or not self._pending:
-                return
-            now = time.monotonic()
-            if not urgent and now - self._last_wake < self.stream_interval:
-                return  # a later step, or the engine going idle (flush_outputs), wakes the loop
-            self._wake_pending = True
-            self._last_wake = now
-        try:
-            self._loop.call_soon_threadsafe(self._take_pending)
-        except RuntimeError:  # the event loop is closed (shutdown)
-            pass
-
-    def _flush_outputs(self) -> None:
-        """Wakes the loop for the outputs still pending (the engine is about to wait for commands)."""
-        if self._pending:
-            self._deliver_all([], urgent=True)
-
-    def _take_pending(self) -> None:
-        """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""
-        with self._lock:
-            items, self._pending, self._wake_pending = self._pending, [], False
-        for stream, item in items:
-            stream.queue.put_nowait(item)
-
     def _run(self) -> None:
         try:
             self.engine = self._factory()
@@ -235,7 +197,7 @@ class AsyncEngine:
         while not self._stop.is_set():
             idle = not self.engine.has_unfinished_requests()
             if idle:
-                self._flush_outputs()
+                self.outputs.flush()
             self._drain_commands(block=idle)
             if self._stop.is_set():
                 return
@@ -283,7 +245,7 @@ class AsyncEngine:
                 self.engine.add_request(ids, params, request_id=rid, priority=priority)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 self._discard_waiting(rid)
-                self._deliver(stream, e)
+                self.outputs.deliver(stream, e)
                 return
             self._tracked[rid] = _Tracked(stream, t_add, num_seqs=params.n)
             self._unscheduled.add(rid)
@@ -296,7 +258,7 @@ class AsyncEngine:
             try:
                 import_request(self.engine, migrated, rid, staged)
             except Exception as e:  # noqa: BLE001 - the migration fails alone
-                self._deliver(stream, e)
+                self.outputs.deliver(stream, e)
                 return
             done = len(migrated.token_ids) - migrated.num_prompt_tokens
             self._tracked[rid] = _Tracked(stream, t_add, t_scheduled=t_add, t_first=t_add, t_last=t_add,
@@ -321,7 +283,7 @@ class AsyncEngine:
         migrated = export_request(eng, rid, kv_from, num_preemptions)
         tr = self._tracked.pop(rid, None)
         if tr is not None:
-            self._deliver(tr.stream, RequestMigratedError(f"request {rid} migrated"))
+            self.outputs.deliver(tr.stream, RequestMigratedError(f"request {rid} migrated"))
         self._publish_gauges()
         return migrated
 
@@ -335,7 +297,7 @@ class AsyncEngine:
         tr = self._tracked.pop(rid, None)
         if tr is not None:
             self.metrics.finished("error", tr.num_seqs)
-            self._deliver(tr.stream, err)
+            self.outputs.deliver(tr.stream, err)
 
     def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:
         now = time.monotonic()
@@ -381,7 +343,7 @@ class AsyncEngine:
                 changed = urgent = True
         if num_generated:
             self.metrics.generation_tokens.inc(num_generated)
-        self._deliver_all(deliveries, urgent)
+        self.outputs.deliver_all(deliveries, urgent)
         if self._handoffs:  # prefill replicas only: the others skip the scan
             self._handoffs &= self._tracked.keys()  # finished, aborted or failed meanwhile
             for rid in [rid for rid in self._handoffs if self._tracked[rid].t_first is not None]:
@@ -408,7 +370,7 @@ class AsyncEngine:
             log.info("request %s stays on the prefill replica: %s", rid, e)
             return
         del self._tracked[rid]
-        self._deliver(tr.stream, RequestMigratedError(f"request {rid} handed off", migrated))
+        self.outputs.deliver(tr.stream, RequestMigratedError(f"request {rid} handed off", migrated))
 
     def _publish_gauges(self) -> None:
         eng = self.engine
@@ -433,7 +395,7 @@ class AsyncEngine:
         self.dead_reason = reason
         err = EngineDeadError(f"the engine loop has stopped: {reason}")
         for tr in self._tracked.values():
-            self._deliver(tr.stream, err)
+            self.outputs.deliver(tr.stream, err)
         self._tracked.clear()
         # requests still in the command queue never reached the engine
         while True:
@@ -442,9 +404,9 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if cmd[0] == "add":
-                self._deliver(cmd[5], err)
+                self.outputs.deliver(cmd[5], err)
             elif cmd[0] == "resume":
-                self._deliver(cmd[3], err)
+                self.outputs.deliver(cmd[3], err)
             elif cmd[0] == "call":
                 self._settle(cmd[2], error=err)
         with self._lock:

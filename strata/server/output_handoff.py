@@ -1,0 +1,57 @@
+"""OutputHandoff: carries the engine thread's outputs to the event loop's request streams.
+
+A wake-up of the event loop hands the GIL to it: on a fast step that costs as much as the step, so steady
+outputs go out at most once per stream interval (they pile up here, and the streams merge them into one chunk);
+urgent ones (a first token, a finished request, an error) and every output once the interval has passed wake the
+loop at once. Only one wake is in flight: later steps add to the pending list the loop has yet to take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from strata.server.request_stream import RequestStream
+
+
+class OutputHandoff:
+    def __init__(self, stream_interval_s: float = 0.0):
+        self.stream_interval = stream_interval_s
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by AsyncEngine.start
+        self._lock = threading.Lock()
+        self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
+        self._wake_pending = False  # a _take_pending is scheduled on the loop
+        self._last_wake = 0.0  # time.monotonic() when the loop was last woken for outputs
+
+    def deliver(self, stream: RequestStream, item) -> None:
+        """(engine thread) One item (an error, a migration's end) at once, behind the outputs still pending."""
+        self.deliver_all([(stream, item)], urgent=True)
+
+    def deliver_all(self, items: list[tuple[RequestStream, object]], urgent: bool = False) -> None:
+        """(engine thread) Outputs to the event loop, at once when `urgent` or the interval has passed."""
+        with self._lock:
+            self._pending.extend(items)
+            if self._wake_pending or not self._pending:
+                return
+            now = time.monotonic()
+            if not urgent and now - self._last_wake < self.stream_interval:
+                return  # a later step, or the engine going idle (flush), wakes the loop
+            self._wake_pending = True
+            self._last_wake = now
+        try:
+            self.loop.call_soon_threadsafe(self._take_pending)
+        except RuntimeError:  # the event loop is closed (shutdown)
+            pass
+
+    def flush(self) -> None:
+        """(engine thread) Wakes the loop for the outputs still pending (the engine is about to wait)."""
+        if self._pending:
+            self.deliver_all([], urgent=True)
+
+    def _take_pending(self) -> None:
+        """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""
+        with self._lock:
+            items, self._pending, self._wake_pending = self._pending, [], False
+        for stream, item in items:
+            stream.queue.put_nowait(item)
