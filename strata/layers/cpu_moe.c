@@ -37,6 +37,8 @@ static void row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, in
     case WK_INT8: case WK_FP8: *w = K, *s = 4; break;
     case WK_NESTED: *w = K, *s = 2 * ((K + G - 1) / G); break;
     case WK_Q4K: case WK_Q5K: case WK_Q6K: *w = K / 256 * kq[kind - WK_Q4K]; break;
+    case WK_Q8_0: *w = K / 32 * 34; break; /* ggml blocks, scales inside (G is 0: the int4 line divided by it) */
+    case WK_Q4_1: *w = K / 32 * 20; break;
     default: *w = K / 2, *s = 2 * (K / G), *z = K / G; break;
     }
 }

@@ -162,3 +162,20 @@ def test_experts_from_tier_slots_give_the_resident_results():
     mixtral = _block("mixtral")  # w1 (gate), w2 (down), w3 (up): the store's name order parts gate and up
     held = {0: _slot_tensors(mixtral.experts[0], ["w1", "w2", "w3"])}
     assert NativeExperts.from_slots(mixtral.experts[0], held, mixtral.num_experts) is None
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_gguf_block_experts_run_the_grouped_call(kind):
+    """Experts kept as GGUF q8_0 / q4_1 blocks (scales inside the blocks, group size 0) run the grouped call;
+    its tiling once divided by the group size and killed the process (SIGFPE)."""
+    from tests.layers.test_quant_kquant import _layer
+
+    block = _block()
+    for i, e in enumerate(block.experts):
+        e.gate_proj, e.up_proj = _layer(kind, 96, 128, "native", seed=i), _layer(kind, 96, 128, "native", seed=50 + i)
+        e.down_proj = _layer(kind, 128, 96, "native", seed=100 + i)
+    x = torch.randn(6, 128).bfloat16()
+    native, python = _both_paths(block, x)
+    scale = python.float().abs().max().item()  # random blocks: outputs far from unit size
+    torch.testing.assert_close(native.float(), python.float(), atol=2e-2 * scale, rtol=2e-2)
