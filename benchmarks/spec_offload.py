@@ -246,8 +246,8 @@ def print_table(machine: dict, setup: dict, rows: list[dict]) -> None:
         print("distinct experts per layer for w consecutive positions of the trace, over one position's: " + ", ".join(
             f"w={w}: {u:.2f}" for w, u in setup["expert_union"].items()) + "\n")
     print("| run | decode tok/s (median, range) | vs plain | acceptance | accepted / verify | mean k | "
-          "target steps | expert misses / token | disk MB / token | same output |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "target steps | expert misses / token | disk MB / token | I/O wait ms / token | same output |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['run']} | error: {r['error']} |")
@@ -259,7 +259,8 @@ def print_table(machine: dict, setup: dict, rows: list[dict]) -> None:
         print(f"| {r['run']} | {r['decode_tok_s_median']:.2f} ({r['decode_tok_s_min']:.2f}-"
               f"{r['decode_tok_s_max']:.2f}) | {r['speedup']:.2f}x | {f('acceptance')} | {f('mean_accepted')} | "
               f"{f('mean_k', '{:.1f}')} | {f('target_steps', '{:.0f}')} | {f('expert_misses_per_token', '{:.1f}')} | "
-              f"{f('disk_mb_per_token', '{:.0f}')} | {r['same_output']}/{r['runs']} |")
+              f"{f('disk_mb_per_token', '{:.0f}')} | {1e3 * r['io_stall_s_per_token']:.0f} | "
+              f"{r['same_output']}/{r['runs']} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.decoder import SpecDecoder, make_proposer
+from strata.engine.spec.policy import ExpertTraffic
 from strata.engine.step_time import StepTimeModel
 from strata.errors import InvalidRequestError
 from strata.tiers.runtime import load_model_tiered
@@ -115,7 +116,7 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, mcfg.vocab_size, eos) if self.tokenizer else None
         self.sampler = Sampler(eos, self.structured)
         self.spec = spec and SpecDecoder(spec, proposer, self.block_manager, self.max_model_len,
-                                         config.max_num_batched_tokens)
+                                         config.max_num_batched_tokens, self._expert_traffic)
         self._requests: dict[str, list[Sequence]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
@@ -189,6 +190,13 @@ class LLMEngine:
             self._detok.pop(seq.seq_id, None)
             if self.structured is not None:
                 self.structured.free(seq)
+
+    def _expert_traffic(self) -> ExpertTraffic | None:
+        """The expert cache's demand totals, for the adaptive k rule; None without an expert cache."""
+        s = self.tier_stats() if self.tier_stats else None
+        if not s or not s.get("tiered"):
+            return None
+        return ExpertTraffic(s["expert_accesses"], s["expert_misses"], s["io_stall_s"])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -9,10 +9,14 @@ Experts are addressable one at a time: `experts` is an nn.ModuleList whose entri
             '''Return a callable (an expert MLP: [N, H] -> [N, H]) per requested expert id, loading as needed.
             The returned experts stay valid until release() for the same layer.'''
         def release(self, layer_idx: int, expert_ids: list[int]) -> None: ...
+        # optional: after acquire(), every expert's slot tensors {id: {name: tensor}} at once, or None
+        def hold_all(self, layer_idx: int, expert_ids: list[int]) -> ContextManager[dict | None]: ...
 
 `expert_provider is None` means the resident `experts` ModuleList is used directly. A provider may leave an
 expert out of the mapping (a miss fallback, strata/tiers/provider.py): the block drops it and rescales each
 token's remaining weights to the token's top-k sum; a token left with none asks again for its first choice.
+A bf16 decode batch or verification (up to NATIVE_MAX_TOKENS rows) runs its experts in one native grouped call,
+resident or, through `hold_all`, from the provider's slots; otherwise one module call per expert.
 
 Expert parallel (strata/distributed/expert_parallel.py): `local_experts` names the experts this rank runs;
 the block skips the others (no rescaling: another rank adds them when the block's output is all-reduced).
@@ -91,8 +95,8 @@ class SparseMoeBlock(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        if (T <= NATIVE_MAX_TOKENS and self.expert_provider is None and self.local_experts is None
-                and x.dtype == torch.bfloat16):
+        native_ok = T <= NATIVE_MAX_TOKENS and self.local_experts is None and x.dtype == torch.bfloat16
+        if native_ok and self.expert_provider is None:
             native = self._native_experts()
             if native is not None:  # one native call for all tokens, grouped by expert (moe_native.py)
                 return native(x, weights, ids)
@@ -100,6 +104,9 @@ class SparseMoeBlock(nn.Module):
             chosen = ids[0].tolist()
             expert_ids = self._local(chosen)
             experts = self._acquire(expert_ids)
+            if native_ok and (out := self._native_held(x, weights, ids, expert_ids)) is not None:
+                self._release(expert_ids)
+                return out
             experts, weights, dropped = self._drop_missing(experts, expert_ids, ids, weights)
             out = torch.zeros_like(x)
             for j, e in enumerate(chosen):
@@ -113,6 +120,9 @@ class SparseMoeBlock(nn.Module):
         token_idx = order // self.top_k  # [T*k] token of each sorted assignment
         active = self._local([e for e, c in enumerate(counts) if c])
         experts = self._acquire(active)
+        if native_ok and (out := self._native_held(x, weights, ids, active)) is not None:
+            self._release(active)  # each expert read once for all rows (a verification's union)
+            return out
         experts, weights, dropped = self._drop_missing(experts, active, ids, weights)
         flat_w = weights.reshape(-1)[order]  # [T*k]
         out = torch.zeros_like(x)
@@ -134,6 +144,22 @@ class SparseMoeBlock(nn.Module):
             native = NativeExperts.build(self.experts) or False
             self.__dict__["_native"] = native  # not a submodule: no state-dict entries
         return native or None
+
+    def _native_held(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                     expert_ids: list[int]) -> torch.Tensor | None:
+        """After _acquire: the provider's slots of every routed expert held at once, through the native grouped
+        call; None where the provider cannot hold them together or their tensors do not suit the kernel."""
+        hold_all = getattr(self.expert_provider, "hold_all", None)
+        if hold_all is None or self.__dict__.get("_native_slots") is False:
+            return None
+        with hold_all(self.layer_idx, expert_ids) as held:
+            if held is None:
+                return None
+            native = NativeExperts.from_slots(self.experts[0], held, self.num_experts)
+            if native is None:
+                self.__dict__["_native_slots"] = False  # the store's layout and formats do not change
+                return None
+            return native(x, weights, ids)
 
     def _drop_missing(self, experts, expert_ids: list[int], ids: torch.Tensor, weights: torch.Tensor):
         """-> (experts, weights [T, k] rescaled over the experts served, ids left out)."""

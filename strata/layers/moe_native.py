@@ -4,7 +4,10 @@ Python loop of module calls and small torch ops per expert.
 
 Applies when every expert is a gated MLP whose gate/up projections are fused (`gate_up_fused`) and whose down
 projection has the same format, as `fusion.native_weight` describes them (no biases or padding).
-Anything else (experts served by a tier provider, fp32 weights, mixed formats) keeps the Python path.
+Experts served by a tier provider (`from_slots`) qualify when their cache slots hold bf16 tensors with the gate
+rows directly followed by the up rows (the store keeps an expert's tensors in name order: gate_proj, up_proj);
+the table then points into the slots the provider holds for the call.
+Anything else (fp32 weights, mixed formats, quantized or cast tier experts) keeps the Python path.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from strata.layers.fusion import native_weight
@@ -30,14 +34,28 @@ def _expert_entry(e: nn.Module):
     return (*gu[:2], fused.in_features, down.in_features, gu[2:], d[2:])
 
 
-class NativeExperts:
-    """Built once per block from its resident experts; call with a few bf16 tokens (decode batches)."""
+def _slot_entry(names: tuple[str, str, str], tensors: object):
+    """The entry of one tier expert from its slot's tensors (by checkpoint name), or None."""
+    if not isinstance(tensors, dict) or len(tensors) != 3:  # a bound quantized module, or biases
+        return None
+    gate, up, down = (tensors.get(f"{n}.weight") for n in names)
+    if any(t is None or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (gate, up, down)):
+        return None
+    if gate.shape != up.shape or up.data_ptr() != gate.data_ptr() + gate.numel() * gate.element_size():
+        return None  # the kernel reads gate/up as one [2I, H] weight
+    return (0, 0, gate.shape[1], gate.shape[0], (gate.data_ptr(), None, None), (down.data_ptr(), None, None))
 
-    def __init__(self, experts: nn.ModuleList, kind: int, group: int, hidden: int, inter: int, entries: list):
+
+class NativeExperts:
+    """Built once per block from its resident experts, or per step from a tier's held slots (`from_slots`); call
+    with a few bf16 tokens (decode batches, verifications)."""
+
+    def __init__(self, experts: object, kind: int, group: int, hidden: int, inter: int, entries: list):
         self.experts = experts  # keeps the tensors behind the pointers alive
         self.kind, self.group, self.hidden, self.inter = kind, group, hidden, inter
-        n = len(entries)
-        self.tables = [(ctypes.c_void_p * n)(*(e[4 + t // 3][t % 3] for e in entries)) for t in range(6)]
+        self.num_experts = n = len(entries)  # entries of experts a call does not route to may be None
+        self.tables = [(ctypes.c_void_p * n)(*(e[4 + t // 3][t % 3] if e else None for e in entries))
+                       for t in range(6)]
 
     @classmethod
     def build(cls, experts: nn.ModuleList) -> NativeExperts | None:
@@ -48,6 +66,25 @@ class NativeExperts:
             return None
         return cls(experts, *entries[0][:4], entries)
 
+    @classmethod
+    def from_slots(cls, proto: nn.Module, held: dict[int, object], num_experts: int) -> NativeExperts | None:
+        """proto: the block's (meta) expert module; held: {expert id: its slot's tensors by name}, every expert
+        the call routes to, kept resident by the caller until the call returns."""
+        projections = getattr(proto, "_projections", None)
+        if bf16_lib() is None or projections is None or getattr(proto, "act_fn", None) is not F.silu or not held:
+            return None
+        name_of = {id(m): n for n, m in proto.named_modules()}
+        names = tuple(name_of.get(id(m)) for m in projections())
+        entries: list = [None] * num_experts
+        for e, tensors in held.items():
+            entries[e] = _slot_entry(names, tensors)
+            if entries[e] is None:
+                return None
+        first = entries[next(iter(held))]
+        if any(e is not None and e[:4] != first[:4] for e in entries):
+            return None
+        return cls(held, *first[:4], entries)
+
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H] bf16, weights [T, k], ids [T, k] -> [T, H] bf16: row t = sum_j weights_tj * expert_{ids_tj}(x_t)."""
         x = x.contiguous()
@@ -55,7 +92,7 @@ class NativeExperts:
         w = weights.float().contiguous()  # [T, k]
         i = ids.to(torch.int64).contiguous()  # [T, k]
         bf16_lib().moe_decode_batch(self.kind, x.data_ptr(), x.shape[0], self.hidden, self.inter, self.group,
-                                    len(self.experts), i.shape[1], i.data_ptr(), w.data_ptr(), *self.tables,
+                                    self.num_experts, i.shape[1], i.data_ptr(), w.data_ptr(), *self.tables,
                                     out.data_ptr())
         return out
 

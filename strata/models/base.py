@@ -18,7 +18,7 @@ from strata.layers.fusion import FusedProjection, fuse_projection
 from strata.layers.kv_cache import KVCacheSpec
 from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
-from strata.layers.moe import SparseMoeBlock
+from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
 from strata.layers.quant_embedding import QuantEmbedding
 from strata.layers.rotary import RotaryEmbedding, apply_rotary
@@ -203,6 +203,11 @@ class CausalLM(nn.Module):
         if native is not None and native.accepts(x.shape[0]):  # few rows: all layers in one native call
             x, residual = native(x, cos, sin, native_decode.per_row(meta))
         else:
+            if (x.shape[0] <= NATIVE_MAX_TOKENS and kv_caches is not None and meta.context_slots is not None
+                    and all(c > q for q, c in zip(meta.query_lens, meta.context_lens))):
+                # decode rows, verifications: each row a one-row sequence as in plain decoding (and in the native
+                # decoder above), so a verified row's attention rounds as a plain step's does
+                meta = native_decode.per_row(meta)
             residual = None
             for i, layer in enumerate(self.model.layers):
                 x, residual = layer(x, residual, cos, sin, meta, None if kv_caches is None else kv_caches[i])

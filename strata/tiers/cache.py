@@ -237,6 +237,36 @@ class ExpertCache:
             with self._lock:
                 self.pools.mark_busy(key, -1)
 
+    @contextmanager
+    def hold_all(self, layer: int, experts: list[int]) -> Iterator[dict[int, object] | None]:
+        """Every expert of a step at once, {expert: what hold() yields}, for a call that needs all their weights
+        together (the native grouped-expert kernel). Only experts whose request() found them a slot qualify: if
+        any did not (the pool is smaller than the step's experts), yields None and holds nothing; the caller
+        then runs them one hold() at a time."""
+        keys = [(layer, int(e)) for e in experts]
+        with self._lock:
+            if not all(k in self._requested for k in keys):
+                keys = None
+            else:
+                for k in keys:  # the hold takes over the protection request() gave
+                    self._requested.discard(k)
+        if keys is None:
+            yield None
+            return
+        try:
+            for k in keys:
+                fut = self._loading.get(k)
+                if fut is not None:
+                    self._wait(fut)
+            with self._lock:
+                slots = [self.pools.slot(k) for k in keys]
+                views = {k[1]: self._views_of(k, s) for k, s in zip(keys, slots)}
+            yield views
+        finally:
+            with self._lock:
+                for k in keys:
+                    self.pools.mark_busy(k, -1)
+
     def _admit_waiting(self, key: Key) -> int:
         """Every slot of the key's pool is busy: wait for in-flight reads, then drop the protection of
         requested-but-unheld experts, before giving up."""

@@ -5,6 +5,8 @@ callable per expert; a callable holds its slot only while it runs, so a pool sma
 experts still works (an expert is then read again). The callable runs the block's own expert module
 (whose parameters stay on the meta device) on the slot's tensors with torch.func.functional_call, so
 offloaded and resident generation execute the same kernels on the same values: identical tokens.
+`hold_all` lends a bf16 block every expert of its step at once, for the native grouped-expert call that a
+resident block runs too (layers/moe_native.py).
 
 Miss fallbacks (`fallback`, EngineConfig.miss_fallback; the default "none" is exact): on a demand miss
 whose read is not already in flight, the read starts in the background (a later token hits) and
@@ -20,7 +22,8 @@ trace predictor from predictors.py). Predictions only choose what to read early,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -89,6 +92,18 @@ class TieredExpertProvider:
         else:
             stats.fallback_renormalized += len(skipped)
         return out
+
+    @contextmanager
+    def hold_all(self, layer_idx: int, expert_ids: list[int]) -> Iterator[dict[int, object] | None]:
+        """After acquire(): {expert id: its slot's tensors by name} for all of them at once, resident until the
+        block exits (the native grouped-expert call reads them together), or None where that cannot be: a
+        miss fallback, weights cast on use, quantized experts (bound modules), or a pool smaller than the
+        step's experts. Then the callables acquire() returned serve as before."""
+        if self.fallback != "none" or self.cache.bind is not None or self._experts[layer_idx][0].dtype is not None:
+            yield None
+            return
+        with self.cache.hold_all(layer_idx, expert_ids) as held:
+            yield held
 
     def release(self, layer_idx: int, expert_ids: list[int]) -> None:
         self._skipped.clear()

@@ -6,7 +6,7 @@ import torch
 from strata.layers.linear import bf16_lib
 from strata.layers.mlp import MLP, MixtralExpert
 from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
-from strata.layers.moe_native import take_counts
+from strata.layers.moe_native import NativeExperts, take_counts
 from strata.layers.quant_linear import QuantLinear
 from strata.models.registry import config_from_dict
 
@@ -129,3 +129,53 @@ def test_experts_larger_than_a_tile_read_once_give_the_untiled_results(fmt):
     tiled = block(x)  # 8 rows per expert: tiles
     halves = torch.cat([block(x[:4]), block(x[4:])])  # 4 rows per expert: one untiled pass
     assert torch.equal(tiled, halves)
+
+
+def _slot_tensors(expert, names):
+    """An expert's tensors as a tier slot holds them: one buffer, tensors back to back in `names` order."""
+    tensors = [getattr(expert, n).weight.detach() for n in names]
+    buf = torch.cat([t.flatten() for t in tensors])  # [sum of numels] bf16
+    out, start = {}, 0
+    for n, t in zip(names, tensors):
+        out[f"{n}.weight"] = buf[start : start + t.numel()].view(t.shape)
+        start += t.numel()
+    return out
+
+
+@needs_native
+def test_experts_from_tier_slots_give_the_resident_results():
+    """NativeExperts.from_slots (a tier provider's held slots) runs the same kernel on the same values as the
+    resident table: bit-equal outputs; slots whose gate rows are not followed by the up rows are refused."""
+    block = _block(experts=6, top_k=2)
+    x = torch.randn(5, 128).bfloat16()  # a verification's rows
+    weights, ids = block.route(x)
+    used = ids.unique().tolist()
+    held = {e: _slot_tensors(block.experts[e], ["down_proj", "gate_proj", "up_proj"]) for e in used}  # name order
+    slots = NativeExperts.from_slots(block.experts[0], held, block.num_experts)
+    for e in block.experts:
+        e.fuse_projections()
+    resident = NativeExperts.build(block.experts)
+    w = weights.to(x.dtype)
+    assert torch.equal(slots(x, w, ids), resident(x, w, ids))
+    apart = {e: _slot_tensors(block.experts[e], ["gate_proj", "down_proj", "up_proj"]) for e in used}
+    assert NativeExperts.from_slots(block.experts[0], apart, block.num_experts) is None
+    mixtral = _block("mixtral")  # w1 (gate), w2 (down), w3 (up): the store's name order parts gate and up
+    held = {0: _slot_tensors(mixtral.experts[0], ["w1", "w2", "w3"])}
+    assert NativeExperts.from_slots(mixtral.experts[0], held, mixtral.num_experts) is None
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_gguf_block_experts_run_the_grouped_call(kind):
+    """Experts kept as GGUF q8_0 / q4_1 blocks (scales inside the blocks, group size 0) run the grouped call;
+    its tiling once divided by the group size and killed the process (SIGFPE)."""
+    from tests.layers.test_quant_kquant import _layer
+
+    block = _block()
+    for i, e in enumerate(block.experts):
+        e.gate_proj, e.up_proj = _layer(kind, 96, 128, "native", seed=i), _layer(kind, 96, 128, "native", seed=50 + i)
+        e.down_proj = _layer(kind, 128, 96, "native", seed=100 + i)
+    x = torch.randn(6, 128).bfloat16()
+    native, python = _both_paths(block, x)
+    scale = python.float().abs().max().item()  # random blocks: outputs far from unit size
+    torch.testing.assert_close(native.float(), python.float(), atol=2e-2 * scale, rtol=2e-2)

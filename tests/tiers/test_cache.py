@@ -104,3 +104,24 @@ def test_pool_too_small_for_held_experts(store_and_ref):
     with cache.hold(0, 0), pytest.raises(StrataError, match="no free slot for expert 1"), cache.hold(0, 1):
         pass
     cache.close()
+
+
+def test_hold_all_holds_every_requested_expert_or_none(store_and_ref):
+    path, ref = store_and_ref
+    cache = ExpertCache(ExpertStore(path), 3, "lru", "global")
+    cache.request(0, [0, 1, 2])
+    with cache.hold_all(0, [0, 1, 2]) as held:
+        assert sorted(held) == [0, 1, 2]
+        for e, w in held.items():
+            for n, v in expected_tensors(ref, "qwen", 0, e).items():
+                assert torch.equal(w[n], v), (e, n)
+        assert all(cache.pools.busy.get((0, e)) for e in range(3))  # unevictable while held
+    assert not cache._requested  # the holds took the requests over and dropped them on exit
+    assert not any(cache.pools.busy.get((0, e), 0) > 1 for e in range(3))  # (a read's own mark may linger)
+    cache.request(1, [0, 1, 2, 3])  # 4 experts, 3 slots: one was not admitted
+    with cache.hold_all(1, [0, 1, 2, 3]) as held:
+        assert held is None
+    assert len(cache._requested) == 3  # untouched: the caller holds them one at a time or releases them
+    cache.release(1, [0, 1, 2, 3])
+    assert not cache._requested
+    cache.close()

@@ -12,6 +12,7 @@ Sequences with nothing drafted are sampled by the engine's sampler, in the same 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -22,7 +23,7 @@ from strata.engine.scheduler import ScheduledBatch
 from strata.engine.sequence import Sequence
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.ngram import NgramProposer
-from strata.engine.spec.policy import AdaptiveK, FixedK
+from strata.engine.spec.policy import AdaptiveK, ExpertTraffic, FixedK
 from strata.engine.spec.proposer import Proposal, Proposer
 from strata.engine.spec.rejection import greedy_accept, rejection_sample
 
@@ -53,7 +54,9 @@ class SpecDecoder:
         block_manager: BlockManager,
         max_model_len: int,
         max_num_batched_tokens: int,
+        expert_traffic: Callable[[], ExpertTraffic | None] | None = None,
     ):
+        """expert_traffic: the expert cache's running totals (tiers), or None without one."""
         self.spec = spec
         self.proposer = proposer
         self.block_manager = block_manager
@@ -61,8 +64,9 @@ class SpecDecoder:
         self.max_num_batched_tokens = max_num_batched_tokens
         k = spec.num_speculative_tokens
         self.policy = AdaptiveK(k) if spec.adaptive else FixedK(k)
-        # (rows, drafted rows, start time) of the forward in flight
-        self._forward_start: tuple[int, int, float] | None = None
+        self.expert_traffic = expert_traffic if spec.adaptive else None  # only the adaptive rule reads it
+        # (rows, drafted rows, start time, expert traffic totals) of the forward in flight
+        self._forward_start: tuple[int, int, float, ExpertTraffic | None] | None = None
         self._pending: dict[int, Proposal] = {}  # seq_id -> its drafts in this step
         self._accepted: dict[int, int] = {}  # seq_id -> drafts accepted in this step
         self.num_drafts = 0  # verifications with at least one drafted token
@@ -113,7 +117,8 @@ class SpecDecoder:
             num_scored[i] += len(drafts)
             self._pending[seq.seq_id] = prop
         if decode_only:
-            self._forward_start = (batch.num_tokens, batch.num_tokens - len(batch.seqs), time.perf_counter())
+            traffic = self.expert_traffic() if self.expert_traffic else None
+            self._forward_start = (batch.num_tokens, batch.num_tokens - len(batch.seqs), time.perf_counter(), traffic)
         return num_scored
 
     # ---- after the forward ----------------------------------------------------------------------
@@ -121,8 +126,10 @@ class SpecDecoder:
         """logits: the rows prepare() asked for, sequence after sequence -> new tokens per sequence."""
         check_finite_logits(logits)
         if self._forward_start is not None:
-            rows, drafted, t0 = self._forward_start
-            self.policy.observe_forward(rows, drafted, time.perf_counter() - t0)
+            rows, drafted, t0, before = self._forward_start
+            seconds, after = time.perf_counter() - t0, before and self.expert_traffic()
+            used = ExpertTraffic(*(a - b for a, b in zip(after, before))) if after else None
+            self.policy.observe_forward(rows, drafted, seconds, used)
             self._forward_start = None
         out: list[list[int] | None] = []
         plain_rows, plain_seqs, row = [], [], 0

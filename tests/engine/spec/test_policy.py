@@ -5,7 +5,7 @@ import itertools
 
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
-from strata.engine.spec.policy import PROBE_EVERY, AdaptiveK, best_k, expected_tokens
+from strata.engine.spec.policy import PROBE_EVERY, AdaptiveK, ExpertTraffic, best_k, expected_tokens
 
 
 def test_expected_tokens():
@@ -66,3 +66,51 @@ def test_a_row_count_where_the_forward_gets_slower_caps_k():
     for _ in range(10):
         policy.update(seq, 4, 3)
     assert policy.plan([seq]) == [3]
+
+
+# A fake offloaded target: a forward of `rows` computes for 4 ms + 1.5 ms per row and asks for distinct(rows)
+# experts (summed over layers; neighbouring tokens share few, as in real routing), a fraction `miss` of them not
+# resident, each miss waiting 4 ms on its read.
+SECONDS_PER_MISS = 0.004
+
+
+def _distinct(rows: int) -> int:
+    return round(16 * rows**0.75)
+
+
+def _forward_s(rows: int, miss: float) -> float:
+    return 0.004 + 0.0015 * rows + _distinct(rows) * miss * SECONDS_PER_MISS
+
+
+def _observe(policy: AdaptiveK, miss: float, times: int, verifies: bool, traffic: bool = True) -> None:
+    for _ in range(times):
+        for rows in [1, *(range(2, 10) if verifies else ())]:
+            d = _distinct(rows)
+            used = ExpertTraffic(d, d * miss, d * miss * SECONDS_PER_MISS) if traffic else None
+            policy.observe_forward(rows, rows - 1, _forward_s(rows, miss), used)
+
+
+def _true_best(a: float, miss: float, max_k: int) -> int:
+    return best_k(a, lambda k: _forward_s(1 + k, miss) / _forward_s(1, miss), max_k)
+
+
+def test_expected_expert_misses_enter_the_cost():
+    """While the cache holds what tokens route to, a drafted row costs its compute and k is large; when the
+    cache turns cold (here seen in plain steps only), each drafted row's new experts cost reads and k drops to
+    the best k of the fake target at once. Timings alone (no expert traffic) keep the stale per-row-count
+    verification times and draft as many as before."""
+    seq = Sequence("r", [1, 2, 3], SamplingParams())
+    aware, timings_only = AdaptiveK(8), AdaptiveK(8)
+    for policy in (aware, timings_only):
+        policy.rate[seq.seq_id] = 0.85
+    _observe(aware, 0.05, 5, verifies=True)
+    _observe(timings_only, 0.05, 5, verifies=True, traffic=False)
+    hot = _true_best(0.85, 0.05, 8)
+    assert aware.plan([seq]) == timings_only.plan([seq]) == [hot]
+    assert abs(aware.stall(3) - _distinct(3) * 0.05 * SECONDS_PER_MISS) < 1e-9
+    _observe(aware, 0.6, 30, verifies=False)
+    _observe(timings_only, 0.6, 30, verifies=False, traffic=False)
+    cold = _true_best(0.85, 0.6, 8)
+    assert cold < hot
+    assert aware.plan([seq]) == [cold]
+    assert timings_only.plan([seq])[0] >= hot

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from strata import LLM
 from strata.cli import main
 from strata.engine.llm_engine import BUNDLED_MODEL
 from strata.engine.sampling_params import SamplingParams
+from strata.layers.linear import bf16_lib
+from strata.layers.moe_native import take_counts
 from strata.tiers import runtime
 from strata.tiers.store_convert import checkpoint_facts
 
@@ -67,6 +70,43 @@ def test_offloaded_experts(tmp_path, monkeypatch):
         assert sorted(layer for layer, _ in c) == list(range(num_layers))
         assert all(len(ids) == len(set(ids)) for _, ids in c)
     llm.engine.tiers.close()
+
+
+@pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
+def test_offloaded_bf16_verification_runs_the_native_grouped_call(tmp_path, monkeypatch):
+    """bf16 experts from disk: a verification's MoE layers hold the union of its rows' experts at once and run
+    the native grouped-expert kernel (each expert once for all rows), as plain offloaded decoding does for its
+    one row; greedy output equals plain offloaded decoding's, and no KV block is left behind."""
+    monkeypatch.setenv("STRATA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "current_rss", lambda: 0)
+    slots = checkpoint_facts(BUNDLED_MODEL).num_experts // 4
+    budget = budget_for(BUNDLED_MODEL, slots, torch.bfloat16)
+    plain = LLM(None, progress=False, dtype="bfloat16", memory_budget=budget)
+    take_counts()
+    ref = _ids(plain.generate(PROMPTS, GREEDY))
+    assert take_counts()["calls"] > 0  # plain offloaded decoding takes the native call too
+    plain.engine.tiers.close()
+    top_k = plain.engine.model_config.num_experts_per_tok
+    for spec in (SPEC, {"method": "ngram", "num_speculative_tokens": 3}):
+        llm = LLM(None, progress=False, dtype="bfloat16", memory_budget=budget, speculative_config=spec)
+        runner, native_rows = llm.engine.runner, []
+        execute = runner.execute
+
+        def counted(batch, num_scored=None, execute=execute, native_rows=native_rows):
+            take_counts()
+            out = execute(batch, num_scored)
+            if num_scored and max(num_scored) > 1:
+                c = take_counts()
+                native_rows.append(c["assignments"] / max(c["calls"], 1) / top_k)  # rows per native call
+            return out
+
+        monkeypatch.setattr(runner, "execute", counted)
+        assert _ids(llm.generate(PROMPTS, GREEDY)) == ref
+        assert llm.engine.spec.num_accepted_tokens > 0
+        assert native_rows and max(native_rows) > 1  # multi-row native calls ran the verifications
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        llm.engine.tiers.close()
 
 
 def test_quantized_target(tmp_path):
