@@ -6,7 +6,8 @@
  * dense MLP (fused gate/up GEMV, SiLU x up, down GEMV) or a MoE block (router GEMV, softmax, top-k, the
  * experts of all S tokens through moe_decode_batch, grouped by expert). Every step is the same kernel the per-op Python path calls (so the
  * results match it), minus about 30 Python-level operations per layer (measured gain: docs/benchmarks.md).
- * Weights may be plain bf16 or any quantized kind, per projection.
+ * Weights may be plain bf16 or any quantized kind, per projection; q/k/v (gate/up) of different kinds run as
+ * separate GEMVs into the same buffer.
  */
 #include "quant_cpu.h"
 
@@ -24,6 +25,9 @@ typedef struct { /* a MoE block without shared experts: router and the expert ta
 typedef struct {
     const uint16_t *ln1, *ln2; /* bf16 [H] norm weights */
     proj_t qkv, o, gate_up, down; /* gate_up, down unused when moe is set */
+    /* k, v, up set (w != NULL): the projections are of different kinds and run apart (a llama.cpp Q4_K_M keeps
+     * attn_v and attn_q in different types): qkv then holds q only, gate_up gate only */
+    proj_t k, v, up;
     uint16_t *k_cache, *v_cache; /* bf16 [num_slots, Hkv, D] */
     int64_t qk_norm; /* 0 none, 1 per head (Qwen3), 2 over the whole projection (OLMoE) */
     const uint16_t *q_norm, *k_norm;
@@ -85,6 +89,14 @@ static void clamp_bf16(uint16_t *v, int64_t n, float c) {
     }
 }
 
+/* y [S, ystride] at column offset: x [S, K] through one projection of n output rows. tmp [S, n] scratch. */
+static void gemv_into(const proj_t *P, const uint16_t *x, int64_t S, int64_t K, int64_t n, uint16_t *y,
+                      int64_t ystride, uint16_t *tmp) {
+    gemv_once((int)P->kind, x, S, K, P->w, P->s, P->z, n, P->group, S == 1 ? y : tmp);
+    if (S > 1)
+        for (int64_t r = 0; r < S; r++) memcpy(y + r * ystride, tmp + r * n, sizeof(uint16_t) * (size_t)n);
+}
+
 /* S sequences decoding one token each.
  * x [S, H]: the embedded tokens in, the last layer's MLP output out; residual [S, H] out (the stream before
  * it), so the caller finishes with norm(x + residual). cos/sin bf16 [S, D] of the positions; slots int64: the
@@ -96,6 +108,8 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
     uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)(S * (H + row + qd + qd + 2 * I + I)));
     uint16_t *h = buf, *qkv = h + S * H, *q = qkv + S * row, *att = q + S * qd, *gu = att + S * qd;
     uint16_t *act = gu + S * 2 * I;
+    const int64_t wide = qd > 2 * I ? qd : 2 * I; /* scratch of the split projections: at most q or gate rows */
+    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(S * (wide > H ? wide : H)));
     for (int64_t l = 0; l < n_layers; l++) {
         const layer_t *L = layers + l;
         if (l == 0) { /* no residual yet: norm(x), and x becomes the residual */
@@ -104,7 +118,13 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
         } else {
             rms_norm_bf16(x, residual, L->ln1, S, H, eps, h, residual);
         }
-        gemv_once((int)L->qkv.kind, h, S, H, L->qkv.w, L->qkv.s, L->qkv.z, row, L->qkv.group, qkv);
+        if (L->k.w) {
+            gemv_into(&L->qkv, h, S, H, qd, qkv, row, tmp);
+            gemv_into(&L->k, h, S, H, kvd, qkv + qd, row, tmp);
+            gemv_into(&L->v, h, S, H, kvd, qkv + qd + kvd, row, tmp);
+        } else {
+            gemv_once((int)L->qkv.kind, h, S, H, L->qkv.w, L->qkv.s, L->qkv.z, row, L->qkv.group, qkv);
+        }
         for (int64_t s = 0; s < S; s++) {
             uint16_t *r = qkv + s * row;
             if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
@@ -128,10 +148,16 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
             moe_block(L->moe, h, S, H, x);
             continue;
         }
-        gemv_once((int)L->gate_up.kind, h, S, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I, L->gate_up.group,
-                    gu);
+        if (L->up.w) {
+            gemv_into(&L->gate_up, h, S, H, I, gu, 2 * I, tmp);
+            gemv_into(&L->up, h, S, H, I, gu + I, 2 * I, tmp);
+        } else {
+            gemv_once((int)L->gate_up.kind, h, S, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I,
+                      L->gate_up.group, gu);
+        }
         for (int64_t s = 0; s < S; s++) silu_mul_bf16(gu + s * 2 * I, I, act + s * I);
         gemv_once((int)L->down.kind, act, S, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);
     }
+    free(tmp);
     free(buf);
 }

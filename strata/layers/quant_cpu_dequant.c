@@ -1,7 +1,7 @@
 /* Dequantization to bf16 for the batched path (the result goes to a bf16 matmul), and the ABI version. */
 #include "quant_cpu.h"
 
-int strata_qk_abi(void) { return 13; }
+int strata_qk_abi(void) { return 14; }
 
 /* ---------------------------------------------------------------- dequantize to bf16 (batched path) */
 

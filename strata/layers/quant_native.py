@@ -35,7 +35,7 @@ SOURCES = [HERE / n for n in (
     "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 13  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 14  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}

@@ -45,6 +45,7 @@ class _Moe(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("ln1", _P), ("ln2", _P), ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj),
+                ("k", _Proj), ("v", _Proj), ("up", _Proj),  # set when q/k/v (gate/up) are of different kinds
                 ("k_cache", _P), ("v_cache", _P), ("qk_norm", ctypes.c_int64), ("q_norm", _P), ("k_norm", _P),
                 ("clip", ctypes.c_double), ("moe", ctypes.POINTER(_Moe))]
 
@@ -66,6 +67,17 @@ def _proj(module) -> _Proj | None:
     return None if w is None else _Proj(*w)
 
 
+def _fused_or_split(fused, parts: list[nn.Module]) -> tuple[_Proj | None, list[_Proj] | None]:
+    """(first projection, the others' projections) for the C decoder: the fused projection and [] when there is
+    one; else the parts run apart (first, [rest]); (None, None) when a part has no native kernel."""
+    if fused is not None:
+        return _proj(fused), []
+    projs = [_proj(p) for p in parts]
+    if any(p is None for p in projs):
+        return None, None
+    return projs[0], projs[1:]
+
+
 def _norm_ok(n: nn.Module) -> bool:
     return type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
 
@@ -77,8 +89,8 @@ class NativeDecoder:
         # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
         self.kv_refs = [weakref.ref(t) for pair in kv_caches for t in pair]
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
-        bf16 = all(p.kind == WEIGHT_KINDS["bf16"] for la in layers for p in (la.qkv, la.o, la.gate_up, la.down)
-                   if p.w)
+        bf16 = all(p.kind == WEIGHT_KINDS["bf16"] for la in layers
+                   for p in (la.qkv, la.o, la.gate_up, la.down, la.k, la.v, la.up) if p.w)
         self.max_rows = MAX_ROWS_BF16 if bf16 else MAX_ROWS
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
@@ -109,7 +121,10 @@ class NativeDecoder:
             qk = {None: 0, "head": 1, "full": 2}[attn.qk_norm]
             if qk and not (_norm_ok(attn.q_norm) and _norm_ok(attn.k_norm) and attn.q_norm.variance_epsilon in eps):
                 return None
-            projs = [_proj(attn.qkv_fused), _proj(attn.o_proj)]  # None for biases, unfused or other dtypes
+            # one fused q/k/v GEMV, or three where their kinds differ (llama.cpp's Q4_K_M: attn_v in another type)
+            qkv, split = _fused_or_split(attn.qkv_fused, [attn.q_proj, attn.k_proj, attn.v_proj])
+            projs = [qkv, _proj(attn.o_proj)]  # None for biases, unfused or other dtypes
+            up_split = [_Proj()]
             moe = None
             if type(mlp) is SparseMoeBlock:
                 moe = _moe(mlp)
@@ -118,13 +133,15 @@ class NativeDecoder:
                 moes.append((mlp, moe))
                 projs += [_Proj(), _Proj()]
             elif type(mlp) is MLP and mlp.gate_proj.out_features == cfg.intermediate_size:
-                projs += [_proj(mlp.gate_up_fused), _proj(mlp.down_proj)]
+                gate_up, up_split = _fused_or_split(mlp.gate_up_fused, [mlp.gate_proj, mlp.up_proj])
+                projs += [gate_up, _proj(mlp.down_proj)]
+                up_split = up_split or [_Proj()]
             else:
                 return None
-            if any(p is None for p in projs):
+            if any(p is None for p in projs) or split is None or up_split is None:
                 return None
             layers.append(_Layer(dl.input_layernorm.weight.data_ptr(), dl.post_attention_layernorm.weight.data_ptr(),
-                                 *projs, kc.data_ptr(), vc.data_ptr(), qk,
+                                 *projs, *(split or [_Proj(), _Proj()]), *up_split, kc.data_ptr(), vc.data_ptr(), qk,
                                  attn.q_norm.weight.data_ptr() if qk else None,
                                  attn.k_norm.weight.data_ptr() if qk else None,
                                  float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))

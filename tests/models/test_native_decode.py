@@ -154,3 +154,33 @@ def test_speculative_verification_runs_in_one_native_call(llama_bf16, monkeypatc
     assert max(rows) == k + 1 and llm.engine.spec.num_drafts > 0
     plain, _ = _greedy(llama_bf16, monkeypatch, native=True, prompts=prompts)
     assert out == plain
+
+
+@needs_native
+def test_mixed_kinds_within_qkv_and_gate_up_run_apart(llama_bf16, tmp_path, monkeypatch):
+    """q/k/v (and gate/up) of different formats cannot fuse, as in llama.cpp's Q4_K_M (attn_v in another type):
+    the native decoder runs them as separate GEMVs, with the per-op path's tokens, one and several sequences."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for fmt in ("int4-g32", "int8"):
+        assert main(["quantize", "--format", fmt, "--method", "rtn", "--no-progress", str(llama_bf16),
+                     str(tmp_path / fmt)]) == 0
+    path = tmp_path / "int4-g32"
+    tensors, int8 = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "int8" / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    modules = cfg["quantization_config"]["modules"]
+    for name in list(modules):
+        if name.endswith(("v_proj", "up_proj")):
+            modules[name] = "int8"
+            for k in [k for k in tensors if k.startswith(name + ".")]:
+                del tensors[k]
+            tensors.update({k: v for k, v in int8.items() if k.startswith(name + ".")})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    for seqs, prompts in ((1, PROMPTS), (4, [*PROMPTS, [9, 10, 11]])):
+        native, calls = _greedy(path, monkeypatch, native=True, max_num_seqs=seqs, prompts=prompts)
+        assert calls > 0
+        reference, _ = _greedy(path, monkeypatch, native=False, max_num_seqs=seqs, prompts=prompts)
+        assert native == reference
