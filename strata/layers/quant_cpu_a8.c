@@ -269,6 +269,22 @@ static void a8_unpack(int fmt, const uint8_t *w, const void *s, const uint8_t *z
     }
 }
 
+/* The end of a register block, shared by a8_block and a8k_block (a macro: `acc` must stay in registers): add the
+ * per-block offset terms cw [A8_R, n16p] . a16 [mb, n16p] to the accumulators, then reduce each to out. */
+#define A8_FINISH(acc)                                                                                          \
+    do {                                                                                                        \
+        for (int64_t g = 0; g < n16p; g += 16) {                                                                \
+            __m512 c[A8_R];                                                                                     \
+            for (int r = 0; r < A8_R; r++) c[r] = _mm512_loadu_ps(cw + r * n16p + g);                           \
+            for (int m = 0; m < mb; m++) {                                                                      \
+                __m512 a = _mm512_loadu_ps(a16 + m * n16p + g);                                                 \
+                for (int r = 0; r < A8_R; r++) (acc)[r][m] = _mm512_fmadd_ps(c[r], a, (acc)[r][m]);             \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int r = 0; r < A8_R; r++)                                                                          \
+            for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps((acc)[r][m]);                         \
+    } while (0)
+
 /* out[r][m] = sum over steps of cvt(dot(codes r, xq m)) * dw_r * dx_m + cw_r . a16_m for A8_R tile rows and mb
  * x rows (the offsets are added to the accumulators before their one horizontal sum) */
 static inline __attribute__((always_inline)) void a8_block(int mb, const uint8_t *codes, const float *dwv,
@@ -294,16 +310,7 @@ static inline __attribute__((always_inline)) void a8_block(int mb, const uint8_t
             }
         }
     }
-    for (int64_t g = 0; g < n16p; g += 16) {
-        __m512 c[A8_R];
-        for (int r = 0; r < A8_R; r++) c[r] = _mm512_loadu_ps(cw + r * n16p + g);
-        for (int m = 0; m < mb; m++) {
-            __m512 a = _mm512_loadu_ps(a16 + m * n16p + g);
-            for (int r = 0; r < A8_R; r++) acc[r][m] = _mm512_fmadd_ps(c[r], a, acc[r][m]);
-        }
-    }
-    for (int r = 0; r < A8_R; r++)
-        for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    A8_FINISH(acc);
 }
 
 /* K-quants, activations quantized per 256 (one dx per super-block, as llama.cpp's Q8_K): within a super-block
@@ -344,16 +351,7 @@ static inline __attribute__((always_inline)) void a8k_block(int mb, const uint8_
                                             _mm512_mul_ps(dx, _mm512_set1_ps(dsb[r * nsb + sb])), acc[r][m]);
         }
     }
-    for (int64_t g = 0; g < n16p; g += 16) {
-        __m512 c[A8_R];
-        for (int r = 0; r < A8_R; r++) c[r] = _mm512_loadu_ps(cw + r * n16p + g);
-        for (int m = 0; m < mb; m++) {
-            __m512 a = _mm512_loadu_ps(a16 + m * n16p + g);
-            for (int r = 0; r < A8_R; r++) acc[r][m] = _mm512_fmadd_ps(c[r], a, acc[r][m]);
-        }
-    }
-    for (int r = 0; r < A8_R; r++)
-        for (int m = 0; m < mb; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+    A8_FINISH(acc);
 }
 
 /* y [M, N] = x [M, K] @ W^T (+ bias) with x quantized to int8 per 32 values. fmt: A8_*; w, s, z as the format
