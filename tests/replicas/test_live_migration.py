@@ -4,6 +4,7 @@ moved by the load-balancing check, stream exactly the tokens of an unmigrated ru
 the last tokens, and every replica's KV blocks are free at the end."""
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 
@@ -72,15 +73,21 @@ def _reference(config, params) -> list[list[int]]:
     return [done[str(i)] for i in range(len(PROMPTS))]
 
 
-async def _router(config, monkeypatch, migration: MigrationConfig) -> ReplicaRouter:
+@contextlib.asynccontextmanager
+async def _replicas(config, monkeypatch, migration: MigrationConfig):
+    """A router over two engine replicas in this process (no Ray), shut down on leaving."""
     monkeypatch.setattr(_Replica, "cancel", lambda self, gen: None)
     router = ReplicaRouter(config, 2, migration=migration)
     fields = dataclasses.asdict(config)
     router.replicas = [_Replica(i, LocalActor(EngineReplica(fields))) for i in range(2)]
-    for r in router.replicas:
-        r.info = await r.actor.start.remote()
-    router.engine = object()
-    return router
+    try:
+        for r in router.replicas:
+            r.info = await r.actor.start.remote()
+        router.engine = object()
+        yield router
+    finally:
+        for r in router.replicas:
+            r.actor.replica.shutdown()
 
 
 async def _consume(stream, tokens: list[int], started: asyncio.Event, after: int) -> None:
@@ -100,8 +107,7 @@ def test_live_migration_mid_stream_gives_the_unmigrated_tokens(config, monkeypat
     want = _reference(config, params)[0]
 
     async def main():
-        router = await _router(config, monkeypatch, MigrationConfig(migration_max_stages=3))
-        try:
+        async with _replicas(config, monkeypatch, MigrationConfig(migration_max_stages=3)) as router:
             stream = router.add_request(PROMPTS[0], params)
             tokens, started = [], asyncio.Event()
             consumer = asyncio.create_task(_consume(stream, tokens, started, after=12))
@@ -110,9 +116,6 @@ def test_live_migration_mid_stream_gives_the_unmigrated_tokens(config, monkeypat
             moved = await router.migrate(stream.request_id, 1 - src)
             await consumer
             return moved, tokens, src, router
-        finally:
-            for r in router.replicas:
-                r.actor.replica.shutdown()
 
     moved, tokens, src, router = asyncio.run(main())
     assert tokens == want
@@ -128,8 +131,7 @@ def test_stop_and_copy_moves_the_whole_kv(config, monkeypatch):
     want = _reference(config, params)[0]
 
     async def main():
-        router = await _router(config, monkeypatch, MigrationConfig())
-        try:
+        async with _replicas(config, monkeypatch, MigrationConfig()) as router:
             stream = router.add_request(PROMPTS[0], params)
             tokens, started = [], asyncio.Event()
             consumer = asyncio.create_task(_consume(stream, tokens, started, after=5))
@@ -137,9 +139,6 @@ def test_stop_and_copy_moves_the_whole_kv(config, monkeypatch):
             moved = await router.migrate(stream.request_id, max_stages=1)
             await consumer
             return moved, tokens, router
-        finally:
-            for r in router.replicas:
-                r.actor.replica.shutdown()
 
     moved, tokens, router = asyncio.run(main())
     assert tokens == want and moved["stages"] == 1 and moved["num_precopied_tokens"] == 0
@@ -151,13 +150,12 @@ def test_the_load_check_moves_a_request_off_the_busier_replica(config, monkeypat
     want = _reference(config, params)
 
     async def main():
-        router = await _router(config, monkeypatch, MigrationConfig(enable_migration=True))
-        busy = router.replicas[0]
+        async with _replicas(config, monkeypatch, MigrationConfig(enable_migration=True)) as router:
+            busy = router.replicas[0]
 
-        async def always_busy(tried, prefill=True):
-            return busy
+            async def always_busy(tried, prefill=True):
+                return busy
 
-        try:
             monkeypatch.setattr(router, "choose", always_busy)  # both requests land on replica 0
             streams = [router.add_request(p, params) for p in PROMPTS]
             tokens = [[], []]
@@ -171,9 +169,6 @@ def test_the_load_check_moves_a_request_off_the_busier_replica(config, monkeypat
             again = await scheduler.check()  # one request on each replica now: balanced
             await asyncio.gather(*consumers)
             return moved, again, tokens, [s.replica.index for s in streams], router
-        finally:
-            for r in router.replicas:
-                r.actor.replica.shutdown()
 
     moved, again, tokens, placed, router = asyncio.run(main())
     assert tokens == want
@@ -188,8 +183,7 @@ def test_a_refused_migration_leaves_the_request_streaming_where_it_runs(config, 
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, n=2)
 
     async def main():
-        router = await _router(config, monkeypatch, MigrationConfig())
-        try:
+        async with _replicas(config, monkeypatch, MigrationConfig()) as router:
             stream = router.add_request(PROMPTS[0], params)
             tokens, started = [], asyncio.Event()
             consumer = asyncio.create_task(_consume(stream, tokens, started, after=3))
@@ -198,9 +192,6 @@ def test_a_refused_migration_leaves_the_request_streaming_where_it_runs(config, 
                 await router.migrate(stream.request_id)
             await consumer
             return tokens, stream, router
-        finally:
-            for r in router.replicas:
-                r.actor.replica.shutdown()
 
     tokens, stream, router = asyncio.run(main())
     assert len(tokens) == 60 and stream.migration is None and _all_free(router)
