@@ -67,14 +67,12 @@ def _proj(module) -> _Proj | None:
     return None if w is None else _Proj(*w)
 
 
-def _fused_or_split(fused, parts: list[nn.Module]) -> tuple[_Proj | None, list[_Proj] | None]:
-    """(first projection, the others' projections) for the C decoder: the fused projection and [] when there is
-    one; else the parts run apart (first, [rest]); (None, None) when a part has no native kernel."""
+def _fused_or_split(fused, parts: list[nn.Module], rest: int = 2) -> tuple[_Proj | None, list[_Proj | None]]:
+    """(first, [the others]) as the C decoder's layer holds them: the fused projection and `rest` empty slots when
+    the parts fused; else each part on its own (the decoder runs a set slot apart). None where no native kernel."""
     if fused is not None:
-        return _proj(fused), []
+        return _proj(fused), [_Proj() for _ in range(rest)]
     projs = [_proj(p) for p in parts]
-    if any(p is None for p in projs):
-        return None, None
     return projs[0], projs[1:]
 
 
@@ -122,9 +120,9 @@ class NativeDecoder:
             if qk and not (_norm_ok(attn.q_norm) and _norm_ok(attn.k_norm) and attn.q_norm.variance_epsilon in eps):
                 return None
             # one fused q/k/v GEMV, or three where their kinds differ (llama.cpp's Q4_K_M: attn_v in another type)
-            qkv, split = _fused_or_split(attn.qkv_fused, [attn.q_proj, attn.k_proj, attn.v_proj])
+            qkv, kv = _fused_or_split(attn.qkv_fused, [attn.q_proj, attn.k_proj, attn.v_proj])
             projs = [qkv, _proj(attn.o_proj)]  # None for biases, unfused or other dtypes
-            up_split = [_Proj()]
+            up = [_Proj()]
             moe = None
             if type(mlp) is SparseMoeBlock:
                 moe = _moe(mlp)
@@ -133,15 +131,14 @@ class NativeDecoder:
                 moes.append((mlp, moe))
                 projs += [_Proj(), _Proj()]
             elif type(mlp) is MLP and mlp.gate_proj.out_features == cfg.intermediate_size:
-                gate_up, up_split = _fused_or_split(mlp.gate_up_fused, [mlp.gate_proj, mlp.up_proj])
+                gate_up, up = _fused_or_split(mlp.gate_up_fused, [mlp.gate_proj, mlp.up_proj], 1)
                 projs += [gate_up, _proj(mlp.down_proj)]
-                up_split = up_split or [_Proj()]
             else:
                 return None
-            if any(p is None for p in projs) or split is None or up_split is None:
+            if any(p is None for p in [*projs, *kv, *up]):
                 return None
             layers.append(_Layer(dl.input_layernorm.weight.data_ptr(), dl.post_attention_layernorm.weight.data_ptr(),
-                                 *projs, *(split or [_Proj(), _Proj()]), *up_split, kc.data_ptr(), vc.data_ptr(), qk,
+                                 *projs, *kv, *up, kc.data_ptr(), vc.data_ptr(), qk,
                                  attn.q_norm.weight.data_ptr() if qk else None,
                                  attn.k_norm.weight.data_ptr() if qk else None,
                                  float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))
