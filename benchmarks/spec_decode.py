@@ -42,6 +42,17 @@ def repetitive_prompts(num: int = 3) -> list[str]:
     return [f"{s[:600]}\n\n{s[:120]}" for s in stories]
 
 
+
+def decode_to_end(eng, outputs: list) -> tuple[float, int]:
+    """Steps the engine until its requests finish, appending finished token ids to `outputs`; (seconds, steps)."""
+    steps, t0 = 0, time.perf_counter()
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                outputs.append(out.outputs[0].token_ids)
+        steps += 1
+    return time.perf_counter() - t0, steps
+
 def run_engine(path: str, prompts: list[str], max_tokens: int, spec, slots, threads: int, dtype: str) -> dict:
     """One configuration in this (fresh) interpreter: decode tokens/s over the prompts, one at a time."""
     from strata import LLM, SamplingParams
@@ -68,13 +79,9 @@ def run_engine(path: str, prompts: list[str], max_tokens: int, spec, slots, thre
     for prompt in prompts:
         eng.add_request(prompt, params)
         eng.step()  # prefill and the first token: not decode
-        t0 = time.perf_counter()
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished:
-                    outputs.append(out.outputs[0].token_ids)
-            steps += 1
-        decode_s += time.perf_counter() - t0
+        seconds, n_steps = decode_to_end(eng, outputs)
+        decode_s += seconds
+        steps += n_steps
         decoded += max_tokens - 1
     row = {"decode_tok_s": decoded / decode_s, "target_steps": steps, "outputs": outputs,
            "expert_slots": eng.tiers.cache.num_slots if eng.tiers and eng.tiers.cache else None}

@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.child import run_child
 from benchmarks.offload import TRACE, _prompt, evict
+from benchmarks.spec_decode import decode_to_end
 
 ROUTING = TRACE.parent / "humaneval_2_routing.jsonl"  # Mixtral generating HumanEval/0 and /1
 OUTPUTS = TRACE.parent / "humaneval_full_outputs.jsonl"  # Mixtral's completions of every HumanEval prompt
@@ -86,13 +86,9 @@ def run_offloaded(path: str, slots: int, spec: dict | None, prompts: list[list[i
             forced[rid] = (len(prompt), outputs[r])
         eng.step()  # prefill + first token
         before = before or eng.tier_stats()
-        t0 = time.perf_counter()
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                if o.finished:
-                    texts.append(o.outputs[0].token_ids)
-            steps += 1
-        seconds += time.perf_counter() - t0
+        took, n_steps = decode_to_end(eng, texts)
+        seconds += took
+        steps += n_steps
         n += max_tokens - 1
     after = eng.tier_stats()
     row = {"decode_tok_s": n / seconds, "target_steps": steps, "output": texts, "slots": after["expert_cache_slots"],
