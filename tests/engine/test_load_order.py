@@ -23,5 +23,5 @@ def test_tokenizer_loads_before_the_budget_plan(monkeypatch):
 
     monkeypatch.setattr(llm_engine, "Tokenizer", tok)
     monkeypatch.setattr(llm_engine, "load_model_tiered", tiered)
-    engine = LLMEngine(EngineConfig(model=llm_engine.BUNDLED_MODEL, memory_budget=1 << 30), progress=False)
+    engine = LLMEngine(EngineConfig(model=llm_engine.BUNDLED_MODEL, memory_budget=64 << 30), progress=False)
     assert order == ["tokenizer", "model"] and engine.tokenizer is not None
