@@ -14,28 +14,6 @@
 
 #define PAR_MIN_ATTN (1 << 20) /* below this many q.k multiply-adds one thread is faster than a fork/join */
 
-/* v[i] holds 16 partial sums of key i; returns the vector whose lane i is the full sum of v[i]. Four levels of
- * pairwise (permute, permute, add): each halves the partials per key and doubles the keys per vector. */
-static inline __m512 sum16(__m512 v[16]) {
-    static const int lo[4][16] = {
-        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-        {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
-        {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
-        {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-    };
-    static const int step[4] = {8, 4, 2, 1};
-    int n = 16;
-    for (int l = 0; l < 4; l++) {
-        __m512i il = _mm512_loadu_si512(lo[l]);
-        __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(step[l]));
-        for (int i = 0; i < n / 2; i++)
-            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], il, v[2 * i + 1]),
-                                 _mm512_permutex2var_ps(v[2 * i], ih, v[2 * i + 1]));
-        n /= 2;
-    }
-    return v[0];
-}
-
 /* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
  * number of 16-lane vectors covering D) is a compile-time constant at every call, so the accumulators stay in
  * registers. */
@@ -104,12 +82,26 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
 
 static void attend_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
                             const int64_t *sl, int64_t n, float scale, float *p, uint16_t *out) {
-    if (D <= 64)
+    if (D <= 32) /* two vectors cover the head: no V work on lanes past D (the bundled model's D = 32) */
+        attend_head(2, qh, D, kc, vc, row, sl, n, scale, p, out);
+    else if (D <= 64)
         attend_head(4, qh, D, kc, vc, row, sl, n, scale, p, out);
     else if (D <= 128)
         attend_head(8, qh, D, kc, vc, row, sl, n, scale, p, out);
     else
         attend_head(16, qh, D, kc, vc, row, sl, n, scale, p, out);
+}
+
+/* the query heads of KV head sk % Hkv of sequence sk / Hkv (p: scratch of the longest context) */
+static void attend_group(const uint16_t *q, int64_t sk, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
+                         const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale, float *p,
+                         uint16_t *out) {
+    const int64_t s = sk / Hkv, kvh = sk % Hkv, G = Hq / Hkv, row = Hkv * D;
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t h = kvh * G + g;
+        attend_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
+                        starts[s + 1] - starts[s], scale, p, out + (s * Hq + h) * D);
+    }
 }
 
 /* out[s, h, :] = softmax_k(q[s, h] . K[slot_k, h / G] * scale) @ V[slot_k, h / G] for every sequence s and
@@ -120,25 +112,24 @@ static void attend_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, c
 void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                            const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
                            uint16_t *out) {
-    const int64_t G = Hq / Hkv, row = Hkv * D;
     int64_t max_ctx = 0, work = 0;
     for (int64_t s = 0; s < S; s++) {
         int64_t n = starts[s + 1] - starts[s];
         max_ctx = n > max_ctx ? n : max_ctx;
         work += n;
     }
-#pragma omp parallel if (work * Hq * D > PAR_MIN_ATTN)
-    {
-        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
+if (work * Hq * D > PAR_MIN_ATTN) {
+#pragma omp parallel
+        {
+            float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
 #pragma omp for schedule(static)
-        for (int64_t sk = 0; sk < S * Hkv; sk++) {
-            const int64_t s = sk / Hkv, kvh = sk % Hkv;
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t h = kvh * G + g;
-                attend_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
-                            starts[s + 1] - starts[s], scale, p, out + (s * Hq + h) * D);
-            }
+            for (int64_t sk = 0; sk < S * Hkv; sk++)
+                attend_group(q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
+            free(p);
         }
+    } else { /* one thread, without entering the OpenMP runtime (PAR_FOR in quant_cpu.h says why) */
+        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
+        for (int64_t sk = 0; sk < S * Hkv; sk++) attend_group(q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
         free(p);
     }
 }

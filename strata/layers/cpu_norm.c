@@ -10,8 +10,7 @@
  * x, res, res_out, out bf16 [T, H]; w bf16 [H]. res_out may alias res. */
 void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, int64_t T, int64_t H, float eps,
                    uint16_t *out, uint16_t *res_out) {
-#pragma omp parallel for schedule(static) if (T * H > (1 << 16))
-    for (int64_t t = 0; t < T; t++) {
+    PAR_FOR(T * H > (1 << 16), t, T, {
         const uint16_t *xr = x + t * H;
         __m512 ss = _mm512_setzero_ps();
         for (int64_t k = 0; k < H; k += 16) {
@@ -31,5 +30,5 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, in
             __m512 y = _mm512_mul_ps(h, bf16x16_load(w + k, m));
             _mm256_mask_storeu_epi16(out + t * H + k, m, (__m256i)_mm512_cvtneps_pbh(y));
         }
-    }
+    });
 }

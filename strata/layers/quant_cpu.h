@@ -56,7 +56,43 @@ static inline void store_out(uint16_t *y, int64_t ldy, int m, int64_t n, float v
     y[m * ldy + n] = f32_to_bf16(bias ? v + bias[n] : v);
 }
 
+/* for (i = 0; i < n; i++) BODY, by an OpenMP team when par is nonzero, else as a plain loop. `omp parallel for
+ * if (0)` still enters the OpenMP runtime (a team of one, about 0.5 us a call): a decode step of a small model
+ * makes hundreds of such calls, whose work is a few microseconds each. */
+#define PAR_FOR(par, i, n, ...)                                                                                 \
+    do {                                                                                                        \
+        if (par) {                                                                                              \
+            _Pragma("omp parallel for schedule(static)") for (int64_t i = 0; i < (n); i++) __VA_ARGS__          \
+        } else {                                                                                                \
+            for (int64_t i = 0; i < (n); i++) __VA_ARGS__                                                       \
+        }                                                                                                       \
+    } while (0)
+
 /* ---------------------------------------------------------------- shared helpers */
+
+/* v[i] holds 16 partial sums of key i; returns the vector whose lane i is the full sum of v[i]. Four levels of
+ * pairwise (permute, permute, add): each halves the partials per key and doubles the keys per vector. Lane j is
+ * added to lane j + 8, then j + 4, j + 2, j + 1: the order of _mm512_reduce_add_ps, so each sum is the one it
+ * gives, for a third of its instructions. */
+static inline __m512 sum16(__m512 v[16]) {
+    static const int lo[4][16] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+        {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+        {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+    };
+    static const int step[4] = {8, 4, 2, 1};
+    int n = 16;
+    for (int l = 0; l < 4; l++) {
+        __m512i il = _mm512_loadu_si512(lo[l]);
+        __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(step[l]));
+        for (int i = 0; i < n / 2; i++)
+            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], il, v[2 * i + 1]),
+                                 _mm512_permutex2var_ps(v[2 * i], ih, v[2 * i + 1]));
+        n /= 2;
+    }
+    return v[0];
+}
 
 static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
 
