@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -101,6 +102,10 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
             if engine.tokenizer is None:
                 raise ConfigError(f"--chat-template: {model} has no tokenizer.json to apply it to")
             engine.tokenizer.chat_template = template
+        # the model, tokenizer and modules live as long as this process: out of the collector's generations, the
+        # collections that each step's outputs trigger no longer walk them (vLLM's server does the same)
+        gc.collect()
+        gc.freeze()
         return engine
 
     stream_interval_ms = getattr(args, "stream_interval_ms", 0.0)

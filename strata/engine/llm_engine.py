@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,9 @@ class LLMEngine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
         self._ids = itertools.count()
+        # called by step() right before the model runs (the server wakes its event loop there, so that the loop's
+        # Python runs while the forward's native code holds no GIL)
+        self.before_forward: Callable[[], None] | None = None
         self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
 
     # ---- requests ------------------------------------------------------------------------------
@@ -262,6 +266,8 @@ class LLMEngine:
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
         if self.tiers is not None:
             self.tiers.label_rows(batch.row_labels())  # routing record / replay key each row by request
+        if self.before_forward is not None:
+            self.before_forward()
         logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
         for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]

@@ -81,6 +81,7 @@ class AsyncEngine:
         self._load = {"num_free_blocks": 0, "num_running": 0, "num_waiting": 0}
         self._unscheduled: set[str] = set()  # tracked requests not yet in a step (engine thread)
         self._last_publish = 0.0  # time.monotonic() of the last full gauge publish (engine thread)
+        self._forwarded = False  # the step in progress has run the model (engine thread)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -172,6 +173,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self.engine = self._factory()
+            self.engine.before_forward = self._before_forward
             self._publish_gauges()
             self.engine.isolate_sampling_failures()
             self._ready = True  # after the first gauges: a caller that sees it ready sees them
@@ -204,8 +206,11 @@ class AsyncEngine:
             if not self.engine.has_unfinished_requests():
                 continue
             t0 = time.monotonic()
+            self._forwarded = False
             try:
                 outputs = self.engine.step()
+                if not self._forwarded:  # no forward to overlap with: the outputs due go now
+                    self.outputs.wake_due()
                 failures = 0
             except Exception as e:
                 failures += 1
@@ -218,6 +223,10 @@ class AsyncEngine:
                         from e
                 continue
             self._after_step(outputs, t0)
+
+    def _before_forward(self) -> None:
+        self._forwarded = True
+        self.outputs.wake_due()
 
     def _drain_commands(self, block: bool) -> None:
         if not block and self._cmds.empty():  # the usual case between two steps: no exception raised and caught

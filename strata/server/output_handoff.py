@@ -2,8 +2,11 @@
 
 A wake-up of the event loop hands the GIL to it: on a fast step that costs as much as the step, so steady
 outputs go out at most once per stream interval (they pile up here, and the streams merge them into one chunk);
-urgent ones (a first token, a finished request, an error) and every output once the interval has passed wake the
-loop at once. Only one wake is in flight: later steps add to the pending list the loop has yet to take.
+urgent ones (a first token, a finished request, an error) wake the loop at once. Steady outputs whose interval has
+passed wait for `wake_due()`, which the engine thread calls right before the next forward: the loop's Python (SSE
+chunks, sends) then runs while the forward's native code holds no GIL, instead of stalling the engine thread's own
+Python between two forwards. Only one wake is in flight: later steps add to the pending list the loop has yet to
+take.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class OutputHandoff:
         self._lock = threading.Lock()
         self._pending: list[tuple[RequestStream, object]] = []  # outputs the event loop has yet to take
         self._wake_pending = False  # a _take_pending is scheduled on the loop
+        self._wake_due = False  # the interval has passed with outputs pending: wake_due() wakes the loop
         self._last_wake = 0.0  # time.monotonic() when the loop was last woken for outputs
 
     def deliver(self, stream: RequestStream, item) -> None:
@@ -29,25 +33,45 @@ class OutputHandoff:
         self.deliver_all([(stream, item)], urgent=True)
 
     def deliver_all(self, items: list[tuple[RequestStream, object]], urgent: bool = False) -> None:
-        """(engine thread) Outputs to the event loop, at once when `urgent` or the interval has passed."""
+        """(engine thread) Outputs to the event loop: at once when `urgent`, at the next wake_due() once the
+        interval has passed."""
         with self._lock:
             self._pending.extend(items)
             if self._wake_pending or not self._pending:
                 return
-            now = time.monotonic()
-            if not urgent and now - self._last_wake < self.stream_interval:
-                return  # a later step, or the engine going idle (flush), wakes the loop
-            self._wake_pending = True
-            self._last_wake = now
-        try:
-            self.loop.call_soon_threadsafe(self._take_pending)
-        except RuntimeError:  # the event loop is closed (shutdown)
-            pass
+            if not urgent:
+                # a later step's wake_due(), or the engine going idle (flush), wakes the loop
+                self._wake_due = time.monotonic() - self._last_wake >= self.stream_interval
+                return
+            self._claim_wake()
+        self._wake()
+
+    def wake_due(self) -> None:
+        """(engine thread, right before a forward) Wakes the loop when outputs have waited for an interval."""
+        if not self._wake_due:
+            return
+        with self._lock:
+            self._wake_due = False
+            if not self._pending or self._wake_pending:
+                return
+            self._claim_wake()
+        self._wake()
 
     def flush(self) -> None:
         """(engine thread) Wakes the loop for the outputs still pending (the engine is about to wait)."""
         if self._pending:
             self.deliver_all([], urgent=True)
+
+    def _claim_wake(self) -> None:
+        """(self._lock held) Marks the one wake in flight."""
+        self._wake_pending, self._wake_due = True, False
+        self._last_wake = time.monotonic()
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._take_pending)
+        except RuntimeError:  # the event loop is closed (shutdown)
+            pass
 
     def _take_pending(self) -> None:
         """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""

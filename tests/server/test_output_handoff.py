@@ -1,0 +1,83 @@
+"""OutputHandoff: urgent outputs wake the event loop at once; steady ones whose interval has passed wait for the
+engine thread's wake_due() (called right before a forward), or for flush() when the engine goes idle; one wake is
+in flight at a time and the streams get every item in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+from strata.server.output_handoff import OutputHandoff
+from strata.server.request_stream import RequestStream
+
+
+class _Owner:
+    def abort(self, request_id: str) -> None:
+        pass
+
+
+class _Loop:
+    """Records call_soon_threadsafe instead of running it (the test plays the event loop)."""
+
+    def __init__(self):
+        self.scheduled = []
+
+    def call_soon_threadsafe(self, fn, *args):
+        self.scheduled.append((fn, args))
+
+    def run(self) -> None:
+        todo, self.scheduled = self.scheduled, []
+        for fn, args in todo:
+            fn(*args)
+
+
+def _handoff(interval_s: float) -> tuple[OutputHandoff, _Loop, RequestStream]:
+    async def make_stream():  # asyncio.Queue binds no loop until used, but build it inside one anyway
+        return RequestStream(_Owner(), "r", None)
+
+    h = OutputHandoff(interval_s)
+    h.loop = loop = _Loop()
+    return h, loop, asyncio.run(make_stream())
+
+
+def _taken(stream: RequestStream) -> list:
+    items = []
+    while not stream.queue.empty():
+        items.append(stream.queue.get_nowait())
+    return items
+
+
+def test_steady_outputs_wait_for_the_next_forward_once_the_interval_passed():
+    h, loop, stream = _handoff(0.0)  # every step's outputs are due
+    h.deliver_all([(stream, "a")])
+    assert loop.scheduled == []  # due, but the loop is woken right before the next forward, not here
+    h.wake_due()
+    assert len(loop.scheduled) == 1
+    h.deliver_all([(stream, "b")])  # a wake is in flight: b joins the pending list it will take
+    h.wake_due()
+    assert len(loop.scheduled) == 1
+    loop.run()
+    assert _taken(stream) == ["a", "b"]
+    h.wake_due()  # nothing pending: no wake
+    assert loop.scheduled == []
+
+
+def test_outputs_within_the_interval_are_not_due_until_flush():
+    h, loop, stream = _handoff(1e9)
+    h.deliver_all([(stream, "first")], urgent=True)  # a first token goes at once
+    assert len(loop.scheduled) == 1
+    loop.run()
+    h.deliver_all([(stream, "x")])
+    h.wake_due()
+    assert loop.scheduled == []  # the interval has not passed
+    h.flush()  # the engine goes idle
+    loop.run()
+    assert _taken(stream) == ["first", "x"]
+
+
+def test_urgent_output_goes_at_once_behind_the_pending_ones():
+    h, loop, stream = _handoff(0.0)
+    h.deliver_all([(stream, "a")])
+    h.deliver(stream, "end")
+    assert len(loop.scheduled) == 1
+    loop.run()
+    assert _taken(stream) == ["a", "end"]
