@@ -123,7 +123,8 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
                                        for f in dataclasses.fields(MigrationConfig)})
         engine = ReplicaRouter(config, dp, args.ray_address, metrics, request_timeout=args.request_timeout,
                                chat_template=template, on_load_failure=on_load_failure,
-                               pd_disaggregation=args.pd_disaggregation, migration=migration)
+                               pd_disaggregation=args.pd_disaggregation, migration=migration,
+                               stream_interval_ms=stream_interval_ms)
     else:
         engine = AsyncEngine(make_engine, metrics, max_queued_requests=args.max_queued_requests,
                              request_timeout=args.request_timeout, on_load_failure=on_load_failure,

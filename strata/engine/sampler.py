@@ -2,11 +2,11 @@
 sampling with the sequence's own generator (so a seed reproduces whatever the batch).
 
 The batch is sampled at once: processors run only on the rows that need them, then temperature, top-k, min-p
-and top-p apply to all sampled rows as [N, V] tensor operations with per-row parameters, and one argmax picks
-every row's token. A sampled row draws as torch.multinomial(probs, 1, generator) does (an Exp(1) noise vector
-from the row's own generator, the global one without a seed, then argmax(probs / noise)), so seeded requests
-get the same tokens as with one multinomial call per row (tests/engine/test_sampler.py checks it against
-multinomial).
+and top-p apply to all sampled rows as [N, V] tensor operations with per-row parameters. A sampled row draws by
+inverse CDF: one uniform u in [0, 1) from the row's own generator (the global one without a seed) and the first
+token whose cumulative weight exceeds u times the row's total. That takes one random number per row where
+torch.multinomial's Exp(1) noise takes one per vocabulary entry (on a 49k vocabulary, 16 rows: 0.7 ms against
+12.7 ms on one core), and gives each row the same token whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def sample_token(logits: torch.Tensor, seq: Sequence) -> int:
     """logits [V] (processed) -> token id."""
     if seq.params.is_greedy:
         return int(torch.argmax(logits))
-    return int(torch.multinomial(sampling_probs(logits, seq.params), 1, generator=seq.generator))
+    return int(draw(sampling_probs(logits, seq.params)[None], [seq])[0])
 
 
 def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -118,17 +118,25 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
 
 
 def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """probs [N, V] -> one token per row [N], each row as torch.multinomial(probs[i], 1, seq.generator)."""
+    """probs [N, V] (unnormalized weights) -> one token per row [N]: the first token whose cumulative weight
+    exceeds u x the row's total, u uniform in [0, 1) from the row's generator; the unseeded rows take theirs
+    in one call on the global generator, in batch order."""
     if not bool((probs >= 0).all() & (probs.sum(-1) > 0).all()):
         raise ValueError("invalid sampling distribution (negative weights or all zero)")
-    noise = torch.empty_like(probs)  # [N, V]
+    cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [N, V]
+    u = torch.empty(probs.shape[0], 1, dtype=torch.float64)  # [N, 1]
     unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-    if unseeded:  # one call: it draws what one call per row in batch order draws from the global generator
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype).exponential_(1)
-    for row, seq in zip(noise, seqs):
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64)
+    for i, seq in enumerate(seqs):
         if seq.generator is not None:
-            row.exponential_(1, generator=seq.generator)
-    return torch.argmax(probs / noise, dim=-1)  # [N]
+            u[i] = torch.rand(1, dtype=torch.float64, generator=seq.generator)
+    tokens = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)  # [N, 1]
+    zero = probs.gather(1, tokens)[:, 0] <= 0  # u x total rounded up to the total: past the last weight
+    if bool(zero.any()):
+        last = probs.shape[1] - 1 - torch.argmax((probs[zero] > 0).flip(-1).to(torch.int8), dim=-1)  # [Z]
+        tokens[zero, 0] = last
+    return tokens[:, 0]  # [N]
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:

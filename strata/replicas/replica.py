@@ -23,7 +23,7 @@ from strata.engine.sampling_params import SamplingParams
 class EngineReplica:
     """The Ray actor class (router.py wraps it with ray.remote)."""
 
-    def __init__(self, fields: dict, template: str | None = None):
+    def __init__(self, fields: dict, template: str | None = None, stream_interval_ms: float = 0.0):
         from strata.engine.llm_engine import LLMEngine
         from strata.server.async_engine import AsyncEngine
 
@@ -35,7 +35,8 @@ class EngineReplica:
                 engine.tokenizer.chat_template = template
             return engine
 
-        self.engine = AsyncEngine(make_engine)
+        # outputs reach `generate` (and Ray's stream to the router) at most once per interval, merged
+        self.engine = AsyncEngine(make_engine, stream_interval_ms=stream_interval_ms)
         self._streams: dict[str, object] = {}  # router request id -> this replica's RequestStream
         self._staged: dict[str, object] = {}  # router request id -> pre-copied KV (migration_staging.StagedKV)
 

@@ -108,13 +108,14 @@ class ReplicaRouter:
     def __init__(self, config: EngineConfig, num_replicas: int, ray_address: str | None = None,
                  metrics: EngineMetrics | None = None, request_timeout: float | None = None,
                  chat_template: str | None = None, on_load_failure=None, pd_disaggregation: bool = False,
-                 migration: MigrationConfig | None = None):
+                 migration: MigrationConfig | None = None, stream_interval_ms: float = 0.0):
         if config.tensor_parallel_size > 1:
             raise ConfigError("--data-parallel-size > 1 with --tensor-parallel-size > 1 is not supported yet")
         if pd_disaggregation and num_replicas < 2:
             raise ConfigError("--pd-disaggregation needs --data-parallel-size >= 2 (prefill and decode replicas)")
         self.config, self.num_replicas, self.ray_address = config, num_replicas, ray_address
         self.pd_disaggregation = pd_disaggregation
+        self.stream_interval_ms = stream_interval_ms  # each replica's hand-off of outputs (serve's --stream-interval-ms)
         self.migration = migration or MigrationConfig()
         self.migration.check()
         self._policy_task: asyncio.Task | None = None
@@ -173,7 +174,8 @@ class ReplicaRouter:
         fields = dataclasses.asdict(self.config)
         threads = self.config.num_threads or 1
         self.replicas = [_Replica(i, actor_cls.options(num_cpus=0, max_concurrency=1000).remote(
-            {**fields, "num_threads": threads}, self.template)) for i in range(self.num_replicas)]
+            {**fields, "num_threads": threads}, self.template, self.stream_interval_ms))
+            for i in range(self.num_replicas)]
         infos = await asyncio.gather(*(r.actor.start.remote() for r in self.replicas))
         for r, info in zip(self.replicas, infos, strict=True):
             r.info = info

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from strata.engine.sampler import Sampler, process_logits, sample_token
+from strata.engine.sampler import Sampler, draw, process_logits, sample_token
 from strata.engine.sampling_params import MAX_PENALTY, MIN_TEMPERATURE, SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import InvalidRequestError, WeightsError
@@ -94,7 +94,7 @@ def _mixed_batch(seeded: bool) -> list[Sequence]:
 
 def _reference_token(logits: torch.Tensor, seq: Sequence) -> int:
     """One row as the sampler did it before it sampled whole batches: processors, temperature, top-k, softmax,
-    min-p, top-p, then torch.multinomial with the row's generator."""
+    min-p, top-p, then one uniform from the row's generator walked along the weights in plain Python."""
     p = seq.params
     logits = process_logits(logits, seq, [4])
     if p.is_greedy:
@@ -110,13 +110,20 @@ def _reference_token(logits: torch.Tensor, seq: Sequence) -> int:
         cum = torch.cumsum(sorted_probs, dim=-1)
         sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > p.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    u = float(torch.rand(1, dtype=torch.float64, generator=seq.generator))
+    weights = probs.double().tolist()
+    target, acc = u * sum(weights), 0.0
+    for tok, w in enumerate(weights):
+        acc += w
+        if w > 0 and acc > target:
+            return tok
+    return max(t for t, w in enumerate(weights) if w > 0)
 
 
 @pytest.mark.parametrize("seeded", [True, False])
-def test_batched_sampling_equals_one_multinomial_per_row(seeded):
-    """The whole-batch sampler picks the tokens that the per-row reference (one torch.multinomial per row with
-    the row's generator) picks, for a batch of mixed parameters over many steps; unseeded rows draw
+def test_batched_sampling_equals_one_draw_per_row(seeded):
+    """The whole-batch sampler picks the tokens that the per-row reference (one uniform per row from the row's
+    generator) picks, for a batch of mixed parameters over many steps; unseeded rows draw
     from the global generator in the same order."""
     torch.manual_seed(1)
     steps = [torch.randn(len(MIXED), 300) * 3 for _ in range(12)]  # [N, V] per step
@@ -138,3 +145,27 @@ def test_batched_sampling_equals_one_multinomial_per_row(seeded):
         want.append(toks)
     assert got == want
     assert len({tuple(g[1:]) for g in got}) > 1  # the sampled rows did vary
+
+
+def test_draw_frequencies_follow_the_weights():
+    """20,000 draws of one row land on each token as often as its weight says (within 4 sigma), and never on a
+    token of weight zero, with the weights unnormalized (as top-p leaves them)."""
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 0.0])  # total 7
+    n = 20_000
+    torch.manual_seed(3)
+    got = draw(weights.expand(n, -1), [Sequence("r", [0], SamplingParams(), index=0)] * n)
+    counts = torch.bincount(got, minlength=8).double()
+    p = weights.double() / weights.sum()
+    assert counts[p == 0].sum() == 0
+    sigma = (n * p * (1 - p)).sqrt()
+    assert bool(((counts - n * p).abs() <= 4 * sigma + 1e-9).all()), counts.tolist()
+
+
+def test_draw_at_the_ends_of_the_unit_interval(monkeypatch):
+    """u = 0 takes the first token of positive weight, and u x total rounded up to the total (u = 1 here) the
+    last one, never a zero-weight token before or after them."""
+    weights = torch.tensor([[0.0, 0.0, 1e-3, 5.0, 1e-3, 0.0, 0.0]])
+    seq = [Sequence("r", [0], SamplingParams(), index=0)]
+    for u, want in ((0.0, 2), (1.0, 4)):
+        monkeypatch.setattr(torch, "rand", lambda *a, _u=u, **k: torch.full((1, 1), _u, dtype=torch.float64))
+        assert int(draw(weights, seq)[0]) == want
