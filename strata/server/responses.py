@@ -83,6 +83,7 @@ class RequestContext:
         self.object = "chat.completion" if is_chat else "text_completion"
         self.finals: dict[int, object] = {}
         self.tool_parser = None  # a ToolParser when the reply may call tools (strata/server/tool_parsers.py)
+        self._envelope: tuple[str, str] | None = None  # see _text_chunk
 
     def abort_all(self) -> None:
         for s in self.streams:
@@ -168,6 +169,23 @@ class RequestContext:
             body["usage"] = self.usage() if usage else None
         return f"data: {_dumps(body)}\n\n"
 
+    def _text_chunk(self, index: int, text: str, finish: str | None) -> str:
+        """_chunk([_choice(index, text, finish=finish)]), the same bytes, for the chunks of every token (no
+        logprobs, no per-chunk usage): the fields every chunk repeats are encoded once per request."""
+        if self._envelope is None:
+            head = _dumps({"id": self.id, "object": self.object + (".chunk" if self.is_chat else ""),
+                           "created": self.created, "model": self.s.model_name, "choices": []})[:-2]  # ends "["
+            opts = self.req.stream_options
+            usage = ',"usage":null' if opts is not None and opts.include_usage else ""
+            self._envelope = (f"data: {head}", f"]{usage}}}\n\n")
+        if self.is_chat:
+            body = f'"delta":{{"content":{_dumps(text)}}}' if text else '"delta":{}'
+        else:
+            body = f'"text":{_dumps(text)}'
+        reason = "null" if finish is None else _dumps(finish)
+        head, tail = self._envelope
+        return f'{head}{{"index":{index},{body},"logprobs":null,"finish_reason":{reason}}}{tail}'
+
     def _choice(self, index: int, text: str | None, role=False, logprobs=None, finish=None) -> dict:
         if self.is_chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
@@ -208,6 +226,8 @@ class RequestContext:
         # with echo and logprobs the echo chunk waits for the prompt logprobs (the first engine output)
         echo_pending = set(range(len(self.prompts))) if self.echo_logprobs else set()
         tools = [ToolCallStreamer(self.tool_parser) for _ in range(num_choices)] if self.tool_parser else None
+        opts = self.req.stream_options
+        per_chunk_usage = opts is not None and opts.continuous_usage_stats
         try:
             for idx in range(num_choices):
                 if self.is_chat:
@@ -236,6 +256,8 @@ class RequestContext:
                     if tools is not None:
                         for chunk in self._tool_chunks(tools[idx], idx, o.text, lp, finish):
                             yield chunk
+                    elif lp is None and not per_chunk_usage and (o.delta or finish):
+                        yield self._text_chunk(idx, o.delta, finish)
                     elif o.delta or finish or lp:
                         yield self._chunk([self._choice(idx, o.delta, logprobs=lp, finish=finish)])
                     if finish:
