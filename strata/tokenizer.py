@@ -121,7 +121,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # the incremental detokenizer calls this twice per generated token: no copy of a list, no keyword argument
+        return self.tok.decode(ids if type(ids) is list else list(ids), skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
         return self.tok.id_to_token(i)
