@@ -27,12 +27,12 @@
     default: CALL(8); break;                                                                                    \
     }
 
-/* out[r][m] = sum_k x[m, k] * w[r, k] for R consecutive weight rows; x rows are zero-padded to whole chunks of
- * 32, so only the weight load of the last chunk is masked. U chains per (row, x row) hide the vdpbf16ps
- * latency when R * mb is small. */
-static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int U, const uint16_t *w, int64_t K,
-                                                             const uint16_t *xh, int64_t ldx, float out[][MB16]) {
-    __m512 acc[RB][MB16][2];
+/* acc[r][m][u]: U partial sums (16 lanes each) of sum_k x[m, k] * w[r, k] for R consecutive weight rows; x rows are
+ * zero-padded to whole chunks of 32, so only the weight load of the last chunk is masked. U chains per (row, x row)
+ * hide the vdpbf16ps latency when R * mb is small. */
+static inline __attribute__((always_inline)) void rows_acc16(int mb, int R, int U, const uint16_t *w, int64_t K,
+                                                             const uint16_t *xh, int64_t ldx,
+                                                             __m512 acc[RB][MB16][2]) {
     for (int r = 0; r < R; r++)
         for (int m = 0; m < mb; m++)
             for (int u = 0; u < U; u++) acc[r][m][u] = _mm512_setzero_ps();
@@ -59,14 +59,13 @@ static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int 
                 acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xh + m * ldx + k));
         }
     }
-    if (U == 1 && R * mb > 1) { /* all sums through one transpose tree: the same sums, fewer instructions */
-        __m512 v[16];
-        float sums[16];
-        for (int i = 0; i < 16; i++) v[i] = i < R * mb ? acc[i / mb][i % mb][0] : _mm512_setzero_ps();
-        _mm512_storeu_ps(sums, sum16(v));
-        for (int i = 0; i < R * mb; i++) out[i / mb][i % mb] = sums[i];
-        return;
-    }
+}
+
+/* out[r][m] = sum_k x[m, k] * w[r, k] for R consecutive weight rows (rows_acc16, each sum reduced on its own) */
+static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int U, const uint16_t *w, int64_t K,
+                                                             const uint16_t *xh, int64_t ldx, float out[][MB16]) {
+    __m512 acc[RB][MB16][2];
+    rows_acc16(mb, R, U, w, K, xh, ldx, acc);
     for (int r = 0; r < R; r++)
         for (int m = 0; m < mb; m++) {
             __m512 t = acc[r][m][0];
@@ -75,13 +74,58 @@ static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int 
         }
 }
 
+/* The R * mb <= 16 sums of rows_dot16 (one chain each) as one vector, lane m * R + r: one transpose tree reduces
+ * them all (the same sums as _mm512_reduce_add_ps, for a third of its instructions), and each x row's R outputs
+ * are neighbours, stored together. */
+static inline __attribute__((always_inline)) __m512 rows_dot16_packed(int mb, int R, const uint16_t *w, int64_t K,
+                                                                      const uint16_t *xh, int64_t ldx) {
+    __m512 acc[RB][MB16][2], v[16];
+    rows_acc16(mb, R, 1, w, K, xh, ldx, acc);
+    for (int i = 0; i < 16; i++) v[i] = i < R * mb ? acc[i % R][i / R][0] : _mm512_setzero_ps();
+    return sum16(v);
+}
+
+/* y[m0 + m, n0 + r] = s[m * R + r] (+ bias[n0 + r]) for m < mb, r < R: fp32, or rounded to bf16 (nearest even) */
+static inline __attribute__((always_inline)) void store_packed(__m512 s, int mb, int R, int64_t m0, int64_t n0,
+                                                               int64_t N, const float *bias, void *y,
+                                                               int64_t out_f32) {
+    if (bias) {
+        float b[16];
+        for (int i = 0; i < 16; i++) b[i] = bias[n0 + i % R];
+        s = _mm512_add_ps(s, _mm512_loadu_ps(b));
+    }
+    if (out_f32) {
+        float t[16];
+        _mm512_storeu_ps(t, s);
+        for (int m = 0; m < mb; m++) memcpy((float *)y + (m0 + m) * N + n0, t + m * R, sizeof(float) * R);
+    } else {
+        uint16_t t[16];
+        _mm256_storeu_si256((__m256i *)t, (__m256i)_mm512_cvtneps_pbh(s));
+        for (int m = 0; m < mb; m++) memcpy((uint16_t *)y + (m0 + m) * N + n0, t + m * R, sizeof(uint16_t) * R);
+    }
+}
+
 /* the weight rows [blk * RB, +RB) (fewer at the end) of gemv_bf16 for the mb x rows in xh, into y's rows m0.. */
 static void gemv16_block(int64_t blk, int mb, int64_t m0, int64_t K, const uint16_t *xh, int64_t ldx,
                          const uint16_t *w, int64_t N, const float *bias, void *y, int64_t out_f32) {
     int64_t n0 = blk * RB;
     int rows = N - n0 < RB ? (int)(N - n0) : RB;
-    float r[RB][MB16];
     const uint16_t *wr = w + n0 * K;
+    if (rows == RB && mb > 1) { /* whole blocks of several x rows: packed sums, stored a row's outputs at a time */
+        if (mb <= MB) {
+#define BLOCK(MBC) store_packed(rows_dot16_packed(MBC, RB, wr, K, xh, ldx), MBC, RB, m0, n0, N, bias, y, out_f32)
+            SWITCH_MB(mb, BLOCK);
+#undef BLOCK
+        } else { /* 5..8 x rows: two pairs of weight rows */
+#define PAIRS(MBC)                                                                                              \
+    store_packed(rows_dot16_packed(MBC, 2, wr, K, xh, ldx), MBC, 2, m0, n0, N, bias, y, out_f32),              \
+        store_packed(rows_dot16_packed(MBC, 2, wr + 2 * K, K, xh, ldx), MBC, 2, m0, n0 + 2, N, bias, y, out_f32)
+            SWITCH_MB8(mb, PAIRS);
+#undef PAIRS
+        }
+        return;
+    }
+    float r[RB][MB16];
     if (rows < RB) { /* the last rows, one at a time */
         for (int i = 0; i < rows; i++) {
             float r1[1][MB16];
@@ -90,14 +134,8 @@ static void gemv16_block(int64_t blk, int mb, int64_t m0, int64_t K, const uint1
 #undef ONE_ROW
             for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
         }
-    } else if (mb <= MB) {
-#define BLOCK(MBC) rows_dot16(MBC, RB, MBC == 1 ? 2 : 1, wr, K, xh, ldx, r)
-        SWITCH_MB(mb, BLOCK);
-#undef BLOCK
-    } else { /* 5..8 x rows: two pairs of weight rows */
-#define PAIRS(MBC) rows_dot16(MBC, 2, 1, wr, K, xh, ldx, r), rows_dot16(MBC, 2, 1, wr + 2 * K, K, xh, ldx, r + 2)
-        SWITCH_MB8(mb, PAIRS);
-#undef PAIRS
+    } else { /* one x row */
+        rows_dot16(1, RB, 2, wr, K, xh, ldx, r);
     }
     for (int i = 0; i < rows; i++)
         for (int m = 0; m < mb; m++) {
