@@ -14,6 +14,11 @@
 
 #define PAR_MIN_ATTN (1 << 20) /* below this many q.k multiply-adds one thread is faster than a fork/join */
 
+/* the D bf16 values of one head's K or V row into L1 */
+static inline void prefetch_head(const uint16_t *p, int64_t D) {
+    for (int64_t b = 0; b < 2 * D; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
 /* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
  * number of 16-lane vectors covering D) is a compile-time constant at every call, so the accumulators stay in
  * registers. */
@@ -32,9 +37,14 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
     }
     for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
+    /* the rows come through the slot table from anywhere in the cache: their loads stall unless requested early,
+     * so each block prefetches the next block's K rows and its own V rows (read by the second pass) */
+    for (int64_t t = 0; t < n && t < 16; t++) prefetch_head(kc + sl[t] * row, D);
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
         __m512 acc[16];
         int64_t nb = n - t0 < 16 ? n - t0 : 16;
+        for (int64_t t = t0 + 16; t < n && t < t0 + 32; t++) prefetch_head(kc + sl[t] * row, D);
+        for (int64_t t = t0; t < t0 + nb; t++) prefetch_head(vc + sl[t] * row, D);
         for (int i = 0; i < 16; i++) {
             acc[i] = _mm512_setzero_ps();
             if (i >= nb) continue;
