@@ -48,6 +48,8 @@ class IncrementalDetokenizer:
         start = max(len(self.text) - self.holdback, 0)
         self.text += new
         self.token_ends.extend([len(self.text)] * (self.num_added - len(self.token_ends)))
+        if not self.stop:
+            return
         hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
         if hits:
             idx, self.stop_hit = min(hits)

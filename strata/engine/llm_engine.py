@@ -326,19 +326,20 @@ class LLMEngine:
 
     def _check_finished(self, seq: Sequence, tok: int) -> None:
         p = seq.params
-        detok = self._detok[seq.seq_id]
+        num_out = seq.num_completion_tokens  # runs for every token of every sequence: computed once
         reason = None
-        if not p.ignore_eos and tok in self.eos_token_ids and seq.num_completion_tokens > p.min_tokens:
+        if not p.ignore_eos and tok in self.eos_token_ids and num_out > p.min_tokens:
             reason, seq.stop_reason = "stop", None
-        elif tok in p.stop_token_ids and seq.num_completion_tokens > p.min_tokens:
+        elif tok in p.stop_token_ids and num_out > p.min_tokens:
             reason, seq.stop_reason = "stop", tok
         else:
+            detok = self._detok[seq.seq_id]
             detok.add(tok)
-            if detok.stop_hit is not None and seq.num_completion_tokens >= p.min_tokens:
+            if detok.stop_hit is not None and num_out >= p.min_tokens:
                 reason, seq.stop_reason = "stop", detok.stop_hit
-            elif self.structured is not None and self.structured.is_stopped(seq):
+            elif self.structured is not None and self.structured.matchers and self.structured.is_stopped(seq):
                 reason, seq.stop_reason = "stop", None  # the grammar is complete
-            elif p.max_tokens is not None and seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif p.max_tokens is not None and num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason:
             seq.finish_reason = reason
