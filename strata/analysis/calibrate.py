@@ -5,8 +5,8 @@ leave-one-source-out).
 Parameters (kept under a fifth of the rows): per hardware class the share of peak bandwidth it reaches (eta_bw)
 and, where it has prompt or batched rows, the share of peak FLOPs (eta_flops); shared by all classes the share of
 bandwidth a dequantizing GEMV keeps (eta_q); one per-call overhead for GPUs and Apple GPUs; the GPU host time
-per sequence (seq_us); and one engine ratio, llama.cpp's matmul FLOPs share (its prompt kernels reach less than
-cuBLAS-based engines). Everything else stays at the physical priors in efficiency.py (llama.cpp builds from before
+per sequence (seq_us); and two engine ratios on the matmul FLOPs share, one for llama.cpp's own kernels and one for
+the engines that run NVIDIA's GEMM libraries (TensorRT-LLM, FasterTransformer, vLLM / SGLang). Everything else stays at the physical priors in efficiency.py (llama.cpp builds from before
 May 2024 keep their measured 1.5x per-call overhead prior).
 Loss: sum over rows of |log(pred / measured)| plus PULL x |log(value / prior)| per parameter; coordinate descent
 over bounded grids. Run: `strata analyze --calibrate` (writes calibration.json next to this file).
@@ -42,7 +42,10 @@ COMPUTE_METRICS = ("prefill_tok_s", "ttft_ms", "throughput_tok_s")
 # classes whose per-call overhead is fitted, one value for both: GPU kernel launches (CUDA / ROCm, Metal's command
 # encoding); CPU classes keep the prior, a function call and a thread barrier
 LAUNCH_CLASSES = ("gpu", "apple")
-ENGINE_FLOPS_RATIOS = ("llama.cpp",)  # engines whose matmul FLOPs share gets its own ratio
+# Engines whose matmul FLOPs share gets a ratio on the class factor; the engines of one tuple share it. llama.cpp runs
+# its own kernels (MMQ, the dequantize + GEMM path, the CPU tiles); TensorRT-LLM, FasterTransformer (the library it
+# grew out of) and vLLM / SGLang run their prompt and batched matmuls through cuBLAS / CUTLASS GEMMs
+ENGINE_FLOPS_RATIOS = (("llama.cpp",), ("trt-llm", "fastertransformer", "vllm"))
 GRIDS = {
     "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 64),
     "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 64),
@@ -101,9 +104,9 @@ def parameters(cases: list[Case]) -> list[Param]:
         out.append(Param("overhead_us", launch))
     if any(c.batch > 1 for c in usable if "gpu" in _classes(c)):
         out.append(Param("seq_us", ("gpu",)))
-    for eng in ENGINE_FLOPS_RATIOS:
-        if any(eng in _engines(c) and c.metric in COMPUTE_METRICS for c in usable):
-            out.append(Param("eta_flops", (f"*|{eng}",)))
+    for engs in ENGINE_FLOPS_RATIOS:
+        if any(set(engs) & _engines(c) and c.metric in COMPUTE_METRICS for c in usable):
+            out.append(Param("eta_flops", tuple(f"*|{e}" for e in engs)))
     return out
 
 
@@ -115,7 +118,8 @@ def _start(params: list[Param]) -> Efficiencies:
 
 def _touching(cases: list[Case], p: Param) -> list[Case]:
     if p.is_ratio:  # an engine's ratio also acts on its dated builds (efficiency.ENGINE_PARENTS)
-        return [c for c in cases if any(p.keys[0][2:] in (e, ENGINE_PARENTS.get(e)) for e in _engines(c))]
+        names = {k[2:] for k in p.keys}
+        return [c for c in cases if any({e, ENGINE_PARENTS.get(e)} & names for e in _engines(c))]
     return [c for c in cases if _classes(c) & set(p.keys)]
 
 
