@@ -24,6 +24,7 @@ import numpy as np
 from strata.analysis.efficiency import (
     BOUNDS,
     CALIBRATION_PATH,
+    CUBLAS,
     DEFAULT,
     ENGINE_PARENTS,
     NEUTRAL,
@@ -44,8 +45,9 @@ COMPUTE_METRICS = ("prefill_tok_s", "ttft_ms", "throughput_tok_s")
 LAUNCH_CLASSES = ("gpu", "apple")
 # Engines whose matmul FLOPs share gets a ratio on the class factor; the engines of one tuple share it. llama.cpp runs
 # its own kernels (MMQ, the dequantize + GEMM path, the CPU tiles); TensorRT-LLM, FasterTransformer (the library it
-# grew out of) and vLLM / SGLang run their prompt and batched matmuls through cuBLAS / CUTLASS GEMMs
-ENGINE_FLOPS_RATIOS = (("llama.cpp",), ("trt-llm", "fastertransformer", "vllm"))
+# grew out of) and vLLM / SGLang run their prompt and batched matmuls through cuBLAS / CUTLASS GEMMs, as llama.cpp
+# does its fp16 ones (efficiency.CUBLAS)
+ENGINE_FLOPS_RATIOS = (("llama.cpp",), ("trt-llm", "fastertransformer", "vllm", CUBLAS))
 GRIDS = {
     "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 64),
     "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 64),

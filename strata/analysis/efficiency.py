@@ -61,6 +61,9 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
 ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
+# The kernel library an engine hands some matmuls to, priced at that library's share (a ratio key like an engine's):
+# llama.cpp runs fp16 prompt GEMMs, and before MMQ its dequantized ones, through cuBLAS (placement.runs_cublas_fp16)
+CUBLAS = "cublas"
 
 
 def _strata_fit() -> dict:

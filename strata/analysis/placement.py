@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from strata.analysis import efficiency
 from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import (
+    CUBLAS,
     GPU_OFFLOAD_MIN_TOKENS,
     IQK_FORKS,
     IQK_SINCE,
@@ -39,7 +40,7 @@ from strata.analysis.engines import (
 )
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
-from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
+from strata.analysis.precision import Precisions, bytes_per_elem, canon, needs_dequant
 from strata.analysis.shapes import ModelShape
 from strata.layers.moe import NATIVE_MAX_TOKENS
 
@@ -123,6 +124,14 @@ def dequant_gemm_rule(sc: Scenario, dev) -> tuple[int, bool]:
             and sc.build_date < LLAMACPP_MMQ):  # cuBLAS fp16 on a full fp16 copy of the weights
         return GPU_OFFLOAD_MIN_TOKENS, True
     return 0, False
+
+
+def runs_cublas_fp16(sc: Scenario, dev, fmt: str, tokens: int) -> bool:
+    """Whether llama.cpp hands this matmul to cuBLAS as an fp16 GEMM with fp16 accumulate (ggml-cuda's
+    mul_mat_cublas): fp16 weights of a prompt (>= 32 tokens) on a GPU with tensor cores; quantized weights take
+    that path only in builds before MMQ (dequant_gemm_rule)."""
+    return (sc.engine.startswith("llama.cpp") and dev.cls == "gpu" and dev.tensor_cores
+            and tokens >= GPU_OFFLOAD_MIN_TOKENS and canon(fmt) == "fp16")
 
 
 X86_CLASSES = {"cpu-x86", "cpu-server"}
@@ -234,8 +243,11 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS and not native else 0.0
         peak = seg.dev.peak("npu_int8" if npu and op.fmt and seg.proc == "device" else op.compute)
         peak *= kernel_share(sc, seg.dev, op, n)
+        library = ""
+        if seg.proc == "device" and op.fmt and runs_cublas_fp16(sc, seg.dev, op.fmt, n):
+            peak, library = seg.dev.peak("fp16_acc16"), CUBLAS
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
-                peak, wb, op.fmt, calls, rate=rate)
+                peak, wb, op.fmt, calls, rate=rate, library=library)
 
     for op in build_ops(s, sc.prec, batch, new, past):
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0

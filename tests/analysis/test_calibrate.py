@@ -22,11 +22,11 @@ def test_calibration_json_is_reproduced_from_the_repo_data(tmp_path):
 
 
 def test_engines_on_vendor_gemm_libraries_share_one_flops_ratio():
-    from strata.analysis.calibrate import Param, parameters
+    from strata.analysis.calibrate import CUBLAS, Param, parameters
     from strata.analysis.validate import load_cases
 
     params = parameters(load_cases(str(DATA_PATH)))
-    assert Param("eta_flops", ("*|trt-llm", "*|fastertransformer", "*|vllm")) in params
+    assert Param("eta_flops", ("*|trt-llm", "*|fastertransformer", "*|vllm", f"*|{CUBLAS}")) in params
     assert Param("eta_flops", ("*|llama.cpp",)) in params
     shipped = json.loads(CALIBRATION_PATH.read_text())["factors"]
-    assert shipped["*|trt-llm"] == shipped["*|fastertransformer"] == shipped["*|vllm"]
+    assert shipped["*|trt-llm"] == shipped["*|fastertransformer"] == shipped["*|vllm"] == shipped[f"*|{CUBLAS}"]

@@ -97,3 +97,22 @@ def test_engine_versions_as_written():
 
     assert _version("0.8.6") == (0, 8, 6) and _version("0.9.0rc1") == (0, 9, 0, 1)
     assert _version("b6000") is None and _version(None) is None
+
+
+def test_llamacpp_fp16_prompt_gemms_run_in_cublas_at_the_fp16_accumulate_peak_and_cublas_share():
+    from strata.analysis.efficiency import CUBLAS
+
+    peak, seg = mlp_peak("fp16", device="rtx4090")
+    assert peak == pytest.approx(330e12)  # GeForce: fp16 accumulate runs at twice the fp32-accumulate rate
+    assert seg.libraries[seg.names.index("mlp")] == CUBLAS
+    assert mlp_peak("fp16", device="rtx4090", engine="vllm")[0] == pytest.approx(165e12)  # PyTorch: fp32 accumulate
+    assert mlp_peak("fp16", device="rtx4090", new=8)[1].libraries == [""] * len(seg.names)  # few tokens: own kernels
+    assert mlp_peak("q4_0", device="rtx4090")[1].libraries == [""] * len(seg.names)  # MMQ reads the blocks itself
+    # the cuBLAS GEMM is priced at the vendor-GEMM share, the rest of the step at llama.cpp's
+    e = Efficiencies({"gpu": Eff(1.0, 0.3, 0.0, 1.0, 0.0), "*|llama.cpp": Eff(1.0, 0.5, 1.0, 1.0, 1.0),
+                      f"*|{CUBLAS}": Eff(1.0, 2.0, 1.0, 1.0, 1.0)})
+    compute, _ = seg.op_times(e)
+    i = seg.names.index("mlp")
+    assert compute[i] == pytest.approx(seg.flops[i] / (330e12 * 0.6))
+    j = seg.names.index("attention")
+    assert compute[j] == pytest.approx(seg.flops[j] / (seg.peaks[j] * 0.15))
