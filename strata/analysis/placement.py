@@ -13,7 +13,7 @@ Placements (from the Scenario or chosen automatically by capacity):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from strata.analysis import efficiency
 from strata.analysis.costmodel import Segment, StepCost
@@ -23,11 +23,13 @@ from strata.analysis.efficiency import (
     IQK_FORKS,
     IQK_SINCE,
     LLAMACPP_CPU_SHARE,
+    LLAMACPP_FLASH_ATTN,
     LLAMACPP_MMQ,
     LLAMACPP_ODD_LEGACY,
     LLAMACPP_PRE_SGEMM_SHARE,
     LLAMACPP_SGEMM,
     LLAMACPP_SGEMM_FORMATS,
+    LLAMACPP_UBATCH,
     NUMA_AWARE_ENGINES,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
@@ -132,6 +134,19 @@ def runs_cublas_fp16(sc: Scenario, dev, fmt: str, tokens: int) -> bool:
     that path only in builds before MMQ (dequant_gemm_rule)."""
     return (sc.engine.startswith("llama.cpp") and dev.cls == "gpu" and dev.tensor_cores
             and tokens >= GPU_OFFLOAD_MIN_TOKENS and canon(fmt) == "fp16")
+
+
+def unfused_attention(s: ModelShape, sc: Scenario, op, batch: int, new: int, past: int):
+    """A prompt's attention in llama.cpp builds before flash attention was its default: per ubatch of
+    LLAMACPP_UBATCH tokens, K*Q over every cached key (the causal mask applied afterwards), the fp32 scores written,
+    soft-maxed in place (read + write) and read again by the V product; None where flash attention prices it."""
+    if not (sc.engine.startswith("llama.cpp") and new > 1 and sc.build_date is not None
+            and sc.build_date < LLAMACPP_FLASH_ATTN) or s.is_mla or s.attn_kind[op.layer] != "full":
+        return None
+    starts = range(0, new, LLAMACPP_UBATCH)
+    scores = batch * s.heads * sum(min(LLAMACPP_UBATCH, new - u) * (past + min(u + LLAMACPP_UBATCH, new))
+                                   for u in starts)
+    return replace(op, flops=2.0 * scores * 2 * s.head_dim, act_bytes=op.act_bytes + 16.0 * scores)
 
 
 X86_CLASSES = {"cpu-x86", "cpu-server"}
@@ -250,6 +265,8 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
                 peak, wb, op.fmt, calls, rate=rate, library=library)
 
     for op in build_ops(s, sc.prec, batch, new, past):
+        if op.name == "attention":
+            op = unfused_attention(s, sc, op, batch, new, past) or op
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0
         if plan.expert_tier == "flash-all" and op.weight_bytes:
             miss = 1.0 - plan.hit_rate

@@ -116,3 +116,20 @@ def test_llamacpp_fp16_prompt_gemms_run_in_cublas_at_the_fp16_accumulate_peak_an
     assert compute[i] == pytest.approx(seg.flops[i] / (330e12 * 0.6))
     j = seg.names.index("attention")
     assert compute[j] == pytest.approx(seg.flops[j] / (seg.peaks[j] * 0.15))
+
+
+def test_llamacpp_prompt_attention_before_flash_attention_writes_fp32_scores_per_ubatch():
+    from strata.analysis.efficiency import LLAMACPP_FLASH_ATTN, LLAMACPP_UBATCH
+
+    s = llama()
+    new = 2 * LLAMACPP_UBATCH
+    old = mlp_peak("q4_0", device="rtx4090", new=new, build_date=(2024, 5))[1]
+    cur = mlp_peak("q4_0", device="rtx4090", new=new, build_date=LLAMACPP_FLASH_ATTN)[1]
+    i = old.names.index("attention")
+    # two ubatches: the first attends to 512 keys, the second to all 1024; every score is a 4-byte float written,
+    # read and written by the softmax, and read by the V product
+    scores = s.heads * LLAMACPP_UBATCH * (LLAMACPP_UBATCH + new)
+    assert old.flops[i] == pytest.approx(2.0 * scores * 2 * s.head_dim)
+    assert old.bytes[i] - cur.bytes[i] == pytest.approx(16.0 * scores)
+    assert cur.flops[i] < old.flops[i]  # flash attention skips the masked half
+    assert mlp_peak("q4_0", device="rtx4090", new=new)[1].bytes[i] == cur.bytes[i]  # undated: a current build
