@@ -194,7 +194,30 @@ def calibrate(path: str | Path = DATA_PATH, out: str | Path = CALIBRATION_PATH, 
     return doc
 
 
+def source_held_out_report(path: str | Path = DATA_PATH, worst: int = 15) -> dict:
+    """Leave-one-source-out alone (a fraction of the full calibration's time; writes nothing): the score overall
+    and by metric, and the rows it misses most with their held-out and fitted ratios predicted / measured."""
+    cases = load_cases(str(path))
+    effs = fit(cases)
+    fitted = {r["index"]: r["ratio"] for r in score(cases, effs)["rows"]}
+    res = score(cases, effs, held_out_predictions(cases, by_source=True))
+    by_metric: dict[str, list[float]] = {}
+    for r in res["rows"]:
+        by_metric.setdefault(r["metric"], []).append(r["ape"])
+    rows = sorted(res["rows"], key=lambda r: -r["ape"])[:worst]
+    return {"n_parameters": len(parameters(cases)), "leave_one_source_out": summary(res),
+            "by_metric": {m: {"n": len(a), "median_ape": float(np.median(a)), "p90_ape": float(np.quantile(a, 0.9))}
+                          for m, a in sorted(by_metric.items())},
+            "worst": [{"index": r["index"], "metric": r["metric"], "ratio": r["ratio"], "fitted_ratio": fitted[r["index"]],
+                       "system": r["system"], "hardware": r["hardware"]} for r in rows]}
+
+
 def main(argv: list[str]) -> int:
+    """`python -m strata.analysis.calibrate [CSV]` refits and writes calibration.json (as `strata analyze
+    --calibrate`); `--loso [CSV]` prints leave-one-source-out alone and writes nothing."""
+    if argv and argv[0] == "--loso":
+        print(json.dumps(source_held_out_report(argv[1] if len(argv) > 1 else DATA_PATH), indent=1))
+        return 0
     doc = calibrate(argv[0] if argv else DATA_PATH)
     print(json.dumps({k: doc[k] for k in ("n_rows", "n_parameters", "parameters", "validation")}, indent=1))
     return 0

@@ -30,3 +30,17 @@ def test_engines_on_vendor_gemm_libraries_share_one_flops_ratio():
     assert Param("eta_flops", ("*|llama.cpp",)) in params
     shipped = json.loads(CALIBRATION_PATH.read_text())["factors"]
     assert shipped["*|trt-llm"] == shipped["*|fastertransformer"] == shipped["*|vllm"] == shipped[f"*|{CUBLAS}"]
+
+
+def test_source_held_out_report_scores_each_source_unseen(tmp_path):
+    from strata.analysis.calibrate import source_held_out_report
+
+    lines = DATA_PATH.read_text().splitlines()
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join(lines[:13]) + "\n")  # KTransformers, Fiddler, PowerInfer-2, Cambricon-LLM, llmfit rows
+    rep = source_held_out_report(small, worst=3)
+    loso = rep["leave_one_source_out"]
+    assert loso["n_predicted"] == sum(m["n"] for m in rep["by_metric"].values())
+    assert set(rep["by_metric"]) <= {"decode_tok_s", "prefill_tok_s"}
+    errors = [abs(r["ratio"] - 1) for r in rep["worst"]]
+    assert len(errors) == 3 and errors == sorted(errors, reverse=True)
