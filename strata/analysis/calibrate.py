@@ -5,8 +5,8 @@ leave-one-source-out).
 Parameters (kept under a fifth of the rows): per hardware class the share of peak bandwidth it reaches (eta_bw)
 and, where it has prompt or batched rows, the share of peak FLOPs (eta_flops); shared by all classes the share of
 bandwidth a dequantizing GEMV keeps (eta_q); one per-call overhead for GPUs and Apple GPUs; the GPU host time
-per sequence (seq_us); and one engine ratio, llama.cpp's matmul FLOPs share (its prompt kernels reach less than
-cuBLAS-based engines). Everything else stays at the physical priors in efficiency.py (llama.cpp builds from before
+per sequence (seq_us); and two engine ratios on the matmul FLOPs share, one for llama.cpp's own kernels and one for
+the engines that run NVIDIA's GEMM libraries (TensorRT-LLM, FasterTransformer, vLLM / SGLang). Everything else stays at the physical priors in efficiency.py (llama.cpp builds from before
 May 2024 keep their measured 1.5x per-call overhead prior).
 Loss: sum over rows of |log(pred / measured)| plus PULL x |log(value / prior)| per parameter; coordinate descent
 over bounded grids. Run: `strata analyze --calibrate` (writes calibration.json next to this file).
@@ -24,6 +24,7 @@ import numpy as np
 from strata.analysis.efficiency import (
     BOUNDS,
     CALIBRATION_PATH,
+    CUBLAS,
     DEFAULT,
     ENGINE_PARENTS,
     NEUTRAL,
@@ -42,7 +43,11 @@ COMPUTE_METRICS = ("prefill_tok_s", "ttft_ms", "throughput_tok_s")
 # classes whose per-call overhead is fitted, one value for both: GPU kernel launches (CUDA / ROCm, Metal's command
 # encoding); CPU classes keep the prior, a function call and a thread barrier
 LAUNCH_CLASSES = ("gpu", "apple")
-ENGINE_FLOPS_RATIOS = ("llama.cpp",)  # engines whose matmul FLOPs share gets its own ratio
+# Engines whose matmul FLOPs share gets a ratio on the class factor; the engines of one tuple share it. llama.cpp runs
+# its own kernels (MMQ, the dequantize + GEMM path, the CPU tiles); TensorRT-LLM, FasterTransformer (the library it
+# grew out of) and vLLM / SGLang run their prompt and batched matmuls through cuBLAS / CUTLASS GEMMs, as llama.cpp
+# does its fp16 ones (efficiency.CUBLAS)
+ENGINE_FLOPS_RATIOS = (("llama.cpp",), ("trt-llm", "fastertransformer", "vllm", CUBLAS))
 GRIDS = {
     "eta_bw": np.geomspace(BOUNDS["eta_bw"][0], 1.0, 64),
     "eta_flops": np.geomspace(BOUNDS["eta_flops"][0], 1.0, 64),
@@ -101,9 +106,9 @@ def parameters(cases: list[Case]) -> list[Param]:
         out.append(Param("overhead_us", launch))
     if any(c.batch > 1 for c in usable if "gpu" in _classes(c)):
         out.append(Param("seq_us", ("gpu",)))
-    for eng in ENGINE_FLOPS_RATIOS:
-        if any(eng in _engines(c) and c.metric in COMPUTE_METRICS for c in usable):
-            out.append(Param("eta_flops", (f"*|{eng}",)))
+    for engs in ENGINE_FLOPS_RATIOS:
+        if any(set(engs) & _engines(c) and c.metric in COMPUTE_METRICS for c in usable):
+            out.append(Param("eta_flops", tuple(f"*|{e}" for e in engs)))
     return out
 
 
@@ -115,7 +120,8 @@ def _start(params: list[Param]) -> Efficiencies:
 
 def _touching(cases: list[Case], p: Param) -> list[Case]:
     if p.is_ratio:  # an engine's ratio also acts on its dated builds (efficiency.ENGINE_PARENTS)
-        return [c for c in cases if any(p.keys[0][2:] in (e, ENGINE_PARENTS.get(e)) for e in _engines(c))]
+        names = {k[2:] for k in p.keys}
+        return [c for c in cases if any({e, ENGINE_PARENTS.get(e)} & names for e in _engines(c))]
     return [c for c in cases if _classes(c) & set(p.keys)]
 
 
@@ -188,7 +194,30 @@ def calibrate(path: str | Path = DATA_PATH, out: str | Path = CALIBRATION_PATH, 
     return doc
 
 
+def source_held_out_report(path: str | Path = DATA_PATH, worst: int = 15) -> dict:
+    """Leave-one-source-out alone (a fraction of the full calibration's time; writes nothing): the score overall
+    and by metric, and the rows it misses most with their held-out and fitted ratios predicted / measured."""
+    cases = load_cases(str(path))
+    effs = fit(cases)
+    fitted = {r["index"]: r["ratio"] for r in score(cases, effs)["rows"]}
+    res = score(cases, effs, held_out_predictions(cases, by_source=True))
+    by_metric: dict[str, list[float]] = {}
+    for r in res["rows"]:
+        by_metric.setdefault(r["metric"], []).append(r["ape"])
+    rows = sorted(res["rows"], key=lambda r: -r["ape"])[:worst]
+    return {"n_parameters": len(parameters(cases)), "leave_one_source_out": summary(res),
+            "by_metric": {m: {"n": len(a), "median_ape": float(np.median(a)), "p90_ape": float(np.quantile(a, 0.9))}
+                          for m, a in sorted(by_metric.items())},
+            "worst": [{"index": r["index"], "metric": r["metric"], "ratio": r["ratio"], "fitted_ratio": fitted[r["index"]],
+                       "system": r["system"], "hardware": r["hardware"]} for r in rows]}
+
+
 def main(argv: list[str]) -> int:
+    """`python -m strata.analysis.calibrate [CSV]` refits and writes calibration.json (as `strata analyze
+    --calibrate`); `--loso [CSV]` prints leave-one-source-out alone and writes nothing."""
+    if argv and argv[0] == "--loso":
+        print(json.dumps(source_held_out_report(argv[1] if len(argv) > 1 else DATA_PATH), indent=1))
+        return 0
     doc = calibrate(argv[0] if argv else DATA_PATH)
     print(json.dumps({k: doc[k] for k in ("n_rows", "n_parameters", "parameters", "validation")}, indent=1))
     return 0

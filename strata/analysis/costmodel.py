@@ -39,10 +39,14 @@ class Segment:
     numa_local: bool | None = None
     bw_scale: float = 1.0  # tensor parallel: devices share the bytes
     flops_scale: float = 1.0
+    # per op, the kernel library whose matmul FLOPs share prices it where it is not the engine's own ("" = the
+    # engine's): llama.cpp hands 16-bit GEMMs to cuBLAS
+    libraries: list[str] = field(default_factory=list)
 
     def add(self, name: str, flops: float, nbytes: float, peak: float, wbytes: float = 0.0, fmt: str = "",
-            launches: float = 0.0, seconds: float = 0.0, rate: float = 0.0) -> None:
+            launches: float = 0.0, seconds: float = 0.0, rate: float = 0.0, library: str = "") -> None:
         self.names.append(name)
+        self.libraries.append(library)
         self.seconds.append(seconds)
         self.rates.append(rate)
         self.flops.append(flops)
@@ -71,13 +75,20 @@ class Segment:
             w_plain = np.where((measured == 0) & ~deq, w / bw, 0.0)
             w_deq = np.where((measured == 0) & deq, w / bw, 0.0)
             self._cache = (f, other + w_plain, w_deq, w_meas, np.asarray(self.seconds))
+            libs = np.asarray(self.libraries)
+            self._libraries = {lib: libs == lib for lib in set(self.libraries) - {""}}
         return self._cache
 
     def op_times(self, effs: Efficiencies) -> tuple[np.ndarray, np.ndarray]:
         """(compute, memory) seconds per op; a measured op time counts as compute (it is a kernel's own rate)."""
         e = effs.get(self.dev.cls, self.engine)
         f, plain, deq, meas, sec = self._arrays()
-        return np.maximum(f / e.eta_flops, sec), plain / e.eta_bw + deq / (e.eta_bw * e.eta_q) + meas
+        eta_f = e.eta_flops
+        if self._libraries:
+            eta_f = np.full(len(f), e.eta_flops)
+            for lib, mask in self._libraries.items():
+                eta_f[mask] = effs.get(self.dev.cls, lib).eta_flops
+        return np.maximum(f / eta_f, sec), plain / e.eta_bw + deq / (e.eta_bw * e.eta_q) + meas
 
     def time(self, effs: Efficiencies) -> float:
         if not self.flops:

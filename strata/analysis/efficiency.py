@@ -61,6 +61,9 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
 ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
+# The kernel library an engine hands some matmuls to, priced at that library's share (a ratio key like an engine's):
+# llama.cpp runs fp16 prompt GEMMs, and before MMQ its dequantized ones, through cuBLAS (placement.runs_cublas_fp16)
+CUBLAS = "cublas"
 
 
 def _strata_fit() -> dict:
@@ -103,6 +106,11 @@ LLAMACPP_GRAPHS = (2024, 5)  # llama.cpp gained CUDA graphs (far fewer launches 
 # dequantized the weights to fp16 and ran cuBLAS in fp16 (fp16 accumulate) on GPUs with tensor cores; after it,
 # int8 tensor-core MMQ kernels read the quantized blocks directly. Builds dated before this run the old path.
 LLAMACPP_MMQ = (2024, 7)
+# llama.cpp gained flash attention in PR #5021 (merged 2024-04-30) as an opt-in flag (-fa, llama-bench -fa 0 by
+# default); issue #10005 (2024-10) still proposed making it the default. Builds dated before 2025 are priced with the
+# unfused prompt attention (placement.unfused_attention); undated builds are taken as current ones (flash attention).
+LLAMACPP_FLASH_ATTN = (2025, 1)
+LLAMACPP_UBATCH = 512  # tokens per physical batch of a prompt (llama.cpp's n_ubatch / n_batch default)
 # CPU prompt matmuls of the llama.cpp family, as a share of the FLOP rate of llama.cpp's tiled Q4_0 / Q8_0 kernel
 # (llamafile's tinyBLAS, upstreamed by llama.cpp PR #6414, merged 2024-04-16), which the class factor prices:
 # * builds before that PR ran a Q4_0 / Q8_0 prompt as the decode dot product once per (row, column); the PR states

@@ -13,20 +13,23 @@ Placements (from the Scenario or chosen automatically by capacity):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from strata.analysis import efficiency
 from strata.analysis.costmodel import Segment, StepCost
 from strata.analysis.efficiency import (
+    CUBLAS,
     GPU_OFFLOAD_MIN_TOKENS,
     IQK_FORKS,
     IQK_SINCE,
     LLAMACPP_CPU_SHARE,
+    LLAMACPP_FLASH_ATTN,
     LLAMACPP_MMQ,
     LLAMACPP_ODD_LEGACY,
     LLAMACPP_PRE_SGEMM_SHARE,
     LLAMACPP_SGEMM,
     LLAMACPP_SGEMM_FORMATS,
+    LLAMACPP_UBATCH,
     NUMA_AWARE_ENGINES,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
@@ -39,7 +42,7 @@ from strata.analysis.engines import (
 )
 from strata.analysis.hardware import System
 from strata.analysis.operators import build_ops, distinct_experts, weight_bytes
-from strata.analysis.precision import Precisions, bytes_per_elem, needs_dequant
+from strata.analysis.precision import Precisions, bytes_per_elem, canon, needs_dequant
 from strata.analysis.shapes import ModelShape
 from strata.layers.moe import NATIVE_MAX_TOKENS
 
@@ -123,6 +126,27 @@ def dequant_gemm_rule(sc: Scenario, dev) -> tuple[int, bool]:
             and sc.build_date < LLAMACPP_MMQ):  # cuBLAS fp16 on a full fp16 copy of the weights
         return GPU_OFFLOAD_MIN_TOKENS, True
     return 0, False
+
+
+def runs_cublas_fp16(sc: Scenario, dev, fmt: str, tokens: int) -> bool:
+    """Whether llama.cpp hands this matmul to cuBLAS as an fp16 GEMM with fp16 accumulate (ggml-cuda's
+    mul_mat_cublas): fp16 weights of a prompt (>= 32 tokens) on a GPU with tensor cores; quantized weights take
+    that path only in builds before MMQ (dequant_gemm_rule)."""
+    return (sc.engine.startswith("llama.cpp") and dev.cls == "gpu" and dev.tensor_cores
+            and tokens >= GPU_OFFLOAD_MIN_TOKENS and canon(fmt) == "fp16")
+
+
+def unfused_attention(s: ModelShape, sc: Scenario, op, batch: int, new: int, past: int):
+    """A prompt's attention in llama.cpp builds before flash attention was its default: per ubatch of
+    LLAMACPP_UBATCH tokens, K*Q over every cached key (the causal mask applied afterwards), the fp32 scores written,
+    soft-maxed in place (read + write) and read again by the V product; None where flash attention prices it."""
+    if not (sc.engine.startswith("llama.cpp") and new > 1 and sc.build_date is not None
+            and sc.build_date < LLAMACPP_FLASH_ATTN) or s.is_mla or s.attn_kind[op.layer] != "full":
+        return None
+    starts = range(0, new, LLAMACPP_UBATCH)
+    scores = batch * s.heads * sum(min(LLAMACPP_UBATCH, new - u) * (past + min(u + LLAMACPP_UBATCH, new))
+                                   for u in starts)
+    return replace(op, flops=2.0 * scores * 2 * s.head_dim, act_bytes=op.act_bytes + 16.0 * scores)
 
 
 X86_CLASSES = {"cpu-x86", "cpu-server"}
@@ -234,10 +258,15 @@ def step_cost(s: ModelShape, sys: System, sc: Scenario, plan: Plan, batch: int, 
         rate = seg.dev.gemm_eff_at(op.rows) if strata and op.rows > STRATA_GEMV_MAX_ROWS and not native else 0.0
         peak = seg.dev.peak("npu_int8" if npu and op.fmt and seg.proc == "device" else op.compute)
         peak *= kernel_share(sc, seg.dev, op, n)
+        library = ""
+        if seg.proc == "device" and op.fmt and runs_cublas_fp16(sc, seg.dev, op.fmt, n):
+            peak, library = seg.dev.peak("fp16_acc16"), CUBLAS
         seg.add(op.name + suffix, op.flops * frac, op.bytes * frac if nbytes is None else nbytes,
-                peak, wb, op.fmt, calls, rate=rate)
+                peak, wb, op.fmt, calls, rate=rate, library=library)
 
     for op in build_ops(s, sc.prec, batch, new, past):
+        if op.name == "attention":
+            op = unfused_attention(s, sc, op, batch, new, past) or op
         on_host_layer = op.layer >= plan.gpu_layers and op.layer >= 0
         if plan.expert_tier == "flash-all" and op.weight_bytes:
             miss = 1.0 - plan.hit_rate

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from strata.analysis.assumptions import offload_host, precisions, weight_formats
-from strata.analysis.efficiency import MAX_BENCH_BATCH, Efficiencies, source_date, versioned_engine
+from strata.analysis.efficiency import CUBLAS, MAX_BENCH_BATCH, Efficiencies, source_date, versioned_engine
 from strata.analysis.engines import EXPERT_OFFLOAD_FAMILIES, identify
 from strata.analysis.hardware import System, parse_system, resolve_device
 from strata.analysis.models import resolve_model
@@ -150,6 +150,8 @@ def _fill(case: Case, row: dict) -> None:
     case.batch = sc.batch
     plan = plan_placement(shape, sys, sc, kv_cache_bytes(shape, sc.prec, sc.batch, sc.prompt + sc.gen))
     case.groups = {f"{sys.device.cls}|{engine}"} | ({f"{sys.host.cls}|{engine}"} if sys.host else set())
+    if engine.startswith("llama.cpp") and sys.device.cls == "gpu":  # its fp16 GEMMs run in cuBLAS (placement.py)
+        case.groups.add(f"gpu|{CUBLAS}")
     metric, bsz = case.metric, sc.batch
     if metric == "prefill_tok_s":
         pre = step_cost(shape, sys, sc, plan, 1, sc.prompt, 0)

@@ -76,3 +76,14 @@ def test_probe_profile_kernel_figures_map_to_weight_formats():
     dev = device_from_dict("probe", prof)
     assert dev.kernel_eff == {"int8wo": 0.5, "bf16": 1.0}  # GB/s over the probed bandwidth, capped at 1
     assert dev.dequant_gelem_s == {"int8wo": 5.0, "fp8wo": 4.0}
+
+
+def test_geforce_blackwell_peaks_are_dense_fractions_of_the_sparse_fp4_ai_tops():
+    # NVIDIA quotes GeForce RTX 50 "AI TOPS" as sparse fp4: dense fp4 is half of it, int8 a quarter
+    cat = load_catalog()
+    assert cat["rtx5090"].peak_tflops["fp4"] == pytest.approx(3352 / 2)
+    assert cat["rtx5090"].peak_tflops["int8"] == pytest.approx(3352 / 4)
+    for key in ("rtx5060", "rtx5060ti", "rtx5070", "rtx5070ti", "rtx5080", "rtx5090"):
+        peaks = cat[key].peak_tflops
+        assert peaks["fp4"] == pytest.approx(2 * peaks["int8"], rel=1e-3), key
+        assert peaks["fp16_acc16"] == pytest.approx(2 * peaks["fp16"], abs=0.2), key  # figures rounded to 0.1

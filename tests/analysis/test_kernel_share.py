@@ -97,3 +97,39 @@ def test_engine_versions_as_written():
 
     assert _version("0.8.6") == (0, 8, 6) and _version("0.9.0rc1") == (0, 9, 0, 1)
     assert _version("b6000") is None and _version(None) is None
+
+
+def test_llamacpp_fp16_prompt_gemms_run_in_cublas_at_the_fp16_accumulate_peak_and_cublas_share():
+    from strata.analysis.efficiency import CUBLAS
+
+    peak, seg = mlp_peak("fp16", device="rtx4090")
+    assert peak == pytest.approx(330e12)  # GeForce: fp16 accumulate runs at twice the fp32-accumulate rate
+    assert seg.libraries[seg.names.index("mlp")] == CUBLAS
+    assert mlp_peak("fp16", device="rtx4090", engine="vllm")[0] == pytest.approx(165e12)  # PyTorch: fp32 accumulate
+    assert mlp_peak("fp16", device="rtx4090", new=8)[1].libraries == [""] * len(seg.names)  # few tokens: own kernels
+    assert mlp_peak("q4_0", device="rtx4090")[1].libraries == [""] * len(seg.names)  # MMQ reads the blocks itself
+    # the cuBLAS GEMM is priced at the vendor-GEMM share, the rest of the step at llama.cpp's
+    e = Efficiencies({"gpu": Eff(1.0, 0.3, 0.0, 1.0, 0.0), "*|llama.cpp": Eff(1.0, 0.5, 1.0, 1.0, 1.0),
+                      f"*|{CUBLAS}": Eff(1.0, 2.0, 1.0, 1.0, 1.0)})
+    compute, _ = seg.op_times(e)
+    i = seg.names.index("mlp")
+    assert compute[i] == pytest.approx(seg.flops[i] / (330e12 * 0.6))
+    j = seg.names.index("attention")
+    assert compute[j] == pytest.approx(seg.flops[j] / (seg.peaks[j] * 0.15))
+
+
+def test_llamacpp_prompt_attention_before_flash_attention_writes_fp32_scores_per_ubatch():
+    from strata.analysis.efficiency import LLAMACPP_FLASH_ATTN, LLAMACPP_UBATCH
+
+    s = llama()
+    new = 2 * LLAMACPP_UBATCH
+    old = mlp_peak("q4_0", device="rtx4090", new=new, build_date=(2024, 5))[1]
+    cur = mlp_peak("q4_0", device="rtx4090", new=new, build_date=LLAMACPP_FLASH_ATTN)[1]
+    i = old.names.index("attention")
+    # two ubatches: the first attends to 512 keys, the second to all 1024; every score is a 4-byte float written,
+    # read and written by the softmax, and read by the V product
+    scores = s.heads * LLAMACPP_UBATCH * (LLAMACPP_UBATCH + new)
+    assert old.flops[i] == pytest.approx(2.0 * scores * 2 * s.head_dim)
+    assert old.bytes[i] - cur.bytes[i] == pytest.approx(16.0 * scores)
+    assert cur.flops[i] < old.flops[i]  # flash attention skips the masked half
+    assert mlp_peak("q4_0", device="rtx4090", new=new)[1].bytes[i] == cur.bytes[i]  # undated: a current build
