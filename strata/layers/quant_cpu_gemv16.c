@@ -85,7 +85,8 @@ static inline __attribute__((always_inline)) __m512 rows_dot16_packed(int mb, in
     return sum16(v);
 }
 
-/* y[m0 + m, n0 + r] = s[m * R + r] (+ bias[n0 + r]) for m < mb, r < R: fp32, or rounded to bf16 (nearest even) */
+/* y[m0 + m, n0 + r] = s[m * R + r] (+ bias[n0 + r]) for m < mb, r < R: fp32, or rounded to bf16 (nearest even;
+ * vcvtneps2bf16 flushes denormals to zero, where store_out keeps them) */
 static inline __attribute__((always_inline)) void store_packed(__m512 s, int mb, int R, int64_t m0, int64_t n0,
                                                                int64_t N, const float *bias, void *y,
                                                                int64_t out_f32) {
