@@ -61,6 +61,10 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
 ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
+# Classes a dated build's own ratio acts on; elsewhere the build is its parent family. CUDA graphs are a CUDA
+# feature (ggml-cuda): Metal encodes each graph into command buffers and the CPU backend calls no driver, so a
+# llama.cpp build before graphs launches like a current one on Apple GPUs and CPUs.
+RATIO_CLASSES = {"llama.cpp-2023": ("gpu",)}
 # The kernel library an engine hands some matmuls to, priced at that library's share (a ratio key like an engine's):
 # llama.cpp runs fp16 prompt GEMMs, and before MMQ its dequantized ones, through cuBLAS (placement.runs_cublas_fp16)
 CUBLAS = "cublas"
@@ -198,6 +202,8 @@ class Efficiencies:
         if cell in PRIORS:
             return PRIORS[cell]
         base = self.table.get(hw_class) or PRIORS.get(hw_class, DEFAULT)
+        if engine in RATIO_CLASSES and hw_class not in RATIO_CLASSES[engine]:
+            engine = ENGINE_PARENTS[engine]
         ratio = self.ratio(engine)
         return base.times(ratio) if ratio else base
 

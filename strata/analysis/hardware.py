@@ -48,6 +48,9 @@ class Device:
     # share of bandwidth_gbs a bf16 matmul of M activation rows streams its weights at (M > 1; probe: rotating weights
     # at 16 rows and at the GEMM row count): few-row matmuls read weights well below a GEMV's rate
     gemm_eff: dict[int, float] = field(default_factory=dict)
+    # share of the memory bandwidth these cores can draw where they share an SoC's memory with a GPU (Apple M-series
+    # CPU cores: the fabric gives the CPU cluster a part of it); the stated memory figure stays bandwidth_gbs
+    cpu_bw_share: float = 1.0
     sockets: int = 1  # CPU sockets whose bandwidth and FLOPs are summed here (each with its own memory)
     # Strata's host costs measured on this machine by `strata probe` (host_probe.py): overhead_us_per_call,
     # loop_us_per_expert_call, prefill_loop_us_per_expert_call; empty: strata_fit.json's development-machine figures
@@ -73,7 +76,7 @@ class Device:
 
     @property
     def bw(self) -> float:
-        return self.bandwidth_gbs * 1e9
+        return self.bandwidth_gbs * self.cpu_bw_share * 1e9
 
     def flash_bw(self, read_bytes: float) -> float:
         """Storage read bandwidth at a read size: size / (latency + size / sequential bandwidth)."""
@@ -129,7 +132,7 @@ def device_from_dict(key: str, v: dict) -> Device:
                       approximate=bool(v.get("approximate", False)), source=v.get("source", ""),
                       kernel_eff=dict(v.get("kernel_eff") or _probed_kernel_eff(v)),
                       dequant_gelem_s=dict(v.get("dequant_gelem_s") or _probed(v, r"^dequant_strata_(.+)_gelem_s$")),
-                      llc_mb=float(v.get("llc_mb", 0.0)),
+                      llc_mb=float(v.get("llc_mb", 0.0)), cpu_bw_share=float(v.get("cpu_bw_share", 1.0)),
                       gemm_eff={int(k): float(x) for k, x in (v.get("gemm_eff") or {}).items()},
                       strata_host={k: float(x) for k, x in (v.get("strata_host") or {}).items()
                                    if k in STRATA_HOST_KEYS})

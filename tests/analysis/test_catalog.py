@@ -87,3 +87,14 @@ def test_geforce_blackwell_peaks_are_dense_fractions_of_the_sparse_fp4_ai_tops()
         peaks = cat[key].peak_tflops
         assert peaks["fp4"] == pytest.approx(2 * peaks["int8"], rel=1e-3), key
         assert peaks["fp16_acc16"] == pytest.approx(2 * peaks["fp16"], abs=0.2), key  # figures rounded to 0.1
+
+
+def test_apple_cpu_cores_draw_their_share_of_the_soc_bandwidth_whatever_the_row_states():
+    from strata.analysis.validate import _system
+
+    cpu = load_catalog()["apple-m3-max-cpu"]
+    assert cpu.bandwidth_gbs == 400 and cpu.bw == pytest.approx(0.59 * 400e9)  # AnandTech: 243 of 409.6 GB/s (M1 Max)
+    row = {"hardware": "Apple M3 Max (40-core GPU) 48GB, CPU backend", "hardware_mem_bw_gbs": "400", "notes": "",
+           "system": "llama.cpp (CPU only)"}
+    assert _system(row).device.bw == pytest.approx(cpu.bw)  # the stated SoC figure replaces the memory, not the share
+    assert load_catalog()["apple-m3-max"].bw == pytest.approx(400e9)

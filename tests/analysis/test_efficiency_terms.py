@@ -365,3 +365,12 @@ def test_pre_graphs_llamacpp_ratio_starts_from_its_measured_launch_overhead_and_
                       "*|llama.cpp-2023": Eff(1.0, 1.0, 4.0, 1.0, 1.0)})
     old = e.get("gpu", "llama.cpp-2023")
     assert (old.eta_flops, old.overhead_us) == pytest.approx((0.25, 8.0))  # the family's FLOPs ratio, its own overhead
+
+
+def test_pre_graphs_llamacpp_overhead_applies_on_cuda_gpus_only():
+    # CUDA graphs are a ggml-cuda feature: a llama.cpp build before them launches like a current one on Metal and CPUs
+    table = {k: Eff(0.8, 0.5, 2.0, 0.9) for k in ("gpu", "apple", "cpu-arm")}
+    e = Efficiencies({**table, "*|llama.cpp-2023": Eff(1.0, 1.0, 4.0, 1.0, 1.0)})
+    assert e.get("gpu", "llama.cpp-2023").overhead_us == pytest.approx(8.0)
+    assert e.get("apple", "llama.cpp-2023").overhead_us == pytest.approx(2.0)
+    assert e.get("cpu-arm", "llama.cpp-2023") == e.get("cpu-arm", "llama.cpp")
