@@ -48,7 +48,7 @@ def server_commands(args, port: int) -> dict[str, list[str]]:
 
 def bench(args, base: str, label: str, rates: list[float]) -> None:
     cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--base-url", base, "--model", args.name,
-           "--dataset", "sharegpt", "--dataset-path", args.dataset_path, "--num-prompts", str(args.num_prompts), "--request-rate",
+           "--dataset", "sharegpt", "--dataset-path", os.path.relpath(args.dataset_path, ROOT), "--num-prompts", str(args.num_prompts), "--request-rate",
            *map(str, rates), "--max-output-len", str(args.max_output_len), "--max-prompt-chars",
            str(args.max_prompt_chars), "--label", label, "--seed", str(args.seed)]
     if args.result_json:
