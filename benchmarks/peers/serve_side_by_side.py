@@ -5,6 +5,9 @@ same weights), the same compute threads and the same number of sequences (llama-
 continuous batching `-cb`, Strata `--max-num-seqs`); then `strata bench serve` sends both the same requests
 (ShareGPT prompts, Azure conversation output lengths, Poisson arrivals at each --request-rate) and appends one
 JSON line per server and rate to --result-json (the command and the date ride along in each line's config).
+Every rate sends the same prompts, and both servers keep prompts in a prefix cache (Strata by KV block,
+llama-server per slot), so a later rate on the same server finds earlier prompts cached; --server-per-rate
+starts fresh servers for each rate, taking turns.
 Build llama-server first with benchmarks/peers/install_llama_server.sh. Plot with benchmarks/peers/serve_plot.py.
 
     .venv/bin/python benchmarks/peers/serve_side_by_side.py --model ~/.cache/strata/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -43,10 +46,10 @@ def server_commands(args, port: int) -> dict[str, list[str]]:
     return {"strata": strata, "llama-server": llama}
 
 
-def bench(args, base: str, label: str) -> None:
+def bench(args, base: str, label: str, rates: list[float]) -> None:
     cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--base-url", base, "--model", args.name,
-           "--dataset", "sharegpt", "--dataset-path", args.dataset_path, "--num-prompts", str(args.num_prompts), "--request-rate",
-           *map(str, args.request_rate), "--max-output-len", str(args.max_output_len), "--max-prompt-chars",
+           "--dataset", "sharegpt", "--dataset-path", os.path.relpath(args.dataset_path, ROOT), "--num-prompts", str(args.num_prompts), "--request-rate",
+           *map(str, rates), "--max-output-len", str(args.max_output_len), "--max-prompt-chars",
            str(args.max_prompt_chars), "--label", label, "--seed", str(args.seed)]
     if args.result_json:
         cmd += ["--result-json", args.result_json]
@@ -71,27 +74,37 @@ def main() -> None:
     ap.add_argument("--strata-args", default="", help="more `strata serve` flags, e.g. '--dtype bfloat16'")
     ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
     ap.add_argument("--result-json", default=None, help="append one JSON line per server and rate")
+    ap.add_argument("--server-per-rate", action="store_true",
+                    help="a fresh server for each rate (no prompts cached by an earlier rate)")
     args = ap.parse_args()
     if "llama-server" in args.servers and not args.llama_server.is_file():
         raise SystemExit(f"{args.llama_server}: not built (run benchmarks/peers/install_llama_server.sh)")
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
           f"{os.getloadavg()[0]:.1f}: {shlex.join(sys.argv)}", flush=True)
-    for server in args.servers:
-        port = free_port()
-        cmd = server_commands(args, port)[server]
-        print("#", shlex.join(cmd), flush=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    # per rate, the servers take turns, so the two halves of a row run minutes apart at most
+    rate_groups = [[r] for r in args.request_rate] if args.server_per_rate else [args.request_rate]
+    for rates in rate_groups:
+        for server in args.servers:
+            run_server(args, server, rates)
+
+
+def run_server(args, server: str, rates: list[float]) -> None:
+    """Starts `server`, drives it at `rates` one after another, stops it."""
+    port = free_port()
+    cmd = server_commands(args, port)[server]
+    print("#", shlex.join(cmd), flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, proc, timeout=900.0)
+        bench(args, base, f"{args.name}/{server}", rates)
+    finally:
+        proc.terminate()
         try:
-            base = f"http://127.0.0.1:{port}"
-            wait_healthy(base, proc, timeout=900.0)
-            bench(args, base, f"{args.name}/{server}")
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":

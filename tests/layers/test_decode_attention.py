@@ -92,3 +92,34 @@ def test_fallbacks_keep_the_torch_path():
     assert not attn_mod._native_decode_ok(q.float(), kc.float(), vc.float(), meta, None)
     assert not attn_mod._native_decode_ok(q, kc, vc, AttentionMetadata([0], [2], [10], None, ctx), None)
     assert not attn_mod._native_decode_ok(q, kc, vc, meta, 8)
+
+
+@needs_native
+def test_mixed_step_decodes_go_native_and_prefill_rows_keep_sdpa(monkeypatch):
+    """A step with a prefill chunk between two decodes: the decodes are attended in one native call, the chunk's
+    rows are exactly the torch path's, and the decodes agree with it within the torch path's bf16 rounding."""
+    hq, hkv, d = 8, 2, 64
+    q_dec, kc, vc, ctx = _setup([20, 30], hq, hkv, d, seed=5)
+    g = torch.Generator().manual_seed(6)
+    q_pre = torch.randn(4, hq, d, generator=g).bfloat16()  # a prefill chunk of 4 tokens after 6 cached ones
+    pre_ctx = torch.arange(400, 410)
+    q = torch.cat([q_dec[:1], q_pre, q_dec[1:]])  # [6, Hq, D]: decode, chunk, decode
+    k_new = torch.randn(6, hkv, d, generator=g).bfloat16()
+    v_new = torch.randn(6, hkv, d, generator=g).bfloat16()
+    new_slots = torch.tensor([500, 406, 407, 408, 409, 501])
+    ctxs = [torch.cat([ctx[0], new_slots[:1]]), pre_ctx, torch.cat([ctx[1], new_slots[5:]])]
+
+    def run():
+        meta = AttentionMetadata([0, 1, 5], [1, 4, 1], [len(c) for c in ctxs], new_slots, ctxs)
+        return paged_attention(q, k_new, v_new, (kc.clone(), vc.clone()), meta)
+
+    calls = []
+    real = attn_mod._native_decode
+    monkeypatch.setattr(attn_mod, "_native_decode", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    mixed = run()
+    assert calls == [2]
+    monkeypatch.setattr(attn_mod, "_native_decode_seqs", lambda *a: [])
+    torch_path = run()
+    assert calls == [2]
+    assert torch.equal(mixed[1:5], torch_path[1:5])
+    assert (mixed[[0, 5]].double() - torch_path[[0, 5]].double()).abs().max() < 3e-2

@@ -37,6 +37,28 @@ def test_native_matches_reference(rows, hidden, with_residual):
     assert ((out.double() - ref.double()).abs() <= ref.double().abs() * 2**-7 + 1e-6).all()
 
 
+@needs_native
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_native_takes_strided_views(with_residual, monkeypatch):
+    """q/k split out of a fused qkv projection (rows strided): the native kernel, with the contiguous rows'
+    exact result, not the float32 torch path."""
+    import strata.layers.norm as norm_mod
+
+    g = torch.Generator().manual_seed(7)
+    norm = RMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16()
+    fused = torch.randn(9, 3 * 64, generator=g).bfloat16()  # [T, 3 * H]
+    x = fused.split(64, dim=-1)[1]  # [T, H], row stride 3 * H
+    res = fused.split(64, dim=-1)[2] if with_residual else None
+    with torch.no_grad():
+        assert not x.is_contiguous() and norm_mod._native_ok(x, res, norm.weight)
+        expected = norm(x.contiguous(), None if res is None else res.contiguous())
+        monkeypatch.setattr(torch.nn.functional, "rms_norm", None)  # the torch path would fail
+        got = norm(x, res)
+    for a, b in zip(got if with_residual else [got], expected if with_residual else [expected]):
+        assert torch.equal(a, b)
+
+
 def test_float32_keeps_torch_path_and_residual_contract():
     norm = RMSNorm(16, eps=1e-6)
     x, r = torch.randn(2, 16), torch.randn(2, 16)
