@@ -30,7 +30,9 @@ from strata.analysis.efficiency import (
     LLAMACPP_SGEMM,
     LLAMACPP_SGEMM_FORMATS,
     LLAMACPP_UBATCH,
+    LLAMACPP_VNNI,
     NUMA_AWARE_ENGINES,
+    PRE_VNNI_INT8_PER_FP32,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
@@ -162,6 +164,17 @@ def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:
     nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type (efficiency.py)."""
     if not (sc.engine.startswith("llama.cpp") and dev.cls.startswith("cpu") and tokens > 1 and op.fmt):
         return 1.0
+    return _pre_vnni_share(sc, dev, op) * _kernel_generation_share(sc, dev, op)
+
+
+def _pre_vnni_share(sc: Scenario, dev, op) -> float:
+    """x86 builds before the VNNI int8 dot product: int8 at AVX2's 2x the fp32 rate (efficiency.LLAMACPP_VNNI)."""
+    if dev.cls not in X86_CLASSES or op.compute != "int8" or sc.build_date is None or sc.build_date >= LLAMACPP_VNNI:
+        return 1.0
+    return min(1.0, PRE_VNNI_INT8_PER_FP32 * dev.peak("fp32") / dev.peak("int8"))
+
+
+def _kernel_generation_share(sc: Scenario, dev, op) -> float:
     if op.fmt in LLAMACPP_SGEMM_FORMATS:
         return LLAMACPP_PRE_SGEMM_SHARE if sc.build_date is not None and sc.build_date < LLAMACPP_SGEMM else 1.0
     if dev.cls not in X86_CLASSES:  # the K-quant figures are x86 tables (AVX2 / Zen 4)
