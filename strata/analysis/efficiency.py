@@ -126,6 +126,13 @@ LLAMACPP_UBATCH = 512  # tokens per physical batch of a prompt (llama.cpp's n_ub
 # * Iwan Kawrakow's iqk_mul_mat kernels for those types (llamafile PR #394, in release 0.8.4, and PR #428 for MoE
 #   layers, in 0.8.5; ik_llama.cpp, his fork, throughout) made them 82.1 and 66.3 t/s in the same table.
 LLAMACPP_SGEMM = (2024, 4)
+# x86 int8 dot products of the llama.cpp family (Q4_0 / Q8_0 blocks times the prompt quantized to Q8_0): before
+# llama.cpp PR #6280 ("Support AVX512VNNI", 2024-03-24: Q4_0 / Q8_0 faster on Zen 4) they ran AVX2's maddubs + madd
+# pair, two instructions for the 32 multiply-adds one VNNI vpdpbusd does (PR #4589, 2023-12-22, only reported the
+# AVX-VNNI flag: "This does not add support - it just prints"), so an older build reaches at most 2x the fp32 FMA
+# rate where the catalog's int8 peak of a VNNI part (4x) assumes VNNI.
+LLAMACPP_VNNI = (2024, 4)
+PRE_VNNI_INT8_PER_FP32 = 2.0
 LLAMACPP_PRE_SGEMM_SHARE = 1 / 1.45
 LLAMACPP_SGEMM_FORMATS = {"q4_0", "q8_0"}
 LLAMACPP_ODD_LEGACY = {"q4_1", "q5_0", "q5_1"}

@@ -30,7 +30,9 @@ from strata.analysis.efficiency import (
     LLAMACPP_SGEMM,
     LLAMACPP_SGEMM_FORMATS,
     LLAMACPP_UBATCH,
+    LLAMACPP_VNNI,
     NUMA_AWARE_ENGINES,
+    PRE_VNNI_INT8_PER_FP32,
     STRATA_GEMV_MAX_ROWS,
     STRATA_TILE_BYTES,
 )
@@ -159,9 +161,22 @@ def _version(v: str | None) -> tuple[int, ...] | None:
 
 def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:
     """Share of the class's matmul FLOP rate this engine build's kernel reaches on this op's weight type (1 where
-    nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type (efficiency.py)."""
+    nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type, and the int8 rate of
+    x86 builds before VNNI (efficiency.py)."""
     if not (sc.engine.startswith("llama.cpp") and dev.cls.startswith("cpu") and tokens > 1 and op.fmt):
         return 1.0
+    return _pre_vnni_share(sc, dev, op) * _kernel_generation_share(sc, dev, op)
+
+
+def _pre_vnni_share(sc: Scenario, dev, op) -> float:
+    """x86 builds before the VNNI int8 dot product: int8 at AVX2's 2x the fp32 rate (efficiency.LLAMACPP_VNNI)."""
+    if dev.cls not in X86_CLASSES or op.compute != "int8" or sc.build_date is None or sc.build_date >= LLAMACPP_VNNI:
+        return 1.0
+    return min(1.0, PRE_VNNI_INT8_PER_FP32 * dev.peak("fp32") / dev.peak("int8"))
+
+
+def _kernel_generation_share(sc: Scenario, dev, op) -> float:
+    """The tiled Q4_0 / Q8_0 kernel by build date; K-quants and odd legacy types by mainline or iqk kernels."""
     if op.fmt in LLAMACPP_SGEMM_FORMATS:
         return LLAMACPP_PRE_SGEMM_SHARE if sc.build_date is not None and sc.build_date < LLAMACPP_SGEMM else 1.0
     if dev.cls not in X86_CLASSES:  # the K-quant figures are x86 tables (AVX2 / Zen 4)

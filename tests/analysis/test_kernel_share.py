@@ -36,10 +36,11 @@ def mlp_peak(fmt, device="ryzen-7950x", new=512, shape=None, op="mlp", **kw):
 
 
 def test_builds_before_the_tiled_cpu_matmul_run_q4_0_prompts_at_the_stated_share():
-    new, _ = mlp_peak("q4_0", build_date=(2024, 6))
-    old, seg = mlp_peak("q4_0", build_date=(2023, 8))
+    # Zen 3 has no VNNI (its catalog int8 peak is AVX2's): only the kernel generation differs between the builds
+    new, _ = mlp_peak("q4_0", device="ryzen-5950x", build_date=(2024, 6))
+    old, seg = mlp_peak("q4_0", device="ryzen-5950x", build_date=(2023, 8))
     assert old == pytest.approx(new * LLAMACPP_PRE_SGEMM_SHARE)
-    assert mlp_peak("q4_0", build_date=None)[0] == new  # undated: today's kernels
+    assert mlp_peak("q4_0", device="ryzen-5950x", build_date=None)[0] == new  # undated: today's kernels
     assert mlp_peak("q4_0", build_date=(2023, 8), new=1)[0] == mlp_peak("q4_0", new=1)[0]  # decode: the same GEMV
     # slower kernels, slower prompt: the step takes longer under the same factors
     e = Efficiencies({"cpu-x86": Eff(0.6, 0.3, 3.0)})
@@ -133,3 +134,11 @@ def test_llamacpp_prompt_attention_before_flash_attention_writes_fp32_scores_per
     assert old.bytes[i] - cur.bytes[i] == pytest.approx(16.0 * scores)
     assert cur.flops[i] < old.flops[i]  # flash attention skips the masked half
     assert mlp_peak("q4_0", device="rtx4090", new=new)[1].bytes[i] == cur.bytes[i]  # undated: a current build
+
+
+def test_builds_before_vnni_run_x86_int8_prompts_at_twice_the_fp32_rate():
+    cpu = load_catalog()["i9-13900k"]  # AVX-VNNI part: the catalog's int8 peak is 4x its fp32 one
+    old, _ = mlp_peak("q4_0", device="i9-13900k", build_date=(2023, 8))
+    assert old == pytest.approx(2.0 * cpu.peak("fp32") * LLAMACPP_PRE_SGEMM_SHARE)
+    assert mlp_peak("q4_0", device="i9-13900k", build_date=(2024, 6))[0] == pytest.approx(cpu.peak("int8"))
+    assert mlp_peak("q4_0", device="i9-13900k")[0] == pytest.approx(cpu.peak("int8"))  # undated: a current build
