@@ -6,8 +6,9 @@ Parameters (kept under a fifth of the rows): per hardware class the share of pea
 and, where it has prompt or batched rows, the share of peak FLOPs (eta_flops); shared by all classes the share of
 bandwidth a dequantizing GEMV keeps (eta_q); one per-call overhead for GPUs and Apple GPUs; the GPU host time
 per sequence (seq_us); and two engine ratios on the matmul FLOPs share, one for llama.cpp's own kernels and one for
-the engines that run NVIDIA's GEMM libraries (TensorRT-LLM, FasterTransformer, vLLM / SGLang). Everything else stays at the physical priors in efficiency.py (llama.cpp builds from before
-May 2024 keep their measured 1.5x per-call overhead prior).
+the engines that run NVIDIA's GEMM libraries (TensorRT-LLM, FasterTransformer, vLLM / SGLang), whose prior is a
+measured share of peak (efficiency.SHARE_PRIORS: cuBLAS FP8 on an H100). Everything else stays at the physical
+priors in efficiency.py (llama.cpp builds from before May 2024 keep their measured 1.5x per-call overhead prior).
 Loss: sum over rows of |log(pred / measured)| plus PULL x |log(value / prior)| per parameter; coordinate descent
 over bounded grids. Run: `strata analyze --calibrate` (writes calibration.json next to this file).
 """
@@ -30,6 +31,7 @@ from strata.analysis.efficiency import (
     NEUTRAL,
     PRIORS,
     RATIO_PRIORS,
+    SHARE_PRIORS,
     Eff,
     Efficiencies,
 )
@@ -125,11 +127,21 @@ def _touching(cases: list[Case], p: Param) -> list[Case]:
     return [c for c in cases if _classes(c) & set(p.keys)]
 
 
-def _loss(rows: list[Case], effs: Efficiencies, p: Param, v: float) -> float:
-    total = sum(abs(math.log(max(c.predict(effs), 1e-12) / c.measured)) for c in rows)
+def _penalty(effs: Efficiencies, p: Param) -> float:
+    """PULL x |log(value / prior)| of one parameter at its current value. A ratio with a measured share prior
+    (efficiency.SHARE_PRIORS) is pulled towards that share of peak: its prior is the share over its class's factor
+    as fitted so far (the class factor itself is set by its own rows and prior)."""
+    v = getattr(effs.table[p.keys[0]], p.field)
+    if p.is_ratio and p.field == "eta_flops" and p.keys[0] in SHARE_PRIORS:
+        cls, share = SHARE_PRIORS[p.keys[0]]
+        return PULL * abs(math.log((effs.table.get(cls) or _prior(cls)).eta_flops * v / share))
     prior = getattr(_prior(p.keys[0]), p.field)
     off = 0.5 if p.field in ("overhead_us", "seq_us") else 0.0  # these may be 0
-    return total + PULL * abs(math.log((v + off) / (prior + off)))
+    return PULL * abs(math.log((v + off) / (prior + off)))
+
+
+def _loss(rows: list[Case], effs: Efficiencies, p: Param) -> float:
+    return sum(abs(math.log(max(c.predict(effs), 1e-12) / c.measured)) for c in rows) + _penalty(effs, p)
 
 
 def _set(effs: Efficiencies, p: Param, v: float) -> None:
@@ -151,7 +163,7 @@ def fit(cases: list[Case], sweeps: int = SWEEPS) -> Efficiencies:
             losses = []
             for v in map(float, grid):
                 _set(effs, p, v)
-                losses.append(_loss(rows, effs, p, v))
+                losses.append(_loss(rows, effs, p))
             _set(effs, p, float(grid[int(np.argmin(losses))]))
     return effs
 

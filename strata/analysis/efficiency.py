@@ -60,6 +60,11 @@ DEFAULT = Eff(0.6, 0.4, 3.0)
 # the host: the graphs PR measured Llama-2-7B Q4_K_M decode on an H100 PCIe at 143.35 -> 163.83 tok/s (llama.cpp
 # issue #6763), 0.87 ms per token over ~330 kernel calls = 2.7 us more per call than the ~5 us with graphs.
 RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
+# A measured prior on the share of peak FLOPs an engine ratio reaches on one class (class factor x ratio), where
+# the ratio's own prior (NEUTRAL) would say nothing: NVIDIA's GEMM libraries on a GPU. cuBLAS 12.5 (torch._scaled_mm,
+# PyTorch 24.07 container) ran FP8 GEMMs at 1296.9 TFLOP/s on an HGX H100 SXM, 0.655 of its 1979 dense FP8 peak
+# (NVIDIA/cutlass issue #1662, 2024-07-30; bf16 764.9 of 989, 0.773).
+SHARE_PRIORS = {"*|trt-llm": ("gpu", 1296.9 / 1979)}
 ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
 # Classes a dated build's own ratio acts on; elsewhere the build is its parent family. CUDA graphs are a CUDA
 # feature (ggml-cuda): Metal encodes each graph into command buffers and the CPU backend calls no driver, so a

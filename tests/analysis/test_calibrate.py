@@ -44,3 +44,23 @@ def test_source_held_out_report_scores_each_source_unseen(tmp_path):
     assert set(rep["by_metric"]) <= {"decode_tok_s", "prefill_tok_s"}
     errors = [abs(r["ratio"] - 1) for r in rep["worst"]]
     assert len(errors) == 3 and errors == sorted(errors, reverse=True)
+
+
+def test_vendor_gemm_ratio_is_pulled_towards_the_measured_cublas_share():
+    """The vendor-GEMM ratio's prior is cuBLAS FP8's measured share of an H100's peak (class factor x ratio), not
+    the neutral ratio 1: held out, the source with the only large-batch vendor-GEMM rows (TensorRT-LLM's
+    perf-overview) no longer takes the shared share down to the serving rows' ~0.37 of peak."""
+    from strata.analysis.calibrate import _penalty, fit, parameters
+    from strata.analysis.efficiency import SHARE_PRIORS, Eff, Efficiencies
+    from strata.analysis.validate import load_cases
+
+    cases = load_cases(str(DATA_PATH))
+    vendor = next(p for p in parameters(cases) if p.is_ratio and p.keys[0] in SHARE_PRIORS)
+    cls, share = SHARE_PRIORS[vendor.keys[0]]
+    effs = Efficiencies({cls: Eff(0.8, 0.3, 5.0), vendor.keys[0]: Eff(1.0, share / 0.3, 1.0, 1.0, 1.0)})
+    assert _penalty(effs, vendor) == pytest.approx(0.0, abs=1e-12)
+    effs.set(vendor.keys[0], Eff(1.0, 1.0, 1.0, 1.0, 1.0))
+    assert _penalty(effs, vendor) > 0.5 * 0.7  # 0.5 x |log(0.3 / 0.655)|
+
+    held = fit([c for c in cases if not c.reason and "perf-overview.md" not in c.row["source"]])
+    assert held.table[cls].eta_flops * held.table[vendor.keys[0]].eta_flops > 0.45
