@@ -63,7 +63,8 @@ RATIO_PRIORS = {"*|llama.cpp-2023": Eff(1.0, 1.0, 1.5, 1.0, 1.0)}
 # A measured prior on the share of peak FLOPs an engine ratio reaches on one class (class factor x ratio), where
 # the ratio's own prior (NEUTRAL) would say nothing: NVIDIA's GEMM libraries on a GPU. cuBLAS 12.5 (torch._scaled_mm,
 # PyTorch 24.07 container) ran FP8 GEMMs at 1296.9 TFLOP/s on an HGX H100 SXM, 0.655 of its 1979 dense FP8 peak
-# (NVIDIA/cutlass issue #1662, 2024-07-30; bf16 764.9 of 989, 0.773).
+# (NVIDIA/cutlass issue #1662, 2024-07-30; bf16 764.9 of 989, 0.773); the FP8 figure, as most of the vendor group's
+# large-batch rows are FP8. Keyed by the first engine of the ratio's group (calibrate.ENGINE_FLOPS_RATIOS).
 SHARE_PRIORS = {"*|trt-llm": ("gpu", 1296.9 / 1979)}
 ENGINE_PARENTS = {"llama.cpp-2023": "llama.cpp"}  # a dated build keeps its family's fitted ratio
 # Classes a dated build's own ratio acts on; elsewhere the build is its parent family. CUDA graphs are a CUDA
