@@ -138,6 +138,12 @@ LLAMACPP_SGEMM = (2024, 4)
 # AVX-VNNI flag: "This does not add support - it just prints"), so an older build reaches at most 2x the fp32 FMA
 # rate where the catalog's int8 peak of a VNNI part (4x) assumes VNNI.
 LLAMACPP_VNNI = (2024, 4)
+# ggml split a matmul's rows evenly over its threads until llama.cpp PR #6915 ("use dynamic thread scheduling for
+# matrix multiplication", opened 2024-04) let threads take chunks as they finish; on a hybrid Intel CPU run on all its
+# hardware threads (an i9-13900K's 32: 16 on 8 P-cores, 16 on 16 E-cores, llama.cpp issue #842) every thread then waits
+# for the slowest (Device.even_split_share); PR #1947 (2023-06, not merged) measured 3-9 % from chunking on 13th-gen
+# Intel. Builds dated before May 2024 split evenly.
+LLAMACPP_DYNAMIC_SCHED = (2024, 5)
 PRE_VNNI_INT8_PER_FP32 = 2.0
 LLAMACPP_PRE_SGEMM_SHARE = 1 / 1.45
 LLAMACPP_SGEMM_FORMATS = {"q4_0", "q8_0"}

@@ -52,6 +52,9 @@ class Device:
     # CPU cores: the fabric gives the CPU cluster a part of it); the stated memory figure stays bandwidth_gbs
     cpu_bw_share: float = 1.0
     sockets: int = 1  # CPU sockets whose bandwidth and FLOPs are summed here (each with its own memory)
+    # a hybrid CPU's core types ({cores, threads per core, ghz, flops_per_cycle} each; their sum is the fp32 peak):
+    # where an engine splits work evenly over its threads, the slowest thread sets the pace
+    core_types: list[dict] = field(default_factory=list)
     # Strata's host costs measured on this machine by `strata probe` (host_probe.py): overhead_us_per_call,
     # loop_us_per_expert_call, prefill_loop_us_per_expert_call; empty: strata_fit.json's development-machine figures
     strata_host: dict[str, float] = field(default_factory=dict)
@@ -73,6 +76,16 @@ class Device:
     def tensor_cores(self) -> bool:
         """Matrix units for fp16 (tensor cores): an fp16 matmul peak well above the fp32 one (Pascal's is not)."""
         return self.peak("fp16") > 1.5 * self.peak("fp32")
+
+    def even_split_share(self) -> float:
+        """Share of the peak FLOP rate reached when every hardware thread gets the same work (1 for uniform cores):
+        all threads wait for the slowest (an E-core's, or a P-core's half when two threads share it)."""
+        if not self.core_types:
+            return 1.0
+        rates = [t["ghz"] * t["flops_per_cycle"] for t in self.core_types]  # GFLOP/s per core
+        threads = sum(t["cores"] * t["threads"] for t in self.core_types)
+        slowest = min(r / t["threads"] for r, t in zip(rates, self.core_types))
+        return threads * slowest / sum(r * t["cores"] for r, t in zip(rates, self.core_types))
 
     @property
     def bw(self) -> float:
@@ -134,6 +147,7 @@ def device_from_dict(key: str, v: dict) -> Device:
                       dequant_gelem_s=dict(v.get("dequant_gelem_s") or _probed(v, r"^dequant_strata_(.+)_gelem_s$")),
                       llc_mb=float(v.get("llc_mb", 0.0)), cpu_bw_share=float(v.get("cpu_bw_share", 1.0)),
                       gemm_eff={int(k): float(x) for k, x in (v.get("gemm_eff") or {}).items()},
+                      core_types=list(v.get("core_types", [])),
                       strata_host={k: float(x) for k, x in (v.get("strata_host") or {}).items()
                                    if k in STRATA_HOST_KEYS})
     except KeyError as e:

@@ -23,6 +23,7 @@ from strata.analysis.efficiency import (
     IQK_FORKS,
     IQK_SINCE,
     LLAMACPP_CPU_SHARE,
+    LLAMACPP_DYNAMIC_SCHED,
     LLAMACPP_FLASH_ATTN,
     LLAMACPP_MMQ,
     LLAMACPP_ODD_LEGACY,
@@ -161,11 +162,12 @@ def _version(v: str | None) -> tuple[int, ...] | None:
 
 def kernel_share(sc: Scenario, dev, op, tokens: int) -> float:
     """Share of the class's matmul FLOP rate this engine build's kernel reaches on this op's weight type (1 where
-    nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type, and the int8 rate of
-    x86 builds before VNNI (efficiency.py)."""
+    nothing dated says otherwise): the llama.cpp family's CPU prompt kernels by build and type, the int8 rate of
+    x86 builds before VNNI, and builds before dynamic scheduling on hybrid CPUs (efficiency.py)."""
     if not (sc.engine.startswith("llama.cpp") and dev.cls.startswith("cpu") and tokens > 1 and op.fmt):
         return 1.0
-    return _pre_vnni_share(sc, dev, op) * _kernel_generation_share(sc, dev, op)
+    even = dev.even_split_share() if sc.build_date is not None and sc.build_date < LLAMACPP_DYNAMIC_SCHED else 1.0
+    return even * _pre_vnni_share(sc, dev, op) * _kernel_generation_share(sc, dev, op)
 
 
 def _pre_vnni_share(sc: Scenario, dev, op) -> float:

@@ -139,6 +139,20 @@ def test_llamacpp_prompt_attention_before_flash_attention_writes_fp32_scores_per
 def test_builds_before_vnni_run_x86_int8_prompts_at_twice_the_fp32_rate():
     cpu = load_catalog()["i9-13900k"]  # AVX-VNNI part: the catalog's int8 peak is 4x its fp32 one
     old, _ = mlp_peak("q4_0", device="i9-13900k", build_date=(2023, 8))
-    assert old == pytest.approx(2.0 * cpu.peak("fp32") * LLAMACPP_PRE_SGEMM_SHARE)
+    assert old == pytest.approx(2.0 * cpu.peak("fp32") * LLAMACPP_PRE_SGEMM_SHARE * cpu.even_split_share())
     assert mlp_peak("q4_0", device="i9-13900k", build_date=(2024, 6))[0] == pytest.approx(cpu.peak("int8"))
     assert mlp_peak("q4_0", device="i9-13900k")[0] == pytest.approx(cpu.peak("int8"))  # undated: a current build
+
+
+def test_builds_before_dynamic_scheduling_wait_for_the_slowest_thread_of_a_hybrid_cpu():
+    """Before llama.cpp PR #6915 each of an i9-13900K's 32 threads got 1/32 of a matmul's rows: the 16 E-core threads
+    (4.3 GHz x 16 FLOPs/cycle) finish last, so the prompt runs at 32 x 68.8 GFLOP/s of the 2508.8 peak."""
+    cpu = load_catalog()["i9-13900k"]
+    assert cpu.even_split_share() == pytest.approx(32 * 4.3 * 16 / (8 * 5.5 * 32 + 16 * 4.3 * 16))
+    # the same month, the same kernels otherwise: only the scheduling differs between April 2024 and May 2024 builds
+    before = mlp_peak("q4_0", device="i9-13900k", build_date=(2024, 4))[0]
+    after = mlp_peak("q4_0", device="i9-13900k", build_date=(2024, 5))[0]
+    assert before == pytest.approx(after * cpu.even_split_share())
+    uniform = load_catalog()["ryzen-7950x"]  # one core type: an even split is already balanced
+    assert uniform.even_split_share() == 1.0
+    assert mlp_peak("q4_0", build_date=(2024, 4))[0] == mlp_peak("q4_0", build_date=(2024, 5))[0]
