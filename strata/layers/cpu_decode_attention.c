@@ -9,8 +9,7 @@
  * a vectorised exp, then the probability-weighted sum of V rows in fp32, rounded to bf16 once at the end.
  * Products of two bf16 are exact in fp32; the torch path rounds the scores to bf16 before the softmax, so this
  * kernel is the more accurate of the two. Query heads that share a KV head (GQA) run in pairs when head_dim <= 64,
- * reading each K and V row once for both (attend_pair; the same results, 13-17% less time on the bundled model's
- * 16-sequence step).
+ * reading each K and V row once for both (attend_pair, with the same results).
  */
 #include "quant_cpu.h"
 
