@@ -47,9 +47,10 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
         for (int64_t t = t0 + 16; t < n && t < t0 + 32; t++) prefetch_head(kc + sl[t] * row, D);
         for (int64_t t = t0; t < t0 + nb; t++) prefetch_head(vc + sl[t] * row, D);
         for (int i = 0; i < 16; i++) {
+            /* past the context's end a block scores its first key again, masked out below: no branch here keeps
+             * the 16 sums in registers */
+            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row;
             acc[i] = _mm512_setzero_ps();
-            if (i >= nb) continue;
-            const uint16_t *kr = kc + sl[t0 + i] * row;
             for (int j = 0; j < NQ; j++) /* q is zero beyond D, so K's lanes there do not count */
                 acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q[j], (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j));
         }
@@ -130,9 +131,8 @@ static inline __attribute__((always_inline)) void attend_pair(const int NV, cons
         for (int64_t t = t0 + 8; t < n && t < t0 + 16; t++) prefetch_head(kc + sl[t] * row, D);
         for (int64_t t = t0; t < t0 + nb; t++) prefetch_head(vc + sl[t] * row, D);
         for (int i = 0; i < 8; i++) {
+            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in attend_head */
             acc[i] = acc[8 + i] = _mm512_setzero_ps();
-            if (i >= nb) continue;
-            const uint16_t *kr = kc + sl[t0 + i] * row;
             for (int j = 0; j < NQ; j++) {
                 __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j);
                 acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q0[j], k);
