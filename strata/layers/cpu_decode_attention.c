@@ -20,6 +20,24 @@ static inline void prefetch_head(const uint16_t *p, int64_t D) {
     for (int64_t b = 0; b < 2 * D; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
 }
 
+/* K or V rows [from, to) of a context into L1 (to capped at its length n) */
+static inline void prefetch_rows(const uint16_t *c, const int64_t *sl, int64_t row, int64_t D, int64_t from,
+                                 int64_t to, int64_t n) {
+    for (int64_t t = from; t < to && t < n; t++) prefetch_head(c + sl[t] * row, D);
+}
+
+/* a query head's NQ = ceil(NV / 2) 32-lane chunks (zero past D) and their masks, and the masks of the NV 16-lane
+ * vectors that cover D in the V pass */
+static inline __attribute__((always_inline)) void load_query(const int NV, const uint16_t *qh, int64_t D, __m512i *q,
+                                                             __mmask32 *qm, __mmask16 *vm) {
+    for (int j = 0; j < (NV + 1) / 2; j++) {
+        int64_t left = D - 32 * j;
+        qm[j] = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
+        q[j] = _mm512_maskz_loadu_epi16(qm[j], qh + 32 * j);
+    }
+    for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
+}
+
 /* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
  * number of 16-lane vectors covering D) is a compile-time constant at every call, so the accumulators stay in
  * registers. */
@@ -31,21 +49,16 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
     __m512i q[8];
     __mmask32 qm[8];
     __mmask16 vm[16];
-    for (int j = 0; j < NQ; j++) {
-        int64_t left = D - 32 * j;
-        qm[j] = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
-        q[j] = _mm512_maskz_loadu_epi16(qm[j], qh + 32 * j);
-    }
-    for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
+    load_query(NV, qh, D, q, qm, vm);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     /* the rows come through the slot table from anywhere in the cache: their loads stall unless requested early,
      * so each block prefetches the next block's K rows and its own V rows (read by the second pass) */
-    for (int64_t t = 0; t < n && t < 16; t++) prefetch_head(kc + sl[t] * row, D);
+    prefetch_rows(kc, sl, row, D, 0, 16, n);
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
         __m512 acc[16];
         int64_t nb = n - t0 < 16 ? n - t0 : 16;
-        for (int64_t t = t0 + 16; t < n && t < t0 + 32; t++) prefetch_head(kc + sl[t] * row, D);
-        for (int64_t t = t0; t < t0 + nb; t++) prefetch_head(vc + sl[t] * row, D);
+        prefetch_rows(kc, sl, row, D, t0 + 16, t0 + 32, n);
+        prefetch_rows(vc, sl, row, D, t0, t0 + nb, n);
         for (int i = 0; i < 16; i++) {
             /* past the context's end a block scores its first key again, masked out below: no branch here keeps
              * the 16 sums in registers */
@@ -116,20 +129,15 @@ static inline __attribute__((always_inline)) void attend_pair(const int NV, cons
     __m512i q0[2], q1[2];
     __mmask32 qm[2];
     __mmask16 vm[4];
-    for (int j = 0; j < NQ; j++) {
-        int64_t left = D - 32 * j;
-        qm[j] = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
-        q0[j] = _mm512_maskz_loadu_epi16(qm[j], qh0 + 32 * j);
-        q1[j] = _mm512_maskz_loadu_epi16(qm[j], qh1 + 32 * j);
-    }
-    for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
+    load_query(NV, qh0, D, q0, qm, vm);
+    load_query(NV, qh1, D, q1, qm, vm);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < n && t < 8; t++) prefetch_head(kc + sl[t] * row, D);
+    prefetch_rows(kc, sl, row, D, 0, 8, n);
     for (int64_t t0 = 0; t0 < n; t0 += 8) {
         __m512 acc[16];
         int64_t nb = n - t0 < 8 ? n - t0 : 8;
-        for (int64_t t = t0 + 8; t < n && t < t0 + 16; t++) prefetch_head(kc + sl[t] * row, D);
-        for (int64_t t = t0; t < t0 + nb; t++) prefetch_head(vc + sl[t] * row, D);
+        prefetch_rows(kc, sl, row, D, t0 + 8, t0 + 16, n);
+        prefetch_rows(vc, sl, row, D, t0, t0 + nb, n);
         for (int i = 0; i < 8; i++) {
             const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in attend_head */
             acc[i] = acc[8 + i] = _mm512_setzero_ps();
