@@ -8,7 +8,8 @@
  * the bf16 q and K rows, then one transpose-and-add tree that turns 16 partial-sum vectors into 16 scores),
  * a vectorised exp, then the probability-weighted sum of V rows in fp32, rounded to bf16 once at the end.
  * Products of two bf16 are exact in fp32; the torch path rounds the scores to bf16 before the softmax, so this
- * kernel is the more accurate of the two.
+ * kernel is the more accurate of the two. Query heads that share a KV head (GQA) run in pairs when head_dim <= 64,
+ * reading each K and V row once for both (attend_pair, with the same results).
  */
 #include "quant_cpu.h"
 
@@ -17,6 +18,24 @@
 /* the D bf16 values of one head's K or V row into L1 */
 static inline void prefetch_head(const uint16_t *p, int64_t D) {
     for (int64_t b = 0; b < 2 * D; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+}
+
+/* K or V rows [from, to) of a context into L1 (to capped at its length n) */
+static inline void prefetch_rows(const uint16_t *c, const int64_t *sl, int64_t row, int64_t D, int64_t from,
+                                 int64_t to, int64_t n) {
+    for (int64_t t = from; t < to && t < n; t++) prefetch_head(c + sl[t] * row, D);
+}
+
+/* a query head's NQ = ceil(NV / 2) 32-lane chunks (zero past D) and their masks, and the masks of the NV 16-lane
+ * vectors that cover D in the V pass */
+static inline __attribute__((always_inline)) void load_query(const int NV, const uint16_t *qh, int64_t D, __m512i *q,
+                                                             __mmask32 *qm, __mmask16 *vm) {
+    for (int j = 0; j < (NV + 1) / 2; j++) {
+        int64_t left = D - 32 * j;
+        qm[j] = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
+        q[j] = _mm512_maskz_loadu_epi16(qm[j], qh + 32 * j);
+    }
+    for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
 }
 
 /* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
@@ -30,25 +49,21 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
     __m512i q[8];
     __mmask32 qm[8];
     __mmask16 vm[16];
-    for (int j = 0; j < NQ; j++) {
-        int64_t left = D - 32 * j;
-        qm[j] = left >= 32 ? 0xFFFFFFFFu : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
-        q[j] = _mm512_maskz_loadu_epi16(qm[j], qh + 32 * j);
-    }
-    for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
+    load_query(NV, qh, D, q, qm, vm);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     /* the rows come through the slot table from anywhere in the cache: their loads stall unless requested early,
      * so each block prefetches the next block's K rows and its own V rows (read by the second pass) */
-    for (int64_t t = 0; t < n && t < 16; t++) prefetch_head(kc + sl[t] * row, D);
+    prefetch_rows(kc, sl, row, D, 0, 16, n);
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
         __m512 acc[16];
         int64_t nb = n - t0 < 16 ? n - t0 : 16;
-        for (int64_t t = t0 + 16; t < n && t < t0 + 32; t++) prefetch_head(kc + sl[t] * row, D);
-        for (int64_t t = t0; t < t0 + nb; t++) prefetch_head(vc + sl[t] * row, D);
+        prefetch_rows(kc, sl, row, D, t0 + 16, t0 + 32, n);
+        prefetch_rows(vc, sl, row, D, t0, t0 + nb, n);
         for (int i = 0; i < 16; i++) {
+            /* past the context's end a block scores its first key again, masked out below: no branch here keeps
+             * the 16 sums in registers */
+            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row;
             acc[i] = _mm512_setzero_ps();
-            if (i >= nb) continue;
-            const uint16_t *kr = kc + sl[t0 + i] * row;
             for (int j = 0; j < NQ; j++) /* q is zero beyond D, so K's lanes there do not count */
                 acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q[j], (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j));
         }
@@ -102,12 +117,107 @@ static void attend_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, c
         attend_head(16, qh, D, kc, vc, row, sl, n, scale, p, out);
 }
 
+/* attend_head for two query heads of the same KV head (GQA), which read each K and V row once for both: a tree
+ * reduces 8 keys of each head (lanes 0..7 the first head's, 8..15 the second's), and each V row, converted once,
+ * feeds both heads' sums. Every score, softmax and sum is attend_head's, in the same order, so the outputs are
+ * attend_head's bit for bit. NV <= 4. p0, p1: scratch of n + 16 floats each. */
+static inline __attribute__((always_inline)) void attend_pair(const int NV, const uint16_t *qh0, const uint16_t *qh1,
+                                                              int64_t D, const uint16_t *kc, const uint16_t *vc,
+                                                              int64_t row, const int64_t *sl, int64_t n, float scale,
+                                                              float *p0, float *p1, uint16_t *out0, uint16_t *out1) {
+    const int NQ = (NV + 1) / 2;
+    __m512i q0[2], q1[2];
+    __mmask32 qm[2];
+    __mmask16 vm[4];
+    load_query(NV, qh0, D, q0, qm, vm);
+    load_query(NV, qh1, D, q1, qm, vm);
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    prefetch_rows(kc, sl, row, D, 0, 8, n);
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        __m512 acc[16];
+        int64_t nb = n - t0 < 8 ? n - t0 : 8;
+        prefetch_rows(kc, sl, row, D, t0 + 8, t0 + 16, n);
+        prefetch_rows(vc, sl, row, D, t0, t0 + nb, n);
+        for (int i = 0; i < 8; i++) {
+            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in attend_head */
+            acc[i] = acc[8 + i] = _mm512_setzero_ps();
+            for (int j = 0; j < NQ; j++) {
+                __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j);
+                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q0[j], k);
+                acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], (__m512bh)q1[j], k);
+            }
+        }
+        __mmask16 m = (__mmask16)(tail16(nb) | tail16(nb) << 8);
+        __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+        _mm256_mask_storeu_ps(p0 + t0, (__mmask8)m, _mm512_castps512_ps256(s));
+        _mm256_mask_storeu_ps(p1 + t0, (__mmask8)m, _mm512_extractf32x8_ps(s, 1));
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, s);
+    }
+    const float mx[2] = {_mm512_mask_reduce_max_ps(0x00FF, vmax), _mm512_mask_reduce_max_ps(0xFF00, vmax)};
+    float *ps[2] = {p0, p1};
+    float denom[2];
+    for (int h = 0; h < 2; h++) {
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < n; t0 += 16) {
+            __mmask16 m = tail16(n - t0);
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, ps[h] + t0), _mm512_set1_ps(mx[h])));
+            _mm512_mask_storeu_ps(ps[h] + t0, m, e);
+            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+        }
+        denom[h] = _mm512_reduce_add_ps(vsum);
+    }
+    __m512 oa0[4], ob0[4], oa1[4], ob1[4];
+    for (int j = 0; j < NV; j++) oa0[j] = ob0[j] = oa1[j] = ob1[j] = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+        const uint16_t *va = vc + sl[t] * row, *vb = vc + sl[t + 1] * row;
+        __m512 pa0 = _mm512_set1_ps(p0[t]), pb0 = _mm512_set1_ps(p0[t + 1]);
+        __m512 pa1 = _mm512_set1_ps(p1[t]), pb1 = _mm512_set1_ps(p1[t + 1]);
+        for (int j = 0; j < NV; j++) {
+            __m512 a = bf16x16_load(va + 16 * j, vm[j]), b = bf16x16_load(vb + 16 * j, vm[j]);
+            oa0[j] = _mm512_fmadd_ps(pa0, a, oa0[j]);
+            ob0[j] = _mm512_fmadd_ps(pb0, b, ob0[j]);
+            oa1[j] = _mm512_fmadd_ps(pa1, a, oa1[j]);
+            ob1[j] = _mm512_fmadd_ps(pb1, b, ob1[j]);
+        }
+    }
+    if (t < n) {
+        const uint16_t *va = vc + sl[t] * row;
+        __m512 pa0 = _mm512_set1_ps(p0[t]), pa1 = _mm512_set1_ps(p1[t]);
+        for (int j = 0; j < NV; j++) {
+            __m512 a = bf16x16_load(va + 16 * j, vm[j]);
+            oa0[j] = _mm512_fmadd_ps(pa0, a, oa0[j]);
+            oa1[j] = _mm512_fmadd_ps(pa1, a, oa1[j]);
+        }
+    }
+    const __m512 inv0 = _mm512_set1_ps(n > 0 ? 1.0f / denom[0] : 0.0f);
+    const __m512 inv1 = _mm512_set1_ps(n > 0 ? 1.0f / denom[1] : 0.0f);
+    for (int j = 0; j < NV; j++) {
+        _mm256_mask_storeu_epi16(out0 + 16 * j, vm[j],
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_add_ps(oa0[j], ob0[j]), inv0)));
+        _mm256_mask_storeu_epi16(out1 + 16 * j, vm[j],
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_add_ps(oa1[j], ob1[j]), inv1)));
+    }
+}
+
 /* the query heads of KV head sk % Hkv of sequence sk / Hkv (p: scratch of the longest context) */
 static void attend_group(const uint16_t *q, int64_t sk, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                          const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale, float *p,
                          uint16_t *out) {
-    const int64_t s = sk / Hkv, kvh = sk % Hkv, G = Hq / Hkv, row = Hkv * D;
-    for (int64_t g = 0; g < G; g++) {
+    const int64_t s = sk / Hkv, kvh = sk % Hkv, G = Hq / Hkv, row = Hkv * D, n = starts[s + 1] - starts[s];
+    int64_t g = 0;
+    for (; g + 2 <= G && D <= 64; g += 2) { /* query heads in pairs: each K/V row read once for two */
+        const int64_t h = kvh * G + g;
+        const uint16_t *qh = q + (s * Hq + h) * D;
+        uint16_t *o = out + (s * Hq + h) * D;
+        if (D <= 32)
+            attend_pair(2, qh, qh + D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p,
+                        p + n + 16, o, o + D);
+        else
+            attend_pair(4, qh, qh + D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p,
+                        p + n + 16, o, o + D);
+    }
+    for (; g < G; g++) {
         const int64_t h = kvh * G + g;
         attend_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
                         starts[s + 1] - starts[s], scale, p, out + (s * Hq + h) * D);
@@ -131,14 +241,14 @@ void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv
 if (work * Hq * D > PAR_MIN_ATTN) {
 #pragma omp parallel
         {
-            float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
+            float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 16)));
 #pragma omp for schedule(static)
             for (int64_t sk = 0; sk < S * Hkv; sk++)
                 attend_group(q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
             free(p);
         }
     } else { /* one thread, without entering the OpenMP runtime (PAR_FOR in quant_cpu.h says why) */
-        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
+        float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 16)));
         for (int64_t sk = 0; sk < S * Hkv; sk++) attend_group(q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
         free(p);
     }

@@ -7,8 +7,9 @@
  *
  * Unlike the quantized GEMVs (MB = 4 rows per pass), this one reads each weight line once for up to MB16 = 8
  * activation rows: a speculative verification of k <= 7 drafts then costs one pass over the weights, like a
- * one-row decode step. Above 4 rows a block of RB weight rows runs as two pairs, so the accumulators (2 weight
- * rows x 8 x rows) still fit the 32 vector registers.
+ * one-row decode step. A block of RB weight rows runs its x rows four at a time (a second pass over the block's
+ * rows finds them in L1), so the accumulators (4 weight rows x 4 x rows) fit the vector registers, and the RB x mb
+ * sums of a block leave through one transpose tree, also at one x row.
  */
 #include "quant_cpu.h"
 
@@ -74,14 +75,19 @@ static inline __attribute__((always_inline)) void rows_dot16(int mb, int R, int 
         }
 }
 
-/* The R * mb <= 16 sums of rows_dot16 (one chain each) as one vector, lane m * R + r: one transpose tree reduces
- * them all (the same sums as _mm512_reduce_add_ps, for a third of its instructions), and each x row's R outputs
- * are neighbours, stored together. */
-static inline __attribute__((always_inline)) __m512 rows_dot16_packed(int mb, int R, const uint16_t *w, int64_t K,
-                                                                      const uint16_t *xh, int64_t ldx) {
+/* The R * mb <= 16 sums of rows_dot16 as one vector, lane m * R + r: one transpose tree reduces them all (the same
+ * sums as _mm512_reduce_add_ps, for a third of its instructions), and each x row's R outputs are neighbours, stored
+ * together. U chains per sum, added in the order rows_dot16 adds them, so the sums are rows_dot16's bit for bit. */
+static inline __attribute__((always_inline)) __m512 rows_dot16_packed(int mb, int R, int U, const uint16_t *w,
+                                                                      int64_t K, const uint16_t *xh, int64_t ldx) {
     __m512 acc[RB][MB16][2], v[16];
-    rows_acc16(mb, R, 1, w, K, xh, ldx, acc);
-    for (int i = 0; i < 16; i++) v[i] = i < R * mb ? acc[i % R][i / R][0] : _mm512_setzero_ps();
+    rows_acc16(mb, R, U, w, K, xh, ldx, acc);
+    for (int i = 0; i < 16; i++) {
+        v[i] = _mm512_setzero_ps();
+        if (i >= R * mb) continue;
+        v[i] = acc[i % R][i / R][0];
+        for (int u = 1; u < U; u++) v[i] = _mm512_add_ps(v[i], acc[i % R][i / R][u]);
+    }
     return sum16(v);
 }
 
@@ -112,40 +118,31 @@ static void gemv16_block(int64_t blk, int mb, int64_t m0, int64_t K, const uint1
     int64_t n0 = blk * RB;
     int rows = N - n0 < RB ? (int)(N - n0) : RB;
     const uint16_t *wr = w + n0 * K;
-    if (rows == RB && mb > 1) { /* whole blocks of several x rows: packed sums, stored a row's outputs at a time */
-        if (mb <= MB) {
-#define BLOCK(MBC) store_packed(rows_dot16_packed(MBC, RB, wr, K, xh, ldx), MBC, RB, m0, n0, N, bias, y, out_f32)
-            SWITCH_MB(mb, BLOCK);
-#undef BLOCK
-        } else { /* 5..8 x rows: two pairs of weight rows */
-#define PAIRS(MBC)                                                                                              \
-    store_packed(rows_dot16_packed(MBC, 2, wr, K, xh, ldx), MBC, 2, m0, n0, N, bias, y, out_f32),              \
-        store_packed(rows_dot16_packed(MBC, 2, wr + 2 * K, K, xh, ldx), MBC, 2, m0, n0 + 2, N, bias, y, out_f32)
-            SWITCH_MB8(mb, PAIRS);
-#undef PAIRS
+    if (rows == RB) { /* whole blocks: packed sums, stored a row's outputs at a time */
+        if (mb == 1) { /* two chains per sum hide the vdpbf16ps latency, as the one-row rows_dot16 did */
+            store_packed(rows_dot16_packed(1, RB, 2, wr, K, xh, ldx), 1, RB, m0, n0, N, bias, y, out_f32);
+            return;
         }
+        /* x rows four at a time (the sums of the pairs of weight rows this replaced, bit for bit) */
+#define BLOCK(MBC)                                                                                              \
+    store_packed(rows_dot16_packed(MBC, RB, 1, wr, K, xh + m * ldx, ldx), MBC, RB, m0 + m, n0, N, bias, y, out_f32)
+        for (int m = 0; m < mb; m += MB) SWITCH_MB(mb - m, BLOCK);
+#undef BLOCK
         return;
     }
-    float r[RB][MB16];
-    if (rows < RB) { /* the last rows, one at a time */
-        for (int i = 0; i < rows; i++) {
-            float r1[1][MB16];
-#define ONE_ROW(MBC) rows_dot16(MBC, 1, 2, wr + i * K, K, xh, ldx, r1)
-            SWITCH_MB8(mb, ONE_ROW);
+    for (int i = 0; i < rows; i++) { /* the last rows, one at a time */
+        float r[1][MB16];
+#define ONE_ROW(MBC) rows_dot16(MBC, 1, 2, wr + i * K, K, xh, ldx, r)
+        SWITCH_MB8(mb, ONE_ROW);
 #undef ONE_ROW
-            for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
-        }
-    } else { /* one x row */
-        rows_dot16(1, RB, 2, wr, K, xh, ldx, r);
-    }
-    for (int i = 0; i < rows; i++)
         for (int m = 0; m < mb; m++) {
             int64_t n = n0 + i;
             if (out_f32)
-                ((float *)y)[(m0 + m) * N + n] = bias ? r[i][m] + bias[n] : r[i][m];
+                ((float *)y)[(m0 + m) * N + n] = bias ? r[0][m] + bias[n] : r[0][m];
             else
-                store_out((uint16_t *)y + m0 * N, N, m, n, r[i][m], bias);
+                store_out((uint16_t *)y + m0 * N, N, m, n, r[0][m], bias);
         }
+    }
 }
 
 /* y[M, N] = x[M, K] @ w[N, K]^T (+ bias fp32 [N] or NULL); x and w bf16, row-major and contiguous.

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from strata.engine.sampler import Sampler, draw, process_logits, sample_token
+from strata.engine.sampler import Sampler, argmax_rows, draw, process_logits, sample_token
 from strata.engine.sampling_params import MAX_PENALTY, MIN_TEMPERATURE, SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import InvalidRequestError, WeightsError
+from strata.layers.quant_native import native_lib
 
 LOGITS = torch.log(torch.tensor([0.05, 0.40, 0.30, 0.15, 0.10]))
 
@@ -169,3 +170,18 @@ def test_draw_at_the_ends_of_the_unit_interval(monkeypatch):
     for u, want in ((0.0, 2), (1.0, 4)):
         monkeypatch.setattr(torch, "rand", lambda *a, _u=u, **k: torch.full((1, 1), _u, dtype=torch.float64))
         assert int(draw(weights, seq)[0]) == want
+
+
+@pytest.mark.skipif(native_lib() is None, reason="native kernels unavailable on this machine")
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 2048, 49153])
+def test_greedy_argmax_is_torchs_first_largest(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    rows = [
+        torch.randn(vocab, generator=g),
+        torch.randint(-2, 2, (vocab,), generator=g).float(),  # ties everywhere: the first one wins
+        torch.full((vocab,), float("-inf")),  # nothing but -inf: index 0
+        torch.cat([torch.full((vocab - 1,), float("-inf")), torch.tensor([-1e30])]),  # only the last is finite
+    ]
+    logits = torch.stack(rows * 5)  # [20, V]: more rows than one block of lanes
+    assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist()
+    assert argmax_rows(logits[:1]) == torch.argmax(logits[:1], dim=-1).tolist()

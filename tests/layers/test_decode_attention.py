@@ -58,6 +58,22 @@ def test_kernel_matches_float64(lens, hq, hkv, d):
 
 
 @needs_native
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 32), (6, 2, 40), (8, 2, 64), (6, 1, 64)])
+def test_gqa_head_pairs_match_one_head_at_a_time(hq, hkv, d):
+    """Query heads sharing a KV head attend in pairs (each K/V row read once for two, head_dim <= 64): the same
+    result, bit for bit, as each head alone over its own copy of the K/V rows (one query head per KV head)."""
+    lens = [1, 7, 8, 9, 17, 100]
+    q, kc, vc, ctx = _setup(lens, hq, hkv, d, seed=hq + d)
+    out = _run_native(q, kc, vc, ctx)
+    g = hq // hkv
+    alone = _run_native(q, kc.repeat_interleave(g, dim=1).contiguous(), vc.repeat_interleave(g, dim=1).contiguous(),
+                        ctx)
+    assert torch.equal(out.view(torch.int16), alone.view(torch.int16))
+    tol = _reference(q, kc, vc, ctx).abs() * 2**-8 + 1e-4
+    assert ((out.double() - _reference(q, kc, vc, ctx)).abs() <= tol).all()
+
+
+@needs_native
 def test_paged_attention_dispatch_writes_cache_and_agrees_with_torch_path(monkeypatch):
     """Through paged_attention: the native decode path and the torch path give the same result, and the new
     token's K/V land in the cache first (the query sees itself)."""

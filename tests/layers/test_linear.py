@@ -133,3 +133,23 @@ def test_bf16_decode_matches_f_linear_path(tmp_path, monkeypatch, family):
     ref = decode()
     torch.testing.assert_close(native, ref, atol=0.1, rtol=0.05)  # bf16 roundings in a different order
     assert (native.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _gemv_f32(x, w):
+    y = torch.empty(x.shape[0], w.shape[0])  # [M, N] fp32: the sums before any bf16 rounding hides their order
+    bf16_lib().gemv_bf16(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], None, y.data_ptr(), 1)
+    return y
+
+
+@needs_native
+@pytest.mark.parametrize("m", [6, 8, 16])
+def test_kernel_rows_past_four_match_their_own_pass(m):
+    # a pass of 5..8 rows runs rows 0..3, then the others, against the same weight rows: each group of 2..4 rows
+    # sums exactly as a call with that group alone, bit for bit
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 160, generator=g).bfloat16()
+    w = (torch.randn(516, 160, generator=g) * 0.05).bfloat16()  # 129 whole blocks of 4 weight rows
+    y = _gemv_f32(x, w)
+    for lo in range(0, m, 4):
+        assert torch.equal(y[lo : lo + 4], _gemv_f32(x[lo : lo + 4].contiguous(), w))
+    _check(y, _ref(x, w))
