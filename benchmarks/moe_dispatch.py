@@ -8,9 +8,12 @@ SparseMoeBlock runs an expert's rows in a step of more than NATIVE_MAX_TOKENS ro
 - `module`: the expert module (its QuantLinear dequantizes the whole weight and calls oneDNN's bf16 matmul
   above GEMV_MAX_ROWS rows).
 
+Both gather the expert's rows from the step's and add its output back, as the block does.
+
 Each call runs on the next of several copies of the expert (more than the L3 cache together), so weights come
 from memory as in a real step. CPU milliseconds per call, best and median of --reps; the last column is the
-largest row count up to which `native` was no slower at every count (the threshold for moe_native.NATIVE_ROWS).
+largest row count up to which `native` was no slower at every count above GEMV_MAX_ROWS (the threshold for
+moe_native.NATIVE_ROWS).
 
     .venv/bin/python benchmarks/moe_dispatch.py --threads 1 --json docs/benchmarks/moe_dispatch.json
 """
@@ -34,7 +37,7 @@ from torch import nn
 
 from strata.layers.mlp import MLP
 from strata.layers.moe_native import NativeExperts
-from strata.layers.quant_linear import QuantLinear
+from strata.layers.quant_linear import GEMV_MAX_ROWS, QuantLinear
 from strata.quant import kquant
 
 FORMATS = {"bf16": None, "int4 (Q4_0)": "int4-g32", "int8": "int8", "q4_k": "q4_k"}
@@ -74,15 +77,17 @@ def measure(fmt: str | None, hidden: int, inter: int, copies: int, reps: int) ->
     assert native is not None, "the native grouped call does not take these experts"
     rows = []
     for c in ROWS:
-        x = torch.randn(c, hidden, dtype=torch.bfloat16)  # [c, H]
+        x = torch.randn(2 * c, hidden, dtype=torch.bfloat16)  # [2c, H] the step's rows
+        idx = torch.arange(0, 2 * c, 2)  # [c] the expert's rows among them
         w = torch.full((c, 1), 0.5, dtype=torch.bfloat16)  # [c, 1]
         ids = [torch.full((c, 1), i, dtype=torch.int64) for i in range(copies)]  # [c, 1] each
+        out = torch.zeros_like(x)
 
-        def run_native(i, x=x, w=w, ids=ids):
-            native(x, w, ids[i % copies])
+        def run_native(i, x=x, idx=idx, w=w, ids=ids, out=out):  # as SparseMoeBlock._few_rows_native
+            out.index_add_(0, idx, native(x.index_select(0, idx), w, ids[i % copies]))
 
-        def run_module(i, x=x, w=w):
-            (experts[i % copies](x) * w).to(x.dtype)
+        def run_module(i, x=x, idx=idx, w=w, out=out):  # as SparseMoeBlock's loop over experts
+            out.index_add_(0, idx, (experts[i % copies](x.index_select(0, idx)) * w).to(x.dtype))
 
         n_best, n_med = _time(run_native, copies, reps)
         m_best, m_med = _time(run_module, copies, reps)
@@ -92,9 +97,12 @@ def measure(fmt: str | None, hidden: int, inter: int, copies: int, reps: int) ->
 
 
 def threshold(rows: list[dict]) -> int:
-    """The largest row count up to which the native call was no slower (best times) at every measured count."""
-    best = 0
+    """The largest row count up to which the native call was no slower (best times) at every measured count
+    above GEMV_MAX_ROWS (up to there the module runs the same GEMV kernel: the two differ by noise only)."""
+    best = GEMV_MAX_ROWS
     for r in rows:
+        if r["rows"] <= GEMV_MAX_ROWS:
+            continue
         if r["native_ms"] > r["module_ms"]:
             break
         best = r["rows"]
