@@ -25,9 +25,10 @@ from strata.layers.quant_linear import GEMV_MAX_ROWS
 # Rows of one expert up to which the grouped call (multi-row GEMVs on the stored format) is no slower than the
 # expert module (the whole weight dequantized, then oneDNN's bf16 GEMM), by weight kind. Measured with
 # benchmarks/moe_dispatch.py: one OLMoE-shaped expert (hidden 2048, intermediate 1024), 1 thread, weights read
-# from memory, on an AVX-512 server CPU; the value most of three runs gave (each one 6 or 8; from 12 rows the
-# GEMM won in all). SparseMoeBlock sends an expert of a step above NATIVE_MAX_TOKENS rows to the grouped call when
-# it got at most this many rows; kinds not measured keep the module's own GEMV switch.
+# from memory, on an AVX-512 server CPU; the value most of three runs gave (each one 6 or 8; the quantized
+# kinds' GEMM won from 12 rows in all of them, bf16 was noisy). SparseMoeBlock sends an expert of a step above
+# NATIVE_MAX_TOKENS rows to the grouped call when it got at most this many rows; kinds not measured keep the
+# module's own GEMV switch.
 NATIVE_ROWS = {"bf16": 6, "int4": 8, "int8": 8, "q4_k": 8}
 _KIND_NAMES = {code: name for name, code in WEIGHT_KINDS.items()}
 
