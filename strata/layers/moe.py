@@ -16,7 +16,10 @@ Experts are addressable one at a time: `experts` is an nn.ModuleList whose entri
 expert out of the mapping (a miss fallback, strata/tiers/provider.py): the block drops it and rescales each
 token's remaining weights to the token's top-k sum; a token left with none asks again for its first choice.
 A bf16 decode batch or verification (up to NATIVE_MAX_TOKENS rows) runs its experts in one native grouped call,
-resident or, through `hold_all`, from the provider's slots; otherwise one module call per expert.
+resident or, through `hold_all`, from the provider's slots; otherwise one module call per expert. Above
+NATIVE_MAX_TOKENS rows (a prompt, a prompt chunk with decodes) resident experts are split by their row count: those
+with at most moe_native.NATIVE_ROWS rows run together in one native grouped call, the others one module call each
+(dequantize + GEMM); both add into the same output.
 
 Expert parallel (strata/distributed/expert_parallel.py): `local_experts` names the experts this rank runs;
 the block skips the others (no rescaling: another rank adds them when the block's output is all-reduced).
@@ -41,8 +44,8 @@ from strata.layers.linear import Linear
 from strata.layers.mlp import MLP
 from strata.layers.moe_native import NativeExperts
 
-# Decode batches go to the native grouped-expert call; longer prefills keep the sorted dispatch, whose expert
-# modules reach torch's GEMMs for many rows.
+# Decode batches go to the native grouped-expert call whole; longer steps keep the sorted dispatch, whose expert
+# modules reach torch's GEMMs for many rows, and send only the experts with few rows to the grouped call.
 NATIVE_MAX_TOKENS = 64
 
 
@@ -126,9 +129,10 @@ class SparseMoeBlock(nn.Module):
         experts, weights, dropped = self._drop_missing(experts, active, ids, weights)
         flat_w = weights.reshape(-1)[order]  # [T*k]
         out = torch.zeros_like(x)
+        ran = self._few_rows_native(x, counts, flat_ids[order], token_idx, flat_w, out)
         start = 0
         for e, c in enumerate(counts):
-            if not c or e in dropped or not self._is_local(e):
+            if not c or e in dropped or e in ran or not self._is_local(e):
                 start += c
                 continue
             idx = token_idx[start : start + c]
@@ -144,6 +148,27 @@ class SparseMoeBlock(nn.Module):
             native = NativeExperts.build(self.experts) or False
             self.__dict__["_native"] = native  # not a submodule: no state-dict entries
         return native or None
+
+    def _few_rows_native(self, x: torch.Tensor, counts: list[int], sorted_ids: torch.Tensor,
+                         token_idx: torch.Tensor, flat_w: torch.Tensor, out: torch.Tensor) -> set[int]:
+        """Resident bf16 experts that got at most NATIVE_ROWS rows run together in one native grouped call (its
+        GEMVs on the stored format beat dequantizing an expert whole for a few rows), added into out [T, H].
+        sorted_ids, token_idx, flat_w [T*k]: the assignments sorted by expert. -> the experts it ran."""
+        if self.expert_provider is not None or self.local_experts is not None or x.dtype != torch.bfloat16:
+            return set()
+        native = self._native_experts()
+        if native is None:
+            return set()
+        few = [e for e, c in enumerate(counts) if 0 < c <= native.max_rows]
+        if not few:
+            return set()
+        picked = torch.zeros(self.num_experts, dtype=torch.bool)
+        picked[few] = True
+        sel = picked[sorted_ids]  # [T*k] the assignments to those experts
+        idx = token_idx[sel]  # [A]
+        y = native(x.index_select(0, idx), flat_w[sel, None], sorted_ids[sel, None])  # [A, H], one expert per row
+        out.index_add_(0, idx, y)
+        return set(few)
 
     def _native_held(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                      expert_ids: list[int]) -> torch.Tensor | None:

@@ -18,8 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.layers.fusion import native_weight
+from strata.layers.fusion import WEIGHT_KINDS, native_weight
 from strata.layers.linear import bf16_lib
+from strata.layers.quant_linear import GEMV_MAX_ROWS
+
+# Rows of one expert up to which the grouped call (multi-row GEMVs on the stored format) is no slower than the
+# expert module (the whole weight dequantized, then oneDNN's bf16 GEMM), by weight kind. Measured with
+# benchmarks/moe_dispatch.py: one OLMoE-shaped expert (hidden 2048, intermediate 1024), 1 thread, weights read
+# from memory, on an AVX-512 server CPU; the value most of three runs gave (each one 6 or 8; the quantized
+# kinds' GEMM won from 12 rows in all of them, bf16 was noisy). SparseMoeBlock sends an expert of a step above
+# NATIVE_MAX_TOKENS rows to the grouped call when it got at most this many rows; kinds not measured keep the
+# module's own GEMV switch.
+NATIVE_ROWS = {"bf16": 6, "int4": 8, "int8": 8, "q4_k": 8}
+_KIND_NAMES = {code: name for name, code in WEIGHT_KINDS.items()}
 
 
 def _expert_entry(e: nn.Module):
@@ -53,6 +64,7 @@ class NativeExperts:
     def __init__(self, experts: object, kind: int, group: int, hidden: int, inter: int, entries: list):
         self.experts = experts  # keeps the tensors behind the pointers alive
         self.kind, self.group, self.hidden, self.inter = kind, group, hidden, inter
+        self.max_rows = NATIVE_ROWS.get(_KIND_NAMES[kind], GEMV_MAX_ROWS)  # per expert, in steps of many rows
         self.num_experts = n = len(entries)  # entries of experts a call does not route to may be None
         self.tables = [(ctypes.c_void_p * n)(*(e[4 + t // 3][t % 3] if e else None for e in entries))
                        for t in range(6)]
