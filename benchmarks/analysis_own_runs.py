@@ -39,10 +39,10 @@ BENCH = ROOT / "docs" / "benchmarks"
 SHAPES = {"dense-1b": "tinyllama-1.1b", "olmoe-1b-7b": "olmoe-1b-7b"}
 PEER_FORMATS = {"q8_0": "q8_0", "q4_0": "q4_0", "bf16": "bf16"}
 PROMPT, GEN = 128, 32  # benchmarks/core.py and quant.py defaults
-# benchmarks/quant.py runs: quant.json (11:37); quant_heldout.json (2026-11-27 14:55, dense-1b and an 8-layer OLMoE
+# benchmarks/quant.py runs: quant.json; quant_heldout.json (2026-11-27, dense-1b and an 8-layer OLMoE
 # in four formats, run after the model changes of that day to be predicted unseen; it showed the per-call overhead
-# then fitted on quant.json absorbing that run's bandwidth shortfall); quant_probed.json (15:10, the same runs with
-# Strata's bf16 GEMV rate probed every round); quant_probed_rows.json (15:30, probed before every run)
+# then fitted on quant.json absorbing that run's bandwidth shortfall); quant_probed.json (the same runs with
+# Strata's bf16 GEMV rate probed every round); quant_probed_rows.json (probed before every run)
 QUANT = ("quant.json", "quant_heldout.json", "quant_probed.json", "quant_probed_rows.json")
 TIERS = ("tiers.json", "tiers_quiet.json", "tiers_cgroup.json", "tiers_cgroup_probed.json", "tiers_engine_rate.json",
          "tiers_engine_rate2.json", "tiers_engine_rate3.json")  # benchmarks/offload.py runs, those present
@@ -298,7 +298,7 @@ def offload_markdown(doc: dict) -> list[str]:
          "probes 0.85-1.26 GB/s, the engine's reads 2.07-2.51; tiers_engine_rate2: 1.22-1.85 and 1.67-2.17); "
          "standalone probes read 1.1 to 2.9 GB/s from one minute to the next, with no pattern found in buffer type, "
          "eviction or pauses. The resident rows are the first 32 tokens after loading a model evicted from the page "
-         "cache; until tiers_engine_rate3 (14:45) the loader left the weights that stay in the file mapping on disk "
+         "cache; until tiers_engine_rate3 the loader left the weights that stay in the file mapping on disk "
          "until a request touched them, so those rows ran the first request's page-by-page reads (standalone: "
          "prefill 1.8 s instead of 0.3 s, the first 8 decode steps 75-210 ms instead of 45-50), which the model does "
          "not price. The loader now reads those pages in at load (strata/mapping.py): see the resident row "
