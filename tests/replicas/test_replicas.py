@@ -114,7 +114,8 @@ def test_enable_migration_moves_a_request_off_the_busier_replica(model):
     import threading
     import time
 
-    srv = Server(model, "--data-parallel-size", "2", "--enable-migration", "--migration-interval", "0.2",
+    # checks every 20 ms: the long requests of this tiny model outlast the short one by a few hundred ms only
+    srv = Server(model, "--data-parallel-size", "2", "--enable-migration", "--migration-interval", "0.02",
                  "--dtype", "float32", "--served-model-name", "tiny")
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
