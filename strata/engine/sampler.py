@@ -5,13 +5,14 @@ The batch is sampled at once: processors run only on the rows that need them, th
 and top-p apply to all sampled rows as [N, V] tensor operations with per-row parameters. A sampled row draws by
 inverse CDF: one uniform u in [0, 1) from the row's own generator (the global one without a seed) and the first
 token whose cumulative weight exceeds u times the row's total. That takes one random number per row where
-torch.multinomial's Exp(1) noise takes one per vocabulary entry (on a 49k vocabulary, 16 rows: 0.7 ms against
-12.7 ms on one core), and gives each row the same token whatever else is in the batch.
+torch.multinomial's Exp(1) noise takes one per vocabulary entry (benchmarks/sampler_draw.py), and gives each
+row the same token whatever else is in the batch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
@@ -118,24 +119,36 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
     return probs  # top-p leaves rows unnormalized; the draw does not mind
 
 
+DRAW_BLOCK = 256  # vocabulary entries summed together before the draw walks into one block
+
+
 def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """probs [N, V] (unnormalized weights) -> one token per row [N]: the first token whose cumulative weight
     exceeds u x the row's total, u uniform in [0, 1) from the row's generator; the unseeded rows take theirs
-    in one call on the global generator, in batch order."""
-    if not bool((probs >= 0).all() & (probs.sum(-1) > 0).all()):
+    in one call on the global generator, in batch order. The cumulative weights are float64 sums of blocks of
+    DRAW_BLOCK entries, then running sums inside the one block the target falls in (a cumulative sum over the
+    whole vocabulary writes N x V doubles per step)."""
+    n, vocab = probs.shape
+    w = F.pad(probs, (0, -vocab % DRAW_BLOCK)).reshape(n, -1, DRAW_BLOCK)  # [N, B, DRAW_BLOCK]
+    cum = w.sum(-1, dtype=torch.float64).cumsum(-1)  # [N, B] weight up to each block's end
+    if not bool(probs.min() >= 0) or not bool((cum[:, -1] > 0).all()):
         raise ValueError("invalid sampling distribution (negative weights or all zero)")
-    cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [N, V]
-    u = torch.empty(probs.shape[0], 1, dtype=torch.float64)  # [N, 1]
+    u = torch.empty(n, 1, dtype=torch.float64)  # [N, 1]
     unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
     if unseeded:
         u[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64)
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
             u[i] = torch.rand(1, dtype=torch.float64, generator=seq.generator)
-    tokens = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)  # [N, 1]
+    target = u * cum[:, -1:]  # [N, 1]
+    block = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)  # [N, 1]
+    start = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), 0.0)  # [N, 1]
+    inner = start + w[torch.arange(n), block[:, 0]].cumsum(-1, dtype=torch.float64)  # [N, DRAW_BLOCK]
+    offset = torch.searchsorted(inner, target, right=True).clamp_(max=DRAW_BLOCK - 1)  # [N, 1]
+    tokens = (block * DRAW_BLOCK + offset).clamp_(max=vocab - 1)  # [N, 1]
     zero = probs.gather(1, tokens)[:, 0] <= 0  # u x total rounded up to the total: past the last weight
     if bool(zero.any()):
-        last = probs.shape[1] - 1 - torch.argmax((probs[zero] > 0).flip(-1).to(torch.int8), dim=-1)  # [Z]
+        last = vocab - 1 - torch.argmax((probs[zero] > 0).flip(-1).to(torch.int8), dim=-1)  # [Z]
         tokens[zero, 0] = last
     return tokens[:, 0]  # [N]
 
