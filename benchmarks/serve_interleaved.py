@@ -39,11 +39,11 @@ def _parse(spec: str) -> tuple[str, Path, list[str]]:
     return name, code, shlex.split(flags)
 
 
-def _cli_tpot_ms(threads: int, tokens: int) -> float:
+def _cli_tpot_ms(threads: int, tokens: int, model: str | None, dtype: str) -> float:
     """The CLI's decode TPOT (best of 3 in a fresh interpreter, as serve_batching.py measures it)."""
     from benchmarks.child import run_child
 
-    res = run_child("benchmarks.serve_batching", "cli_decode", threads, tokens, 3, None, "auto")
+    res = run_child("benchmarks.serve_batching", "cli_decode", threads, tokens, 3, model, dtype)
     if "error" in res:
         raise SystemExit(f"CLI decode failed: {res['error']}")
     return res["tpot_ms"]
@@ -55,17 +55,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--model", default=None, help="HF folder or GGUF file (default: the bundled model)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95, a seed per stream")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     configs = [_parse(s) for s in args.configs]
-    cli = [_cli_tpot_ms(args.threads, args.tokens)]
+    model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
+    cli = [_cli_tpot_ms(args.threads, args.tokens, model, args.dtype)]
     servers = {}
     try:
         for name, code, flags in configs:
             port = free_port()
             cmd = [sys.executable, "-m", "strata.cli", "serve", "--port", str(port), "--num-threads",
                    str(args.threads), "--max-num-seqs", "16", "--max-model-len", "512", "--served-model-name",
-                   SERVED_NAME, "--log-level", "warning", *flags]
+                   SERVED_NAME, "--log-level", "warning", "--dtype", args.dtype,
+                   *(["--model", model] if model else []), *flags]
             proc = subprocess.Popen(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
             servers[name] = (proc, f"http://127.0.0.1:{port}")
         for proc, base in servers.values():
@@ -76,13 +81,13 @@ def main() -> None:
         for _ in range(args.rounds):
             for n in (1, 16):
                 for name, (proc, base) in servers.items():
-                    runs[name][n].append(asyncio.run(_round(base, n, args.tokens, False, proc.pid)))
+                    runs[name][n].append(asyncio.run(_round(base, n, args.tokens, args.sampled, proc.pid)))
             load.append(os.getloadavg())
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-    cli.append(_cli_tpot_ms(args.threads, args.tokens))
+    cli.append(_cli_tpot_ms(args.threads, args.tokens, model, args.dtype))
     cli_tpot = statistics.median(cli)
     keys = ("tok_s", "tpot_ms", "server_cpu_ms_per_token")
     out = {name: {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in by_n.items()}

@@ -2,11 +2,13 @@
 sampling with the sequence's own generator (so a seed reproduces whatever the batch).
 
 The batch is sampled at once: processors run only on the rows that need them, then temperature, top-k, min-p
-and top-p apply to all sampled rows as [N, V] tensor operations with per-row parameters. A sampled row draws by
-inverse CDF: one uniform u in [0, 1) from the row's own generator (the global one without a seed) and the first
-token whose cumulative weight exceeds u times the row's total. That takes one random number per row where
-torch.multinomial's Exp(1) noise takes one per vocabulary entry (benchmarks/sampler_draw.py), and gives each
-row the same token whatever else is in the batch.
+and top-p apply to all sampled rows as [N, V] tensor operations with per-row parameters. Top-k and top-p find
+each row's boundary by a radix select in native code (strata/layers/cpu_sample.c) instead of sorting: torch's
+sort of 16 rows of a 49k vocabulary takes 50 ms on one core. A sampled row draws by inverse CDF: one uniform u
+in [0, 1) from the row's own generator (the global one without a seed) and the first token whose cumulative
+weight exceeds u times the row's total. That takes one random number per row where torch.multinomial's Exp(1)
+noise takes one per vocabulary entry (benchmarks/sampler_draw.py), and gives each row the same token whatever
+else is in the batch. Without the native kernels the same rules run as torch operations.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # [N]
     logits = logits / temps[:, None]
     ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
-    if any(ks):
+    if any(ks) and _native_select(logits, 0, ks, float("-inf")):
+        pass
+    elif any(ks):
         rows = [i for i, k in enumerate(ks) if k]
         sub = logits[rows]  # [R, V]
         top = torch.topk(sub, max(ks), dim=-1).values  # [R, kmax]
@@ -109,7 +113,9 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
         cut = torch.tensor(min_ps, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)  # [N, 1]
         probs = probs.masked_fill(probs < cut, 0.0)
     rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    if rows:
+    if rows and _native_select(probs, 1, [p.top_p for p in params], 0.0):
+        pass
+    elif rows:
         sub = probs[rows]  # [R, V]
         sorted_probs, order = torch.sort(sub, dim=-1, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)
@@ -117,6 +123,19 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
         sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > top_p, 0.0)
         probs[rows] = torch.zeros_like(sub).scatter_(-1, order, sorted_probs)
     return probs  # top-p leaves rows unnormalized; the draw does not mind
+
+
+def _native_select(x: torch.Tensor, mode: int, params: list[float], fill: float) -> bool:
+    """Top-k (mode 0, params = k per row, 0 for none) or top-p (mode 1, params = top_p per row) on x [N, V] in
+    place through the native radix select (cpu_sample.c: the same kept entries as a sort, without sorting);
+    False when the native kernels are not here."""
+    lib = native_lib()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return False
+    par = torch.tensor(params, dtype=torch.float64)  # [N]
+    if lib.select_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], mode, par.data_ptr(), fill) != 0:
+        raise MemoryError("sampling: no scratch memory for the top-k/top-p select")
+    return True
 
 
 DRAW_BLOCK = 256  # vocabulary entries summed together before the draw walks into one block
@@ -127,12 +146,9 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     exceeds u x the row's total, u uniform in [0, 1) from the row's generator; the unseeded rows take theirs
     in one call on the global generator, in batch order. The cumulative weights are float64 sums of blocks of
     DRAW_BLOCK entries, then running sums inside the one block the target falls in (a cumulative sum over the
-    whole vocabulary writes N x V doubles per step)."""
+    whole vocabulary writes N x V doubles per step): in native code (cpu_sample.c's draw_rows_f32) for
+    contiguous float32 rows, else as torch operations."""
     n, vocab = probs.shape
-    w = F.pad(probs, (0, -vocab % DRAW_BLOCK)).reshape(n, -1, DRAW_BLOCK)  # [N, B, DRAW_BLOCK]
-    cum = w.sum(-1, dtype=torch.float64).cumsum(-1)  # [N, B] weight up to each block's end
-    if not bool(probs.min() >= 0) or not bool((cum[:, -1] > 0).all()):
-        raise ValueError("invalid sampling distribution (negative weights or all zero)")
     u = torch.empty(n, 1, dtype=torch.float64)  # [N, 1]
     unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
     if unseeded:
@@ -140,6 +156,19 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
             u[i] = torch.rand(1, dtype=torch.float64, generator=seq.generator)
+    lib = native_lib()
+    if lib is not None and probs.dtype == torch.float32 and probs.is_contiguous():
+        tokens = torch.empty(n, dtype=torch.int64)  # [N]
+        failed = lib.draw_rows_f32(probs.data_ptr(), n, vocab, u.data_ptr(), tokens.data_ptr())
+        if failed == -2:
+            raise MemoryError("sampling: no scratch memory for the draw")
+        if failed >= 0:
+            raise ValueError("invalid sampling distribution (negative weights or all zero)")
+        return tokens
+    w = F.pad(probs, (0, -vocab % DRAW_BLOCK)).reshape(n, -1, DRAW_BLOCK)  # [N, B, DRAW_BLOCK]
+    cum = w.sum(-1, dtype=torch.float64).cumsum(-1)  # [N, B] weight up to each block's end
+    if not bool(probs.min() >= 0) or not bool((cum[:, -1] > 0).all()):
+        raise ValueError("invalid sampling distribution (negative weights or all zero)")
     target = u * cum[:, -1:]  # [N, 1]
     block = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)  # [N, 1]
     start = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), 0.0)  # [N, 1]
@@ -195,12 +224,15 @@ class Sampler:
             processed = masked.clone()
             for i in todo:
                 processed[i] = process_logits(masked[i], seqs[i], self.eos_token_ids)
-        tokens = torch.argmax(processed, dim=-1)  # [N]; greedy rows keep it
         rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
-        if rows:
-            probs = batch_sampling_probs(processed[rows], [seqs[i].params for i in rows])  # [R, V]
-            tokens[rows] = draw(probs, [seqs[i] for i in rows])
-        tokens = tokens.tolist()
+        if len(rows) == len(seqs):  # every row samples: no argmax, no row gathers
+            tokens = draw(batch_sampling_probs(processed, [s.params for s in seqs]), seqs).tolist()
+        else:
+            tokens = torch.argmax(processed, dim=-1)  # [N]; greedy rows keep it
+            if rows:
+                probs = batch_sampling_probs(processed[rows], [seqs[i].params for i in rows])  # [R, V]
+                tokens[rows] = draw(probs, [seqs[i] for i in rows])
+            tokens = tokens.tolist()
         for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None:
                 seq.logprobs.append(token_logprobs(logits[i], tokens[i], seq.params.logprobs))

@@ -33,7 +33,7 @@ SOURCES = [HERE / n for n in (
     "quant_cpu_mxfp4.c",
     "quant_cpu_q32.c", "quant_cpu_a8.c",
     "cpu_decode_attention.c",
-    "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c")]
+    "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c")]
 HEADER = HERE / "quant_cpu.h"
 ABI = 14  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
@@ -67,6 +67,8 @@ _SIGNATURES = {
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
     "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
     "argmax_rows_f32": [_P, _I, _I, _P],
+    "select_rows_f32": [_P, _I, _I, _I, _P, ctypes.c_float],
+    "draw_rows_f32": [_P, _I, _I, _P, _P],
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
     "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
     "moe_take_counts": [_P],
@@ -164,6 +166,7 @@ def native_lib() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.a8_supported.restype = ctypes.c_int64
+    lib.select_rows_f32.restype = lib.draw_rows_f32.restype = ctypes.c_int64
     return lib
 
 
