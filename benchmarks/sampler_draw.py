@@ -88,7 +88,7 @@ def main() -> None:
                 seqs = [Sequence("r", [0], SamplingParams(), index=0)] * n
                 native, plain, noise = [], [], []
                 for _ in range(args.rounds):  # alternated, so a change of load hits all alike
-                    call = lambda f=fn, lg=logits, pr=probs, sq=seqs: f(lg, pr, sq)  # noqa: E731
+                    call = lambda f=fn, lg=logits, pr=probs, sq=seqs: f(lg, pr, sq)
                     native.append(best_us(call, args.reps))
                     plain.append(best_us(call, args.reps, native=False))
                     if name == "draw":
