@@ -6,7 +6,8 @@ urgent ones (a first token, a finished request, an error) wake the loop at once.
 passed wait for `wake_due()`, which the engine thread calls right before the next forward: the loop's Python (SSE
 chunks, sends) then runs while the forward's native code holds no GIL, instead of stalling the engine thread's own
 Python between two forwards. Only one wake is in flight: later steps add to the pending list the loop has yet to
-take.
+take. The loop resolves the engine's DeferredOutputs as it takes them (detokenizing, building the RequestOutputs:
+strata/engine/outputs.py), in the order the steps produced them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import threading
 import time
 
+from strata.engine.outputs import DeferredOutput
 from strata.server.request_stream import RequestStream
 
 
@@ -78,4 +80,4 @@ class OutputHandoff:
         with self._lock:
             items, self._pending, self._wake_pending = self._pending, [], False
         for stream, item in items:
-            stream.queue.put_nowait(item)
+            stream.queue.put_nowait(item.resolve() if type(item) is DeferredOutput else item)

@@ -119,8 +119,8 @@ def test_n_siblings_share_the_prompt_blocks(llm_engine):
     hits0 = bm.num_prefix_hits
     llm_engine.add_request(ids + [7], SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True))
     outs = []
-    while llm_engine.has_unfinished_requests():
-        outs.extend(o for o in llm_engine.step() if o.finished)
+    while llm_engine.has_unfinished_requests():  # an AsyncEngine has run it: outputs may be deferred (resolve)
+        outs.extend(o for o in (out.resolve() for out in llm_engine.step()) if o.finished)
     texts = [o.token_ids for o in outs[0].outputs]
     assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
     assert bm.num_prefix_hits - hits0 >= 2 * full_blocks * bm.block_size  # both siblings reused the prompt

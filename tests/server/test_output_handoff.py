@@ -81,3 +81,25 @@ def test_urgent_output_goes_at_once_behind_the_pending_ones():
     assert len(loop.scheduled) == 1
     loop.run()
     assert _taken(stream) == ["a", "end"]
+
+
+def test_deferred_outputs_are_resolved_in_step_order_as_the_loop_takes_them():
+    from strata.engine.detokenizer import IncrementalDetokenizer
+    from strata.engine.outputs import DeferredOutput, RequestOutput
+    from strata.engine.sampling_params import SamplingParams
+    from strata.engine.sequence import Sequence
+
+    h, loop, stream = _handoff(0.0)
+    seq = Sequence("r", [1, 2], SamplingParams())
+    seq.token_ids += [5, 6, 7]
+    detok = IncrementalDetokenizer(None, [1, 2], [], True)  # no tokenizer: it counts the tokens it is fed
+    first = DeferredOutput([seq], [(detok, [5, 6], 2, False, None, None, None)], False, 0, None, None)
+    last = DeferredOutput([seq], [(detok, [7], 3, True, "length", None, None)], True, 0, None, None)
+    h.deliver_all([(stream, first)])
+    h.deliver_all([(stream, last)], urgent=True)
+    assert detok.num_added == 0  # nothing resolved on the engine thread
+    loop.run()
+    got = _taken(stream)
+    assert [type(o) for o in got] == [RequestOutput, RequestOutput]
+    assert [o.outputs[0].token_ids for o in got] == [[5, 6], [5, 6, 7]]
+    assert got[1].finished and got[1].outputs[0].finish_reason == "length" and detok.num_added == 3
