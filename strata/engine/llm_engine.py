@@ -97,8 +97,10 @@ class LLMEngine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
         self._ids = itertools.count()
-        # called by step() right before the model runs (the server wakes its event loop there, so that the loop's
-        # Python runs while the forward's native code holds no GIL)
+        # called by step() once per forward, right before its layers run: inside the one-call native decode, right
+        # before its GIL-free native code (the server wakes its event loop there, so that the loop's Python runs
+        # beside the native code; woken earlier, the loop would take the GIL at the step's next torch op and the
+        # engine thread would wait for it)
         self.before_forward: Callable[[], None] | None = None
         self._deferred = False  # see defer_detokenization
         self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
@@ -261,9 +263,7 @@ class LLMEngine:
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
         if self.tiers is not None:
             self.tiers.label_rows(batch.row_labels())  # routing record / replay key each row by request
-        if self.before_forward is not None:
-            self.before_forward()
-        logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
+        logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored, self.before_forward)
         for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]
             for c in range(0, hidden.shape[0], PROMPT_LOGPROBS_ROWS):
