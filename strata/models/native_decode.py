@@ -174,12 +174,12 @@ class NativeDecoder:
         residual = torch.empty_like(x)
         cos, sin = cos.contiguous(), sin.contiguous()  # held: the pointers below must outlive the call
         h, hq, hkv, d, inter = self.dims
-        lib = bf16_lib()
+        args = (self.layers, len(self.layers), x.shape[0], h, hq, hkv, d, inter, self.eps, self.scale,
+                cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), offsets.data_ptr(), x.data_ptr(), residual.data_ptr())
+        decode_layers = bf16_lib().decode_layers
         if before_native is not None:
             before_native()
-        lib.decode_layers(self.layers, len(self.layers), x.shape[0], h, hq, hkv, d, inter, self.eps,
-                                 self.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
-                                 x.data_ptr(), residual.data_ptr())
+        decode_layers(*args)
         return x, residual
 
 
