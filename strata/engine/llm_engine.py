@@ -263,7 +263,10 @@ class LLMEngine:
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
         if self.tiers is not None:
             self.tiers.label_rows(batch.row_labels())  # routing record / replay key each row by request
-        logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored, self.before_forward)
+        if self.before_forward is None:  # (tests and benchmarks wrap execute with these two arguments)
+            logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
+        else:
+            logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored, self.before_forward)
         for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]
             for c in range(0, hidden.shape[0], PROMPT_LOGPROBS_ROWS):
