@@ -120,3 +120,21 @@ def test_export_of_a_deferred_request_carries_its_consumers_detokenizer(model):
                 text += out.resolve().outputs[0].delta
         texts[name] = (text, state)
     assert texts["deferred"] == texts["eager"]
+
+
+def test_deferred_outputs_with_speculative_decoding(model):
+    """Several tokens per step (accepted drafts) reach the detokenizer in one resolve."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    engines = []
+    for deferred in (False, True):
+        engine = LLMEngine(EngineConfig(model=str(model), max_num_seqs=4, num_threads=1, speculative_config=spec),
+                           progress=False)
+        if deferred:
+            engine.defer_detokenization()
+        engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), request_id="g")
+        engines.append(engine)
+    want = [_fields(o) for step in _run(engines[0]) for o in step]
+    got = [_fields(o.resolve()) for step in _run(engines[1]) for o in step]
+    assert got == want
+    assert engines[1].spec.num_accepted_tokens > 0
+    assert len(want) < 40  # some steps brought more than one token
