@@ -17,7 +17,7 @@ import threading
 import time
 
 from strata.engine.outputs import DeferredOutput
-from strata.server.request_stream import RequestStream
+from strata.server.request_stream import RequestFailedError, RequestStream
 
 
 class OutputHandoff:
@@ -80,4 +80,10 @@ class OutputHandoff:
         with self._lock:
             items, self._pending, self._wake_pending = self._pending, [], False
         for stream, item in items:
-            stream.queue.put_nowait(item.resolve() if type(item) is DeferredOutput else item)
+            if type(item) is DeferredOutput:
+                try:
+                    item = item.resolve()
+                except Exception as e:  # noqa: BLE001 - fails its request alone, as a failing step would
+                    stream.owner.abort(stream.request_id)  # its later outputs cannot be resolved either
+                    item = RequestFailedError(f"generation failed: {type(e).__name__}: {e}")
+            stream.queue.put_nowait(item)
