@@ -3,8 +3,8 @@
 A wake-up of the event loop hands the GIL to it: on a fast step that costs as much as the step, so steady
 outputs go out at most once per stream interval (they pile up here, and the streams merge them into one chunk);
 urgent ones (a first token, a finished request, an error) wake the loop at once. Steady outputs whose interval has
-passed wait for `wake_due()`, which the engine thread calls right before the next forward: the loop's Python (SSE
-chunks, sends) then runs while the forward's native code holds no GIL, instead of stalling the engine thread's own
+passed wait for `wake_due()`, which the engine thread calls right before the next forward's native code: the loop's
+Python (SSE chunks, sends) then runs while that code holds no GIL, instead of stalling the engine thread's own
 Python between two forwards. Only one wake is in flight: later steps add to the pending list the loop has yet to
 take. The loop resolves the engine's DeferredOutputs as it takes them (detokenizing, building the RequestOutputs:
 strata/engine/outputs.py), in the order the steps produced them.
