@@ -25,6 +25,8 @@ class IncrementalDetokenizer:
         self.stop_hit: str | None = None
         self.token_ends: list[int] = []  # per decoded output token: len(text) once its text is complete
         self.num_added = 0
+        # tokens the engine generated that a deferred output hands to its consumer's thread to add (outputs.py)
+        self.pending: list[int] = []
 
     @property
     def num_tokens_emitted(self) -> int:

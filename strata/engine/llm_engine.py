@@ -10,7 +10,6 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +24,13 @@ from strata.engine.block_manager import BlockManager
 from strata.engine.detokenizer import IncrementalDetokenizer
 from strata.engine.guided import StructuredOutputManager, compile_grammar
 from strata.engine.model_runner import ModelRunner, num_kv_blocks
+from strata.engine.outputs import (  # CompletionOutput: callers import the output types from here too
+    CompletionOutput,  # noqa: F401
+    DeferredOutput,
+    RequestOutput,
+    completion_output,
+    request_output,
+)
 from strata.engine.sampler import IsolatingSampler, Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
@@ -41,37 +47,6 @@ from strata.weights.gguf_cache import resolve_model_path
 SMALL_MODEL_PARAMS = 20_000_000
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at once (bounds the [rows, vocab] tensors)
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    delta: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: str | int | None = None
-    logprobs: list[dict] | None = None  # of the tokens whose text is in `text` (all of them once finished)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
-    prompt_logprobs: list[dict | None] | None = None  # one per prompt token, None for the first
-
-    def add(self, later: RequestOutput) -> RequestOutput:
-        """`later` (an output of the same request from a later step) carrying both outputs' text deltas: what a
-        consumer that fell behind takes in one go instead of one output per step (vLLM's output collector
-        merges the same way). Everything else in an output is cumulative, so `later` already has it."""
-        deltas = {o.index: o.delta for o in self.outputs}
-        for o in later.outputs:
-            o.delta = deltas.get(o.index, "") + o.delta
-        return later
 
 
 class LLMEngine:
@@ -122,9 +97,12 @@ class LLMEngine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._forks: dict[str, list[Sequence]] = {}  # n > 1 siblings waiting for the first one's prefill
         self._ids = itertools.count()
-        # called by step() right before the model runs (the server wakes its event loop there, so that the loop's
-        # Python runs while the forward's native code holds no GIL)
+        # called by step() once per forward, right before its layers run: inside the one-call native decode, right
+        # before its GIL-free native code (the server wakes its event loop there, so that the loop's Python runs
+        # beside the native code; woken earlier, the loop would take the GIL at the step's next torch op and the
+        # engine thread would wait for it)
         self.before_forward: Callable[[], None] | None = None
+        self._deferred = False  # see defer_detokenization
         self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
 
     # ---- requests ------------------------------------------------------------------------------
@@ -239,6 +217,25 @@ class LLMEngine:
         if not isinstance(self.sampler, IsolatingSampler):
             self.sampler = IsolatingSampler(self.sampler, self.eos_token_ids[0] if self.eos_token_ids else 0)
 
+    def defer_detokenization(self) -> None:
+        """From now on the outputs of requests without stop strings are DeferredOutputs: their tokens are
+        detokenized, and their RequestOutputs built, by whoever calls resolve(), once per output and in step
+        order (strata/engine/outputs.py); the server does it in its event loop."""
+        self._deferred = True
+
+    def detokenizer_state(self, seq: Sequence) -> dict:
+        """The fields of a sequence's detokenizer (migration), as they stand once every output handed out so far
+        has been resolved. A deferred detokenizer belongs to its consumer's thread: the state comes from a
+        copy fed the sequence's tokens, which without stop strings is where the consumer's one ends up (it hands
+        out all of a step's text)."""
+        detok = self._detok[seq.seq_id]
+        if self._deferred and not detok.stop and not seq.is_finished:
+            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, [], seq.params.skip_special_tokens)
+            for tok in seq.completion_token_ids:
+                detok.add(tok)
+            detok.take_delta(final=False)
+        return {k: v for k, v in vars(detok).items() if k != "tokenizer"}
+
     def take_sampling_failures(self) -> dict[str, Exception]:
         """request id -> the error its sampling raised since the last call (after isolate_sampling_failures)."""
         failed = getattr(self.sampler, "failed", None)
@@ -248,7 +245,7 @@ class LLMEngine:
         return failed
 
     # ---- one step ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | DeferredOutput]:
         t_start = time.perf_counter()
         batch = self.scheduler.schedule()
         dropped = self._drop_unschedulable()
@@ -266,9 +263,10 @@ class LLMEngine:
         num_scored = self.spec.prepare(batch) if self.spec else None  # drafts widen decoding sequences' steps
         if self.tiers is not None:
             self.tiers.label_rows(batch.row_labels())  # routing record / replay key each row by request
-        if self.before_forward is not None:
-            self.before_forward()
-        logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
+        if self.before_forward is None:  # (tests and benchmarks wrap execute with these two arguments)
+            logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored)
+        else:
+            logits, sampled_idx, prompt_hidden = self.runner.execute(batch, num_scored, self.before_forward)
         for i, (target, hidden) in prompt_hidden.items():
             seq = batch.seqs[i]
             for c in range(0, hidden.shape[0], PROMPT_LOGPROBS_ROWS):
@@ -334,7 +332,10 @@ class LLMEngine:
             reason, seq.stop_reason = "stop", tok
         else:
             detok = self._detok[seq.seq_id]
-            detok.add(tok)
+            if detok.stop or not self._deferred:
+                detok.add(tok)
+            else:
+                detok.pending.append(tok)  # no stop strings: the text waits for the output's consumer
             if detok.stop_hit is not None and num_out >= p.min_tokens:
                 reason, seq.stop_reason = "stop", detok.stop_hit
             elif self.structured is not None and self.structured.matchers and self.structured.is_stopped(seq):
@@ -345,23 +346,26 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
-    def _output(self, request_id: str) -> RequestOutput:
+    def _output(self, request_id: str) -> RequestOutput | DeferredOutput:
         seqs = self._requests[request_id]
-        outs = []
-        for seq in seqs:
-            detok = self._detok[seq.seq_id]
-            delta = detok.take_delta(final=seq.is_finished)
-            logprobs = None
-            if seq.params.logprobs is not None:  # a copy: the engine thread goes on appending to seq.logprobs
-                logprobs = seq.logprobs[: len(seq.logprobs) if seq.is_finished else detok.num_tokens_emitted]
-            outs.append(CompletionOutput(seq.index, detok.text[: detok.num_emitted], delta,
-                                         seq.completion_token_ids, seq.finish_reason, seq.stop_reason, logprobs))
-        finished = all(s.is_finished for s in seqs)
         first = seqs[0]
-        out = RequestOutput(request_id, first.prompt_token_ids, outs, finished,
-                            num_cached_tokens=first.num_cached_tokens,
-                            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time},
-                            prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs)
+        finished = all(s.is_finished for s in seqs)
+        prompt_logprobs = None if first.needs_prompt_logprobs else first.prompt_logprobs
+        if self._deferred and not first.params.stop:
+            copy = self.spec is not None  # drafts pass through seq.token_ids during a step: the consumer gets a copy
+            parts = []
+            for seq in seqs:
+                detok = self._detok[seq.seq_id]
+                new, detok.pending = detok.pending, []
+                parts.append((detok, new, seq.num_completion_tokens, seq.is_finished, seq.finish_reason,
+                              seq.stop_reason, seq.completion_token_ids if copy else None))
+            out = DeferredOutput(seqs, parts, finished, first.num_cached_tokens, first.first_token_time,
+                                 prompt_logprobs)
+        else:
+            outs = [completion_output(seq, self._detok[seq.seq_id], seq.num_completion_tokens, seq.is_finished,
+                                      seq.finish_reason, seq.stop_reason) for seq in seqs]
+            out = request_output(first, outs, finished, first.num_cached_tokens, first.first_token_time,
+                                 prompt_logprobs)
         if finished:
             for seq in seqs:
                 self._detok.pop(seq.seq_id, None)

@@ -144,7 +144,7 @@ def export_request(engine, request_id: str, kv_from: int = 0, num_preemptions: i
         kv_from = 0
     kv_from = min(kv_from, seq.num_computed_tokens)
     kv = _gather(engine, _seq_slots(engine, seq, kv_from))  # [L, 2, n - kv_from, Hkv, D]
-    detok = {k: v for k, v in vars(engine._detok[seq.seq_id]).items() if k != "tokenizer"}
+    detok = engine.detokenizer_state(seq)
     out = MigratedRequest(request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params, seq.priority,
                           seq.num_computed_tokens, kv, detok, list(seq.logprobs),
                           None if seq.prompt_logprobs is None else list(seq.prompt_logprobs),

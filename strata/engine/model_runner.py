@@ -6,6 +6,7 @@ them into logits a slice at a time, so a long prompt never holds [prompt, vocab]
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -46,16 +47,18 @@ class ModelRunner:
         return slots[off : off + end - start]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None
+    def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None,
+                before_native: Callable[[], None] | None = None
                 ) -> tuple[torch.Tensor, list[int], dict[int, tuple[int, torch.Tensor]]]:
         """Returns (logits [N, V], indices into batch.seqs of the sequences that reached their last token,
         {index into batch.seqs: (first prompt position predicted, final hidden states [k, H])}).
 
         Each sampled sequence has its last num_scored[i] rows in the logits (default 1; speculative verification
-        scores every drafted position)."""
+        scores every drafted position). before_native: called once, when the batch's inputs are built, right
+        before the forward's layers (CausalLM.forward)."""
         if num_scored is None and all(n == 1 for n in batch.num_new_tokens) and not any(
                 s.needs_prompt_logprobs or s.num_computed_tokens + 1 != s.num_tokens for s in batch.seqs):
-            return self._execute_decode(batch), list(range(len(batch.seqs))), {}
+            return self._execute_decode(batch, before_native), list(range(len(batch.seqs))), {}
         ids, positions, slot_parts, ctx_slots = [], [], [], []
         starts, qlens, clens, sample_rows, sampled = [], [], [], [], []
         prompt_rows: list[int] = []
@@ -91,6 +94,7 @@ class ModelRunner:
             self.kv_caches,
             torch.tensor(sample_rows + prompt_rows, dtype=torch.long),
             return_hidden=bool(prompt_rows),
+            before_native=before_native,
         )  # [N, V] logits, or with prompt rows [N + P, H] hidden states
         if not prompt_rows:
             return out, sampled, {}
@@ -100,7 +104,7 @@ class ModelRunner:
             at += k
         return self.logits(out[: len(sample_rows)]), sampled, prompt_hidden
 
-    def _execute_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _execute_decode(self, batch: ScheduledBatch, before_native: Callable[[], None] | None) -> torch.Tensor:
         """Every sequence decodes its last token: the inputs for the whole batch in a fixed number of tensor
         ops (no per-sequence tensors), so the step's Python cost stays flat as the batch grows."""
         seqs, bs = batch.seqs, self.block_size
@@ -117,7 +121,7 @@ class ModelRunner:
                                  list(flat.split(clens)), _flat=(flat, offsets))
         self.model.current_batch = batch
         return self.model(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long), lens - 1, meta,
-                          self.kv_caches)  # [S, V]
+                          self.kv_caches, before_native=before_native)  # [S, V]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ A family file under models/ subclasses `CausalLM` and sets what differs through 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -195,14 +196,18 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, ...]] | None = None,  # per layer, as its KVCacheSpec allocates
         logits_indices: torch.Tensor | None = None,  # [N] rows whose logits are needed; None = all
         return_hidden: bool = False,  # the final-norm hidden states [N, H] instead of logits (embeddings)
+        before_native: Callable[[], None] | None = None,  # called once, right before the layers run (see below)
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary(positions, x.dtype)
         native = (self._native_decoder(kv_caches)
                   if self.use_native_decoder and native_decode.usable(x, meta, kv_caches) else None)
         if native is not None and native.accepts(x.shape[0]):  # few rows: all layers in one native call
-            x, residual = native(x, cos, sin, native_decode.per_row(meta))
+            # before_native runs inside it, right before the GIL-free native code
+            x, residual = native(x, cos, sin, native_decode.per_row(meta), before_native)
         else:
+            if before_native is not None:
+                before_native()
             if (x.shape[0] <= NATIVE_MAX_TOKENS and kv_caches is not None and meta.context_slots is not None
                     and all(c > q for q, c in zip(meta.query_lens, meta.context_lens))):
                 # decode rows, verifications: each row a one-row sequence as in plain decoding (and in the native

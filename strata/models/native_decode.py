@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -162,17 +163,23 @@ class NativeDecoder:
             return num_rows <= NATIVE_MAX_TOKENS
         return num_rows <= self.max_rows
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                 before_native: Callable[[], None] | None = None):
         """x [S, H] embedded tokens (bf16), one per row -> (last layer's MLP output [S, H], residual [S, H]).
-        meta: one row per sequence (see per_row)."""
+        meta: one row per sequence (see per_row). before_native: called right before the native call, once no
+        torch op is left before it (torch ops release the GIL: another thread woken earlier would take it
+        there, and this thread would wait for it instead of running the native code beside it)."""
         slots, offsets = meta.flat_context()  # all context slots, each row's token last
         x = x.contiguous().clone()
         residual = torch.empty_like(x)
         cos, sin = cos.contiguous(), sin.contiguous()  # held: the pointers below must outlive the call
         h, hq, hkv, d, inter = self.dims
-        bf16_lib().decode_layers(self.layers, len(self.layers), x.shape[0], h, hq, hkv, d, inter, self.eps,
-                                 self.scale, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
-                                 x.data_ptr(), residual.data_ptr())
+        args = (self.layers, len(self.layers), x.shape[0], h, hq, hkv, d, inter, self.eps, self.scale,
+                cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), offsets.data_ptr(), x.data_ptr(), residual.data_ptr())
+        decode_layers = bf16_lib().decode_layers
+        if before_native is not None:
+            before_native()
+        decode_layers(*args)
         return x, residual
 
 

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from strata.engine.llm_engine import LLMEngine, RequestOutput
+from strata.engine.llm_engine import LLMEngine
+from strata.engine.outputs import DeferredOutput, RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
 from strata.server.metrics import EngineMetrics
@@ -176,6 +177,7 @@ class AsyncEngine:
             self.engine.before_forward = self._before_forward
             self._publish_gauges()
             self.engine.isolate_sampling_failures()
+            self.engine.defer_detokenization()  # text and RequestOutputs are built in the event loop (output_handoff)
             self._ready = True  # after the first gauges: a caller that sees it ready sees them
         except Exception as e:
             if isinstance(e, StrataError):  # a message the user can act on: no traceback
@@ -308,7 +310,7 @@ class AsyncEngine:
             self.metrics.finished("error", tr.num_seqs)
             self.outputs.deliver(tr.stream, err)
 
-    def _after_step(self, outputs: list[RequestOutput], t0: float) -> None:
+    def _after_step(self, outputs: list[RequestOutput | DeferredOutput], t0: float) -> None:
         now = time.monotonic()
         changed = False  # a request started or ended: the gauges are republished at once
         for rid, err in self.engine.take_sampling_failures().items():
@@ -330,7 +332,7 @@ class AsyncEngine:
             if tr.t_scheduled is None:
                 self._mark_scheduled(tr, out.request_id, t0)
                 changed = True
-            num = sum(len(o.token_ids) for o in out.outputs)
+            num = out.num_generated_tokens
             new = num - tr.num_tokens
             if new > 0:
                 if tr.t_first is None:
@@ -347,8 +349,8 @@ class AsyncEngine:
             if out.finished:
                 del self._tracked[out.request_id]
                 self.metrics.e2e.observe(now - tr.t_add)
-                for o in out.outputs:
-                    self.metrics.finished(o.finish_reason or "abort")
+                for reason in out.finish_reasons:
+                    self.metrics.finished(reason or "abort")
                 changed = urgent = True
         if num_generated:
             self.metrics.generation_tokens.inc(num_generated)

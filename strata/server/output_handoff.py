@@ -3,10 +3,11 @@
 A wake-up of the event loop hands the GIL to it: on a fast step that costs as much as the step, so steady
 outputs go out at most once per stream interval (they pile up here, and the streams merge them into one chunk);
 urgent ones (a first token, a finished request, an error) wake the loop at once. Steady outputs whose interval has
-passed wait for `wake_due()`, which the engine thread calls right before the next forward: the loop's Python (SSE
-chunks, sends) then runs while the forward's native code holds no GIL, instead of stalling the engine thread's own
+passed wait for `wake_due()`, which the engine thread calls right before the next forward's native code: the loop's
+Python (SSE chunks, sends) then runs while that code holds no GIL, instead of stalling the engine thread's own
 Python between two forwards. Only one wake is in flight: later steps add to the pending list the loop has yet to
-take.
+take. The loop resolves the engine's DeferredOutputs as it takes them (detokenizing, building the RequestOutputs:
+strata/engine/outputs.py), in the order the steps produced them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import asyncio
 import threading
 import time
 
-from strata.server.request_stream import RequestStream
+from strata.engine.outputs import DeferredOutput
+from strata.server.request_stream import RequestFailedError, RequestStream
 
 
 class OutputHandoff:
@@ -78,4 +80,10 @@ class OutputHandoff:
         with self._lock:
             items, self._pending, self._wake_pending = self._pending, [], False
         for stream, item in items:
+            if type(item) is DeferredOutput:
+                try:
+                    item = item.resolve()
+                except Exception as e:  # noqa: BLE001 - fails its request alone, as a failing step would
+                    stream.owner.abort(stream.request_id)  # its later outputs cannot be resolved either
+                    item = RequestFailedError(f"generation failed: {type(e).__name__}: {e}")
             stream.queue.put_nowait(item)

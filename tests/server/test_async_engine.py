@@ -119,8 +119,8 @@ def test_n_siblings_share_the_prompt_blocks(llm_engine):
     hits0 = bm.num_prefix_hits
     llm_engine.add_request(ids + [7], SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True))
     outs = []
-    while llm_engine.has_unfinished_requests():
-        outs.extend(o for o in llm_engine.step() if o.finished)
+    while llm_engine.has_unfinished_requests():  # an AsyncEngine has run it: outputs may be deferred (resolve)
+        outs.extend(o for o in (out.resolve() for out in llm_engine.step()) if o.finished)
     texts = [o.token_ids for o in outs[0].outputs]
     assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
     assert bm.num_prefix_hits - hits0 >= 2 * full_blocks * bm.block_size  # both siblings reused the prompt
@@ -154,3 +154,46 @@ def test_health_503_while_loading(llm_engine):
         ae.shutdown()
 
     asyncio.run(main())
+
+
+def test_streams_carry_the_outputs_the_engine_builds_in_its_step(tiny_model):
+    """The engine thread leaves detokenizing to the event loop (DeferredOutput); what the streams get is what a
+    step builds at once, field for field, and the deltas add up to the text."""
+    import dataclasses
+
+    requests = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+                SamplingParams(temperature=1.0, seed=4, max_tokens=12, logprobs=2, ignore_eos=True),
+                SamplingParams(n=2, temperature=1.0, seed=6, max_tokens=8, ignore_eos=True),
+                None,  # greedy again, with a stop string from the first one's text
+                SamplingParams(temperature=0.5, seed=10, max_tokens=6, prompt_logprobs=1)]
+
+    def fields(out):
+        return {k: v for k, v in dataclasses.asdict(out).items() if k not in ("request_id", "metrics")}
+
+    def config():
+        return EngineConfig(model=str(tiny_model), max_num_seqs=4, num_threads=1)
+
+    eager = LLMEngine(config(), progress=False)
+    ids = eager.tokenizer.encode("the quick brown fox")
+    want = []
+    for i, params in enumerate(requests):  # one at a time: the same batches as below
+        if params is None:
+            requests[i] = params = SamplingParams(temperature=0, max_tokens=20, stop=[want[0].outputs[0].text[3:5]])
+        eager.add_request(ids, params)
+        while eager.has_unfinished_requests():
+            want.extend(o for o in eager.step() if o.finished)
+
+    async def main():
+        ae = await _started(LLMEngine(config(), progress=False))
+        got = []
+        for params in requests:
+            outs = await _drain(ae.add_request(ids, params))
+            texts = ["".join(o.outputs[i].delta for o in outs) for i in range(params.n)]
+            assert texts == [o.text for o in outs[-1].outputs]
+            got.append(outs[-1])
+        ae.shutdown()
+        return got
+
+    got = asyncio.run(main())
+    assert [fields(g) for g in got] == [fields(w) for w in want]
+    assert got[3].outputs[0].finish_reason == "stop" and got[1].outputs[0].logprobs

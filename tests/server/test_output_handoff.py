@@ -30,13 +30,14 @@ class _Loop:
             fn(*args)
 
 
-def _handoff(interval_s: float) -> tuple[OutputHandoff, _Loop, RequestStream]:
-    async def make_stream():  # asyncio.Queue binds no loop until used, but build it inside one anyway
-        return RequestStream(_Owner(), "r", None)
+async def _stream(request_id: str) -> RequestStream:  # asyncio.Queue binds no loop until used: built in one
+    return RequestStream(_Owner(), request_id, None)
 
+
+def _handoff(interval_s: float) -> tuple[OutputHandoff, _Loop, RequestStream]:
     h = OutputHandoff(interval_s)
     h.loop = loop = _Loop()
-    return h, loop, asyncio.run(make_stream())
+    return h, loop, asyncio.run(_stream("r"))
 
 
 def _taken(stream: RequestStream) -> list:
@@ -81,3 +82,51 @@ def test_urgent_output_goes_at_once_behind_the_pending_ones():
     assert len(loop.scheduled) == 1
     loop.run()
     assert _taken(stream) == ["a", "end"]
+
+
+def test_deferred_outputs_are_resolved_in_step_order_as_the_loop_takes_them():
+    from strata.engine.detokenizer import IncrementalDetokenizer
+    from strata.engine.outputs import DeferredOutput, RequestOutput
+    from strata.engine.sampling_params import SamplingParams
+    from strata.engine.sequence import Sequence
+
+    h, loop, stream = _handoff(0.0)
+    seq = Sequence("r", [1, 2], SamplingParams())
+    seq.token_ids += [5, 6, 7]
+    detok = IncrementalDetokenizer(None, [1, 2], [], True)  # no tokenizer: it counts the tokens it is fed
+    first = DeferredOutput([seq], [(detok, [5, 6], 2, False, None, None, None)], False, 0, None, None)
+    last = DeferredOutput([seq], [(detok, [7], 3, True, "length", None, None)], True, 0, None, None)
+    h.deliver_all([(stream, first)])
+    h.deliver_all([(stream, last)], urgent=True)
+    assert detok.num_added == 0  # nothing resolved on the engine thread
+    loop.run()
+    got = _taken(stream)
+    assert [type(o) for o in got] == [RequestOutput, RequestOutput]
+    assert [o.outputs[0].token_ids for o in got] == [[5, 6], [5, 6, 7]]
+    assert got[1].finished and got[1].outputs[0].finish_reason == "length" and detok.num_added == 3
+
+
+def test_an_output_that_fails_to_resolve_fails_its_request_alone():
+    from strata.engine.detokenizer import IncrementalDetokenizer
+    from strata.engine.outputs import DeferredOutput
+    from strata.engine.sampling_params import SamplingParams
+    from strata.engine.sequence import Sequence
+    from strata.server.request_stream import RequestFailedError
+
+    class Broken:
+        def decode(self, ids, skip_special_tokens):
+            raise ValueError("bad token")
+
+    aborted = []
+    h, loop, stream = _handoff(0.0)
+    stream.owner.abort = aborted.append
+    other = asyncio.run(_stream("o"))
+    seq = Sequence("r", [1, 2], SamplingParams())
+    seq.token_ids.append(5)
+    bad = DeferredOutput([seq], [(IncrementalDetokenizer(Broken(), [1, 2], [], True), [5], 1, False, None, None,
+                                  None)], False, 0, None, None)
+    h.deliver_all([(stream, bad), (other, "fine")], urgent=True)
+    loop.run()
+    [err] = _taken(stream)
+    assert isinstance(err, RequestFailedError) and "bad token" in str(err) and aborted == ["r"]
+    assert _taken(other) == ["fine"]
