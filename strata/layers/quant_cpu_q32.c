@@ -250,8 +250,8 @@ void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8
 static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f32, const uint8_t *w, int64_t K,
                                                              int64_t n0, int64_t n1, void *out) {
     const int64_t nb = K / 32, B = QB_BYTES[kind], ldw = nb * B;
-#pragma omp parallel for schedule(static) if ((n1 - n0) * ldw > PAR_MIN_WORK)
-    for (int64_t n = n0; n < n1; n++) {
+    PAR_FOR((n1 - n0) * ldw > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
         for (int64_t j = 0; j < nb; j++) {
             const uint8_t *b = w + n * ldw + j * B;
             int64_t o = (n - n0) * K + j * 32;
@@ -279,7 +279,7 @@ static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f
                     _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + 16 * h), (__m256i)_mm512_cvtneps_pbh(v));
             }
         }
-    }
+    });
 }
 
 void dequant_qb(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out) {
