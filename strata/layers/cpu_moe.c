@@ -29,7 +29,7 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
 }
 
 /* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
-static void row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z) {
+void weight_row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z) {
     static const int64_t kq[3] = {144, 176, 210};
     *s = *z = 0;
     switch (kind) {
@@ -51,7 +51,7 @@ static void row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, in
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s,
                       const void *z, int64_t N, int64_t G, uint16_t *y) {
     int64_t wr, sr, zr;
-    row_bytes(kind, K, G, &wr, &sr, &zr);
+    weight_row_bytes(kind, K, G, &wr, &sr, &zr);
     int64_t tile = TILE_BYTES / (wr + sr + zr) / 8 * 8;
     if (M <= MB || tile >= N) {
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);

@@ -50,9 +50,16 @@ static inline __attribute__((always_inline)) __m512 gm_block(int MR, const uint1
 static void gm_tiles(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s,
                      const void *z, int64_t N, int64_t G, const float *bias, uint16_t *y, int64_t tile, int64_t t0,
                      int64_t t1, uint16_t *buf) {
+    int64_t rb[3]; /* bytes per row of w, s, z */
+    weight_row_bytes(kind, K, G, &rb[0], &rb[1], &rb[2]);
+    const uint8_t *base[3] = {w, s, z};
     for (int64_t tt = t0; tt < t1; tt++) {
         const int64_t n0 = tt * tile, rows = N - n0 < tile ? N - n0 : tile;
         const int64_t padded = (rows + GM_NR - 1) / GM_NR * GM_NR;
+        /* the next tile's bytes, a share per block of rows below: its dequantization then finds them in cache */
+        const int64_t next = tt + 1 < t1 ? (N - n0 - rows < tile ? N - n0 - rows : tile) : 0;
+        int64_t lines[3], done[3] = {0, 0, 0};
+        for (int a = 0; a < 3; a++) lines[a] = base[a] ? (next * rb[a] + 63) / 64 : 0;
         const uint16_t *t = buf;
         if (kind == WK_BF16 && rows == padded)
             t = (const uint16_t *)w + n0 * K;
@@ -64,6 +71,11 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t M, int64_t K, const vo
             memset(buf + rows * K, 0, sizeof(uint16_t) * (size_t)((padded - rows) * K));
         for (int64_t nb = 0; nb < padded; nb += GM_NR) {
             const int nr = rows - nb < GM_NR ? (int)(rows - nb) : GM_NR;
+            for (int a = 0; a < 3; a++) {
+                const int64_t until = lines[a] * (nb + GM_NR) / padded;
+                for (; done[a] < until; done[a]++)
+                    _mm_prefetch((const char *)(base[a] + (n0 + rows) * rb[a] + 64 * done[a]), _MM_HINT_T0);
+            }
             for (int64_t m0 = 0; m0 < M; m0 += GM_MR) {
                 const int mr = M - m0 < GM_MR ? (int)(M - m0) : GM_MR;
                 __m512 r;
