@@ -228,8 +228,6 @@ enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K 
        WK_Q8_0 = 8, WK_Q4_1 = 9, WK_Q5_0 = 10, WK_Q5_1 = 11 };
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y);
-/* bytes of one weight row of kind WK_*, and of its scales and zero points (cpu_moe.c) */
-void weight_row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z);
 /* the same product for more rows: weight tiles dequantized to bf16 in cache, bf16 GEMM on them (quant_cpu_gemm.c) */
 void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
              int64_t N, int64_t G, const float *bias, uint16_t *y);

@@ -14,6 +14,23 @@
 #define GM_NR 4 /* weight rows per register block: GM_MR * GM_NR = 16 accumulators, one sum16 */
 #define GM_TILE_BYTES (16 * 1024) /* bf16 bytes dequantized per tile: stays in L1 beside GM_MR rows of x */
 
+/* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
+static void weight_row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z) {
+    static const int64_t kq[3] = {144, 176, 210};
+    *s = *z = 0;
+    switch (kind) {
+    case WK_BF16: *w = 2 * K; break;
+    case WK_INT8: case WK_FP8: *w = K, *s = 4; break;
+    case WK_NESTED: *w = K, *s = 2 * ((K + G - 1) / G); break;
+    case WK_Q4K: case WK_Q5K: case WK_Q6K: *w = K / 256 * kq[kind - WK_Q4K]; break;
+    case WK_Q8_0: *w = K / 32 * 34; break; /* blocks carry their scales (G is 0: no division by it) */
+    case WK_Q4_1: *w = K / 32 * 20; break;
+    case WK_Q5_0: *w = K / 32 * 22; break;
+    case WK_Q5_1: *w = K / 32 * 24; break;
+    default: *w = K / 2, *s = 2 * (K / G), *z = K / G; break;
+    }
+}
+
 /* rows [n0, n1) of a weight of kind `kind` -> out bf16 [n1 - n0, K] (bf16 weights are not copied: see gm_tiles) */
 static void gm_dequant(int kind, const void *w, const void *s, const void *z, int64_t K, int64_t G, int64_t n0,
                        int64_t n1, uint16_t *out) {
