@@ -282,8 +282,32 @@ static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f
     });
 }
 
+/* qb_dequant's bf16 output for q4_1 through a table, half the instructions (the batched GEMM dequantizes every
+ * weight once per call): per block the 16 values d q + m by the same expression, rounded once, then vpermw by
+ * the codes (low nibbles are weights 0-15, high nibbles 16-31) */
+static void q4_1_dequant_bf16(const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out) {
+    const int64_t nb = K / 32, ldw = nb * QB_BYTES[QB4_1];
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1); /* lanes 16-31: 4 */
+    PAR_FOR((n1 - n0) * ldw > PAR_MIN_WORK, i, n1 - n0, {
+        const uint8_t *row = w + (n0 + i) * ldw;
+        uint16_t *o = out + i * K;
+        for (int64_t j = 0; j < nb; j++) {
+            const uint8_t *b = row + j * QB_BYTES[QB4_1];
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(half_at(b)), iota), _mm512_set1_ps(half_at(b + 2)));
+            __m512i lut = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
+            __m512i q = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4))));
+            q = _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi16(0x0F));
+            _mm512_storeu_si512(o + j * 32, _mm512_permutexvar_epi16(q, lut));
+        }
+    });
+}
+
 void dequant_qb(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out) {
-    qb_dequant(kind, 0, w, K, n0, n1, out);
+    if (kind == QB4_1)
+        q4_1_dequant_bf16(w, K, n0, n1, out);
+    else
+        qb_dequant(kind, 0, w, K, n0, n1, out);
 }
 
 void dequant_qb_f32(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, float *out) {
