@@ -42,7 +42,7 @@ def _check(q, x):
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_float64_reference(kind, backend):
     q = _layer(kind, 37, 512, backend, bias=True)  # 37 rows: whole 4-row blocks and a remainder
-    for rows in (1, 2, 3, 4, 5, 70, 130):  # GEMV at each compiled row count, two passes, GEMM, dequantize
+    for rows in (1, 2, 3, 4, 5, 50, 70):  # GEMV at each compiled row count, two passes, GEMM, dequantize
         for dtype in (torch.bfloat16, torch.float32):
             _check(q, torch.randn(rows, 512, dtype=dtype))
 
