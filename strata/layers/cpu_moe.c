@@ -73,7 +73,8 @@ void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int
     int64_t *fill = malloc(sizeof(int64_t) * (size_t)E);
     memcpy(fill, count, sizeof(int64_t) * (size_t)E);
     for (int64_t a = 0; a < A; a++) order[fill[ids[a]]++] = a; /* assignments grouped by expert, tokens in order */
-    uint16_t *xs = malloc(sizeof(uint16_t) * (size_t)(A * (H + 3 * I)));
+    /* 64-byte aligned, as torch's buffers are, so that the GEMM need not copy the rows (see gemm_dq) */
+    uint16_t *xs = aligned_alloc(64, (sizeof(uint16_t) * (size_t)(A * (H + 3 * I)) + 63) / 64 * 64);
     uint16_t *gu = xs + A * H, *act = gu + A * 2 * I;
     uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(A * H)); /* per assignment, in `order` */
     int64_t *slot = malloc(sizeof(int64_t) * (size_t)A); /* assignment -> its row of y */

@@ -64,7 +64,7 @@ static inline __attribute__((always_inline)) __m512 gm_block(int MR, const uint1
 }
 
 /* tiles [t0, t1) of GM_TILE-row tiles: dequantize each into buf, then all of x against it */
-static void gm_tiles(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s,
+static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const void *w, const void *s,
                      const void *z, int64_t N, int64_t G, const float *bias, uint16_t *y, int64_t tile, int64_t t0,
                      int64_t t1, uint16_t *buf) {
     int64_t rb[3]; /* bytes per row of w, s, z */
@@ -97,10 +97,10 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t M, int64_t K, const vo
                 const int mr = M - m0 < GM_MR ? (int)(M - m0) : GM_MR;
                 __m512 r;
                 switch (mr) {
-                case 1: r = gm_block(1, x + m0 * K, K, t + nb * K, K); break;
-                case 2: r = gm_block(2, x + m0 * K, K, t + nb * K, K); break;
-                case 3: r = gm_block(3, x + m0 * K, K, t + nb * K, K); break;
-                default: r = gm_block(4, x + m0 * K, K, t + nb * K, K); break;
+                case 1: r = gm_block(1, x + m0 * ldx, ldx, t + nb * K, K); break;
+                case 2: r = gm_block(2, x + m0 * ldx, ldx, t + nb * K, K); break;
+                case 3: r = gm_block(3, x + m0 * ldx, ldx, t + nb * K, K); break;
+                default: r = gm_block(4, x + m0 * ldx, ldx, t + nb * K, K); break;
                 }
                 const int64_t n = n0 + nb;
                 if (nr < GM_NR) {
@@ -128,18 +128,30 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
     int64_t tile = GM_TILE_BYTES / (2 * K) / GM_NR * GM_NR;
     if (tile < GM_NR) tile = GM_NR;
     const int64_t ntiles = (N + tile - 1) / tile;
+    const size_t buf_bytes = (sizeof(uint16_t) * (size_t)(tile * K) + 63) / 64 * 64;
+    /* 64-byte loads of x rows that straddle cache lines cost two: x rows not on 64-byte boundaries (a malloc'd
+     * buffer, an odd K) are copied to ones that are (1.4x on OLMoE's experts when the MoE call passed such rows) */
+    int64_t ldx = K;
+    uint16_t *xa = NULL;
+    if ((uintptr_t)x % 64 || (K * sizeof(uint16_t)) % 64) {
+        ldx = (K + 31) / 32 * 32;
+        xa = aligned_alloc(64, sizeof(uint16_t) * (size_t)(M * ldx));
+        for (int64_t m = 0; m < M; m++) memcpy(xa + m * ldx, x + m * K, sizeof(uint16_t) * (size_t)K);
+        x = xa;
+    }
     if (M * N * K <= 8 * PAR_MIN_WORK) {
-        uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)(tile * K));
-        gm_tiles((int)kind, x, M, K, w, s, z, N, G, bias, y, tile, 0, ntiles, buf);
+        uint16_t *buf = aligned_alloc(64, buf_bytes);
+        gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, 0, ntiles, buf);
         free(buf);
-        return;
-    }
+    } else {
 #pragma omp parallel
-    {
-        const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t t0 = ntiles * id / nth, t1 = ntiles * (id + 1) / nth;
-        uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)(tile * K));
-        gm_tiles((int)kind, x, M, K, w, s, z, N, G, bias, y, tile, t0, t1, buf);
-        free(buf);
+        {
+            const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+            const int64_t t0 = ntiles * id / nth, t1 = ntiles * (id + 1) / nth;
+            uint16_t *buf = aligned_alloc(64, buf_bytes);
+            gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, t0, t1, buf);
+            free(buf);
+        }
     }
+    free(xa);
 }

@@ -124,3 +124,13 @@ def test_quant_linear_routes_rows_to_gemv_gemm_and_dequantize(monkeypatch):
     calls.clear()
     m(torch.randn(8, 64).to(torch.bfloat16))
     assert calls[0] == "dequantize_rows"
+
+
+def test_gemm_x_off_cache_line_boundaries():
+    """x rows that do not start on 64-byte boundaries (a view one element in) give the aligned rows' results."""
+    q = _layer("q4_1", 40, 576)
+    x = torch.randn(7, 576).to(torch.bfloat16)
+    shifted = torch.empty(7 * 576 + 1, dtype=torch.bfloat16)[1:].view(7, 576)  # [7, 576], 2 bytes off
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 64 != 0
+    torch.testing.assert_close(_gemm(q, shifted), _gemm(q, x), rtol=0, atol=0)
