@@ -1,9 +1,10 @@
 """The native batched GEMM (quant_cpu_gemm.c) against the paths it replaces, per format, shape and row count.
 
-Three ways QuantLinear can run M bf16 rows through a quantized weight (its `gemv_max_rows` / `gemm_max_rows`
+The ways QuantLinear can run M bf16 rows through a quantized weight (its `gemv_max_rows` / `gemm_max_rows`
 pick one):
 
-- `gemv`: the GEMVs of quant_cpu_*.c, one pass over the weight per 4 rows;
+- `gemv`: the GEMVs of quant_cpu_*.c, one pass over the weight per 4 rows (q4_1's and q8_0's hand 2 rows or
+  more to the GEMM, so their column repeats the GEMM's there);
 - `gemm`: the GEMM, weight tiles dequantized to bf16 in cache once, bf16 dot products on them;
 - `dequant+oneDNN`: the weight dequantized to bf16 in row tiles of 4 MiB, each through torch's bf16 matmul;
 - `a8` (formats with one): int8 activations on AVX-512 VNNI (`--quantized-activations int8`).
@@ -130,8 +131,9 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {r['rows']} | " + " | ".join(
                 f"{r[p]['best_ms']:.3f} ({r[p]['gflops']:.0f})" for p in paths) + " |")
         t = case["thresholds"]
-        lines += ["", f"GEMM faster than the GEMV from {t['gemm_from']} rows, than dequant+oneDNN up to "
-                      f"{t['gemm_upto']} rows.", ""]
+        gemv = (f"faster than the GEMV from {t['gemm_from']} rows" if t["gemm_from"] is not None
+                else "never faster than the GEMV path")
+        lines += ["", f"GEMM {gemv}, faster than dequant+oneDNN up to {t['gemm_upto']} rows.", ""]
     return "\n".join(lines)
 
 

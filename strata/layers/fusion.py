@@ -22,7 +22,6 @@ from strata.layers.quant_native import WEIGHT_KINDS
 from strata.mapping import file_ranges, libc, page_range
 
 
-
 def _fusable(linears: list[nn.Module]) -> bool:
     if not all(type(m) in (nn.Linear, Linear) for m in linears):
         return False
