@@ -5,11 +5,13 @@
  * Threads come from OpenMP; because torch is imported first, this library binds to torch's libgomp and
  * obeys torch.set_num_threads.
  *
- * Two kinds of entry points, all taking bf16 activations and writing bf16:
+ * Three kinds of entry points, all taking bf16 activations and writing bf16:
  *   gemv_*     y[M, N] = x[M, K] @ dequant(W)^T (+ bias) for small M, reading each weight byte once per
  *              group of 4 activation rows. Memory-bound by design.
- *   dequant_*  rows [n0, n1) of W into a bf16 buffer, scales applied, for the batched path (the buffer
- *              then goes to a bf16 matmul).
+ *   gemm_dq    the same product for more rows (quant_cpu_gemm.c): tiles of W dequantized into cache, then a
+ *              bf16 GEMM on them.
+ *   dequant_*  rows [n0, n1) of W into a bf16 buffer, scales applied, for gemm_dq and for the batched path
+ *              of many rows (the buffer then goes to a bf16 matmul).
  *
  * Weight layouts are the on-disk ones: int8 [N, K] signed; fp8 e4m3 [N, K]; nested int8 [N, Kp] unsigned
  * with value (b - 136) * scale[n, k / G]; int4 [N, Kp / 2] with element 2j in the low nibble of byte j and

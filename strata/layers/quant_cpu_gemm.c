@@ -1,7 +1,7 @@
 /* Batched GEMM for the weight kinds WK_* of quant_cpu.h: y [M, N] = x [M, K] @ W^T (+ bias), bf16 in and out, for
  * the row counts above the GEMVs' (decode batches of several sequences, prompts).
  *
- * The weight is dequantized to bf16 a tile of GM_TILE rows at a time into a per-thread buffer that stays in L1
+ * The weight is dequantized to bf16 a tile of rows (GM_TILE_BYTES) at a time into a per-thread buffer that stays in L1
  * (the dequant_* functions of the other files, so every weight is the bf16 number the dequantize-then-matmul path
  * gives), and every block of GM_MR activation rows meets every block of GM_NR tile rows in registers: 16
  * accumulators of 16 fp32 partial sums along K, fed by vdpbf16ps, reduced once at the end by sum16. So the
@@ -130,7 +130,7 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
     const int64_t ntiles = (N + tile - 1) / tile;
     const size_t buf_bytes = (sizeof(uint16_t) * (size_t)(tile * K) + 63) / 64 * 64;
     /* 64-byte loads of x rows that straddle cache lines cost two: x rows not on 64-byte boundaries (a malloc'd
-     * buffer, an odd K) are copied to ones that are (1.4x on OLMoE's experts when the MoE call passed such rows) */
+     * buffer, an odd K) are copied to ones that are (OLMoE's experts in the MoE call ran 1.4x slower without) */
     int64_t ldx = K;
     uint16_t *xa = NULL;
     if ((uintptr_t)x % 64 || (K * sizeof(uint16_t)) % 64) {
@@ -139,7 +139,7 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
         for (int64_t m = 0; m < M; m++) memcpy(xa + m * ldx, x + m * K, sizeof(uint16_t) * (size_t)K);
         x = xa;
     }
-    if (M * N * K <= 8 * PAR_MIN_WORK) {
+    if (M * N * K <= 8 * PAR_MIN_WORK) { /* a few microseconds of work: a team would cost more than it saves */
         uint16_t *buf = aligned_alloc(64, buf_bytes);
         gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, 0, ntiles, buf);
         free(buf);

@@ -45,7 +45,7 @@ from strata.quant.format import (
 
 BACKENDS = ("native", "torch", "reference")
 ACTIVATION_MODES = ("none", "int8")  # --quantized-activations
-GEMV_MAX_ROWS = 4  # above this many rows, the GEMM beats the GEMV kernel (benchmarks/quant_gemm.py)
+GEMV_MAX_ROWS = 4  # above this many rows the GEMM beat the GEMVs on most layers measured (quant_gemm.py)
 GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul may beat the GEMM (quant_gemm.py)
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
