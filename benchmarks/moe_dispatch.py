@@ -61,14 +61,17 @@ def _expert(fmt: str | None, hidden: int, inter: int, seed: int) -> nn.Module:
     return e
 
 
-def _time(fn, calls: int, reps: int) -> tuple[float, float]:
-    samples = []
+def _time(fns, calls: int, reps: int) -> list[tuple[float, float]]:
+    """(best, median) ms per call of each of `fns`, their passes alternating so that all see the same
+    disturbance from other jobs on the cores (timing one after the other skewed the ratio by up to 1.5x)."""
+    samples = [[] for _ in fns]
     for _ in range(reps):
-        t = time.process_time()
-        for i in range(calls):
-            fn(i)
-        samples.append((time.process_time() - t) * 1e3 / calls)
-    return min(samples), statistics.median(samples)
+        for fn, s in zip(fns, samples):
+            t = time.process_time()
+            for i in range(calls):
+                fn(i)
+            s.append((time.process_time() - t) * 1e3 / calls)
+    return [(min(s), statistics.median(s)) for s in samples]
 
 
 def measure(fmt: str | None, hidden: int, inter: int, copies: int, reps: int) -> list[dict]:
@@ -89,8 +92,7 @@ def measure(fmt: str | None, hidden: int, inter: int, copies: int, reps: int) ->
         def run_module(i, x=x, idx=idx, w=w, out=out):  # as SparseMoeBlock's loop over experts
             out.index_add_(0, idx, (experts[i % copies](x.index_select(0, idx)) * w).to(x.dtype))
 
-        n_best, n_med = _time(run_native, copies, reps)
-        m_best, m_med = _time(run_module, copies, reps)
+        (n_best, n_med), (m_best, m_med) = _time([run_native, run_module], copies, reps)
         rows.append({"rows": c, "native_ms": n_best, "native_median_ms": n_med, "module_ms": m_best,
                      "module_median_ms": m_med})
     return rows

@@ -7,12 +7,12 @@
  * The Python loop this replaces runs about a dozen torch ops and three module calls per expert. Numerics follow
  * the torch path: SiLU in fp32 rounded to bf16, the product rounded to bf16, each expert's output times its
  * (fp32) weight rounded to bf16, then added to the token's running sum in bf16 in top-k order. A token alone
- * gets exactly what it gets in the one-token call; an expert shared by several tokens runs the GEMVs' several-
- * row kernels, whose fp32 sums may round differently in the last bit.
+ * gets exactly what it gets in the one-token call; an expert shared by up to 4 tokens runs the GEMVs' several-
+ * row kernels, whose fp32 sums may round differently in the last bit, and one shared by more the GEMM, which
+ * rounds the weights to bf16 as the module path does.
  */
 #include "quant_cpu.h"
 
-#define TILE_BYTES (256 * 1024) /* weight rows per pass of gemv_once: a tile that stays in L2 across row groups */
 
 /* y [M, N] = x [M, K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
@@ -28,44 +28,15 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
     }
 }
 
-/* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
-static void row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z) {
-    static const int64_t kq[3] = {144, 176, 210};
-    *s = *z = 0;
-    switch (kind) {
-    case WK_BF16: *w = 2 * K; break;
-    case WK_INT8: case WK_FP8: *w = K, *s = 4; break;
-    case WK_NESTED: *w = K, *s = 2 * ((K + G - 1) / G); break;
-    case WK_Q4K: case WK_Q5K: case WK_Q6K: *w = K / 256 * kq[kind - WK_Q4K]; break;
-    case WK_Q8_0: *w = K / 32 * 34; break; /* blocks carry their scales (G is 0: no division by it) */
-    case WK_Q4_1: *w = K / 32 * 20; break;
-    case WK_Q5_0: *w = K / 32 * 22; break;
-    case WK_Q5_1: *w = K / 32 * 24; break;
-    default: *w = K / 2, *s = 2 * (K / G), *z = K / G; break;
-    }
-}
-
-/* strata_gemv for any M, reading the weight from memory once: beyond MB rows (where the GEMVs make one pass over
- * the weight per MB rows) it runs tiles of rows small enough to stay in cache across the passes. Tiles are whole
- * blocks of 8 rows (a multiple of every kernel's row block), so every output is computed exactly as the untiled call computes it. */
-void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s,
-                      const void *z, int64_t N, int64_t G, uint16_t *y) {
-    int64_t wr, sr, zr;
-    row_bytes(kind, K, G, &wr, &sr, &zr);
-    int64_t tile = TILE_BYTES / (wr + sr + zr) / 8 * 8;
-    if (M <= MB || tile >= N) {
+/* strata_gemv for any M, reading the weight from memory once: up to one pass of the GEMVs (MB rows, 8 for bf16
+ * weights), beyond that the GEMM of quant_cpu_gemm.c (weight tiles dequantized to bf16 in cache, as the module
+ * path's weights), which ran as fast as the GEMVs' one pass from there (benchmarks/quant_gemm.py) */
+void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+               int64_t N, int64_t G, uint16_t *y) {
+    if (M <= (kind == WK_BF16 ? 8 : MB))
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);
-        return;
-    }
-    if (tile < 8) tile = 8;
-    uint16_t *t = malloc(sizeof(uint16_t) * (size_t)(M * tile));
-    for (int64_t n0 = 0; n0 < N; n0 += tile) {
-        int64_t n = N - n0 < tile ? N - n0 : tile;
-        strata_gemv(kind, x, M, K, (const uint8_t *)w + n0 * wr, s ? (const uint8_t *)s + n0 * sr : NULL,
-                    z ? (const uint8_t *)z + n0 * zr : NULL, n, G, t);
-        for (int64_t m = 0; m < M; m++) memcpy(y + m * N + n0, t + m * n, sizeof(uint16_t) * (size_t)n);
-    }
-    free(t);
+    else
+        gemm_dq(kind, x, M, K, w, s, z, N, G, NULL, y);
 }
 
 /* act [I] = bf16(bf16(silu(gate)) * up) for gu = [gate (I) | up (I)], as torch's bf16 F.silu(g) * u */
@@ -102,7 +73,8 @@ void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int
     int64_t *fill = malloc(sizeof(int64_t) * (size_t)E);
     memcpy(fill, count, sizeof(int64_t) * (size_t)E);
     for (int64_t a = 0; a < A; a++) order[fill[ids[a]]++] = a; /* assignments grouped by expert, tokens in order */
-    uint16_t *xs = malloc(sizeof(uint16_t) * (size_t)(A * (H + 3 * I)));
+    /* 64-byte aligned, as torch's buffers are, so that the GEMM need not copy the rows (see gemm_dq) */
+    uint16_t *xs = aligned_alloc(64, (sizeof(uint16_t) * (size_t)(A * (H + 3 * I)) + 63) / 64 * 64);
     uint16_t *gu = xs + A * H, *act = gu + A * 2 * I;
     uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(A * H)); /* per assignment, in `order` */
     int64_t *slot = malloc(sizeof(int64_t) * (size_t)A); /* assignment -> its row of y */

@@ -18,11 +18,8 @@ from torch import nn
 
 from strata.layers.linear import Linear, linear
 from strata.layers.quant_linear import QuantLinear
+from strata.layers.quant_native import WEIGHT_KINDS
 from strata.mapping import file_ranges, libc, page_range
-
-WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4,  # WK_* in quant_cpu.h
-                "q4_k": 5, "q5_k": 6, "q6_k": 7, "q8_0": 8, "q4_1": 9,
-                "q5_0": 10, "q5_1": 11}
 
 
 def _fusable(linears: list[nn.Module]) -> bool:

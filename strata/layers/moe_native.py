@@ -22,14 +22,13 @@ from strata.layers.fusion import WEIGHT_KINDS, native_weight
 from strata.layers.linear import bf16_lib
 from strata.layers.quant_linear import GEMV_MAX_ROWS
 
-# Rows of one expert up to which the grouped call (multi-row GEMVs on the stored format) is no slower than the
-# expert module (the whole weight dequantized, then oneDNN's bf16 GEMM), by weight kind. Measured with
-# benchmarks/moe_dispatch.py: one OLMoE-shaped expert (hidden 2048, intermediate 1024), 1 thread, weights read
-# from memory, on an AVX-512 server CPU; the value most of three runs gave (each one 6 or 8; the quantized
-# kinds' GEMM won from 12 rows in all of them, bf16 was noisy). SparseMoeBlock sends an expert of a step above
-# NATIVE_MAX_TOKENS rows to the grouped call when it got at most this many rows; kinds not measured keep the
-# module's own GEMV switch.
-NATIVE_ROWS = {"bf16": 6, "int4": 8, "int8": 8, "q4_k": 8}
+# Rows of one expert up to which the grouped call is no slower than the expert module, by weight kind. Beyond 4
+# rows (8 for bf16) the grouped call runs the GEMM of quant_cpu_gemm.c, as a quantized module does up to its
+# gemm_max_rows (a bf16 one calls oneDNN), and it saves the module's torch ops per expert. Measured with benchmarks/moe_dispatch.py: one OLMoE-shaped expert
+# (hidden 2048, intermediate 1024), 1 thread, weights read from memory: no slower at every count up to 64, the
+# most it measures, for every kind. SparseMoeBlock sends an expert of a step above NATIVE_MAX_TOKENS rows to the
+# grouped call when it got at most this many rows; kinds not measured keep the module's own GEMV switch.
+NATIVE_ROWS = {"bf16": 64, "int4": 64, "int8": 64, "q4_k": 64}
 _KIND_NAMES = {code: name for name, code in WEIGHT_KINDS.items()}
 
 

@@ -5,11 +5,13 @@
  * Threads come from OpenMP; because torch is imported first, this library binds to torch's libgomp and
  * obeys torch.set_num_threads.
  *
- * Two kinds of entry points, all taking bf16 activations and writing bf16:
+ * Three kinds of entry points, all taking bf16 activations and writing bf16:
  *   gemv_*     y[M, N] = x[M, K] @ dequant(W)^T (+ bias) for small M, reading each weight byte once per
  *              group of 4 activation rows. Memory-bound by design.
- *   dequant_*  rows [n0, n1) of W into a bf16 buffer, scales applied, for the batched path (the buffer
- *              then goes to a bf16 matmul).
+ *   gemm_dq    the same product for more rows (quant_cpu_gemm.c): tiles of W dequantized into cache, then a
+ *              bf16 GEMM on them.
+ *   dequant_*  rows [n0, n1) of W into a bf16 buffer, scales applied, for gemm_dq and for the batched path
+ *              of many rows (the buffer then goes to a bf16 matmul).
  *
  * Weight layouts are the on-disk ones: int8 [N, K] signed; fp8 e4m3 [N, K]; nested int8 [N, Kp] unsigned
  * with value (b - 136) * scale[n, k / G]; int4 [N, Kp / 2] with element 2j in the low nibble of byte j and
@@ -19,6 +21,7 @@
 #define STRATA_QUANT_CPU_H
 
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -213,11 +216,23 @@ void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 /* Q8_0 / Q4_1 blocks as in GGUF (quant_cpu_q32.c); kind 0 q8_0, 1 q4_1 */
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y);
+/* rows [n0, n1) of a weight -> bf16 [n1 - n0, K], scales applied (quant_cpu_dequant.c, _kquant.c, _q32.c) */
+void dequant_int8(const int8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out);
+void dequant_fp8(const uint8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out);
+void dequant_nested(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale, int64_t n0, int64_t n1,
+                    uint16_t *out);
+void dequant_int4(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale, const uint8_t *zeros,
+                  int64_t n0, int64_t n1, uint16_t *out);
+void dequant_kq(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
+void dequant_qb(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
 /* M bf16 rows through a weight of kind WK_* (cpu_moe.c); WK_Q4K + k is K-quant kind k, WK_Q8_0 + k block kind k */
 enum { WK_BF16 = 0, WK_INT8 = 1, WK_FP8 = 2, WK_NESTED = 3, WK_INT4 = 4, WK_Q4K = 5, WK_Q5K = 6, WK_Q6K = 7,
        WK_Q8_0 = 8, WK_Q4_1 = 9, WK_Q5_0 = 10, WK_Q5_1 = 11 };
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y);
+/* the same product for more rows: weight tiles dequantized to bf16 in cache, bf16 GEMM on them (quant_cpu_gemm.c) */
+void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+             int64_t N, int64_t G, const float *bias, uint16_t *y);
 /* strata_gemv that reads the weight from memory once for any M (tiles of rows kept in cache across row groups) */
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                int64_t N, int64_t G, uint16_t *y);

@@ -1,7 +1,7 @@
 /* Dequantization to bf16 for the batched path (the result goes to a bf16 matmul), and the ABI version. */
 #include "quant_cpu.h"
 
-int strata_qk_abi(void) { return 14; }
+int strata_qk_abi(void) { return 15; }
 
 /* ---------------------------------------------------------------- dequantize to bf16 (batched path) */
 
@@ -10,8 +10,8 @@ static void dequant8(int kind, const uint8_t *w, int64_t K, int64_t G, const voi
                      int64_t n1, uint16_t *out) {
     const int gsh = __builtin_ctzll((unsigned long long)G);
     const __m512 off = _mm512_set1_ps(kind == K_I8 ? OFF_I8 : kind == K_U8 ? OFF_U8 + 136.0f : 0.0f);
-#pragma omp parallel for schedule(static) if ((n1 - n0) * K > PAR_MIN_WORK)
-    for (int64_t n = n0; n < n1; n++) {
+    PAR_FOR((n1 - n0) * K > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
         const uint8_t *wr = w + n * K;
         uint16_t *o = out + (n - n0) * K;
         __m512 s = _mm512_set1_ps(kind == K_U8 ? 0.0f : ((const float *)scale)[n] * (kind == K_F8 ? 256.0f : 1.0f));
@@ -26,7 +26,7 @@ static void dequant8(int kind, const uint8_t *w, int64_t K, int64_t G, const voi
             else
                 _mm256_mask_storeu_epi16(o + k, mask, h);
         }
-    }
+    });
 }
 
 void dequant_int8(const int8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out) {
@@ -48,8 +48,8 @@ void dequant_int4(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale
     int64_t ng = Kp / G;
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i nib = _mm512_set1_epi32(0x000F000F);
-#pragma omp parallel for schedule(static) if ((n1 - n0) * Kp > PAR_MIN_WORK)
-    for (int64_t n = n0; n < n1; n++) {
+    PAR_FOR((n1 - n0) * Kp > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
         const uint8_t *wr = w + n * (Kp / 2);
         uint16_t *o = out + (n - n0) * Kp;
         for (int64_t g = 0; g < ng; g++) {
@@ -64,6 +64,6 @@ void dequant_int4(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale
                 _mm512_storeu_si512(o + k, _mm512_permutexvar_epi16(d, lut));
             }
         }
-    }
+    });
 }
 

@@ -192,8 +192,8 @@ void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 static inline __attribute__((always_inline)) void kq_dequant(int kind, const uint8_t *w, int64_t K, int64_t n0,
                                                              int64_t n1, uint16_t *out) {
     const int64_t nsb = K / 256, ldw = nsb * KQ_BYTES[kind];
-#pragma omp parallel for schedule(static) if ((n1 - n0) * ldw > PAR_MIN_WORK)
-    for (int64_t n = n0; n < n1; n++) {
+    PAR_FOR((n1 - n0) * ldw > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *b = w + n * ldw + sb * KQ_BYTES[kind];
             uint16_t *o = out + (n - n0) * K + sb * 256;
@@ -215,7 +215,7 @@ static inline __attribute__((always_inline)) void kq_dequant(int kind, const uin
                 }
             }
         }
-    }
+    });
 }
 
 /* rows [n0, n1) of a K-quant weight -> out [n1 - n0, K] bf16 */

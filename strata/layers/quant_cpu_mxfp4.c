@@ -58,8 +58,8 @@ void gemv_mxfp4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64
 void dequant_mxfp4(const uint8_t *w, int64_t K, const uint8_t *scale, int64_t n0, int64_t n1, uint16_t *out) {
     const int64_t ng = K / 32;
     const __m512 vals = bf16x16_load(E2M1_BF16, 0xFFFF); /* the 16 table values as fp32 */
-#pragma omp parallel for schedule(static) if ((n1 - n0) * K > PAR_MIN_WORK)
-    for (int64_t n = n0; n < n1; n++) {
+    PAR_FOR((n1 - n0) * K > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
         const uint8_t *wr = w + n * (K / 2), *sr = scale + n * ng;
         uint16_t *o = out + (n - n0) * K;
         for (int64_t g = 0; g < ng; g++) {
@@ -67,5 +67,5 @@ void dequant_mxfp4(const uint8_t *w, int64_t K, const uint8_t *scale, int64_t n0
                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(vals, _mm512_set1_ps(e8m0_to_f32(sr[g])))));
             _mm512_storeu_si512(o + g * 32, decode32(wr + g * 16, scaled));
         }
-    }
+    });
 }

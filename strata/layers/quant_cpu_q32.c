@@ -225,6 +225,10 @@ static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, c
 /* y [M, N] = x [M, K] @ W^T (+ bias) for w uint8 [N, K / 32 * B] in block type `kind`; K a multiple of 32 */
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y) {
+    if (M > 1 && (kind == QB4_1 || kind == QB8_0)) { /* the GEMM was faster from 2 rows (benchmarks/quant_gemm.py) */
+        gemm_dq(WK_Q8_0 + kind, x, M, K, w, NULL, NULL, N, 0, bias, y);
+        return;
+    }
     switch (kind) { /* one compiled copy per kind */
     case QB4_1: qb_gemv(QB4_1, 0, x, M, K, w, N, bias, y); break;
     case QB5_0: qb_gemv(QB5_0, 0, x, M, K, w, N, bias, y); break;
@@ -250,8 +254,8 @@ void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8
 static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f32, const uint8_t *w, int64_t K,
                                                              int64_t n0, int64_t n1, void *out) {
     const int64_t nb = K / 32, B = QB_BYTES[kind], ldw = nb * B;
-#pragma omp parallel for schedule(static) if ((n1 - n0) * ldw > PAR_MIN_WORK)
-    for (int64_t n = n0; n < n1; n++) {
+    PAR_FOR((n1 - n0) * ldw > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
         for (int64_t j = 0; j < nb; j++) {
             const uint8_t *b = w + n * ldw + j * B;
             int64_t o = (n - n0) * K + j * 32;
@@ -279,11 +283,35 @@ static inline __attribute__((always_inline)) void qb_dequant(int64_t kind, int f
                     _mm256_storeu_si256((__m256i *)((uint16_t *)out + o + 16 * h), (__m256i)_mm512_cvtneps_pbh(v));
             }
         }
-    }
+    });
+}
+
+/* qb_dequant's bf16 output for q4_1 through a table, half the instructions (the batched GEMM dequantizes every
+ * weight once per call): per block the 16 values d q + m by the same expression, rounded once, then vpermw by
+ * the codes (low nibbles are weights 0-15, high nibbles 16-31) */
+static void q4_1_dequant_bf16(const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out) {
+    const int64_t nb = K / 32, ldw = nb * QB_BYTES[QB4_1];
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1); /* lanes 16-31: 4 */
+    PAR_FOR((n1 - n0) * ldw > PAR_MIN_WORK, i, n1 - n0, {
+        const uint8_t *row = w + (n0 + i) * ldw;
+        uint16_t *o = out + i * K;
+        for (int64_t j = 0; j < nb; j++) {
+            const uint8_t *b = row + j * QB_BYTES[QB4_1];
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(half_at(b)), iota), _mm512_set1_ps(half_at(b + 2)));
+            __m512i lut = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
+            __m512i q = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4))));
+            q = _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi16(0x0F));
+            _mm512_storeu_si512(o + j * 32, _mm512_permutexvar_epi16(q, lut));
+        }
+    });
 }
 
 void dequant_qb(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out) {
-    qb_dequant(kind, 0, w, K, n0, n1, out);
+    if (kind == QB4_1)
+        q4_1_dequant_bf16(w, K, n0, n1, out);
+    else
+        qb_dequant(kind, 0, w, K, n0, n1, out);
 }
 
 void dequant_qb_f32(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, float *out) {

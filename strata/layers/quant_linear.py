@@ -4,9 +4,10 @@ Buffers carry the on-disk names (`qweight`, `scales`, [`zeros`], [`bias`]) so a 
 with `load_state_dict(..., assign=True)`; `post_load()` then prepares the kernel layout once. Kernels, in
 order of preference (STRATA_QUANT_BACKEND=native|torch|reference forces one):
 
-    native     quant_cpu*.c through quant_native.py: a GEMV for up to `gemv_max_rows` rows, otherwise
-               dequantize the weight to bf16 (in row tiles) and run torch's bf16 matmul (oneDNN; AMX where
-               the CPU has it).
+    native     quant_cpu*.c through quant_native.py: a GEMV for up to `gemv_max_rows` rows; up to
+               `gemm_max_rows` rows a GEMM that dequantizes weight tiles into cache and runs bf16 dot products
+               on them (quant_cpu_gemm.c); more rows dequantize the weight to bf16 (in row tiles) and run
+               torch's bf16 matmul (oneDNN; AMX where the CPU has it).
     torch      torch._weight_int8pack_mm / aten._weight_int4pack_mm_for_cpu (repacked at load time);
                fp8 and nested int8 dequantize with torch ops.
     reference  dequantize_weight + F.linear in float32. Slow, always correct.
@@ -44,7 +45,8 @@ from strata.quant.format import (
 
 BACKENDS = ("native", "torch", "reference")
 ACTIVATION_MODES = ("none", "int8")  # --quantized-activations
-GEMV_MAX_ROWS = 4  # above this many rows, dequantize + bf16 matmul beats the GEMV kernel (quant_kernels.py)
+GEMV_MAX_ROWS = 4  # above this many rows the GEMM beat the GEMVs on most layers measured (quant_gemm.py)
+GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul may beat the GEMM (quant_gemm.py)
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -97,6 +99,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.backend: str | None = None
         self.gemv_max_rows = GEMV_MAX_ROWS
+        self.gemm_max_rows = GEMM_MAX_ROWS  # for the formats of quant_native.WEIGHT_KINDS (not mxfp4)
         self._k: dict[str, torch.Tensor] = {}  # kernel-layout tensors made by post_load
         self._gemv = None  # native GEMV with bound weight pointers (quant_native.gemv_call), set by post_load
         self.quantized_activations = "none"  # "int8": the batched path runs on int8 activations (ACTIVATION_MODES)
@@ -211,8 +214,10 @@ class QuantLinear(nn.Module):
         xb = self._pad_x(xb, kp)
         if xb.shape[0] <= self.gemv_max_rows:
             return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
-        # batched: dequantize row tiles into a reused bf16 buffer and matmul each (oneDNN bf16 / AMX)
         n = self.out_features
+        if xb.shape[0] <= self.gemm_max_rows and fmt.kind in quant_native.WEIGHT_KINDS:
+            return quant_native.gemm(lib, fmt.kind, xb, k, n, fmt.group_size, k["bias"])
+        # many rows: dequantize row tiles into a reused bf16 buffer and matmul each (oneDNN bf16 / AMX)
         tile_bytes = TILE_BYTES_1_THREAD if torch.get_num_threads() == 1 else TILE_BYTES
         rows = max(16, min(n, tile_bytes // (2 * kp)))
         buf = _tile_buffer(rows * kp)

@@ -31,17 +31,20 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
     "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
     "quant_cpu_mxfp4.c",
-    "quant_cpu_q32.c", "quant_cpu_a8.c",
+    "quant_cpu_q32.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
     "cpu_decode_attention.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c")]
 HEADER = HERE / "quant_cpu.h"
-ABI = 14  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 15  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
 VNNI_FLAG = "avx512_vnni"  # when present, the int8-activation kernels (quant_cpu_a8.c) are compiled in
 COMPILE_TIMEOUT_S = 60
 KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
+# Format family -> the WK_* code of quant_cpu.h: the `kind` argument of gemm_dq and of the MoE kernels (cpu_moe.c)
+WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7,
+                "q8_0": 8, "q4_1": 9, "q5_0": 10, "q5_1": 11}
 BLOCK32_KINDS = {"q8_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3}  # the `kind` argument of gemv_qb / dequant_qb
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -58,6 +61,7 @@ _SIGNATURES = {
     "gemv_qb": [_I, _P, _I, _I, _P, _I, _P, _P],
     "dequant_qb": [_I, _P, _I, _I, _I, _P],
     "gemv_qb_f32": [_I, _P, _I, _I, _P, _I, _P, _P],
+    "gemm_dq": [_I, _P, _I, _I, _P, _P, _P, _I, _I, _P, _P],
     "gemm_a8": [_I, _P, _I, _I, _I, _P, _P, _P, _I, _I, _P, _P, _I],
     "dequant_qb_f32": [_I, _P, _I, _I, _I, _P],
     "dequant_int8": [_P, _I, _P, _I, _I, _P],
@@ -274,4 +278,15 @@ def gemm_a8(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Ten
     lib.gemm_a8(A8_KINDS[kind], _ptr(x), int(x.dtype == torch.float32), m, k, _ptr(w["qweight"]), _ptr(w.get("scales")),
                 _ptr(w.get("zeros")), out_features, group_size or 0, _ptr(bias), _ptr(y),
                 int(out_dtype == torch.float32))
+    return y
+
+
+def gemm(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Tensor], out_features: int,
+         group_size: int | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """`gemv` for many rows (kinds in WEIGHT_KINDS): weight tiles dequantized to bf16 in cache, then a bf16 GEMM
+    on them (quant_cpu_gemm.c); the same bf16 weights as dequantize_rows + a bf16 matmul."""
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.bfloat16)
+    lib.gemm_dq(WEIGHT_KINDS[kind], _ptr(x), m, k, _ptr(w["qweight"]), _ptr(w.get("scales")), _ptr(w.get("zeros")),
+                out_features, group_size or 0, _ptr(bias), _ptr(y))
     return y

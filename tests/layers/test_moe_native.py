@@ -88,8 +88,8 @@ def _per_token(block, x):
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32", "int4-g32-asym", "fp8", "int8-nested-g32"])
 def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
     """A batch runs every routed expert once for all of its tokens; each token's output matches what it gets
-    alone up to the last-bit rounding of the several-row GEMV kernels, and matches exactly where no expert is
-    shared."""
+    alone up to the last-bit rounding of the several-row GEMV kernels (bf16), or of bf16 weights where a quantized
+    expert got more than 4 tokens (the GEMM, as the module path), and matches exactly where no expert is shared."""
     block = _block(experts=6, top_k=3)
     if fmt != "bf16":
         _quantize_experts(block, fmt)
@@ -102,7 +102,8 @@ def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
     assert counts == {"calls": 1, "assignments": 16 * 3, "expert_runs": len(block.route(x)[1].unique())}
     alone = _per_token(block, x)
     torch.testing.assert_close(batch.float(), alone.float(), atol=2e-2, rtol=2e-2)
-    assert (batch == alone).float().mean() > 0.9
+    if fmt == "bf16":
+        assert (batch == alone).float().mean() > 0.9
     block.top_k = 1  # two tokens on distinct experts: each expert runs the one-row kernel, as alone
     ids = block.route(x)[1]
     first, second = 0, int((ids[:, 0] != ids[0, 0]).nonzero()[0])
@@ -112,18 +113,21 @@ def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
 
 @needs_native
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32", "int4-g32-asym", "fp8", "int8-nested-g32"])
-def test_experts_larger_than_a_tile_read_once_give_the_untiled_results(fmt):
-    """With more than 4 tokens on an expert whose weights exceed a cache tile, the GEMVs run tile by tile (each
-    tile read from memory once for all rows): every output equals the untiled call's on the same rows."""
-    block = _block(hidden=256, inter=1024, experts=2, top_k=2)  # gate/up 2048 x 256 bf16: 1 MiB, several tiles
+def test_experts_with_many_tokens_run_once_and_agree_with_the_gemv(fmt):
+    """With more than 4 tokens on an expert (8 for bf16 weights) it runs once for all of them through the GEMM
+    of quant_cpu_gemm.c: the outputs agree with two calls of 4 tokens each (the GEMVs) up to bf16 rounding, and
+    bf16 experts at 8 tokens still run one GEMV pass, bit-equal to the halves."""
+    block = _block(hidden=256, inter=1024, experts=2, top_k=2)  # gate/up 2048 x 256: several GEMM tiles
     if fmt != "bf16":
         _quantize_experts(block, fmt)
     for e in block.experts:
         e.fuse_projections()
     x = torch.randn(8, 256).bfloat16()
-    tiled = block(x)  # 8 rows per expert: tiles
-    halves = torch.cat([block(x[:4]), block(x[4:])])  # 4 rows per expert: one untiled pass
-    assert torch.equal(tiled, halves)
+    once = block(x)  # 8 rows per expert
+    halves = torch.cat([block(x[:4]), block(x[4:])])  # 4 rows per expert: the GEMVs
+    assert (once.float() - halves.float()).abs().max() <= 1e-2 * halves.float().abs().max()  # ~2 bf16 ulps
+    if fmt == "bf16":
+        assert torch.equal(once, halves)
 
 
 def _slot_tensors(expert, names):

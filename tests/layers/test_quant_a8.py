@@ -18,9 +18,12 @@ from strata.quant.activations import block_for, fake_quantize_rows
 from strata.quant.format import dequantize_weight
 
 LIB = quant_native.native_lib()
-# format, in_features: widths that leave a half step (int4-g32: 224 = 3.5 steps), a partial block (int8: 100)
+# format, in_features: widths that leave a half step (int4-g32: 224 = 3.5 steps), a partial block (int8: 100),
+# and wide rows (576 to 1100: 9 to 18 steps)
 FORMATS = [("int4-g32", 200), ("int4-g64-asym", 320), ("int4-g128", 256), ("int8-nested-g64", 192),
-           ("int8", 100), ("q8_0", 96), ("q4_1", 160), ("q4_k", 512), ("q5_k", 512), ("q6_k", 768)]
+           ("int8", 100), ("q8_0", 96), ("q4_1", 160), ("q4_k", 512), ("q5_k", 512), ("q6_k", 768),
+           ("int4-g32", 1088), ("int4-g64-asym", 1024), ("int8-nested-g64", 576), ("int8", 1100), ("q8_0", 1024),
+           ("q4_1", 576)]
 
 
 def _layer(fmt: str, out: int, inp: int, bias: bool = False, seed: int = 0) -> QuantLinear:

@@ -42,7 +42,7 @@ def _check(q, x):
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_float64_reference(kind, backend):
     q = _layer(kind, 37, 512, backend, bias=True)  # 37 rows: whole 4-row blocks and a remainder
-    for rows in (1, 2, 3, 4, 5, 70):  # GEMV at each compiled row count, two passes, batched
+    for rows in (1, 2, 3, 4, 5, 50, 70):  # GEMV at each compiled row count, two passes, GEMM, dequantize
         for dtype in (torch.bfloat16, torch.float32):
             _check(q, torch.randn(rows, 512, dtype=dtype))
 
@@ -53,7 +53,7 @@ def test_native_threaded_gemv_and_tiles(kind, monkeypatch):
     q = _layer(kind, 300, 1024, "native", seed=3)
     x = torch.randn(4, 1024, dtype=torch.bfloat16)
     _check(q, x)
-    q.gemv_max_rows = 0
+    q.gemv_max_rows = q.gemm_max_rows = 0  # the dequantize + bf16 matmul path
     monkeypatch.setattr(quant_linear, "TILE_BYTES", 2 * 1024 * 48)  # 48-row tiles, the last one partial
     monkeypatch.setattr(quant_linear, "TILE_BYTES_1_THREAD", 2 * 1024 * 48)
     _check(q, x)

@@ -42,7 +42,7 @@ def test_matches_float64_reference(backend, fmt, shape):
     torch.manual_seed(out * 1000 + inp)
     lin = nn.Linear(inp, out, bias=out % 2 == 1)
     q = QuantLinear.from_float(lin, fmt, backend=_backend(backend))
-    for rows in (1, 3, 70):  # GEMV, small batch, batched (dequantize + bf16 matmul)
+    for rows in (1, 3, 50, 70):  # GEMV, small batch, native GEMM, dequantize + bf16 matmul
         for dtype in (torch.bfloat16, torch.float32):
             _check(q, torch.randn(2, rows, inp, dtype=dtype), lin.bias)
 
@@ -55,7 +55,7 @@ def test_native_paths_agree_on_a_threaded_shape(fmt, monkeypatch):
     q = QuantLinear.from_float(nn.Linear(1000, 520, bias=False), fmt, backend="native")
     x = torch.randn(6, 1000, dtype=torch.bfloat16)
     _check(q, x, None)
-    q.gemv_max_rows = 0
+    q.gemv_max_rows = q.gemm_max_rows = 0  # the dequantize + bf16 matmul path
     tile = 2 * q.fmt.padded_in(1000) * 48  # 48 rows per tile: 11 tiles, the last one partial
     monkeypatch.setattr(quant_linear, "TILE_BYTES", tile)
     monkeypatch.setattr(quant_linear, "TILE_BYTES_1_THREAD", tile)

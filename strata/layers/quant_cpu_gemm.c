@@ -1,0 +1,157 @@
+/* Batched GEMM for the weight kinds WK_* of quant_cpu.h: y [M, N] = x [M, K] @ W^T (+ bias), bf16 in and out, for
+ * the row counts above the GEMVs' (decode batches of several sequences, prompts).
+ *
+ * The weight is dequantized to bf16 a tile of rows (GM_TILE_BYTES) at a time into a per-thread buffer that stays in L1
+ * (the dequant_* functions of the other files, so every weight is the bf16 number the dequantize-then-matmul path
+ * gives), and every block of GM_MR activation rows meets every block of GM_NR tile rows in registers: 16
+ * accumulators of 16 fp32 partial sums along K, fed by vdpbf16ps, reduced once at the end by sum16. So the
+ * weight is read from memory once, no bf16 copy of it is written out and read back, and there is no call per
+ * tile; only the order of the fp32 additions differs from the matmul's. bf16 weights are read in place.
+ */
+#include "quant_cpu.h"
+
+#define GM_MR 4 /* activation rows per register block */
+#define GM_NR 4 /* weight rows per register block: GM_MR * GM_NR = 16 accumulators, one sum16 */
+#define GM_TILE_BYTES (16 * 1024) /* bf16 bytes dequantized per tile: stays in L1 beside GM_MR rows of x */
+
+/* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
+static void weight_row_bytes(int kind, int64_t K, int64_t G, int64_t *w, int64_t *s, int64_t *z) {
+    static const int64_t kq[3] = {144, 176, 210};
+    *s = *z = 0;
+    switch (kind) {
+    case WK_BF16: *w = 2 * K; break;
+    case WK_INT8: case WK_FP8: *w = K, *s = 4; break;
+    case WK_NESTED: *w = K, *s = 2 * ((K + G - 1) / G); break;
+    case WK_Q4K: case WK_Q5K: case WK_Q6K: *w = K / 256 * kq[kind - WK_Q4K]; break;
+    case WK_Q8_0: *w = K / 32 * 34; break; /* blocks carry their scales (G is 0: no division by it) */
+    case WK_Q4_1: *w = K / 32 * 20; break;
+    case WK_Q5_0: *w = K / 32 * 22; break;
+    case WK_Q5_1: *w = K / 32 * 24; break;
+    default: *w = K / 2, *s = 2 * (K / G), *z = K / G; break;
+    }
+}
+
+/* rows [n0, n1) of a weight of kind `kind` -> out bf16 [n1 - n0, K] (bf16 weights are not copied: see gm_tiles) */
+static void gm_dequant(int kind, const void *w, const void *s, const void *z, int64_t K, int64_t G, int64_t n0,
+                       int64_t n1, uint16_t *out) {
+    switch (kind) {
+    case WK_INT8: dequant_int8(w, K, s, n0, n1, out); break;
+    case WK_FP8: dequant_fp8(w, K, s, n0, n1, out); break;
+    case WK_NESTED: dequant_nested(w, K, G, s, n0, n1, out); break;
+    case WK_Q4K: case WK_Q5K: case WK_Q6K: dequant_kq(kind - WK_Q4K, w, K, n0, n1, out); break;
+    case WK_Q8_0: case WK_Q4_1: case WK_Q5_0: case WK_Q5_1: dequant_qb(kind - WK_Q8_0, w, K, n0, n1, out); break;
+    default: dequant_int4(w, K, G, s, z, n0, n1, out); break;
+    }
+}
+
+/* out[i] = x row (i / GM_NR) . t row (i % GM_NR) over K, for MR x rows (ldx apart) and GM_NR t rows (K apart) */
+static inline __attribute__((always_inline)) __m512 gm_block(int MR, const uint16_t *x, int64_t ldx,
+                                                             const uint16_t *t, int64_t K) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 mk = K - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
+        __m512bh wv[GM_NR];
+        for (int n = 0; n < GM_NR; n++) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mk, t + n * K + k);
+        for (int m = 0; m < MR; m++) {
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + m * ldx + k);
+            for (int n = 0; n < GM_NR; n++) acc[m * GM_NR + n] = _mm512_dpbf16_ps(acc[m * GM_NR + n], xv, wv[n]);
+        }
+    }
+    __m512 v[16]; /* a copy: handing acc itself to sum16 kept it in memory through the loop */
+    for (int i = 0; i < 16; i++) v[i] = acc[i];
+    return sum16(v);
+}
+
+/* tiles [t0, t1) of GM_TILE-row tiles: dequantize each into buf, then all of x against it */
+static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const void *w, const void *s,
+                     const void *z, int64_t N, int64_t G, const float *bias, uint16_t *y, int64_t tile, int64_t t0,
+                     int64_t t1, uint16_t *buf) {
+    int64_t rb[3]; /* bytes per row of w, s, z */
+    weight_row_bytes(kind, K, G, &rb[0], &rb[1], &rb[2]);
+    const uint8_t *base[3] = {w, s, z};
+    for (int64_t tt = t0; tt < t1; tt++) {
+        const int64_t n0 = tt * tile, rows = N - n0 < tile ? N - n0 : tile;
+        const int64_t padded = (rows + GM_NR - 1) / GM_NR * GM_NR;
+        /* the next tile's bytes, a share per block of rows below: its dequantization then finds them in cache */
+        const int64_t next = tt + 1 < t1 ? (N - n0 - rows < tile ? N - n0 - rows : tile) : 0;
+        int64_t lines[3], done[3] = {0, 0, 0};
+        for (int a = 0; a < 3; a++) lines[a] = base[a] ? (next * rb[a] + 63) / 64 : 0;
+        const uint16_t *t = buf;
+        if (kind == WK_BF16 && rows == padded)
+            t = (const uint16_t *)w + n0 * K;
+        else if (kind == WK_BF16)
+            memcpy(buf, (const uint16_t *)w + n0 * K, sizeof(uint16_t) * (size_t)(rows * K));
+        else
+            gm_dequant(kind, w, s, z, K, G, n0, n0 + rows, buf);
+        if (t == buf && padded > rows) /* the last tile's missing rows read as zeros */
+            memset(buf + rows * K, 0, sizeof(uint16_t) * (size_t)((padded - rows) * K));
+        for (int64_t nb = 0; nb < padded; nb += GM_NR) {
+            const int nr = rows - nb < GM_NR ? (int)(rows - nb) : GM_NR;
+            for (int a = 0; a < 3; a++) {
+                const int64_t until = lines[a] * (nb + GM_NR) / padded;
+                for (; done[a] < until; done[a]++)
+                    _mm_prefetch((const char *)(base[a] + (n0 + rows) * rb[a] + 64 * done[a]), _MM_HINT_T0);
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += GM_MR) {
+                const int mr = M - m0 < GM_MR ? (int)(M - m0) : GM_MR;
+                __m512 r;
+                switch (mr) {
+                case 1: r = gm_block(1, x + m0 * ldx, ldx, t + nb * K, K); break;
+                case 2: r = gm_block(2, x + m0 * ldx, ldx, t + nb * K, K); break;
+                case 3: r = gm_block(3, x + m0 * ldx, ldx, t + nb * K, K); break;
+                default: r = gm_block(4, x + m0 * ldx, ldx, t + nb * K, K); break;
+                }
+                const int64_t n = n0 + nb;
+                if (nr < GM_NR) {
+                    float v[16];
+                    _mm512_storeu_ps(v, r);
+                    for (int m = 0; m < mr; m++)
+                        for (int j = 0; j < nr; j++) store_out(y + m0 * N, N, m, n + j, v[m * GM_NR + j], bias);
+                    continue;
+                }
+                if (bias) /* lane m * GM_NR + j holds output (m, n + j) */
+                    r = _mm512_add_ps(r, _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n)));
+                __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
+                int64_t q[4];
+                _mm256_storeu_si256((__m256i *)q, h);
+                for (int m = 0; m < mr; m++) memcpy(y + (m0 + m) * N + n, &q[m], 8);
+            }
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] @ W^T (+ bias) for a weight of kind WK_* (not mxfp4): x bf16 contiguous (K padded to the
+ * group for grouped kinds), s: scales, z: zero points or NULL, bias fp32 or NULL; threads split the tiles */
+void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+             int64_t N, int64_t G, const float *bias, uint16_t *y) {
+    int64_t tile = GM_TILE_BYTES / (2 * K) / GM_NR * GM_NR;
+    if (tile < GM_NR) tile = GM_NR;
+    const int64_t ntiles = (N + tile - 1) / tile;
+    const size_t buf_bytes = (sizeof(uint16_t) * (size_t)(tile * K) + 63) / 64 * 64;
+    /* 64-byte loads of x rows that straddle cache lines cost two: x rows not on 64-byte boundaries (a malloc'd
+     * buffer, an odd K) are copied to ones that are (OLMoE's experts in the MoE call ran 1.4x slower without) */
+    int64_t ldx = K;
+    uint16_t *xa = NULL;
+    if ((uintptr_t)x % 64 || (K * sizeof(uint16_t)) % 64) {
+        ldx = (K + 31) / 32 * 32;
+        xa = aligned_alloc(64, sizeof(uint16_t) * (size_t)(M * ldx));
+        for (int64_t m = 0; m < M; m++) memcpy(xa + m * ldx, x + m * K, sizeof(uint16_t) * (size_t)K);
+        x = xa;
+    }
+    if (M * N * K <= 8 * PAR_MIN_WORK) { /* a few microseconds of work: a team would cost more than it saves */
+        uint16_t *buf = aligned_alloc(64, buf_bytes);
+        gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, 0, ntiles, buf);
+        free(buf);
+    } else {
+#pragma omp parallel
+        {
+            const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+            const int64_t t0 = ntiles * id / nth, t1 = ntiles * (id + 1) / nth;
+            uint16_t *buf = aligned_alloc(64, buf_bytes);
+            gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, t0, t1, buf);
+            free(buf);
+        }
+    }
+    free(xa);
+}

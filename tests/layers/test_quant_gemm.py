@@ -1,0 +1,136 @@
+"""The native batched GEMM (quant_cpu_gemm.c, quant_native.gemm) against dequantize_weight + a float matmul, for
+every format it serves: odd K (masked tails), N that leaves partial register blocks and tiles, 5..64 rows,
+threaded splits, and QuantLinear's routing between the GEMV, the GEMM and dequantize + oneDNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from strata.layers import quant_native
+from strata.layers.quant_linear import QuantLinear
+from strata.quant import ggml_blocks, kquant
+from strata.quant.format import dequantize_weight
+
+pytestmark = pytest.mark.skipif(quant_native.native_lib() is None, reason="native kernels unavailable here")
+
+# (format, in_features): formats Strata quantizes into, with K that is no multiple of the 32-element step
+MADE = [("int8", 100), ("fp8", 77), ("int4-g32", 200), ("int4-g64-asym", 130), ("int4-g128", 576),
+        ("int8-nested-g64", 150)]
+BLOCKS = [("q8_0", 96), ("q4_1", 576), ("q5_0", 160), ("q5_1", 64), ("q4_k", 512), ("q5_k", 256), ("q6_k", 256)]
+ROWS = (5, 7, 16, 33, 64)
+
+
+def _layer(fmt: str, out: int, inp: int, seed: int = 0, bias: bool = False) -> QuantLinear:
+    torch.manual_seed(seed)
+    if fmt in kquant.BLOCK_BYTES or fmt in ggml_blocks.BLOCK_BYTES:
+        q = QuantLinear(inp, out, fmt, bias=bias)
+        q.qweight = (kquant if fmt in kquant.BLOCK_BYTES else ggml_blocks).random_blocks(fmt, out, inp, seed=seed)
+        if bias:
+            q.bias = torch.randn(out, dtype=torch.bfloat16)
+        q.post_load("native")
+        return q
+    return QuantLinear.from_float(nn.Linear(inp, out, bias=bias), fmt, backend="native")
+
+
+def _gemm(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    kp = q.fmt.padded_in(q.in_features)
+    xp = torch.nn.functional.pad(x, (0, kp - q.in_features)).contiguous()
+    return quant_native.gemm(quant_native.native_lib(), q.fmt.kind, xp, q._k, q.out_features, q.fmt.group_size,
+                             q._k["bias"])
+
+
+def _check_float(q: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y against the float32 reference weight (bf16 weights, activations and output: ~2^-8 of the output scale);
+    returns the weight."""
+    w = dequantize_weight(q._tensors(), q.fmt, q.out_features, q.in_features, dtype=torch.float32)
+    ref = x.float() @ w.T + (0 if q.bias is None else q.bias.float())  # [M, N]
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    return w
+
+
+def _check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
+    """_check_float, and against the same weights in bf16, as the kernel dequantizes them: only the order of fp32
+    sums and the output's rounding differ, so each element is within a bf16 ulp or two of its reference."""
+    w = _check_float(q, x, y)
+    bias = 0 if q.bias is None else q.bias.float()
+    ref_bf16 = x.float() @ w.to(torch.bfloat16).float().T + bias
+    scale = x.float().abs() @ w.to(torch.bfloat16).float().abs().T  # what the sum's rounding errors scale with
+    assert ((y.float() - ref_bf16).abs() <= 2**-7 * ref_bf16.abs() + 1e-5 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("fmt,inp", MADE + BLOCKS)
+def test_gemm_matches_dequantized_reference(fmt, inp):
+    q = _layer(fmt, 37, inp, bias=True)  # 37 rows: 4-row blocks and a remainder of 1
+    for rows in ROWS:
+        x = torch.randn(rows, inp).to(torch.bfloat16)
+        _check(q, x, _gemm(q, x))
+
+
+@pytest.mark.parametrize("out", [1, 2, 3, 30, 301])
+def test_gemm_row_tails_and_tiles(out):
+    """N below one register block, between, and over several tiles (16 KiB of bf16 rows each) with a partial last."""
+    q = _layer("q4_1", out, 576, seed=out)
+    x = torch.randn(9, 576).to(torch.bfloat16)
+    _check(q, x, _gemm(q, x))
+
+
+def test_gemm_bf16_weight_in_place():
+    """bf16 weights are read where they are (no copy), the last partial register block through the buffer."""
+    torch.manual_seed(1)
+    w = torch.randn(43, 100).to(torch.bfloat16)
+    x = torch.randn(6, 100).to(torch.bfloat16)
+    y = quant_native.gemm(quant_native.native_lib(), "bf16", x, {"qweight": w}, 43, None, None)
+    torch.testing.assert_close(y.float(), (x.float() @ w.float().T).to(torch.bfloat16).float(), rtol=2**-7, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_threaded_split_agrees(threads):
+    """A shape big enough for the tiles to be split across threads gives the same numbers as one thread."""
+    q = _layer("int4-g32", 520, 1000, seed=2)
+    x = torch.randn(24, 1000).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = _gemm(q, x)
+    finally:
+        torch.set_num_threads(before)
+    _check(q, x, y)
+    torch.testing.assert_close(y, _gemm(q, x), rtol=0, atol=0)  # tiles are computed alike, whoever runs them
+
+
+def test_quant_linear_routes_rows_to_gemv_gemm_and_dequantize(monkeypatch):
+    """Up to gemv_max_rows: GEMV; up to gemm_max_rows: the GEMM; beyond: dequantize + oneDNN; mxfp4 has no GEMM."""
+    q = _layer("q4_1", 64, 256)
+    calls = []
+    for name in ("gemv", "gemm", "dequantize_rows"):
+        real = getattr(quant_native, name)
+        monkeypatch.setattr(quant_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                         _real(*a, **k))[1])
+    q._gemv = None  # the bound decode fast path would skip quant_native.gemv
+    for rows, path in ((q.gemv_max_rows, "gemv"), (q.gemv_max_rows + 1, "gemm"), (q.gemm_max_rows, "gemm"),
+                       (q.gemm_max_rows + 1, "dequantize_rows")):
+        calls.clear()
+        x = torch.randn(rows, 256).to(torch.bfloat16)
+        _check_float(q, x, q(x))
+        assert calls[0] == path, (rows, calls)
+    m = QuantLinear(64, 16, "mxfp4")
+    g = torch.Generator().manual_seed(0)
+    m.qweight = torch.randint(0, 256, (16, 32), generator=g, dtype=torch.uint8)
+    m.scales = torch.randint(118, 131, (16, 2), generator=g, dtype=torch.uint8)
+    m.post_load("native")
+    calls.clear()
+    m(torch.randn(8, 64).to(torch.bfloat16))
+    assert calls[0] == "dequantize_rows"
+
+
+def test_gemm_x_off_cache_line_boundaries():
+    """x rows that do not start on 64-byte boundaries (a view one element in) give the aligned rows' results."""
+    q = _layer("q4_1", 40, 576)
+    x = torch.randn(7, 576).to(torch.bfloat16)
+    shifted = torch.empty(7 * 576 + 1, dtype=torch.bfloat16)[1:].view(7, 576)  # [7, 576], 2 bytes off
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 64 != 0
+    torch.testing.assert_close(_gemm(q, shifted), _gemm(q, x), rtol=0, atol=0)
