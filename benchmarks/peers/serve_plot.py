@@ -2,7 +2,7 @@
 bench serve` (as serve_side_by_side.py writes them, one or more files); prints the table of output tok/s ratios
 at each rate.
 
-    .venv/bin/python benchmarks/peers/serve_plot.py docs/benchmarks/serving_repeat.jsonl \\
+    .venv/bin/python benchmarks/peers/serve_plot.py docs/benchmarks/serving.jsonl \\
         docs/benchmarks/serving_olmoe.jsonl --png docs/benchmarks/serving_throughput_ttft.png
 """
 
