@@ -99,9 +99,7 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # [N]
     logits = logits / temps[:, None]
     ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
-    if any(ks) and _native_select(logits, 0, ks, float("-inf")):
-        pass
-    elif any(ks):
+    if any(ks) and not _native_select(logits, 0, ks, float("-inf")):  # torch when the native select is not here
         rows = [i for i, k in enumerate(ks) if k]
         sub = logits[rows]  # [R, V]
         top = torch.topk(sub, max(ks), dim=-1).values  # [R, kmax]
@@ -113,9 +111,7 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
         cut = torch.tensor(min_ps, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)  # [N, 1]
         probs = probs.masked_fill(probs < cut, 0.0)
     rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    if rows and _native_select(probs, 1, [p.top_p for p in params], 0.0):
-        pass
-    elif rows:
+    if rows and not _native_select(probs, 1, [p.top_p for p in params], 0.0):
         sub = probs[rows]  # [R, V]
         sorted_probs, order = torch.sort(sub, dim=-1, descending=True)
         cum = torch.cumsum(sorted_probs, dim=-1)
@@ -165,6 +161,12 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if failed >= 0:
             raise ValueError("invalid sampling distribution (negative weights or all zero)")
         return tokens
+    return _draw_torch(probs, u)
+
+
+def _draw_torch(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """draw's torch operations, for rows the native draw does not take: probs [N, V], u [N, 1] float64 -> [N]."""
+    n, vocab = probs.shape
     w = F.pad(probs, (0, -vocab % DRAW_BLOCK)).reshape(n, -1, DRAW_BLOCK)  # [N, B, DRAW_BLOCK]
     cum = w.sum(-1, dtype=torch.float64).cumsum(-1)  # [N, B] weight up to each block's end
     if not bool(probs.min() >= 0) or not bool((cum[:, -1] > 0).all()):

@@ -98,11 +98,11 @@ class SparseMoeBlock(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        native_ok = T <= NATIVE_MAX_TOKENS and self.local_experts is None and x.dtype == torch.bfloat16
-        if native_ok and self.expert_provider is None:
-            native = self._native_experts()
-            if native is not None:  # one native call for all tokens, grouped by expert (moe_native.py)
-                return native(x, weights, ids)
+        grouped_ok = self.local_experts is None and x.dtype == torch.bfloat16  # the native grouped call can run
+        native_ok = T <= NATIVE_MAX_TOKENS and grouped_ok
+        resident = self._native_experts() if grouped_ok and self.expert_provider is None else None
+        if native_ok and resident is not None:  # one native call for all tokens, grouped by expert (moe_native.py)
+            return resident(x, weights, ids)
         if T == 1:  # decode: no sorting, k small matmuls
             chosen = ids[0].tolist()
             expert_ids = self._local(chosen)
@@ -129,7 +129,8 @@ class SparseMoeBlock(nn.Module):
         experts, weights, dropped = self._drop_missing(experts, active, ids, weights)
         flat_w = weights.reshape(-1)[order]  # [T*k]
         out = torch.zeros_like(x)
-        ran = self._few_rows_native(x, counts, flat_ids[order], token_idx, flat_w, out)
+        ran = set() if resident is None else self._few_rows_native(resident, x, counts, flat_ids[order], token_idx,
+                                                                    flat_w, out)
         start = 0
         for e, c in enumerate(counts):
             if not c or e in dropped or e in ran or not self._is_local(e):
@@ -149,16 +150,12 @@ class SparseMoeBlock(nn.Module):
             self.__dict__["_native"] = native  # not a submodule: no state-dict entries
         return native or None
 
-    def _few_rows_native(self, x: torch.Tensor, counts: list[int], sorted_ids: torch.Tensor,
+    def _few_rows_native(self, native: NativeExperts, x: torch.Tensor, counts: list[int], sorted_ids: torch.Tensor,
                          token_idx: torch.Tensor, flat_w: torch.Tensor, out: torch.Tensor) -> set[int]:
-        """Resident bf16 experts that got at most NATIVE_ROWS rows run together in one native grouped call (its
-        GEMVs on the stored format beat dequantizing an expert whole for a few rows), added into out [T, H].
-        sorted_ids, token_idx, flat_w [T*k]: the assignments sorted by expert. -> the experts it ran."""
-        if self.expert_provider is not None or self.local_experts is not None or x.dtype != torch.bfloat16:
-            return set()
-        native = self._native_experts()
-        if native is None:
-            return set()
+        """The resident experts that got at most native.max_rows rows (moe_native.NATIVE_ROWS) run together in one
+        native grouped call (no slower than the expert modules there, and without their torch ops per expert),
+        added into out [T, H]. sorted_ids, token_idx, flat_w [T*k]: the assignments sorted by expert. -> the
+        experts it ran."""
         few = [e for e, c in enumerate(counts) if 0 < c <= native.max_rows]
         if not few:
             return set()

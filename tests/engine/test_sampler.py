@@ -112,7 +112,12 @@ def _reference_token(logits: torch.Tensor, seq: Sequence) -> int:
         sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > p.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     u = float(torch.rand(1, dtype=torch.float64, generator=seq.generator))
-    weights = probs.double().tolist()
+    return python_draw(probs.double().tolist(), u)
+
+
+def python_draw(weights: list[float], u: float) -> int:
+    """The first token whose running sum of weights exceeds u x their total, in plain Python (the last token of
+    positive weight when rounding leaves the target at the total)."""
     target, acc = u * sum(weights), 0.0
     for tok, w in enumerate(weights):
         acc += w

@@ -8,6 +8,7 @@ from strata.engine.sampler import _native_select, draw
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.layers.quant_native import native_lib
+from tests.engine.test_sampler import python_draw
 
 pytestmark = pytest.mark.skipif(native_lib() is None, reason="native kernels unavailable on this machine")
 
@@ -74,15 +75,6 @@ def test_rows_without_a_filter_are_left_alone():
     assert int(torch.isfinite(got[1]).sum()) >= 3 and int(torch.isfinite(got[1]).sum()) < 64
 
 
-def _python_draw(weights: list[float], u: float) -> int:
-    target, acc = u * sum(weights), 0.0
-    for tok, w in enumerate(weights):
-        acc += w
-        if w > 0 and acc > target:
-            return tok
-    return max(t for t, w in enumerate(weights) if w > 0)
-
-
 @pytest.mark.parametrize("vocab", VOCABS)
 def test_draw_picks_the_running_sums_token(vocab, monkeypatch):
     g = torch.Generator().manual_seed(vocab)
@@ -93,7 +85,7 @@ def test_draw_picks_the_running_sums_token(vocab, monkeypatch):
         u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=g)  # [6, 1]
         monkeypatch.setattr(torch, "rand", lambda *a, _u=u, **k: _u.clone())
         got = draw(probs, seqs).tolist()
-        assert got == [_python_draw(row.double().tolist(), float(x)) for row, x in zip(probs, u[:, 0])]
+        assert got == [python_draw(row.double().tolist(), float(x)) for row, x in zip(probs, u[:, 0])]
 
 
 @pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
