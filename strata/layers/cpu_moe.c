@@ -13,7 +13,6 @@
  */
 #include "quant_cpu.h"
 
-
 /* y [M, N] = x [M, K] @ W^T for one weight of the given kind (s: scales, z: zero points or NULL) */
 void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                  int64_t N, int64_t G, uint16_t *y) {
@@ -33,7 +32,7 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
  * path's weights), which ran as fast as the GEMVs' one pass from there (benchmarks/quant_gemm.py) */
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                int64_t N, int64_t G, uint16_t *y) {
-    if (M <= (kind == WK_BF16 ? 8 : MB))
+    if (M <= (kind == WK_BF16 ? MB16 : MB))
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);
     else
         gemm_dq(kind, x, M, K, w, s, z, N, G, NULL, y);

@@ -13,8 +13,6 @@
  */
 #include "quant_cpu.h"
 
-#define MB16 8 /* activation rows per pass over the weights */
-
 /* SWITCH_MB extended to 8 rows: every row count compiles with its accumulators in registers */
 #define SWITCH_MB8(mb, CALL)                                                                                    \
     switch (mb) {                                                                                               \
