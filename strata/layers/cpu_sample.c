@@ -62,7 +62,8 @@ static int select_boundary(const float *row, int64_t V, int mode, double param, 
     int lv = 0;
     if (mode) { /* top-p: entries below (total - top_p) / V can never be kept (they and every smaller entry
                  * sum to less than total - top_p), so the select starts from the rest (half that bound, against
-                 * rounding); a peaked distribution leaves a few hundred of a vocabulary of 50k. */
+                 * rounding); on SmolLM2's 49k vocabulary at temperature 0.8 that left 572-10,829 (median 2,981)
+                 * over 26 steps of three chat prompts. */
         double total = 0.0;
         int bad = 0;
         for (int64_t j = 0; j < V; j += DRAW_BLOCK) total += block_sum(row + j, V - j < DRAW_BLOCK ? V - j : DRAW_BLOCK, &bad);
