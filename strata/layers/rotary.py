@@ -76,16 +76,36 @@ def rope_parameters(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding:
-    """Computes cos/sin for given positions; kept outside nn.Module state so checkpoints need no buffer."""
+    """Computes cos/sin for given positions; kept outside nn.Module state so checkpoints need no buffer.
+
+    The values of positions [0, n) are computed once per dtype into a table (grown by doubling when a position
+    beyond it comes), and a step gathers its rows: a decode step's cos/sin cost two gathers instead of eight ops
+    (vLLM's cos_sin_cache). Each entry is the same float32 arithmetic whether computed alone or in the table, so
+    the rows equal what the per-step computation gave, bit for bit."""
 
     def __init__(self, cfg: ModelConfig):
         self.inv_freq, self.attention_scaling = rope_parameters(cfg)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> cos, sin [n, D]
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] of these positions, computed."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        cos = (emb.cos() * self.attention_scaling).to(dtype)
-        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def _table(self, needed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] < needed:
+            n = max(needed, 2 * (0 if table is None else table[0].shape[0]), 256)
+            table = self._tables[dtype] = self.compute(torch.arange(n), dtype)  # [n, D] each
+        return table
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.numel() == 0:
+            cos, sin = self.compute(positions, dtype)
+        else:
+            cos_table, sin_table = self._table(int(positions.max()) + 1, dtype)
+            cos, sin = cos_table[positions], sin_table[positions]  # [T, D]
         return cos[:, None, :], sin[:, None, :]  # [T, 1, D] broadcast over heads
 
 
