@@ -4,8 +4,10 @@ bundled model (2,048) and SmolLM2 (49,152):
 - draw: one token per row from sampling weights. The engine's inverse-CDF draw (strata/engine/sampler.py `draw`:
   one uniform per row, float64 block sums) in native code (cpu_sample.c) and as torch operations, and
   torch.multinomial's way (an Exp(1) noise vector per row, argmax(probs / noise)).
-- top-p 0.95 and top-k 50 (`batch_sampling_probs`, temperature 0.8 included): the native radix select against
-  torch's sort / topk.
+- temperature 0.8 alone (`batch_sampling_probs`): the native division and softmax in one call against torch's
+  division and softmax.
+- top-p 0.95 and top-k 50 (`batch_sampling_probs`, temperature 0.8 included): the native radix select (and
+  softmax) against torch's sort / topk (and softmax).
 
     .venv/bin/python benchmarks/sampler_draw.py --threads 1 --json docs/benchmarks/sampler_draw.json
 """
@@ -75,6 +77,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cases = {
         "draw": lambda lg, pr, sq: draw(pr, sq),
+        "softmax": lambda lg, pr, sq: batch_sampling_probs(lg, [SamplingParams(temperature=0.8)] * len(sq)),
         "top_p": lambda lg, pr, sq: batch_sampling_probs(lg, [SamplingParams(temperature=0.8, top_p=0.95)] * len(sq)),
         "top_k": lambda lg, pr, sq: batch_sampling_probs(lg, [SamplingParams(temperature=0.8, top_k=50)] * len(sq)),
     }

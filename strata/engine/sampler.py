@@ -8,7 +8,8 @@ sort of 16 rows of a 49k vocabulary takes 50 ms on one core. A sampled row draws
 in [0, 1) from the row's own generator (the global one without a seed) and the first token whose cumulative
 weight exceeds u times the row's total. That takes one random number per row where torch.multinomial's Exp(1)
 noise takes one per vocabulary entry (benchmarks/sampler_draw.py), and gives each row the same token whatever
-else is in the batch. Without the native kernels the same rules run as torch operations.
+else is in the batch. Temperature and softmax run as one native call too (three passes over each row where
+torch's division and softmax make five). Without the native kernels the same rules run as torch operations.
 """
 
 from __future__ import annotations
@@ -97,15 +98,19 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
     computed for all rows at once (the same values row by row)."""
     vocab = logits.shape[1]
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)  # [N]
-    logits = logits / temps[:, None]
     ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
-    if any(ks) and not _native_select(logits, 0, ks, float("-inf")):  # torch when the native select is not here
-        rows = [i for i, k in enumerate(ks) if k]
-        sub = logits[rows]  # [R, V]
-        top = torch.topk(sub, max(ks), dim=-1).values  # [R, kmax]
-        kth = top.gather(1, torch.tensor([ks[i] - 1 for i in rows])[:, None])  # [R, 1] each row's k-th largest
-        logits[rows] = sub.masked_fill(sub < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [N, V]
+    probs = None if any(ks) else _native_softmax(logits, temps)  # temperature and softmax in one native call
+    if probs is None:
+        logits = logits / temps[:, None]
+        if any(ks) and not _native_select(logits, 0, ks, float("-inf")):  # torch without the native select
+            rows = [i for i, k in enumerate(ks) if k]
+            sub = logits[rows]  # [R, V]
+            top = torch.topk(sub, max(ks), dim=-1).values  # [R, kmax]
+            kth = top.gather(1, torch.tensor([ks[i] - 1 for i in rows])[:, None])  # [R, 1] each row's k-th largest
+            logits[rows] = sub.masked_fill(sub < kth, float("-inf"))
+        probs = _native_softmax(logits, None)
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1)  # [N, V]
     min_ps = [p.min_p for p in params]
     if any(m > 0 for m in min_ps):
         cut = torch.tensor(min_ps, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)  # [N, 1]
@@ -119,6 +124,18 @@ def batch_sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> 
         sorted_probs = sorted_probs.masked_fill((cum - sorted_probs) > top_p, 0.0)
         probs[rows] = torch.zeros_like(sub).scatter_(-1, order, sorted_probs)
     return probs  # top-p leaves rows unnormalized; the draw does not mind
+
+
+def _native_softmax(x: torch.Tensor, temps: torch.Tensor | None) -> torch.Tensor | None:
+    """softmax(x / temps[:, None], dim=-1) for x [N, V] (temps None: no division) through the native kernel
+    (cpu_sample.c: one call, three passes over each row), or None when it cannot take x."""
+    lib = native_lib()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return None
+    out = torch.empty_like(x)  # [N, V]
+    lib.softmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], None if temps is None else temps.data_ptr(),
+                         out.data_ptr())
+    return out
 
 
 def _native_select(x: torch.Tensor, mode: int, params: list[float], fill: float) -> bool:

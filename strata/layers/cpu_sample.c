@@ -199,3 +199,44 @@ int64_t draw_rows_f32(const float *p, int64_t R, int64_t V, const double *u, int
     free(bs);
     return failed;
 }
+
+/* out[r] = softmax(x[r] / temps[r]) for fp32 rows x, out [R, V] (contiguous; out may be x), temps NULL for no
+ * division: the division, the row's maximum, the exponentials and their fp32 sum, and the scaling by its
+ * reciprocal, in three passes over the row where torch's `logits / t` then `softmax` make five and a new tensor.
+ * As torch: y = x / t rounded to fp32, e = exp(y - max y), out = e / sum e (up to the last bit of exp and of
+ * the sum's order); an entry of -inf (a filter's fill) gets exactly 0, and a row whose maximum is not finite
+ * (every entry -inf, or an overflow of x / t) gets NaN everywhere, as torch's softmax gives. */
+void softmax_rows_f32(const float *x, int64_t R, int64_t V, const float *temps, float *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * V;
+        float *o = out + r * V;
+        const __m512 t = _mm512_set1_ps(temps ? temps[r] : 1.0f);
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < V; j += 16) {
+            __mmask16 m = tail16(V - j);
+            __m512 y = _mm512_maskz_loadu_ps(m, row + j);
+            if (temps) y = _mm512_div_ps(y, t);
+            _mm512_mask_storeu_ps(o + j, m, y);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, y);
+        }
+        const float mx = _mm512_reduce_max_ps(vmax);
+        if (!isfinite(mx)) {
+            for (int64_t j = 0; j < V; j++) o[j] = NAN;
+            continue;
+        }
+        const __m512 vm = _mm512_set1_ps(mx), lo = _mm512_set1_ps(-87.0f); /* exp below -87: under fp32's range */
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < V; j += 16) {
+            __mmask16 m = tail16(V - j);
+            __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, o + j), vm);
+            __m512 e = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, d, lo, _CMP_GE_OQ), exp_ps(d));
+            _mm512_mask_storeu_ps(o + j, m, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+        for (int64_t j = 0; j < V; j += 16) {
+            __mmask16 m = tail16(V - j);
+            _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + j), inv));
+        }
+    }
+}

@@ -73,6 +73,7 @@ _SIGNATURES = {
     "argmax_rows_f32": [_P, _I, _I, _P],
     "select_rows_f32": [_P, _I, _I, _I, _P, ctypes.c_float],
     "draw_rows_f32": [_P, _I, _I, _P, _P],
+    "softmax_rows_f32": [_P, _I, _I, _P, _P],
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
     "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
     "moe_take_counts": [_P],

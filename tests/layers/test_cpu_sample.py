@@ -1,10 +1,11 @@
 """The native sampling kernels (strata/layers/cpu_sample.c) against sorting references: top-k and top-p keep
-exactly the entries a sort keeps, and the draw picks the token a running sum in plain Python picks."""
+exactly the entries a sort keeps, the draw picks the token a running sum in plain Python picks, and the
+temperature softmax gives torch's `softmax(x / t)`."""
 
 import pytest
 import torch
 
-from strata.engine.sampler import _native_select, draw
+from strata.engine.sampler import _native_select, _native_softmax, batch_sampling_probs, draw
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.layers.quant_native import native_lib
@@ -96,3 +97,42 @@ def test_draw_refuses_invalid_weights(bad):
         draw(probs, [Sequence("r", [0], SamplingParams(), index=0)] * 3)
     with pytest.raises(ValueError, match="invalid sampling distribution"):
         draw(torch.zeros(1, 40), [Sequence("r", [0], SamplingParams(), index=0)])
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("with_temps", [True, False])
+def test_softmax_is_torchs(vocab, with_temps):
+    """softmax(x / t) against torch's in float64: the same to fp32 rounding (the kernel's exp and sum order
+    differ in the last bits); entries of -inf give exactly 0, and each row sums to 1."""
+    g = torch.Generator().manual_seed(vocab)
+    x = _rows(vocab, g)  # [6, V]
+    temps = torch.tensor([0.3, 0.7, 1.0, 1.5, 2.0, 0.05]) if with_temps else None
+    out = _native_softmax(x, temps)
+    ref = torch.softmax(x.double() / (1.0 if temps is None else temps.double()[:, None]), dim=-1)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-9)
+    assert torch.equal(out[x == float("-inf")], torch.zeros_like(out[x == float("-inf")]))
+    assert torch.allclose(out.double().sum(-1), torch.ones(6, dtype=torch.float64), atol=1e-5)
+
+
+def test_softmax_of_rows_without_a_finite_maximum_is_nan():
+    """Every entry -inf, or x / t overflowing: NaN, as torch's softmax, which the draw then refuses."""
+    x = torch.tensor([[float("-inf")] * 5, [1e38, 0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    out = _native_softmax(x, torch.tensor([1.0, 1e-3, 1.0]))
+    assert out[:2].isnan().all() and torch.isfinite(out[2]).all()
+    assert torch.softmax(x[:2] / torch.tensor([1.0, 1e-3])[:, None], -1).isnan().all()
+
+
+@pytest.mark.parametrize("vocab", [17, 2048, 49153])
+def test_sampling_weights_match_the_torch_rules(vocab, monkeypatch):
+    """batch_sampling_probs with the native kernels (one softmax call; top-k before it) against the same rules
+    as torch operations (STRATA_NATIVE=0 path): the same weights up to fp32 rounding."""
+    g = torch.Generator().manual_seed(1)
+    x = _rows(vocab, g)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=1.0) for t, k in
+              ((0.8, 0), (1.0, 0), (0.5, 5), (1.3, 0), (2.0, 1), (0.7, 0))]
+    native = batch_sampling_probs(x.clone(), params)
+    monkeypatch.setattr("strata.engine.sampler.native_lib", lambda: None)
+    reference = batch_sampling_probs(x.clone(), params)
+    assert torch.allclose(native.double(), reference.double(), rtol=1e-5, atol=1e-9)
+    assert torch.equal(native == 0, reference == 0)
