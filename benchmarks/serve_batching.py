@@ -7,7 +7,9 @@ server's CPU time per output token (all its threads, from /proc: what the tokens
 own) and the ratios the serving aims name: 16 streams' tokens/s over one stream's, and one stream's TPOT over
 the CLI's; also one stream's server CPU per token over the CLI's, which a loaded machine disturbs less than the
 wall-clock ratio (the CLI and the server run at different moments).
-Streams are greedy, or sampled with temperature/top-p and a seed per stream (--sampled). Results:
+Streams are greedy, or sampled with temperature/top-p and a seed per stream (--sampled). The client is aiohttp
+(as vLLM's benchmark), on the same machine as the server: its own CPU per token is reported too (httpx took
+5-10x as much, 0.2-0.3 ms per token of one stream, as much as a decode step of the bundled model). Results:
 docs/benchmarks/serving.md.
 
     .venv/bin/python benchmarks/serve_batching.py --threads 2 --json docs/benchmarks/serve_batching.json
@@ -54,17 +56,17 @@ def cli_decode(threads: int, tokens: int, rounds: int, model: str | None = None,
     return {"tpot_ms": min(tpots) * 1e3, "tok_s": 1 / min(tpots), "cpu_ms_per_token": min(cpus) * 1e3}
 
 
-async def _stream(client, i: int, tokens: int, sampled: bool) -> dict:
+async def _stream(session, base: str, i: int, tokens: int, sampled: bool) -> dict:
     body = {"model": SERVED_NAME, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "temperature": 0.8 if sampled else 0.0, "top_p": 0.95 if sampled else 1.0}
     if sampled:
         body["seed"] = i
     stamps, num = [], 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    async with session.post(f"{base}/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in r.content:  # one SSE line at a time
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -81,15 +83,16 @@ def _cpu_s(pid: int) -> float:
 
 
 async def _round(base: str, streams: int, tokens: int, sampled: bool, pid: int) -> dict:
-    import httpx
+    import aiohttp
 
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        t0, c0 = time.perf_counter(), _cpu_s(pid)
-        res = await asyncio.gather(*(_stream(client, i, tokens, sampled) for i in range(streams)))
-        wall, cpu = time.perf_counter() - t0, _cpu_s(pid) - c0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0, c0, own0 = time.perf_counter(), _cpu_s(pid), time.process_time()
+        res = await asyncio.gather(*(_stream(session, base, i, tokens, sampled) for i in range(streams)))
+        wall, cpu, own = time.perf_counter() - t0, _cpu_s(pid) - c0, time.process_time() - own0
     total = sum(r["tokens"] for r in res)
     return {"streams": streams, "tokens": total, "wall_s": wall, "tok_s": total / wall,
-            "tpot_ms": statistics.mean(r["tpot_s"] for r in res) * 1e3, "server_cpu_ms_per_token": cpu / total * 1e3}
+            "tpot_ms": statistics.mean(r["tpot_s"] for r in res) * 1e3, "server_cpu_ms_per_token": cpu / total * 1e3,
+            "client_cpu_ms_per_token": own / total * 1e3}
 
 
 def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: str | None = None,
@@ -135,10 +138,13 @@ def main() -> None:
     srv = serve_rounds(args.threads, args.tokens, args.rounds, args.sampled, args.model, args.dtype,
                        tuple(shlex.split(args.strata_args)))
     one, many = srv[1], srv[16]
-    print(f"| run | streams | output tok/s | mean TPOT ms | server CPU ms / token |\n|---|---|---|---|---|\n"
-          f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} | |\n"
-          f"| strata serve | 1 | {one['tok_s']:.0f} | {one['tpot_ms']:.2f} | {one['server_cpu_ms_per_token']:.3f} |\n"
-          f"| strata serve | 16 | {many['tok_s']:.0f} | {many['tpot_ms']:.2f} | {many['server_cpu_ms_per_token']:.3f} |")
+    print(f"| run | streams | output tok/s | mean TPOT ms | server CPU ms / token | client CPU ms / token |\n"
+          f"|---|---|---|---|---|---|\n"
+          f"| CLI decode (LLM.stream) | 1 | {cli['tok_s']:.0f} | {cli['tpot_ms']:.2f} | | |\n"
+          f"| strata serve | 1 | {one['tok_s']:.0f} | {one['tpot_ms']:.2f} | {one['server_cpu_ms_per_token']:.3f} | "
+          f"{one['client_cpu_ms_per_token']:.3f} |\n"
+          f"| strata serve | 16 | {many['tok_s']:.0f} | {many['tpot_ms']:.2f} | {many['server_cpu_ms_per_token']:.3f} | "
+          f"{many['client_cpu_ms_per_token']:.3f} |")
     ratios = {"streams16_over_1": many["tok_s"] / one["tok_s"], "server_tpot_over_cli": one["tpot_ms"] / cli["tpot_ms"],
               "cpu_per_token_1_over_16": one["server_cpu_ms_per_token"] / many["server_cpu_ms_per_token"],
               "server_cpu_over_cli_cpu": one["server_cpu_ms_per_token"] / cli["cpu_ms_per_token"]}

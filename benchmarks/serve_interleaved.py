@@ -89,7 +89,7 @@ def main() -> None:
             proc.wait(30)
     cli.append(_cli_tpot_ms(args.threads, args.tokens, model, args.dtype))
     cli_tpot = statistics.median(cli)
-    keys = ("tok_s", "tpot_ms", "server_cpu_ms_per_token")
+    keys = ("tok_s", "tpot_ms", "server_cpu_ms_per_token", "client_cpu_ms_per_token")
     out = {name: {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in by_n.items()}
            for name, by_n in runs.items()}
     print(f"load average (1 min) {min(x[0] for x in load):.1f}-{max(x[0] for x in load):.1f}; "
