@@ -201,15 +201,24 @@ def _draw_torch(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return tokens[:, 0]  # [N]
 
 
-def argmax_rows(logits: torch.Tensor) -> list[int]:
-    """torch.argmax(logits, dim=-1).tolist() for finite logits [N, V]: fp32 rows through the native scan
-    (cpu_argmax.c; torch's reduction runs a scalar loop per row, 20 µs for 16 rows of a 2k vocabulary)."""
+def argmax_rows(logits: torch.Tensor, finite_check: bool = False) -> list[int]:
+    """torch.argmax(logits, dim=-1).tolist() for logits [N, V]: fp32 rows through the native scan
+    (cpu_argmax.c; torch's reduction runs a scalar loop per row, 20 µs for 16 rows of a 2k vocabulary).
+    finite_check: check_finite_logits in the same pass (the scan looks for NaN/inf as it goes)."""
     lib = native_lib()
     if lib is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
+        if finite_check:
+            check_finite_logits(logits)
         return torch.argmax(logits, dim=-1).tolist()
     out = torch.empty(logits.shape[0], dtype=torch.int64)  # [N]
-    lib.argmax_rows_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+    if lib.argmax_rows_f32(logits.data_ptr(), logits.shape[0], logits.shape[1], int(finite_check),
+                           out.data_ptr()) >= 0:
+        raise WeightsError(NONFINITE_LOGITS)
     return out.tolist()
+
+
+NONFINITE_LOGITS = ("the model computed NaN/inf logits (corrupt weights, or an overflow in the forward?); "
+                    "nothing was sampled")
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:
@@ -217,8 +226,7 @@ def check_finite_logits(logits: torch.Tensor) -> None:
     # one reduction first: a finite sum means every logit is finite (it would take logits near 1e34 to overflow
     # it, and then the element-wise check below decides)
     if not torch.isfinite(logits.sum()) and not torch.isfinite(logits).all():
-        raise WeightsError("the model computed NaN/inf logits (corrupt weights, or an overflow in "
-                           f"{logits.dtype}?); nothing was sampled")
+        raise WeightsError(NONFINITE_LOGITS)
 
 
 class Sampler:
@@ -228,13 +236,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [N, V] float32, one row per sequence -> sampled token per sequence."""
-        check_finite_logits(logits)
-        masked = logits  # what is sampled from; logprobs stay those of the model's raw distribution
-        if self.structured is not None and self.structured.has_any(seqs):
-            masked = self.structured.apply(logits, seqs)
+        structured = self.structured is not None and self.structured.has_any(seqs)
         plain_greedy = all(
             s.params.is_greedy and s.params.logprobs is None and not needs_processing(s) for s in seqs
         )
+        if plain_greedy and not structured:
+            return argmax_rows(logits, finite_check=True)  # NaN/inf refused in the same pass
+        check_finite_logits(logits)
+        masked = logits  # what is sampled from; logprobs stay those of the model's raw distribution
+        if structured:
+            masked = self.structured.apply(logits, seqs)
         if plain_greedy:
             return argmax_rows(masked)
         processed = masked

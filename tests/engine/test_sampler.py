@@ -81,6 +81,22 @@ def test_nan_logits_are_refused_not_sampled():
         Sampler([4])(logits, [_seq(temperature=0.0), _seq(temperature=0.0)])
 
 
+@pytest.mark.parametrize("vocab", [1, 17, 2048, 49153])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_every_nonfinite_logit_is_refused(vocab, bad, greedy):
+    """Whichever row and position holds it (the last entry of a row too: the native scan's masked tail), a NaN
+    or +-inf logit stops the step, greedy (checked inside the argmax scan) or sampled."""
+    g = torch.Generator().manual_seed(vocab)
+    for row, pos in ((0, 0), (2, vocab - 1), (1, vocab // 2)):
+        logits = torch.randn(3, vocab, generator=g)
+        logits[row, pos] = bad
+        seqs = [_seq(temperature=0.0 if greedy else 0.8) for _ in range(3)]
+        with pytest.raises(WeightsError, match="NaN/inf logits"):
+            Sampler([0])(logits, seqs)
+    assert argmax_rows(torch.randn(3, vocab, generator=g), finite_check=True) is not None
+
+
 MIXED = [{"temperature": 0.0}, {"temperature": 0.8, "top_k": 5}, {"temperature": 1.3, "top_p": 0.7},
          {"temperature": 0.6, "min_p": 0.1}, {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "min_p": 0.02},
          {"temperature": 0.9, "repetition_penalty": 1.3, "presence_penalty": 0.5},
