@@ -41,7 +41,8 @@ static inline __attribute__((always_inline)) void rows_acc16(int mb, int R, int 
             __m512i wv[RB];
             for (int r = 0; r < R; r++) {
                 const uint16_t *p = w + r * K + k + 32 * u;
-                _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0); /* same line, next block's row */
+                /* the next block's R rows are contiguous: its lines in address order, R per step */
+                _mm_prefetch((const char *)(w + R * K + ((k / 32 + u) * R + r) * 32), _MM_HINT_T0);
                 wv[r] = _mm512_loadu_si512(p);
             }
             for (int m = 0; m < mb; m++) {
