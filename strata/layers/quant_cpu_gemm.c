@@ -3,8 +3,8 @@
  *
  * The weight is dequantized to bf16 a tile of rows (GM_TILE_BYTES) at a time into a per-thread buffer that stays in L1
  * (the dequant_* functions of the other files, so every weight is the bf16 number the dequantize-then-matmul path
- * gives), and every block of GM_MR activation rows meets every block of GM_NR tile rows in registers: 16
- * accumulators of 16 fp32 partial sums along K, fed by vdpbf16ps, reduced once at the end by sum16. So the
+ * gives), and every block of up to GM_MR activation rows meets every block of GM_NR tile rows in registers: up to
+ * 20 accumulators of 16 fp32 partial sums along K, fed by vdpbf16ps, reduced once at the end by sum16. So the
  * weight is read from memory once, no bf16 copy of it is written out and read back, and there is no call per
  * tile; only the order of the fp32 additions differs from the matmul's. bf16 weights are read in place, and the
  * next tile's lines are prefetched in address order, spread over the current tile's register blocks in proportion
@@ -14,8 +14,8 @@
  */
 #include "quant_cpu.h"
 
-#define GM_MR 4 /* activation rows per register block */
-#define GM_NR 4 /* weight rows per register block: GM_MR * GM_NR = 16 accumulators, one sum16 */
+#define GM_MR 5 /* activation rows per register block, at most: 20 accumulators (gcc spilled 24 of 6 rows) */
+#define GM_NR 4 /* weight rows per register block: 4 x rows meet them in 16 accumulators, one sum16 */
 #define GM_TILE_BYTES (16 * 1024) /* bf16 bytes dequantized per tile: stays in L1 beside GM_MR rows of x */
 
 /* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
@@ -48,13 +48,16 @@ static void gm_dequant(int kind, const void *w, const void *s, const void *z, in
     }
 }
 
-/* out[i] = x row (i / GM_NR) . t row (i % GM_NR) over K, for MR x rows (ldx apart) and GM_NR t rows (K apart);
- * also prefetches the npf cache lines from pf, spread evenly over the steps along K */
-static inline __attribute__((always_inline)) __m512 gm_block(int MR, const uint16_t *x, int64_t ldx,
-                                                             const uint16_t *t, int64_t K, const char *pf,
-                                                             int64_t npf) {
-    __m512 acc[16];
+/* out[i / 16] lane i % 16 = x row (i / GM_NR) . t row (i % GM_NR) over K, for MR x rows (ldx apart) and GM_NR t
+ * rows (K apart): out[1] holds x row 4. Also prefetches the npf cache lines from pf, spread evenly over
+ * the steps along K. Each sum is its own chain along K, reduced by sum16: the same whatever MR. */
+static inline __attribute__((always_inline)) void gm_block(int MR, const uint16_t *x, int64_t ldx,
+                                                           const uint16_t *t, int64_t K, const char *pf,
+                                                           int64_t npf, __m512 out[2]) {
+    /* x rows 0-3 and 4 in two arrays: gcc kept one array of 20 in memory, storing it at every step */
+    __m512 acc[16], acc2[GM_NR];
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < GM_NR; i++) acc2[i] = _mm512_setzero_ps();
     const int64_t steps = (K + 31) / 32;
     int64_t due = 0; /* Bresenham: npf lines over `steps` steps */
     for (int64_t k = 0; k < K; k += 32) {
@@ -64,12 +67,21 @@ static inline __attribute__((always_inline)) __m512 gm_block(int MR, const uint1
         for (int n = 0; n < GM_NR; n++) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mk, t + n * K + k);
         for (int m = 0; m < MR; m++) {
             __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + m * ldx + k);
-            for (int n = 0; n < GM_NR; n++) acc[m * GM_NR + n] = _mm512_dpbf16_ps(acc[m * GM_NR + n], xv, wv[n]);
+            for (int n = 0; n < GM_NR; n++) {
+                if (m < 4)
+                    acc[m * GM_NR + n] = _mm512_dpbf16_ps(acc[m * GM_NR + n], xv, wv[n]);
+                else
+                    acc2[(m - 4) * GM_NR + n] = _mm512_dpbf16_ps(acc2[(m - 4) * GM_NR + n], xv, wv[n]);
+            }
         }
     }
     __m512 v[16]; /* a copy: handing acc itself to sum16 kept it in memory through the loop */
     for (int i = 0; i < 16; i++) v[i] = acc[i];
-    return sum16(v);
+    out[0] = sum16(v);
+    if (MR > 4) {
+        for (int i = 0; i < 16; i++) v[i] = i < GM_NR ? acc2[i] : _mm512_setzero_ps();
+        out[1] = sum16(v);
+    }
 }
 
 /* tiles [t0, t1) of GM_TILE-row tiles: dequantize each into buf, then all of x against it */
@@ -105,32 +117,40 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_
                 for (; done[a] < until; done[a]++)
                     _mm_prefetch((const char *)(base[a] + (n0 + rows) * rb[a] + 64 * done[a]), _MM_HINT_T0);
             }
-            for (int64_t m0 = 0; m0 < M; m0 += GM_MR) {
-                const int mr = M - m0 < GM_MR ? (int)(M - m0) : GM_MR;
+            /* x rows in blocks of at most GM_MR, as even as can be: 9 rows as 4 + 5, 6 as 3 + 3 (3 blocks of 4 + 1
+             * and 4 + 2 ran 10-20% slower on bf16 [2048, 2048] and [2048, 1024]) */
+            const int64_t nblk = (M + GM_MR - 1) / GM_MR;
+            for (int64_t b = 0, m0 = 0; b < nblk; b++) {
+                const int mr = (int)(M * (b + 1) / nblk - m0);
                 const int64_t u0 = nb / GM_NR * M + m0, l0 = next_lines * u0 / units;
                 const int64_t npf = next_lines * (u0 + mr) / units - l0;
                 const char *pf = next_tile + 64 * l0;
-                __m512 r;
+                __m512 r[2];
                 switch (mr) {
-                case 1: r = gm_block(1, x + m0 * ldx, ldx, t + nb * K, K, pf, npf); break;
-                case 2: r = gm_block(2, x + m0 * ldx, ldx, t + nb * K, K, pf, npf); break;
-                case 3: r = gm_block(3, x + m0 * ldx, ldx, t + nb * K, K, pf, npf); break;
-                default: r = gm_block(4, x + m0 * ldx, ldx, t + nb * K, K, pf, npf); break;
+                case 1: gm_block(1, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
+                case 2: gm_block(2, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
+                case 3: gm_block(3, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
+                case 4: gm_block(4, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
+                default: gm_block(5, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
                 }
                 const int64_t n = n0 + nb;
-                if (nr < GM_NR) {
-                    float v[16];
-                    _mm512_storeu_ps(v, r);
-                    for (int m = 0; m < mr; m++)
-                        for (int j = 0; j < nr; j++) store_out(y + m0 * N, N, m, n + j, v[m * GM_NR + j], bias);
-                    continue;
+                for (int hb = 0; hb * 4 < mr; hb++) { /* x rows m0 + 4 hb .. */
+                    const int hr = mr - 4 * hb < 4 ? mr - 4 * hb : 4;
+                    uint16_t *yh = y + (m0 + 4 * hb) * N;
+                    if (nr < GM_NR) {
+                        float v[16];
+                        _mm512_storeu_ps(v, r[hb]);
+                        for (int m = 0; m < hr; m++)
+                            for (int j = 0; j < nr; j++) store_out(yh, N, m, n + j, v[m * GM_NR + j], bias);
+                        continue;
+                    }
+                    if (bias) /* lane m * GM_NR + j holds output (m, n + j) */
+                        r[hb] = _mm512_add_ps(r[hb], _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n)));
+                    int64_t q[4];
+                    _mm256_storeu_si256((__m256i *)q, (__m256i)_mm512_cvtneps_pbh(r[hb]));
+                    for (int m = 0; m < hr; m++) memcpy(yh + m * N + n, &q[m], 8);
                 }
-                if (bias) /* lane m * GM_NR + j holds output (m, n + j) */
-                    r = _mm512_add_ps(r, _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n)));
-                __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
-                int64_t q[4];
-                _mm256_storeu_si256((__m256i *)q, h);
-                for (int m = 0; m < mr; m++) memcpy(y + (m0 + m) * N + n, &q[m], 8);
+                m0 += mr;
             }
         }
     }
