@@ -1,4 +1,6 @@
-/* GEMV of plain bf16 weights on vdpbf16ps: the batch-1 decode path of unquantized bf16 models.
+/* GEMV of plain bf16 weights on vdpbf16ps, with fp32 outputs and bias: the native decoder's router, and what
+ * the bf16 decode paths ran before the GEMM of quant_cpu_gemm.c, which streams a weight from memory faster
+ * (linear.py, gemv_once in cpu_moe.c).
  *
  * torch's bf16 F.linear at one row streams the weights at about half the machine's read bandwidth; this loop
  * does nothing but load 64-byte lines of W, one vdpbf16ps per line and x row, and prefetch (see PREFETCH in
