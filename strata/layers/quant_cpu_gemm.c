@@ -51,7 +51,7 @@ static void gm_dequant(int kind, const void *w, const void *s, const void *z, in
 /* out[i / 16] lane i % 16 = x row (i / GM_NR) . t row (i % GM_NR) over K, for MR x rows (ldx apart) and GM_NR t
  * rows (K apart): out[1] holds x row 4. Also prefetches the npf cache lines from pf, spread evenly over
  * the steps along K. Each sum is its own chain along K, reduced by sum16: the same whatever MR. */
-static inline __attribute__((always_inline)) void gm_block(int MR, const uint16_t *x, int64_t ldx,
+static inline __attribute__((always_inline)) void gm_block(int MR, int PF, const uint16_t *x, int64_t ldx,
                                                            const uint16_t *t, int64_t K, const char *pf,
                                                            int64_t npf, __m512 out[2]) {
     /* x rows 0-3 and 4 in two arrays: gcc kept one array of 20 in memory, storing it at every step */
@@ -62,7 +62,8 @@ static inline __attribute__((always_inline)) void gm_block(int MR, const uint16_
     int64_t due = 0; /* Bresenham: npf lines over `steps` steps */
     for (int64_t k = 0; k < K; k += 32) {
         const __mmask32 mk = K - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
-        for (due += npf; due >= steps; due -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        if (PF) /* compiled out for dequantized tiles: the bookkeeping alone slowed int4's GEMM 5-10% */
+            for (due += npf; due >= steps; due -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
         __m512bh wv[GM_NR];
         for (int n = 0; n < GM_NR; n++) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mk, t + n * K + k);
         for (int m = 0; m < MR; m++) {
@@ -91,6 +92,9 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_
     int64_t rb[3]; /* bytes per row of w, s, z */
     weight_row_bytes(kind, K, G, &rb[0], &rb[1], &rb[2]);
     const uint8_t *base[3] = {w, s, z};
+    /* x rows in blocks of at most GM_MR, as even as can be: 9 rows as 4 + 5, 6 as 3 + 3 (blocks of 4 + 1 and 4 + 2
+     * ran 10-20% slower on bf16 [2048, 2048] and [2048, 1024]); the last `wide` blocks get narrow + 1 rows */
+    const int64_t nblk = (M + GM_MR - 1) / GM_MR, narrow = M / nblk, wide = M % nblk;
     for (int64_t tt = t0; tt < t1; tt++) {
         const int64_t n0 = tt * tile, rows = N - n0 < tile ? N - n0 : tile;
         const int64_t padded = (rows + GM_NR - 1) / GM_NR * GM_NR;
@@ -117,22 +121,27 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_
                 for (; done[a] < until; done[a]++)
                     _mm_prefetch((const char *)(base[a] + (n0 + rows) * rb[a] + 64 * done[a]), _MM_HINT_T0);
             }
-            /* x rows in blocks of at most GM_MR, as even as can be: 9 rows as 4 + 5, 6 as 3 + 3 (3 blocks of 4 + 1
-             * and 4 + 2 ran 10-20% slower on bf16 [2048, 2048] and [2048, 1024]) */
-            const int64_t nblk = (M + GM_MR - 1) / GM_MR;
             for (int64_t b = 0, m0 = 0; b < nblk; b++) {
-                const int mr = (int)(M * (b + 1) / nblk - m0);
-                const int64_t u0 = nb / GM_NR * M + m0, l0 = next_lines * u0 / units;
-                const int64_t npf = next_lines * (u0 + mr) / units - l0;
+                const int mr = (int)(b < nblk - wide ? narrow : narrow + 1);
+                int64_t npf = 0, l0 = 0; /* no divisions for dequantized tiles: they showed in int4's GEMM */
+                if (next_lines) {
+                    const int64_t u0 = nb / GM_NR * M + m0;
+                    l0 = next_lines * u0 / units;
+                    npf = next_lines * (u0 + mr) / units - l0;
+                }
                 const char *pf = next_tile + 64 * l0;
                 __m512 r[2];
+#define GM_BLOCK(MRC)                                                                                           \
+    (npf ? gm_block(MRC, 1, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r)                                       \
+         : gm_block(MRC, 0, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r))
                 switch (mr) {
-                case 1: gm_block(1, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
-                case 2: gm_block(2, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
-                case 3: gm_block(3, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
-                case 4: gm_block(4, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
-                default: gm_block(5, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r); break;
+                case 1: GM_BLOCK(1); break;
+                case 2: GM_BLOCK(2); break;
+                case 3: GM_BLOCK(3); break;
+                case 4: GM_BLOCK(4); break;
+                default: GM_BLOCK(5); break;
                 }
+#undef GM_BLOCK
                 const int64_t n = n0 + nb;
                 for (int hb = 0; hb * 4 < mr; hb++) { /* x rows m0 + 4 hb .. */
                     const int hr = mr - 4 * hb < 4 ? mr - 4 * hb : 4;
