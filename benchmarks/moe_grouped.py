@@ -8,7 +8,7 @@ the GEMM above). The layer's weights (805 MB) are far beyond the L3 cache, so th
 Per case: CPU ms per call (best and median of --reps calls, each with new routing), distinct experts per call,
 GB/s of their weight bytes, and GFLOP/s of the expert matmuls. No GGUF needed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/moe_grouped.py --json /tmp/moe_grouped.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/moe_grouped.py --json moe_grouped.json
 """
 
 from __future__ import annotations
