@@ -183,7 +183,8 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
         for (int64_t m = 0; m < M; m++) memcpy(xa + m * ldx, x + m * K, sizeof(uint16_t) * (size_t)K);
         x = xa;
     }
-    if (M * N * K <= 8 * PAR_MIN_WORK) { /* a few microseconds of work: a team would cost more than it saves */
+    /* a few microseconds of work, or one thread: a team would cost more than it saves (a MoE step makes ~900 calls) */
+    if (M * N * K <= 8 * PAR_MIN_WORK || omp_get_max_threads() == 1) {
         uint16_t *buf = aligned_alloc(64, buf_bytes);
         gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, 0, ntiles, buf);
         free(buf);
