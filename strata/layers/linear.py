@@ -2,8 +2,8 @@
 
 At decode (a few activation rows) a bf16 matmul only streams weights, and torch's bf16 F.linear on CPU
 reaches about half the read bandwidth there. With bf16 CPU tensors, at most MAX_ROWS rows and a contiguous
-weight, `linear` calls the AVX-512 GEMV `gemv_bf16` of the native library (quant_cpu_gemv16.c) instead;
-everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0
+weight, `linear` calls the native library's GEMM on the bf16 weight in place (`gemm_dq`, quant_cpu_gemm.c)
+instead; everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0
 (or STRATA_NATIVE=0) turns the native path off, e.g. to compare.
 """
 
@@ -18,7 +18,11 @@ from torch import nn
 
 from strata.layers.quant_native import native_lib
 
-MAX_ROWS = 8  # the kernel reads each weight line once per group of 8 rows (MB16); beyond that the matmul wins
+# Rows up to which the native GEMM beat oneDNN's bf16 matmul, one thread, weights from memory: 1.3-1.9x at 9-32
+# rows on OLMoE's [2048, 2048] and its [50304, 2048] LM head, even at 64-70, oneDNN ahead by 128; and 1.2-1.4x
+# faster than gemv_bf16 at 1-8 rows (it streams the weight in address order, a tile ahead)
+MAX_ROWS = 64
+_BF16 = 0  # gemm_dq's kind for plain bf16 weights (quant_native.WEIGHT_KINDS)
 
 
 @lru_cache(maxsize=1)
@@ -57,8 +61,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)  # [M, N]
     b = None if bias is None else bias.float().contiguous()  # the kernel adds fp32 bias before rounding
-    lib.gemv_bf16(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), n, None if b is None else b.data_ptr(),
-                  y.data_ptr(), 0)
+    lib.gemm_dq(_BF16, x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), None, None, n, 0,
+                None if b is None else b.data_ptr(), y.data_ptr())
     return y.view(*x.shape[:-1], n)
 
 

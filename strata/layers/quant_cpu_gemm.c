@@ -3,15 +3,19 @@
  *
  * The weight is dequantized to bf16 a tile of rows (GM_TILE_BYTES) at a time into a per-thread buffer that stays in L1
  * (the dequant_* functions of the other files, so every weight is the bf16 number the dequantize-then-matmul path
- * gives), and every block of GM_MR activation rows meets every block of GM_NR tile rows in registers: 16
- * accumulators of 16 fp32 partial sums along K, fed by vdpbf16ps, reduced once at the end by sum16. So the
+ * gives), and every block of up to GM_MR activation rows meets every block of GM_NR tile rows in registers: up to
+ * 20 accumulators of 16 fp32 partial sums along K, fed by vdpbf16ps, reduced once at the end by sum16. So the
  * weight is read from memory once, no bf16 copy of it is written out and read back, and there is no call per
- * tile; only the order of the fp32 additions differs from the matmul's. bf16 weights are read in place.
+ * tile; only the order of the fp32 additions differs from the matmul's. bf16 weights are read in place, and the
+ * next tile's lines are prefetched in address order, spread over the current tile's register blocks in proportion
+ * to their rows: issued as a burst at the start of a tile, they left the loads and the vdpbf16ps waiting on the
+ * memory (8-16 rows on OLMoE's [2048, 2048] ran 1.3x slower, not overlapping memory and compute); spread, one
+ * thread streams a weight at up to ~37 GB/s where gemv_bf16 reached ~29.
  */
 #include "quant_cpu.h"
 
-#define GM_MR 4 /* activation rows per register block */
-#define GM_NR 4 /* weight rows per register block: GM_MR * GM_NR = 16 accumulators, one sum16 */
+#define GM_MR 5 /* activation rows per register block, at most: 20 accumulators (gcc spilled 24 of 6 rows) */
+#define GM_NR 4 /* weight rows per register block: 4 x rows meet them in 16 accumulators, one sum16 */
 #define GM_TILE_BYTES (16 * 1024) /* bf16 bytes dequantized per tile: stays in L1 beside GM_MR rows of x */
 
 /* bytes of one weight row, and of its scales and zero points, for the layouts in quant_cpu.h */
@@ -44,23 +48,41 @@ static void gm_dequant(int kind, const void *w, const void *s, const void *z, in
     }
 }
 
-/* out[i] = x row (i / GM_NR) . t row (i % GM_NR) over K, for MR x rows (ldx apart) and GM_NR t rows (K apart) */
-static inline __attribute__((always_inline)) __m512 gm_block(int MR, const uint16_t *x, int64_t ldx,
-                                                             const uint16_t *t, int64_t K) {
-    __m512 acc[16];
+/* out[i / 16] lane i % 16 = x row (i / GM_NR) . t row (i % GM_NR) over K, for MR x rows (ldx apart) and GM_NR t
+ * rows (K apart): out[1] holds x row 4. Also prefetches the npf cache lines from pf, spread evenly over
+ * the steps along K. Each sum is its own chain along K, reduced by sum16: the same whatever MR. */
+static inline __attribute__((always_inline)) void gm_block(int MR, int PF, const uint16_t *x, int64_t ldx,
+                                                           const uint16_t *t, int64_t K, const char *pf,
+                                                           int64_t npf, __m512 out[2]) {
+    /* x rows 0-3 and 4 in two arrays: gcc kept one array of 20 in memory, storing it at every step */
+    __m512 acc[16], acc2[GM_NR];
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < GM_NR; i++) acc2[i] = _mm512_setzero_ps();
+    const int64_t steps = (K + 31) / 32;
+    int64_t due = 0; /* Bresenham: npf lines over `steps` steps */
     for (int64_t k = 0; k < K; k += 32) {
         const __mmask32 mk = K - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
+        if (PF) /* compiled out for dequantized tiles: the bookkeeping alone slowed int4's GEMM 5-10% */
+            for (due += npf; due >= steps; due -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
         __m512bh wv[GM_NR];
         for (int n = 0; n < GM_NR; n++) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mk, t + n * K + k);
         for (int m = 0; m < MR; m++) {
             __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + m * ldx + k);
-            for (int n = 0; n < GM_NR; n++) acc[m * GM_NR + n] = _mm512_dpbf16_ps(acc[m * GM_NR + n], xv, wv[n]);
+            for (int n = 0; n < GM_NR; n++) {
+                if (m < 4)
+                    acc[m * GM_NR + n] = _mm512_dpbf16_ps(acc[m * GM_NR + n], xv, wv[n]);
+                else
+                    acc2[(m - 4) * GM_NR + n] = _mm512_dpbf16_ps(acc2[(m - 4) * GM_NR + n], xv, wv[n]);
+            }
         }
     }
     __m512 v[16]; /* a copy: handing acc itself to sum16 kept it in memory through the loop */
     for (int i = 0; i < 16; i++) v[i] = acc[i];
-    return sum16(v);
+    out[0] = sum16(v);
+    if (MR > 4) {
+        for (int i = 0; i < 16; i++) v[i] = i < GM_NR ? acc2[i] : _mm512_setzero_ps();
+        out[1] = sum16(v);
+    }
 }
 
 /* tiles [t0, t1) of GM_TILE-row tiles: dequantize each into buf, then all of x against it */
@@ -70,13 +92,19 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_
     int64_t rb[3]; /* bytes per row of w, s, z */
     weight_row_bytes(kind, K, G, &rb[0], &rb[1], &rb[2]);
     const uint8_t *base[3] = {w, s, z};
+    /* x rows in blocks of at most GM_MR, as even as can be: 9 rows as 4 + 5, 6 as 3 + 3 (blocks of 4 + 1 and 4 + 2
+     * ran 10-20% slower on bf16 [2048, 2048] and [2048, 1024]); the last `wide` blocks get narrow + 1 rows */
+    const int64_t nblk = (M + GM_MR - 1) / GM_MR, narrow = M / nblk, wide = M % nblk;
     for (int64_t tt = t0; tt < t1; tt++) {
         const int64_t n0 = tt * tile, rows = N - n0 < tile ? N - n0 : tile;
         const int64_t padded = (rows + GM_NR - 1) / GM_NR * GM_NR;
         /* the next tile's bytes, a share per block of rows below: its dequantization then finds them in cache */
         const int64_t next = tt + 1 < t1 ? (N - n0 - rows < tile ? N - n0 - rows : tile) : 0;
         int64_t lines[3], done[3] = {0, 0, 0};
-        for (int a = 0; a < 3; a++) lines[a] = base[a] ? (next * rb[a] + 63) / 64 : 0;
+        for (int a = 0; a < 3; a++) lines[a] = base[a] && kind != WK_BF16 ? (next * rb[a] + 63) / 64 : 0;
+        /* bf16: the next tile's lines spread over the tile's register blocks, in proportion to their x rows */
+        const int64_t units = padded / GM_NR * M, next_lines = kind == WK_BF16 ? (next * K * 2 + 63) / 64 : 0;
+        const char *next_tile = (const char *)((const uint16_t *)w + (n0 + rows) * K);
         const uint16_t *t = buf;
         if (kind == WK_BF16 && rows == padded)
             t = (const uint16_t *)w + n0 * K;
@@ -93,29 +121,45 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_
                 for (; done[a] < until; done[a]++)
                     _mm_prefetch((const char *)(base[a] + (n0 + rows) * rb[a] + 64 * done[a]), _MM_HINT_T0);
             }
-            for (int64_t m0 = 0; m0 < M; m0 += GM_MR) {
-                const int mr = M - m0 < GM_MR ? (int)(M - m0) : GM_MR;
-                __m512 r;
+            for (int64_t b = 0, m0 = 0; b < nblk; b++) {
+                const int mr = (int)(b < nblk - wide ? narrow : narrow + 1);
+                int64_t npf = 0, l0 = 0; /* no divisions for dequantized tiles: they showed in int4's GEMM */
+                if (next_lines) {
+                    const int64_t u0 = nb / GM_NR * M + m0;
+                    l0 = next_lines * u0 / units;
+                    npf = next_lines * (u0 + mr) / units - l0;
+                }
+                const char *pf = next_tile + 64 * l0;
+                __m512 r[2];
+#define GM_BLOCK(MRC)                                                                                           \
+    (npf ? gm_block(MRC, 1, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r)                                       \
+         : gm_block(MRC, 0, x + m0 * ldx, ldx, t + nb * K, K, pf, npf, r))
                 switch (mr) {
-                case 1: r = gm_block(1, x + m0 * ldx, ldx, t + nb * K, K); break;
-                case 2: r = gm_block(2, x + m0 * ldx, ldx, t + nb * K, K); break;
-                case 3: r = gm_block(3, x + m0 * ldx, ldx, t + nb * K, K); break;
-                default: r = gm_block(4, x + m0 * ldx, ldx, t + nb * K, K); break;
+                case 1: GM_BLOCK(1); break;
+                case 2: GM_BLOCK(2); break;
+                case 3: GM_BLOCK(3); break;
+                case 4: GM_BLOCK(4); break;
+                default: GM_BLOCK(5); break;
                 }
+#undef GM_BLOCK
                 const int64_t n = n0 + nb;
-                if (nr < GM_NR) {
-                    float v[16];
-                    _mm512_storeu_ps(v, r);
-                    for (int m = 0; m < mr; m++)
-                        for (int j = 0; j < nr; j++) store_out(y + m0 * N, N, m, n + j, v[m * GM_NR + j], bias);
-                    continue;
+                for (int hb = 0; hb * 4 < mr; hb++) { /* x rows m0 + 4 hb .. */
+                    const int hr = mr - 4 * hb < 4 ? mr - 4 * hb : 4;
+                    uint16_t *yh = y + (m0 + 4 * hb) * N;
+                    if (nr < GM_NR) {
+                        float v[16];
+                        _mm512_storeu_ps(v, r[hb]);
+                        for (int m = 0; m < hr; m++)
+                            for (int j = 0; j < nr; j++) store_out(yh, N, m, n + j, v[m * GM_NR + j], bias);
+                        continue;
+                    }
+                    if (bias) /* lane m * GM_NR + j holds output (m, n + j) */
+                        r[hb] = _mm512_add_ps(r[hb], _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n)));
+                    int64_t q[4];
+                    _mm256_storeu_si256((__m256i *)q, (__m256i)_mm512_cvtneps_pbh(r[hb]));
+                    for (int m = 0; m < hr; m++) memcpy(yh + m * N + n, &q[m], 8);
                 }
-                if (bias) /* lane m * GM_NR + j holds output (m, n + j) */
-                    r = _mm512_add_ps(r, _mm512_broadcast_f32x4(_mm_loadu_ps(bias + n)));
-                __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
-                int64_t q[4];
-                _mm256_storeu_si256((__m256i *)q, h);
-                for (int m = 0; m < mr; m++) memcpy(y + (m0 + m) * N + n, &q[m], 8);
+                m0 += mr;
             }
         }
     }
@@ -139,7 +183,8 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
         for (int64_t m = 0; m < M; m++) memcpy(xa + m * ldx, x + m * K, sizeof(uint16_t) * (size_t)K);
         x = xa;
     }
-    if (M * N * K <= 8 * PAR_MIN_WORK) { /* a few microseconds of work: a team would cost more than it saves */
+    /* a few microseconds of work, or one thread: a team would cost more than it saves (a MoE step makes ~900 calls) */
+    if (M * N * K <= 8 * PAR_MIN_WORK || omp_get_max_threads() == 1) {
         uint16_t *buf = aligned_alloc(64, buf_bytes);
         gm_tiles((int)kind, x, ldx, M, K, w, s, z, N, G, bias, y, tile, 0, ntiles, buf);
         free(buf);

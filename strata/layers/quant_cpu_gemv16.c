@@ -1,4 +1,6 @@
-/* GEMV of plain bf16 weights on vdpbf16ps: the batch-1 decode path of unquantized bf16 models.
+/* GEMV of plain bf16 weights on vdpbf16ps, with fp32 outputs and bias: the native decoder's router, and what
+ * the bf16 decode paths ran before the GEMM of quant_cpu_gemm.c, which streams a weight from memory faster
+ * (linear.py, gemv_once in cpu_moe.c).
  *
  * torch's bf16 F.linear at one row streams the weights at about half the machine's read bandwidth; this loop
  * does nothing but load 64-byte lines of W, one vdpbf16ps per line and x row, and prefetch (see PREFETCH in
@@ -41,7 +43,8 @@ static inline __attribute__((always_inline)) void rows_acc16(int mb, int R, int 
             __m512i wv[RB];
             for (int r = 0; r < R; r++) {
                 const uint16_t *p = w + r * K + k + 32 * u;
-                _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0); /* same line, next block's row */
+                /* the next block's R rows are contiguous: its lines in address order, R per step */
+                _mm_prefetch((const char *)(w + R * K + ((k / 32 + u) * R + r) * 32), _MM_HINT_T0);
                 wv[r] = _mm512_loadu_si512(p);
             }
             for (int m = 0; m < mb; m++) {

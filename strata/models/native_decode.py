@@ -4,8 +4,8 @@ Used by CausalLM.forward for a forward of few rows over the paged KV cache: deco
 sequence) and speculative verifications (1 + k rows of one sequence). `per_row` turns every row into a
 sequence of its own whose context ends at that row's position; the C code writes all rows' K/V before it
 attends, so row j sees the rows before it and not after, as a causal forward would. Row limits (`accepts`):
-dense models up to 8 rows when every projection is bf16 (gemv_bf16 reads each weight once per 8 rows), else
-4 (the quantized GEMVs: once per 4); models with MoE layers up to NATIVE_MAX_TOKENS rows, whose experts run
+dense models up to 8 rows when every projection is bf16 (the GEMM reads each bf16 weight once for any rows;
+8 as measured when the GEMV took them), else 4 (the quantized GEMVs: once per 4); models with MoE layers up to NATIVE_MAX_TOKENS rows, whose experts run
 grouped by expert (each weight read from memory once per step). Every layer must qualify: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
@@ -32,7 +32,7 @@ from strata.layers.norm import RMSNorm
 
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
-MAX_ROWS_BF16 = 8  # gemv_bf16: once per group of 8 rows (quant_cpu_gemv16.c, MB16)
+MAX_ROWS_BF16 = 8  # bf16 projections: the GEMM of quant_cpu_gemm.c (gemv_once), as linear.py's per-op path
 
 
 class _Proj(ctypes.Structure):

@@ -26,7 +26,7 @@ def _check(y, ref):
 
 @needs_native
 @pytest.mark.parametrize("k,n", [(172, 37), (2049, 37), (172, 5632), (2049, 5632), (64, 4), (31, 1)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 17, 64])
 def test_kernel_matches_float64(k, n, m):
     g = torch.Generator().manual_seed(k * 31 + n + m)
     x = torch.randn(m, k, generator=g).bfloat16()
@@ -57,12 +57,12 @@ def test_falls_back_to_f_linear(monkeypatch):
     monkeypatch.setattr(linear_mod.F, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
     w = torch.randn(8, 16)
     linear(torch.randn(1, 16), w)  # fp32
-    linear(torch.randn(9, 16).bfloat16(), w.bfloat16())  # 9 rows
+    linear(torch.randn(65, 16).bfloat16(), w.bfloat16())  # past MAX_ROWS: a prompt
     linear(torch.randn(1, 16).bfloat16(), w.bfloat16().t().contiguous().t()[:, :16])  # non-contiguous weight
-    assert calls == [(1, 16), (9, 16), (1, 16)]
+    assert calls == [(1, 16), (65, 16), (1, 16)]
     calls.clear()
-    linear(torch.randn(8, 16).bfloat16(), w.bfloat16())  # a verification of 7 drafts: one pass of the kernel
-    assert calls == ([] if bf16_lib() is not None else [(8, 16)])
+    linear(torch.randn(64, 16).bfloat16(), w.bfloat16())  # a batch of decodes: the native GEMM
+    assert calls == ([] if bf16_lib() is not None else [(64, 16)])
 
 
 def test_env_switch_disables_native(monkeypatch):
@@ -122,9 +122,9 @@ def test_bf16_decode_matches_f_linear_path(tmp_path, monkeypatch, family):
     calls = []
 
     class Counting:
-        def gemv_bf16(self, *a):
-            calls.append(a[1])
-            lib.gemv_bf16(*a)
+        def gemm_dq(self, *a):
+            calls.append(a[2])
+            lib.gemm_dq(*a)
 
     monkeypatch.setattr(linear_mod, "bf16_lib", lambda: Counting())
     native = decode()

@@ -114,9 +114,9 @@ def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
 @needs_native
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32", "int4-g32-asym", "fp8", "int8-nested-g32"])
 def test_experts_with_many_tokens_run_once_and_agree_with_the_gemv(fmt):
-    """With more than 4 tokens on an expert (8 for bf16 weights) it runs once for all of them through the GEMM
-    of quant_cpu_gemm.c: the outputs agree with two calls of 4 tokens each (the GEMVs) up to bf16 rounding, and
-    bf16 experts at 8 tokens still run one GEMV pass, bit-equal to the halves."""
+    """With more than 4 tokens on an expert it runs once for all of them through the GEMM of quant_cpu_gemm.c:
+    the outputs agree with two calls of 4 tokens each (the GEMVs) up to bf16 rounding; bf16 experts run the GEMM
+    at any row count, whose sums for a row do not depend on the other rows: bit-equal to the halves."""
     block = _block(hidden=256, inter=1024, experts=2, top_k=2)  # gate/up 2048 x 256: several GEMM tiles
     if fmt != "bf16":
         _quantize_experts(block, fmt)
