@@ -1,10 +1,15 @@
 """The one place every unquantized projection goes through: `linear(x, weight, bias)` and `Linear`.
 
-At decode (a few activation rows) a bf16 matmul only streams weights, and torch's bf16 F.linear on CPU
-reaches about half the read bandwidth there. With bf16 CPU tensors, at most MAX_ROWS rows and a contiguous
-weight, `linear` calls the AVX-512 GEMV `gemv_bf16` of the native library (quant_cpu_gemv16.c) instead;
-everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0
-(or STRATA_NATIVE=0) turns the native path off, e.g. to compare.
+bf16 CPU tensors with a contiguous weight take the native library's kernels where the library is available:
+- up to MAX_ROWS rows (decode), the AVX-512 GEMV `gemv_bf16` (quant_cpu_gemv16.c): a bf16 matmul there only
+  streams weights, and torch's bf16 F.linear reaches about half the read bandwidth;
+- more rows (prompts): the whole multiples of CHUNK_ROWS rows through torch's matmul (oneDNN), the rest through
+  the native GEMM `gemm_dq` (quant_cpu_gemm.c, bf16 weights read in place). oneDNN builds a primitive for every
+  new row count it meets, 0.4-1.5 ms each on one thread, more than the whole matmul of a short prompt on a small
+  model, so a server seeing prompts of every length kept paying it; this way it meets only multiples of
+  CHUNK_ROWS, and the native GEMM, which builds nothing per shape, is as fast as oneDNN below CHUNK_ROWS rows.
+Everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0 (or
+STRATA_NATIVE=0) turns the native paths off, e.g. to compare.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from torch import nn
 
 from strata.layers.quant_native import native_lib
 
-MAX_ROWS = 8  # the kernel reads each weight line once per group of 8 rows (MB16); beyond that the matmul wins
+MAX_ROWS = 8  # the kernel reads each weight line once per group of 8 rows (MB16); beyond that a GEMM wins
+# oneDNN gets row counts in multiples of this. Below it the native GEMM ran 1.1-3x faster on the bundled model's
+# projections at 16-40 rows and 0.9-1.1x at 64 (also SmolLM2's MLP shapes), 1 thread; 0.6x on its 2048-wide head
+# at 40 rows, which sees that many rows only when a request asks for every prompt position's logits
+CHUNK_ROWS = 64
 
 
 @lru_cache(maxsize=1)
@@ -39,7 +48,6 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         and x.dim() >= 1
         and weight.shape[1] == x.shape[-1]
         and weight.is_contiguous()
-        and x.numel() <= MAX_ROWS * x.shape[-1]
         and x.numel() > 0
         and (bias is None or bias.device.type == "cpu")
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -55,10 +63,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)  # [M, N]
-    b = None if bias is None else bias.float().contiguous()  # the kernel adds fp32 bias before rounding
-    lib.gemv_bf16(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), n, None if b is None else b.data_ptr(),
-                  y.data_ptr(), 0)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.bfloat16)  # [M, N]
+    b = None if bias is None else bias.float().contiguous()  # the kernels add fp32 bias before rounding
+    bp = None if b is None else b.data_ptr()
+    if m <= MAX_ROWS:
+        lib.gemv_bf16(x2.data_ptr(), m, k, weight.data_ptr(), n, bp, y.data_ptr(), 0)
+        return y.view(*x.shape[:-1], n)
+    head = m // CHUNK_ROWS * CHUNK_ROWS
+    if head:  # oneDNN only ever sees multiples of CHUNK_ROWS rows: few shapes, each built once
+        if bias is None:
+            torch.mm(x2[:head], weight.t(), out=y[:head])
+        else:
+            torch.addmm(bias.to(torch.bfloat16), x2[:head], weight.t(), out=y[:head])
+    if head < m:  # the rest through the native GEMM, which builds nothing per shape
+        lib.gemm_dq(0, x2[head:].data_ptr(), m - head, k, weight.data_ptr(), None, None, n, 0, bp,
+                    y[head:].data_ptr())
     return y.view(*x.shape[:-1], n)
 
 
