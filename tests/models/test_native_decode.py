@@ -78,7 +78,7 @@ def test_moe_and_qk_norm_families_same_tokens(family, tmp_path, monkeypatch):
 
     build_hf(family, tmp_path, dtype=torch.bfloat16)
     native, calls = _greedy(tmp_path, monkeypatch, native=True)
-    assert calls == 2 * 23
+    assert calls == 2 * (23 if family == "qwen3" else 24)  # every decode step; a MoE model's prompts too
     reference, _ = _greedy(tmp_path, monkeypatch, native=False)
     assert native == reference
 
