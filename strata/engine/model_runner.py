@@ -6,6 +6,7 @@ them into logits a slice at a time, so a long prompt never holds [prompt, vocab]
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from strata.engine.scheduler import ScheduledBatch
 from strata.layers import kv_cache
 from strata.layers.attention import AttentionMetadata
+from strata.layers.linear import CHUNK_ROWS
 from strata.layers.quant_embedding import compute_dtype
 from strata.models.base import CausalLM
 
@@ -45,6 +47,24 @@ class ModelRunner:
         slots = (blocks[:, None] * self.block_size + self._slot_offsets[None, :]).reshape(-1)  # [nb*bs]
         off = start - first * self.block_size
         return slots[off : off + end - start]
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int, budget_s: float) -> list[int]:
+        """Forwards without the KV cache of prompts of CHUNK_ROWS * k + 1 tokens (at most max_tokens), k = 1,
+        2, ..., until budget_s has passed: the row counts of oneDNN's matmuls in a prompt (layers/linear.py),
+        whose primitives it builds on first use (0.4-1.5 ms each), built before the first request needs them.
+        -> the lengths run. Nothing the engine holds (KV cache, prefix cache, counters) is touched."""
+        vocab = self.model.config.vocab_size
+        done: list[int] = []
+        t0 = time.perf_counter()
+        for head in range(CHUNK_ROWS, max_tokens + 1, CHUNK_ROWS):
+            if time.perf_counter() - t0 > budget_s:
+                break
+            n = min(head + 1, max_tokens)
+            ids = torch.arange(n) * 7919 % vocab  # [n] many different tokens: the router spreads them over experts
+            self.model(ids, torch.arange(n), AttentionMetadata.no_cache([n]), None, torch.tensor([n - 1]))
+            done.append(n)
+        return done
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None,

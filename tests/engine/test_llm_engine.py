@@ -32,3 +32,24 @@ def test_before_forward_runs_once_per_forward_right_before_its_native_code(monke
         num_steps += 1
     # each step is one native call, the prompt's too (the bundled model is a MoE model)
     assert calls == ["forward", "hook", "native", "end"] * 5 and num_steps == 5
+
+
+def _greedy_tokens(engine, prompt="ROMEO:", n=6):
+    engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens = out.outputs[0].token_ids
+    return tokens
+
+
+def test_warm_up_runs_prompt_lengths_and_leaves_the_engine_as_it_was():
+    expected = _greedy_tokens(LLMEngine(EngineConfig(num_threads=1, max_model_len=200), progress=False))
+    assert len(expected) == 6
+    engine = LLMEngine(EngineConfig(num_threads=1, max_model_len=200), progress=False)
+    free, stats = engine.num_free_kv_blocks(), engine.get_stats()
+    assert engine.runner.warm_up(200, budget_s=60) == [65, 129, 193]  # each multiple of 64 rows once, + 1
+    assert engine.runner.warm_up(100, budget_s=-1) == []  # a spent budget: no forward
+    engine.warm_up()
+    assert engine.num_free_kv_blocks() == free and engine.get_stats() == stats
+    assert _greedy_tokens(engine) == expected
