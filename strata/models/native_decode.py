@@ -1,13 +1,13 @@
 """Decode of a few rows (one token each) through a whole decoder in one native call (cpu_decoder.c).
 
 Used by CausalLM.forward for a forward of few rows over the paged KV cache: decode steps (one token per
-sequence), speculative verifications (1 + k rows of one sequence) and, in MoE models, short prompts. `per_row`
+sequence), speculative verifications (1 + k rows of one sequence) and, in MoE models, prompts. `per_row`
 turns every row into a sequence of its own whose context ends at that row's position; the C code writes all
 rows' K/V before it attends, so row j sees the rows before it and not after, as a causal forward would. Row
 limits (`accepts`): dense models up to 8 rows when every projection is bf16 (gemv_bf16 reads each weight once
 per 8 rows), else 4 (the quantized GEMVs: once per 4), decode and verification only; models with MoE layers up
-to NATIVE_MAX_TOKENS rows, prompts included, whose experts run grouped by expert (each weight read from memory
-once per step). Every layer must qualify: no biases or sliding
+to NATIVE_MAX_TOKENS rows (more in small ones, PROMPT_WORK), prompts included, whose experts run grouped by
+expert (each weight read from memory once per step). Every layer must qualify: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
@@ -36,6 +36,11 @@ from strata.layers.norm import RMSNorm
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
 MAX_ROWS_BF16 = 8  # gemv_bf16: once per group of 8 rows (quant_cpu_gemv16.c, MB16)
+# MoE models take steps of more than NATIVE_MAX_TOKENS rows (prompts) while rows x multiply-adds per token stay
+# under this: the per-op path's Python and torch calls per layer, and SDPA with few small heads, then cost more than
+# oneDNN's faster GEMMs save. The bundled model (about 2M multiply-adds a token) ran prompts of 100-400 tokens
+# 1.5-1.6x faster in the one call and a step of 2,000 rows 1.4x; OLMoE-sized models (over 1G) keep 64 rows.
+PROMPT_WORK = 2048 * 2**21
 
 
 class _Proj(ctypes.Structure):
@@ -80,6 +85,15 @@ def _fused_or_split(fused, parts: list[nn.Module], rest: int = 2) -> tuple[_Proj
     return projs[0], projs[1:]
 
 
+def _macs_per_token(cfg, moes: list[_Moe], num_layers: int) -> int:
+    """Multiply-adds of one token through the layers' projections and routed experts (attention scores aside)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attention = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, k, v, o
+    experts = sum(m.top_k * 3 * h * m.inter + h * m.num_experts for m in moes)
+    dense = (num_layers - len(moes)) * 3 * h * cfg.intermediate_size
+    return max(num_layers * attention + experts + dense, 1)
+
+
 def _norm_ok(n: nn.Module) -> bool:
     return type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
 
@@ -96,6 +110,8 @@ class NativeDecoder:
         self.max_rows = MAX_ROWS_BF16 if bf16 else MAX_ROWS
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
+        self.max_moe_rows = max(NATIVE_MAX_TOKENS, PROMPT_WORK // _macs_per_token(cfg, [m for _, m in moes],
+                                                                                  len(layers)))
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                      cfg.intermediate_size)
         self.eps = model.model.layers[0].input_layernorm.variance_epsilon
@@ -162,10 +178,9 @@ class NativeDecoder:
         """Dense models: at most max_rows rows (beyond that the GEMVs read each weight again, where a GEMM reads
         it once), every sequence continuing a cached context. MoE models: up to NATIVE_MAX_TOKENS, as the per-op
         path's MoE blocks: each layer runs its experts grouped by expert and reads every weight from memory once
-        per step (gemv_once in cpu_moe.c); prompts too, whose per-op forward costs several times its work there
-        in Python and torch calls per layer."""
+        per step (gemv_once in cpu_moe.c), prompts included; small ones more (PROMPT_WORK)."""
         if self.moes:
-            return num_rows <= NATIVE_MAX_TOKENS
+            return num_rows <= self.max_moe_rows
         return num_rows <= self.max_rows and all(c > q for q, c in zip(meta.query_lens, meta.context_lens))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,

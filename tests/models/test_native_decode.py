@@ -6,6 +6,7 @@ import torch
 from strata import LLM, SamplingParams
 from strata.cli import main
 from strata.layers.linear import bf16_lib
+from strata.layers.moe import NATIVE_MAX_TOKENS
 from strata.layers.moe_native import take_counts
 from strata.models import native_decode
 
@@ -81,6 +82,24 @@ def test_moe_and_qk_norm_families_same_tokens(family, tmp_path, monkeypatch):
     assert calls == 2 * (23 if family == "qwen3" else 24)  # every decode step; a MoE model's prompts too
     reference, _ = _greedy(tmp_path, monkeypatch, native=False)
     assert native == reference
+
+
+@needs_native
+def test_small_moe_model_runs_long_prompts_in_one_call(tmp_path, monkeypatch):
+    """A small MoE model takes prompts past NATIVE_MAX_TOKENS rows in one native call (PROMPT_WORK), with the
+    per-op path's tokens; a large one keeps NATIVE_MAX_TOKENS."""
+    from tests.models.conftest import build_hf
+
+    build_hf("qwen3_moe", tmp_path, dtype=torch.bfloat16)
+    prompts = [[(7 * i) % 97 + 3 for i in range(150)], [(5 * i) % 89 + 3 for i in range(90)]]
+    native, calls = _greedy(tmp_path, monkeypatch, native=True, prompts=prompts)
+    assert calls == 2 * 24  # each prompt's step too
+    reference, _ = _greedy(tmp_path, monkeypatch, native=False, prompts=prompts)
+    assert native == reference
+    moe = native_decode._Moe(num_experts=64, top_k=8, inter=1024)  # OLMoE's blocks, hidden 2048, 16 layers
+    cfg = type("Cfg", (), {"hidden_size": 2048, "head_dim": 128, "num_attention_heads": 16,
+                           "num_key_value_heads": 16, "intermediate_size": 1024})
+    assert native_decode.PROMPT_WORK // native_decode._macs_per_token(cfg, [moe] * 16, 16) < NATIVE_MAX_TOKENS
 
 
 @needs_native
