@@ -109,11 +109,11 @@ class LLMEngine:
         self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
 
     def warm_up(self, budget_s: float = WARM_UP_S) -> None:
-        """Runs the prompt shapes whose first use is slow once before serving (ModelRunner.warm_up), for at most
-        about budget_s; a server calls it at start. Skipped for tiered experts (it would read them from disk)
-        and tensor parallelism (every rank would have to join)."""
-        if self.tiers is not None or self.config.tensor_parallel_size > 1:
-            return
+        """Runs prompts of the lengths whose first use is slow once before serving (ModelRunner.warm_up), for at
+        most about budget_s; a server calls it at start, before any request. Skipped for tiered experts (it
+        would read them from disk) and tensor parallelism (every rank would have to join)."""
+        if self.tiers is not None or self.config.tensor_parallel_size > 1 or self.stats["num_steps"]:
+            return  # after a step, the cache's first slots may hold a sequence's K/V
         t0 = time.perf_counter()
         max_tokens = min(self.max_model_len, self.config.max_num_batched_tokens)
         lengths = self.runner.warm_up(max_tokens, budget_s)

@@ -36,6 +36,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.dtype = compute_dtype(model)
         self.kv_caches = kv_cache.allocate_kv_caches(model.kv_cache_spec(), num_blocks * block_size, self.dtype)
         self._slot_offsets = torch.arange(block_size)
@@ -50,19 +51,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int, budget_s: float) -> list[int]:
-        """Forwards without the KV cache of prompts of CHUNK_ROWS * k + 1 tokens (at most max_tokens), k = 1,
-        2, ..., until budget_s has passed: the row counts of oneDNN's matmuls in a prompt (layers/linear.py),
-        whose primitives it builds on first use (0.4-1.5 ms each), built before the first request needs them.
-        -> the lengths run. Nothing the engine holds (KV cache, prefix cache, counters) is touched."""
-        vocab = self.model.config.vocab_size
+        """Prompt forwards of CHUNK_ROWS * k + 1 tokens (at most max_tokens and the cache's slots), k = 1, 2, ...,
+        until budget_s has passed, through the path a prompt of that length takes: what is built on first use
+        (oneDNN's primitive per row count, 0.4-1.5 ms each: layers/linear.py; the one-call decoder) is built
+        before a request waits for it. They write K/V into the first slots of the cache: call it while no
+        sequence holds blocks. -> the lengths run."""
+        vocab, num_slots = self.model.config.vocab_size, self.num_blocks * self.block_size
         done: list[int] = []
         t0 = time.perf_counter()
-        for head in range(CHUNK_ROWS, max_tokens + 1, CHUNK_ROWS):
+        for head in range(CHUNK_ROWS, min(max_tokens, num_slots) + 1, CHUNK_ROWS):
             if time.perf_counter() - t0 > budget_s:
                 break
-            n = min(head + 1, max_tokens)
+            n = min(head + 1, max_tokens, num_slots)
             ids = torch.arange(n) * 7919 % vocab  # [n] many different tokens: the router spreads them over experts
-            self.model(ids, torch.arange(n), AttentionMetadata.no_cache([n]), None, torch.tensor([n - 1]))
+            slots = torch.arange(n)
+            meta = AttentionMetadata([0], [n], [n], slots, [slots])
+            self.model(ids, torch.arange(n), meta, self.kv_caches, torch.tensor([n - 1]))
             done.append(n)
         return done
 

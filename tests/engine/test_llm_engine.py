@@ -2,6 +2,8 @@
 forward right before its layers: in a step of the one-call native decode right before it, after every torch op
 (each of which releases the GIL to a thread woken by the hook)."""
 
+import pytest
+
 from strata.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
@@ -53,3 +55,5 @@ def test_warm_up_runs_prompt_lengths_and_leaves_the_engine_as_it_was():
     engine.warm_up()
     assert engine.num_free_kv_blocks() == free and engine.get_stats() == stats
     assert _greedy_tokens(engine) == expected
+    engine.runner.warm_up = lambda *a: pytest.fail("warm-up after a step would overwrite K/V in use")
+    engine.warm_up()
