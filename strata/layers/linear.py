@@ -3,11 +3,12 @@
 bf16 CPU tensors with a contiguous weight take the native library's kernels where the library is available:
 - up to MAX_ROWS rows (decode), the AVX-512 GEMV `gemv_bf16` (quant_cpu_gemv16.c): a bf16 matmul there only
   streams weights, and torch's bf16 F.linear reaches about half the read bandwidth;
-- more rows (prompts): the whole multiples of CHUNK_ROWS rows through torch's matmul (oneDNN), the rest through
-  the native GEMM `gemm_dq` (quant_cpu_gemm.c, bf16 weights read in place). oneDNN builds a primitive for every
+- more rows (prompts): below CHUNK_ROWS rows the native GEMM `gemm_dq` (quant_cpu_gemm.c, bf16 weights read in
+  place), as fast as oneDNN there; from CHUNK_ROWS on torch's matmul (oneDNN), which builds a primitive for every
   new row count it meets, 0.4-1.5 ms each on one thread, more than the whole matmul of a short prompt on a small
-  model, so a server seeing prompts of every length kept paying it; this way it meets only multiples of
-  CHUNK_ROWS, and the native GEMM, which builds nothing per shape, is as fast as oneDNN below CHUNK_ROWS rows.
+  model. A small weight (SPLIT_MAX_BYTES) therefore gives oneDNN only the whole multiples of CHUNK_ROWS rows and
+  the rest to `gemm_dq`, which builds nothing per shape: a server seeing prompts of every length no longer pays
+  for a primitive per length.
 Everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0 (or
 STRATA_NATIVE=0) turns the native paths off, e.g. to compare.
 """
@@ -28,6 +29,10 @@ MAX_ROWS = 8  # the kernel reads each weight line once per group of 8 rows (MB16
 # projections at 16-40 rows and 0.9-1.1x at 64 (also SmolLM2's MLP shapes), 1 thread; 0.6x on its 2048-wide head
 # at 40 rows, which sees that many rows only when a request asks for every prompt position's logits
 CHUNK_ROWS = 64
+# Weights up to this size (in L2) give oneDNN only the multiples of CHUNK_ROWS rows; larger ones all rows from
+# CHUNK_ROWS on: SmolLM2's projections (0.7-3.5 MB) ran 8-12% slower split than in one call (100-400 rows), more
+# than a primitive built once per row count costs them.
+SPLIT_MAX_BYTES = 512 * 1024
 
 
 @lru_cache(maxsize=1)
@@ -71,7 +76,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         lib.gemv_bf16(x2.data_ptr(), m, k, weight.data_ptr(), n, bp, y.data_ptr(), 0)
         return y.view(*x.shape[:-1], n)
     head = m // CHUNK_ROWS * CHUNK_ROWS
-    if head:  # oneDNN only ever sees multiples of CHUNK_ROWS rows: few shapes, each built once
+    if head and n * k * weight.element_size() > SPLIT_MAX_BYTES:
+        head = m  # a second pass over a weight out of cache costs more than the primitive
+    if head:  # oneDNN sees multiples of CHUNK_ROWS rows of a small weight: few shapes, each built once
         if bias is None:
             torch.mm(x2[:head], weight.t(), out=y[:head])
         else:

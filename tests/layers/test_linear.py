@@ -175,15 +175,17 @@ class _CountingLib:
 @needs_native
 @pytest.mark.parametrize("m", [9, 63, 64, 65, 150, 200])
 @pytest.mark.parametrize("bias", [False, True])
-def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias):
+@pytest.mark.parametrize("n", [300, 1700])  # [n, 160] bf16: 94 KiB, in L2; 531 KiB, above SPLIT_MAX_BYTES
+def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias, n):
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, 160, generator=g).bfloat16()
-    w = (torch.randn(300, 160, generator=g) * 0.05).bfloat16()
-    b = torch.randn(300, generator=g).bfloat16() if bias else None
+    w = (torch.randn(n, 160, generator=g) * 0.05).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
     lib = _CountingLib()
     monkeypatch.setattr(linear_mod, "bf16_lib", lambda: lib)
     y = linear(x, w, b)
-    rest = m % linear_mod.CHUNK_ROWS
-    assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the multiples of CHUNK_ROWS
-    assert y.shape == (m, 300) and y.dtype == torch.bfloat16
+    chunk = linear_mod.CHUNK_ROWS
+    rest = m if m < chunk else m % chunk if w.numel() * 2 <= linear_mod.SPLIT_MAX_BYTES else 0
+    assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the rest
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
     _check(y, _ref(x, w, b))
