@@ -110,9 +110,12 @@ class LLMEngine:
 
     def warm_up(self, budget_s: float = WARM_UP_S) -> None:
         """Runs prompts of the lengths whose first use is slow once before serving (ModelRunner.warm_up), for at
-        most about budget_s; a server calls it at start, before any request. Skipped for tiered experts (it
-        would read them from disk) and tensor parallelism (every rank would have to join)."""
-        if self.tiers is not None or self.config.tensor_parallel_size > 1 or self.stats["num_steps"]:
+        most about budget_s; a server calls it at start, before any request. Small models only (under
+        SMALL_MODEL_PARAMS): there a first use costs as much as a prompt, and a forward takes milliseconds.
+        Skipped for tiered experts (it would read them from disk) and tensor parallelism (every rank would
+        have to join)."""
+        if (self.tiers is not None or self.config.tensor_parallel_size > 1 or self.stats["num_steps"]
+                or self.model_config.param_counts()["total"] >= SMALL_MODEL_PARAMS):
             return  # after a step, the cache's first slots may hold a sequence's K/V
         t0 = time.perf_counter()
         max_tokens = min(self.max_model_len, self.config.max_num_batched_tokens)

@@ -58,11 +58,14 @@ class ModelRunner:
         sequence holds blocks. -> the lengths run."""
         vocab, num_slots = self.model.config.vocab_size, self.num_blocks * self.block_size
         done: list[int] = []
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
         for head in range(CHUNK_ROWS, min(max_tokens, num_slots) + 1, CHUNK_ROWS):
-            if time.perf_counter() - t0 > budget_s:
-                break
             n = min(head + 1, max_tokens, num_slots)
+            now = time.perf_counter()
+            # the next forward, at the last one's time per token, must end within the budget
+            if now - t0 + (now - last) * n / max(done[-1] if done else n, 1) > budget_s:
+                break
+            last = now
             ids = torch.arange(n) * 7919 % vocab  # [n] many different tokens: the router spreads them over experts
             slots = torch.arange(n)
             meta = AttentionMetadata([0], [n], [n], slots, [slots])
