@@ -67,8 +67,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if lib is None:
         return F.linear(x, weight, bias)
     n, k = weight.shape
+    m = x.numel() // k
+    if m >= CHUNK_ROWS and n * k * weight.element_size() > SPLIT_MAX_BYTES:
+        return F.linear(x, weight, bias)  # split, a second pass over a weight out of cache costs more than the primitive
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    m = x2.shape[0]
     y = torch.empty(m, n, dtype=torch.bfloat16)  # [M, N]
     b = None if bias is None else bias.float().contiguous()  # the kernels add fp32 bias before rounding
     bp = None if b is None else b.data_ptr()
@@ -76,8 +78,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         lib.gemv_bf16(x2.data_ptr(), m, k, weight.data_ptr(), n, bp, y.data_ptr(), 0)
         return y.view(*x.shape[:-1], n)
     head = m // CHUNK_ROWS * CHUNK_ROWS
-    if head and n * k * weight.element_size() > SPLIT_MAX_BYTES:
-        head = m  # a second pass over a weight out of cache costs more than the primitive
     if head:  # oneDNN sees multiples of CHUNK_ROWS rows of a small weight: few shapes, each built once
         if bias is None:
             torch.mm(x2[:head], weight.t(), out=y[:head])
