@@ -137,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['round']} | {row['checkout']} | " + " | ".join(cells) + f" | {row['load']:.1f} |")
     if args.json:
         facts = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
-        write_text_atomic(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                 "facts": facts, "rounds": rounds}, indent=1))
+        kept = {k: v for k, v in vars(args).items() if k not in ("checkouts", "dataset_path", "json", "model")}
+        kept.update(checkouts=list(checkouts), dataset=args.dataset_path.name,
+                    model=Path(args.model).name if args.model else "bundled")  # no paths of this machine
+        write_text_atomic(args.json, json.dumps({"args": kept, "facts": facts, "rounds": rounds}, indent=1))
     return 0
 
 
