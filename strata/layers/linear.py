@@ -69,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n, k = weight.shape
     m = x.numel() // k
     if m >= CHUNK_ROWS and n * k * weight.element_size() > SPLIT_MAX_BYTES:
-        return F.linear(x, weight, bias)  # split, a second pass over a weight out of cache costs more than the primitive
+        return F.linear(x, weight, bias)  # one call: a second pass over a weight out of cache costs more
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     y = torch.empty(m, n, dtype=torch.bfloat16)  # [M, N]
     b = None if bias is None else bias.float().contiguous()  # the kernels add fp32 bias before rounding
