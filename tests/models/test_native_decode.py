@@ -203,3 +203,37 @@ def test_mixed_kinds_within_qkv_and_gate_up_run_apart(llama_bf16, tmp_path, monk
         assert calls > 0
         reference, _ = _greedy(path, monkeypatch, native=False, max_num_seqs=seqs, prompts=prompts)
         assert native == reference
+
+
+@needs_native
+def test_prompt_through_one_call_as_close_to_transformers_as_the_per_op_path(tmp_path, monkeypatch):
+    """A bf16 prompt's logprobs from the one-call forward against float32 transformers: no further off than the
+    per-op path's (SDPA and torch ops in bf16)."""
+    from strata.config import EngineConfig
+    from strata.engine.llm_engine import LLMEngine
+    from tests.models.conftest import build_hf
+
+    hf = build_hf("qwen3_moe", tmp_path)
+    prompt = [(7 * i) % 97 + 3 for i in range(120)]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [T, V]
+    target = torch.tensor(prompt[1:])
+
+    def error(native: bool) -> float:
+        calls = []
+        real = native_decode.NativeDecoder.__call__
+        monkeypatch.setattr(native_decode.NativeDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+        if not native:
+            monkeypatch.setattr(native_decode.NativeDecoder, "build", classmethod(lambda cls, *a: None))
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="bfloat16", num_threads=1), progress=False)
+        engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, ignore_eos=True))
+        out = []
+        while engine.has_unfinished_requests():
+            out += engine.step()
+        monkeypatch.undo()
+        assert len(calls) == (1 if native else 0)
+        got = torch.tensor([e["logprob"] for e in out[-1].prompt_logprobs[1:]])  # [T - 1]
+        return float((got - ref[torch.arange(len(prompt) - 1), target]).abs().max())
+
+    native, per_op = error(True), error(False)
+    assert native <= 1.5 * per_op + 0.02, (native, per_op)
