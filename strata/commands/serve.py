@@ -98,6 +98,7 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
 
         engine = LLMEngine(config, progress=False)
         guard_model_files(engine.model_path)  # a model file changed under the server: one line and exit 75
+        engine.warm_up()  # small models: what a prompt builds on first use is built before the first request
         if template is not None:
             if engine.tokenizer is None:
                 raise ConfigError(f"--chat-template: {model} has no tokenizer.json to apply it to")

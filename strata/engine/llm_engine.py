@@ -7,6 +7,7 @@ and the read-outs below them (running and waiting requests, free sequence slots,
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -45,7 +46,9 @@ from strata.tokenizer import Tokenizer
 from strata.weights.gguf_cache import resolve_model_path
 
 SMALL_MODEL_PARAMS = 20_000_000
+WARM_UP_S = 0.2  # start-up time a server spends at most (about) on warm_up
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at once (bounds the [rows, vocab] tensors)
+log = logging.getLogger(__name__)
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shakespeare-moe")
 
 
@@ -104,6 +107,21 @@ class LLMEngine:
         self.before_forward: Callable[[], None] | None = None
         self._deferred = False  # see defer_detokenization
         self.stats = {"num_steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "step_time_s": 0.0}
+
+    def warm_up(self, budget_s: float = WARM_UP_S) -> None:
+        """Runs prompts of the lengths whose first use is slow once before serving (ModelRunner.warm_up), for at
+        most about budget_s; a server calls it at start, before any request. Small models only (under
+        SMALL_MODEL_PARAMS): there a first use costs as much as a prompt, and a forward takes milliseconds.
+        Skipped for tiered experts (it would read them from disk) and tensor parallelism (every rank would
+        have to join)."""
+        if (self.tiers is not None or self.config.tensor_parallel_size > 1 or self.stats["num_steps"]
+                or self.model_config.param_counts()["total"] >= SMALL_MODEL_PARAMS):
+            return  # after a step, the cache's first slots may hold a sequence's K/V
+        t0 = time.perf_counter()
+        max_tokens = min(self.max_model_len, self.config.max_num_batched_tokens)
+        lengths = self.runner.warm_up(max_tokens, budget_s)
+        log.debug("warm-up: %d prompt forwards of %s tokens in %.0f ms", len(lengths),
+                  f"{lengths[0]}-{lengths[-1]}" if lengths else "no", (time.perf_counter() - t0) * 1e3)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(

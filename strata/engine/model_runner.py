@@ -6,6 +6,7 @@ them into logits a slice at a time, so a long prompt never holds [prompt, vocab]
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from strata.engine.scheduler import ScheduledBatch
 from strata.layers import kv_cache
 from strata.layers.attention import AttentionMetadata
+from strata.layers.linear import CHUNK_ROWS
 from strata.layers.quant_embedding import compute_dtype
 from strata.models.base import CausalLM
 
@@ -34,6 +36,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.dtype = compute_dtype(model)
         self.kv_caches = kv_cache.allocate_kv_caches(model.kv_cache_spec(), num_blocks * block_size, self.dtype)
         self._slot_offsets = torch.arange(block_size)
@@ -45,6 +48,30 @@ class ModelRunner:
         slots = (blocks[:, None] * self.block_size + self._slot_offsets[None, :]).reshape(-1)  # [nb*bs]
         off = start - first * self.block_size
         return slots[off : off + end - start]
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int, budget_s: float) -> list[int]:
+        """Prompt forwards of CHUNK_ROWS * k + 1 tokens (at most max_tokens and the cache's slots), k = 1, 2, ...,
+        until budget_s has passed, through the path a prompt of that length takes: what is built on first use
+        (oneDNN's primitive per row count, 0.4-1.5 ms each: layers/linear.py; the one-call decoder) is built
+        before a request waits for it. They write K/V into the first slots of the cache: call it while no
+        sequence holds blocks. -> the lengths run."""
+        vocab, num_slots = self.model.config.vocab_size, self.num_blocks * self.block_size
+        done: list[int] = []
+        t0 = last = time.perf_counter()
+        for head in range(CHUNK_ROWS, min(max_tokens, num_slots) + 1, CHUNK_ROWS):
+            n = min(head + 1, max_tokens, num_slots)
+            now = time.perf_counter()
+            # the next forward, at the last one's time per token, must end within the budget
+            if now - t0 + (now - last) * n / max(done[-1] if done else n, 1) > budget_s:
+                break
+            last = now
+            ids = torch.arange(n) * 7919 % vocab  # [n] many different tokens: the router spreads them over experts
+            slots = torch.arange(n)
+            meta = AttentionMetadata([0], [n], [n], slots, [slots])
+            self.model(ids, torch.arange(n), meta, self.kv_caches, torch.tensor([n - 1]))
+            done.append(n)
+        return done
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, num_scored: list[int] | None = None,

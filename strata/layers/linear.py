@@ -1,10 +1,17 @@
 """The one place every unquantized projection goes through: `linear(x, weight, bias)` and `Linear`.
 
-At decode (a few activation rows) a bf16 matmul only streams weights, and torch's bf16 F.linear on CPU
-reaches about half the read bandwidth there. With bf16 CPU tensors, at most MAX_ROWS rows and a contiguous
-weight, `linear` calls the native library's GEMM on the bf16 weight in place (`gemm_dq`, quant_cpu_gemm.c)
-instead; everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0
-(or STRATA_NATIVE=0) turns the native path off, e.g. to compare.
+bf16 CPU tensors with a contiguous weight take the native library's kernels where the library is available:
+- below CHUNK_ROWS rows (decode, short prompts), the native GEMM on the bf16 weight in place (`gemm_dq`,
+  quant_cpu_gemm.c): at decode a bf16 matmul only streams weights, which torch's bf16 F.linear does at about half
+  the read bandwidth; the GEMM streams them in address order a tile ahead (1.2-1.4x `gemv_bf16` at 1-8 rows,
+  1.3-1.9x oneDNN at 9-32, weights from memory);
+- from CHUNK_ROWS rows on, torch's matmul (oneDNN), which builds a primitive for every new row count it meets,
+  0.4-1.5 ms each on one thread, more than the whole matmul of a short prompt on a small model. A small weight
+  (SPLIT_MAX_BYTES) therefore gives oneDNN only the whole multiples of CHUNK_ROWS rows and the rest to `gemm_dq`,
+  which builds nothing per shape: a server seeing prompts of every length no longer pays for a primitive per
+  length.
+Everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0 (or
+STRATA_NATIVE=0) turns the native paths off, e.g. to compare.
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from torch import nn
 
 from strata.layers.quant_native import native_lib
 
-# Rows up to which the native GEMM beat oneDNN's bf16 matmul, one thread, weights from memory: 1.3-1.9x at 9-32
-# rows on OLMoE's [2048, 2048] and its [50304, 2048] LM head, even at 64-70, oneDNN ahead by 128; and 1.2-1.4x
-# faster than gemv_bf16 at 1-8 rows (it streams the weight in address order, a tile ahead)
-MAX_ROWS = 64
+# Rows from which oneDNN takes over (below: the native GEMM). The GEMM ran 1.3-1.9x oneDNN at 9-32 rows on OLMoE's
+# [2048, 2048] and its [50304, 2048] LM head and about even at 64-70, and 1.1-3x on the bundled model's
+# projections at 16-40 rows; oneDNN is ahead from about 128
+CHUNK_ROWS = 64
+# Weights up to this size (in L2) give oneDNN only the multiples of CHUNK_ROWS rows; larger ones all rows from
+# CHUNK_ROWS on: SmolLM2's projections (0.7-3.5 MB) ran 8-12% slower split than in one call (100-400 rows), more
+# than a primitive built once per row count costs them.
+SPLIT_MAX_BYTES = 512 * 1024
 _BF16 = 0  # gemm_dq's kind for plain bf16 weights (quant_native.WEIGHT_KINDS)
 
 
@@ -43,7 +54,6 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         and x.dim() >= 1
         and weight.shape[1] == x.shape[-1]
         and weight.is_contiguous()
-        and x.numel() <= MAX_ROWS * x.shape[-1]
         and x.numel() > 0
         and (bias is None or bias.device.type == "cpu")
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -58,11 +68,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if lib is None:
         return F.linear(x, weight, bias)
     n, k = weight.shape
+    m = x.numel() // k
+    if m >= CHUNK_ROWS and n * k * weight.element_size() > SPLIT_MAX_BYTES:
+        return F.linear(x, weight, bias)  # one call: a second pass over a weight out of cache costs more
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)  # [M, N]
+    y = torch.empty(m, n, dtype=torch.bfloat16)  # [M, N]
     b = None if bias is None else bias.float().contiguous()  # the kernel adds fp32 bias before rounding
-    lib.gemm_dq(_BF16, x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), None, None, n, 0,
-                None if b is None else b.data_ptr(), y.data_ptr())
+    bp = None if b is None else b.data_ptr()
+    head = m // CHUNK_ROWS * CHUNK_ROWS
+    if head:  # oneDNN sees multiples of CHUNK_ROWS rows of a small weight: few shapes, each built once
+        if bias is None:
+            torch.mm(x2[:head], weight.t(), out=y[:head])
+        else:
+            torch.addmm(bias.to(torch.bfloat16), x2[:head], weight.t(), out=y[:head])
+    if head < m:  # the rest (all of a decode step) through the native GEMM, which builds nothing per shape
+        lib.gemm_dq(_BF16, x2[head:].data_ptr(), m - head, k, weight.data_ptr(), None, None, n, 0, bp,
+                    y[head:].data_ptr())
     return y.view(*x.shape[:-1], n)
 
 

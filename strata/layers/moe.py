@@ -18,8 +18,9 @@ token's remaining weights to the token's top-k sum; a token left with none asks 
 A bf16 decode batch or verification (up to NATIVE_MAX_TOKENS rows) runs its experts in one native grouped call,
 resident or, through `hold_all`, from the provider's slots; otherwise one module call per expert. Above
 NATIVE_MAX_TOKENS rows (a prompt, a prompt chunk with decodes) resident experts are split by their row count: those
-with at most moe_native.NATIVE_ROWS rows run together in one native grouped call, the others one module call each
-(dequantize + GEMM); both add into the same output.
+with at most NativeExperts.max_rows rows (moe_native.NATIVE_ROWS) run together in one native grouped call, the
+others one module call each (dequantize + GEMM); both add into the same output. When every expert of the step got
+at most max_rows rows, the whole step goes to the grouped call, as a decode batch does.
 
 Expert parallel (strata/distributed/expert_parallel.py): `local_experts` names the experts this rank runs;
 the block skips the others (no rescaling: another rank adds them when the block's output is all-reduced).
@@ -118,8 +119,10 @@ class SparseMoeBlock(nn.Module):
             self._release(expert_ids)
             return out
         flat_ids = ids.reshape(-1)  # [T*k]
-        order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        if resident is not None and max(counts) <= resident.max_rows:  # every expert suits the grouped call
+            return resident(x, weights, ids)
+        order = torch.argsort(flat_ids, stable=True)
         token_idx = order // self.top_k  # [T*k] token of each sorted assignment
         active = self._local([e for e, c in enumerate(counts) if c])
         experts = self._acquire(active)

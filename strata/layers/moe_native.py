@@ -23,12 +23,19 @@ from strata.layers.linear import bf16_lib
 from strata.layers.quant_linear import GEMV_MAX_ROWS
 
 # Rows of one expert up to which the grouped call is no slower than the expert module, by weight kind. Beyond 4
-# rows (from 1 row for bf16) the grouped call runs the GEMM of quant_cpu_gemm.c, as a quantized module does up to its
-# gemm_max_rows (a bf16 one calls oneDNN), and it saves the module's torch ops per expert. Measured with benchmarks/moe_dispatch.py: one OLMoE-shaped expert
-# (hidden 2048, intermediate 1024), 1 thread, weights read from memory: no slower at every count up to 64, the
-# most it measures, for every kind. SparseMoeBlock sends an expert of a step above NATIVE_MAX_TOKENS rows to the
-# grouped call when it got at most this many rows; kinds not measured keep the module's own GEMV switch.
-NATIVE_ROWS = {"bf16": 64, "int4": 64, "int8": 64, "q4_k": 64}
+# rows (from 1 row for bf16) the grouped call runs the GEMM of quant_cpu_gemm.c, as a quantized module does up to
+# its gemm_max_rows (a bf16 one calls oneDNN), and it saves the module's torch ops per expert. Measured with
+# benchmarks/moe_dispatch.py: one OLMoE-shaped expert (hidden 2048, intermediate 1024), 1 thread, weights read from
+# memory: no slower at every count up to 64, the most it measures, for every kind; bf16 alone, weights in cache:
+# no slower up to 128 rows, 1.06x slower at 192, 1.2x at 256. SparseMoeBlock sends an expert of a step above
+# NATIVE_MAX_TOKENS rows to the grouped call when it got at most max_rows rows; kinds not measured keep the
+# module's own GEMV switch.
+NATIVE_ROWS = {"bf16": 128, "int4": 64, "int8": 64, "q4_k": 64}
+# Smaller experts stay ahead longer (the module's overhead per call weighs more against a shorter GEMM): up to
+# NATIVE_WORK rows x weight elements (OLMoE's expert at NATIVE_ROWS), at most NATIVE_MAX_ROWS. The bundled model's
+# expert (hidden 160, intermediate 256) was no slower up to 192 rows alone, 1.2x slower at 512.
+NATIVE_WORK = {"bf16": 128 * 3 * 2048 * 1024}
+NATIVE_MAX_ROWS = 256
 _KIND_NAMES = {code: name for name, code in WEIGHT_KINDS.items()}
 
 
@@ -63,7 +70,10 @@ class NativeExperts:
     def __init__(self, experts: object, kind: int, group: int, hidden: int, inter: int, entries: list):
         self.experts = experts  # keeps the tensors behind the pointers alive
         self.kind, self.group, self.hidden, self.inter = kind, group, hidden, inter
-        self.max_rows = NATIVE_ROWS.get(_KIND_NAMES[kind], GEMV_MAX_ROWS)  # per expert, in steps of many rows
+        name = _KIND_NAMES[kind]
+        # per expert, in steps of many rows
+        self.max_rows = max(NATIVE_ROWS.get(name, GEMV_MAX_ROWS),
+                            min(NATIVE_MAX_ROWS, NATIVE_WORK.get(name, 0) // (3 * hidden * inter)))
         self.num_experts = n = len(entries)  # entries of experts a call does not route to may be None
         self.tables = [(ctypes.c_void_p * n)(*(e[4 + t // 3][t % 3] if e else None for e in entries))
                        for t in range(6)]

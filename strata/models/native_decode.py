@@ -1,17 +1,21 @@
 """Decode of a few rows (one token each) through a whole decoder in one native call (cpu_decoder.c).
 
 Used by CausalLM.forward for a forward of few rows over the paged KV cache: decode steps (one token per
-sequence) and speculative verifications (1 + k rows of one sequence). `per_row` turns every row into a
-sequence of its own whose context ends at that row's position; the C code writes all rows' K/V before it
-attends, so row j sees the rows before it and not after, as a causal forward would. Row limits (`accepts`):
-dense models up to 8 rows when every projection is bf16 (the GEMM reads each bf16 weight once for any rows;
-8 as measured when the GEMV took them), else 4 (the quantized GEMVs: once per 4); models with MoE layers up to NATIVE_MAX_TOKENS rows, whose experts run
-grouped by expert (each weight read from memory once per step). Every layer must qualify: no biases or sliding
+sequence), speculative verifications (1 + k rows of one sequence) and, in MoE models, prompts. `per_row`
+turns every row into a sequence of its own whose context ends at that row's position; the C code writes all
+rows' K/V before it attends, so row j sees the rows before it and not after, as a causal forward would. Row
+limits (`accepts`): dense models up to 8 rows when every projection is bf16 (the GEMM reads each bf16 weight
+once for any rows; 8 as measured when the GEMV took them), else 4 (the quantized GEMVs: once per 4), decode and
+verification only; models with MoE layers up to NATIVE_MAX_TOKENS rows (more in small ones, PROMPT_WORK),
+prompts included, whose experts run grouped by expert (each weight read from memory once per step). Every
+layer must qualify: no biases or sliding
 window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv allowed; a dense gated MLP with
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
-native kernels); bf16 norms and caches. Each step runs the same kernel as the per-op path, so outputs match
-it; what goes away is the Python work between kernels. Anything else keeps the per-op path.
+native kernels); bf16 norms and caches. Each decode step runs the same kernels as the per-op path, so outputs
+match it; what goes away is the Python work between kernels. A prompt's rows attend one by one from the cache
+(the decode attention) where the per-op path calls SDPA: the same sums in another order. Anything else keeps the
+per-op path.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from strata.layers.norm import RMSNorm
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
 MAX_ROWS_BF16 = 8  # bf16 projections: the GEMM of quant_cpu_gemm.c (gemv_once), as linear.py's per-op path
+# MoE models take steps of more than NATIVE_MAX_TOKENS rows (prompts) while rows x multiply-adds per token stay
+# under this: the per-op path's Python and torch calls per layer, and SDPA with few small heads, then cost more than
+# oneDNN's faster GEMMs save. The bundled model (about 2M multiply-adds a token) ran prompts of 100-400 tokens
+# 1.5-1.6x faster in the one call and a step of 2,000 rows 1.4x; OLMoE-sized models (over 1G) keep 64 rows.
+PROMPT_WORK = 2048 * 2**21
 
 
 class _Proj(ctypes.Structure):
@@ -77,6 +86,15 @@ def _fused_or_split(fused, parts: list[nn.Module], rest: int = 2) -> tuple[_Proj
     return projs[0], projs[1:]
 
 
+def _macs_per_token(cfg, moes: list[_Moe], num_layers: int) -> int:
+    """Multiply-adds of one token through the layers' projections and routed experts (attention scores aside)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attention = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, k, v, o
+    experts = sum(m.top_k * 3 * h * m.inter + h * m.num_experts for m in moes)
+    dense = (num_layers - len(moes)) * 3 * h * cfg.intermediate_size
+    return max(num_layers * attention + experts + dense, 1)
+
+
 def _norm_ok(n: nn.Module) -> bool:
     return type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
 
@@ -93,6 +111,8 @@ class NativeDecoder:
         self.max_rows = MAX_ROWS_BF16 if bf16 else MAX_ROWS
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
+        self.max_moe_rows = max(NATIVE_MAX_TOKENS, PROMPT_WORK // _macs_per_token(cfg, [m for _, m in moes],
+                                                                                  len(layers)))
         self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                      cfg.intermediate_size)
         self.eps = model.model.layers[0].input_layernorm.variance_epsilon
@@ -155,13 +175,14 @@ class NativeDecoder:
         return not any(b.expert_provider is not None or b.router_hooks or b.routing_override is not None
                        for b, _ in self.moes)
 
-    def accepts(self, num_rows: int) -> bool:
+    def accepts(self, num_rows: int, meta: AttentionMetadata) -> bool:
         """Dense models: at most max_rows rows (beyond that the GEMVs read each weight again, where a GEMM reads
-        it once). MoE models: up to NATIVE_MAX_TOKENS, as the per-op path's MoE blocks: each layer runs its
-        experts grouped by expert and reads every weight from memory once per step (gemv_once in cpu_moe.c)."""
+        it once), every sequence continuing a cached context. MoE models: up to NATIVE_MAX_TOKENS, as the per-op
+        path's MoE blocks: each layer runs its experts grouped by expert and reads every weight from memory once
+        per step (gemv_once in cpu_moe.c), prompts included; small ones more (PROMPT_WORK)."""
         if self.moes:
-            return num_rows <= NATIVE_MAX_TOKENS
-        return num_rows <= self.max_rows
+            return num_rows <= self.max_moe_rows
+        return num_rows <= self.max_rows and all(c > q for q, c in zip(meta.query_lens, meta.context_lens))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                  before_native: Callable[[], None] | None = None):
@@ -184,12 +205,10 @@ class NativeDecoder:
 
 
 def usable(x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
-    """Does this forward qualify for the one-call decode (before asking whether the model does)? A bf16
-    forward over the paged KV cache in which every sequence continues a cached context (decode steps and
-    verifications; a prompt's first chunk keeps the per-op path)."""
+    """Does this forward qualify for the one-call decode (before asking whether the model does, `accepts`)? A
+    bf16 forward over the paged KV cache."""
     return (kv_caches is not None and x.dtype == torch.bfloat16 and x.shape[0] >= 1
-            and meta.slot_mapping is not None and meta.context_slots is not None
-            and all(c > q for q, c in zip(meta.query_lens, meta.context_lens)))
+            and meta.slot_mapping is not None and meta.context_slots is not None)
 
 
 def per_row(meta: AttentionMetadata) -> AttentionMetadata:

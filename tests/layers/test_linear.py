@@ -1,4 +1,5 @@
-"""The bf16 decode GEMV (quant_cpu_gemv16.c) against a float64 reference, and the dispatch in layers/linear.py."""
+"""The bf16 decode GEMV (quant_cpu_gemv16.c) and the prompt split (oneDNN + gemm_dq) against a float64 reference,
+and the dispatch in layers/linear.py."""
 
 import pytest
 import torch
@@ -57,12 +58,14 @@ def test_falls_back_to_f_linear(monkeypatch):
     monkeypatch.setattr(linear_mod.F, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
     w = torch.randn(8, 16)
     linear(torch.randn(1, 16), w)  # fp32
-    linear(torch.randn(65, 16).bfloat16(), w.bfloat16())  # past MAX_ROWS: a prompt
+    linear(torch.randn(9, 16).bfloat16().requires_grad_(), w.bfloat16())  # autograd
     linear(torch.randn(1, 16).bfloat16(), w.bfloat16().t().contiguous().t()[:, :16])  # non-contiguous weight
-    assert calls == [(1, 16), (65, 16), (1, 16)]
+    assert calls == [(1, 16), (9, 16), (1, 16)]
     calls.clear()
-    linear(torch.randn(64, 16).bfloat16(), w.bfloat16())  # a batch of decodes: the native GEMM
-    assert calls == ([] if bf16_lib() is not None else [(64, 16)])
+    linear(torch.randn(8, 16).bfloat16(), w.bfloat16())  # a verification of 7 drafts: one pass of the GEMM
+    linear(torch.randn(63, 16).bfloat16(), w.bfloat16())  # a batch of decodes: the native GEMM
+    linear(torch.randn(70, 16).bfloat16(), w.bfloat16())  # a prompt: oneDNN's matmul and the native GEMM
+    assert calls == ([] if bf16_lib() is not None else [(8, 16), (63, 16), (70, 16)])
 
 
 def test_env_switch_disables_native(monkeypatch):
@@ -153,3 +156,37 @@ def test_kernel_rows_past_four_match_their_own_pass(m):
     for lo in range(0, m, 4):
         assert torch.equal(y[lo : lo + 4], _gemv_f32(x[lo : lo + 4].contiguous(), w))
     _check(y, _ref(x, w))
+
+
+class _CountingLib:
+    """bf16_lib() stand-in recording the rows each native kernel gets."""
+
+    def __init__(self):
+        self.lib, self.gemv, self.gemm = bf16_lib(), [], []
+
+    def gemv_bf16(self, *a):
+        self.gemv.append(a[1])
+        self.lib.gemv_bf16(*a)
+
+    def gemm_dq(self, *a):
+        self.gemm.append(a[2])
+        self.lib.gemm_dq(*a)
+
+
+@needs_native
+@pytest.mark.parametrize("m", [9, 63, 64, 65, 150, 200])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n", [300, 1700])  # [n, 160] bf16: 94 KiB, in L2; 531 KiB, above SPLIT_MAX_BYTES
+def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias, n):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 160, generator=g).bfloat16()
+    w = (torch.randn(n, 160, generator=g) * 0.05).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    lib = _CountingLib()
+    monkeypatch.setattr(linear_mod, "bf16_lib", lambda: lib)
+    y = linear(x, w, b)
+    chunk = linear_mod.CHUNK_ROWS
+    rest = m if m < chunk else m % chunk if w.numel() * 2 <= linear_mod.SPLIT_MAX_BYTES else 0
+    assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the rest
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    _check(y, _ref(x, w, b))

@@ -1,12 +1,13 @@
 """Steps above NATIVE_MAX_TOKENS rows: experts with few rows run in one native grouped call, the others through
-their modules (dequantize + GEMM), against the per-expert module loop for every expert."""
+their modules (dequantize + GEMM), against the per-expert module loop for every expert; a step whose experts all
+have few rows goes to the grouped call whole."""
 
 import pytest
 import torch
 
 from strata.layers.linear import bf16_lib
 from strata.layers.moe import NATIVE_MAX_TOKENS
-from strata.layers.moe_native import NATIVE_ROWS, take_counts
+from strata.layers.moe_native import NATIVE_MAX_ROWS, NATIVE_ROWS, NATIVE_WORK, take_counts
 from tests.layers.test_moe_native import _block, _quantize_experts
 
 needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
@@ -30,7 +31,9 @@ def test_split_matches_module_loop(fmt):
         _quantize_experts(block, fmt)
     for e in block.experts:
         e.fuse_projections()
-    few = NATIVE_ROWS["bf16" if fmt == "bf16" else fmt.split("-")[0]]
+    few = block._native_experts().max_rows
+    kind = "bf16" if fmt == "bf16" else fmt.split("-")[0]
+    assert few == max(NATIVE_ROWS[kind], min(NATIVE_MAX_ROWS, NATIVE_WORK.get(kind, 0) // (3 * 128 * 96)))
     rows = max(NATIVE_MAX_TOKENS + 6, 2 * few + 16)
     torch.manual_seed(1)
     weights, ids = _skewed_routing(rows, few, block.num_experts)
@@ -50,3 +53,23 @@ def test_split_matches_module_loop(fmt):
     # assignment moves its row by its expert's whole weighted output
     torch.testing.assert_close(split.float(), loop.float(), atol=2e-2, rtol=2e-2)
     assert (split - loop).abs().max() < 0.1 * loop.abs().max()
+
+
+@needs_native
+def test_prompt_with_few_rows_per_expert_runs_one_grouped_call():
+    block = _block(experts=8, top_k=2)  # bf16, hidden 128, intermediate 96
+    for e in block.experts:
+        e.fuse_projections()
+    rows = 3 * NATIVE_MAX_TOKENS
+    torch.manual_seed(2)
+    x = torch.randn(rows, 128).bfloat16()
+    take_counts()
+    whole = block(x)
+    _, ids = block.route(x)
+    counts = torch.bincount(ids.reshape(-1), minlength=block.num_experts)
+    assert counts.max() <= block._native_experts().max_rows
+    assert take_counts() == {"calls": 1, "assignments": rows * 2, "expert_runs": int((counts > 0).sum())}
+    block.__dict__["_native"] = False
+    loop = block(x)
+    torch.testing.assert_close(whole.float(), loop.float(), atol=2e-2, rtol=2e-2)
+    assert (whole - loop).abs().max() < 0.1 * loop.abs().max()

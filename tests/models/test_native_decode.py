@@ -6,6 +6,7 @@ import torch
 from strata import LLM, SamplingParams
 from strata.cli import main
 from strata.layers.linear import bf16_lib
+from strata.layers.moe import NATIVE_MAX_TOKENS
 from strata.layers.moe_native import take_counts
 from strata.models import native_decode
 
@@ -78,9 +79,27 @@ def test_moe_and_qk_norm_families_same_tokens(family, tmp_path, monkeypatch):
 
     build_hf(family, tmp_path, dtype=torch.bfloat16)
     native, calls = _greedy(tmp_path, monkeypatch, native=True)
-    assert calls == 2 * 23
+    assert calls == 2 * (23 if family == "qwen3" else 24)  # every decode step; a MoE model's prompts too
     reference, _ = _greedy(tmp_path, monkeypatch, native=False)
     assert native == reference
+
+
+@needs_native
+def test_small_moe_model_runs_long_prompts_in_one_call(tmp_path, monkeypatch):
+    """A small MoE model takes prompts past NATIVE_MAX_TOKENS rows in one native call (PROMPT_WORK), with the
+    per-op path's tokens; a large one keeps NATIVE_MAX_TOKENS."""
+    from tests.models.conftest import build_hf
+
+    build_hf("qwen3_moe", tmp_path, dtype=torch.bfloat16)
+    prompts = [[(7 * i) % 97 + 3 for i in range(150)], [(5 * i) % 89 + 3 for i in range(90)]]
+    native, calls = _greedy(tmp_path, monkeypatch, native=True, prompts=prompts)
+    assert calls == 2 * 24  # each prompt's step too
+    reference, _ = _greedy(tmp_path, monkeypatch, native=False, prompts=prompts)
+    assert native == reference
+    moe = native_decode._Moe(num_experts=64, top_k=8, inter=1024)  # OLMoE's blocks, hidden 2048, 16 layers
+    cfg = type("Cfg", (), {"hidden_size": 2048, "head_dim": 128, "num_attention_heads": 16,
+                           "num_key_value_heads": 16, "intermediate_size": 1024})
+    assert native_decode.PROMPT_WORK // native_decode._macs_per_token(cfg, [moe] * 16, 16) < NATIVE_MAX_TOKENS
 
 
 @needs_native
@@ -184,3 +203,37 @@ def test_mixed_kinds_within_qkv_and_gate_up_run_apart(llama_bf16, tmp_path, monk
         assert calls > 0
         reference, _ = _greedy(path, monkeypatch, native=False, max_num_seqs=seqs, prompts=prompts)
         assert native == reference
+
+
+@needs_native
+def test_prompt_through_one_call_as_close_to_transformers_as_the_per_op_path(tmp_path, monkeypatch):
+    """A bf16 prompt's logprobs from the one-call forward against float32 transformers: no further off than the
+    per-op path's (SDPA and torch ops in bf16)."""
+    from strata.config import EngineConfig
+    from strata.engine.llm_engine import LLMEngine
+    from tests.models.conftest import build_hf
+
+    hf = build_hf("qwen3_moe", tmp_path)
+    prompt = [(7 * i) % 97 + 3 for i in range(120)]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [T, V]
+    target = torch.tensor(prompt[1:])
+
+    def error(native: bool) -> float:
+        calls = []
+        real = native_decode.NativeDecoder.__call__
+        monkeypatch.setattr(native_decode.NativeDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+        if not native:
+            monkeypatch.setattr(native_decode.NativeDecoder, "build", classmethod(lambda cls, *a: None))
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="bfloat16", num_threads=1), progress=False)
+        engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, ignore_eos=True))
+        out = []
+        while engine.has_unfinished_requests():
+            out += engine.step()
+        monkeypatch.undo()
+        assert len(calls) == (1 if native else 0)
+        got = torch.tensor([e["logprob"] for e in out[-1].prompt_logprobs[1:]])  # [T - 1]
+        return float((got - ref[torch.arange(len(prompt) - 1), target]).abs().max())
+
+    native, per_op = error(True), error(False)
+    assert native <= 1.5 * per_op + 0.02, (native, per_op)
