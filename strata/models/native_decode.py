@@ -4,8 +4,8 @@ Used by CausalLM.forward for a forward of few rows over the paged KV cache: deco
 sequence), speculative verifications (1 + k rows of one sequence) and, in MoE models, prompts. `per_row`
 turns every row into a sequence of its own whose context ends at that row's position; the C code writes all
 rows' K/V before it attends, so row j sees the rows before it and not after, as a causal forward would. Row
-limits (`accepts`): dense models up to 8 rows when every projection is bf16 (the GEMM reads each bf16 weight
-once for any rows; 8 as measured when the GEMV took them), else 4 (the quantized GEMVs: once per 4), decode and
+limits (`accepts`): dense models up to 8 rows when every projection is bf16 (one pass of gemv_bf16, or the GEMM
+for weights over 1 MiB), else 4 (the quantized GEMVs: once per 4), decode and
 verification only; models with MoE layers up to NATIVE_MAX_TOKENS rows (more in small ones, PROMPT_WORK),
 prompts included, whose experts run grouped by expert (each weight read from memory once per step). Every
 layer must qualify: no biases or sliding
@@ -36,7 +36,7 @@ from strata.layers.norm import RMSNorm
 
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
-MAX_ROWS_BF16 = 8  # bf16 projections: the GEMM of quant_cpu_gemm.c (gemv_once), as linear.py's per-op path
+MAX_ROWS_BF16 = 8  # bf16 projections (gemv_once, as linear.py): gemv_bf16 for weights <= 1 MiB, else the GEMM
 # MoE models take steps of more than NATIVE_MAX_TOKENS rows (prompts) while rows x multiply-adds per token stay
 # under this: the per-op path's Python and torch calls per layer, and SDPA with few small heads, then cost more than
 # oneDNN's faster GEMMs save. The bundled model (about 2M multiply-adds a token) ran prompts of 100-400 tokens
