@@ -35,7 +35,7 @@ from strata.engine.outputs import (  # CompletionOutput: callers import the outp
 from strata.engine.sampler import IsolatingSampler, Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
-from strata.engine.sequence import Sequence
+from strata.engine.sequence import Sequence, SequenceStatus
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.decoder import SpecDecoder, make_proposer
 from strata.engine.spec.policy import ExpertTraffic
@@ -298,11 +298,13 @@ class LLMEngine:
             new_tokens = self.spec.verify(logits, sampled_seqs, self.sampler)
         else:
             new_tokens = [[t] for t in self.sampler(logits, sampled_seqs)] if sampled_seqs else []
-        for seq in batch.seqs:
-            self.block_manager.commit_full_blocks(seq)
+        if self.block_manager.enable_prefix_caching:
+            for seq in batch.seqs:
+                self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = dropped
         structured = self.structured if self.structured is not None and self.structured.matchers else None
+        finished, num_generated = SequenceStatus.FINISHED, 0
         for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -311,15 +313,16 @@ class LLMEngine:
                     self.scheduler.add(sibling)
             for tok in tokens:
                 seq.token_ids.append(tok)
-                self.stats["generation_tokens"] += 1
+                num_generated += 1
                 if structured is not None and not structured.accept(seq, tok):
                     seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
                     self.scheduler.finish(seq)
                     break
                 self._check_finished(seq, tok)
-                if seq.is_finished:
+                if seq.status is finished:
                     break
             touched[seq.request_id] = None
+        self.stats["generation_tokens"] += num_generated
         if self.spec:
             self.spec.finish_step(sampled_seqs)
         outputs = [self._output(rid) for rid in touched if rid in self._requests]

@@ -52,14 +52,14 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
+        and x.is_cpu
+        and weight.is_cpu
         and weight.dim() == 2
         and x.dim() >= 1
         and weight.shape[1] == x.shape[-1]
         and weight.is_contiguous()
         and x.numel() > 0
-        and (bias is None or bias.device.type == "cpu")
+        and (bias is None or bias.is_cpu)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
