@@ -154,7 +154,6 @@ class ModelRunner:
                              offsets.data_ptr(), last.data_ptr(), positions.data_ptr())
         meta = AttentionMetadata(list(range(len(seqs))), [1] * len(seqs), clens, last, ContextSlots(flat, clens),
                                  _flat=(flat, offsets))
-        self.model.current_batch = batch
         return self.model(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long), positions, meta,
                           self.kv_caches, before_native=before_native)  # [S, V]
 
