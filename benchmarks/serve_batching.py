@@ -60,6 +60,14 @@ class CliDecode:
         return {"tpot_s": (stamps[-1] - stamps[0]) / (num - 1), "cpu_s": (time.process_time() - c0) / num}
 
 
+def cli_decode(threads: int, tokens: int, rounds: int, model: str | None = None, dtype: str = "auto") -> dict:
+    """CliDecode's rounds alone (a fresh interpreter: benchmarks/serve_interleaved.py): the median TPOT."""
+    cli = CliDecode(threads, tokens, model, dtype)
+    runs = [cli.round() for _ in range(rounds)]
+    tpot = statistics.median(r["tpot_s"] for r in runs)
+    return {"tpot_ms": tpot * 1e3, "tok_s": 1 / tpot, "cpu_ms_per_token": statistics.median(r["cpu_s"] for r in runs) * 1e3}
+
+
 async def _stream(session, base: str, i: int, tokens: int, sampled: bool) -> dict:
     body = {"model": SERVED_NAME, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},

@@ -40,7 +40,7 @@ def _parse(spec: str) -> tuple[str, Path, list[str]]:
 
 
 def _cli_tpot_ms(threads: int, tokens: int, model: str | None, dtype: str) -> float:
-    """The CLI's decode TPOT (best of 3 in a fresh interpreter, as serve_batching.py measures it)."""
+    """The CLI's decode TPOT (median of 3 in a fresh interpreter, serve_batching.py's CliDecode)."""
     from benchmarks.child import run_child
 
     res = run_child("benchmarks.serve_batching", "cli_decode", threads, tokens, 3, model, dtype)
