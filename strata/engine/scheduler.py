@@ -105,20 +105,23 @@ class Scheduler:
         seqs, counts = [], []
         # 1. running sequences, oldest first; preempt the newest when a decode cannot get a block
         running = SequenceStatus.RUNNING  # a sequence preempted earlier in this loop is WAITING or FINISHED
+        bm = self.block_manager
         for seq in list(self.running):
             if budget <= 0:
                 break
             if seq.status is not running:
                 continue
-            while not self.block_manager.can_append(seq):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not running:
-                continue
-            self.block_manager.append_slot(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = len(seq.token_ids)
+            if len(seq.block_table) * bm.block_size < num_tokens:  # it needs a block (else nothing to do)
+                while not bm.can_append(seq):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not running:
+                    continue
+                bm.append_slot(seq)
+            n = min(num_tokens - seq.num_computed_tokens, budget)
             seqs.append(seq)
             counts.append(n)
             budget -= n
