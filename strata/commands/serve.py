@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 from strata.commands.engine_args import add_dataclass_args, add_engine_args, engine_config_from_args
@@ -46,6 +47,10 @@ class ServerConfig:
     stream_interval_ms: float = knob(5.0, "hand streamed outputs to the HTTP side at most once per this many "
                                           "milliseconds (a first token, the last one and errors go at once); the "
                                           "tokens of the steps in between go out as one chunk", type=float)
+    engine_nice: int | None = knob(None, "nice value of the engine thread and the threads it starts (Linux, "
+                                         "-20..19), not of the HTTP side: below the process's, the step keeps its "
+                                         "core when the event loop, clients or other processes want the same cores "
+                                         "(lowering it needs root or CAP_SYS_NICE)", type=int)
     tool_call_parser: str | None = knob(None, "how tool calls are read from the model's text: hermes, llama3_json, "
                                               "mistral (strata/server/tool_parsers.py)")
     enable_auto_tool_choice: bool = knob(False, "allow tool_choice 'auto' (needs --tool-call-parser)")
@@ -93,9 +98,11 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
     api_key = args.api_key or os.environ.get("STRATA_API_KEY") or None
     metrics = EngineMetrics(name)
 
-    def make_engine() -> LLMEngine:
+    def make_engine() -> LLMEngine:  # runs in the engine thread
         from strata.weights.file_guard import guard_model_files
 
+        if nice is not None:
+            set_thread_nice(nice)
         engine = LLMEngine(config, progress=False)
         guard_model_files(engine.model_path)  # a model file changed under the server: one line and exit 75
         engine.warm_up()  # small models: what a prompt builds on first use is built before the first request
@@ -109,6 +116,9 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
         gc.freeze()
         return engine
 
+    nice = getattr(args, "engine_nice", None)
+    if nice is not None and not -20 <= nice <= 19:
+        raise ConfigError(f"--engine-nice must be an integer in -20..19, got {nice}")
     stream_interval_ms = getattr(args, "stream_interval_ms", 0.0)
     if not stream_interval_ms >= 0:  # also NaN
         raise ConfigError(f"--stream-interval-ms must be a number >= 0, got {stream_interval_ms!r}")
@@ -117,6 +127,9 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
         raise ConfigError(f"--data-parallel-size must be an integer >= 1, got {dp!r}")
     if getattr(args, "enable_migration", False) and dp < 2:
         raise ConfigError("--enable-migration moves requests between replicas: it needs --data-parallel-size >= 2")
+    if dp > 1 and nice is not None:
+        raise ConfigError("--engine-nice sets this process's engine thread; with --data-parallel-size the engines "
+                          "run in Ray actors (set their priority there)")
     if dp > 1:
         from strata.replicas.router import ReplicaRouter
 
@@ -138,6 +151,17 @@ def build_app(args: argparse.Namespace, on_load_failure=None):
                       tool_call_parser=args.tool_call_parser,
                       enable_auto_tool_choice=args.enable_auto_tool_choice, allowed_hosts=hosts,
                       body_timeout=args.body_timeout)
+
+
+def set_thread_nice(nice: int) -> None:
+    """The calling thread's nice value (Linux schedules threads as tasks of their own; elsewhere refused)."""
+    if not hasattr(os, "setpriority") or not os.path.isdir("/proc/self/task"):
+        raise ConfigError("--engine-nice: per-thread priorities need Linux")
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except PermissionError:
+        raise ConfigError(f"--engine-nice {nice}: not permitted to raise a thread's priority (needs root or "
+                          "CAP_SYS_NICE; a value at or above the process's nice needs neither)") from None
 
 
 _JINJA_MARKERS = ("{{", "{%", "\n")

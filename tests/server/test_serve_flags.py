@@ -35,6 +35,8 @@ def test_version_and_python_dash_m():
     (("--data-parallel-size", "2", "--migration-max-stages", "0"), ["--migration-max-stages must be >= 1"]),
     (("--stream-interval-ms", "-1"), ["--stream-interval-ms", ">= 0", "-1"]),
     (("--max-tpot-ms", "0"), ["--max-tpot-ms", "positive"]),
+    (("--engine-nice", "25"), ["--engine-nice", "-20..19", "25"]),
+    (("--data-parallel-size", "2", "--engine-nice", "1"), ["--engine-nice", "Ray"]),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_model, flags, words):
     r = _cli("serve", str(tiny_model), "--port", str(free_port()), *flags)
@@ -74,3 +76,43 @@ def test_positional_model_and_inline_template(tiny_model):
         assert httpx.post(srv.url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "[[user>>x"
     finally:
         srv.stop()
+
+
+def _nice_of_tasks(pid: int) -> dict[int, int]:
+    """thread id -> nice value of every thread of process pid (Linux /proc, field 19 of stat)."""
+    from pathlib import Path
+
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = int(fields[16])
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_engine_nice_applies_to_the_engine_thread_not_the_event_loop(tiny_model):
+    srv = Server(tiny_model, "--engine-nice", "3")
+    try:
+        nices = _nice_of_tasks(srv.proc.pid)
+        assert nices[srv.proc.pid] == 0  # the main thread (the event loop) keeps the process's value
+        # the engine thread, and the threads it started (they inherit it: compute threads, the file guard)
+        assert 3 in nices.values() and set(nices.values()) == {0, 3}, nices
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
+
+
+def test_engine_nice_refused_without_the_right(monkeypatch):
+    import os
+
+    from strata.commands.serve import set_thread_nice
+    from strata.errors import ConfigError
+
+    def refuse(*_):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    with pytest.raises(ConfigError, match="--engine-nice -5: not permitted .*CAP_SYS_NICE"):
+        set_thread_nice(-5)
