@@ -9,7 +9,6 @@ import itertools
 import time
 from array import array
 from collections.abc import Callable
-from itertools import chain
 
 import torch
 
@@ -144,7 +143,8 @@ class ModelRunner:
         if lib is None:
             flat, offsets, last, positions = self._decode_slots_torch(seqs, clens)
         else:
-            blocks = array("q", chain.from_iterable(s.block_table[: (c + bs - 1) // bs] for s, c in zip(seqs, clens)))
+            blocks = array("q", itertools.chain.from_iterable(  # each sequence's blocks that hold its context
+                s.block_table[: (c + bs - 1) // bs] for s, c in zip(seqs, clens)))
             lens = array("q", clens)
             num = len(seqs)
             flat = torch.empty(sum(clens), dtype=torch.long)  # [sum(clens)] in sequence order
