@@ -141,7 +141,7 @@ def _broadcast_forward(model, args, kwargs):
     parts = [ids, positions, torch.tensor(meta.query_starts), torch.tensor(meta.query_lens),
              torch.tensor(meta.context_lens)]
     has_slots = meta.slot_mapping is not None and kv_caches is not None
-    ctx = torch.cat(meta.context_slots) if has_slots and meta.context_slots else torch.empty(0, dtype=torch.long)
+    ctx = torch.cat(list(meta.context_slots)) if has_slots and meta.context_slots else torch.empty(0, dtype=torch.long)
     if has_slots:
         parts += [meta.slot_mapping, ctx]
     if rows is not None:

@@ -35,7 +35,7 @@ from strata.engine.outputs import (  # CompletionOutput: callers import the outp
 from strata.engine.sampler import IsolatingSampler, Sampler, tokens_logprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
-from strata.engine.sequence import Sequence
+from strata.engine.sequence import Sequence, SequenceStatus
 from strata.engine.spec.config import SpeculativeConfig
 from strata.engine.spec.decoder import SpecDecoder, make_proposer
 from strata.engine.spec.policy import ExpertTraffic
@@ -298,11 +298,13 @@ class LLMEngine:
             new_tokens = self.spec.verify(logits, sampled_seqs, self.sampler)
         else:
             new_tokens = [[t] for t in self.sampler(logits, sampled_seqs)] if sampled_seqs else []
-        for seq in batch.seqs:
-            self.block_manager.commit_full_blocks(seq)
+        if self.block_manager.enable_prefix_caching:
+            for seq in batch.seqs:
+                self.block_manager.commit_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, None] = dropped
         structured = self.structured if self.structured is not None and self.structured.matchers else None
+        finished, num_generated = SequenceStatus.FINISHED, 0
         for seq, tokens in zip(sampled_seqs, new_tokens):
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -311,15 +313,16 @@ class LLMEngine:
                     self.scheduler.add(sibling)
             for tok in tokens:
                 seq.token_ids.append(tok)
-                self.stats["generation_tokens"] += 1
+                num_generated += 1
                 if structured is not None and not structured.accept(seq, tok):
                     seq.finish_reason = "abort"  # the grammar refused a sampled token: never happens with its mask
                     self.scheduler.finish(seq)
                     break
                 self._check_finished(seq, tok)
-                if seq.is_finished:
+                if seq.status is finished:
                     break
             touched[seq.request_id] = None
+        self.stats["generation_tokens"] += num_generated
         if self.spec:
             self.spec.finish_step(sampled_seqs)
         outputs = [self._output(rid) for rid in touched if rid in self._requests]
@@ -367,6 +370,9 @@ class LLMEngine:
     def _output(self, request_id: str) -> RequestOutput | DeferredOutput:
         seqs = self._requests[request_id]
         first = seqs[0]
+        if len(seqs) == 1 and self._deferred and not first.params.stop and first.prompt_logprobs is None \
+                and self.spec is None:
+            return self._deferred_single(request_id, first)
         finished = all(s.is_finished for s in seqs)
         prompt_logprobs = None if first.needs_prompt_logprobs else first.prompt_logprobs
         if self._deferred and not first.params.stop:
@@ -389,5 +395,21 @@ class LLMEngine:
                 self._detok.pop(seq.seq_id, None)
                 if self.structured is not None:
                     self.structured.free(seq)
+            del self._requests[request_id]
+        return out
+
+    def _deferred_single(self, request_id: str, seq: Sequence) -> DeferredOutput:
+        """_output's deferred case for the usual request (one sequence, no prompt logprobs, no drafts), the same
+        output in fewer steps: every running request takes this once per step."""
+        detok = self._detok[seq.seq_id]
+        new, detok.pending = detok.pending, []
+        finished = seq.status is SequenceStatus.FINISHED
+        out = DeferredOutput([seq], [(detok, new, len(seq.token_ids) - seq.num_prompt_tokens, finished,
+                                      seq.finish_reason, seq.stop_reason, None)],
+                             finished, seq.num_cached_tokens, seq.first_token_time, None)
+        if finished:
+            self._detok.pop(seq.seq_id, None)
+            if self.structured is not None:
+                self.structured.free(seq)
             del self._requests[request_id]
         return out

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import itertools
 import time
+from array import array
 from collections.abc import Callable
+from itertools import chain
 
 import torch
 
 from strata.engine.scheduler import ScheduledBatch
 from strata.layers import kv_cache
-from strata.layers.attention import AttentionMetadata
+from strata.layers.attention import AttentionMetadata, ContextSlots
 from strata.layers.linear import CHUNK_ROWS
 from strata.layers.quant_embedding import compute_dtype
+from strata.layers.quant_native import native_lib
 from strata.models.base import CausalLM
 
 
@@ -132,10 +135,33 @@ class ModelRunner:
         return self.logits(out[: len(sample_rows)]), sampled, prompt_hidden
 
     def _execute_decode(self, batch: ScheduledBatch, before_native: Callable[[], None] | None) -> torch.Tensor:
-        """Every sequence decodes its last token: the inputs for the whole batch in a fixed number of tensor
-        ops (no per-sequence tensors), so the step's Python cost stays flat as the batch grows."""
+        """Every sequence decodes its last token: the inputs for the whole batch in one native pass over the block
+        tables (decode_slots in cpu_decode_inputs.c; a fixed number of tensor ops without the library), no
+        per-sequence tensors, so the step's Python cost stays flat as the batch grows."""
         seqs, bs = batch.seqs, self.block_size
         clens = [s.num_tokens for s in seqs]
+        lib = native_lib()
+        if lib is None:
+            flat, offsets, last, positions = self._decode_slots_torch(seqs, clens)
+        else:
+            blocks = array("q", chain.from_iterable(s.block_table[: (c + bs - 1) // bs] for s, c in zip(seqs, clens)))
+            lens = array("q", clens)
+            num = len(seqs)
+            flat = torch.empty(sum(clens), dtype=torch.long)  # [sum(clens)] in sequence order
+            offsets, last, positions = torch.empty(num + 1, dtype=torch.long), torch.empty(num, dtype=torch.long), \
+                torch.empty(num, dtype=torch.long)  # [S + 1], [S], [S]
+            lib.decode_slots(blocks.buffer_info()[0], lens.buffer_info()[0], num, bs, flat.data_ptr(),
+                             offsets.data_ptr(), last.data_ptr(), positions.data_ptr())
+        meta = AttentionMetadata(list(range(len(seqs))), [1] * len(seqs), clens, last, ContextSlots(flat, clens),
+                                 _flat=(flat, offsets))
+        self.model.current_batch = batch
+        return self.model(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long), positions, meta,
+                          self.kv_caches, before_native=before_native)  # [S, V]
+
+    def _decode_slots_torch(self, seqs: list, clens: list[int]) -> tuple[torch.Tensor, ...]:
+        """decode_slots (cpu_decode_inputs.c) in tensor ops: (flat context slots [sum(clens)], offsets [S + 1],
+        each sequence's last slot [S], its new token's position [S])."""
+        bs = self.block_size
         nblocks = [(c + bs - 1) // bs for c in clens]
         width = max(nblocks)
         table = torch.tensor([s.block_table[:n] + [0] * (width - n) for s, n in zip(seqs, nblocks)],
@@ -144,11 +170,7 @@ class ModelRunner:
         lens = torch.tensor(clens, dtype=torch.long)  # [S]
         flat = slots[torch.arange(width * bs)[None, :] < lens[:, None]]  # [sum(clens)] in sequence order
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [S + 1]
-        meta = AttentionMetadata(list(range(len(seqs))), [1] * len(seqs), clens, flat[offsets[1:] - 1],
-                                 list(flat.split(clens)), _flat=(flat, offsets))
-        self.model.current_batch = batch
-        return self.model(torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long), lens - 1, meta,
-                          self.kv_caches, before_native=before_native)  # [S, V]
+        return flat, offsets, flat[offsets[1:] - 1], lens - 1
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

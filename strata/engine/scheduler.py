@@ -104,15 +104,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs, counts = [], []
         # 1. running sequences, oldest first; preempt the newest when a decode cannot get a block
+        running = SequenceStatus.RUNNING  # a sequence preempted earlier in this loop is WAITING or FINISHED
         for seq in list(self.running):
-            if seq not in self.running or budget <= 0:
+            if budget <= 0:
+                break
+            if seq.status is not running:
                 continue
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq not in self.running:
+            if seq.status is not running:
                 continue
             self.block_manager.append_slot(seq)
             n = min(seq.num_uncomputed_tokens, budget)

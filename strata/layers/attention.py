@@ -14,6 +14,7 @@ learned per-head logit to every softmax denominator (gpt-oss), computed in float
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +23,29 @@ import torch.nn.functional as F
 from strata.layers.quant_native import native_lib
 
 
+class ContextSlots(Sequence):
+    """Per-sequence context slots [context_len] as views of one flat tensor [sum(context_lens)], split on first
+    use: a decode step builds the flat tensor, which the one-call decoder reads whole (no per-sequence views)."""
+
+    def __init__(self, flat: torch.Tensor, lens: list[int]):
+        self.flat, self.lens, self._parts = flat, lens, None
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __getitem__(self, i):
+        if self._parts is None:
+            self._parts = self.flat.split(self.lens)
+        return self._parts[i]
+
+
 @dataclass
 class AttentionMetadata:
     query_starts: list[int]  # per sequence: first row of its queries in the flat batch
     query_lens: list[int]  # per sequence: number of new tokens this step
     context_lens: list[int]  # per sequence: tokens visible after this step (cached + new)
     slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each new token; None = no cache
-    context_slots: list[torch.Tensor] | None = None  # per sequence [context_len] slots in position order
+    context_slots: Sequence[torch.Tensor] | None = None  # per sequence [context_len] slots in position order
     _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # see flat_context()
     _windows: dict = field(default_factory=dict, repr=False)  # see decode_window()
 

@@ -33,11 +33,12 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
  * ran as fast as the GEMVs' one pass from there (benchmarks/quant_gemm.py). bf16 weights take the GEMM at every
  * M: it streams them in address order, a tile ahead, and ran 1.2-1.4x faster than gemv_bf16 at 1-8 rows on an
  * OLMoE layer's experts (benchmarks/moe_grouped.py); its sums do not depend on the other rows. Except a weight of
- * at most GEMV_BF16_MAX_BYTES at up to MB16 rows: a small model's weights stay in cache from step to step, and
- * there gemv_bf16 ran 1.2-1.4x faster than the GEMM (the bundled model's projections and experts at 1-4 rows). */
+ * at most GEMV_BF16_MAX_BYTES at up to GEMV_BF16_MAX_ROWS rows: a small model's weights stay in cache from step
+ * to step, and there gemv_bf16 ran 1.2-1.4x faster than the GEMM at 1-8 rows and 1.15-1.3x at 9-16 (the bundled
+ * model's projections, experts and head). */
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                int64_t N, int64_t G, uint16_t *y) {
-    if (kind == WK_BF16 && M <= MB16 && N * K * 2 <= GEMV_BF16_MAX_BYTES)
+    if (kind == WK_BF16 && M <= GEMV_BF16_MAX_ROWS && N * K * 2 <= GEMV_BF16_MAX_BYTES)
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);
     else if (kind != WK_BF16 && M <= MB)
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);

@@ -4,9 +4,9 @@ bf16 CPU tensors with a contiguous weight take the native library's kernels wher
 - below CHUNK_ROWS rows (decode, short prompts), the native GEMM on the bf16 weight in place (`gemm_dq`,
   quant_cpu_gemm.c): at decode a bf16 matmul only streams weights, which torch's bf16 F.linear does at about half
   the read bandwidth; the GEMM streams them in address order a tile ahead (1.2-1.4x `gemv_bf16` at 1-8 rows,
-  1.3-1.9x oneDNN at 9-32, weights from memory). A weight of at most GEMV_BF16_MAX_BYTES at up to 8 rows takes
+  1.3-1.9x oneDNN at 9-32, weights from memory). A weight of at most GEMV_BF16_MAX_BYTES at up to 16 rows takes
   the GEMV `gemv_bf16` (quant_cpu_gemv16.c) instead: a small model's weights stay in cache, and there the GEMV
-  ran 1.2-1.4x faster than the GEMM. The native decoder (cpu_moe.c gemv_once) makes the same choice;
+  ran 1.2-1.4x faster than the GEMM at 1-8 rows, 1.15-1.4x at 9-16. The native decoder (cpu_moe.c gemv_once) makes the same choice;
 - from CHUNK_ROWS rows on, torch's matmul (oneDNN), which builds a primitive for every new row count it meets,
   0.4-1.5 ms each on one thread, more than the whole matmul of a short prompt on a small model. A small weight
   (SPLIT_MAX_BYTES) therefore gives oneDNN only the whole multiples of CHUNK_ROWS rows and the rest to `gemm_dq`,
@@ -36,8 +36,10 @@ CHUNK_ROWS = 64
 # than a primitive built once per row count costs them.
 SPLIT_MAX_BYTES = 512 * 1024
 _BF16 = 0  # gemm_dq's kind for plain bf16 weights (quant_native.WEIGHT_KINDS)
-GEMV_ROWS = 8  # gemv_bf16 reads each weight line once per group of 8 rows (quant_cpu.h MB16)
-GEMV_BF16_MAX_BYTES = 1 << 20  # as quant_cpu.h's: weights up to one L2 take the GEMV at up to GEMV_ROWS rows
+# as quant_cpu.h's: weights up to one L2 take the GEMV at up to GEMV_BF16_MAX_ROWS rows (two passes of its 8-row
+# groups over a weight that stays in cache)
+GEMV_BF16_MAX_BYTES = 1 << 20
+GEMV_BF16_MAX_ROWS = 16
 
 
 @lru_cache(maxsize=1)
@@ -52,14 +54,14 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
+        and x.is_cpu
+        and weight.is_cpu
         and weight.dim() == 2
         and x.dim() >= 1
         and weight.shape[1] == x.shape[-1]
         and weight.is_contiguous()
         and x.numel() > 0
-        and (bias is None or bias.device.type == "cpu")
+        and (bias is None or bias.is_cpu)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 
@@ -79,7 +81,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(m, n, dtype=torch.bfloat16)  # [M, N]
     b = None if bias is None else bias.float().contiguous()  # the kernel adds fp32 bias before rounding
     bp = None if b is None else b.data_ptr()
-    if m <= GEMV_ROWS and n * k * 2 <= GEMV_BF16_MAX_BYTES:
+    if m <= GEMV_BF16_MAX_ROWS and n * k * 2 <= GEMV_BF16_MAX_BYTES:
         lib.gemv_bf16(x2.data_ptr(), m, k, weight.data_ptr(), n, bp, y.data_ptr(), 0)
         return y.view(*x.shape[:-1], n)
     head = m // CHUNK_ROWS * CHUNK_ROWS

@@ -16,7 +16,7 @@ def _native_ok(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
-        and x.device.type == "cpu"
+        and x.is_cpu
         and (residual is None or residual.dtype == torch.bfloat16)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and bf16_lib() is not None

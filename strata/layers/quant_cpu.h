@@ -29,9 +29,11 @@
 
 #define MB 4 /* activation rows handled per pass over the weights */
 #define MB16 8 /* the same for gemv_bf16 (quant_cpu_gemv16.c) */
-/* bf16 weights up to this size (one L2) run gemv_bf16 at up to MB16 rows, larger ones the GEMM (gemv_once in
- * cpu_moe.c; layers/linear.py's GEMV_BF16_MAX_BYTES must equal it) */
+/* bf16 weights up to this size (one L2) run gemv_bf16 at up to GEMV_BF16_MAX_ROWS rows (two passes of MB16 over a
+ * weight that stays in cache), larger ones the GEMM (gemv_once in cpu_moe.c; layers/linear.py's GEMV_BF16_MAX_BYTES
+ * and GEMV_BF16_MAX_ROWS must equal them) */
 #define GEMV_BF16_MAX_BYTES (1 << 20)
+#define GEMV_BF16_MAX_ROWS (2 * MB16)
 #define PAR_MIN_WORK (1 << 18) /* below this many weight bytes, threading costs more than it saves */
 /* PREFETCH: the GEMVs walk R weight rows side by side, a few KiB each, so the hardware prefetcher has to
  * find R new streams at every block. Each load therefore prefetches the same cache line of the next block's

@@ -33,7 +33,8 @@ SOURCES = [HERE / n for n in (
     "quant_cpu_mxfp4.c",
     "quant_cpu_q32.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
     "cpu_decode_attention.c",
-    "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c")]
+    "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c",
+    "cpu_decode_inputs.c")]
 HEADER = HERE / "quant_cpu.h"
 ABI = 15  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
@@ -77,6 +78,7 @@ _SIGNATURES = {
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
     "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
     "moe_take_counts": [_P],
+    "decode_slots": [_P, _P, _I, _I, _P, _P, _P, _P],
     "decode_layers": [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, _P],
 }
 

@@ -190,26 +190,30 @@ def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias, 
     monkeypatch.setattr(linear_mod, "bf16_lib", lambda: lib)
     y = linear(x, w, b)
     chunk = linear_mod.CHUNK_ROWS
-    rest = m if m < chunk else m % chunk if w.numel() * 2 <= linear_mod.SPLIT_MAX_BYTES else 0
-    assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the rest
+    if m <= linear_mod.GEMV_BF16_MAX_ROWS and w.numel() * 2 <= linear_mod.GEMV_BF16_MAX_BYTES:
+        assert lib.gemv == [m] and lib.gemm == []  # a few rows of a cached weight: the GEMV
+    else:
+        rest = m if m < chunk else m % chunk if w.numel() * 2 <= linear_mod.SPLIT_MAX_BYTES else 0
+        assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the rest
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     _check(y, _ref(x, w, b))
 
 
 @pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
 def test_small_weights_take_the_gemv_large_ones_the_gemm():
-    """Up to 8 rows a weight of at most GEMV_BF16_MAX_BYTES (kept in cache between steps: the GEMV is faster
-    there) runs gemv_bf16, a larger one the GEMM (faster from memory); the result is that kernel's, bit for bit."""
+    """Up to 16 rows a weight of at most GEMV_BF16_MAX_BYTES (kept in cache between steps: the GEMV is faster
+    there) runs gemv_bf16, a larger one or more rows the GEMM (faster from memory, or once the GEMV would pass
+    over the weight three times); the result is that kernel's, bit for bit."""
     lib = bf16_lib()
-    for (n, k), kernel in (((64, 32), "gemv"), ((1024, 520), "gemm")):  # 4 KiB; 1.04 MiB > GEMV_BF16_MAX_BYTES
-        w = torch.randn(n, k).bfloat16()
-        for m in (1, 3, 8):
-            x = torch.randn(m, k).bfloat16()
-            want = torch.empty(m, n, dtype=torch.bfloat16)
-            if kernel == "gemv":
-                lib.gemv_bf16(x.data_ptr(), m, k, w.data_ptr(), n, None, want.data_ptr(), 0)
-            else:
-                lib.gemm_dq(0, x.data_ptr(), m, k, w.data_ptr(), None, None, n, 0, None, want.data_ptr())
-            assert torch.equal(linear(x, w), want), (n, k, m)
-            ref = x.double() @ w.double().t()
-            assert ((want.double() - ref).abs() <= 1e-2 * (1 + ref.abs())).all()
+    cases = [((64, 32), m, "gemv") for m in (1, 3, 8, 9, 16)] + [((64, 32), 17, "gemm")] + \
+        [((1024, 520), m, "gemm") for m in (1, 3, 8, 16)]  # 4 KiB; 1.04 MiB > GEMV_BF16_MAX_BYTES
+    for (n, k), m, kernel in cases:
+        w, x = torch.randn(n, k).bfloat16(), torch.randn(m, k).bfloat16()
+        want = torch.empty(m, n, dtype=torch.bfloat16)
+        if kernel == "gemv":
+            lib.gemv_bf16(x.data_ptr(), m, k, w.data_ptr(), n, None, want.data_ptr(), 0)
+        else:
+            lib.gemm_dq(0, x.data_ptr(), m, k, w.data_ptr(), None, None, n, 0, None, want.data_ptr())
+        assert torch.equal(linear(x, w), want), (n, k, m)
+        ref = x.double() @ w.double().t()
+        assert ((want.double() - ref).abs() <= 1e-2 * (1 + ref.abs())).all()
