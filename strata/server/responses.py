@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from strata.server.errors import to_api_error
+from strata.server.protocol import random_id
 from strata.server.request_stream import RequestStream
 from strata.server.tool_calls import ToolCallStreamer, tool_message
 
@@ -78,7 +78,7 @@ class RequestContext:
     def __init__(self, serving, req, is_chat: bool, prompts, texts, streams):
         self.s, self.req, self.is_chat = serving, req, is_chat
         self.prompts, self.texts, self.streams = prompts, texts, streams
-        self.id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = random_id("chatcmpl-" if is_chat else "cmpl-")
         self.created = int(time.time())
         self.object = "chat.completion" if is_chat else "text_completion"
         self.finals: dict[int, object] = {}

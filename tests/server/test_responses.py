@@ -28,3 +28,23 @@ def test_text_chunk_matches_the_general_chunk(is_chat, stream_options):
             for finish in (None, "stop", "length"):
                 expected = ctx._chunk([ctx._choice(index, text, finish=finish)])
                 assert ctx._text_chunk(index, text, finish) == expected
+
+
+def test_ids_are_random_without_reading_the_os_per_request(monkeypatch):
+    """os.urandom (uuid4) lets go of the GIL mid-request; the ids come from a generator seeded once."""
+    import os
+    import random
+    import re
+
+    from strata.server.protocol import random_id
+
+    def no_urandom(n):
+        raise AssertionError("os.urandom read per id")
+
+    monkeypatch.setattr(os, "urandom", no_urandom)
+    random.seed(0)
+    a = random_id("cmpl-")
+    random.seed(0)  # the global generator's seed does not decide them
+    b = random_id("cmpl-")
+    ctx = RequestContext(_Serving(), CompletionRequest(prompt="hi", model="m"), False, [[1]], [None], [])
+    assert a != b and re.fullmatch(r"cmpl-[0-9a-f]{24}", a) and re.fullmatch(r"cmpl-[0-9a-f]{24}", ctx.id)
