@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime
+from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -47,6 +48,16 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile_template(source: str):
+    """The chat template compiled once per source: compiling takes ~1 ms, rendering a short chat ~10 us."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
 
 
 class Tokenizer:
@@ -133,12 +144,8 @@ class Tokenizer:
         source = template or self.chat_template
         if source is None:
             raise ConfigError("tokenizer_config.json: no 'chat_template' (and no chat_template.jinja) for --chat")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
         try:
-            compiled = env.from_string(source)
+            compiled = _compile_template(source)
             return compiled.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,

@@ -31,3 +31,13 @@ def test_same_ids_either_path(tok, repeat, special):
 def test_lone_surrogate_is_a_request_error(tok, length):
     with pytest.raises(InvalidRequestError, match="not valid Unicode"):
         tok.encode("a" * length + "\ud800")
+
+
+def test_chat_templates_compiled_once_each_render_their_own(tok):
+    messages = [{"role": "user", "content": "hi"}]
+    other = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    own = tok.apply_chat_template(messages, add_generation_prompt=False)
+    for _ in range(2):  # alternating sources: each cached template stays its own
+        assert tok.apply_chat_template(messages, template=other) == "<user>hi"
+        assert tok.apply_chat_template(messages, add_generation_prompt=False) == own
+    assert own != "<user>hi"

@@ -8,10 +8,22 @@ from bisect import bisect_right
 
 from strata.tokenizer import Tokenizer
 
+try:  # tokenizers' own incremental decoding (>= 0.22 takes the prompt's ids): two decodes per token in Rust
+    from tokenizers.decoders import DecodeStream
+
+    DecodeStream(ids=[], skip_special_tokens=True)
+except (ImportError, TypeError):  # an older tokenizers: the same algorithm in Python (_decode_new)
+    DecodeStream = None
+
 _CONTEXT_TOKENS = 6  # prompt tokens decoded with the output so spacing rules see the left context
 
 
 class IncrementalDetokenizer:
+    # tokenizers' DecodeStream over ids[prefix_offset:], built on the first add (so a migrated state, which
+    # carries ids and offsets, rebuilds it); None after it declined (see _new_text)
+    _stream = None
+    _use_stream = DecodeStream is not None
+
     def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
@@ -41,21 +53,60 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:  # token-ids-only engine: no text
             return
         self.ids.append(token)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        stream = self._stream
+        if stream is not None:  # the usual case, inline: this runs for every generated token
+            try:
+                new = stream.step(self.tokenizer.tok, token)
+            except Exception:  # noqa: BLE001 - tokenizers' DecodeStreamError (InvalidPrefix) is no Python type
+                new = self._decline()
+        else:
+            new = self._new_text(token) if self._use_stream else self._decode_new()
+        if new is None:
             return  # an incomplete UTF-8 sequence: wait for the next byte token
-        new = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         start = max(len(self.text) - self.holdback, 0)
         self.text += new
-        self.token_ends.extend([len(self.text)] * (self.num_added - len(self.token_ends)))
+        if self.num_added - len(self.token_ends) == 1:
+            self.token_ends.append(len(self.text))
+        else:  # the tokens that completed a character together end with it
+            self.token_ends.extend([len(self.text)] * (self.num_added - len(self.token_ends)))
         if not self.stop:
             return
         hits = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
         if hits:
             idx, self.stop_hit = min(hits)
             self.text = self.text[:idx]
+
+    def _decode_new(self) -> str | None:
+        """The text the last id adds (decode(ids[prefix_offset:]) past decode(ids[prefix_offset:read_offset])),
+        or None while it ends inside a UTF-8 sequence."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        return full[len(prefix) :]
+
+    def _new_text(self, token: int) -> str | None:
+        """_decode_new's text from a new DecodeStream (add steps it from then on): tokenizers' incremental
+        decoding, the same two decodes and rule without the Python around them. Where the two could differ,
+        this detokenizer goes on with _decode_new: a prompt whose tail ends inside a UTF-8 sequence (the stream
+        would hand out that prompt text), or a decode that does not extend the one before (the stream raises;
+        byte-fallback decoding of invalid UTF-8 does that)."""
+        context = self.ids[self.prefix_offset : self.read_offset]
+        if self.tokenizer.decode(context, self.skip).endswith("\ufffd"):
+            return self._decline()
+        stream = self._stream = DecodeStream(ids=context, skip_special_tokens=self.skip)
+        pending = self.ids[self.read_offset : -1]  # added while incomplete (a migrated state)
+        try:
+            if pending and stream.step(self.tokenizer.tok, pending) is not None:
+                return self._decline()
+            return stream.step(self.tokenizer.tok, token)
+        except Exception:  # noqa: BLE001 - as in add
+            return self._decline()
+
+    def _decline(self) -> str | None:
+        self._stream, self._use_stream = None, False
+        return self._decode_new()
 
     def take_delta(self, final: bool) -> str:
         """Text not yet handed out; keeps back a possible stop-string prefix unless final, and then ends at a

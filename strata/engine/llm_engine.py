@@ -252,7 +252,7 @@ class LLMEngine:
             for tok in seq.completion_token_ids:
                 detok.add(tok)
             detok.take_delta(final=False)
-        return {k: v for k, v in vars(detok).items() if k != "tokenizer"}
+        return {k: v for k, v in vars(detok).items() if k not in ("tokenizer", "_stream")}  # the stream is rebuilt
 
     def take_sampling_failures(self) -> dict[str, Exception]:
         """request id -> the error its sampling raised since the last call (after isolate_sampling_failures)."""

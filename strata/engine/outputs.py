@@ -9,7 +9,8 @@ The server resolves them in its event loop (vLLM V1 splits its engine core and o
 whose Python then runs while the engine thread is in the GIL-free native forward.
 
 The deferred outputs of a request must be resolved once each, in step order: each one advances the request's
-detokenizers. After that, only the consumer's thread touches those detokenizers.
+detokenizers. After that, only the consumer's thread touches those detokenizers. Consecutive ones can resolve as
+one (`resolve_run`): the RequestOutput of the last, carrying all their text, as RequestOutput.add makes of them.
 """
 
 from __future__ import annotations
@@ -108,11 +109,25 @@ class DeferredOutput:
         self._num_cached_tokens, self._first_token_time = num_cached_tokens, first_token_time
         self._prompt_logprobs = prompt_logprobs
 
-    def resolve(self) -> RequestOutput:
-        outs = []
-        for seq, (detok, new, num, finished, reason, stop, ids) in zip(self._seqs, self._parts):
+    def feed(self) -> None:
+        """Feeds the step's new tokens to the request's detokenizers, building no output (a later output of the
+        request, resolved next, hands out their text)."""
+        for detok, new, *_ in self._parts:
             for tok in new:
                 detok.add(tok)
-            outs.append(completion_output(seq, detok, num, finished, reason, stop, ids))
+
+    def resolve(self) -> RequestOutput:
+        self.feed()
+        outs = [completion_output(seq, detok, num, finished, reason, stop, ids)
+                for seq, (detok, _, num, finished, reason, stop, ids) in zip(self._seqs, self._parts)]
         return request_output(self._seqs[0], outs, self.finished, self._num_cached_tokens, self._first_token_time,
                               self._prompt_logprobs)
+
+
+def resolve_run(outputs: list[DeferredOutput]) -> RequestOutput:
+    """Consecutive deferred outputs of one request, in step order, as one RequestOutput: the last one's, its
+    deltas holding all of their text (equal to resolving each and joining them with RequestOutput.add: without stop
+    strings every output hands out all the text its tokens complete), built once instead of once per step."""
+    for out in outputs[:-1]:
+        out.feed()
+    return outputs[-1].resolve()

@@ -16,7 +16,7 @@ import asyncio
 import threading
 import time
 
-from strata.engine.outputs import DeferredOutput
+from strata.engine.outputs import DeferredOutput, resolve_run
 from strata.server.request_stream import RequestFailedError, RequestStream
 
 
@@ -76,14 +76,32 @@ class OutputHandoff:
             pass
 
     def _take_pending(self) -> None:
-        """(event loop) Hands the pending outputs to their streams, in the order the steps produced them."""
+        """(event loop) Hands the pending outputs to their streams, in the order the steps produced them. A
+        stream's consecutive deferred outputs go as one (resolve_run): its consumer would merge them anyway
+        (RequestStream takes the outputs waiting together as one), and one is built instead of one per step."""
         with self._lock:
             items, self._pending, self._wake_pending = self._pending, [], False
+        by_stream: dict[RequestStream, list] = {}
         for stream, item in items:
-            if type(item) is DeferredOutput:
-                try:
-                    item = item.resolve()
-                except Exception as e:  # noqa: BLE001 - fails its request alone, as a failing step would
-                    stream.owner.abort(stream.request_id)  # its later outputs cannot be resolved either
-                    item = RequestFailedError(f"generation failed: {type(e).__name__}: {e}")
-            stream.queue.put_nowait(item)
+            by_stream.setdefault(stream, []).append(item)
+        for stream, its in by_stream.items():
+            run: list[DeferredOutput] = []
+            for item in its:
+                if type(item) is DeferredOutput:
+                    run.append(item)
+                    continue
+                if run:
+                    self._put_run(stream, run)
+                    run = []
+                stream.queue.put_nowait(item)
+            if run:
+                self._put_run(stream, run)
+
+    @staticmethod
+    def _put_run(stream: RequestStream, run: list[DeferredOutput]) -> None:
+        try:
+            item = resolve_run(run)
+        except Exception as e:  # noqa: BLE001 - fails its request alone, as a failing step would
+            stream.owner.abort(stream.request_id)  # its later outputs cannot be resolved either
+            item = RequestFailedError(f"generation failed: {type(e).__name__}: {e}")
+        stream.queue.put_nowait(item)

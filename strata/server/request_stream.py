@@ -61,11 +61,13 @@ class RequestStream:
             raise StopAsyncIteration
         if self._held is not None:
             item, self._held = self._held, None
+        elif not self.queue.empty():  # an output already there (the usual case under load) needs no wait
+            item = self.queue.get_nowait()
+        elif self.deadline is None:  # no timer to arm (wait_for's costs more than the get)
+            item = await self.queue.get()
         else:
-            timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-            try:  # an output already there (the usual case under load) needs no wait
-                item = self.queue.get_nowait() if not self.queue.empty() else \
-                    await asyncio.wait_for(self.queue.get(), timeout)
+            try:
+                item = await asyncio.wait_for(self.queue.get(), max(self.deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
                 self.abort()
                 raise RequestTimeoutError(f"request {self.request_id} exceeded the server's request timeout") \

@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from strata.server.errors import to_api_error
+from strata.server.protocol import random_id
 from strata.server.request_stream import RequestStream
 from strata.server.tool_calls import ToolCallStreamer, tool_message
 
@@ -25,7 +25,9 @@ def _dumps(obj) -> str:
 
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that always runs `on_close` (abort the engine requests), even when the client
-    disconnects while the body generator is suspended."""
+    disconnects while the body generator is suspended. The body streams while a second task waits for the
+    client's disconnect, which stops it: what StreamingResponse does under uvicorn's ASGI 2.3, with two plain
+    asyncio tasks instead of an anyio task group (~55 us of the event loop per response)."""
 
     def __init__(self, content, on_close, **kw):
         super().__init__(content, media_type="text/event-stream",
@@ -33,11 +35,23 @@ class SSEResponse(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
+        streaming = asyncio.ensure_future(self.stream_response(send))
+        watching = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait((streaming, watching), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watching.cancel()
+            if not streaming.done():  # the client went away, or this task is cancelled
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await streaming
             self.on_close()
             await self.body_iterator.aclose()
+        for task in (streaming, watching):  # an error of either ends the response, as in a task group
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        if self.background is not None:
+            await self.background()
 
 
 async def _merge(streams: list[RequestStream]):
@@ -78,7 +92,7 @@ class RequestContext:
     def __init__(self, serving, req, is_chat: bool, prompts, texts, streams):
         self.s, self.req, self.is_chat = serving, req, is_chat
         self.prompts, self.texts, self.streams = prompts, texts, streams
-        self.id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = random_id("chatcmpl-" if is_chat else "cmpl-")
         self.created = int(time.time())
         self.object = "chat.completion" if is_chat else "text_completion"
         self.finals: dict[int, object] = {}

@@ -20,8 +20,9 @@ from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_checks import check_text_length
 from strata.server.request_stream import RequestStream
 from strata.server.responses import RequestContext, SSEResponse
-from strata.server.structured import structured_params, tool_mode
+from strata.server.structured import checked_params, structured_source, tool_mode
 from strata.server.tool_calls import template_messages
+from strata.tokenizer import GIL_FREE_CHARS
 
 
 class Serving:
@@ -145,7 +146,10 @@ class Serving:
         self.check_model(req.model)
         parser, enforced = tool_mode(req, self.tool_call_parser, self.enable_auto_tool_choice) if is_chat \
             else (None, None)
-        structured = await asyncio.to_thread(structured_params, req, enforced)
+        source = structured_source(req, enforced)
+        # a thread only for the costly work (grammar compilation, long texts): a hop costs the event loop more
+        # than tokenizing a short prompt or rendering a short chat does
+        structured = None if source is None else await asyncio.to_thread(checked_params, *source)
         if not self.engine.is_ready:
             raise to_api_error(self.engine_state_error())
         if is_chat:
@@ -155,9 +159,11 @@ class Serving:
             prompt_logprobs = req.prompt_logprobs
             max_tokens = req.max_completion_tokens or req.max_tokens
             param = "messages"
-            check_text_length(sum(len(m.text()) for m in req.messages), self.engine.engine.max_model_len, param)
-            ids = await asyncio.to_thread(self.chat_prompt, req.messages, req.add_generation_prompt,
-                                          req.chat_template_kwargs, req.tools)
+            num_chars = sum(len(m.text()) for m in req.messages)
+            check_text_length(num_chars, self.engine.engine.max_model_len, param)
+            chat_args = (req.messages, req.add_generation_prompt, req.chat_template_kwargs, req.tools)
+            ids = self.chat_prompt(*chat_args) if num_chars <= GIL_FREE_CHARS and not req.tools \
+                else await asyncio.to_thread(self.chat_prompt, *chat_args)
             prompts, texts = [ids], [None]
         else:
             logprobs, max_tokens, param = req.logprobs, req.max_tokens, "prompt"
@@ -167,8 +173,11 @@ class Serving:
             raw_prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
             for x in raw_prompts:
                 check_text_length(len(x) if isinstance(x, str) else 0, self.engine.engine.max_model_len, param)
-            prompts = [await asyncio.to_thread(self.tokenizer.encode, x) if isinstance(x, str) else list(x)
-                       for x in raw_prompts]
+            if sum(len(x) for x in raw_prompts if isinstance(x, str)) <= GIL_FREE_CHARS:
+                prompts = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in raw_prompts]
+            else:
+                prompts = [await asyncio.to_thread(self.tokenizer.encode, x) if isinstance(x, str) else list(x)
+                           for x in raw_prompts]
             texts = [x if isinstance(x, str) else self.tokenizer.decode(x) for x in raw_prompts] if req.echo \
                 else [None] * len(prompts)
         if req.prompt_logprobs is not None and req.stream:

@@ -83,18 +83,24 @@ def _sources(req) -> list[tuple[str, StructuredOutputsParams]]:
     return out
 
 
-def structured_params(req, enforced: tuple | None) -> StructuredOutputsParams | None:
-    """The request's one constraint, checked (its grammar compiles); 400 naming the field otherwise."""
+def structured_source(req, enforced: tuple | None) -> tuple[str, StructuredOutputsParams] | None:
+    """The request's one constraint as (its field, its params), or None; 400 when it gives more than one."""
     sources = _sources(req) + ([enforced] if enforced else [])
     if not sources:
         return None
     if len(sources) > 1:
         raise APIError(400, f"give at most one structured output constraint, got {', '.join(p for p, _ in sources)}",
                        sources[1][0])
-    param, params = sources[0]
+    return sources[0]
+
+
+def checked_params(param: str, params: StructuredOutputsParams) -> StructuredOutputsParams:
+    """params, once its grammar compiles (the costly part: a server runs it off the event loop); 400 naming the
+    field otherwise."""
     try:
         compile_grammar(params)
     except InvalidRequestError as e:
         reason = str(e).split(": ", 1)[-1]
         raise APIError(400, f"{param}: {reason}", param) from None
     return params
+

@@ -8,13 +8,9 @@ fragments are the growing raw JSON of the arguments, so they reassemble to the n
 from __future__ import annotations
 
 import json
-import uuid
 
+from strata.server.protocol import random_id
 from strata.server.tool_parsers import ToolParser
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def template_messages(messages) -> list[dict]:
@@ -47,7 +43,7 @@ def tool_message(parser: ToolParser, text: str) -> tuple[dict, bool]:
     if not calls:
         return {"role": "assistant", "content": text}, False
     return {"role": "assistant", "content": content or None,
-            "tool_calls": [{"id": _call_id(), "type": "function",
+            "tool_calls": [{"id": random_id("call_"), "type": "function",
                             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}, True
 
 
@@ -95,7 +91,7 @@ class ToolCallStreamer:
             if call.name is None:
                 break
             if k == len(self.args_sent):
-                out.append({"tool_calls": [{"index": k, "id": _call_id(), "type": "function",
+                out.append({"tool_calls": [{"index": k, "id": random_id("call_"), "type": "function",
                                             "function": {"name": call.name, "arguments": ""}}]})
                 self.args_sent.append(0)
             args = call.arguments or ""

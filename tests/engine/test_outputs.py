@@ -1,7 +1,8 @@
 """Deferred outputs (LLMEngine.defer_detokenization): resolved once each and in step order, they equal field for
 field what the step would have built at once (text, deltas, token ids, finish and stop reasons, logprobs, prompt
-logprobs), whether resolved right after their step or long after; requests with stop strings keep being
-detokenized in the step; a deferred request's exported detokenizer is the one its consumer holds."""
+logprobs), whether resolved right after their step or long after; consecutive ones resolved as one equal them
+joined with RequestOutput.add; requests with stop strings keep being detokenized in the step; a deferred
+request's exported detokenizer is the one its consumer holds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from strata.config import EngineConfig
 from strata.engine.llm_engine import LLMEngine
 from strata.engine.migration import export_request, import_request
-from strata.engine.outputs import DeferredOutput, RequestOutput
+from strata.engine.outputs import DeferredOutput, RequestOutput, resolve_run
 from strata.engine.sampling_params import SamplingParams
 from tests.server.tiny_model import build_tiny_server_model
 
@@ -88,6 +89,27 @@ def test_outputs_resolved_long_after_their_step_are_the_same(model):
     want = [_fields(o) for step in _run(eager) for o in step]
     pending = [o for step in _run(deferred) for o in step]  # the engine ran to the end before any is resolved
     assert [_fields(o.resolve()) for o in pending] == want
+
+
+@pytest.mark.parametrize("run_len", [2, 3, 7])
+def test_consecutive_outputs_resolved_as_one_equal_them_joined(model, run_len):
+    eager, deferred = _engine(model, False), _engine(model, True)
+    _requests(eager), _requests(deferred)
+    want, got = {}, {}
+    for out in (o for step in _run(eager) for o in step):
+        want.setdefault(out.request_id, []).append(out)
+    for out in (o for step in _run(deferred) for o in step):
+        got.setdefault(out.request_id, []).append(out)
+    for rid, outs in got.items():
+        if type(outs[0]) is not DeferredOutput:
+            continue
+        for start in range(0, len(outs), run_len):
+            run, ref = outs[start:start + run_len], want[rid][start:start + run_len]
+            joined = ref[0]
+            for later in ref[1:]:
+                joined = joined.add(later)
+            assert _fields(resolve_run(run)) == _fields(joined)
+    assert sum(type(outs[0]) is DeferredOutput for outs in got.values()) == len(got) - 1  # all but stop_str
 
 
 def test_the_counts_a_server_reads_before_resolving(model):

@@ -84,26 +84,61 @@ def test_urgent_output_goes_at_once_behind_the_pending_ones():
     assert _taken(stream) == ["a", "end"]
 
 
-def test_deferred_outputs_are_resolved_in_step_order_as_the_loop_takes_them():
+def _deferred_pair():
+    """Two deferred outputs of one request (steps of 2 and 1 tokens) and the detokenizer they feed."""
     from strata.engine.detokenizer import IncrementalDetokenizer
-    from strata.engine.outputs import DeferredOutput, RequestOutput
+    from strata.engine.outputs import DeferredOutput
     from strata.engine.sampling_params import SamplingParams
     from strata.engine.sequence import Sequence
 
-    h, loop, stream = _handoff(0.0)
     seq = Sequence("r", [1, 2], SamplingParams())
     seq.token_ids += [5, 6, 7]
     detok = IncrementalDetokenizer(None, [1, 2], [], True)  # no tokenizer: it counts the tokens it is fed
     first = DeferredOutput([seq], [(detok, [5, 6], 2, False, None, None, None)], False, 0, None, None)
     last = DeferredOutput([seq], [(detok, [7], 3, True, "length", None, None)], True, 0, None, None)
-    h.deliver_all([(stream, first)])
-    h.deliver_all([(stream, last)], urgent=True)
+    return first, last, detok
+
+
+def test_deferred_outputs_are_resolved_in_step_order_as_the_loop_takes_them():
+    from strata.engine.outputs import RequestOutput
+
+    h, loop, stream = _handoff(0.0)
+    first, last, detok = _deferred_pair()
+    h.deliver_all([(stream, first)], urgent=True)
     assert detok.num_added == 0  # nothing resolved on the engine thread
+    loop.run()
+    h.deliver_all([(stream, last)], urgent=True)
     loop.run()
     got = _taken(stream)
     assert [type(o) for o in got] == [RequestOutput, RequestOutput]
     assert [o.outputs[0].token_ids for o in got] == [[5, 6], [5, 6, 7]]
     assert got[1].finished and got[1].outputs[0].finish_reason == "length" and detok.num_added == 3
+
+
+def test_outputs_taken_in_one_wake_reach_the_stream_as_one():
+    """What the stream's consumer would make of them (RequestStream merges the outputs waiting together)."""
+    h, loop, stream = _handoff(0.0)
+    other = asyncio.run(_stream("o"))
+    first, last, detok = _deferred_pair()
+    h.deliver_all([(stream, first), (other, "o1")])
+    h.deliver_all([(other, "o2"), (stream, last)], urgent=True)
+    loop.run()
+    [out] = _taken(stream)
+    assert out.outputs[0].token_ids == [5, 6, 7] and out.finished and detok.num_added == 3
+    assert _taken(other) == ["o1", "o2"]
+
+
+def test_an_item_between_deferred_outputs_keeps_its_place():
+    from strata.server.request_stream import RequestFailedError
+
+    h, loop, stream = _handoff(0.0)
+    first, last, _ = _deferred_pair()
+    err = RequestFailedError("x")
+    h.deliver_all([(stream, first), (stream, err), (stream, last)], urgent=True)
+    loop.run()
+    got = _taken(stream)
+    assert [type(o).__name__ for o in got] == ["RequestOutput", "RequestFailedError", "RequestOutput"]
+    assert got[0].outputs[0].token_ids == [5, 6] and got[1] is err
 
 
 def test_an_output_that_fails_to_resolve_fails_its_request_alone():
