@@ -154,7 +154,10 @@ async def run_load(args, reqs: list[Req]) -> tuple[list[Result], float]:
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    connector = aiohttp.TCPConnector(limit=0)  # no cap on concurrent connections: the rate decides
+    # a connection per request, as vLLM's client opens a session per request: no cap (the rate decides), and no
+    # reuse of a kept-alive connection that the server may be closing as the next request goes out (llama-server
+    # did: aiohttp's ServerDisconnectedError, a failure that was the client's)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         if args.model is None:
             args.model = await _model_id(session, args.base_url)
