@@ -205,6 +205,10 @@ class CausalLM(nn.Module):
         if native is not None and native.accepts(x.shape[0], meta):  # all layers in one native call
             # before_native runs inside it, right before the GIL-free native code
             x, residual = native(x, cos, sin, native_decode.per_row(meta), before_native)
+            if logits_indices is None and not return_hidden:
+                logits = native.logits(x, residual)  # final norm, LM head and float in one call where it can
+                if logits is not None:
+                    return logits  # [N, V]
         else:
             if before_native is not None:
                 before_native()

@@ -29,7 +29,7 @@ from torch import nn
 
 from strata.layers.attention import AttentionMetadata
 from strata.layers.fusion import WEIGHT_KINDS, native_weight
-from strata.layers.linear import bf16_lib
+from strata.layers.linear import CHUNK_ROWS, Linear, bf16_lib
 from strata.layers.mlp import MLP
 from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
@@ -183,6 +183,28 @@ class NativeDecoder:
         if self.moes:
             return num_rows <= self.max_moe_rows
         return num_rows <= self.max_rows and all(c > q for q, c in zip(meta.query_lens, meta.context_lens))
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """The forward's tail after __call__ in one native call (decode_logits_bf16 in cpu_decoder.c): final
+        norm(x + residual), the LM head, float -> logits [S, V] fp32, the numbers CausalLM's modules give. None
+        where the final norm or the head is not the plain bf16 kind that call implements, or for CHUNK_ROWS rows
+        and more (linear() hands those to oneDNN): the modules run then."""
+        tail = self.__dict__.get("_tail")
+        if tail is None:
+            norm, head = self.model.model.norm, self.model.lm_head
+            plain = (type(norm) is RMSNorm and type(head) is Linear and head.bias is None
+                     and norm.weight.dtype == head.weight.dtype == torch.bfloat16)
+            tail = self._tail = (norm, head) if plain else False
+        if not tail or x.shape[0] >= CHUNK_ROWS:
+            return None
+        norm, head = tail
+        w, hw = norm.weight.contiguous(), head.weight.contiguous()  # held: the pointers must outlive the call
+        s, hsz, vocab = x.shape[0], x.shape[1], hw.shape[0]
+        scratch = torch.empty(s * (2 * hsz + vocab), dtype=torch.bfloat16)  # normed rows, their sum, bf16 logits
+        out = torch.empty(s, vocab, dtype=torch.float32)  # [S, V]
+        bf16_lib().decode_logits_bf16(x.data_ptr(), residual.data_ptr(), w.data_ptr(), s, hsz, norm.variance_epsilon,
+                                      hw.data_ptr(), vocab, scratch.data_ptr(), out.data_ptr())
+        return out
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                  before_native: Callable[[], None] | None = None):
