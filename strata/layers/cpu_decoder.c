@@ -163,20 +163,16 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
 }
 
 /* The step's tail after decode_layers, as CausalLM runs it in torch ops: the final residual add + RMSNorm
- * (rms_norm_bf16), the LM head through the kernel linear() picks for a bf16 weight below 64 rows (gemv_bf16 up
- * to GEMV_BF16_MAX_ROWS rows of a weight up to GEMV_BF16_MAX_BYTES, else the GEMM), rounded to bf16 as the
- * module's output is, then widened to fp32 (the logits' .float()): the same numbers, one call instead of a
- * dozen tensor ops and two module calls.
+ * (rms_norm_bf16), the LM head through gemv_once (for a bf16 weight below 64 rows the kernel linear() picks),
+ * rounded to bf16 as the module's output is, then widened to fp32 (the logits' .float()): the same numbers,
+ * one call instead of a dozen tensor ops and two module calls.
  *   x, residual bf16 [S, H]   norm_w bf16 [H]   head bf16 [V, H]   scratch bf16 [S * (2 * H + V)]
  *   logits fp32 [S, V] */
 void decode_logits_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *norm_w, int64_t S, int64_t H,
                         float eps, const uint16_t *head, int64_t V, uint16_t *scratch, float *logits) {
     uint16_t *h = scratch, *sum = h + S * H, *y = sum + S * H;
     rms_norm_bf16(x, residual, norm_w, S, H, eps, h, sum);
-    if (S <= GEMV_BF16_MAX_ROWS && V * H * 2 <= GEMV_BF16_MAX_BYTES)
-        gemv_bf16(h, S, H, head, V, NULL, y, 0);
-    else
-        gemm_dq(WK_BF16, h, S, H, head, NULL, NULL, V, 0, NULL, y);
+    gemv_once(WK_BF16, h, S, H, head, NULL, NULL, V, 0, y);
     for (int64_t i = 0; i < S * V; i += 16) { /* bf16 -> fp32 is exact: the bits moved up */
         const __mmask16 m = tail16(S * V - i);
         _mm512_mask_storeu_ps(logits + i, m, bf16x16_load(y + i, m));
