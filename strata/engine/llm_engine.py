@@ -370,19 +370,18 @@ class LLMEngine:
     def _output(self, request_id: str) -> RequestOutput | DeferredOutput:
         seqs = self._requests[request_id]
         first = seqs[0]
-        if len(seqs) == 1 and self._deferred and not first.params.stop and first.prompt_logprobs is None \
-                and self.spec is None:
-            return self._deferred_single(request_id, first)
-        finished = all(s.is_finished for s in seqs)
-        prompt_logprobs = None if first.needs_prompt_logprobs else first.prompt_logprobs
+        done = SequenceStatus.FINISHED  # this runs for every request in every step: plain attributes, no properties
+        finished = all(s.status is done for s in seqs)
+        prompt_logprobs = None if first.prompt_logprobs is None or first.needs_prompt_logprobs \
+            else first.prompt_logprobs
         if self._deferred and not first.params.stop:
             copy = self.spec is not None  # drafts pass through seq.token_ids during a step: the consumer gets a copy
             parts = []
             for seq in seqs:
                 detok = self._detok[seq.seq_id]
                 new, detok.pending = detok.pending, []
-                parts.append((detok, new, seq.num_completion_tokens, seq.is_finished, seq.finish_reason,
-                              seq.stop_reason, seq.completion_token_ids if copy else None))
+                parts.append((detok, new, len(seq.token_ids) - seq.num_prompt_tokens, seq.status is done,
+                              seq.finish_reason, seq.stop_reason, seq.completion_token_ids if copy else None))
             out = DeferredOutput(seqs, parts, finished, first.num_cached_tokens, first.first_token_time,
                                  prompt_logprobs)
         else:
@@ -395,21 +394,5 @@ class LLMEngine:
                 self._detok.pop(seq.seq_id, None)
                 if self.structured is not None:
                     self.structured.free(seq)
-            del self._requests[request_id]
-        return out
-
-    def _deferred_single(self, request_id: str, seq: Sequence) -> DeferredOutput:
-        """_output's deferred case for the usual request (one sequence, no prompt logprobs, no drafts), the same
-        output in fewer steps: every running request takes this once per step."""
-        detok = self._detok[seq.seq_id]
-        new, detok.pending = detok.pending, []
-        finished = seq.status is SequenceStatus.FINISHED
-        out = DeferredOutput([seq], [(detok, new, len(seq.token_ids) - seq.num_prompt_tokens, finished,
-                                      seq.finish_reason, seq.stop_reason, None)],
-                             finished, seq.num_cached_tokens, seq.first_token_time, None)
-        if finished:
-            self._detok.pop(seq.seq_id, None)
-            if self.structured is not None:
-                self.structured.free(seq)
             del self._requests[request_id]
         return out

@@ -100,11 +100,8 @@ class DeferredOutput:
         self.request_id = seqs[0].request_id
         self.prompt_token_ids = seqs[0].prompt_token_ids
         self.finished = finished
-        if len(parts) == 1:  # the usual request: one sequence
-            self.num_generated_tokens, self.finish_reasons = parts[0][2], [parts[0][4]]
-        else:
-            self.num_generated_tokens = sum(p[2] for p in parts)
-            self.finish_reasons = [p[4] for p in parts]
+        self.num_generated_tokens = sum(p[2] for p in parts)
+        self.finish_reasons = [p[4] for p in parts]
         self._seqs, self._parts = seqs, parts
         self._num_cached_tokens, self._first_token_time = num_cached_tokens, first_token_time
         self._prompt_logprobs = prompt_logprobs
