@@ -60,12 +60,18 @@ class CliDecode:
         return {"tpot_s": (stamps[-1] - stamps[0]) / (num - 1), "cpu_s": (time.process_time() - c0) / num}
 
 
-def cli_decode(threads: int, tokens: int, rounds: int, model: str | None = None, dtype: str = "auto") -> dict:
-    """CliDecode's rounds alone (a fresh interpreter: benchmarks/serve_interleaved.py): the median TPOT."""
-    cli = CliDecode(threads, tokens, model, dtype)
-    runs = [cli.round() for _ in range(rounds)]
+def cli_summary(runs: list[dict]) -> dict:
+    """CliDecode rounds -> their median TPOT, tokens/s and CPU per token."""
     tpot = statistics.median(r["tpot_s"] for r in runs)
-    return {"tpot_ms": tpot * 1e3, "tok_s": 1 / tpot, "cpu_ms_per_token": statistics.median(r["cpu_s"] for r in runs) * 1e3}
+    return {"tpot_ms": tpot * 1e3, "tok_s": 1 / tpot,
+            "cpu_ms_per_token": statistics.median(r["cpu_s"] for r in runs) * 1e3,
+            "tpot_ms_rounds": [r["tpot_s"] * 1e3 for r in runs]}
+
+
+def cli_decode(threads: int, tokens: int, rounds: int, model: str | None = None, dtype: str = "auto") -> dict:
+    """CliDecode's rounds alone (a fresh interpreter: benchmarks/serve_interleaved.py)."""
+    cli = CliDecode(threads, tokens, model, dtype)
+    return cli_summary([cli.round() for _ in range(rounds)])
 
 
 async def _stream(session, base: str, i: int, tokens: int, sampled: bool) -> dict:
@@ -133,10 +139,7 @@ def serve_rounds(threads: int, tokens: int, rounds: int, sampled: bool, model: s
                for n, rs in runs.items()}
         out["pair_ratios"] = [b["tok_s"] / a["tok_s"] for a, b in zip(runs[1], runs[16])]
         if cli_runs:
-            tpot = statistics.median(r["tpot_s"] for r in cli_runs)
-            out["cli"] = {"tpot_ms": tpot * 1e3, "tok_s": 1 / tpot,
-                          "cpu_ms_per_token": statistics.median(r["cpu_s"] for r in cli_runs) * 1e3,
-                          "tpot_ms_rounds": [r["tpot_s"] * 1e3 for r in cli_runs]}
+            out["cli"] = cli_summary(cli_runs)
             out["tpot_ratios"] = [a["tpot_ms"] / (c["tpot_s"] * 1e3) for a, c in zip(runs[1], cli_runs)]
         return out
     finally:

@@ -115,12 +115,16 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
 
+    def covers(self, seq: Sequence) -> bool:
+        """Whether the sequence's blocks hold a slot for each of its tokens."""
+        return len(seq.block_table) * self.block_size >= len(seq.token_ids)
+
     def can_append(self, seq: Sequence) -> bool:
-        return len(seq.block_table) * self.block_size >= seq.num_tokens or self.num_free_blocks > 0
+        return self.covers(seq) or self.num_free_blocks > 0
 
     def append_slot(self, seq: Sequence) -> None:
         """Make sure the blocks cover every token of the sequence (call after can_append)."""
-        while len(seq.block_table) * self.block_size < seq.num_tokens:
+        while not self.covers(seq):
             seq.block_table.append(self._take_free().block_id)
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:

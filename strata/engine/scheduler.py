@@ -111,8 +111,7 @@ class Scheduler:
                 break
             if seq.status is not running:
                 continue
-            num_tokens = len(seq.token_ids)
-            if len(seq.block_table) * bm.block_size < num_tokens:  # it needs a block (else nothing to do)
+            if not bm.covers(seq):  # it needs a block (else nothing to do)
                 while not bm.can_append(seq):
                     victim = self.running[-1]
                     self._preempt(victim)
@@ -121,7 +120,7 @@ class Scheduler:
                 if seq.status is not running:
                     continue
                 bm.append_slot(seq)
-            n = min(num_tokens - seq.num_computed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             seqs.append(seq)
             counts.append(n)
             budget -= n

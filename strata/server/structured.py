@@ -103,4 +103,3 @@ def checked_params(param: str, params: StructuredOutputsParams) -> StructuredOut
         reason = str(e).split(": ", 1)[-1]
         raise APIError(400, f"{param}: {reason}", param) from None
     return params
-
