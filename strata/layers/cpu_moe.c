@@ -34,8 +34,8 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
  * M: it streams them in address order, a tile ahead, and ran 1.2-1.4x faster than gemv_bf16 at 1-8 rows on an
  * OLMoE layer's experts (benchmarks/moe_grouped.py); its sums do not depend on the other rows. Except a weight of
  * at most GEMV_BF16_MAX_BYTES at up to GEMV_BF16_MAX_ROWS rows: a small model's weights stay in cache from step
- * to step, and there gemv_bf16 ran 1.2-1.4x faster than the GEMM at 1-8 rows and 1.15-1.3x at 9-16 (the bundled
- * model's projections, experts and head). */
+ * to step, and there gemv_bf16 ran 1.2-1.4x faster than the GEMM at 1-8 rows and 1.1-1.3x at 9-16 (the bundled
+ * model's projections, experts and head; benchmarks/decode_step.py). */
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                int64_t N, int64_t G, uint16_t *y) {
     if (kind == WK_BF16 && M <= GEMV_BF16_MAX_ROWS && N * K * 2 <= GEMV_BF16_MAX_BYTES)

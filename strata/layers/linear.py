@@ -6,8 +6,8 @@ bf16 CPU tensors with a contiguous weight take the native library's kernels wher
   the read bandwidth; the GEMM streams them in address order a tile ahead (1.2-1.4x `gemv_bf16` at 1-8 rows,
   1.3-1.9x oneDNN at 9-32, weights from memory). A weight of at most GEMV_BF16_MAX_BYTES at up to 16 rows takes
   the GEMV `gemv_bf16` (quant_cpu_gemv16.c) instead: a small model's weights stay in cache, and there the GEMV
-  ran 1.2-1.4x faster than the GEMM at 1-8 rows, 1.15-1.4x at 9-16. The native decoder (cpu_moe.c gemv_once)
-  makes the same choice;
+  ran 1.2-1.4x faster than the GEMM at 1-8 rows, 1.1-1.3x at 9-16 (benchmarks/decode_step.py). The native
+  decoder (cpu_moe.c gemv_once) makes the same choice;
 - from CHUNK_ROWS rows on, torch's matmul (oneDNN), which builds a primitive for every new row count it meets,
   0.4-1.5 ms each on one thread, more than the whole matmul of a short prompt on a small model. A small weight
   (SPLIT_MAX_BYTES) therefore gives oneDNN only the whole multiples of CHUNK_ROWS rows and the rest to `gemm_dq`,
