@@ -17,10 +17,9 @@ if [ ! -f "$PEERS/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.
   tar -xzf "$SDIST" -C "$PEERS"
 fi
 
-# The -march=native build picks AMX, whose repacked buffers segfault on quantized GGUFs (machine.md section 5).
-NO_AMX="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
--DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
--DGGML_AMX_BF16=OFF"
+# The ISA flags of this CPU, AMX off (ggml_isa_flags.sh).
+source benchmarks/peers/ggml_isa_flags.sh
+NO_AMX="$(ggml_isa_flags)"
 
 have_build() {
   "$PY" - "$VERSION" <<'PY'

@@ -21,6 +21,9 @@
 #define STRATA_QUANT_CPU_H
 
 #include <immintrin.h>
+#ifndef __AVX512F__
+#include "quant_cpu_avx2.h" /* the same kernels on AVX2, FMA and F16C */
+#endif
 #include <omp.h>
 #include <math.h>
 #include <stdint.h>

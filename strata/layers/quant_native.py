@@ -1,9 +1,12 @@
-"""Builds, caches and calls the AVX-512 kernels in quant_cpu*.c and cpu_*.c (ctypes, no torch headers).
+"""Builds, caches and calls the SIMD kernels in quant_cpu*.c and cpu_*.c (ctypes, no torch headers).
 
-The library is compiled once per machine with the system C compiler (about a second) into
-$STRATA_CACHE_DIR or ~/.cache/strata, named by a hash of the source and flags, written to a temporary file
-and renamed. `native_lib()` returns None when the CPU lacks AVX-512 BF16, no compiler is found, the build
-fails, or STRATA_NATIVE=0; callers then use the torch paths in quant_linear.py, which are always correct.
+The kernels are written with AVX-512 (BF16, and VNNI where present) intrinsics; on a CPU with AVX2, FMA and
+F16C but no AVX-512 the same sources build through quant_cpu_avx2.h, which gives those intrinsics on 256-bit
+registers. The library is compiled once per machine with the system C compiler (one process per source file,
+side by side; seconds with AVX-512, about a minute on two cores for AVX2) into $STRATA_CACHE_DIR or
+~/.cache/strata, named by a hash of the sources and flags, written to a temporary file and renamed.
+`native_lib()` returns None when the CPU has neither instruction set, no compiler is found, the build fails,
+or STRATA_NATIVE=0; callers then use the torch paths in quant_linear.py, which are always correct.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch  # loaded first so the library binds to torch's OpenMP runtime
+from tqdm import tqdm
 
 from strata.errors import UnsupportedError
 
@@ -36,12 +41,17 @@ SOURCES = [HERE / n for n in (
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c",
     "cpu_decode_inputs.c")]
 HEADER = HERE / "quant_cpu.h"
+AVX2_HEADER = HERE / "quant_cpu_avx2.h"  # the AVX-512 intrinsics the kernels use, on AVX2
 ABI = 15  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
+# Without AVX-512 the same sources build on AVX2 through quant_cpu_avx2.h (quant_cpu_a8.c's int8-activation kernels
+# need VNNI: a8_supported() is 0 there)
+AVX2_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-Wno-psabi", "-fopenmp", "-shared", "-fPIC"]
+AVX2_CPU_FLAGS = {"avx2", "fma", "f16c"}
 VNNI_FLAG = "avx512_vnni"  # when present, the int8-activation kernels (quant_cpu_a8.c) are compiled in
-COMPILE_TIMEOUT_S = 60
+COMPILE_TIMEOUT_S = 300  # one source file (the AVX2 build of the largest takes about 15 s)
 KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_kq / dequant_kq
 # Format family -> the WK_* code of quant_cpu.h: the `kind` argument of gemm_dq and of the MoE kernels (cpu_moe.c)
 WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7,
@@ -97,7 +107,16 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_supported() -> bool:
-    return CPU_FLAGS <= cpu_flags()
+    return isa() is not None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels build for here: "avx512" (with BF16), "avx2", or None (torch paths)."""
+    if os.environ.get("STRATA_ISA") == "avx2" and AVX2_CPU_FLAGS <= cpu_flags():  # the AVX2 build on any CPU
+        return "avx2"
+    if CPU_FLAGS <= cpu_flags():
+        return "avx512"
+    return "avx2" if AVX2_CPU_FLAGS <= cpu_flags() else None
 
 
 STALE_BUILD_S = 7 * 86400  # a build of other sources older than this is removed
@@ -122,9 +141,7 @@ def compile_library(stem: str, sources: list[Path], cc: str, flags: list[str], l
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        c_files = [str(p) for p in sources if p.suffix == ".c"]
-        subprocess.run([cc, *flags, *c_files, "-o", tmp, *libs], check=True, capture_output=True,
-                       timeout=COMPILE_TIMEOUT_S)
+        _compile_and_link(cc, flags, [p for p in sources if p.suffix == ".c"], tmp, libs)
         os.replace(tmp, target)
         now = time.time()
         for stale in target.parent.glob(f"{stem}-*.so"):  # builds of other sources
@@ -139,12 +156,35 @@ def compile_library(stem: str, sources: list[Path], cc: str, flags: list[str], l
     return target
 
 
+def _compile_and_link(cc: str, flags: list[str], c_files: list[Path], out: str, libs) -> None:
+    """One object per source, compiled side by side on the machine's cores, then linked into `out`."""
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as objs, tqdm(
+            total=len(c_files), desc="building native kernels", unit="file",
+            disable=len(c_files) < 4 or not log.isEnabledFor(logging.WARNING)) as bar:
+        compile_flags = [f for f in flags if f != "-shared"]
+
+        def one(i_src):
+            i, src = i_src
+            obj = os.path.join(objs, f"{i}-{src.stem}.o")
+            subprocess.run([cc, *compile_flags, "-c", str(src), "-o", obj], check=True, capture_output=True,
+                           timeout=COMPILE_TIMEOUT_S)
+            bar.update(1)
+            return obj
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            objects = list(pool.map(one, enumerate(c_files)))
+        subprocess.run([cc, *flags, *objects, "-o", out, *libs], check=True, capture_output=True,
+                       timeout=COMPILE_TIMEOUT_S)
+
+
 def find_compiler() -> str | None:
     """$CC, else gcc or cc on PATH; None when there is none."""
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
 def _build(cc: str) -> Path:
+    if isa() == "avx2":
+        return compile_library("quant_cpu_avx2", [HEADER, AVX2_HEADER, *SOURCES], cc, AVX2_CFLAGS, ["-lm"])
     flags = CFLAGS + (["-mavx512vnni"] if VNNI_FLAG in cpu_flags() else [])
     return compile_library("quant_cpu", [HEADER, *SOURCES], cc, flags, ["-lm"])
 
@@ -155,7 +195,7 @@ def native_lib() -> ctypes.CDLL | None:
     if os.environ.get("STRATA_NATIVE", "1") == "0":
         return None
     if not cpu_supported():
-        log.info("quantized kernels: CPU lacks AVX-512 BF16, using torch paths")
+        log.info("quantized kernels: CPU lacks AVX2, FMA and F16C, using torch paths")
         return None
     cc = find_compiler()
     if cc is None:
