@@ -65,7 +65,7 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
             const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row;
             acc[i] = _mm512_setzero_ps();
             for (int j = 0; j < NQ; j++) /* q is zero beyond D, so K's lanes there do not count */
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q[j], (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j));
+                acc[i] = _mm512_dpbf16_ps(acc[i], AS_BH(q[j]), AS_BH(_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j)));
         }
         __mmask16 m = tail16(nb);
         __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
@@ -142,9 +142,9 @@ static inline __attribute__((always_inline)) void attend_pair(const int NV, cons
             const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in attend_head */
             acc[i] = acc[8 + i] = _mm512_setzero_ps();
             for (int j = 0; j < NQ; j++) {
-                __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j);
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)q0[j], k);
-                acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], (__m512bh)q1[j], k);
+                __m512bh k = AS_BH(_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j));
+                acc[i] = _mm512_dpbf16_ps(acc[i], AS_BH(q0[j]), k);
+                acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], AS_BH(q1[j]), k);
             }
         }
         __mmask16 m = (__mmask16)(tail16(nb) | tail16(nb) << 8);

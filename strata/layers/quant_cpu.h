@@ -21,7 +21,9 @@
 #define STRATA_QUANT_CPU_H
 
 #include <immintrin.h>
-#ifndef __AVX512F__
+#ifdef __AVX512F__
+#define AS_BH(x) ((__m512bh)(x)) /* 32 bf16 for vdpbf16ps (nothing under quant_cpu_avx2.h) */
+#else
 #include "quant_cpu_avx2.h" /* the same kernels on AVX2, FMA and F16C */
 #endif
 #include <omp.h>
@@ -87,6 +89,9 @@ static inline void store_out(uint16_t *y, int64_t ldy, int m, int64_t n, float v
  * added to lane j + 8, then j + 4, j + 2, j + 1: the order of _mm512_reduce_add_ps, so each sum is the one it
  * gives, for a third of its instructions. */
 static inline __m512 sum16(__m512 v[16]) {
+#ifndef __AVX512F__
+    return s5_sum16(v); /* the same sums through 256-bit shuffles (quant_cpu_avx2.h) */
+#endif
     static const int lo[4][16] = {
         {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
         {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},

@@ -65,9 +65,9 @@ static inline __attribute__((always_inline)) void gm_block(int MR, int PF, const
         if (PF) /* compiled out for dequantized tiles: the bookkeeping alone slowed int4's GEMM 5-10% */
             for (due += npf; due >= steps; due -= steps, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
         __m512bh wv[GM_NR];
-        for (int n = 0; n < GM_NR; n++) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mk, t + n * K + k);
+        for (int n = 0; n < GM_NR; n++) wv[n] = AS_BH(_mm512_maskz_loadu_epi16(mk, t + n * K + k));
         for (int m = 0; m < MR; m++) {
-            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + m * ldx + k);
+            __m512bh xv = AS_BH(_mm512_maskz_loadu_epi16(mk, x + m * ldx + k));
             for (int n = 0; n < GM_NR; n++) {
                 if (m < 4)
                     acc[m * GM_NR + n] = _mm512_dpbf16_ps(acc[m * GM_NR + n], xv, wv[n]);

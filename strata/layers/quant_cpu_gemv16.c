@@ -48,8 +48,8 @@ static inline __attribute__((always_inline)) void rows_acc16(int mb, int R, int 
                 wv[r] = _mm512_loadu_si512(p);
             }
             for (int m = 0; m < mb; m++) {
-                __m512bh xv = (__m512bh)_mm512_loadu_si512(xh + m * ldx + k + 32 * u);
-                for (int r = 0; r < R; r++) acc[r][m][u] = _mm512_dpbf16_ps(acc[r][m][u], (__m512bh)wv[r], xv);
+                __m512bh xv = AS_BH(_mm512_loadu_si512(xh + m * ldx + k + 32 * u));
+                for (int r = 0; r < R; r++) acc[r][m][u] = _mm512_dpbf16_ps(acc[r][m][u], AS_BH(wv[r]), xv);
             }
         }
     }
@@ -58,7 +58,7 @@ static inline __attribute__((always_inline)) void rows_acc16(int mb, int R, int 
         for (int r = 0; r < R; r++) {
             __m512i wv = _mm512_maskz_loadu_epi16(lm, w + r * K + k);
             for (int m = 0; m < mb; m++)
-                acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xh + m * ldx + k));
+                acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], AS_BH(wv), AS_BH(_mm512_loadu_si512(xh + m * ldx + k)));
         }
     }
 }

@@ -30,11 +30,11 @@ static inline __attribute__((always_inline)) void block4(int mb, int R, const ui
         sv[r] = block_scales(sc + r * lds, b, gsh);
     }
     for (int m = 0; m < mb; m++) {
-        __m512bh xe = (__m512bh)_mm512_loadu_si512(xp + m * ldx + b * 64);
-        __m512bh xo = (__m512bh)_mm512_loadu_si512(xp + m * ldx + b * 64 + 32);
+        __m512bh xe = AS_BH(_mm512_loadu_si512(xp + m * ldx + b * 64));
+        __m512bh xo = AS_BH(_mm512_loadu_si512(xp + m * ldx + b * 64 + 32));
         for (int r = 0; r < R; r++) {
-            __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo[r], xe);
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)hi[r], xo);
+            __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), AS_BH(lo[r]), xe);
+            acc = _mm512_dpbf16_ps(acc, AS_BH(hi[r]), xo);
             tot[r][m] = _mm512_fmadd_ps(acc, sv[r], tot[r][m]);
         }
     }

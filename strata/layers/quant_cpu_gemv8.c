@@ -127,11 +127,11 @@ static inline __attribute__((always_inline)) void rows_dot_i8(int mb, int R, con
             hi[r] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), eight, magic, 0xBE);  /* (q>>4 ^ 8) | C */
         }
         for (int m = 0; m < mb; m++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(xh + (2 * m) * ldx + k);
-            __m512bh x16 = (__m512bh)_mm512_loadu_si512(xh + (2 * m + 1) * ldx + k);
+            __m512bh xv = AS_BH(_mm512_loadu_si512(xh + (2 * m) * ldx + k));
+            __m512bh x16 = AS_BH(_mm512_loadu_si512(xh + (2 * m + 1) * ldx + k));
             for (int r = 0; r < R; r++) {
-                acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], (__m512bh)hi[r], x16);
-                acc[r][m][split - 1] = _mm512_dpbf16_ps(acc[r][m][split - 1], (__m512bh)lo[r], xv);
+                acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], AS_BH(hi[r]), x16);
+                acc[r][m][split - 1] = _mm512_dpbf16_ps(acc[r][m][split - 1], AS_BH(lo[r]), xv);
             }
         }
     }
@@ -160,8 +160,8 @@ static inline __attribute__((always_inline)) void rows_dot_f8(int mb, int R, con
             v[r] = _mm512_ternarylogic_epi32(_mm512_slli_epi16(q, 8), signbit, t, 0xEA); /* sign | t */
         }
         for (int m = 0; m < mb; m++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(xh + m * ldx + k);
-            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)v[r], xv);
+            __m512bh xv = AS_BH(_mm512_loadu_si512(xh + m * ldx + k));
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], AS_BH(v[r]), xv);
         }
     }
     for (int r = 0; r < R; r++)

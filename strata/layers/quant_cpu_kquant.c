@@ -105,11 +105,11 @@ static inline __attribute__((always_inline)) void kq_rows(int kind, int mb, int 
             for (int r = 0; r < R; r++) kq_chunk(kind, w + r * ldw + sb * B, c, magic, &qa[r], &qb[r], &ja, &jb);
             for (int m = 0; m < mb; m++) {
                 const uint16_t *xr = x + m * K + sb * 256;
-                __m512bh xa = (__m512bh)_mm512_loadu_si512(xr + 32 * ja);
-                __m512bh xb = (__m512bh)_mm512_loadu_si512(xr + 32 * jb);
+                __m512bh xa = AS_BH(_mm512_loadu_si512(xr + 32 * ja));
+                __m512bh xb = AS_BH(_mm512_loadu_si512(xr + 32 * jb));
                 for (int r = 0; r < R; r++) {
-                    __m512 pa = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qa[r], xa);
-                    __m512 pb = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[r], xb);
+                    __m512 pa = _mm512_dpbf16_ps(_mm512_setzero_ps(), AS_BH(qa[r]), xa);
+                    __m512 pb = _mm512_dpbf16_ps(_mm512_setzero_ps(), AS_BH(qb[r]), xb);
                     tot[r][m] = _mm512_fmadd_ps(pa, kq_lane_factor(kind, f[r], fs[r], ja), tot[r][m]);
                     tot[r][m] = _mm512_fmadd_ps(pb, kq_lane_factor(kind, f[r], fs[r], jb), tot[r][m]);
                 }
@@ -197,7 +197,8 @@ static inline __attribute__((always_inline)) void kq_dequant(int kind, const uin
         for (int64_t sb = 0; sb < nsb; sb++) {
             const uint8_t *b = w + n * ldw + sb * KQ_BYTES[kind];
             uint16_t *o = out + (n - n0) * K + sb * 256;
-            __m512 f = kq_factors(kind, b);
+            float f[16]; /* lanes of kq_factors, read one at a time */
+            _mm512_storeu_ps(f, kq_factors(kind, b));
             for (int c = 0; c < 4; c++) {
                 __m512i q[2];
                 int j[2];

@@ -41,11 +41,11 @@ void gemv_mxfp4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64
             for (int64_t g = 0; g < ng; g++) {
                 if ((g & 3) == 0) /* the next row's line: see PREFETCH in quant_cpu.h */
                     _mm_prefetch((const char *)(wr + nbytes + g * 16), _MM_HINT_T0);
-                __m512bh wv = (__m512bh)decode32(wr + g * 16, lut);
+                __m512bh wv = AS_BH(decode32(wr + g * 16, lut));
                 __m512 s = _mm512_set1_ps(e8m0_to_f32(sr[g]));
                 for (int m = 0; m < mb; m++) {
                     __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), wv,
-                                                  (__m512bh)_mm512_loadu_si512(xm + m * K + g * 32));
+                                                  AS_BH(_mm512_loadu_si512(xm + m * K + g * 32)));
                     tot[m] = _mm512_fmadd_ps(acc, s, tot[m]);
                 }
             }

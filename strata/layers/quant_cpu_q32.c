@@ -116,19 +116,19 @@ static inline __attribute__((always_inline)) void qb_rows(int kind, int split, i
         }
         for (int m = 0; m < mb; m++) {
             const int64_t o = m * ldx + s * QB_STEP(kind);
-            __m512bh xa = (__m512bh)_mm512_loadu_si512(xh + o);
-            __m512bh xb = QB_PAIRED(kind) ? (__m512bh)_mm512_loadu_si512(xh + o + 32) : xa;
+            __m512bh xa = AS_BH(_mm512_loadu_si512(xh + o));
+            __m512bh xb = QB_PAIRED(kind) ? AS_BH(_mm512_loadu_si512(xh + o + 32)) : xa;
             __m512bh la = xa, lb = xb;
             if (split) {
-                la = (__m512bh)_mm512_loadu_si512(xl + o);
-                lb = QB_PAIRED(kind) ? (__m512bh)_mm512_loadu_si512(xl + o + 32) : la;
+                la = AS_BH(_mm512_loadu_si512(xl + o));
+                lb = QB_PAIRED(kind) ? AS_BH(_mm512_loadu_si512(xl + o + 32)) : la;
             }
             for (int r = 0; r < R; r++) {
-                __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)a[r], xa);
-                p = _mm512_dpbf16_ps(p, (__m512bh)b[r], xb);
+                __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), AS_BH(a[r]), xa);
+                p = _mm512_dpbf16_ps(p, AS_BH(b[r]), xb);
                 if (split) {
-                    p = _mm512_dpbf16_ps(p, (__m512bh)a[r], la);
-                    p = _mm512_dpbf16_ps(p, (__m512bh)b[r], lb);
+                    p = _mm512_dpbf16_ps(p, AS_BH(a[r]), la);
+                    p = _mm512_dpbf16_ps(p, AS_BH(b[r]), lb);
                 }
                 tot[r][m] = _mm512_fmadd_ps(p, sc[r], tot[r][m]);
             }
