@@ -225,6 +225,12 @@ static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, c
 /* y [M, N] = x [M, K] @ W^T (+ bias) for w uint8 [N, K / 32 * B] in block type `kind`; K a multiple of 32 */
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y) {
+#ifndef __AVX512F__
+    if (M <= 8) { /* the AVX2 build's own kernel (quant_cpu_q32_avx2.c) */
+        qb_gemv_avx2((int)kind, 0, x, M, K, w, N, bias, y);
+        return;
+    }
+#endif
     if (M > 1 && (kind == QB4_1 || kind == QB8_0)) { /* the GEMM was faster from 2 rows (benchmarks/quant_gemm.py) */
         gemm_dq(WK_Q8_0 + kind, x, M, K, w, NULL, NULL, N, 0, bias, y);
         return;
@@ -240,6 +246,10 @@ void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 /* gemv_qb for fp32 x [M, K] and fp32 y [M, N], at about 2^-16 of fp32 arithmetic (see the top of the file) */
 void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                  const float *bias, float *y) {
+#ifndef __AVX512F__
+    qb_gemv_avx2((int)kind, 1, x, M, K, w, N, bias, y);
+    return;
+#endif
     switch (kind) {
     case QB4_1: qb_gemv(QB4_1, 1, x, M, K, w, N, bias, y); break;
     case QB5_0: qb_gemv(QB5_0, 1, x, M, K, w, N, bias, y); break;
