@@ -216,6 +216,9 @@ static inline __attribute__((always_inline)) __m512 load16(int kind, const uint8
 
 void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int64_t out_f32);
+/* the AVX2 build's gemv_bf16: weights widened to fp32 once per load (quant_cpu_gemv16_avx2.c) */
+void gemv_bf16_avx2(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+                    int64_t out_f32);
 void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
                const float *bias, uint16_t *y);
 void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,

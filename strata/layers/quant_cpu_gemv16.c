@@ -150,6 +150,10 @@ static void gemv16_block(int64_t blk, int mb, int64_t m0, int64_t K, const uint1
  * y is bf16, or fp32 when out_f32 is nonzero. Any M (groups of MB16 rows), K and N. */
 void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int64_t out_f32) {
+#ifndef __AVX512F__
+    gemv_bf16_avx2(x, M, K, w, N, bias, y, out_f32); /* the AVX2 build's own kernel (quant_cpu_gemv16_avx2.c) */
+    return;
+#endif
     int64_t ldx = (K + 31) / 32 * 32 + 32; /* zero padded to whole chunks; +32 keeps rows off 4 KiB aliasing */
     uint16_t *xh = calloc((size_t)(MB16 * ldx), sizeof(uint16_t));
     for (int64_t m0 = 0; m0 < M; m0 += MB16) {

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
-    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
+    "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_gemv16_avx2.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
     "quant_cpu_mxfp4.c",
     "quant_cpu_q32.c", "quant_cpu_q32_avx2.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
     "cpu_decode_attention.c",

@@ -1,0 +1,125 @@
+/* gemv_bf16 (quant_cpu_gemv16.c) for the AVX2 build: bf16 weights widened to fp32 once per load and multiplied
+ * with fp32 activations by FMA, each widened weight serving every activation row of the pass.
+ *
+ * Through quant_cpu_avx2.h the AVX-512 kernel's vdpbf16ps becomes two FMAs plus the widening of both operands, for
+ * every pair of weight and activation rows: at 16 rows that widening, not the FMAs, bounds it. Here 16 weights
+ * (one 32-byte load) widen with two integer ops into their even and odd elements (8 fp32 each), and x is stored
+ * once per call as fp32 in the same order (even elements of each 16, then odd ones), so a weight row meets an x row
+ * in two FMAs. Blocks of GB_R weight rows by up to GB_MB x rows keep their sums in registers (16 of them here):
+ * 4 x 1 at one x row (separate sums for even and odd elements), 2 x 4 beyond. Products of two bf16 numbers are
+ * exact in fp32; the sums round as any fp32 accumulation.
+ */
+#include "quant_cpu.h"
+
+#ifndef __AVX512F__
+
+#define GB_MB 4 /* x rows per pass over a block of weight rows */
+
+/* the even and odd elements of 16 bf16 numbers, as fp32 */
+static inline __attribute__((always_inline)) void gb_widen(const uint16_t *p, __m256 *even, __m256 *odd) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* out[r][m] = w row r . x row m for R rows of K (a multiple of 16) and mb x rows of xf (ldx fp32 apart, stored
+ * even / odd per 16) */
+static inline __attribute__((always_inline)) void gb_rows(int R, int mb, const uint16_t *w, int64_t K,
+                                                          const float *xf, int64_t ldx, float out[][GB_MB]) {
+    __m256 acc[4][GB_MB], acc2[4];
+    for (int r = 0; r < R; r++) {
+        acc2[r] = _mm256_setzero_ps();
+        for (int m = 0; m < mb; m++) acc[r][m] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; k += 16) {
+        for (int r = 0; r < R; r++) {
+            const uint16_t *p = w + r * K + k;
+            _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0); /* this line of the next block's row */
+            __m256 e, o;
+            gb_widen(p, &e, &o);
+            for (int m = 0; m < mb; m++) {
+                const float *x = xf + m * ldx + k;
+                acc[r][m] = _mm256_fmadd_ps(e, _mm256_loadu_ps(x), acc[r][m]);
+                if (mb == 1) /* one x row: a second chain per row hides the FMA latency */
+                    acc2[r] = _mm256_fmadd_ps(o, _mm256_loadu_ps(x + 8), acc2[r]);
+                else
+                    acc[r][m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(x + 8), acc[r][m]);
+            }
+        }
+    }
+    /* the R * mb <= 8 sums through one transpose tree (s5_sum8), lane r * mb + m */
+    __m256 v[8];
+    for (int i = 0; i < 8; i++)
+        v[i] = i >= R * mb ? _mm256_setzero_ps()
+                           : mb == 1 ? _mm256_add_ps(acc[i][0], acc2[i]) : acc[i / mb][i % mb];
+    float t[8];
+    _mm256_storeu_ps(t, s5_sum8(v));
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < mb; m++) out[r][m] = t[r * mb + m];
+}
+
+static inline void gb_store(float v, int64_t m, int64_t n, int64_t N, const float *bias, void *y, int64_t out_f32) {
+    if (bias) v += bias[n];
+    if (out_f32)
+        ((float *)y)[m * N + n] = v;
+    else
+        ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
+}
+
+/* weight rows [blk * R, +R) (fewer at the end) against all M x rows, GB_MB at a time: the block's rows stay in L1
+ * from the first group of x rows to the last */
+static void gb_block(int64_t blk, int R, int64_t M, const float *xf, int64_t ldx, const uint16_t *w, int64_t K,
+                     int64_t N, const float *bias, void *y, int64_t out_f32) {
+    const int64_t n0 = blk * R;
+    const int rows = N - n0 < R ? (int)(N - n0) : R;
+    for (int64_t m0 = 0; m0 < M; m0 += GB_MB) {
+        const int mb = M - m0 < GB_MB ? (int)(M - m0) : GB_MB;
+        const float *xm = xf + m0 * ldx;
+        float r[4][GB_MB];
+        if (rows == R && R == (mb == 1 ? 4 : 2)) {
+#define BLOCK(MBC) gb_rows(MBC == 1 ? 4 : 2, MBC, w + n0 * K, K, xm, ldx, r)
+            SWITCH_MB(mb, BLOCK);
+#undef BLOCK
+        } else {
+            for (int i = 0; i < rows; i++) {
+                float r1[1][GB_MB];
+#define ONE_ROW(MBC) gb_rows(1, MBC, w + (n0 + i) * K, K, xm, ldx, r1)
+                SWITCH_MB(mb, ONE_ROW);
+#undef ONE_ROW
+                for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
+            }
+        }
+        for (int i = 0; i < rows; i++)
+            for (int m = 0; m < mb; m++) gb_store(r[i][m], m0 + m, n0 + i, N, bias, y, out_f32);
+    }
+}
+
+/* gemv_bf16 on AVX2: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), x and w bf16; y bf16 or fp32 (out_f32) */
+void gemv_bf16_avx2(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
+                    void *y, int64_t out_f32) {
+    if (K % 16) { /* rows that do not split into whole loads: a copy padded with zeros */
+        int64_t Kp = (K + 15) / 16 * 16;
+        uint16_t *wp = calloc((size_t)(N * Kp), sizeof(uint16_t)), *xp = calloc((size_t)(M * Kp), sizeof(uint16_t));
+        for (int64_t n = 0; n < N; n++) memcpy(wp + n * Kp, w + n * K, sizeof(uint16_t) * (size_t)K);
+        for (int64_t m = 0; m < M; m++) memcpy(xp + m * Kp, x + m * K, sizeof(uint16_t) * (size_t)K);
+        gemv_bf16_avx2(xp, M, Kp, wp, N, bias, y, out_f32);
+        free(xp);
+        free(wp);
+        return;
+    }
+    const int64_t ldx = K + 16; /* +16: rows off 4 KiB aliasing */
+    float *xf = malloc(sizeof(float) * (size_t)(M * ldx));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += 16)
+            for (int i = 0; i < 8; i++) {
+                xf[m * ldx + k + i] = bf16_to_f32(x[m * K + k + 2 * i]);
+                xf[m * ldx + k + 8 + i] = bf16_to_f32(x[m * K + k + 2 * i + 1]);
+            }
+    const int R = M == 1 ? 4 : 2; /* a last group of one x row runs its rows one at a time (gb_block) */
+    PAR_FOR(N * K * 2 > PAR_MIN_WORK, blk, (N + R - 1) / R, { gb_block(blk, R, M, xf, ldx, w, K, N, bias, y, out_f32); });
+    free(xf);
+}
+
+#else
+typedef int quant_cpu_gemv16_avx2_unused; /* the AVX-512 build runs quant_cpu_gemv16.c's kernel */
+#endif
