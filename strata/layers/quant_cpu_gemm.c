@@ -169,6 +169,12 @@ static void gm_tiles(int kind, const uint16_t *x, int64_t ldx, int64_t M, int64_
  * group for grouped kinds), s: scales, z: zero points or NULL, bias fp32 or NULL; threads split the tiles */
 void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
              int64_t N, int64_t G, const float *bias, uint16_t *y) {
+#ifndef __AVX512F__
+    if (kind >= WK_Q8_0 && kind <= WK_Q5_1) { /* AVX2: the blocks' own kernel beat this one at every M (1-256) */
+        qb_gemv_avx2((int)(kind - WK_Q8_0), 0, x, M, K, (const uint8_t *)w, N, bias, y);
+        return;
+    }
+#endif
     int64_t tile = GM_TILE_BYTES / (2 * K) / GM_NR * GM_NR;
     if (tile < GM_NR) tile = GM_NR;
     const int64_t ntiles = (N + tile - 1) / tile;

@@ -226,10 +226,8 @@ static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, c
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y) {
 #ifndef __AVX512F__
-    if (M <= 8) { /* the AVX2 build's own kernel (quant_cpu_q32_avx2.c) */
-        qb_gemv_avx2((int)kind, 0, x, M, K, w, N, bias, y);
-        return;
-    }
+    qb_gemv_avx2((int)kind, 0, x, M, K, w, N, bias, y); /* the AVX2 build's own kernel (quant_cpu_q32_avx2.c) */
+    return;
 #endif
     if (M > 1 && (kind == QB4_1 || kind == QB8_0)) { /* the GEMM was faster from 2 rows (benchmarks/quant_gemm.py) */
         gemm_dq(WK_Q8_0 + kind, x, M, K, w, NULL, NULL, N, 0, bias, y);
