@@ -10,6 +10,7 @@ from strata.engine.sampling_params import SamplingParams
 from strata.models import native_decode
 
 
+@pytest.mark.skipif(native_decode.bf16_lib() is None, reason="native kernels unavailable on this machine")
 def test_before_forward_runs_once_per_forward_right_before_its_native_code(monkeypatch):
     engine = LLMEngine(EngineConfig(num_threads=1), progress=False)
     calls = []
