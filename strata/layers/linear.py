@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.layers.quant_native import native_lib
+from strata.layers.quant_native import isa, native_lib
 
 # Rows from which oneDNN takes over (below: the native GEMM). The GEMM ran 1.3-1.9x oneDNN at 9-32 rows on OLMoE's
 # [2048, 2048] and its [50304, 2048] LM head and about even at 64-70, and 1.1-3x on the bundled model's
@@ -41,6 +41,10 @@ _BF16 = 0  # gemm_dq's kind for plain bf16 weights (quant_native.WEIGHT_KINDS)
 # groups over a weight that stays in cache)
 GEMV_BF16_MAX_BYTES = 1 << 20
 GEMV_BF16_MAX_ROWS = 16
+# The AVX2 build (no AVX-512 BF16): the native kernels up to GEMV_BF16_MAX_ROWS rows of a weight that takes the GEMV,
+# up to this many of a larger one (the GEMM), and beyond, torch's float32 matmul on the weight widened to float32
+# (its bf16 matmul runs several times slower there, and the native GEMM is the AVX-512 code on half-width registers)
+AVX2_NATIVE_MAX_ROWS = 4
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +53,19 @@ def bf16_lib():
     if os.environ.get("STRATA_NATIVE_BF16", "1") == "0":
         return None
     return native_lib()
+
+
+@lru_cache(maxsize=1)
+def _avx2() -> bool:
+    """Whether the kernels are the AVX2 build (see AVX2_GEMV_MAX_ROWS)."""
+    return isa() == "avx2"
+
+
+def native_rows(m: int, n: int, k: int) -> bool:
+    """Whether linear() runs m rows through a bf16 weight [n, k] in the native kernels alone (no torch matmul)."""
+    if _avx2():
+        return m <= (GEMV_BF16_MAX_ROWS if n * k * 2 <= GEMV_BF16_MAX_BYTES else AVX2_NATIVE_MAX_ROWS)
+    return m < CHUNK_ROWS
 
 
 def _native_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -76,6 +93,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     n, k = weight.shape
     m = x.numel() // k
+    if _avx2() and not native_rows(m, n, k):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     if m >= CHUNK_ROWS and n * k * weight.element_size() > SPLIT_MAX_BYTES:
         return F.linear(x, weight, bias)  # one call: a second pass over a weight out of cache costs more
     x2 = x.reshape(-1, k).contiguous()  # [M, K]

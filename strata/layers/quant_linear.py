@@ -47,6 +47,11 @@ BACKENDS = ("native", "torch", "reference")
 ACTIVATION_MODES = ("none", "int8")  # --quantized-activations
 GEMV_MAX_ROWS = 4  # above this many rows the GEMM beat the GEMVs on most layers measured (quant_gemm.py)
 GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul may beat the GEMM (quant_gemm.py)
+# Without AVX-512 (the AVX2 build of the kernels) torch's bf16 matmul runs several times slower than its float32 one,
+# and the native GEMMs are the AVX-512 code on half-width registers: from this many rows, float32 tiles of the weight
+# meet float32 activations in torch's float32 matmul (Q4_1 576 x 1536: 1.5x the native kernels at 16 rows, 2.7x at
+# 64-256, on a Zen 3 core)
+AVX2_FLOAT32_MIN_ROWS = 16
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -215,6 +220,9 @@ class QuantLinear(nn.Module):
         if xb.shape[0] <= self.gemv_max_rows:
             return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
         n = self.out_features
+        if xb.shape[0] >= AVX2_FLOAT32_MIN_ROWS and quant_native.isa() == "avx2":
+            y = self._float32_tiles(xb.float()).to(torch.bfloat16)
+            return y if self.bias is None else y + self.bias.to(torch.bfloat16)
         if xb.shape[0] <= self.gemm_max_rows and fmt.kind in quant_native.WEIGHT_KINDS:
             return quant_native.gemm(lib, fmt.kind, xb, k, n, fmt.group_size, k["bias"])
         # many rows: dequantize row tiles into a reused bf16 buffer and matmul each (oneDNN bf16 / AMX)
@@ -243,17 +251,28 @@ class QuantLinear(nn.Module):
         elif x.shape[0] <= self.gemv_max_rows:
             return quant_native.gemv_f32(quant_native.native_lib(), self.fmt.kind, x, self._k, self.out_features,
                                          self._k["bias"])
-        else:  # row tiles of the exact float32 weight, each in a float32 matmul
-            n, k = self.out_features, self.in_features
-            rows = max(16, min(n, TILE_BYTES_1_THREAD // (4 * k)))
-            buf = _tile_buffer(rows * k, torch.float32)
-            y = torch.empty(x.shape[0], n, dtype=torch.float32)
-            for n0 in range(0, n, rows):
-                n1 = min(n, n0 + rows)
-                tile = quant_native.dequantize_rows_f32(quant_native.native_lib(), self.fmt.kind, self._k, n0, n1,
-                                                        buf[: (n1 - n0) * k].view(n1 - n0, k))
-                y[:, n0:n1] = F.linear(x, tile)
+        else:
+            y = self._float32_tiles(x)
         return y if self.bias is None else y + self.bias.float()
+
+    def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 [M, K'] (K' the weight's padded row width) -> float32 [M, N], no bias: row tiles of the weight in
+        float32 (exact for BLOCK32_KINDS, else its bf16 dequantization widened), each in a float32 matmul."""
+        lib, fmt, n, k = quant_native.native_lib(), self.fmt, self.out_features, x.shape[1]
+        rows = max(16, min(n, TILE_BYTES_1_THREAD // (4 * k)))
+        buf = _tile_buffer(rows * k, torch.float32)
+        exact = fmt.kind in quant_native.BLOCK32_KINDS
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            tile = buf[: (n1 - n0) * k].view(n1 - n0, k)
+            if exact:
+                quant_native.dequantize_rows_f32(lib, fmt.kind, self._k, n0, n1, tile)
+            else:
+                tile.copy_(quant_native.dequantize_rows(lib, fmt.kind, self._k, n0, n1, fmt.group_size,
+                                                        _tile_buffer((n1 - n0) * k).view(n1 - n0, k)))
+            y[:, n0:n1] = F.linear(x, tile)
+        return y
 
     def _torch(self, xb: torch.Tensor) -> torch.Tensor:
         k, fmt = self._k, self.fmt

@@ -29,7 +29,7 @@ from torch import nn
 
 from strata.layers.attention import AttentionMetadata
 from strata.layers.fusion import WEIGHT_KINDS, native_weight
-from strata.layers.linear import CHUNK_ROWS, Linear, bf16_lib
+from strata.layers.linear import Linear, bf16_lib, native_rows
 from strata.layers.mlp import MLP
 from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
@@ -187,15 +187,15 @@ class NativeDecoder:
     def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """The forward's tail after __call__ in one native call (decode_logits_bf16 in cpu_decoder.c): final
         norm(x + residual), the LM head, float -> logits [S, V] fp32, the numbers CausalLM's modules give. None
-        where the final norm or the head is not the plain bf16 kind that call implements, or for CHUNK_ROWS rows
-        and more (linear() hands those to oneDNN): the modules run then."""
+        where the final norm or the head is not the plain bf16 kind that call implements, or for rows that linear()
+        hands to torch's matmul (linear.native_rows): the modules run then."""
         tail = self.__dict__.get("_tail")
         if tail is None:
             norm, head = self.model.model.norm, self.model.lm_head
             plain = (type(norm) is RMSNorm and type(head) is Linear and head.bias is None
                      and norm.weight.dtype == head.weight.dtype == torch.bfloat16)
             tail = self._tail = (norm, head) if plain else False
-        if not tail or x.shape[0] >= CHUNK_ROWS:
+        if not tail or not native_rows(x.shape[0], *tail[1].weight.shape):
             return None
         norm, head = tail
         w, hw = norm.weight.contiguous(), head.weight.contiguous()  # held: the pointers must outlive the call

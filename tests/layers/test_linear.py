@@ -65,7 +65,10 @@ def test_falls_back_to_f_linear(monkeypatch):
     linear(torch.randn(8, 16).bfloat16(), w.bfloat16())  # a verification of 7 drafts: one pass of the GEMM
     linear(torch.randn(63, 16).bfloat16(), w.bfloat16())  # a batch of decodes: the native GEMM
     linear(torch.randn(70, 16).bfloat16(), w.bfloat16())  # a prompt: oneDNN's matmul and the native GEMM
-    assert calls == ([] if bf16_lib() is not None else [(8, 16), (63, 16), (70, 16)])
+    expected = [] if bf16_lib() is not None else [(8, 16), (63, 16), (70, 16)]
+    if bf16_lib() is not None and linear_mod._avx2():  # beyond the GEMV's rows: torch's float32 matmul
+        expected = [(63, 16), (70, 16)]
+    assert calls == expected
 
 
 def test_env_switch_disables_native(monkeypatch):
@@ -192,6 +195,8 @@ def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias, 
     chunk = linear_mod.CHUNK_ROWS
     if m <= linear_mod.GEMV_BF16_MAX_ROWS and w.numel() * 2 <= linear_mod.GEMV_BF16_MAX_BYTES:
         assert lib.gemv == [m] and lib.gemm == []  # a few rows of a cached weight: the GEMV
+    elif linear_mod._avx2():
+        assert lib.gemv == [] and lib.gemm == []  # the AVX2 build: torch's float32 matmul
     else:
         rest = m if m < chunk else m % chunk if w.numel() * 2 <= linear_mod.SPLIT_MAX_BYTES else 0
         assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the rest
@@ -210,7 +215,11 @@ def test_small_weights_take_the_gemv_large_ones_the_gemm():
     for (n, k), m, kernel in cases:
         w, x = torch.randn(n, k).bfloat16(), torch.randn(m, k).bfloat16()
         want = torch.empty(m, n, dtype=torch.bfloat16)
-        if kernel == "gemv":
+        if not linear_mod.native_rows(m, n, k):  # the AVX2 build: torch's float32 matmul
+            kernel = "float32"
+        if kernel == "float32":
+            want = (x.float() @ w.float().t()).bfloat16()
+        elif kernel == "gemv":
             lib.gemv_bf16(x.data_ptr(), m, k, w.data_ptr(), n, None, want.data_ptr(), 0)
         else:
             lib.gemm_dq(0, x.data_ptr(), m, k, w.data_ptr(), None, None, n, 0, None, want.data_ptr())

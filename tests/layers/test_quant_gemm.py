@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from strata.layers import quant_native
+from strata.layers import quant_linear, quant_native
 from strata.layers.quant_linear import QuantLinear
 from strata.quant import ggml_blocks, kquant
 from strata.quant.format import dequantize_weight
@@ -111,13 +111,18 @@ def test_quant_linear_routes_rows_to_gemv_gemm_and_dequantize(monkeypatch):
     """Up to gemv_max_rows: GEMV; up to gemm_max_rows: the GEMM; beyond: dequantize + oneDNN; mxfp4 has no GEMM."""
     q = _layer("q4_1", 64, 256)
     calls = []
-    for name in ("gemv", "gemm", "dequantize_rows"):
+    for name in ("gemv", "gemm", "dequantize_rows", "dequantize_rows_f32"):
         real = getattr(quant_native, name)
         monkeypatch.setattr(quant_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
                                                                                          _real(*a, **k))[1])
     q._gemv = None  # the bound decode fast path would skip quant_native.gemv
-    for rows, path in ((q.gemv_max_rows, "gemv"), (q.gemv_max_rows + 1, "gemm"), (q.gemm_max_rows, "gemm"),
-                       (q.gemm_max_rows + 1, "dequantize_rows")):
+    cases = ((q.gemv_max_rows, "gemv"), (q.gemv_max_rows + 1, "gemm"), (q.gemm_max_rows, "gemm"),
+             (q.gemm_max_rows + 1, "dequantize_rows"))
+    if quant_native.isa() == "avx2":  # from AVX2_FLOAT32_MIN_ROWS rows: float32 tiles in torch's float32 matmul
+        rows_f32 = quant_linear.AVX2_FLOAT32_MIN_ROWS
+        cases = ((q.gemv_max_rows, "gemv"), (q.gemv_max_rows + 1, "gemm"), (rows_f32 - 1, "gemm"),
+                 (rows_f32, "dequantize_rows_f32"))
+    for rows, path in cases:
         calls.clear()
         x = torch.randn(rows, 256).to(torch.bfloat16)
         _check_float(q, x, q(x))

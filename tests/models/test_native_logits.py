@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from strata.layers.linear import CHUNK_ROWS, Linear, bf16_lib
+from strata.layers.linear import CHUNK_ROWS, Linear, bf16_lib, native_rows
 from strata.layers.norm import RMSNorm
 from strata.models.native_decode import NativeDecoder
 
@@ -43,6 +43,9 @@ def test_native_tail_equals_the_modules(hidden, vocab):
         residual = torch.randn(rows, hidden, generator=g).bfloat16()
         want = head(norm(x, residual)[0]).float()  # CausalLM.forward's tail
         got = nd.logits(x, residual)
+        if not native_rows(rows, vocab, hidden):  # the AVX2 build hands these rows to torch's float32 matmul
+            assert got is None
+            continue
         assert got is not None and got.dtype == torch.float32 and got.shape == (rows, vocab)
         assert torch.equal(got, want), rows
 
