@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.servers import free_port, wait_healthy  # noqa: E402
+from benchmarks.servers import free_port, wait_healthy
 
 LLAMA_SERVER = ROOT / ".cache" / "peers" / "llama-server-build" / "bin" / "llama-server"
 PROMPT = "Once upon a time"
@@ -64,7 +64,8 @@ def child(model: str | None, tokens: int, threads: int, dtype: str | None) -> No
 def strata_rate(model: str | None, env: dict, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model or "", "--tokens", str(args.tokens),
            "--threads", str(args.threads)] + (["--dtype", args.dtype] if args.dtype else [])
-    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, cwd=ROOT,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"decode run failed ({env}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
