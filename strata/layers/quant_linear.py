@@ -260,8 +260,10 @@ class QuantLinear(nn.Module):
         float32 (exact for BLOCK32_KINDS, else its bf16 dequantization widened), each in a float32 matmul."""
         lib, fmt, n, k = quant_native.native_lib(), self.fmt, self.out_features, x.shape[1]
         rows = max(16, min(n, TILE_BYTES_1_THREAD // (4 * k)))
-        buf = _tile_buffer(rows * k, torch.float32)
         exact = fmt.kind in quant_native.BLOCK32_KINDS
+        # the scratch buffers are written by the kernels only: no torch op updates them in place, so that one
+        # made under torch.inference_mode serves outside it too
+        buf = _tile_buffer(rows * k, torch.float32 if exact else torch.bfloat16)
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
@@ -269,8 +271,7 @@ class QuantLinear(nn.Module):
             if exact:
                 quant_native.dequantize_rows_f32(lib, fmt.kind, self._k, n0, n1, tile)
             else:
-                tile.copy_(quant_native.dequantize_rows(lib, fmt.kind, self._k, n0, n1, fmt.group_size,
-                                                        _tile_buffer((n1 - n0) * k).view(n1 - n0, k)))
+                tile = quant_native.dequantize_rows(lib, fmt.kind, self._k, n0, n1, fmt.group_size, tile).float()
             y[:, n0:n1] = F.linear(x, tile)
         return y
 
