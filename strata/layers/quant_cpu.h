@@ -233,9 +233,13 @@ void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 /* Q8_0 / Q4_1 blocks as in GGUF (quant_cpu_q32.c); kind 0 q8_0, 1 q4_1 */
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y);
-/* the AVX2 build's GEMV of those blocks, fp32 arithmetic (quant_cpu_q32_avx2.c); f32: x and y fp32, else bf16 */
+/* the AVX2 build's GEMV of those blocks, fp32 arithmetic (quant_cpu_q32_avx2.c); f32: x and y fp32, else bf16
+ * (then on int16 activations, quant_cpu_q32x16_avx2.c, except one row of q8_0) */
 void qb_gemv_avx2(int kind, int f32, const void *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                   const float *bias, void *y);
+/* the same for bf16 x and y, on int16 activations (quant_cpu_q32x16_avx2.c) */
+void qb_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                      const float *bias, uint16_t *y);
 /* rows [n0, n1) of a weight -> bf16 [n1 - n0, K], scales applied (quant_cpu_dequant.c, _kquant.c, _q32.c) */
 void dequant_int8(const int8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out);
 void dequant_fp8(const uint8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out);

@@ -52,6 +52,9 @@ GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul ma
 # meet float32 activations in torch's float32 matmul (Q4_1 576 x 1536: 1.5x the native kernels at 16 rows, 2.7x at
 # 64-256, on a Zen 3 core)
 AVX2_FLOAT32_MIN_ROWS = 16
+# the same for GGUF's 32-weight blocks (quant_native.BLOCK32_KINDS), whose AVX2 kernel on int16 activations
+# (quant_cpu_q32x16_avx2.c) beat the float32 tiles up to 20 rows on SmolLM2's projections and LM head
+AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -210,6 +213,11 @@ class QuantLinear(nn.Module):
         y = self._native(xb) if self.backend == "native" else self._torch(xb)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
+    @property
+    def _avx2_float32_min_rows(self) -> int:
+        """Rows from which the AVX2 build runs this layer as float32 tiles in torch's float32 matmul."""
+        return AVX2_BLOCK32_FLOAT32_MIN_ROWS if self.fmt.kind in quant_native.BLOCK32_KINDS else AVX2_FLOAT32_MIN_ROWS
+
     def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:
         return (F.pad(xb, (0, k - self.in_features)) if k != self.in_features else xb).contiguous()
 
@@ -220,7 +228,7 @@ class QuantLinear(nn.Module):
         if xb.shape[0] <= self.gemv_max_rows:
             return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
         n = self.out_features
-        if xb.shape[0] >= AVX2_FLOAT32_MIN_ROWS and quant_native.isa() == "avx2":
+        if xb.shape[0] >= self._avx2_float32_min_rows and quant_native.isa() == "avx2":
             y = self._float32_tiles(xb.float()).to(torch.bfloat16)
             return y if self.bias is None else y + self.bias.to(torch.bfloat16)
         if xb.shape[0] <= self.gemm_max_rows and fmt.kind in quant_native.WEIGHT_KINDS:

@@ -57,10 +57,12 @@ def _check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
     w = _check_float(q, x, y)
     bias = 0 if q.bias is None else q.bias.float()
     if quant_native.isa() == "avx2" and q.fmt.kind in quant_native.BLOCK32_KINDS:
-        # the AVX2 build's kernel of these blocks keeps the weights in fp32 (quant_cpu_q32_avx2.c): only the
-        # output's bf16 rounding and the order of fp32 sums differ from the float32 reference
+        # the AVX2 build's kernel of these blocks keeps the weights exact (quant_cpu_q32x16_avx2.c): besides the
+        # output's bf16 rounding and the order of sums, each x value is rounded to 16 bits of its run's largest
+        # value (at most 2^-16 of it, bounded here by the row's largest)
         ref, scale = x.float() @ w.T + bias, x.float().abs() @ w.abs().T
-        assert ((y.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-5 * scale + 1e-30).all()
+        xq = 2**-16 * x.float().abs().amax(dim=1, keepdim=True) * w.abs().sum(dim=1)  # [M, N]
+        assert ((y.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-5 * scale + xq + 1e-30).all()
         return
     ref_bf16 = x.float() @ w.to(torch.bfloat16).float().T + bias
     scale = x.float().abs() @ w.to(torch.bfloat16).float().abs().T  # what the sum's rounding errors scale with
@@ -73,6 +75,17 @@ def test_gemm_matches_dequantized_reference(fmt, inp):
     for rows in ROWS:
         x = torch.randn(rows, inp).to(torch.bfloat16)
         _check(q, x, _gemm(q, x))
+
+
+@pytest.mark.parametrize("fmt,inp", [b for b in BLOCKS if b[0] in quant_native.BLOCK32_KINDS] + [("q4_1", 1536)])
+def test_block32_decode_rows_match_dequantized_reference(fmt, inp):
+    """The GEMV rows of GGUF's 32-weight blocks through the decode fast path (1-4 rows; on AVX2 the int16-activation
+    kernel), with partial 4-row weight blocks and K that ends inside a run of 256 activations."""
+    q = _layer(fmt, 37, inp, bias=True)
+    for rows in range(1, q.gemv_max_rows + 1):
+        x = torch.randn(rows, inp).to(torch.bfloat16)
+        x[:, inp // 3] *= 100  # one outlier per row, as in the activations of real models
+        _check(q, x, q(x))
 
 
 @pytest.mark.parametrize("out", [1, 2, 3, 30, 301])
@@ -118,8 +131,8 @@ def test_quant_linear_routes_rows_to_gemv_gemm_and_dequantize(monkeypatch):
     q._gemv = None  # the bound decode fast path would skip quant_native.gemv
     cases = ((q.gemv_max_rows, "gemv"), (q.gemv_max_rows + 1, "gemm"), (q.gemm_max_rows, "gemm"),
              (q.gemm_max_rows + 1, "dequantize_rows"))
-    if quant_native.isa() == "avx2":  # from AVX2_FLOAT32_MIN_ROWS rows: float32 tiles in torch's float32 matmul
-        rows_f32 = quant_linear.AVX2_FLOAT32_MIN_ROWS
+    if quant_native.isa() == "avx2":  # from AVX2_BLOCK32_FLOAT32_MIN_ROWS rows: float32 tiles in torch's matmul
+        rows_f32 = quant_linear.AVX2_BLOCK32_FLOAT32_MIN_ROWS
         cases = ((q.gemv_max_rows, "gemv"), (q.gemv_max_rows + 1, "gemm"), (rows_f32 - 1, "gemm"),
                  (rows_f32, "dequantize_rows_f32"))
     for rows, path in cases:

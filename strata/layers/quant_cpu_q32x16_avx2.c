@@ -1,0 +1,207 @@
+/* The bf16 GEMV of GGUF's Q8_0, Q4_1, Q5_0 and Q5_1 blocks for the AVX2 build, on int16 activations.
+ *
+ * Widening every code to fp32 (quant_cpu_q32_avx2.c) costs about as many instructions per block as the dot
+ * product itself. Here each activation row is quantized once per call in runs of 256 values (QX_SB blocks):
+ * dx = max|x| / 32767 and xq = round(x / dx), 16 bits, an error of at most 2^-16 of the run's largest value
+ * (bf16 itself rounds each value by up to 2^-9). A block's codes then only widen to 16 bits (Q4_1: three
+ * instructions for 32 codes, in their natural order: byte i holds weight i in its low nibble and i + 16 in its
+ * high one), two vpmaddwd give its 32 products as 8 int32 sums, and one conversion and one FMA by the block's d
+ * accumulate them; one FMA by dx per run applies the activation scale. The offsets (m of q4_1 and q5_1, -16 d
+ * of q5_0) meet dx * sum(xq) of each block in a dot product over the row's blocks at the end.
+ *
+ * A single x row runs against four weight rows at a time (more loads in flight), batches one weight row against
+ * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
+ * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1, 1.3-1.9x at 2-32 rows
+ * (benchmarks/quant_gemm.py).
+ */
+#include "quant_cpu.h"
+
+#ifndef __AVX512F__
+
+enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3 }; /* quant_cpu_q32.c's kinds */
+static const int64_t QX_BYTES[4] = {34, 20, 22, 24};
+#define QXM 4 /* activation rows per register block */
+#define QX_SB 8 /* blocks of 32 per activation scale */
+
+/* bf16 x [M, K] -> xq [M, K] int16, dx [M, nsb] (the scale of each run of QX_SB blocks), xs [M, nb] (dx times the
+ * sum of each block's codes) */
+static void qx_quantize(const uint16_t *x, int64_t M, int64_t K, int16_t *xq, float *dx, float *xs) {
+    const int64_t nb = K / 32, nsb = (nb + QX_SB - 1) / QX_SB;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const int64_t j0 = sb * QX_SB, j1 = j0 + QX_SB < nb ? j0 + QX_SB : nb;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t k = 32 * j0; k < 32 * j1; k += 8)
+                a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + m * K + k))), 16))));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            dx[m * nsb + sb] = d;
+            for (int64_t j = j0; j < j1; j++) {
+                const uint16_t *p = x + m * K + 32 * j;
+                __m256i q[4]; /* round to nearest even (the default rounding mode) */
+                for (int i = 0; i < 4; i++) {
+                    __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8 * i))), 16));
+                    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(id)));
+                }
+                /* packs works per 128-bit lane: [q0 lo, q1 lo, q0 hi, q1 hi] -> natural order by a 64-bit permute */
+                __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+                __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+                _mm256_storeu_si256((__m256i *)(xq + m * K + 32 * j), lo);
+                _mm256_storeu_si256((__m256i *)(xq + m * K + 32 * j + 16), hi);
+                __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+                xs[m * nb + j] = d * (float)_mm_cvtsi128_si32(t);
+            }
+        }
+}
+
+/* bit i of the 16 bits h -> 16 in int16 lane i (the fifth bit of q5 codes) */
+static inline __m256i qx_bit4(uint32_t h) {
+    const __m256i lanes = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                            (short)0x8000);
+    __m256i b = _mm256_and_si256(_mm256_set1_epi16((short)h), lanes);
+    return _mm256_and_si256(_mm256_cmpeq_epi16(b, lanes), _mm256_set1_epi16(16));
+}
+
+/* a block's 32 codes as int16, weights 0-15 in lo and 16-31 in hi; its scale d and offset per unit of x, o */
+static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8_t *b, __m256i *lo, __m256i *hi,
+                                                           float *d, float *o) {
+    *d = half_at(b);
+    if (kind == QX8_0) {
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 2)));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 18)));
+        *o = 0.0f;
+        return;
+    }
+    const int64_t B = QX_BYTES[kind];
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + B - 16)));
+    *lo = _mm256_and_si256(v, _mm256_set1_epi16(0xF));
+    *hi = _mm256_srli_epi16(v, 4);
+    if (kind == QX5_0 || kind == QX5_1) {
+        uint32_t qh;
+        memcpy(&qh, b + B - 20, 4);
+        *lo = _mm256_or_si256(*lo, qx_bit4(qh & 0xFFFF));
+        *hi = _mm256_or_si256(*hi, qx_bit4(qh >> 16));
+    }
+    *o = kind == QX4_1 || kind == QX5_1 ? half_at(b + 2) : kind == QX5_0 ? -16.0f * *d : 0.0f;
+}
+
+static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* out[r][m] = weight row r . x row m for R rows of ldw bytes against mb x rows (xq, dx, xs at row 0 of them) */
+static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
+                                                          int64_t nb, int64_t K, const int16_t *xq, const float *dx,
+                                                          const float *xs, float out[4][QXM]) {
+    const int64_t B = QX_BYTES[kind];
+    __m256 acc[4][QXM];
+    float ob[4][nb]; /* each block's offset */
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < mb; m++) acc[r][m] = _mm256_setzero_ps();
+    const int64_t nsb = (nb + QX_SB - 1) / QX_SB;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256 part[4][QXM]; /* this scale's sums */
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < mb; m++) part[r][m] = _mm256_setzero_ps();
+        const int64_t j1 = (sb + 1) * QX_SB < nb ? (sb + 1) * QX_SB : nb;
+        for (int64_t j = sb * QX_SB; j < j1; j++)
+            for (int r = 0; r < R; r++) {
+                const uint8_t *b = w + r * ldw + j * B;
+                _mm_prefetch((const char *)(b + R * ldw), _MM_HINT_T0); /* the same block of the next row group */
+                __m256i lo, hi;
+                float d;
+                qx_codes(kind, b, &lo, &hi, &d, &ob[r][j]);
+                const __m256 dv = _mm256_set1_ps(d);
+                for (int m = 0; m < mb; m++) {
+                    const int16_t *x = xq + m * K + 32 * j;
+                    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                                 _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+                    part[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, part[r][m]);
+                }
+            }
+        for (int m = 0; m < mb; m++) {
+            const __m256 d = _mm256_broadcast_ss(dx + m * nsb + sb);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm256_fmadd_ps(part[r][m], d, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < mb; m++) {
+            float off = 0.0f;
+            if (kind != QX8_0) {
+                __m256 t = _mm256_setzero_ps();
+                int64_t j = 0;
+                for (; j + 8 <= nb; j += 8)
+                    t = _mm256_fmadd_ps(_mm256_loadu_ps(&ob[r][j]), _mm256_loadu_ps(xs + m * nb + j), t);
+                off = qx_hsum(t);
+                for (; j < nb; j++) off += ob[r][j] * xs[m * nb + j];
+            }
+            out[r][m] = qx_hsum(acc[r][m]) + off;
+        }
+}
+
+/* weight rows [blk * R, +R) (fewer at the end) against every x row, into y */
+static inline __attribute__((always_inline)) void qx_block(int kind, int R, int64_t blk, int64_t M, int64_t K,
+                                                           int64_t nb, const uint8_t *w, int64_t ldw, int64_t N,
+                                                           const int16_t *xq, const float *dx, const float *xs,
+                                                           const float *bias, uint16_t *y) {
+    const int64_t n0 = blk * R;
+    const int rows = N - n0 < R ? (int)(N - n0) : R;
+    for (int64_t m0 = 0; m0 < M; m0 += QXM) {
+        const int mb = M - m0 < QXM ? (int)(M - m0) : QXM;
+        float r[4][QXM];
+        const int16_t *xm = xq + m0 * K;
+        const float *dm = dx + m0 * ((nb + QX_SB - 1) / QX_SB), *sm = xs + m0 * nb;
+        if (rows == 4) { /* R = 4: one x row */
+            qx_rows(kind, 4, 1, w + n0 * ldw, ldw, nb, K, xm, dm, sm, r);
+        } else {
+            for (int i = 0; i < rows; i++) {
+                float r1[4][QXM];
+#define ONE_ROW(MBC) qx_rows(kind, 1, MBC, w + (n0 + i) * ldw, ldw, nb, K, xm, dm, sm, r1)
+                SWITCH_MB(mb, ONE_ROW);
+#undef ONE_ROW
+                for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
+            }
+        }
+        for (int i = 0; i < rows; i++)
+            for (int m = 0; m < mb; m++) store_out(y + m0 * N, N, m, n0 + i, r[i][m], bias);
+    }
+}
+
+static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16_t *x, int64_t M, int64_t K,
+                                                          const uint8_t *w, int64_t N, const float *bias,
+                                                          uint16_t *y) {
+    const int64_t nb = K / 32, ldw = nb * QX_BYTES[kind];
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
+    float *xs = malloc(sizeof(float) * (size_t)(2 * M * nb)), *dx = xs + M * nb; /* dx: M * nsb <= M * nb */
+    qx_quantize(x, M, K, xq, dx, xs);
+    const int R = M == 1 ? 4 : 1; /* weight rows per block: several for one x row (more loads in flight) */
+    const int64_t nblocks = (N + R - 1) / R;
+    PAR_FOR(N * ldw * M > PAR_MIN_WORK, blk, nblocks, { qx_block(kind, R, blk, M, K, nb, w, ldw, N, xq, dx, xs, bias, y); });
+    free(xs);
+    free(xq);
+}
+
+/* gemv_qb on AVX2 for bf16 x and y, any M; one compiled copy per kind */
+void qb_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                      const float *bias, uint16_t *y) {
+    switch (kind) {
+    case QX4_1: qx_gemv(QX4_1, x, M, K, w, N, bias, y); break;
+    case QX5_0: qx_gemv(QX5_0, x, M, K, w, N, bias, y); break;
+    case QX5_1: qx_gemv(QX5_1, x, M, K, w, N, bias, y); break;
+    default: qx_gemv(QX8_0, x, M, K, w, N, bias, y);
+    }
+}
+
+#else
+typedef int quant_cpu_q32x16_avx2_unused; /* the AVX-512 build has its own kernel (quant_cpu_q32.c) */
+#endif
