@@ -79,7 +79,7 @@ def llama_rate(base: str, tokens: int) -> float:
         return float(json.load(r)["timings"]["predicted_per_second"])
 
 
-def configurations() -> dict[str, dict]:
+def configurations(torch_paths: bool = True) -> dict[str, dict]:
     from strata.layers import quant_native
 
     isa = quant_native.isa()
@@ -88,7 +88,8 @@ def configurations() -> dict[str, dict]:
         configs["strata AVX-512"] = {"STRATA_ISA": ""}
     if quant_native.AVX2_CPU_FLAGS <= quant_native.cpu_flags():
         configs["strata AVX2"] = {"STRATA_ISA": "avx2"}
-    configs["strata torch paths"] = {"STRATA_NATIVE": "0"}
+    if torch_paths:
+        configs["strata torch paths"] = {"STRATA_NATIVE": "0"}
     return configs
 
 
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="strata's --dtype")
     ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-torch-paths", action="store_true", help="skip the torch paths (slow on big models)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -113,7 +115,7 @@ def main() -> None:
     from strata.layers import quant_native
 
     models = args.model or ["bundled=:"]
-    configs = configurations()
+    configs = configurations(not args.no_torch_paths)
     results = []
     for spec in models:
         name, _, paths = spec.partition("=")

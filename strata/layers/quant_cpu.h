@@ -234,7 +234,7 @@ void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 void gemv_qb(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y);
 /* the AVX2 build's GEMV of those blocks, fp32 arithmetic (quant_cpu_q32_avx2.c); f32: x and y fp32, else bf16
- * (then on int16 activations, quant_cpu_q32x16_avx2.c, except one row of q8_0) */
+ * (then on int16 activations, quant_cpu_q32x16_avx2.c) */
 void qb_gemv_avx2(int kind, int f32, const void *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                   const float *bias, void *y);
 /* the same for bf16 x and y, on int16 activations (quant_cpu_q32x16_avx2.c) */

@@ -148,8 +148,8 @@ static inline __attribute__((always_inline)) void qba_gemv(int kind, int f32, co
     free(xf);
 }
 
-/* gemv_qb_f32 (f32 = 1: x, y fp32) and gemv_qb (0: x bf16, y bf16; quant_cpu_q32x16_avx2.c's int16 activations
- * except for one row of q8_0, where this kernel was faster) on AVX2, any M; one compiled copy per kind */
+/* gemv_qb_f32 (f32 = 1: x, y fp32) on AVX2, any M, one compiled copy per kind; gemv_qb (0: x bf16, y bf16) goes to
+ * quant_cpu_q32x16_avx2.c's kernel on int16 activations */
 void qb_gemv_avx2(int kind, int f32, const void *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                   const float *bias, void *y) {
 #define KINDS(F32)                                                                                              \
@@ -159,7 +159,7 @@ void qb_gemv_avx2(int kind, int f32, const void *x, int64_t M, int64_t K, const 
     case QBA5_1: qba_gemv(QBA5_1, F32, x, M, K, w, N, bias, y); break;                                          \
     default: qba_gemv(QBA8_0, F32, x, M, K, w, N, bias, y);                                                     \
     }
-    if (!f32 && (M > 1 || kind != QBA8_0)) { /* bf16: int16 activations, except q8_0's single row (measured) */
+    if (!f32) { /* bf16: on int16 activations */
         qb_gemv_x16_avx2(kind, (const uint16_t *)x, M, K, w, N, bias, (uint16_t *)y);
         return;
     }

@@ -117,7 +117,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
         for (int64_t j = sb * QX_SB; j < j1; j++)
             for (int r = 0; r < R; r++) {
                 const uint8_t *b = w + r * ldw + j * B;
-                _mm_prefetch((const char *)(b + R * ldw), _MM_HINT_T0); /* the same block of the next row group */
+                _mm_prefetch((const char *)(b + 4 * R * ldw), _MM_HINT_T0); /* the same block 4 row groups on */
                 __m256i lo, hi;
                 float d;
                 qx_codes(kind, b, &lo, &hi, &d, &ob[r][j]);
