@@ -1,5 +1,6 @@
-/* The GEMV of quant_cpu_q32.c (GGUF's Q8_0, Q4_1, Q5_0 and Q5_1 blocks) for the AVX2 build: codes widened to fp32
- * and multiplied with fp32 activations by FMA, for up to QBA_MB activation rows per pass.
+/* The GEMV of quant_cpu_q32.c (GGUF's Q8_0, Q4_1, Q5_0 and Q5_1 blocks) for the AVX2 build and fp32 activations
+ * (gemv_qb_f32; bf16 ones go to quant_cpu_q32x16_avx2.c): codes widened to fp32 and multiplied with the
+ * activations by FMA, for up to QBA_MB activation rows per pass.
  *
  * The AVX-512 kernel turns codes into bf16 numbers for vdpbf16ps; through quant_cpu_avx2.h each of those becomes
  * two FMAs plus the splitting of both operands, and its register blocking spills on 16 registers. Here a block's
@@ -152,22 +153,16 @@ static inline __attribute__((always_inline)) void qba_gemv(int kind, int f32, co
  * quant_cpu_q32x16_avx2.c's kernel on int16 activations */
 void qb_gemv_avx2(int kind, int f32, const void *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                   const float *bias, void *y) {
-#define KINDS(F32)                                                                                              \
-    switch (kind) {                                                                                             \
-    case QBA4_1: qba_gemv(QBA4_1, F32, x, M, K, w, N, bias, y); break;                                          \
-    case QBA5_0: qba_gemv(QBA5_0, F32, x, M, K, w, N, bias, y); break;                                          \
-    case QBA5_1: qba_gemv(QBA5_1, F32, x, M, K, w, N, bias, y); break;                                          \
-    default: qba_gemv(QBA8_0, F32, x, M, K, w, N, bias, y);                                                     \
-    }
     if (!f32) { /* bf16: on int16 activations */
         qb_gemv_x16_avx2(kind, (const uint16_t *)x, M, K, w, N, bias, (uint16_t *)y);
         return;
     }
-    if (f32)
-        KINDS(1)
-    else
-        KINDS(0)
-#undef KINDS
+    switch (kind) {
+    case QBA4_1: qba_gemv(QBA4_1, 1, x, M, K, w, N, bias, y); break;
+    case QBA5_0: qba_gemv(QBA5_0, 1, x, M, K, w, N, bias, y); break;
+    case QBA5_1: qba_gemv(QBA5_1, 1, x, M, K, w, N, bias, y); break;
+    default: qba_gemv(QBA8_0, 1, x, M, K, w, N, bias, y);
+    }
 }
 
 #else
