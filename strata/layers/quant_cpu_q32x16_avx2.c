@@ -11,8 +11,8 @@
  *
  * A single x row runs against four weight rows at a time (more loads in flight), batches one weight row against
  * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
- * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1, 1.3-1.9x at 2-32 rows
- * (benchmarks/quant_gemm.py).
+ * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
+ * head), 1.1-1.9x at 4-32 rows (benchmarks/quant_gemm.py's shapes).
  */
 #include "quant_cpu.h"
 
