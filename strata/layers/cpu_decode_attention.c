@@ -238,6 +238,12 @@ void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv
         max_ctx = n > max_ctx ? n : max_ctx;
         work += n;
     }
+#ifndef __AVX512F__
+    if (D % 16 == 0) { /* the AVX2 build's own kernel (cpu_decode_attention_avx2.c) */
+        decode_attention_avx2(q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, work * Hq * D > PAR_MIN_ATTN);
+        return;
+    }
+#endif
 if (work * Hq * D > PAR_MIN_ATTN) {
 #pragma omp parallel
         {

@@ -46,6 +46,9 @@ def _run_native(q, k_cache, v_cache, ctx):
     ([7, 300, 33], 12, 2, 128),  # several sequences of different lengths
     ([50, 9], 6, 1, 40),  # MQA, head_dim not a multiple of 16
     ([129], 4, 4, 72),
+    ([3, 17, 8], 4, 2, 32),  # the bundled model's heads; contexts that end inside and at a block of 8 keys
+    ([9, 24], 6, 3, 48),  # a head size of three 16-value vectors
+    ([40], 2, 1, 256),
 ])
 def test_kernel_matches_float64(lens, hq, hkv, d):
     q, kc, vc, ctx = _setup(lens, hq, hkv, d, seed=sum(lens) + d)

@@ -1,0 +1,182 @@
+/* decode_attention_bf16 (cpu_decode_attention.c) for the AVX2 build, head sizes that are multiples of 16.
+ *
+ * The AVX-512 kernel scores 16 keys at a time into 16 accumulators of 16 lanes; through quant_cpu_avx2.h those are
+ * 32 registers of 8 lanes, twice what AVX2 has, and every vdpbf16ps becomes two FMAs plus the widening of both
+ * operands. Here the query head is widened to fp32 once per call, in the order in which 16 bf16 numbers of a K
+ * row widen with two integer ops (even elements, then odd ones), so a K row meets it in two FMAs per 16 values; 8
+ * keys at a time keep 8 accumulators, which one transpose tree (s5_sum8) turns into 8 scores. The softmax is the
+ * AVX-512 kernel's (the same exp polynomial, max subtracted), on 8 lanes. V rows widen the same way into even and
+ * odd sums, interleaved back once at the end and rounded to bf16 once; two sets of sums (even and odd keys) halve
+ * the FMA dependency chains. Products of two bf16 are exact in fp32: the results are the AVX-512 kernel's up to
+ * the order of fp32 sums.
+ */
+#include "quant_cpu.h"
+
+#ifndef __AVX512F__
+
+#define DA_MAXV 16 /* 16-value vectors per head: D <= 256 */
+
+/* the even and odd elements of 16 bf16 numbers, as fp32 */
+static inline __attribute__((always_inline)) void da_widen(const uint16_t *p, __m256 *even, __m256 *odd) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* exp on 8 lanes: exp_ps of quant_cpu.h (range clamp, Cody-Waite reduction, degree-6 polynomial, times 2^n) */
+static inline __m256 da_exp(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT |
+                                                                                  _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e)); /* n in [-126, 127]: 2^n is a normal number */
+}
+
+static inline float da_hmax(__m256 a) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+static inline float da_hsum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* one query head (NV 16-value vectors, a compile-time constant) over its n keys: p (n + 8 floats) is scratch */
+static inline __attribute__((always_inline)) void da_head(const int NV, const uint16_t *qh, const uint16_t *kc,
+                                                          const uint16_t *vc, int64_t row, const int64_t *sl,
+                                                          int64_t n, float scale, float *p, uint16_t *out) {
+    float qf[16 * DA_MAXV]; /* per 16: even elements, then odd */
+    for (int j = 0; j < NV; j++) {
+        __m256 e, o;
+        da_widen(qh + 16 * j, &e, &o);
+        _mm256_storeu_ps(qf + 16 * j, e);
+        _mm256_storeu_ps(qf + 16 * j + 8, o);
+    }
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int64_t nb = n - t0 < 8 ? n - t0 : 8;
+        for (int64_t t = t0 + 8; t < t0 + 16 && t < n; t++) /* the next block's K rows */
+            for (int j = 0; j < NV; j += 2) _mm_prefetch((const char *)(kc + sl[t] * row + 16 * j), _MM_HINT_T0);
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) {
+            /* past the context's end a block scores its first key again: a valid score, so the max needs no mask,
+             * and the softmax below zeroes those lanes */
+            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row;
+            __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+            for (int j = 0; j < NV; j++) {
+                __m256 e, o;
+                da_widen(kr + 16 * j, &e, &o);
+                a = _mm256_fmadd_ps(e, _mm256_loadu_ps(qf + 16 * j), a);
+                b = _mm256_fmadd_ps(o, _mm256_loadu_ps(qf + 16 * j + 8), b);
+            }
+            acc[i] = _mm256_add_ps(a, b);
+        }
+        __m256 s = _mm256_mul_ps(s5_sum8(acc), _mm256_set1_ps(scale));
+        _mm256_storeu_ps(p + t0, s);
+        vmax = _mm256_max_ps(vmax, s);
+    }
+    const __m256 mx = _mm256_set1_ps(da_hmax(vmax)), iota = _mm256_castsi256_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - t0 < 8 ? n - t0 : 8)),
+                                                             _mm256_castps_si256(iota)));
+        __m256 e = _mm256_and_ps(da_exp(_mm256_sub_ps(_mm256_loadu_ps(p + t0), mx)), live);
+        _mm256_storeu_ps(p + t0, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    __m256 ea[DA_MAXV], oa[DA_MAXV], eb[DA_MAXV], ob[DA_MAXV]; /* even / odd values, even / odd keys */
+    for (int j = 0; j < NV; j++) ea[j] = oa[j] = eb[j] = ob[j] = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+        const uint16_t *va = vc + sl[t] * row, *vb = vc + sl[t + 1] * row;
+        const __m256 pa = _mm256_set1_ps(p[t]), pb = _mm256_set1_ps(p[t + 1]);
+        for (int j = 0; j < NV; j++) {
+            __m256 e, o;
+            da_widen(va + 16 * j, &e, &o);
+            ea[j] = _mm256_fmadd_ps(pa, e, ea[j]);
+            oa[j] = _mm256_fmadd_ps(pa, o, oa[j]);
+            da_widen(vb + 16 * j, &e, &o);
+            eb[j] = _mm256_fmadd_ps(pb, e, eb[j]);
+            ob[j] = _mm256_fmadd_ps(pb, o, ob[j]);
+        }
+    }
+    if (t < n) {
+        const uint16_t *va = vc + sl[t] * row;
+        const __m256 pa = _mm256_set1_ps(p[t]);
+        for (int j = 0; j < NV; j++) {
+            __m256 e, o;
+            da_widen(va + 16 * j, &e, &o);
+            ea[j] = _mm256_fmadd_ps(pa, e, ea[j]);
+            oa[j] = _mm256_fmadd_ps(pa, o, oa[j]);
+        }
+    }
+    const float denom = da_hsum(vsum);
+    const __m256 inv = _mm256_set1_ps(n > 0 ? 1.0f / denom : 0.0f);
+    for (int j = 0; j < NV; j++) {
+        __m256 e = _mm256_mul_ps(_mm256_add_ps(ea[j], eb[j]), inv), o = _mm256_mul_ps(_mm256_add_ps(oa[j], ob[j]), inv);
+        __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o); /* [e0 o0 e1 o1 | e4 o4 e5 o5], ... */
+        float v[16];
+        _mm256_storeu_ps(v, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(v + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        for (int i = 0; i < 16; i++) out[16 * j + i] = f32_to_bf16(v[i]);
+    }
+}
+
+static void da_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
+                        const int64_t *sl, int64_t n, float scale, float *p, uint16_t *out) {
+    switch (D / 16) { /* one compiled copy per common head size keeps the sums in registers */
+    case 2: da_head(2, qh, kc, vc, row, sl, n, scale, p, out); break;
+    case 4: da_head(4, qh, kc, vc, row, sl, n, scale, p, out); break;
+    case 8: da_head(8, qh, kc, vc, row, sl, n, scale, p, out); break;
+    case 16: da_head(16, qh, kc, vc, row, sl, n, scale, p, out); break;
+    default: da_head((int)(D / 16), qh, kc, vc, row, sl, n, scale, p, out);
+    }
+}
+
+/* decode_attention_bf16 on AVX2 for D a multiple of 16 (the caller checks): the same arguments and results */
+void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
+                           const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
+                           uint16_t *out, int64_t par) {
+    int64_t max_ctx = 0;
+    for (int64_t s = 0; s < S; s++) max_ctx = starts[s + 1] - starts[s] > max_ctx ? starts[s + 1] - starts[s] : max_ctx;
+    const int64_t G = Hq / Hkv, row = Hkv * D;
+#define DA_GROUP(sk)                                                                                            \
+    do {                                                                                                        \
+        const int64_t s = (sk) / Hkv, kvh = (sk) % Hkv, n = starts[s + 1] - starts[s];                          \
+        for (int64_t g = 0; g < G; g++) {                                                                       \
+            const int64_t h = kvh * G + g;                                                                      \
+            da_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p, \
+                        out + (s * Hq + h) * D);                                                                \
+        }                                                                                                       \
+    } while (0)
+    if (par) {
+#pragma omp parallel
+        {
+            float *p = malloc(sizeof(float) * (size_t)(max_ctx + 8));
+#pragma omp for schedule(static)
+            for (int64_t sk = 0; sk < S * Hkv; sk++) DA_GROUP(sk);
+            free(p);
+        }
+    } else {
+        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 8));
+        for (int64_t sk = 0; sk < S * Hkv; sk++) DA_GROUP(sk);
+        free(p);
+    }
+#undef DA_GROUP
+}
+
+#else
+typedef int cpu_decode_attention_avx2_unused; /* the AVX-512 build runs cpu_decode_attention.c's kernel */
+#endif
