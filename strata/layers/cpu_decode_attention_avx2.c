@@ -8,7 +8,8 @@
  * AVX-512 kernel's (the same exp polynomial, max subtracted), on 8 lanes. V rows widen the same way into even and
  * odd sums, interleaved back once at the end and rounded to bf16 once; two sets of sums (even and odd keys) halve
  * the FMA dependency chains. Products of two bf16 are exact in fp32: the results are the AVX-512 kernel's up to
- * the order of fp32 sums.
+ * the order of fp32 sums. Query heads that share a KV head (GQA) run in pairs when D <= 64 (da_pair), loading and
+ * widening each K and V row once for both.
  */
 #include "quant_cpu.h"
 
@@ -51,6 +52,18 @@ static inline float da_hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 16 values of a head from their even and odd sums, times inv, as bf16 in their order */
+static inline void da_store16(__m256 even, __m256 odd, float inv, uint16_t *out) {
+    const __m256 f = _mm256_set1_ps(inv);
+    even = _mm256_mul_ps(even, f);
+    odd = _mm256_mul_ps(odd, f);
+    __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd); /* [e0 o0 e1 o1 | e4 o4 e5 o5] */
+    float v[16];
+    _mm256_storeu_ps(v, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(v + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    for (int i = 0; i < 16; i++) out[i] = f32_to_bf16(v[i]);
 }
 
 /* one query head (NV 16-value vectors, a compile-time constant) over its n keys: p (n + 8 floats) is scratch */
@@ -123,14 +136,91 @@ static inline __attribute__((always_inline)) void da_head(const int NV, const ui
         }
     }
     const float denom = da_hsum(vsum);
-    const __m256 inv = _mm256_set1_ps(n > 0 ? 1.0f / denom : 0.0f);
+    for (int j = 0; j < NV; j++)
+        da_store16(_mm256_add_ps(ea[j], eb[j]), _mm256_add_ps(oa[j], ob[j]), n > 0 ? 1.0f / denom : 0.0f, out + 16 * j);
+}
+
+/* da_head for two query heads of the same KV head (GQA; NV <= 4): each K and V row is loaded and widened once for
+ * both. Scores 4 keys at a time (lanes 0-3 the first head's, 4-7 the second's, one transpose tree); the V pass
+ * runs over the rows once per 32 values of the head, which keeps both heads' sums in 8 registers. p0, p1: scratch
+ * of n + 8 floats each. */
+static inline __attribute__((always_inline)) void da_pair(const int NV, const uint16_t *qh0, const uint16_t *qh1,
+                                                          const uint16_t *kc, const uint16_t *vc, int64_t row,
+                                                          const int64_t *sl, int64_t n, float scale, float *p0,
+                                                          float *p1, uint16_t *out0, uint16_t *out1) {
+    float qf[2][64];
     for (int j = 0; j < NV; j++) {
-        __m256 e = _mm256_mul_ps(_mm256_add_ps(ea[j], eb[j]), inv), o = _mm256_mul_ps(_mm256_add_ps(oa[j], ob[j]), inv);
-        __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o); /* [e0 o0 e1 o1 | e4 o4 e5 o5], ... */
-        float v[16];
-        _mm256_storeu_ps(v, _mm256_permute2f128_ps(lo, hi, 0x20));
-        _mm256_storeu_ps(v + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-        for (int i = 0; i < 16; i++) out[16 * j + i] = f32_to_bf16(v[i]);
+        __m256 e, o;
+        da_widen(qh0 + 16 * j, &e, &o);
+        _mm256_storeu_ps(qf[0] + 16 * j, e);
+        _mm256_storeu_ps(qf[0] + 16 * j + 8, o);
+        da_widen(qh1 + 16 * j, &e, &o);
+        _mm256_storeu_ps(qf[1] + 16 * j, e);
+        _mm256_storeu_ps(qf[1] + 16 * j + 8, o);
+    }
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t t0 = 0; t0 < n; t0 += 4) {
+        const int64_t nb = n - t0 < 4 ? n - t0 : 4;
+        for (int64_t t = t0 + 4; t < t0 + 8 && t < n; t++) /* the next block's K rows */
+            for (int j = 0; j < NV; j += 2) _mm_prefetch((const char *)(kc + sl[t] * row + 16 * j), _MM_HINT_T0);
+        __m256 acc[8];
+        for (int i = 0; i < 4; i++) {
+            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in da_head */
+            __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+            for (int j = 0; j < NV; j++) {
+                __m256 e, o;
+                da_widen(kr + 16 * j, &e, &o);
+                a = _mm256_fmadd_ps(o, _mm256_loadu_ps(qf[0] + 16 * j + 8),
+                                    _mm256_fmadd_ps(e, _mm256_loadu_ps(qf[0] + 16 * j), a));
+                b = _mm256_fmadd_ps(o, _mm256_loadu_ps(qf[1] + 16 * j + 8),
+                                    _mm256_fmadd_ps(e, _mm256_loadu_ps(qf[1] + 16 * j), b));
+            }
+            acc[i] = a;
+            acc[4 + i] = b;
+        }
+        __m256 s = _mm256_mul_ps(s5_sum8(acc), _mm256_set1_ps(scale));
+        _mm_storeu_ps(p0 + t0, _mm256_castps256_ps128(s));
+        _mm_storeu_ps(p1 + t0, _mm256_extractf128_ps(s, 1));
+        vmax = _mm256_max_ps(vmax, s);
+    }
+    __m128 h0 = _mm256_castps256_ps128(vmax), h1 = _mm256_extractf128_ps(vmax, 1);
+    h0 = _mm_max_ps(h0, _mm_movehl_ps(h0, h0));
+    h1 = _mm_max_ps(h1, _mm_movehl_ps(h1, h1));
+    const float mx[2] = {_mm_cvtss_f32(_mm_max_ss(h0, _mm_movehdup_ps(h0))),
+                         _mm_cvtss_f32(_mm_max_ss(h1, _mm_movehdup_ps(h1)))};
+    const __m256 iota = _mm256_castsi256_ps(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    float *ps[2] = {p0, p1}, inv[2];
+    for (int h = 0; h < 2; h++) {
+        __m256 vsum = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < n; t0 += 8) {
+            __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - t0 < 8 ? n - t0 : 8)),
+                                                                 _mm256_castps_si256(iota)));
+            __m256 e = _mm256_and_ps(da_exp(_mm256_sub_ps(_mm256_loadu_ps(ps[h] + t0), _mm256_set1_ps(mx[h]))), live);
+            _mm256_storeu_ps(ps[h] + t0, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        inv[h] = n > 0 ? 1.0f / da_hsum(vsum) : 0.0f;
+    }
+    for (int j0 = 0; j0 < NV; j0 += 2) { /* 32 values of both heads per pass over the V rows */
+        const int nj = NV - j0 < 2 ? NV - j0 : 2;
+        __m256 e0[2], o0[2], e1[2], o1[2];
+        for (int j = 0; j < nj; j++) e0[j] = o0[j] = e1[j] = o1[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *vr = vc + sl[t] * row + 16 * j0;
+            const __m256 pa = _mm256_set1_ps(p0[t]), pb = _mm256_set1_ps(p1[t]);
+            for (int j = 0; j < nj; j++) {
+                __m256 e, o;
+                da_widen(vr + 16 * j, &e, &o);
+                e0[j] = _mm256_fmadd_ps(pa, e, e0[j]);
+                o0[j] = _mm256_fmadd_ps(pa, o, o0[j]);
+                e1[j] = _mm256_fmadd_ps(pb, e, e1[j]);
+                o1[j] = _mm256_fmadd_ps(pb, o, o1[j]);
+            }
+        }
+        for (int j = 0; j < nj; j++) {
+            da_store16(e0[j], o0[j], inv[0], out0 + 16 * (j0 + j));
+            da_store16(e1[j], o1[j], inv[1], out1 + 16 * (j0 + j));
+        }
     }
 }
 
@@ -145,6 +235,17 @@ static void da_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const
     }
 }
 
+/* da_pair for D <= 64 (a multiple of 16): heads qh and qh + D, outputs out and out + D */
+static void da_pair_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
+                        const int64_t *sl, int64_t n, float scale, float *p0, float *p1, uint16_t *out) {
+    switch (D / 16) {
+    case 1: da_pair(1, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D); break;
+    case 2: da_pair(2, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D); break;
+    case 3: da_pair(3, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D); break;
+    default: da_pair(4, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D);
+    }
+}
+
 /* decode_attention_bf16 on AVX2 for D a multiple of 16 (the caller checks): the same arguments and results */
 void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                            const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
@@ -155,7 +256,13 @@ void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv
 #define DA_GROUP(sk)                                                                                            \
     do {                                                                                                        \
         const int64_t s = (sk) / Hkv, kvh = (sk) % Hkv, n = starts[s + 1] - starts[s];                          \
-        for (int64_t g = 0; g < G; g++) {                                                                       \
+        int64_t g = 0;                                                                                          \
+        for (; g + 2 <= G && D <= 64; g += 2) {                                                                 \
+            const int64_t h = kvh * G + g;                                                                      \
+            da_pair_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p, \
+                        p + max_ctx + 8, out + (s * Hq + h) * D);                                               \
+        }                                                                                                       \
+        for (; g < G; g++) {                                                                                    \
             const int64_t h = kvh * G + g;                                                                      \
             da_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p, \
                         out + (s * Hq + h) * D);                                                                \
@@ -164,13 +271,13 @@ void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv
     if (par) {
 #pragma omp parallel
         {
-            float *p = malloc(sizeof(float) * (size_t)(max_ctx + 8));
+            float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 8)));
 #pragma omp for schedule(static)
             for (int64_t sk = 0; sk < S * Hkv; sk++) DA_GROUP(sk);
             free(p);
         }
     } else {
-        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 8));
+        float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 8)));
         for (int64_t sk = 0; sk < S * Hkv; sk++) DA_GROUP(sk);
         free(p);
     }

@@ -49,6 +49,7 @@ def _run_native(q, k_cache, v_cache, ctx):
     ([3, 17, 8], 4, 2, 32),  # the bundled model's heads; contexts that end inside and at a block of 8 keys
     ([9, 24], 6, 3, 48),  # a head size of three 16-value vectors
     ([40], 2, 1, 256),
+    ([5, 70], 9, 3, 64),  # SmolLM2's heads: three query heads per KV head (a pair and one alone)
 ])
 def test_kernel_matches_float64(lens, hq, hkv, d):
     q, kc, vc, ctx = _setup(lens, hq, hkv, d, seed=sum(lens) + d)
