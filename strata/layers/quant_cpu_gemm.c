@@ -174,6 +174,10 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
         qb_gemv_avx2((int)(kind - WK_Q8_0), 0, x, M, K, (const uint8_t *)w, N, bias, y);
         return;
     }
+    if (kind == WK_INT4 && G % 32 == 0) { /* and int4's on int16 activations (quant_cpu_q32x16_avx2.c) */
+        int4_gemv_x16_avx2(x, M, K, (const uint8_t *)w, N, G, (const uint16_t *)s, (const uint8_t *)z, bias, y);
+        return;
+    }
 #endif
     int64_t tile = GM_TILE_BYTES / (2 * K) / GM_NR * GM_NR;
     if (tile < GM_NR) tile = GM_NR;

@@ -63,6 +63,12 @@ static inline __attribute__((always_inline)) void rows_dot4(int mb, int R, const
 /* x [M, Kp] bf16 zero-padded; w [N, Kp / 2]; scale fp16 [N, Kp / G]; zeros uint8 [N, Kp / G] or NULL */
 void gemv_int4(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
                const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y) {
+#ifndef __AVX512F__
+    if (G % 32 == 0) { /* the AVX2 build's own kernel (quant_cpu_q32x16_avx2.c) */
+        int4_gemv_x16_avx2(x, M, Kp, w, N, G, scale, zeros, bias, y);
+        return;
+    }
+#endif
     int64_t ng = Kp / G, lds = ng + 1, nbytes = Kp / 2, kx = (Kp + 63) / 64 * 64 + 32; /* +32: no 4K aliasing */
     int gsh = __builtin_ctzll((unsigned long long)G);
     uint16_t *xp = calloc((size_t)(MB * kx), sizeof(uint16_t));

@@ -18,8 +18,23 @@
 
 #ifndef __AVX512F__
 
-enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3 }; /* quant_cpu_q32.c's kinds */
-static const int64_t QX_BYTES[4] = {34, 20, 22, 24};
+enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3, QX_INT4 = 4 }; /* quant_cpu_q32.c's kinds, then Strata's int4 */
+static const int64_t QX_BYTES[5] = {34, 20, 22, 24, 16};
+
+/* int4's scales and zero points (quant_cpu.h's layout: fp16 scales [N, ng], uint8 zero points [N, ng] or NULL for
+ * 8), from the first weight row of a call on; G = 1 << gsh, a multiple of 32 */
+typedef struct {
+    const uint16_t *s;
+    const uint8_t *z;
+    int64_t ng;
+    int gsh;
+} qx_groups;
+
+static inline __attribute__((always_inline)) qx_groups qx_rows_from(qx_groups g, int64_t n) {
+    g.s += n * g.ng;
+    if (g.z) g.z += n * g.ng;
+    return g;
+}
 #define QXM 4 /* activation rows per register block */
 #define QX_SB 8 /* blocks of 32 per activation scale */
 
@@ -70,10 +85,22 @@ static inline __m256i qx_bit4(uint32_t h) {
     return _mm256_and_si256(_mm256_cmpeq_epi16(b, lanes), _mm256_set1_epi16(16));
 }
 
-/* a block's 32 codes as int16, weights 0-15 in lo and 16-31 in hi; its scale d and offset per unit of x, o */
+/* a block's 32 codes as int16, weights 0-15 in lo and 16-31 in hi (int4: even weights in lo, odd ones in hi); its
+ * scale d in every lane of dv and its offset per unit of x, o */
 static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8_t *b, __m256i *lo, __m256i *hi,
-                                                           float *d, float *o) {
-    *d = half_at(b);
+                                                           float *dd, float *o, qx_groups g, int64_t j) {
+    if (kind == QX_INT4) { /* byte i: weight 2i in its low nibble, 2i + 1 in its high one (x stored to match) */
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
+        *lo = _mm256_and_si256(v, _mm256_set1_epi16(0xF));
+        *hi = _mm256_srli_epi16(v, 4);
+        const int64_t gi = (32 * j) >> g.gsh;
+        const float d = f16_to_f32(g.s[gi]);
+        *dd = d;
+        *o = -(g.z ? (float)g.z[gi] : 8.0f) * d;
+        return;
+    }
+    const float d = half_at(b);
+    *dd = d;
     if (kind == QX8_0) {
         *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 2)));
         *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 18)));
@@ -90,7 +117,7 @@ static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8
         *lo = _mm256_or_si256(*lo, qx_bit4(qh & 0xFFFF));
         *hi = _mm256_or_si256(*hi, qx_bit4(qh >> 16));
     }
-    *o = kind == QX4_1 || kind == QX5_1 ? half_at(b + 2) : kind == QX5_0 ? -16.0f * *d : 0.0f;
+    *o = kind == QX4_1 || kind == QX5_1 ? half_at(b + 2) : -16.0f * d;
 }
 
 static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
@@ -99,10 +126,11 @@ static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* out[r][m] = weight row r . x row m for R rows of ldw bytes against mb x rows (xq, dx, xs at row 0 of them) */
+/* out[r][m] = weight row r . x row m for R rows of ldw bytes against mb x rows (xq, dx, xs at row 0 of them);
+ * g: int4's groups from the first of the R rows */
 static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
                                                           int64_t nb, int64_t K, const int16_t *xq, const float *dx,
-                                                          const float *xs, float out[4][QXM]) {
+                                                          const float *xs, qx_groups g, float out[4][QXM]) {
     const int64_t B = QX_BYTES[kind];
     __m256 acc[4][QXM];
     float ob[4][nb]; /* each block's offset */
@@ -120,7 +148,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
                 _mm_prefetch((const char *)(b + 4 * R * ldw), _MM_HINT_T0); /* the same block 4 row groups on */
                 __m256i lo, hi;
                 float d;
-                qx_codes(kind, b, &lo, &hi, &d, &ob[r][j]);
+                qx_codes(kind, b, &lo, &hi, &d, &ob[r][j], kind == QX_INT4 ? qx_rows_from(g, r) : g, j);
                 const __m256 dv = _mm256_set1_ps(d);
                 for (int m = 0; m < mb; m++) {
                     const int16_t *x = xq + m * K + 32 * j;
@@ -153,7 +181,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
 static inline __attribute__((always_inline)) void qx_block(int kind, int R, int64_t blk, int64_t M, int64_t K,
                                                            int64_t nb, const uint8_t *w, int64_t ldw, int64_t N,
                                                            const int16_t *xq, const float *dx, const float *xs,
-                                                           const float *bias, uint16_t *y) {
+                                                           qx_groups g, const float *bias, uint16_t *y) {
     const int64_t n0 = blk * R;
     const int rows = N - n0 < R ? (int)(N - n0) : R;
     for (int64_t m0 = 0; m0 < M; m0 += QXM) {
@@ -162,11 +190,11 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
         const int16_t *xm = xq + m0 * K;
         const float *dm = dx + m0 * ((nb + QX_SB - 1) / QX_SB), *sm = xs + m0 * nb;
         if (rows == 4) { /* R = 4: one x row */
-            qx_rows(kind, 4, 1, w + n0 * ldw, ldw, nb, K, xm, dm, sm, r);
+            qx_rows(kind, 4, 1, w + n0 * ldw, ldw, nb, K, xm, dm, sm, qx_rows_from(g, n0), r);
         } else {
             for (int i = 0; i < rows; i++) {
                 float r1[4][QXM];
-#define ONE_ROW(MBC) qx_rows(kind, 1, MBC, w + (n0 + i) * ldw, ldw, nb, K, xm, dm, sm, r1)
+#define ONE_ROW(MBC) qx_rows(kind, 1, MBC, w + (n0 + i) * ldw, ldw, nb, K, xm, dm, sm, qx_rows_from(g, n0 + i), r1)
                 SWITCH_MB(mb, ONE_ROW);
 #undef ONE_ROW
                 for (int m = 0; m < mb; m++) r[i][m] = r1[0][m];
@@ -177,29 +205,70 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
     }
 }
 
+/* every weight row block against every x row, one function per kind: the OpenMP region of PAR_FOR is outlined
+ * into a function of its own where it is written, so each kind needs its own region to keep its constant kind
+ * (one shared region of an inlined helper lost the specialisation: 1.4x slower at one row) */
+#define QX_PAR_FN(KIND)                                                                                         \
+    static void qx_par_##KIND(int64_t M, int64_t K, int64_t nb, const uint8_t *w, int64_t ldw, int64_t N,       \
+                              const int16_t *xq, const float *dx, const float *xs, qx_groups g, const float *bias,\
+                              uint16_t *y) {                                                                    \
+        const int R = M == 1 ? 4 : 1; /* weight rows per block: several for one x row (more loads in flight) */ \
+        const int64_t nblocks = (N + R - 1) / R;                                                                \
+        PAR_FOR(N * ldw * M > PAR_MIN_WORK, blk, nblocks,                                                       \
+                { qx_block(KIND, R, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); });                      \
+    }
+QX_PAR_FN(QX8_0)
+QX_PAR_FN(QX4_1)
+QX_PAR_FN(QX5_0)
+QX_PAR_FN(QX5_1)
+QX_PAR_FN(QX_INT4)
+#undef QX_PAR_FN
+#define QX_RUN(KIND) qx_par_##KIND(M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y)
+
 static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16_t *x, int64_t M, int64_t K,
-                                                          const uint8_t *w, int64_t N, const float *bias,
+                                                          const uint8_t *w, int64_t N, qx_groups g, const float *bias,
                                                           uint16_t *y) {
     const int64_t nb = K / 32, ldw = nb * QX_BYTES[kind];
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
     float *xs = malloc(sizeof(float) * (size_t)(2 * M * nb)), *dx = xs + M * nb; /* dx: M * nsb <= M * nb */
+    uint16_t *xp = NULL;
+    if (kind == QX_INT4) { /* each 32 values as the nibbles hold them: even elements, then odd ones */
+        xp = malloc(sizeof(uint16_t) * (size_t)(M * K));
+        for (int64_t i = 0; i < M * K; i += 32)
+            for (int e = 0; e < 16; e++) xp[i + e] = x[i + 2 * e], xp[i + 16 + e] = x[i + 2 * e + 1];
+        x = xp;
+    }
     qx_quantize(x, M, K, xq, dx, xs);
-    const int R = M == 1 ? 4 : 1; /* weight rows per block: several for one x row (more loads in flight) */
-    const int64_t nblocks = (N + R - 1) / R;
-    PAR_FOR(N * ldw * M > PAR_MIN_WORK, blk, nblocks, { qx_block(kind, R, blk, M, K, nb, w, ldw, N, xq, dx, xs, bias, y); });
+    switch (kind) {
+    case QX4_1: QX_RUN(QX4_1); break;
+    case QX5_0: QX_RUN(QX5_0); break;
+    case QX5_1: QX_RUN(QX5_1); break;
+    case QX_INT4: QX_RUN(QX_INT4); break;
+    default: QX_RUN(QX8_0);
+    }
+    free(xp);
     free(xs);
     free(xq);
 }
+#undef QX_RUN
 
 /* gemv_qb on AVX2 for bf16 x and y, any M; one compiled copy per kind */
 void qb_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                       const float *bias, uint16_t *y) {
+    const qx_groups none = {NULL, NULL, 0, 0};
     switch (kind) {
-    case QX4_1: qx_gemv(QX4_1, x, M, K, w, N, bias, y); break;
-    case QX5_0: qx_gemv(QX5_0, x, M, K, w, N, bias, y); break;
-    case QX5_1: qx_gemv(QX5_1, x, M, K, w, N, bias, y); break;
-    default: qx_gemv(QX8_0, x, M, K, w, N, bias, y);
+    case QX4_1: qx_gemv(QX4_1, x, M, K, w, N, none, bias, y); break;
+    case QX5_0: qx_gemv(QX5_0, x, M, K, w, N, none, bias, y); break;
+    case QX5_1: qx_gemv(QX5_1, x, M, K, w, N, none, bias, y); break;
+    default: qx_gemv(QX8_0, x, M, K, w, N, none, bias, y);
     }
+}
+
+/* gemv_int4 on AVX2 for groups G a multiple of 32 (the caller checks), any M: the same arguments */
+void int4_gemv_x16_avx2(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
+                        const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y) {
+    const qx_groups g = {scale, zeros, Kp / G, __builtin_ctzll((unsigned long long)G)};
+    qx_gemv(QX_INT4, x, M, Kp, w, N, g, bias, y);
 }
 
 #else

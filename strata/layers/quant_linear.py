@@ -52,9 +52,11 @@ GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul ma
 # meet float32 activations in torch's float32 matmul (Q4_1 576 x 1536: 1.5x the native kernels at 16 rows, 2.7x at
 # 64-256, on a Zen 3 core)
 AVX2_FLOAT32_MIN_ROWS = 16
-# the same for GGUF's 32-weight blocks (quant_native.BLOCK32_KINDS), whose AVX2 kernel on int16 activations
-# (quant_cpu_q32x16_avx2.c) beat the float32 tiles up to 20 rows on SmolLM2's projections and LM head
+# the same for GGUF's 32-weight blocks (quant_native.BLOCK32_KINDS) and int4 with groups of a multiple of 32, whose
+# AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c) beat the float32 tiles up to about 20 rows on SmolLM2's
+# projections and LM head, and up to about 40 on int4 [2048, 2048] and [1536, 576] (whose float32 tiles are slower)
 AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
+AVX2_INT4_FLOAT32_MIN_ROWS = 48
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -216,7 +218,11 @@ class QuantLinear(nn.Module):
     @property
     def _avx2_float32_min_rows(self) -> int:
         """Rows from which the AVX2 build runs this layer as float32 tiles in torch's float32 matmul."""
-        return AVX2_BLOCK32_FLOAT32_MIN_ROWS if self.fmt.kind in quant_native.BLOCK32_KINDS else AVX2_FLOAT32_MIN_ROWS
+        if self.fmt.kind in quant_native.BLOCK32_KINDS:
+            return AVX2_BLOCK32_FLOAT32_MIN_ROWS
+        if self.fmt.kind == "int4" and self.fmt.group_size % 32 == 0:
+            return AVX2_INT4_FLOAT32_MIN_ROWS
+        return AVX2_FLOAT32_MIN_ROWS
 
     def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:
         return (F.pad(xb, (0, k - self.in_features)) if k != self.in_features else xb).contiguous()
