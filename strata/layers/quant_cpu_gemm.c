@@ -174,8 +174,12 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
         qb_gemv_avx2((int)(kind - WK_Q8_0), 0, x, M, K, (const uint8_t *)w, N, bias, y);
         return;
     }
-    if (kind == WK_INT4 && G % 32 == 0) { /* and int4's on int16 activations (quant_cpu_q32x16_avx2.c) */
+    if (kind == WK_INT4 && G % 32 == 0) { /* and int4's and int8's on int16 activations (quant_cpu_q32x16_avx2.c) */
         int4_gemv_x16_avx2(x, M, K, (const uint8_t *)w, N, G, (const uint16_t *)s, (const uint8_t *)z, bias, y);
+        return;
+    }
+    if (kind == WK_INT8 && K % 32 == 0) {
+        int8_gemv_x16_avx2(x, M, K, (const int8_t *)w, N, (const float *)s, bias, y);
         return;
     }
 #endif

@@ -240,6 +240,12 @@ static inline __attribute__((always_inline)) void gemv_bf16dot(int is_fp8, const
 
 void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
                const float *bias, uint16_t *y) {
+#ifndef __AVX512F__
+    if (K % 32 == 0) { /* the AVX2 build's own kernel (quant_cpu_q32x16_avx2.c) */
+        int8_gemv_x16_avx2(x, M, K, w, N, scale, bias, y);
+        return;
+    }
+#endif
     gemv_bf16dot(0, x, M, K, (const uint8_t *)w, N, scale, bias, y);
 }
 

@@ -18,21 +18,24 @@
 
 #ifndef __AVX512F__
 
-enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3, QX_INT4 = 4 }; /* quant_cpu_q32.c's kinds, then Strata's int4 */
-static const int64_t QX_BYTES[5] = {34, 20, 22, 24, 16};
+/* quant_cpu_q32.c's kinds, then Strata's int4 and int8 */
+enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3, QX_INT4 = 4, QX_INT8 = 5 };
+static const int64_t QX_BYTES[6] = {34, 20, 22, 24, 16, 32}; /* per block of 32 weights */
 
-/* int4's scales and zero points (quant_cpu.h's layout: fp16 scales [N, ng], uint8 zero points [N, ng] or NULL for
- * 8), from the first weight row of a call on; G = 1 << gsh, a multiple of 32 */
+/* the scales of Strata's formats (quant_cpu.h's layouts), from the first weight row of a call on. int4: fp16 scales
+ * s [N, ng] and uint8 zero points z [N, ng] (NULL: 8), G = 1 << gsh a multiple of 32; int8: fp32 row scales rs [N] */
 typedef struct {
     const uint16_t *s;
     const uint8_t *z;
     int64_t ng;
     int gsh;
+    const float *rs;
 } qx_groups;
 
 static inline __attribute__((always_inline)) qx_groups qx_rows_from(qx_groups g, int64_t n) {
     g.s += n * g.ng;
     if (g.z) g.z += n * g.ng;
+    if (g.rs) g.rs += n;
     return g;
 }
 #define QXM 4 /* activation rows per register block */
@@ -99,6 +102,13 @@ static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8
         *o = -(g.z ? (float)g.z[gi] : 8.0f) * d;
         return;
     }
+    if (kind == QX_INT8) { /* 32 signed codes, the row's scale */
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 16)));
+        *dd = g.rs[0];
+        *o = 0.0f;
+        return;
+    }
     const float d = half_at(b);
     *dd = d;
     if (kind == QX8_0) {
@@ -148,7 +158,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
                 _mm_prefetch((const char *)(b + 4 * R * ldw), _MM_HINT_T0); /* the same block 4 row groups on */
                 __m256i lo, hi;
                 float d;
-                qx_codes(kind, b, &lo, &hi, &d, &ob[r][j], kind == QX_INT4 ? qx_rows_from(g, r) : g, j);
+                qx_codes(kind, b, &lo, &hi, &d, &ob[r][j], kind >= QX_INT4 ? qx_rows_from(g, r) : g, j);
                 const __m256 dv = _mm256_set1_ps(d);
                 for (int m = 0; m < mb; m++) {
                     const int16_t *x = xq + m * K + 32 * j;
@@ -165,7 +175,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
     for (int r = 0; r < R; r++)
         for (int m = 0; m < mb; m++) {
             float off = 0.0f;
-            if (kind != QX8_0) {
+            if (kind != QX8_0 && kind != QX_INT8) {
                 __m256 t = _mm256_setzero_ps();
                 int64_t j = 0;
                 for (; j + 8 <= nb; j += 8)
@@ -222,6 +232,7 @@ QX_PAR_FN(QX4_1)
 QX_PAR_FN(QX5_0)
 QX_PAR_FN(QX5_1)
 QX_PAR_FN(QX_INT4)
+QX_PAR_FN(QX_INT8)
 #undef QX_PAR_FN
 #define QX_RUN(KIND) qx_par_##KIND(M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y)
 
@@ -244,6 +255,7 @@ static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16
     case QX5_0: QX_RUN(QX5_0); break;
     case QX5_1: QX_RUN(QX5_1); break;
     case QX_INT4: QX_RUN(QX_INT4); break;
+    case QX_INT8: QX_RUN(QX_INT8); break;
     default: QX_RUN(QX8_0);
     }
     free(xp);
@@ -255,7 +267,7 @@ static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16
 /* gemv_qb on AVX2 for bf16 x and y, any M; one compiled copy per kind */
 void qb_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                       const float *bias, uint16_t *y) {
-    const qx_groups none = {NULL, NULL, 0, 0};
+    const qx_groups none = {NULL, NULL, 0, 0, NULL};
     switch (kind) {
     case QX4_1: qx_gemv(QX4_1, x, M, K, w, N, none, bias, y); break;
     case QX5_0: qx_gemv(QX5_0, x, M, K, w, N, none, bias, y); break;
@@ -267,8 +279,15 @@ void qb_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const u
 /* gemv_int4 on AVX2 for groups G a multiple of 32 (the caller checks), any M: the same arguments */
 void int4_gemv_x16_avx2(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t *w, int64_t N, int64_t G,
                         const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y) {
-    const qx_groups g = {scale, zeros, Kp / G, __builtin_ctzll((unsigned long long)G)};
+    const qx_groups g = {scale, zeros, Kp / G, __builtin_ctzll((unsigned long long)G), NULL};
     qx_gemv(QX_INT4, x, M, Kp, w, N, g, bias, y);
+}
+
+/* gemv_int8 on AVX2 for K a multiple of 32 (the caller checks), any M: the same arguments */
+void int8_gemv_x16_avx2(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
+                        const float *bias, uint16_t *y) {
+    const qx_groups g = {NULL, NULL, 0, 0, scale};
+    qx_gemv(QX_INT8, x, M, K, (const uint8_t *)w, N, g, bias, y);
 }
 
 #else

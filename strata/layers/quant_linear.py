@@ -54,9 +54,11 @@ GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul ma
 AVX2_FLOAT32_MIN_ROWS = 16
 # the same for GGUF's 32-weight blocks (quant_native.BLOCK32_KINDS) and int4 with groups of a multiple of 32, whose
 # AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c) beat the float32 tiles up to about 20 rows on SmolLM2's
-# projections and LM head, and up to about 40 on int4 [2048, 2048] and [1536, 576] (whose float32 tiles are slower)
+# projections and LM head, up to about 40 on int4 [2048, 2048] and [1536, 576] and beyond 64 on int8 with K a
+# multiple of 32 (whose float32 tiles are slower)
 AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
 AVX2_INT4_FLOAT32_MIN_ROWS = 48
+AVX2_INT8_FLOAT32_MIN_ROWS = 64
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -222,6 +224,8 @@ class QuantLinear(nn.Module):
             return AVX2_BLOCK32_FLOAT32_MIN_ROWS
         if self.fmt.kind == "int4" and self.fmt.group_size % 32 == 0:
             return AVX2_INT4_FLOAT32_MIN_ROWS
+        if self.fmt.kind == "int8" and self.in_features % 32 == 0:
+            return AVX2_INT8_FLOAT32_MIN_ROWS
         return AVX2_FLOAT32_MIN_ROWS
 
     def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:
