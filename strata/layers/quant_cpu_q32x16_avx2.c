@@ -1,18 +1,22 @@
-/* The bf16 GEMV of GGUF's Q8_0, Q4_1, Q5_0 and Q5_1 blocks for the AVX2 build, on int16 activations.
+/* The bf16 GEMV of integer-coded weights for the AVX2 build, on int16 activations: GGUF's Q8_0, Q4_1, Q5_0 and
+ * Q5_1 blocks, Strata's int4 with groups of a multiple of 32 and int8 with rows of a multiple of 32 values.
  *
  * Widening every code to fp32 (quant_cpu_q32_avx2.c) costs about as many instructions per block as the dot
  * product itself. Here each activation row is quantized once per call in runs of 256 values (QX_SB blocks):
  * dx = max|x| / 32767 and xq = round(x / dx), 16 bits, an error of at most 2^-16 of the run's largest value
- * (bf16 itself rounds each value by up to 2^-9). A block's codes then only widen to 16 bits (Q4_1: three
- * instructions for 32 codes, in their natural order: byte i holds weight i in its low nibble and i + 16 in its
- * high one), two vpmaddwd give its 32 products as 8 int32 sums, and one conversion and one FMA by the block's d
- * accumulate them; one FMA by dx per run applies the activation scale. The offsets (m of q4_1 and q5_1, -16 d
- * of q5_0) meet dx * sum(xq) of each block in a dot product over the row's blocks at the end.
+ * (bf16 itself rounds each value by up to 2^-9). A block's 32 codes then only widen to 16 bits (Q4_1: three
+ * instructions, in their natural order: byte i holds weight i in its low nibble and i + 16 in its high one; int4
+ * holds weights 2i and 2i + 1, and x is stored to match), two vpmaddwd give its 32 products as 8 int32 sums, and
+ * one conversion and one FMA by the block's scale accumulate them; one FMA by dx per run applies the activation
+ * scale. The offsets (m of q4_1 and q5_1, -16 d of q5_0, -zero * scale of int4) meet dx * sum(xq) of each block in
+ * a dot product over the row's blocks at the end. Weights are exact (the AVX-512 kernels round int4 and int8
+ * weights to bf16).
  *
  * A single x row runs against four weight rows at a time (more loads in flight), batches one weight row against
  * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
  * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
- * head), 1.1-1.9x at 4-32 rows (benchmarks/quant_gemm.py's shapes).
+ * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8
+ * (benchmarks/quant_gemm.py's shapes).
  */
 #include "quant_cpu.h"
 

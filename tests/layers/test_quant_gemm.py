@@ -82,7 +82,7 @@ def test_gemm_matches_dequantized_reference(fmt, inp):
 @pytest.mark.parametrize("fmt,inp", [b for b in BLOCKS if b[0] in quant_native.BLOCK32_KINDS] + [("q4_1", 1536)]
                          + [m for m in MADE if m[0].startswith("int4")] + [("int8", 288)])
 def test_decode_rows_match_dequantized_reference(fmt, inp):
-    """The GEMV rows of GGUF's 32-weight blocks and of int4 through the decode fast path (1-4 rows; on AVX2 the
+    """The GEMV rows of GGUF's 32-weight blocks, int4 and int8 through the decode fast path (1-4 rows; on AVX2 the
     int16-activation kernel), with partial 4-row weight blocks and K that ends inside a run of 256 activations."""
     q = _layer(fmt, 37, inp, bias=True)
     for rows in range(1, q.gemv_max_rows + 1):
