@@ -1,5 +1,7 @@
 /* The bf16 GEMV of integer-coded weights for the AVX2 build, on int16 activations: GGUF's Q8_0, Q4_1, Q5_0 and
- * Q5_1 blocks, Strata's int4 with groups of a multiple of 32 and int8 with rows of a multiple of 32 values.
+ * Q5_1 blocks and K-quants (Q4_K, Q5_K, Q6_K: blocks are their 32-weight sub-blocks, whose scale d * sc and
+ * offset -dmin * min come from the super-block; Q6_K's two 16-weight scales multiply its codes - 32 as int16),
+ * Strata's int4 with groups of a multiple of 32 and int8 with rows of a multiple of 32 values.
  *
  * Widening every code to fp32 (quant_cpu_q32_avx2.c) costs about as many instructions per block as the dot
  * product itself. Here each activation row is quantized once per call in runs of 256 values (QX_SB blocks):
@@ -15,16 +17,33 @@
  * A single x row runs against four weight rows at a time (more loads in flight), batches one weight row against
  * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
  * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
- * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8
+ * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
+ * K-quants 1.3-2.1x at 4-32 rows, but 0.7-1.1x at one row, where gemv_kq keeps the translated kernel
  * (benchmarks/quant_gemm.py's shapes).
  */
 #include "quant_cpu.h"
 
 #ifndef __AVX512F__
 
-/* quant_cpu_q32.c's kinds, then Strata's int4 and int8 */
-enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3, QX_INT4 = 4, QX_INT8 = 5 };
+/* quant_cpu_q32.c's kinds, Strata's int4 and int8, then GGUF's K-quants (quant_cpu_kquant.c's order) */
+enum { QX8_0 = 0, QX4_1 = 1, QX5_0 = 2, QX5_1 = 3, QX_INT4 = 4, QX_INT8 = 5, QX_Q4K = 6, QX_Q5K = 7, QX_Q6K = 8 };
 static const int64_t QX_BYTES[6] = {34, 20, 22, 24, 16, 32}; /* per block of 32 weights */
+static const int64_t QX_SUPER[3] = {144, 176, 210};          /* K-quants: per super-block of 256 */
+
+static inline int64_t qx_row_bytes(int kind, int64_t K) {
+    return kind >= QX_Q4K ? K / 256 * QX_SUPER[kind - QX_Q4K] : K / 32 * QX_BYTES[kind];
+}
+
+/* q4_k / q5_k: the 6-bit scale and min of sub-block j from the 12 packed bytes */
+static inline void qx_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
 
 /* the scales of Strata's formats (quant_cpu.h's layouts), from the first weight row of a call on. int4: fp16 scales
  * s [N, ng] and uint8 zero points z [N, ng] (NULL: 8), G = 1 << gsh a multiple of 32; int8: fp32 row scales rs [N] */
@@ -92,10 +111,53 @@ static inline __m256i qx_bit4(uint32_t h) {
     return _mm256_and_si256(_mm256_cmpeq_epi16(b, lanes), _mm256_set1_epi16(16));
 }
 
-/* a block's 32 codes as int16, weights 0-15 in lo and 16-31 in hi (int4: even weights in lo, odd ones in hi); its
- * scale d in every lane of dv and its offset per unit of x, o */
-static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8_t *b, __m256i *lo, __m256i *hi,
+/* block j of a row: its 32 codes as int16, weights 0-15 in lo and 16-31 in hi (int4: even weights in lo, odd ones
+ * in hi); its scale, dd, and its offset per unit of x, o */
+static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8_t *row, __m256i *lo, __m256i *hi,
                                                            float *dd, float *o, qx_groups g, int64_t j) {
+    if (kind >= QX_Q4K) { /* sub-block j % 8 of super-block j / 8 */
+        const uint8_t *b = row + (j >> 3) * QX_SUPER[kind - QX_Q4K];
+        const int sub = (int)(j & 7);
+        if (kind == QX_Q6K) { /* ql, qh, 16 int8 scales (one per 16 weights), d: (q - 32) * scale as int16 */
+            const int h = sub >> 2, t = sub & 1, upper = (sub >> 1) & 1;
+            const uint8_t *ql = b + 64 * h + 32 * t, *qh = b + 128 + 32 * h;
+            const __m128i sh = _mm_cvtsi32_si128(4 * upper), shh = _mm_cvtsi32_si128(2 * t + 4 * upper);
+            __m256i c[2];
+            for (int i = 0; i < 2; i++) {
+                __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(ql + 16 * i)));
+                __m256i hb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * i)));
+                q = _mm256_and_si256(_mm256_srl_epi16(q, sh), _mm256_set1_epi16(0xF));
+                hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, shh), _mm256_set1_epi16(3)), 4);
+                c[i] = _mm256_mullo_epi16(_mm256_sub_epi16(_mm256_or_si256(q, hb), _mm256_set1_epi16(32)),
+                                          _mm256_set1_epi16(((const int8_t *)(b + 192))[2 * sub + i]));
+            }
+            *lo = c[0];
+            *hi = c[1];
+            *dd = half_at(b + 208);
+            *o = 0.0f;
+            return;
+        }
+        const uint8_t *qs = b + (kind == QX_Q5K ? 48 : 16) + 32 * (sub >> 1);
+        const __m128i sh = _mm_cvtsi32_si128(4 * (sub & 1)); /* even sub-blocks: low nibbles, odd: high */
+        __m256i c[2];
+        for (int i = 0; i < 2; i++) {
+            __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * i)));
+            c[i] = _mm256_and_si256(_mm256_srl_epi16(q, sh), _mm256_set1_epi16(0xF));
+            if (kind == QX_Q5K) { /* the fifth bit of sub-block j: bit j of the qh byte at the same position */
+                __m256i hb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 16 + 16 * i)));
+                hb = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(sub)), _mm256_set1_epi16(1));
+                c[i] = _mm256_or_si256(c[i], _mm256_slli_epi16(hb, 4));
+            }
+        }
+        *lo = c[0];
+        *hi = c[1];
+        int sc, mn;
+        qx_scale_min(b + 4, sub, &sc, &mn);
+        *dd = half_at(b) * (float)sc;
+        *o = -half_at(b + 2) * (float)mn;
+        return;
+    }
+    const uint8_t *b = row + j * QX_BYTES[kind];
     if (kind == QX_INT4) { /* byte i: weight 2i in its low nibble, 2i + 1 in its high one (x stored to match) */
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
         *lo = _mm256_and_si256(v, _mm256_set1_epi16(0xF));
@@ -145,7 +207,6 @@ static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
 static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
                                                           int64_t nb, int64_t K, const int16_t *xq, const float *dx,
                                                           const float *xs, qx_groups g, float out[4][QXM]) {
-    const int64_t B = QX_BYTES[kind];
     __m256 acc[4][QXM];
     float ob[4][nb]; /* each block's offset */
     for (int r = 0; r < R; r++)
@@ -158,11 +219,13 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
         const int64_t j1 = (sb + 1) * QX_SB < nb ? (sb + 1) * QX_SB : nb;
         for (int64_t j = sb * QX_SB; j < j1; j++)
             for (int r = 0; r < R; r++) {
-                const uint8_t *b = w + r * ldw + j * B;
-                _mm_prefetch((const char *)(b + 4 * R * ldw), _MM_HINT_T0); /* the same block 4 row groups on */
+                const uint8_t *row = w + r * ldw;
+                const int64_t at = kind >= QX_Q4K ? (j >> 3) * QX_SUPER[kind - QX_Q4K] : j * QX_BYTES[kind];
+                _mm_prefetch((const char *)(row + 4 * R * ldw + at), _MM_HINT_T0); /* this block, 4 row groups on */
                 __m256i lo, hi;
                 float d;
-                qx_codes(kind, b, &lo, &hi, &d, &ob[r][j], kind >= QX_INT4 ? qx_rows_from(g, r) : g, j);
+                qx_codes(kind, row, &lo, &hi, &d, &ob[r][j], kind == QX_INT4 || kind == QX_INT8 ? qx_rows_from(g, r) : g,
+                         j);
                 const __m256 dv = _mm256_set1_ps(d);
                 for (int m = 0; m < mb; m++) {
                     const int16_t *x = xq + m * K + 32 * j;
@@ -179,7 +242,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
     for (int r = 0; r < R; r++)
         for (int m = 0; m < mb; m++) {
             float off = 0.0f;
-            if (kind != QX8_0 && kind != QX_INT8) {
+            if (kind != QX8_0 && kind != QX_INT8 && kind != QX_Q6K) {
                 __m256 t = _mm256_setzero_ps();
                 int64_t j = 0;
                 for (; j + 8 <= nb; j += 8)
@@ -237,13 +300,16 @@ QX_PAR_FN(QX5_0)
 QX_PAR_FN(QX5_1)
 QX_PAR_FN(QX_INT4)
 QX_PAR_FN(QX_INT8)
+QX_PAR_FN(QX_Q4K)
+QX_PAR_FN(QX_Q5K)
+QX_PAR_FN(QX_Q6K)
 #undef QX_PAR_FN
 #define QX_RUN(KIND) qx_par_##KIND(M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y)
 
 static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16_t *x, int64_t M, int64_t K,
                                                           const uint8_t *w, int64_t N, qx_groups g, const float *bias,
                                                           uint16_t *y) {
-    const int64_t nb = K / 32, ldw = nb * QX_BYTES[kind];
+    const int64_t nb = K / 32, ldw = qx_row_bytes(kind, K);
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
     float *xs = malloc(sizeof(float) * (size_t)(2 * M * nb)), *dx = xs + M * nb; /* dx: M * nsb <= M * nb */
     uint16_t *xp = NULL;
@@ -260,6 +326,9 @@ static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16
     case QX5_1: QX_RUN(QX5_1); break;
     case QX_INT4: QX_RUN(QX_INT4); break;
     case QX_INT8: QX_RUN(QX_INT8); break;
+    case QX_Q4K: QX_RUN(QX_Q4K); break;
+    case QX_Q5K: QX_RUN(QX_Q5K); break;
+    case QX_Q6K: QX_RUN(QX_Q6K); break;
     default: QX_RUN(QX8_0);
     }
     free(xp);
@@ -285,6 +354,13 @@ void int4_gemv_x16_avx2(const uint16_t *x, int64_t M, int64_t Kp, const uint8_t 
                         const uint16_t *scale, const uint8_t *zeros, const float *bias, uint16_t *y) {
     const qx_groups g = {scale, zeros, Kp / G, __builtin_ctzll((unsigned long long)G), NULL};
     qx_gemv(QX_INT4, x, M, Kp, w, N, g, bias, y);
+}
+
+/* gemv_kq on AVX2 (kind 0 q4_k, 1 q5_k, 2 q6_k; K a multiple of 256), any M: the same arguments */
+void kq_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                      const float *bias, uint16_t *y) {
+    const qx_groups none = {NULL, NULL, 0, 0, NULL};
+    qx_gemv(QX_Q4K + kind, x, M, K, w, N, none, bias, y);
 }
 
 /* gemv_int8 on AVX2 for K a multiple of 32 (the caller checks), any M: the same arguments */

@@ -52,10 +52,10 @@ GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul ma
 # meet float32 activations in torch's float32 matmul (Q4_1 576 x 1536: 1.5x the native kernels at 16 rows, 2.7x at
 # 64-256, on a Zen 3 core)
 AVX2_FLOAT32_MIN_ROWS = 16
-# the same for GGUF's 32-weight blocks (quant_native.BLOCK32_KINDS) and int4 with groups of a multiple of 32, whose
-# AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c) beat the float32 tiles up to about 20 rows on SmolLM2's
-# projections and LM head, up to about 40 on int4 [2048, 2048] and [1536, 576] and beyond 64 on int8 with K a
-# multiple of 32 (whose float32 tiles are slower)
+# the same for the formats of the AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c), which beat the float32
+# tiles up to about 20 rows on SmolLM2's Q4_1/Q8_0 projections and LM head and on K-quants [2048, 2048] and
+# [1536, 512], up to about 40 on int4 [2048, 2048] and [1536, 576] and beyond 64 on int8 with K a multiple of 32
+# (whose float32 tiles are slower)
 AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
 AVX2_INT4_FLOAT32_MIN_ROWS = 48
 AVX2_INT8_FLOAT32_MIN_ROWS = 64
@@ -220,7 +220,7 @@ class QuantLinear(nn.Module):
     @property
     def _avx2_float32_min_rows(self) -> int:
         """Rows from which the AVX2 build runs this layer as float32 tiles in torch's float32 matmul."""
-        if self.fmt.kind in quant_native.BLOCK32_KINDS:
+        if self.fmt.kind in quant_native.BLOCK32_KINDS or self.fmt.kind in quant_native.KQUANT_KINDS:
             return AVX2_BLOCK32_FLOAT32_MIN_ROWS
         if self.fmt.kind == "int4" and self.fmt.group_size % 32 == 0:
             return AVX2_INT4_FLOAT32_MIN_ROWS

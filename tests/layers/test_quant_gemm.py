@@ -56,7 +56,7 @@ def _check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
     sums and the output's rounding differ, so each element is within a bf16 ulp or two of its reference."""
     w = _check_float(q, x, y)
     bias = 0 if q.bias is None else q.bias.float()
-    if quant_native.isa() == "avx2" and (q.fmt.kind in quant_native.BLOCK32_KINDS
+    if quant_native.isa() == "avx2" and (q.fmt.kind in quant_native.BLOCK32_KINDS or q.fmt.kind in kquant.BLOCK_BYTES
                                          or q.fmt.kind == "int4" and q.fmt.group_size % 32 == 0
                                          or q.fmt.kind == "int8" and q.in_features % 32 == 0):
         # the AVX2 build's kernel of these weights keeps them exact (quant_cpu_q32x16_avx2.c): besides the
@@ -80,9 +80,10 @@ def test_gemm_matches_dequantized_reference(fmt, inp):
 
 
 @pytest.mark.parametrize("fmt,inp", [b for b in BLOCKS if b[0] in quant_native.BLOCK32_KINDS] + [("q4_1", 1536)]
-                         + [m for m in MADE if m[0].startswith("int4")] + [("int8", 288)])
+                         + [m for m in MADE if m[0].startswith("int4")] + [("int8", 288)]
+                         + [b for b in BLOCKS if b[0] in kquant.BLOCK_BYTES] + [("q6_k", 768)])
 def test_decode_rows_match_dequantized_reference(fmt, inp):
-    """The GEMV rows of GGUF's 32-weight blocks, int4 and int8 through the decode fast path (1-4 rows; on AVX2 the
+    """The GEMV rows of GGUF's blocks and K-quants, int4 and int8 through the decode fast path (1-4 rows; on AVX2 the
     int16-activation kernel), with partial 4-row weight blocks and K that ends inside a run of 256 activations."""
     q = _layer(fmt, 37, inp, bias=True)
     for rows in range(1, q.gemv_max_rows + 1):
