@@ -203,7 +203,7 @@ static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
 }
 
 /* out[r][m] = weight row r . x row m for R rows of ldw bytes against mb x rows (xq, dx, xs at row 0 of them);
- * g: int4's groups from the first of the R rows */
+ * g: int4's groups or int8's row scales from the first of the R rows */
 static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
                                                           int64_t nb, int64_t K, const int16_t *xq, const float *dx,
                                                           const float *xs, qx_groups g, float out[4][QXM]) {
