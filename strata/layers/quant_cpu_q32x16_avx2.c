@@ -18,8 +18,8 @@
  * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
  * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
  * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
- * K-quants 1.3-2.1x at 4-32 rows, but 0.7-1.1x at one row, where gemv_kq keeps the translated kernel
- * (benchmarks/quant_gemm.py's shapes).
+ * K-quants 1.3-2.1x at 4-32 rows, at one row 1.1x on q6_k but 0.75x on q4_k and q5_k, whose one row gemv_kq
+ * keeps on the translated kernel (benchmarks/quant_gemm.py's shapes).
  */
 #include "quant_cpu.h"
 
@@ -120,35 +120,30 @@ static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8
         const int sub = (int)(j & 7);
         if (kind == QX_Q6K) { /* ql, qh, 16 int8 scales (one per 16 weights), d: (q - 32) * scale as int16 */
             const int h = sub >> 2, t = sub & 1, upper = (sub >> 1) & 1;
-            const uint8_t *ql = b + 64 * h + 32 * t, *qh = b + 128 + 32 * h;
-            const __m128i sh = _mm_cvtsi32_si128(4 * upper), shh = _mm_cvtsi32_si128(2 * t + 4 * upper);
-            __m256i c[2];
-            for (int i = 0; i < 2; i++) {
-                __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(ql + 16 * i)));
-                __m256i hb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * i)));
-                q = _mm256_and_si256(_mm256_srl_epi16(q, sh), _mm256_set1_epi16(0xF));
-                hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, shh), _mm256_set1_epi16(3)), 4);
-                c[i] = _mm256_mullo_epi16(_mm256_sub_epi16(_mm256_or_si256(q, hb), _mm256_set1_epi16(32)),
-                                          _mm256_set1_epi16(((const int8_t *)(b + 192))[2 * sub + i]));
-            }
-            *lo = c[0];
-            *hi = c[1];
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * t));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+            /* 32 codes in byte lanes (16-bit shifts: the masks drop the neighbouring byte's bits), then signed */
+            const __m256i lo4 = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(4 * upper)), _mm256_set1_epi8(0x0F));
+            const __m256i hi2 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * t + 4 * upper)),
+                                                 _mm256_set1_epi8(0x03));
+            const __m256i c8 = _mm256_sub_epi8(_mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4)), _mm256_set1_epi8(32));
+            const int8_t *sc = (const int8_t *)(b + 192) + 2 * sub;
+            *lo = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(c8)), _mm256_set1_epi16(sc[0]));
+            *hi = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(c8, 1)), _mm256_set1_epi16(sc[1]));
             *dd = half_at(b + 208);
             *o = 0.0f;
             return;
         }
         const uint8_t *qs = b + (kind == QX_Q5K ? 48 : 16) + 32 * (sub >> 1);
-        const __m128i sh = _mm_cvtsi32_si128(4 * (sub & 1)); /* even sub-blocks: low nibbles, odd: high */
-        __m256i c[2];
-        for (int i = 0; i < 2; i++) {
-            __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * i)));
-            c[i] = _mm256_and_si256(_mm256_srl_epi16(q, sh), _mm256_set1_epi16(0xF));
-            if (kind == QX_Q5K) { /* the fifth bit of sub-block j: bit j of the qh byte at the same position */
-                __m256i hb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 16 + 16 * i)));
-                hb = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(sub)), _mm256_set1_epi16(1));
-                c[i] = _mm256_or_si256(c[i], _mm256_slli_epi16(hb, 4));
-            }
+        /* even sub-blocks: low nibbles, odd: high; 32 codes in byte lanes, then widened */
+        __m256i c8 = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qs), _mm_cvtsi32_si128(4 * (sub & 1))),
+                                      _mm256_set1_epi8(0x0F));
+        if (kind == QX_Q5K) { /* the fifth bit of sub-block j: bit j of the qh byte at the same position */
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(b + 16));
+            const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(sub)), _mm256_set1_epi8(1));
+            c8 = _mm256_or_si256(c8, _mm256_slli_epi16(bit, 4));
         }
+        __m256i c[2] = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(c8)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c8, 1))};
         *lo = c[0];
         *hi = c[1];
         int sc, mn;
