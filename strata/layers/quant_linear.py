@@ -59,6 +59,7 @@ AVX2_FLOAT32_MIN_ROWS = 16
 AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
 AVX2_INT4_FLOAT32_MIN_ROWS = 48
 AVX2_INT8_FLOAT32_MIN_ROWS = 64
+AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8 with K a multiple of 16 (quant_cpu_fp8_avx2.c): faster up to 32 rows, not at 64
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -226,6 +227,8 @@ class QuantLinear(nn.Module):
             return AVX2_INT4_FLOAT32_MIN_ROWS
         if self.fmt.kind == "int8" and self.in_features % 32 == 0:
             return AVX2_INT8_FLOAT32_MIN_ROWS
+        if self.fmt.kind == "fp8" and self.in_features % 16 == 0:
+            return AVX2_FP8_FLOAT32_MIN_ROWS
         return AVX2_FLOAT32_MIN_ROWS
 
     def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:

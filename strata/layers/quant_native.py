@@ -36,7 +36,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
     "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_gemv16_avx2.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
     "quant_cpu_mxfp4.c",
-    "quant_cpu_q32.c", "quant_cpu_q32_avx2.c", "quant_cpu_q32x16_avx2.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
+    "quant_cpu_q32.c", "quant_cpu_q32_avx2.c", "quant_cpu_q32x16_avx2.c", "quant_cpu_fp8_avx2.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
     "cpu_decode_attention.c", "cpu_decode_attention_avx2.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c",
     "cpu_decode_inputs.c")]
