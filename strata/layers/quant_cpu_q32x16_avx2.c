@@ -18,8 +18,9 @@
  * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
  * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
  * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
- * K-quants 1.3-2.1x at 4-32 rows, at one row 1.1x on q6_k but 0.75x on q4_k and q5_k, whose one row gemv_kq
- * keeps on the translated kernel (benchmarks/quant_gemm.py's shapes).
+ * K-quants 1.3-2.1x at 4-32 rows, at one row 1.0-1.1x on q4_k and q6_k but 0.8x on q5_k, whose one row gemv_kq
+ * keeps on the translated kernel (benchmarks/quant_gemm.py's shapes). Q4_K's and Q5_K's sub-block scales and mins
+ * are unpacked 8 at a time per super-block (qx_k4_factors).
  */
 #include "quant_cpu.h"
 
@@ -34,15 +35,20 @@ static inline int64_t qx_row_bytes(int kind, int64_t K) {
     return kind >= QX_Q4K ? K / 256 * QX_SUPER[kind - QX_Q4K] : K / 32 * QX_BYTES[kind];
 }
 
-/* q4_k / q5_k: the 6-bit scale and min of sub-block j from the 12 packed bytes */
-static inline void qx_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
+/* q4_k / q5_k: d * scale of the super-block at b's 8 sub-blocks into f, -dmin * min into o. The 12 packed bytes
+ * as three words A, B, C (bytes 0-3, 4-7, 8-11): scales 0-3 are A's bytes & 63, 4-7 C's low nibbles with A's top
+ * two bits above them; mins likewise from B and C's high nibbles */
+static inline __attribute__((always_inline)) void qx_k4_factors(const uint8_t *b, float *f, float *o) {
+    uint32_t A, B, C;
+    memcpy(&A, b + 4, 4);
+    memcpy(&B, b + 8, 4);
+    memcpy(&C, b + 12, 4);
+    const uint64_t sc = (uint64_t)(A & 0x3F3F3F3Fu) | (uint64_t)((C & 0x0F0F0F0Fu) | ((A >> 2) & 0x30303030u)) << 32;
+    const uint64_t mn = (uint64_t)(B & 0x3F3F3F3Fu) | (uint64_t)(((C >> 4) & 0x0F0F0F0Fu) | ((B >> 2) & 0x30303030u)) << 32;
+    const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc)));
+    const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn)));
+    _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_set1_ps(half_at(b)), s8));
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_set1_ps(-half_at(b + 2)), m8));
 }
 
 /* the scales of Strata's formats (quant_cpu.h's layouts), from the first weight row of a call on. int4: fp16 scales
@@ -145,11 +151,7 @@ static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8
         }
         __m256i c[2] = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(c8)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c8, 1))};
         *lo = c[0];
-        *hi = c[1];
-        int sc, mn;
-        qx_scale_min(b + 4, sub, &sc, &mn);
-        *dd = half_at(b) * (float)sc;
-        *o = -half_at(b + 2) * (float)mn;
+        *hi = c[1]; /* the scale and offset come per super-block (qx_k4_factors) */
         return;
     }
     const uint8_t *b = row + j * QX_BYTES[kind];
@@ -212,6 +214,10 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
         for (int r = 0; r < R; r++)
             for (int m = 0; m < mb; m++) part[r][m] = _mm256_setzero_ps();
         const int64_t j1 = (sb + 1) * QX_SB < nb ? (sb + 1) * QX_SB : nb;
+        float fk[4][QX_SB]; /* q4_k, q5_k: each row's sub-block scales (a run is one super-block) */
+        if (kind == QX_Q4K || kind == QX_Q5K)
+            for (int r = 0; r < R; r++)
+                qx_k4_factors(w + r * ldw + sb * QX_SUPER[kind - QX_Q4K], fk[r], &ob[r][sb * QX_SB]);
         for (int64_t j = sb * QX_SB; j < j1; j++)
             for (int r = 0; r < R; r++) {
                 const uint8_t *row = w + r * ldw;
@@ -221,6 +227,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
                 float d;
                 qx_codes(kind, row, &lo, &hi, &d, &ob[r][j], kind == QX_INT4 || kind == QX_INT8 ? qx_rows_from(g, r) : g,
                          j);
+                if (kind == QX_Q4K || kind == QX_Q5K) d = fk[r][j & 7];
                 const __m256 dv = _mm256_set1_ps(d);
                 for (int m = 0; m < mb; m++) {
                     const int16_t *x = xq + m * K + 32 * j;
