@@ -183,11 +183,9 @@ static inline __attribute__((always_inline)) void kq_gemv(int kind, const uint16
 void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
              const float *bias, uint16_t *y) {
 #ifndef __AVX512F__
-    if (M > 1 || kind != KQ5) { /* the AVX2 build's own kernel (quant_cpu_q32x16_avx2.c): 1.3-2x this one from 4
-                                 * rows, 1.0-1.1x at one row of q4_k and q6_k, 0.8x of q5_k (its fifth bits) */
-        kq_gemv_x16_avx2((int)kind, x, M, K, w, N, bias, y);
-        return;
-    }
+    /* the AVX2 build's own kernel (quant_cpu_q32x16_avx2.c): 1.3-2x this one from 4 rows, 1.2-1.6x at one */
+    kq_gemv_x16_avx2((int)kind, x, M, K, w, N, bias, y);
+    return;
 #endif
     switch (kind) {
     case KQ4: kq_gemv(KQ4, x, M, K, w, N, bias, y); break;

@@ -1,6 +1,7 @@
 /* The bf16 GEMV of integer-coded weights for the AVX2 build, on int16 activations: GGUF's Q8_0, Q4_1, Q5_0 and
  * Q5_1 blocks and K-quants (Q4_K, Q5_K, Q6_K: blocks are their 32-weight sub-blocks, whose scale d * sc and
- * offset -dmin * min come from the super-block; Q6_K's two 16-weight scales multiply its codes - 32 as int16),
+ * offset -dmin * min come from the super-block; Q6_K's codes - 32 meet x as two halves of 16, each summed apart
+ * and multiplied by d * its scale in fp32),
  * Strata's int4 with groups of a multiple of 32 and int8 with rows of a multiple of 32 values.
  *
  * Widening every code to fp32 (quant_cpu_q32_avx2.c) costs about as many instructions per block as the dot
@@ -18,9 +19,14 @@
  * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
  * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
  * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
- * K-quants 1.3-2.1x at 4-32 rows, at one row 1.0-1.1x on q4_k and q6_k but 0.8x on q5_k, whose one row gemv_kq
- * keeps on the translated kernel (benchmarks/quant_gemm.py's shapes). Q4_K's and Q5_K's sub-block scales and mins
- * are unpacked 8 at a time per super-block (qx_k4_factors).
+ * K-quants 1.3-2.1x at 4-32 rows, 1.2-1.6x at one (benchmarks/quant_gemm.py's shapes).
+ *
+ * Per run of 8 blocks: K-quants' scales and mins come once per super-block (qx_k4_factors, qx_k6_factors), int4's
+ * with groups of 32 at one x row 8 at a time (qx_int4_factors), into small arrays each block reads back with one
+ * broadcast; these runs are unrolled, so K-quant sub-blocks shift by immediates (int4 at one row 1.2x, q6_k 1.1x).
+ * K-quants prefetch an eighth of a super-block per sub-block: prefetching its first line only left 2 of every 3
+ * lines of a 210-byte q6_k super-block to the hardware prefetcher, which at one row halved the speed from memory
+ * (a 50304 x 2048 q6_k LM head: 19 ms, now 10.6).
  */
 #include "quant_cpu.h"
 
@@ -49,6 +55,34 @@ static inline __attribute__((always_inline)) void qx_k4_factors(const uint8_t *b
     const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn)));
     _mm256_storeu_ps(f, _mm256_mul_ps(_mm256_set1_ps(half_at(b)), s8));
     _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_set1_ps(-half_at(b + 2)), m8));
+}
+
+/* q6_k: d times each of the super-block at b's 16 int8 scales (one per 16 weights) into f */
+static inline __attribute__((always_inline)) void qx_k6_factors(const uint8_t *b, float *f) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    const __m256 d = _mm256_set1_ps(half_at(b + 208));
+    _mm256_storeu_ps(f, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    _mm256_storeu_ps(f + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc, sc)))));
+}
+
+/* int4: the scales of blocks [j0, j1) of weight row 0 of g into f[0..], their offsets -zero * scale into o[0..]
+ * (groups of 32 over a whole run: 8 at once) */
+static inline __attribute__((always_inline)) void qx_int4_factors(const uint16_t *s, const uint8_t *z, int gsh,
+                                                                  int64_t j0, int64_t j1, float *f, float *o) {
+    if (gsh == 5 && j1 - j0 == 8) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j0)));
+        const __m256 zf = z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + j0))))
+                            : _mm256_set1_ps(8.0f);
+        _mm256_storeu_ps(f, d);
+        _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_xor_ps(zf, _mm256_set1_ps(-0.0f)), d));
+        return;
+    }
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t gi = (32 * j) >> gsh;
+        const float d = f16_to_f32(s[gi]);
+        f[j - j0] = d;
+        o[j - j0] = -(z ? (float)z[gi] : 8.0f) * d;
+    }
 }
 
 /* the scales of Strata's formats (quant_cpu.h's layouts), from the first weight row of a call on. int4: fp16 scales
@@ -120,7 +154,7 @@ static inline __m256i qx_bit4(uint32_t h) {
 /* block j of a row: its 32 codes as int16, weights 0-15 in lo and 16-31 in hi (int4: even weights in lo, odd ones
  * in hi); its scale, dd, and its offset per unit of x, o */
 static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8_t *row, __m256i *lo, __m256i *hi,
-                                                           float *dd, float *o, qx_groups g, int64_t j) {
+                                                           float *dd, float *o, qx_groups g, int64_t j, int pre) {
     if (kind >= QX_Q4K) { /* sub-block j % 8 of super-block j / 8 */
         const uint8_t *b = row + (j >> 3) * QX_SUPER[kind - QX_Q4K];
         const int sub = (int)(j & 7);
@@ -133,11 +167,9 @@ static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8
             const __m256i hi2 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * t + 4 * upper)),
                                                  _mm256_set1_epi8(0x03));
             const __m256i c8 = _mm256_sub_epi8(_mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4)), _mm256_set1_epi8(32));
-            const int8_t *sc = (const int8_t *)(b + 192) + 2 * sub;
-            *lo = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(c8)), _mm256_set1_epi16(sc[0]));
-            *hi = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(c8, 1)), _mm256_set1_epi16(sc[1]));
-            *dd = half_at(b + 208);
-            *o = 0.0f;
+            *lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c8));
+            *hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c8, 1));
+            *o = 0.0f; /* the two scales come per super-block (qx_k6_factors) */
             return;
         }
         const uint8_t *qs = b + (kind == QX_Q5K ? 48 : 16) + 32 * (sub >> 1);
@@ -159,6 +191,7 @@ static inline __attribute__((always_inline)) void qx_codes(int kind, const uint8
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b));
         *lo = _mm256_and_si256(v, _mm256_set1_epi16(0xF));
         *hi = _mm256_srli_epi16(v, 4);
+        if (pre) return; /* the scales and offsets came per run of blocks (qx_int4_factors) */
         const int64_t gi = (32 * j) >> g.gsh;
         const float d = f16_to_f32(g.s[gi]);
         *dd = d;
@@ -199,6 +232,44 @@ static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* block j of weight row r (of R from w) against mb x rows, into part[r]; pre: int4's scales and offsets are in fk
+ * and ob already */
+static inline __attribute__((always_inline)) void qx_block_dot(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
+                                                               int64_t K, const int16_t *xq, qx_groups g, int64_t j,
+                                                               int r, float *obj, float fk[4][2 * QX_SB],
+                                                               __m256 part[4][QXM], int pre) {
+    const uint8_t *row = w + r * ldw;
+    /* this block, 4 row groups on (K-quants: an eighth of the super-block per sub-block, so that
+       every cache line of it is fetched) */
+    const int64_t at = kind >= QX_Q4K ? (j >> 3) * QX_SUPER[kind - QX_Q4K] + (j & 7) * (QX_SUPER[kind - QX_Q4K] / 8)
+                                      : j * QX_BYTES[kind];
+    _mm_prefetch((const char *)(row + 4 * R * ldw + at), _MM_HINT_T0);
+    __m256i lo, hi;
+    float d = 0.0f;
+    qx_codes(kind, row, &lo, &hi, &d, obj, kind == QX_INT4 || kind == QX_INT8 ? qx_rows_from(g, r) : g,
+             j, pre);
+    if (kind == QX_Q6K) { /* two scales per block: its halves' sums apart */
+        const __m256 d0 = _mm256_broadcast_ss(&fk[r][2 * (j & 7)]),
+                     d1 = _mm256_broadcast_ss(&fk[r][2 * (j & 7) + 1]);
+        for (int m = 0; m < mb; m++) {
+            const int16_t *x = xq + m * K + 32 * j;
+            const __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                          p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16)));
+            part[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1,
+                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, part[r][m]));
+        }
+        return;
+    }
+    if (kind == QX_Q4K || kind == QX_Q5K || (kind == QX_INT4 && pre)) d = fk[r][j & 7];
+    const __m256 dv = _mm256_set1_ps(d);
+    for (int m = 0; m < mb; m++) {
+        const int16_t *x = xq + m * K + 32 * j;
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+        part[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, part[r][m]);
+    }
+}
+
 /* out[r][m] = weight row r . x row m for R rows of ldw bytes against mb x rows (xq, dx, xs at row 0 of them);
  * g: int4's groups or int8's row scales from the first of the R rows */
 static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
@@ -214,28 +285,28 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
         for (int r = 0; r < R; r++)
             for (int m = 0; m < mb; m++) part[r][m] = _mm256_setzero_ps();
         const int64_t j1 = (sb + 1) * QX_SB < nb ? (sb + 1) * QX_SB : nb;
-        float fk[4][QX_SB]; /* q4_k, q5_k: each row's sub-block scales (a run is one super-block) */
+        float fk[4][2 * QX_SB]; /* K-quants: each row's sub-block (q6_k: half sub-block) scales; a run is one
+                                   super-block */
         if (kind == QX_Q4K || kind == QX_Q5K)
             for (int r = 0; r < R; r++)
                 qx_k4_factors(w + r * ldw + sb * QX_SUPER[kind - QX_Q4K], fk[r], &ob[r][sb * QX_SB]);
-        for (int64_t j = sb * QX_SB; j < j1; j++)
+        if (kind == QX_Q6K)
+            for (int r = 0; r < R; r++) qx_k6_factors(w + r * ldw + sb * QX_SUPER[kind - QX_Q4K], fk[r]);
+        const int int4_runs = kind == QX_INT4 && R == 4 && g.gsh == 5 && j1 - sb * QX_SB == QX_SB;
+        if (int4_runs)
             for (int r = 0; r < R; r++) {
-                const uint8_t *row = w + r * ldw;
-                const int64_t at = kind >= QX_Q4K ? (j >> 3) * QX_SUPER[kind - QX_Q4K] : j * QX_BYTES[kind];
-                _mm_prefetch((const char *)(row + 4 * R * ldw + at), _MM_HINT_T0); /* this block, 4 row groups on */
-                __m256i lo, hi;
-                float d;
-                qx_codes(kind, row, &lo, &hi, &d, &ob[r][j], kind == QX_INT4 || kind == QX_INT8 ? qx_rows_from(g, r) : g,
-                         j);
-                if (kind == QX_Q4K || kind == QX_Q5K) d = fk[r][j & 7];
-                const __m256 dv = _mm256_set1_ps(d);
-                for (int m = 0; m < mb; m++) {
-                    const int16_t *x = xq + m * K + 32 * j;
-                    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                                                 _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
-                    part[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, part[r][m]);
-                }
+                const qx_groups gr = qx_rows_from(g, r);
+                qx_int4_factors(gr.s, gr.z, gr.gsh, sb * QX_SB, j1, fk[r], &ob[r][sb * QX_SB]);
             }
+        if (kind >= QX_Q4K || int4_runs) { /* whole runs, unrolled: K-quants'
+                                                                     shifts take immediates, scales' places fixed */
+#pragma GCC unroll 8
+            for (int i = 0; i < QX_SB; i++)
+                for (int r = 0; r < R; r++) qx_block_dot(kind, R, mb, w, ldw, K, xq, g, sb * QX_SB + i, r, &ob[r][sb * QX_SB + i], fk, part, 1);
+        } else {
+            for (int64_t j = sb * QX_SB; j < j1; j++)
+                for (int r = 0; r < R; r++) qx_block_dot(kind, R, mb, w, ldw, K, xq, g, j, r, &ob[r][j], fk, part, 0);
+        }
         for (int m = 0; m < mb; m++) {
             const __m256 d = _mm256_broadcast_ss(dx + m * nsb + sb);
             for (int r = 0; r < R; r++) acc[r][m] = _mm256_fmadd_ps(part[r][m], d, acc[r][m]);
