@@ -15,14 +15,14 @@
  * a dot product over the row's blocks at the end. Weights are exact (the AVX-512 kernels round int4 and int8
  * weights to bf16).
  *
- * A single x row runs against four weight rows at a time (more loads in flight), batches one weight row against
- * QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
+ * A single x row runs against four weight rows at a time (more loads in flight), two or three against two, larger
+ * batches one weight row against QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
  * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
  * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
  * K-quants 1.3-2.1x at 4-32 rows, 1.2-1.6x at one (benchmarks/quant_gemm.py's shapes).
  *
  * Per run of 8 blocks: K-quants' scales and mins come once per super-block (qx_k4_factors, qx_k6_factors), int4's
- * with groups of 32 at one x row 8 at a time (qx_int4_factors), into small arrays each block reads back with one
+ * with groups of 32 at 1-2 x rows 8 at a time (qx_int4_factors), into small arrays each block reads back with one
  * broadcast; these runs are unrolled, so K-quant sub-blocks shift by immediates (int4 at one row 1.2x, q6_k 1.1x).
  * K-quants prefetch an eighth of a super-block per sub-block: prefetching its first line only left 2 of every 3
  * lines of a 210-byte q6_k super-block to the hardware prefetcher, which at one row halved the speed from memory
@@ -292,7 +292,7 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
                 qx_k4_factors(w + r * ldw + sb * QX_SUPER[kind - QX_Q4K], fk[r], &ob[r][sb * QX_SB]);
         if (kind == QX_Q6K)
             for (int r = 0; r < R; r++) qx_k6_factors(w + r * ldw + sb * QX_SUPER[kind - QX_Q4K], fk[r]);
-        const int int4_runs = kind == QX_INT4 && R == 4 && g.gsh == 5 && j1 - sb * QX_SB == QX_SB;
+        const int int4_runs = kind == QX_INT4 && R >= 2 && g.gsh == 5 && j1 - sb * QX_SB == QX_SB;
         if (int4_runs)
             for (int r = 0; r < R; r++) {
                 const qx_groups gr = qx_rows_from(g, r);
@@ -341,6 +341,10 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
         const float *dm = dx + m0 * ((nb + QX_SB - 1) / QX_SB), *sm = xs + m0 * nb;
         if (rows == 4) { /* R = 4: one x row */
             qx_rows(kind, 4, 1, w + n0 * ldw, ldw, nb, K, xm, dm, sm, qx_rows_from(g, n0), r);
+        } else if (rows == 2 && R == 2) { /* two or three x rows */
+#define TWO_ROWS(MBC) qx_rows(kind, 2, MBC, w + n0 * ldw, ldw, nb, K, xm, dm, sm, qx_rows_from(g, n0), r)
+            if (mb == 2) TWO_ROWS(2); else TWO_ROWS(3);
+#undef TWO_ROWS
         } else {
             for (int i = 0; i < rows; i++) {
                 float r1[4][QXM];
@@ -362,7 +366,9 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
     static void qx_par_##KIND(int64_t M, int64_t K, int64_t nb, const uint8_t *w, int64_t ldw, int64_t N,       \
                               const int16_t *xq, const float *dx, const float *xs, qx_groups g, const float *bias,\
                               uint16_t *y) {                                                                    \
-        const int R = M == 1 ? 4 : 1; /* weight rows per block: several for one x row (more loads in flight) */ \
+        /* weight rows per block: several for few x rows (more loads in flight, codes unpacked once for more x   \
+         * rows); two at 2-3 rows, 1.0-1.2x one (int4 at 3 rows: 0.9x, one) */                                  \
+        const int R = M == 1 ? 4 : M == 2 || (M == 3 && KIND != QX_INT4) ? 2 : 1;                               \
         const int64_t nblocks = (N + R - 1) / R;                                                                \
         PAR_FOR(N * ldw * M > PAR_MIN_WORK, blk, nblocks,                                                       \
                 { qx_block(KIND, R, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); });                      \
