@@ -368,10 +368,15 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
                               uint16_t *y) {                                                                    \
         /* weight rows per block: several for few x rows (more loads in flight, codes unpacked once for more x   \
          * rows); two at 2-3 rows, 1.0-1.2x one (int4 at 3 rows: 0.9x, one) */                                  \
-        const int R = M == 1 ? 4 : M == 2 || (M == 3 && KIND != QX_INT4) ? 2 : 1;                               \
-        const int64_t nblocks = (N + R - 1) / R;                                                                \
-        PAR_FOR(N * ldw * M > PAR_MIN_WORK, blk, nblocks,                                                       \
-                { qx_block(KIND, R, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); });                      \
+        /* each R its own region, so that each is compiled for its constant R (one region with R chosen at run \
+         * time made the one-row case 1.1x slower) */                                                           \
+        const int par = N * ldw * M > PAR_MIN_WORK;                                                             \
+        if (M == 1)                                                                                             \
+            PAR_FOR(par, blk, (N + 3) / 4, { qx_block(KIND, 4, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); }); \
+        else if (M == 2 || (M == 3 && KIND != QX_INT4))                                                         \
+            PAR_FOR(par, blk, (N + 1) / 2, { qx_block(KIND, 2, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); }); \
+        else                                                                                                    \
+            PAR_FOR(par, blk, N, { qx_block(KIND, 1, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); });     \
     }
 QX_PAR_FN(QX8_0)
 QX_PAR_FN(QX4_1)
