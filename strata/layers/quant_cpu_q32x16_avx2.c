@@ -298,11 +298,13 @@ static inline __attribute__((always_inline)) void qx_rows(int kind, int R, int m
                 const qx_groups gr = qx_rows_from(g, r);
                 qx_int4_factors(gr.s, gr.z, gr.gsh, sb * QX_SB, j1, fk[r], &ob[r][sb * QX_SB]);
             }
-        if (kind >= QX_Q4K || int4_runs) { /* whole runs, unrolled: K-quants'
-                                                                     shifts take immediates, scales' places fixed */
+        if (kind >= QX_Q4K || int4_runs) { /* whole runs, unrolled: K-quants' shifts take immediates */
 #pragma GCC unroll 8
             for (int i = 0; i < QX_SB; i++)
-                for (int r = 0; r < R; r++) qx_block_dot(kind, R, mb, w, ldw, K, xq, g, sb * QX_SB + i, r, &ob[r][sb * QX_SB + i], fk, part, 1);
+                for (int r = 0; r < R; r++) {
+                    const int64_t j = sb * QX_SB + i;
+                    qx_block_dot(kind, R, mb, w, ldw, K, xq, g, j, r, &ob[r][j], fk, part, 1);
+                }
         } else {
             for (int64_t j = sb * QX_SB; j < j1; j++)
                 for (int r = 0; r < R; r++) qx_block_dot(kind, R, mb, w, ldw, K, xq, g, j, r, &ob[r][j], fk, part, 0);
