@@ -249,7 +249,7 @@ void int8_gemv_x16_avx2(const uint16_t *x, int64_t M, int64_t K, const int8_t *w
 /* gemv_kq on AVX2, on int16 activations (quant_cpu_q32x16_avx2.c) */
 void kq_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                       const float *bias, uint16_t *y);
-/* gemv_fp8 on AVX2 for K a multiple of 16: codes widened through F16C (quant_cpu_fp8_avx2.c) */
+/* gemv_fp8 on AVX2 for K a multiple of 16: codes widened through F16C (quant_cpu_gemv16_avx2.c) */
 void fp8_gemv_avx2(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
                    const float *bias, uint16_t *y);
 /* decode attention on AVX2 for head sizes that are multiples of 16 (cpu_decode_attention_avx2.c); par: threads */

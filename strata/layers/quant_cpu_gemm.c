@@ -182,7 +182,7 @@ void gemm_dq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const void *
         kq_gemv_x16_avx2((int)(kind - WK_Q4K), x, M, K, (const uint8_t *)w, N, bias, y);
         return;
     }
-    if (kind == WK_FP8 && K % 16 == 0) { /* fp8 through F16C (quant_cpu_fp8_avx2.c) */
+    if (kind == WK_FP8 && K % 16 == 0) { /* fp8 through F16C (quant_cpu_gemv16_avx2.c) */
         fp8_gemv_avx2(x, M, K, (const uint8_t *)w, N, (const float *)s, bias, y);
         return;
     }

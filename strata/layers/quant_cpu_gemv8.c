@@ -252,7 +252,7 @@ void gemv_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, int64_t
 void gemv_fp8(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
               const float *bias, uint16_t *y) {
 #ifndef __AVX512F__
-    if (K % 16 == 0) { /* the AVX2 build's own kernel (quant_cpu_fp8_avx2.c) */
+    if (K % 16 == 0) { /* the AVX2 build's own kernel (quant_cpu_gemv16_avx2.c) */
         fp8_gemv_avx2(x, M, K, w, N, scale, bias, y);
         return;
     }

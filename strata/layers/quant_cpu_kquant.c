@@ -185,13 +185,13 @@ void gemv_kq(int64_t kind, const uint16_t *x, int64_t M, int64_t K, const uint8_
 #ifndef __AVX512F__
     /* the AVX2 build's own kernel (quant_cpu_q32x16_avx2.c): 1.3-2x this one from 4 rows, 1.2-1.6x at one */
     kq_gemv_x16_avx2((int)kind, x, M, K, w, N, bias, y);
-    return;
-#endif
+#else
     switch (kind) {
     case KQ4: kq_gemv(KQ4, x, M, K, w, N, bias, y); break;
     case KQ5: kq_gemv(KQ5, x, M, K, w, N, bias, y); break;
     default: kq_gemv(KQ6, x, M, K, w, N, bias, y); break;
     }
+#endif
 }
 
 static inline __attribute__((always_inline)) void kq_dequant(int kind, const uint8_t *w, int64_t K, int64_t n0,

@@ -59,7 +59,7 @@ AVX2_FLOAT32_MIN_ROWS = 16
 AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
 AVX2_INT4_FLOAT32_MIN_ROWS = 48
 AVX2_INT8_FLOAT32_MIN_ROWS = 64
-AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8 with K a multiple of 16 (quant_cpu_fp8_avx2.c): faster up to 32 rows, not at 64
+AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8, K a multiple of 16 (quant_cpu_gemv16_avx2.c): faster up to 32 rows, not at 64
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -221,15 +221,11 @@ class QuantLinear(nn.Module):
     @property
     def _avx2_float32_min_rows(self) -> int:
         """Rows from which the AVX2 build runs this layer as float32 tiles in torch's float32 matmul."""
-        if self.fmt.kind in quant_native.BLOCK32_KINDS or self.fmt.kind in quant_native.KQUANT_KINDS:
-            return AVX2_BLOCK32_FLOAT32_MIN_ROWS
-        if self.fmt.kind == "int4" and self.fmt.group_size % 32 == 0:
-            return AVX2_INT4_FLOAT32_MIN_ROWS
-        if self.fmt.kind == "int8" and self.in_features % 32 == 0:
-            return AVX2_INT8_FLOAT32_MIN_ROWS
-        if self.fmt.kind == "fp8" and self.in_features % 16 == 0:
-            return AVX2_FP8_FLOAT32_MIN_ROWS
-        return AVX2_FLOAT32_MIN_ROWS
+        kind = self.fmt.kind
+        if not quant_native.avx2_own_gemv(kind, self.fmt.group_size, self.in_features):
+            return AVX2_FLOAT32_MIN_ROWS
+        return {"int4": AVX2_INT4_FLOAT32_MIN_ROWS, "int8": AVX2_INT8_FLOAT32_MIN_ROWS,
+                "fp8": AVX2_FP8_FLOAT32_MIN_ROWS}.get(kind, AVX2_BLOCK32_FLOAT32_MIN_ROWS)
 
     def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:
         return (F.pad(xb, (0, k - self.in_features)) if k != self.in_features else xb).contiguous()

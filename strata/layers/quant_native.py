@@ -36,7 +36,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in (
     "quant_cpu_gemv8.c", "quant_cpu_gemv4.c", "quant_cpu_gemv16.c", "quant_cpu_gemv16_avx2.c", "quant_cpu_dequant.c", "quant_cpu_kquant.c",
     "quant_cpu_mxfp4.c",
-    "quant_cpu_q32.c", "quant_cpu_q32_avx2.c", "quant_cpu_q32x16_avx2.c", "quant_cpu_fp8_avx2.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
+    "quant_cpu_q32.c", "quant_cpu_q32_avx2.c", "quant_cpu_q32x16_avx2.c", "quant_cpu_a8.c", "quant_cpu_gemm.c",
     "cpu_decode_attention.c", "cpu_decode_attention_avx2.c",
     "cpu_norm.c", "cpu_rotary.c", "cpu_moe.c", "cpu_decoder.c", "cpu_argmax.c", "cpu_sample.c",
     "cpu_decode_inputs.c")]
@@ -57,6 +57,18 @@ KQUANT_KINDS = {"q4_k": 0, "q5_k": 1, "q6_k": 2}  # the `kind` argument of gemv_
 WEIGHT_KINDS = {"bf16": 0, "int8": 1, "fp8": 2, "int8-nested": 3, "int4": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7,
                 "q8_0": 8, "q4_1": 9, "q5_0": 10, "q5_1": 11}
 BLOCK32_KINDS = {"q8_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3}  # the `kind` argument of gemv_qb / dequant_qb
+
+
+def avx2_own_gemv(kind: str, group_size: int | None, in_features: int) -> bool:
+    """Whether the AVX2 build runs this format's GEMV on a kernel of its own rather than the translated AVX-512 one
+    (the C entry points check the same): GGUF's blocks and K-quants, int4 with groups of a multiple of 32 and int8
+    with rows of a multiple of 32 (quant_cpu_q32x16_avx2.c, int16 activations), fp8 with rows of a multiple of 16
+    (quant_cpu_gemv16_avx2.c). All of them keep the weights exact."""
+    if kind in BLOCK32_KINDS or kind in KQUANT_KINDS:
+        return True
+    if kind == "int4":
+        return group_size is not None and group_size % 32 == 0
+    return kind == "int8" and in_features % 32 == 0 or kind == "fp8" and in_features % 16 == 0
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {

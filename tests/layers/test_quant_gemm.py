@@ -16,8 +16,8 @@ from strata.quant.format import dequantize_weight
 pytestmark = pytest.mark.skipif(quant_native.native_lib() is None, reason="native kernels unavailable here")
 
 # (format, in_features): formats Strata quantizes into, with K that is no multiple of the 32-element step
-MADE = [("int8", 100), ("int8", 288), ("fp8", 77), ("fp8", 96), ("int4-g32", 200), ("int4-g64-asym", 130), ("int4-g128", 576),
-        ("int8-nested-g64", 150)]
+MADE = [("int8", 100), ("int8", 288), ("fp8", 77), ("fp8", 96), ("int4-g32", 200), ("int4-g64-asym", 130),
+        ("int4-g128", 576), ("int8-nested-g64", 150)]
 BLOCKS = [("q8_0", 96), ("q4_1", 576), ("q5_0", 160), ("q5_1", 64), ("q4_k", 512), ("q5_k", 256), ("q6_k", 256)]
 ROWS = (5, 7, 16, 33, 64)
 
@@ -57,12 +57,11 @@ def _check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
     w = _check_float(q, x, y)
     bias = 0 if q.bias is None else q.bias.float()
     if q.fmt.kind == "fp8" and x.shape[0] <= q.gemv_max_rows or quant_native.isa() == "avx2" and (
-            q.fmt.kind in quant_native.BLOCK32_KINDS or q.fmt.kind in kquant.BLOCK_BYTES
-            or q.fmt.kind == "int4" and q.fmt.group_size % 32 == 0 or q.fmt.kind == "int8" and q.in_features % 32 == 0
-            or q.fmt.kind == "fp8" and q.in_features % 16 == 0):
+            quant_native.avx2_own_gemv(q.fmt.kind, q.fmt.group_size, q.in_features)):
         # kernels that keep these weights exact (the fp8 GEMVs: codes exact in bf16, the row scale after the sum; on
-        # AVX2 quant_cpu_q32x16_avx2.c and quant_cpu_fp8_avx2.c at any row count): besides the output's bf16 rounding and the order of sums, the int16 kernel
-        # rounds each x value to 16 bits of its run's largest value (at most 2^-16 of it, bounded here by the row's)
+        # AVX2 the kernels of quant_native.avx2_own_gemv at any row count): besides the output's bf16 rounding and
+        # the order of sums, the int16 kernel rounds each x value to 16 bits of its run's largest value (at most
+        # 2^-16 of it, bounded here by the row's)
         ref, scale = x.float() @ w.T + bias, x.float().abs() @ w.abs().T
         xq = 2**-16 * x.float().abs().amax(dim=1, keepdim=True) * w.abs().sum(dim=1)  # [M, N]
         assert ((y.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-5 * scale + xq + 1e-30).all()
@@ -84,8 +83,8 @@ def test_gemm_matches_dequantized_reference(fmt, inp):
                          + [m for m in MADE if m[0].startswith("int4")] + [("int8", 288), ("fp8", 96), ("fp8", 77)]
                          + [b for b in BLOCKS if b[0] in kquant.BLOCK_BYTES] + [("q6_k", 768)])
 def test_decode_rows_match_dequantized_reference(fmt, inp):
-    """The GEMV rows of GGUF's blocks and K-quants, int4, int8 and fp8 through the decode fast path (1-4 rows; on AVX2 the
-    int16-activation kernel), with partial 4-row weight blocks and K that ends inside a run of 256 activations."""
+    """The GEMV rows of GGUF's blocks and K-quants, int4, int8 and fp8 through the decode fast path (1-4 rows; on AVX2
+    the int16-activation kernel), with partial 4-row weight blocks and K that ends inside a run of 256 activations."""
     q = _layer(fmt, 37, inp, bias=True)
     for rows in range(1, q.gemv_max_rows + 1):
         x = torch.randn(rows, inp).to(torch.bfloat16)
