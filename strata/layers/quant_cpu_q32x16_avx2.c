@@ -15,10 +15,18 @@
  * a dot product over the row's blocks at the end. Weights are exact (the AVX-512 kernels round int4 and int8
  * weights to bf16).
  *
- * A single x row runs against four weight rows at a time (more loads in flight), two or three against two, larger
- * batches one weight row against QXM x rows held in registers; every x row of a call is quantized up front and stays in L1/L2 (16 rows of
- * K = 1536 are 48 KiB). On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM
- * head), 1.1-1.9x at 4-32 rows; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
+ * A single x row runs against four weight rows at a time (more loads in flight), two or three against two, 4-6 rows
+ * one weight row against QXM x rows held in registers; every x row of a call is quantized up front and stays in
+ * L1/L2 (16 rows of K = 1536 are 48 KiB). From QX_MANY_MIN_ROWS x rows on (batched decode, MoE experts' token
+ * groups, prompts below the float32-tile thresholds) one weight row meets QXG = 8 x rows at a time (qx_row_many):
+ * its block scales are read once per row for all groups, x is stored in groups of 8 rows block-interleaved (one
+ * pointer, constant offsets: 8 row pointers had spilled), and each run's 8 sums become one vector of 8 x rows by
+ * a transpose tree (s5_sum8), scaled by the 8 rows' dx with one FMA; the offsets likewise, as 4 FMA chains over
+ * the blocks (one chain, latency-bound, cost a quarter of the time at K = 576). 1.15-1.6x the QXM kernel at 7-32
+ * rows (q4_1, int4, q4_k, q6_k; q8_0 the same), 0.8-0.85x at 4-5 rows, where that one stays.
+ *
+ * On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM head), 1.1-1.9x at 4-32
+ * rows before the many-row kernel; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;
  * K-quants 1.3-2.1x at 4-32 rows, 1.2-1.6x at one (benchmarks/quant_gemm.py's shapes).
  *
  * Per run of 8 blocks: K-quants' scales and mins come once per super-block (qx_k4_factors, qx_k6_factors), int4's
@@ -361,13 +369,129 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
     }
 }
 
+/* ---------------------------------------------------------------- many x rows: one weight row against QXG at a time */
+
+#define QXG 8 /* x rows per register block of the many-row kernel */
+#define QX_MANY_MIN_ROWS 7 /* from this many x rows on (measured: 0.95-1.0x at 5-6 rows, 1.1x at 7) */
+
+/* a weight row's scales per block, d[j] (q6_k: d[2j] and d[2j + 1], its halves'), and offsets o[j] (g from this
+ * row on) */
+static inline __attribute__((always_inline)) void qx_row_scales(int kind, const uint8_t *row, int64_t nb, qx_groups g,
+                                                                float *d, float *o) {
+    if (kind == QX_Q4K || kind == QX_Q5K) {
+        for (int64_t s = 0; s < nb / 8; s++) qx_k4_factors(row + s * QX_SUPER[kind - QX_Q4K], d + 8 * s, o + 8 * s);
+        return;
+    }
+    if (kind == QX_Q6K) {
+        for (int64_t s = 0; s < nb / 8; s++) qx_k6_factors(row + s * QX_SUPER[kind - QX_Q4K], d + 16 * s);
+        return;
+    }
+    if (kind == QX_INT4) {
+        for (int64_t j0 = 0; j0 < nb; j0 += QX_SB)
+            qx_int4_factors(g.s, g.z, g.gsh, j0, j0 + QX_SB < nb ? j0 + QX_SB : nb, d + j0, o + j0);
+        return;
+    }
+    for (int64_t j = 0; j < nb; j++) {
+        __m256i lo, hi;
+        qx_codes(kind, row, &lo, &hi, &d[j], &o[j], g, j, 0);
+    }
+}
+
+/* block j of a weight row against MB x rows into part[m] */
+static inline __attribute__((always_inline)) void qx_group_block(int kind, int nm, const uint8_t *row, int64_t ldw,
+                                                                 int64_t K, const int16_t *xq, qx_groups g,
+                                                                 const float *d, int64_t j, __m256 part[QXG]) {
+    const int64_t at = kind >= QX_Q4K ? (j >> 3) * QX_SUPER[kind - QX_Q4K] + (j & 7) * (QX_SUPER[kind - QX_Q4K] / 8)
+                                      : j * QX_BYTES[kind];
+    _mm_prefetch((const char *)(row + ldw + at), _MM_HINT_T0); /* the next weight row */
+    __m256i lo, hi;
+    float dd, oo;
+    qx_codes(kind, row, &lo, &hi, &dd, &oo, g, j, 1);
+    if (kind == QX_Q6K) {
+        const __m256 d0 = _mm256_broadcast_ss(d + 2 * j), d1 = _mm256_broadcast_ss(d + 2 * j + 1);
+        for (int m = 0; m < nm; m++) {
+            const int16_t *x = xq + (j * QXG + m) * 32; /* xq: this group's rows, block-interleaved */
+            const __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                          p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16)));
+            part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, part[m]));
+        }
+        return;
+    }
+    const __m256 dv = _mm256_broadcast_ss(d + j);
+    for (int m = 0; m < nm; m++) {
+        const int16_t *x = xq + (j * QXG + m) * 32;
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                                           _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+        part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, part[m]);
+    }
+}
+
+/* a weight row (scales d, offsets o) against MB x rows of xq; dxT [nsb, ldt] and xsT [nb, ldt] are dx and xs
+ * transposed, from the first of the MB rows on. Lane m of the result: the dot product with x row m */
+static inline __attribute__((always_inline)) __m256 qx_row_group(int kind, int nm, const uint8_t *row, int64_t ldw,
+                                                                 int64_t nb, int64_t K, const int16_t *xq,
+                                                                 const float *dxT, const float *xsT, int64_t ldt,
+                                                                 qx_groups g, const float *d, const float *o) {
+    __m256 acc = _mm256_setzero_ps();
+    const int64_t nsb = (nb + QX_SB - 1) / QX_SB;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256 part[QXG];
+        for (int m = 0; m < QXG; m++) part[m] = _mm256_setzero_ps();
+        const int64_t j0 = sb * QX_SB, j1 = j0 + QX_SB < nb ? j0 + QX_SB : nb;
+        if (j1 - j0 == QX_SB) {
+#pragma GCC unroll 8
+            for (int i = 0; i < QX_SB; i++) qx_group_block(kind, nm, row, ldw, K, xq, g, d, j0 + i, part);
+        } else {
+            for (int64_t j = j0; j < j1; j++) qx_group_block(kind, nm, row, ldw, K, xq, g, d, j, part);
+        }
+        /* the run's MB sums as one vector (lane m), times each x row's scale of the run */
+        acc = _mm256_fmadd_ps(s5_sum8(part), _mm256_loadu_ps(dxT + sb * ldt), acc);
+    }
+    if (kind != QX8_0 && kind != QX_INT8 && kind != QX_Q6K) { /* four chains: FMA latency */
+        __m256 t[4] = {acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t j = 0;
+        for (; j + 4 <= nb; j += 4)
+            for (int i = 0; i < 4; i++)
+                t[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(o + j + i), _mm256_loadu_ps(xsT + (j + i) * ldt), t[i]);
+        for (; j < nb; j++) t[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(o + j), _mm256_loadu_ps(xsT + j * ldt), t[0]);
+        acc = _mm256_add_ps(_mm256_add_ps(t[0], t[1]), _mm256_add_ps(t[2], t[3]));
+    }
+    return acc;
+}
+
+/* weight row n against every x row, QXG at a time */
+static inline __attribute__((always_inline)) void qx_row_many(int kind, int64_t n, int64_t M, int64_t K, int64_t nb,
+                                                              const uint8_t *w, int64_t ldw, int64_t N,
+                                                              const int16_t *xqB, const float *dxT, const float *xsT,
+                                                              int64_t ldt, qx_groups g, const float *bias,
+                                                              uint16_t *y) {
+    const uint8_t *row = w + n * ldw;
+    const qx_groups gr = qx_rows_from(g, n);
+    float d[2 * nb], o[nb];
+    qx_row_scales(kind, row, nb, gr, d, o);
+    for (int64_t m0 = 0; m0 < M; m0 += QXG) {
+        const int mb = M - m0 < QXG ? (int)(M - m0) : QXG;
+        __m256 r;
+#define GROUP(MBC) r = qx_row_group(kind, MBC, row, ldw, nb, K, xqB + m0 * K, dxT + m0, xsT + m0, ldt, gr, d, o)
+        if (mb <= 4) /* the rows past M are zeros */
+            GROUP(4);
+        else
+            GROUP(8);
+#undef GROUP
+        float t[QXG];
+        _mm256_storeu_ps(t, r);
+        for (int m = 0; m < mb; m++) store_out(y + m0 * N, N, m, n, t[m], bias);
+    }
+}
+
 /* every weight row block against every x row, one function per kind: the OpenMP region of PAR_FOR is outlined
  * into a function of its own where it is written, so each kind needs its own region to keep its constant kind
  * (one shared region of an inlined helper lost the specialisation: 1.4x slower at one row) */
 #define QX_PAR_FN(KIND)                                                                                         \
     static void qx_par_##KIND(int64_t M, int64_t K, int64_t nb, const uint8_t *w, int64_t ldw, int64_t N,       \
-                              const int16_t *xq, const float *dx, const float *xs, qx_groups g, const float *bias,\
-                              uint16_t *y) {                                                                    \
+                              const int16_t *xq, const float *dx, const float *xs, const float *dxT,            \
+                              const float *xsT, const int16_t *xqB, int64_t ldt, qx_groups g,                   \
+                              const float *bias, uint16_t *y) {                                                 \
         /* weight rows per block: several for few x rows (more loads in flight, codes unpacked once for more x   \
          * rows); two at 2-3 rows, 1.0-1.2x one (int4 at 3 rows: 0.9x, one) */                                  \
         /* each R its own region, so that each is compiled for its constant R (one region with R chosen at run \
@@ -377,8 +501,10 @@ static inline __attribute__((always_inline)) void qx_block(int kind, int R, int6
             PAR_FOR(par, blk, (N + 3) / 4, { qx_block(KIND, 4, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); }); \
         else if (M == 2 || (M == 3 && KIND != QX_INT4))                                                         \
             PAR_FOR(par, blk, (N + 1) / 2, { qx_block(KIND, 2, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); }); \
-        else                                                                                                    \
+        else if (M < QX_MANY_MIN_ROWS)                                                                          \
             PAR_FOR(par, blk, N, { qx_block(KIND, 1, blk, M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y); });     \
+        else                                                                                                    \
+            PAR_FOR(par, n, N, { qx_row_many(KIND, n, M, K, nb, w, ldw, N, xqB, dxT, xsT, ldt, g, bias, y); }); \
     }
 QX_PAR_FN(QX8_0)
 QX_PAR_FN(QX4_1)
@@ -390,7 +516,7 @@ QX_PAR_FN(QX_Q4K)
 QX_PAR_FN(QX_Q5K)
 QX_PAR_FN(QX_Q6K)
 #undef QX_PAR_FN
-#define QX_RUN(KIND) qx_par_##KIND(M, K, nb, w, ldw, N, xq, dx, xs, g, bias, y)
+#define QX_RUN(KIND) qx_par_##KIND(M, K, nb, w, ldw, N, xq, dx, xs, dxT, xsT, xqB, ldt, g, bias, y)
 
 static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16_t *x, int64_t M, int64_t K,
                                                           const uint8_t *w, int64_t N, qx_groups g, const float *bias,
@@ -406,6 +532,22 @@ static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16
         x = xp;
     }
     qx_quantize(x, M, K, xq, dx, xs);
+    /* the many-row kernel reads dx and xs transposed, a lane per x row, padded with zeros to whole vectors */
+    const int64_t nsb = (nb + QX_SB - 1) / QX_SB, ldt = (M + QXG - 1) / QXG * QXG;
+    float *dxT = NULL, *xsT = NULL;
+    int16_t *xqB = NULL;
+    if (M >= QX_MANY_MIN_ROWS) {
+        dxT = calloc((size_t)((nsb + nb) * ldt), sizeof(float));
+        xsT = dxT + nsb * ldt;
+        xqB = calloc((size_t)(ldt * K), sizeof(int16_t)); /* [group of QXG rows][block][row in group][32] */
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t sb = 0; sb < nsb; sb++) dxT[sb * ldt + m] = dx[m * nsb + sb];
+            for (int64_t j = 0; j < nb; j++) {
+                xsT[j * ldt + m] = xs[m * nb + j];
+                memcpy(xqB + (((m / QXG) * nb + j) * QXG + m % QXG) * 32, xq + m * K + 32 * j, 64);
+            }
+        }
+    }
     switch (kind) {
     case QX4_1: QX_RUN(QX4_1); break;
     case QX5_0: QX_RUN(QX5_0); break;
@@ -417,6 +559,8 @@ static inline __attribute__((always_inline)) void qx_gemv(int kind, const uint16
     case QX_Q6K: QX_RUN(QX_Q6K); break;
     default: QX_RUN(QX8_0);
     }
+    free(xqB);
+    free(dxT);
     free(xp);
     free(xs);
     free(xq);

@@ -94,6 +94,22 @@ def test_decode_rows_match_dequantized_reference(fmt, inp):
         _check(q, x, q(x))
 
 
+@pytest.mark.parametrize("fmt,inp", [b for b in BLOCKS if b[0] in quant_native.BLOCK32_KINDS] + [("q4_1", 1536)]
+                         + [m for m in MADE if m[0].startswith("int4")] + [("int8", 288)]
+                         + [b for b in BLOCKS if b[0] in kquant.BLOCK_BYTES])
+@pytest.mark.parametrize("rows", [7, 8, 13, 17])
+def test_batch_rows_with_outliers(fmt, inp, rows):
+    """Batches of 7-17 rows (on AVX2 the int16 kernel's 8-row groups: one x scale per row and run of 256 values,
+    rows past M padded) where every other row has an outlier in a different run: each row's scales must stay its own."""
+    q = _layer(fmt, 37, inp, bias=True)
+    x = torch.randn(rows, inp).to(torch.bfloat16)
+    if fmt != "int8" or quant_native.isa() == "avx2":  # the AVX-512 int8 GEMV: see the test above
+        for m in range(0, rows, 2):
+            x[m, (97 * m) % inp] *= 100
+    y = _gemm(q, x) if rows > q.gemv_max_rows else q(x)
+    _check(q, x, y)
+
+
 @pytest.mark.parametrize("out", [1, 2, 3, 30, 301])
 def test_gemm_row_tails_and_tiles(out):
     """N below one register block, between, and over several tiles (16 KiB of bf16 rows each) with a partial last."""
