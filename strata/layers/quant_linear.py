@@ -34,6 +34,7 @@ from torch import nn
 
 from strata.errors import ConfigError, UnsupportedError, WeightsError
 from strata.layers import quant_native
+from strata.quant import kquant
 from strata.quant.format import (
     MXFP4_GROUP,
     QuantFormat,
@@ -52,13 +53,15 @@ GEMM_MAX_ROWS = 64  # above this many rows, dequantize + oneDNN's bf16 matmul ma
 # meet float32 activations in torch's float32 matmul (Q4_1 576 x 1536: 1.5x the native kernels at 16 rows, 2.7x at
 # 64-256, on a Zen 3 core)
 AVX2_FLOAT32_MIN_ROWS = 16
-# the same for the formats of the AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c), which beat the float32
-# tiles up to about 20 rows on SmolLM2's Q4_1/Q8_0 projections and LM head and on K-quants [2048, 2048] and
-# [1536, 512], up to about 40 on int4 [2048, 2048] and [1536, 576] and beyond 64 on int8 with K a multiple of 32
-# (whose float32 tiles are slower)
-AVX2_BLOCK32_FLOAT32_MIN_ROWS = 24
-AVX2_INT4_FLOAT32_MIN_ROWS = 48
-AVX2_INT8_FLOAT32_MIN_ROWS = 64
+# the same for the formats of the AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c, 8 x rows at a time from
+# 7 rows on), which beat the float32 tiles (one Zen 3 core, weights from memory) up to 32 rows on SmolLM2's Q4_1/Q8_0
+# projections and LM head (1.0-1.1x there, 0.9x at 48), up to 48 on K-quants [2048, 2048] (1.1-1.2x; 0.8-1.0x at
+# 64), up to 64 on int4 [2048, 2048] and [1024, 2048] (1.2x; 0.9-1.0x at 96) and int8 [2048, 2048] (1.3x; 1.0x
+# at 96)
+AVX2_BLOCK32_FLOAT32_MIN_ROWS = 40
+AVX2_KQUANT_FLOAT32_MIN_ROWS = 56
+AVX2_INT4_FLOAT32_MIN_ROWS = 80
+AVX2_INT8_FLOAT32_MIN_ROWS = 80
 AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8, K a multiple of 16 (quant_cpu_gemv16_avx2.c): faster up to 32 rows, not at 64
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
@@ -224,6 +227,8 @@ class QuantLinear(nn.Module):
         kind = self.fmt.kind
         if not quant_native.avx2_own_gemv(kind, self.fmt.group_size, self.in_features):
             return AVX2_FLOAT32_MIN_ROWS
+        if kind in kquant.BLOCK_BYTES:
+            return AVX2_KQUANT_FLOAT32_MIN_ROWS
         return {"int4": AVX2_INT4_FLOAT32_MIN_ROWS, "int8": AVX2_INT8_FLOAT32_MIN_ROWS,
                 "fp8": AVX2_FP8_FLOAT32_MIN_ROWS}.get(kind, AVX2_BLOCK32_FLOAT32_MIN_ROWS)
 
