@@ -242,10 +242,13 @@ class QuantLinear(nn.Module):
         if xb.shape[0] <= self.gemv_max_rows:
             return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
         n = self.out_features
-        if xb.shape[0] >= self._avx2_float32_min_rows and quant_native.isa() == "avx2":
+        avx2 = quant_native.isa() == "avx2"
+        if avx2 and xb.shape[0] >= self._avx2_float32_min_rows:
             y = self._float32_tiles(xb.float()).to(torch.bfloat16)
             return y if self.bias is None else y + self.bias.to(torch.bfloat16)
-        if xb.shape[0] <= self.gemm_max_rows and fmt.kind in quant_native.WEIGHT_KINDS:
+        # on AVX2 the GEMM up to the float32 tiles, whatever gemm_max_rows says: the bf16 tiles below would run in
+        # torch's bf16 matmul, several times slower there
+        if (xb.shape[0] <= self.gemm_max_rows or avx2) and fmt.kind in quant_native.WEIGHT_KINDS:
             return quant_native.gemm(lib, fmt.kind, xb, k, n, fmt.group_size, k["bias"])
         # many rows: dequantize row tiles into a reused bf16 buffer and matmul each (oneDNN bf16 / AMX)
         tile_bytes = TILE_BYTES_1_THREAD if torch.get_num_threads() == 1 else TILE_BYTES

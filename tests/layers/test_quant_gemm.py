@@ -162,6 +162,15 @@ def test_quant_linear_routes_rows_to_gemv_gemm_and_dequantize(monkeypatch):
         x = torch.randn(rows, 256).to(torch.bfloat16)
         _check_float(q, x, q(x))
         assert calls[0] == path, (rows, calls)
+    if quant_native.isa() == "avx2":  # int4's float32 tiles start beyond gemm_max_rows: the GEMM up to there, never
+        # the bf16 tiles (torch's bf16 matmul, slow without AVX-512)
+        q4 = _layer("int4-g32", 64, 256)
+        assert quant_linear.AVX2_INT4_FLOAT32_MIN_ROWS > q4.gemm_max_rows + 1
+        for rows, path in ((q4.gemm_max_rows + 1, "gemm"), (quant_linear.AVX2_INT4_FLOAT32_MIN_ROWS, "dequantize_rows")):
+            calls.clear()
+            x = torch.randn(rows, 256).to(torch.bfloat16)
+            _check_float(q4, x, q4(x))
+            assert calls[0] == path, (rows, calls)
     m = QuantLinear(64, 16, "mxfp4")
     g = torch.Generator().manual_seed(0)
     m.qweight = torch.randint(0, 256, (16, 32), generator=g, dtype=torch.uint8)
