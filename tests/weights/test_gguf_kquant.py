@@ -58,8 +58,8 @@ def kquant_gguf(tmp_path_factory):
     return write_gguf(path, path / "m.gguf", tensors=blocks, num_tokens=COMMON["vocab_size"]), kinds
 
 
-def _logits(folder, ids):
-    model = load_model(str(folder), progress=False)
+def _logits(folder, ids, dtype=None):
+    model = load_model(str(folder), dtype=dtype, progress=False)
     with torch.no_grad():
         return model(ids, torch.arange(len(ids)), AttentionMetadata.no_cache([len(ids)])), model
 
@@ -87,9 +87,13 @@ def test_kquant_gguf_stays_quantized_and_matches(kquant_gguf, tmp_path):
     logits, model = _logits(quant, ids)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantEmbedding)}
     assert {n: str(m.fmt) for n, m in quantized.items()} == modules
-    # bf16 activations through 2 layers: about 1% of the logits' scale; wrong blocks would be off by ~100%
+    # bf16 activations through 2 layers: 1-15% of the logits' scale with this random model, depending on the ids
+    # (measured over seeds, exactly dequantized weights alike); the quantized kernels may add little to that, while
+    # wrong blocks would be off by ~100%
     err = (logits - ref).abs().max() / ref.abs().max()
-    assert err < 3e-2, err
+    bf16_logits, _ = _logits(floats, ids, dtype="bfloat16")
+    err_bf16 = (bf16_logits.float() - ref).abs().max() / ref.abs().max()
+    assert err < 1.5 * err_bf16 + 1e-2, (err, err_bf16)
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
