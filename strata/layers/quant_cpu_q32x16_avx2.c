@@ -397,7 +397,7 @@ static inline __attribute__((always_inline)) void qx_row_scales(int kind, const 
     }
 }
 
-/* block j of a weight row against MB x rows into part[m] */
+/* block j of a weight row against nm x rows into part[m] */
 static inline __attribute__((always_inline)) void qx_group_block(int kind, int nm, const uint8_t *row, int64_t ldw,
                                                                  int64_t K, const int16_t *xq, qx_groups g,
                                                                  const float *d, int64_t j, __m256 part[QXG]) {
@@ -426,8 +426,8 @@ static inline __attribute__((always_inline)) void qx_group_block(int kind, int n
     }
 }
 
-/* a weight row (scales d, offsets o) against MB x rows of xq; dxT [nsb, ldt] and xsT [nb, ldt] are dx and xs
- * transposed, from the first of the MB rows on. Lane m of the result: the dot product with x row m */
+/* a weight row (scales d, offsets o) against nm x rows of xq; dxT [nsb, ldt] and xsT [nb, ldt] are dx and xs
+ * transposed, from the first of the nm rows on. Lane m of the result: the dot product with x row m */
 static inline __attribute__((always_inline)) __m256 qx_row_group(int kind, int nm, const uint8_t *row, int64_t ldw,
                                                                  int64_t nb, int64_t K, const int16_t *xq,
                                                                  const float *dxT, const float *xsT, int64_t ldt,
@@ -444,7 +444,7 @@ static inline __attribute__((always_inline)) __m256 qx_row_group(int kind, int n
         } else {
             for (int64_t j = j0; j < j1; j++) qx_group_block(kind, nm, row, ldw, K, xq, g, d, j, part);
         }
-        /* the run's MB sums as one vector (lane m), times each x row's scale of the run */
+        /* the run's sums as one vector (lane m), times each x row's scale of the run */
         acc = _mm256_fmadd_ps(s5_sum8(part), _mm256_loadu_ps(dxT + sb * ldt), acc);
     }
     if (kind != QX8_0 && kind != QX_INT8 && kind != QX_Q6K) { /* four chains: FMA latency */
