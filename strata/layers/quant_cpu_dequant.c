@@ -1,7 +1,8 @@
-/* Dequantization to bf16 for the batched path (the result goes to a bf16 matmul), and the ABI version. */
+/* Dequantization to bf16 for the batched path (the result goes to a bf16 matmul), int4 to float32 for the float32
+ * tiles of CPUs without AVX-512 BF16, and the ABI version. */
 #include "quant_cpu.h"
 
-int strata_qk_abi(void) { return 15; }
+int strata_qk_abi(void) { return 16; }
 
 /* ---------------------------------------------------------------- dequantize to bf16 (batched path) */
 
@@ -67,3 +68,34 @@ void dequant_int4(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale
     });
 }
 
+
+/* int4 rows [n0, n1) -> out [n1 - n0, Kp] float32, (q - z) * s exactly (the product of a 4-bit code difference and an
+ * fp16 scale fits fp32's mantissa): the float32 tiles of QuantLinear on CPUs without AVX-512 BF16, where the bf16
+ * table above runs its vpermw lane by lane and the tiles then widen bf16 to fp32 in torch (about 1 ns a weight
+ * together). AVX2 only, so both builds have it. G a multiple of 32. */
+void dequant_int4_f32(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale, const uint8_t *zeros,
+                      int64_t n0, int64_t n1, float *out) {
+    const int64_t ng = Kp / G;
+    PAR_FOR((n1 - n0) * Kp > PAR_MIN_WORK, i, n1 - n0, {
+        const int64_t n = n0 + i;
+        const uint8_t *wr = w + n * (Kp / 2);
+        float *o = out + (n - n0) * Kp;
+        for (int64_t g = 0; g < ng; g++) {
+            const float s = f16_to_f32(scale[n * ng + g]), z = zeros ? (float)zeros[n * ng + g] : 8.0f;
+            const __m256 sv = _mm256_set1_ps(s), off = _mm256_set1_ps(-z * s);
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                /* byte i: weight 2i in its low nibble, 2i + 1 in its high one: interleaved back into 32 bytes */
+                const __m128i b = _mm_loadu_si128((const __m128i *)(wr + k / 2));
+                const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+                const __m128i q[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+                for (int h = 0; h < 2; h++) {
+                    const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q[h]));
+                    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(q[h], q[h])));
+                    _mm256_storeu_ps(o + k + 16 * h, _mm256_fmadd_ps(a, sv, off));
+                    _mm256_storeu_ps(o + k + 16 * h + 8, _mm256_fmadd_ps(c, sv, off));
+                }
+            }
+        }
+    });
+}

@@ -56,11 +56,11 @@ AVX2_FLOAT32_MIN_ROWS = 16
 # the same for the formats of the AVX2 kernel on int16 activations (quant_cpu_q32x16_avx2.c, 8 x rows at a time from
 # 7 rows on), which beat the float32 tiles (one Zen 3 core, weights from memory) up to 32 rows on SmolLM2's Q4_1/Q8_0
 # projections and LM head (1.0-1.1x there, 0.9x at 48), up to 48 on K-quants [2048, 2048] (1.1-1.2x; 0.8-1.0x at
-# 64), up to 64 on int4 [2048, 2048] and [1024, 2048] (1.2x; 0.9-1.0x at 96) and int8 [2048, 2048] (1.3x; 1.0x
-# at 96)
+# 64), below 48 on int4 [2048, 2048], [1024, 2048] and [2048, 1024] (1.0-1.1x at 48, 0.85-0.9x at 64; its float32
+# tiles exact and dequantized natively, dequant_int4_f32) and up to 64 on int8 [2048, 2048] (1.3x; 1.0x at 96)
 AVX2_BLOCK32_FLOAT32_MIN_ROWS = 40
 AVX2_KQUANT_FLOAT32_MIN_ROWS = 56
-AVX2_INT4_FLOAT32_MIN_ROWS = 80
+AVX2_INT4_FLOAT32_MIN_ROWS = 48
 AVX2_INT8_FLOAT32_MIN_ROWS = 80
 AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8, K a multiple of 16 (quant_cpu_gemv16_avx2.c): faster up to 32 rows, not at 64
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
@@ -282,10 +282,11 @@ class QuantLinear(nn.Module):
 
     def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 [M, K'] (K' the weight's padded row width) -> float32 [M, N], no bias: row tiles of the weight in
-        float32 (exact for BLOCK32_KINDS, else its bf16 dequantization widened), each in a float32 matmul."""
+        float32 (exact for quant_native.F32_DEQUANT_KINDS, else its bf16 dequantization widened), each in a float32
+        matmul."""
         lib, fmt, n, k = quant_native.native_lib(), self.fmt, self.out_features, x.shape[1]
         rows = max(16, min(n, TILE_BYTES_1_THREAD // (4 * k)))
-        exact = fmt.kind in quant_native.BLOCK32_KINDS
+        exact = fmt.kind in quant_native.F32_DEQUANT_KINDS
         # the scratch buffers are written by the kernels only: no torch op updates them in place, so that one
         # made under torch.inference_mode serves outside it too
         buf = _tile_buffer(rows * k, torch.float32 if exact else torch.bfloat16)
@@ -294,7 +295,7 @@ class QuantLinear(nn.Module):
             n1 = min(n, n0 + rows)
             tile = buf[: (n1 - n0) * k].view(n1 - n0, k)
             if exact:
-                quant_native.dequantize_rows_f32(lib, fmt.kind, self._k, n0, n1, tile)
+                quant_native.dequantize_rows_f32(lib, fmt.kind, self._k, n0, n1, tile, fmt.group_size)
             else:
                 tile = quant_native.dequantize_rows(lib, fmt.kind, self._k, n0, n1, fmt.group_size, tile).float()
             y[:, n0:n1] = F.linear(x, tile)

@@ -42,7 +42,7 @@ SOURCES = [HERE / n for n in (
     "cpu_decode_inputs.c")]
 HEADER = HERE / "quant_cpu.h"
 AVX2_HEADER = HERE / "quant_cpu_avx2.h"  # the AVX-512 intrinsics the kernels use, on AVX2
-ABI = 15  # must match strata_qk_abi() in quant_cpu_dequant.c
+ABI = 16  # must match strata_qk_abi() in quant_cpu_dequant.c
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"}
@@ -91,6 +91,7 @@ _SIGNATURES = {
     "dequant_fp8": [_P, _I, _P, _I, _I, _P],
     "dequant_nested": [_P, _I, _I, _P, _I, _I, _P],
     "dequant_int4": [_P, _I, _I, _P, _P, _I, _I, _P],
+    "dequant_int4_f32": [_P, _I, _I, _P, _P, _I, _I, _P],
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
     "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
     "argmax_rows_f32": [_P, _I, _I, _I, _P],
@@ -309,9 +310,18 @@ def gemv_f32(lib: ctypes.CDLL, kind: str, x: torch.Tensor, w: dict[str, torch.Te
     return y
 
 
+# the kinds dequantize_rows_f32 takes: exact float32 weights for the float32 tiles of CPUs without AVX-512 BF16
+F32_DEQUANT_KINDS = frozenset({*BLOCK32_KINDS, "int4"})
+
+
 def dequantize_rows_f32(lib: ctypes.CDLL, kind: str, w: dict[str, torch.Tensor], n0: int, n1: int,
-                        out: torch.Tensor) -> torch.Tensor:
-    """BLOCK32_KINDS only: rows [n0, n1) of the weight -> `out` float32 [n1 - n0, K], exactly the reference."""
+                        out: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """F32_DEQUANT_KINDS only: rows [n0, n1) of the weight -> `out` float32 [n1 - n0, K'], exactly the reference
+    (int4: K' the padded row width, group_size its groups)."""
+    if kind == "int4":
+        lib.dequant_int4_f32(_ptr(w["qweight"]), out.shape[1], group_size, _ptr(w["scales"]), _ptr(w.get("zeros")),
+                             n0, n1, _ptr(out))
+        return out
     lib.dequant_qb_f32(BLOCK32_KINDS[kind], _ptr(w["qweight"]), out.shape[1], n0, n1, _ptr(out))
     return out
 

@@ -110,6 +110,18 @@ def test_batch_rows_with_outliers(fmt, inp, rows):
     _check(q, x, y)
 
 
+@pytest.mark.parametrize("fmt,inp", [m for m in MADE if m[0].startswith("int4")] + [("q4_1", 576), ("q8_0", 96)])
+def test_float32_rows_are_the_exact_weights(fmt, inp):
+    """dequantize_rows_f32 (the float32 tiles without AVX-512 BF16): int4 and the GGUF blocks to float32 exactly as
+    the reference dequantizes them, for a row range inside the weight (padded K for int4)."""
+    q = _layer(fmt, 37, inp)
+    w = dequantize_weight(q._tensors(), q.fmt, q.out_features, q.in_features, dtype=torch.float32)
+    kp = q.fmt.padded_in(q.in_features)
+    out = torch.full((30, kp), float("nan"))
+    quant_native.dequantize_rows_f32(quant_native.native_lib(), q.fmt.kind, q._k, 5, 35, out, q.fmt.group_size)
+    assert torch.equal(out[:, :inp], w[5:35])
+
+
 @pytest.mark.parametrize("out", [1, 2, 3, 30, 301])
 def test_gemm_row_tails_and_tiles(out):
     """N below one register block, between, and over several tiles (16 KiB of bf16 rows each) with a partial last."""
@@ -162,15 +174,19 @@ def test_quant_linear_routes_rows_to_gemv_gemm_and_dequantize(monkeypatch):
         x = torch.randn(rows, 256).to(torch.bfloat16)
         _check_float(q, x, q(x))
         assert calls[0] == path, (rows, calls)
-    if quant_native.isa() == "avx2":  # int4's float32 tiles start beyond gemm_max_rows: the GEMM up to there, never
-        # the bf16 tiles (torch's bf16 matmul, slow without AVX-512)
+    if quant_native.isa() == "avx2":  # int8's float32 tiles start beyond gemm_max_rows: the GEMM up to there, never
+        # the bf16 tiles (torch's bf16 matmul, slow without AVX-512); int4's float32 tiles are exact
+        q8 = _layer("int8", 64, 256)
+        assert quant_linear.AVX2_INT8_FLOAT32_MIN_ROWS > q8.gemm_max_rows + 1
         q4 = _layer("int4-g32", 64, 256)
-        assert quant_linear.AVX2_INT4_FLOAT32_MIN_ROWS > q4.gemm_max_rows + 1
-        for rows, path in ((q4.gemm_max_rows + 1, "gemm"), (quant_linear.AVX2_INT4_FLOAT32_MIN_ROWS, "dequantize_rows")):
+        for q_, rows, path in ((q8, q8.gemm_max_rows + 1, "gemm"), (q8, quant_linear.AVX2_INT8_FLOAT32_MIN_ROWS,
+                                                                   "dequantize_rows"),
+                               (q4, quant_linear.AVX2_INT4_FLOAT32_MIN_ROWS - 1, "gemm"),
+                               (q4, quant_linear.AVX2_INT4_FLOAT32_MIN_ROWS, "dequantize_rows_f32")):
             calls.clear()
             x = torch.randn(rows, 256).to(torch.bfloat16)
-            _check_float(q4, x, q4(x))
-            assert calls[0] == path, (rows, calls)
+            _check_float(q_, x, q_(x))
+            assert calls[0] == path, (q_.fmt, rows, calls)
     m = QuantLinear(64, 16, "mxfp4")
     g = torch.Generator().manual_seed(0)
     m.qweight = torch.randint(0, 256, (16, 32), generator=g, dtype=torch.uint8)
