@@ -264,7 +264,7 @@ void dequant_nested(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *sca
 void dequant_int4(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale, const uint8_t *zeros,
                   int64_t n0, int64_t n1, uint16_t *out);
 void dequant_int4_f32(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale, const uint8_t *zeros,
-                  int64_t n0, int64_t n1, float *out);
+                      int64_t n0, int64_t n1, float *out);
 void dequant_kq(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
 void dequant_qb(int64_t kind, const uint8_t *w, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
 /* M bf16 rows through a weight of kind WK_* (cpu_moe.c); WK_Q4K + k is K-quant kind k, WK_Q8_0 + k block kind k */

@@ -68,11 +68,10 @@ void dequant_int4(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale
     });
 }
 
-
 /* int4 rows [n0, n1) -> out [n1 - n0, Kp] float32, (q - z) * s exactly (the product of a 4-bit code difference and an
  * fp16 scale fits fp32's mantissa): the float32 tiles of QuantLinear on CPUs without AVX-512 BF16, where the bf16
  * table above runs its vpermw lane by lane and the tiles then widen bf16 to fp32 in torch (about 1 ns a weight
- * together). AVX2 only, so both builds have it. G a multiple of 32. */
+ * together). AVX2 only, so both builds have it. G a multiple of 32 (every int4 format: groups of 32-1024). */
 void dequant_int4_f32(const uint8_t *w, int64_t Kp, int64_t G, const uint16_t *scale, const uint8_t *zeros,
                       int64_t n0, int64_t n1, float *out) {
     const int64_t ng = Kp / G;

@@ -240,6 +240,21 @@ static inline __attribute__((always_inline)) float qx_hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* one block's codes (lo, hi) against nm x rows, row m's 32 values at x + m * ldx, into part[m]: times the block's
+ * scale d0 (q6_k: two scales, d0 and d1, its halves' sums apart) */
+static inline __attribute__((always_inline)) void qx_madd_rows(int kind, int nm, __m256i lo, __m256i hi, __m256 d0,
+                                                               __m256 d1, const int16_t *x, int64_t ldx, __m256 *part) {
+    for (int m = 0; m < nm; m++) {
+        const int16_t *xm = x + m * ldx;
+        const __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xm)),
+                      p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xm + 16)));
+        if (kind == QX_Q6K)
+            part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, part[m]));
+        else
+            part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), d0, part[m]);
+    }
+}
+
 /* block j of weight row r (of R from w) against mb x rows, into part[r]; pre: int4's scales and offsets are in fk
  * and ob already */
 static inline __attribute__((always_inline)) void qx_block_dot(int kind, int R, int mb, const uint8_t *w, int64_t ldw,
@@ -256,26 +271,14 @@ static inline __attribute__((always_inline)) void qx_block_dot(int kind, int R, 
     float d = 0.0f;
     qx_codes(kind, row, &lo, &hi, &d, obj, kind == QX_INT4 || kind == QX_INT8 ? qx_rows_from(g, r) : g,
              j, pre);
-    if (kind == QX_Q6K) { /* two scales per block: its halves' sums apart */
-        const __m256 d0 = _mm256_broadcast_ss(&fk[r][2 * (j & 7)]),
-                     d1 = _mm256_broadcast_ss(&fk[r][2 * (j & 7) + 1]);
-        for (int m = 0; m < mb; m++) {
-            const int16_t *x = xq + m * K + 32 * j;
-            const __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                          p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16)));
-            part[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1,
-                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, part[r][m]));
-        }
+    if (kind == QX_Q6K) {
+        qx_madd_rows(kind, mb, lo, hi, _mm256_broadcast_ss(&fk[r][2 * (j & 7)]),
+                     _mm256_broadcast_ss(&fk[r][2 * (j & 7) + 1]), xq + 32 * j, K, part[r]);
         return;
     }
     if (kind == QX_Q4K || kind == QX_Q5K || (kind == QX_INT4 && pre)) d = fk[r][j & 7];
     const __m256 dv = _mm256_set1_ps(d);
-    for (int m = 0; m < mb; m++) {
-        const int16_t *x = xq + m * K + 32 * j;
-        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                                     _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
-        part[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, part[r][m]);
-    }
+    qx_madd_rows(kind, mb, lo, hi, dv, dv, xq + 32 * j, K, part[r]);
 }
 
 /* out[r][m] = weight row r . x row m for R rows of ldw bytes against mb x rows (xq, dx, xs at row 0 of them);
@@ -407,23 +410,9 @@ static inline __attribute__((always_inline)) void qx_group_block(int kind, int n
     __m256i lo, hi;
     float dd, oo;
     qx_codes(kind, row, &lo, &hi, &dd, &oo, g, j, 1);
-    if (kind == QX_Q6K) {
-        const __m256 d0 = _mm256_broadcast_ss(d + 2 * j), d1 = _mm256_broadcast_ss(d + 2 * j + 1);
-        for (int m = 0; m < nm; m++) {
-            const int16_t *x = xq + (j * QXG + m) * 32; /* xq: this group's rows, block-interleaved */
-            const __m256i p0 = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                          p1 = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16)));
-            part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, part[m]));
-        }
-        return;
-    }
-    const __m256 dv = _mm256_broadcast_ss(d + j);
-    for (int m = 0; m < nm; m++) {
-        const int16_t *x = xq + (j * QXG + m) * 32;
-        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
-                                           _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
-        part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, part[m]);
-    }
+    const __m256 d0 = _mm256_broadcast_ss(kind == QX_Q6K ? d + 2 * j : d + j),
+                 d1 = kind == QX_Q6K ? _mm256_broadcast_ss(d + 2 * j + 1) : d0;
+    qx_madd_rows(kind, nm, lo, hi, d0, d1, xq + j * QXG * 32, 32, part); /* xq: the group's rows, block-interleaved */
 }
 
 /* a weight row (scales d, offsets o) against nm x rows of xq; dxT [nsb, ldt] and xsT [nb, ldt] are dx and xs

@@ -34,7 +34,6 @@ from torch import nn
 
 from strata.errors import ConfigError, UnsupportedError, WeightsError
 from strata.layers import quant_native
-from strata.quant import kquant
 from strata.quant.format import (
     MXFP4_GROUP,
     QuantFormat,
@@ -227,7 +226,7 @@ class QuantLinear(nn.Module):
         kind = self.fmt.kind
         if not quant_native.avx2_own_gemv(kind, self.fmt.group_size, self.in_features):
             return AVX2_FLOAT32_MIN_ROWS
-        if kind in kquant.BLOCK_BYTES:
+        if kind in quant_native.KQUANT_KINDS:
             return AVX2_KQUANT_FLOAT32_MIN_ROWS
         return {"int4": AVX2_INT4_FLOAT32_MIN_ROWS, "int8": AVX2_INT8_FLOAT32_MIN_ROWS,
                 "fp8": AVX2_FP8_FLOAT32_MIN_ROWS}.get(kind, AVX2_BLOCK32_FLOAT32_MIN_ROWS)
