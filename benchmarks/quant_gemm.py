@@ -9,6 +9,12 @@ pick one):
 - `dequant+oneDNN`: the weight dequantized to bf16 in row tiles of 4 MiB, each through torch's bf16 matmul;
 - `a8` (formats with one): int8 activations on AVX-512 VNNI (`--quantized-activations int8`).
 
+On the AVX2 build (no AVX-512) `gemm` is the kernel on int16 activations for the formats it has
+(quant_cpu_q32x16_avx2.c; 8 x rows at a time from 7 rows; `gemv` runs the same kernel, so those two columns
+differ by noise only), and the last column is `float32 tiles`: the weight in
+float32 row tiles through torch's float32 matmul, where QuantLinear switches at `avx2_float32_min_rows`
+(AVX2_*_FLOAT32_MIN_ROWS); the summary then gives the rows up to which the GEMM beat those.
+
 Each call runs on the next of several copies of the layer (more than --rotate-mib of weights together), so
 weights come from memory as in a model's step. Process CPU time per call (other jobs on the cores inflate wall
 time, not this), best and median of --reps passes over the copies. The summary gives, per case, the rows from
@@ -36,6 +42,7 @@ import torch
 from torch import nn
 
 from strata.fileio import write_text_atomic
+from strata.layers import quant_native
 from strata.layers.quant_linear import QuantLinear
 from strata.quant import ggml_blocks, kquant
 
@@ -45,7 +52,12 @@ CASES = [("q4_1", 1536, 576), ("q4_1", 576, 1536), ("int4-g32", 1536, 576), ("q8
          ("q8_0", 49152, 576), ("int4-g32", 2048, 2048)]
 ROWS = [1, 2, 4, 5, 8, 16, 32, 64, 128, 256]
 BIG = 1 << 30
-PATHS = {"gemv": (BIG, 0, "none"), "gemm": (0, BIG, "none"), "dequant+oneDNN": (0, 0, "none"), "a8": (0, 0, "int8")}
+# path -> (gemv_max_rows, gemm_max_rows, quantized_activations, avx2_float32_min_rows)
+PATHS = {"gemv": (BIG, 0, "none", BIG), "gemm": (0, BIG, "none", BIG), "dequant+oneDNN": (0, 0, "none", BIG),
+         "a8": (0, 0, "int8", BIG)}
+# on the AVX2 build (quant_native.isa() == "avx2") "gemm" is the int16-activation kernel for the formats it has,
+# torch's bf16 matmul is no contender, and the float32 tiles are what QuantLinear switches to
+AVX2_PATHS = {"gemv": PATHS["gemv"], "gemm": PATHS["gemm"], "float32 tiles": (0, 0, "none", 0)}
 
 
 def _layer(fmt: str, n: int, k: int, seed: int) -> QuantLinear:
@@ -91,11 +103,13 @@ def measure(fmt: str, n: int, k: int, rows: list[int], rotate_bytes: int, reps: 
     for m in rows:
         x = torch.randn(m, k).to(torch.bfloat16)  # [M, K]
         row = {"rows": m}
-        for path, (gemv_rows, gemm_rows, acts) in PATHS.items():
+        for path, (gemv_rows, gemm_rows, acts, f32_rows) in (AVX2_PATHS if quant_native.isa() == "avx2"
+                                                              else PATHS).items():
             if acts == "int8" and not layers[0]._a8:
                 continue
             for q in layers:
                 q.gemv_max_rows, q.gemm_max_rows, q.quantized_activations = gemv_rows, gemm_rows, acts
+                q.avx2_float32_min_rows = f32_rows
             best, med = _time(layers, x, reps)
             row[path] = {"best_ms": round(best, 4), "median_ms": round(med, 4),
                          "gflops": round(2 * m * n * k / best / 1e6, 1)}
@@ -103,15 +117,21 @@ def measure(fmt: str, n: int, k: int, rows: list[int], rotate_bytes: int, reps: 
     return out
 
 
+def _beyond(row: dict) -> str:
+    """The path past the GEMM: float32 tiles on the AVX2 build, else dequant+oneDNN."""
+    return "float32 tiles" if "float32 tiles" in row else "dequant+oneDNN"
+
+
 def thresholds(rows: list[dict]) -> dict:
     """gemm_from: the fewest rows from which the GEMM beat the GEMV at every measured count (best times);
-    gemm_upto: the most rows up to which it beat dequant+oneDNN at every count from gemm_from."""
+    gemm_upto: the most rows up to which it beat the path beyond it (_beyond) at every count from gemm_from."""
     counts = [r["rows"] for r in rows]
     beats_gemv = [r["gemm"]["best_ms"] < r["gemv"]["best_ms"] for r in rows]
     start = next((i for i in range(len(rows)) if all(beats_gemv[i:])), None)
     upto = None
-    for r in rows[start or 0:]:
-        if r["gemm"]["best_ms"] > r["dequant+oneDNN"]["best_ms"]:
+    avx2 = _beyond(rows[0]) == "float32 tiles"  # gemv and gemm: the same int16 kernel there, from the first row
+    for r in rows[0 if avx2 else start or 0:]:
+        if r["gemm"]["best_ms"] > r[_beyond(r)]["best_ms"]:
             break
         upto = r["rows"]
     return {"gemm_from": None if start is None else counts[start], "gemm_upto": upto}
@@ -124,7 +144,7 @@ def markdown(payload: dict) -> str:
               f"over {payload['rotate_mib']} MiB; load average {', '.join(f'{v:.1f}' for v in m['load_avg'])} "
               "(other jobs shared the cores). Best of the passes, ms per call (GFLOP/s)."), ""]
     for case in payload["cases"]:
-        paths = [p for p in PATHS if p in case["results"][0]]
+        paths = [p for p in case["results"][0] if p != "rows"]
         lines += [f"## {case['format']} [{case['n']}, {case['k']}]", "",
                   "| rows | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
         for r in case["results"]:
@@ -133,7 +153,8 @@ def markdown(payload: dict) -> str:
         t = case["thresholds"]
         gemv = (f"faster than the GEMV from {t['gemm_from']} rows" if t["gemm_from"] is not None
                 else "never faster than the GEMV path")
-        lines += ["", f"GEMM {gemv}, faster than dequant+oneDNN up to {t['gemm_upto']} rows.", ""]
+        beyond = _beyond(case["results"][0])
+        lines += ["", f"GEMM {gemv}, faster than {beyond} up to {t['gemm_upto']} rows.", ""]
     return "\n".join(lines)
 
 

@@ -22,8 +22,8 @@
  * its block scales are read once per row for all groups, x is stored in groups of 8 rows block-interleaved (one
  * pointer, constant offsets: 8 row pointers had spilled), and each run's 8 sums become one vector of 8 x rows by
  * a transpose tree (s5_sum8), scaled by the 8 rows' dx with one FMA; the offsets likewise, as 4 FMA chains over
- * the blocks (one chain, latency-bound, cost a quarter of the time at K = 576). 1.15-1.6x the QXM kernel at 7-32
- * rows (q4_1, int4, q4_k, q6_k; q8_0 the same), 0.8-0.85x at 4-5 rows, where that one stays.
+ * the blocks (one chain, latency-bound, cost a quarter of the time at K = 576). 1.17-1.35x the QXM kernel at 8-16
+ * rows with weights from memory (benchmarks/quant_gemm.py), 0.8-0.85x at 4-5 rows, where that one stays.
  *
  * On one Zen 3 core: 1.4x the fp32 kernel at one row of q4_1 (1.06x for SmolLM2's q8_0 LM head), 1.1-1.9x at 4-32
  * rows before the many-row kernel; int4 and int8 1.5-2.2x the translated AVX-512 kernels at one row, 2-4.4x at 4-8;

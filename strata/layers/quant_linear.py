@@ -96,6 +96,17 @@ def default_backend() -> str:
     return "native" if quant_native.native_lib() is not None else "torch"
 
 
+def avx2_float32_min_rows(fmt: QuantFormat, in_features: int) -> int:
+    """Rows from which the AVX2 build runs a layer of this format as float32 tiles in torch's float32 matmul."""
+    kind = fmt.kind
+    if not quant_native.avx2_own_gemv(kind, fmt.group_size, in_features):
+        return AVX2_FLOAT32_MIN_ROWS
+    if kind in quant_native.KQUANT_KINDS:
+        return AVX2_KQUANT_FLOAT32_MIN_ROWS
+    return {"int4": AVX2_INT4_FLOAT32_MIN_ROWS, "int8": AVX2_INT8_FLOAT32_MIN_ROWS,
+            "fp8": AVX2_FP8_FLOAT32_MIN_ROWS}.get(kind, AVX2_BLOCK32_FLOAT32_MIN_ROWS)
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T (+ bias) with W quantized. Build empty (possibly on meta), load buffers, call post_load."""
 
@@ -115,6 +126,8 @@ class QuantLinear(nn.Module):
         self.backend: str | None = None
         self.gemv_max_rows = GEMV_MAX_ROWS
         self.gemm_max_rows = GEMM_MAX_ROWS  # for the formats of quant_native.WEIGHT_KINDS (not mxfp4)
+        # the AVX2 build: from this many rows, float32 tiles in torch's float32 matmul
+        self.avx2_float32_min_rows = avx2_float32_min_rows(self.fmt, in_features)
         self._k: dict[str, torch.Tensor] = {}  # kernel-layout tensors made by post_load
         self._gemv = None  # native GEMV with bound weight pointers (quant_native.gemv_call), set by post_load
         self.quantized_activations = "none"  # "int8": the batched path runs on int8 activations (ACTIVATION_MODES)
@@ -220,17 +233,6 @@ class QuantLinear(nn.Module):
         y = self._native(xb) if self.backend == "native" else self._torch(xb)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
-    @property
-    def _avx2_float32_min_rows(self) -> int:
-        """Rows from which the AVX2 build runs this layer as float32 tiles in torch's float32 matmul."""
-        kind = self.fmt.kind
-        if not quant_native.avx2_own_gemv(kind, self.fmt.group_size, self.in_features):
-            return AVX2_FLOAT32_MIN_ROWS
-        if kind in quant_native.KQUANT_KINDS:
-            return AVX2_KQUANT_FLOAT32_MIN_ROWS
-        return {"int4": AVX2_INT4_FLOAT32_MIN_ROWS, "int8": AVX2_INT8_FLOAT32_MIN_ROWS,
-                "fp8": AVX2_FP8_FLOAT32_MIN_ROWS}.get(kind, AVX2_BLOCK32_FLOAT32_MIN_ROWS)
-
     def _pad_x(self, xb: torch.Tensor, k: int) -> torch.Tensor:
         return (F.pad(xb, (0, k - self.in_features)) if k != self.in_features else xb).contiguous()
 
@@ -242,7 +244,7 @@ class QuantLinear(nn.Module):
             return quant_native.gemv(lib, fmt.kind, xb, k, self.out_features, fmt.group_size, k["bias"])
         n = self.out_features
         avx2 = quant_native.isa() == "avx2"
-        if avx2 and xb.shape[0] >= self._avx2_float32_min_rows:
+        if avx2 and xb.shape[0] >= self.avx2_float32_min_rows:
             y = self._float32_tiles(xb.float()).to(torch.bfloat16)
             return y if self.bias is None else y + self.bias.to(torch.bfloat16)
         # on AVX2 the GEMM up to the float32 tiles, whatever gemm_max_rows says: the bf16 tiles below would run in
