@@ -35,9 +35,17 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
  * OLMoE layer's experts (benchmarks/moe_grouped.py); its sums do not depend on the other rows. Except a weight of
  * at most GEMV_BF16_MAX_BYTES at up to GEMV_BF16_MAX_ROWS rows: a small model's weights stay in cache from step
  * to step, and there gemv_bf16 ran 1.2-1.4x faster than the GEMM at 1-8 rows and 1.1-1.3x at 9-16 (the bundled
- * model's projections, experts and head; benchmarks/decode_step.py). */
+ * model's projections, experts and head; benchmarks/decode_step.py). The AVX2 build runs bf16 on the GEMV alone. */
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                int64_t N, int64_t G, uint16_t *y) {
+#ifndef __AVX512F__
+    /* the AVX2 build: the GEMV's own AVX2 kernel ran 1.3-2x the GEMM (the AVX-512 code on half-width registers) at
+     * 1-32 rows of OLMoE's experts from memory, 1.2x at 128 (layers/linear.py's AVX2_GEMV_MAX_ROWS) */
+    if (kind == WK_BF16) {
+        strata_gemv(kind, x, M, K, w, s, z, N, G, y);
+        return;
+    }
+#endif
     if (kind == WK_BF16 && M <= GEMV_BF16_MAX_ROWS && N * K * 2 <= GEMV_BF16_MAX_BYTES)
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);
     else if (kind != WK_BF16 && M <= MB)

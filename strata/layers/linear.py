@@ -13,6 +13,8 @@ bf16 CPU tensors with a contiguous weight take the native library's kernels wher
   (SPLIT_MAX_BYTES) therefore gives oneDNN only the whole multiples of CHUNK_ROWS rows and the rest to `gemm_dq`,
   which builds nothing per shape: a server seeing prompts of every length no longer pays for a primitive per
   length.
+On the AVX2 build (no AVX-512) the GEMV `gemv_bf16` takes every row count up to AVX2_GEMV_SMALL_MAX_ROWS /
+AVX2_GEMV_MAX_ROWS, whatever the weight's size, and torch's float32 matmul the rest (see the constants).
 Everything else, and every machine where the library is unavailable, uses F.linear. STRATA_NATIVE_BF16=0 (or
 STRATA_NATIVE=0) turns the native paths off, e.g. to compare.
 """
@@ -41,10 +43,15 @@ _BF16 = 0  # gemm_dq's kind for plain bf16 weights (quant_native.WEIGHT_KINDS)
 # groups over a weight that stays in cache)
 GEMV_BF16_MAX_BYTES = 1 << 20
 GEMV_BF16_MAX_ROWS = 16
-# The AVX2 build (no AVX-512 BF16): the native kernels up to GEMV_BF16_MAX_ROWS rows of a weight that takes the GEMV,
-# up to this many of a larger one (the GEMM), and beyond, torch's float32 matmul on the weight widened to float32
-# (its bf16 matmul runs several times slower there, and the native GEMM is the AVX-512 code on half-width registers)
-AVX2_NATIVE_MAX_ROWS = 4
+# The AVX2 build (no AVX-512 BF16): the GEMV (its own AVX2 kernel, quant_cpu_gemv16_avx2.c) at up to this many rows
+# of a weight of at most GEMV_BF16_MAX_BYTES and AVX2_GEMV_MAX_ROWS of a larger one, whatever its size (the native
+# GEMM is the AVX-512 code on half-width registers: the GEMV ran 1.3-2x faster at 1-32 rows from memory); beyond,
+# torch's float32 matmul on the weight widened to float32 per call (its bf16 matmul runs several times slower
+# there). Crossovers on one Zen 3 core: 24-48 rows on the bundled model's and SmolLM2's small projections (the
+# widening costs little there), 48-64 on OLMoE's [2048, 2048] and [2048, 1024], past 128 on SmolLM2's
+# [49152, 576] LM head (widened per call, 10x slower at 16 rows)
+AVX2_GEMV_SMALL_MAX_ROWS = 24
+AVX2_GEMV_MAX_ROWS = 48
 
 
 @lru_cache(maxsize=1)
@@ -64,7 +71,7 @@ def _avx2() -> bool:
 def native_rows(m: int, n: int, k: int) -> bool:
     """Whether linear() runs m rows through a bf16 weight [n, k] in the native kernels alone (no torch matmul)."""
     if _avx2():
-        return m <= (GEMV_BF16_MAX_ROWS if n * k * 2 <= GEMV_BF16_MAX_BYTES else AVX2_NATIVE_MAX_ROWS)
+        return m <= (AVX2_GEMV_SMALL_MAX_ROWS if n * k * 2 <= GEMV_BF16_MAX_BYTES else AVX2_GEMV_MAX_ROWS)
     return m < CHUNK_ROWS
 
 
@@ -101,7 +108,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(m, n, dtype=torch.bfloat16)  # [M, N]
     b = None if bias is None else bias.float().contiguous()  # the kernel adds fp32 bias before rounding
     bp = None if b is None else b.data_ptr()
-    if m <= GEMV_BF16_MAX_ROWS and n * k * 2 <= GEMV_BF16_MAX_BYTES:
+    if _avx2() or (m <= GEMV_BF16_MAX_ROWS and n * k * 2 <= GEMV_BF16_MAX_BYTES):
         lib.gemv_bf16(x2.data_ptr(), m, k, weight.data_ptr(), n, bp, y.data_ptr(), 0)
         return y.view(*x.shape[:-1], n)
     head = m // CHUNK_ROWS * CHUNK_ROWS

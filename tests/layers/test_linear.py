@@ -193,10 +193,10 @@ def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias, 
     monkeypatch.setattr(linear_mod, "bf16_lib", lambda: lib)
     y = linear(x, w, b)
     chunk = linear_mod.CHUNK_ROWS
-    if m <= linear_mod.GEMV_BF16_MAX_ROWS and w.numel() * 2 <= linear_mod.GEMV_BF16_MAX_BYTES:
+    if linear_mod._avx2():  # the AVX2 build: its GEMV up to its rows, beyond torch's float32 matmul
+        assert lib.gemv == ([m] if linear_mod.native_rows(m, n, 160) else []) and lib.gemm == []
+    elif m <= linear_mod.GEMV_BF16_MAX_ROWS and w.numel() * 2 <= linear_mod.GEMV_BF16_MAX_BYTES:
         assert lib.gemv == [m] and lib.gemm == []  # a few rows of a cached weight: the GEMV
-    elif linear_mod._avx2():
-        assert lib.gemv == [] and lib.gemm == []  # the AVX2 build: torch's float32 matmul
     else:
         rest = m if m < chunk else m % chunk if w.numel() * 2 <= linear_mod.SPLIT_MAX_BYTES else 0
         assert lib.gemv == [] and lib.gemm == ([rest] if rest else [])  # oneDNN got the rest
@@ -208,15 +208,16 @@ def test_prompt_rows_split_between_onednn_and_native_gemm(monkeypatch, m, bias, 
 def test_small_weights_take_the_gemv_large_ones_the_gemm():
     """Up to 16 rows a weight of at most GEMV_BF16_MAX_BYTES (kept in cache between steps: the GEMV is faster
     there) runs gemv_bf16, a larger one or more rows the GEMM (faster from memory, or once the GEMV would pass
-    over the weight three times); the result is that kernel's, bit for bit."""
+    over the weight three times); the result is that kernel's, bit for bit. The AVX2 build runs its GEMV up to
+    native_rows and torch's float32 matmul beyond."""
     lib = bf16_lib()
     cases = [((64, 32), m, "gemv") for m in (1, 3, 8, 9, 16)] + [((64, 32), 17, "gemm")] + \
         [((1024, 520), m, "gemm") for m in (1, 3, 8, 16)]  # 4 KiB; 1.04 MiB > GEMV_BF16_MAX_BYTES
     for (n, k), m, kernel in cases:
         w, x = torch.randn(n, k).bfloat16(), torch.randn(m, k).bfloat16()
         want = torch.empty(m, n, dtype=torch.bfloat16)
-        if not linear_mod.native_rows(m, n, k):  # the AVX2 build: torch's float32 matmul
-            kernel = "float32"
+        if linear_mod._avx2():
+            kernel = "gemv" if linear_mod.native_rows(m, n, k) else "float32"
         if kernel == "float32":
             want = (x.float() @ w.float().t()).bfloat16()
         elif kernel == "gemv":
