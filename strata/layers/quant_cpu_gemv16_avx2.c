@@ -5,14 +5,16 @@
  * for every pair of weight and activation rows. Here 16 weights (one 32-byte load) widen with two integer ops into
  * their even and odd elements (8 fp32 each), and x is stored once per call as fp32 in the same order (even elements
  * of each 16, then odd ones; 64-byte aligned rows, so no load splits a cache line), so a weight row meets an x row
- * in two FMAs. Blocks of 4 weight rows meet the x rows two at a time (gb16_rows): a step's 16 values of both x rows
- * stay in registers while each of the 4 weight rows is widened in turn and meets them (one x row: two sums per
- * weight row, separate chains for the FMA latency); each step prefetches the next block's rows (without: 0.75x at
- * one row from L3). Against the 2 x 4 blocks of gb_rows, which load each x vector once per weight row, on one Zen 3
- * core with the bundled model's shapes (512 x 160, 2048 x 160, 160 x 256) and SmolLM2's 576 x 576, 64 copies of
- * each taking turns (from L3, as a model's layers run): 1.0-1.15x at one row, 1.0-1.9x at two, 1.1-1.65x at 3-16.
- * A weight over GEMV_BF16_MAX_BYTES (from memory) keeps gb_rows from 3 x rows on: two passes of pairs over
- * 4 KiB rows ran 0.8-0.9x its one pass there.
+ * in two FMAs. From 2 x rows on, blocks of 4 weight rows meet the x rows two at a time (gb16_rows): a step's 16
+ * values of both x rows stay in registers while each of the 4 weight rows is widened in turn and meets them (an odd
+ * last x row: two sums per weight row, separate chains for the FMA latency); each step prefetches the next block's
+ * rows (without: 0.75x at one row from L3). Against the 2 x 4 blocks of gb_rows, which load each x vector once per
+ * weight row, on one Zen 3 core with the bundled model's shapes (512 x 160, 2048 x 160, 160 x 256) and SmolLM2's
+ * 576 x 576, 64 copies of each taking turns (from L3, as a model's layers run): 1.0-1.9x at two rows, 1.1-1.65x at
+ * 3-16. One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one row: 0.95-1.15x in that loop, and the
+ * bundled model's one-sequence decode step ran 1.15x slower with it, rounds' median of 9). A weight over
+ * GEMV_BF16_MAX_BYTES (from memory) keeps gb_rows from 3 x rows on: two passes of pairs over 4 KiB rows ran
+ * 0.8-0.9x its one pass there.
  *
  * fp8 e4m3: the AVX-512 kernel looks each code up in a 128-entry bf16 table with 16-bit permutes, which
  * quant_cpu_avx2.h can only do lane by lane (about 10x slower than int8 at one row). Here 16 codes become fp16
@@ -216,7 +218,10 @@ void gemv_bf16_avx2(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, 
             _mm256_store_ps(xf + m * ldx + k + 8, _mm256_castsi256_ps(_mm256_and_si256(v, hi)));
         }
     const int par = N * K * 2 > PAR_MIN_WORK;
-    if (M <= 2 || N * K * 2 <= GEMV_BF16_MAX_BYTES)
+    if (M == 1) /* 4 weight rows, two sums each */
+        PAR_FOR(par, blk, (N + 3) / 4, { gb_block(GB_BF16, blk, 4, 1, xf, ldx, (const uint8_t *)w, K, N, NULL, bias,
+                                                  y, out_f32); });
+    else if (M == 2 || N * K * 2 <= GEMV_BF16_MAX_BYTES)
         PAR_FOR(par, blk, (N + 3) / 4, { gb16_block(blk, M, xf, ldx, w, K, N, bias, y, out_f32); });
     else /* from memory, more x rows: one pass of 2 weight rows by 4 x rows (two passes of pairs: 0.8-0.9x) */
         PAR_FOR(par, blk, (N + 1) / 2, { gb_block(GB_BF16, blk, 2, M, xf, ldx, (const uint8_t *)w, K, N, NULL, bias,
