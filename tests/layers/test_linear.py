@@ -26,7 +26,8 @@ def _check(y, ref):
 
 
 @needs_native
-@pytest.mark.parametrize("k,n", [(172, 37), (2049, 37), (172, 5632), (2049, 5632), (64, 4), (31, 1)])
+@pytest.mark.parametrize("k,n", [(172, 37), (160, 38), (160, 39), (2049, 37), (172, 5632), (2049, 5632), (64, 4),
+                                 (31, 1)])  # N % 4: blocks of 4 weight rows end in 1, 2 or 3
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 17, 64])
 def test_kernel_matches_float64(k, n, m):
     g = torch.Generator().manual_seed(k * 31 + n + m)
