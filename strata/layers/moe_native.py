@@ -23,8 +23,9 @@ from strata.layers.linear import bf16_lib
 from strata.layers.quant_linear import GEMV_MAX_ROWS
 
 # Rows of one expert up to which the grouped call is no slower than the expert module, by weight kind. Beyond 4
-# rows (from 1 row for bf16) the grouped call runs the GEMM of quant_cpu_gemm.c, as a quantized module does up to
-# its gemm_max_rows (a bf16 one calls oneDNN), and it saves the module's torch ops per expert. Measured with
+# rows (from 1 row for bf16) the grouped call runs the GEMM of quant_cpu_gemm.c (the AVX2 build: bf16 on its GEMV,
+# cpu_moe.c gemv_once), as a quantized module does up to its gemm_max_rows (a bf16 one calls oneDNN), and it saves
+# the module's torch ops per expert. Measured with
 # benchmarks/moe_dispatch.py: one OLMoE-shaped expert (hidden 2048, intermediate 1024), 1 thread, weights read from
 # memory: no slower at every count up to 64, the most it measures, for every kind; bf16 alone, weights in cache:
 # no slower up to 128 rows, 1.06x slower at 192, 1.2x at 256. SparseMoeBlock sends an expert of a step above
