@@ -132,12 +132,6 @@ static inline __attribute__((always_inline)) void gb_block(int wt, int64_t blk, 
     }
 }
 
-/* the sums of 4 vectors: lane i is the sum of the lanes of the i-th */
-static inline __m128 gb_sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
-
 /* R <= 4 weight rows of K bf16 at w against mb <= 2 x rows of xf (ldx apart, K fp32 in gb_widen's order):
  * out[r * 2 + m]. The x rows' 16 values of a step stay in registers while each weight row is widened in turn and
  * meets them (one x row: two sums per weight row, separate chains for the FMA latency) */
@@ -145,7 +139,6 @@ static inline __attribute__((always_inline)) void gb16_rows(int R, int mb, const
                                                            const float *xf, int64_t ldx, float out[8]) {
     __m256 a[4][2];
     for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t k = 0; k < K; k += 16) {
         __m256 xe[2], xo[2];
         for (int m = 0; m < mb; m++) {
@@ -154,9 +147,8 @@ static inline __attribute__((always_inline)) void gb16_rows(int R, int mb, const
         }
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)(w + (r + 4) * K + k), _MM_HINT_T0); /* the next block's row (PREFETCH) */
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
-            const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-                         o = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+            __m256 e, o;
+            gb_widen(GB_BF16, (const uint8_t *)(w + r * K), k, &e, &o);
             if (mb == 1) {
                 a[r][0] = _mm256_fmadd_ps(e, xe[0], a[r][0]);
                 a[r][1] = _mm256_fmadd_ps(o, xo[0], a[r][1]);
@@ -165,10 +157,13 @@ static inline __attribute__((always_inline)) void gb16_rows(int R, int mb, const
             }
         }
     }
-    if (mb == 1)
-        for (int r = 0; r < 4; r++) a[r][0] = _mm256_add_ps(a[r][0], a[r][1]), a[r][1] = _mm256_setzero_ps();
-    _mm_storeu_ps(out, gb_sum4(a[0][0], a[0][1], a[1][0], a[1][1]));
-    _mm_storeu_ps(out + 4, gb_sum4(a[2][0], a[2][1], a[3][0], a[3][1]));
+    /* the 8 sums through one transpose tree (s5_sum8), lane r * 2 + m (one x row: its two chains added) */
+    __m256 v[8];
+    for (int r = 0; r < 4; r++) {
+        v[2 * r] = mb == 1 ? _mm256_add_ps(a[r][0], a[r][1]) : a[r][0];
+        v[2 * r + 1] = mb == 1 ? _mm256_setzero_ps() : a[r][1];
+    }
+    _mm256_storeu_ps(out, s5_sum8(v));
 }
 
 /* weight rows [blk * 4, +4) (fewer at the end) against every x row, two at a time */
@@ -210,12 +205,12 @@ void gemv_bf16_avx2(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, 
     }
     const int64_t ldx = K + 16; /* +16: rows off 4 KiB aliasing; a multiple of 16 floats: no load splits a line */
     float *xf = aligned_alloc(64, sizeof(float) * (size_t)(M * ldx));
-    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int64_t m = 0; m < M; m++) /* widened as the weights are: even elements of each 16, then odd ones */
         for (int64_t k = 0; k < K; k += 16) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(x + m * K + k));
-            _mm256_store_ps(xf + m * ldx + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-            _mm256_store_ps(xf + m * ldx + k + 8, _mm256_castsi256_ps(_mm256_and_si256(v, hi)));
+            __m256 e, o;
+            gb_widen(GB_BF16, (const uint8_t *)(x + m * K), k, &e, &o);
+            _mm256_store_ps(xf + m * ldx + k, e);
+            _mm256_store_ps(xf + m * ldx + k + 8, o);
         }
     const int par = N * K * 2 > PAR_MIN_WORK;
     if (M == 1) /* 4 weight rows, two sums each */
