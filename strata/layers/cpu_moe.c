@@ -39,8 +39,8 @@ void strata_gemv(int kind, const uint16_t *x, int64_t M, int64_t K, const void *
 void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
                int64_t N, int64_t G, uint16_t *y) {
 #ifndef __AVX512F__
-    /* the AVX2 build: the GEMV's own AVX2 kernel ran 1.3-2x the GEMM (the AVX-512 code on half-width registers) at
-     * 1-32 rows of OLMoE's experts from memory, 1.2x at 128 (layers/linear.py's AVX2_GEMV_MAX_ROWS) */
+    /* the AVX2 build: the GEMV's own AVX2 kernel ran 1.1-2.1x the GEMM (the AVX-512 code on half-width registers)
+     * at 1-128 rows of OLMoE's expert weights from memory (benchmarks/bf16_gemv.py) */
     if (kind == WK_BF16) {
         strata_gemv(kind, x, M, K, w, s, z, N, G, y);
         return;

@@ -44,12 +44,12 @@ _BF16 = 0  # gemm_dq's kind for plain bf16 weights (quant_native.WEIGHT_KINDS)
 GEMV_BF16_MAX_BYTES = 1 << 20
 GEMV_BF16_MAX_ROWS = 16
 # The AVX2 build (no AVX-512 BF16): the GEMV (its own AVX2 kernel, quant_cpu_gemv16_avx2.c) at up to this many rows
-# of a weight of at most GEMV_BF16_MAX_BYTES and AVX2_GEMV_MAX_ROWS of a larger one, whatever its size (the native
-# GEMM is the AVX-512 code on half-width registers: the GEMV ran 1.3-2x faster at 1-32 rows from memory); beyond,
+# of a weight of at most GEMV_BF16_MAX_BYTES and AVX2_GEMV_MAX_ROWS of a larger one, whatever its size; beyond,
 # torch's float32 matmul on the weight widened to float32 per call (its bf16 matmul runs several times slower
-# there). Crossovers on one Zen 3 core: 24-48 rows on the bundled model's and SmolLM2's small projections (the
-# widening costs little there), 48-64 on OLMoE's [2048, 2048] and [2048, 1024], past 128 on SmolLM2's
-# [49152, 576] LM head (widened per call, 10x slower at 16 rows)
+# there). benchmarks/bf16_gemv.py (one Zen 3 core, weights from memory; docs/benchmarks/bf16_gemv_avx2.md): the GEMV
+# ran 1.1-2.3x the native GEMM (the AVX-512 code on half-width registers) at 4-128 rows; it beat the float32
+# matmul up to 8-32 rows on the bundled model's and SmolLM2's small weights, 24-64 on OLMoE's expert weights and
+# past 128 on a 49152 x 576 LM head (widened per call: 5.5x slower at 16 rows)
 AVX2_GEMV_SMALL_MAX_ROWS = 24
 AVX2_GEMV_MAX_ROWS = 48
 

@@ -8,11 +8,13 @@
  * in two FMAs. From 2 x rows on, blocks of 4 weight rows meet the x rows two at a time (gb16_rows): a step's 16
  * values of both x rows stay in registers while each of the 4 weight rows is widened in turn and meets them (an odd
  * last x row: two sums per weight row, separate chains for the FMA latency); each step prefetches the next block's
- * rows (without: 0.75x at one row from L3). Against the 2 x 4 blocks of gb_rows, which load each x vector once per
- * weight row, on one Zen 3 core with the bundled model's shapes (512 x 160, 2048 x 160, 160 x 256) and SmolLM2's
- * 576 x 576, 64 copies of each taking turns (from L3, as a model's layers run): 1.0-1.9x at two rows, 1.1-1.65x at
- * 3-16. One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one row: 0.95-1.15x in that loop, and the
- * bundled model's one-sequence decode step ran 1.15x slower with it, rounds' median of 9). A weight over
+ * rows (without: 0.75x at one row from L3). Its sums are bit-identical to gb_rows' 2 x 4 blocks. Against those
+ * (which load each x vector once per weight row), one Zen 3 core: with 64 copies of each weight taking turns (from
+ * L3) 1.0-1.9x at two rows, 1.1-1.65x at 3-16 on the bundled model's 512 x 160, 2048 x 160, 160 x 256 and SmolLM2's
+ * 576 x 576; with weights from memory (benchmarks/bf16_gemv.py --code, 4 alternating rounds) mixed: 512 x 160
+ * 1.45-1.5x at 4-8 rows, 2048 x 160 1.0-1.3x, 160 x 256 0.7-1.06x, 576 x 576 0.73-0.91x at 2-8 and 1.33x at 16
+ * (docs/benchmarks.md). One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one row: 0.95-1.15x in that
+ * loop, and the bundled model's one-sequence decode step ran 1.15x slower with it, rounds' median of 9). A weight over
  * GEMV_BF16_MAX_BYTES (from memory) keeps gb_rows from 3 x rows on: two passes of pairs over 4 KiB rows ran
  * 0.8-0.9x its one pass there.
  *
