@@ -1,7 +1,7 @@
 """The engine's decode step alone (no server): its time per step at 1 and at 16 sequences, for several checkouts
 side by side, and the bf16 kernels the one-call decode chooses between for small weights.
 
-Steps: `LLMEngine.step()` on the bundled model (or --model), 1 thread, greedy, 128 tokens per sequence; the median
+Steps: `LLMEngine.step()` on the bundled model (or --model), 1 thread (or --threads), greedy, 128 tokens per sequence; the median
 step after each batch's prompt step. Each configuration runs in a fresh interpreter with its checkout first on
 PYTHONPATH, the configurations taking turns round by round (this machine's speed drifts by up to 1.5x within
 minutes: a round compares runs seconds apart); per configuration the median of its rounds' medians, and per
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQS = (1, 16)
 
 
-def child(model: str | None, tokens: int) -> dict:
+def child(model: str | None, tokens: int, threads: int = 1) -> dict:
     """(in a fresh interpreter) median decode step seconds per batch size."""
     import torch
 
@@ -37,8 +37,8 @@ def child(model: str | None, tokens: int) -> dict:
     from strata.engine.llm_engine import LLMEngine
     from strata.engine.sampling_params import SamplingParams
 
-    torch.set_num_threads(1)
-    eng = LLMEngine(EngineConfig(model=model, num_threads=1, max_num_seqs=max(SEQS)), progress=False)
+    torch.set_num_threads(threads)
+    eng = LLMEngine(EngineConfig(model=model, num_threads=threads, max_num_seqs=max(SEQS)), progress=False)
     eng.defer_detokenization()  # as the server runs it
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     out = {}
@@ -82,9 +82,9 @@ def kernels(reps: int) -> list[dict]:
     return rows
 
 
-def _run_child(code: str, model: str | None, tokens: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(code).resolve()), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--tokens", str(tokens),
+def _run_child(code: str, model: str | None, tokens: int, threads: int = 1) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(code).resolve()), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--tokens", str(tokens), "--threads", str(threads),
            *(["--model", model] if model else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
@@ -98,12 +98,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF folder or GGUF (default: the bundled model)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="threads of the engine steps (the kernels: 1)")
     ap.add_argument("--reps", type=int, default=2000, help="kernel calls per timing")
+    ap.add_argument("--no-kernels", action="store_true", help="the steps only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.tokens)))
+        print(json.dumps(child(args.model, args.tokens, args.threads)))
         return
     configs = [c.split("=", 1) for c in args.configs] or [["this", "."]]
     for name, code in configs:  # a missing checkout would import this one's strata through the editable install
@@ -112,7 +114,7 @@ def main() -> None:
     runs = {name: [] for name, _ in configs}
     for _ in range(args.rounds):
         for name, code in configs:
-            runs[name].append(_run_child(code, args.model, args.tokens))
+            runs[name].append(_run_child(code, args.model, args.tokens, args.threads))
     first = configs[0][0]
     out = {}
     print("| configuration | " + " | ".join(f"{n} seq step ms" for n in SEQS) + " | "
@@ -127,8 +129,9 @@ def main() -> None:
                      "rounds_ms": [{k: v * 1e3 for k, v in r.items()} for r in runs[name]]}
         print(f"| {name} | " + " | ".join(f"{med[n] * 1e3:.3f}" for n in SEQS) + " | "
               + " | ".join(f"{statistics.median(ratios[n]):.2f}x" for n in SEQS) + " |")
-    krows = kernels(args.reps)
-    print("\n| weight N x K (KiB) | rows | gemv_bf16 us | GEMM us | GEMM / gemv |\n|---|---|---|---|---|")
+    krows = [] if args.no_kernels else kernels(args.reps)
+    if krows:
+        print("\n| weight N x K (KiB) | rows | gemv_bf16 us | GEMM us | GEMM / gemv |\n|---|---|---|---|---|")
     for r in krows:
         print(f"| {r['n']} x {r['k']} ({r['kib']:.0f}) | {r['m']} | {r['gemv_us']:.2f} | {r['gemm_us']:.2f} | "
               f"{r['gemm_over_gemv']:.2f}x |")

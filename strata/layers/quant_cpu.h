@@ -72,10 +72,11 @@ static inline void store_out(uint16_t *y, int64_t ldy, int m, int64_t n, float v
 
 /* for (i = 0; i < n; i++) BODY, by an OpenMP team when par is nonzero, else as a plain loop. `omp parallel for
  * if (0)` still enters the OpenMP runtime (a team of one, about 0.5 us a call): a decode step of a small model
- * makes hundreds of such calls, whose work is a few microseconds each. */
+ * makes hundreds of such calls, whose work is a few microseconds each. Inside a team (moe_decode_batch runs its
+ * experts on the threads) the loop runs plainly in the calling thread. */
 #define PAR_FOR(par, i, n, ...)                                                                                 \
     do {                                                                                                        \
-        if (par) {                                                                                              \
+        if ((par) && !omp_in_parallel()) {                                                                      \
             _Pragma("omp parallel for schedule(static)") for (int64_t i = 0; i < (n); i++) __VA_ARGS__          \
         } else {                                                                                                \
             for (int64_t i = 0; i < (n); i++) __VA_ARGS__                                                       \

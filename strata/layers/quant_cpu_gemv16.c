@@ -159,7 +159,7 @@ void gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64
     for (int64_t m0 = 0; m0 < M; m0 += MB16) {
         int mb = M - m0 < MB16 ? (int)(M - m0) : MB16;
         for (int m = 0; m < mb; m++) memcpy(xh + m * ldx, x + (m0 + m) * K, sizeof(uint16_t) * (size_t)K);
-        PAR_FOR(N * K * 2 > PAR_MIN_WORK, blk, (N + RB - 1) / RB,
+        PAR_FOR(N * K * 2 * mb > PAR_MIN_WORK, blk, (N + RB - 1) / RB,
                 { gemv16_block(blk, mb, m0, K, xh, ldx, w, N, bias, y, out_f32); });
     }
     free(xh);

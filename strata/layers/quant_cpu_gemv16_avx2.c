@@ -214,7 +214,7 @@ void gemv_bf16_avx2(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, 
             _mm256_store_ps(xf + m * ldx + k, e);
             _mm256_store_ps(xf + m * ldx + k + 8, o);
         }
-    const int par = N * K * 2 > PAR_MIN_WORK;
+    const int par = N * K * 2 * M > PAR_MIN_WORK; /* the work grows with the rows, as the quantized GEMVs count it */
     if (M == 1) /* 4 weight rows, two sums each */
         PAR_FOR(par, blk, (N + 3) / 4, { gb_block(GB_BF16, blk, 4, 1, xf, ldx, (const uint8_t *)w, K, N, NULL, bias,
                                                   y, out_f32); });

@@ -130,6 +130,28 @@ def test_experts_with_many_tokens_run_once_and_agree_with_the_gemv(fmt):
         assert torch.equal(once, halves)
 
 
+@needs_native
+@pytest.mark.parametrize("fmt", ["bf16", "int4-g32"])
+def test_experts_on_several_threads_give_the_one_thread_results(fmt):
+    """With more than one thread the grouped call runs its experts on the threads, one expert per thread at a
+    time (each expert's GEMVs then plain loops inside it): the same numbers as one thread, bit for bit."""
+    block = _block(experts=6, top_k=3)
+    if fmt != "bf16":
+        _quantize_experts(block, fmt)
+    for e in block.experts:
+        e.fuse_projections()
+    x = torch.randn(16, 128).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = block(x)
+        torch.set_num_threads(4)
+        many = block(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
 def _slot_tensors(expert, names):
     """An expert's tensors as a tier slot holds them: one buffer, tensors back to back in `names` order."""
     tensors = [getattr(expert, n).weight.detach() for n in names]
