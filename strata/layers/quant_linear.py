@@ -62,6 +62,13 @@ AVX2_KQUANT_FLOAT32_MIN_ROWS = 56
 AVX2_INT4_FLOAT32_MIN_ROWS = 48
 AVX2_INT8_FLOAT32_MIN_ROWS = 80
 AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8, K a multiple of 16 (quant_cpu_gemv16_avx2.c): faster up to 32 rows, not at 64
+# float32 input to GGUF's 32-weight blocks on AVX2: rows that the native float32 GEMV (quant_cpu_q32_avx2.c, 4 rows
+# a pass) takes before the float32 tiles in torch's float32 matmul. SmolLM2's Q4_1 projections and Q8_0 LM head, a
+# Zen 3 VM: on one thread the GEMV ran 1.4-2.4x the tiles at 6 rows and 0.9-1.7x at 8, 0.6-1.0x at 16; on two,
+# where every tile costs the matmul's and the dequantization's barriers, 1.8-3.3x at 12 rows, 1.4-2.6x at 16,
+# 1.0-1.8x at 24 and 0.7-1.5x at 32
+AVX2_F32_GEMV_MAX_ROWS_1_THREAD = 8
+AVX2_F32_GEMV_MAX_ROWS = 24
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -274,12 +281,19 @@ class QuantLinear(nn.Module):
         """GGUF 32-weight blocks (quant_native.BLOCK32_KINDS) with float32 x [M, K] -> float32 [M, N] (see the module docstring)."""
         if self.backend != "native":
             y = F.linear(x, self.dequantize(torch.float32))
-        elif x.shape[0] <= self.gemv_max_rows:
+        elif x.shape[0] <= self._f32_gemv_max_rows():
             return quant_native.gemv_f32(quant_native.native_lib(), self.fmt.kind, x, self._k, self.out_features,
                                          self._k["bias"])
         else:
             y = self._float32_tiles(x)
         return y if self.bias is None else y + self.bias.float()
+
+    def _f32_gemv_max_rows(self) -> int:
+        """Rows of float32 input that _float32 gives the native GEMV (more: the float32 tiles)."""
+        if quant_native.isa() != "avx2" or self.gemv_max_rows < GEMV_MAX_ROWS:  # a path forced (tests): as set
+            return self.gemv_max_rows
+        one = torch.get_num_threads() == 1
+        return max(self.gemv_max_rows, AVX2_F32_GEMV_MAX_ROWS_1_THREAD if one else AVX2_F32_GEMV_MAX_ROWS)
 
     def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 [M, K'] (K' the weight's padded row width) -> float32 [M, N], no bias: row tiles of the weight in

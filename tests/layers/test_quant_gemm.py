@@ -122,6 +122,41 @@ def test_float32_rows_are_the_exact_weights(fmt, inp):
     assert torch.equal(out[:, :inp], w[5:35])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_input_rows_to_gemv_then_tiles(threads, monkeypatch):
+    """float32 input to GGUF blocks: the native float32 GEMV up to _f32_gemv_max_rows rows (on AVX2 more with
+    several threads than with one), the exact float32 tiles beyond; both within float32 rounding of the float64
+    product of the exact weight, and of each other."""
+    q = _layer("q4_1", 37, 576)
+    w = dequantize_weight(q._tensors(), q.fmt, q.out_features, q.in_features, dtype=torch.float64)
+    calls = []
+    for name in ("gemv_f32", "dequantize_rows_f32"):
+        real = getattr(quant_native, name)
+        monkeypatch.setattr(quant_native, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                         _real(*a, **k))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        limit = q._f32_gemv_max_rows()
+        if quant_native.isa() == "avx2":
+            assert limit == (quant_linear.AVX2_F32_GEMV_MAX_ROWS_1_THREAD if threads == 1
+                             else quant_linear.AVX2_F32_GEMV_MAX_ROWS)
+        else:
+            assert limit == q.gemv_max_rows
+        torch.manual_seed(3)
+        x = torch.randn(limit + 1, 576)
+        ys = {}
+        for rows, path in ((limit, "gemv_f32"), (limit + 1, "dequantize_rows_f32")):
+            calls.clear()
+            ys[rows] = q(x[:rows])
+            assert calls[0] == path, (rows, calls)
+            want = x[:rows].double() @ w.T
+            assert (ys[rows].double() - want).abs().max() <= 1e-5 * want.abs().max()
+        torch.testing.assert_close(ys[limit], ys[limit + 1][:limit], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("out", [1, 2, 3, 30, 301])
 def test_gemm_row_tails_and_tiles(out):
     """N below one register block, between, and over several tiles (16 KiB of bf16 rows each) with a partial last."""
