@@ -105,6 +105,10 @@ def paged_attention(
         meta = meta.decode_window(sliding_window)  # decode past the window: gather only the window's keys
     if sinks is None and k_cache is not None and _native_decode_ok(q, k_cache, v_cache, meta, sliding_window):
         return _native_decode(q, k_cache, v_cache, meta, scale)
+    if (sinks is None and k_cache is not None and meta.context_slots is not None and len(meta.query_lens) > 1
+            and all(n == 1 for n in meta.query_lens)
+            and (sliding_window is None or max(meta.context_lens) <= sliding_window)):
+        return _batched_decode(q, k_cache, v_cache, meta, scale)  # the dtypes the native kernel does not take
     native_seqs = _native_decode_seqs(q, k_cache, v_cache, meta, sliding_window) if sinks is None else []
     out = None
     if native_seqs:  # a step mixing prefill chunks with decodes: the decodes in one native call
@@ -191,6 +195,24 @@ def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float | 
                                        v_cache.data_ptr(), slots.data_ptr(), offsets.data_ptr(), d**-0.5 if scale is None else scale,
                                        out.data_ptr())
     return out
+
+
+def _batched_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence, q [S, Hq, D] -> [S, Hq, D], in torch ops for the whole step: every sequence's keys and
+    values gathered into one batch padded to the longest context, the padding masked out of the softmax (float32,
+    as SDPA's). A float32 model's 16-sequence decode ran its attention in about a dozen ops per layer instead of
+    six per sequence (SmolLM2, docs/benchmarks.md)."""
+    s, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    lens = torch.tensor(meta.context_lens)  # [S]
+    slots = torch.nn.utils.rnn.pad_sequence(list(meta.context_slots), batch_first=True)  # [S, L], 0 past the end
+    keep = torch.arange(slots.shape[1])[None] < lens[:, None]  # [S, L]
+    k = k_cache[slots].to(q.dtype).permute(0, 2, 3, 1)  # [S, Hkv, D, L]
+    v = v_cache[slots].to(q.dtype).transpose(1, 2)  # [S, Hkv, L, D]
+    scores = torch.matmul(q.view(s, hkv, hq // hkv, d), k).float() * scale  # [S, Hkv, G, L]
+    scores.masked_fill_(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(s, hq, d)  # [S, Hkv, G, D] -> [S, Hq, D]
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
