@@ -11,9 +11,9 @@
  * rows (without: 0.75x at one row from L3). Its sums are bit-identical to gb_rows' 2 x 4 blocks. Against those
  * (which load each x vector once per weight row), one Zen 3 core: with 64 copies of each weight taking turns (from
  * L3) 1.0-1.9x at two rows, 1.1-1.65x at 3-16 on the bundled model's 512 x 160, 2048 x 160, 160 x 256 and SmolLM2's
- * 576 x 576; with weights from memory (benchmarks/bf16_gemv.py --code, 4 alternating rounds) mixed: 512 x 160
- * 1.45-1.5x at 4-8 rows, 2048 x 160 1.0-1.3x, 160 x 256 0.7-1.06x, 576 x 576 0.73-0.91x at 2-8 and 1.33x at 16
- * (docs/benchmarks.md). One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one row: 0.95-1.15x in that
+ * 576 x 576; with weights from memory (benchmarks/bf16_gemv.py --code, six alternating rounds) level with them
+ * within the machine's noise: rounds' medians 0.81-1.41x on six shapes at 2-16 rows, where the identical one-row
+ * code spread 0.87-1.14x (docs/benchmarks.md). One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one row: 0.95-1.15x in that
  * loop, and the bundled model's one-sequence decode step ran 1.15x slower with it, rounds' median of 9). A weight over
  * GEMV_BF16_MAX_BYTES (from memory) keeps gb_rows from 3 x rows on: two passes of pairs over 4 KiB rows ran
  * 0.8-0.9x its one pass there.
