@@ -107,7 +107,8 @@ def paged_attention(
         return _native_decode(q, k_cache, v_cache, meta, scale)
     if (sinks is None and k_cache is not None and meta.context_slots is not None and len(meta.query_lens) > 1
             and all(n == 1 for n in meta.query_lens)
-            and (sliding_window is None or max(meta.context_lens) <= sliding_window)):
+            and (sliding_window is None or max(meta.context_lens) <= sliding_window)
+            and _batched_bytes(q, k_cache, meta) <= BATCHED_DECODE_MAX_BYTES):
         return _batched_decode(q, k_cache, v_cache, meta, scale)  # the dtypes the native kernel does not take
     native_seqs = _native_decode_seqs(q, k_cache, v_cache, meta, sliding_window) if sinks is None else []
     out = None
@@ -195,6 +196,16 @@ def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float | 
                                        v_cache.data_ptr(), slots.data_ptr(), offsets.data_ptr(), d**-0.5 if scale is None else scale,
                                        out.data_ptr())
     return out
+
+
+# the most bytes _batched_decode may gather (K and V of every sequence padded to the longest context): beyond,
+# long contexts attend one sequence at a time, whose copies are one sequence's (the memory budget holds)
+BATCHED_DECODE_MAX_BYTES = 32 << 20
+
+
+def _batched_bytes(q, k_cache, meta: AttentionMetadata) -> int:
+    """Bytes of the padded K and V copies _batched_decode would make for this step."""
+    return 2 * len(meta.query_lens) * max(meta.context_lens) * k_cache.shape[1] * k_cache.shape[2] * q.element_size()
 
 
 def _batched_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

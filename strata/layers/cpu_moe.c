@@ -14,9 +14,9 @@
  *
  * With several threads the experts are shared out among them, one whole expert at a time (its GEMVs then run as
  * plain loops in that thread): a small model's GEMVs are too short to split. With this and the GEMVs' threading
- * threshold counting rows, the bundled model's 16-sequence step on two threads took 0.65x as long as with one
- * thread running the experts in turn, OLMoE-8L's 0.95x (benchmarks/decode_step.py --threads 2). The results do
- * not depend on the number of threads.
+ * threshold counting rows, the bundled model's 16-sequence step on two threads took 0.65-0.71x as long as with one
+ * thread running the experts in turn (two runs), OLMoE-8L's 0.95x (benchmarks/decode_step.py --threads 2). The
+ * results do not depend on the number of threads.
  */
 #include "quant_cpu.h"
 

@@ -13,8 +13,9 @@
  * L3) 1.0-1.9x at two rows, 1.1-1.65x at 3-16 on the bundled model's 512 x 160, 2048 x 160, 160 x 256 and SmolLM2's
  * 576 x 576; with weights from memory (benchmarks/bf16_gemv.py --code, six alternating rounds) level with them
  * within the machine's noise: rounds' medians 0.81-1.41x on six shapes at 2-16 rows, where the identical one-row
- * code spread 0.87-1.14x (docs/benchmarks.md). One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one row: 0.95-1.15x in that
- * loop, and the bundled model's one-sequence decode step ran 1.15x slower with it, rounds' median of 9). A weight over
+ * code spread 0.87-1.14x (docs/benchmarks.md). One x row keeps gb_rows' 4 x 1 blocks (the pairs' kernel at one
+ * row: 0.95-1.15x in that loop, and the bundled model's one-sequence decode step ran 1.15x slower with it, rounds'
+ * median of 9). A weight over
  * GEMV_BF16_MAX_BYTES (from memory) keeps gb_rows from 3 x rows on: two passes of pairs over 4 KiB rows ran
  * 0.8-0.9x its one pass there.
  *

@@ -108,7 +108,7 @@ def test_paged_attention_dispatch_writes_cache_and_agrees_with_torch_path(monkey
 def test_float32_decodes_attend_in_one_padded_batch(monkeypatch):
     """Decodes of a float32 model (caches the native kernel does not take): one padded batch for the step, padding
     masked out: the float64 reference's numbers within float32 rounding, whatever the contexts' lengths; with a
-    sliding window, over the window's keys."""
+    sliding window, over the window's keys; past a bound on the padded copies, one sequence at a time."""
     lens = [1, 37, 5, 64]
     q, kc, vc, ctx = _setup(lens, 8, 2, 64, seed=7)
     q, kc, vc = q.float(), kc.float(), vc.float()
@@ -119,7 +119,8 @@ def test_float32_decodes_attend_in_one_padded_batch(monkeypatch):
     ctx = [torch.cat([c, s[None]]) for c, s in zip(ctx, new)]
     lens = [len(c) for c in ctx]
     kv_new = torch.randn(4, 2, 64), torch.randn(4, 2, 64)  # [T, Hkv, D]
-    out = paged_attention(q, *kv_new, (kc, vc), AttentionMetadata(list(range(4)), [1] * 4, lens, new, ctx))
+    meta = AttentionMetadata(list(range(4)), [1] * 4, lens, new, ctx)
+    out = paged_attention(q, *kv_new, (kc, vc), meta)
     assert calls == [1] and out.shape == q.shape and torch.equal(kc[503], kv_new[0][3])
     ref = _reference(q, kc, vc, ctx)
     assert (out.double() - ref).abs().max() < 1e-5
@@ -127,6 +128,11 @@ def test_float32_decodes_attend_in_one_padded_batch(monkeypatch):
     out = paged_attention(q, *kv_new, (kc, vc), window, sliding_window=32)
     assert calls == [1, 1]
     assert (out.double() - _reference(q, kc, vc, [c[-32:] for c in ctx])).abs().max() < 1e-5
+    # contexts whose padded copies would pass BATCHED_DECODE_MAX_BYTES: one sequence at a time, the same numbers
+    monkeypatch.setattr(attn_mod, "BATCHED_DECODE_MAX_BYTES", attn_mod._batched_bytes(q, kc, meta) - 1)
+    out = paged_attention(q, *kv_new, (kc, vc), AttentionMetadata(list(range(4)), [1] * 4, lens, new, ctx))
+    assert calls == [1, 1]
+    assert (out.double() - ref).abs().max() < 1e-5
 
 
 def test_fallbacks_keep_the_torch_path():
