@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from strata.layers import quant_native
 from strata.layers.quant_native import native_lib
 
 
@@ -105,6 +106,11 @@ def paged_attention(
         meta = meta.decode_window(sliding_window)  # decode past the window: gather only the window's keys
     if sinks is None and k_cache is not None and _native_decode_ok(q, k_cache, v_cache, meta, sliding_window):
         return _native_decode(q, k_cache, v_cache, meta, scale)
+    if (sinks is None and k_cache is not None and meta.context_slots is not None
+            and all(n == 1 for n in meta.query_lens)
+            and (sliding_window is None or max(meta.context_lens) <= sliding_window)
+            and _native_f32_ok(q, k_cache, v_cache)):
+        return _native_decode_f32(q, k_cache, v_cache, meta, scale)
     if (sinks is None and k_cache is not None and meta.context_slots is not None and len(meta.query_lens) > 1
             and all(n == 1 for n in meta.query_lens)
             and (sliding_window is None or max(meta.context_lens) <= sliding_window)
@@ -166,6 +172,20 @@ def _native_cache_ok(q, k_cache, v_cache) -> bool:
     )
 
 
+def _native_f32_ok(q, k_cache, v_cache) -> bool:
+    """float32 q and caches the AVX2 build's kernel takes (decode_attention_f32; the AVX-512 build has none)."""
+    return (
+        q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+        and q.device.type == "cpu"
+        and q.shape[-1] % 16 == 0
+        and q.shape[-1] <= 256
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and native_lib() is not None
+        and quant_native.isa() == "avx2"
+    )
+
+
 def _native_decode_ok(q, k_cache, v_cache, meta: AttentionMetadata, window: int | None) -> bool:
     return (
         all(n == 1 for n in meta.query_lens)
@@ -206,6 +226,17 @@ BATCHED_DECODE_MAX_BYTES = 32 << 20
 def _batched_bytes(q, k_cache, meta: AttentionMetadata) -> int:
     """Bytes of the padded K and V copies _batched_decode would make for this step."""
     return 2 * len(meta.query_lens) * max(meta.context_lens) * k_cache.shape[1] * k_cache.shape[2] * q.element_size()
+
+
+def _native_decode_f32(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """_native_decode for float32 q [S, Hq, D] and caches (a float32 model on the AVX2 build)."""
+    slots, offsets = meta.flat_context()
+    s, hq, d = q.shape
+    qc = q.contiguous()
+    out = torch.empty_like(qc)
+    native_lib().decode_attention_f32(qc.data_ptr(), s, hq, k_cache.shape[1], d, k_cache.data_ptr(),
+                                      v_cache.data_ptr(), slots.data_ptr(), offsets.data_ptr(), scale, out.data_ptr())
+    return out
 
 
 def _batched_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -13,9 +13,6 @@
  */
 #include "quant_cpu.h"
 
-/* below this many q.k multiply-adds one thread is faster than a fork/join; at 1 << 15 the bundled model's 16 sequences
- * (about 140K) split over two threads took 0.94x the step of 1 << 20 (benchmarks/decode_step.py --threads 2) */
-#define PAR_MIN_ATTN (1 << 15)
 
 /* the D bf16 values of one head's K or V row into L1 */
 static inline void prefetch_head(const uint16_t *p, int64_t D) {

@@ -10,6 +10,9 @@
  * the FMA dependency chains. Products of two bf16 are exact in fp32: the results are the AVX-512 kernel's up to
  * the order of fp32 sums. Query heads that share a KV head (GQA) run in pairs when D <= 64 (da_pair), loading and
  * widening each K and V row once for both.
+ *
+ * decode_attention_f32 runs the same kernel on fp32 q, caches and output (a float32 model's decode): the loads split
+ * 16 numbers into elements 0-7 and 8-15 instead of even and odd ones, the same split for q, K and V.
  */
 #include "quant_cpu.h"
 
@@ -17,8 +20,17 @@
 
 #define DA_MAXV 16 /* 16-value vectors per head: D <= 256 */
 
-/* the even and odd elements of 16 bf16 numbers, as fp32 */
-static inline __attribute__((always_inline)) void da_widen(const uint16_t *p, __m256 *even, __m256 *odd) {
+/* element i of an array of bf16 (F32 = 0) or fp32 (F32 = 1) numbers */
+#define DA_AT(F32, p, i) ((const char *)(p) + (i) * ((F32) ? 4 : 2))
+
+/* 16 numbers as two vectors of fp32: bf16's even and odd elements; fp32's elements 0-7 and 8-15 (q, K and V split
+ * alike, so the dot products and the value sums are the same either way) */
+static inline __attribute__((always_inline)) void da_widen(const int F32, const void *p, __m256 *even, __m256 *odd) {
+    if (F32) {
+        *even = _mm256_loadu_ps((const float *)p);
+        *odd = _mm256_loadu_ps((const float *)p + 8);
+        return;
+    }
     __m256i v = _mm256_loadu_si256((const __m256i *)p);
     *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
@@ -54,26 +66,32 @@ static inline float da_hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* 16 values of a head from their even and odd sums, times inv, as bf16 in their order */
-static inline void da_store16(__m256 even, __m256 odd, float inv, uint16_t *out) {
+/* 16 values of a head from their two sums (da_widen's split), times inv, in their order: bf16, or fp32 (F32) */
+static inline __attribute__((always_inline)) void da_store16(const int F32, __m256 even, __m256 odd, float inv,
+                                                            void *out) {
     const __m256 f = _mm256_set1_ps(inv);
     even = _mm256_mul_ps(even, f);
     odd = _mm256_mul_ps(odd, f);
+    if (F32) {
+        _mm256_storeu_ps((float *)out, even);
+        _mm256_storeu_ps((float *)out + 8, odd);
+        return;
+    }
     __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd); /* [e0 o0 e1 o1 | e4 o4 e5 o5] */
     float v[16];
     _mm256_storeu_ps(v, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_storeu_ps(v + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-    for (int i = 0; i < 16; i++) out[i] = f32_to_bf16(v[i]);
+    for (int i = 0; i < 16; i++) ((uint16_t *)out)[i] = f32_to_bf16(v[i]);
 }
 
 /* one query head (NV 16-value vectors, a compile-time constant) over its n keys: p (n + 8 floats) is scratch */
-static inline __attribute__((always_inline)) void da_head(const int NV, const uint16_t *qh, const uint16_t *kc,
-                                                          const uint16_t *vc, int64_t row, const int64_t *sl,
-                                                          int64_t n, float scale, float *p, uint16_t *out) {
+static inline __attribute__((always_inline)) void da_head(const int F32, const int NV, const void *qh, const void *kc,
+                                                          const void *vc, int64_t row, const int64_t *sl,
+                                                          int64_t n, float scale, float *p, void *out) {
     float qf[16 * DA_MAXV]; /* per 16: even elements, then odd */
     for (int j = 0; j < NV; j++) {
         __m256 e, o;
-        da_widen(qh + 16 * j, &e, &o);
+        da_widen(F32, DA_AT(F32, qh, 16 * j), &e, &o);
         _mm256_storeu_ps(qf + 16 * j, e);
         _mm256_storeu_ps(qf + 16 * j + 8, o);
     }
@@ -81,16 +99,16 @@ static inline __attribute__((always_inline)) void da_head(const int NV, const ui
     for (int64_t t0 = 0; t0 < n; t0 += 8) {
         const int64_t nb = n - t0 < 8 ? n - t0 : 8;
         for (int64_t t = t0 + 8; t < t0 + 16 && t < n; t++) /* the next block's K rows */
-            for (int j = 0; j < NV; j += 2) _mm_prefetch((const char *)(kc + sl[t] * row + 16 * j), _MM_HINT_T0);
+            for (int j = 0; j < NV; j += 2) _mm_prefetch(DA_AT(F32, kc, sl[t] * row + 16 * j), _MM_HINT_T0);
         __m256 acc[8];
         for (int i = 0; i < 8; i++) {
             /* past the context's end a block scores its first key again: a valid score, so the max needs no mask,
              * and the softmax below zeroes those lanes */
-            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row;
+            const char *kr = DA_AT(F32, kc, sl[t0 + (i < nb ? i : 0)] * row);
             __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
             for (int j = 0; j < NV; j++) {
                 __m256 e, o;
-                da_widen(kr + 16 * j, &e, &o);
+                da_widen(F32, DA_AT(F32, kr, 16 * j), &e, &o);
                 a = _mm256_fmadd_ps(e, _mm256_loadu_ps(qf + 16 * j), a);
                 b = _mm256_fmadd_ps(o, _mm256_loadu_ps(qf + 16 * j + 8), b);
             }
@@ -113,48 +131,49 @@ static inline __attribute__((always_inline)) void da_head(const int NV, const ui
     for (int j = 0; j < NV; j++) ea[j] = oa[j] = eb[j] = ob[j] = _mm256_setzero_ps();
     int64_t t = 0;
     for (; t + 2 <= n; t += 2) {
-        const uint16_t *va = vc + sl[t] * row, *vb = vc + sl[t + 1] * row;
+        const char *va = DA_AT(F32, vc, sl[t] * row), *vb = DA_AT(F32, vc, sl[t + 1] * row);
         const __m256 pa = _mm256_set1_ps(p[t]), pb = _mm256_set1_ps(p[t + 1]);
         for (int j = 0; j < NV; j++) {
             __m256 e, o;
-            da_widen(va + 16 * j, &e, &o);
+            da_widen(F32, DA_AT(F32, va, 16 * j), &e, &o);
             ea[j] = _mm256_fmadd_ps(pa, e, ea[j]);
             oa[j] = _mm256_fmadd_ps(pa, o, oa[j]);
-            da_widen(vb + 16 * j, &e, &o);
+            da_widen(F32, DA_AT(F32, vb, 16 * j), &e, &o);
             eb[j] = _mm256_fmadd_ps(pb, e, eb[j]);
             ob[j] = _mm256_fmadd_ps(pb, o, ob[j]);
         }
     }
     if (t < n) {
-        const uint16_t *va = vc + sl[t] * row;
+        const char *va = DA_AT(F32, vc, sl[t] * row);
         const __m256 pa = _mm256_set1_ps(p[t]);
         for (int j = 0; j < NV; j++) {
             __m256 e, o;
-            da_widen(va + 16 * j, &e, &o);
+            da_widen(F32, DA_AT(F32, va, 16 * j), &e, &o);
             ea[j] = _mm256_fmadd_ps(pa, e, ea[j]);
             oa[j] = _mm256_fmadd_ps(pa, o, oa[j]);
         }
     }
     const float denom = da_hsum(vsum);
     for (int j = 0; j < NV; j++)
-        da_store16(_mm256_add_ps(ea[j], eb[j]), _mm256_add_ps(oa[j], ob[j]), n > 0 ? 1.0f / denom : 0.0f, out + 16 * j);
+        da_store16(F32, _mm256_add_ps(ea[j], eb[j]), _mm256_add_ps(oa[j], ob[j]), n > 0 ? 1.0f / denom : 0.0f,
+                   (char *)DA_AT(F32, out, 16 * j));
 }
 
 /* da_head for two query heads of the same KV head (GQA; NV <= 4): each K and V row is loaded and widened once for
  * both. Scores 4 keys at a time (lanes 0-3 the first head's, 4-7 the second's, one transpose tree); the V pass
  * runs over the rows once per 32 values of the head, which keeps both heads' sums in 8 registers. p0, p1: scratch
  * of n + 8 floats each. */
-static inline __attribute__((always_inline)) void da_pair(const int NV, const uint16_t *qh0, const uint16_t *qh1,
-                                                          const uint16_t *kc, const uint16_t *vc, int64_t row,
-                                                          const int64_t *sl, int64_t n, float scale, float *p0,
-                                                          float *p1, uint16_t *out0, uint16_t *out1) {
+static inline __attribute__((always_inline)) void da_pair(const int F32, const int NV, const void *qh0,
+                                                          const void *qh1, const void *kc, const void *vc,
+                                                          int64_t row, const int64_t *sl, int64_t n, float scale,
+                                                          float *p0, float *p1, void *out0, void *out1) {
     float qf[2][64];
     for (int j = 0; j < NV; j++) {
         __m256 e, o;
-        da_widen(qh0 + 16 * j, &e, &o);
+        da_widen(F32, DA_AT(F32, qh0, 16 * j), &e, &o);
         _mm256_storeu_ps(qf[0] + 16 * j, e);
         _mm256_storeu_ps(qf[0] + 16 * j + 8, o);
-        da_widen(qh1 + 16 * j, &e, &o);
+        da_widen(F32, DA_AT(F32, qh1, 16 * j), &e, &o);
         _mm256_storeu_ps(qf[1] + 16 * j, e);
         _mm256_storeu_ps(qf[1] + 16 * j + 8, o);
     }
@@ -162,14 +181,14 @@ static inline __attribute__((always_inline)) void da_pair(const int NV, const ui
     for (int64_t t0 = 0; t0 < n; t0 += 4) {
         const int64_t nb = n - t0 < 4 ? n - t0 : 4;
         for (int64_t t = t0 + 4; t < t0 + 8 && t < n; t++) /* the next block's K rows */
-            for (int j = 0; j < NV; j += 2) _mm_prefetch((const char *)(kc + sl[t] * row + 16 * j), _MM_HINT_T0);
+            for (int j = 0; j < NV; j += 2) _mm_prefetch(DA_AT(F32, kc, sl[t] * row + 16 * j), _MM_HINT_T0);
         __m256 acc[8];
         for (int i = 0; i < 4; i++) {
-            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in da_head */
+            const char *kr = DA_AT(F32, kc, sl[t0 + (i < nb ? i : 0)] * row); /* as in da_head */
             __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
             for (int j = 0; j < NV; j++) {
                 __m256 e, o;
-                da_widen(kr + 16 * j, &e, &o);
+                da_widen(F32, DA_AT(F32, kr, 16 * j), &e, &o);
                 a = _mm256_fmadd_ps(o, _mm256_loadu_ps(qf[0] + 16 * j + 8),
                                     _mm256_fmadd_ps(e, _mm256_loadu_ps(qf[0] + 16 * j), a));
                 b = _mm256_fmadd_ps(o, _mm256_loadu_ps(qf[1] + 16 * j + 8),
@@ -206,11 +225,11 @@ static inline __attribute__((always_inline)) void da_pair(const int NV, const ui
         __m256 e0[2], o0[2], e1[2], o1[2];
         for (int j = 0; j < nj; j++) e0[j] = o0[j] = e1[j] = o1[j] = _mm256_setzero_ps();
         for (int64_t t = 0; t < n; t++) {
-            const uint16_t *vr = vc + sl[t] * row + 16 * j0;
+            const char *vr = DA_AT(F32, vc, sl[t] * row + 16 * j0);
             const __m256 pa = _mm256_set1_ps(p0[t]), pb = _mm256_set1_ps(p1[t]);
             for (int j = 0; j < nj; j++) {
                 __m256 e, o;
-                da_widen(vr + 16 * j, &e, &o);
+                da_widen(F32, DA_AT(F32, vr, 16 * j), &e, &o);
                 e0[j] = _mm256_fmadd_ps(pa, e, e0[j]);
                 o0[j] = _mm256_fmadd_ps(pa, o, o0[j]);
                 e1[j] = _mm256_fmadd_ps(pb, e, e1[j]);
@@ -218,54 +237,63 @@ static inline __attribute__((always_inline)) void da_pair(const int NV, const ui
             }
         }
         for (int j = 0; j < nj; j++) {
-            da_store16(e0[j], o0[j], inv[0], out0 + 16 * (j0 + j));
-            da_store16(e1[j], o1[j], inv[1], out1 + 16 * (j0 + j));
+            da_store16(F32, e0[j], o0[j], inv[0], (char *)DA_AT(F32, out0, 16 * (j0 + j)));
+            da_store16(F32, e1[j], o1[j], inv[1], (char *)DA_AT(F32, out1, 16 * (j0 + j)));
         }
     }
 }
 
-static void da_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
-                        const int64_t *sl, int64_t n, float scale, float *p, uint16_t *out) {
+static inline __attribute__((always_inline)) void da_head_any(const int F32, const void *qh, int64_t D,
+                                                              const void *kc, const void *vc, int64_t row,
+                                                              const int64_t *sl, int64_t n, float scale, float *p,
+                                                              void *out) {
     switch (D / 16) { /* one compiled copy per common head size keeps the sums in registers */
-    case 2: da_head(2, qh, kc, vc, row, sl, n, scale, p, out); break;
-    case 4: da_head(4, qh, kc, vc, row, sl, n, scale, p, out); break;
-    case 8: da_head(8, qh, kc, vc, row, sl, n, scale, p, out); break;
-    case 16: da_head(16, qh, kc, vc, row, sl, n, scale, p, out); break;
-    default: da_head((int)(D / 16), qh, kc, vc, row, sl, n, scale, p, out);
+    case 2: da_head(F32, 2, qh, kc, vc, row, sl, n, scale, p, out); break;
+    case 4: da_head(F32, 4, qh, kc, vc, row, sl, n, scale, p, out); break;
+    case 8: da_head(F32, 8, qh, kc, vc, row, sl, n, scale, p, out); break;
+    case 16: da_head(F32, 16, qh, kc, vc, row, sl, n, scale, p, out); break;
+    default: da_head(F32, (int)(D / 16), qh, kc, vc, row, sl, n, scale, p, out);
     }
 }
 
 /* da_pair for D <= 64 (a multiple of 16): heads qh and qh + D, outputs out and out + D */
-static void da_pair_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
-                        const int64_t *sl, int64_t n, float scale, float *p0, float *p1, uint16_t *out) {
+static inline __attribute__((always_inline)) void da_pair_any(const int F32, const void *qh, int64_t D,
+                                                              const void *kc, const void *vc, int64_t row,
+                                                              const int64_t *sl, int64_t n, float scale, float *p0,
+                                                              float *p1, void *out) {
+    const void *qh1 = DA_AT(F32, qh, D);
+    void *out1 = (char *)DA_AT(F32, out, D);
     switch (D / 16) {
-    case 1: da_pair(1, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D); break;
-    case 2: da_pair(2, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D); break;
-    case 3: da_pair(3, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D); break;
-    default: da_pair(4, qh, qh + D, kc, vc, row, sl, n, scale, p0, p1, out, out + D);
+    case 1: da_pair(F32, 1, qh, qh1, kc, vc, row, sl, n, scale, p0, p1, out, out1); break;
+    case 2: da_pair(F32, 2, qh, qh1, kc, vc, row, sl, n, scale, p0, p1, out, out1); break;
+    case 3: da_pair(F32, 3, qh, qh1, kc, vc, row, sl, n, scale, p0, p1, out, out1); break;
+    default: da_pair(F32, 4, qh, qh1, kc, vc, row, sl, n, scale, p0, p1, out, out1);
     }
 }
 
-/* decode_attention_bf16 on AVX2 for D a multiple of 16 (the caller checks): the same arguments and results */
-void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
-                           const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
-                           uint16_t *out, int64_t par) {
+/* decode_attention_bf16 on AVX2 for D a multiple of 16 (the caller checks), and its fp32 twin (F32: q, caches and
+ * out fp32): the same arguments and results */
+static inline __attribute__((always_inline)) void da_all(const int F32, const void *q, int64_t S, int64_t Hq,
+                                                         int64_t Hkv, int64_t D, const void *kc, const void *vc,
+                                                         const int64_t *slots, const int64_t *starts, float scale,
+                                                         void *out, int64_t par) {
     int64_t max_ctx = 0;
     for (int64_t s = 0; s < S; s++) max_ctx = starts[s + 1] - starts[s] > max_ctx ? starts[s + 1] - starts[s] : max_ctx;
     const int64_t G = Hq / Hkv, row = Hkv * D;
 #define DA_GROUP(sk)                                                                                            \
     do {                                                                                                        \
         const int64_t s = (sk) / Hkv, kvh = (sk) % Hkv, n = starts[s + 1] - starts[s];                          \
+        const void *kh = DA_AT(F32, kc, kvh * D), *vh = DA_AT(F32, vc, kvh * D);                               \
         int64_t g = 0;                                                                                          \
         for (; g + 2 <= G && D <= 64; g += 2) {                                                                 \
             const int64_t h = kvh * G + g;                                                                      \
-            da_pair_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p, \
-                        p + max_ctx + 8, out + (s * Hq + h) * D);                                               \
+            da_pair_any(F32, DA_AT(F32, q, (s * Hq + h) * D), D, kh, vh, row, slots + starts[s], n, scale, p,   \
+                        p + max_ctx + 8, (char *)DA_AT(F32, out, (s * Hq + h) * D));                            \
         }                                                                                                       \
         for (; g < G; g++) {                                                                                    \
             const int64_t h = kvh * G + g;                                                                      \
-            da_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p, \
-                        out + (s * Hq + h) * D);                                                                \
+            da_head_any(F32, DA_AT(F32, q, (s * Hq + h) * D), D, kh, vh, row, slots + starts[s], n, scale, p,   \
+                        (char *)DA_AT(F32, out, (s * Hq + h) * D));                                             \
         }                                                                                                       \
     } while (0)
     if (par) {
@@ -284,6 +312,28 @@ void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv
 #undef DA_GROUP
 }
 
+void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
+                           const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
+                           uint16_t *out, int64_t par) {
+    da_all(0, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, par);
+}
+
+/* decode_attention_bf16's arguments with q, the caches and out fp32 [.., D], D a multiple of 16 and at most 256:
+ * 1 where it ran; 0 where this build has no such kernel (the AVX-512 one) */
+int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
+    int64_t work = 0;
+    for (int64_t s = 0; s < S; s++) work += starts[s + 1] - starts[s];
+    da_all(1, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, work * Hq * D > PAR_MIN_ATTN);
+    return 1;
+}
+
 #else
-typedef int cpu_decode_attention_avx2_unused; /* the AVX-512 build runs cpu_decode_attention.c's kernel */
+/* the AVX-512 build runs cpu_decode_attention.c's kernel for bf16; fp32 caches take the torch path there */
+int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
+    (void)q, (void)S, (void)Hq, (void)Hkv, (void)D, (void)kc, (void)vc, (void)slots, (void)starts, (void)scale;
+    (void)out;
+    return 0;
+}
 #endif

@@ -253,6 +253,10 @@ void kq_gemv_x16_avx2(int kind, const uint16_t *x, int64_t M, int64_t K, const u
 /* gemv_fp8 on AVX2 for K a multiple of 16: codes widened through F16C (quant_cpu_gemv16_avx2.c) */
 void fp8_gemv_avx2(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *scale,
                    const float *bias, uint16_t *y);
+/* below this many q.k multiply-adds one thread is faster than a fork/join; at 1 << 15 the bundled model's 16 sequences
+ * (about 140K) split over two threads took 0.94x the step of 1 << 20 (benchmarks/decode_step.py --threads 2) */
+#define PAR_MIN_ATTN (1 << 15)
+
 /* decode attention on AVX2 for head sizes that are multiples of 16 (cpu_decode_attention_avx2.c); par: threads */
 void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                            const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,

@@ -93,6 +93,7 @@ _SIGNATURES = {
     "dequant_int4": [_P, _I, _I, _P, _P, _I, _I, _P],
     "dequant_int4_f32": [_P, _I, _I, _P, _P, _I, _I, _P],
     "decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
+    "decode_attention_f32": [_P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P],
     "rms_norm_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _P],
     "argmax_rows_f32": [_P, _I, _I, _I, _P],
     "select_rows_f32": [_P, _I, _I, _I, _P, ctypes.c_float],
@@ -226,7 +227,7 @@ def native_lib() -> ctypes.CDLL | None:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.a8_supported.restype = ctypes.c_int64
+    lib.a8_supported.restype = lib.decode_attention_f32.restype = ctypes.c_int64
     lib.select_rows_f32.restype = lib.draw_rows_f32.restype = lib.argmax_rows_f32.restype = ctypes.c_int64
     return lib
 

@@ -5,6 +5,7 @@ import torch
 
 from strata.layers import attention as attn_mod
 from strata.layers.attention import AttentionMetadata, paged_attention
+from strata.layers import quant_native
 from strata.layers.quant_native import native_lib
 
 needs_native = pytest.mark.skipif(native_lib() is None, reason="native kernels unavailable on this machine")
@@ -115,6 +116,7 @@ def test_float32_decodes_attend_in_one_padded_batch(monkeypatch):
     calls = []
     real = attn_mod._batched_decode
     monkeypatch.setattr(attn_mod, "_batched_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attn_mod, "_native_f32_ok", lambda *a: False)  # the AVX2 build's kernel: the next test
     new = torch.arange(500, 504)  # each sequence's new token, written first
     ctx = [torch.cat([c, s[None]]) for c, s in zip(ctx, new)]
     lens = [len(c) for c in ctx]
@@ -133,6 +135,30 @@ def test_float32_decodes_attend_in_one_padded_batch(monkeypatch):
     out = paged_attention(q, *kv_new, (kc, vc), AttentionMetadata(list(range(4)), [1] * 4, lens, new, ctx))
     assert calls == [1, 1]
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+needs_f32 = pytest.mark.skipif(native_lib() is None or quant_native.isa() != "avx2",
+                               reason="decode_attention_f32 is the AVX2 build's")
+
+
+@needs_f32
+@pytest.mark.parametrize("lens,hq,hkv,d", [([1, 9, 40], 8, 2, 64), ([70], 9, 3, 64), ([3, 130], 4, 4, 128),
+                                          ([17, 5], 4, 2, 32), ([33], 2, 1, 16)])
+def test_float32_kernel_matches_float64(lens, hq, hkv, d, monkeypatch):
+    """float32 q and caches (a float32 model's decode) on the AVX2 kernel, through paged_attention: the float64
+    reference within float32 rounding, one sequence or several, GQA pairs and single heads."""
+    q, kc, vc, ctx = _setup(lens, hq, hkv, d, seed=len(lens) + d)
+    q, kc, vc = q.float(), kc.float() + 1e-3 * torch.randn_like(kc.float()), vc.float()  # not bf16 values
+    calls = []
+    real = attn_mod._native_decode_f32
+    monkeypatch.setattr(attn_mod, "_native_decode_f32", lambda *a: calls.append(1) or real(*a))
+    new = torch.arange(500, 500 + len(lens))
+    ctx = [torch.cat([c, s[None]]) for c, s in zip(ctx, new)]
+    kv_new = torch.randn(len(lens), hkv, d), torch.randn(len(lens), hkv, d)
+    meta = AttentionMetadata(list(range(len(lens))), [1] * len(lens), [len(c) for c in ctx], new, ctx)
+    out = paged_attention(q, *kv_new, (kc, vc), meta)
+    assert calls == [1] and out.dtype == torch.float32
+    assert (out.double() - _reference(q, kc, vc, ctx)).abs().max() < 2e-6
 
 
 def test_fallbacks_keep_the_torch_path():
