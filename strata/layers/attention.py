@@ -106,16 +106,9 @@ def paged_attention(
         meta = meta.decode_window(sliding_window)  # decode past the window: gather only the window's keys
     if sinks is None and k_cache is not None and _native_decode_ok(q, k_cache, v_cache, meta, sliding_window):
         return _native_decode(q, k_cache, v_cache, meta, scale)
-    if (sinks is None and k_cache is not None and meta.context_slots is not None
-            and all(n == 1 for n in meta.query_lens)
-            and (sliding_window is None or max(meta.context_lens) <= sliding_window)
-            and _native_f32_ok(q, k_cache, v_cache)):
-        return _native_decode_f32(q, k_cache, v_cache, meta, scale)
     if (sinks is None and k_cache is not None and meta.context_slots is not None and len(meta.query_lens) > 1
-            and all(n == 1 for n in meta.query_lens)
-            and (sliding_window is None or max(meta.context_lens) <= sliding_window)
-            and _batched_bytes(q, k_cache, meta) <= BATCHED_DECODE_MAX_BYTES):
-        return _batched_decode(q, k_cache, v_cache, meta, scale)  # the dtypes the native kernel does not take
+            and _all_decodes(meta, sliding_window) and _batched_bytes(q, k_cache, meta) <= BATCHED_DECODE_MAX_BYTES):
+        return _batched_decode(q, k_cache, v_cache, meta, scale)  # the dtypes no native kernel takes
     native_seqs = _native_decode_seqs(q, k_cache, v_cache, meta, sliding_window) if sinks is None else []
     out = None
     if native_seqs:  # a step mixing prefill chunks with decodes: the decodes in one native call
@@ -160,38 +153,22 @@ def paged_attention(
 
 
 def _native_cache_ok(q, k_cache, v_cache) -> bool:
-    return (
-        q.dtype == torch.bfloat16
-        and k_cache.dtype == torch.bfloat16
-        and v_cache.dtype == torch.bfloat16
-        and q.device.type == "cpu"
-        and q.shape[-1] <= 256
-        and k_cache.is_contiguous()
-        and v_cache.is_contiguous()
-        and native_lib() is not None
-    )
+    """q and caches a native decode kernel takes: bf16 (decode_attention_bf16), or float32 on the AVX2 build with
+    heads a multiple of 16 (decode_attention_f32; the AVX-512 build has no float32 kernel)."""
+    bf16 = q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+    f32 = (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.shape[-1] % 16 == 0
+           and quant_native.isa() == "avx2")
+    return ((bf16 or f32) and q.device.type == "cpu" and q.shape[-1] <= 256 and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and native_lib() is not None)
 
 
-def _native_f32_ok(q, k_cache, v_cache) -> bool:
-    """float32 q and caches the AVX2 build's kernel takes (decode_attention_f32; the AVX-512 build has none)."""
-    return (
-        q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-        and q.device.type == "cpu"
-        and q.shape[-1] % 16 == 0
-        and q.shape[-1] <= 256
-        and k_cache.is_contiguous()
-        and v_cache.is_contiguous()
-        and native_lib() is not None
-        and quant_native.isa() == "avx2"
-    )
+def _all_decodes(meta: AttentionMetadata, window: int | None) -> bool:
+    """Every sequence of the step decodes one token, its context within the window."""
+    return all(n == 1 for n in meta.query_lens) and (window is None or max(meta.context_lens) <= window)
 
 
 def _native_decode_ok(q, k_cache, v_cache, meta: AttentionMetadata, window: int | None) -> bool:
-    return (
-        all(n == 1 for n in meta.query_lens)
-        and (window is None or max(meta.context_lens) <= window)
-        and _native_cache_ok(q, k_cache, v_cache)
-    )
+    return _all_decodes(meta, window) and _native_cache_ok(q, k_cache, v_cache)
 
 
 def _native_decode_seqs(q, k_cache, v_cache, meta: AttentionMetadata, window: int | None) -> list[int]:
@@ -207,14 +184,16 @@ def _native_decode_seqs(q, k_cache, v_cache, meta: AttentionMetadata, window: in
 
 
 def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
-    """One query per sequence: q [S, Hq, D] -> [S, Hq, D], attending from the cache slots."""
+    """One query per sequence: q [S, Hq, D] -> [S, Hq, D], attending from the cache slots (bf16, or float32 where
+    _native_cache_ok allows it)."""
     slots, offsets = meta.flat_context()
     s, hq, d = q.shape
     qc = q.contiguous()
     out = torch.empty_like(qc)
-    native_lib().decode_attention_bf16(qc.data_ptr(), s, hq, k_cache.shape[1], d, k_cache.data_ptr(),
-                                       v_cache.data_ptr(), slots.data_ptr(), offsets.data_ptr(), d**-0.5 if scale is None else scale,
-                                       out.data_ptr())
+    lib = native_lib()
+    kernel = lib.decode_attention_f32 if q.dtype == torch.float32 else lib.decode_attention_bf16
+    kernel(qc.data_ptr(), s, hq, k_cache.shape[1], d, k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+           offsets.data_ptr(), d**-0.5 if scale is None else scale, out.data_ptr())
     return out
 
 
@@ -228,22 +207,11 @@ def _batched_bytes(q, k_cache, meta: AttentionMetadata) -> int:
     return 2 * len(meta.query_lens) * max(meta.context_lens) * k_cache.shape[1] * k_cache.shape[2] * q.element_size()
 
 
-def _native_decode_f32(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """_native_decode for float32 q [S, Hq, D] and caches (a float32 model on the AVX2 build)."""
-    slots, offsets = meta.flat_context()
-    s, hq, d = q.shape
-    qc = q.contiguous()
-    out = torch.empty_like(qc)
-    native_lib().decode_attention_f32(qc.data_ptr(), s, hq, k_cache.shape[1], d, k_cache.data_ptr(),
-                                      v_cache.data_ptr(), slots.data_ptr(), offsets.data_ptr(), scale, out.data_ptr())
-    return out
-
-
 def _batched_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence, q [S, Hq, D] -> [S, Hq, D], in torch ops for the whole step: every sequence's keys and
-    values gathered into one batch padded to the longest context, the padding masked out of the softmax (float32,
-    as SDPA's). A float32 model's 16-sequence decode ran its attention in about a dozen ops per layer instead of
-    six per sequence (SmolLM2, docs/benchmarks.md)."""
+    """One query per sequence, q [S, Hq, D] -> [S, Hq, D], in torch ops for the whole step (the dtypes and builds no
+    native kernel takes: float16, float32 on the AVX-512 build): every sequence's keys and values gathered into one
+    batch padded to the longest context, the padding masked out of the softmax (float32, as SDPA's); about a dozen
+    ops per layer where the loop below runs six per sequence."""
     s, hq, d = q.shape
     hkv = k_cache.shape[1]
     lens = torch.tensor(meta.context_lens)  # [S]

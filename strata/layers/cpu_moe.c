@@ -76,7 +76,8 @@ void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
 static int64_t moe_counts[3];
 
 /* below this many multiply-adds in a call (all tokens' experts) the experts run in the calling thread: the
- * bundled model's two experts of one token (2 x 123K) already gain from a thread each */
+ * bundled model's two experts of one token (2 x 123K) already gain from a thread each (its one-sequence step on two
+ * threads 0.81x that with 1 << 20, benchmarks/decode_step.py --threads 2, 7 rounds) */
 #define MOE_PAR_MIN_MACS (1 << 16)
 
 void moe_take_counts(int64_t *out) {

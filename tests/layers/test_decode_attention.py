@@ -116,7 +116,7 @@ def test_float32_decodes_attend_in_one_padded_batch(monkeypatch):
     calls = []
     real = attn_mod._batched_decode
     monkeypatch.setattr(attn_mod, "_batched_decode", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(attn_mod, "_native_f32_ok", lambda *a: False)  # the AVX2 build's kernel: the next test
+    monkeypatch.setattr(attn_mod, "_native_cache_ok", lambda *a: False)  # the AVX2 build's kernel: the next test
     new = torch.arange(500, 504)  # each sequence's new token, written first
     ctx = [torch.cat([c, s[None]]) for c, s in zip(ctx, new)]
     lens = [len(c) for c in ctx]
@@ -150,8 +150,8 @@ def test_float32_kernel_matches_float64(lens, hq, hkv, d, monkeypatch):
     q, kc, vc, ctx = _setup(lens, hq, hkv, d, seed=len(lens) + d)
     q, kc, vc = q.float(), kc.float() + 1e-3 * torch.randn_like(kc.float()), vc.float()  # not bf16 values
     calls = []
-    real = attn_mod._native_decode_f32
-    monkeypatch.setattr(attn_mod, "_native_decode_f32", lambda *a: calls.append(1) or real(*a))
+    real = attn_mod._native_decode
+    monkeypatch.setattr(attn_mod, "_native_decode", lambda *a: calls.append(1) or real(*a))
     new = torch.arange(500, 500 + len(lens))
     ctx = [torch.cat([c, s[None]]) for c, s in zip(ctx, new)]
     kv_new = torch.randn(len(lens), hkv, d), torch.randn(len(lens), hkv, d)
@@ -162,10 +162,15 @@ def test_float32_kernel_matches_float64(lens, hq, hkv, d, monkeypatch):
 
 
 def test_fallbacks_keep_the_torch_path():
-    """fp32 caches, prefill rows and windows shorter than the context never take the native path."""
+    """fp16 caches (fp32 ones off the AVX2 build, or with heads not a multiple of 16), prefill rows and windows
+    shorter than the context never take the native path."""
     q, kc, vc, ctx = _setup([10], 4, 4, 64)
     meta = AttentionMetadata([0], [1], [10], None, ctx)
-    assert not attn_mod._native_decode_ok(q.float(), kc.float(), vc.float(), meta, None)
+    assert not attn_mod._native_decode_ok(q.half(), kc.half(), vc.half(), meta, None)
+    assert attn_mod._native_decode_ok(q.float(), kc.float(), vc.float(), meta, None) == (
+        native_lib() is not None and quant_native.isa() == "avx2")
+    q8, kc8, vc8, ctx8 = _setup([10], 4, 4, 8)
+    assert not attn_mod._native_decode_ok(q8.float(), kc8.float(), vc8.float(), meta, None)
     assert not attn_mod._native_decode_ok(q, kc, vc, AttentionMetadata([0], [2], [10], None, ctx), None)
     assert not attn_mod._native_decode_ok(q, kc, vc, meta, 8)
 

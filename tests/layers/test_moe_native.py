@@ -36,6 +36,16 @@ def _quantize_experts(block, fmt):
             setattr(e, n, QuantLinear.from_float(getattr(e, n), fmt, backend="native"))
 
 
+def _fused_block(fmt):
+    """_block(experts=6, top_k=3) with its experts in fmt, projections fused as the grouped call runs them."""
+    block = _block(experts=6, top_k=3)
+    if fmt != "bf16":
+        _quantize_experts(block, fmt)
+    for e in block.experts:
+        e.fuse_projections()
+    return block
+
+
 def _both_paths(block, x):
     for e in block.experts:
         e.fuse_projections()
@@ -90,11 +100,7 @@ def test_batch_grouped_by_expert_matches_tokens_alone(fmt):
     """A batch runs every routed expert once for all of its tokens; each token's output matches what it gets
     alone up to the last-bit rounding of the several-row GEMV kernels (bf16), or of bf16 weights where a quantized
     expert got more than 4 tokens (the GEMM, as the module path), and matches exactly where no expert is shared."""
-    block = _block(experts=6, top_k=3)
-    if fmt != "bf16":
-        _quantize_experts(block, fmt)
-    for e in block.experts:
-        e.fuse_projections()
+    block = _fused_block(fmt)
     x = torch.randn(16, 128).bfloat16()
     take_counts()
     batch = block(x)
@@ -135,11 +141,7 @@ def test_experts_with_many_tokens_run_once_and_agree_with_the_gemv(fmt):
 def test_experts_on_several_threads_give_the_one_thread_results(fmt):
     """With more than one thread the grouped call runs its experts on the threads, one expert per thread at a
     time (each expert's GEMVs then plain loops inside it): the same numbers as one thread, bit for bit."""
-    block = _block(experts=6, top_k=3)
-    if fmt != "bf16":
-        _quantize_experts(block, fmt)
-    for e in block.experts:
-        e.fuse_projections()
+    block = _fused_block(fmt)
     x = torch.randn(16, 128).bfloat16()
     threads = torch.get_num_threads()
     try:
