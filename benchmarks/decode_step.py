@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQS = (1, 16)
 
 
-def child(model: str | None, tokens: int, threads: int = 1) -> dict:
+def child(model: str | None, tokens: int, threads: int = 1, dtype: str = "auto") -> dict:
     """(in a fresh interpreter) median decode step seconds per batch size."""
     import torch
 
@@ -38,7 +38,8 @@ def child(model: str | None, tokens: int, threads: int = 1) -> dict:
     from strata.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(threads)
-    eng = LLMEngine(EngineConfig(model=model, num_threads=threads, max_num_seqs=max(SEQS)), progress=False)
+    cfg = EngineConfig(model=model, num_threads=threads, max_num_seqs=max(SEQS), dtype=dtype)
+    eng = LLMEngine(cfg, progress=False)
     eng.defer_detokenization()  # as the server runs it
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     out = {}
@@ -82,10 +83,10 @@ def kernels(reps: int) -> list[dict]:
     return rows
 
 
-def _run_child(code: str, model: str | None, tokens: int, threads: int = 1) -> dict:
+def _run_child(code: str, model: str | None, tokens: int, threads: int = 1, dtype: str = "auto") -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(code).resolve()), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--tokens", str(tokens), "--threads", str(threads),
-           *(["--model", model] if model else [])]
+           "--dtype", dtype, *(["--model", model] if model else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{code}: the step run failed:\n{r.stderr[-2000:]}")
@@ -99,13 +100,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="threads of the engine steps (the kernels: 1)")
+    ap.add_argument("--dtype", default="auto", help="compute dtype (--dtype of the engine)")
     ap.add_argument("--reps", type=int, default=2000, help="kernel calls per timing")
     ap.add_argument("--no-kernels", action="store_true", help="the steps only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.tokens, args.threads)))
+        print(json.dumps(child(args.model, args.tokens, args.threads, args.dtype)))
         return
     configs = [c.split("=", 1) for c in args.configs] or [["this", "."]]
     for name, code in configs:  # a missing checkout would import this one's strata through the editable install
@@ -114,7 +116,7 @@ def main() -> None:
     runs = {name: [] for name, _ in configs}
     for _ in range(args.rounds):
         for name, code in configs:
-            runs[name].append(_run_child(code, args.model, args.tokens, args.threads))
+            runs[name].append(_run_child(code, args.model, args.tokens, args.threads, args.dtype))
     first = configs[0][0]
     out = {}
     print("| configuration | " + " | ".join(f"{n} seq step ms" for n in SEQS) + " | "

@@ -66,9 +66,15 @@ def _check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
         xq = 2**-16 * x.float().abs().amax(dim=1, keepdim=True) * w.abs().sum(dim=1)  # [M, N]
         assert ((y.float() - ref).abs() <= 2**-8 * ref.abs() + 1e-5 * scale + xq + 1e-30).all()
         return
-    ref_bf16 = x.float() @ w.to(torch.bfloat16).float().T + bias
-    scale = x.float().abs() @ w.to(torch.bfloat16).float().abs().T  # what the sum's rounding errors scale with
-    assert ((y.float() - ref_bf16).abs() <= 2**-7 * ref_bf16.abs() + 1e-5 * scale + 1e-30).all()
+    # the AVX-512 kernels either round each weight to bf16 before the dot products or multiply exact codes by the
+    # block's scale after them (the one-row GEMVs of the GGUF blocks, the K-quants, int4, int8): with an outlier in
+    # x the two differ by more than the bound, so the whole call must be within it of one of the two weights
+    fits = []
+    for wr in (w.to(torch.bfloat16).float(), w):
+        ref = x.float() @ wr.T + bias
+        scale = x.float().abs() @ wr.abs().T  # what the sum's rounding errors scale with
+        fits.append(bool(((y.float() - ref).abs() <= 2**-7 * ref.abs() + 1e-5 * scale + 1e-30).all()))
+    assert any(fits)
 
 
 @pytest.mark.parametrize("fmt,inp", MADE + BLOCKS)
