@@ -153,11 +153,11 @@ def paged_attention(
 
 
 def _native_cache_ok(q, k_cache, v_cache) -> bool:
-    """q and caches a native decode kernel takes: bf16 (decode_attention_bf16), or float32 on the AVX2 build with
-    heads a multiple of 16 (decode_attention_f32; the AVX-512 build has no float32 kernel)."""
+    """q and caches a native decode kernel takes: bf16 (decode_attention_bf16), or float32 (decode_attention_f32;
+    on the AVX2 build heads a multiple of 16)."""
     bf16 = q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
-    f32 = (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.shape[-1] % 16 == 0
-           and quant_native.isa() == "avx2")
+    f32 = (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+           and (q.shape[-1] % 16 == 0 or quant_native.isa() == "avx512"))
     return ((bf16 or f32) and q.device.type == "cpu" and q.shape[-1] <= 256 and k_cache.is_contiguous()
             and v_cache.is_contiguous() and native_lib() is not None)
 
@@ -209,7 +209,7 @@ def _batched_bytes(q, k_cache, meta: AttentionMetadata) -> int:
 
 def _batched_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query per sequence, q [S, Hq, D] -> [S, Hq, D], in torch ops for the whole step (the dtypes and builds no
-    native kernel takes: float16, float32 on the AVX-512 build): every sequence's keys and values gathered into one
+    native kernel takes: float16; float32 heads off the AVX2 kernel's sizes): every sequence's keys and values gathered into one
     batch padded to the longest context, the padding masked out of the softmax (float32, as SDPA's); about a dozen
     ops per layer where the loop below runs six per sequence."""
     s, hq, d = q.shape

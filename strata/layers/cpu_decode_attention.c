@@ -14,15 +14,15 @@
 #include "quant_cpu.h"
 
 
-/* the D bf16 values of one head's K or V row into L1 */
-static inline void prefetch_head(const uint16_t *p, int64_t D) {
-    for (int64_t b = 0; b < 2 * D; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_T0);
+/* one head's K or V row (hb bytes) into L1 */
+static inline void prefetch_head(const char *p, int64_t hb) {
+    for (int64_t b = 0; b < hb; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-/* K or V rows [from, to) of a context into L1 (to capped at its length n) */
-static inline void prefetch_rows(const uint16_t *c, const int64_t *sl, int64_t row, int64_t D, int64_t from,
-                                 int64_t to, int64_t n) {
-    for (int64_t t = from; t < to && t < n; t++) prefetch_head(c + sl[t] * row, D);
+/* K or V rows [from, to) of a context into L1 (to capped at its length n); rb, hb: bytes of a cache row, of a head */
+static inline void prefetch_rows(const void *c, const int64_t *sl, int64_t rb, int64_t hb, int64_t from, int64_t to,
+                                 int64_t n) {
+    for (int64_t t = from; t < to && t < n; t++) prefetch_head((const char *)c + sl[t] * rb, hb);
 }
 
 /* a query head's NQ = ceil(NV / 2) 32-lane chunks (zero past D) and their masks, and the masks of the NV 16-lane
@@ -37,34 +37,52 @@ static inline __attribute__((always_inline)) void load_query(const int NV, const
     for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
 }
 
+/* 16 values j of a V row (bf16, or fp32 when F32) widened to fp32 */
+static inline __attribute__((always_inline)) __m512 v_load(const int F32, const void *v, int j, __mmask16 m) {
+    return F32 ? _mm512_maskz_loadu_ps(m, (const float *)v + 16 * j) : bf16x16_load((const uint16_t *)v + 16 * j, m);
+}
+
 /* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
  * number of 16-lane vectors covering D) is a compile-time constant at every call, so the accumulators stay in
- * registers. */
-static inline __attribute__((always_inline)) void attend_head(const int NV, const uint16_t *qh, int64_t D,
-                                                              const uint16_t *kc, const uint16_t *vc, int64_t row,
+ * registers. F32: q, the caches and out are fp32 (a float32 model's decode), scores by fp32 FMAs. */
+static inline __attribute__((always_inline)) void attend_head(const int F32, const int NV, const void *qh, int64_t D,
+                                                              const void *kc, const void *vc, int64_t row,
                                                               const int64_t *sl, int64_t n, float scale, float *p,
-                                                              uint16_t *out) {
+                                                              void *out) {
     const int NQ = (NV + 1) / 2;
+    const int64_t rb = row * (F32 ? 4 : 2), hb = D * (F32 ? 4 : 2); /* bytes of a cache row, of a head */
     __m512i q[8];
+    __m512 qf[16];
     __mmask32 qm[8];
     __mmask16 vm[16];
-    load_query(NV, qh, D, q, qm, vm);
+    if (F32)
+        for (int j = 0; j < NV; j++) {
+            vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
+            qf[j] = _mm512_maskz_loadu_ps(vm[j], (const float *)qh + 16 * j);
+        }
+    else
+        load_query(NV, qh, D, q, qm, vm);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     /* the rows come through the slot table from anywhere in the cache: their loads stall unless requested early,
      * so each block prefetches the next block's K rows and its own V rows (read by the second pass) */
-    prefetch_rows(kc, sl, row, D, 0, 16, n);
+    prefetch_rows(kc, sl, rb, hb, 0, 16, n);
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
         __m512 acc[16];
         int64_t nb = n - t0 < 16 ? n - t0 : 16;
-        prefetch_rows(kc, sl, row, D, t0 + 16, t0 + 32, n);
-        prefetch_rows(vc, sl, row, D, t0, t0 + nb, n);
+        prefetch_rows(kc, sl, rb, hb, t0 + 16, t0 + 32, n);
+        prefetch_rows(vc, sl, rb, hb, t0, t0 + nb, n);
         for (int i = 0; i < 16; i++) {
             /* past the context's end a block scores its first key again, masked out below: no branch here keeps
              * the 16 sums in registers */
-            const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row;
+            const char *kr = (const char *)kc + sl[t0 + (i < nb ? i : 0)] * rb;
             acc[i] = _mm512_setzero_ps();
-            for (int j = 0; j < NQ; j++) /* q is zero beyond D, so K's lanes there do not count */
-                acc[i] = _mm512_dpbf16_ps(acc[i], AS_BH(q[j]), AS_BH(_mm512_maskz_loadu_epi16(qm[j], kr + 32 * j)));
+            if (F32)
+                for (int j = 0; j < NV; j++)
+                    acc[i] = _mm512_fmadd_ps(qf[j], _mm512_maskz_loadu_ps(vm[j], (const float *)kr + 16 * j), acc[i]);
+            else
+                for (int j = 0; j < NQ; j++) /* q is zero beyond D, so K's lanes there do not count */
+                    acc[i] = _mm512_dpbf16_ps(acc[i], AS_BH(q[j]),
+                                              AS_BH(_mm512_maskz_loadu_epi16(qm[j], (const uint16_t *)kr + 32 * j)));
         }
         __mmask16 m = tail16(nb);
         __m512 s = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
@@ -84,36 +102,41 @@ static inline __attribute__((always_inline)) void attend_head(const int NV, cons
     for (int j = 0; j < NV; j++) oa[j] = ob[j] = _mm512_setzero_ps();
     int64_t t = 0;
     for (; t + 2 <= n; t += 2) {
-        const uint16_t *va = vc + sl[t] * row, *vb = vc + sl[t + 1] * row;
+        const char *va = (const char *)vc + sl[t] * rb, *vb = (const char *)vc + sl[t + 1] * rb;
         __m512 pa = _mm512_set1_ps(p[t]), pb = _mm512_set1_ps(p[t + 1]);
         for (int j = 0; j < NV; j++) {
-            oa[j] = _mm512_fmadd_ps(pa, bf16x16_load(va + 16 * j, vm[j]), oa[j]);
-            ob[j] = _mm512_fmadd_ps(pb, bf16x16_load(vb + 16 * j, vm[j]), ob[j]);
+            oa[j] = _mm512_fmadd_ps(pa, v_load(F32, va, j, vm[j]), oa[j]);
+            ob[j] = _mm512_fmadd_ps(pb, v_load(F32, vb, j, vm[j]), ob[j]);
         }
     }
     if (t < n) {
-        const uint16_t *va = vc + sl[t] * row;
+        const char *va = (const char *)vc + sl[t] * rb;
         __m512 pa = _mm512_set1_ps(p[t]);
-        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, bf16x16_load(va + 16 * j, vm[j]), oa[j]);
+        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, v_load(F32, va, j, vm[j]), oa[j]);
     }
     const float denom = _mm512_reduce_add_ps(vsum);
     const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / denom : 0.0f);
     for (int j = 0; j < NV; j++) {
-        __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_add_ps(oa[j], ob[j]), inv));
-        _mm256_mask_storeu_epi16(out + 16 * j, vm[j], b);
+        __m512 o = _mm512_mul_ps(_mm512_add_ps(oa[j], ob[j]), inv);
+        if (F32)
+            _mm512_mask_storeu_ps((float *)out + 16 * j, vm[j], o);
+        else
+            _mm256_mask_storeu_epi16((uint16_t *)out + 16 * j, vm[j], (__m256i)_mm512_cvtneps_pbh(o));
     }
 }
 
-static void attend_head_any(const uint16_t *qh, int64_t D, const uint16_t *kc, const uint16_t *vc, int64_t row,
-                            const int64_t *sl, int64_t n, float scale, float *p, uint16_t *out) {
+static inline __attribute__((always_inline)) void attend_head_any(const int F32, const void *qh, int64_t D,
+                                                                  const void *kc, const void *vc, int64_t row,
+                                                                  const int64_t *sl, int64_t n, float scale, float *p,
+                                                                  void *out) {
     if (D <= 32) /* two vectors cover the head: no V work on lanes past D (the bundled model's D = 32) */
-        attend_head(2, qh, D, kc, vc, row, sl, n, scale, p, out);
+        attend_head(F32, 2, qh, D, kc, vc, row, sl, n, scale, p, out);
     else if (D <= 64)
-        attend_head(4, qh, D, kc, vc, row, sl, n, scale, p, out);
+        attend_head(F32, 4, qh, D, kc, vc, row, sl, n, scale, p, out);
     else if (D <= 128)
-        attend_head(8, qh, D, kc, vc, row, sl, n, scale, p, out);
+        attend_head(F32, 8, qh, D, kc, vc, row, sl, n, scale, p, out);
     else
-        attend_head(16, qh, D, kc, vc, row, sl, n, scale, p, out);
+        attend_head(F32, 16, qh, D, kc, vc, row, sl, n, scale, p, out);
 }
 
 /* attend_head for two query heads of the same KV head (GQA), which read each K and V row once for both: a tree
@@ -131,12 +154,12 @@ static inline __attribute__((always_inline)) void attend_pair(const int NV, cons
     load_query(NV, qh0, D, q0, qm, vm);
     load_query(NV, qh1, D, q1, qm, vm);
     __m512 vmax = _mm512_set1_ps(-INFINITY);
-    prefetch_rows(kc, sl, row, D, 0, 8, n);
+    prefetch_rows(kc, sl, 2 * row, 2 * D, 0, 8, n);
     for (int64_t t0 = 0; t0 < n; t0 += 8) {
         __m512 acc[16];
         int64_t nb = n - t0 < 8 ? n - t0 : 8;
-        prefetch_rows(kc, sl, row, D, t0 + 8, t0 + 16, n);
-        prefetch_rows(vc, sl, row, D, t0, t0 + nb, n);
+        prefetch_rows(kc, sl, 2 * row, 2 * D, t0 + 8, t0 + 16, n);
+        prefetch_rows(vc, sl, 2 * row, 2 * D, t0, t0 + nb, n);
         for (int i = 0; i < 8; i++) {
             const uint16_t *kr = kc + sl[t0 + (i < nb ? i : 0)] * row; /* as in attend_head */
             acc[i] = acc[8 + i] = _mm512_setzero_ps();
@@ -218,7 +241,7 @@ static void attend_group(const uint16_t *q, int64_t sk, int64_t Hq, int64_t Hkv,
     }
     for (; g < G; g++) {
         const int64_t h = kvh * G + g;
-        attend_head_any(q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
+        attend_head_any(0, q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
                         starts[s + 1] - starts[s], scale, p, out + (s * Hq + h) * D);
     }
 }
@@ -258,3 +281,26 @@ if (work * Hq * D > PAR_MIN_ATTN) {
         free(p);
     }
 }
+
+#ifdef __AVX512F__
+/* decode_attention_bf16's arguments with q, the caches and out fp32 (a float32 model's decode): attend_head on fp32
+ * loads, one query head at a time; returns 1 (it ran). The AVX2 build has its own (cpu_decode_attention_avx2.c). */
+int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
+    int64_t max_ctx = 0, work = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t n = starts[s + 1] - starts[s];
+        max_ctx = n > max_ctx ? n : max_ctx;
+        work += n;
+    }
+    const int64_t G = Hq / Hkv, row = Hkv * D;
+    PAR_FOR(work * Hq * D > PAR_MIN_ATTN, sh, S * Hq, {
+        const int64_t s = sh / Hq, h = sh % Hq, kvh = h / G, n = starts[s + 1] - starts[s];
+        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
+        attend_head_any(1, q + sh * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p,
+                        out + sh * D);
+        free(p);
+    });
+    return 1;
+}
+#endif

@@ -328,12 +328,4 @@ int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv,
     return 1;
 }
 
-#else
-/* the AVX-512 build runs cpu_decode_attention.c's kernel for bf16; fp32 caches take the torch path there */
-int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
-                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
-    (void)q, (void)S, (void)Hq, (void)Hkv, (void)D, (void)kc, (void)vc, (void)slots, (void)starts, (void)scale;
-    (void)out;
-    return 0;
-}
 #endif

@@ -8,6 +8,12 @@
  * results match it), minus about 30 Python-level operations per layer (measured gain: docs/benchmarks.md).
  * Weights may be plain bf16 or any quantized kind, per projection; q/k/v (gate/up) of different kinds run as
  * separate GEMVs into the same buffer.
+ *
+ * decode_layers_f32 is the same decode for a float32 model kept quantized (a GGUF file at its default dtype): fp32
+ * activations, norm weights, rotary tables and caches; GGUF's 32-weight blocks through their fp32 GEMV
+ * (gemv_qb_f32, about 2^-16 of fp32), other quantized kinds on the activations rounded to bf16 and the output
+ * widened back, as QuantLinear runs them; dense MLPs only. The per-op path computes the same in torch ops; its
+ * sums run in another order, so the two agree to fp32 rounding rather than bit for bit.
  */
 #include "quant_cpu.h"
 
@@ -23,14 +29,14 @@ typedef struct { /* a MoE block without shared experts: router and the expert ta
 } moe_t;
 
 typedef struct {
-    const uint16_t *ln1, *ln2; /* bf16 [H] norm weights */
+    const void *ln1, *ln2; /* [H] norm weights: bf16 (fp32 in decode_layers_f32, as every pointer below) */
     proj_t qkv, o, gate_up, down; /* gate_up, down unused when moe is set */
     /* k, v, up set (w != NULL): the projections are of different kinds and run apart (a llama.cpp Q4_K_M keeps
      * attn_v and attn_q in different types): qkv then holds q only, gate_up gate only */
     proj_t k, v, up;
-    uint16_t *k_cache, *v_cache; /* bf16 [num_slots, Hkv, D] */
+    void *k_cache, *v_cache; /* bf16 [num_slots, Hkv, D] */
     int64_t qk_norm; /* 0 none, 1 per head (Qwen3), 2 over the whole projection (OLMoE) */
-    const uint16_t *q_norm, *k_norm;
+    const void *q_norm, *k_norm;
     double clip; /* clamp q, k, v to [-clip, clip] when > 0 (OLMoE clip_qkv) */
     const moe_t *moe; /* NULL: dense MLP */
 } layer_t;
@@ -81,21 +87,154 @@ static void moe_block(const moe_t *M, const uint16_t *h, int64_t S, int64_t H, u
     free(logits);
 }
 
-static void clamp_bf16(uint16_t *v, int64_t n, float c) {
+/* clamp v [n] (bf16, or fp32 when F32) to [-c, c] */
+static inline __attribute__((always_inline)) void clamp_any(const int F32, void *v, int64_t n, float c) {
     for (int64_t i = 0; i < n; i++) {
-        float f = bf16_to_f32(v[i]);
-        if (f > c) v[i] = f32_to_bf16(c);
-        else if (f < -c) v[i] = f32_to_bf16(-c);
+        if (F32) {
+            float *f = (float *)v + i;
+            *f = *f > c ? c : *f < -c ? -c : *f;
+            continue;
+        }
+        uint16_t *b = (uint16_t *)v + i;
+        float f = bf16_to_f32(*b);
+        if (f > c) *b = f32_to_bf16(c);
+        else if (f < -c) *b = f32_to_bf16(-c);
     }
 }
 
-/* y [S, ystride] at column offset: x [S, K] through one projection of n output rows. tmp [S, n] scratch. */
-static void gemv_into(const proj_t *P, const uint16_t *x, int64_t S, int64_t K, int64_t n, uint16_t *y,
-                      int64_t ystride, uint16_t *tmp) {
-    gemv_once((int)P->kind, x, S, K, P->w, P->s, P->z, n, P->group, S == 1 ? y : tmp);
-    if (S > 1)
-        for (int64_t r = 0; r < S; r++) memcpy(y + r * ystride, tmp + r * n, sizeof(uint16_t) * (size_t)n);
+static inline __attribute__((always_inline)) void norm_any(const int F32, const void *x, const void *res,
+                                                           const void *w, int64_t T, int64_t H, float eps, void *out,
+                                                           void *res_out) {
+    if (F32)
+        rms_norm_f32(x, res, w, T, H, eps, out, res_out);
+    else
+        rms_norm_bf16(x, res, w, T, H, eps, out, res_out);
 }
+
+/* y [S, n] = x [S, K] through one projection. fp32 (F32): GGUF's 32-weight blocks through their fp32 GEMV, other
+ * kinds on x rounded to bf16 (xb: scratch of S * K), the bf16 output (yb: S * n) widened, as QuantLinear does */
+static inline __attribute__((always_inline)) void proj_any(const int F32, const proj_t *P, const void *x, int64_t S,
+                                                           int64_t K, int64_t n, void *y, uint16_t *xb,
+                                                           uint16_t *yb) {
+    if (!F32) {
+        gemv_once((int)P->kind, x, S, K, P->w, P->s, P->z, n, P->group, y);
+        return;
+    }
+    if (P->kind >= WK_Q8_0) {
+        gemv_qb_f32(P->kind - WK_Q8_0, x, S, K, P->w, n, NULL, y);
+        return;
+    }
+    for (int64_t i = 0; i < S * K; i += 16) {
+        const __mmask16 m = tail16(S * K - i);
+        _mm256_mask_storeu_epi16(xb + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, (const float *)x + i)));
+    }
+    gemv_once((int)P->kind, xb, S, K, P->w, P->s, P->z, n, P->group, yb);
+    for (int64_t i = 0; i < S * n; i += 16) { /* bf16 -> fp32 is exact: the bits moved up */
+        const __mmask16 m = tail16(S * n - i);
+        _mm512_mask_storeu_ps((float *)y + i, m, bf16x16_load(yb + i, m));
+    }
+}
+
+/* y [S, ystride] at column offset: x [S, K] through one projection of n output rows. tmp [S, n] scratch. es: bytes
+ * of an element */
+static inline __attribute__((always_inline)) void proj_into(const int F32, const proj_t *P, const void *x, int64_t S,
+                                                            int64_t K, int64_t n, void *y, int64_t ystride, void *tmp,
+                                                            uint16_t *xb, uint16_t *yb) {
+    const size_t es = F32 ? 4 : 2;
+    proj_any(F32, P, x, S, K, n, S == 1 ? y : tmp, xb, yb);
+    if (S > 1)
+        for (int64_t r = 0; r < S; r++) memcpy((char *)y + r * ystride * es, (char *)tmp + r * n * es, es * (size_t)n);
+}
+
+/* element i of an array of bf16 (F32 = 0) or fp32 numbers */
+#define AT(F32, p, i) ((void *)((char *)(p) + (i) * ((F32) ? 4 : 2)))
+
+static inline __attribute__((always_inline)) void decode_layers_any(
+    const int F32, const layer_t *layers, int64_t n_layers, int64_t S, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
+    int64_t I, float eps, float scale, const void *cos, const void *sin, const int64_t *slots, const int64_t *starts,
+    void *x, void *residual) {
+    const int64_t qd = Hq * D, kvd = Hkv * D, row = qd + 2 * kvd;
+    const size_t es = F32 ? 4 : 2;
+    const int64_t wide = qd > 2 * I ? qd : 2 * I; /* scratch of the split projections: at most q or gate rows */
+    const int64_t widest = (wide > H ? wide : H) > row ? (wide > H ? wide : H) : row; /* any projection's rows */
+    char *buf = malloc(es * (size_t)(S * (H + row + qd + qd + 2 * I + I)));
+    void *h = buf, *qkv = AT(F32, h, S * H), *q = AT(F32, qkv, S * row), *att = AT(F32, q, S * qd);
+    void *gu = AT(F32, att, S * qd), *act = AT(F32, gu, S * 2 * I);
+    void *tmp = malloc(es * (size_t)(S * (wide > H ? wide : H)));
+    /* fp32 activations through bf16-only kernels: x rounded, y widened (proj_any) */
+    uint16_t *xb = F32 ? malloc(sizeof(uint16_t) * (size_t)(S * (H > I ? (H > qd ? H : qd) : (I > qd ? I : qd))))
+                       : NULL;
+    uint16_t *yb = F32 ? malloc(sizeof(uint16_t) * (size_t)(S * widest)) : NULL;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const layer_t *L = layers + l;
+        if (l == 0) { /* no residual yet: norm(x), and x becomes the residual */
+            norm_any(F32, x, NULL, L->ln1, S, H, eps, h, NULL);
+            memcpy(residual, x, es * (size_t)(S * H));
+        } else {
+            norm_any(F32, x, residual, L->ln1, S, H, eps, h, residual);
+        }
+        if (L->k.w) {
+            proj_into(F32, &L->qkv, h, S, H, qd, qkv, row, tmp, xb, yb);
+            proj_into(F32, &L->k, h, S, H, kvd, AT(F32, qkv, qd), row, tmp, xb, yb);
+            proj_into(F32, &L->v, h, S, H, kvd, AT(F32, qkv, qd + kvd), row, tmp, xb, yb);
+        } else {
+            proj_any(F32, &L->qkv, h, S, H, row, qkv, xb, yb);
+        }
+        for (int64_t s = 0; s < S; s++) {
+            void *r = AT(F32, qkv, s * row);
+            if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
+                norm_any(F32, r, NULL, L->q_norm, 1, qd, eps, r, NULL);
+                norm_any(F32, AT(F32, r, qd), NULL, L->k_norm, 1, kvd, eps, AT(F32, r, qd), NULL);
+            }
+            if (L->clip > 0) clamp_any(F32, r, row, (float)L->clip);
+            if (L->qk_norm == 1) {
+                norm_any(F32, r, NULL, L->q_norm, Hq, D, eps, r, NULL);
+                norm_any(F32, AT(F32, r, qd), NULL, L->k_norm, Hkv, D, eps, AT(F32, r, qd), NULL);
+            }
+            const int64_t slot = slots[starts[s + 1] - 1];
+            if (F32) {
+                rope_f32(r, 1, Hq, D, 0, (const float *)cos + s * D, (const float *)sin + s * D,
+                         (float *)q + s * qd);
+                rope_f32(AT(F32, r, qd), 1, Hkv, D, 0, (const float *)cos + s * D, (const float *)sin + s * D,
+                         (float *)L->k_cache + slot * kvd);
+            } else {
+                rope_bf16(r, 1, Hq, D, 0, (const uint16_t *)cos + s * D, (const uint16_t *)sin + s * D,
+                          (uint16_t *)q + s * qd);
+                rope_bf16(AT(F32, r, qd), 1, Hkv, D, 0, (const uint16_t *)cos + s * D, (const uint16_t *)sin + s * D,
+                          (uint16_t *)L->k_cache + slot * kvd);
+            }
+            memcpy(AT(F32, L->v_cache, slot * kvd), AT(F32, r, qd + kvd), es * (size_t)kvd);
+        }
+        if (F32)
+            decode_attention_f32(q, S, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
+        else
+            decode_attention_bf16(q, S, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
+        proj_any(F32, &L->o, att, S, qd, H, x, xb, yb);
+        norm_any(F32, x, residual, L->ln2, S, H, eps, h, residual);
+        if (L->moe) { /* bf16 only: the Python side builds no fp32 decoder for MoE layers */
+            moe_block(L->moe, h, S, H, x);
+            continue;
+        }
+        if (L->up.w) {
+            proj_into(F32, &L->gate_up, h, S, H, I, gu, 2 * I, tmp, xb, yb);
+            proj_into(F32, &L->up, h, S, H, I, AT(F32, gu, I), 2 * I, tmp, xb, yb);
+        } else {
+            proj_any(F32, &L->gate_up, h, S, H, 2 * I, gu, xb, yb);
+        }
+        for (int64_t s = 0; s < S; s++) {
+            if (F32)
+                silu_mul_f32((const float *)gu + s * 2 * I, I, (float *)act + s * I);
+            else
+                silu_mul_bf16((const uint16_t *)gu + s * 2 * I, I, (uint16_t *)act + s * I);
+        }
+        proj_any(F32, &L->down, act, S, I, H, x, xb, yb);
+    }
+    free(yb);
+    free(xb);
+    free(tmp);
+    free(buf);
+}
+#undef AT
 
 /* S sequences decoding one token each.
  * x [S, H]: the embedded tokens in, the last layer's MLP output out; residual [S, H] out (the stream before
@@ -104,62 +243,15 @@ static void gemv_into(const proj_t *P, const uint16_t *x, int64_t S, int64_t K, 
 void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H, int64_t Hq, int64_t Hkv,
                    int64_t D, int64_t I, float eps, float scale, const uint16_t *cos, const uint16_t *sin,
                    const int64_t *slots, const int64_t *starts, uint16_t *x, uint16_t *residual) {
-    const int64_t qd = Hq * D, kvd = Hkv * D, row = qd + 2 * kvd;
-    uint16_t *buf = malloc(sizeof(uint16_t) * (size_t)(S * (H + row + qd + qd + 2 * I + I)));
-    uint16_t *h = buf, *qkv = h + S * H, *q = qkv + S * row, *att = q + S * qd, *gu = att + S * qd;
-    uint16_t *act = gu + S * 2 * I;
-    const int64_t wide = qd > 2 * I ? qd : 2 * I; /* scratch of the split projections: at most q or gate rows */
-    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(S * (wide > H ? wide : H)));
-    for (int64_t l = 0; l < n_layers; l++) {
-        const layer_t *L = layers + l;
-        if (l == 0) { /* no residual yet: norm(x), and x becomes the residual */
-            rms_norm_bf16(x, NULL, L->ln1, S, H, eps, h, NULL);
-            memcpy(residual, x, sizeof(uint16_t) * (size_t)(S * H));
-        } else {
-            rms_norm_bf16(x, residual, L->ln1, S, H, eps, h, residual);
-        }
-        if (L->k.w) {
-            gemv_into(&L->qkv, h, S, H, qd, qkv, row, tmp);
-            gemv_into(&L->k, h, S, H, kvd, qkv + qd, row, tmp);
-            gemv_into(&L->v, h, S, H, kvd, qkv + qd + kvd, row, tmp);
-        } else {
-            gemv_once((int)L->qkv.kind, h, S, H, L->qkv.w, L->qkv.s, L->qkv.z, row, L->qkv.group, qkv);
-        }
-        for (int64_t s = 0; s < S; s++) {
-            uint16_t *r = qkv + s * row;
-            if (L->qk_norm == 2) { /* in place: the kernel reads each element before writing it */
-                rms_norm_bf16(r, NULL, L->q_norm, 1, qd, eps, r, NULL);
-                rms_norm_bf16(r + qd, NULL, L->k_norm, 1, kvd, eps, r + qd, NULL);
-            }
-            if (L->clip > 0) clamp_bf16(r, row, (float)L->clip);
-            if (L->qk_norm == 1) {
-                rms_norm_bf16(r, NULL, L->q_norm, Hq, D, eps, r, NULL);
-                rms_norm_bf16(r + qd, NULL, L->k_norm, Hkv, D, eps, r + qd, NULL);
-            }
-            const int64_t slot = slots[starts[s + 1] - 1];
-            rope_bf16(r, 1, Hq, D, 0, cos + s * D, sin + s * D, q + s * qd);
-            rope_bf16(r + qd, 1, Hkv, D, 0, cos + s * D, sin + s * D, L->k_cache + slot * kvd);
-            memcpy(L->v_cache + slot * kvd, r + qd + kvd, sizeof(uint16_t) * (size_t)kvd);
-        }
-        decode_attention_bf16(q, S, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
-        gemv_once((int)L->o.kind, att, S, qd, L->o.w, L->o.s, L->o.z, H, L->o.group, x);
-        rms_norm_bf16(x, residual, L->ln2, S, H, eps, h, residual);
-        if (L->moe) {
-            moe_block(L->moe, h, S, H, x);
-            continue;
-        }
-        if (L->up.w) {
-            gemv_into(&L->gate_up, h, S, H, I, gu, 2 * I, tmp);
-            gemv_into(&L->up, h, S, H, I, gu + I, 2 * I, tmp);
-        } else {
-            gemv_once((int)L->gate_up.kind, h, S, H, L->gate_up.w, L->gate_up.s, L->gate_up.z, 2 * I,
-                      L->gate_up.group, gu);
-        }
-        for (int64_t s = 0; s < S; s++) silu_mul_bf16(gu + s * 2 * I, I, act + s * I);
-        gemv_once((int)L->down.kind, act, S, I, L->down.w, L->down.s, L->down.z, H, L->down.group, x);
-    }
-    free(tmp);
-    free(buf);
+    decode_layers_any(0, layers, n_layers, S, H, Hq, Hkv, D, I, eps, scale, cos, sin, slots, starts, x, residual);
+}
+
+/* decode_layers for a float32 model (see the top of the file): x, residual, cos, sin and the layers' norm weights
+ * and caches fp32; no MoE layers */
+void decode_layers_f32(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H, int64_t Hq, int64_t Hkv,
+                       int64_t D, int64_t I, float eps, float scale, const float *cos, const float *sin,
+                       const int64_t *slots, const int64_t *starts, float *x, float *residual) {
+    decode_layers_any(1, layers, n_layers, S, H, Hq, Hkv, D, I, eps, scale, cos, sin, slots, starts, x, residual);
 }
 
 /* The step's tail after decode_layers, as CausalLM runs it in torch ops: the final residual add + RMSNorm

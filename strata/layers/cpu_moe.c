@@ -71,6 +71,16 @@ void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
     }
 }
 
+/* silu_mul_bf16 in fp32: act [I] = silu(gate) * up (a float32 model's MLP) */
+void silu_mul_f32(const float *gu, int64_t I, float *act) {
+    for (int64_t i = 0; i < I; i += 16) {
+        __mmask16 m = tail16(I - i);
+        __m512 g = _mm512_maskz_loadu_ps(m, gu + i), u = _mm512_maskz_loadu_ps(m, gu + I + i);
+        __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        _mm512_mask_storeu_ps(act + i, m, _mm512_mul_ps(_mm512_div_ps(g, den), u));
+    }
+}
+
 /* Counts since the last moe_take_counts: calls, token-expert assignments, expert runs (one per distinct expert
  * per call: the weight streams of the grouped path; the one-token-at-a-time path streamed one per assignment). */
 static int64_t moe_counts[3];

@@ -291,5 +291,15 @@ void rope_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t D, int64_t strid
 void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                            const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
                            uint16_t *out);
+/* the same for a float32 model's activations (fp32 in and out) */
+void silu_mul_f32(const float *gu, int64_t I, float *act);
+void rms_norm_f32(const float *x, const float *res, const float *w, int64_t T, int64_t H, float eps, float *out,
+                  float *res_out);
+void rope_f32(const float *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const float *cos, const float *sin,
+              float *out);
+int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out);
+void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                 float *y);
 
 #endif

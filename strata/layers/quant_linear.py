@@ -69,6 +69,10 @@ AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8, K a multiple of 16 (quant_cpu_gemv16_avx2
 # 1.0-1.8x at 24 and 0.7-1.5x at 32
 AVX2_F32_GEMV_MAX_ROWS_1_THREAD = 8
 AVX2_F32_GEMV_MAX_ROWS = 24
+# the same on AVX-512 (quant_cpu_q32.c, x split into two bf16 halves): against the tiles at 16 rows, SmolLM2's
+# [1536, 576] Q4_1 0.93-1.04x, [576, 1536] 1.3-1.4x and its [49152, 576] Q8_0 LM head 2.8x (the tiles dequantize
+# 113 MB of float32 a call); at 32 rows and more the tiles win (0.6-0.9x). Also native_decode.MAX_ROWS_F32.
+F32_GEMV_MAX_ROWS = 16
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
@@ -290,8 +294,10 @@ class QuantLinear(nn.Module):
 
     def _f32_gemv_max_rows(self) -> int:
         """Rows of float32 input that _float32 gives the native GEMV (more: the float32 tiles)."""
-        if quant_native.isa() != "avx2" or self.gemv_max_rows < GEMV_MAX_ROWS:  # a path forced (tests): as set
+        if self.gemv_max_rows < GEMV_MAX_ROWS:  # a path forced (tests): as set
             return self.gemv_max_rows
+        if quant_native.isa() != "avx2":
+            return max(self.gemv_max_rows, F32_GEMV_MAX_ROWS)
         one = torch.get_num_threads() == 1
         return max(self.gemv_max_rows, AVX2_F32_GEMV_MAX_ROWS_1_THREAD if one else AVX2_F32_GEMV_MAX_ROWS)
 

@@ -105,6 +105,7 @@ _SIGNATURES = {
     "decode_slots": [_P, _P, _I, _I, _P, _P, _P, _P],
     "decode_logits_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _I, _P, _P],
     "decode_layers": [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, _P],
+    "decode_layers_f32": [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, _P],
 }
 
 

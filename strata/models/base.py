@@ -202,7 +202,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         native = (self._native_decoder(kv_caches)
                   if self.use_native_decoder and native_decode.usable(x, meta, kv_caches) else None)
-        if native is not None and native.accepts(x.shape[0], meta):  # all layers in one native call
+        if native is not None and native.dtype == x.dtype and native.accepts(x.shape[0], meta):  # one native call
             # before_native runs inside it, right before the GIL-free native code
             x, residual = native(x, cos, sin, native_decode.per_row(meta), before_native)
             if logits_indices is None and not return_hidden:

@@ -5,7 +5,7 @@ sequence), speculative verifications (1 + k rows of one sequence) and, in MoE mo
 turns every row into a sequence of its own whose context ends at that row's position; the C code writes all
 rows' K/V before it attends, so row j sees the rows before it and not after, as a causal forward would. Row
 limits (`accepts`): dense models up to 8 rows when every projection is bf16 (one pass of gemv_bf16, or the GEMM
-for weights over 1 MiB), else 4 (the quantized GEMVs: once per 4), decode and
+for weights over 1 MiB), else 4 (the quantized GEMVs: once per 4), float32 ones up to MAX_ROWS_F32, decode and
 verification only; models with MoE layers up to NATIVE_MAX_TOKENS rows (more in small ones, PROMPT_WORK),
 prompts included, whose experts run grouped by expert (each weight read from memory once per step). Every
 layer must qualify: no biases or sliding
@@ -13,7 +13,10 @@ window; q/k norms per head (Qwen3) or over the projection (OLMoE) and clip_qkv a
 fused gate/up, or a MoE block without shared experts whose resident experts have a native plan
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
 native kernels); bf16 norms and caches. Each decode step runs the same kernels as the per-op path, so outputs
-match it; what goes away is the Python work between kernels. A prompt's rows attend one by one from the cache
+match it; what goes away is the Python work between kernels. A float32 model kept quantized (a GGUF file at its
+default dtype) runs decode_layers_f32 instead: every projection quantized, float32 norms and caches, dense MLPs;
+its norms, rotary and attention are native float32 code where the per-op path runs torch's, so the two agree to
+float32 rounding rather than bit for bit. A prompt's rows attend one by one from the cache
 (the decode attention) where the per-op path calls SDPA: the same sums in another order. Anything else keeps the
 per-op path.
 """
@@ -37,6 +40,9 @@ from strata.layers.norm import RMSNorm
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
 MAX_ROWS_BF16 = 8  # bf16 projections (gemv_once, as linear.py): gemv_bf16 for weights <= 1 MiB, else the GEMM
+# float32 models: GGUF's blocks through their float32 GEMV, as QuantLinear up to its F32_GEMV_MAX_ROWS (the float32
+# tiles beyond)
+MAX_ROWS_F32 = 16
 # MoE models take steps of more than NATIVE_MAX_TOKENS rows (prompts) while rows x multiply-adds per token stay
 # under this: the per-op path's Python and torch calls per layer, and SDPA with few small heads, then cost more than
 # oneDNN's faster GEMMs save. The bundled model (about 2M multiply-adds a token) ran prompts of 100-400 tokens
@@ -95,12 +101,13 @@ def _macs_per_token(cfg, moes: list[_Moe], num_layers: int) -> int:
     return max(num_layers * attention + experts + dense, 1)
 
 
-def _norm_ok(n: nn.Module) -> bool:
-    return type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
+def _norm_ok(n: nn.Module, dtype: torch.dtype) -> bool:
+    return type(n) is RMSNorm and n.weight.dtype == dtype and n.weight.is_contiguous()
 
 
 class NativeDecoder:
-    def __init__(self, model: nn.Module, layers, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], moes: list):
+    def __init__(self, model: nn.Module, layers, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], moes: list,
+                 dtype: torch.dtype = torch.bfloat16):
         self.model = model  # model keeps every weight behind the pointers alive
         # the caches are the caller's: weak references say whether these very tensors are still the ones in use
         # (a new cache allocated at a freed one's address must not reuse pointers into the other freed caches)
@@ -108,7 +115,8 @@ class NativeDecoder:
         self.moes = moes  # (block, _Moe): keeps the structs alive; blocks are checked for hooks on every call
         bf16 = all(p.kind == WEIGHT_KINDS["bf16"] for la in layers
                    for p in (la.qkv, la.o, la.gate_up, la.down, la.k, la.v, la.up) if p.w)
-        self.max_rows = MAX_ROWS_BF16 if bf16 else MAX_ROWS
+        self.dtype = dtype  # of the activations, norms and caches: bf16 (decode_layers) or float32 (decode_layers_f32)
+        self.max_rows = MAX_ROWS_F32 if dtype == torch.float32 else MAX_ROWS_BF16 if bf16 else MAX_ROWS
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
         self.max_moe_rows = max(NATIVE_MAX_TOKENS, PROMPT_WORK // _macs_per_token(cfg, [m for _, m in moes],
@@ -130,15 +138,20 @@ class NativeDecoder:
         eps |= {dl.post_attention_layernorm.variance_epsilon for dl in model.model.layers}
         if len(eps) != 1 or cfg.head_dim > 256:
             return None
+        dtype = kv_caches[0][0].dtype if kv_caches else None
+        if dtype not in (torch.bfloat16, torch.float32):
+            return None
         moes = []
         for dl, (kc, vc) in zip(model.model.layers, kv_caches):
             attn, mlp = dl.self_attn, getattr(dl, dl.mlp_name)
-            if attn.sliding_window is not None or not (_norm_ok(dl.input_layernorm) and _norm_ok(dl.post_attention_layernorm)):
+            if attn.sliding_window is not None or not (_norm_ok(dl.input_layernorm, dtype)
+                                                       and _norm_ok(dl.post_attention_layernorm, dtype)):
                 return None
-            if not (kc.dtype == vc.dtype == torch.bfloat16 and kc.is_contiguous() and vc.is_contiguous()):
+            if not (kc.dtype == vc.dtype == dtype and kc.is_contiguous() and vc.is_contiguous()):
                 return None
             qk = {None: 0, "head": 1, "full": 2}[attn.qk_norm]
-            if qk and not (_norm_ok(attn.q_norm) and _norm_ok(attn.k_norm) and attn.q_norm.variance_epsilon in eps):
+            if qk and not (_norm_ok(attn.q_norm, dtype) and _norm_ok(attn.k_norm, dtype)
+                           and attn.q_norm.variance_epsilon in eps):
                 return None
             # one fused q/k/v GEMV, or three where their kinds differ (llama.cpp's Q4_K_M: attn_v in another type)
             qkv, kv = _fused_or_split(attn.qkv_fused, [attn.q_proj, attn.k_proj, attn.v_proj])
@@ -146,7 +159,7 @@ class NativeDecoder:
             up = [_Proj()]
             moe = None
             if type(mlp) is SparseMoeBlock:
-                moe = _moe(mlp)
+                moe = _moe(mlp) if dtype == torch.bfloat16 else None  # the float32 decoder is dense only
                 if moe is None:
                     return None
                 moes.append((mlp, moe))
@@ -158,12 +171,14 @@ class NativeDecoder:
                 return None
             if any(p is None for p in [*projs, *kv, *up]):
                 return None
+            if dtype == torch.float32 and any(p.w and p.kind == WEIGHT_KINDS["bf16"] for p in [*projs, *kv, *up]):
+                return None  # float32 activations: quantized weights only
             layers.append(_Layer(dl.input_layernorm.weight.data_ptr(), dl.post_attention_layernorm.weight.data_ptr(),
                                  *projs, *kv, *up, kc.data_ptr(), vc.data_ptr(), qk,
                                  attn.q_norm.weight.data_ptr() if qk else None,
                                  attn.k_norm.weight.data_ptr() if qk else None,
                                  float(attn.clip_qkv or 0.0), ctypes.pointer(moe) if moe is not None else None))
-        return cls(model, layers, kv_caches, moes)
+        return cls(model, layers, kv_caches, moes, dtype)
 
     def serves(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Whether its cache pointers are exactly these (live) cache tensors."""
@@ -195,7 +210,7 @@ class NativeDecoder:
             plain = (type(norm) is RMSNorm and type(head) is Linear and head.bias is None
                      and norm.weight.dtype == head.weight.dtype == torch.bfloat16)
             tail = self._tail = (norm, head) if plain else False
-        if not tail or not native_rows(x.shape[0], *tail[1].weight.shape):
+        if not tail or x.dtype != torch.bfloat16 or not native_rows(x.shape[0], *tail[1].weight.shape):
             return None
         norm, head = tail
         w, hw = norm.weight.contiguous(), head.weight.contiguous()  # held: the pointers must outlive the call
@@ -208,7 +223,7 @@ class NativeDecoder:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                  before_native: Callable[[], None] | None = None):
-        """x [S, H] embedded tokens (bf16), one per row -> (last layer's MLP output [S, H], residual [S, H]).
+        """x [S, H] embedded tokens (self.dtype), one per row -> (last layer's MLP output [S, H], residual [S, H]).
         meta: one row per sequence (see per_row). before_native: called right before the native call, once no
         torch op is left before it (torch ops release the GIL: another thread woken earlier would take it
         there, and this thread would wait for it instead of running the native code beside it)."""
@@ -219,7 +234,7 @@ class NativeDecoder:
         h, hq, hkv, d, inter = self.dims
         args = (self.layers, len(self.layers), x.shape[0], h, hq, hkv, d, inter, self.eps, self.scale,
                 cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), offsets.data_ptr(), x.data_ptr(), residual.data_ptr())
-        decode_layers = bf16_lib().decode_layers
+        decode_layers = bf16_lib().decode_layers_f32 if self.dtype == torch.float32 else bf16_lib().decode_layers
         if before_native is not None:
             before_native()
         decode_layers(*args)
@@ -228,8 +243,8 @@ class NativeDecoder:
 
 def usable(x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
     """Does this forward qualify for the one-call decode (before asking whether the model does, `accepts`)? A
-    bf16 forward over the paged KV cache."""
-    return (kv_caches is not None and x.dtype == torch.bfloat16 and x.shape[0] >= 1
+    bf16 or float32 forward over the paged KV cache."""
+    return (kv_caches is not None and x.dtype in (torch.bfloat16, torch.float32) and x.shape[0] >= 1
             and meta.slot_mapping is not None and meta.context_slots is not None)
 
 

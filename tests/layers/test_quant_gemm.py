@@ -130,8 +130,8 @@ def test_float32_rows_are_the_exact_weights(fmt, inp):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_float32_input_rows_to_gemv_then_tiles(threads, monkeypatch):
-    """float32 input to GGUF blocks: the native float32 GEMV up to _f32_gemv_max_rows rows (on AVX2 more with
-    several threads than with one), the exact float32 tiles beyond; both within float32 rounding of the float64
+    """float32 input to GGUF blocks: the native float32 GEMV up to _f32_gemv_max_rows rows (F32_GEMV_MAX_ROWS; on
+    AVX2 more with several threads than with one), the exact float32 tiles beyond; both within float32 rounding of the float64
     product of the exact weight, and of each other."""
     q = _layer("q4_1", 37, 576)
     w = dequantize_weight(q._tensors(), q.fmt, q.out_features, q.in_features, dtype=torch.float64)
@@ -148,7 +148,7 @@ def test_float32_input_rows_to_gemv_then_tiles(threads, monkeypatch):
             assert limit == (quant_linear.AVX2_F32_GEMV_MAX_ROWS_1_THREAD if threads == 1
                              else quant_linear.AVX2_F32_GEMV_MAX_ROWS)
         else:
-            assert limit == q.gemv_max_rows
+            assert limit == quant_linear.F32_GEMV_MAX_ROWS
         torch.manual_seed(3)
         x = torch.randn(limit + 1, 576)
         ys = {}

@@ -14,16 +14,21 @@ needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels una
 PROMPTS = [[5, 17, 99, 3, 42, 8], [7, 7, 120, 64]]
 
 
-def _greedy(path, monkeypatch, native: bool, max_num_seqs: int = 1, prompts=PROMPTS):
+def _greedy(path, monkeypatch, native: bool, max_num_seqs: int = 1, prompts=PROMPTS, dtype: str = "bfloat16",
+            logprobs: bool = False):
     calls = []
     if native:
         real = native_decode.NativeDecoder.__call__
         monkeypatch.setattr(native_decode.NativeDecoder, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     else:
         monkeypatch.setattr(native_decode.NativeDecoder, "build", classmethod(lambda cls, *a: None))
-    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=max_num_seqs, progress=False, num_threads=1)
-    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    llm = LLM(str(path), dtype=dtype, max_num_seqs=max_num_seqs, progress=False, num_threads=1)
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               logprobs=1 if logprobs else None))
     monkeypatch.undo()
+    if logprobs:  # each token's own logprob
+        return ([o.outputs[0].token_ids for o in out], len(calls),
+                torch.tensor([[e["logprob"] for e in o.outputs[0].logprobs] for o in out]))
     return [o.outputs[0].token_ids for o in out], len(calls)
 
 
@@ -237,3 +242,24 @@ def test_prompt_through_one_call_as_close_to_transformers_as_the_per_op_path(tmp
 
     native, per_op = error(True), error(False)
     assert native <= 1.5 * per_op + 0.02, (native, per_op)
+
+
+@needs_native
+@pytest.mark.parametrize("family,qtype", [("llama", "Q4_1"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen3", "Q5_0")])
+def test_float32_gguf_decodes_in_one_call(family, qtype, tmp_path, monkeypatch):
+    """A GGUF file at its default float32 (decode_layers_f32): GGUF's blocks through their float32 GEMV, Q4_0
+    (int4-g32) on activations rounded to bf16, Qwen3's per-head q/k norms; one and four sequences give the per-op
+    path's greedy tokens, their logprobs within float32 rounding (norms, rotary and attention sum in another order)."""
+    from tests.weights.conftest import build
+    from tests.weights.gguf_writer import write_gguf
+
+    build(family, tmp_path / "hf")
+    path = write_gguf(tmp_path / "hf", tmp_path / "m.gguf", qtype=qtype)
+    for seqs, prompts in ((1, PROMPTS), (4, [*PROMPTS, [9, 10, 11]])):
+        native, calls, lp = _greedy(path, monkeypatch, native=True, max_num_seqs=seqs, prompts=prompts,
+                                    dtype="float32", logprobs=True)
+        assert calls > 0
+        reference, _, lp_ref = _greedy(path, monkeypatch, native=False, max_num_seqs=seqs, prompts=prompts,
+                                       dtype="float32", logprobs=True)
+        assert native == reference
+        assert (lp - lp_ref).abs().max() < 1e-4
