@@ -12,7 +12,7 @@
  * decode_layers_f32 is the same decode for a float32 model kept quantized (a GGUF file at its default dtype): fp32
  * activations, norm weights, rotary tables and caches; GGUF's 32-weight blocks through their fp32 GEMV
  * (gemv_qb_f32, about 2^-16 of fp32), other quantized kinds on the activations rounded to bf16 and the output
- * widened back, as QuantLinear runs them; dense MLPs only. The per-op path computes the same in torch ops; its
+ * widened back, as QuantLinear runs them; MoE blocks with an fp32 router and moe_decode_batch_f32. The per-op path computes the same in torch ops; its
  * sums run in another order, so the two agree to fp32 rounding rather than bit for bit.
  */
 #include "quant_cpu.h"
@@ -23,7 +23,7 @@ typedef struct { /* one projection: kind WK_*, group size, and its tensors (s, z
 } proj_t;
 
 typedef struct { /* a MoE block without shared experts: router and the expert tables of moe_decode */
-    const uint16_t *router; /* bf16 [E, H] */
+    const void *router; /* [E, H]: bf16 (fp32 in decode_layers_f32) */
     int64_t num_experts, top_k, norm_topk, cast_weights, kind, group, inter;
     const void *const *wgu, *const *sgu, *const *zgu, *const *wd, *const *sd, *const *zd;
 } moe_t;
@@ -46,23 +46,44 @@ void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int
                       const void *const *sgu, const void *const *zgu, const void *const *wd, const void *const *sd,
                       const void *const *zd, uint16_t *out);
 
+void moe_decode_batch_f32(int64_t kind, const float *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E,
+                          int64_t k, const int64_t *ids, const float *weights, const void *const *wgu,
+                          const void *const *sgu, const void *const *zgu, const void *const *wd,
+                          const void *const *sd, const void *const *zd, float *out);
+
 /* the torch path of SparseMoeBlock for S tokens h [S, H]: per token softmax in fp32, top-k (ties to the lower
- * id), optional renormalisation, optional cast of the weights to bf16; then the experts for all tokens at once,
- * grouped by expert (moe_decode_batch). The router runs token by token so that each token's routing is the
- * one it gets alone. */
-static void moe_block(const moe_t *M, const uint16_t *h, int64_t S, int64_t H, uint16_t *out) {
+ * id), optional renormalisation, optional cast of the weights to bf16 (a float32 model's cast is to fp32: none);
+ * then the experts for all tokens at once, grouped by expert (moe_decode_batch, or _f32 when F32: h, out and the
+ * router fp32). The router runs token by token so that each token's routing is the one it gets alone. */
+static inline __attribute__((always_inline)) void moe_block(const int F32, const moe_t *M, const void *h, int64_t S,
+                                                            int64_t H, void *out) {
     const int64_t E = M->num_experts, k = M->top_k;
-    uint16_t *logits = malloc(sizeof(uint16_t) * (size_t)E);
+    float *logits = malloc(sizeof(float) * (size_t)E);
     float *p = malloc(sizeof(float) * (size_t)(E + S * k));
     float *w = p + E;
     int64_t *ids = malloc(sizeof(int64_t) * (size_t)(S * k));
+    uint16_t *lb = F32 ? NULL : malloc(sizeof(uint16_t) * (size_t)E);
     for (int64_t t = 0; t < S; t++) {
         float *wt = w + t * k;
         int64_t *it = ids + t * k;
-        gemv_bf16(h + t * H, 1, H, M->router, E, NULL, logits, 0);
+        if (F32) { /* fp32 router [E, H]: one dot product per expert */
+            const float *ht = (const float *)h + t * H;
+            for (int64_t e = 0; e < E; e++) {
+                const float *re = (const float *)M->router + e * H;
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t i = 0; i < H; i += 16) {
+                    const __mmask16 m = tail16(H - i);
+                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, ht + i), _mm512_maskz_loadu_ps(m, re + i), acc);
+                }
+                logits[e] = _mm512_reduce_add_ps(acc);
+            }
+        } else {
+            gemv_bf16((const uint16_t *)h + t * H, 1, H, M->router, E, NULL, lb, 0);
+            for (int64_t e = 0; e < E; e++) logits[e] = bf16_to_f32(lb[e]);
+        }
         float mx = -INFINITY, sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, bf16_to_f32(logits[e]));
-        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(bf16_to_f32(logits[e]) - mx));
+        for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, logits[e]);
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(logits[e] - mx));
         for (int64_t e = 0; e < E; e++) p[e] /= sum;
         float wsum = 0.0f;
         for (int64_t j = 0; j < k; j++) {
@@ -77,11 +98,16 @@ static void moe_block(const moe_t *M, const uint16_t *h, int64_t S, int64_t H, u
         }
         for (int64_t j = 0; j < k; j++) {
             if (M->norm_topk) wt[j] /= wsum;
-            if (M->cast_weights) wt[j] = bf16_to_f32(f32_to_bf16(wt[j]));
+            if (M->cast_weights && !F32) wt[j] = bf16_to_f32(f32_to_bf16(wt[j]));
         }
     }
-    moe_decode_batch(M->kind, h, S, H, M->inter, M->group, E, k, ids, w, M->wgu, M->sgu, M->zgu, M->wd, M->sd,
-                     M->zd, out);
+    if (F32)
+        moe_decode_batch_f32(M->kind, h, S, H, M->inter, M->group, E, k, ids, w, M->wgu, M->sgu, M->zgu, M->wd,
+                             M->sd, M->zd, out);
+    else
+        moe_decode_batch(M->kind, h, S, H, M->inter, M->group, E, k, ids, w, M->wgu, M->sgu, M->zgu, M->wd, M->sd,
+                         M->zd, out);
+    free(lb);
     free(ids);
     free(p);
     free(logits);
@@ -111,28 +137,14 @@ static inline __attribute__((always_inline)) void norm_any(const int F32, const 
         rms_norm_bf16(x, res, w, T, H, eps, out, res_out);
 }
 
-/* y [S, n] = x [S, K] through one projection. fp32 (F32): GGUF's 32-weight blocks through their fp32 GEMV, other
- * kinds on x rounded to bf16 (xb: scratch of S * K), the bf16 output (yb: S * n) widened, as QuantLinear does */
+/* y [S, n] = x [S, K] through one projection: gemv_once, or for fp32 (F32) gemv_once_f32 (xb, yb its scratch) */
 static inline __attribute__((always_inline)) void proj_any(const int F32, const proj_t *P, const void *x, int64_t S,
                                                            int64_t K, int64_t n, void *y, uint16_t *xb,
                                                            uint16_t *yb) {
-    if (!F32) {
+    if (F32)
+        gemv_once_f32((int)P->kind, x, S, K, P->w, P->s, P->z, n, P->group, y, xb, yb);
+    else
         gemv_once((int)P->kind, x, S, K, P->w, P->s, P->z, n, P->group, y);
-        return;
-    }
-    if (P->kind >= WK_Q8_0) {
-        gemv_qb_f32(P->kind - WK_Q8_0, x, S, K, P->w, n, NULL, y);
-        return;
-    }
-    for (int64_t i = 0; i < S * K; i += 16) {
-        const __mmask16 m = tail16(S * K - i);
-        _mm256_mask_storeu_epi16(xb + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, (const float *)x + i)));
-    }
-    gemv_once((int)P->kind, xb, S, K, P->w, P->s, P->z, n, P->group, yb);
-    for (int64_t i = 0; i < S * n; i += 16) { /* bf16 -> fp32 is exact: the bits moved up */
-        const __mmask16 m = tail16(S * n - i);
-        _mm512_mask_storeu_ps((float *)y + i, m, bf16x16_load(yb + i, m));
-    }
 }
 
 /* y [S, ystride] at column offset: x [S, K] through one projection of n output rows. tmp [S, n] scratch. es: bytes
@@ -211,8 +223,8 @@ static inline __attribute__((always_inline)) void decode_layers_any(
             decode_attention_bf16(q, S, Hq, Hkv, D, L->k_cache, L->v_cache, slots, starts, scale, att);
         proj_any(F32, &L->o, att, S, qd, H, x, xb, yb);
         norm_any(F32, x, residual, L->ln2, S, H, eps, h, residual);
-        if (L->moe) { /* bf16 only: the Python side builds no fp32 decoder for MoE layers */
-            moe_block(L->moe, h, S, H, x);
+        if (L->moe) {
+            moe_block(F32, L->moe, h, S, H, x);
             continue;
         }
         if (L->up.w) {
@@ -246,8 +258,8 @@ void decode_layers(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H
     decode_layers_any(0, layers, n_layers, S, H, Hq, Hkv, D, I, eps, scale, cos, sin, slots, starts, x, residual);
 }
 
-/* decode_layers for a float32 model (see the top of the file): x, residual, cos, sin and the layers' norm weights
- * and caches fp32; no MoE layers */
+/* decode_layers for a float32 model (see the top of the file): x, residual, cos, sin and the layers' norm weights,
+ * caches and routers fp32 */
 void decode_layers_f32(const layer_t *layers, int64_t n_layers, int64_t S, int64_t H, int64_t Hq, int64_t Hkv,
                        int64_t D, int64_t I, float eps, float scale, const float *cos, const float *sin,
                        const int64_t *slots, const int64_t *starts, float *x, float *residual) {

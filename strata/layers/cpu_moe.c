@@ -60,6 +60,26 @@ void gemv_once(int kind, const uint16_t *x, int64_t M, int64_t K, const void *w,
         gemm_dq(kind, x, M, K, w, s, z, N, G, NULL, y);
 }
 
+/* gemv_once for fp32 x [M, K] and y [M, N] (a float32 model's quantized projection, as QuantLinear runs it): GGUF's
+ * 32-weight blocks through their fp32 GEMV (gemv_qb_f32), other kinds on x rounded to bf16 (xb: scratch of M * K)
+ * with the bf16 output (yb: M * N) widened */
+void gemv_once_f32(int kind, const float *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+                   int64_t N, int64_t G, float *y, uint16_t *xb, uint16_t *yb) {
+    if (kind >= WK_Q8_0) {
+        gemv_qb_f32(kind - WK_Q8_0, x, M, K, w, N, NULL, y);
+        return;
+    }
+    for (int64_t i = 0; i < M * K; i += 16) {
+        const __mmask16 m = tail16(M * K - i);
+        _mm256_mask_storeu_epi16(xb + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+    gemv_once(kind, xb, M, K, w, s, z, N, G, yb);
+    for (int64_t i = 0; i < M * N; i += 16) { /* bf16 -> fp32 is exact: the bits moved up */
+        const __mmask16 m = tail16(M * N - i);
+        _mm512_mask_storeu_ps(y + i, m, bf16x16_load(yb + i, m));
+    }
+}
+
 /* act [I] = bf16(bf16(silu(gate)) * up) for gu = [gate (I) | up (I)], as torch's bf16 F.silu(g) * u */
 void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
     for (int64_t i = 0; i < I; i += 16) {
@@ -94,15 +114,15 @@ void moe_take_counts(int64_t *out) {
     for (int i = 0; i < 3; i++) out[i] = moe_counts[i], moe_counts[i] = 0;
 }
 
-/* out [S, H] (bf16): row t = sum_j bf16(weights[t, j]) * expert_{ids[t, j]}(x[t]) over j < k.
- * Per expert e: wgu[e], sgu[e], zgu[e] describe the fused [2I, H] gate/up weight (gate rows first); wd, sd, zd
- * the [H, I] down weight. s* / z* entries may be NULL where the kind has no scales / zero points. ids [S, k]
- * must lie in [0, E). */
-void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E,
-                      int64_t k, const int64_t *ids, const float *weights, const void *const *wgu,
-                      const void *const *sgu, const void *const *zgu, const void *const *wd, const void *const *sd,
-                      const void *const *zd, uint16_t *out) {
+/* element i of an array of bf16 (F32 = 0) or fp32 numbers */
+#define AT(F32, p, i) ((void *)((char *)(p) + (i) * ((F32) ? 4 : 2)))
+
+static inline __attribute__((always_inline)) void moe_decode_any(
+    const int F32, int64_t kind, const void *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E, int64_t k,
+    const int64_t *ids, const float *weights, const void *const *wgu, const void *const *sgu, const void *const *zgu,
+    const void *const *wd, const void *const *sd, const void *const *zd, void *out) {
     const int64_t A = S * k; /* assignments, token-major */
+    const size_t es = F32 ? 4 : 2;
     int64_t *count = calloc((size_t)(E + 1), sizeof(int64_t)), *order = malloc(sizeof(int64_t) * (size_t)A);
     for (int64_t a = 0; a < A; a++) count[ids[a] + 1]++;
     for (int64_t e = 0; e < E; e++) count[e + 1] += count[e]; /* count[e]: first slot of expert e in order */
@@ -110,9 +130,13 @@ void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int
     memcpy(fill, count, sizeof(int64_t) * (size_t)E);
     for (int64_t a = 0; a < A; a++) order[fill[ids[a]]++] = a; /* assignments grouped by expert, tokens in order */
     /* 64-byte aligned, as torch's buffers are, so that the GEMM need not copy the rows (see gemm_dq) */
-    uint16_t *xs = aligned_alloc(64, (sizeof(uint16_t) * (size_t)(A * (H + 3 * I)) + 63) / 64 * 64);
-    uint16_t *gu = xs + A * H, *act = gu + A * 2 * I;
-    uint16_t *y = malloc(sizeof(uint16_t) * (size_t)(A * H)); /* per assignment, in `order` */
+    char *xs = aligned_alloc(64, (es * (size_t)(A * (H + 3 * I)) + 63) / 64 * 64);
+    void *gu = AT(F32, xs, A * H), *act = AT(F32, gu, A * 2 * I);
+    void *y = malloc(es * (size_t)(A * H)); /* per assignment, in `order` */
+    /* fp32: the bf16 in- and outputs of kinds that take bf16 activations (gemv_once_f32), per assignment */
+    const int64_t wx = H > I ? H : I, wy = 2 * I > H ? 2 * I : H;
+    uint16_t *xb = F32 ? aligned_alloc(64, (sizeof(uint16_t) * (size_t)(A * (wx + wy)) + 63) / 64 * 64) : NULL;
+    uint16_t *yb = F32 ? xb + A * wx : NULL;
     int64_t *slot = malloc(sizeof(int64_t) * (size_t)A); /* assignment -> its row of y */
     for (int64_t r = 0; r < A; r++) slot[order[r]] = r;
     /* the experts any token routes to, most tokens first: the threads take them one at a time (each expert's
@@ -130,35 +154,74 @@ void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (int64_t j = 0; j < na; j++) {
         const int64_t e = active[j], c = count[e + 1] - count[e], r0 = count[e];
-        uint16_t *xe = xs + r0 * H, *gue = gu + r0 * 2 * I, *acte = act + r0 * I; /* this expert's rows */
-        for (int64_t i = 0; i < c; i++) memcpy(xe + i * H, x + order[r0 + i] / k * H, sizeof(uint16_t) * (size_t)H);
-        gemv_once((int)kind, xe, c, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gue);
-        for (int64_t i = 0; i < c; i++) silu_mul_bf16(gue + i * 2 * I, I, acte + i * I);
-        gemv_once((int)kind, acte, c, I, wd[e], sd[e], zd[e], H, G, y + r0 * H);
+        void *xe = AT(F32, xs, r0 * H), *gue = AT(F32, gu, r0 * 2 * I), *acte = AT(F32, act, r0 * I); /* its rows */
+        void *ye = AT(F32, y, r0 * H);
+        for (int64_t i = 0; i < c; i++) memcpy(AT(F32, xe, i * H), AT(F32, x, order[r0 + i] / k * H), es * (size_t)H);
+        if (F32) {
+            uint16_t *xbe = xb + r0 * wx, *ybe = yb + r0 * wy;
+            gemv_once_f32((int)kind, xe, c, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gue, xbe, ybe);
+            for (int64_t i = 0; i < c; i++) silu_mul_f32((float *)gue + i * 2 * I, I, (float *)acte + i * I);
+            gemv_once_f32((int)kind, acte, c, I, wd[e], sd[e], zd[e], H, G, ye, xbe, ybe);
+        } else {
+            gemv_once((int)kind, xe, c, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gue);
+            for (int64_t i = 0; i < c; i++) silu_mul_bf16((uint16_t *)gue + i * 2 * I, I, (uint16_t *)acte + i * I);
+            gemv_once((int)kind, acte, c, I, wd[e], sd[e], zd[e], H, G, ye);
+        }
     }
     free(active);
     float *acc = malloc(sizeof(float) * (size_t)H);
     for (int64_t t = 0; t < S; t++) {
         for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
         for (int64_t j = 0; j < k; j++) {
-            const uint16_t *yr = y + slot[t * k + j] * H;
+            const void *yr = AT(F32, y, slot[t * k + j] * H);
             const __m512 w = _mm512_set1_ps(weights[t * k + j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
             for (int64_t h = 0; h < H; h += 16) {
                 __mmask16 m = tail16(H - h);
                 __m512 a = _mm512_maskz_loadu_ps(m, acc + h);
-                a = bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(_mm512_mul_ps(bf16x16_load(yr + h, m), w))));
+                if (F32) /* fp32 throughout, as the module path's out += expert(x) * w */
+                    a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, (const float *)yr + h), w));
+                else
+                    a = bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(_mm512_mul_ps(
+                                                           bf16x16_load((const uint16_t *)yr + h, m), w))));
                 _mm512_mask_storeu_ps(acc + h, m, a);
             }
         }
-        for (int64_t h = 0; h < H; h++) out[t * H + h] = f32_to_bf16(acc[h]);
+        for (int64_t h = 0; h < H; h++) {
+            if (F32)
+                ((float *)out)[t * H + h] = acc[h];
+            else
+                ((uint16_t *)out)[t * H + h] = f32_to_bf16(acc[h]);
+        }
     }
     moe_counts[0]++;
     moe_counts[1] += A;
     free(acc);
     free(slot);
+    free(xb);
     free(y);
     free(xs);
     free(fill);
     free(order);
     free(count);
+}
+#undef AT
+
+/* out [S, H] (bf16): row t = sum_j bf16(weights[t, j]) * expert_{ids[t, j]}(x[t]) over j < k.
+ * Per expert e: wgu[e], sgu[e], zgu[e] describe the fused [2I, H] gate/up weight (gate rows first); wd, sd, zd
+ * the [H, I] down weight. s* / z* entries may be NULL where the kind has no scales / zero points. ids [S, k]
+ * must lie in [0, E). */
+void moe_decode_batch(int64_t kind, const uint16_t *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E,
+                      int64_t k, const int64_t *ids, const float *weights, const void *const *wgu,
+                      const void *const *sgu, const void *const *zgu, const void *const *wd, const void *const *sd,
+                      const void *const *zd, uint16_t *out) {
+    moe_decode_any(0, kind, x, S, H, I, G, E, k, ids, weights, wgu, sgu, zgu, wd, sd, zd, out);
+}
+
+/* moe_decode_batch for a float32 model's quantized experts: x, out fp32; each expert's projections through
+ * gemv_once_f32 and SiLU in fp32, the weighted sum in fp32 (as the expert modules compute it) */
+void moe_decode_batch_f32(int64_t kind, const float *x, int64_t S, int64_t H, int64_t I, int64_t G, int64_t E,
+                          int64_t k, const int64_t *ids, const float *weights, const void *const *wgu,
+                          const void *const *sgu, const void *const *zgu, const void *const *wd,
+                          const void *const *sd, const void *const *zd, float *out) {
+    moe_decode_any(1, kind, x, S, H, I, G, E, k, ids, weights, wgu, sgu, zgu, wd, sd, zd, out);
 }

@@ -99,7 +99,8 @@ class SparseMoeBlock(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        grouped_ok = self.local_experts is None and x.dtype == torch.bfloat16  # the native grouped call can run
+        # the native grouped call can run: bf16, or float32 (a float32 model's quantized experts)
+        grouped_ok = self.local_experts is None and x.dtype in (torch.bfloat16, torch.float32)
         native_ok = T <= NATIVE_MAX_TOKENS and grouped_ok
         resident = self._native_experts() if grouped_ok and self.expert_provider is None else None
         if native_ok and resident is not None:  # one native call for all tokens, grouped by expert (moe_native.py)

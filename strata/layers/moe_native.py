@@ -108,12 +108,15 @@ class NativeExperts:
         return cls(held, *first[:4], entries)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H] bf16, weights [T, k], ids [T, k] -> [T, H] bf16: row t = sum_j weights_tj * expert_{ids_tj}(x_t)."""
+        """x [T, H] bf16 or float32 (moe_decode_batch_f32), weights [T, k], ids [T, k] -> [T, H] in x's dtype: row
+        t = sum_j weights_tj * expert_{ids_tj}(x_t)."""
         x = x.contiguous()
         out = torch.empty_like(x)
         w = weights.float().contiguous()  # [T, k]
         i = ids.to(torch.int64).contiguous()  # [T, k]
-        bf16_lib().moe_decode_batch(self.kind, x.data_ptr(), x.shape[0], self.hidden, self.inter, self.group,
+        lib = bf16_lib()
+        call = lib.moe_decode_batch_f32 if x.dtype == torch.float32 else lib.moe_decode_batch
+        call(self.kind, x.data_ptr(), x.shape[0], self.hidden, self.inter, self.group,
                                     self.num_experts, i.shape[1], i.data_ptr(), w.data_ptr(), *self.tables,
                                     out.data_ptr())
         return out

@@ -301,5 +301,7 @@ int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv,
                              const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out);
 void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                  float *y);
+void gemv_once_f32(int kind, const float *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,
+                   int64_t N, int64_t G, float *y, uint16_t *xb, uint16_t *yb);
 
 #endif

@@ -101,6 +101,7 @@ _SIGNATURES = {
     "softmax_rows_f32": [_P, _I, _I, _P, _P],
     "rope_bf16": [_P, _I, _I, _I, _I, _P, _P, _P],
     "moe_decode_batch": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "moe_decode_batch_f32": [_I, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P],
     "moe_take_counts": [_P],
     "decode_slots": [_P, _P, _I, _I, _P, _P, _P, _P],
     "decode_logits_bf16": [_P, _P, _P, _I, _I, ctypes.c_float, _P, _I, _P, _P],

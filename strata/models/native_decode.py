@@ -14,7 +14,7 @@ fused gate/up, or a MoE block without shared experts whose resident experts have
 (moe_native.py) and no tier provider, routing hook or override; fused q/k/v (bf16, or quantized with the
 native kernels); bf16 norms and caches. Each decode step runs the same kernels as the per-op path, so outputs
 match it; what goes away is the Python work between kernels. A float32 model kept quantized (a GGUF file at its
-default dtype) runs decode_layers_f32 instead: every projection quantized, float32 norms and caches, dense MLPs;
+default dtype) runs decode_layers_f32 instead: every projection quantized, float32 norms, routers and caches;
 its norms, rotary and attention are native float32 code where the per-op path runs torch's, so the two agree to
 float32 rounding rather than bit for bit. A prompt's rows attend one by one from the cache
 (the decode attention) where the per-op path calls SDPA: the same sums in another order. Anything else keeps the
@@ -66,12 +66,12 @@ class _Layer(ctypes.Structure):
                 ("clip", ctypes.c_double), ("moe", ctypes.POINTER(_Moe))]
 
 
-def _moe(block: SparseMoeBlock) -> _Moe | None:
+def _moe(block: SparseMoeBlock, dtype: torch.dtype) -> _Moe | None:
     if block.shared_expert is not None or block.top_k > 64 or block.gate.bias is not None:
         return None
     router = block.gate.weight
     native = block._native_experts()
-    if native is None or router.dtype != torch.bfloat16 or not router.is_contiguous():
+    if native is None or router.dtype != dtype or not router.is_contiguous():
         return None
     return _Moe(router.data_ptr(), block.num_experts, block.top_k, int(bool(block.norm_topk_prob)),
                 int(block.cast_weights), native.kind, native.group, native.inter,
@@ -159,7 +159,7 @@ class NativeDecoder:
             up = [_Proj()]
             moe = None
             if type(mlp) is SparseMoeBlock:
-                moe = _moe(mlp) if dtype == torch.bfloat16 else None  # the float32 decoder is dense only
+                moe = _moe(mlp, dtype)
                 if moe is None:
                     return None
                 moes.append((mlp, moe))

@@ -202,3 +202,32 @@ def test_gguf_block_experts_run_the_grouped_call(kind):
     native, python = _both_paths(block, x)
     scale = python.float().abs().max().item()  # random blocks: outputs far from unit size
     torch.testing.assert_close(native.float(), python.float(), atol=2e-2 * scale, rtol=2e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1", "int4-g32"])
+def test_float32_tokens_run_the_grouped_call(kind):
+    """A float32 model's quantized experts (a GGUF file at its default dtype): float32 tokens through
+    moe_decode_batch_f32 give the float32 expert modules' outputs, one token or six: GGUF's blocks within float32
+    rounding (both run the blocks' float32 GEMV), int4 within a bf16 rounding of SiLU's output (both round the
+    activations to bf16 for its GEMV; the SiLUs' exp differ in the last float32 bit)."""
+    from tests.layers.test_quant_kquant import _layer
+
+    block = _block().float()
+    if kind == "int4-g32":
+        _quantize_experts(block, kind)
+    else:
+        for i, e in enumerate(block.experts):
+            e.gate_proj = _layer(kind, 96, 128, "native", seed=i)
+            e.up_proj = _layer(kind, 96, 128, "native", seed=50 + i)
+            e.down_proj = _layer(kind, 128, 96, "native", seed=100 + i)
+    take_counts()
+    for rows in (1, 6):
+        block.__dict__.pop("_native", None)
+        x = torch.randn(rows, 128)
+        native, python = _both_paths(block, x)
+        assert native.dtype == torch.float32 and native.shape == (rows, 128)
+        scale = python.abs().max().item()
+        tol = 2e-2 if kind == "int4-g32" else 1e-5
+        torch.testing.assert_close(native, python, atol=tol * scale, rtol=tol)
+    assert take_counts()["calls"] == 2  # one grouped call per forward

@@ -245,11 +245,14 @@ def test_prompt_through_one_call_as_close_to_transformers_as_the_per_op_path(tmp
 
 
 @needs_native
-@pytest.mark.parametrize("family,qtype", [("llama", "Q4_1"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen3", "Q5_0")])
+@pytest.mark.parametrize("family,qtype", [("llama", "Q4_1"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen3", "Q5_0"),
+                                          ("qwen3_moe", "Q8_0"), ("olmoe", "Q4_0")])
 def test_float32_gguf_decodes_in_one_call(family, qtype, tmp_path, monkeypatch):
     """A GGUF file at its default float32 (decode_layers_f32): GGUF's blocks through their float32 GEMV, Q4_0
-    (int4-g32) on activations rounded to bf16, Qwen3's per-head q/k norms; one and four sequences give the per-op
-    path's greedy tokens, their logprobs within float32 rounding (norms, rotary and attention sum in another order)."""
+    (int4-g32) on activations rounded to bf16, Qwen3's per-head q/k norms, MoE blocks (float32 router, experts
+    grouped in moe_decode_batch_f32; OLMoE's whole-projection norms and clip); one and four sequences give the per-op
+    path's greedy tokens, their logprobs within float32 rounding (norms, rotary, attention and routers sum in another
+    order)."""
     from tests.weights.conftest import build
     from tests.weights.gguf_writer import write_gguf
 
