@@ -312,8 +312,8 @@ class EngineConfig:
     block_size: int = knob(16, "tokens per KV-cache block", type=int)
     kv_cache_memory: int = knob(512 * 2**20, "bytes for the KV cache, e.g. 512MiB", type="size")
     enable_prefix_caching: bool = knob(True, "share KV blocks between prompts with a common prefix")
-    num_threads: int | None = knob(None, "torch CPU threads (default: torch's choice; 1 for models under 20M "
-                                         "parameters)", type=int)
+    num_threads: int | None = knob(None, "torch CPU threads (default: torch's choice; at most 2 for models under "
+                                         "20M parameters)", type=int)
     memory_budget: int | None = knob(None, "total memory budget, e.g. 3GiB; MoE experts beyond it are served "
                                            "from disk (tiered experts engage when the model exceeds it)",
                                      type="size")

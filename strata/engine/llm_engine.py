@@ -46,6 +46,12 @@ from strata.tokenizer import Tokenizer
 from strata.weights.gguf_cache import resolve_model_path
 
 SMALL_MODEL_PARAMS = 20_000_000
+# threads of models under SMALL_MODEL_PARAMS without --num-threads: the kernels split a call among threads only
+# from sizes where that pays (PAR_FOR in quant_cpu.h, MOE_PAR_MIN_MACS), and on 2 cores of the AVX-512 machine
+# the bundled model ran 2 threads at least as fast as 1 (decode step 1 sequence 0.13-0.18 against 0.16-0.18 ms,
+# 16 sequences 0.39-0.57 against 0.58-0.78 ms, prompts of 100-400 tokens 1.3-1.6x, 16 server streams 1.3-1.5x);
+# more threads than 2 were not measured
+SMALL_MODEL_THREADS = 2
 WARM_UP_S = 0.2  # start-up time a server spends at most (about) on warm_up
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at once (bounds the [rows, vocab] tensors)
 log = logging.getLogger(__name__)
@@ -76,7 +82,7 @@ class LLMEngine:
         else:
             self.model, self.tiers = load_model_tiered(path, config, progress)  # tiers: --memory-budget, traces
         if not config.num_threads and self.model.config.param_counts()["total"] < SMALL_MODEL_PARAMS:
-            torch.set_num_threads(1)  # tiny matmuls cannot amortise OpenMP fork/join; one thread is faster
+            torch.set_num_threads(min(torch.get_num_threads(), SMALL_MODEL_THREADS))
         self.tier_stats = (lambda: self.tiers.stats(self.stats["generation_tokens"])) if self.tiers else None
         self.model_config = self.model.config
         mcfg = self.model_config
