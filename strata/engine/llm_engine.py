@@ -41,6 +41,7 @@ from strata.engine.spec.decoder import SpecDecoder, make_proposer
 from strata.engine.spec.policy import ExpertTraffic
 from strata.engine.step_time import StepTimeModel
 from strata.errors import InvalidRequestError
+from strata.layers.quant_linear import QuantLinear
 from strata.tiers.runtime import load_model_tiered
 from strata.tokenizer import Tokenizer
 from strata.weights.gguf_cache import resolve_model_path
@@ -203,6 +204,18 @@ class LLMEngine:
         if not s or not s.get("tiered"):
             return None
         return ExpertTraffic(s["expert_accesses"], s["expert_misses"], s["io_stall_s"])
+
+    def describe(self) -> str:
+        """One line for a server's start-up log: the model, compute dtype, threads and capacity; and a hint where a
+        quantized model computes in float32 (a GGUF file's default), whose kernels run faster on bf16."""
+        dtype = str(self.runner.dtype).removeprefix("torch.")
+        threads = torch.get_num_threads()
+        line = (f"{os.path.basename(os.path.normpath(self.model_path))}: {dtype} compute, {threads} "
+                f"thread{'s' if threads != 1 else ''}, up to {self.config.max_num_seqs} sequences of {self.max_model_len} tokens, KV cache "
+                f"{self.runner.num_blocks * self.runner.block_size} tokens")
+        if self.runner.dtype == torch.float32 and any(isinstance(m, QuantLinear) for m in self.model.modules()):
+            line += " (a quantized model in float32: --dtype bfloat16 runs faster, within bf16 rounding)"
+        return line
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -179,6 +179,7 @@ class AsyncEngine:
             self.engine.isolate_sampling_failures()
             self.engine.defer_detokenization()  # text and RequestOutputs are built in the event loop (output_handoff)
             self._ready = True  # after the first gauges: a caller that sees it ready sees them
+            log.info("engine ready: %s", self.engine.describe())
         except Exception as e:
             if isinstance(e, StrataError):  # a message the user can act on: no traceback
                 log.error("model failed to load: %s", e)
