@@ -69,9 +69,9 @@ class _Layer(ctypes.Structure):
 def _moe(block: SparseMoeBlock, dtype: torch.dtype) -> _Moe | None:
     if block.shared_expert is not None or block.top_k > 64 or block.gate.bias is not None:
         return None
-    router = block.gate.weight
+    router = getattr(block.gate, "weight", None)  # None: a quantized router, which the C router does not read
     native = block._native_experts()
-    if native is None or router.dtype != dtype or not router.is_contiguous():
+    if native is None or router is None or router.dtype != dtype or not router.is_contiguous():
         return None
     return _Moe(router.data_ptr(), block.num_experts, block.top_k, int(bool(block.norm_topk_prob)),
                 int(block.cast_weights), native.kind, native.group, native.inter,
