@@ -147,8 +147,7 @@ static inline __attribute__((always_inline)) void proj_any(const int F32, const 
         gemv_once((int)P->kind, x, S, K, P->w, P->s, P->z, n, P->group, y);
 }
 
-/* y [S, ystride] at column offset: x [S, K] through one projection of n output rows. tmp [S, n] scratch. es: bytes
- * of an element */
+/* y [S, ystride] at column offset: x [S, K] through one projection of n output rows. tmp [S, n] scratch. */
 static inline __attribute__((always_inline)) void proj_into(const int F32, const proj_t *P, const void *x, int64_t S,
                                                             int64_t K, int64_t n, void *y, int64_t ystride, void *tmp,
                                                             uint16_t *xb, uint16_t *yb) {
@@ -161,22 +160,22 @@ static inline __attribute__((always_inline)) void proj_into(const int F32, const
 /* element i of an array of bf16 (F32 = 0) or fp32 numbers */
 #define AT(F32, p, i) ((void *)((char *)(p) + (i) * ((F32) ? 4 : 2)))
 
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
 static inline __attribute__((always_inline)) void decode_layers_any(
     const int F32, const layer_t *layers, int64_t n_layers, int64_t S, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
     int64_t I, float eps, float scale, const void *cos, const void *sin, const int64_t *slots, const int64_t *starts,
     void *x, void *residual) {
     const int64_t qd = Hq * D, kvd = Hkv * D, row = qd + 2 * kvd;
     const size_t es = F32 ? 4 : 2;
-    const int64_t wide = qd > 2 * I ? qd : 2 * I; /* scratch of the split projections: at most q or gate rows */
-    const int64_t widest = (wide > H ? wide : H) > row ? (wide > H ? wide : H) : row; /* any projection's rows */
+    const int64_t wide = imax(qd, 2 * I); /* scratch of the split projections: at most q or gate rows */
     char *buf = malloc(es * (size_t)(S * (H + row + qd + qd + 2 * I + I)));
     void *h = buf, *qkv = AT(F32, h, S * H), *q = AT(F32, qkv, S * row), *att = AT(F32, q, S * qd);
     void *gu = AT(F32, att, S * qd), *act = AT(F32, gu, S * 2 * I);
-    void *tmp = malloc(es * (size_t)(S * (wide > H ? wide : H)));
-    /* fp32 activations through bf16-only kernels: x rounded, y widened (proj_any) */
-    uint16_t *xb = F32 ? malloc(sizeof(uint16_t) * (size_t)(S * (H > I ? (H > qd ? H : qd) : (I > qd ? I : qd))))
-                       : NULL;
-    uint16_t *yb = F32 ? malloc(sizeof(uint16_t) * (size_t)(S * widest)) : NULL;
+    void *tmp = malloc(es * (size_t)(S * imax(wide, H)));
+    /* fp32 activations through kernels of bf16 ones (gemv_once_f32): any projection's input and output rows */
+    uint16_t *xb = F32 ? malloc(sizeof(uint16_t) * (size_t)(S * imax(imax(H, I), qd))) : NULL;
+    uint16_t *yb = F32 ? malloc(sizeof(uint16_t) * (size_t)(S * imax(imax(wide, H), row))) : NULL;
     for (int64_t l = 0; l < n_layers; l++) {
         const layer_t *L = layers + l;
         if (l == 0) { /* no residual yet: norm(x), and x becomes the residual */
