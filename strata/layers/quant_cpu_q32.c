@@ -150,6 +150,31 @@ static inline int64_t qb_slot(int kind, int64_t k) {
     return s * 64 + (e >> 4) * 32 + j * 16 + (e & 15);
 }
 
+/* one x row [32 nb] into step order (qb_slot) as bf16, hi in xh and (split: fp32 x = hi + lo) lo in xl, and each
+ * block's sum of x (of hi + lo: the code offsets then cancel exactly) in xs; 16 values a vector */
+static inline __attribute__((always_inline)) void qb_x_row(int kind, int split, const void *x, int64_t nb,
+                                                           uint16_t *xh, uint16_t *xl, float *xs) {
+    for (int64_t j = 0; j < nb; j++) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < 2; c++) { /* elements 16 c .. 16 c + 15 of block j */
+            const int64_t k = 32 * j + 16 * c, o = kind == QB8_0 ? k : qb_slot(kind, k);
+            __m512 v;
+            if (split) {
+                const __m512 f = _mm512_loadu_ps((const float *)x + k);
+                _mm256_storeu_si256((__m256i *)(xh + o), (__m256i)_mm512_cvtneps_pbh(f));
+                const __m512 hi = bf16x16_load(xh + o, 0xFFFF);
+                _mm256_storeu_si256((__m256i *)(xl + o), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(f, hi)));
+                v = _mm512_add_ps(hi, bf16x16_load(xl + o, 0xFFFF));
+            } else {
+                _mm256_storeu_si256((__m256i *)(xh + o), _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k)));
+                v = bf16x16_load(xh + o, 0xFFFF);
+            }
+            sum = _mm512_add_ps(sum, v);
+        }
+        xs[j] = _mm512_reduce_add_ps(sum);
+    }
+}
+
 /* y = x W^T (+ bias); split: x fp32 [M, K] in, y fp32 out; else x bf16 in, y bf16 out */
 static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, const void *x_in, int64_t M,
                                                           int64_t K, const uint8_t *w, int64_t N, const float *bias,
@@ -161,26 +186,9 @@ static inline __attribute__((always_inline)) void qb_gemv(int kind, int split, c
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         int mb = M - m0 < MB ? (int)(M - m0) : MB;
         for (int m = 0; m < mb; m++)
-            for (int64_t j = 0; j < nb; j++) {
-                float sum = 0.0f;
-                for (int64_t k = 32 * j; k < 32 * j + 32; k++) {
-                    float v;
-                    uint16_t h;
-                    if (split) { /* the sum is of hi + lo, so that the code offsets cancel exactly */
-                        v = ((const float *)x_in)[(m0 + m) * K + k];
-                        h = f32_to_bf16(v);
-                        uint16_t l = f32_to_bf16(v - bf16_to_f32(h));
-                        xl[m * ldx + qb_slot(kind, k)] = l;
-                        v = bf16_to_f32(h) + bf16_to_f32(l);
-                    } else {
-                        h = ((const uint16_t *)x_in)[(m0 + m) * K + k];
-                        v = bf16_to_f32(h);
-                    }
-                    xh[m * ldx + qb_slot(kind, k)] = h;
-                    sum += v;
-                }
-                xs[m * lds + j] = sum;
-            }
+            qb_x_row(kind, split, split ? (const void *)((const float *)x_in + (m0 + m) * K)
+                                        : (const void *)((const uint16_t *)x_in + (m0 + m) * K),
+                     nb, xh + m * ldx, xl + m * ldx, xs + m * lds);
         const int R = mb == 1 ? QB_R : 2;
         int64_t nblocks = (N + R - 1) / R;
 #pragma omp parallel if (N * ldw * mb > PAR_MIN_WORK)
