@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import time
 
 import pytest
 
@@ -148,6 +149,10 @@ def test_stop_and_copy_moves_the_whole_kv(config, monkeypatch):
 def test_the_load_check_moves_a_request_off_the_busier_replica(config, monkeypatch):
     params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     want = _reference(config, params)
+    # steps of at least 2 ms: both requests still decode when the check runs (a float32 step of this model takes a
+    # fraction of a millisecond in the one-call decode, and 120 tokens could end before the check looked)
+    step = LLMEngine.step
+    monkeypatch.setattr(LLMEngine, "step", lambda self: (time.sleep(0.002), step(self))[1])
 
     async def main():
         async with _replicas(config, monkeypatch, MigrationConfig(enable_migration=True)) as router:
