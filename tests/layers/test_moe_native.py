@@ -36,9 +36,10 @@ def _quantize_experts(block, fmt):
             setattr(e, n, QuantLinear.from_float(getattr(e, n), fmt, backend="native"))
 
 
-def _fused_block(fmt):
-    """_block(experts=6, top_k=3) with its experts in fmt, projections fused as the grouped call runs them."""
-    block = _block(experts=6, top_k=3)
+def _fused_block(fmt, **shape):
+    """_block(**shape) (default experts=6, top_k=3) with its experts in fmt, projections fused as the grouped call
+    runs them."""
+    block = _block(**{"experts": 6, "top_k": 3, **shape})
     if fmt != "bf16":
         _quantize_experts(block, fmt)
     for e in block.experts:
@@ -123,11 +124,7 @@ def test_experts_with_many_tokens_run_once_and_agree_with_the_gemv(fmt):
     """With more than 4 tokens on an expert it runs once for all of them through the GEMM of quant_cpu_gemm.c:
     the outputs agree with two calls of 4 tokens each (the GEMVs) up to bf16 rounding; bf16 experts run the GEMM
     at any row count, whose sums for a row do not depend on the other rows: bit-equal to the halves."""
-    block = _block(hidden=256, inter=1024, experts=2, top_k=2)  # gate/up 2048 x 256: several GEMM tiles
-    if fmt != "bf16":
-        _quantize_experts(block, fmt)
-    for e in block.experts:
-        e.fuse_projections()
+    block = _fused_block(fmt, hidden=256, inter=1024, experts=2, top_k=2)  # gate/up 2048 x 256: several GEMM tiles
     x = torch.randn(8, 256).bfloat16()
     once = block(x)  # 8 rows per expert
     halves = torch.cat([block(x[:4]), block(x[4:])])  # 4 rows per expert: the GEMVs

@@ -8,7 +8,7 @@ import torch
 from strata.layers.linear import bf16_lib
 from strata.layers.moe import NATIVE_MAX_TOKENS
 from strata.layers.moe_native import NATIVE_MAX_ROWS, NATIVE_ROWS, NATIVE_WORK, take_counts
-from tests.layers.test_moe_native import _block, _quantize_experts
+from tests.layers.test_moe_native import _fused_block
 
 needs_native = pytest.mark.skipif(bf16_lib() is None, reason="native kernels unavailable on this machine")
 
@@ -26,11 +26,7 @@ def _skewed_routing(rows: int, few: int, experts: int):
 @needs_native
 @pytest.mark.parametrize("fmt", ["bf16", "int4-g32", "int8"])
 def test_split_matches_module_loop(fmt):
-    block = _block(experts=8, top_k=2)
-    if fmt != "bf16":
-        _quantize_experts(block, fmt)
-    for e in block.experts:
-        e.fuse_projections()
+    block = _fused_block(fmt, experts=8, top_k=2)
     few = block._native_experts().max_rows
     kind = "bf16" if fmt == "bf16" else fmt.split("-")[0]
     assert few == max(NATIVE_ROWS[kind], min(NATIVE_MAX_ROWS, NATIVE_WORK.get(kind, 0) // (3 * 128 * 96)))
@@ -57,9 +53,7 @@ def test_split_matches_module_loop(fmt):
 
 @needs_native
 def test_prompt_with_few_rows_per_expert_runs_one_grouped_call():
-    block = _block(experts=8, top_k=2)  # bf16, hidden 128, intermediate 96
-    for e in block.experts:
-        e.fuse_projections()
+    block = _fused_block("bf16", experts=8, top_k=2)  # hidden 128, intermediate 96
     rows = 3 * NATIVE_MAX_TOKENS
     torch.manual_seed(2)
     x = torch.randn(rows, 128).bfloat16()
