@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from strata.layers import quant_native
 from strata.layers.quant_native import native_lib
 
 
@@ -108,7 +107,7 @@ def paged_attention(
         return _native_decode(q, k_cache, v_cache, meta, scale)
     if (sinks is None and k_cache is not None and meta.context_slots is not None and len(meta.query_lens) > 1
             and _all_decodes(meta, sliding_window) and _batched_bytes(q, k_cache, meta) <= BATCHED_DECODE_MAX_BYTES):
-        return _batched_decode(q, k_cache, v_cache, meta, scale)  # the dtypes no native kernel takes
+        return _batched_decode(q, k_cache, v_cache, meta, scale)  # float16, which no native kernel takes
     native_seqs = _native_decode_seqs(q, k_cache, v_cache, meta, sliding_window) if sinks is None else []
     out = None
     if native_seqs:  # a step mixing prefill chunks with decodes: the decodes in one native call
@@ -153,12 +152,9 @@ def paged_attention(
 
 
 def _native_cache_ok(q, k_cache, v_cache) -> bool:
-    """q and caches a native decode kernel takes: bf16 (decode_attention_bf16), or float32 (decode_attention_f32;
-    on the AVX2 build heads a multiple of 16)."""
-    bf16 = q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
-    f32 = (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-           and (q.shape[-1] % 16 == 0 or quant_native.isa() == "avx512"))
-    return ((bf16 or f32) and q.device.type == "cpu" and q.shape[-1] <= 256 and k_cache.is_contiguous()
+    """q and caches a native decode kernel takes: bf16 (decode_attention_bf16) or float32 (decode_attention_f32)."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.bfloat16, torch.float32)
+            and q.device.type == "cpu" and q.shape[-1] <= 256 and k_cache.is_contiguous()
             and v_cache.is_contiguous() and native_lib() is not None)
 
 
@@ -208,9 +204,8 @@ def _batched_bytes(q, k_cache, meta: AttentionMetadata) -> int:
 
 
 def _batched_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence, q [S, Hq, D] -> [S, Hq, D], in torch ops for the whole step (the dtypes and builds no
-    native kernel takes: float16; float32 heads off the AVX2 kernel's sizes): every sequence's keys and values gathered into one
-    batch padded to the longest context, the padding masked out of the softmax (float32, as SDPA's); about a dozen
+    """One query per sequence, q [S, Hq, D] -> [S, Hq, D], in torch ops for the whole step (float16, which no native
+    kernel takes): every sequence's keys and values gathered into one batch padded to the longest context, the padding masked out of the softmax (float32, as SDPA's); about a dozen
     ops per layer where the loop below runs six per sequence."""
     s, hq, d = q.shape
     hkv = k_cache.shape[1]

@@ -222,28 +222,82 @@ static inline __attribute__((always_inline)) void attend_pair(const int NV, cons
     }
 }
 
-/* the query heads of KV head sk % Hkv of sequence sk / Hkv (p: scratch of the longest context) */
-static void attend_group(const uint16_t *q, int64_t sk, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
-                         const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale, float *p,
-                         uint16_t *out) {
+/* attend_head_any's two element types, compiled apart (one copy per head size each) */
+static __attribute__((noinline)) void attend_head_bf16(const void *qh, int64_t D, const void *kc, const void *vc,
+                                                       int64_t row, const int64_t *sl, int64_t n, float scale,
+                                                       float *p, void *out) {
+    attend_head_any(0, qh, D, kc, vc, row, sl, n, scale, p, out);
+}
+
+static __attribute__((noinline)) void attend_head_f32(const void *qh, int64_t D, const void *kc, const void *vc,
+                                                      int64_t row, const int64_t *sl, int64_t n, float scale,
+                                                      float *p, void *out) {
+    attend_head_any(1, qh, D, kc, vc, row, sl, n, scale, p, out);
+}
+
+/* the query heads of KV head sk % Hkv of sequence sk / Hkv (p: scratch of the longest context); F32: q, the caches
+ * and out fp32, every head alone (the pairs are bf16's) */
+static inline __attribute__((always_inline)) void attend_group(const int F32, const void *q, int64_t sk, int64_t Hq,
+                                                               int64_t Hkv, int64_t D, const void *kc,
+                                                               const void *vc, const int64_t *slots,
+                                                               const int64_t *starts, float scale, float *p,
+                                                               void *out) {
     const int64_t s = sk / Hkv, kvh = sk % Hkv, G = Hq / Hkv, row = Hkv * D, n = starts[s + 1] - starts[s];
+    const size_t es = F32 ? 4 : 2;
+    const char *kh = (const char *)kc + kvh * D * es, *vh = (const char *)vc + kvh * D * es;
     int64_t g = 0;
-    for (; g + 2 <= G && D <= 64; g += 2) { /* query heads in pairs: each K/V row read once for two */
+    for (; !F32 && g + 2 <= G && D <= 64; g += 2) { /* query heads in pairs: each K/V row read once for two */
         const int64_t h = kvh * G + g;
-        const uint16_t *qh = q + (s * Hq + h) * D;
-        uint16_t *o = out + (s * Hq + h) * D;
+        const uint16_t *qh = (const uint16_t *)q + (s * Hq + h) * D;
+        uint16_t *o = (uint16_t *)out + (s * Hq + h) * D;
         if (D <= 32)
-            attend_pair(2, qh, qh + D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p,
-                        p + n + 16, o, o + D);
+            attend_pair(2, qh, qh + D, D, (const uint16_t *)kh, (const uint16_t *)vh, row, slots + starts[s], n,
+                        scale, p, p + n + 16, o, o + D);
         else
-            attend_pair(4, qh, qh + D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p,
-                        p + n + 16, o, o + D);
+            attend_pair(4, qh, qh + D, D, (const uint16_t *)kh, (const uint16_t *)vh, row, slots + starts[s], n,
+                        scale, p, p + n + 16, o, o + D);
     }
     for (; g < G; g++) {
         const int64_t h = kvh * G + g;
-        attend_head_any(0, q + (s * Hq + h) * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s],
-                        starts[s + 1] - starts[s], scale, p, out + (s * Hq + h) * D);
+        (F32 ? attend_head_f32 : attend_head_bf16)((const char *)q + (s * Hq + h) * D * es, D, kh, vh, row,
+                                                   slots + starts[s], n, scale, p, (char *)out + (s * Hq + h) * D * es);
     }
+}
+
+/* every (sequence, KV head) pair through attend_group, on an OpenMP team from PAR_MIN_ATTN multiply-adds (a
+ * scratch of the longest context per thread), else in the calling thread without entering the OpenMP runtime
+ * (PAR_FOR in quant_cpu.h says why) */
+static inline __attribute__((always_inline)) void attend_all(const int F32, const void *q, int64_t S, int64_t Hq,
+                                                             int64_t Hkv, int64_t D, const void *kc, const void *vc,
+                                                             const int64_t *slots, const int64_t *starts,
+                                                             float scale, void *out, int64_t max_ctx, int par) {
+    if (par) {
+#pragma omp parallel
+        {
+            float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 16)));
+#pragma omp for schedule(static)
+            for (int64_t sk = 0; sk < S * Hkv; sk++)
+                attend_group(F32, q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
+            free(p);
+        }
+    } else {
+        float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 16)));
+        for (int64_t sk = 0; sk < S * Hkv; sk++)
+            attend_group(F32, q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
+        free(p);
+    }
+}
+
+/* the longest context and the q.k multiply-adds of a call */
+static inline void attention_size(int64_t S, int64_t Hq, int64_t D, const int64_t *starts, int64_t *max_ctx,
+                                  int64_t *macs) {
+    int64_t m = 0, work = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t n = starts[s + 1] - starts[s];
+        m = n > m ? n : m;
+        work += n;
+    }
+    *max_ctx = m, *macs = work * Hq * D;
 }
 
 /* out[s, h, :] = softmax_k(q[s, h] . K[slot_k, h / G] * scale) @ V[slot_k, h / G] for every sequence s and
@@ -254,53 +308,28 @@ static void attend_group(const uint16_t *q, int64_t sk, int64_t Hq, int64_t Hkv,
 void decode_attention_bf16(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                            const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
                            uint16_t *out) {
-    int64_t max_ctx = 0, work = 0;
-    for (int64_t s = 0; s < S; s++) {
-        int64_t n = starts[s + 1] - starts[s];
-        max_ctx = n > max_ctx ? n : max_ctx;
-        work += n;
-    }
+    int64_t max_ctx, macs;
+    attention_size(S, Hq, D, starts, &max_ctx, &macs);
 #ifndef __AVX512F__
     if (D % 16 == 0) { /* the AVX2 build's own kernel (cpu_decode_attention_avx2.c) */
-        decode_attention_avx2(q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, work * Hq * D > PAR_MIN_ATTN);
+        decode_attention_avx2(q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, macs > PAR_MIN_ATTN);
         return;
     }
 #endif
-if (work * Hq * D > PAR_MIN_ATTN) {
-#pragma omp parallel
-        {
-            float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 16)));
-#pragma omp for schedule(static)
-            for (int64_t sk = 0; sk < S * Hkv; sk++)
-                attend_group(q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
-            free(p);
-        }
-    } else { /* one thread, without entering the OpenMP runtime (PAR_FOR in quant_cpu.h says why) */
-        float *p = malloc(sizeof(float) * (size_t)(2 * (max_ctx + 16)));
-        for (int64_t sk = 0; sk < S * Hkv; sk++) attend_group(q, sk, Hq, Hkv, D, kc, vc, slots, starts, scale, p, out);
-        free(p);
-    }
+    attend_all(0, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, max_ctx, macs > PAR_MIN_ATTN);
 }
 
-#ifdef __AVX512F__
-/* decode_attention_bf16's arguments with q, the caches and out fp32 (a float32 model's decode): attend_head on fp32
- * loads, one query head at a time; returns 1 (it ran). The AVX2 build has its own (cpu_decode_attention_avx2.c). */
-int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
-                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
-    int64_t max_ctx = 0, work = 0;
-    for (int64_t s = 0; s < S; s++) {
-        int64_t n = starts[s + 1] - starts[s];
-        max_ctx = n > max_ctx ? n : max_ctx;
-        work += n;
+/* decode_attention_bf16 with q, the caches and out fp32 (a float32 model's decode): attend_head on fp32 loads, one
+ * query head at a time */
+void decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                          const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
+    int64_t max_ctx, macs;
+    attention_size(S, Hq, D, starts, &max_ctx, &macs);
+#ifndef __AVX512F__
+    if (D % 16 == 0) { /* the AVX2 build's own kernel */
+        decode_attention_avx2_f32(q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, macs > PAR_MIN_ATTN);
+        return;
     }
-    const int64_t G = Hq / Hkv, row = Hkv * D;
-    PAR_FOR(work * Hq * D > PAR_MIN_ATTN, sh, S * Hq, {
-        const int64_t s = sh / Hq, h = sh % Hq, kvh = h / G, n = starts[s + 1] - starts[s];
-        float *p = malloc(sizeof(float) * (size_t)(max_ctx + 16));
-        attend_head_any(1, q + sh * D, D, kc + kvh * D, vc + kvh * D, row, slots + starts[s], n, scale, p,
-                        out + sh * D);
-        free(p);
-    });
-    return 1;
-}
 #endif
+    attend_all(1, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, max_ctx, macs > PAR_MIN_ATTN);
+}

@@ -318,14 +318,11 @@ void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv
     da_all(0, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, par);
 }
 
-/* decode_attention_bf16's arguments with q, the caches and out fp32 [.., D], D a multiple of 16 and at most 256:
- * 1 where it ran; 0 where this build has no such kernel (the AVX-512 one) */
-int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
-                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out) {
-    int64_t work = 0;
-    for (int64_t s = 0; s < S; s++) work += starts[s + 1] - starts[s];
-    da_all(1, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, work * Hq * D > PAR_MIN_ATTN);
-    return 1;
+/* the same for fp32 q, caches and out (decode_attention_f32) */
+void decode_attention_avx2_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                               const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out,
+                               int64_t par) {
+    da_all(1, q, S, Hq, Hkv, D, kc, vc, slots, starts, scale, out, par);
 }
 
 #endif

@@ -261,6 +261,9 @@ void fp8_gemv_avx2(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, in
 void decode_attention_avx2(const uint16_t *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const uint16_t *kc,
                            const uint16_t *vc, const int64_t *slots, const int64_t *starts, float scale,
                            uint16_t *out, int64_t par);
+void decode_attention_avx2_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                               const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out,
+                               int64_t par);
 /* rows [n0, n1) of a weight -> bf16 [n1 - n0, K], scales applied (quant_cpu_dequant.c, _kquant.c, _q32.c) */
 void dequant_int8(const int8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out);
 void dequant_fp8(const uint8_t *w, int64_t K, const float *scale, int64_t n0, int64_t n1, uint16_t *out);
@@ -297,8 +300,8 @@ void rms_norm_f32(const float *x, const float *res, const float *w, int64_t T, i
                   float *res_out);
 void rope_f32(const float *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const float *cos, const float *sin,
               float *out);
-int64_t decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
-                             const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out);
+void decode_attention_f32(const float *q, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const float *kc,
+                          const float *vc, const int64_t *slots, const int64_t *starts, float scale, float *out);
 void gemv_qb_f32(int64_t kind, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                  float *y);
 void gemv_once_f32(int kind, const float *x, int64_t M, int64_t K, const void *w, const void *s, const void *z,

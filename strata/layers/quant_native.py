@@ -229,7 +229,7 @@ def native_lib() -> ctypes.CDLL | None:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.a8_supported.restype = lib.decode_attention_f32.restype = ctypes.c_int64
+    lib.a8_supported.restype = ctypes.c_int64
     lib.select_rows_f32.restype = lib.draw_rows_f32.restype = lib.argmax_rows_f32.restype = ctypes.c_int64
     return lib
 
