@@ -37,11 +37,6 @@ static inline __attribute__((always_inline)) void load_query(const int NV, const
     for (int j = 0; j < NV; j++) vm[j] = D - 16 * j <= 0 ? 0 : tail16(D - 16 * j);
 }
 
-/* 16 values j of a V row (bf16, or fp32 when F32) widened to fp32 */
-static inline __attribute__((always_inline)) __m512 v_load(const int F32, const void *v, int j, __mmask16 m) {
-    return F32 ? _mm512_maskz_loadu_ps(m, (const float *)v + 16 * j) : bf16x16_load((const uint16_t *)v + 16 * j, m);
-}
-
 /* one query head over its context: p[0..n) gets the unnormalised probabilities, out[0..D) the result. NV (the
  * number of 16-lane vectors covering D) is a compile-time constant at every call, so the accumulators stay in
  * registers. F32: q, the caches and out are fp32 (a float32 model's decode), scores by fp32 FMAs. */
@@ -105,23 +100,19 @@ static inline __attribute__((always_inline)) void attend_head(const int F32, con
         const char *va = (const char *)vc + sl[t] * rb, *vb = (const char *)vc + sl[t + 1] * rb;
         __m512 pa = _mm512_set1_ps(p[t]), pb = _mm512_set1_ps(p[t + 1]);
         for (int j = 0; j < NV; j++) {
-            oa[j] = _mm512_fmadd_ps(pa, v_load(F32, va, j, vm[j]), oa[j]);
-            ob[j] = _mm512_fmadd_ps(pb, v_load(F32, vb, j, vm[j]), ob[j]);
+            oa[j] = _mm512_fmadd_ps(pa, load16_any(F32, va, 16 * j, vm[j]), oa[j]);
+            ob[j] = _mm512_fmadd_ps(pb, load16_any(F32, vb, 16 * j, vm[j]), ob[j]);
         }
     }
     if (t < n) {
         const char *va = (const char *)vc + sl[t] * rb;
         __m512 pa = _mm512_set1_ps(p[t]);
-        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, v_load(F32, va, j, vm[j]), oa[j]);
+        for (int j = 0; j < NV; j++) oa[j] = _mm512_fmadd_ps(pa, load16_any(F32, va, 16 * j, vm[j]), oa[j]);
     }
     const float denom = _mm512_reduce_add_ps(vsum);
     const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / denom : 0.0f);
     for (int j = 0; j < NV; j++) {
-        __m512 o = _mm512_mul_ps(_mm512_add_ps(oa[j], ob[j]), inv);
-        if (F32)
-            _mm512_mask_storeu_ps((float *)out + 16 * j, vm[j], o);
-        else
-            _mm256_mask_storeu_epi16((uint16_t *)out + 16 * j, vm[j], (__m256i)_mm512_cvtneps_pbh(o));
+        store16_any(F32, out, 16 * j, vm[j], _mm512_mul_ps(_mm512_add_ps(oa[j], ob[j]), inv));
     }
 }
 

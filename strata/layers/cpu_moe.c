@@ -80,26 +80,21 @@ void gemv_once_f32(int kind, const float *x, int64_t M, int64_t K, const void *w
     }
 }
 
-/* act [I] = bf16(bf16(silu(gate)) * up) for gu = [gate (I) | up (I)], as torch's bf16 F.silu(g) * u */
-void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) {
+/* act [I] = silu(gate) * up for gu = [gate (I) | up (I)]: bf16(bf16(silu(gate)) * up) as torch's bf16 F.silu(g) * u,
+ * or in fp32 (F32, a float32 model's MLP) */
+static inline __attribute__((always_inline)) void silu_mul_any(const int F32, const void *gu, int64_t I, void *act) {
     for (int64_t i = 0; i < I; i += 16) {
         __mmask16 m = tail16(I - i);
-        __m512 g = bf16x16_load(gu + i, m), u = bf16x16_load(gu + I + i, m);
+        __m512 g = load16_any(F32, gu, i, m), u = load16_any(F32, gu, I + i, m);
         __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-        __m512 s = bf16_round_ps(_mm512_div_ps(g, den)); /* silu(g) in fp32, rounded like torch's bf16 op */
-        _mm256_mask_storeu_epi16(act + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
+        __m512 s = _mm512_div_ps(g, den); /* silu(g) in fp32 (for bf16 rounded, as torch's bf16 op) */
+        store16_any(F32, act, i, m, _mm512_mul_ps(F32 ? s : bf16_round_ps(s), u));
     }
 }
 
-/* silu_mul_bf16 in fp32: act [I] = silu(gate) * up (a float32 model's MLP) */
-void silu_mul_f32(const float *gu, int64_t I, float *act) {
-    for (int64_t i = 0; i < I; i += 16) {
-        __mmask16 m = tail16(I - i);
-        __m512 g = _mm512_maskz_loadu_ps(m, gu + i), u = _mm512_maskz_loadu_ps(m, gu + I + i);
-        __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-        _mm512_mask_storeu_ps(act + i, m, _mm512_mul_ps(_mm512_div_ps(g, den), u));
-    }
-}
+void silu_mul_bf16(const uint16_t *gu, int64_t I, uint16_t *act) { silu_mul_any(0, gu, I, act); }
+
+void silu_mul_f32(const float *gu, int64_t I, float *act) { silu_mul_any(1, gu, I, act); }
 
 /* Counts since the last moe_take_counts: calls, token-expert assignments, expert runs (one per distinct expert
  * per call: the weight streams of the grouped path; the one-token-at-a-time path streamed one per assignment). */
@@ -160,11 +155,11 @@ static inline __attribute__((always_inline)) void moe_decode_any(
         if (F32) {
             uint16_t *xbe = xb + r0 * wx, *ybe = yb + r0 * wy;
             gemv_once_f32((int)kind, xe, c, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gue, xbe, ybe);
-            for (int64_t i = 0; i < c; i++) silu_mul_f32((float *)gue + i * 2 * I, I, (float *)acte + i * I);
+            for (int64_t i = 0; i < c; i++) silu_mul_any(1, AT(1, gue, i * 2 * I), I, AT(1, acte, i * I));
             gemv_once_f32((int)kind, acte, c, I, wd[e], sd[e], zd[e], H, G, ye, xbe, ybe);
         } else {
             gemv_once((int)kind, xe, c, H, wgu[e], sgu[e], zgu[e], 2 * I, G, gue);
-            for (int64_t i = 0; i < c; i++) silu_mul_bf16((uint16_t *)gue + i * 2 * I, I, (uint16_t *)acte + i * I);
+            for (int64_t i = 0; i < c; i++) silu_mul_any(0, AT(0, gue, i * 2 * I), I, AT(0, acte, i * I));
             gemv_once((int)kind, acte, c, I, wd[e], sd[e], zd[e], H, G, ye);
         }
     }
@@ -178,19 +173,15 @@ static inline __attribute__((always_inline)) void moe_decode_any(
             for (int64_t h = 0; h < H; h += 16) {
                 __mmask16 m = tail16(H - h);
                 __m512 a = _mm512_maskz_loadu_ps(m, acc + h);
-                if (F32) /* fp32 throughout, as the module path's out += expert(x) * w */
-                    a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, (const float *)yr + h), w));
-                else
-                    a = bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(_mm512_mul_ps(
-                                                           bf16x16_load((const uint16_t *)yr + h, m), w))));
+                const __m512 yw = _mm512_mul_ps(load16_any(F32, yr, h, m), w);
+                /* fp32 throughout for F32, as the module path's out += expert(x) * w; else bf16 per op */
+                a = F32 ? _mm512_add_ps(a, yw) : bf16_round_ps(_mm512_add_ps(a, bf16_round_ps(yw)));
                 _mm512_mask_storeu_ps(acc + h, m, a);
             }
         }
-        for (int64_t h = 0; h < H; h++) {
-            if (F32)
-                ((float *)out)[t * H + h] = acc[h];
-            else
-                ((uint16_t *)out)[t * H + h] = f32_to_bf16(acc[h]);
+        for (int64_t h = 0; h < H; h += 16) { /* acc is bf16-exact for bf16: the store's rounding changes nothing */
+            __mmask16 m = tail16(H - h);
+            store16_any(F32, out, t * H + h, m, _mm512_maskz_loadu_ps(m, acc + h));
         }
     }
     moe_counts[0]++;

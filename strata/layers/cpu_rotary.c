@@ -7,47 +7,35 @@
  */
 #include "quant_cpu.h"
 
-/* out[t, h] = rope(x[t, h]) with cos, sin bf16 [T, D] */
-void rope_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const uint16_t *cos,
-               const uint16_t *sin, uint16_t *out) {
+/* out[t, h] = rope(x[t, h]) with cos, sin [T, D]; bf16 (each product rounded to bf16 as torch's bf16 ops) or fp32 */
+static inline __attribute__((always_inline)) void rope_any(const int F32, const void *x, int64_t T, int64_t H,
+                                                           int64_t D, int64_t stride_t, const void *cos,
+                                                           const void *sin, void *out) {
     const int64_t half = D / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *c = cos + t * D, *s = sin + t * D;
+#define RND(v) (F32 ? (v) : bf16_round_ps(v))
+    for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) {
-            const uint16_t *xr = x + t * stride_t + h * D;
-            uint16_t *o = out + (t * H + h) * D;
+            const int64_t xr = t * stride_t + h * D, o = (t * H + h) * D, c = t * D;
             for (int64_t j = 0; j < half; j += 16) {
                 __mmask16 m = tail16(half - j);
-                __m512 a = bf16x16_load(xr + j, m), b = bf16x16_load(xr + half + j, m);
-                __m512 lo = _mm512_sub_ps(bf16_round_ps(_mm512_mul_ps(a, bf16x16_load(c + j, m))), bf16_round_ps(_mm512_mul_ps(b, bf16x16_load(s + j, m))));
-                __m512 hi = _mm512_add_ps(bf16_round_ps(_mm512_mul_ps(b, bf16x16_load(c + half + j, m))),
-                                          bf16_round_ps(_mm512_mul_ps(a, bf16x16_load(s + half + j, m))));
-                _mm256_mask_storeu_epi16(o + j, m, (__m256i)_mm512_cvtneps_pbh(lo));
-                _mm256_mask_storeu_epi16(o + half + j, m, (__m256i)_mm512_cvtneps_pbh(hi));
+                __m512 a = load16_any(F32, x, xr + j, m), b = load16_any(F32, x, xr + half + j, m);
+                __m512 lo = _mm512_sub_ps(RND(_mm512_mul_ps(a, load16_any(F32, cos, c + j, m))),
+                                          RND(_mm512_mul_ps(b, load16_any(F32, sin, c + j, m))));
+                __m512 hi = _mm512_add_ps(RND(_mm512_mul_ps(b, load16_any(F32, cos, c + half + j, m))),
+                                          RND(_mm512_mul_ps(a, load16_any(F32, sin, c + half + j, m))));
+                store16_any(F32, out, o + j, m, lo);
+                store16_any(F32, out, o + half + j, m, hi);
             }
         }
-    }
+#undef RND
 }
 
-/* rope_bf16 for fp32 x, cos, sin, out */
+void rope_bf16(const uint16_t *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const uint16_t *cos,
+               const uint16_t *sin, uint16_t *out) {
+    rope_any(0, x, T, H, D, stride_t, cos, sin, out);
+}
+
 void rope_f32(const float *x, int64_t T, int64_t H, int64_t D, int64_t stride_t, const float *cos, const float *sin,
               float *out) {
-    const int64_t half = D / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos + t * D, *s = sin + t * D;
-        for (int64_t h = 0; h < H; h++) {
-            const float *xr = x + t * stride_t + h * D;
-            float *o = out + (t * H + h) * D;
-            for (int64_t j = 0; j < half; j += 16) {
-                __mmask16 m = tail16(half - j);
-                __m512 a = _mm512_maskz_loadu_ps(m, xr + j), b = _mm512_maskz_loadu_ps(m, xr + half + j);
-                __m512 lo = _mm512_sub_ps(_mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, c + j)),
-                                          _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, s + j)));
-                __m512 hi = _mm512_add_ps(_mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, c + half + j)),
-                                          _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, s + half + j)));
-                _mm512_mask_storeu_ps(o + j, m, lo);
-                _mm512_mask_storeu_ps(o + half + j, m, hi);
-            }
-        }
-    }
+    rope_any(1, x, T, H, D, stride_t, cos, sin, out);
 }

@@ -124,6 +124,20 @@ static inline __m512 bf16_round_ps(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
+/* kernels compiled for both element types (F32 a compile-time constant: bf16 when 0, fp32 when 1): 16 values from
+ * element i of p (lanes outside m read as 0) widened to fp32; 16 fp32 values stored as element i on (lanes in m) */
+static inline __attribute__((always_inline)) __m512 load16_any(const int F32, const void *p, int64_t i, __mmask16 m) {
+    return F32 ? _mm512_maskz_loadu_ps(m, (const float *)p + i) : bf16x16_load((const uint16_t *)p + i, m);
+}
+
+static inline __attribute__((always_inline)) void store16_any(const int F32, void *p, int64_t i, __mmask16 m,
+                                                              __m512 v) {
+    if (F32)
+        _mm512_mask_storeu_ps((float *)p + i, m, v);
+    else
+        _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 /* e^x: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, Taylor degree 6 (relative error about 1e-7, at fp32
  * rounding); inputs are clamped to [-87, 88] */
 static inline __m512 exp_ps(__m512 x) {
