@@ -1,7 +1,8 @@
 """The engine's decode step alone (no server): its time per step at 1 and at 16 sequences, for several checkouts
 side by side, and the bf16 kernels the one-call decode chooses between for small weights.
 
-Steps: `LLMEngine.step()` on the bundled model (or --model), 1 thread (or --threads), greedy, 128 tokens per sequence; the median
+Steps: `LLMEngine.step()` on the bundled model (or --model), 1 thread (or --threads; NAME=DIR@THREADS gives a
+configuration its own), greedy, 128 tokens per sequence; the median
 step after each batch's prompt step. Each configuration runs in a fresh interpreter with its checkout first on
 PYTHONPATH, the configurations taking turns round by round (this machine's speed drifts by up to 1.5x within
 minutes: a round compares runs seconds apart); per configuration the median of its rounds' medians, and per
@@ -95,7 +96,8 @@ def _run_child(code: str, model: str | None, tokens: int, threads: int = 1, dtyp
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("configs", nargs="*", metavar="NAME=DIR", help="checkouts to compare (default: this one)")
+    ap.add_argument("configs", nargs="*", metavar="NAME=DIR[@THREADS]",
+                    help="checkouts to compare, each with its own threads after @ (default: this one, --threads)")
     ap.add_argument("--model", default=None, help="HF folder or GGUF (default: the bundled model)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
@@ -110,13 +112,15 @@ def main() -> None:
         print(json.dumps(child(args.model, args.tokens, args.threads, args.dtype)))
         return
     configs = [c.split("=", 1) for c in args.configs] or [["this", "."]]
+    threads = {name: int(code.partition("@")[2] or args.threads) for name, code in configs}
+    configs = [[name, code.partition("@")[0]] for name, code in configs]
     for name, code in configs:  # a missing checkout would import this one's strata through the editable install
         if not (Path(code) / "strata" / "__init__.py").is_file():
             raise SystemExit(f"configuration {name}: {code} holds no strata package")
     runs = {name: [] for name, _ in configs}
     for _ in range(args.rounds):
         for name, code in configs:
-            runs[name].append(_run_child(code, args.model, args.tokens, args.threads, args.dtype))
+            runs[name].append(_run_child(code, args.model, args.tokens, threads[name], args.dtype))
     first = configs[0][0]
     out = {}
     print("| configuration | " + " | ".join(f"{n} seq step ms" for n in SEQS) + " | "

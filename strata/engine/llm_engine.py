@@ -48,10 +48,8 @@ from strata.weights.gguf_cache import resolve_model_path
 
 SMALL_MODEL_PARAMS = 20_000_000
 # threads of models under SMALL_MODEL_PARAMS without --num-threads: the kernels split a call among threads only
-# from sizes where that pays (PAR_FOR in quant_cpu.h, MOE_PAR_MIN_MACS), and on 2 cores of the AVX-512 machine
-# the bundled model ran 2 threads at least as fast as 1 (decode step 1 sequence 0.13-0.18 against 0.16-0.18 ms,
-# 16 sequences 0.39-0.57 against 0.58-0.78 ms, prompts of 100-400 tokens 1.3-1.6x, 16 server streams 1.3-1.5x);
-# more threads than 2 were not measured
+# from sizes where that pays (PAR_FOR in quant_cpu.h, MOE_PAR_MIN_MACS); the bundled model's decode step on 2
+# threads took 0.85x (1 sequence) and 0.69x (16) of 1 thread's (docs/benchmarks.md); more than 2 not measured
 SMALL_MODEL_THREADS = 2
 WARM_UP_S = 0.2  # start-up time a server spends at most (about) on warm_up
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at once (bounds the [rows, vocab] tensors)
@@ -211,8 +209,8 @@ class LLMEngine:
         dtype = str(self.runner.dtype).removeprefix("torch.")
         threads = torch.get_num_threads()
         line = (f"{os.path.basename(os.path.normpath(self.model_path))}: {dtype} compute, {threads} "
-                f"thread{'s' if threads != 1 else ''}, up to {self.config.max_num_seqs} sequences of {self.max_model_len} tokens, KV cache "
-                f"{self.runner.num_blocks * self.runner.block_size} tokens")
+                f"thread{'s' if threads != 1 else ''}, up to {self.config.max_num_seqs} sequences of "
+                f"{self.max_model_len} tokens, KV cache {self.runner.num_blocks * self.runner.block_size} tokens")
         if self.runner.dtype == torch.float32 and any(isinstance(m, QuantLinear) for m in self.model.modules()):
             line += " (a quantized model in float32: --dtype bfloat16 runs faster, within bf16 rounding)"
         return line

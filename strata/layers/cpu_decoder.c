@@ -12,8 +12,9 @@
  * decode_layers_f32 is the same decode for a float32 model kept quantized (a GGUF file at its default dtype): fp32
  * activations, norm weights, rotary tables and caches; GGUF's 32-weight blocks through their fp32 GEMV
  * (gemv_qb_f32, about 2^-16 of fp32), other quantized kinds on the activations rounded to bf16 and the output
- * widened back, as QuantLinear runs them; MoE blocks with an fp32 router and moe_decode_batch_f32. The per-op path computes the same in torch ops; its
- * sums run in another order, so the two agree to fp32 rounding rather than bit for bit.
+ * widened back, as QuantLinear runs them; MoE blocks with an fp32 router and moe_decode_batch_f32. The per-op
+ * path computes the same in torch ops; its sums run in another order, so the two agree to fp32 rounding rather
+ * than bit for bit.
  */
 #include "quant_cpu.h"
 

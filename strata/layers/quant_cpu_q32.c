@@ -157,7 +157,7 @@ static inline __attribute__((always_inline)) void qb_x_row(int kind, int split, 
     for (int64_t j = 0; j < nb; j++) {
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < 2; c++) { /* elements 16 c .. 16 c + 15 of block j */
-            const int64_t k = 32 * j + 16 * c, o = kind == QB8_0 ? k : qb_slot(kind, k);
+            const int64_t k = 32 * j + 16 * c, o = qb_slot(kind, k);
             __m512 v;
             if (split) {
                 const __m512 f = _mm512_loadu_ps((const float *)x + k);
@@ -166,7 +166,8 @@ static inline __attribute__((always_inline)) void qb_x_row(int kind, int split, 
                 _mm256_storeu_si256((__m256i *)(xl + o), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(f, hi)));
                 v = _mm512_add_ps(hi, bf16x16_load(xl + o, 0xFFFF));
             } else {
-                _mm256_storeu_si256((__m256i *)(xh + o), _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k)));
+                const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k));
+                _mm256_storeu_si256((__m256i *)(xh + o), h);
                 v = bf16x16_load(xh + o, 0xFFFF);
             }
             sum = _mm512_add_ps(sum, v);

@@ -71,7 +71,7 @@ AVX2_F32_GEMV_MAX_ROWS_1_THREAD = 8
 AVX2_F32_GEMV_MAX_ROWS = 24
 # the same on AVX-512 (quant_cpu_q32.c, x split into two bf16 halves): against the tiles at 16 rows, SmolLM2's
 # [1536, 576] Q4_1 0.93-1.04x, [576, 1536] 1.3-1.4x and its [49152, 576] Q8_0 LM head 2.8x (the tiles dequantize
-# 113 MB of float32 a call); at 32 rows and more the tiles win (0.6-0.9x). Also native_decode.MAX_ROWS_F32.
+# 113 MB of float32 a call); at 32 rows and more the tiles win (0.6-0.9x). The float32 one-call decode's row limit too.
 F32_GEMV_MAX_ROWS = 16
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted

@@ -36,13 +36,12 @@ from strata.layers.linear import Linear, bf16_lib, native_rows
 from strata.layers.mlp import MLP
 from strata.layers.moe import NATIVE_MAX_TOKENS, SparseMoeBlock
 from strata.layers.norm import RMSNorm
+from strata.layers.quant_linear import F32_GEMV_MAX_ROWS
 
 _P = ctypes.c_void_p
 MAX_ROWS = 4  # the quantized GEMVs read each weight once per group of 4 rows (quant_cpu.h, MB)
 MAX_ROWS_BF16 = 8  # bf16 projections (gemv_once, as linear.py): gemv_bf16 for weights <= 1 MiB, else the GEMM
-# float32 models: GGUF's blocks through their float32 GEMV, as QuantLinear up to its F32_GEMV_MAX_ROWS (the float32
-# tiles beyond)
-MAX_ROWS_F32 = 16
+MAX_ROWS_F32 = F32_GEMV_MAX_ROWS  # float32 models: GGUF's blocks on their float32 GEMV, as QuantLinear runs them
 # MoE models take steps of more than NATIVE_MAX_TOKENS rows (prompts) while rows x multiply-adds per token stay
 # under this: the per-op path's Python and torch calls per layer, and SDPA with few small heads, then cost more than
 # oneDNN's faster GEMMs save. The bundled model (about 2M multiply-adds a token) ran prompts of 100-400 tokens
