@@ -21,7 +21,12 @@ time, not this), best and median of --reps passes over the copies. The summary g
 which the GEMM beat the GEMV and up to which it beat dequant+oneDNN (QuantLinear's GEMV_MAX_ROWS and
 GEMM_MAX_ROWS).
 
+`--float32` times float32 rows through GGUF's 32-weight blocks instead: the native float32 GEMV (each x split into
+two bf16 halves) against the exact float32 tiles, and gives the rows up to which the GEMV won (QuantLinear's
+F32_GEMV_MAX_ROWS and AVX2_F32_GEMV_MAX_ROWS*).
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quant_gemm.py --out docs/benchmarks/quant_gemm
+    .venv/bin/python benchmarks/quant_gemm.py --float32 --threads 2 --cases q4_1:1536x576,q4_1:576x1536,q8_0:49152x576
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ PATHS = {"gemv": (BIG, 0, "none", BIG), "gemm": (0, BIG, "none", BIG), "dequant+
 # on the AVX2 build (quant_native.isa() == "avx2") "gemm" is the int16-activation kernel for the formats it has,
 # torch's bf16 matmul is no contender, and the float32 tiles are what QuantLinear switches to
 AVX2_PATHS = {"gemv": PATHS["gemv"], "gemm": PATHS["gemm"], "float32 tiles": (0, 0, "none", 0)}
+# --float32: float32 rows into GGUF's 32-weight blocks, the native float32 GEMV (x split into two bf16 halves) or the
+# exact float32 tiles in torch's float32 matmul (QuantLinear switches past _f32_gemv_max_rows)
+F32_PATHS = {"float32 gemv": (BIG, 0, "none", BIG), "float32 tiles": (0, 0, "none", BIG)}
 
 
 def _layer(fmt: str, n: int, k: int, seed: int) -> QuantLinear:
@@ -97,14 +105,15 @@ def _time(layers: list[QuantLinear], x: torch.Tensor, reps: int) -> tuple[float,
     return min(samples), statistics.median(samples)
 
 
-def measure(fmt: str, n: int, k: int, rows: list[int], rotate_bytes: int, reps: int) -> list[dict]:
+def measure(fmt: str, n: int, k: int, rows: list[int], rotate_bytes: int, reps: int,
+            float32: bool = False) -> list[dict]:
     layers = _copies(fmt, n, k, rotate_bytes)
+    paths = F32_PATHS if float32 else AVX2_PATHS if quant_native.isa() == "avx2" else PATHS
     out = []
     for m in rows:
-        x = torch.randn(m, k).to(torch.bfloat16)  # [M, K]
+        x = torch.randn(m, k).to(torch.float32 if float32 else torch.bfloat16)  # [M, K]
         row = {"rows": m}
-        for path, (gemv_rows, gemm_rows, acts, f32_rows) in (AVX2_PATHS if quant_native.isa() == "avx2"
-                                                              else PATHS).items():
+        for path, (gemv_rows, gemm_rows, acts, f32_rows) in paths.items():
             if acts == "int8" and not layers[0]._a8:
                 continue
             for q in layers:
@@ -124,7 +133,15 @@ def _beyond(row: dict) -> str:
 
 def thresholds(rows: list[dict]) -> dict:
     """gemm_from: the fewest rows from which the GEMM beat the GEMV at every measured count (best times);
-    gemm_upto: the most rows up to which it beat the path beyond it (_beyond) at every count from gemm_from."""
+    gemm_upto: the most rows up to which it beat the path beyond it (_beyond) at every count from gemm_from.
+    --float32 rows: gemv_upto, the most rows up to which the float32 GEMV beat the float32 tiles at every count."""
+    if "float32 gemv" in rows[0]:
+        upto = None
+        for r in rows:
+            if r["float32 gemv"]["best_ms"] > r["float32 tiles"]["best_ms"]:
+                break
+            upto = r["rows"]
+        return {"gemv_upto": upto}
     counts = [r["rows"] for r in rows]
     beats_gemv = [r["gemm"]["best_ms"] < r["gemv"]["best_ms"] for r in rows]
     start = next((i for i in range(len(rows)) if all(beats_gemv[i:])), None)
@@ -151,6 +168,9 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {r['rows']} | " + " | ".join(
                 f"{r[p]['best_ms']:.3f} ({r[p]['gflops']:.0f})" for p in paths) + " |")
         t = case["thresholds"]
+        if "gemv_upto" in t:
+            lines += ["", f"Float32 GEMV faster than the float32 tiles up to {t['gemv_upto']} rows.", ""]
+            continue
         gemv = (f"faster than the GEMV from {t['gemm_from']} rows" if t["gemm_from"] is not None
                 else "never faster than the GEMV path")
         beyond = _beyond(case["results"][0])
@@ -173,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rotate-mib", type=int, default=128, help="weights rotated through (more than the L3)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--float32", action="store_true",
+                    help="float32 rows: the float32 GEMV against the float32 tiles (GGUF's 32-weight blocks)")
     ap.add_argument("--out", help="path without extension: writes .json and .md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -181,7 +203,7 @@ def main(argv=None) -> int:
     for spec in args.cases.split(","):
         fmt, shape = spec.split(":")
         n, k = (int(v) for v in shape.split("x"))
-        results = measure(fmt, n, k, rows, args.rotate_mib << 20, args.reps)
+        results = measure(fmt, n, k, rows, args.rotate_mib << 20, args.reps, args.float32)
         cases.append({"format": fmt, "n": n, "k": k, "results": results, "thresholds": thresholds(results)})
         for r in results:
             print(f"{fmt:>9} [{n},{k}] M={r['rows']:4d} " + "  ".join(

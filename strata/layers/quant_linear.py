@@ -69,10 +69,11 @@ AVX2_FP8_FLOAT32_MIN_ROWS = 48  # fp8, K a multiple of 16 (quant_cpu_gemv16_avx2
 # 1.0-1.8x at 24 and 0.7-1.5x at 32
 AVX2_F32_GEMV_MAX_ROWS_1_THREAD = 8
 AVX2_F32_GEMV_MAX_ROWS = 24
-# the same on AVX-512 (quant_cpu_q32.c, x split into two bf16 halves): against the tiles at 16 rows, SmolLM2's
-# [1536, 576] Q4_1 0.93-1.04x, [576, 1536] 1.3-1.4x and its [49152, 576] Q8_0 LM head 2.8x (the tiles dequantize
-# 113 MB of float32 a call); at 32 rows and more the tiles win (0.6-0.9x). The float32 one-call decode's row limit too.
-F32_GEMV_MAX_ROWS = 16
+# the same on AVX-512 (quant_cpu_q32.c, x split into two bf16 halves): against the tiles, weights from memory, 2
+# threads (benchmarks/quant_gemm.py --float32), SmolLM2's [1536, 576] and [576, 1536] Q4_1 and [49152, 576] Q8_0 LM
+# head took 0.57-0.77x the tiles' CPU time at 16 rows, 0.66-0.93x at 24, 0.73-0.99x at 32, 0.89-1.26x at 64. The
+# float32 one-call decode's row limit too.
+F32_GEMV_MAX_ROWS = 24
 # bf16 bytes dequantized per tile of the batched path. One thread: small tiles that stay in cache for the
 # matmul are fastest. Several threads: every tile costs two OpenMP barriers, and on shared cores a preempted
 # thread stalls each one, so few large tiles win (benchmarks/quant_kernels.py, docs/quantization.md).
