@@ -71,12 +71,12 @@ void gemv_once_f32(int kind, const float *x, int64_t M, int64_t K, const void *w
     }
     for (int64_t i = 0; i < M * K; i += 16) {
         const __mmask16 m = tail16(M * K - i);
-        _mm256_mask_storeu_epi16(xb + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
+        store16_any(0, xb, i, m, load16_any(1, x, i, m));
     }
     gemv_once(kind, xb, M, K, w, s, z, N, G, yb);
     for (int64_t i = 0; i < M * N; i += 16) { /* bf16 -> fp32 is exact: the bits moved up */
         const __mmask16 m = tail16(M * N - i);
-        _mm512_mask_storeu_ps(y + i, m, bf16x16_load(yb + i, m));
+        store16_any(1, y, i, m, load16_any(0, yb, i, m));
     }
 }
 
@@ -169,7 +169,8 @@ static inline __attribute__((always_inline)) void moe_decode_any(
         for (int64_t h = 0; h < H; h++) acc[h] = 0.0f;
         for (int64_t j = 0; j < k; j++) {
             const void *yr = AT(F32, y, slot[t * k + j] * H);
-            const __m512 w = _mm512_set1_ps(weights[t * k + j]); /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
+            /* fp32 (Mixtral) or bf16-exact: torch multiplies in fp32 */
+            const __m512 w = _mm512_set1_ps(weights[t * k + j]);
             for (int64_t h = 0; h < H; h += 16) {
                 __mmask16 m = tail16(H - h);
                 __m512 a = _mm512_maskz_loadu_ps(m, acc + h);
